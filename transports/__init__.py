@@ -1,0 +1,1 @@
+"""Daemon-to-daemon transports: TCP (Cython on uvloop) and RDMA (pyverbs)."""

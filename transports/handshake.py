@@ -1,0 +1,239 @@
+"""Daemon-to-daemon handshake, sans-I/O (no sockets, no event loop).
+
+Wire contract (docs/INTERNALS.md, "Daemon-to-daemon TCP"):
+
+* the client sends a HELLO record whose payload is msgpack
+  ``{"version": PROTOCOL_VERSION, "role": "client", "services": {name: fingerprint}}``;
+* the server checks it (protocol version; every service both sides know must have equal
+  fingerprints). On success it answers with its own HELLO (role "server"); on failure it
+  answers with a GOAWAY record whose ``:details`` metadata explains, and closes;
+* the client checks the server's HELLO the same way (defence in depth), or surfaces the
+  server's GOAWAY text.
+
+``Handshake`` is the state machine both roles run: feed it records, send what it returns.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import msgpack
+
+from mrpcd.marshal.records import (
+    GOAWAY,
+    HELLO,
+    RecordError,
+    decode_metadata,
+    encode_metadata,
+    encode_record,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "HandshakeError",
+    "Handshake",
+    "make_hello",
+    "check_hello",
+    "make_goaway",
+    "parse_goaway",
+    "WAITING",
+    "DONE",
+    "FAILED",
+]
+
+PROTOCOL_VERSION = 1
+
+ROLES = ("client", "server")
+# Bounds on what an (untrusted, not yet authenticated) peer may announce.
+MAX_SERVICES = 4096
+MAX_NAME_LEN = 1024
+MAX_FINGERPRINT_LEN = 256
+MAX_DETAILS_LEN = 4096
+
+WAITING, DONE, FAILED = "waiting", "done", "failed"
+
+
+class HandshakeError(ConnectionError):
+    """The daemon-to-daemon handshake failed; str(exc) says why, in words for an operator.
+
+    ``remote`` is True when the text is the peer's (it refused us with a GOAWAY).
+    """
+
+    def __init__(self, message: str, *, remote: bool = False) -> None:
+        super().__init__(message)
+        self.remote = remote
+
+
+def _short(fp: str, other: str) -> str:
+    """Fingerprints are 32 hex digits; 12 tell them apart in practice (full if they do not)."""
+    if len(fp) > 12 and fp[:12] != other[:12]:
+        return fp[:12] + "…"
+    return fp
+
+
+def make_hello(role: str, services: Mapping[str, str], *, version: int | None = None) -> bytes:
+    """Encode a HELLO record announcing this daemon's protocol version, role and services.
+
+    ``version`` defaults to PROTOCOL_VERSION (tests pass another to play a newer peer).
+    """
+    if version is None:
+        version = PROTOCOL_VERSION
+    if role not in ROLES:
+        raise ValueError(f"role must be 'client' or 'server', not {role!r}")
+    payload = msgpack.packb(
+        {"version": version, "role": role, "services": dict(services)}, use_bin_type=True
+    )
+    return encode_record(HELLO, 0, 0, 0, 0, 0, 0, b"", payload)
+
+
+def _decode_hello(record: Any) -> dict:
+    kind = record.kind
+    if kind != HELLO:
+        if kind == GOAWAY:
+            raise HandshakeError(parse_goaway(record) or "peer refused the handshake (no reason given)", remote=True)
+        raise HandshakeError(f"expected a HELLO record to start the connection, got a record of kind {kind}")
+    try:
+        hello = msgpack.unpackb(bytes(record.payload), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types (ExtraData, ValueError, UnicodeDecodeError, ...)
+        raise HandshakeError(f"malformed HELLO payload: not valid msgpack ({exc})") from None
+    if not isinstance(hello, dict):
+        raise HandshakeError(f"malformed HELLO payload: expected a map, got {type(hello).__name__}")
+    version = hello.get("version")
+    if type(version) is not int:
+        raise HandshakeError(f"malformed HELLO payload: 'version' must be an int, got {version!r:.60}")
+    return hello
+
+
+def check_hello(
+    local_services: Mapping[str, str],
+    record: Any,
+    *,
+    expect_role: str | None = None,
+    version: int | None = None,
+) -> dict:
+    """Validate a peer's HELLO record against this daemon's services.
+
+    Returns ``{"version": int, "role": str, "services": {name: fingerprint}}``; raises
+    ``HandshakeError`` with an operator-readable reason on any problem (a GOAWAY record
+    from the peer raises with the peer's reason and ``remote=True``).
+    """
+    ours = PROTOCOL_VERSION if version is None else version
+    hello = _decode_hello(record)
+    peer_version = hello["version"]
+    if peer_version != ours:
+        raise HandshakeError(f"protocol version {peer_version} from peer, this daemon speaks {ours}")
+    role = hello.get("role")
+    if role not in ROLES:
+        raise HandshakeError(f"malformed HELLO payload: 'role' must be 'client' or 'server', got {role!r:.60}")
+    if expect_role is not None and role != expect_role:
+        raise HandshakeError(f"peer says it is a {role}, expected a {expect_role}")
+    services = hello.get("services")
+    if not isinstance(services, dict):
+        raise HandshakeError(
+            f"malformed HELLO payload: 'services' must be a map of name to fingerprint, got {type(services).__name__}"
+        )
+    if len(services) > MAX_SERVICES:
+        raise HandshakeError(f"malformed HELLO payload: {len(services)} services (at most {MAX_SERVICES})")
+    for name, fp in services.items():
+        if not isinstance(name, str) or not isinstance(fp, str) or len(name) > MAX_NAME_LEN or len(fp) > MAX_FINGERPRINT_LEN:
+            raise HandshakeError(
+                f"malformed HELLO payload: service entry {name!r:.80} -> {fp!r:.80} is not a (name, fingerprint) string pair"
+            )
+    for name in sorted(services.keys() & local_services.keys()):
+        ours, theirs = local_services[name], services[name]
+        if ours != theirs:
+            raise HandshakeError(
+                f"schema mismatch for service {name}: local fingerprint {_short(ours, theirs)}, "
+                f"peer {_short(theirs, ours)}; regenerate stubs from the same .proto"
+            )
+    return {"version": peer_version, "role": role, "services": dict(services)}
+
+
+def make_goaway(details: str | None = None) -> bytes:
+    """Encode a GOAWAY record; ``details`` (if any) travels as ``:details`` metadata."""
+    meta = b""
+    if details:
+        meta = encode_metadata([(":details", details[:MAX_DETAILS_LEN])], internal=True)
+    return encode_record(GOAWAY, 0, 0, 0, 0, 0, 0, meta, b"")
+
+
+def parse_goaway(record: Any) -> str:
+    """The ``:details`` text of a GOAWAY record ("" if none). Never raises on bad metadata."""
+    meta = record.meta
+    if not meta:
+        return ""
+    try:
+        pairs = decode_metadata(bytes(meta))
+    except (RecordError, ValueError, TypeError):
+        return "(GOAWAY with malformed metadata)"
+    for key, value in pairs:
+        if key == ":details":
+            if isinstance(value, (bytes, bytearray)):
+                value = bytes(value).decode("utf-8", "replace")
+            return str(value)[:MAX_DETAILS_LEN]
+    return ""
+
+
+class Handshake:
+    """One side's handshake. States: ``waiting`` → ``done`` | ``failed``.
+
+    >>> hs = Handshake("client", {"helloworld.Greeter": fp})
+    >>> to_send = hs.start()          # client: [HELLO]; server: []
+    >>> to_send = hs.receive(record)  # feed each record until hs.state != "waiting"
+
+    ``receive`` returns the encoded records to send (the server's HELLO, or a GOAWAY
+    explaining a failure). After ``done``: ``peer_hello`` holds the peer's validated HELLO.
+    After ``failed``: ``error`` is the ``HandshakeError``; ``goaway_sent`` says whether the
+    reason was sent to the peer (it is not when the peer itself refused us).
+    """
+
+    def __init__(self, role: str, local_services: Mapping[str, str], *, version: int | None = None) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be 'client' or 'server', not {role!r}")
+        self.role = role
+        self.version = PROTOCOL_VERSION if version is None else version
+        self.local_services = dict(local_services)
+        self.state = WAITING
+        self.peer_hello: dict | None = None
+        self.error: HandshakeError | None = None
+        self.goaway_sent = False
+        self._started = False
+
+    def start(self) -> list[bytes]:
+        """What to send when the connection opens: the client speaks first."""
+        if self._started:
+            return []
+        self._started = True
+        if self.role == "client":
+            return [make_hello("client", self.local_services, version=self.version)]
+        return []
+
+    def receive(self, record: Any) -> list[bytes]:
+        if self.state != WAITING:
+            raise RuntimeError(f"handshake already {self.state}")
+        if not self._started and self.role == "client":
+            raise RuntimeError("client handshake: call start() and send its HELLO first")
+        self._started = True
+        expect = "server" if self.role == "client" else "client"
+        try:
+            hello = check_hello(self.local_services, record, expect_role=expect, version=self.version)
+        except HandshakeError as exc:
+            self.state = FAILED
+            self.error = exc
+            if exc.remote:  # the peer refused us (GOAWAY): nothing to answer
+                return []
+            self.goaway_sent = True
+            return [make_goaway(str(exc))]
+        self.peer_hello = hello
+        self.state = DONE
+        if self.role == "server":
+            return [make_hello("server", self.local_services, version=self.version)]
+        return []
+
+    def fail(self, reason: str) -> list[bytes]:
+        """Abort from outside (timeout, connection lost): state → failed, returns a GOAWAY."""
+        if self.state != WAITING:
+            return []
+        self.state = FAILED
+        self.error = HandshakeError(reason)
+        self.goaway_sent = True
+        return [make_goaway(reason)]
