@@ -1,0 +1,1 @@
+"""C for the shared-memory rings and eventfd wake-ups, bound with cffi."""

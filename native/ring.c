@@ -1,0 +1,372 @@
+/* SPSC ring of variable-length records in shared memory. See ring.h for the layout and
+ * native/ring.py for the wake-up protocol.
+ *
+ * Trust: the ring lives in memory the other process can write at any moment. This side
+ * keeps its own position (head for the producer, tail for the consumer) and the capacity
+ * in its private ring_t, reads the other side's index once per operation with acquire
+ * ordering, and checks it against capacity before using it. Every record length is read
+ * once into a local and checked against the data area and the published bytes, so no
+ * value from shared memory can make us read or write outside the mapping.
+ */
+#include "ring.h"
+
+#include <string.h>
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORE_RLX(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+_Static_assert(sizeof(struct ring_ctrl) == RING_CTRL_SIZE, "control block size");
+
+static inline uint64_t align8(uint64_t n) { return (n + 7) & ~(uint64_t)7; }
+
+static int valid_capacity(uint64_t cap)
+{
+    return cap >= RING_MIN_CAPACITY && cap <= RING_MAX_CAPACITY && (cap & (cap - 1)) == 0;
+}
+
+static int set_corrupt(ring_t *r)
+{
+    r->corrupt = 1;
+    return RING_E_CORRUPT;
+}
+
+static void view(ring_t *r, void *base, uint64_t cap)
+{
+    memset(r, 0, sizeof(*r));
+    r->ctrl = (struct ring_ctrl *)base;
+    r->data = (uint8_t *)base + RING_CTRL_SIZE;
+    r->cap = cap;
+    r->mask = cap - 1;
+}
+
+int ring_init(ring_t *r, void *base, uint64_t capacity)
+{
+    if (!valid_capacity(capacity) || ((uintptr_t)base & 63))
+        return RING_E_INVAL;
+    view(r, base, capacity);
+    memset(base, 0, RING_CTRL_SIZE);
+    r->ctrl->capacity = capacity;
+    FENCE();
+    return 0;
+}
+
+int ring_attach(ring_t *r, void *base, uint64_t capacity)
+{
+    if (!valid_capacity(capacity) || ((uintptr_t)base & 63))
+        return RING_E_INVAL;
+    view(r, base, capacity);
+    struct ring_ctrl *c = r->ctrl;
+    uint64_t head = LOAD_ACQ(&c->head), tail = LOAD_ACQ(&c->tail);
+    if (LOAD_RLX(&c->capacity) != capacity || ((head | tail) & 7) || head - tail > capacity)
+        return set_corrupt(r);
+    r->head = head;
+    r->tail_cache = tail;
+    r->tail = tail;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- producer */
+
+/* Re-read the consumer's tail. Valid iff it moved forward, not past our head. */
+static int refresh_tail(ring_t *r)
+{
+    uint64_t t = LOAD_ACQ(&r->ctrl->tail);
+    if ((t & 7) || t - r->tail_cache > r->head - r->tail_cache)
+        return set_corrupt(r);
+    r->tail_cache = t;
+    return 0;
+}
+
+/* Bytes a record of len needs at the current head: the wrap filler (if any) + record. */
+static inline void space_needed(const ring_t *r, uint32_t len, uint64_t *wrap, uint64_t *need)
+{
+    uint64_t off = r->head & r->mask;
+    *need = RING_REC_HDR + align8(len);
+    *wrap = off + *need > r->cap ? r->cap - off : 0;
+}
+
+/* Would a push of len make progress (write the record, or at least the wrap marker)? */
+static inline int can_progress(const ring_t *r, uint64_t wrap, uint64_t need)
+{
+    uint64_t free_ = r->cap - (r->head - r->tail_cache);
+    return free_ >= wrap + need || (wrap && free_ >= wrap);
+}
+
+static inline void put_wrap(ring_t *r, uint64_t wrap)
+{
+    STORE_RLX((uint32_t *)(r->data + (r->head & r->mask)), RING_WRAP);
+    r->head += wrap;
+}
+
+/* Write one record without publishing head. */
+static int push_one(ring_t *r, const void *buf, uint32_t len)
+{
+    if ((uint64_t)len > r->cap - RING_REC_HDR)
+        return RING_E_TOOBIG;
+    uint64_t wrap, need;
+    space_needed(r, len, &wrap, &need);
+    if (r->cap - (r->head - r->tail_cache) < wrap + need) {
+        if (refresh_tail(r))
+            return RING_E_CORRUPT;
+        uint64_t free_ = r->cap - (r->head - r->tail_cache);
+        if (free_ < wrap + need) {
+            /* Publish the wrap marker now if it fits: otherwise a record longer than
+             * the bytes left before the end could never go in, even into an empty ring. */
+            if (wrap && free_ >= wrap)
+                put_wrap(r, wrap);
+            return RING_E_FULL;
+        }
+    }
+    if (wrap)
+        put_wrap(r, wrap);
+    uint8_t *p = r->data + (r->head & r->mask);
+    uint32_t hdr[2] = {len, 0};
+    memcpy(p, hdr, sizeof(hdr));
+    if (len)
+        memcpy(p + RING_REC_HDR, buf, len);
+    r->head += need;
+    return 0;
+}
+
+static inline void publish(ring_t *r) { STORE_REL(&r->ctrl->head, r->head); }
+
+int ring_try_push(ring_t *r, const void *buf, uint32_t len)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    uint64_t before = r->head;
+    int rc = push_one(r, buf, len);
+    if (r->head != before)
+        publish(r);
+    return rc;
+}
+
+/* Push records until one does not fit; publish head once. Returns how many were pushed,
+ * or a negative code if none was and the first failed for a reason other than "full". */
+int ring_push_many(ring_t *r, const void *const *bufs, const uint32_t *lens, uint32_t n)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    uint64_t before = r->head;
+    uint32_t i;
+    int rc = 0;
+    for (i = 0; i < n; i++)
+        if ((rc = push_one(r, bufs[i], lens[i])) != 0)
+            break;
+    if (r->head != before)
+        publish(r);
+    return (i == 0 && rc != 0 && rc != RING_E_FULL) ? rc : (int)i;
+}
+
+/* Same, with the records laid end to end in one buffer (one join on the Python side). */
+int ring_push_packed(ring_t *r, const void *base, const uint32_t *lens, uint32_t n)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    const uint8_t *p = base;
+    uint64_t before = r->head;
+    uint32_t i;
+    int rc = 0;
+    for (i = 0; i < n; i++) {
+        if ((rc = push_one(r, p, lens[i])) != 0)
+            break;
+        p += lens[i];
+    }
+    if (r->head != before)
+        publish(r);
+    return (i == 0 && rc != 0 && rc != RING_E_FULL) ? rc : (int)i;
+}
+
+/* After a push returned FULL. Raises producer_waiting, then re-checks the tail: 1 = the
+ * record still cannot make progress, the caller may sleep (the consumer will see the flag
+ * after its next pop); 0 = there is room now, push again; <0 = corrupt. */
+int ring_producer_prepare_wait(ring_t *r, uint32_t len)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    STORE_RLX(&r->ctrl->producer_waiting, 1);
+    FENCE(); /* flag store before tail load; pairs with the consumer's fence */
+    if (refresh_tail(r))
+        return RING_E_CORRUPT;
+    uint64_t wrap, need;
+    space_needed(r, len, &wrap, &need);
+    if (can_progress(r, wrap, need)) {
+        STORE_RLX(&r->ctrl->producer_waiting, 0);
+        return 0;
+    }
+    return 1;
+}
+
+void ring_producer_finish_wait(ring_t *r) { STORE_RLX(&r->ctrl->producer_waiting, 0); }
+
+/* After publishing head: must the consumer be woken? Clears the flag so one burst costs
+ * at most one wake-up. */
+int ring_producer_should_wake(ring_t *r)
+{
+    FENCE(); /* head store before flag load; pairs with the consumer's prepare_sleep */
+    if (!LOAD_RLX(&r->ctrl->consumer_sleeping))
+        return 0;
+    return __atomic_exchange_n(&r->ctrl->consumer_sleeping, 0, __ATOMIC_SEQ_CST) != 0;
+}
+
+/* ---------------------------------------------------------------- consumer */
+
+/* Load and validate the producer's head against our tail. */
+static int load_head(ring_t *r, uint64_t *head)
+{
+    uint64_t h = LOAD_ACQ(&r->ctrl->head);
+    if ((h & 7) || h - r->tail > r->cap)
+        return set_corrupt(r);
+    *head = h;
+    return 0;
+}
+
+/* Locate the record at *pos (skipping a wrap marker, which advances *pos). Returns 1 and
+ * sets *len / *off (data offset of the header) if there is one, 0 if *pos reached head,
+ * RING_E_CORRUPT if what the producer wrote is impossible. */
+static int next_record(ring_t *r, uint64_t *pos, uint64_t head, uint32_t *len, uint64_t *off)
+{
+    for (int round = 0; round < 2; round++) {
+        uint64_t used = head - *pos;
+        if (used == 0)
+            return 0;
+        uint64_t o = *pos & r->mask;
+        uint32_t l = LOAD_RLX((uint32_t *)(r->data + o)); /* read once: no TOCTOU */
+        if (l == RING_WRAP) {
+            uint64_t skip = r->cap - o;
+            if (o == 0 || skip > used)
+                return set_corrupt(r);
+            *pos += skip;
+            continue;
+        }
+        uint64_t need = RING_REC_HDR + align8(l);
+        if ((uint64_t)l > r->cap - RING_REC_HDR || o + need > r->cap || need > used)
+            return set_corrupt(r);
+        *len = l;
+        *off = o;
+        return 1;
+    }
+    return set_corrupt(r); /* two wrap markers in a row (second one was at offset 0) */
+}
+
+static inline void release_tail(ring_t *r, uint64_t pos)
+{
+    if (pos != r->tail) {
+        r->tail = pos;
+        STORE_REL(&r->ctrl->tail, pos);
+    }
+}
+
+/* Zero-copy look at the next record (valid until ring_pop; the producer may still
+ * scribble over it, so copy what you inspect). 1 = record, 0 = empty, <0 = corrupt. */
+int ring_peek(ring_t *r, const uint8_t **data, uint32_t *len)
+{
+    r->pending = 0;
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    uint64_t head, pos = r->tail, off;
+    uint32_t l;
+    if (load_head(r, &head))
+        return RING_E_CORRUPT;
+    int rc = next_record(r, &pos, head, &l, &off);
+    if (rc <= 0) {
+        if (rc == 0)
+            release_tail(r, pos); /* a lone wrap marker: free its bytes now */
+        return rc;
+    }
+    *data = r->data + off + RING_REC_HDR;
+    *len = l;
+    r->pending = pos - r->tail + RING_REC_HDR + align8(l);
+    return 1;
+}
+
+/* Release the record returned by the last ring_peek. */
+void ring_pop(ring_t *r)
+{
+    if (r->pending && !r->corrupt)
+        release_tail(r, r->tail + r->pending);
+    r->pending = 0;
+}
+
+/* Copy up to max_records records end to end into out (at most out_size bytes), their
+ * lengths into lens, and release them with one tail store. Returns the count; 0 if the
+ * ring is empty; RING_E_TOOBIG if the first record alone exceeds out_size (nothing is
+ * consumed); RING_E_CORRUPT if the ring is corrupt and nothing was copied (records
+ * before a corrupt one are still returned; the next call reports the corruption). */
+int ring_pop_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
+                   uint32_t max_records)
+{
+    r->pending = 0;
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    uint64_t head, pos = r->tail, used_out = 0, off;
+    if (load_head(r, &head))
+        return RING_E_CORRUPT;
+    uint32_t n = 0, l;
+    int rc = 0;
+    while (n < max_records) {
+        rc = next_record(r, &pos, head, &l, &off);
+        if (rc <= 0)
+            break;
+        if (l > out_size - used_out) {
+            if (n == 0)
+                rc = RING_E_TOOBIG;
+            break;
+        }
+        memcpy((uint8_t *)out + used_out, r->data + off + RING_REC_HDR, l);
+        used_out += l;
+        lens[n++] = l;
+        pos += RING_REC_HDR + align8(l);
+    }
+    release_tail(r, pos); /* pos never passes a record that failed validation */
+    if (n)
+        return (int)n;
+    return rc < 0 ? rc : 0;
+}
+
+/* Before sleeping on "empty". Raises consumer_sleeping, then re-checks head: 1 = still
+ * empty, the caller may sleep (the producer will see the flag after its next publish);
+ * 0 = data arrived meanwhile, do not sleep (flag cleared); <0 = corrupt. */
+int ring_consumer_prepare_sleep(ring_t *r)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    STORE_RLX(&r->ctrl->consumer_sleeping, 1);
+    FENCE(); /* flag store before head load; pairs with the producer's fence */
+    uint64_t head;
+    if (load_head(r, &head))
+        return RING_E_CORRUPT;
+    if (head != r->tail) {
+        STORE_RLX(&r->ctrl->consumer_sleeping, 0);
+        return 0;
+    }
+    return 1;
+}
+
+void ring_consumer_finish_sleep(ring_t *r) { STORE_RLX(&r->ctrl->consumer_sleeping, 0); }
+
+/* After releasing space: must the producer be woken? Clears the flag. */
+int ring_consumer_should_wake_producer(ring_t *r)
+{
+    FENCE(); /* tail store before flag load; pairs with the producer's prepare_wait */
+    if (!LOAD_RLX(&r->ctrl->producer_waiting))
+        return 0;
+    return __atomic_exchange_n(&r->ctrl->producer_waiting, 0, __ATOMIC_SEQ_CST) != 0;
+}
+
+/* ---------------------------------------------------------------- snapshots */
+
+uint64_t ring_used_bytes(const ring_t *r)
+{
+    uint64_t h = LOAD_ACQ(&r->ctrl->head), t = LOAD_ACQ(&r->ctrl->tail);
+    uint64_t used = h - t;
+    return used > r->cap ? r->cap : used;
+}
+
+int ring_is_empty(const ring_t *r)
+{
+    return LOAD_ACQ(&r->ctrl->head) == LOAD_ACQ(&r->ctrl->tail);
+}
