@@ -1,0 +1,517 @@
+# cython: language_level=3
+"""The daemon-to-daemon TCP connection: an asyncio protocol object, compiled.
+
+``PeerConnection`` is both the protocol uvloop drives (uvloop duck-types protocols: it only
+looks up ``connection_made``, ``data_received``, ...) and the object the daemon holds. The
+per-byte work (framing, bounds checks) is ``mrpcd.marshal.records.FrameDecoder``; this file
+does the per-batch work: run the handshake, route records, coalesce writes into one
+``writelines`` (→ writev) per loop iteration, and turn every peer misbehaviour into a
+closed connection with a reason, never an exception in the event loop.
+
+Public behaviour is documented in ``mrpcd.transports.tcp``.
+"""
+import asyncio
+import logging
+import socket
+
+from mrpcd.marshal.records import GOAWAY, HELLO, FrameDecoder, RecordError
+from mrpcd.transports.handshake import (
+    DONE,
+    FAILED,
+    Handshake,
+    HandshakeError,
+    make_goaway,
+    parse_goaway,
+)
+
+log = logging.getLogger("mrpcd.transports.tcp")
+
+cdef int K_HELLO = HELLO
+cdef int K_GOAWAY = GOAWAY
+
+# How long close() lets buffered writes drain before aborting the socket.
+CLOSE_TIMEOUT = 5.0
+
+
+class PeerGoaway(ConnectionError):
+    """The peer closed the connection with a GOAWAY record; ``details`` is its reason."""
+
+    def __init__(self, message, details=""):
+        super().__init__(message)
+        self.details = details
+
+
+def _format_peer(transport):
+    try:
+        addr = transport.get_extra_info("peername")
+    except Exception:
+        addr = None
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        if ":" in host:
+            host = "[" + host + "]"
+        return host + ":" + str(addr[1])
+    return str(addr) if addr is not None else "?"
+
+
+cdef class PeerConnection:
+    """One daemon-to-daemon TCP connection (the asyncio protocol object itself).
+
+    Created by ``connect()`` / ``serve()``; the daemon only sees it once the handshake is done.
+    """
+
+    cdef readonly object transport
+    cdef public object peer_hello
+    cdef readonly str role
+    cdef readonly str peer
+    cdef readonly bint closed            # close() called, or the connection failed / was lost
+    cdef readonly bint established       # handshake done
+    cdef readonly bint writing_paused    # the transport's write buffer is above its high-water mark
+    cdef readonly unsigned long long records_in, records_out, bytes_in
+    cdef object _decoder
+    cdef object _loop
+    cdef object _hs
+    cdef object _services_for
+    cdef object _on_ready
+    cdef object _on_records
+    cdef object _on_close
+    cdef list _out
+    cdef list _pending
+    cdef bint _flush_scheduled
+    cdef bint _lost
+    cdef bint _close_known
+    cdef bint _close_reported
+    cdef object _close_exc
+    cdef bint _user_paused
+    cdef bint _reading_paused
+    cdef double _handshake_timeout
+    cdef object _handshake_timer
+    cdef object _abort_timer
+    cdef list _drain_waiters
+
+    def __init__(self, str role, services_for, on_ready, Py_ssize_t max_record=16 << 20,
+                 double handshake_timeout=0.0):
+        if role not in ("client", "server"):
+            raise ValueError("role must be 'client' or 'server'")
+        self.role = role
+        self.peer = "?"
+        self._services_for = services_for
+        self._on_ready = on_ready
+        self._decoder = FrameDecoder(max_record)
+        self._out = []
+        self._pending = []
+        self._drain_waiters = []
+        self._handshake_timeout = handshake_timeout
+        self.peer_hello = None
+
+    def __repr__(self):
+        state = "closed" if self.closed else ("open" if self.established else "handshaking")
+        return f"<PeerConnection {self.role} peer={self.peer} {state}>"
+
+    # ------------------------------------------------------------------ asyncio protocol
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self._loop = asyncio.get_running_loop()
+        self.peer = _format_peer(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        try:
+            services = self._services_for()
+            self._hs = Handshake(self.role, services)
+        except Exception as exc:
+            log.exception("cannot start the handshake with %s", self.peer)
+            self._fail_handshake(HandshakeError(f"internal error starting the handshake: {exc!r}"), None)
+            return
+        out = self._hs.start()
+        if out:
+            transport.writelines(out)
+        if self._handshake_timeout > 0:
+            self._handshake_timer = self._loop.call_later(self._handshake_timeout, self._handshake_timed_out)
+
+    def data_received(self, data):
+        cdef list records
+        if self.closed:
+            return  # closing: whatever the peer still sends is dropped
+        self.bytes_in += len(data)
+        try:
+            records = self._decoder.feed(data)
+        except RecordError as exc:
+            self._peer_error(f"malformed record from peer: {exc}", exc)
+            return
+        except Exception as exc:  # a decoder bug must not escape into the loop either
+            log.exception("frame decoder failed on data from %s", self.peer)
+            self._peer_error(f"internal error decoding records: {exc!r}", exc)
+            return
+        if not records:
+            return
+        if not self.established:
+            records = self._run_handshake(records)
+            if not records:
+                return
+        self._deliver(records)
+
+    def eof_received(self):
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc):
+        cdef list waiters
+        self._lost = True
+        self._cancel_timers()
+        waiters = self._drain_waiters
+        self._drain_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection to {self.peer} lost"))
+        if not self.established:
+            reason = f"connection closed by {self.peer} during the handshake"
+            if exc is not None:
+                reason += f" ({exc})"
+            self._fail_handshake(ConnectionError(reason), None)
+            return
+        if not self._close_known:
+            self._close_known = True
+            if self.closed:  # we closed it ourselves (close())
+                self._close_exc = None
+            else:
+                pending = self._decoder_pending()
+                if exc is not None:
+                    msg = f"connection to {self.peer} lost: {exc}"
+                elif pending:
+                    msg = f"connection closed by {self.peer} in the middle of a record ({pending} bytes pending)"
+                else:
+                    msg = f"connection closed by {self.peer} without GOAWAY"
+                err = ConnectionError(msg)
+                if exc is not None:
+                    err.__cause__ = exc
+                self._close_exc = err
+        self.closed = True
+        self._report_close()
+
+    def pause_writing(self):
+        self.writing_paused = True
+
+    def resume_writing(self):
+        cdef list waiters
+        self.writing_paused = False
+        waiters = self._drain_waiters
+        self._drain_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    # ------------------------------------------------------------------ public API
+
+    def send(self, record):
+        """Queue one encoded record (bytes, or a buffer left unchanged until written).
+
+        Records queued during one loop iteration go out in one writelines (→ writev).
+        """
+        if self.closed:
+            raise ConnectionError(f"connection to {self.peer} is closed")
+        self._out.append(record)
+        self.records_out += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def send_batch(self, records):
+        """Write encoded records now, with one transport.writelines() (→ one writev).
+
+        Records already queued by send() go first, in the same writelines.
+        """
+        if self.closed:
+            raise ConnectionError(f"connection to {self.peer} is closed")
+        if self._out:
+            self._out.extend(records)
+            self.records_out += len(records)
+            self._flush()
+            return
+        self.records_out += len(records)
+        self.transport.writelines(records)
+
+    def flush(self):
+        """Write queued records now instead of at the end of this loop iteration."""
+        self._flush()
+
+    def set_handlers(self, on_records, on_close):
+        """on_records(list[Record]) per received batch; on_close(exc | None) once, at the end.
+
+        Records received before this call are delivered now; if the connection already
+        closed, on_close is called now too. on_close(None) means we closed it (close()).
+        """
+        self._on_records = on_records
+        self._on_close = on_close
+        if self._pending:
+            pending = self._pending
+            self._pending = []
+            self._call_on_records(pending)
+        self._update_reading()
+        if self._close_known:
+            self._report_close()
+
+    def pause_reading(self):
+        self._user_paused = True
+        self._update_reading()
+
+    def resume_reading(self):
+        self._user_paused = False
+        self._update_reading()
+
+    def drain(self):
+        """An awaitable that completes once the transport accepts writes again."""
+        fut = self._loop.create_future()
+        if self.closed:
+            fut.set_exception(ConnectionError(f"connection to {self.peer} is closed"))
+        elif not self.writing_paused:
+            fut.set_result(None)
+        else:
+            self._drain_waiters.append(fut)
+        return fut
+
+    def close(self, reason=None):
+        """Flush queued records, send GOAWAY (with ``reason`` as :details if given), close."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.established:
+            self._close_known = True
+        self._flush()
+        if self.transport is not None and not self._lost:
+            try:
+                self.transport.write(make_goaway(reason))
+            except Exception:
+                pass
+            self._close_transport()
+        if not self.established:
+            self._fail_handshake(HandshakeError(reason or "connection closed locally during the handshake"), None)
+
+    def abort(self):
+        """Close at once, dropping anything not yet written."""
+        self.closed = True
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    def fail_handshake(self, str reason):
+        """Abort a handshake still in progress (e.g. on a timeout): GOAWAY + close."""
+        if self.established or self.closed or self._hs is None:
+            return
+        out = self._hs.fail(reason)
+        self._fail_handshake(self._hs.error, out)
+
+    def stats(self):
+        return {
+            "records_in": self.records_in,
+            "records_out": self.records_out,
+            "bytes_in": self.bytes_in,
+            "write_buffer": self.transport.get_write_buffer_size() if self.transport is not None and not self._lost else 0,
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _flush(self):
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        out = self._out
+        self._out = []
+        if self._lost:
+            return
+        self.transport.writelines(out)
+
+    cdef Py_ssize_t _decoder_pending(self):
+        for name in ("pending", "buffered", "pending_bytes"):
+            value = getattr(self._decoder, name, None)
+            if value is None:
+                continue
+            if callable(value):
+                try:
+                    value = value()
+                except Exception:
+                    return 0
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                return 0
+        return 0
+
+    cdef list _run_handshake(self, list records):
+        cdef Py_ssize_t i = 0, n = len(records)
+        hs = self._hs
+        while i < n:
+            rec = records[i]
+            i += 1
+            out = hs.receive(rec)
+            state = hs.state
+            if state == DONE:
+                if out:
+                    self.transport.writelines(out)
+                self.established = True
+                self.peer_hello = hs.peer_hello
+                self._cancel_handshake_timer()
+                self._ready(None)
+                return records[i:]
+            if state == FAILED:
+                self._fail_handshake(hs.error, out)
+                return None
+        return None
+
+    cdef void _deliver(self, list records):
+        cdef Py_ssize_t i, n = len(records)
+        cdef int kind
+        for i in range(n):
+            kind = records[i].kind
+            if kind == K_HELLO or kind == K_GOAWAY:
+                break
+        else:
+            self.records_in += n
+            self._deliver_data(records)
+            return
+        # slow path: a control record in the batch
+        if i:
+            self.records_in += i
+            self._deliver_data(records[:i])
+            if self.closed:
+                return
+        rec = records[i]
+        if kind == K_GOAWAY:
+            details = parse_goaway(rec)
+            msg = f"peer {self.peer} closed the connection"
+            if details:
+                msg += f": {details}"
+            self._close_known = True
+            self._close_exc = PeerGoaway(msg, details)
+            self.closed = True
+            self._flush()
+            self._close_transport()
+            # records after a GOAWAY are dropped: the peer promised to send nothing more
+            return
+        self._peer_error("protocol error: HELLO record after the handshake", None)
+
+    cdef void _deliver_data(self, list records):
+        if self._on_records is None:
+            self._pending.extend(records)
+            self._update_reading()
+        else:
+            self._call_on_records(records)
+
+    cdef void _call_on_records(self, list records):
+        try:
+            self._on_records(records)
+        except Exception as exc:
+            log.exception("on_records handler failed for connection %s", self.peer)
+            self._local_error(f"internal error in the receiving daemon: {exc!r}", exc)
+
+    cdef void _update_reading(self):
+        cdef bint want
+        if self.transport is None or self._lost or self.closed:
+            return
+        want = self._user_paused or (self._on_records is None and len(self._pending) > 0)
+        if want == self._reading_paused:
+            return
+        self._reading_paused = want
+        try:
+            if want:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+        except Exception:
+            pass
+
+    cdef void _peer_error(self, str reason, exc):
+        """The peer broke the protocol: GOAWAY with the reason, close, report exc."""
+        if not self.established:
+            err = HandshakeError(reason)
+            self._fail_handshake(err, [make_goaway(reason)])
+            return
+        if self.closed:
+            return
+        log.warning("closing connection with %s: %s", self.peer, reason)
+        if exc is None:
+            exc = ConnectionError(reason)
+        self._abort_with(reason, exc)
+
+    cdef void _local_error(self, str reason, exc):
+        if self.closed:
+            return
+        self._abort_with(reason, exc)
+
+    cdef void _abort_with(self, str reason, exc):
+        self.closed = True
+        self._close_known = True
+        self._close_exc = exc
+        self._out = []
+        if not self._lost:
+            try:
+                self.transport.write(make_goaway(reason))
+            except Exception:
+                pass
+            self._close_transport()
+
+    cdef void _fail_handshake(self, exc, out):
+        self.closed = True
+        self._close_known = True
+        if self._close_exc is None:
+            self._close_exc = exc
+        self._cancel_handshake_timer()
+        if self.transport is not None and not self._lost:
+            if out:
+                try:
+                    self.transport.writelines(out)
+                except Exception:
+                    pass
+            self._close_transport()
+        self._ready(self._close_exc)
+
+    cdef void _ready(self, exc):
+        cb = self._on_ready
+        if cb is None:
+            return
+        self._on_ready = None
+        try:
+            cb(self, exc)
+        except Exception:
+            log.exception("connection-ready callback failed for %s", self.peer)
+            if exc is None and not self.closed:
+                self._local_error("internal error accepting the connection", None)
+
+    def _handshake_timed_out(self):
+        self._handshake_timer = None
+        self.fail_handshake(f"no handshake from {self.peer} within {self._handshake_timeout:g} s")
+
+    cdef void _close_transport(self):
+        self.transport.close()
+        if self._abort_timer is None and self._loop is not None:
+            self._abort_timer = self._loop.call_later(CLOSE_TIMEOUT, self._abort_after_close)
+
+    def _abort_after_close(self):
+        self._abort_timer = None
+        if not self._lost:
+            self.transport.abort()
+
+    cdef void _cancel_handshake_timer(self):
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    cdef void _cancel_timers(self):
+        self._cancel_handshake_timer()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
+
+    cdef void _report_close(self):
+        if self._close_reported or self._on_close is None or not self._lost:
+            return
+        self._close_reported = True
+        cb = self._on_close
+        self._on_close = None
+        self._on_records = None
+        try:
+            cb(self._close_exc)
+        except Exception:
+            log.exception("on_close handler failed for connection %s", self.peer)
