@@ -141,6 +141,10 @@ cdef class PeerConnection:
         try:
             records = self._decoder.feed(data)
         except RecordError as exc:
+            # the complete records before the bad frame still count (RecordError.records)
+            good = getattr(exc, "records", None)
+            if good and self.established:
+                self._deliver(list(good))
             self._peer_error(f"malformed record from peer: {exc}", exc)
             return
         except Exception as exc:  # a decoder bug must not escape into the loop either
