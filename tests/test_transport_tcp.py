@@ -499,10 +499,11 @@ def test_peer_closing_mid_stream_triggers_on_close():
             sconn = await asyncio.wait_for(accepted.get(), 5)
             sink = Sink().attach(sconn)
             await sink.wait_for(1)
-            writer.transport.abort()
+            writer.close()
             exc = await asyncio.wait_for(sink.closed, 5)
             assert isinstance(exc, ConnectionError) and not isinstance(exc, PeerGoaway)
-            assert "127.0.0.1" in str(exc)
+            assert "closed by 127.0.0.1:" in str(exc)
+            assert "in the middle of a record (500 bytes of it received)" in str(exc)
             assert [r.call_id for r in sink.records] == [1]
             assert sconn.closed
 

@@ -185,10 +185,10 @@ cdef class PeerConnection:
                 pending = self._decoder_pending()
                 if exc is not None:
                     msg = f"connection to {self.peer} lost: {exc}"
-                elif pending:
-                    msg = f"connection closed by {self.peer} in the middle of a record ({pending} bytes pending)"
                 else:
                     msg = f"connection closed by {self.peer} without GOAWAY"
+                if pending:
+                    msg += f", in the middle of a record ({pending} bytes of it received)"
                 err = ConnectionError(msg)
                 if exc is not None:
                     err.__cause__ = exc
