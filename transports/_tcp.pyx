@@ -155,7 +155,7 @@ cdef class PeerConnection:
             return
         if not self.established:
             records = self._run_handshake(records)
-            if not records:
+            if not records or self.closed:
                 return
         self._deliver(records)
 
