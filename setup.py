@@ -3,18 +3,26 @@
 Everything else lives in pyproject.toml; setup.py exists only because extension modules
 (Cython's cythonize and cffi's `cffi_modules`) are declared in code.
 """
+import os
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 # boundscheck stays ON: these modules parse bytes written by apps and peers (untrusted).
 CYTHON_DIRECTIVES = {"language_level": "3", "boundscheck": True, "wraparound": False}
 
+CYTHON_MODULES = {
+    "mrpcd.marshal._framing": "marshal/_framing.pyx",
+    "mrpcd.transports._tcp": "transports/_tcp.pyx",
+}
+CFFI_MODULES = ["native/_ring_build.py:ffibuilder"]
+
 extensions = cythonize(
-    [
-        Extension("mrpcd.marshal._framing", ["marshal/_framing.pyx"]),
-        Extension("mrpcd.transports._tcp", ["transports/_tcp.pyx"]),
-    ],
+    [Extension(name, [src]) for name, src in CYTHON_MODULES.items() if os.path.exists(src)],
     compiler_directives=CYTHON_DIRECTIVES,
 )
 
-setup(ext_modules=extensions, cffi_modules=["native/_ring_build.py:ffibuilder"])
+setup(
+    ext_modules=extensions,
+    cffi_modules=[m for m in CFFI_MODULES if os.path.exists(m.split(":")[0])],
+)

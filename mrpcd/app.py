@@ -1,0 +1,275 @@
+"""An app's session with its local daemon: control socket, shared-memory rings, wake-ups.
+
+`connect()` says hello on the control socket, receives the memfd holding the app's two
+rings and the two eventfds, and maps them. Records go out by pushing into the tx ring
+(one eventfd write only when the daemon sleeps); records come back through the rx ring,
+drained in batches by a *driver*: a background thread for the sync API, or the event loop
+itself (`loop.add_reader` on the eventfd) for asyncio. Calls and servers register in the
+app's dispatch tables, keyed by (handle, call_id).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+from . import control_proto as cp
+from .marshal import records as R
+from .marshal.schema import Schema
+from .native import ring as ringmod
+from .paths import default_socket_path
+from .status import RpcError, StatusCode
+
+log = logging.getLogger("mrpcd.app")
+
+RX_BATCH = 256
+RX_BYTES = 4 << 20
+
+
+class CallSink(Protocol):
+    def deliver(self, rec: R.Record) -> None: ...
+    def lost(self, code: StatusCode, details: str) -> None: ...
+
+
+class DaemonUnavailable(RpcError):
+    """The local daemon cannot be reached: not running, or the socket path is wrong."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(StatusCode.UNAVAILABLE, details)
+
+
+class App:
+    """One connection to the local mrpcd. Thread-safe; normally one per process (`default_app`)."""
+
+    def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
+        self.socket_path = socket_path or default_socket_path()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.connect(self.socket_path)
+        except OSError as exc:
+            self._sock.close()
+            raise DaemonUnavailable(
+                f"cannot reach mrpcd at {self.socket_path}: {exc.strerror or exc} "
+                "(is the daemon running? start it with `mrpcd`, or set MRPCD_SOCKET)"
+            ) from None
+        self._control_lock = threading.Lock()
+        self._frames = cp.FrameBuffer()
+        self._inbox: list[dict] = []
+        self._ids = itertools.count(1)
+        reply, fds = self.request({"op": "hello", "name": name or f"{os.path.basename(os.sys.argv[0] or 'python')}"}, nfds=3)
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            raise DaemonUnavailable("mrpcd did not hand over the shared memory and wake-up fds")
+        shm_fd, daemon_fd, app_fd = fds
+        self.app_id = reply["app_id"]
+        self.max_record = reply["max_record"]
+        self.rings = ringmod.RingPair.attach(shm_fd, reply["shm_size"])
+        self.tx, self.rx = self.rings.tx, self.rings.rx
+        self.daemon_waker = ringmod.Waker(daemon_fd)
+        self.app_waker = ringmod.Waker(app_fd)
+        self._tx_lock = threading.Lock()
+        self._space = threading.Condition(self._tx_lock)
+        self._call_ids = itertools.count(1)
+        self.calls: dict[tuple[int, int], CallSink] = {}
+        self.servers: list[Any] = []  # mrpcd.server.Server / aio servers, each with route() and handle_lost()
+        self.handle_listeners: dict[int, list[Callable[[str], None]]] = {}
+        self._schemas: set[int] = set()
+        self._schema_lock = threading.Lock()
+        self.closed = False
+        self.driver = driver
+        self._thread: threading.Thread | None = None
+        if driver == "thread":
+            self._thread = threading.Thread(target=self._rx_thread, name=f"mrpcd-rx-{self.app_id}", daemon=True)
+            self._thread.start()
+
+    # -- control socket -----------------------------------------------------------------
+    def request(self, message: dict[str, Any], nfds: int = 0) -> tuple[dict[str, Any], list[int]]:
+        """One control request/response; raises RpcError with the daemon's text on failure."""
+        with self._control_lock:
+            rid = next(self._ids)
+            message = dict(message, id=rid)
+            try:
+                self._sock.sendall(cp.encode(message))
+                fds: list[int] = []
+                while not self._inbox:
+                    data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, max(nfds, 1))
+                    fds.extend(got)
+                    if not data:
+                        raise DaemonUnavailable(f"mrpcd at {self.socket_path} closed the control connection")
+                    self._inbox.extend(self._frames.feed(data))
+                reply = self._inbox.pop(0)
+            except OSError as exc:
+                raise DaemonUnavailable(f"control connection to mrpcd failed: {exc}") from None
+            except cp.ControlError as exc:
+                raise RpcError(StatusCode.INTERNAL, f"mrpcd sent a malformed control reply: {exc}") from None
+        if not reply.get("ok"):
+            for fd in fds:
+                os.close(fd)
+            raise RpcError(StatusCode.from_int(reply.get("code", 2)), reply.get("error", "control request failed"))
+        return reply, fds
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        return self.request({"op": op, **args})[0]
+
+    def ensure_schema(self, schema: Schema) -> None:
+        """Hand a generated module's schema to the daemon, once."""
+        key = id(schema)
+        if key in self._schemas:
+            return
+        with self._schema_lock:
+            if key not in self._schemas:
+                self.call("schema", schema=schema.to_dict())
+                self._schemas.add(key)
+
+    # -- tx -----------------------------------------------------------------------------
+    def next_call_id(self) -> int:
+        return next(self._call_ids)
+
+    def send(self, data: bytes, timeout: float | None = None) -> None:
+        """Push one record; blocks (bounded by `timeout`) while the ring is full."""
+        if len(data) > self.max_record:
+            raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"message of {len(data)} bytes exceeds the limit of {self.max_record}")
+        with self._tx_lock:
+            if self.closed:
+                raise DaemonUnavailable("the app's connection to mrpcd is closed")
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self.tx.push(data):
+                if self.tx.should_wake_consumer():
+                    self.daemon_waker.signal()
+                if self.tx.prepare_wait_for_space(len(data)):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        self.tx.finish_wait()
+                        raise RpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded while waiting for room in the ring")
+                    self._space.wait(min(left, 0.5) if left is not None else 0.5)
+                    self.tx.finish_wait()
+                if self.closed:
+                    raise DaemonUnavailable("the app's connection to mrpcd is closed")
+            if self.tx.should_wake_consumer():
+                self.daemon_waker.signal()
+
+    def try_send(self, data: bytes) -> bool:
+        """Non-blocking push for the event-loop driver; False when the ring is full."""
+        with self._tx_lock:
+            if not self.tx.push(data):
+                if self.tx.should_wake_consumer():
+                    self.daemon_waker.signal()
+                if self.tx.prepare_wait_for_space(len(data)):
+                    return False  # the rx driver is woken when the daemon frees room
+                if not self.tx.push(data):
+                    return False
+            if self.tx.should_wake_consumer():
+                self.daemon_waker.signal()
+            return True
+
+    # -- rx -----------------------------------------------------------------------------
+    def drain(self) -> bool:
+        """Pop and dispatch one batch from the rx ring; True if there was anything."""
+        raw = self.rx.pop_batch(RX_BATCH, RX_BYTES)
+        if self.rx.should_wake_producer():
+            self.daemon_waker.signal()
+        if not raw:
+            return False
+        for data in raw:
+            try:
+                rec = R.parse_record(data, 1 << 31)
+            except R.RecordError as exc:  # the daemon is trusted, but never crash on it
+                log.error("mrpcd sent a malformed record: %s", exc)
+                continue
+            self.dispatch(rec)
+        return True
+
+    def dispatch(self, rec: R.Record) -> None:
+        kind = rec.kind
+        if kind == R.RESPONSE:
+            sink = self.calls.get((rec.handle, rec.call_id))
+            if sink is not None:
+                sink.deliver(rec)
+        elif kind == R.REQUEST or kind == R.CANCEL:
+            for server in self.servers:
+                if server.route(rec):
+                    return
+            if kind == R.REQUEST and rec.flags & R.F_START:
+                from .wire import response_record
+
+                # on the rx path: never block waiting for tx room (the rx path frees it)
+                if not self.try_send(response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.UNIMPLEMENTED, details="Method not found!")):
+                    log.warning("tx ring full: UNIMPLEMENTED reply for call %d dropped; the caller's deadline ends it", rec.call_id)
+        elif kind == R.GOAWAY:
+            from .wire import split_response_meta
+
+            details = split_response_meta(rec)[2] or "connection lost"
+            self.handle_lost(rec.handle, details)
+
+    def handle_lost(self, handle: int, details: str) -> None:
+        for key, sink in list(self.calls.items()):
+            if key[0] == handle:
+                sink.lost(StatusCode.UNAVAILABLE, details)
+        for server in self.servers:
+            server.handle_lost(handle)
+        for listener in self.handle_listeners.pop(handle, []):
+            listener(details)
+
+    def _wake_space_waiters(self) -> None:
+        with self._tx_lock:
+            self._space.notify_all()
+
+    def _rx_thread(self) -> None:
+        waker = self.app_waker
+        while not self.closed:
+            try:
+                if self.drain():
+                    continue
+                self._wake_space_waiters()
+                if self.rx.prepare_sleep():
+                    waker.wait(0.5)
+                    waker.drain()
+                    self.rx.finish_sleep()
+                    self._wake_space_waiters()
+            except ringmod.RingCorrupt as exc:
+                log.error("rx ring corrupted: %s", exc)
+                break
+            except Exception:  # a bug in a callback must not kill the app's receive path
+                log.exception("error dispatching records from mrpcd")
+
+    def close(self) -> None:
+        """Leave the daemon: it reclaims this app's rings, channels and listeners."""
+        if self.closed:
+            return
+        self.closed = True
+        for key, sink in list(self.calls.items()):
+            sink.lost(StatusCode.CANCELLED, "the app closed its connection to mrpcd")
+        self.app_waker.signal()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(2.0)
+        with self._tx_lock:
+            self._space.notify_all()
+        try:
+            self._sock.close()
+        finally:
+            self.daemon_waker.close()
+            self.app_waker.close()
+            self.rings.close()
+
+
+_default_app: App | None = None
+_default_lock = threading.Lock()
+
+
+def connect(socket_path: str | None = None, name: str | None = None) -> App:
+    """A new session with the local daemon (MRPCD_SOCKET or the default socket path)."""
+    return App(socket_path, name)
+
+
+def default_app() -> App:
+    """The process-wide session that `insecure_channel()` and `server()` use by default."""
+    global _default_app
+    with _default_lock:
+        if _default_app is None or _default_app.closed:
+            _default_app = App()
+        return _default_app

@@ -1,0 +1,59 @@
+"""Control-socket message framing, shared by the daemon, the app library and mrpcctl.
+
+A message is a u32 little-endian length and a msgpack map. File descriptors (the memfd
+with the rings, the eventfds) ride on the same sendmsg with SCM_RIGHTS. The framing is
+sans-I/O: `FrameBuffer` takes bytes and yields messages, so the daemon's asyncio side and
+the apps' blocking side share it.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+LENGTH = struct.Struct("<I")
+MAX_CONTROL_MESSAGE = 4 << 20  # schemas can be large, but not unbounded
+MAX_FDS = 8
+
+
+class ControlError(Exception):
+    """A control request failed; `code` is a grpc status number."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    if len(body) > MAX_CONTROL_MESSAGE:
+        raise ControlError(f"control message of {len(body)} bytes exceeds {MAX_CONTROL_MESSAGE}")
+    return LENGTH.pack(len(body)) + body
+
+
+class FrameBuffer:
+    """Accumulates bytes from the socket and returns complete, validated messages."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 4:
+            (n,) = LENGTH.unpack_from(self._buf)
+            if n > MAX_CONTROL_MESSAGE:
+                raise ControlError(f"control message of {n} bytes exceeds {MAX_CONTROL_MESSAGE}")
+            if len(self._buf) < 4 + n:
+                break
+            body = bytes(self._buf[4 : 4 + n])
+            del self._buf[: 4 + n]
+            try:
+                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+            except Exception as exc:  # msgpack raises several types for garbage
+                raise ControlError(f"malformed control message: {exc}") from None
+            if not isinstance(msg, dict):
+                raise ControlError("control message must be a map")
+            out.append(msg)
+        return out

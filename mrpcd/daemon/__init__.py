@@ -1,0 +1,1 @@
+"""The mrpcd daemon: control plane, per-app datapaths, transports."""

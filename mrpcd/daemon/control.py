@@ -1,0 +1,212 @@
+"""The control socket: apps register and open endpoints here; operators query and steer.
+
+Each connection is identified by SO_PEERCRED (pid, uid, gid), not by anything it says. A
+connection that says `hello` becomes an app session and lives as long as the connection:
+when the app exits or is killed the socket closes and the session is reclaimed. Requests
+are answered in order; a bad request gets an error reply and the connection stays usable,
+a broken frame closes the connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from .. import control_proto as cp
+from ..marshal.schema import SchemaError
+from ..transports.handshake import HandshakeError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .session import AppSession
+
+log = logging.getLogger("mrpcd.control")
+_CREDS = struct.Struct("3i")
+
+
+class ControlConnection:
+    def __init__(self, daemon: "Daemon", sock: socket.socket) -> None:
+        self.daemon = daemon
+        self.sock = sock
+        self.pid, self.uid, self.gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+        self.session: "AppSession | None" = None
+
+    @property
+    def is_admin(self) -> bool:
+        """Root, or a member of the configured admin group, may change policy."""
+        if self.uid == 0:
+            return True
+        group = self.daemon.config.admin_group
+        if group is None:
+            return False
+        try:
+            g = grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)
+        except KeyError:
+            return False
+        if self.gid == g.gr_gid:
+            return True
+        try:
+            import pwd
+
+            return pwd.getpwuid(self.uid).pw_name in g.gr_mem
+        except KeyError:
+            return False
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        frames = cp.FrameBuffer()
+        try:
+            while True:
+                data = await loop.sock_recv(self.sock, 1 << 16)
+                if not data:
+                    return
+                try:
+                    messages = frames.feed(data)
+                except cp.ControlError as exc:
+                    log.warning("control client pid %d sent a broken frame: %s", self.pid, exc)
+                    self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
+                    return
+                for msg in messages:
+                    await self._dispatch(msg)
+        except (ConnectionError, OSError):
+            return
+        finally:
+            if self.session is not None:
+                self.daemon.drop_session(self.session, "control connection closed")
+                self.session = None
+            self.sock.close()
+
+    async def _dispatch(self, msg: dict[str, Any]) -> None:
+        op, rid = msg.get("op"), msg.get("id")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            self._send({"id": rid, "ok": False, "error": f"unknown control op {op!r}", "code": 12})
+            return
+        fds: list[int] = []
+        try:
+            reply = await handler(msg, fds)
+        except HandshakeError as exc:
+            self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
+            return
+        except (ValueError, SchemaError, cp.ControlError) as exc:
+            self._send({"id": rid, "ok": False, "error": str(exc), "code": getattr(exc, "code", 3)})
+            return
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            text = str(exc) or type(exc).__name__
+            self._send({"id": rid, "ok": False, "error": text, "code": 14})
+            return
+        except Exception as exc:  # a daemon bug must not take the daemon down
+            log.exception("control op %s failed", op)
+            self._send({"id": rid, "ok": False, "error": f"internal error: {exc}", "code": 13})
+            return
+        reply.setdefault("ok", True)
+        reply["id"] = rid
+        self._send(reply, fds)
+
+    def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        data = cp.encode(message)
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.setblocking(True)
+                try:
+                    self.sock.sendall(data)
+                finally:
+                    self.sock.setblocking(False)
+        except OSError as exc:
+            log.info("control client pid %d went away: %s", self.pid, exc)
+
+    def _need_session(self) -> "AppSession":
+        if self.session is None:
+            raise cp.ControlError("say hello first: this connection is not an app", 9)
+        return self.session
+
+    def _need_admin(self) -> None:
+        if not self.is_admin:
+            raise cp.ControlError(f"permission denied: uid {self.uid} is neither root nor in the admin group", 7)
+
+    # -- app ops ------------------------------------------------------------------------
+    async def op_hello(self, msg: dict, fds: list[int]) -> dict:
+        if self.session is not None:
+            raise cp.ControlError("this connection already said hello", 9)
+        name = msg.get("name") or f"pid{self.pid}"
+        if not isinstance(name, str) or len(name) > 128:
+            raise ValueError("app name must be a string of at most 128 characters")
+        self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
+        fds.extend(self.session.handoff_fds())
+        return {"app_id": self.session.app_id, "ring_size": self.daemon.config.ring_size, "shm_size": self.session.shm_size,
+                "max_record": self.daemon.config.max_record}
+
+    async def op_schema(self, msg: dict, fds: list[int]) -> dict:
+        return {"fingerprints": self._need_session().register_schema(msg.get("schema"))}
+
+    async def op_bind(self, msg: dict, fds: list[int]) -> dict:
+        services = msg.get("services")
+        if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
+            raise ValueError("bind needs a list of service names")
+        return {"address": await self._need_session().bind(msg.get("address"), services)}
+
+    async def op_connect(self, msg: dict, fds: list[int]) -> dict:
+        return {"handle": await self._need_session().connect(msg.get("target"))}
+
+    async def op_close(self, msg: dict, fds: list[int]) -> dict:
+        handle = msg.get("handle")
+        if not isinstance(handle, int):
+            raise ValueError("close needs an integer handle")
+        self._need_session().close_handle(handle)
+        return {}
+
+    # -- operator ops ---------------------------------------------------------------------
+    async def op_ping(self, msg: dict, fds: list[int]) -> dict:
+        return {"pid": os.getpid(), "version": self.daemon.version, "uptime": self.daemon.uptime()}
+
+    async def op_apps(self, msg: dict, fds: list[int]) -> dict:
+        return {"apps": [s.describe() for s in self.daemon.sessions.values()]}
+
+    async def op_stats(self, msg: dict, fds: list[int]) -> dict:
+        return {"daemon": self.daemon.stats(), "apps": {s.app_id: s.describe()["stats"] for s in self.daemon.sessions.values()}}
+
+    async def op_shutdown(self, msg: dict, fds: list[int]) -> dict:
+        self._need_admin()
+        asyncio.get_running_loop().call_soon(self.daemon.request_stop)
+        return {}
+
+
+async def serve_control(daemon: "Daemon", path: str) -> socket.socket:
+    """Listen on `path`; refuses to steal the socket of a daemon that is still alive."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            probe.close()
+            raise RuntimeError(f"another mrpcd is already serving {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, 0o666)  # any local user may be an app; admin ops check SO_PEERCRED
+    sock.listen(128)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def accept_loop() -> None:
+        while True:
+            try:
+                client, _ = await loop.sock_accept(sock)
+            except OSError:
+                return
+            client.setblocking(False)
+            conn = ControlConnection(daemon, client)
+            daemon.spawn(conn.serve())
+
+    daemon.spawn(accept_loop())
+    return sock

@@ -1,0 +1,370 @@
+"""One connected app, as the daemon sees it: its rings, its wake-ups, its routes, its datapath.
+
+Everything the app writes is untrusted: ring records are bounds-checked by the ring and
+parsed by `records.parse_record`; a malformed record fails that call (when its header can
+still name the call) and never touches another app. When the app's control connection
+closes (exit, crash, SIGKILL) `close()` reclaims every resource it held.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ..marshal import records as R
+from ..marshal.schema import Schema, SchemaError
+from ..native import ring as ringmod
+from ..status import StatusCode
+from ..transports import tcp
+from .datapath import Datapath, error_response
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("mrpcd.session")
+
+# Records moved per ring drain before the loop gets a chance to serve other apps.
+DRAIN_RECORDS = 512
+DRAIN_BYTES = 4 << 20
+DRAIN_ROUNDS = 8
+_HEADER_PREFIX = struct.Struct("<BBHIQ")  # kind, flags, status, handle, call_id
+
+
+class Route:
+    """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
+
+    __slots__ = ("handle", "conn", "role", "target", "services", "binding")
+
+    def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
+        self.binding = binding
+        self.handle = handle
+        self.conn = conn
+        self.role = role  # "client" (the app connected out) or "server" (a peer connected in)
+        self.target = target
+        self.services = services  # method ids served on this route (server role)
+
+
+class Binding:
+    """A listening address of a server app, with the services it serves there (mutable)."""
+
+    __slots__ = ("server", "address", "fingerprints", "method_ids")
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+        self.address = ""
+        self.fingerprints: dict[str, str] = {}
+        self.method_ids: frozenset[int] = frozenset()
+
+
+class AppSession:
+    def __init__(self, daemon: "Daemon", app_id: int, name: str, pid: int, uid: int, gid: int) -> None:
+        self.daemon = daemon
+        self.config = daemon.config
+        self.app_id = app_id
+        self.name = name
+        self.pid, self.uid, self.gid = pid, uid, gid
+        self.loop = asyncio.get_running_loop()
+        self.rings = ringmod.RingPair.create(self.config.ring_size)
+        self.shm_fd, self.shm_size = self.rings.fd, self.rings.size
+        self.tx, self.rx = self.rings.tx, self.rings.rx
+        self.daemon_waker = ringmod.Waker()  # the app signals it: tx has records / rx has room
+        self.app_waker = ringmod.Waker()  # the daemon signals it: rx has records / tx has room
+        self.schema = Schema()
+        self.routes: dict[int, Route] = {}
+        self._next_handle = 1
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.bindings: dict[str, Binding] = {}  # requested and actual address -> binding
+        self.pending: deque[bytes] = deque()
+        self.paused_routes = False
+        self.datapath = Datapath(self, self._send_out, self._deliver_in)
+        self.stats: dict[str, int] = {
+            "records_out": 0, "records_in": 0, "bytes_out": 0, "bytes_in": 0,
+            "malformed": 0, "unroutable": 0, "unimplemented": 0,
+        }
+        self.closed = False
+        self._pump_scheduled = False
+        self.loop.add_reader(self.daemon_waker.fileno(), self._on_wake)
+
+    # -- the app's rings ------------------------------------------------------------
+    def handoff_fds(self) -> list[int]:
+        return [self.shm_fd, self.daemon_waker.fileno(), self.app_waker.fileno()]
+
+    def _on_wake(self) -> None:
+        self.daemon_waker.drain()
+        self.tx.finish_sleep()
+        self.rx.finish_wait()
+        self._pump()
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled and not self.closed:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._pump_soon)
+
+    def _pump_soon(self) -> None:
+        self._pump_scheduled = False
+        self._pump()
+
+    def _pump(self) -> None:
+        """Drain the app's tx ring in batches, flush what waits for its rx ring, then sleep."""
+        if self.closed:
+            return
+        try:
+            for _ in range(DRAIN_ROUNDS):
+                raw = self.tx.pop_batch(DRAIN_RECORDS, DRAIN_BYTES)
+                if self.tx.should_wake_producer():
+                    self.app_waker.signal()  # the app waits for room in its tx ring
+                if not raw:
+                    break
+                self._handle_outbound(raw)
+            else:
+                self._schedule_pump()  # more work: come back after other apps had a turn
+            if self.pending:
+                self._flush_pending()
+            if not self._pump_scheduled and not self.tx.prepare_sleep():
+                self._schedule_pump()
+        except ringmod.RingCorrupt as exc:
+            log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc)
+            self.daemon.drop_session(self, f"ring corrupted: {exc}")
+
+    def _handle_outbound(self, raw: list[bytes]) -> None:
+        batch = []
+        max_record = self.config.max_record
+        for data in raw:
+            try:
+                rec = R.parse_record(data, max_record)
+            except R.RecordError as exc:
+                self._reject_malformed(data, str(exc))
+                continue
+            if rec.kind == R.CANCEL or rec.kind == R.REQUEST or rec.kind == R.RESPONSE:
+                batch.append(rec)
+            else:
+                self._reject_malformed(data, f"record kind {rec.kind} may not be sent by an app")
+        self.stats["records_out"] += len(batch)
+        if batch:
+            self.datapath.outbound(batch)
+
+    def _reject_malformed(self, data: bytes, reason: str) -> None:
+        """Fail the call the record names (if its header is readable), count it, go on."""
+        self.stats["malformed"] += 1
+        log.warning("app %s (pid %d): malformed record rejected: %s", self.name, self.pid, reason)
+        if len(data) >= _HEADER_PREFIX.size:
+            kind, _flags, _status, handle, call_id = _HEADER_PREFIX.unpack_from(data)
+            if kind == R.REQUEST:
+                self._deliver_in([error_response(handle, call_id, StatusCode.INTERNAL.code, f"mrpcd rejected a malformed record: {reason}")])
+
+    def _send_out(self, batch: list[R.Record]) -> None:
+        """The transport end of the datapath: group records by route, one writev per route."""
+        by_route: dict[int, list[bytes]] = {}
+        for rec in batch:
+            route = self.routes.get(rec.handle)
+            if route is None or route.conn.closed:
+                self.stats["unroutable"] += 1
+                if rec.kind == R.REQUEST:
+                    self._deliver_in([error_response(rec.handle, rec.call_id, StatusCode.UNAVAILABLE.code, f"channel {rec.handle} is not connected")])
+                continue
+            data = rec.encode()
+            self.stats["bytes_out"] += len(data)
+            by_route.setdefault(rec.handle, []).append(data)
+        for handle, datas in by_route.items():
+            self.routes[handle].conn.send_batch(datas)
+
+    def _deliver_in(self, batch: list[R.Record]) -> None:
+        """The frontend end: push records into the app's rx ring; what does not fit waits."""
+        datas = [rec.encode() for rec in batch]
+        self.stats["records_in"] += len(datas)
+        if self.pending:
+            self.pending.extend(datas)
+        else:
+            n = self.rx.push_many(datas)
+            if n < len(datas):
+                self.pending.extend(datas[n:])
+        if self.rx.should_wake_consumer():
+            self.app_waker.signal()
+        if self.pending:
+            self._apply_backpressure()
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Push what waits; if the ring stays full, ask the app to signal when it pops."""
+        while self.pending:
+            chunk = [self.pending[i] for i in range(min(DRAIN_RECORDS, len(self.pending)))]
+            n = self.rx.push_many(chunk)
+            for _ in range(n):
+                self.pending.popleft()
+            if n == 0:
+                if self.rx.should_wake_consumer():
+                    self.app_waker.signal()
+                if self.rx.prepare_wait_for_space(len(self.pending[0])):
+                    break  # the app signals daemon_waker after its next pop
+        if self.rx.should_wake_consumer():
+            self.app_waker.signal()
+        if not self.pending and self.paused_routes:
+            self.paused_routes = False
+            for route in self.routes.values():
+                route.conn.resume_reading()
+
+    def _apply_backpressure(self) -> None:
+        """An app that reads slower than its peers write: stop reading their sockets."""
+        if len(self.pending) >= self.config.max_pending_records and not self.paused_routes:
+            self.paused_routes = True
+            for route in self.routes.values():
+                route.conn.pause_reading()
+
+    # -- schemas, endpoints -------------------------------------------------------------
+    def register_schema(self, data: Any) -> dict[str, str]:
+        schema = Schema.from_dict(data)
+        merged = Schema(dict(self.schema.messages), dict(self.schema.enums), dict(self.schema.services))
+        merged.merge(schema)
+        fingerprints = merged.fingerprints()
+        for route in self.routes.values():
+            if route.role != "client":
+                continue
+            peer = route.conn.peer_hello.get("services", {})
+            for svc, fp in fingerprints.items():
+                if svc in peer and peer[svc] != fp:
+                    raise SchemaError(
+                        f"schema mismatch for service {svc}: local fingerprint {fp}, peer {route.target} has {peer[svc]}; "
+                        "regenerate stubs from the same .proto"
+                    )
+        self.schema = merged
+        return fingerprints
+
+    def _service_fingerprints(self, names: list[str] | None = None) -> dict[str, str]:
+        names = list(self.schema.services) if names is None else names
+        return {n: self.schema.fingerprint(n) for n in names}
+
+    async def bind(self, address: str, services: list[str]) -> str:
+        """Listen on `address` for peers calling `services`; binding again updates the services."""
+        host, port = split_address(address)
+        missing = [s for s in services if s not in self.schema.services]
+        if missing:
+            raise SchemaError(f"cannot serve {', '.join(missing)}: register its schema first")
+        binding = self.bindings.get(address)
+        if binding is None:
+            binding = Binding()
+        binding.fingerprints = self._service_fingerprints(services)
+        binding.method_ids = frozenset(m.method_id for s in services for m in self.schema.services[s].methods)
+        if binding.server is not None:
+            for route in self.routes.values():
+                if route.binding is binding:
+                    route.services = binding.method_ids
+            return binding.address
+
+        def on_connection(conn: tcp.PeerConnection) -> None:
+            if self.closed:
+                conn.close("server app is gone")
+                return
+            self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
+
+        binding.server = await tcp.serve(host, port, lambda: binding.fingerprints, on_connection, max_record=self.config.max_record)
+        self.listeners.append(binding.server)
+        sockname = binding.server.sockets[0].getsockname()
+        binding.address = f"{sockname[0]}:{sockname[1]}" if ":" not in sockname[0] else f"[{sockname[0]}]:{sockname[1]}"
+        self.bindings[address] = self.bindings[binding.address] = binding
+        return binding.address
+
+    async def connect(self, target: str) -> int:
+        host, port = split_address(target)
+        conn = await tcp.connect(
+            host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout
+        )
+        if self.closed:
+            conn.close("client app is gone")
+            raise ConnectionError("app disconnected while connecting")
+        return self._add_route(conn, "client", target, frozenset()).handle
+
+    def _add_route(self, conn: tcp.PeerConnection, role: str, target: str, method_ids: frozenset[int], binding: "Binding | None" = None) -> Route:
+        handle = self._next_handle
+        self._next_handle += 1
+        route = Route(handle, conn, role, target, method_ids, binding)
+        self.routes[handle] = route
+        conn.set_handlers(lambda recs: self._on_peer_records(route, recs), lambda exc: self._on_peer_closed(route, exc))
+        if self.paused_routes:
+            conn.pause_reading()
+        return route
+
+    def _on_peer_records(self, route: Route, recs: list[R.Record]) -> None:
+        batch = []
+        for rec in recs:
+            rec.handle = route.handle
+            if rec.kind == R.REQUEST and route.role == "server":
+                if rec.flags & R.F_START and rec.method_id not in route.services:
+                    # unknown service or method: answer here, the app never sees it
+                    self.stats["unimplemented"] += 1
+                    rsp = error_response(0, rec.call_id, StatusCode.UNIMPLEMENTED.code, "Method not found!")
+                    route.conn.send(rsp.encode())
+                    continue
+            elif rec.kind == R.RESPONSE and route.role == "server" or rec.kind == R.REQUEST and route.role == "client":
+                route.conn.close(f"protocol error: record kind {rec.kind} in the wrong direction")
+                return
+            elif rec.kind not in (R.REQUEST, R.RESPONSE, R.CANCEL):
+                route.conn.close(f"protocol error: unexpected record kind {rec.kind}")
+                return
+            self.stats["bytes_in"] += R.HEADER_SIZE + len(rec.meta) + len(rec.payload)
+            batch.append(rec)
+        if batch:
+            self.datapath.inbound(batch)
+
+    def _on_peer_closed(self, route: Route, exc: Exception | None) -> None:
+        """Tell the app: every call on this handle fails (client) or is cancelled (server)."""
+        if self.routes.pop(route.handle, None) is None or self.closed:
+            return
+        reason = str(exc) if exc else "peer closed the connection"
+        meta = R.encode_metadata([(":details", f"connection to {route.target} lost: {reason}")], internal=True)
+        goaway = R.parse_record(R.encode_record(R.GOAWAY, 0, StatusCode.UNAVAILABLE.code, route.handle, 0, 0, 0, meta, b""))
+        self._deliver_in([goaway])
+
+    def close_handle(self, handle: int) -> None:
+        route = self.routes.pop(handle, None)
+        if route is not None:
+            route.conn.close()
+
+    # -- teardown -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Reclaim everything: routes, listeners, wake-up fds, shared memory."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.daemon_waker.fileno())
+        for route in list(self.routes.values()):
+            route.conn.close("app disconnected")
+        self.routes.clear()
+        for server in self.listeners:
+            server.close()
+        self.listeners.clear()
+        self.pending.clear()
+        self.daemon_waker.close()
+        self.app_waker.close()
+        self.rings.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "app_id": self.app_id,
+            "name": self.name,
+            "pid": self.pid,
+            "uid": self.uid,
+            "services": sorted(self.schema.services),
+            "listening": sorted({b.address for b in self.bindings.values()}),
+            "routes": [{"handle": r.handle, "role": r.role, "peer": r.target} for r in self.routes.values()],
+            "engines": [e.describe() for e in self.datapath.engines],
+            "pending": len(self.pending),
+            "stats": dict(self.stats),
+        }
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" → (host, port), with a clear error for anything else."""
+    if not isinstance(address, str) or ":" not in address:
+        raise ValueError(f"address {address!r} must be host:port")
+    host, _, port_s = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"address {address!r}: port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535 or not host:
+        raise ValueError(f"address {address!r} must be host:port with port 0..65535")
+    return host, port

@@ -1,0 +1,127 @@
+"""How RPC semantics map onto records, shared by the sync and asyncio app libraries.
+
+Sans-I/O: builds the bytes of request/response records and reads status and metadata back
+out of them. On a RESPONSE record, metadata pairs before the `:trailers` marker are the
+initial metadata (meaningful on START), pairs after it the trailing metadata; a record that
+only ENDs carries trailing metadata alone. `:details` carries the status details.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Sequence
+
+from .marshal import records as R
+from .status import RpcError, StatusCode
+
+Metadata = Sequence[tuple[str, "str | bytes"]]
+_TRAILERS = (":trailers", "")
+
+
+def deadline_us(timeout: float | None) -> int:
+    """Remaining time in microseconds as carried on the wire (0 = no deadline)."""
+    if timeout is None:
+        return 0
+    if timeout <= 0:
+        return 1
+    return max(1, int(timeout * 1e6))
+
+
+def check_metadata(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    """Validate user metadata up front, so a bad key is the caller's error, not the daemon's."""
+    if not metadata:
+        return []
+    pairs = [(k, v) for k, v in metadata]
+    try:
+        R.encode_metadata(pairs)
+    except (R.RecordError, TypeError, ValueError) as exc:
+        raise ValueError(f"invalid metadata: {exc}") from None
+    return pairs
+
+
+def request_record(handle: int, call_id: int, method_id: int, flags: int, deadline: int, metadata: Metadata, payload: bytes | None) -> bytes:
+    meta = R.encode_metadata(list(metadata)) if metadata else b""
+    if payload is None:
+        flags |= R.F_NO_MSG
+        payload = b""
+    return R.encode_record(R.REQUEST, flags, 0, handle, call_id, method_id, deadline, meta, payload)
+
+
+def cancel_record(handle: int, call_id: int) -> bytes:
+    return R.encode_record(R.CANCEL, R.F_END | R.F_NO_MSG, StatusCode.CANCELLED.code, handle, call_id, 0, 0, b"", b"")
+
+
+def response_record(
+    handle: int,
+    call_id: int,
+    flags: int,
+    payload: bytes | None,
+    initial: Metadata = (),
+    code: StatusCode = StatusCode.OK,
+    details: str = "",
+    trailing: Metadata = (),
+) -> bytes:
+    pairs: list = []
+    if flags & R.F_START:
+        pairs.extend(initial)
+    if flags & R.F_END:
+        if flags & R.F_START:
+            pairs.append(_TRAILERS)
+        pairs.extend(trailing)
+        if details:
+            pairs.append((":details", details))
+    meta = R.encode_metadata(pairs, internal=True) if pairs else b""
+    if payload is None:
+        flags |= R.F_NO_MSG
+        payload = b""
+    status = code.code if flags & R.F_END else 0
+    return R.encode_record(R.RESPONSE, flags, status, handle, call_id, 0, 0, meta, payload)
+
+
+def split_response_meta(rec: R.Record) -> tuple[list, list, str]:
+    """(initial metadata, trailing metadata, details) of a RESPONSE or GOAWAY record."""
+    if not rec.meta:
+        return [], [], ""
+    pairs = R.decode_metadata(rec.meta)
+    initial: list = []
+    trailing: list = []
+    details = ""
+    start, end = rec.flags & R.F_START, rec.flags & R.F_END
+    target = initial if start else trailing
+    for key, value in pairs:
+        if key == ":trailers":
+            target = trailing
+        elif key == ":details":
+            details = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        elif start and not end:
+            initial.append((key, value))
+        else:
+            target.append((key, value))
+    return initial, trailing, details
+
+
+def request_meta(rec: R.Record) -> list:
+    return R.decode_metadata(rec.meta) if rec.meta else []
+
+
+def error_from(rec: R.Record) -> RpcError:
+    initial, trailing, details = split_response_meta(rec)
+    return RpcError(StatusCode.from_int(rec.status), details, trailing, initial)
+
+
+class Deadline:
+    """An absolute monotonic deadline built from a remaining-µs wire value."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, remaining_us: int) -> None:
+        self.at = time.monotonic() + remaining_us / 1e6 if remaining_us else None
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+
+def iter_pairs(metadata: Iterable | None) -> list:
+    return list(metadata) if metadata else []

@@ -1,0 +1,82 @@
+"""Test app: the greeter served through the daemon in MRPCD_SOCKET; prints its address.
+
+Names with a meaning: "slow:<seconds>" sleeps in the handler while the call is active and
+records whether it saw the cancellation in the file given by --cancel-log.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import mrpcd
+import mrpcd.aio
+
+import hello_mrpc
+
+
+class Greeter(hello_mrpc.GreeterServicer):
+    def __init__(self, cancel_log: str | None) -> None:
+        self.cancel_log = cancel_log
+
+    def SayHello(self, request, context):
+        if request.name.startswith("slow:"):
+            seconds = float(request.name.split(":", 1)[1])
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and context.is_active():
+                time.sleep(0.01)
+            if self.cancel_log:
+                with open(self.cancel_log, "a") as f:
+                    f.write("cancelled\n" if not context.is_active() else "finished\n")
+        if request.name == "boom":
+            raise RuntimeError("boom")
+        if request.name == "abort":
+            context.abort(mrpcd.StatusCode.PERMISSION_DENIED, "not you")
+        meta = dict(context.invocation_metadata())
+        suffix = f" ({meta['x-tag']})" if "x-tag" in meta else ""
+        return hello_mrpc.HelloReply(message=f"Hello, {request.name}!{suffix}")
+
+    def SayHelloStream(self, request, context):
+        for i in range(request.count or 3):
+            yield hello_mrpc.HelloReply(message=f"Hello #{i + 1}, {request.name}!")
+
+
+class AsyncGreeter(hello_mrpc.GreeterServicer):
+    async def SayHello(self, request, context):
+        return hello_mrpc.HelloReply(message=f"Hello, {request.name}! (async)")
+
+    async def SayHelloStream(self, request, context):
+        for i in range(request.count or 3):
+            yield hello_mrpc.HelloReply(message=f"Hello #{i + 1}, {request.name}! (async)")
+
+
+async def serve_async(address: str) -> None:
+    server = mrpcd.aio.server()
+    hello_mrpc.add_GreeterServicer_to_server(AsyncGreeter(), server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    print(f"{address.rpartition(':')[0]}:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--address", default="127.0.0.1:0")
+    p.add_argument("--cancel-log")
+    p.add_argument("--async", dest="use_async", action="store_true")
+    args = p.parse_args()
+    if args.use_async:
+        asyncio.run(serve_async(args.address))
+        return 0
+    server = mrpcd.server()
+    hello_mrpc.add_GreeterServicer_to_server(Greeter(args.cancel_log), server)
+    port = server.add_insecure_port(args.address)
+    server.start()
+    print(f"{args.address.rpartition(':')[0]}:{port}", flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

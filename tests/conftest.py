@@ -1,0 +1,166 @@
+"""Shared fixtures: real daemons and apps as processes on loopback, always cleaned up."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = Path(__file__).resolve().parent / "protos"
+
+
+class DaemonProc:
+    """One mrpcd process with its own control socket, in the foreground, logging to a file."""
+
+    def __init__(self, tmp: Path, name: str, config: str | None = None) -> None:
+        self.socket = str(tmp / f"{name}.sock")
+        self.log_path = tmp / f"{name}.log"
+        args = [sys.executable, "-m", "mrpcd.daemon.main", "--socket", self.socket, "--log-level", "debug"]
+        if config is not None:
+            cfg = tmp / f"{name}.yaml"
+            cfg.write_text(config)
+            args += ["--config", str(cfg)]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mrpcd exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.socket)
+                    break
+            except OSError:
+                time.sleep(0.02)
+        else:
+            self.stop()
+            raise RuntimeError(f"mrpcd did not start:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "MRPCD_SOCKET": self.socket}
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    made: list[DaemonProc] = []
+
+    def make(name: str = "d", config: str | None = None) -> DaemonProc:
+        d = DaemonProc(tmp_path, f"{name}{len(made)}", config)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+@pytest.fixture
+def two_daemons(daemon_factory):
+    return daemon_factory("a"), daemon_factory("b")
+
+
+@pytest.fixture(scope="session")
+def gen_dir(tmp_path_factory):
+    """Stubs generated once per run from tests/protos and examples/hello, importable."""
+    out = tmp_path_factory.mktemp("gen")
+    protos = [str(ROOT / "examples" / "hello" / "hello.proto")]
+    protos += [str(p) for p in sorted(PROTOS.glob("*.proto")) if "error" not in p.name and "bad" not in p.name]
+    for proto in protos:
+        subprocess.run([sys.executable, "-m", "mrpcd.stubgen", proto, "-I", str(Path(proto).parent), "-o", str(out)], check=True)
+    sys.path.insert(0, str(out))
+    yield out
+    sys.path.remove(str(out))
+
+
+class AppProc:
+    """A helper app (tests/apps/*.py) run as its own process against one daemon."""
+
+    def __init__(self, script: str, daemon: DaemonProc, *args: str, gen: Path | None = None) -> None:
+        env = daemon.env()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(gen) if gen else "", str(ROOT / "tests" / "apps"), env.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "apps" / script), *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def readline(self, timeout: float = 20) -> str:
+        """The next stdout line (servers print their address when ready)."""
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise TimeoutError(f"no output from app in {timeout}s; stderr: {self.stderr_now()}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"app exited ({self.proc.wait()}): {self.proc.stderr.read()}")
+        return line.strip()
+
+    def stderr_now(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read()
+
+    def wait(self, timeout: float = 60) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def app_factory():
+    made: list[AppProc] = []
+
+    def make(script: str, daemon: DaemonProc, *args: str, gen: Path | None = None) -> AppProc:
+        a = AppProc(script, daemon, *args, gen=gen)
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.stop()
+        for f in (a.proc.stdout, a.proc.stderr):
+            if f:
+                f.close()

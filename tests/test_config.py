@@ -1,0 +1,67 @@
+"""Daemon configuration: embedded default, YAML overrides, refusals that say where and why."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mrpcd.daemon.config import ConfigError, default_text, load
+
+
+def test_embedded_default_loads():
+    cfg = load()
+    assert cfg.transport == "tcp"
+    assert cfg.ring_size & (cfg.ring_size - 1) == 0
+    assert cfg.control_socket.endswith("control.sock")
+    assert "ring_size" in default_text()
+
+
+def test_file_overrides_default(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("ring_size: 65536\nlog_format: json\n")
+    cfg = load(str(p))
+    assert cfg.ring_size == 65536 and cfg.log_format == "json" and cfg.source == str(p)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("ring_size: 65536\nbogus: 1\n", ":2: unknown key 'bogus'"),
+        ("transport: tcp\nring_size: 100000\n", ":2: ring_size: must be a power of two"),
+        ("log_level: loud\n", ":1: log_level: must be one of"),
+        ("max_record: [1]\n", ":1: max_record: must be an integer"),
+        ("connect_timeout: 0\n", ":1: connect_timeout: must be a number of seconds"),
+        ("ring_size: 65536\n  - x: [\n", "not valid YAML"),
+        ("- a\n- b\n", ":1: the configuration must be a mapping"),
+    ],
+)
+def test_bad_config_refused_with_line_and_reason(tmp_path, text, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert expected in str(err.value)
+    assert str(p) in str(err.value)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "nope.yaml"))
+
+
+def test_cli_refuses_bad_config(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("ring_size: 3\n")
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert f"{p}:1: ring_size" in r.stderr
+
+
+def test_cli_check_and_print_default(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-default-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "control_socket" in r.stdout
+    p = tmp_path / "ok.yaml"
+    p.write_text(r.stdout)
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,138 @@
+"""The control socket: app registration, fd hand-off, refusals of bad requests, mrpcctl."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+import mrpcd
+from mrpcd import control_proto as cp
+from mrpcd.ctl import Control
+from mrpcd.marshal.schema import Schema
+
+
+def raw_call(path: str, payload: bytes) -> dict | None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(payload)
+        buf = cp.FrameBuffer()
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return None
+            msgs = buf.feed(data)
+            if msgs:
+                return msgs[0]
+
+
+def test_ping_and_apps_via_mrpcctl(daemon_factory):
+    d = daemon_factory()
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "ping"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and f"pid {d.pid}" in r.stdout
+    app = mrpcd.connect(d.socket, name="lister")
+    try:
+        r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "apps"], capture_output=True, text=True, timeout=30)
+        assert "lister" in r.stdout and str(os.getpid()) in r.stdout
+    finally:
+        app.close()
+
+
+def test_mrpcctl_without_daemon_is_clear(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", str(tmp_path / "none.sock"), "ping"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot reach mrpcd" in r.stderr
+
+
+def test_app_without_daemon_gets_unavailable(tmp_path):
+    with pytest.raises(mrpcd.RpcError) as err:
+        mrpcd.connect(str(tmp_path / "none.sock"))
+    assert err.value.code() is mrpcd.StatusCode.UNAVAILABLE
+    assert "is the daemon running" in err.value.details()
+
+
+def test_hello_hands_over_sealed_memfd_and_eventfds(daemon_factory):
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="fds")
+    try:
+        assert app.rings.size > 0
+        # the memfd is sealed: the app cannot shrink it under the daemon
+        with pytest.raises(OSError):
+            os.ftruncate(app.rings.fd, 4096)
+        assert os.readlink(f"/proc/self/fd/{app.rings.fd}").startswith("/memfd:")
+    finally:
+        app.close()
+
+
+def test_bad_requests_get_errors_and_daemon_keeps_serving(daemon_factory):
+    d = daemon_factory()
+    # unknown op: error reply, connection still usable
+    ctl = Control(d.socket)
+    with pytest.raises(cp.ControlError, match="unknown control op"):
+        ctl.call("frobnicate")
+    assert ctl.call("ping")["pid"] == d.pid
+    # app ops before hello
+    with pytest.raises(cp.ControlError, match="say hello first"):
+        ctl.call("connect", target="127.0.0.1:1")
+    # a frame announcing 1 GiB: refused, connection closed
+    reply = raw_call(d.socket, struct.pack("<I", 1 << 30))
+    assert reply is not None and not reply["ok"] and "exceeds" in reply["error"]
+    # msgpack garbage
+    reply = raw_call(d.socket, struct.pack("<I", 3) + b"\xc1\xc1\xc1")
+    assert reply is not None and not reply["ok"] and "malformed" in reply["error"]
+    # not a map
+    body = msgpack.packb([1, 2])
+    reply = raw_call(d.socket, struct.pack("<I", len(body)) + body)
+    assert reply is not None and "must be a map" in reply["error"]
+    assert d.alive()
+    assert Control(d.socket).call("ping")["pid"] == d.pid
+
+
+@pytest.mark.parametrize(
+    "schema, fragment",
+    [
+        ("not a schema", "schema must be a mapping"),
+        ({"messages": [["a.B", [["x", 1, ["message", "a.Missing"], "single", None, None]]]]}, "undefined message a.Missing"),
+        ({"messages": [["a.B", [["x", 1, ["int99", None], "single", None, None]]]]}, "unknown type kind"),
+        ({"messages": [["a.B", [["x", -1, ["int32", None], "single", None, None]]]]}, "bad field number"),
+        ({"messages": [["bad name", []]]}, "invalid message name"),
+        ({"services": [["a.S", [["M", "a.In", "a.Out", False, False]]]]}, "undefined message a.In"),
+    ],
+)
+def test_bad_schema_is_refused_clearly(daemon_factory, schema, fragment):
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket)
+    try:
+        with pytest.raises(mrpcd.RpcError) as err:
+            app.call("schema", schema=schema)
+        assert fragment in err.value.details()
+        # the session survives a refused request
+        assert app.call("schema", schema=Schema().to_dict())["fingerprints"] == {}
+    finally:
+        app.close()
+
+
+def test_bind_and_connect_errors_are_clear(daemon_factory):
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket)
+    try:
+        with pytest.raises(mrpcd.RpcError, match="register its schema first"):
+            app.call("bind", address="127.0.0.1:0", services=["no.Such"])
+        with pytest.raises(mrpcd.RpcError, match="must be host:port"):
+            app.call("bind", address="nonsense", services=[])
+        with pytest.raises(mrpcd.RpcError) as err:
+            app.call("connect", target="127.0.0.1:1")
+        assert err.value.code() is mrpcd.StatusCode.UNAVAILABLE
+    finally:
+        app.close()
+
+
+def test_second_daemon_on_same_socket_refuses(daemon_factory, tmp_path):
+    d = daemon_factory()
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", d.socket], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "already serving" in r.stderr
+    assert d.alive()
