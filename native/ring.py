@@ -382,8 +382,13 @@ class RingPair:
 
     @classmethod
     def attach(cls, fd: int, size: int) -> "RingPair":
-        """App side (or a restarted daemon): map rings that already exist. Takes the fd."""
-        return cls(fd, size, init=False)
+        """App side (or a restarted daemon): map rings that already exist. Takes the fd
+        (closed here too if the rings are refused)."""
+        try:
+            return cls(fd, size, init=False)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close(self) -> None:
         if self.fd < 0:
