@@ -1,0 +1,1 @@
+"""Schema model, codecs, record framing: everything about bytes, nothing about I/O."""
