@@ -230,6 +230,13 @@ def _check_name(name: Any, pattern: re.Pattern, what: str) -> str:
     return name
 
 
+def _enum_number(value: Any, where: str) -> int:
+    lo, hi = INT_RANGES["int32"]
+    if type(value) is not int or not lo <= value <= hi:
+        raise SchemaError(f"{where}: enum value number must be an int32, got {value!r}")
+    return value
+
+
 def _schema_from_dict(data: Any) -> Schema:
     if not isinstance(data, dict):
         raise SchemaError("schema must be a mapping")
@@ -239,7 +246,7 @@ def _schema_from_dict(data: Any) -> Schema:
         raise SchemaError("schema has too many definitions")
     for name, values in enums:
         _check_name(name, _FULL_NAME, "enum")
-        vals = tuple((_check_name(v[0], _NAME, "enum value"), int(v[1])) for v in values)
+        vals = tuple((_check_name(v[0], _NAME, "enum value"), _enum_number(v[1], name)) for v in values)
         schema.enums[name] = Enum(name, vals)
     for name, fields in messages:
         _check_name(name, _FULL_NAME, "message")
@@ -258,6 +265,8 @@ def _schema_from_dict(data: Any) -> Schema:
                 raise SchemaError(f"{where}: map key must be an integer, bool or string")
             if oneof is not None:
                 _check_name(oneof, _NAME, "oneof")
+                if label in ("repeated", "map"):
+                    raise SchemaError(f"{where}: a oneof member cannot be {label}")
             out.append(Field(fname, number, _typeref(ftype, where), label, keyref, oneof))
         if len({f.name for f in out}) != len(out) or len({f.number for f in out}) != len(out):
             raise SchemaError(f"{name}: duplicate field name or number")
