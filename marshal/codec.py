@@ -17,6 +17,7 @@ received from an app cannot inject code.
 """
 from __future__ import annotations
 
+import functools
 import keyword
 import threading
 import weakref
@@ -668,21 +669,34 @@ def _plain_gen(schema: Schema) -> _Gen:
     if entry is not None and entry[0]() is schema:
         return entry[1]
     with _plain_lock:
-        gen = _Gen(schema, "plain")
+        # The generator refers to the schema weakly, so a schema the daemon drops (an app
+        # went away) frees its compiled codecs too.
+        gen = _Gen(weakref.proxy(schema), "plain")  # type: ignore[arg-type]
         gen.readers = {}  # type: ignore[attr-defined]
-        ref = weakref.ref(schema, lambda _r, key=key: _plain_cache.pop(key, None))
+        gen.fns = {}  # type: ignore[attr-defined]
+        ref = weakref.ref(schema, functools.partial(_forget, key))
         _plain_cache[key] = (ref, gen)
         return gen
 
 
+def _forget(key: int, ref: Any) -> None:
+    cache = _plain_cache
+    if cache is not None:  # None during interpreter shutdown
+        entry = cache.get(key)
+        if entry is not None and entry[0] is ref:
+            del cache[key]
+
+
 def _plain_fn(schema: Schema, message: str, prefix: str) -> Any:
     gen = _plain_gen(schema)
-    if message not in gen.done:
+    fn = gen.fns.get((prefix, message))  # type: ignore[attr-defined]
+    if fn is None:
         if message not in schema.messages:
             raise SchemaError(f"unknown message {message}")
         with _plain_lock:
             gen.compile([message])
-    return gen.ns[f"{prefix}{gen.index[message]}"]
+            fn = gen.fns[(prefix, message)] = gen.ns[f"{prefix}{gen.index[message]}"]  # type: ignore[attr-defined]
+    return fn
 
 
 def decode_plain(schema: Schema, message: str, data: bytes) -> dict:
