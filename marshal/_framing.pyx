@@ -215,20 +215,21 @@ cdef uint64_t _check_header(const uint8_t* p, uint64_t max_record) except? 0:
     return total
 
 
-cdef Record _make(const uint8_t* p):
-    """Build a Record from a header already validated and fully present in memory."""
+cdef Record _make(const uint8_t* hdr, const uint8_t* body):
+    """Build a Record from a validated header snapshot `hdr` whose meta and payload are
+    fully present at `body` (the lengths are taken from the snapshot only)."""
     cdef Record r = Record.__new__(Record)
-    cdef uint32_t meta_len = _ld32(p + 32)
-    cdef uint32_t payload_len = _ld32(p + 36)
-    r.kind = p[0]
-    r.flags = p[1]
-    r.status = _ld16(p + 2)
-    r.handle = _ld32(p + 4)
-    r.call_id = _ld64(p + 8)
-    r.method_id = _ld32(p + 16)
-    r.deadline = _ld64(p + 24)
-    r.meta = PyBytes_FromStringAndSize(<const char*>p + _HEADER_SIZE, meta_len)
-    r.payload = PyBytes_FromStringAndSize(<const char*>p + _HEADER_SIZE + meta_len, payload_len)
+    cdef uint32_t meta_len = _ld32(hdr + 32)
+    cdef uint32_t payload_len = _ld32(hdr + 36)
+    r.kind = hdr[0]
+    r.flags = hdr[1]
+    r.status = _ld16(hdr + 2)
+    r.handle = _ld32(hdr + 4)
+    r.call_id = _ld64(hdr + 8)
+    r.method_id = _ld32(hdr + 16)
+    r.deadline = _ld64(hdr + 24)
+    r.meta = PyBytes_FromStringAndSize(<const char*>body, meta_len)
+    r.payload = PyBytes_FromStringAndSize(<const char*>body + meta_len, payload_len)
     return r
 
 
@@ -245,7 +246,6 @@ cdef Record _parse(const uint8_t* p, Py_ssize_t n, uint64_t max_record):
     cdef uint8_t hdr[_HEADER_SIZE]
     cdef uint64_t total
     cdef uint32_t meta_len, payload_len
-    cdef Record r
     if n < _HEADER_SIZE:
         raise RecordError(f"record truncated: {n} bytes, header needs {_HEADER_SIZE}")
     # One snapshot of the header: the buffer may be shared memory another process writes.
@@ -262,17 +262,7 @@ cdef Record _parse(const uint8_t* p, Py_ssize_t n, uint64_t max_record):
     if total != <uint64_t>n:
         raise RecordError(f"record is {total} bytes but the buffer holds {n} "
                           f"({n - <Py_ssize_t>total} trailing bytes)")
-    r = Record.__new__(Record)
-    r.kind = hdr[0]
-    r.flags = hdr[1]
-    r.status = _ld16(hdr + 2)
-    r.handle = _ld32(hdr + 4)
-    r.call_id = _ld64(hdr + 8)
-    r.method_id = _ld32(hdr + 16)
-    r.deadline = _ld64(hdr + 24)
-    r.meta = PyBytes_FromStringAndSize(<const char*>p + _HEADER_SIZE, meta_len)
-    r.payload = PyBytes_FromStringAndSize(<const char*>p + _HEADER_SIZE + meta_len, payload_len)
-    return r
+    return _make(hdr, p + _HEADER_SIZE)
 
 
 def parse_record(buf, max_record=DEFAULT_MAX_RECORD):
@@ -340,6 +330,7 @@ cdef class FrameDecoder:
         cdef Py_ssize_t pos = 0, have, take
         cdef uint64_t total = 0
         cdef const uint8_t* bp
+        cdef uint8_t hdr[_HEADER_SIZE]
         have = len(self._buf)
         if have:
             # Complete the pending partial record first.
@@ -363,15 +354,16 @@ cdef class FrameDecoder:
             if <uint64_t>have < self._need:
                 return 0
             bp = <const uint8_t*>(<char*>self._buf)
-            out.append(_make(bp))
+            out.append(_make(bp, bp + _HEADER_SIZE))
             self._buf = bytearray()
             self._need = 0
         # Whole records straight from the caller's buffer.
         while n - pos >= _HEADER_SIZE:
-            total = _check_header(p + pos, self._max_record)
+            memcpy(hdr, p + pos, _HEADER_SIZE)  # one snapshot: lengths are read once
+            total = _check_header(hdr, self._max_record)
             if total > <uint64_t>(n - pos):
                 break
-            out.append(_make(p + pos))
+            out.append(_make(hdr, p + pos + _HEADER_SIZE))
             pos += <Py_ssize_t>total
         if pos < n:
             # Keep the one partial record (its header, if complete, is already checked).
