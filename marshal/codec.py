@@ -26,7 +26,6 @@ from typing import Any
 import msgpack
 
 from . import _framing
-from .message import Message
 from .schema import INT_RANGES, Field, Schema, SchemaError
 
 __all__ = ["DecodeError", "EncodeError", "MAX_DEPTH", "bind", "decode_plain", "encode_plain", "read_field"]
