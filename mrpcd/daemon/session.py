@@ -86,6 +86,7 @@ class AppSession:
         self.closed = False
         self._pump_scheduled = False
         self.loop.add_reader(self.daemon_waker.fileno(), self._on_wake)
+        self._schedule_pump()  # ends in prepare_sleep(): raises the flag that makes the app signal us
 
     # -- the app's rings ------------------------------------------------------------
     def handoff_fds(self) -> list[int]:
