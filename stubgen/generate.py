@@ -1,0 +1,474 @@
+"""Emit `<name>_mrpc.py` and `<name>_mrpc.pyi` for one parsed .proto file.
+
+The module's shape is fixed by docs/INTERNALS.md ("Generated module"): SCHEMA, enums as
+enum.IntEnum, messages as `mrpcd.marshal.message.Message` subclasses with `__slots__` and a
+keyword-only `__init__`, `_codec.bind(...)`, then per service `XStub`, `XServicer` and
+`add_XServicer_to_server`.
+
+Python names (the schema always keeps the .proto names):
+  * a field whose name is a Python keyword (`from`) keeps its slot under the .proto name
+    (the codec reads it with getattr) and gets a property with a trailing underscore
+    (`from_`, or `from__` if `from_` is itself a field); `__init__` takes `from_=`;
+  * type, enum value and method names that are keywords get a trailing underscore too;
+  * types of imported files share the module's namespace: they keep their short name
+    unless that is taken (by the file's own types, the generated names, or another
+    import), then they are named after their full name (`google_protobuf_Empty`);
+  * a nested type whose name is taken in its class (by a field) gets trailing underscores.
+Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
+_fields) or starting with "__" cannot be generated and are reported as errors.
+"""
+from __future__ import annotations
+
+import keyword
+import os
+import re
+
+from mrpcd.marshal.schema import Field, Message, Schema, Service
+
+from .parse import ProtoModule, StubgenError
+
+__all__ = ["generate", "module_name"]
+
+_INT_KINDS = frozenset({"int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32", "fixed64", "sfixed32", "sfixed64"})
+_PY_SCALAR = {"double": "float", "float": "float", "bool": "bool", "string": "str", "bytes": "bytes"}
+_DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "bytes": 'b""'}
+# names that generated code itself uses at module level
+_MODULE_RESERVED = {
+    "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema",
+    "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata",
+}
+# attributes of the Message base class that a field slot must not replace
+_MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields"}
+_LINE = 100
+
+
+def module_name(proto_path: str) -> str:
+    """`dir/hello.proto` -> `hello_mrpc` (characters invalid in a module name become `_`)."""
+    base = os.path.basename(proto_path)
+    if base.endswith(".proto"):
+        base = base[: -len(".proto")]
+    base = re.sub(r"\W", "_", base)
+    if not base or base[0].isdigit():
+        base = "_" + base
+    return base + "_mrpc"
+
+
+def _safe(name: str) -> str:
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+class _Names:
+    """Python names for the types, fields, enum values and methods of one module."""
+
+    def __init__(self, mod: ProtoModule) -> None:
+        self.mod = mod
+        schema = mod.schema
+        self.children: dict[str | None, list[str]] = {}
+        for name in list(schema.enums) + list(schema.messages):
+            self.children.setdefault(mod.parents.get(name), []).append(name)
+        self.local: dict[str, str] = {}  # full type name -> its class name
+        self.qual: dict[str, str] = {}  # full type name -> dotted Python path in the module
+        self.attrs: dict[str, dict[str, str]] = {}  # message -> field name -> attribute
+        self.aliases: dict[str, dict[str, str]] = {}  # message -> field -> property (keywords only)
+        self.members: dict[str, list[tuple[str, int]]] = {}  # enum -> [(python name, value)]
+        self.methods: dict[str, dict[str, str]] = {}  # service -> method -> attribute
+
+        for name, msg in schema.messages.items():
+            self._fields(msg)
+        for name, en in schema.enums.items():
+            self._enum_members(name, en.values)
+        for svc in schema.services.values():
+            self.methods[svc.full_name] = {m.name: _safe(m.name) for m in svc.methods}
+
+        taken = set(_MODULE_RESERVED)
+        for svc in mod.services:
+            short = svc.rsplit(".", 1)[-1]
+            taken |= {f"{short}Stub", f"{short}Servicer", f"add_{short}Servicer_to_server"}
+        self.service_short = {svc: svc.rsplit(".", 1)[-1] for svc in mod.services}
+        top = self.children.get(None, [])
+        own = [n for n in top if mod.files.get(n) == mod.proto]
+        other = [n for n in top if mod.files.get(n) != mod.proto]
+        for full in own + other:
+            cand = _safe(full.rsplit(".", 1)[-1])
+            if cand in taken:
+                cand = re.sub(r"\W", "_", full.replace(".", "_"))
+            while cand in taken or keyword.iskeyword(cand):
+                cand += "_"
+            taken.add(cand)
+            self._place(full, cand, cand)
+
+    def _place(self, full: str, local: str, qual: str) -> None:
+        self.local[full] = local
+        self.qual[full] = qual
+        if full in self.mod.schema.messages:
+            taken = set(self.attrs[full].values()) | set(self.aliases[full].values()) | set(self.attrs[full])
+            taken |= _MESSAGE_METHODS | {"__init__", "__slots__"}
+            for child in self.children.get(full, []):
+                cand = _safe(child.rsplit(".", 1)[-1])
+                while cand in taken:
+                    cand += "_"
+                taken.add(cand)
+                self._place(child, cand, f"{qual}.{cand}")
+
+    def _fields(self, msg: Message) -> None:
+        names = {f.name for f in msg.fields}
+        attrs, aliases = {}, {}
+        for f in msg.fields:
+            where = f"{self.mod.proto}: field {msg.full_name}.{f.name}"
+            if f.name in _MESSAGE_METHODS or f.name.startswith("__"):
+                raise StubgenError(f"{where}: the name clashes with a method of generated messages; rename the field")
+            if keyword.iskeyword(f.name):
+                alias = f.name + "_"
+                while alias in names or alias in aliases.values():
+                    alias += "_"
+                aliases[f.name] = alias
+                attrs[f.name] = alias
+            else:
+                attrs[f.name] = f.name
+        self.attrs[msg.full_name] = attrs
+        self.aliases[msg.full_name] = aliases
+
+    def _enum_members(self, name: str, values) -> None:
+        out, used = [], set()
+        for vname, number in values:
+            if vname.startswith("_") and (vname.endswith("_") or vname.startswith("__")):
+                raise StubgenError(f"{self.mod.proto}: enum value {name}.{vname}: names like _x_ and __x are reserved by Python's enum")
+            cand = _safe(vname)
+            while cand in used:
+                cand += "_"
+            used.add(cand)
+            out.append((cand, number))
+        self.members[name] = out
+
+    def zero_member(self, enum: str) -> str | None:
+        for member, number in self.members[enum]:
+            if number == 0:
+                return member
+        return None
+
+
+class _Emitter:
+    def __init__(self, mod: ProtoModule) -> None:
+        self.mod = mod
+        self.schema: Schema = mod.schema
+        self.n = _Names(mod)
+        self.pyi_aliases: dict[str, str] = {}  # top-level python name -> alias used where shadowed
+
+    # -- types -------------------------------------------------------------------------------
+    def value_type(self, kind: str, ref: str | None, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+        if kind in _INT_KINDS:
+            return "int"
+        if kind in _PY_SCALAR:
+            return _PY_SCALAR[kind]
+        qual = self.n.qual[ref]
+        head, _, rest = qual.partition(".")
+        if pyi and head in shadow:
+            alias = self.pyi_aliases.setdefault(head, f"_mrpc_{head}")
+            return alias + ("." + rest if rest else "")
+        return qual
+
+    def attr_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+        t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
+        if f.label == "repeated":
+            return f"list[{t}]"
+        if f.label == "map":
+            return f"dict[{self.value_type(f.key.kind, None)}, {t}]"
+        return f"{t} | None" if f.nullable else t
+
+    def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+        t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
+        if f.label in ("repeated", "map"):
+            return self.attr_type(f, shadow, pyi) + " | None"
+        if f.type.kind == "enum":
+            t += " | int"
+        return f"{t} | None" if f.nullable else t
+
+    # -- .py -----------------------------------------------------------------------------------
+    def py(self) -> str:
+        mod, n = self.mod, self.n
+        out = [
+            f"# Generated by mrpcd-stubgen from {mod.proto}. DO NOT EDIT.",
+            f'"""mrpcd messages and services of {mod.proto}'
+            + (f" (package {mod.package})" if mod.package else "") + '."""',
+            "from __future__ import annotations",
+            "",
+            "import enum",
+            "",
+            "import mrpcd",
+            "from mrpcd.marshal import codec as _codec",
+            "from mrpcd.marshal.message import Message as _Message",
+            "from mrpcd.marshal.schema import Schema as _Schema",
+            "",
+        ] + _schema_literal(self.schema)
+        top = n.children.get(None, [])
+        for full in [t for t in top if t in self.schema.enums] + [t for t in top if t in self.schema.messages]:
+            out += ["", ""] + self.py_type(full, 0)
+        out += ["", ""]
+        classes = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.messages], 4)
+        enums = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.enums], 4)
+        out += _wrap_call("_codec.bind(", ["SCHEMA", classes, enums], ")")
+        for svc in mod.services:
+            out += ["", ""] + self.py_service(self.schema.services[svc])
+        return "\n".join(out) + "\n"
+
+    def py_type(self, full: str, depth: int) -> list[str]:
+        n = self.n
+        name = n.local[full]
+        if full in self.schema.enums:
+            lines = [f"class {name}(enum.IntEnum):"]
+            lines += [f"    {member} = {number}" for member, number in n.members[full]]
+            return _indent_lines(lines, depth)
+        msg = self.schema.messages[full]
+        lines = [f"class {name}(_Message):"]
+        slots = f"    __slots__ = {_tuple_literal([f.name for f in msg.fields])}"
+        if len(slots) + 4 * depth <= _LINE:
+            lines.append(slots)
+        else:
+            lines += ["    __slots__ = ("] + [f"        {f.name!r}," for f in msg.fields] + ["    )"]
+        children = n.children.get(full, [])
+        for child in [c for c in children if c in self.schema.enums] + [c for c in children if c in self.schema.messages]:
+            lines += [""] + self.py_type(child, 1)
+        local_names = {n.local[c] for c in children} | set(n.aliases[full].values())
+        for fname, alias in n.aliases[full].items():
+            lines += ["", f"    {alias} = property(",
+                      f"        lambda self: getattr(self, {fname!r}),",
+                      f"        lambda self, value: setattr(self, {fname!r}, value),",
+                      f"        doc=\"The field `{fname}` (a Python keyword).\",",
+                      "    )"]
+        lines += [""] + _indent_lines(self.py_init(msg, local_names), 1)
+        return _indent_lines(lines, depth)
+
+    def py_init(self, msg: Message, class_names: set[str]) -> list[str]:
+        n = self.n
+        attrs = n.attrs[msg.full_name]
+        me = "self" if "self" not in attrs.values() else "_self_"
+        params, body = [], []
+        for f in msg.fields:
+            p = attrs[f.name]
+            ptype = self.param_type(f)
+            if f.label == "repeated" or f.label == "map":
+                default, value = "None", f"({'[]' if f.label == 'repeated' else '{}'} if {p} is None else {p})"
+            elif f.nullable:
+                default, value = "None", p
+            elif f.type.kind == "enum":
+                member = n.zero_member(f.type.ref)
+                qual = n.qual[f.type.ref]
+                head = qual.split(".")[0]
+                if member is None:
+                    default, value = "0", p
+                elif "." not in qual and head not in class_names:
+                    default, value = f"{qual}.{member}", p  # top-level enums are defined first
+                elif n.mod.parents.get(f.type.ref) == msg.full_name:
+                    default, value = f"{n.local[f.type.ref]}.{member}", p  # own nested enum: in class scope
+                else:  # defined later or shadowed here: resolve when called
+                    ptype += " | None"
+                    default, value = "None", f"({qual}.{member} if {p} is None else {p})"
+            else:
+                default, value = _DEFAULTS.get(f.type.kind, "0"), p
+            params.append(f"{p}: {ptype} = {default}")
+            if f.name in n.aliases[msg.full_name]:
+                body.append(f"setattr({me}, {f.name!r}, {value})")
+            else:
+                body.append(f"{me}.{f.name} = {value}")
+        head = _signature(f"def __init__({me}", params, ") -> None:")
+        return head + ["    " + b for b in body or ["pass"]]
+
+    def py_service(self, svc: Service) -> list[str]:
+        n = self.n
+        short = n.service_short[svc.full_name]
+        q = n.qual
+        out = [f"class {short}Stub:",
+               f'    """Client stub of {svc.full_name}: sync with mrpcd.insecure_channel, asyncio with mrpcd.aio."""',
+               "",
+               "    def __init__(self, channel):"]
+        for m in svc.methods:
+            out += ["        " + line for line in _wrap_call(
+                f"self.{n.methods[svc.full_name][m.name]} = channel.{m.kind}(",
+                [repr(m.path), f"request_type={q[m.input]}", f"response_type={q[m.output]}"], ")", _LINE - 8)]
+        if not svc.methods:
+            out.append("        pass")
+        out += ["", "", f"class {short}Servicer:", f'    """Server side of {svc.full_name}: subclass and override the methods."""']
+        for m in svc.methods:
+            arg = "request_iterator" if m.client_streaming else "request"
+            out += ["", f"    def {n.methods[svc.full_name][m.name]}(self, {arg}, context):",
+                    "        context.set_code(mrpcd.StatusCode.UNIMPLEMENTED)",
+                    '        context.set_details("Method not implemented!")',
+                    '        raise NotImplementedError("Method not implemented!")']
+        out += ["", "", f"def add_{short}Servicer_to_server(servicer, server):", "    rpc_method_handlers = {"]
+        for m in svc.methods:
+            out += ["        " + line for line in _wrap_call(
+                f"{m.name!r}: mrpcd.{m.kind}_rpc_method_handler(",
+                [f"servicer.{n.methods[svc.full_name][m.name]}", f"request_type={q[m.input]}", f"response_type={q[m.output]}"],
+                "),", _LINE - 8)]
+        out += ["    }"]
+        out += ["    " + line for line in _wrap_call(
+            "generic_handler = mrpcd.method_handlers_generic_handler(",
+            [repr(svc.full_name), "rpc_method_handlers", "schema=SCHEMA"], ")", _LINE - 4)]
+        out += ["    server.add_generic_rpc_handlers((generic_handler,))"]
+        return out
+
+    # -- .pyi ----------------------------------------------------------------------------------
+    def pyi(self) -> str:
+        mod, n = self.mod, self.n
+        body: list[str] = []
+        top = n.children.get(None, [])
+        for full in [t for t in top if t in self.schema.enums] + [t for t in top if t in self.schema.messages]:
+            body += ["", ""] + self.pyi_type(full, 0)
+        for svc in mod.services:
+            body += ["", ""] + self.pyi_service(self.schema.services[svc])
+        out = [
+            f"# Generated by mrpcd-stubgen from {mod.proto}. DO NOT EDIT.",
+            "import enum",
+            "from collections.abc import Iterable as _Iterable, Iterator as _Iterator, Sequence as _Sequence",
+            "from typing import Any as _Any",
+            "from typing import TypeAlias as _TypeAlias",
+            "",
+            "import mrpcd",
+            "import mrpcd.aio",
+            "from mrpcd.marshal.message import Message as _Message",
+            "from mrpcd.marshal.schema import Schema as _Schema",
+            "",
+            "_Metadata: _TypeAlias = _Sequence[tuple[str, str | bytes]]",
+            "",
+            "SCHEMA: _Schema",
+        ] + body
+        if self.pyi_aliases:
+            out += ["", "# module-level types under names no class scope shadows"]
+            out += [f"{alias} = {head}" for head, alias in sorted(self.pyi_aliases.items())]
+        return "\n".join(out) + "\n"
+
+    def pyi_type(self, full: str, depth: int) -> list[str]:
+        n = self.n
+        name = n.local[full]
+        if full in self.schema.enums:
+            lines = [f"class {name}(enum.IntEnum):"]
+            lines += [f"    {member} = {number}" for member, number in n.members[full]]
+            return _indent_lines(lines, depth)
+        msg = self.schema.messages[full]
+        attrs = n.attrs[full]
+        children = n.children.get(full, [])
+        # names a class body binds: annotations in it would resolve to these first
+        shadow = {n.local[c] for c in children} | set(attrs.values()) | {"SerializeToString", "FromString"}
+        lines = [f"class {name}(_Message):"]
+        for child in [c for c in children if c in self.schema.enums] + [c for c in children if c in self.schema.messages]:
+            lines += self.pyi_type(child, 1)
+        for f in msg.fields:
+            lines.append(f"    {attrs[f.name]}: {self.attr_type(f, shadow, True)}")
+        params = [f"{attrs[f.name]}: {self.param_type(f, shadow, True)} = ..." for f in msg.fields]
+        me = "self" if "self" not in attrs.values() else "_self_"
+        lines += ["    " + s for s in _signature(f"def __init__({me}", params, ") -> None: ...")]
+        lines += [f"    def SerializeToString({me}) -> bytes: ...",
+                  "    @classmethod",
+                  f"    def FromString(cls, data: bytes) -> {self.value_type('message', full, shadow, True)}: ..."]
+        return _indent_lines(lines, depth)
+
+    def pyi_service(self, svc: Service) -> list[str]:
+        n = self.n
+        short = n.service_short[svc.full_name]
+        names = n.methods[svc.full_name]
+        shadow = set(names.values())
+
+        def t(ref: str) -> str:
+            return self.value_type("message", ref, shadow, True)
+
+        out = [f"class {short}Stub:", "    def __init__(self, channel: _Any) -> None: ..."]
+        for m in svc.methods:
+            req = f"request_iterator: _Iterable[{t(m.input)}]" if m.client_streaming else f"request: {t(m.input)}"
+            resp = f"_Iterator[{t(m.output)}]" if m.server_streaming else t(m.output)
+            out += ["    " + s for s in _signature(
+                f"def {names[m.name]}(self", [req, "timeout: float | None = ...", "metadata: _Metadata | None = ..."],
+                f") -> {resp}: ...")]
+        out += ["", "", f"class {short}Servicer:"]
+        for m in svc.methods:
+            req = f"request_iterator: _Iterator[{t(m.input)}]" if m.client_streaming else f"request: {t(m.input)}"
+            resp = f"_Iterator[{t(m.output)}]" if m.server_streaming else t(m.output)
+            out += ["    " + s for s in _signature(
+                f"def {names[m.name]}(self", [req, "context: mrpcd.ServicerContext"], f") -> {resp}: ...")]
+        if not svc.methods:
+            out.append("    ...")
+        out += ["", "", f"def add_{short}Servicer_to_server(servicer: {short}Servicer, server: mrpcd.Server | mrpcd.aio.Server) -> None: ..."]
+        return out
+
+
+# -- formatting helpers -------------------------------------------------------------------------
+
+
+def _indent_lines(lines: list[str], levels: int) -> list[str]:
+    return [("    " * levels + line) if line else line for line in lines]
+
+
+def _tuple_literal(names: list[str]) -> str:
+    if not names:
+        return "()"
+    if len(names) == 1:
+        return f"({names[0]!r},)"
+    return "(" + ", ".join(repr(x) for x in names) + ")"
+
+
+def _signature(head: str, params: list[str], tail: str) -> list[str]:
+    """`def f(self, *, a, b) -> None:` on one line if it fits, else one parameter a line.
+
+    `head` is "def name(receiver"; an `__init__` gets keyword-only parameters.
+    """
+    kwonly = head.startswith("def __init__(")
+    allp = (["*"] if kwonly and params else []) + params
+    one = head + "".join(", " + p for p in allp) + tail
+    if len(one) <= _LINE - 8:
+        return [one]
+    name, _, receiver = head.partition("(")
+    return [name + "("] + [f"    {p}," for p in [receiver] + allp] + [tail.lstrip()]
+
+
+def _wrap_call(head: str, args: list[str], tail: str, width: int = _LINE) -> list[str]:
+    one = head + ", ".join(args) + tail
+    if len(one) <= width:
+        return [one]
+    return [head] + [f"    {a}," for a in args] + [tail]
+
+
+def _dict_arg(items: list[tuple[str, str]], indent: int) -> str:
+    """A dict literal, one item a line when it does not fit on one."""
+    one = "{" + ", ".join(f"{k}: {v}" for k, v in items) + "}"
+    if len(one) + indent <= _LINE or not items:
+        return one
+    pad = " " * (indent + 4)
+    return "{\n" + "".join(f"{pad}{k}: {v},\n" for k, v in items) + " " * indent + "}"
+
+
+def _schema_literal(schema: Schema) -> list[str]:
+    """`SCHEMA = _Schema.from_dict({...})`: to_dict() laid out one field / method a line."""
+    d = schema.to_dict()
+    out = ["SCHEMA = _Schema.from_dict({"]
+    out.append('    "messages": [')
+    for name, fields in d["messages"]:
+        if not fields:
+            out.append(f"        [{name!r}, []],")
+            continue
+        out.append(f"        [{name!r}, [")
+        out += [f"            {f!r}," for f in fields]
+        out.append("        ]],")
+    out.append("    ],")
+    out.append('    "enums": [')
+    for name, values in d["enums"]:
+        one = f"        [{name!r}, {values!r}],"
+        if len(one) <= _LINE:
+            out.append(one)
+        else:
+            out.append(f"        [{name!r}, [")
+            out += [f"            {v!r}," for v in values]
+            out.append("        ]],")
+    out.append("    ],")
+    out.append('    "services": [')
+    for name, methods in d["services"]:
+        out.append(f"        [{name!r}, [")
+        out += [f"            {m!r}," for m in methods]
+        out.append("        ]],")
+    out.append("    ],")
+    out.append("})")
+    return out
+
+
+def generate(mod: ProtoModule) -> tuple[str, str]:
+    """(source of <name>_mrpc.py, source of <name>_mrpc.pyi) for one parsed file."""
+    em = _Emitter(mod)
+    return em.py(), em.pyi()

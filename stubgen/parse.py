@@ -1,0 +1,349 @@
+"""Parse .proto files with protoc (from grpcio-tools) into mrpcd schemas.
+
+protoc does all the parsing and type resolution; we read the FileDescriptorSet it writes
+(`--descriptor_set_out --include_imports`) and turn it into a `mrpcd.marshal.schema.Schema`
+per input file, plus the little extra the generator needs (which types are nested in which,
+which file declared what).
+
+What goes into the schema of one input ("main") file: every message and enum it declares,
+its services, and every type those reach through fields or method signatures, whatever
+file declares it (imports, including google/protobuf well-known types), plus the enclosing
+messages of reached nested types and everything in files it imports with `import public`.
+Generated modules are self-contained.
+
+Mapping of descriptors to the schema:
+  * repeated field of a map-entry message  -> label "map" (key, value); the entry type is
+    not a message of the schema;
+  * repeated                               -> "repeated";
+  * proto3 `optional` (synthetic oneof)    -> "optional" (the synthetic oneof is dropped);
+  * proto2 `optional`                      -> "optional"; proto2 `required` -> "single";
+  * member of a real oneof                 -> "single" with oneof=<oneof name>;
+  * everything else                        -> "single".
+Field names stay the .proto names, also when they are Python keywords (`from`); the
+generator gives such fields a safe Python attribute (`from_`).
+
+Not supported (clear error naming the construct): proto2 groups, extensions declared in an
+input file, proto2 explicit default values, editions syntax.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+from mrpcd.marshal.schema import Enum, Field, Message, Method, Schema, SchemaError, Service, TypeRef
+
+__all__ = ["StubgenError", "ProtoModule", "run_protoc", "parse", "build_modules", "well_known_include"]
+
+
+class StubgenError(Exception):
+    """A user-facing error: bad input, protoc failure, unsupported proto feature."""
+
+
+@dataclass
+class ProtoModule:
+    """Everything the generator needs for one input file."""
+
+    proto: str  # the file's name as protoc knows it (relative to its -I dir)
+    path: str  # the path given on the command line
+    package: str
+    schema: Schema
+    services: list[str]  # full names of the services declared in this file, in order
+    # full type name -> full name of the enclosing message, or None for top-level types
+    parents: dict[str, str | None] = field(default_factory=dict)
+    # full type name -> .proto file declaring it
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# FieldDescriptorProto.Type numbers -> schema kinds
+_KINDS = {
+    1: "double", 2: "float", 3: "int64", 4: "uint64", 5: "int32", 6: "fixed64", 7: "fixed32",
+    8: "bool", 9: "string", 12: "bytes", 13: "uint32", 15: "sfixed32", 16: "sfixed64",
+    17: "sint32", 18: "sint64",
+}
+_TYPE_GROUP, _TYPE_MESSAGE, _TYPE_ENUM = 10, 11, 14
+_LABEL_OPTIONAL, _LABEL_REQUIRED, _LABEL_REPEATED = 1, 2, 3
+
+
+def well_known_include() -> str:
+    """grpcio-tools' bundled include dir (google/protobuf/*.proto)."""
+    import grpc_tools
+
+    return os.path.join(os.path.dirname(os.path.abspath(grpc_tools.__file__)), "_proto")
+
+
+def _virtual_name(path: str, includes: list[str]) -> str | None:
+    """The name protoc gives an input file: its path relative to the first -I dir holding it."""
+    real = os.path.realpath(path)
+    for inc in includes:
+        base = os.path.realpath(inc)
+        rel = os.path.relpath(real, base)
+        if not rel.startswith(os.pardir + os.sep) and rel != os.pardir and not os.path.isabs(rel):
+            return rel.replace(os.sep, "/")
+    return None
+
+
+def run_protoc(protos: list[str], includes: list[str] | None = None):
+    """Run protoc on `protos`; returns (FileDescriptorSet, [protoc names of the inputs]).
+
+    Raises StubgenError with protoc's own messages (file:line:column: text) on failure.
+    """
+    try:
+        from google.protobuf import descriptor_pb2
+        from grpc_tools import protoc
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise StubgenError(f"grpcio-tools is needed to parse .proto files ({exc}); pip install grpcio-tools") from None
+
+    includes = list(includes or [])
+    for inc in includes:
+        if not os.path.isdir(inc):
+            raise StubgenError(f"include directory {inc}: not a directory")
+    for p in protos:
+        if not os.path.exists(p):
+            raise StubgenError(f"{p}: no such file")
+        if not os.path.isfile(p):
+            raise StubgenError(f"{p}: not a file")
+        if not p.endswith(".proto"):
+            raise StubgenError(f"{p}: not a .proto file")
+    # A file outside every -I dir: its own directory is searched (as protoc does with no -I).
+    for p in protos:
+        if _virtual_name(p, includes) is None:
+            includes.append(os.path.dirname(os.path.abspath(p)))
+    wk = well_known_include()
+    names = []
+    for p in protos:
+        name = _virtual_name(p, includes)
+        assert name is not None
+        names.append(name)
+
+    with tempfile.TemporaryDirectory(prefix="mrpcd-stubgen-") as tmp:
+        out = os.path.join(tmp, "set.pb")
+        args = ["protoc", f"--descriptor_set_out={out}", "--include_imports"]
+        # protoc matches -I dirs as string prefixes: give it real paths on both sides
+        args += [f"-I{os.path.realpath(inc)}" for inc in includes] + [f"-I{wk}"]
+        args += [os.path.realpath(p) for p in protos]
+        rc, text = _call_protoc(protoc.main, args)
+        if rc != 0 or not os.path.exists(out):
+            msg = text.strip() or f"protoc exited with status {rc}"
+            raise StubgenError(f"protoc could not compile {', '.join(protos)}:\n{msg}")
+        if text.strip():  # warnings (e.g. unused imports): pass them on
+            print(text.rstrip(), file=sys.stderr)
+        fds = descriptor_pb2.FileDescriptorSet()
+        with open(out, "rb") as f:
+            fds.ParseFromString(f.read())
+    return fds, names
+
+
+def _call_protoc(fn, args: list[str]) -> tuple[int, str]:
+    """Run protoc in-process with its stderr (C++ level, fd 2) captured."""
+    with tempfile.TemporaryFile() as errf:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(errf.fileno(), 2)
+            try:
+                rc = fn(args)
+            finally:
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+        errf.seek(0)
+        return rc, errf.read().decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------
+# descriptors -> schema
+
+
+@dataclass
+class _Decl:
+    kind: str  # "message" / "enum"
+    full: str
+    proto: object  # DescriptorProto / EnumDescriptorProto
+    file: object  # FileDescriptorProto
+    parent: str | None
+    map_entry: bool = False
+
+
+def _index(fds) -> tuple[dict[str, _Decl], dict[str, object]]:
+    decls: dict[str, _Decl] = {}
+    files: dict[str, object] = {}
+
+    def walk_msg(m, prefix: str, fd, parent: str | None) -> None:
+        full = f"{prefix}{m.name}"
+        decls[full] = _Decl("message", full, m, fd, parent, m.options.map_entry)
+        for e in m.enum_type:
+            decls[f"{full}.{e.name}"] = _Decl("enum", f"{full}.{e.name}", e, fd, full)
+        for n in m.nested_type:
+            walk_msg(n, full + ".", fd, full)
+
+    for fd in fds.file:
+        files[fd.name] = fd
+        prefix = f"{fd.package}." if fd.package else ""
+        for e in fd.enum_type:
+            decls[prefix + e.name] = _Decl("enum", prefix + e.name, e, fd, None)
+        for m in fd.message_type:
+            walk_msg(m, prefix, fd, None)
+    return decls, files
+
+
+def _ref(type_name: str) -> str:
+    return type_name[1:] if type_name.startswith(".") else type_name
+
+
+def _check_file(fd) -> None:
+    if fd.syntax == "editions":
+        raise StubgenError(f"{fd.name}: protobuf editions are not supported (use syntax = \"proto3\" or \"proto2\")")
+
+
+def _check_no_extensions(fd) -> None:
+    found = [f"{x.extendee.lstrip('.')}.{x.name}" for x in fd.extension]
+
+    def walk(m, prefix: str) -> None:
+        full = prefix + m.name
+        found.extend(f"{x.extendee.lstrip('.')}.{x.name} (declared in {full})" for x in m.extension)
+        for n in m.nested_type:
+            walk(n, full + ".")
+
+    for m in fd.message_type:
+        walk(m, f"{fd.package}." if fd.package else "")
+    if found:
+        raise StubgenError(f"{fd.name}: extensions are not supported: {', '.join(found)}")
+
+
+def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[str]]:
+    """The schema Message for a declaration, and the type names its fields refer to."""
+    m, fd = d.proto, d.file
+    proto2 = fd.syntax in ("", "proto2")
+    refs: list[str] = []
+    fields = []
+
+    def typeref(f, where: str) -> TypeRef:
+        if f.type == _TYPE_GROUP:
+            raise StubgenError(f"{fd.name}: {where}: proto2 groups are not supported (use a nested message field)")
+        if f.type in (_TYPE_MESSAGE, _TYPE_ENUM):
+            ref = _ref(f.type_name)
+            if ref not in decls:
+                raise StubgenError(f"{fd.name}: {where}: unknown type {ref}")
+            refs.append(ref)
+            return TypeRef("message" if f.type == _TYPE_MESSAGE else "enum", ref)
+        try:
+            return TypeRef(_KINDS[f.type])
+        except KeyError:
+            raise StubgenError(f"{fd.name}: {where}: unsupported field type {f.type}") from None
+
+    for f in m.field:
+        where = f"{d.full}.{f.name}"
+        if f.HasField("default_value"):
+            raise StubgenError(f"{fd.name}: {where}: explicit default values ([default = {f.default_value}]) are not supported")
+        oneof = None
+        key = None
+        if f.label == _LABEL_REPEATED:
+            entry = decls.get(_ref(f.type_name)) if f.type == _TYPE_MESSAGE else None
+            if entry is not None and entry.map_entry:
+                kf = {x.number: x for x in entry.proto.field}
+                key = typeref(kf[1], where + " (map key)")
+                vtype = typeref(kf[2], where + " (map value)")
+                fields.append(Field(f.name, f.number, vtype, "map", key))
+                continue
+            label = "repeated"
+        elif f.proto3_optional:
+            label = "optional"
+        elif f.HasField("oneof_index"):
+            label = "single"
+            oneof = m.oneof_decl[f.oneof_index].name
+        elif proto2 and f.label == _LABEL_OPTIONAL:
+            label = "optional"
+        else:
+            label = "single"
+        fields.append(Field(f.name, f.number, typeref(f, where), label, key, oneof))
+    return Message(d.full, tuple(fields)), refs
+
+
+def _public_closure(fd, files: dict[str, object]) -> list[object]:
+    out, todo, seen = [], [fd], {fd.name}
+    while todo:
+        cur = todo.pop()
+        for i in cur.public_dependency:
+            dep = files.get(cur.dependency[i])
+            if dep is not None and dep.name not in seen:
+                seen.add(dep.name)
+                out.append(dep)
+                todo.append(dep)
+    return out
+
+
+def build_modules(fds, main_names: list[str], paths: list[str] | None = None) -> list[ProtoModule]:
+    """One ProtoModule per input file, from protoc's FileDescriptorSet."""
+    decls, files = _index(fds)
+    order = {name: i for i, name in enumerate(decls)}  # declaration order, files topological
+    modules = []
+    for k, main in enumerate(main_names):
+        fd = files.get(main)
+        if fd is None:
+            raise StubgenError(f"{main}: protoc did not describe this file")
+        _check_file(fd)
+        _check_no_extensions(fd)
+        roots = [n for n, d in decls.items() if d.file is fd and not d.map_entry]
+        for pub in _public_closure(fd, files):
+            roots += [n for n, d in decls.items() if d.file is pub and not d.map_entry]
+        services = []
+        prefix = f"{fd.package}." if fd.package else ""
+        for s in fd.service:
+            full = prefix + s.name
+            methods = []
+            for x in s.method:
+                inp, outp = _ref(x.input_type), _ref(x.output_type)
+                roots += [inp, outp]
+                methods.append(Method(x.name, inp, outp, bool(x.client_streaming), bool(x.server_streaming), full))
+            services.append(Service(full, tuple(methods)))
+
+        messages: dict[str, Message] = {}
+        enums: dict[str, Enum] = {}
+        seen: set[str] = set()
+        todo = list(roots)
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            d = decls.get(name)
+            if d is None:
+                raise StubgenError(f"{fd.name}: unknown type {name}")
+            if d.parent is not None:
+                todo.append(d.parent)
+            if d.file is not fd:
+                _check_file(d.file)
+            if d.kind == "enum":
+                enums[name] = Enum(name, tuple((v.name, v.number) for v in d.proto.value))
+                continue
+            msg, refs = _convert_message(d, decls)
+            messages[name] = msg
+            todo += refs
+        schema = Schema(
+            messages={n: messages[n] for n in sorted(messages, key=order.__getitem__)},
+            enums={n: enums[n] for n in sorted(enums, key=order.__getitem__)},
+            services={s.full_name: s for s in services},
+        )
+        try:  # validate exactly as an app's daemon will
+            Schema.from_dict(schema.to_dict())
+        except SchemaError as exc:
+            raise StubgenError(f"{fd.name}: {exc}") from None
+        names = set(messages) | set(enums)
+        modules.append(ProtoModule(
+            proto=fd.name,
+            path=paths[k] if paths else fd.name,
+            package=fd.package,
+            schema=schema,
+            services=[s.full_name for s in services],
+            parents={n: decls[n].parent for n in names},
+            files={n: decls[n].file.name for n in names},
+        ))
+    return modules
+
+
+def parse(protos: list[str], includes: list[str] | None = None) -> list[ProtoModule]:
+    """Parse .proto files (one protoc run); one ProtoModule per file, in order."""
+    fds, names = run_protoc(protos, includes)
+    return build_modules(fds, names, protos)
