@@ -126,8 +126,12 @@ def run_protoc(protos: list[str], includes: list[str] | None = None):
         rc, text = _call_protoc(protoc.main, args)
         if rc != 0 or not os.path.exists(out):
             msg = text.strip() or f"protoc exited with status {rc}"
+            for p in protos:  # name the files as the user did
+                msg = msg.replace(os.path.realpath(p), p)
             raise StubgenError(f"protoc could not compile {', '.join(protos)}:\n{msg}")
         if text.strip():  # warnings (e.g. unused imports): pass them on
+            for p in protos:
+                text = text.replace(os.path.realpath(p), p)
             print(text.rstrip(), file=sys.stderr)
         fds = descriptor_pb2.FileDescriptorSet()
         with open(out, "rb") as f:

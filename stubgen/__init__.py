@@ -1,0 +1,1 @@
+"""mrpcd-stubgen: .proto -> Python messages, stubs and servicers (protoc does the parsing)."""

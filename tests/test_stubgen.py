@@ -1,0 +1,474 @@
+"""mrpcd-stubgen: .proto -> <name>_mrpc.py / .pyi, checked by importing and using what it wrote."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import py_compile
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mrpcd
+from mrpcd.marshal.schema import Schema
+from mrpcd.stubgen import cli
+from mrpcd.stubgen.generate import module_name
+from mrpcd.stubgen.parse import parse
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "tests" / "protos"
+HELLO = ROOT / "examples" / "hello" / "hello.proto"
+GOOD = ["scalars", "streaming", "collide", "legacy2"]
+
+
+def stubgen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI as users run it: `python -m mrpcd.stubgen ...` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "mrpcd.stubgen", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=60)
+
+
+def load(path: Path):
+    """Import a generated module under a private name (other tests import their own hello_mrpc)."""
+    name = f"_stubgen_test_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[name]
+    return mod
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stubgen") / "gen"  # does not exist yet: the CLI creates it
+    protos = [str(HELLO)] + [str(PROTOS / f"{n}.proto") for n in GOOD]
+    r = stubgen(*protos, "-I", str(PROTOS), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def mods(gen):
+    return {n: load(gen / f"{n}_mrpc.py") for n in ["hello"] + GOOD}
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def test_writes_py_and_pyi_per_input(gen):
+    names = sorted(p.name for p in gen.iterdir())
+    assert names == sorted(f"{n}_mrpc.{ext}" for n in ["hello"] + GOOD for ext in ("py", "pyi"))
+
+
+def test_generated_files_compile(gen, tmp_path):
+    for path in gen.iterdir():  # .pyi is Python syntax too
+        py_compile.compile(str(path), cfile=str(tmp_path / (path.name + ".pyc")), doraise=True)
+
+
+def test_module_name():
+    assert module_name("a/b/hello.proto") == "hello_mrpc"
+    assert module_name("my-api.v1.proto") == "my_api_v1_mrpc"
+    assert module_name("1st.proto") == "_1st_mrpc"
+
+
+def test_hello_module_shape(gen):
+    src = (gen / "hello_mrpc.py").read_text()
+    for line in [
+        "import enum",
+        "import mrpcd",
+        "from mrpcd.marshal import codec as _codec",
+        "from mrpcd.marshal.message import Message as _Message",
+        "from mrpcd.marshal.schema import Schema as _Schema",
+        "SCHEMA = _Schema.from_dict({",
+        "class Mood(enum.IntEnum):",
+        "class HelloRequest(_Message):",
+        "    class Address(_Message):",
+        "_codec.bind(",
+        "class GreeterStub:",
+        "class GreeterServicer:",
+        "def add_GreeterServicer_to_server(servicer, server):",
+        "    server.add_generic_rpc_handlers((generic_handler,))",
+    ]:
+        assert line in src.splitlines(), line
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+def test_hello_messages_and_defaults(mods):
+    h = mods["hello"]
+    r = h.HelloRequest()
+    assert (r.name, r.count, r.address, r.tags, r.scores) == ("", 0, None, [], {})
+    assert r.mood is h.Mood.MOOD_UNSPECIFIED and issubclass(h.Mood, int)
+    assert h.HelloReply().message == ""
+    # mutable defaults are per instance
+    a, b = h.HelloRequest(), h.HelloRequest()
+    a.tags.append("x")
+    a.scores["k"] = 1
+    assert b.tags == [] and b.scores == {}
+    # __slots__, keyword-only, nested classes
+    with pytest.raises(AttributeError):
+        r.nope = 1
+    with pytest.raises(TypeError):
+        h.HelloRequest("positional")
+    with pytest.raises(TypeError):
+        h.HelloRequest(nope=1)
+    assert h.HelloRequest.Address.__qualname__ == "HelloRequest.Address"
+    assert issubclass(h.HelloRequest, mrpcd.marshal.message.Message)
+    assert h.HelloRequest(name="n", tags=["t"]).tags == ["t"]
+
+
+def test_schema_literal_is_the_parsed_schema(mods):
+    [parsed] = parse([str(HELLO)])
+    h = mods["hello"]
+    assert isinstance(h.SCHEMA, Schema)
+    assert h.SCHEMA.to_dict() == parsed.schema.to_dict()
+    assert h.SCHEMA.fingerprints() == parsed.schema.fingerprints()
+    assert set(h.SCHEMA.messages) == {"helloworld.HelloRequest", "helloworld.HelloRequest.Address", "helloworld.HelloReply"}
+    svc = h.SCHEMA.services["helloworld.Greeter"]
+    assert [(m.name, m.kind) for m in svc.methods] == [("SayHello", "unary_unary"), ("SayHelloStream", "unary_stream")]
+    assert h.HelloRequest.__mrpc_message__ is h.SCHEMA.messages["helloworld.HelloRequest"]
+
+
+def test_labels_maps_optional_oneof(mods):
+    s = mods["scalars"].SCHEMA
+    outer = {f.name: f for f in s.messages["mrpc.test.Outer"].fields}
+    assert [f.number for f in s.messages["mrpc.test.Outer"].fields] == list(range(1, 19))
+    assert outer["inners"].label == "repeated" and outer["inners"].type.ref == "mrpc.test.Outer.Inner"
+    assert outer["colors"].label == "repeated" and outer["colors"].type.kind == "enum"
+    assert (outer["counts"].label, outer["counts"].key.kind, outer["counts"].type.kind) == ("map", "string", "int32")
+    assert (outer["by_id"].key.kind, outer["by_id"].type.ref) == ("int64", "mrpc.test.Outer.Inner")
+    assert (outer["flags"].key.kind, outer["flags"].type.ref) == ("bool", "mrpc.test.Color")
+    assert not any(name.endswith("Entry") for name in s.messages), "map entry types are not messages"
+    for name in ("maybe", "maybe_text", "maybe_inner"):
+        assert outer[name].label == "optional" and outer[name].oneof is None, "synthetic oneofs are dropped"
+    for name in ("choice_text", "choice_number", "choice_inner"):
+        assert outer[name].label == "single" and outer[name].oneof == "choice"
+    assert outer["kind"].type.ref == "mrpc.test.Outer.Kind"
+    assert outer["deep"].type.ref == "mrpc.test.Outer.Inner.Deepest"
+    kinds = [f.type.kind for f in s.messages["mrpc.test.Scalars"].fields]
+    assert kinds == ["double", "float", "int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32",
+                     "fixed64", "sfixed32", "sfixed64", "bool", "string", "bytes", "enum"]
+    old = {f.name: f.label for f in mods["legacy2"].SCHEMA.messages["mrpc.legacy.Old"].fields}
+    assert old == {"maybe": "optional", "must": "single", "many": "repeated", "next": "optional",
+                   "from": "optional", "from_": "optional"}
+
+
+def test_scalars_defaults(mods):
+    s = mods["scalars"]
+    x = s.Scalars()
+    assert [x.f_double, x.f_float, x.f_int32, x.f_uint64, x.f_sfixed64, x.f_bool, x.f_string, x.f_bytes] == \
+        [0.0, 0.0, 0, 0, 0, False, "", b""]
+    assert x.f_color is s.Color.COLOR_UNSPECIFIED
+    o = s.Outer()
+    assert o.kind is s.Outer.Kind.KIND_A
+    assert s.Outer.Inner().kind is s.Outer.Kind.KIND_A  # an enum of the enclosing class
+    assert (o.inner, o.maybe, o.maybe_text, o.choice_text, o.choice_inner, o.scalars) == (None,) * 6
+    assert (o.inners, o.numbers, o.counts, o.by_id) == ([], [], {}, {})
+    assert s.Outer.Inner.Deepest.__qualname__ == "Outer.Inner.Deepest"
+    assert s.Empty().to_dict() == {}
+
+
+def test_keyword_names(mods):
+    s = mods["scalars"]
+    k = s.Keywords(from_=1, class_="c", import_=True, lambda_=[2], None_=3)
+    assert (k.from_, k.class_, k.import_, k.lambda_, k.None_) == (1, "c", True, [2], 3)
+    assert getattr(k, "from") == 1  # the slot keeps the .proto name (the codec reads it)
+    k.from_ = 5
+    assert getattr(k, "from") == 5
+    assert [f.name for f in s.SCHEMA.messages["mrpc.test.Keywords"].fields] == ["from", "class", "import", "lambda", "None"]
+    assert s.Keywords().lambda_ == [] and s.Keywords().lambda_ is not s.Keywords().lambda_
+    assert [m.name for m in s.Reserved] == ["PASS", "None_", "True_"]
+    # `from` next to a real `from_` field: the property is `from__`
+    old = mods["legacy2"].Old(from__=1, from_=2)
+    assert (getattr(old, "from"), old.from_, old.from__) == (1, 2, 1)
+
+
+def test_imported_and_well_known_types(mods):
+    st = mods["streaming"]
+    assert set(st.SCHEMA.messages) == {"mrpc.stream.Chunk", "mrpc.stream.Summary", "mrpc.common.Header",
+                                       "google.protobuf.Timestamp", "google.protobuf.Empty"}
+    assert set(st.SCHEMA.enums) == {"mrpc.common.Priority"}  # mrpc.common.Unused: not reached
+    ts = st.Timestamp(seconds=1, nanos=2)
+    assert ts.seconds == 1 and st.Empty().to_dict() == {}
+    assert st.Header().priority is st.Priority.PRIORITY_LOW
+    c = mods["collide"]
+    assert c.Empty(mine=1).mine == 1  # the file's own type keeps the short name
+    assert c.google_protobuf_Empty.__mrpc_message__.full_name == "google.protobuf.Empty"
+    assert c.Box().wk is None
+
+
+# -- codec round trips -----------------------------------------------------------------------------
+
+
+def test_round_trip_hello(mods):
+    h = mods["hello"]
+    r = h.HelloRequest(name="world", count=3, mood=h.Mood.HAPPY, address=h.HelloRequest.Address(city="Oslo", zip=150),
+                       tags=["a", "b"], scores={"x": -1, "y": 2**40})
+    data = r.SerializeToString()
+    assert isinstance(data, bytes)
+    back = h.HelloRequest.FromString(data)
+    assert back == r and back.mood is h.Mood.HAPPY
+    assert h.HelloReply.FromString(h.HelloReply(message="hi").SerializeToString()).message == "hi"
+    assert h.HelloRequest.FromString(h.HelloRequest().SerializeToString()) == h.HelloRequest()
+
+
+def test_round_trip_everything(mods):
+    s = mods["scalars"]
+    inner = s.Outer.Inner(x=-5, deepest=s.Outer.Inner.Deepest(leaf="leaf"), kind=s.Outer.Kind.KIND_B)
+    o = s.Outer(
+        inner=inner, inners=[inner, s.Outer.Inner()], numbers=[1, -2, 3], words=["w"], colors=[s.Color.RED, s.Color.GREEN],
+        kind=s.Outer.Kind.KIND_B, counts={"a": 1}, by_id={2**62: inner}, flags={True: s.Color.GREEN, False: s.Color.RED},
+        blobs={7: b"\x00\xff"}, maybe=0, maybe_text="", maybe_inner=s.Outer.Inner(), choice_number=-9,
+        scalars=s.Scalars(f_double=1.5, f_float=0.25, f_int32=-2**31, f_int64=-2**63, f_uint32=2**32 - 1,
+                          f_uint64=2**64 - 1, f_sint32=-1, f_sint64=-1, f_fixed32=1, f_fixed64=2**64 - 1,
+                          f_sfixed32=-1, f_sfixed64=-1, f_bool=True, f_string="ünï", f_bytes=b"\x01",
+                          f_color=s.Color.GREEN),
+        deep=s.Outer.Inner.Deepest(leaf="d"),
+    )
+    back = s.Outer.FromString(o.SerializeToString())
+    assert back == o
+    assert back.maybe == 0 and back.maybe_text == "" and back.choice_text is None
+    assert back.flags[True] is s.Color.GREEN and back.inner.kind is s.Outer.Kind.KIND_B
+    k = s.Keywords(from_=1, class_="c", import_=True, lambda_=[1, 2], None_=-1)
+    assert s.Keywords.FromString(k.SerializeToString()) == k
+    r = s.Recursive(child=s.Recursive(child=s.Recursive(depth=2), depth=1), children=[s.Recursive(depth=9)])
+    assert s.Recursive.FromString(r.SerializeToString()) == r
+    st = mods["streaming"]
+    chunk = st.Chunk(header=st.Header(trace_id="t", priority=st.Priority.PRIORITY_HIGH), data=b"xyz",
+                     sent_at=st.Timestamp(seconds=1700000000, nanos=5), seq=4)
+    assert st.Chunk.FromString(chunk.SerializeToString()) == chunk
+    summary = st.Summary(total=1, times=[st.Timestamp(seconds=1), st.Timestamp(nanos=1)])
+    assert st.Summary.FromString(summary.SerializeToString()) == summary
+    old = mods["legacy2"].Old(must="m", next=mods["legacy2"].Old(maybe=1), from__=3, from_=4)
+    assert mods["legacy2"].Old.FromString(old.SerializeToString()) == old
+
+
+def test_oneof_and_type_errors_come_from_the_codec(mods):
+    from mrpcd.marshal.codec import EncodeError
+
+    s = mods["scalars"]
+    with pytest.raises(EncodeError, match="oneof choice"):
+        s.Outer(choice_text="a", choice_number=1).SerializeToString()
+    with pytest.raises((EncodeError, TypeError)):
+        s.Scalars(f_int32=2**31).SerializeToString()
+
+
+# -- services --------------------------------------------------------------------------------------
+
+
+class FakeChannel:
+    KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, kind: str):
+        if kind not in self.KINDS:
+            raise AttributeError(kind)
+
+        def make(method, request_type, response_type, **kw):
+            self.calls.append((kind, method, request_type, response_type))
+            return (kind, method)
+
+        return make
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.code = self.details = None
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details) -> None:
+        self.details = details
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.handlers: list = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.handlers.extend(handlers)
+
+
+def test_stub_uses_the_channel_for_all_four_kinds(mods):
+    st = mods["streaming"]
+    ch = FakeChannel()
+    stub = st.StreamerStub(ch)
+    assert ch.calls == [
+        ("unary_unary", "/mrpc.stream.Streamer/Unary", st.Chunk, st.Summary),
+        ("unary_stream", "/mrpc.stream.Streamer/ServerStream", st.Chunk, st.Chunk),
+        ("stream_unary", "/mrpc.stream.Streamer/ClientStream", st.Chunk, st.Summary),
+        ("stream_stream", "/mrpc.stream.Streamer/BidiStream", st.Chunk, st.Chunk),
+        ("unary_unary", "/mrpc.stream.Streamer/Ping", st.Empty, st.Empty),
+        ("unary_unary", "/mrpc.stream.Streamer/import", st.Chunk, st.Chunk),
+    ]
+    assert stub.BidiStream == ("stream_stream", "/mrpc.stream.Streamer/BidiStream")
+    assert stub.import_ == ("unary_unary", "/mrpc.stream.Streamer/import")  # keyword method name
+    ch2 = FakeChannel()
+    st.SecondStub(ch2)
+    assert ch2.calls == [("unary_unary", "/mrpc.stream.Second/Get", st.Empty, st.Summary)]
+
+
+def test_servicer_defaults_are_unimplemented(mods):
+    st = mods["streaming"]
+    servicer = st.StreamerServicer()
+    for name in ("Unary", "ServerStream", "ClientStream", "BidiStream", "Ping", "import_"):
+        ctx = FakeContext()
+        with pytest.raises(NotImplementedError, match="Method not implemented!"):
+            getattr(servicer, name)(None, ctx)
+        assert ctx.code == mrpcd.StatusCode.UNIMPLEMENTED and ctx.details == "Method not implemented!"
+
+
+@pytest.fixture
+def fake_handlers(monkeypatch):
+    """Record what add_XServicer_to_server asks of the mrpcd runtime."""
+    made = []
+    for kind in FakeChannel.KINDS:
+        def handler(behavior, request_type, response_type, _kind=kind):
+            return (_kind, behavior, request_type, response_type)
+        monkeypatch.setattr(mrpcd, f"{kind}_rpc_method_handler", handler, raising=False)
+
+    def generic(service, handlers, schema=None):
+        made.append((service, handlers, schema))
+        return ("generic", service)
+
+    monkeypatch.setattr(mrpcd, "method_handlers_generic_handler", generic, raising=False)
+    return made
+
+
+def test_add_servicer_to_server_registers_every_method(mods, fake_handlers):
+    st = mods["streaming"]
+
+    class Impl(st.StreamerServicer):
+        pass
+
+    impl, server = Impl(), FakeServer()
+    st.add_StreamerServicer_to_server(impl, server)
+    assert server.handlers == [("generic", "mrpc.stream.Streamer")]
+    [(service, handlers, schema)] = fake_handlers
+    assert service == "mrpc.stream.Streamer" and schema is st.SCHEMA
+    assert {name: h[0] for name, h in handlers.items()} == {
+        "Unary": "unary_unary", "ServerStream": "unary_stream", "ClientStream": "stream_unary",
+        "BidiStream": "stream_stream", "Ping": "unary_unary", "import": "unary_unary"}
+    assert handlers["ClientStream"][1] == impl.ClientStream
+    assert handlers["import"][1] == impl.import_
+    assert handlers["Unary"][2:] == (st.Chunk, st.Summary)
+
+
+def test_add_servicer_with_the_real_handlers(mods):
+    if not hasattr(mrpcd, "GenericRpcHandler"):
+        pytest.skip("mrpcd runtime handlers not available")
+    h = mods["hello"]
+    server = FakeServer()
+    h.add_GreeterServicer_to_server(h.GreeterServicer(), server)
+    [generic] = server.handlers
+    assert generic.service == "helloworld.Greeter" and generic.schema is h.SCHEMA
+    assert set(generic.handlers) == {"SayHello", "SayHelloStream"}
+    assert generic.handlers["SayHelloStream"].response_streaming
+    assert set(generic.by_id) == {m.method_id for m in h.SCHEMA.services["helloworld.Greeter"].methods}
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def test_syntax_error_is_reported_with_file_and_line(tmp_path):
+    r = stubgen(str(PROTOS / "syntax_error.proto"), "-o", str(tmp_path / "out"))
+    assert r.returncode == 1
+    assert "syntax_error.proto:7:3" in r.stderr and 'Expected ";"' in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "syntax_error_mrpc.py").exists()
+
+
+@pytest.mark.parametrize("proto, words", [
+    ("bad_group.proto", ["groups are not supported", "WithGroup"]),
+    ("bad_extension.proto", ["extensions are not supported", "Extendable.note"]),
+    ("bad_unknown_type.proto", ["bad_unknown_type.proto:6:3", "NoSuchType"]),
+])
+def test_unsupported_or_invalid_protos(tmp_path, capsys, proto, words):
+    assert cli.main([str(PROTOS / proto), "-o", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mrpcd-stubgen: error: ")
+    for w in words:
+        assert w in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_file_and_usage_errors(tmp_path, capsys):
+    assert cli.main([str(tmp_path / "nope.proto"), "-o", str(tmp_path)]) == 1
+    assert "nope.proto: no such file" in capsys.readouterr().err
+    assert cli.main([str(HELLO), "-I", str(tmp_path / "nodir"), "-o", str(tmp_path)]) == 1
+    assert "not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    assert "mrpcd-stubgen" in capsys.readouterr().out
+
+
+def test_same_module_name_twice_is_refused(tmp_path, capsys):
+    other = tmp_path / "x" / "hello.proto"
+    other.parent.mkdir()
+    shutil.copy(HELLO, other)
+    assert cli.main([str(HELLO), str(other), "-o", str(tmp_path / "out")]) == 1
+    assert "would both be generated as hello_mrpc.py" in capsys.readouterr().err
+
+
+def test_imports_resolve_next_to_the_file_without_I(tmp_path):
+    # streaming.proto imports "common.proto": found through the file's own directory
+    r = stubgen(str(PROTOS / "streaming.proto"), "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "streaming_mrpc.py").exists() and (tmp_path / "streaming_mrpc.pyi").exists()
+
+
+def test_relative_paths_and_default_output(tmp_path):
+    shutil.copy(HELLO, tmp_path / "hello.proto")
+    r = stubgen("hello.proto", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hello_mrpc.py").exists()
+    assert cli.main([str(tmp_path / "hello.proto"), "-o", str(tmp_path / "o"), "--no-pyi"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["hello_mrpc.py"]
+
+
+def test_console_script(tmp_path):
+    script = Path(sys.executable).parent / "mrpcd-stubgen"
+    if not script.exists():
+        pytest.skip("mrpcd-stubgen console script not installed next to this python")
+    r = subprocess.run([str(script), str(HELLO), "-o", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hello_mrpc.py").exists()
+
+
+def test_pyi_passes_mypy(gen, tmp_path):
+    pytest.importorskip("mypy")
+    use = tmp_path / "use.py"
+    use.write_text(
+        "import hello_mrpc as h\n"
+        "import scalars_mrpc as s\n"
+        "r = h.HelloRequest(name='x', mood=h.Mood.HAPPY, tags=['a'], scores={'a': 1})\n"
+        "n: str = r.name\n"
+        "r2: h.HelloRequest = h.HelloRequest.FromString(r.SerializeToString())\n"
+        "k: int = s.Keywords(from_=1).from_\n"
+        "def f(stub: h.GreeterStub) -> str:\n"
+        "    return stub.SayHello(r, timeout=1.0).message + ''.join(x.message for x in stub.SayHelloStream(r))\n"
+    )
+    pyis = [str(gen / f"{n}_mrpc.pyi") for n in ["hello"] + GOOD]
+    env = dict(os.environ, MYPYPATH=str(gen))
+    mypy = [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
+            "--cache-dir", os.devnull]
+    # run outside the repo: mypy must not pick up the source tree's folders as packages
+    r = subprocess.run([*mypy, *pyis, str(use)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bad = tmp_path / "bad.py"
+    bad.write_text("import hello_mrpc as h\nh.HelloRequest(name=3)\n")
+    r = subprocess.run([*mypy, str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1 and 'Argument "name" to "HelloRequest" has incompatible type "int"' in r.stdout
