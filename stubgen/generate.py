@@ -262,7 +262,10 @@ class _Emitter:
                     default, value = f"{n.local[f.type.ref]}.{member}", p  # own nested enum: in class scope
                 else:  # defined later or shadowed here: resolve when called
                     ptype += " | None"
-                    default, value = "None", f"({qual}.{member} if {p} is None else {p})"
+                    ref = qual
+                    if head in attrs.values() or head == me:  # a parameter hides the module's name
+                        ref = f"globals()[{head!r}]" + qual[len(head):]
+                    default, value = "None", f"({ref}.{member} if {p} is None else {p})"
             else:
                 default, value = _DEFAULTS.get(f.type.kind, "0"), p
             params.append(f"{p}: {ptype} = {default}")

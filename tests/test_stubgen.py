@@ -20,7 +20,7 @@ from mrpcd.stubgen.parse import parse
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "tests" / "protos"
 HELLO = ROOT / "examples" / "hello" / "hello.proto"
-GOOD = ["scalars", "streaming", "collide", "legacy2"]
+GOOD = ["scalars", "streaming", "collide", "legacy2", "names"]
 
 
 def stubgen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -201,6 +201,24 @@ def test_imported_and_well_known_types(mods):
     assert c.Empty(mine=1).mine == 1  # the file's own type keeps the short name
     assert c.google_protobuf_Empty.__mrpc_message__.full_name == "google.protobuf.Empty"
     assert c.Box().wk is None
+
+
+def test_colliding_python_names(mods):
+    n = mods["names"]
+    # types named like the module's own imports are renamed after their full name
+    assert n.mrpc_names_enum.__mrpc_message__.full_name == "mrpc.names.enum"
+    assert n.mrpc_names_mrpcd(y=1).y == 1
+    assert n.enum.IntEnum and n.mrpcd.StatusCode  # the module's imports are intact
+    r = n.Response()
+    assert r.own is n.Response.Status.RESPONSE_UNKNOWN  # the nested enum
+    assert r.top is n.Status.STATUS_OK  # the top-level enum it shadows in the class body
+    assert n.Response(self=3).self == 3  # a field called `self`
+    assert n.Holder().Response is n.Response.Status.RESPONSE_UNKNOWN  # a field hiding the class of its enum
+    r = n.Response(Echo=n.Echo(text="e"), wrapped=n.mrpc_names_enum(x=2), top=n.Status.STATUS_FAILED)
+    assert n.Response.FromString(r.SerializeToString()) == r
+    ch = FakeChannel()
+    n.NamesStub(ch)
+    assert [c[2:] for c in ch.calls] == [(n.Echo, n.Echo), (n.Echo, n.Response)]
 
 
 # -- codec round trips -----------------------------------------------------------------------------
@@ -454,10 +472,14 @@ def test_pyi_passes_mypy(gen, tmp_path):
     use.write_text(
         "import hello_mrpc as h\n"
         "import scalars_mrpc as s\n"
+        "import names_mrpc as nm\n"
         "r = h.HelloRequest(name='x', mood=h.Mood.HAPPY, tags=['a'], scores={'a': 1})\n"
         "n: str = r.name\n"
         "r2: h.HelloRequest = h.HelloRequest.FromString(r.SerializeToString())\n"
         "k: int = s.Keywords(from_=1).from_\n"
+        "st: nm.Status = nm.Response().top\n"
+        "own: nm.Response.Status = nm.Holder().Response\n"
+        "e: nm.Echo | None = nm.Response().Echo\n"
         "def f(stub: h.GreeterStub) -> str:\n"
         "    return stub.SayHello(r, timeout=1.0).message + ''.join(x.message for x in stub.SayHelloStream(r))\n"
     )
