@@ -93,13 +93,20 @@ def two_daemons(daemon_factory):
 def gen_dir(tmp_path_factory):
     """Stubs generated once per run from tests/protos and examples/hello, importable."""
     out = tmp_path_factory.mktemp("gen")
-    protos = [str(ROOT / "examples" / "hello" / "hello.proto")]
-    protos += [str(p) for p in sorted(PROTOS.glob("*.proto")) if "error" not in p.name and "bad" not in p.name]
-    for proto in protos:
-        subprocess.run([sys.executable, "-m", "mrpcd.stubgen", proto, "-I", str(Path(proto).parent), "-o", str(out)], check=True)
+    proto = ROOT / "examples" / "hello" / "hello.proto"
+    subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(proto), "-I", str(proto.parent), "-o", str(out)], check=True)
     sys.path.insert(0, str(out))
     yield out
     sys.path.remove(str(out))
+
+
+@pytest.fixture(scope="session")
+def mismatch_gen_dir(tmp_path_factory):
+    """Stubs of tests/mismatch/hello.proto: same service name, incompatible request type."""
+    out = tmp_path_factory.mktemp("gen_mismatch")
+    proto = Path(__file__).resolve().parent / "mismatch" / "hello.proto"
+    subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(proto), "-I", str(proto.parent), "-o", str(out)], check=True)
+    return out
 
 
 class AppProc:

@@ -169,7 +169,7 @@ class ControlConnection:
         return {"apps": [s.describe() for s in self.daemon.sessions.values()]}
 
     async def op_stats(self, msg: dict, fds: list[int]) -> dict:
-        return {"daemon": self.daemon.stats(), "apps": {s.app_id: s.describe()["stats"] for s in self.daemon.sessions.values()}}
+        return {"daemon": self.daemon.stats(), "apps": {str(s.app_id): s.describe()["stats"] for s in self.daemon.sessions.values()}}
 
     async def op_shutdown(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()

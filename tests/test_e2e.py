@@ -1,0 +1,195 @@
+"""End to end: real daemons, real server and client apps as processes, TCP on loopback."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import mrpcd
+from mrpcd.ctl import Control
+from mrpcd.marshal import records as R
+
+
+def wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+@pytest.fixture
+def served(two_daemons, app_factory, gen_dir):
+    """Daemon A (clients), daemon B (the greeter server app), and the server's address."""
+    a, b = two_daemons
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    address = server.readline()
+    return a, b, server, address
+
+
+def test_unary_calls_cross_two_daemons(served, app_factory, gen_dir):
+    a, b, _server, address = served
+    client = app_factory("hello_client.py", a, address, "unary", "300", gen=gen_dir)
+    code, out, err = client.wait()
+    assert code == 0, err
+    assert out.strip() == "ok 300"
+    stats_a = Control(a.socket).call("stats")["apps"]
+    assert stats_a == {} or all(s["malformed"] == 0 for s in stats_a.values())
+
+
+def test_server_streaming(served, app_factory, gen_dir):
+    a, _b, _server, address = served
+    code, out, err = app_factory("hello_client.py", a, address, "stream", "5", gen=gen_dir).wait()
+    assert code == 0, err
+    assert out.splitlines() == [f"Hello #{i}, s!" for i in range(1, 6)] + ["ok stream"]
+
+
+def test_asyncio_client_and_server(two_daemons, app_factory, gen_dir):
+    a, b = two_daemons
+    server = app_factory("hello_server.py", b, "--async", gen=gen_dir)
+    address = server.readline()
+    code, out, err = app_factory("hello_client.py", a, address, "async", "64", gen=gen_dir).wait()
+    assert code == 0, err
+    assert out.strip() == "ok async 64"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("boom", "UNKNOWN|Exception calling application: boom"),
+        ("abort", "PERMISSION_DENIED|not you"),
+        ("fine", "OK"),
+    ],
+)
+def test_status_from_handler(served, app_factory, gen_dir, name, expected):
+    a, _b, _server, address = served
+    code, out, err = app_factory("hello_client.py", a, address, "status", name, gen=gen_dir).wait()
+    assert code == 0, err
+    assert out.strip() == expected
+
+
+def test_unknown_method_is_unimplemented(served, gen_dir):
+    a, _b, _server, address = served
+    import hello_mrpc
+
+    app = mrpcd.connect(a.socket, name="prober")
+    try:
+        channel = mrpcd.insecure_channel(address, app=app)
+        nope = channel.unary_unary("/helloworld.Greeter/Nope", request_type=hello_mrpc.HelloRequest, response_type=hello_mrpc.HelloReply)
+        with pytest.raises(mrpcd.RpcError) as err:
+            nope(hello_mrpc.HelloRequest(name="x"), timeout=10)
+        assert err.value.code() is mrpcd.StatusCode.UNIMPLEMENTED
+        # the channel still works for a real method afterwards
+        stub = hello_mrpc.GreeterStub(channel)
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="y"), timeout=10).message == "Hello, y!"
+    finally:
+        app.close()
+
+
+def test_schema_mismatch_is_a_clear_error_on_both_sides(served, app_factory, mismatch_gen_dir):
+    a, b, _server, address = served
+    code, out, err = app_factory("hello_client.py", a, address, "status", "x", gen=mismatch_gen_dir).wait()
+    assert code == 0, err
+    status, _, details = out.strip().partition("|")
+    assert status == "FAILED_PRECONDITION", out
+    assert "schema mismatch for service helloworld.Greeter" in details
+    assert "regenerate stubs from the same .proto" in details
+    assert wait_until(lambda: "schema mismatch for service helloworld.Greeter" in b.log())
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[R.Record] = []
+
+    def deliver(self, rec: R.Record) -> None:
+        self.records.append(rec)
+
+    def lost(self, code, details) -> None:
+        self.records.append(None)
+
+
+def test_malformed_records_are_rejected_and_other_apps_keep_working(served, app_factory, gen_dir):
+    a, _b, _server, address = served
+    rogue = mrpcd.connect(a.socket, name="rogue")
+    try:
+        sink = _Sink()
+        rogue.calls[(7, 99)] = sink
+        good = R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 7, 99, 1, 0, b"", b"\x90")
+        bad_lengths = bytearray(good)
+        bad_lengths[32:36] = (10_000).to_bytes(4, "little")  # meta_len beyond the record
+        rogue.send(bytes(bad_lengths))
+        rogue.send(b"\x01\x02")  # too short to even be a header
+        rogue.send(R.encode_record(R.HELLO, 0, 0, 7, 5, 0, 0, b"", b""))  # a kind apps may not send
+        assert wait_until(lambda: sink.records, 10)
+        rec = sink.records[0]
+        assert rec.status == mrpcd.StatusCode.INTERNAL.code
+        assert b"malformed record" in rec.meta
+        # meanwhile a well-behaved app on the same daemon is served as usual
+        code, out, err = app_factory("hello_client.py", a, address, "unary", "50", gen=gen_dir).wait()
+        assert code == 0 and out.strip() == "ok 50", err
+        stats = Control(a.socket).call("stats")["apps"]
+        rogue_stats = [s for s in stats.values() if s["malformed"]]
+        assert rogue_stats and rogue_stats[0]["malformed"] == 3
+        assert a.alive()
+    finally:
+        rogue.close()
+
+
+def test_corrupted_ring_drops_only_that_app(served, app_factory, gen_dir):
+    a, _b, _server, address = served
+    rogue = mrpcd.connect(a.socket, name="scribbler")
+    try:
+        ctl = Control(a.socket)
+        assert any(x["name"] == "scribbler" for x in ctl.call("apps")["apps"])
+        # write an impossible head index into the tx ring's control block, then wake the daemon
+        mm = rogue.rings._mm
+        mm[0:8] = (rogue.tx.capacity * 3 + 8).to_bytes(8, "little")
+        rogue.daemon_waker.signal()
+        assert wait_until(lambda: not any(x["name"] == "scribbler" for x in ctl.call("apps")["apps"]))
+        assert "corrupted its ring" in a.log()
+        code, out, err = app_factory("hello_client.py", a, address, "unary", "20", gen=gen_dir).wait()
+        assert code == 0 and out.strip() == "ok 20", err
+    finally:
+        rogue.close()
+
+
+def test_client_killed_mid_rpc_is_reclaimed_and_cancels_the_server_call(two_daemons, app_factory, gen_dir, tmp_path):
+    a, b = two_daemons
+    cancel_log = tmp_path / "cancel.log"
+    server = app_factory("hello_server.py", b, "--cancel-log", str(cancel_log), gen=gen_dir)
+    address = server.readline()
+    ctl = Control(a.socket)
+    # warm up: the first outgoing connection makes the loop open a few lasting fds of its own
+    assert app_factory("hello_client.py", a, address, "unary", "1", gen=gen_dir).wait()[0] == 0
+    assert wait_until(lambda: ctl.call("apps")["apps"] == [])
+    fds_before = a.fd_count()
+    client = app_factory("hello_client.py", a, address, "slow", "30", gen=gen_dir)
+    assert client.readline() == "calling"
+    assert wait_until(lambda: len(ctl.call("apps")["apps"]) == 1 and ctl.call("apps")["apps"][0]["routes"])
+    time.sleep(0.3)  # the request is in the server's handler
+    os.kill(client.proc.pid, signal.SIGKILL)
+    client.proc.wait(10)
+    # daemon A reclaims the app: no session, no routes, fds back to where they were
+    assert wait_until(lambda: ctl.call("apps")["apps"] == [])
+    assert wait_until(lambda: a.fd_count() <= fds_before)
+    # the server's handler sees the cancellation, long before its 30 s
+    assert wait_until(lambda: cancel_log.exists() and cancel_log.read_text().strip() == "cancelled", 15)
+    assert a.alive() and b.alive()
+
+
+def test_server_killed_mid_rpc_fails_the_call_with_unavailable(two_daemons, app_factory, gen_dir):
+    a, b = two_daemons
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    address = server.readline()
+    client = app_factory("hello_client.py", a, address, "status", "slow:30", gen=gen_dir)
+    time.sleep(1.0)
+    start = time.monotonic()
+    os.kill(server.proc.pid, signal.SIGKILL)
+    code, out, err = client.wait(30)
+    assert code == 0, err
+    assert out.startswith("UNAVAILABLE|"), out
+    assert time.monotonic() - start < 10
+    assert b.alive()
