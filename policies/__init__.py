@@ -1,0 +1,1 @@
+"""Policy engines: hot-swappable modules on a datapath."""
