@@ -1,0 +1,737 @@
+"""The policy engine interface: what a policy module implements and what the daemon gives it.
+
+A policy is an `Engine` on an app's datapath (see mrpcd/daemon/datapath.py) that an operator
+attaches, reconfigures, upgrades and detaches while the app runs. Policies are *sans-I/O*:
+they never touch sockets or the event loop. Everything they need from the outside world —
+the clock, timers, the app's schema, a way to answer a request with an error, a way to let
+records they held back continue — comes from a `PolicyContext` the daemon implements (and
+tests replace with `mrpcd.policies.testing.FakeContext` and a fake clock).
+
+Contract (the daemon relies on it):
+
+* `outbound(batch)` / `inbound(batch)` take a list of records and return the list that
+  continues down the chain. A policy may pass, drop, hold back (and later hand back with
+  `ctx.resume_outbound/resume_inbound`), answer (`ctx.reply_error`), tag or rewrite records.
+  Records of one call must keep their order: a policy that holds a call's START also holds
+  the records of that call that follow it.
+* `reconfigure(config)` validates first (`validate_config`); on error it raises
+  `PolicyConfigError` and the old config stays in force.
+* `export_state()` is a non-destructive snapshot of plain, msgpack-able data (held records
+  as encoded bytes) carrying a `state_version`. `cls.from_state(ctx, config, state)` builds
+  a new instance from a state exported by the same or an *older* version of the module.
+  Live upgrade: `state = old.export_state(); new = New.from_state(ctx, cfg, state)`; if that
+  raises, the old instance is untouched and keeps running; if it succeeds, the daemon swaps
+  `new` in between two batches and calls `old.close(handed_over=True)`.
+* `close()` (detach) cancels the policy's timers and returns the records it still holds as
+  `HeldRecords(outbound, inbound)`; the daemon re-injects them *after* the policy's position,
+  so a detach loses nothing. `close(handed_over=True)` only cancels timers (the held
+  records now belong to the new version).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import sys
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+
+from ..daemon.datapath import Engine
+from ..marshal import records as R
+from ..marshal.schema import Method, Schema
+
+__all__ = [
+    "PolicyConfigError", "PolicyLoadError", "PolicyStateError", "PolicyContext", "TimerHandle",
+    "Policy", "HeldRecords", "CallTracker", "ConfigReader", "BUILTINS", "load_policy_module",
+    "encode_records", "decode_records", "status_code", "is_request_start", "is_final_response",
+]
+
+
+class PolicyConfigError(ValueError):
+    """A policy's config is invalid; the message names the policy and the key."""
+
+
+class PolicyLoadError(ImportError):
+    """A policy module cannot be loaded (import failed, no POLICY, not a Policy subclass)."""
+
+
+class PolicyStateError(ValueError):
+    """A state handed to from_state() cannot be taken over (e.g. from a newer version)."""
+
+
+# ---------------------------------------------------------------------------------------
+# What the daemon provides
+
+
+@runtime_checkable
+class TimerHandle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class PolicyContext(Protocol):
+    """What a policy sees of the daemon: one instance per (app, attached policy) or per app.
+
+    * `app_id`, `app_name`: the app this datapath belongs to.
+    * `schema`: the app's `mrpcd.marshal.schema.Schema` (everything it registered).
+    * `method(method_id)`: the schema's Method for an id, or None if the app does not know it.
+    * `now()`: monotonic seconds (the only clock a policy may use).
+    * `call_later(delay, fn)`: run `fn()` after `delay` seconds on the daemon's loop; returns a
+      handle with `.cancel()`.
+    * `resume_outbound(engine, records)` / `resume_inbound(engine, records)`: records `engine`
+      held back continue through the chain *after* `engine` (outbound: towards the network;
+      inbound: towards the app). They must enter the rest of the chain before any batch in
+      the same direction that arrives later (running them at once is simplest); policies
+      call these only after their own state is updated, so re-entrancy is safe.
+    * `reply_error(record, code, details)`: answer the request `record` with a final status
+      (RESPONSE START|END|NO_MSG, `:details`); the request does not go on. The answer goes to
+      whoever sent the request: the app for a request the app sent (client side, outbound),
+      the peer for a request that came from the network (server side, inbound); the daemon
+      tells them apart by the record's handle (route role).
+    * `log(level, msg, **fields)`: structured log line (`level` a logging level name or int).
+    * `globals`: a dict shared by every context of the daemon (the same object for every
+      app), where global policies (e.g. the QoS scheduler) keep their shared objects.
+    """
+
+    app_id: int
+    app_name: str
+    schema: Schema
+    globals: dict[str, Any]
+
+    def method(self, method_id: int) -> Method | None: ...
+
+    def now(self) -> float: ...
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> TimerHandle: ...
+
+    def resume_outbound(self, engine: Engine, records: list[R.Record]) -> None: ...
+
+    def resume_inbound(self, engine: Engine, records: list[R.Record]) -> None: ...
+
+    def reply_error(self, record: R.Record, code: int, details: str) -> None: ...
+
+    def log(self, level: int | str, msg: str, **fields: Any) -> None: ...
+
+
+class HeldRecords(NamedTuple):
+    """Records a closed policy still held, per direction, in the order they arrived."""
+
+    outbound: list[R.Record]
+    inbound: list[R.Record]
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers shared by the built-ins
+
+_CODE_NAMES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+CODE_NAMES_BY_INT = {v: k for k, v in _CODE_NAMES.items()}
+OK, CANCELLED, INVALID_ARGUMENT, PERMISSION_DENIED = 0, 1, 3, 7
+RESOURCE_EXHAUSTED, UNAVAILABLE = 8, 14
+
+
+def status_code(value: Any) -> int | None:
+    """A grpc status code from an int (0..16) or a name ("UNAVAILABLE"); None if neither."""
+    if type(value) is int and 0 <= value <= 16:
+        return value
+    if isinstance(value, str):
+        return _CODE_NAMES.get(value.upper())
+    return None
+
+
+def is_request_start(rec: R.Record) -> bool:
+    return rec.kind == R.REQUEST and bool(rec.flags & R.F_START)
+
+
+def is_final_response(rec: R.Record) -> bool:
+    return rec.kind == R.RESPONSE and bool(rec.flags & R.F_END)
+
+
+def encode_records(recs: Iterable[R.Record]) -> list[bytes]:
+    return [r.encode() for r in recs]
+
+
+def decode_records(datas: Iterable[bytes]) -> list[R.Record]:
+    return [R.parse_record(bytes(d)) for d in datas]
+
+
+def metadata_value(rec: R.Record, key: str) -> str | bytes | None:
+    """The first value of metadata `key` on `rec`, or None (malformed metadata: None)."""
+    if not rec.meta:
+        return None
+    try:
+        pairs = R.decode_metadata(rec.meta)
+    except R.RecordError:
+        return None
+    for k, v in pairs:
+        if k == key:
+            return v
+    return None
+
+
+class CallTracker:
+    """Remembers a value per call, (handle, call_id), from the call's START record on.
+
+    Non-START records of a stream carry no method_id; a policy that needs the method (or its
+    own per-call data) for them records it here when it sees the START. Bounded: beyond
+    `max_calls` the oldest entries are forgotten (and counted in `evicted`). Entries are
+    removed when the call ends: on its final RESPONSE (END) or a CANCEL (`observe` does
+    that), or explicitly with `pop`.
+    """
+
+    __slots__ = ("max_calls", "_calls", "evicted")
+
+    def __init__(self, max_calls: int = 65536) -> None:
+        self.max_calls = max_calls
+        self._calls: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._calls
+
+    def put(self, rec: R.Record, value: Any) -> None:
+        self.put_key((rec.handle, rec.call_id), value)
+
+    def put_key(self, key: tuple[int, int], value: Any) -> None:
+        calls = self._calls
+        calls[key] = value
+        calls.move_to_end(key)
+        while len(calls) > self.max_calls:
+            calls.popitem(last=False)
+            self.evicted += 1
+
+    def get(self, rec: R.Record, default: Any = None) -> Any:
+        return self._calls.get((rec.handle, rec.call_id), default)
+
+    def pop(self, rec: R.Record, default: Any = None) -> Any:
+        return self._calls.pop((rec.handle, rec.call_id), default)
+
+    def observe(self, rec: R.Record) -> int | None:
+        """Track methods: returns the call's method_id (from START, or remembered), or None.
+
+        A REQUEST START stores its method_id; a final RESPONSE or a CANCEL removes the entry.
+        """
+        key = (rec.handle, rec.call_id)
+        if rec.kind == R.REQUEST and rec.flags & R.F_START:
+            self.put_key(key, rec.method_id)
+            return rec.method_id
+        if rec.kind == R.CANCEL or (rec.kind == R.RESPONSE and rec.flags & R.F_END):
+            return self._calls.pop(key, None)
+        return self._calls.get(key)
+
+    def items(self) -> list[tuple[tuple[int, int], Any]]:
+        return list(self._calls.items())
+
+    def clear(self) -> None:
+        self._calls.clear()
+
+
+_MISSING = object()
+
+
+class ConfigReader:
+    """Validates a policy's config dict key by key with messages naming the key.
+
+    r = ConfigReader("ratelimit", config); rate = r.number("rate", required=True, gt=0)
+    ...; r.finish() rejects keys nobody asked for (typos must not pass silently).
+    """
+
+    def __init__(self, policy: str, config: Any, where: str = "") -> None:
+        self.policy = policy
+        self.where = where
+        if config is None:
+            config = {}
+        if not isinstance(config, dict):
+            raise self.error(None, f"config must be a mapping, got {type(config).__name__}")
+        self.config = config
+        self.seen: set[str] = set()
+
+    def error(self, key: str | None, msg: str) -> PolicyConfigError:
+        name = f"{self.where}{key}" if key is not None else self.where.rstrip(".")
+        if name:
+            return PolicyConfigError(f"{self.policy}: config key {name!r}: {msg}")
+        return PolicyConfigError(f"{self.policy}: {msg}")
+
+    def raw(self, key: str, default: Any = _MISSING, required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.config or self.config[key] is None:
+            if required:
+                raise self.error(key, "is required")
+            return None if default is _MISSING else default
+        return self.config[key]
+
+    def number(self, key: str, default: Any = None, *, required: bool = False, gt: float | None = None,
+               ge: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+        v = self.raw(key, default, required)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise self.error(key, f"must be a finite number, got {v!r}")
+        self._bounds(key, v, gt, ge, le, lt)
+        return float(v)
+
+    def integer(self, key: str, default: Any = None, *, required: bool = False, gt: int | None = None,
+                ge: int | None = None, le: int | None = None) -> Any:
+        v = self.raw(key, default, required)
+        if v is None:
+            return None
+        if type(v) is not int:
+            raise self.error(key, f"must be an integer, got {v!r}")
+        self._bounds(key, v, gt, ge, le, None)
+        return v
+
+    def _bounds(self, key: str, v: Any, gt: Any, ge: Any, le: Any, lt: Any) -> None:
+        if gt is not None and not v > gt:
+            raise self.error(key, f"must be > {gt}, got {v!r}")
+        if ge is not None and not v >= ge:
+            raise self.error(key, f"must be >= {ge}, got {v!r}")
+        if le is not None and not v <= le:
+            raise self.error(key, f"must be <= {le}, got {v!r}")
+        if lt is not None and not v < lt:
+            raise self.error(key, f"must be < {lt}, got {v!r}")
+
+    def string(self, key: str, default: Any = None, *, required: bool = False, choices: Iterable[str] | None = None) -> Any:
+        v = self.raw(key, default, required)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise self.error(key, f"must be a string, got {v!r}")
+        if choices is not None:
+            choices = list(choices)
+            if v not in choices:
+                raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
+        return v
+
+    def boolean(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        v = self.raw(key, default, required)
+        if v is None:
+            return None
+        if not isinstance(v, bool):
+            raise self.error(key, f"must be true or false, got {v!r}")
+        return v
+
+    def mapping(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        v = self.raw(key, default, required)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise self.error(key, f"must be a mapping, got {type(v).__name__}")
+        return v
+
+    def sequence(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        v = self.raw(key, default, required)
+        if v is None:
+            return None
+        if not isinstance(v, (list, tuple)):
+            raise self.error(key, f"must be a list, got {type(v).__name__}")
+        return list(v)
+
+    def code(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        v = self.raw(key, default, required)
+        if v is None:
+            return None
+        c = status_code(v)
+        if c is None:
+            raise self.error(key, f"must be a grpc status code (0..16 or a name like 'UNAVAILABLE'), got {v!r}")
+        return c
+
+    def sub(self, key: str, value: Any) -> "ConfigReader":
+        return ConfigReader(self.policy, value, f"{self.where}{key}.")
+
+    def finish(self) -> None:
+        extra = sorted(set(self.config) - self.seen, key=str)
+        if extra:
+            known = ", ".join(sorted(self.seen))
+            raise self.error(str(extra[0]), f"unknown key (known keys: {known})")
+
+
+def check_method_path(reader: ConfigReader, key: str, schema: Schema, path: Any) -> Method:
+    """The schema's Method for a "/pkg.Service/Method" path, or a PolicyConfigError."""
+    if not isinstance(path, str):
+        raise reader.error(key, f"method must be a string like '/pkg.Service/Method', got {path!r}")
+    for svc in schema.services.values():
+        for m in svc.methods:
+            if m.path == path:
+                return m
+    known = sorted(m.path for s in schema.services.values() for m in s.methods)
+    hint = f" (the app knows: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known else " (the app registered no services)"
+    raise reader.error(key, f"unknown method {path!r}{hint}")
+
+
+# ---------------------------------------------------------------------------------------
+# The Policy base class
+
+
+class Policy(Engine):
+    """Base of every policy. Subclasses set `name`, `version`, `state_version` and override
+    `validate_config` (pure: returns the normalised config or raises PolicyConfigError),
+    `apply_config` (installs a validated config), the datapath hooks, and
+    `save_state` / `load_state` for live upgrade."""
+
+    name = "policy"
+    version = "0"
+    state_version = 1  # bump when the exported state's shape changes; load_state reads older ones
+
+    def __init__(self, ctx: PolicyContext, config: dict[str, Any] | None = None) -> None:
+        self.ctx = ctx
+        self.counters: dict[str, int] = {}
+        self.config: dict[str, Any] = {}
+        self._timers: set[Any] = set()
+        self._closed = False
+        normalised = self.validate_config(config if config is not None else {})
+        self.config = normalised
+        self.raw_config = dict(config or {})
+        self.apply_config(normalised)
+
+    # -- config ------------------------------------------------------------------------
+    def validate_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Check a config without side effects; return it normalised. Default: no keys."""
+        ConfigReader(self.name, config).finish()
+        return {}
+
+    def apply_config(self, config: dict[str, Any]) -> None:
+        """Install a config that validate_config accepted (must not fail)."""
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Validate, then apply; on a bad config raise PolicyConfigError and keep the old one."""
+        normalised = self.validate_config(config if config is not None else {})
+        self.config = normalised
+        self.raw_config = dict(config or {})
+        self.apply_config(normalised)
+        self.count("reconfigured")
+
+    # -- datapath ------------------------------------------------------------------------
+    def outbound(self, batch: list[R.Record]) -> list[R.Record]:
+        return batch
+
+    def inbound(self, batch: list[R.Record]) -> list[R.Record]:
+        return batch
+
+    # -- live upgrade ----------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """Plain, msgpack-able snapshot (non-destructive) for a newer version to take over."""
+        state = {
+            "policy": self.name,
+            "version": self.version,
+            "state_version": self.state_version,
+            "counters": dict(self.counters),
+        }
+        state.update(self.save_state())
+        return state
+
+    @classmethod
+    def from_state(cls, ctx: PolicyContext, config: dict[str, Any] | None, state: dict[str, Any]) -> "Policy":
+        """A new instance continuing from `state` (exported by this or an older version)."""
+        if not isinstance(state, dict):
+            raise PolicyStateError(f"{cls.name}: state must be a mapping, got {type(state).__name__}")
+        sv = state.get("state_version", 1)
+        if type(sv) is not int or sv > cls.state_version:
+            raise PolicyStateError(
+                f"{cls.name} {cls.version}: cannot take over state_version {sv!r} "
+                f"(this version reads up to {cls.state_version}); downgrades need a compatible module")
+        if state.get("policy", cls.name) != cls.name:
+            raise PolicyStateError(f"{cls.name}: state was exported by policy {state.get('policy')!r}")
+        obj = cls(ctx, config)
+        counters = state.get("counters") or {}
+        if isinstance(counters, dict):
+            for k, v in counters.items():
+                if isinstance(k, str) and type(v) is int:
+                    obj.counters[k] = obj.counters.get(k, 0) + v
+        try:
+            obj.load_state(state, sv)
+        except PolicyStateError:
+            obj.close(handed_over=True)
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, R.RecordError) as exc:
+            obj.close(handed_over=True)
+            raise PolicyStateError(f"{cls.name} {cls.version}: malformed state: {exc!r}") from None
+        return obj
+
+    def save_state(self) -> dict[str, Any]:
+        """The policy's own part of export_state (besides name/version/counters)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any], state_version: int) -> None:
+        """Take over `state` (written by state_version <= self.state_version)."""
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def held(self) -> HeldRecords:
+        """The records this policy holds back right now (close() hands them back)."""
+        return HeldRecords([], [])
+
+    def drop_held(self) -> None:
+        """Forget held records (they were handed over or handed back)."""
+
+    def close(self, handed_over: bool = False) -> HeldRecords:
+        """Detach: cancel timers and return what is still held (the daemon re-injects it).
+
+        With handed_over=True (after a successful upgrade) held records belong to the new
+        version and nothing is returned.
+        """
+        self._closed = True
+        for t in list(self._timers):
+            try:
+                t.cancel()
+            except Exception:
+                pass
+        self._timers.clear()
+        held = HeldRecords([], []) if handed_over else self.held()
+        self.drop_held()
+        return held
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def describe(self) -> dict[str, Any]:
+        held = self.held()
+        return {
+            "name": self.name,
+            "version": self.version,
+            "config": self.raw_config,
+            "counters": dict(self.counters),
+            "held": {"outbound": len(held.outbound), "inbound": len(held.inbound)},
+        }
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Any:
+        """ctx.call_later, remembered so close() cancels it; does nothing once closed."""
+        if self._closed:
+            return None
+        holder: list[Any] = []
+
+        def run() -> None:
+            if holder:
+                self._timers.discard(holder[0])
+            if not self._closed:
+                fn()
+
+        handle = self.ctx.call_later(max(0.0, delay), run)
+        holder.append(handle)
+        self._timers.add(handle)
+        return handle
+
+    def cancel_timer(self, handle: Any) -> None:
+        if handle is not None:
+            handle.cancel()
+            self._timers.discard(handle)
+
+    def resume(self, direction: str, records: list[R.Record]) -> None:
+        if not records or self._closed:
+            return
+        if direction == "outbound":
+            self.ctx.resume_outbound(self, records)
+        else:
+            self.ctx.resume_inbound(self, records)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading policy modules
+
+BUILTINS = {
+    "ratelimit": "mrpcd.policies.ratelimit",
+    "acl": "mrpcd.policies.acl",
+    "qos": "mrpcd.policies.qos",
+    "fault": "mrpcd.policies.fault",
+    "metrics": "mrpcd.policies.metrics",
+    "admission": "mrpcd.policies.admission",
+    "vtc": "mrpcd.policies.vtc",
+}
+_fresh = itertools.count(1)
+
+
+def load_policy_module(spec: str) -> type[Policy]:
+    """Load a policy class: a built-in short name ("ratelimit"), a dotted module name, or a
+    path to a .py file. A file is imported under a fresh module name every time, so loading
+    it again (an upgrade) really runs the new code. The module must export `POLICY = Cls`
+    with Cls a Policy subclass. Any failure is a PolicyLoadError that says what went wrong.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise PolicyLoadError(f"policy module must be a name or a path, got {spec!r}")
+    is_path = spec.endswith(".py") or "/" in spec or spec.startswith(".")
+    if is_path:
+        path = Path(spec)
+        if not path.is_file():
+            raise PolicyLoadError(f"policy module {spec}: no such file")
+        modname = f"mrpcd_policy_{path.stem.replace('-', '_')}_{next(_fresh)}"
+        try:
+            mspec = importlib.util.spec_from_file_location(modname, str(path))
+            if mspec is None or mspec.loader is None:
+                raise PolicyLoadError(f"policy module {spec}: not an importable Python file")
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[modname] = module  # dataclasses and pickling look modules up here
+            try:
+                mspec.loader.exec_module(module)
+            finally:
+                sys.modules.pop(modname, None)
+        except PolicyLoadError:
+            raise
+        except (Exception, SystemExit) as exc:  # SyntaxError, ImportError, anything it raises
+            raise PolicyLoadError(f"policy module {spec} failed to import: {_exc_text(exc)}") from exc
+    else:
+        name = BUILTINS.get(spec, spec)
+        try:
+            module = importlib.import_module(name)
+        except (Exception, SystemExit) as exc:
+            known = ", ".join(sorted(BUILTINS))
+            raise PolicyLoadError(f"policy module {spec} failed to import: {_exc_text(exc)} (built-ins: {known})") from exc
+    cls = getattr(module, "POLICY", None)
+    if cls is None:
+        raise PolicyLoadError(f"policy module {spec} has no POLICY (it must export POLICY = YourPolicyClass)")
+    if not isinstance(cls, type) or not issubclass(cls, Policy):
+        raise PolicyLoadError(
+            f"policy module {spec}: POLICY is {cls!r}, not a subclass of mrpcd.policies.base.Policy")
+    if cls is Policy:
+        raise PolicyLoadError(f"policy module {spec}: POLICY is the Policy base class itself")
+    for attr in ("name", "version"):
+        if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
+            raise PolicyLoadError(f"policy module {spec}: {cls.__name__}.{attr} must be a non-empty string")
+    return cls
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text.replace("\n", " | ")
+
+
+# ---------------------------------------------------------------------------------------
+# Holding calls back
+
+
+class HeldCall:
+    """One held call: its START record, the records of the same call that followed it, and
+    whatever the policy wants to remember about it (`data`, plain data)."""
+
+    __slots__ = ("key", "records", "data")
+
+    def __init__(self, key: tuple[int, int], records: list[R.Record], data: Any = None) -> None:
+        self.key = key
+        self.records = records
+        self.data = data
+
+
+class HeldCalls:
+    """A FIFO of held calls. A call is held from its START; later records of the same call
+    are appended to it (`absorb`) so they cannot overtake it; release hands back the whole
+    call in order. Export as plain data: [[[record bytes, ...], data], ...]."""
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: dict[tuple[int, int], HeldCall] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __bool__(self) -> bool:
+        return bool(self._calls)
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._calls
+
+    def __iter__(self):
+        return iter(list(self._calls.values()))
+
+    def hold(self, rec: R.Record, data: Any = None) -> HeldCall:
+        key = (rec.handle, rec.call_id)
+        call = self._calls.get(key)
+        if call is not None:  # a second START for a held call: keep it behind the first
+            call.records.append(rec)
+            return call
+        call = self._calls[key] = HeldCall(key, [rec], data)
+        return call
+
+    def put(self, call: HeldCall) -> None:
+        """Append an already-built held call (moved from another queue or from state)."""
+        self._calls[call.key] = call
+
+    def absorb(self, rec: R.Record) -> bool:
+        """Append `rec` to its held call, if its call is held here."""
+        call = self._calls.get((rec.handle, rec.call_id))
+        if call is None:
+            return False
+        call.records.append(rec)
+        return True
+
+    def peek(self) -> HeldCall | None:
+        return next(iter(self._calls.values()), None)
+
+    def popleft(self) -> HeldCall:
+        key = next(iter(self._calls))
+        return self._calls.pop(key)
+
+    def remove(self, key: tuple[int, int]) -> HeldCall | None:
+        return self._calls.pop(key, None)
+
+    def records(self) -> list[R.Record]:
+        return [r for c in self._calls.values() for r in c.records]
+
+    def clear(self) -> None:
+        self._calls.clear()
+
+    def to_state(self) -> list[list[Any]]:
+        return [[[r.encode() for r in c.records], c.data] for c in self._calls.values()]
+
+    @classmethod
+    def from_state(cls, items: Any) -> "HeldCalls":
+        held = cls()
+        for recs, data in items or []:
+            parsed = [R.parse_record(bytes(b)) for b in recs]
+            if not parsed:
+                continue
+            first = parsed[0]
+            call = held.hold(first, data)
+            call.records.extend(parsed[1:])
+        return held
+
+
+class KeySet:
+    """A bounded insertion-ordered set of call keys (e.g. calls a policy rejected, whose
+    later records it must drop)."""
+
+    __slots__ = ("_d", "max_size")
+
+    def __init__(self, max_size: int = 65536) -> None:
+        self._d: dict[tuple[int, int], None] = {}
+        self.max_size = max_size
+
+    def add(self, key: tuple[int, int]) -> None:
+        self._d[key] = None
+        while len(self._d) > self.max_size:
+            del self._d[next(iter(self._d))]
+
+    def discard(self, key: tuple[int, int]) -> None:
+        self._d.pop(key, None)
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def to_state(self) -> list[list[int]]:
+        return [list(k) for k in self._d]
+
+    def load(self, items: Any) -> None:
+        for h, c in items or []:
+            self.add((int(h), int(c)))
+
+
+def ends_request_stream(rec: R.Record) -> bool:
+    """The last record the requester sends for a call: a REQUEST with END, or a CANCEL."""
+    return rec.kind == R.CANCEL or (rec.kind == R.REQUEST and bool(rec.flags & R.F_END))
+
+
+def check_direction(reader: ConfigReader, key: str = "direction", default: str = "outbound") -> str:
+    return reader.string(key, default, choices=("outbound", "inbound"))
