@@ -18,9 +18,10 @@ HEADER_SIZE = _HEADER_SIZE
 REQUEST = 1
 RESPONSE = 2
 CANCEL = 3
+WINDOW = 4
 HELLO = 16
 GOAWAY = 17
-KINDS = frozenset((REQUEST, RESPONSE, CANCEL, HELLO, GOAWAY))
+KINDS = frozenset((REQUEST, RESPONSE, CANCEL, WINDOW, HELLO, GOAWAY))
 F_START = 1
 F_END = 2
 F_NO_MSG = 4
@@ -44,11 +45,11 @@ class RecordError(ValueError):
         self.records = records if records is not None else []
 
 
-_KIND_NAMES = {1: "REQUEST", 2: "RESPONSE", 3: "CANCEL", 16: "HELLO", 17: "GOAWAY"}
+_KIND_NAMES = {1: "REQUEST", 2: "RESPONSE", 3: "CANCEL", 4: "WINDOW", 16: "HELLO", 17: "GOAWAY"}
 
 
 cdef inline bint _kind_ok(unsigned int k) noexcept:
-    return k == 1 or k == 2 or k == 3 or k == 16 or k == 17
+    return k == 1 or k == 2 or k == 3 or k == 4 or k == 16 or k == 17
 
 
 # -- little-endian loads/stores (portable; compilers turn these into plain moves) -------

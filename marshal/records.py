@@ -27,6 +27,7 @@ from ._framing import (
     MAX_META,
     REQUEST,
     RESPONSE,
+    WINDOW,
     FrameDecoder,
     Record,
     RecordError,
@@ -35,7 +36,7 @@ from ._framing import (
 )
 
 __all__ = [
-    "HEADER", "HEADER_SIZE", "REQUEST", "RESPONSE", "CANCEL", "HELLO", "GOAWAY", "KINDS",
+    "HEADER", "HEADER_SIZE", "REQUEST", "RESPONSE", "CANCEL", "WINDOW", "HELLO", "GOAWAY", "KINDS",
     "F_START", "F_END", "F_NO_MSG", "F_ALL", "MAX_META", "DEFAULT_MAX_RECORD",
     "RecordError", "Record", "encode_record", "parse_record", "FrameDecoder",
     "encode_metadata", "decode_metadata", "check_metadata_key",

@@ -210,7 +210,7 @@ def test_frame_decoder_error_keeps_good_records():
 
 
 @pytest.mark.parametrize("hdr, message", [
-    (header(kind=4), "unknown record kind 4"),
+    (header(kind=5), "unknown record kind 5"),
     (header(flags=0xF0), "unknown record flags 0xf0"),
     (header(reserved=7), "reserved field is 7"),
     (header(meta_len=MAX_META + 1), "exceeds MAX_META"),
