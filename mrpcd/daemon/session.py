@@ -138,7 +138,7 @@ class AppSession:
             except R.RecordError as exc:
                 self._reject_malformed(data, str(exc))
                 continue
-            if rec.kind == R.CANCEL or rec.kind == R.REQUEST or rec.kind == R.RESPONSE:
+            if rec.kind == R.CANCEL or rec.kind == R.REQUEST or rec.kind == R.RESPONSE or rec.kind == R.WINDOW:
                 batch.append(rec)
             else:
                 self._reject_malformed(data, f"record kind {rec.kind} may not be sent by an app")
@@ -300,7 +300,7 @@ class AppSession:
             elif rec.kind == R.RESPONSE and route.role == "server" or rec.kind == R.REQUEST and route.role == "client":
                 route.conn.close(f"protocol error: record kind {rec.kind} in the wrong direction")
                 return
-            elif rec.kind not in (R.REQUEST, R.RESPONSE, R.CANCEL):
+            elif rec.kind not in (R.REQUEST, R.RESPONSE, R.CANCEL, R.WINDOW):
                 route.conn.close(f"protocol error: unexpected record kind {rec.kind}")
                 return
             self.stats["bytes_in"] += R.HEADER_SIZE + len(rec.meta) + len(rec.payload)
