@@ -61,6 +61,44 @@ def _seconds(v: Any) -> float:
     return float(v)
 
 
+def _drain_seconds(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
+        raise ValueError("must be a number of seconds from 0 to 3600")
+    return float(v)
+
+
+METRICS_KEYS = ("address", "buckets")
+
+
+def _metrics(v: Any) -> dict[str, Any]:
+    """`metrics: {address: "host:port" | null, buckets: [seconds, ...]}`; address null = off."""
+    from .observe import DEFAULT_BUCKETS
+
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise ValueError("must be a mapping with keys address, buckets")
+    unknown = sorted(str(k) for k in v if k not in METRICS_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(METRICS_KEYS)})")
+    address = v.get("address")
+    if address is not None:
+        if not isinstance(address, str) or ":" not in address:
+            raise ValueError("address must be \"host:port\" (or null to serve no metrics)")
+        host, _, port = address.rpartition(":")
+        if not host.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"address {address!r} must be host:port with port 0..65535")
+    buckets = v.get("buckets", list(DEFAULT_BUCKETS))
+    if not isinstance(buckets, list) or not buckets:
+        raise ValueError("buckets must be a non-empty list of seconds")
+    for b in buckets:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < float("inf"):
+            raise ValueError(f"buckets must be positive finite numbers, got {b!r}")
+    if any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise ValueError("buckets must be strictly increasing")
+    return {"address": address, "buckets": tuple(float(b) for b in buckets)}
+
+
 VALIDATORS = {
     "control_socket": _optional_str,
     "admin_group": _group,
@@ -71,7 +109,12 @@ VALIDATORS = {
     "connect_timeout": _seconds,
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("text", "json"),
+    "drain_timeout": _drain_seconds,
+    "metrics": _metrics,
 }
+
+# What a SIGHUP reload may change in a running daemon; the rest needs a restart.
+LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "connect_timeout", "admin_group", "drain_timeout", "metrics")
 
 
 @dataclass
@@ -85,6 +128,8 @@ class Config:
     connect_timeout: float
     log_level: str
     log_format: str
+    drain_timeout: float
+    metrics: dict[str, Any]
     source: str = "<embedded default>"
 
 
@@ -112,6 +157,7 @@ def _load_mapping(text: str, source: str) -> tuple[dict, dict[str, int]]:
 def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """The embedded default, then the file at `path`, then `overrides` (command line)."""
     values, _ = _load_mapping(default_text(), "<embedded default>")
+    values = {k: VALIDATORS[k](v) if k in VALIDATORS else v for k, v in values.items()}
     source = "<embedded default>"
     if path is not None:
         try:
