@@ -47,6 +47,50 @@ def _print_apps(reply: dict) -> None:
               f"{','.join(a['listening'])[:22] or '-':<22} {len(a['routes']):>6}  {engines}")
 
 
+def _load_config_arg(text: str | None) -> dict | None:
+    """--config takes inline YAML/JSON (`{rate: 100}`) or @path to a YAML/JSON file."""
+    if text is None:
+        return None
+    import yaml
+
+    if text.startswith("@"):
+        with open(text[1:], encoding="utf-8") as f:
+            text = f.read()
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config is not valid YAML/JSON: {exc}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("--config must be a mapping, e.g. '{rate: 100, burst: 10}'")
+    return value
+
+
+def _policy_request(args: argparse.Namespace) -> tuple[str, dict]:
+    config = _load_config_arg(getattr(args, "config", None))
+    app = getattr(args, "app", None)
+    if args.pcmd == "list":
+        return "policies", {"app": app}
+    if args.pcmd == "attach":
+        return "policy_attach", {"app": app, "policy": args.policy, "config": config, "name": args.name, "position": args.position}
+    if args.pcmd == "detach":
+        return "policy_detach", {"app": app, "name": args.name}
+    if args.pcmd == "config":
+        return "policy_config", {"app": app, "name": args.name, "config": config}
+    return "policy_upgrade", {"app": app, "name": args.name, "module": args.module, "config": config}
+
+
+def _print_policies(reply: dict) -> None:
+    for app in reply["apps"]:
+        print(f"app {app['app_id']} ({app['name']}):")
+        if not app["policies"]:
+            print("  (no policies)")
+        for p in app["policies"]:
+            counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
+            print(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.")
     p.add_argument("--socket", default=None, help="control socket (default: MRPCD_SOCKET or the per-user default)")
@@ -56,6 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("apps", help="connected apps, their services, routes and datapath engines")
     sub.add_parser("stats", help="daemon and per-app counters")
     sub.add_parser("shutdown", help="stop the daemon gracefully (admin only)")
+    pol = sub.add_parser("policy", help="list, attach, detach, reconfigure and upgrade policies on running apps")
+    psub = pol.add_subparsers(dest="pcmd", required=True)
+    pl = psub.add_parser("list", help="policies on each app's datapath, with their counters")
+    pl.add_argument("app", nargs="?", help="app_id or name (default: all apps)")
+    pa = psub.add_parser("attach", help="attach a policy to an app (admin only)")
+    pa.add_argument("app", help="app_id or name (every app of that name)")
+    pa.add_argument("policy", help="built-in (ratelimit, acl, qos, fault, metrics, admission, vtc), dotted module, or path.py")
+    pa.add_argument("--name", help="instance name (default: the policy's name)")
+    pa.add_argument("--config", help="YAML/JSON mapping, or @file")
+    pa.add_argument("--position", type=int, help="index in the chain (default: last, nearest the network)")
+    pd = psub.add_parser("detach", help="detach a policy; what it holds goes on (admin only)")
+    pd.add_argument("name")
+    pd.add_argument("--app", help="app_id or name (default: every app that has it)")
+    pc = psub.add_parser("config", help="reconfigure a policy in place (admin only)")
+    pc.add_argument("name")
+    pc.add_argument("--config", required=True, help="YAML/JSON mapping, or @file")
+    pc.add_argument("--app")
+    pu = psub.add_parser("upgrade", help="load a new version of a policy, carrying its state over (admin only)")
+    pu.add_argument("name")
+    pu.add_argument("--module", required=True, help="path.py, dotted module or built-in name of the new version")
+    pu.add_argument("--config", help="new config (default: keep the current one)")
+    pu.add_argument("--app")
     args = p.parse_args(argv)
     path = args.socket or default_socket_path()
     try:
@@ -64,16 +130,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mrpcctl: cannot reach mrpcd at {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
-        reply = ctl.call(args.cmd)
-    except cp.ControlError as exc:
+        if args.cmd == "policy":
+            op, req = _policy_request(args)
+        else:
+            op, req = args.cmd, {}
+        reply = ctl.call(op, **req)
+    except cp.ControlError as exc:  # the daemon refused: its text says why
         print(f"mrpcctl: {args.cmd}: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (ValueError, OSError) as exc:  # a bad --config, an unreadable @file, a lost socket
         print(f"mrpcctl: {args.cmd}: {exc}", file=sys.stderr)
-        return 1
+        return 2
     reply.pop("id", None)
     reply.pop("ok", None)
-    if args.json or args.cmd == "stats":
+    if args.cmd == "policy" and not args.json:
+        if args.pcmd == "list":
+            _print_policies(reply)
+        else:
+            print(json.dumps(reply, indent=2, sort_keys=True, default=str))
+    elif args.json or args.cmd == "stats":
         print(json.dumps(reply, indent=2, sort_keys=True))
     elif args.cmd == "apps":
         _print_apps(reply)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
+from .policy_host import PolicyOpError
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -90,6 +91,9 @@ class ControlConnection:
         try:
             reply = await handler(msg, fds)
         except HandshakeError as exc:
+            self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
+            return
+        except PolicyOpError as exc:
             self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
             return
         except (ValueError, SchemaError, cp.ControlError) as exc:
@@ -170,6 +174,77 @@ class ControlConnection:
 
     async def op_stats(self, msg: dict, fds: list[int]) -> dict:
         return {"daemon": self.daemon.stats(), "apps": {str(s.app_id): s.describe()["stats"] for s in self.daemon.sessions.values()}}
+
+    # -- policies -------------------------------------------------------------------------
+    def _select_apps(self, selector: Any, required: bool = True) -> list["AppSession"]:
+        """An app by id (int or digits) or by name (every app of that name)."""
+        sessions = list(self.daemon.sessions.values())
+        if selector is None or selector == "":
+            if required:
+                raise ValueError("name the app: its app_id or its name (see `mrpcctl apps`)")
+            return sessions
+        if isinstance(selector, int) or (isinstance(selector, str) and selector.isdigit()):
+            found = [s for s in sessions if s.app_id == int(selector)]
+        elif isinstance(selector, str):
+            found = [s for s in sessions if s.name == selector]
+        else:
+            raise ValueError("app must be an app_id or a name")
+        if not found:
+            raise cp.ControlError(f"no connected app {selector!r} (see `mrpcctl apps`)", 5)
+        return found
+
+    @staticmethod
+    def _config_arg(msg: dict) -> dict | None:
+        config = msg.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise ValueError("policy config must be a mapping")
+        return config
+
+    async def op_policies(self, msg: dict, fds: list[int]) -> dict:
+        apps = self._select_apps(msg.get("app"), required=False)
+        return {"apps": [{"app_id": s.app_id, "name": s.name, "policies": s.policies.describe()} for s in apps]}
+
+    async def op_policy_attach(self, msg: dict, fds: list[int]) -> dict:
+        self._need_admin()
+        config, name, position = self._config_arg(msg), msg.get("name"), msg.get("position")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError("policy instance name must be a non-empty string")
+        if position is not None and not isinstance(position, int):
+            raise ValueError("position must be an integer")
+        out = []
+        for s in self._select_apps(msg.get("app")):
+            out.append({"app_id": s.app_id, **s.policies.attach(msg.get("policy"), config, name, position).describe()})
+        return {"attached": out}
+
+    async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
+        self._need_admin()
+        out = []
+        for s in self._apps_with_policy(msg):
+            out.append({"app_id": s.app_id, **s.policies.detach(msg["name"])})
+        return {"detached": out}
+
+    async def op_policy_config(self, msg: dict, fds: list[int]) -> dict:
+        self._need_admin()
+        config = self._config_arg(msg)
+        if config is None:
+            raise ValueError("policy config needs a config mapping")
+        return {"configured": [{"app_id": s.app_id, **s.policies.reconfigure(msg["name"], config).describe()} for s in self._apps_with_policy(msg)]}
+
+    async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
+        self._need_admin()
+        module, config = msg.get("module"), self._config_arg(msg)
+        return {"upgraded": [{"app_id": s.app_id, **s.policies.upgrade(msg["name"], module, config).describe()} for s in self._apps_with_policy(msg)]}
+
+    def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
+        name = msg.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("name the policy instance (see `mrpcctl policy list`)")
+        apps = self._select_apps(msg.get("app"), required=False)
+        if msg.get("app") in (None, ""):
+            apps = [s for s in apps if any(getattr(e, "instance_name", None) == name for e in s.datapath.engines)]
+            if not apps:
+                raise cp.ControlError(f"no app has a policy named {name!r}", 5)
+        return apps
 
     async def op_shutdown(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()

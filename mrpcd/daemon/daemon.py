@@ -26,6 +26,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._control_sock = None
         self.counters = {"apps_connected": 0, "apps_dropped": 0}
+        self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
 
     async def start(self) -> None:
         self._control_sock = await serve_control(self, self.config.control_socket)

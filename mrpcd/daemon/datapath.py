@@ -49,20 +49,46 @@ class Datapath:
         self._deliver_in = deliver_in
 
     def outbound(self, batch: list[R.Record]) -> None:
-        for engine in self.engines:
+        self.outbound_from(0, batch)
+
+    def inbound(self, batch: list[R.Record]) -> None:
+        self.inbound_from(len(self.engines) - 1, batch)
+
+    def outbound_from(self, index: int, batch: list[R.Record]) -> None:
+        """Run engines[index:] front to back, then hand the batch to the transport."""
+        engines = self.engines
+        for i in range(max(0, index), len(engines)):
             if not batch:
                 return
-            batch = engine.outbound(batch)
+            batch = engines[i].outbound(batch)
         if batch:
             self._send_out(batch)
 
-    def inbound(self, batch: list[R.Record]) -> None:
-        for engine in reversed(self.engines):
+    def inbound_from(self, index: int, batch: list[R.Record]) -> None:
+        """Run engines[index], engines[index-1], ... engines[0], then deliver to the app."""
+        engines = self.engines
+        for i in range(min(index, len(engines) - 1), -1, -1):
             if not batch:
                 return
-            batch = engine.inbound(batch)
+            batch = engines[i].inbound(batch)
         if batch:
             self._deliver_in(batch)
+
+    def outbound_after(self, engine: Engine, batch: list[R.Record]) -> None:
+        """Records `engine` held back go on towards the network from just after it."""
+        try:
+            index = self.engines.index(engine) + 1
+        except ValueError:  # no longer on the chain (detached meanwhile): skip nothing it did not pass
+            index = len(self.engines)
+        self.outbound_from(index, batch)
+
+    def inbound_after(self, engine: Engine, batch: list[R.Record]) -> None:
+        """Records `engine` held back go on towards the app from just before it."""
+        try:
+            index = self.engines.index(engine) - 1
+        except ValueError:
+            index = -1
+        self.inbound_from(index, batch)
 
     def reply_error(self, rec: R.Record, code: int, details: str) -> None:
         """Answer a client's request record with a final status, without it leaving the host."""

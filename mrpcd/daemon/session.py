@@ -19,6 +19,7 @@ from ..native import ring as ringmod
 from ..status import StatusCode
 from ..transports import tcp
 from .datapath import Datapath, error_response
+from .policy_host import PolicyHost
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -79,6 +80,8 @@ class AppSession:
         self.pending: deque[bytes] = deque()
         self.paused_routes = False
         self.datapath = Datapath(self, self._send_out, self._deliver_in)
+        self.policies = PolicyHost(self, daemon.policy_globals)
+        self._methods_by_id: dict[int, Any] | None = None
         self.stats: dict[str, int] = {
             "records_out": 0, "records_in": 0, "bytes_out": 0, "bytes_in": 0,
             "malformed": 0, "unroutable": 0, "unimplemented": 0,
@@ -230,7 +233,17 @@ class AppSession:
                         "regenerate stubs from the same .proto"
                     )
         self.schema = merged
+        self._methods_by_id = None
         return fingerprints
+
+    def methods_by_id(self) -> dict[int, Any]:
+        if self._methods_by_id is None:
+            self._methods_by_id = self.schema.methods_by_id()
+        return self._methods_by_id
+
+    def deliver_to_app(self, batch: list[R.Record]) -> None:
+        """Push records straight to the app's rx ring (no inbound engines): daemon-made replies."""
+        self._deliver_in(batch)
 
     def _service_fingerprints(self, names: list[str] | None = None) -> dict[str, str]:
         names = list(self.schema.services) if names is None else names
@@ -329,6 +342,7 @@ class AppSession:
             return
         self.closed = True
         self.loop.remove_reader(self.daemon_waker.fileno())
+        self.policies.close_all()
         for route in list(self.routes.values()):
             route.conn.close("app disconnected")
         self.routes.clear()
@@ -349,7 +363,7 @@ class AppSession:
             "services": sorted(self.schema.services),
             "listening": sorted({b.address for b in self.bindings.values()}),
             "routes": [{"handle": r.handle, "role": r.role, "peer": r.target} for r in self.routes.values()],
-            "engines": [e.describe() for e in self.datapath.engines],
+            "engines": self.policies.describe(),
             "pending": len(self.pending),
             "stats": dict(self.stats),
         }

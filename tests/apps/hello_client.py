@@ -33,12 +33,62 @@ def main() -> int:
         print("calling", flush=True)
         stub.SayHello(hello_mrpc.HelloRequest(name=f"slow:{arg}"), timeout=60)
         print("returned", flush=True)
+    elif mode == "load":
+        return run_load(stub, float(arg), int(sys.argv[4]) if len(sys.argv) > 4 else 4)
     elif mode == "status":
         try:
             stub.SayHello(hello_mrpc.HelloRequest(name=arg), timeout=20)
             print("OK", flush=True)
         except mrpcd.RpcError as exc:
             print(f"{exc.code().name}|{exc.details()}", flush=True)
+    return 0
+
+
+def run_load(stub, seconds: float, threads: int) -> int:
+    """Calls from `threads` threads until STOP_FILE exists or `seconds` pass; counts everything.
+
+    Prints "started" once the first call succeeded, then at the end
+    "attempted A completed C failed F" and one line per distinct failure.
+    """
+    import os
+    import threading
+    import time
+
+    stop_file = os.environ.get("STOP_FILE", "")
+    end = time.monotonic() + seconds
+    lock = threading.Lock()
+    counts = {"attempted": 0, "completed": 0, "failed": 0}
+    errors: dict[str, int] = {}
+    started = threading.Event()
+
+    def worker(w: int) -> None:
+        i = 0
+        while time.monotonic() < end and not (stop_file and os.path.exists(stop_file)):
+            with lock:
+                counts["attempted"] += 1
+            try:
+                reply = stub.SayHello(hello_mrpc.HelloRequest(name=f"w{w}-{i}"), timeout=20)
+                assert reply.message == f"Hello, w{w}-{i}!", reply.message
+                with lock:
+                    counts["completed"] += 1
+                started.set()
+            except Exception as exc:  # count every failure, whatever it is
+                key = f"{type(exc).__name__}: {exc}"
+                with lock:
+                    counts["failed"] += 1
+                    errors[key] = errors.get(key, 0) + 1
+            i += 1
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    started.wait(20)
+    print("started", flush=True)
+    for t in pool:
+        t.join()
+    print(f"attempted {counts['attempted']} completed {counts['completed']} failed {counts['failed']}", flush=True)
+    for key, n in errors.items():
+        print(f"error x{n}: {key}", flush=True)
     return 0
 
 

@@ -1,0 +1,194 @@
+"""The daemon side of policies: contexts, attach / detach / reconfigure / upgrade on live apps.
+
+Every change happens on the event loop between two batches, so a policy never sees a
+half-swapped chain. Nothing is lost across a change: a detached policy hands back what it
+held and those records re-enter the chain where it stood; an upgrade carries the old
+instance's exported state (tokens, queues, counters) into the new code, and if loading or
+taking over fails the old instance keeps running untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..marshal import records as R
+from ..marshal.schema import Method
+from ..policies.base import Policy, PolicyConfigError, PolicyLoadError, PolicyStateError, load_policy_module
+from .datapath import Engine, error_response
+
+if TYPE_CHECKING:
+    from .session import AppSession
+
+log = logging.getLogger("mrpcd.policy")
+
+
+class PolicyOpError(ValueError):
+    """An operator's policy request cannot be carried out; the text says why."""
+
+
+class SessionPolicyContext:
+    """What a policy sees of the daemon, for one app (implements policies.base.PolicyContext)."""
+
+    def __init__(self, session: "AppSession", shared: dict[str, Any]) -> None:
+        self._session = session
+        self.app_id = session.app_id
+        self.app_name = session.name
+        self.globals = shared
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def schema(self):
+        return self._session.schema
+
+    def method(self, method_id: int) -> Method | None:
+        return self._session.methods_by_id().get(method_id)
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> asyncio.TimerHandle:
+        return self._loop.call_later(delay, self._guarded, fn)
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        if self._session.closed:
+            return
+        try:
+            fn()
+        except Exception:
+            log.exception("policy timer failed on app %s", self.app_name)
+
+    def resume_outbound(self, engine: Engine, records: list[R.Record]) -> None:
+        if records and not self._session.closed:
+            self._session.datapath.outbound_after(engine, records)
+
+    def resume_inbound(self, engine: Engine, records: list[R.Record]) -> None:
+        if records and not self._session.closed:
+            self._session.datapath.inbound_after(engine, records)
+
+    def reply_error(self, record: R.Record, code: int, details: str) -> None:
+        """Answer whoever sent the request: the app (client route) or the peer (server route)."""
+        session = self._session
+        route = session.routes.get(record.handle)
+        if route is not None and route.role == "server":
+            if not route.conn.closed:
+                route.conn.send(error_response(0, record.call_id, code, details).encode())
+        else:
+            session.deliver_to_app([error_response(record.handle, record.call_id, code, details)])
+
+    def log(self, level: int | str, msg: str, **fields: Any) -> None:
+        lvl = level if isinstance(level, int) else logging.getLevelName(str(level).upper())
+        if not isinstance(lvl, int):
+            lvl = logging.INFO
+        log.log(lvl, "[%s] %s", self.app_name, msg, extra={"fields": {"app_id": self.app_id, **fields}})
+
+
+class PolicyHost:
+    """The policies attached to one app's datapath, by instance name."""
+
+    def __init__(self, session: "AppSession", shared: dict[str, Any]) -> None:
+        self.session = session
+        self.ctx = SessionPolicyContext(session, shared)
+
+    @property
+    def chain(self) -> list[Engine]:
+        return self.session.datapath.engines
+
+    def find(self, name: str) -> Policy:
+        for engine in self.chain:
+            if getattr(engine, "instance_name", None) == name:
+                return engine  # type: ignore[return-value]
+        names = ", ".join(getattr(e, "instance_name", e.name) for e in self.chain) or "none"
+        raise PolicyOpError(f"app {self.session.name} (app_id {self.session.app_id}) has no policy {name!r} (attached: {names})")
+
+    def attach(self, spec: str, config: dict[str, Any] | None, name: str | None = None, position: int | None = None) -> Policy:
+        cls = _load(spec)
+        instance = name or cls.name
+        if any(getattr(e, "instance_name", None) == instance for e in self.chain):
+            raise PolicyOpError(f"app {self.session.name} already has a policy named {instance!r}; detach it or pick --name")
+        try:
+            policy = cls(self.ctx, config or {})
+        except PolicyConfigError as exc:
+            raise PolicyOpError(str(exc)) from None
+        except Exception as exc:
+            raise PolicyOpError(f"policy {spec} failed to start: {type(exc).__name__}: {exc}") from None
+        policy.instance_name = instance  # type: ignore[attr-defined]
+        policy.module_spec = spec  # type: ignore[attr-defined]
+        chain = self.chain
+        chain.insert(len(chain) if position is None else max(0, min(position, len(chain))), policy)
+        log.info("policy %s (%s %s) attached to app %s", instance, cls.name, cls.version, self.session.name)
+        return policy
+
+    def detach(self, name: str) -> dict[str, int]:
+        policy = self.find(name)
+        chain = self.chain
+        index = chain.index(policy)
+        held = policy.close()
+        chain.remove(policy)
+        # what it held continues from where it stood: outbound to engines after it, inbound to those before it
+        dp = self.session.datapath
+        if held.outbound:
+            dp.outbound_from(index, list(held.outbound))
+        if held.inbound:
+            dp.inbound_from(index - 1, list(held.inbound))
+        log.info("policy %s detached from app %s; %d held records passed on", name, self.session.name, len(held.outbound) + len(held.inbound))
+        return {"released_outbound": len(held.outbound), "released_inbound": len(held.inbound)}
+
+    def reconfigure(self, name: str, config: dict[str, Any]) -> Policy:
+        policy = self.find(name)
+        try:
+            policy.reconfigure(config)
+        except PolicyConfigError as exc:
+            raise PolicyOpError(str(exc)) from None
+        log.info("policy %s on app %s reconfigured", name, self.session.name)
+        return policy
+
+    def upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> Policy:
+        old = self.find(name)
+        cls = _load(spec)
+        state = old.export_state()
+        cfg = config if config is not None else getattr(old, "config", None) or {}
+        try:
+            new = cls.from_state(self.ctx, cfg, state)
+        except (PolicyStateError, PolicyConfigError) as exc:
+            raise PolicyOpError(f"upgrade refused, {name} keeps running: {exc}") from None
+        except Exception as exc:
+            raise PolicyOpError(f"upgrade refused, {name} keeps running: {type(exc).__name__}: {exc}") from None
+        new.instance_name = name  # type: ignore[attr-defined]
+        new.module_spec = spec  # type: ignore[attr-defined]
+        chain = self.chain
+        chain[chain.index(old)] = new
+        old.close(handed_over=True)
+        log.info("policy %s on app %s upgraded %s -> %s", name, self.session.name, old.version, new.version)
+        return new
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for index, engine in enumerate(self.chain):
+            d = engine.describe()
+            d["instance"] = getattr(engine, "instance_name", engine.name)
+            d["module"] = getattr(engine, "module_spec", "")
+            d["position"] = index
+            out.append(d)
+        return out
+
+    def close_all(self) -> None:
+        for engine in list(self.chain):
+            close = getattr(engine, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("policy %s failed to close", getattr(engine, "instance_name", engine.name))
+        self.chain.clear()
+
+
+def _load(spec: Any) -> type[Policy]:
+    if not isinstance(spec, str) or not spec:
+        raise PolicyOpError("a policy is named by a built-in name, a dotted module or a .py path")
+    try:
+        return load_policy_module(spec)
+    except PolicyLoadError as exc:
+        raise PolicyOpError(str(exc)) from None
+    except Exception as exc:  # the loader wraps import errors, but never let one escape
+        raise PolicyOpError(f"cannot load policy {spec}: {type(exc).__name__}: {exc}") from None

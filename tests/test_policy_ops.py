@@ -1,0 +1,236 @@
+"""Operators change policies on running apps with mrpcctl: attach, reconfigure, upgrade, detach.
+
+Real daemons, real apps, load running the whole time; every call is counted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mrpcd
+from mrpcd.ctl import Control
+from mrpcd.marshal import records as R
+
+from test_e2e import wait_until
+
+V2_MODULE = '''
+"""Version 2 of the rate limit: same behaviour, new version string, reads v1 state."""
+from mrpcd.policies.ratelimit import RateLimit
+
+
+class RateLimitV2(RateLimit):
+    version = "2.0-test"
+
+
+POLICY = RateLimitV2
+'''
+
+
+def ctl(daemon, *args: str, uid: int | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mrpcd.ctl", "--socket", daemon.socket, *args]
+    if uid is not None:
+        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+
+
+def policies_of(daemon, app: str) -> list[dict]:
+    apps = Control(daemon.socket).call("policies", app=app)["apps"]
+    return apps[0]["policies"] if apps else []
+
+
+@pytest.fixture
+def served(two_daemons, app_factory, gen_dir):
+    a, b = two_daemons
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    return a, b, server.readline()
+
+
+def test_attach_upgrade_detach_under_load_loses_nothing(served, app_factory, gen_dir, tmp_path):
+    a, _b, address = served
+    stop = tmp_path / "stop"
+    v2 = tmp_path / "ratelimit_v2.py"
+    v2.write_text(V2_MODULE)
+    load = app_factory("hello_client.py", a, address, "load", "60", "4", gen=gen_dir)  # stops when `stop` exists
+    assert load.readline() == "started"
+
+    # queue mode with a rate below the offered load, so calls really wait in the policy
+    r = ctl(a, "policy", "attach", "hello_client.py", "ratelimit", "--config", "{rate: 300, burst: 5, mode: queue, max_queue: 100000}")
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.8)
+    before = policies_of(a, "hello_client.py")[0]
+    assert before["version"] == "1.0"
+
+    r = ctl(a, "policy", "upgrade", "ratelimit", "--module", str(v2))
+    assert r.returncode == 0, r.stderr
+    after = policies_of(a, "hello_client.py")[0]
+    assert after["version"] == "2.0-test"
+    # the counters were carried over, not restarted
+    admitted_key = next(k for k in before["counters"] if "admit" in k or "passed" in k or "allowed" in k)
+    assert after["counters"][admitted_key] >= before["counters"][admitted_key] > 0
+
+    time.sleep(0.8)
+    r = ctl(a, "policy", "config", "ratelimit", "--config", "{rate: 5000, burst: 50, mode: queue, max_queue: 100000}")
+    assert r.returncode == 0, r.stderr
+    time.sleep(0.3)
+    r = ctl(a, "policy", "detach", "ratelimit")
+    assert r.returncode == 0, r.stderr
+    assert policies_of(a, "hello_client.py") == []
+    time.sleep(0.3)
+    stop.touch()
+    code, out, err = load.wait(60)
+    assert code == 0, err
+    summary = out.strip().splitlines()[-1] if "error" not in out else out
+    attempted, completed, failed = (int(x) for x in summary.split()[1::2])
+    assert failed == 0, out
+    assert attempted == completed > 100
+
+
+@pytest.fixture(autouse=True)
+def _stop_file_env(monkeypatch, tmp_path):
+    # hello_client.py's load mode stops when STOP_FILE exists; app_factory copies os.environ
+    monkeypatch.setenv("STOP_FILE", str(tmp_path / "stop"))
+
+
+def test_drop_mode_rejects_with_resource_exhausted(served, app_factory, gen_dir):
+    a, _b, address = served
+    rogue = mrpcd.connect(a.socket, name="limited")
+    try:
+        r = ctl(a, "policy", "attach", "limited", "ratelimit", "--config", "{rate: 0.001, burst: 1, mode: drop}")
+        assert r.returncode == 0, r.stderr
+        import hello_mrpc
+
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=rogue))
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="first"), timeout=10).message == "Hello, first!"
+        with pytest.raises(mrpcd.RpcError) as err:
+            stub.SayHello(hello_mrpc.HelloRequest(name="second"), timeout=10)
+        assert err.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+        assert "rate limit" in err.value.details()
+    finally:
+        rogue.close()
+
+
+def test_content_acl_on_the_server_side(served, app_factory, gen_dir):
+    a, b, address = served
+    rules = json.dumps({"rules": [{"method": "/helloworld.Greeter/SayHello", "field": "name", "op": "eq", "value": "mallory",
+                                   "action": "deny", "details": "mallory is not welcome"}], "direction": "inbound"})
+    r = ctl(b, "policy", "attach", "hello_server.py", "acl", "--config", rules)
+    assert r.returncode == 0, r.stderr
+    code, out, err = app_factory("hello_client.py", a, address, "status", "mallory", gen=gen_dir).wait()
+    assert out.strip() == "PERMISSION_DENIED|mallory is not welcome", (out, err)
+    code, out, err = app_factory("hello_client.py", a, address, "status", "alice", gen=gen_dir).wait()
+    assert out.strip() == "OK", (out, err)
+
+
+def test_acl_decides_on_a_copy_the_app_cannot_change(served, gen_dir):
+    """The app keeps rewriting its shared memory after submitting: a request the ACL let
+    through as "alice__" must reach the server as "alice__", never as the denied "mallory"."""
+    import threading
+
+    a, _b, address = served
+    import hello_mrpc
+
+    rules = json.dumps({"rules": [{"method": "/helloworld.Greeter/SayHello", "field": "name", "op": "eq", "value": "mallory", "action": "deny"}]})
+    app = mrpcd.connect(a.socket, name="sneaky")
+    stop = threading.Event()
+    flips = [0]
+
+    def scribbler() -> None:
+        mm = app.rings._mm
+        end = len(mm) // 2  # the tx ring (app -> daemon) is the first half of the memfd
+        while not stop.is_set():
+            pos = mm.find(b"alice__", 0, end)
+            if pos >= 0:
+                mm[pos:pos + 7] = b"mallory"
+                flips[0] += 1
+
+    try:
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=app))  # registers the schema
+        r = ctl(a, "policy", "attach", "sneaky", "acl", "--config", rules)
+        assert r.returncode == 0, r.stderr
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="warmup"), timeout=10).message == "Hello, warmup!"
+        t = threading.Thread(target=scribbler, daemon=True)
+        t.start()
+        outcomes = {"passed": 0, "denied": 0}
+        for _ in range(40):
+            try:
+                reply = stub.SayHello(hello_mrpc.HelloRequest(name="alice__"), timeout=10)
+            except mrpcd.RpcError as exc:  # the app changed it before the daemon took its copy: checked as mallory
+                assert exc.code() is mrpcd.StatusCode.PERMISSION_DENIED, exc
+                outcomes["denied"] += 1
+            else:
+                assert reply.message == "Hello, alice__!", f"the server got what the ACL never checked: {reply.message}"
+                outcomes["passed"] += 1
+        stop.set()
+        t.join(5)
+        assert flips[0] > 0, "the scribbler never found the request in shared memory"
+        assert sum(outcomes.values()) == 40
+    finally:
+        stop.set()
+        app.close()
+
+
+def test_bad_policy_modules_are_refused_and_the_old_one_keeps_running(served, tmp_path):
+    a, _b, _address = served
+    app = mrpcd.connect(a.socket, name="victim")
+    try:
+        assert ctl(a, "policy", "attach", "victim", "ratelimit", "--config", "{rate: 1000}").returncode == 0
+        raising = tmp_path / "raising.py"
+        raising.write_text("raise RuntimeError('this module is broken')\n")
+        r = ctl(a, "policy", "upgrade", "ratelimit", "--module", str(raising))
+        assert r.returncode == 1 and "this module is broken" in r.stderr
+        nopolicy = tmp_path / "nopolicy.py"
+        nopolicy.write_text("X = 1\n")
+        r = ctl(a, "policy", "upgrade", "ratelimit", "--module", str(nopolicy))
+        assert r.returncode == 1 and "POLICY" in r.stderr
+        wrongtype = tmp_path / "wrongtype.py"
+        wrongtype.write_text("POLICY = dict\n")
+        r = ctl(a, "policy", "upgrade", "ratelimit", "--module", str(wrongtype))
+        assert r.returncode == 1 and "Policy" in r.stderr
+        r = ctl(a, "policy", "attach", "victim", "no-such-policy")
+        assert r.returncode == 1
+        r = ctl(a, "policy", "config", "ratelimit", "--config", "{rate: -5}")
+        assert r.returncode == 1 and "rate" in r.stderr
+        r = ctl(a, "policy", "attach", "victim", "ratelimit", "--config", "{rate: 10}")
+        assert r.returncode == 1 and "already has a policy named" in r.stderr
+        pols = policies_of(a, "victim")
+        assert [p["instance"] for p in pols] == ["ratelimit"] and pols[0]["version"] == "1.0"
+        assert pols[0]["config"]["rate"] == 1000
+        assert a.alive()
+    finally:
+        app.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as another user")
+def test_non_admin_is_refused():
+    import tempfile
+
+    from conftest import DaemonProc
+
+    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", "import mrpcd.ctl"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"uid 65534 cannot run this Python/mrpcd (checkout not readable by other users): {probe.stderr.strip()[-200:]}")
+    home = Path(tempfile.mkdtemp(prefix="mrpcd-nonadmin-"))
+    home.chmod(0o755)  # another user must reach the socket (it is 0666; its folder must be searchable)
+    d = DaemonProc(home, "n")
+    app = mrpcd.connect(d.socket, name="guarded")
+    try:
+        r = ctl(d, "policy", "attach", "guarded", "ratelimit", "--config", "{rate: 10}", uid=65534)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert "permission denied" in r.stderr and "uid 65534" in r.stderr
+        assert policies_of(d, "guarded") == []
+        r = ctl(d, "policy", "list", uid=65534)  # reading is allowed
+        assert r.returncode == 0 and "guarded" in r.stdout
+        r = ctl(d, "policy", "attach", "guarded", "ratelimit", "--config", "{rate: 10}")  # root may
+        assert r.returncode == 0, r.stderr
+    finally:
+        app.close()
+        d.stop()
+        shutil.rmtree(home, ignore_errors=True)
