@@ -13,6 +13,15 @@ await conn.drain()                   # wait while the transport's write buffer i
 conn.close("reason")                 # flush, GOAWAY(:details=reason), close
 ```
 
+Security (``mrpcd.transports.security``): ``tls=TlsConfig`` runs mutual TLS under the mrpcd
+handshake (the client verifies that the server's certificate names the address it dialled;
+the server verifies the client's certificate against the CA); ``allow=AllowList`` limits
+the peer addresses. ``serve`` checks the allow-list before any TLS work: a refused peer
+gets a GOAWAY saying why on plain TCP, a closed socket under TLS, and a WARNING line here
+either way; a failed TLS handshake is logged the same way (asyncio would drop it silently).
+``connect`` refuses a target outside the allow-list before dialling, and reports TLS
+failures as ``HandshakeError`` naming OpenSSL's reason.
+
 Handlers: ``on_records(list[Record])`` gets every data record of one read (HELLO / GOAWAY
 never reach it); records that arrive before ``set_handlers`` are held (and reading is
 paused) until it is called. ``on_close(exc)`` is called exactly once after the socket is
@@ -26,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Callable
 
 from mrpcd.transports._tcp import PeerConnection, PeerGoaway
-from mrpcd.transports.handshake import PROTOCOL_VERSION, HandshakeError
+from mrpcd.transports.handshake import PROTOCOL_VERSION, HandshakeError, make_goaway
+from mrpcd.transports.security import AllowList, TlsConfig, describe_tls_error
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -37,6 +48,7 @@ __all__ = [
     "HandshakeError",
     "PeerConnection",
     "PeerGoaway",
+    "PeerNotAllowed",
     "connect",
     "serve",
 ]
@@ -50,8 +62,26 @@ class ConnectTimeout(ConnectionError, TimeoutError):
     """connect() did not finish the TCP connect and the handshake within its timeout."""
 
 
+class PeerNotAllowed(ConnectionRefusedError):
+    """The address is outside this daemon's ``peers.allow`` list."""
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _resolve_allowed(loop: asyncio.AbstractEventLoop, host: str, port: int, allow: AllowList, where: str) -> str:
+    """The first address of ``host`` inside the allow-list; PeerNotAllowed if there is none."""
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConnectionError(f"cannot connect to mrpcd at {where}: cannot resolve {host}: {exc.strerror or exc}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        if allow.permits(address):
+            return address
+    shown = host if addresses == [host] else f"{host} ({', '.join(addresses)})"
+    raise PeerNotAllowed(f"refusing to connect to mrpcd at {where}: {shown} is not in peers.allow ({allow})")
 
 
 async def connect(
@@ -61,18 +91,24 @@ async def connect(
     *,
     max_record: int = DEFAULT_MAX_RECORD,
     timeout: float = 5.0,
+    tls: TlsConfig | None = None,
+    allow: AllowList | None = None,
 ) -> PeerConnection:
     """Open a connection to the mrpcd at host:port and run the handshake (client role).
 
     Raises ``HandshakeError`` (a ConnectionError) if the server refuses us or we refuse it
-    (version or schema mismatch; the text says which), ``ConnectTimeout`` after ``timeout``
-    seconds, ``ConnectionError`` for everything else, always naming host:port.
+    (version or schema mismatch, TLS failure; the text says which), ``PeerNotAllowed`` when
+    host:port is outside ``allow``, ``ConnectTimeout`` after ``timeout`` seconds,
+    ``ConnectionError`` for everything else, always naming host:port.
     """
     loop = asyncio.get_running_loop()
     where = _hostport(host, port)
     deadline = loop.time() + timeout
     ready: asyncio.Future = loop.create_future()
     services = dict(services)
+    dial = host
+    if allow is not None:
+        dial = await _resolve_allowed(loop, host, port, allow, where)
 
     def on_ready(conn: PeerConnection, exc: BaseException | None) -> None:
         if ready.done():
@@ -85,13 +121,23 @@ async def connect(
     def factory() -> PeerConnection:
         return PeerConnection("client", lambda: services, on_ready, max_record)
 
+    tls_args: dict = {}
+    if tls is not None:
+        tls_args = {"ssl": tls.client_context, "server_hostname": host.split("%", 1)[0],
+                    "ssl_handshake_timeout": max(deadline - loop.time(), 0.001)}
     try:
         _, conn = await asyncio.wait_for(
-            loop.create_connection(factory, host, port), timeout=max(deadline - loop.time(), 0)
+            loop.create_connection(factory, dial, port, **tls_args), timeout=max(deadline - loop.time(), 0)
         )
     except asyncio.TimeoutError:
         raise ConnectTimeout(f"cannot connect to mrpcd at {where}: TCP connect timed out after {timeout:g} s") from None
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        raise HandshakeError(f"TLS handshake with mrpcd at {where} failed: {describe_tls_error(exc)}") from None
     except OSError as exc:
+        if tls is not None and isinstance(exc, ConnectionError):
+            msg = f"TLS handshake with mrpcd at {where} failed: the peer closed the connection ({exc.strerror or exc})"
+            msg += "; is it refusing our address (peers.allow) or not speaking TLS?"
+            raise HandshakeError(msg) from None
         raise ConnectionError(f"cannot connect to mrpcd at {where}: {exc.strerror or exc}") from exc
 
     try:
@@ -107,6 +153,13 @@ async def connect(
             msg = f"handshake with mrpcd at {where} failed: {exc}"
         raise HandshakeError(msg) from None
     except ConnectionError as exc:
+        if tls is not None and "during the handshake" in str(exc):
+            # TLS 1.3: the server checks our certificate after our side of TLS finished; its
+            # refusal arrives as the connection dropping before the mrpcd HELLO reply
+            raise HandshakeError(
+                f"TLS handshake with mrpcd at {where} failed: the server closed the connection after TLS; "
+                f"it most likely refused our certificate (is it signed by the CA in the server's tls.ca?) ({exc})"
+            ) from None
         raise ConnectionError(f"cannot connect to mrpcd at {where}: {exc}") from None
     except asyncio.CancelledError:
         ready.cancel()
@@ -123,6 +176,8 @@ async def serve(
     max_record: int = DEFAULT_MAX_RECORD,
     handshake_timeout: float = 10.0,
     on_handshake_error: Callable[[str, Exception], None] | None = None,
+    tls: TlsConfig | None = None,
+    allow: AllowList | None = None,
 ) -> asyncio.AbstractServer:
     """Listen on host:port (port 0: any; see ``server.sockets[0].getsockname()``).
 
@@ -132,16 +187,21 @@ async def serve(
     peer gets a GOAWAY with the reason, the connection is closed, the reason is logged at
     WARNING on ``mrpcd.transports.tcp``, and ``on_handshake_error(peer, exc)`` is called
     if given. A client that sends no HELLO within ``handshake_timeout`` s is dropped.
+    With ``allow``, peers outside it are refused the same way (before TLS); with ``tls``,
+    a failed TLS handshake too (the reason is OpenSSL's).
     """
 
     def on_ready(conn: PeerConnection, exc: BaseException | None) -> None:
         if exc is None:
             on_connection(conn)
             return
-        log.warning("handshake with %s failed: %s", conn.peer, exc)
+        refused(conn.peer, exc, "handshake")
+
+    def refused(peer: str, exc: BaseException, what: str) -> None:
+        log.warning("%s with %s failed: %s", what, peer, exc)
         if on_handshake_error is not None:
             try:
-                on_handshake_error(conn.peer, exc)
+                on_handshake_error(peer, exc)  # type: ignore[arg-type]
             except Exception:
                 log.exception("on_handshake_error callback failed")
 
@@ -149,4 +209,165 @@ async def serve(
         return PeerConnection("server", services_for, on_ready, max_record, handshake_timeout)
 
     loop = asyncio.get_running_loop()
-    return await loop.create_server(factory, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+    if tls is not None:
+        return await _TlsListener.start(factory, host, port, tls, allow, handshake_timeout, refused)
+    if allow is None:
+        return await loop.create_server(factory, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+
+    def gate() -> _Gate:
+        return _Gate(factory, allow, refused)
+
+    return await loop.create_server(gate, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+
+
+def _peer_of(addr: object) -> tuple[str, str]:
+    """(host, "host:port") of a peername."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), _hostport(str(addr[0]), addr[1])
+    return "?", "?"
+
+
+def _refusal(allow: AllowList, host: str) -> str:
+    return f"address {host} is not in peers.allow of this daemon"
+
+
+class _Gate(asyncio.Protocol):
+    """An accepted plain-TCP socket before the mrpcd handshake: the allow-list check.
+
+    An allowed peer's socket is handed to a PeerConnection at once (inside connection_made,
+    before uvloop starts reading, so no byte is lost); a refused one gets a GOAWAY.
+    """
+
+    def __init__(self, factory: Callable[[], PeerConnection], allow: AllowList,
+                 refused: Callable[[str, BaseException, str], None]) -> None:
+        self._factory = factory
+        self._allow = allow
+        self._refused = refused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        host, peer = _peer_of(transport.get_extra_info("peername"))
+        if not self._allow.permits(host):
+            reason = _refusal(self._allow, host)
+            transport.write(make_goaway(f"connection refused: {reason}"))  # type: ignore[attr-defined]
+            transport.close()
+            self._refused(peer, PeerNotAllowed(f"connection refused: {reason} ({self._allow})"), "connection")
+            return
+        conn = self._factory()
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # never: the socket changed hands in connection_made
+        pass
+
+
+class _TlsListener:
+    """Listening sockets for mutual TLS: accept, allow-list check, then the TLS handshake.
+
+    Accepting ourselves and upgrading with ``loop.connect_accepted_socket(ssl=)`` lets a
+    failed TLS handshake raise here, where it is logged with the peer and OpenSSL's reason
+    (behind ``create_server(ssl=)`` asyncio and uvloop drop it silently), and keeps TLS
+    work away from addresses outside the allow-list. Quacks like ``asyncio.Server`` as far
+    as the daemon uses it: ``sockets``, ``close()``, ``wait_closed()``, ``is_serving()``.
+    """
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self.sockets = sockets
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    @classmethod
+    async def start(cls, factory: Callable[[], PeerConnection], host: str, port: int, tls: TlsConfig,
+                    allow: AllowList | None, handshake_timeout: float,
+                    refused: Callable[[str, BaseException, str], None]) -> "_TlsListener":
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        sockets: list[socket.socket] = []
+        try:
+            for family, type_, proto, _, addr in dict.fromkeys(infos):
+                sock = socket.socket(family, type_, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(addr)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}") from None
+                sock.listen(128)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self = cls(sockets)
+        timeout = handshake_timeout if handshake_timeout > 0 else 60.0
+        for sock in sockets:
+            self._spawn(self._accept_loop(sock, factory, tls, allow, timeout, refused))
+        return self
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, sock: socket.socket, factory, tls: TlsConfig, allow: AllowList | None,
+                           timeout: float, refused) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            try:
+                client, addr = await loop.sock_accept(sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if self._closed:
+                    return
+                log.warning("accept on %s failed: %s", sock.getsockname(), exc)
+                await asyncio.sleep(0.1)  # EMFILE and friends: do not spin
+                continue
+            host, peer = _peer_of(addr)
+            if allow is not None and not allow.permits(host):
+                client.close()  # no TLS work for strangers; they see the connection close
+                refused(peer, PeerNotAllowed(f"connection refused: {_refusal(allow, host)} ({allow})"), "connection")
+                continue
+            self._spawn(self._handshake(client, peer, factory, tls, timeout, refused))
+
+    async def _handshake(self, client: socket.socket, peer: str, factory, tls: TlsConfig, timeout: float, refused) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(factory, client, ssl=tls.server_context, ssl_handshake_timeout=timeout)
+        except asyncio.CancelledError:
+            client.close()
+            raise
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            client.close()
+            refused(peer, HandshakeError(f"TLS handshake failed: {describe_tls_error(exc)}"), "TLS handshake")
+        except (OSError, asyncio.TimeoutError) as exc:
+            client.close()
+            if isinstance(exc, asyncio.TimeoutError):
+                why = f"no TLS handshake within {timeout:g} s"
+            else:
+                why = (f"the peer closed the connection ({exc or type(exc).__name__}); "
+                       "it most likely refused our certificate (is it signed by the CA in the peer's tls.ca?)")
+            refused(peer, HandshakeError(f"TLS handshake failed: {why}"), "TLS handshake")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            try:
+                loop.remove_reader(sock.fileno())
+            except (ValueError, OSError):
+                pass
+            sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def is_serving(self) -> bool:
+        return not self._closed
