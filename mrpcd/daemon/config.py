@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ..paths import default_runtime_dir
+from ..transports.security import PeerPolicy, TlsConfig, parse_peers, parse_tls
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,8 @@ VALIDATORS = {
     "log_format": _choice("text", "json"),
     "drain_timeout": _drain_seconds,
     "metrics": _metrics,
+    "tls": parse_tls,  # daemon-to-daemon mutual TLS (transports/security.py)
+    "peers": parse_peers,  # peers.allow: CIDR allow-list for daemon-to-daemon TCP
 }
 
 # What a SIGHUP reload may change in a running daemon; the rest needs a restart.
@@ -130,6 +133,8 @@ class Config:
     log_format: str
     drain_timeout: float
     metrics: dict[str, Any]
+    tls: TlsConfig | None = None
+    peers: PeerPolicy = PeerPolicy()
     source: str = "<embedded default>"
 
 
