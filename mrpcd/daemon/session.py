@@ -272,7 +272,8 @@ class AppSession:
                 return
             self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
 
-        binding.server = await tcp.serve(host, port, lambda: binding.fingerprints, on_connection, max_record=self.config.max_record)
+        binding.server = await tcp.serve(host, port, lambda: binding.fingerprints, on_connection, max_record=self.config.max_record,
+                                         tls=self.config.tls, allow=self.config.peers.allow)
         self.listeners.append(binding.server)
         sockname = binding.server.sockets[0].getsockname()
         binding.address = f"{sockname[0]}:{sockname[1]}" if ":" not in sockname[0] else f"[{sockname[0]}]:{sockname[1]}"
@@ -282,7 +283,8 @@ class AppSession:
     async def connect(self, target: str) -> int:
         host, port = split_address(target)
         conn = await tcp.connect(
-            host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout
+            host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout,
+            tls=self.config.tls, allow=self.config.peers.allow,
         )
         if self.closed:
             conn.close("client app is gone")
