@@ -141,6 +141,7 @@ class ControlConnection:
         name = msg.get("name") or f"pid{self.pid}"
         if not isinstance(name, str) or len(name) > 128:
             raise ValueError("app name must be a string of at most 128 characters")
+        self.daemon.refuse_if_draining("new apps")
         self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
         fds.extend(self.session.handoff_fds())
         return {"app_id": self.session.app_id, "ring_size": self.daemon.config.ring_size, "shm_size": self.session.shm_size,
@@ -153,9 +154,11 @@ class ControlConnection:
         services = msg.get("services")
         if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
             raise ValueError("bind needs a list of service names")
+        self.daemon.refuse_if_draining("new listening addresses")
         return {"address": await self._need_session().bind(msg.get("address"), services)}
 
     async def op_connect(self, msg: dict, fds: list[int]) -> dict:
+        self.daemon.refuse_if_draining("new peer connections")
         return {"handle": await self._need_session().connect(msg.get("target"))}
 
     async def op_close(self, msg: dict, fds: list[int]) -> dict:
@@ -173,7 +176,9 @@ class ControlConnection:
         return {"apps": [s.describe() for s in self.daemon.sessions.values()]}
 
     async def op_stats(self, msg: dict, fds: list[int]) -> dict:
-        return {"daemon": self.daemon.stats(), "apps": {str(s.app_id): s.describe()["stats"] for s in self.daemon.sessions.values()}}
+        from .metrics import stats_snapshot  # the same numbers as the Prometheus endpoint
+
+        return stats_snapshot(self.daemon)
 
     # -- policies -------------------------------------------------------------------------
     def _select_apps(self, selector: Any, required: bool = True) -> list["AppSession"]:

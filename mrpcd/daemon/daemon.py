@@ -5,11 +5,12 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Coroutine
+from typing import Any, Callable, Coroutine
 
 from .. import __version__
 from .config import Config
 from .control import serve_control
+from .observe import CallStats
 from .session import AppSession
 
 log = logging.getLogger("mrpcd")
@@ -26,14 +27,19 @@ class Daemon:
         self._stop = asyncio.Event()
         self._control_sock = None
         self.counters = {"apps_connected": 0, "apps_dropped": 0}
+        self.call_stats = CallStats(config.metrics["buckets"])  # fed by every session's Observer
+        self.draining = False
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
 
     async def start(self) -> None:
         self._control_sock = await serve_control(self, self.config.control_socket)
         log.info("mrpcd %s listening on %s (transport %s)", self.version, self.config.control_socket, self.config.transport)
 
-    async def run_until_stopped(self) -> None:
+    async def run_until_stopped(self, on_stopping: Callable[[], None] | None = None) -> None:
         await self._stop.wait()
+        if on_stopping is not None:
+            on_stopping()
+        await self.drain(self.config.drain_timeout)
         await self.shutdown()
 
     def request_stop(self) -> None:
@@ -41,6 +47,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         log.info("mrpcd stopping: %d apps", len(self.sessions))
+        self.goaway_all("mrpcd is shutting down")
         for session in list(self.sessions.values()):
             self.drop_session(session, "daemon stopping")
         if self._control_sock is not None:
@@ -63,15 +70,53 @@ class Daemon:
         self._next_app_id += 1
         self.sessions[session.app_id] = session
         self.counters["apps_connected"] += 1
-        log.info("app %s connected: app_id %d, pid %d, uid %d", name, session.app_id, pid, uid)
+        log.info("app %s connected: app_id %d, pid %d, uid %d", name, session.app_id, pid, uid, extra=session.log_fields(uid=uid))
         return session
 
     def drop_session(self, session: AppSession, reason: str) -> None:
         if self.sessions.pop(session.app_id, None) is None:
             return
         self.counters["apps_dropped"] += 1
-        log.info("app %s (app_id %d, pid %d) gone: %s; resources reclaimed", session.name, session.app_id, session.pid, reason)
+        log.info("app %s (app_id %d, pid %d) gone: %s; resources reclaimed", session.name, session.app_id, session.pid, reason,
+                 extra=session.log_fields(reason=reason))
         session.close()
+
+    # -- graceful drain (SIGTERM) -------------------------------------------------------
+    def in_flight(self) -> int:
+        """Calls not yet answered, plus records still waiting for room in an app's rx ring."""
+        return sum(s.observer.in_flight + len(s.pending) for s in self.sessions.values())
+
+    def refuse_if_draining(self, what: str) -> None:
+        if self.draining:
+            raise ConnectionRefusedError(f"mrpcd is shutting down: no {what}")
+
+    async def drain(self, timeout: float) -> bool:
+        """Take no new apps or peer connections; wait up to `timeout` s for calls in flight.
+
+        Existing connections keep working meanwhile, so answers still reach their callers.
+        True if everything finished in time.
+        """
+        self.draining = True
+        for session in self.sessions.values():
+            for server in session.listeners:
+                server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        left = self.in_flight()
+        log.info("mrpcd draining: %d calls in flight, waiting up to %.1fs", left, timeout, extra={"in_flight": left})
+        while left and loop.time() < deadline:
+            await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
+            left = self.in_flight()
+        if left:
+            log.warning("drain timeout: %d calls still in flight get GOAWAY", left, extra={"in_flight": left})
+        return not left
+
+    def goaway_all(self, reason: str) -> None:
+        """GOAWAY with `reason` to every peer connection and, per handle, to every app."""
+        for session in list(self.sessions.values()):
+            for route in list(session.routes.values()):
+                session._on_peer_closed(route, ConnectionError(reason))  # the app's GOAWAY for this handle
+                route.conn.close(reason)  # the peer's GOAWAY
 
     def uptime(self) -> float:
         return time.monotonic() - self._started

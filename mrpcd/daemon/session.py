@@ -19,6 +19,7 @@ from ..native import ring as ringmod
 from ..status import StatusCode
 from ..transports import tcp
 from .datapath import Datapath, error_response
+from .observe import Observer
 from .policy_host import PolicyHost
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class AppSession:
         self.pending: deque[bytes] = deque()
         self.paused_routes = False
         self.datapath = Datapath(self, self._send_out, self._deliver_in)
+        self.observer = Observer(daemon.call_stats, lambda: self.schema)  # per-method metrics, drain (observe.py)
         self.policies = PolicyHost(self, daemon.policy_globals)
         self._methods_by_id: dict[int, Any] | None = None
         self.stats: dict[str, int] = {
@@ -129,7 +131,7 @@ class AppSession:
             if not self._pump_scheduled and not self.tx.prepare_sleep():
                 self._schedule_pump()
         except ringmod.RingCorrupt as exc:
-            log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc)
+            log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc, extra=self.log_fields())
             self.daemon.drop_session(self, f"ring corrupted: {exc}")
 
     def _handle_outbound(self, raw: list[bytes]) -> None:
@@ -147,12 +149,13 @@ class AppSession:
                 self._reject_malformed(data, f"record kind {rec.kind} may not be sent by an app")
         self.stats["records_out"] += len(batch)
         if batch:
+            self.observer.from_app(batch)
             self.datapath.outbound(batch)
 
     def _reject_malformed(self, data: bytes, reason: str) -> None:
         """Fail the call the record names (if its header is readable), count it, go on."""
         self.stats["malformed"] += 1
-        log.warning("app %s (pid %d): malformed record rejected: %s", self.name, self.pid, reason)
+        log.warning("app %s (pid %d): malformed record rejected: %s", self.name, self.pid, reason, extra=self.log_fields())
         if len(data) >= _HEADER_PREFIX.size:
             kind, _flags, _status, handle, call_id = _HEADER_PREFIX.unpack_from(data)
             if kind == R.REQUEST:
@@ -176,6 +179,7 @@ class AppSession:
 
     def _deliver_in(self, batch: list[R.Record]) -> None:
         """The frontend end: push records into the app's rx ring; what does not fit waits."""
+        self.observer.to_app(batch)
         datas = [rec.encode() for rec in batch]
         self.stats["records_in"] += len(datas)
         if self.pending:
@@ -343,6 +347,7 @@ class AppSession:
         if self.closed:
             return
         self.closed = True
+        self.observer.close()
         self.loop.remove_reader(self.daemon_waker.fileno())
         self.policies.close_all()
         for route in list(self.routes.values()):
@@ -355,6 +360,10 @@ class AppSession:
         self.daemon_waker.close()
         self.app_waker.close()
         self.rings.close()
+
+    def log_fields(self, **more: Any) -> dict[str, Any]:
+        """`extra=` fields of a log line about this app (the JSON log format shows them)."""
+        return {"app_id": self.app_id, "app": self.name, "pid": self.pid, **more}
 
     def describe(self) -> dict[str, Any]:
         return {
