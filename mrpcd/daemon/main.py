@@ -1,4 +1,10 @@
-"""`mrpcd`: run the daemon in the foreground (development) or under systemd (Type=notify)."""
+"""`mrpcd`: run the daemon in the foreground (development) or under systemd (Type=notify).
+
+The process lifecycle lives here: logging, sd_notify (READY / RELOADING / STOPPING /
+WATCHDOG / STATUS), SIGHUP (re-read the config file, apply what can change live, keep the
+old config on any error), SIGTERM / SIGINT (graceful drain, then exit 0) and the metrics
+endpoint.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,48 +12,172 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
-import socket
 import sys
-import time
+from importlib import resources
+from typing import Any
 
-from .config import ConfigError, default_text, load
+from .config import LIVE_KEYS, Config, ConfigError, default_text, load
 from .daemon import Daemon
+from .metrics import MetricsServer
+from .notify import Notifier
+
+log = logging.getLogger("mrpcd")
+
+# LogRecord attributes of every record; anything else on a record came from `extra=`.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):
-    """Structured logs: one JSON object a line, for journald or a log shipper."""
+    """Structured logs: one JSON object a line, with the event's fields (app_id, pid, peer, ...)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out: dict[str, Any] = {"ts": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+                               "msg": record.getMessage()}
+        for k, v in _extra_fields(record).items():
+            out.setdefault(k, v)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
+        return json.dumps(out, default=str)
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) our state; a no-op when not run by systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(path)
-            s.sendall(state.encode())
-        except OSError as exc:
-            logging.getLogger("mrpcd").warning("cannot notify systemd at %s: %s", path, exc)
+class TextFormatter(logging.Formatter):
+    """Human-readable lines; an event's fields follow as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _extra_fields(record)
+        if fields:
+            line += " [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
+        return line
+
+
+def configure_logging(config: Config, handler: logging.Handler | None = None) -> logging.Handler:
+    """Install (or re-configure, on reload) the one stderr handler: journald reads stderr."""
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        logging.basicConfig(handlers=[handler], force=True)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
+    logging.getLogger().setLevel(config.log_level.upper())
+    return handler
+
+
+def unit_text() -> str:
+    """The shipped systemd unit, with ExecStart pointing at this installation's `mrpcd`."""
+    text = resources.files("mrpcd").joinpath("systemd/mrpcd.service").read_text()
+    exe = shutil.which("mrpcd") or os.path.join(os.path.dirname(sys.executable), "mrpcd")
+    return text.replace("/usr/bin/mrpcd", os.path.abspath(exe))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mrpcd", description="RPC as a managed system service: the per-host daemon.")
-    p.add_argument("-c", "--config", help="YAML config file (default: the embedded default config)")
+    p.add_argument("-c", "--config", help="YAML config file (default: the embedded default config); SIGHUP re-reads it")
     p.add_argument("--socket", help="control socket path (overrides the config)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--print-default-config", action="store_true", help="print the embedded default config and exit")
+    p.add_argument("--print-unit", action="store_true", help="print the systemd unit (for /etc/systemd/system/mrpcd.service) and exit")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     return p.parse_args(argv)
+
+
+class Service:
+    """The daemon plus its process-level duties: notifications, reload, metrics, drain."""
+
+    def __init__(self, config: Config, config_path: str | None, overrides: dict[str, Any], handler: logging.Handler) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides
+        self.handler = handler
+        self.notifier = Notifier()
+        self.daemon = Daemon(config)
+        self.metrics = MetricsServer(self.daemon)
+        self.daemon.metrics_server = self.metrics  # type: ignore[attr-defined]  # mrpcctl stats shows the address
+        self._reload_lock = asyncio.Lock()
+
+    def status(self) -> str:
+        d = self.daemon
+        return f"serving {self.config.control_socket}: {len(d.sessions)} apps, {d.in_flight()} calls in flight"
+
+    async def run(self) -> int:
+        try:
+            await self.daemon.start()
+            if self.config.metrics["address"]:
+                await self.metrics.start(self.config.metrics["address"])
+        except (RuntimeError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            self.notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={getattr(exc, 'errno', None) or 1}")
+            await self.daemon.shutdown()
+            self.metrics.close()
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.daemon.spawn(self.reload()))
+        self.notifier.ready(self.status())
+        self.notifier.start_watchdog(loop)
+        await self.daemon.run_until_stopped(on_stopping=self._on_stopping)
+        self.metrics.close()
+        log.info("mrpcd stopped")
+        self.notifier.close()
+        return 0
+
+    def _on_stop_signal(self, sig: int) -> None:
+        log.info("%s: stopping gracefully (drain up to %.1fs)", signal.Signals(sig).name, self.config.drain_timeout)
+        self.daemon.request_stop()
+
+    def _on_stopping(self) -> None:
+        # The watchdog keeps pinging during the drain: the loop is still alive and well.
+        self.notifier.stopping(f"draining {self.daemon.in_flight()} calls in flight")
+
+    async def reload(self) -> bool:
+        """SIGHUP: re-read the config file; apply the live keys, or keep everything on error."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                return await self._reload()
+            finally:
+                self.notifier.ready(self.status())
+
+    async def _reload(self) -> bool:
+        source = self.config_path or "<embedded default>"
+        try:
+            new = load(self.config_path, self.overrides)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc, extra={"config": source})
+            return False
+        old = self.config
+        changed = [k for k in LIVE_KEYS if getattr(new, k) != getattr(old, k)]
+        if new.metrics["address"] != old.metrics["address"]:
+            try:
+                if new.metrics["address"]:
+                    await self.metrics.start(new.metrics["address"])
+                else:
+                    self.metrics.close()
+            except OSError as exc:
+                log.error("reload refused, the running configuration stays: metrics address %s: %s", new.metrics["address"], exc,
+                          extra={"config": source})
+                return False
+        for key in ("control_socket", "transport", "ring_size", "max_record"):
+            if getattr(new, key) != getattr(old, key):
+                log.warning("reload: %s changed to %r; that takes a restart, keeping %r", key, getattr(new, key), getattr(old, key),
+                            extra={"config": source, "key": key})
+        for key in changed:  # in place: sessions and the control plane hold this very object
+            setattr(old, key, getattr(new, key))
+        old.source = new.source
+        if self.daemon.call_stats.set_buckets(old.metrics["buckets"]):
+            log.info("reload: histogram buckets changed; latency histograms restart")
+        configure_logging(old, self.handler)
+        log.info("reload: configuration %s applied (%s)", source, ", ".join(changed) or "nothing changed",
+                 extra={"config": source, "changed": changed})
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_default_config:
         sys.stdout.write(default_text())
         return 0
-    overrides = {}
+    if args.print_unit:
+        sys.stdout.write(unit_text())
+        return 0
+    overrides: dict[str, Any] = {}
     if args.socket:
         overrides["control_socket"] = args.socket
     if args.log_level:
@@ -68,29 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"mrpcd: configuration {config.source} is valid")
         return 0
-    handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
+    handler = configure_logging(config)
 
     import uvloop  # the daemon never runs on the default loop: 2-3x slower on these machines
 
     async def run() -> int:
-        daemon = Daemon(config)
-        try:
-            await daemon.start()
-        except (RuntimeError, OSError) as exc:
-            logging.getLogger("mrpcd").error("cannot start: %s", exc)
-            return 1
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, daemon.request_stop)
-        sd_notify(f"READY=1\nSTATUS=serving {config.control_socket}\nMAINPID={os.getpid()}")
-        await daemon.run_until_stopped()
-        sd_notify("STOPPING=1")
-        return 0
+        return await Service(config, args.config, overrides, handler).run()
 
     return uvloop.run(run())
 
