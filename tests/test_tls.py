@@ -261,3 +261,51 @@ def test_allow_list_and_tls_together(pki):
         srv.server.close()
 
     run(main())
+
+
+# ---------------------------------------------------------------- two daemons, real apps
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_greeter_over_mutual_tls_between_two_daemons(daemon_factory, app_factory, gen_dir, pki):
+    a = daemon_factory("a", tls_yaml(*pki["a"], pki["ca"][0]) + "peers:\n  allow: [\"127.0.0.0/8\", \"::1\"]\n")
+    b = daemon_factory("b", tls_yaml(*pki["b"], pki["ca"][0]) + "peers:\n  allow: [\"127.0.0.1/32\"]\n")
+    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+    code, out, err = app_factory("hello_client.py", a, address, "unary", "50", gen=gen_dir).wait()
+    assert code == 0 and out.strip() == "ok 50", err
+    code, out, err = app_factory("hello_client.py", a, address, "stream", "3", gen=gen_dir).wait()
+    assert code == 0 and out.strip().endswith("ok stream"), err
+
+
+def test_wrong_ca_between_daemons_fails_clearly_on_both_sides(daemon_factory, app_factory, gen_dir, pki):
+    a = daemon_factory("a", tls_yaml(*pki["rogue"], pki["ca"][0]))  # trusts the CA, but its certificate is foreign
+    b = daemon_factory("b", tls_yaml(*pki["b"], pki["ca"][0]))
+    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+    code, out, err = app_factory("hello_client.py", a, address, "status", "x", gen=gen_dir).wait()
+    assert code == 0, err
+    status, _, details = out.strip().partition("|")
+    assert status == "FAILED_PRECONDITION", out
+    assert "TLS handshake with mrpcd at 127.0.0.1:" in details and "refused our certificate" in details, details
+    assert _wait(lambda: "TLS handshake failed: certificate verify failed" in b.log()), b.log()[-2000:]
+    assert a.alive() and b.alive()
+
+
+def test_allow_list_between_daemons(daemon_factory, app_factory, gen_dir):
+    a = daemon_factory("a", "peers:\n  allow: [\"::1\"]\n")  # may not dial 127.0.0.1
+    b = daemon_factory("b", "peers:\n  allow: [\"10.0.0.0/8\"]\n")  # accepts nobody on loopback
+    c = daemon_factory("c")
+    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+    out = app_factory("hello_client.py", a, address, "status", "x", gen=gen_dir).wait()[1]
+    assert out.startswith("UNAVAILABLE|") and "127.0.0.1 is not in peers.allow (::1/128)" in out, out
+    assert "not in peers.allow" not in b.log()  # a never dialled
+    out = app_factory("hello_client.py", c, address, "status", "x", gen=gen_dir).wait()[1]
+    assert out.startswith("FAILED_PRECONDITION|") and "address 127.0.0.1 is not in peers.allow" in out, out
+    assert _wait(lambda: "connection refused: address 127.0.0.1 is not in peers.allow" in b.log())
