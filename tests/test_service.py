@@ -1,0 +1,205 @@
+"""mrpcd as a systemd service: sd_notify messages, watchdog, SIGHUP reload, drain on SIGTERM, the unit.
+
+The daemon runs as a real process with NOTIFY_SOCKET pointing at a datagram socket this test
+binds (what systemd does), so every notification is checked as systemd would receive it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mrpcd import control_proto as cp
+from mrpcd.ctl import Control
+from mrpcd.daemon.notify import Notifier, watchdog_interval
+
+
+class FakeSystemd:
+    """The service manager's end of NOTIFY_SOCKET (abstract namespace, like systemd's)."""
+
+    def __init__(self) -> None:
+        self.name = f"@mrpcd-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name[1:])
+        self.messages: list[dict[str, str]] = []
+
+    def _recv(self, timeout: float) -> dict[str, str] | None:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(4096)
+        except socket.timeout:
+            return None
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+        self.messages.append(fields)
+        return fields
+
+    def wait_for(self, key: str, timeout: float = 10) -> dict[str, str]:
+        """The next message carrying `key` (messages before it are kept in .messages)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self._recv(deadline - time.monotonic())
+            if msg is not None and key in msg:
+                return msg
+        raise AssertionError(f"no {key} notification within {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def systemd(monkeypatch):
+    fake = FakeSystemd()
+    monkeypatch.setenv("NOTIFY_SOCKET", fake.name)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    yield fake
+    fake.close()
+
+
+def config_path(daemon) -> Path:
+    return Path(daemon.socket).with_suffix(".yaml")  # conftest writes <name>.yaml beside <name>.sock
+
+
+def wait_log(daemon, text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = daemon.log()
+        if text in log:
+            return log
+        time.sleep(0.02)
+    raise AssertionError(f"{text!r} not in the log:\n{daemon.log()}")
+
+
+def test_ready_watchdog_reload_and_stop(systemd, daemon_factory):
+    d = daemon_factory("svc", config="log_format: text\n")
+    ready = systemd.wait_for("READY")
+    assert ready["READY"] == "1" and int(ready["MAINPID"]) == d.pid
+    assert ready["STATUS"].startswith("serving ")
+
+    t0 = time.monotonic()
+    for _ in range(3):
+        assert systemd.wait_for("WATCHDOG", timeout=2)["WATCHDOG"] == "1"
+    assert time.monotonic() - t0 < 1.5  # half of WATCHDOG_USEC, not once a second
+
+    # a good reload: live keys apply, restart-only keys are reported and kept
+    config_path(d).write_text("log_format: json\nmax_pending_records: 1024\nring_size: 65536\n")
+    d.proc.send_signal(signal.SIGHUP)
+    reloading = systemd.wait_for("RELOADING")
+    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert reloading["RELOADING"] == "1" and 0 <= now_us - int(reloading["MONOTONIC_USEC"]) < 10_000_000
+    assert systemd.wait_for("READY")["READY"] == "1"
+    log = wait_log(d, "applied (log_format, max_pending_records)")
+    assert "ring_size changed to 65536; that takes a restart" in log
+    assert '"logger": "mrpcd"' in log.splitlines()[-1]  # now logging JSON
+
+    # a bad reload: refused with file:line and reason, the daemon keeps serving
+    config_path(d).write_text("log_format: text\nbogus: 1\n")
+    d.proc.send_signal(signal.SIGHUP)
+    systemd.wait_for("RELOADING")
+    assert systemd.wait_for("READY")["READY"] == "1"
+    log = wait_log(d, "reload refused")
+    assert f"{config_path(d)}:2: unknown key 'bogus'" in log
+    assert Control(d.socket).call("ping")["pid"] == d.pid
+    assert systemd.wait_for("WATCHDOG", timeout=2)
+
+    d.proc.send_signal(signal.SIGTERM)
+    assert systemd.wait_for("STOPPING")["STOPPING"] == "1"
+    assert d.proc.wait(10) == 0
+
+
+def test_drain_lets_a_call_in_flight_finish(monkeypatch, daemon_factory, app_factory, gen_dir):
+    a = daemon_factory("client")
+    fake = FakeSystemd()
+    try:
+        with monkeypatch.context() as m:
+            m.setenv("NOTIFY_SOCKET", fake.name)
+            b = daemon_factory("server", config="drain_timeout: 20\n")
+        fake.wait_for("READY")
+        address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+        client = app_factory("hello_client.py", a, address, "status", "slow:1.5", gen=gen_dir)
+        deadline = time.monotonic() + 10
+        while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
+            assert time.monotonic() < deadline, "the slow call never reached the server app"
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        b.proc.send_signal(signal.SIGTERM)
+        assert fake.wait_for("STOPPING")["STOPPING"] == "1"
+        # while draining: no new apps, but the operator still gets answers
+        with pytest.raises(cp.ControlError, match="shutting down"):
+            Control(b.socket).call("hello", name="late")
+        assert Control(b.socket).call("stats")["daemon"]["draining"] is True
+        code, out, err = client.wait(30)
+        assert code == 0 and out.strip() == "OK", (out, err)
+        assert b.proc.wait(20) == 0
+        assert time.monotonic() - t0 < 10  # it left as soon as the call was done, not at drain_timeout
+        assert "draining: 1 calls in flight" in b.log()
+    finally:
+        fake.close()
+
+
+def test_drain_timeout_sends_goaway(daemon_factory, app_factory, gen_dir):
+    a = daemon_factory("client")
+    b = daemon_factory("server", config="drain_timeout: 0.3\n")
+    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+    client = app_factory("hello_client.py", a, address, "status", "slow:30", gen=gen_dir)
+    deadline = time.monotonic() + 10
+    while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(10) == 0
+    code, out, err = client.wait(20)
+    assert out.startswith("UNAVAILABLE|") and "shutting down" in out, (out, err)
+    assert "drain timeout: 1 calls still in flight" in b.log()
+
+
+def test_print_unit_is_a_hardened_notify_service(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-unit"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    unit = r.stdout
+    lines = {line.split("=", 1)[0]: line.split("=", 1)[1] for line in unit.splitlines() if "=" in line and not line.startswith("#")}
+    assert lines["Type"] == "notify" and lines["WatchdogSec"] and lines["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert lines["RuntimeDirectory"] == "mrpcd" and lines["RuntimeDirectoryMode"] == "0755"
+    assert "--socket /run/mrpcd/control.sock" in lines["ExecStart"]
+    exe = lines["ExecStart"].split()[0]
+    assert os.access(exe, os.X_OK), exe  # points at this installation's mrpcd
+    for key, value in [("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"), ("PrivateTmp", "yes"),
+                       ("MemoryDenyWriteExecute", "yes"), ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6")]:
+        assert lines[key] == value, key
+    if shutil.which("systemd-analyze"):
+        path = tmp_path / "mrpcd.service"
+        path.write_text(unit)
+        v = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+        problems = [line for line in (v.stdout + v.stderr).splitlines() if str(path) in line]
+        assert v.returncode == 0 and not problems, v.stdout + v.stderr
+
+
+def test_watchdog_interval_follows_sd_watchdog_enabled():
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "3000000"}) == 3.0
+    assert watchdog_interval({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())}) == 3.0
+    assert watchdog_interval({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}) is None  # someone else's job
+    assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+
+
+def test_notifier_without_systemd_is_a_no_op_and_with_one_sends_one_datagram():
+    assert Notifier({}).send("READY=1") is False
+    fake = FakeSystemd()
+    try:
+        n = Notifier({"NOTIFY_SOCKET": fake.name})
+        n.status("line one\nline two")  # a newline cannot split a field
+        assert fake.wait_for("STATUS", 2) == {"STATUS": "line one line two"}
+        n.close()
+        gone = Notifier({"NOTIFY_SOCKET": "@mrpcd-test-nobody-listens"})
+        assert gone.send("READY=1") is False  # logged once, never raised
+    finally:
+        fake.close()
