@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     pu.add_argument("--module", required=True, help="path.py, dotted module or built-in name of the new version")
     pu.add_argument("--config", help="new config (default: keep the current one)")
     pu.add_argument("--app")
+    tr = sub.add_parser("transport", help="live-upgrade the transport engine (admin only)")
+    tsub = tr.add_subparsers(dest="tcmd", required=True)
+    tu = tsub.add_parser("upgrade", help="hand every open connection to a new transport version, sockets kept")
+    tu.add_argument("--module", required=True, help="dotted module or path.py exporting PeerConnection")
     args = p.parse_args(argv)
     path = args.socket or default_socket_path()
     try:
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "policy":
             op, req = _policy_request(args)
+        elif args.cmd == "transport":
+            op, req = "transport_upgrade", {"module": args.module}
         else:
             op, req = args.cmd, {}
         reply = ctl.call(op, **req)
@@ -143,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reply.pop("id", None)
     reply.pop("ok", None)
-    if args.cmd == "policy" and not args.json:
+    if args.cmd == "transport" and not args.json:
+        print(f"transport version {reply['version']}: {reply['connections']} connections handed over")
+    elif args.cmd == "policy" and not args.json:
         if args.pcmd == "list":
             _print_policies(reply)
         else:

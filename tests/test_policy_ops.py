@@ -40,6 +40,13 @@ def ctl(daemon, *args: str, uid: int | None = None) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
 
 
+def load_counts(out: str) -> tuple[int, int, int]:
+    """(attempted, completed, failed) from hello_client.py's load summary line."""
+    line = next(x for x in out.splitlines() if x.startswith("attempted "))
+    attempted, completed, failed = (int(x) for x in line.split()[1::2])
+    return attempted, completed, failed
+
+
 def policies_of(daemon, app: str) -> list[dict]:
     apps = Control(daemon.socket).call("policies", app=app)["apps"]
     return apps[0]["policies"] if apps else []
@@ -86,8 +93,7 @@ def test_attach_upgrade_detach_under_load_loses_nothing(served, app_factory, gen
     stop.touch()
     code, out, err = load.wait(60)
     assert code == 0, err
-    summary = out.strip().splitlines()[-1] if "error" not in out else out
-    attempted, completed, failed = (int(x) for x in summary.split()[1::2])
+    attempted, completed, failed = load_counts(out)
     assert failed == 0, out
     assert attempted == completed > 100
 
@@ -234,3 +240,36 @@ def test_non_admin_is_refused():
         app.close()
         d.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_transport_live_upgrade_keeps_connections_under_load(served, app_factory, gen_dir, tmp_path):
+    a, b, address = served
+    apps_dir = Path(__file__).resolve().parent / "apps"
+    load = app_factory("hello_client.py", a, address, "load", "60", "4", gen=gen_dir)
+    assert load.readline() == "started"
+    routes_before = {d.socket: Control(d.socket).call("apps")["apps"] for d in (a, b)}
+    sockets_before = {d: sorted(r["socket_peer"] for app in apps for r in app["routes"]) for d, apps in routes_before.items()}
+    assert all(sockets_before.values())
+    # a module that is no transport is refused and nothing changes
+    r = ctl(a, "transport", "upgrade", "--module", str(apps_dir / "transport_broken.py"))
+    assert r.returncode == 1 and "not a transport version" in r.stderr
+    for d in (a, b):
+        r = ctl(d, "transport", "upgrade", "--module", str(apps_dir / "transport_v2.py"))
+        assert r.returncode == 0, r.stderr
+        assert "version 2-test" in r.stdout
+        time.sleep(0.3)
+    for d in (a, b):
+        apps = Control(d.socket).call("apps")["apps"]
+        routes = [r for app in apps for r in app["routes"]]
+        assert routes and all(r["transport"] == "2-test" for r in routes)
+        # the same TCP connections: same peer addresses, ephemeral ports included
+        assert sorted(r["socket_peer"] for r in routes) == sockets_before[d.socket]
+    # a new connection made after the upgrade also runs the new version
+    code, out, err = app_factory("hello_client.py", a, address, "unary", "5", gen=gen_dir).wait()
+    assert code == 0 and out.strip() == "ok 5", err
+    (tmp_path / "stop").touch()
+    code, out, err = load.wait(60)
+    assert code == 0, err
+    attempted, completed, failed = load_counts(out)
+    assert failed == 0, out
+    assert attempted == completed > 100

@@ -315,6 +315,72 @@ cdef class PeerConnection:
             "write_buffer": self.transport.get_write_buffer_size() if self.transport is not None and not self._lost else 0,
         }
 
+    # ------------------------------------------------------------------ live upgrade
+
+    VERSION = "1"
+
+    def hand_over(self):
+        """Give this connection's live state to a new transport version; this object goes quiet.
+
+        Returns the asyncio transport (the socket stays open: the peer notices nothing), the
+        frame decoder with any partial record in it, output not yet written, records not yet
+        delivered, the handlers and the counters. Afterwards this object neither reads, writes
+        nor reports a close: `adopt()` on the new class takes over from the next byte.
+        """
+        if self.closed or not self.established or self._lost:
+            raise ConnectionError(f"only an open, established connection can be handed over ({self!r})")
+        state = {
+            "transport": self.transport, "peer_hello": self.peer_hello, "role": self.role, "peer": self.peer,
+            "decoder": self._decoder, "out": self._out, "pending": self._pending,
+            "on_records": self._on_records, "on_close": self._on_close,
+            "user_paused": self._user_paused, "writing_paused": self.writing_paused,
+            "drain_waiters": self._drain_waiters,
+            "records_in": self.records_in, "records_out": self.records_out, "bytes_in": self.bytes_in,
+        }
+        self._out = []
+        self._pending = []
+        self._drain_waiters = []
+        self._on_records = None
+        self._on_close = None
+        self._cancel_timers()
+        self.closed = True
+        self._close_known = True
+        self._close_reported = True  # the new owner reports the close, not us
+        self._lost = True  # and we never touch the transport again
+        return state
+
+    @classmethod
+    def adopt(cls, dict state):
+        """Build a connection of this (new) class from `hand_over()` state, on the same socket."""
+        cdef PeerConnection conn = cls(state["role"], None, None)
+        cdef list pending
+        conn.transport = state["transport"]
+        conn._loop = asyncio.get_running_loop()
+        conn.peer = state["peer"]
+        conn.peer_hello = state["peer_hello"]
+        conn._decoder = state["decoder"]
+        conn._out = list(state["out"])
+        conn._pending = list(state["pending"])
+        conn._on_records = state["on_records"]
+        conn._on_close = state["on_close"]
+        conn._user_paused = state["user_paused"]
+        conn.writing_paused = state["writing_paused"]
+        conn._drain_waiters = list(state["drain_waiters"])
+        conn.records_in = state["records_in"]
+        conn.records_out = state["records_out"]
+        conn.bytes_in = state["bytes_in"]
+        conn.established = True
+        conn.transport.set_protocol(conn)
+        if conn._out:
+            conn._flush_scheduled = True
+            conn._loop.call_soon(conn._flush)
+        if conn._pending and conn._on_records is not None:
+            pending = conn._pending
+            conn._pending = []
+            conn._call_on_records(pending)
+        conn._update_reading()
+        return conn
+
     # ------------------------------------------------------------------ internals
 
     def _flush(self):

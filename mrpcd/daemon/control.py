@@ -20,6 +20,7 @@ from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
 from .policy_host import PolicyOpError
+from .transport_upgrade import TransportUpgradeError
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -93,7 +94,7 @@ class ControlConnection:
         except HandshakeError as exc:
             self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
             return
-        except PolicyOpError as exc:
+        except (PolicyOpError, TransportUpgradeError) as exc:
             self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
             return
         except (ValueError, SchemaError, cp.ControlError) as exc:
@@ -250,6 +251,10 @@ class ControlConnection:
             if not apps:
                 raise cp.ControlError(f"no app has a policy named {name!r}", 5)
         return apps
+
+    async def op_transport_upgrade(self, msg: dict, fds: list[int]) -> dict:
+        self._need_admin()
+        return self.daemon.upgrade_transport(msg.get("module"))
 
     async def op_shutdown(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()

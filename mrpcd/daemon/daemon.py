@@ -11,7 +11,9 @@ from .. import __version__
 from .config import Config
 from .control import serve_control
 from .observe import CallStats
+from ..transports import tcp
 from .session import AppSession
+from .transport_upgrade import load_transport_class, migrate
 
 log = logging.getLogger("mrpcd")
 
@@ -30,6 +32,7 @@ class Daemon:
         self.call_stats = CallStats(config.metrics["buckets"])  # fed by every session's Observer
         self.draining = False
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
+        self.transport_class: type = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
 
     async def start(self) -> None:
         self._control_sock = await serve_control(self, self.config.control_socket)
@@ -117,6 +120,18 @@ class Daemon:
             for route in list(session.routes.values()):
                 session._on_peer_closed(route, ConnectionError(reason))  # the app's GOAWAY for this handle
                 route.conn.close(reason)  # the peer's GOAWAY
+
+    def upgrade_transport(self, spec: str) -> dict[str, Any]:
+        """Swap every live connection to a new transport version, sockets kept (see transport_upgrade)."""
+        cls = load_transport_class(spec)
+        moved = 0
+        for session in self.sessions.values():
+            for route in session.routes.values():
+                route.conn = migrate(route.conn, cls)
+                moved += 1
+        self.transport_class = cls
+        log.info("transport upgraded to version %s (%s): %d connections handed over", cls.VERSION, spec, moved)
+        return {"version": cls.VERSION, "connections": moved}
 
     def uptime(self) -> float:
         return time.monotonic() - self._started

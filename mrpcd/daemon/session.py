@@ -21,6 +21,7 @@ from ..transports import tcp
 from .datapath import Datapath, error_response
 from .observe import Observer
 from .policy_host import PolicyHost
+from .transport_upgrade import migrate
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -296,6 +297,8 @@ class AppSession:
         return self._add_route(conn, "client", target, frozenset()).handle
 
     def _add_route(self, conn: tcp.PeerConnection, role: str, target: str, method_ids: frozenset[int], binding: "Binding | None" = None) -> Route:
+        if type(conn) is not self.daemon.transport_class:
+            conn = migrate(conn, self.daemon.transport_class)  # made by the old code after an upgrade
         handle = self._next_handle
         self._next_handle += 1
         route = Route(handle, conn, role, target, method_ids, binding)
@@ -373,7 +376,8 @@ class AppSession:
             "uid": self.uid,
             "services": sorted(self.schema.services),
             "listening": sorted({b.address for b in self.bindings.values()}),
-            "routes": [{"handle": r.handle, "role": r.role, "peer": r.target} for r in self.routes.values()],
+            "routes": [{"handle": r.handle, "role": r.role, "peer": r.target, "socket_peer": r.conn.peer,
+                        "transport": getattr(r.conn, "VERSION", "?")} for r in self.routes.values()],
             "engines": self.policies.describe(),
             "pending": len(self.pending),
             "stats": dict(self.stats),

@@ -1,0 +1,63 @@
+"""Live upgrade of the transport engine: new code takes over open connections, sockets kept.
+
+A transport version is a connection class with `VERSION`, `hand_over()` (the old object
+gives up its socket, decoder state, unwritten output, undelivered records and handlers, and
+goes quiet) and `adopt(state)` (the new class takes them over and becomes the socket's
+protocol with `transport.set_protocol`). Nothing is re-sent and the peer sees no change:
+the same TCP connection simply continues under new code, between two event-loop callbacks.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mrpcd.transport")
+_fresh = itertools.count(1)
+
+
+class TransportUpgradeError(ValueError):
+    """The new transport version cannot be loaded or does not fit; nothing was changed."""
+
+
+def load_transport_class(spec: Any) -> type:
+    """`spec` is a dotted module or a .py path exporting `PeerConnection`; checked before use."""
+    if not isinstance(spec, str) or not spec:
+        raise TransportUpgradeError("name the new transport: a dotted module or a .py path exporting PeerConnection")
+    try:
+        if spec.endswith(".py") or "/" in spec:
+            path = Path(spec)
+            if not path.is_file():
+                raise TransportUpgradeError(f"no such transport module file: {spec}")
+            name = f"mrpcd_transport_upgrade_{next(_fresh)}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+    except TransportUpgradeError:
+        raise
+    except Exception as exc:
+        raise TransportUpgradeError(f"cannot load transport {spec}: {type(exc).__name__}: {exc}") from None
+    cls = getattr(module, "PeerConnection", None)
+    if not isinstance(cls, type):
+        raise TransportUpgradeError(f"{spec} does not export a PeerConnection class")
+    missing = [a for a in ("VERSION", "adopt", "hand_over", "send_batch", "set_handlers") if not hasattr(cls, a)]
+    if missing:
+        raise TransportUpgradeError(f"{spec}.PeerConnection lacks {', '.join(missing)}: not a transport version")
+    return cls
+
+
+def migrate(conn: Any, cls: type) -> Any:
+    """Move one open connection to `cls`; if the new code refuses it, the old class re-adopts it."""
+    if conn.closed:
+        return conn
+    state = conn.hand_over()
+    try:
+        return cls.adopt(state)
+    except Exception:
+        log.exception("transport %s could not adopt %s; it stays on %s", getattr(cls, "VERSION", "?"), conn.peer, type(conn).VERSION)
+        return type(conn).adopt(state)
