@@ -16,6 +16,7 @@ from .app import App, connect, default_app  # noqa: E402
 from .channel import Channel, insecure_channel  # noqa: E402
 from .handlers import (  # noqa: E402
     GenericRpcHandler,
+    HandlerCallDetails,
     RpcMethodHandler,
     method_handlers_generic_handler,
     stream_stream_rpc_method_handler,
@@ -24,9 +25,20 @@ from .handlers import (  # noqa: E402
     unary_unary_rpc_method_handler,
 )
 from .server import Server, ServicerContext, server  # noqa: E402
+from .interceptors import (  # noqa: E402
+    ClientCallDetails,
+    ServerInterceptor,
+    StreamStreamClientInterceptor,
+    StreamUnaryClientInterceptor,
+    UnaryStreamClientInterceptor,
+    UnaryUnaryClientInterceptor,
+    intercept_channel,
+)
 
 __all__ += [
     "App", "connect", "default_app", "Channel", "insecure_channel", "GenericRpcHandler", "RpcMethodHandler",
     "method_handlers_generic_handler", "stream_stream_rpc_method_handler", "stream_unary_rpc_method_handler",
     "unary_stream_rpc_method_handler", "unary_unary_rpc_method_handler", "Server", "ServicerContext", "server",
+    "HandlerCallDetails", "ClientCallDetails", "ServerInterceptor", "UnaryUnaryClientInterceptor",
+    "UnaryStreamClientInterceptor", "StreamUnaryClientInterceptor", "StreamStreamClientInterceptor", "intercept_channel",
 ]

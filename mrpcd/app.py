@@ -32,6 +32,7 @@ RX_BYTES = 4 << 20
 
 class CallSink(Protocol):
     def deliver(self, rec: R.Record) -> None: ...
+    def grant(self, n: int) -> None: ...
     def lost(self, code: StatusCode, details: str) -> None: ...
 
 
@@ -190,6 +191,14 @@ class App:
             sink = self.calls.get((rec.handle, rec.call_id))
             if sink is not None:
                 sink.deliver(rec)
+        elif kind == R.WINDOW:  # credit for a request stream (client call) or a response stream (server call)
+            sink = self.calls.get((rec.handle, rec.call_id))
+            if sink is not None:
+                sink.grant(rec.method_id)
+                return
+            for server in self.servers:
+                if server.route(rec):
+                    return
         elif kind == R.REQUEST or kind == R.CANCEL:
             for server in self.servers:
                 if server.route(rec):

@@ -3,147 +3,301 @@
 A channel is a handle on a daemon-to-daemon connection. It connects lazily, on the first
 call, so every stub made before then has its schema in the handshake; a lost connection is
 re-established by the next call. Calls keep grpc's surface: `stub.M(req, timeout=,
-metadata=)`, `.with_call(...)`, `.future(...)`, response iterators for server streaming.
+metadata=)`, `.with_call(...)` returning (response, call), `.future(...)` returning a
+call that is also a Future, and response iterators (also calls) for server streaming.
+Response streams are flow-controlled (mrpcd.flow): the client grants credit as the
+application consumes messages, so a slow reader pauses the server instead of buffering
+without bound; request streams wait for the server's credit likewise.
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+from . import flow, wire
 from .app import App, default_app
 from .marshal import records as R
 from .marshal.schema import method_id as _method_id
 from .status import RpcError, StatusCode
-from . import wire
+
+_DEADLINE = "Deadline Exceeded"
 
 
 class _ClientCall:
-    """One client call's receive side; filled by the app's rx driver thread."""
+    """One client call's state; filled by the app's rx driver thread, read by the caller."""
 
-    def __init__(self, app: App, handle: int, call_id: int, deserialize) -> None:
+    def __init__(self, app: App, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
         self.app = app
         self.handle = handle
         self.call_id = call_id
         self._deserialize = deserialize
+        self._max_receive = max_receive
+        self.deadline = deadline
         self._cond = threading.Condition()
-        self._messages: deque[bytes] = deque()
+        self._messages: deque[tuple[bytes, int]] = deque()
         self._done = False
+        self._got_initial = False
+        self._cancelled_locally = False
         self._code = StatusCode.OK
         self._details = ""
         self._initial: list = []
         self._trailing: list = []
-        self._callbacks: list = []
+        self._callbacks: list[Callable[[], None]] = []
+        self._recv = flow.RecvWindow()
+        self._credit = flow.SendCredit()
         app.calls[(handle, call_id)] = self
 
-    # driver side
+    # -- driver side (rx thread) ----------------------------------------------------------
     def deliver(self, rec: R.Record) -> None:
         with self._cond:
             if self._done:
                 return
-            if rec.flags & R.F_START or rec.flags & R.F_END:
+            if rec.flags & (R.F_START | R.F_END):
                 initial, trailing, details = wire.split_response_meta(rec)
                 if rec.flags & R.F_START:
                     self._initial = initial
+                    self._got_initial = True
             if not rec.flags & R.F_NO_MSG:
-                self._messages.append(rec.payload)
+                if len(rec.payload) > self._max_receive:
+                    err = wire.too_large("Received", len(rec.payload), self._max_receive)
+                    self._set_done(err.code(), err.details())
+                    self.app.try_send(wire.cancel_record(self.handle, self.call_id))
+                    return
+                self._messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
             if rec.flags & R.F_END:
                 self._trailing, self._details = trailing, details
                 self._code = StatusCode.from_int(rec.status)
                 self._finish()
             self._cond.notify_all()
 
+    def grant(self, n: int) -> None:
+        with self._cond:
+            if self._credit.grant(n):
+                self._cond.notify_all()
+
     def lost(self, code: StatusCode, details: str) -> None:
         with self._cond:
-            if not self._done:
-                self._code, self._details = code, details
-                self._finish()
-                self._cond.notify_all()
+            self._set_done(code, details)
+
+    def _set_done(self, code: StatusCode, details: str) -> bool:
+        """End the call locally (lock held); False if it had already ended."""
+        if self._done:
+            return False
+        self._code, self._details = code, details
+        self._finish()
+        self._cond.notify_all()
+        return True
 
     def _finish(self) -> None:
         self._done = True
         self.app.calls.pop((self.handle, self.call_id), None)
-        for cb in self._callbacks:
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:  # run on whichever thread ended the call, as grpc does
             try:
                 cb()
             except Exception:
                 pass
 
-    # caller side
+    # -- caller side --------------------------------------------------------------------
     def cancel(self, code: StatusCode = StatusCode.CANCELLED, details: str = "Locally cancelled by application!") -> bool:
         with self._cond:
-            if self._done:
+            if not self._set_done(code, details):
                 return False
-            self._code, self._details = code, details
-            self._finish()
-            self._cond.notify_all()
+            self._cancelled_locally = code is StatusCode.CANCELLED
         try:
             self.app.send(wire.cancel_record(self.handle, self.call_id), timeout=1.0)
         except RpcError:
-            pass
+            pass  # the daemon is gone: the server side is cancelled by the lost connection
         return True
 
-    def next_message(self, deadline: wire.Deadline | None) -> Any:
+    def _wait(self, ready: Callable[[], bool], deadline: wire.Deadline | None, timeout: float | None = None) -> bool:
+        """Wait (lock held) until ready() or the call ends; False on a caller timeout.
+
+        The call's own deadline ends it with DEADLINE_EXCEEDED (and cancels the server).
+        """
+        until = None if timeout is None else time.monotonic() + timeout
+        while not ready() and not self._done:
+            left = deadline.remaining() if deadline else None
+            if left == 0:
+                self._cond.release()
+                try:
+                    self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+                finally:
+                    self._cond.acquire()
+                continue
+            if until is not None:
+                mine = until - time.monotonic()
+                if mine <= 0:
+                    return False
+                left = mine if left is None else min(left, mine)
+            self._cond.wait(left)
+        return True
+
+    def next_message(self) -> Any:
         """The next response message, or StopIteration at a clean end; RpcError otherwise."""
         with self._cond:
-            while not self._messages and not self._done:
-                remaining = deadline.remaining() if deadline else None
-                if remaining == 0:
-                    break
-                self._cond.wait(remaining)
-            if self._messages:
-                payload = self._messages.popleft()
-            elif self._done:
+            self._wait(lambda: bool(self._messages), self.deadline)
+            if not self._messages:
                 if self._code is StatusCode.OK:
                     raise StopIteration
                 raise self.error()
-            else:
-                payload = None
-        if payload is None:
-            self.cancel(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            raise self.error()
+            payload, size = self._messages.popleft()
+            grant = 0 if self._done else self._recv.consume(size)
+        if grant:
+            try:
+                self.app.send(flow.window_record(self.handle, self.call_id, grant), timeout=1.0)
+            except RpcError:
+                pass
         try:
             return self._deserialize(payload)
         except ValueError as exc:
-            self.cancel(StatusCode.INTERNAL, f"failed to decode the response: {exc}")
+            self.cancel(StatusCode.INTERNAL, f"Exception deserializing response! {exc}")
             raise self.error() from None
 
-    def wait_done(self, deadline: wire.Deadline | None) -> None:
+    def wait_done(self, timeout: float | None = None) -> bool:
         with self._cond:
-            while not self._done:
-                remaining = deadline.remaining() if deadline else None
-                if remaining == 0:
-                    break
-                self._cond.wait(remaining)
-            done = self._done
-        if not done:
-            self.cancel(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            return self._wait(lambda: False, self.deadline, timeout)
+
+    def wait_credit(self) -> bool:
+        """Block the request pump until the server grants credit; False if the call ended."""
+        with self._cond:
+            self._wait(self._credit.available, self.deadline)
+            return not self._done
+
+    def spend(self, n: int) -> None:
+        with self._cond:
+            self._credit.spend(n)
 
     def error(self) -> RpcError:
         return RpcError(self._code, self._details, self._trailing, self._initial)
 
-    # grpc.Call surface
-    def code(self) -> StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def initial_metadata(self) -> tuple:
-        return tuple(self._initial)
-
-    def trailing_metadata(self) -> tuple:
-        return tuple(self._trailing)
-
-    def is_active(self) -> bool:
-        return not self._done
-
-    def add_done_callback(self, cb) -> None:
+    def add_callback(self, cb: Callable[[], None]) -> bool:
         with self._cond:
             if not self._done:
                 self._callbacks.append(cb)
+                return True
+        return False
+
+
+class _Rendezvous(RpcError):
+    """What a call returns: a grpc.Call, a grpc.Future (result/cancel/...) and, for
+    response streams, an iterator. Like grpc's, it is also the RpcError it raises."""
+
+    def __init__(self, call: _ClientCall, streaming: bool) -> None:
+        Exception.__init__(self, "mrpcd call")
+        self._call = call
+        self._streaming = streaming
+        self._response: Any = None
+        self._have_response = False
+        self._lock = threading.Lock()
+
+    # grpc.Call
+    def code(self) -> StatusCode:
+        self._call.wait_done()
+        return self._call._code
+
+    def details(self) -> str:
+        self._call.wait_done()
+        return self._call._details
+
+    def initial_metadata(self) -> tuple:
+        c = self._call
+        with c._cond:
+            c._wait(lambda: c._got_initial, c.deadline)
+        return tuple(c._initial)
+
+    def trailing_metadata(self) -> tuple:
+        self._call.wait_done()
+        return tuple(self._call._trailing)
+
+    def is_active(self) -> bool:
+        return not self._call._done
+
+    def time_remaining(self) -> float | None:
+        return self._call.deadline.remaining() if self._call.deadline else None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return self._call.add_callback(callback)
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    # grpc.Future
+    def cancelled(self) -> bool:
+        return self._call._cancelled_locally
+
+    def running(self) -> bool:
+        return not self._call._done
+
+    def done(self) -> bool:
+        return self._call._done
+
+    def _collect(self) -> None:
+        """Unary response: take the single message (once); the call is over after it."""
+        with self._lock:
+            if self._have_response:
                 return
-        cb()
+            try:
+                self._response = self._call.next_message()
+                self._have_response = True
+            except StopIteration:
+                if self._call._code is StatusCode.OK:
+                    self._call.lost(StatusCode.INTERNAL, "the server ended the call without a response")
+            except RpcError:
+                pass
+            self._call.wait_done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait_future(timeout)
+        self._collect()
+        if self._call._code is not StatusCode.OK:
+            raise self._as_error()
+        return self._response
+
+    def exception(self, timeout: float | None = None) -> RpcError | None:
+        self._wait_future(timeout)
+        self._collect()
+        return None if self._call._code is StatusCode.OK else self._as_error()
+
+    def traceback(self, timeout: float | None = None):
+        return None
+
+    def _wait_future(self, timeout: float | None) -> None:
+        if not self._call.wait_done(timeout):
+            from concurrent.futures import TimeoutError as FutureTimeout
+
+            raise FutureTimeout()
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        if not self._call.add_callback(lambda: fn(self)):
+            fn(self)
+
+    def _as_error(self) -> RpcError:
+        return self  # the rendezvous is the error, with code()/details()/metadata
+
+    def __str__(self) -> str:
+        if self._call._done:
+            return f"<_Rendezvous of RPC that terminated with: status = {self._call._code}, details = \"{self._call._details}\">"
+        return "<_Rendezvous of in-flight RPC>"
+
+    __repr__ = __str__
+
+    # iterator (response streams)
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if not self._streaming:
+            raise TypeError("a unary call is not iterable; use result()")
+        try:
+            return self._call.next_message()
+        except RpcError:
+            raise self from None
+
+    def next(self) -> Any:
+        return self.__next__()
 
 
 class _MultiCallable:
@@ -156,130 +310,98 @@ class _MultiCallable:
         channel.app.ensure_schema(request_type.__mrpc_schema__)
         channel.app.ensure_schema(response_type.__mrpc_schema__)
 
-    def _start(self, first: Any, end: bool, timeout: float | None, metadata) -> tuple[_ClientCall, wire.Deadline | None]:
+    def _payload(self, message: Any) -> bytes:
+        payload = self._encode(message)
+        limit = self._channel._max_send
+        if len(payload) > limit:
+            raise wire.too_large("Sent", len(payload), limit)
+        return payload
+
+    def _start(self, first: Any, end: bool, timeout: float | None, metadata) -> _ClientCall:
         app = self._channel.app
         meta = wire.check_metadata(metadata)
+        payload = self._payload(first) if first is not None else None
         handle = self._channel._ensure_handle()
-        call = _ClientCall(app, handle, app.next_call_id(), self._decode)
-        payload = self._encode(first) if first is not None else None
-        flags = R.F_START | (R.F_END if end else 0)
         dl = wire.deadline_us(timeout)
+        call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, wire.Deadline(dl) if timeout is not None else None)
+        flags = R.F_START | (R.F_END if end else 0)
         try:
             app.send(wire.request_record(handle, call.call_id, self._method_id, flags, dl, meta, payload), timeout)
-        except RpcError:
-            call.lost(StatusCode.UNAVAILABLE, "could not hand the request to mrpcd")
-            raise
-        return call, wire.Deadline(dl) if timeout is not None else None
+        except RpcError as exc:
+            call.lost(exc.code(), exc.details())
+        return call
+
+    def _pump_requests(self, call: _ClientCall, requests: Iterable[Any]) -> None:
+        """Send each request as a message record, then half-close (in a helper thread, as grpc
+        does); waits for the server's credit so a slow server pauses the producer."""
+        app = self._channel.app
+
+        def run() -> None:
+            try:
+                for req in requests:
+                    if not call.wait_credit():
+                        return
+                    payload = self._payload(req)
+                    call.spend(flow.cost(len(payload)))
+                    app.send(wire.request_record(call.handle, call.call_id, 0, 0, 0, (), payload), call.deadline.remaining() if call.deadline else None)
+                if not call._done:
+                    app.send(wire.request_record(call.handle, call.call_id, 0, R.F_END, 0, (), None), 5.0)
+            except RpcError as exc:
+                if exc.code() is StatusCode.RESOURCE_EXHAUSTED:
+                    call.cancel(exc.code(), exc.details())
+                else:
+                    call.cancel(StatusCode.CANCELLED, f"request could not be sent: {exc.details()}")
+            except Exception as exc:  # a failing request iterator cancels the call, as in grpc
+                call.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
+
+        threading.Thread(target=run, name="mrpcd-request-pump", daemon=True).start()
 
 
 class UnaryUnaryMultiCallable(_MultiCallable):
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
         return self.with_call(request, timeout, metadata)[0]
 
-    def with_call(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _ClientCall]:
-        call, deadline = self._start(request, True, timeout, metadata)
-        try:
-            response = call.next_message(deadline)
-        except StopIteration:
-            raise RpcError(StatusCode.INTERNAL, "the server ended the call without a response") from None
-        call.wait_done(deadline)
-        if call.code() is not StatusCode.OK:
-            raise call.error()
-        return response, call
+    def with_call(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
+        fut = self.future(request, timeout, metadata)
+        return fut.result(), fut
 
-    def future(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any):
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = _future_pool()
-        return pool.submit(self, request, timeout, metadata)
+    def future(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
+        return _Rendezvous(self._start(request, True, timeout, metadata), False)
 
 
 class UnaryStreamMultiCallable(_MultiCallable):
-    def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> "_ResponseIterator":
-        call, deadline = self._start(request, True, timeout, metadata)
-        return _ResponseIterator(call, deadline)
+    def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
+        return _Rendezvous(self._start(request, True, timeout, metadata), True)
 
 
-class _ResponseIterator:
-    """Iterates the response messages; is also the call (code(), details(), cancel())."""
-
-    def __init__(self, call: _ClientCall, deadline: wire.Deadline | None) -> None:
-        self._call = call
-        self._deadline = deadline
-
-    def __iter__(self) -> Iterator[Any]:
-        return self
-
-    def __next__(self) -> Any:
-        return self._call.next_message(self._deadline)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
-
-
-class _StreamingRequestMixin:
-    def _pump_requests(self, call: _ClientCall, requests: Iterable[Any], timeout: float | None) -> None:
-        """Send each request as a message record, then half-close (in a helper thread, as grpc does)."""
-        app = self._channel.app
-
-        def run() -> None:
-            try:
-                for req in requests:
-                    if not call.is_active():
-                        return
-                    app.send(wire.request_record(call.handle, call.call_id, 0, 0, 0, (), self._encode(req)), timeout)
-                if call.is_active():
-                    app.send(wire.request_record(call.handle, call.call_id, 0, R.F_END, 0, (), None), timeout)
-            except Exception as exc:  # a failing request iterator cancels the call, as in grpc
-                call.cancel(StatusCode.CANCELLED, f"request iterator raised: {exc!r}")
-
-        threading.Thread(target=run, name="mrpcd-request-pump", daemon=True).start()
-
-
-class StreamUnaryMultiCallable(_MultiCallable, _StreamingRequestMixin):
+class StreamUnaryMultiCallable(_MultiCallable):
     def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
         return self.with_call(request_iterator, timeout, metadata)[0]
 
-    def with_call(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any):
-        call, deadline = self._start(None, False, timeout, metadata)
-        self._pump_requests(call, request_iterator, timeout)
-        try:
-            response = call.next_message(deadline)
-        except StopIteration:
-            raise RpcError(StatusCode.INTERNAL, "the server ended the call without a response") from None
-        call.wait_done(deadline)
-        if call.code() is not StatusCode.OK:
-            raise call.error()
-        return response, call
+    def with_call(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
+        fut = self.future(request_iterator, timeout, metadata)
+        return fut.result(), fut
+
+    def future(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
+        call = self._start(None, False, timeout, metadata)
+        self._pump_requests(call, request_iterator)
+        return _Rendezvous(call, False)
 
 
-class StreamStreamMultiCallable(_MultiCallable, _StreamingRequestMixin):
-    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any):
-        call, deadline = self._start(None, False, timeout, metadata)
-        self._pump_requests(call, request_iterator, timeout)
-        return _ResponseIterator(call, deadline)
-
-
-_pool = None
-_pool_lock = threading.Lock()
-
-
-def _future_pool():
-    global _pool
-    from concurrent.futures import ThreadPoolExecutor
-
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="mrpcd-future")
-        return _pool
+class StreamStreamMultiCallable(_MultiCallable):
+    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
+        call = self._start(None, False, timeout, metadata)
+        self._pump_requests(call, request_iterator)
+        return _Rendezvous(call, True)
 
 
 class Channel:
     """A channel to `target` ("host:port" of a server app's address) through the local daemon."""
 
-    def __init__(self, target: str, app: App | None = None) -> None:
+    def __init__(self, target: str, app: App | None = None, options: Any = None) -> None:
         self.target = target
         self.app = app or default_app()
+        self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._handle: int | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -335,5 +457,8 @@ class Channel:
 
 
 def insecure_channel(target: str, options: Any = None, app: App | None = None) -> Channel:
-    """Like grpc.insecure_channel; the daemon, not the app, decides transport and security."""
-    return Channel(target, app)
+    """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
+
+    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length.
+    """
+    return Channel(target, app, options)

@@ -2,20 +2,28 @@
 
 The app's rx driver routes request records here; each call runs its handler on the
 thread pool, as grpc's sync server does. Handlers see a `ServicerContext` with grpc's
-methods (metadata, deadline, abort, status, cancellation callbacks).
+methods (metadata, deadline, abort, status, cancellation callbacks). A call ends for the
+handler (is_active() False, callbacks run) when the client cancels or dies, or when its
+deadline passes; in the last case the server itself answers DEADLINE_EXCEEDED, as grpc
+does. Response streams wait for the client's credit (mrpcd.flow), so a slow client
+pauses a streaming handler inside its `yield` instead of growing buffers.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
+from . import flow, wire
 from .app import App, default_app
-from .handlers import GenericRpcHandler, RpcMethodHandler
+from .handlers import GenericRpcHandler, HandlerCallDetails, RpcMethodHandler
+from .interceptors import ServerInterceptor, resolve_handler
 from .marshal import records as R
 from .status import AbortError, RpcError, StatusCode
-from . import wire
 
 
 class _ServerCall:
@@ -31,17 +39,26 @@ class _ServerCall:
         self.metadata = tuple(wire.request_meta(rec))
         self.deadline = wire.Deadline(rec.deadline)
         self._cond = threading.Condition()
-        self._messages: deque[bytes] = deque()
+        self._messages: deque[tuple[bytes, int]] = deque()
         self._half_closed = False
         self.cancelled = False
+        self.expired = False
         self.finished = False
         self.initial_sent = False
+        self.too_large: RpcError | None = None
         self._callbacks: list[Callable[[], None]] = []
+        self._credit = flow.SendCredit()
+        self._recv = flow.RecvWindow()
         self._take(rec)
 
     def _take(self, rec: R.Record) -> None:
         if not rec.flags & R.F_NO_MSG:
-            self._messages.append(rec.payload)
+            limit = self.server._max_receive
+            if len(rec.payload) > limit:
+                self.too_large = wire.too_large("Received", len(rec.payload), limit)
+                self._half_closed = True
+                return
+            self._messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
         if rec.flags & R.F_END:
             self._half_closed = True
 
@@ -50,14 +67,24 @@ class _ServerCall:
             self._take(rec)
             self._cond.notify_all()
 
-    def cancel(self) -> None:
+    def grant(self, n: int) -> None:
+        with self._cond:
+            if self._credit.grant(n):
+                self._cond.notify_all()
+
+    def cancel(self, expired: bool = False) -> None:
+        """The call is over for the handler: client cancel, lost peer, or deadline."""
         with self._cond:
             if self.cancelled or self.finished:
                 return
             self.cancelled = True
+            self.expired = expired
             callbacks, self._callbacks = self._callbacks, []
             self._cond.notify_all()
         self.server._forget(self)
+        if expired:  # the client may not have noticed yet (clock skew, lost CANCEL): tell it
+            data = wire.response_record(self.handle, self.call_id, R.F_END | (0 if self.initial_sent else R.F_START), None, code=StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+            self.app.try_send(data)
         for cb in callbacks:
             try:
                 cb()
@@ -65,23 +92,25 @@ class _ServerCall:
                 pass
 
     def is_active(self) -> bool:
-        return not (self.cancelled or self.finished or self.deadline.expired())
+        return not (self.cancelled or self.finished)
 
     def next_request(self) -> Any:
         with self._cond:
             while not self._messages and not self._half_closed and not self.cancelled:
-                remaining = self.deadline.remaining()
-                if remaining == 0:
-                    break
-                self._cond.wait(remaining if remaining is not None else 1.0)
+                self._cond.wait(1.0)
+            if self.too_large is not None and not self._messages:
+                raise _TooLarge()
             if self._messages:
-                payload = self._messages.popleft()
-            elif self.cancelled or not self._half_closed:
+                payload, size = self._messages.popleft()
+                grant = 0 if self._half_closed else self._recv.consume(size)
+            elif self.cancelled:
                 raise _Cancelled()
             else:
                 raise StopIteration
+        if grant:
+            self.app.try_send(flow.window_record(self.handle, self.call_id, grant))
         try:
-            return self.handler.request_type.FromString(payload)
+            return self.handler.request_deserializer(payload)
         except ValueError as exc:
             raise _BadRequest(str(exc)) from None
 
@@ -93,13 +122,20 @@ class _ServerCall:
                 return
 
     def send(self, flags: int, payload: bytes | None, ctx: "ServicerContext", code: StatusCode = StatusCode.OK, details: str = "") -> None:
-        if self.cancelled:
-            return
-        if not self.initial_sent:
-            flags |= R.F_START
-            self.initial_sent = True
+        if payload is not None and not flags & R.F_END:
+            with self._cond:  # flow control: wait for the client's credit
+                while not self._credit.available() and not self.cancelled:
+                    self._cond.wait(1.0)
+                self._credit.spend(flow.cost(len(payload)))
+        with self._cond:
+            if self.cancelled or self.finished:
+                return
+            if not self.initial_sent:
+                flags |= R.F_START
+                self.initial_sent = True
+            if flags & R.F_END:
+                self.finished = True
         if flags & R.F_END:
-            self.finished = True
             self.server._forget(self)
         data = wire.response_record(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
         self.app.send(data, self.deadline.remaining() if self.deadline.at else 30.0)
@@ -110,6 +146,14 @@ class _Cancelled(Exception):
 
 
 class _BadRequest(Exception):
+    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _SerializeError(Exception):
     pass
 
 
@@ -139,6 +183,7 @@ class ServicerContext:
         return self._call.is_active()
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
+        """Run `callback` when the call is cancelled or expires; False if it already ended."""
         call = self._call
         with call._cond:
             if call.cancelled or call.finished:
@@ -161,8 +206,8 @@ class ServicerContext:
     def trailing_metadata(self) -> tuple:
         return tuple(self._trailing)
 
-    def set_code(self, code: StatusCode) -> None:
-        self._code = code
+    def set_code(self, code: StatusCode | int) -> None:
+        self._code = wire.coerce_code(code)
 
     def set_details(self, details: str) -> None:
         self._details = details
@@ -173,23 +218,72 @@ class ServicerContext:
     def details(self) -> str:
         return self._details
 
-    def abort(self, code: StatusCode, details: str = "") -> None:
+    def abort(self, code: StatusCode | int, details: str = "") -> None:
+        code = wire.coerce_code(code)
         if code is StatusCode.OK:
             raise ValueError("abort() needs a non-OK status code")
         self._code, self._details = code, details
         raise AbortError(details)
 
     def abort_with_status(self, status: Any) -> None:
-        self._trailing = list(getattr(status, "trailing_metadata", ()) or ())
+        self._trailing = wire.check_metadata(getattr(status, "trailing_metadata", ()) or ())
         self.abort(status.code, status.details)
+
+
+class _Deadlines:
+    """One thread that expires server calls at their deadlines (a heap, not a timer per call)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _ServerCall]] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, call: _ServerCall) -> None:
+        if call.deadline.at is None:
+            return
+        with self._cond:
+            heapq.heappush(self._heap, (call.deadline.at, next(self._seq), call))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mrpcd-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                at, _, call = self._heap[0]
+                now = time.monotonic()
+                if at > now:
+                    self._cond.wait(at - now)
+                    continue
+                heapq.heappop(self._heap)
+            if call.is_active():
+                call.cancel(expired=True)
 
 
 class Server:
     """Serves generic handlers through the local daemon: `add_insecure_port`, `start`, `stop`."""
 
-    def __init__(self, thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, *, app: App | None = None, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        thread_pool: ThreadPoolExecutor | None = None,
+        handlers: Any = None,
+        *,
+        app: App | None = None,
+        max_workers: int = 16,
+        interceptors: Sequence[ServerInterceptor] | None = None,
+        options: Any = None,
+    ) -> None:
         self.app = app or default_app()
         self._pool = thread_pool or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mrpcd-server")
+        self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
+        self._interceptors = tuple(interceptors or ())
+        for i in self._interceptors:
+            if not isinstance(i, ServerInterceptor):
+                raise TypeError(f"{type(i).__name__} is not a mrpcd.ServerInterceptor")
         self._methods: dict[int, tuple[str, RpcMethodHandler]] = {}
         self._generic: list[GenericRpcHandler] = []
         self._addresses: list[str] = []
@@ -198,6 +292,7 @@ class Server:
         self._started = False
         self._stopped = threading.Event()
         self._idle = threading.Condition(self._lock)
+        self._deadlines = _Deadlines()
         self.app.servers.append(self)
         if handlers:
             self.add_generic_rpc_handlers(handlers)
@@ -212,7 +307,7 @@ class Server:
             self.app.call("bind", address=address, services=self._services())
 
     def _services(self) -> list[str]:
-        return sorted({g.service for g in self._generic})
+        return sorted({g.service_name for g in self._generic})
 
     def add_insecure_port(self, address: str) -> int:
         """Bind through the daemon; returns the port (useful with ":0")."""
@@ -231,11 +326,14 @@ class Server:
     # routed from the app's rx driver -------------------------------------------------
     def route(self, rec: R.Record) -> bool:
         key = (rec.handle, rec.call_id)
-        if rec.kind == R.CANCEL:
+        if rec.kind == R.CANCEL or rec.kind == R.WINDOW:
             call = self._calls.get(key)
             if call is None:
                 return False
-            call.cancel()
+            if rec.kind == R.CANCEL:
+                call.cancel()
+            else:
+                call.grant(rec.method_id)
             return True
         if not rec.flags & R.F_START:
             call = self._calls.get(key)
@@ -252,6 +350,7 @@ class Server:
         call = _ServerCall(self, rec, *entry)
         with self._lock:
             self._calls[key] = call
+        self._deadlines.add(call)
         self._pool.submit(self._run, call)
         return True
 
@@ -266,13 +365,28 @@ class Server:
             if not self._calls:
                 self._idle.notify_all()
 
+    def _serialize(self, handler: RpcMethodHandler, response: Any) -> bytes:
+        try:
+            payload = handler.response_serializer(response)
+        except Exception as exc:
+            raise _SerializeError(str(exc)) from None
+        if len(payload) > self._max_send:
+            raise wire.too_large("Sent", len(payload), self._max_send)
+        return payload
+
     def _run(self, call: _ServerCall) -> None:
         ctx = ServicerContext(call)
-        handler = call.handler
         try:
             if call.deadline.expired():
-                call.send(R.F_END, None, ctx, StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                call.cancel(expired=True)
                 return
+            handler = call.handler
+            if self._interceptors:
+                handler = resolve_handler(self._interceptors, HandlerCallDetails(call.path, call.metadata), handler)
+                if handler is None:
+                    call.send(R.F_END, None, ctx, StatusCode.UNIMPLEMENTED, "Method not found!")
+                    return
+                call.handler = handler
             request = call.request_iterator() if handler.request_streaming else call.next_request()
             if handler.response_streaming:
                 for response in handler.behavior(request, ctx):
@@ -287,20 +401,24 @@ class Server:
                 payload = self._serialize(handler, response) if code is StatusCode.OK else None
                 call.send(R.F_END, payload, ctx, code, ctx._details)
         except _Cancelled:
-            if not call.finished:
-                call.cancel()
+            pass
+        except _TooLarge:
+            err = call.too_large
+            call.send(R.F_END, None, ctx, err.code(), err.details())
         except _BadRequest as exc:
             call.send(R.F_END, None, ctx, StatusCode.INTERNAL, f"Exception deserializing request! {exc}")
         except _SerializeError as exc:
             call.send(R.F_END, None, ctx, StatusCode.INTERNAL, f"Exception serializing response! {exc}")
         except AbortError:
             call.send(R.F_END, None, ctx, ctx._code or StatusCode.UNKNOWN, ctx._details)
-        except RpcError as exc:  # e.g. the handler's own outgoing call failed, or the ring refused
-            if not call.finished:
-                try:
+        except RpcError as exc:  # e.g. the handler's own outgoing call failed, or a size limit
+            try:
+                if exc.code() is StatusCode.RESOURCE_EXHAUSTED and ctx._code in (None, StatusCode.OK):
+                    call.send(R.F_END, None, ctx, exc.code(), exc.details())
+                else:
                     call.send(R.F_END, None, ctx, ctx._code or StatusCode.UNKNOWN, ctx._details or f"Exception calling application: {exc}")
-                except RpcError:
-                    pass
+            except RpcError:
+                pass
         except Exception as exc:
             if ctx._code not in (None, StatusCode.OK):
                 call.send(R.F_END, None, ctx, ctx._code, ctx._details)
@@ -308,14 +426,8 @@ class Server:
                 call.send(R.F_END, None, ctx, StatusCode.UNKNOWN, f"Exception calling application: {exc}")
         finally:
             if not call.finished and not call.cancelled:
+                call.finished = True
                 self._forget(call)
-
-    @staticmethod
-    def _serialize(handler: RpcMethodHandler, response: Any) -> bytes:
-        try:
-            return handler.response_type.SerializeToString(response)
-        except Exception as exc:
-            raise _SerializeError(str(exc)) from None
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stop taking calls; running ones get `grace` seconds, then are cancelled."""
@@ -334,10 +446,6 @@ class Server:
         return self._stopped.wait(timeout)
 
 
-class _SerializeError(Exception):
-    pass
-
-
-def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:
-    """Like grpc.server(futures.ThreadPoolExecutor(...))."""
-    return Server(thread_pool, handlers, app=app)
+def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:
+    """Like grpc.server(futures.ThreadPoolExecutor(...), interceptors=..., options=...)."""
+    return Server(thread_pool, handlers, app=app, interceptors=interceptors, options=options)

@@ -125,3 +125,41 @@ class Deadline:
 
 def iter_pairs(metadata: Iterable | None) -> list:
     return list(metadata) if metadata else []
+
+
+# grpc's defaults: receive 4 MiB, send unlimited (the daemon's max_record still caps both).
+DEFAULT_MAX_RECEIVE = 4 * 1024 * 1024
+_OPTION_NAMES = {"grpc.max_send_message_length": "max_send", "grpc.max_receive_message_length": "max_receive"}
+
+
+def message_limits(options, max_record: int) -> tuple[int, int]:
+    """(max_send, max_receive) bytes from grpc-style options; -1 means unlimited, as in grpc."""
+    limits = {"max_send": -1, "max_receive": DEFAULT_MAX_RECEIVE}
+    for item in options or ():
+        try:
+            key, value = item
+        except (TypeError, ValueError):
+            raise ValueError(f"options must be (key, value) pairs, got {item!r:.80}") from None
+        name = _OPTION_NAMES.get(key)
+        if name is None:
+            continue  # other grpc options have no meaning here (the daemon owns transport)
+        if type(value) is not int:
+            raise ValueError(f"option {key} must be an int, got {type(value).__name__}")
+        limits[name] = value
+    send = max_record if limits["max_send"] < 0 else min(limits["max_send"], max_record)
+    recv = max_record if limits["max_receive"] < 0 else min(limits["max_receive"], max_record)
+    return send, recv
+
+
+def too_large(direction: str, size: int, limit: int) -> RpcError:
+    """grpc's RESOURCE_EXHAUSTED text for a message over the limit ("Sent"/"Received")."""
+    return RpcError(StatusCode.RESOURCE_EXHAUSTED, f"{direction} message larger than max ({size} vs. {limit})")
+
+
+def coerce_code(code) -> StatusCode:
+    """A StatusCode from a StatusCode or an int (the interop server echoes ints)."""
+    if isinstance(code, StatusCode):
+        return code
+    if type(code) is int:
+        return StatusCode.from_int(code)
+    raise TypeError(f"status code must be a StatusCode or int, got {type(code).__name__}")

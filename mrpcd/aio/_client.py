@@ -1,0 +1,446 @@
+"""asyncio client side, shaped like grpc.aio: calls start at once and are awaitable objects.
+
+`stub.M(req)` returns a call (it is already running, as in grpc.aio): `await` it for the
+response, or `async for` / `read()` a response stream; `cancel()`, `code()`, `details()`,
+`initial_metadata()`, `trailing_metadata()` work on every kind. Cancelling the task that
+awaits a call cancels the RPC, and the server sees it. Response streams grant flow-control
+credit as they are consumed; request streams await the server's credit.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from .. import flow, wire
+from ..interceptors import ClientCallDetails
+from ..marshal import records as R
+from ..marshal.schema import method_id as _method_id
+from ..status import RpcError, StatusCode
+from ._app import AioApp, default_app
+
+_DEADLINE = "Deadline Exceeded"
+
+
+class _CallState:
+    """One call's receive side, fed by the loop's rx drain; the same (handle, call_id) sink
+    contract as the sync library."""
+
+    def __init__(self, app: AioApp, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
+        self.app = app
+        self.handle = handle
+        self.call_id = call_id
+        self._deserialize = deserialize
+        self._max_receive = max_receive
+        self.deadline = deadline
+        self._messages: deque[tuple[bytes, int]] = deque()
+        self._event = asyncio.Event()
+        self.done = False
+        self.got_initial = False
+        self.cancelled_locally = False
+        self.code = StatusCode.OK
+        self.details = ""
+        self.initial: list = []
+        self.trailing: list = []
+        self._recv = flow.RecvWindow()
+        self._credit = flow.SendCredit()
+        self._callbacks: list[Callable[[], None]] = []
+        app.calls[(handle, call_id)] = self
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    def deliver(self, rec: R.Record) -> None:
+        if self.done:
+            return
+        if rec.flags & (R.F_START | R.F_END):
+            initial, trailing, details = wire.split_response_meta(rec)
+            if rec.flags & R.F_START:
+                self.initial = initial
+                self.got_initial = True
+        if not rec.flags & R.F_NO_MSG:
+            if len(rec.payload) > self._max_receive:
+                err = wire.too_large("Received", len(rec.payload), self._max_receive)
+                self.end(err.code(), err.details())
+                self.app.send_nowait(wire.cancel_record(self.handle, self.call_id))
+                return
+            self._messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
+        if rec.flags & R.F_END:
+            self.trailing, self.details = trailing, details
+            self.code = StatusCode.from_int(rec.status)
+            self._finish()
+        self._wake()
+
+    def grant(self, n: int) -> None:
+        if self._credit.grant(n):
+            self._wake()
+
+    def lost(self, code: StatusCode, details: str) -> None:
+        self.end(code, details)
+
+    def end(self, code: StatusCode, details: str) -> bool:
+        if self.done:
+            return False
+        self.code, self.details = code, details
+        self._finish()
+        self._wake()
+        return True
+
+    def _finish(self) -> None:
+        self.done = True
+        self.app.calls.pop((self.handle, self.call_id), None)
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                pass
+
+    def cancel(self, code: StatusCode = StatusCode.CANCELLED, details: str = "Locally cancelled by application!") -> bool:
+        if not self.end(code, details):
+            return False
+        self.cancelled_locally = code is StatusCode.CANCELLED
+        self.app.send_nowait(wire.cancel_record(self.handle, self.call_id))
+        return True
+
+    async def _wait_for(self, ready: Callable[[], bool]) -> None:
+        """Until ready() or the call ends; the deadline ends it with DEADLINE_EXCEEDED."""
+        while not ready() and not self.done:
+            self._event.clear()
+            left = self.deadline.remaining() if self.deadline else None
+            if left == 0:
+                self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+                return
+            try:
+                await asyncio.wait_for(self._event.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+
+    async def next_message(self) -> Any:
+        await self._wait_for(lambda: bool(self._messages))
+        if self._messages:
+            payload, size = self._messages.popleft()
+            grant = 0 if self.done else self._recv.consume(size)
+            if grant:
+                self.app.send_nowait(flow.window_record(self.handle, self.call_id, grant))
+            try:
+                return self._deserialize(payload)
+            except ValueError as exc:
+                self.cancel(StatusCode.INTERNAL, f"Exception deserializing response! {exc}")
+                raise self.error() from None
+        if self.code is StatusCode.OK:
+            raise StopAsyncIteration
+        raise self.error()
+
+    async def wait_done(self) -> None:
+        await self._wait_for(lambda: False)
+
+    async def wait_credit(self) -> bool:
+        await self._wait_for(self._credit.available)
+        return not self.done
+
+    def spend(self, n: int) -> None:
+        self._credit.spend(n)
+
+    def error(self) -> RpcError:
+        return AioRpcError(self.code, self.details, self.trailing, self.initial)
+
+
+class AioRpcError(RpcError):
+    """grpc.aio.AioRpcError: what a failed asyncio call raises."""
+
+
+class _Call:
+    """Common grpc.aio.Call surface over a call that is being started by a task."""
+
+    def __init__(self, starter, loop: asyncio.AbstractEventLoop) -> None:
+        self._state: _CallState | None = None
+        self._cancel_requested = False
+        self._start_task = loop.create_task(self._start(starter))
+
+    async def _start(self, starter) -> _CallState:
+        state = await starter
+        self._state = state
+        if self._cancel_requested:
+            state.cancel()
+        return state
+
+    async def _get(self) -> _CallState:
+        if self._state is None:
+            return await asyncio.shield(self._start_task)
+        return self._state
+
+    def cancel(self) -> bool:
+        if self._state is None:
+            if self._cancel_requested:
+                return False
+            self._cancel_requested = True
+            return True
+        return self._state.cancel()
+
+    def cancelled(self) -> bool:
+        return self._cancel_requested or (self._state is not None and self._state.cancelled_locally)
+
+    def done(self) -> bool:
+        return self._state is not None and self._state.done
+
+    def time_remaining(self) -> float | None:
+        s = self._state
+        return s.deadline.remaining() if s is not None and s.deadline else None
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        async def attach() -> None:
+            s = await self._get()
+            if s.done:
+                callback(self)
+            else:
+                s._callbacks.append(lambda: callback(self))
+
+        asyncio.ensure_future(attach())
+
+    async def code(self) -> StatusCode:
+        s = await self._get()
+        await s.wait_done()
+        return s.code
+
+    async def details(self) -> str:
+        s = await self._get()
+        await s.wait_done()
+        return s.details
+
+    async def initial_metadata(self) -> tuple:
+        s = await self._get()
+        await s._wait_for(lambda: s.got_initial)
+        return tuple(s.initial)
+
+    async def trailing_metadata(self) -> tuple:
+        s = await self._get()
+        await s.wait_done()
+        return tuple(s.trailing)
+
+    async def wait_for_connection(self) -> None:
+        await self._get()
+
+
+class UnaryResponseCall(_Call):
+    """A unary-response call: `await call` gives the response (or raises AioRpcError)."""
+
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        s = await self._get()
+        try:
+            try:
+                response = await s.next_message()
+            except StopAsyncIteration:
+                s.end(StatusCode.INTERNAL, "the server ended the call without a response")
+                raise s.error() from None
+            await s.wait_done()
+        except asyncio.CancelledError:
+            s.cancel()
+            raise
+        if s.code is not StatusCode.OK:
+            if s.cancelled_locally:
+                raise asyncio.CancelledError()
+            raise s.error()
+        return response
+
+
+class StreamResponseCall(_Call):
+    """A response-stream call: `async for` it, or `await call.read()` (None at the end)."""
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                msg = await self._next()
+            except StopAsyncIteration:
+                return
+            yield msg
+
+    async def _next(self) -> Any:
+        s = await self._get()
+        try:
+            return await s.next_message()
+        except asyncio.CancelledError:
+            s.cancel()
+            raise
+
+    async def read(self) -> Any:
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            return EOF
+
+
+EOF = None  # grpc.aio.EOF
+
+
+class _AioMultiCallable:
+    def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
+        self._channel = channel
+        self._method = method
+        self._method_id = _method_id(method)
+        self._encode = request_type.SerializeToString
+        self._decode = response_type.FromString
+        self._schemas = [request_type.__mrpc_schema__, response_type.__mrpc_schema__]
+
+    def _payload(self, message: Any) -> bytes:
+        payload = self._encode(message)
+        if len(payload) > self._channel._max_send:
+            raise wire.too_large("Sent", len(payload), self._channel._max_send)
+        return payload
+
+    async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None) -> _CallState:
+        ch = self._channel
+        for schema in self._schemas:
+            if id(schema) not in ch.app._schemas:
+                await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
+        meta = wire.check_metadata(metadata)
+        payload = self._payload(first) if first is not None else None
+        handle = await ch._ensure_handle()
+        dl = wire.deadline_us(timeout)
+        state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, wire.Deadline(dl) if timeout is not None else None)
+        flags = R.F_START | (R.F_END if end else 0)
+        await ch.app.send_async(wire.request_record(handle, state.call_id, self._method_id, flags, dl, meta, payload))
+        if requests is not None:
+            task = asyncio.ensure_future(self._pump(state, requests))
+            state._callbacks.append(lambda: task.done() or task.cancel())
+        return state
+
+    async def _pump(self, state: _CallState, requests: Any) -> None:
+        app = self._channel.app
+
+        async def send(req: Any) -> bool:
+            if not await state.wait_credit():
+                return False
+            payload = self._payload(req)
+            state.spend(flow.cost(len(payload)))
+            await app.send_async(wire.request_record(state.handle, state.call_id, 0, 0, 0, (), payload))
+            return True
+
+        try:
+            if hasattr(requests, "__aiter__"):
+                async for req in requests:
+                    if not await send(req):
+                        return
+            else:
+                for req in requests:
+                    if not await send(req):
+                        return
+            if not state.done:
+                await app.send_async(wire.request_record(state.handle, state.call_id, 0, R.F_END, 0, (), None))
+        except asyncio.CancelledError:
+            pass
+        except RpcError as exc:
+            state.cancel(exc.code(), exc.details())
+        except Exception as exc:
+            state.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
+
+    def _details(self, timeout: float | None, metadata) -> ClientCallDetails:
+        return ClientCallDetails(self._method, timeout, metadata)
+
+
+class UnaryUnaryMultiCallable(_AioMultiCallable):
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+        def invoke(details: ClientCallDetails, req: Any) -> UnaryResponseCall:
+            return UnaryResponseCall(self._open(req, True, details.timeout, details.metadata), self._channel.app.loop)
+
+        return self._channel._intercept("unary_unary", invoke, self._details(timeout, metadata), request)
+
+
+class UnaryStreamMultiCallable(_AioMultiCallable):
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+        def invoke(details: ClientCallDetails, req: Any) -> StreamResponseCall:
+            return StreamResponseCall(self._open(req, True, details.timeout, details.metadata), self._channel.app.loop)
+
+        return self._channel._intercept("unary_stream", invoke, self._details(timeout, metadata), request)
+
+
+class StreamUnaryMultiCallable(_AioMultiCallable):
+    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+        def invoke(details: ClientCallDetails, reqs: Any) -> UnaryResponseCall:
+            return UnaryResponseCall(self._open(None, False, details.timeout, details.metadata, reqs if reqs is not None else ()), self._channel.app.loop)
+
+        return self._channel._intercept("stream_unary", invoke, self._details(timeout, metadata), request_iterator)
+
+
+class StreamStreamMultiCallable(_AioMultiCallable):
+    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+        def invoke(details: ClientCallDetails, reqs: Any) -> StreamResponseCall:
+            return StreamResponseCall(self._open(None, False, details.timeout, details.metadata, reqs if reqs is not None else ()), self._channel.app.loop)
+
+        return self._channel._intercept("stream_stream", invoke, self._details(timeout, metadata), request_iterator)
+
+
+class Channel:
+    def __init__(self, target: str, app: AioApp | None = None, options: Any = None, interceptors: Sequence[Any] | None = None) -> None:
+        from ._interceptors import check_client_interceptors
+
+        self.target = target
+        self.app = app or default_app()
+        self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
+        self._interceptors = check_client_interceptors(interceptors)
+        self._handle: int | None = None
+        self._lock = asyncio.Lock()
+
+    def _intercept(self, kind: str, invoke: Callable[[ClientCallDetails, Any], Any], details: ClientCallDetails, request: Any) -> Any:
+        if not self._interceptors:
+            return invoke(details, request)
+        from ._interceptors import intercepted_call
+
+        return intercepted_call(kind, self._interceptors, invoke, details, request, self.app.loop)
+
+    async def _ensure_handle(self) -> int:
+        if self._handle is not None:
+            return self._handle
+        async with self._lock:
+            if self._handle is None:
+                try:
+                    reply = await self.app.call_async("connect", target=self.target)
+                except RpcError as exc:
+                    code = exc.code() if exc.code() is not StatusCode.UNKNOWN else StatusCode.UNAVAILABLE
+                    raise RpcError(code, f"failed to connect to {self.target}: {exc.details()}") from None
+                self._handle = reply["handle"]
+                self.app.handle_listeners.setdefault(self._handle, []).append(self._on_lost)
+            return self._handle
+
+    def _on_lost(self, details: str) -> None:
+        self._handle = None
+
+    def unary_unary(self, method: str, request_type: type, response_type: type, **_: Any) -> UnaryUnaryMultiCallable:
+        return UnaryUnaryMultiCallable(self, method, request_type, response_type)
+
+    def unary_stream(self, method: str, request_type: type, response_type: type, **_: Any) -> UnaryStreamMultiCallable:
+        return UnaryStreamMultiCallable(self, method, request_type, response_type)
+
+    def stream_unary(self, method: str, request_type: type, response_type: type, **_: Any) -> StreamUnaryMultiCallable:
+        return StreamUnaryMultiCallable(self, method, request_type, response_type)
+
+    def stream_stream(self, method: str, request_type: type, response_type: type, **_: Any) -> StreamStreamMultiCallable:
+        return StreamStreamMultiCallable(self, method, request_type, response_type)
+
+    async def close(self, grace: float | None = None) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None and not self.app.closed:
+            try:
+                await self.app.call_async("close", handle=handle)
+            except RpcError:
+                pass
+
+    async def __aenter__(self) -> "Channel":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+def insecure_channel(target: str, options: Any = None, compression: Any = None, interceptors: Sequence[Any] | None = None, *, app: AioApp | None = None) -> Channel:
+    """Like grpc.aio.insecure_channel (options: grpc.max_send/receive_message_length)."""
+    return Channel(target, app, options, interceptors)

@@ -1,0 +1,151 @@
+"""grpc.aio-shaped interceptors: coroutine `intercept_*` methods on the client, coroutine
+`intercept_service` on the server.
+
+A client interceptor gets `(continuation, client_call_details, request)`; `await
+continuation(details, request)` starts the next interceptor or the call and returns the
+call object; the interceptor returns that call (or, for unary responses, a response value
+of its own). The first interceptor given is the outermost, as in grpc.aio.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+from typing import Any, Callable, Sequence
+
+from ..interceptors import ClientCallDetails
+
+
+class ClientInterceptor(abc.ABC):
+    """Base of the asyncio client interceptors (grpc.aio.ClientInterceptor)."""
+
+
+class UnaryUnaryClientInterceptor(ClientInterceptor):
+    @abc.abstractmethod
+    async def intercept_unary_unary(self, continuation: Callable, client_call_details: ClientCallDetails, request: Any) -> Any: ...
+
+
+class UnaryStreamClientInterceptor(ClientInterceptor):
+    @abc.abstractmethod
+    async def intercept_unary_stream(self, continuation: Callable, client_call_details: ClientCallDetails, request: Any) -> Any: ...
+
+
+class StreamUnaryClientInterceptor(ClientInterceptor):
+    @abc.abstractmethod
+    async def intercept_stream_unary(self, continuation: Callable, client_call_details: ClientCallDetails, request_iterator: Any) -> Any: ...
+
+
+class StreamStreamClientInterceptor(ClientInterceptor):
+    @abc.abstractmethod
+    async def intercept_stream_stream(self, continuation: Callable, client_call_details: ClientCallDetails, request_iterator: Any) -> Any: ...
+
+
+class ServerInterceptor(abc.ABC):
+    """grpc.aio.ServerInterceptor: `await continuation(details)` gives the next handler."""
+
+    @abc.abstractmethod
+    async def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any: ...
+
+
+_KINDS = {
+    "unary_unary": (UnaryUnaryClientInterceptor, "intercept_unary_unary"),
+    "unary_stream": (UnaryStreamClientInterceptor, "intercept_unary_stream"),
+    "stream_unary": (StreamUnaryClientInterceptor, "intercept_stream_unary"),
+    "stream_stream": (StreamStreamClientInterceptor, "intercept_stream_stream"),
+}
+
+
+def check_client_interceptors(interceptors: Sequence[Any] | None) -> tuple:
+    out = tuple(interceptors or ())
+    for i in out:
+        if not isinstance(i, ClientInterceptor):
+            raise TypeError(f"{type(i).__name__} is not an asyncio client interceptor (subclass mrpcd.aio.UnaryUnaryClientInterceptor & co.)")
+    return out
+
+
+async def resolve_handler(interceptors: Sequence[ServerInterceptor], details: Any, handler: Any) -> Any:
+    async def terminal(_details: Any) -> Any:
+        return handler
+
+    call = terminal
+    for interceptor in reversed(interceptors):
+        call = (lambda i, nxt: lambda d: i.intercept_service(nxt, d))(interceptor, call)
+    return await call(details)
+
+
+class _Intercepted:
+    """The call an intercepted multi-callable returns: the interceptors run in a task; the
+    object forwards the Call surface to the call they produced."""
+
+    def __init__(self, kind: str, interceptors: Sequence[Any], invoke: Callable, details: ClientCallDetails, request: Any, loop: asyncio.AbstractEventLoop) -> None:
+        base, attr = _KINDS[kind]
+
+        async def terminal(d: ClientCallDetails, req: Any) -> Any:
+            return invoke(d, req)
+
+        chain = terminal
+        for i in reversed(interceptors):
+            if isinstance(i, base):
+                chain = (lambda inter, nxt: lambda d, req: getattr(inter, attr)(nxt, d, req))(i, chain)
+        self._task = loop.create_task(chain(details, request))
+        self._cancel_requested = False
+
+    async def _inner(self) -> Any:
+        inner = await asyncio.shield(self._task)
+        if self._cancel_requested and hasattr(inner, "cancel"):
+            inner.cancel()
+        return inner
+
+    def cancel(self) -> bool:
+        if self._task.done() and hasattr(self._task.result(), "cancel"):
+            return self._task.result().cancel()
+        self._cancel_requested = True
+        return True
+
+    def cancelled(self) -> bool:
+        if self._task.done() and hasattr(self._task.result(), "cancelled"):
+            return self._task.result().cancelled()
+        return self._cancel_requested
+
+    def done(self) -> bool:
+        return self._task.done() and (not hasattr(self._task.result(), "done") or self._task.result().done())
+
+    async def code(self):
+        return await (await self._inner()).code()
+
+    async def details(self) -> str:
+        return await (await self._inner()).details()
+
+    async def initial_metadata(self) -> tuple:
+        return await (await self._inner()).initial_metadata()
+
+    async def trailing_metadata(self) -> tuple:
+        return await (await self._inner()).trailing_metadata()
+
+
+class InterceptedUnaryResponseCall(_Intercepted):
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        inner = await self._inner()
+        if hasattr(inner, "__await__") and hasattr(inner, "code"):
+            return await inner
+        return inner  # the interceptor answered with a response of its own
+
+
+class InterceptedStreamResponseCall(_Intercepted):
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        inner = await self._inner()
+        async for msg in inner:
+            yield msg
+
+    async def read(self) -> Any:
+        return await (await self._inner()).read()
+
+
+def intercepted_call(kind: str, interceptors: Sequence[Any], invoke: Callable, details: ClientCallDetails, request: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    cls = InterceptedUnaryResponseCall if kind in ("unary_unary", "stream_unary") else InterceptedStreamResponseCall
+    return cls(kind, interceptors, invoke, details, request, loop)
