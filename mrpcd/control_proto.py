@@ -33,10 +33,15 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 class FrameBuffer:
-    """Accumulates bytes from the socket and returns complete, validated messages."""
+    """Accumulates bytes from the socket and returns complete, validated messages.
 
-    def __init__(self) -> None:
+    `strict` (the daemon's side, reading untrusted clients) admits only str/bytes map keys;
+    clients reading the daemon's replies accept int keys too (e.g. per-app tables).
+    """
+
+    def __init__(self, strict: bool = True) -> None:
         self._buf = bytearray()
+        self._strict = strict
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self._buf += data
@@ -50,7 +55,7 @@ class FrameBuffer:
             body = bytes(self._buf[4 : 4 + n])
             del self._buf[: 4 + n]
             try:
-                msg = msgpack.unpackb(body, raw=False, strict_map_key=True)
+                msg = msgpack.unpackb(body, raw=False, strict_map_key=self._strict)
             except Exception as exc:  # msgpack raises several types for garbage
                 raise ControlError(f"malformed control message: {exc}") from None
             if not isinstance(msg, dict):

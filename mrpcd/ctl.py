@@ -19,7 +19,7 @@ class Control:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(30)
         self.sock.connect(path)
-        self.frames = cp.FrameBuffer()
+        self.frames = cp.FrameBuffer(strict=False)
         self.inbox: list[dict] = []
 
     def call(self, op: str, **args: Any) -> dict:

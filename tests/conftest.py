@@ -171,3 +171,11 @@ def app_factory():
         for f in (a.proc.stdout, a.proc.stderr):
             if f:
                 f.close()
+
+
+@pytest.fixture
+def served_policy_env(two_daemons, app_factory, gen_dir):
+    """Daemon A for client apps, the greeter behind daemon B; yields (A, address)."""
+    a, b = two_daemons
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    return a, server.readline()
