@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h native/_ring_build.py marshal/*.pyx transports/*.pyx)
 
-.PHONY: install demo test clean bench bench-quick bench-deps
+.PHONY: install demo test clean fuzz soak bench bench-quick bench-deps
 
 install: $(STAMP)
 
@@ -46,6 +46,20 @@ bench: bench-deps
 
 bench-quick: bench-deps
 	$(PY) examples/bench/run.py --quick $(BENCH_ARGS)
+
+# Coverage-guided fuzzing (atheris), FUZZ_SECONDS per target; new coverage is added to
+# fuzz/corpus/<target>/, crashes are written to fuzz/crashes/ and fail the run.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	$(PY) -m pip install -q 'atheris>=2.3'
+	mkdir -p fuzz/crashes
+	for t in control ring wire; do \
+		$(PY) fuzz/run.py $$t -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/$$t- fuzz/corpus/$$t || exit 1; \
+	done
+
+# The bounded soak test (a few minutes of mixed load; RSS and fds must stay flat).
+soak: install
+	MRPCD_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider -m soak tests/test_soak.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
