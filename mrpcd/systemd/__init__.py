@@ -1,0 +1,1 @@
+"""The systemd unit shipped with mrpcd (`mrpcd --print-unit`)."""
