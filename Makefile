@@ -16,6 +16,7 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cython cffi
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	$(PY) setup.py -q build_ext --inplace
+	$(PY) -m mrpcd.transports.rdma.install --apt   # optional: Debian's pyverbs (docs/RDMA.md); never fails
 	touch $(STAMP)
 
 demo: install
