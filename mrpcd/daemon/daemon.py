@@ -35,6 +35,12 @@ class Daemon:
         self.transport_class: type = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
 
     async def start(self) -> None:
+        if self.config.transport == "rdma":
+            from ..transports import rdma
+
+            ok, why = rdma.available()
+            if not ok:
+                raise RuntimeError(f"transport: rdma configured, but {why}")
         self._control_sock = await serve_control(self, self.config.control_socket)
         log.info("mrpcd %s listening on %s (transport %s)", self.version, self.config.control_socket, self.config.transport)
 

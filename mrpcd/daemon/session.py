@@ -277,19 +277,28 @@ class AppSession:
                 return
             self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
 
-        binding.server = await tcp.serve(host, port, lambda: binding.fingerprints, on_connection, max_record=self.config.max_record,
-                                         tls=self.config.tls, allow=self.config.peers.allow)
+        transport, options = self._transport()
+        binding.server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
+                                               max_record=self.config.max_record, **options)
         self.listeners.append(binding.server)
         sockname = binding.server.sockets[0].getsockname()
         binding.address = f"{sockname[0]}:{sockname[1]}" if ":" not in sockname[0] else f"[{sockname[0]}]:{sockname[1]}"
         self.bindings[address] = self.bindings[binding.address] = binding
         return binding.address
 
+    def _transport(self) -> tuple[Any, dict[str, Any]]:
+        """The daemon's configured transport module and its options: apps never choose it."""
+        if self.config.transport == "rdma":
+            from ..transports import rdma
+
+            return rdma, {}
+        return tcp, {"tls": self.config.tls, "allow": self.config.peers.allow}
+
     async def connect(self, target: str) -> int:
         host, port = split_address(target)
-        conn = await tcp.connect(
-            host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout,
-            tls=self.config.tls, allow=self.config.peers.allow,
+        transport, options = self._transport()
+        conn = await transport.connect(
+            host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout, **options
         )
         if self.closed:
             conn.close("client app is gone")
