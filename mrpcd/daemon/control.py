@@ -37,6 +37,13 @@ class ControlConnection:
         self.pid, self.uid, self.gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
         self.session: "AppSession | None" = None
 
+    def log_fields(self, **more: Any) -> dict[str, Any]:
+        """`extra=` fields for log lines about this control client (shown by the JSON log format)."""
+        fields: dict[str, Any] = {"pid": self.pid, "uid": self.uid}
+        if self.session is not None:
+            fields["app_id"] = self.session.app_id
+        return {**fields, **more}
+
     @property
     def is_admin(self) -> bool:
         """Root, or a member of the configured admin group, may change policy."""
@@ -69,7 +76,7 @@ class ControlConnection:
                 try:
                     messages = frames.feed(data)
                 except cp.ControlError as exc:
-                    log.warning("control client pid %d sent a broken frame: %s", self.pid, exc)
+                    log.warning("control client pid %d sent a broken frame: %s", self.pid, exc, extra=self.log_fields())
                     self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
                     return
                 for msg in messages:
@@ -105,7 +112,7 @@ class ControlConnection:
             self._send({"id": rid, "ok": False, "error": text, "code": 14})
             return
         except Exception as exc:  # a daemon bug must not take the daemon down
-            log.exception("control op %s failed", op)
+            log.exception("control op %s failed", op, extra=self.log_fields(op=op))
             self._send({"id": rid, "ok": False, "error": f"internal error: {exc}", "code": 13})
             return
         reply.setdefault("ok", True)
@@ -124,7 +131,7 @@ class ControlConnection:
                 finally:
                     self.sock.setblocking(False)
         except OSError as exc:
-            log.info("control client pid %d went away: %s", self.pid, exc)
+            log.info("control client pid %d went away: %s", self.pid, exc, extra=self.log_fields())
 
     def _need_session(self) -> "AppSession":
         if self.session is None:

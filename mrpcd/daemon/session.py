@@ -344,6 +344,8 @@ class AppSession:
         if self.routes.pop(route.handle, None) is None or self.closed:
             return
         reason = str(exc) if exc else "peer closed the connection"
+        log.info("app %s: connection %d to %s closed: %s", self.name, route.handle, route.target, reason,
+                 extra=self.log_fields(handle=route.handle, peer=route.target, role=route.role))
         meta = R.encode_metadata([(":details", f"connection to {route.target} lost: {reason}")], internal=True)
         goaway = R.parse_record(R.encode_record(R.GOAWAY, 0, StatusCode.UNAVAILABLE.code, route.handle, 0, 0, 0, meta, b""))
         self._deliver_in([goaway])
