@@ -77,7 +77,7 @@ class App:
         self._space = threading.Condition(self._tx_lock)
         self._call_ids = itertools.count(1)
         self.calls: dict[tuple[int, int], CallSink] = {}
-        self.servers: list[Any] = []  # mrpcd.server.Server / aio servers, each with route() and handle_lost()
+        self.servers: list[Any] = []  # mrpcd.server.Server / aio servers, each with route(), handle_lost() and app_closed()
         self.handle_listeners: dict[int, list[Callable[[str], None]]] = {}
         self._schemas: set[int] = set()
         self._schema_lock = threading.Lock()
@@ -253,6 +253,8 @@ class App:
         self.closed = True
         for key, sink in list(self.calls.items()):
             sink.lost(StatusCode.CANCELLED, "the app closed its connection to mrpcd")
+        for server in list(self.servers):
+            server.app_closed()  # handlers see the cancellation; helper threads end
         self.app_waker.signal()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)

@@ -49,6 +49,7 @@ class _ServerCall:
         self._callbacks: list[Callable[[], None]] = []
         self._credit = flow.SendCredit()
         self._recv = flow.RecvWindow()
+        self.timed = False  # counted by the server's _Deadlines until the call ends
         self._take(rec)
 
     def _take(self, rec: R.Record) -> None:
@@ -231,29 +232,68 @@ class ServicerContext:
 
 
 class _Deadlines:
-    """One thread that expires server calls at their deadlines (a heap, not a timer per call)."""
+    """One thread that expires server calls at their deadlines (a heap, not a timer per call).
+
+    The thread runs only while calls with a deadline are in flight: a finished call is
+    dropped from the count at once (its heap entry is skipped when it comes up), and once
+    nothing is pending for IDLE seconds the thread exits; the next call with a deadline
+    starts a new one. It is a daemon thread all the same, so it can never hold up
+    interpreter exit, and `close()` (Server.stop, App.close) ends it at once.
+    """
+
+    IDLE = 1.0
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _ServerCall]] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._closed = False
 
     def add(self, call: _ServerCall) -> None:
         if call.deadline.at is None:
             return
         with self._cond:
+            if self._closed:
+                return
             heapq.heappush(self._heap, (call.deadline.at, next(self._seq), call))
+            call.timed = True
+            self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mrpcd-deadlines", daemon=True)
                 self._thread.start()
             self._cond.notify()
 
+    def discard(self, call: _ServerCall) -> None:
+        """The call ended (answered, cancelled or expired): it no longer keeps the thread."""
+        with self._cond:
+            if not call.timed:
+                return
+            call.timed = False
+            self._pending -= 1
+            if not self._pending:
+                self._heap.clear()
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._pending = 0
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap:
-                    self._cond.wait()
+                if not self._heap and not self._closed:
+                    self._cond.wait(self.IDLE)
+                if not self._heap or self._closed:
+                    self._thread = None  # idle (or closed): add() starts a new thread
+                    return
                 at, _, call = self._heap[0]
                 now = time.monotonic()
                 if at > now:
@@ -364,6 +404,7 @@ class Server:
             self._calls.pop((call.handle, call.call_id), None)
             if not self._calls:
                 self._idle.notify_all()
+        self._deadlines.discard(call)
 
     def _serialize(self, handler: RpcMethodHandler, response: Any) -> bytes:
         try:
@@ -438,9 +479,20 @@ class Server:
             calls = list(self._calls.values())
         for call in calls:
             call.cancel()
+        self._deadlines.close()
         done = threading.Event()
         done.set()
         return done
+
+    def app_closed(self) -> None:
+        """The app left the daemon (App.close): no call can be answered any more; cancel
+        them for their handlers and end the deadline thread."""
+        self._stopped.set()
+        with self._lock:
+            calls = list(self._calls.values())
+        for call in calls:
+            call.cancel()
+        self._deadlines.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)

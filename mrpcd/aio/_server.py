@@ -278,6 +278,12 @@ class Server:
             if key[0] == handle:
                 call.cancel()
 
+    def app_closed(self) -> None:
+        """The app left the daemon (App.close): cancel every call's handler task."""
+        self._stopped.set()
+        for call in list(self._calls.values()):
+            call.cancel()
+
     def _forget(self, call: _ServerCall) -> None:
         self._calls.pop((call.handle, call.call_id), None)
 
