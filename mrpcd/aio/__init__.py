@@ -13,7 +13,10 @@ from ._client import (
     AioRpcError,
     Channel,
     StreamResponseCall,
+    StreamStreamCall,
+    StreamUnaryCall,
     UnaryResponseCall,
+    UsageError,
     insecure_channel,
 )
 from ._interceptors import (
@@ -28,6 +31,7 @@ from ._server import Server, ServicerContext, server
 
 __all__ = [
     "AioApp", "connect", "default_app", "EOF", "AioRpcError", "Channel", "StreamResponseCall", "UnaryResponseCall",
+    "StreamUnaryCall", "StreamStreamCall", "UsageError",
     "insecure_channel", "ClientInterceptor", "ServerInterceptor", "StreamStreamClientInterceptor",
     "StreamUnaryClientInterceptor", "UnaryStreamClientInterceptor", "UnaryUnaryClientInterceptor",
     "Server", "ServicerContext", "server",

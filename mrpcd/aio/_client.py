@@ -1,7 +1,9 @@
 """asyncio client side, shaped like grpc.aio: calls start at once and are awaitable objects.
 
 `stub.M(req)` returns a call (it is already running, as in grpc.aio): `await` it for the
-response, or `async for` / `read()` a response stream; `cancel()`, `code()`, `details()`,
+response, or `async for` / `read()` a response stream; a request stream comes from an
+(async) iterator, or, when the call is made without one, from `await call.write(msg)` and
+`await call.done_writing()`; `cancel()`, `code()`, `details()`,
 `initial_metadata()`, `trailing_metadata()` work on every kind. Cancelling the task that
 awaits a call cancels the RPC, and the server sees it. Response streams grant flow-control
 credit as they are consumed; request streams await the server's credit.
@@ -282,6 +284,91 @@ class StreamResponseCall(_Call):
 EOF = None  # grpc.aio.EOF
 
 
+class UsageError(Exception):
+    """grpc.aio.UsageError: the API was used in a way it does not allow (e.g. write() on a
+    call that was given a request iterator)."""
+
+
+_MIXED_STYLES = "Please don't mix two styles of API for streaming requests"
+_RPC_FINISHED = "RPC already finished."
+_HALF_CLOSED = 'RPC is half closed after calling "done_writing".'
+
+
+class _StreamRequestMixin:
+    """grpc.aio's reader/writer style for request streams: a stream-unary or stream-stream
+    call made without a request iterator takes its requests from `await call.write(msg)`
+    and half-closes at `await call.done_writing()`. Writes wait for the server's
+    flow-control credit, like the iterator pump."""
+
+    _writer: "_AioMultiCallable | None"  # None: the call was given a request iterator
+
+    def _init_writer(self, writer: "_AioMultiCallable | None") -> None:
+        self._writer = writer
+        self._done_writing = False
+        self._write_lock = asyncio.Lock()
+
+    def _raise_for_status(self, s: _CallState) -> None:
+        if s.cancelled_locally:
+            raise asyncio.CancelledError()
+        raise s.error()
+
+    async def write(self, request: Any) -> None:
+        if self._writer is None:
+            raise UsageError(_MIXED_STYLES)
+        s = await self._get()
+        if s.done:
+            raise asyncio.InvalidStateError(_RPC_FINISHED)
+        if self._done_writing:
+            raise asyncio.InvalidStateError(_HALF_CLOSED)
+        try:
+            async with self._write_lock:  # concurrent writes keep their order
+                if not await s.wait_credit():
+                    self._raise_for_status(s)
+                try:
+                    payload = self._writer._payload(request)
+                except RpcError as exc:  # over the send limit: the call fails with it, as the pump does
+                    s.cancel(exc.code(), exc.details())
+                    self._raise_for_status(s)
+                s.spend(flow.cost(len(payload)))
+                await s.app.send_async(wire.request_record(s.handle, s.call_id, 0, 0, 0, (), payload))
+        except asyncio.CancelledError:
+            s.cancel()
+            raise
+
+    async def done_writing(self) -> None:
+        if self._writer is None:
+            raise UsageError(_MIXED_STYLES)
+        s = await self._get()
+        if s.done or self._done_writing:
+            return
+        self._done_writing = True
+        try:
+            async with self._write_lock:
+                if not s.done:
+                    await s.app.send_async(wire.request_record(s.handle, s.call_id, 0, R.F_END, 0, (), None))
+        except asyncio.CancelledError:
+            s.cancel()
+            raise
+
+
+class StreamUnaryCall(_StreamRequestMixin, UnaryResponseCall):
+    """A stream-unary call (grpc.aio.StreamUnaryCall): `await call` gives the response;
+    made without a request iterator, it takes `write()` / `done_writing()`."""
+
+    def __init__(self, starter, loop: asyncio.AbstractEventLoop, writer: "_AioMultiCallable | None" = None) -> None:
+        self._init_writer(writer)
+        super().__init__(starter, loop)
+
+
+class StreamStreamCall(_StreamRequestMixin, StreamResponseCall):
+    """A stream-stream call (grpc.aio.StreamStreamCall): `async for` / `read()` the
+    responses; made without a request iterator, it takes `write()` / `done_writing()`."""
+
+    def __init__(self, starter, loop: asyncio.AbstractEventLoop, writer: "_AioMultiCallable | None" = None) -> None:
+        self._init_writer(writer)
+        super().__init__(starter, loop)
+
+
 class _AioMultiCallable:
     def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
         self._channel = channel
@@ -309,7 +396,7 @@ class _AioMultiCallable:
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, wire.Deadline(dl) if timeout is not None else None)
         flags = R.F_START | (R.F_END if end else 0)
         await ch.app.send_async(wire.request_record(handle, state.call_id, self._method_id, flags, dl, meta, payload))
-        if requests is not None:
+        if requests is not None:  # None: no requests after the first, or the caller write()s them
             task = asyncio.ensure_future(self._pump(state, requests))
             state._callbacks.append(lambda: task.done() or task.cancel())
         return state
@@ -365,16 +452,18 @@ class UnaryStreamMultiCallable(_AioMultiCallable):
 
 class StreamUnaryMultiCallable(_AioMultiCallable):
     def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
-        def invoke(details: ClientCallDetails, reqs: Any) -> UnaryResponseCall:
-            return UnaryResponseCall(self._open(None, False, details.timeout, details.metadata, reqs if reqs is not None else ()), self._channel.app.loop)
+        """With no request iterator the call takes `write()` / `done_writing()` (grpc.aio)."""
+        def invoke(details: ClientCallDetails, reqs: Any) -> StreamUnaryCall:
+            return StreamUnaryCall(self._open(None, False, details.timeout, details.metadata, reqs), self._channel.app.loop, self if reqs is None else None)
 
         return self._channel._intercept("stream_unary", invoke, self._details(timeout, metadata), request_iterator)
 
 
 class StreamStreamMultiCallable(_AioMultiCallable):
     def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
-        def invoke(details: ClientCallDetails, reqs: Any) -> StreamResponseCall:
-            return StreamResponseCall(self._open(None, False, details.timeout, details.metadata, reqs if reqs is not None else ()), self._channel.app.loop)
+        """With no request iterator the call takes `write()` / `done_writing()` (grpc.aio)."""
+        def invoke(details: ClientCallDetails, reqs: Any) -> StreamStreamCall:
+            return StreamStreamCall(self._open(None, False, details.timeout, details.metadata, reqs), self._channel.app.loop, self if reqs is None else None)
 
         return self._channel._intercept("stream_stream", invoke, self._details(timeout, metadata), request_iterator)
 

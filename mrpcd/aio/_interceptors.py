@@ -122,6 +122,14 @@ class _Intercepted:
         return await (await self._inner()).trailing_metadata()
 
 
+    async def write(self, request: Any) -> None:
+        """Request streams made without an iterator (grpc.aio's write / done_writing)."""
+        await (await self._inner()).write(request)
+
+    async def done_writing(self) -> None:
+        await (await self._inner()).done_writing()
+
+
 class InterceptedUnaryResponseCall(_Intercepted):
     def __await__(self):
         return self._result().__await__()
