@@ -154,3 +154,286 @@ def test_receive_limit_is_resource_exhausted(flow_server, gen_dir):
         assert info.value.details().startswith("Sent message larger than max (")
     finally:
         app.close()
+
+
+# -- asyncio interceptors, grpc.aio reader/writer request streams, deadline thread ----------
+# Server and client apps live in this process (one event loop; the server behind daemon B,
+# the client behind daemon A), on the four-kind Streamer service of tests/protos/streaming.proto.
+
+
+@pytest.fixture(scope="module")
+def streamer(tmp_path_factory):
+    import subprocess
+    import sys
+
+    from conftest import PROTOS, DaemonProc
+
+    gen = tmp_path_factory.mktemp("streamer_gen")
+    subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(PROTOS / "streaming.proto"), "-I", str(PROTOS), "-o", str(gen)], check=True)
+    sys.path.insert(0, str(gen))
+    tmp = tmp_path_factory.mktemp("streamer")
+    daemons = []
+    try:
+        daemons.append(DaemonProc(tmp, "a"))
+        daemons.append(DaemonProc(tmp, "b"))
+        import streaming_mrpc
+
+        yield daemons[0], daemons[1], streaming_mrpc
+    finally:
+        for d in daemons:
+            d.stop()
+        sys.path.remove(str(gen))
+
+
+def _aio_servicer(pb):
+    class Streamer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            context.set_trailing_metadata([(k, v) for k, v in context.invocation_metadata() if k.startswith("x-")])
+            return pb.Summary(total=request.seq)
+
+        async def ServerStream(self, request, context):
+            for i in range(request.seq):
+                yield pb.Chunk(seq=i)
+
+        async def ClientStream(self, request_iterator, context):
+            total = 0
+            async for chunk in request_iterator:
+                total += chunk.seq
+            return pb.Summary(total=total)
+
+        async def BidiStream(self, request_iterator, context):
+            async for chunk in request_iterator:
+                yield pb.Chunk(seq=chunk.seq * 10)
+
+    return Streamer()
+
+
+def _run_aio(streamer, body, server_interceptors=(), client_interceptors=()):
+    """Start an asyncio Streamer server behind daemon B, run body(stub, server_app) with a
+    client behind daemon A, close everything."""
+    import asyncio
+
+    import mrpcd.aio
+
+    a, b, pb = streamer
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="aio-streamer")
+        cli_app = mrpcd.aio.connect(a.socket, name="aio-caller")
+        try:
+            server = mrpcd.aio.server(app=srv_app, interceptors=list(server_interceptors))
+            pb.add_StreamerServicer_to_server(_aio_servicer(pb), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app, interceptors=list(client_interceptors))
+            try:
+                return await asyncio.wait_for(body(pb.StreamerStub(channel), pb), 20)
+            finally:
+                await channel.close()
+                await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    return asyncio.run(main())
+
+
+def test_aio_interceptors_client_and_server_all_kinds_in_order(streamer):
+    import mrpcd.aio
+
+    seen: list = []
+
+    class Client(mrpcd.aio.UnaryUnaryClientInterceptor, mrpcd.aio.UnaryStreamClientInterceptor,
+                 mrpcd.aio.StreamUnaryClientInterceptor, mrpcd.aio.StreamStreamClientInterceptor):
+        def __init__(self, name):
+            self.name = name
+
+        async def _go(self, continuation, details, request):
+            seen.append(("client", self.name, details.method.rpartition("/")[2]))
+            meta = list(details.metadata or ()) + [(f"x-via-{self.name}", "1")]
+            return await continuation(details._replace(metadata=meta), request)
+
+        intercept_unary_unary = intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = _go
+
+    class Server(mrpcd.aio.ServerInterceptor):
+        def __init__(self, name):
+            self.name = name
+
+        async def intercept_service(self, continuation, details):
+            seen.append(("server", self.name, details.method.rpartition("/")[2]))
+            return await continuation(details)
+
+    async def body(stub, pb):
+        call = stub.Unary(pb.Chunk(seq=7), timeout=5)
+        assert (await call).total == 7
+        assert dict(await call.trailing_metadata()) == {"x-via-outer": "1", "x-via-inner": "1"}
+        assert [c.seq async for c in stub.ServerStream(pb.Chunk(seq=3), timeout=5)] == [0, 1, 2]
+
+        async def chunks(n):
+            for i in range(n):
+                yield pb.Chunk(seq=i)
+
+        assert (await stub.ClientStream(chunks(5), timeout=5)).total == 10
+        assert [c.seq async for c in stub.BidiStream(chunks(3), timeout=5)] == [0, 10, 20]
+
+    _run_aio(streamer, body, [Server("first"), Server("second")], [Client("outer"), Client("inner")])
+    per_call = [seen[i:i + 4] for i in range(0, len(seen), 4)]
+    assert len(seen) == 16, seen
+    for calls, method in zip(per_call, ["Unary", "ServerStream", "ClientStream", "BidiStream"]):
+        # client interceptors first-outermost, then the server's in the order given
+        assert calls == [("client", "outer", method), ("client", "inner", method), ("server", "first", method), ("server", "second", method)]
+
+
+def test_aio_interceptors_that_abort(streamer):
+    import mrpcd.aio
+
+    handled: list = []
+
+    class Deny(mrpcd.aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            handler = await continuation(details)
+            if not dict(details.invocation_metadata).get("x-deny"):
+                return handler
+            if handler.response_streaming:
+                async def deny_stream(request, context):
+                    handled.append("deny_stream")
+                    await context.abort(mrpcd.StatusCode.PERMISSION_DENIED, "no stream for you", trailing_metadata=[("x-why", "policy")])
+                    yield  # pragma: no cover - an async generator that aborts first
+                return mrpcd.unary_stream_rpc_method_handler(deny_stream, handler.request_deserializer, handler.response_serializer)
+
+            async def deny(request, context):
+                handled.append("deny")
+                await context.abort(mrpcd.StatusCode.PERMISSION_DENIED, "denied by interceptor")
+            return mrpcd.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+
+    class Refuse(mrpcd.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            if request.seq < 0:
+                raise mrpcd.aio.AioRpcError(mrpcd.StatusCode.INVALID_ARGUMENT, "refused before sending")
+            return await continuation(details, request)
+
+    async def body(stub, pb):
+        with pytest.raises(mrpcd.RpcError) as info:
+            await stub.Unary(pb.Chunk(seq=1), timeout=5, metadata=[("x-deny", "1")])
+        assert info.value.code() is mrpcd.StatusCode.PERMISSION_DENIED and info.value.details() == "denied by interceptor"
+        call = stub.ServerStream(pb.Chunk(seq=3), timeout=5, metadata=[("x-deny", "1")])
+        with pytest.raises(mrpcd.RpcError) as info:
+            [c async for c in call]
+        assert info.value.code() is mrpcd.StatusCode.PERMISSION_DENIED and info.value.details() == "no stream for you"
+        assert await call.code() is mrpcd.StatusCode.PERMISSION_DENIED
+        assert dict(await call.trailing_metadata()) == {"x-why": "policy"}
+        with pytest.raises(mrpcd.RpcError) as info:
+            await stub.Unary(pb.Chunk(seq=-1), timeout=5)
+        assert info.value.code() is mrpcd.StatusCode.INVALID_ARGUMENT and info.value.details() == "refused before sending"
+        assert (await stub.Unary(pb.Chunk(seq=4), timeout=5)).total == 4  # the others pass through
+
+    _run_aio(streamer, body, [Deny()], [Refuse()])
+    assert handled == ["deny", "deny_stream"]  # the refused call never reached the server
+
+
+def test_aio_write_and_done_writing_without_a_request_iterator(streamer):
+    import asyncio
+
+    import mrpcd.aio
+
+    async def body(stub, pb):
+        # stream-unary: requests from write(), the response after done_writing()
+        call = stub.ClientStream(timeout=5)
+        for i in range(1, 5):
+            await call.write(pb.Chunk(seq=i))
+        await call.done_writing()
+        await call.done_writing()  # a second half-close is a no-op, as in grpc.aio
+        assert (await call).total == 10 and await call.code() is mrpcd.StatusCode.OK
+        with pytest.raises(asyncio.InvalidStateError):
+            await call.write(pb.Chunk(seq=1))
+        # stream-stream ping-pong: write one, read one
+        call = stub.BidiStream(timeout=5)
+        for i in range(3):
+            await call.write(pb.Chunk(seq=i))
+            assert (await call.read()).seq == i * 10
+        await call.done_writing()
+        assert await call.read() is mrpcd.aio.EOF
+        assert await call.code() is mrpcd.StatusCode.OK
+        # many writes: more than one flow-control window, so write() waits for credit
+        call = stub.ClientStream(timeout=10)
+        payload = b"x" * 4096
+        for i in range(200):
+            await call.write(pb.Chunk(seq=1, data=payload))
+        await call.done_writing()
+        assert (await call).total == 200
+        # half-closed, then write: the call refuses it
+        call = stub.BidiStream(timeout=5)
+        await call.done_writing()
+        with pytest.raises(asyncio.InvalidStateError, match="half closed"):
+            await call.write(pb.Chunk(seq=1))
+        assert await call.read() is mrpcd.aio.EOF
+        # given an iterator, a call does not take write() too
+        async def one():
+            yield pb.Chunk(seq=2)
+
+        call = stub.ClientStream(one(), timeout=5)
+        with pytest.raises(mrpcd.aio.UsageError):
+            await call.write(pb.Chunk(seq=1))
+        with pytest.raises(mrpcd.aio.UsageError):
+            await call.done_writing()
+        assert (await call).total == 2
+        # cancelled while the client still writes
+        call = stub.BidiStream(timeout=5)
+        await call.write(pb.Chunk(seq=1))
+        assert call.cancel()
+        with pytest.raises(asyncio.InvalidStateError, match="finished"):
+            await call.write(pb.Chunk(seq=2))
+        assert await call.code() is mrpcd.StatusCode.CANCELLED
+
+    class Tap(mrpcd.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation, details, request_iterator):
+            assert request_iterator is None or hasattr(request_iterator, "__aiter__")
+            return await continuation(details, request_iterator)
+
+    _run_aio(streamer, body)
+
+    async def intercepted(stub, pb):  # write()/done_writing() pass through an intercepted call
+        call = stub.ClientStream(timeout=5)
+        await call.write(pb.Chunk(seq=3))
+        await call.write(pb.Chunk(seq=4))
+        await call.done_writing()
+        assert (await call).total == 7
+
+    _run_aio(streamer, intercepted, client_interceptors=[Tap()])
+
+
+def test_sync_deadline_thread_stops_when_idle_and_at_app_close(streamer, monkeypatch):
+    import importlib
+    import threading
+
+    server_mod = importlib.import_module("mrpcd.server")  # `mrpcd.server` the attribute is the function
+    a, b, pb = streamer
+    monkeypatch.setattr(server_mod._Deadlines, "IDLE", 0.05)
+
+    class Sync(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    def deadline_threads():
+        return [t for t in threading.enumerate() if t.name == "mrpcd-deadlines"]
+
+    srv_app, cli_app = mrpcd.connect(b.socket, name="sync-streamer"), mrpcd.connect(a.socket, name="sync-caller")
+    try:
+        server = mrpcd.server(app=srv_app)
+        pb.add_StreamerServicer_to_server(Sync(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", cli_app))
+        assert stub.Unary(pb.Chunk(seq=3), timeout=30).total == 3  # a deadline: the thread starts
+        deadline = time.monotonic() + 5
+        while deadline_threads() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not deadline_threads(), "the deadline thread outlived the calls it watched (deadline 30 s, call done)"
+        assert stub.Unary(pb.Chunk(seq=4), timeout=30).total == 4  # a new call starts it again
+        server._deadlines.IDLE = 60.0  # now only App.close can end it quickly
+        assert stub.Unary(pb.Chunk(seq=5), timeout=30).total == 5
+        assert deadline_threads()
+    finally:
+        cli_app.close()
+        srv_app.close()
+    assert not deadline_threads(), "App.close left the server's deadline thread running"
