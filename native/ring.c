@@ -180,6 +180,64 @@ int ring_push_packed(ring_t *r, const void *base, const uint32_t *lens, uint32_t
     return (i == 0 && rc != 0 && rc != RING_E_FULL) ? rc : (int)i;
 }
 
+/* Write one record made of k segments (total len, already summed) without publishing. */
+static int push_one_segs(ring_t *r, const struct ring_seg *segs, uint32_t k, uint64_t len)
+{
+    if (len > r->cap - RING_REC_HDR)
+        return RING_E_TOOBIG;
+    uint64_t wrap, need;
+    space_needed(r, (uint32_t)len, &wrap, &need);
+    if (r->cap - (r->head - r->tail_cache) < wrap + need) {
+        if (refresh_tail(r))
+            return RING_E_CORRUPT;
+        uint64_t free_ = r->cap - (r->head - r->tail_cache);
+        if (free_ < wrap + need) {
+            if (wrap && free_ >= wrap)
+                put_wrap(r, wrap);
+            return RING_E_FULL;
+        }
+    }
+    if (wrap)
+        put_wrap(r, wrap);
+    uint8_t *p = r->data + (r->head & r->mask);
+    uint32_t hdr[2] = {(uint32_t)len, 0};
+    memcpy(p, hdr, sizeof(hdr));
+    p += RING_REC_HDR;
+    for (uint32_t j = 0; j < k; j++) {
+        if (segs[j].len)
+            memcpy(p, segs[j].p, segs[j].len);
+        p += segs[j].len;
+    }
+    r->head += need;
+    return 0;
+}
+
+/* Push records given as segment lists until one does not fit; publish head once.
+ * Same return convention as ring_push_many. */
+int ring_push_segs(ring_t *r, const struct ring_seg *segs, const uint32_t *nsegs, uint32_t n)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    uint64_t before = r->head;
+    uint32_t i;
+    int rc = 0;
+    for (i = 0; i < n; i++) {
+        uint64_t len = 0;
+        for (uint32_t j = 0; j < nsegs[i]; j++)
+            len += segs[j].len;
+        if (len > 0xFFFFFFFFull) {
+            rc = RING_E_TOOBIG;
+            break;
+        }
+        if ((rc = push_one_segs(r, segs, nsegs[i], len)) != 0)
+            break;
+        segs += nsegs[i];
+    }
+    if (r->head != before)
+        publish(r);
+    return (i == 0 && rc != 0 && rc != RING_E_FULL) ? rc : (int)i;
+}
+
 /* After a push returned FULL. Raises producer_waiting, then re-checks the tail: 1 = the
  * record still cannot make progress, the caller may sleep (the consumer will see the flag
  * after its next pop); 0 = there is room now, push again; <0 = corrupt. */

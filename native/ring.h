@@ -66,6 +66,13 @@ int ring_attach(ring_t *r, void *base, uint64_t capacity);
 int ring_try_push(ring_t *r, const void *buf, uint32_t len);
 int ring_push_many(ring_t *r, const void *const *bufs, const uint32_t *lens, uint32_t n);
 int ring_push_packed(ring_t *r, const void *base, const uint32_t *lens, uint32_t n);
+/* Gather push: record i is the concatenation of nsegs[i] consecutive entries of segs
+ * (zero-copy sources: e.g. a patched header + a view of the received body). */
+struct ring_seg {
+    const void *p;
+    uint32_t len;
+};
+int ring_push_segs(ring_t *r, const struct ring_seg *segs, const uint32_t *nsegs, uint32_t n);
 int ring_producer_prepare_wait(ring_t *r, uint32_t len);
 void ring_producer_finish_wait(ring_t *r);
 int ring_producer_should_wake(ring_t *r);

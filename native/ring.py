@@ -83,6 +83,13 @@ MAX_CAPACITY: int = lib.RING_MAX_CAPACITY
 # records into one buffer first: the join is a copy that only pays off for small records.
 _JOIN_LIMIT = 16 * 1024
 
+# C entry points handed to compiled code (mrpcd.marshal._framing) as plain addresses, so the
+# per-record datapath loop runs without a cffi call per record. Same compiled ring.c.
+_FN_ADDRS = tuple(
+    int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+    for name in ("ring_used_bytes", "ring_peek", "ring_pop_batch", "ring_push_segs")
+)
+
 
 class RingCorrupt(Exception):
     """The other side wrote an impossible index or record length into the shared ring.
@@ -295,6 +302,17 @@ class Ring:
             out.append(mv[pos:end].tobytes())
             pos = end
         return out
+
+    def c_pointers(self) -> tuple[int, int, int, int, int]:
+        """Addresses for compiled callers (``mrpcd.marshal.records.ring_pop_records`` /
+        ``ring_push_records``): (ring_t *, ring_used_bytes, ring_peek, ring_pop_batch,
+        ring_push_segs). Valid while this Ring is open; ask again after every await."""
+        if self._cbuf is None:
+            raise ValueError("ring is closed")
+        return (
+            int(ffi.cast("uintptr_t", self._r)),
+            _FN_ADDRS[0], _FN_ADDRS[1], _FN_ADDRS[2], _FN_ADDRS[3],
+        )
 
     def pop(self) -> Optional[bytes]:
         """One record (a private copy), or None if the ring is empty."""
