@@ -4,12 +4,41 @@ and a bounds-checked msgpack skipper (used by codec.read_field).
 
 Everything parsed here comes from untrusted memory (an app's ring or a peer's socket):
 every length is read once into a local, checked against the buffer and the limits, and
-only then used. Record.meta / Record.payload are private copies.
+only then used.
+
+Copies are counted (DESIGN.md principle 3). A Record does not copy its metadata and payload
+when it is parsed: it keeps a reference to an immutable, private `bytes` object holding the
+whole encoded record (its *base*) and the record's offset in it; `meta` / `payload`
+materialise (one copy) only when someone reads them, and `raw` / `wire_buffers` hand out
+zero-copy views of the encoded record. Where the base comes from:
+
+* `ring_pop_records`: one fresh bytes object per pop, filled by one copy out of the shared
+  ring (that copy is the TOCTOU protection: the app can no longer change it);
+* `FrameDecoder.feed(bytes)`: the chunk the socket produced (records that arrive in one
+  chunk), or one exactly-sized buffer per record that spans chunks (each byte is copied
+  into it once, no re-growth);
+* `parse_record(bytes)`: that bytes object; any other buffer (bytearray, memoryview of
+  shared memory) is copied once into a private bytes object first.
+
+Lifetime rule: a view stays valid as long as anyone holds it, because its base is an
+immutable bytes object made for this pop / chunk / record alone, never the ring or a reused
+buffer. (A record held for long pins its whole base: call `own()` to give it its own copy.)
+
+Dirty tracking: setting a header field marks the header dirty (the body is still sent from
+the base, behind a freshly packed header); setting `meta` or `payload` drops the base. A
+dirty record is re-encoded at most once, when its encoded form is asked for.
 """
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.ref cimport PyObject, Py_DECREF
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
+
+cdef extern from "Python.h":
+    PyObject* _raw_bytes "PyBytes_FromStringAndSize" (const char* s, Py_ssize_t n)
+    int _PyBytes_Resize(PyObject** b, Py_ssize_t n)
+    char* _raw_bytes_as_string "PyBytes_AS_STRING" (PyObject* b)
 
 cdef enum:
     _HEADER_SIZE = 40
@@ -79,59 +108,282 @@ cdef inline void _st64(uint8_t* p, uint64_t v) noexcept:
 
 
 cdef class Record:
-    """One record: header fields, raw metadata section, raw payload."""
+    """One record: header fields, metadata section, payload.
 
-    cdef public uint8_t kind
-    cdef public uint8_t flags
-    cdef public uint16_t status
-    cdef public uint32_t handle
-    cdef public uint64_t call_id
-    cdef public uint32_t method_id
-    cdef public uint64_t deadline
-    cdef public bytes meta
-    cdef public bytes payload
+    Parsed records keep a zero-copy reference to their encoded bytes (see the module
+    docstring): `meta` / `payload` are bytes materialised on first access, `raw` is the
+    encoded record (a view while the record is unchanged).
+    """
+
+    cdef uint8_t _kind
+    cdef uint8_t _flags
+    cdef uint16_t _status
+    cdef uint32_t _handle
+    cdef uint64_t _call_id
+    cdef uint32_t _method_id
+    cdef uint64_t _deadline
+    cdef object _meta            # bytes (materialised or assigned) or None
+    cdef object _payload
+    cdef bytes _base             # immutable bytes holding the encoded record, or None
+    cdef Py_ssize_t _off         # the record's offset in _base
+    cdef uint32_t _meta_len      # lengths of the sections in _base
+    cdef uint32_t _payload_len
+    cdef bint _hdirty            # a header field changed since the record was parsed
 
     def __init__(self, kind=0, flags=0, status=0, handle=0, call_id=0, method_id=0,
                  deadline=0, meta=b"", payload=b""):
-        self.kind = kind
-        self.flags = flags
-        self.status = status
-        self.handle = handle
-        self.call_id = call_id
-        self.method_id = method_id
-        self.deadline = deadline
-        self.meta = bytes(meta)
-        self.payload = bytes(payload)
+        self._kind = kind
+        self._flags = flags
+        self._status = status
+        self._handle = handle
+        self._call_id = call_id
+        self._method_id = method_id
+        self._deadline = deadline
+        self._meta = bytes(meta)
+        self._payload = bytes(payload)
+        self._base = None
+        self._hdirty = True
+
+    # -- header fields (setting one marks the header dirty) ---------------------------
+    @property
+    def kind(self):
+        return self._kind
+
+    @kind.setter
+    def kind(self, uint8_t v):
+        self._kind = v
+        self._hdirty = True
+
+    @property
+    def flags(self):
+        return self._flags
+
+    @flags.setter
+    def flags(self, uint8_t v):
+        self._flags = v
+        self._hdirty = True
+
+    @property
+    def status(self):
+        return self._status
+
+    @status.setter
+    def status(self, uint16_t v):
+        self._status = v
+        self._hdirty = True
+
+    @property
+    def handle(self):
+        return self._handle
+
+    @handle.setter
+    def handle(self, uint32_t v):
+        if v != self._handle:
+            self._handle = v
+            self._hdirty = True
+
+    @property
+    def call_id(self):
+        return self._call_id
+
+    @call_id.setter
+    def call_id(self, uint64_t v):
+        self._call_id = v
+        self._hdirty = True
+
+    @property
+    def method_id(self):
+        return self._method_id
+
+    @method_id.setter
+    def method_id(self, uint32_t v):
+        self._method_id = v
+        self._hdirty = True
+
+    @property
+    def deadline(self):
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, uint64_t v):
+        self._deadline = v
+        self._hdirty = True
+
+    # -- body ------------------------------------------------------------------------
+    @property
+    def meta(self):
+        """The metadata section (bytes; materialised from the base on first access)."""
+        if self._meta is None and self._base is not None:
+            self._meta = PyBytes_FromStringAndSize(
+                PyBytes_AS_STRING(self._base) + self._off + _HEADER_SIZE, self._meta_len)
+        return self._meta
+
+    @meta.setter
+    def meta(self, value):
+        value = _body_value(value)
+        self._detach()
+        self._meta = value
+
+    @property
+    def payload(self):
+        """The payload (bytes; materialised from the base on first access)."""
+        if self._payload is None and self._base is not None:
+            self._payload = PyBytes_FromStringAndSize(
+                PyBytes_AS_STRING(self._base) + self._off + _HEADER_SIZE + self._meta_len,
+                self._payload_len)
+        return self._payload
+
+    @payload.setter
+    def payload(self, value):
+        value = _body_value(value)
+        self._detach()
+        self._payload = value
+
+    @property
+    def meta_view(self):
+        """Zero-copy read-only view of the metadata section (a private, immutable copy)."""
+        if self._base is None:
+            return memoryview(self._meta if self._meta is not None else b"")
+        cdef Py_ssize_t a = self._off + _HEADER_SIZE
+        return memoryview(self._base)[a:a + self._meta_len]
+
+    @property
+    def payload_view(self):
+        """Zero-copy read-only view of the payload (msgpack, codec.read_field accept it)."""
+        if self._base is None:
+            return memoryview(self._payload if self._payload is not None else b"")
+        cdef Py_ssize_t a = self._off + _HEADER_SIZE + self._meta_len
+        return memoryview(self._base)[a:a + self._payload_len]
+
+    @property
+    def size(self):
+        """Length of the encoded record: 40 + meta_len + payload_len."""
+        return self._size()
+
+    cdef Py_ssize_t _size(self):
+        if self._base is not None:
+            return _HEADER_SIZE + <Py_ssize_t>self._meta_len + <Py_ssize_t>self._payload_len
+        return (_HEADER_SIZE + (len(self._meta) if self._meta is not None else 0)
+                + (len(self._payload) if self._payload is not None else 0))
+
+    @property
+    def dirty(self):
+        """True if the encoded form must be rebuilt (a field changed, or never encoded)."""
+        return self._base is None or self._hdirty
+
+    @property
+    def raw(self):
+        """The encoded record: a zero-copy view while it is unchanged, else re-encoded
+        (once; the result becomes the record's new base)."""
+        if self._base is None or self._hdirty:
+            self._reencode()
+        cdef Py_ssize_t n = self._size()
+        if self._off == 0 and PyBytes_GET_SIZE(self._base) == n:
+            return self._base
+        return memoryview(self._base)[self._off:self._off + n]
+
+    cdef int _detach(self) except -1:
+        """Materialise meta and payload and drop the base (before a body change)."""
+        cdef object m, pl
+        if self._base is not None:
+            m = self.meta
+            pl = self.payload
+            self._base = None
+        self._hdirty = True
+        return 0
+
+    cdef int _reencode(self) except -1:
+        cdef bytes out = self._encode_bytes()
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(out)
+        if self._base is None:
+            self._meta_len = <uint32_t>(n - _HEADER_SIZE - len(self._payload))
+            self._payload_len = <uint32_t>len(self._payload)
+        self._base = out
+        self._off = 0
+        self._hdirty = False
+        return 0
+
+    cdef int _check_fields(self) except -1:
+        if not _kind_ok(self._kind):
+            raise RecordError(f"unknown record kind {self._kind}")
+        if self._flags & ~C_F_ALL:
+            raise RecordError(f"unknown record flags 0x{self._flags:02x}")
+        return 0
+
+    cdef inline void _pack_header(self, uint8_t* p, uint32_t meta_len, uint32_t payload_len) noexcept:
+        p[0] = self._kind
+        p[1] = self._flags
+        _st16(p + 2, self._status)
+        _st32(p + 4, self._handle)
+        _st64(p + 8, self._call_id)
+        _st32(p + 16, self._method_id)
+        _st32(p + 20, 0)
+        _st64(p + 24, self._deadline)
+        _st32(p + 32, meta_len)
+        _st32(p + 36, payload_len)
+
+    cdef bytes _encode_bytes(self):
+        cdef bytes out
+        cdef uint8_t* p
+        cdef Py_ssize_t n
+        if self._base is not None:
+            n = self._size()
+            if not self._hdirty and self._off == 0 and PyBytes_GET_SIZE(self._base) == n:
+                return self._base
+            self._check_fields()
+            out = PyBytes_FromStringAndSize(NULL, n)
+            p = <uint8_t*>PyBytes_AS_STRING(out)
+            memcpy(p, PyBytes_AS_STRING(self._base) + self._off, n)
+            self._pack_header(p, self._meta_len, self._payload_len)
+            return out
+        if self._meta is None or self._payload is None:
+            raise RecordError("record meta and payload must be bytes, not None")
+        return _encode(self._kind, self._flags, self._status, self._handle, self._call_id,
+                       self._method_id, self._deadline, self._meta, self._payload)
 
     def encode(self):
-        """header + meta + payload, as bytes."""
-        if self.meta is None or self.payload is None:
-            raise RecordError("record meta and payload must be bytes, not None")
-        return _encode(self.kind, self.flags, self.status, self.handle, self.call_id,
-                       self.method_id, self.deadline, self.meta, self.payload)
+        """header + meta + payload, as bytes (the base itself when it is exactly that)."""
+        return self._encode_bytes()
+
+    def own(self):
+        """Give this record a private base of its own (so it stops pinning a shared batch
+        buffer or socket chunk); returns self."""
+        if self._base is not None and not (self._off == 0 and PyBytes_GET_SIZE(self._base) == self._size()):
+            self._base = PyBytes_FromStringAndSize(PyBytes_AS_STRING(self._base) + self._off, self._size())
+            self._off = 0
+        return self
 
     def __eq__(self, other):
         if not isinstance(other, Record):
             return NotImplemented
         cdef Record o = <Record>other
-        return (self.kind == o.kind and self.flags == o.flags and self.status == o.status
-                and self.handle == o.handle and self.call_id == o.call_id
-                and self.method_id == o.method_id and self.deadline == o.deadline
+        return (self._kind == o._kind and self._flags == o._flags and self._status == o._status
+                and self._handle == o._handle and self._call_id == o._call_id
+                and self._method_id == o._method_id and self._deadline == o._deadline
                 and self.meta == o.meta and self.payload == o.payload)
 
     __hash__ = None
 
     def __repr__(self):
+        meta, payload = self.meta, self.payload
         return ("Record(kind=%s, flags=%d, status=%d, handle=%d, call_id=%d, method_id=%d, "
                 "deadline=%d, meta=%d bytes, payload=%d bytes)" % (
-                    _KIND_NAMES.get(self.kind, self.kind), self.flags, self.status,
-                    self.handle, self.call_id, self.method_id, self.deadline,
-                    len(self.meta) if self.meta is not None else 0,
-                    len(self.payload) if self.payload is not None else 0))
+                    _KIND_NAMES.get(self._kind, self._kind), self._flags, self._status,
+                    self._handle, self._call_id, self._method_id, self._deadline,
+                    len(meta) if meta is not None else 0,
+                    len(payload) if payload is not None else 0))
 
     def __reduce__(self):
-        return (Record, (self.kind, self.flags, self.status, self.handle, self.call_id,
-                         self.method_id, self.deadline, self.meta, self.payload))
+        return (Record, (self._kind, self._flags, self._status, self._handle, self._call_id,
+                         self._method_id, self._deadline, self.meta, self.payload))
+
+
+cdef object _body_value(object value):
+    if value is None or type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"record meta / payload must be bytes, got {type(value).__name__}")
 
 
 cdef object _u(object value, uint64_t maximum, str name):
@@ -216,21 +468,23 @@ cdef uint64_t _check_header(const uint8_t* p, uint64_t max_record) except? 0:
     return total
 
 
-cdef Record _make(const uint8_t* hdr, const uint8_t* body):
-    """Build a Record from a validated header snapshot `hdr` whose meta and payload are
-    fully present at `body` (the lengths are taken from the snapshot only)."""
+cdef Record _make_view(bytes base, Py_ssize_t off, const uint8_t* hdr):
+    """A Record over base[off : off + total], from the validated header snapshot `hdr`
+    (lengths come from the snapshot only; base must hold the whole record and its header
+    bytes must equal the snapshot)."""
     cdef Record r = Record.__new__(Record)
-    cdef uint32_t meta_len = _ld32(hdr + 32)
-    cdef uint32_t payload_len = _ld32(hdr + 36)
-    r.kind = hdr[0]
-    r.flags = hdr[1]
-    r.status = _ld16(hdr + 2)
-    r.handle = _ld32(hdr + 4)
-    r.call_id = _ld64(hdr + 8)
-    r.method_id = _ld32(hdr + 16)
-    r.deadline = _ld64(hdr + 24)
-    r.meta = PyBytes_FromStringAndSize(<const char*>body, meta_len)
-    r.payload = PyBytes_FromStringAndSize(<const char*>body + meta_len, payload_len)
+    r._kind = hdr[0]
+    r._flags = hdr[1]
+    r._status = _ld16(hdr + 2)
+    r._handle = _ld32(hdr + 4)
+    r._call_id = _ld64(hdr + 8)
+    r._method_id = _ld32(hdr + 16)
+    r._deadline = _ld64(hdr + 24)
+    r._meta_len = _ld32(hdr + 32)
+    r._payload_len = _ld32(hdr + 36)
+    r._base = base
+    r._off = off
+    r._hdirty = False
     return r
 
 
@@ -242,9 +496,8 @@ cdef uint64_t _check_max_record(object max_record) except 0:
     return max_record
 
 
-cdef Record _parse(const uint8_t* p, Py_ssize_t n, uint64_t max_record):
-    """Parse exactly one record from p[0:n], copying the header fields exactly once."""
-    cdef uint8_t hdr[_HEADER_SIZE]
+cdef uint64_t _check_one(const uint8_t* p, Py_ssize_t n, uint64_t max_record, uint8_t* hdr) except 0:
+    """Validate that p[0:n] is exactly one record; leaves the header snapshot in hdr."""
     cdef uint64_t total
     cdef uint32_t meta_len, payload_len
     if n < _HEADER_SIZE:
@@ -263,20 +516,33 @@ cdef Record _parse(const uint8_t* p, Py_ssize_t n, uint64_t max_record):
     if total != <uint64_t>n:
         raise RecordError(f"record is {total} bytes but the buffer holds {n} "
                           f"({n - <Py_ssize_t>total} trailing bytes)")
-    return _make(hdr, p + _HEADER_SIZE)
+    return total
 
 
 def parse_record(buf, max_record=DEFAULT_MAX_RECORD):
     """Parse exactly one record from a bytes-like buffer (no trailing bytes); RecordError
-    if the record breaks the format or the limits. meta/payload are private copies."""
+    if the record breaks the format or the limits.
+
+    A `bytes` buffer is used in place (immutable: the record keeps a zero-copy view of
+    it); any other buffer is copied once into a private bytes object, so the record can
+    never change under the caller (shared memory, a reused bytearray)."""
     cdef Py_buffer view
     cdef uint64_t mr = _check_max_record(max_record)
+    cdef uint8_t hdr[_HEADER_SIZE]
+    cdef bytes base
+    if type(buf) is bytes:
+        _check_one(<const uint8_t*>PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf), mr, hdr)
+        return _make_view(<bytes>buf, 0, hdr)
     try:
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     except BufferError as exc:
         raise TypeError(f"parse_record needs a contiguous bytes-like buffer: {exc}") from None
     try:
-        return _parse(<const uint8_t*>view.buf, view.len, mr)
+        _check_one(<const uint8_t*>view.buf, view.len, mr, hdr)
+        base = PyBytes_FromStringAndSize(<const char*>view.buf, view.len)
+        # the copy's header must be the validated snapshot, whatever the writer did since
+        memcpy(PyBytes_AS_STRING(base), hdr, _HEADER_SIZE)
+        return _make_view(base, 0, hdr)
     finally:
         PyBuffer_Release(&view)
 
@@ -288,18 +554,42 @@ cdef class FrameDecoder:
     record. A header announcing a record above max_record (or otherwise malformed) is
     refused as soon as its 40 bytes are in, before any of its body is buffered. After a
     RecordError the stream is unusable: later feeds raise again.
+
+    Copies: records that lie whole inside a `bytes` chunk are zero-copy views of that
+    chunk (other buffer types are copied once into bytes first). A record that spans
+    chunks is assembled in one buffer of exactly its size, allocated when its header is
+    complete: every byte is copied once, whatever the number of chunks.
     """
 
     cdef uint64_t _max_record
-    cdef bytearray _buf        # bytes of the one partial record
-    cdef uint64_t _need        # its total length once the header is in, else 0
+    cdef uint8_t _hdr[_HEADER_SIZE]   # a partial header (< 40 bytes so far)
+    cdef Py_ssize_t _hdr_have
+    cdef PyObject* _big               # the record being assembled (a bytes object we own
+    cdef Py_ssize_t _big_have         # alone and fill before anyone sees it), or NULL
+    cdef uint64_t _need               # its total length
     cdef object _error
+
+    def __cinit__(self):
+        self._big = NULL
 
     def __init__(self, max_record=DEFAULT_MAX_RECORD):
         self._max_record = _check_max_record(max_record)
-        self._buf = bytearray()
-        self._need = 0
+        self._reset()
         self._error = None
+
+    def __dealloc__(self):
+        if self._big != NULL:
+            Py_DECREF(<object>self._big)
+            self._big = NULL
+
+    cdef void _reset(self) noexcept:
+        cdef PyObject* b = self._big
+        self._big = NULL
+        self._hdr_have = 0
+        self._big_have = 0
+        self._need = 0
+        if b != NULL:
+            Py_DECREF(<object>b)
 
     @property
     def max_record(self):
@@ -308,70 +598,303 @@ cdef class FrameDecoder:
     @property
     def buffered(self):
         """Number of bytes of the partial record held."""
-        return len(self._buf)
+        return self._big_have if self._big != NULL else self._hdr_have
 
     def feed(self, data):
-        cdef Py_buffer view
         cdef list out = []
+        cdef bytes chunk
         if self._error is not None:
             raise RecordError(f"stream already failed: {self._error}")
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        chunk = data if type(data) is bytes else bytes(data)
         try:
-            self._feed(<const uint8_t*>view.buf, view.len, out)
+            self._feed(chunk, out)
         except RecordError as exc:
             self._error = str(exc)
-            self._buf = bytearray()
-            self._need = 0
+            self._reset()
             raise RecordError(str(exc), records=out) from None
-        finally:
-            PyBuffer_Release(&view)
         return out
 
-    cdef int _feed(self, const uint8_t* p, Py_ssize_t n, list out) except -1:
-        cdef Py_ssize_t pos = 0, have, take
+    cdef int _start_big(self, const uint8_t* hdr, uint64_t total) except -1:
+        cdef PyObject* b = _raw_bytes(NULL, <Py_ssize_t>total)
+        if b == NULL:
+            raise MemoryError()
+        memcpy(_raw_bytes_as_string(b), hdr, _HEADER_SIZE)
+        self._big = b
+        self._big_have = _HEADER_SIZE
+        self._need = total
+        return 0
+
+    cdef int _feed(self, bytes chunk, list out) except -1:
+        cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(chunk)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(chunk)
+        cdef Py_ssize_t pos = 0, take, rem
         cdef uint64_t total = 0
-        cdef const uint8_t* bp
         cdef uint8_t hdr[_HEADER_SIZE]
-        have = len(self._buf)
-        if have:
-            # Complete the pending partial record first.
-            if have < _HEADER_SIZE:
-                take = _HEADER_SIZE - have
-                if take > n:
-                    take = n
-                self._buf += (<const char*>p)[:take]
-                pos = take
-                have += take
-                if have < _HEADER_SIZE:
-                    return 0
-                self._need = _check_header(<const uint8_t*>(<char*>self._buf), self._max_record)
-            take = <Py_ssize_t>(self._need - <uint64_t>have)
+        cdef PyObject* b
+        cdef bytes done
+        if self._hdr_have:
+            take = _HEADER_SIZE - self._hdr_have
+            if take > n:
+                take = n
+            memcpy(self._hdr + self._hdr_have, p, take)
+            pos = take
+            self._hdr_have += take
+            if self._hdr_have < _HEADER_SIZE:
+                return 0
+            total = _check_header(self._hdr, self._max_record)
+            self._hdr_have = 0
+            self._start_big(self._hdr, total)
+        if self._big != NULL:
+            take = <Py_ssize_t>(self._need - <uint64_t>self._big_have)
             if take > n - pos:
                 take = n - pos
             if take:
-                self._buf += (<const char*>p)[pos:pos + take]
+                memcpy(_raw_bytes_as_string(self._big) + self._big_have, p + pos, take)
                 pos += take
-                have += take
-            if <uint64_t>have < self._need:
+                self._big_have += take
+            if <uint64_t>self._big_have < self._need:
                 return 0
-            bp = <const uint8_t*>(<char*>self._buf)
-            out.append(_make(bp, bp + _HEADER_SIZE))
-            self._buf = bytearray()
-            self._need = 0
-        # Whole records straight from the caller's buffer.
+            b = self._big
+            self._big = NULL
+            self._big_have = 0
+            done = <bytes>b          # takes a reference
+            Py_DECREF(done)          # ... and drops the one we held
+            out.append(_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done)))
+        # Whole records straight from the chunk, as views of it.
         while n - pos >= _HEADER_SIZE:
-            memcpy(hdr, p + pos, _HEADER_SIZE)  # one snapshot: lengths are read once
+            memcpy(hdr, p + pos, _HEADER_SIZE)
             total = _check_header(hdr, self._max_record)
             if total > <uint64_t>(n - pos):
                 break
-            out.append(_make(hdr, p + pos + _HEADER_SIZE))
+            out.append(_make_view(chunk, pos, hdr))
             pos += <Py_ssize_t>total
-        if pos < n:
-            # Keep the one partial record (its header, if complete, is already checked).
-            self._buf = bytearray((<const char*>p)[pos:n])
-            if n - pos >= _HEADER_SIZE:
-                self._need = total
+        rem = n - pos
+        if rem:
+            if rem < _HEADER_SIZE:
+                memcpy(self._hdr, p + pos, rem)
+                self._hdr_have = rem
+            else:  # header complete and checked (total): one buffer of the record's size
+                self._start_big(hdr, total)
+                memcpy(_raw_bytes_as_string(self._big) + _HEADER_SIZE, p + pos + _HEADER_SIZE,
+                       rem - _HEADER_SIZE)
+                self._big_have = rem
         return 0
+
+
+# -- the daemon's datapath helpers: rings and sockets, per batch ---------------------------
+
+ctypedef uint64_t (*_used_fn)(void* r) noexcept nogil
+ctypedef int (*_peek_fn)(void* r, const uint8_t** data, uint32_t* len) noexcept nogil
+ctypedef int (*_pop_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
+                        uint32_t max_records) noexcept nogil
+
+cdef struct _seg:
+    const void* p
+    uint32_t len
+
+ctypedef int (*_push_segs_fn)(void* r, const _seg* segs, const uint32_t* nsegs,
+                              uint32_t n) noexcept nogil
+
+cdef enum:
+    _POP_MAX = 4096
+    _E_FULL = -1
+    _E_TOOBIG = -2
+    _E_CORRUPT = -3
+
+
+def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_record=DEFAULT_MAX_RECORD):
+    """Pop up to `max_records` records (at most `max_bytes`, except that a first record
+    bigger than that comes alone) from `ring` (a mrpcd.native.ring.Ring, consumer side)
+    with ONE copy into a fresh private bytes object, and parse them as zero-copy views.
+
+    Returns (records, bad): bad lists (record bytes, reason) for malformed records (the
+    caller rejects them). [] and [] when the ring is empty. RingCorrupt if the producer
+    broke the ring.
+    """
+    cdef uint64_t mr = _check_max_record(max_record)
+    cdef tuple cp = ring.c_pointers()
+    cdef void* r = <void*><uintptr_t>cp[0]
+    cdef _used_fn used_fn = <_used_fn><uintptr_t>cp[1]
+    cdef _peek_fn peek_fn = <_peek_fn><uintptr_t>cp[2]
+    cdef _pop_fn pop_fn = <_pop_fn><uintptr_t>cp[3]
+    cdef uint32_t lens[_POP_MAX]
+    cdef uint64_t alloc
+    cdef PyObject* b = NULL
+    cdef int n, i
+    cdef const uint8_t* dp
+    cdef uint32_t l
+    cdef Py_ssize_t pos, total = 0
+    cdef bytes base
+    cdef list recs = [], bad = []
+    cdef uint8_t hdr[_HEADER_SIZE]
+    if max_records <= 0:
+        return recs, bad
+    if max_records > _POP_MAX:
+        max_records = _POP_MAX
+    if max_bytes < 0:
+        max_bytes = 0
+    alloc = used_fn(r)  # >= the bytes of the records published now (they carry headers)
+    if alloc > <uint64_t>max_bytes:
+        alloc = max_bytes
+    if alloc == 0:
+        alloc = 1
+    b = _raw_bytes(NULL, <Py_ssize_t>alloc)
+    if b == NULL:
+        raise MemoryError()
+    n = pop_fn(r, _raw_bytes_as_string(b), alloc, lens, <uint32_t>max_records)
+    if n == _E_TOOBIG:  # the first record alone exceeds max_bytes: take it alone
+        Py_DECREF(<object>b)
+        b = NULL
+        if peek_fn(r, &dp, &l) != 1:
+            n = _E_CORRUPT
+        else:
+            alloc = l if l else 1
+            b = _raw_bytes(NULL, <Py_ssize_t>alloc)
+            if b == NULL:
+                raise MemoryError()
+            n = pop_fn(r, _raw_bytes_as_string(b), alloc, lens, 1)
+    if n <= 0:
+        if b != NULL:
+            Py_DECREF(<object>b)
+        if n == 0:
+            return recs, bad
+        from mrpcd.native.ring import RingCorrupt
+        raise RingCorrupt("producer wrote an invalid record length or head index")
+    for i in range(n):
+        total += lens[i]
+    if <uint64_t>total < alloc and total > 0:
+        if _PyBytes_Resize(&b, total) < 0:  # b is NULL and an exception is set
+            raise MemoryError()
+    base = <bytes>b
+    Py_DECREF(base)  # base now holds the only reference
+    dp = <const uint8_t*>PyBytes_AS_STRING(base)
+    pos = 0
+    for i in range(n):
+        l = lens[i]
+        try:
+            _check_one(dp + pos, l, mr, hdr)
+            recs.append(_make_view(base, pos, hdr))
+        except RecordError as exc:
+            bad.append((PyBytes_FromStringAndSize(<const char*>dp + pos, l), str(exc)))
+        pos += l
+    return recs, bad
+
+
+def ring_push_records(ring, list records, Py_ssize_t start=0, Py_ssize_t count=-1):
+    """Push records[start:start+count] (Record objects) into `ring` (producer side) in one
+    C call: a clean record is copied from its base, a record whose header changed (e.g.
+    the handle the receiving daemon rewrote) goes as a packed header + its body view, a
+    record with a new body is re-encoded once. Returns how many went in (the ring filled
+    up after that many; the caller keeps the rest). ValueError for a record larger than
+    the ring can ever hold (when it is the first one); RingCorrupt if the consumer broke it.
+    """
+    cdef tuple cp = ring.c_pointers()
+    cdef void* r = <void*><uintptr_t>cp[0]
+    cdef _push_segs_fn push_fn = <_push_segs_fn><uintptr_t>cp[4]
+    cdef Py_ssize_t end, n, i, k = 0
+    cdef Record rec
+    cdef _seg* segs
+    cdef uint32_t* nsegs
+    cdef uint8_t* hdrs
+    cdef const char* bp
+    cdef int rc
+    if count < 0:
+        end = len(records)
+    else:
+        end = min(len(records), start + count)
+    if start < 0:
+        start = 0
+    n = end - start
+    if n <= 0:
+        return 0
+    if n > 0x7FFFFFFF:
+        n = 0x7FFFFFFF
+    segs = <_seg*>PyMem_Malloc(n * 2 * sizeof(_seg))
+    nsegs = <uint32_t*>PyMem_Malloc(n * sizeof(uint32_t))
+    hdrs = <uint8_t*>PyMem_Malloc(n * _HEADER_SIZE)
+    if segs == NULL or nsegs == NULL or hdrs == NULL:
+        PyMem_Free(segs)
+        PyMem_Free(nsegs)
+        PyMem_Free(hdrs)
+        raise MemoryError()
+    try:
+        for i in range(n):
+            rec = <Record?>records[start + i]
+            if rec._base is None:
+                rec._reencode()
+            bp = PyBytes_AS_STRING(rec._base) + rec._off
+            if rec._hdirty:
+                rec._check_fields()
+                rec._pack_header(hdrs + i * _HEADER_SIZE, rec._meta_len, rec._payload_len)
+                segs[k].p = hdrs + i * _HEADER_SIZE
+                segs[k].len = _HEADER_SIZE
+                segs[k + 1].p = bp + _HEADER_SIZE
+                segs[k + 1].len = rec._meta_len + rec._payload_len
+                k += 2
+                nsegs[i] = 2
+            else:
+                segs[k].p = bp
+                segs[k].len = _HEADER_SIZE + rec._meta_len + rec._payload_len
+                k += 1
+                nsegs[i] = 1
+        rc = push_fn(r, segs, nsegs, <uint32_t>n)
+    finally:
+        PyMem_Free(segs)
+        PyMem_Free(nsegs)
+        PyMem_Free(hdrs)
+    if rc >= 0:
+        return rc
+    if rc == _E_FULL:
+        return 0
+    if rc == _E_CORRUPT:
+        from mrpcd.native.ring import RingCorrupt
+        raise RingCorrupt("consumer index out of range")
+    raise ValueError(f"record of {(<Record>records[start]).size} bytes exceeds the ring's maximum")
+
+
+def wire_buffers(list records):
+    """The encoded records as a list of buffers for one writelines (→ writev), and their
+    total length. Adjacent clean records that lie back to back in one base go out as ONE
+    zero-copy view; a record whose header changed goes as a freshly packed header + a view
+    of its body; a record with a new body is re-encoded once. Returns (buffers, nbytes)."""
+    cdef list out = []
+    cdef Record rec
+    cdef bytes run_base = None, h
+    cdef Py_ssize_t run_start = 0, run_end = 0, sz, nbytes = 0, body_off
+    for obj in records:
+        rec = <Record?>obj
+        if rec._base is None:
+            rec._reencode()
+        sz = _HEADER_SIZE + rec._meta_len + rec._payload_len
+        nbytes += sz
+        if rec._hdirty:
+            h = PyBytes_FromStringAndSize(NULL, _HEADER_SIZE)
+            rec._check_fields()
+            rec._pack_header(<uint8_t*>PyBytes_AS_STRING(h), rec._meta_len, rec._payload_len)
+            if run_base is not None:
+                out.append(_view(run_base, run_start, run_end))
+            out.append(h)
+            run_base = rec._base
+            run_start = rec._off + _HEADER_SIZE
+            run_end = rec._off + sz
+            continue
+        if rec._base is run_base and rec._off == run_end:
+            run_end += sz
+            continue
+        if run_base is not None:
+            out.append(_view(run_base, run_start, run_end))
+        run_base = rec._base
+        run_start = rec._off
+        run_end = rec._off + sz
+    if run_base is not None and run_end > run_start:
+        out.append(_view(run_base, run_start, run_end))
+    return out, nbytes
+
+
+cdef object _view(bytes base, Py_ssize_t a, Py_ssize_t b):
+    if a == 0 and b == PyBytes_GET_SIZE(base):
+        return base
+    return memoryview(base)[a:b]
 
 
 # -- msgpack skipper (codec.read_field) ---------------------------------------------------

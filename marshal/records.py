@@ -33,12 +33,16 @@ from ._framing import (
     RecordError,
     encode_record,
     parse_record,
+    ring_pop_records,
+    ring_push_records,
+    wire_buffers,
 )
 
 __all__ = [
     "HEADER", "HEADER_SIZE", "REQUEST", "RESPONSE", "CANCEL", "WINDOW", "HELLO", "GOAWAY", "KINDS",
     "F_START", "F_END", "F_NO_MSG", "F_ALL", "MAX_META", "DEFAULT_MAX_RECORD",
     "RecordError", "Record", "encode_record", "parse_record", "FrameDecoder",
+    "ring_pop_records", "ring_push_records", "wire_buffers",
     "encode_metadata", "decode_metadata", "check_metadata_key",
 ]
 

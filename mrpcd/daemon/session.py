@@ -11,6 +11,7 @@ import asyncio
 import logging
 import struct
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from ..marshal import records as R
@@ -79,7 +80,7 @@ class AppSession:
         self._next_handle = 1
         self.listeners: list[asyncio.AbstractServer] = []
         self.bindings: dict[str, Binding] = {}  # requested and actual address -> binding
-        self.pending: deque[bytes] = deque()
+        self.pending: deque[R.Record] = deque()  # records waiting for room in the rx ring
         self.paused_routes = False
         self.datapath = Datapath(self, self._send_out, self._deliver_in)
         self.observer = Observer(daemon.call_stats, lambda: self.schema)  # per-method metrics, drain (observe.py)
@@ -118,13 +119,16 @@ class AppSession:
         if self.closed:
             return
         try:
+            max_record = self.config.max_record
             for _ in range(DRAIN_ROUNDS):
-                raw = self.tx.pop_batch(DRAIN_RECORDS, DRAIN_BYTES)
+                # one copy out of the shared ring into a fresh private buffer (the TOCTOU
+                # copy); the records are zero-copy views into it
+                recs, bad = R.ring_pop_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record)
                 if self.tx.should_wake_producer():
                     self.app_waker.signal()  # the app waits for room in its tx ring
-                if not raw:
+                if not recs and not bad:
                     break
-                self._handle_outbound(raw)
+                self._handle_outbound(recs, bad)
             else:
                 self._schedule_pump()  # more work: come back after other apps had a turn
             if self.pending:
@@ -135,19 +139,22 @@ class AppSession:
             log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc, extra=self.log_fields())
             self.daemon.drop_session(self, f"ring corrupted: {exc}")
 
-    def _handle_outbound(self, raw: list[bytes]) -> None:
-        batch = []
-        max_record = self.config.max_record
-        for data in raw:
-            try:
-                rec = R.parse_record(data, max_record)
-            except R.RecordError as exc:
-                self._reject_malformed(data, str(exc))
-                continue
-            if rec.kind == R.CANCEL or rec.kind == R.REQUEST or rec.kind == R.RESPONSE or rec.kind == R.WINDOW:
-                batch.append(rec)
-            else:
-                self._reject_malformed(data, f"record kind {rec.kind} may not be sent by an app")
+    def _handle_outbound(self, recs: list[R.Record], bad: list[tuple[bytes, str]] = ()) -> None:
+        """Records the app sent (parsed views into the pop's private buffer) → the chain."""
+        for data, reason in bad:
+            self._reject_malformed(data, reason)
+        batch = recs
+        for rec in recs:
+            kind = rec.kind
+            if kind != R.REQUEST and kind != R.RESPONSE and kind != R.CANCEL and kind != R.WINDOW:
+                batch = []  # slow path: rebuild without the records an app may not send
+                for rec in recs:
+                    kind = rec.kind
+                    if kind == R.CANCEL or kind == R.REQUEST or kind == R.RESPONSE or kind == R.WINDOW:
+                        batch.append(rec)
+                    else:
+                        self._reject_malformed(rec.encode(), f"record kind {kind} may not be sent by an app")
+                break
         self.stats["records_out"] += len(batch)
         if batch:
             self.observer.from_app(batch)
@@ -163,32 +170,45 @@ class AppSession:
                 self._deliver_in([error_response(handle, call_id, StatusCode.INTERNAL.code, f"mrpcd rejected a malformed record: {reason}")])
 
     def _send_out(self, batch: list[R.Record]) -> None:
-        """The transport end of the datapath: group records by route, one writev per route."""
-        by_route: dict[int, list[bytes]] = {}
+        """The transport end of the datapath: group records by route, one writev per route.
+
+        Records no engine changed go out as zero-copy views of the buffer they were popped
+        into (back-to-back records as one view); the receiving daemon rewrites the handle.
+        """
+        routes = self.routes
+        groups: dict[int, list[R.Record]] = {}
         for rec in batch:
-            route = self.routes.get(rec.handle)
+            h = rec.handle
+            g = groups.get(h)
+            if g is None:
+                groups[h] = [rec]
+            else:
+                g.append(rec)
+        for handle, recs in groups.items():
+            route = routes.get(handle)
             if route is None or route.conn.closed:
-                self.stats["unroutable"] += 1
-                if rec.kind == R.REQUEST:
-                    self._deliver_in([error_response(rec.handle, rec.call_id, StatusCode.UNAVAILABLE.code, f"channel {rec.handle} is not connected")])
+                self.stats["unroutable"] += len(recs)
+                for rec in recs:
+                    if rec.kind == R.REQUEST:
+                        self._deliver_in([error_response(rec.handle, rec.call_id, StatusCode.UNAVAILABLE.code, f"channel {rec.handle} is not connected")])
                 continue
-            data = rec.encode()
-            self.stats["bytes_out"] += len(data)
-            by_route.setdefault(rec.handle, []).append(data)
-        for handle, datas in by_route.items():
-            self.routes[handle].conn.send_batch(datas)
+            bufs, nbytes = R.wire_buffers(recs)
+            self.stats["bytes_out"] += nbytes
+            route.conn.send_batch(bufs, len(recs))
 
     def _deliver_in(self, batch: list[R.Record]) -> None:
-        """The frontend end: push records into the app's rx ring; what does not fit waits."""
+        """The frontend end: push records into the app's rx ring; what does not fit waits.
+
+        One C call copies each record into the ring straight from where it was received
+        (a rewritten handle goes as a packed header in front of the received body)."""
         self.observer.to_app(batch)
-        datas = [rec.encode() for rec in batch]
-        self.stats["records_in"] += len(datas)
+        self.stats["records_in"] += len(batch)
         if self.pending:
-            self.pending.extend(datas)
+            self.pending.extend(batch)
         else:
-            n = self.rx.push_many(datas)
-            if n < len(datas):
-                self.pending.extend(datas[n:])
+            n = R.ring_push_records(self.rx, batch)
+            if n < len(batch):
+                self.pending.extend(batch[n:] if n else batch)
         if self.rx.should_wake_consumer():
             self.app_waker.signal()
         if self.pending:
@@ -197,19 +217,20 @@ class AppSession:
 
     def _flush_pending(self) -> None:
         """Push what waits; if the ring stays full, ask the app to signal when it pops."""
-        while self.pending:
-            chunk = [self.pending[i] for i in range(min(DRAIN_RECORDS, len(self.pending)))]
-            n = self.rx.push_many(chunk)
+        pending = self.pending
+        while pending:
+            chunk = list(islice(pending, DRAIN_RECORDS))
+            n = R.ring_push_records(self.rx, chunk)
             for _ in range(n):
-                self.pending.popleft()
+                pending.popleft()
             if n == 0:
                 if self.rx.should_wake_consumer():
                     self.app_waker.signal()
-                if self.rx.prepare_wait_for_space(len(self.pending[0])):
+                if self.rx.prepare_wait_for_space(pending[0].size):
                     break  # the app signals daemon_waker after its next pop
         if self.rx.should_wake_consumer():
             self.app_waker.signal()
-        if not self.pending and self.paused_routes:
+        if not pending and self.paused_routes:
             self.paused_routes = False
             for route in self.routes.values():
                 route.conn.resume_reading()
@@ -334,7 +355,7 @@ class AppSession:
             elif rec.kind not in (R.REQUEST, R.RESPONSE, R.CANCEL, R.WINDOW):
                 route.conn.close(f"protocol error: unexpected record kind {rec.kind}")
                 return
-            self.stats["bytes_in"] += R.HEADER_SIZE + len(rec.meta) + len(rec.payload)
+            self.stats["bytes_in"] += rec.size
             batch.append(rec)
         if batch:
             self.datapath.inbound(batch)
