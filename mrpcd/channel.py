@@ -13,101 +13,51 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
-from . import flow, wire
+from . import wire
+from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, connect_error
 from .app import App, default_app
 from .marshal import records as R
-from .marshal.schema import method_id as _method_id
 from .status import RpcError, StatusCode
 
 _DEADLINE = "Deadline Exceeded"
 
 
-class _ClientCall:
-    """One client call's state; filled by the app's rx driver thread, read by the caller."""
+class _ClientCall(ClientCallCore):
+    """One client call's state (mrpcd._calls); filled by the app's rx driver thread, read by
+    the caller. Every change to the state happens with `_cond` held."""
 
     def __init__(self, app: App, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
-        self.app = app
-        self.handle = handle
-        self.call_id = call_id
-        self._deserialize = deserialize
-        self._max_receive = max_receive
-        self.deadline = deadline
         self._cond = threading.Condition()
-        self._messages: deque[tuple[bytes, int]] = deque()
-        self._done = False
-        self._got_initial = False
-        self._cancelled_locally = False
-        self._code = StatusCode.OK
-        self._details = ""
-        self._initial: list = []
-        self._trailing: list = []
-        self._callbacks: list[Callable[[], None]] = []
-        self._recv = flow.RecvWindow()
-        self._credit = flow.SendCredit()
-        app.calls[(handle, call_id)] = self
+        super().__init__(app, handle, call_id, deserialize, max_receive, deadline)
+
+    def _wake(self) -> None:
+        self._cond.notify_all()
 
     # -- driver side (rx thread) ----------------------------------------------------------
     def deliver(self, rec: R.Record) -> None:
         with self._cond:
-            if self._done:
-                return
-            if rec.flags & (R.F_START | R.F_END):
-                initial, trailing, details = wire.split_response_meta(rec)
-                if rec.flags & R.F_START:
-                    self._initial = initial
-                    self._got_initial = True
-            if not rec.flags & R.F_NO_MSG:
-                if len(rec.payload) > self._max_receive:
-                    err = wire.too_large("Received", len(rec.payload), self._max_receive)
-                    self._set_done(err.code(), err.details())
-                    self.app.try_send(wire.cancel_record(self.handle, self.call_id))
-                    return
-                self._messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
-            if rec.flags & R.F_END:
-                self._trailing, self._details = trailing, details
-                self._code = StatusCode.from_int(rec.status)
-                self._finish()
-            self._cond.notify_all()
+            cancel = self.take(rec)
+            if cancel is not None:
+                self.app.try_send(cancel)
 
     def grant(self, n: int) -> None:
         with self._cond:
-            if self._credit.grant(n):
-                self._cond.notify_all()
+            self.grant_credit(n)
 
     def lost(self, code: StatusCode, details: str) -> None:
         with self._cond:
-            self._set_done(code, details)
-
-    def _set_done(self, code: StatusCode, details: str) -> bool:
-        """End the call locally (lock held); False if it had already ended."""
-        if self._done:
-            return False
-        self._code, self._details = code, details
-        self._finish()
-        self._cond.notify_all()
-        return True
-
-    def _finish(self) -> None:
-        self._done = True
-        self.app.calls.pop((self.handle, self.call_id), None)
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:  # run on whichever thread ended the call, as grpc does
-            try:
-                cb()
-            except Exception:
-                pass
+            self.end(code, details)
 
     # -- caller side --------------------------------------------------------------------
     def cancel(self, code: StatusCode = StatusCode.CANCELLED, details: str = "Locally cancelled by application!") -> bool:
         with self._cond:
-            if not self._set_done(code, details):
+            if not self.end(code, details):
                 return False
-            self._cancelled_locally = code is StatusCode.CANCELLED
+            self.cancelled_locally = code is StatusCode.CANCELLED
         try:
-            self.app.send(wire.cancel_record(self.handle, self.call_id), timeout=1.0)
+            self.app.send(self.cancel_record(), timeout=1.0)
         except RpcError:
             pass  # the daemon is gone: the server side is cancelled by the lost connection
         return True
@@ -118,7 +68,7 @@ class _ClientCall:
         The call's own deadline ends it with DEADLINE_EXCEEDED (and cancels the server).
         """
         until = None if timeout is None else time.monotonic() + timeout
-        while not ready() and not self._done:
+        while not ready() and not self.done:
             left = deadline.remaining() if deadline else None
             if left == 0:
                 self._cond.release()
@@ -138,22 +88,22 @@ class _ClientCall:
     def next_message(self) -> Any:
         """The next response message, or StopIteration at a clean end; RpcError otherwise."""
         with self._cond:
-            self._wait(lambda: bool(self._messages), self.deadline)
-            if not self._messages:
-                if self._code is StatusCode.OK:
+            self._wait(lambda: bool(self.messages), self.deadline)
+            got = self.pop_message()
+            if got is None:
+                if self.code is StatusCode.OK:
                     raise StopIteration
                 raise self.error()
-            payload, size = self._messages.popleft()
-            grant = 0 if self._done else self._recv.consume(size)
-        if grant:
+        payload, window = got
+        if window is not None:
             try:
-                self.app.send(flow.window_record(self.handle, self.call_id, grant), timeout=1.0)
+                self.app.send(window, timeout=1.0)
             except RpcError:
                 pass
         try:
             return self._deserialize(payload)
         except ValueError as exc:
-            self.cancel(StatusCode.INTERNAL, f"Exception deserializing response! {exc}")
+            self.cancel(*self.deserialize_error(exc))
             raise self.error() from None
 
     def wait_done(self, timeout: float | None = None) -> bool:
@@ -163,20 +113,20 @@ class _ClientCall:
     def wait_credit(self) -> bool:
         """Block the request pump until the server grants credit; False if the call ended."""
         with self._cond:
-            self._wait(self._credit.available, self.deadline)
-            return not self._done
+            self._wait(self.credit_available, self.deadline)
+            return not self.done
 
-    def spend(self, n: int) -> None:
+    def request_message(self, payload: bytes) -> bytes:
         with self._cond:
-            self._credit.spend(n)
+            return super().request_message(payload)
 
     def error(self) -> RpcError:
-        return RpcError(self._code, self._details, self._trailing, self._initial)
+        return self.make_error()
 
     def add_callback(self, cb: Callable[[], None]) -> bool:
         with self._cond:
-            if not self._done:
-                self._callbacks.append(cb)
+            if not self.done:
+                self.callbacks.append(cb)
                 return True
         return False
 
@@ -196,24 +146,24 @@ class _Rendezvous(RpcError):
     # grpc.Call
     def code(self) -> StatusCode:
         self._call.wait_done()
-        return self._call._code
+        return self._call.code
 
     def details(self) -> str:
         self._call.wait_done()
-        return self._call._details
+        return self._call.details
 
     def initial_metadata(self) -> tuple:
         c = self._call
         with c._cond:
-            c._wait(lambda: c._got_initial, c.deadline)
-        return tuple(c._initial)
+            c._wait(lambda: c.got_initial, c.deadline)
+        return tuple(c.initial)
 
     def trailing_metadata(self) -> tuple:
         self._call.wait_done()
-        return tuple(self._call._trailing)
+        return tuple(self._call.trailing)
 
     def is_active(self) -> bool:
-        return not self._call._done
+        return not self._call.done
 
     def time_remaining(self) -> float | None:
         return self._call.deadline.remaining() if self._call.deadline else None
@@ -226,13 +176,13 @@ class _Rendezvous(RpcError):
 
     # grpc.Future
     def cancelled(self) -> bool:
-        return self._call._cancelled_locally
+        return self._call.cancelled_locally
 
     def running(self) -> bool:
-        return not self._call._done
+        return not self._call.done
 
     def done(self) -> bool:
-        return self._call._done
+        return self._call.done
 
     def _collect(self) -> None:
         """Unary response: take the single message (once); the call is over after it."""
@@ -243,7 +193,7 @@ class _Rendezvous(RpcError):
                 self._response = self._call.next_message()
                 self._have_response = True
             except StopIteration:
-                if self._call._code is StatusCode.OK:
+                if self._call.code is StatusCode.OK:
                     self._call.lost(StatusCode.INTERNAL, "the server ended the call without a response")
             except RpcError:
                 pass
@@ -252,14 +202,14 @@ class _Rendezvous(RpcError):
     def result(self, timeout: float | None = None) -> Any:
         self._wait_future(timeout)
         self._collect()
-        if self._call._code is not StatusCode.OK:
+        if self._call.code is not StatusCode.OK:
             raise self._as_error()
         return self._response
 
     def exception(self, timeout: float | None = None) -> RpcError | None:
         self._wait_future(timeout)
         self._collect()
-        return None if self._call._code is StatusCode.OK else self._as_error()
+        return None if self._call.code is StatusCode.OK else self._as_error()
 
     def traceback(self, timeout: float | None = None):
         return None
@@ -278,8 +228,8 @@ class _Rendezvous(RpcError):
         return self  # the rendezvous is the error, with code()/details()/metadata
 
     def __str__(self) -> str:
-        if self._call._done:
-            return f"<_Rendezvous of RPC that terminated with: status = {self._call._code}, details = \"{self._call._details}\">"
+        if self._call.done:
+            return f"<_Rendezvous of RPC that terminated with: status = {self._call.code}, details = \"{self._call.details}\">"
         return "<_Rendezvous of in-flight RPC>"
 
     __repr__ = __str__
@@ -300,33 +250,19 @@ class _Rendezvous(RpcError):
         return self.__next__()
 
 
-class _MultiCallable:
+class _MultiCallable(MultiCallableCore):
     def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
-        self._channel = channel
-        self._method = method
-        self._method_id = _method_id(method)
-        self._encode = request_type.SerializeToString
-        self._decode = response_type.FromString
-        channel.app.ensure_schema(request_type.__mrpc_schema__)
-        channel.app.ensure_schema(response_type.__mrpc_schema__)
-
-    def _payload(self, message: Any) -> bytes:
-        payload = self._encode(message)
-        limit = self._channel._max_send
-        if len(payload) > limit:
-            raise wire.too_large("Sent", len(payload), limit)
-        return payload
+        super().__init__(channel, method, request_type, response_type)
+        for schema in self._schemas:
+            channel.app.ensure_schema(schema)
 
     def _start(self, first: Any, end: bool, timeout: float | None, metadata) -> _ClientCall:
         app = self._channel.app
-        meta = wire.check_metadata(metadata)
-        payload = self._payload(first) if first is not None else None
+        meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
         handle = self._channel._ensure_handle()
-        dl = wire.deadline_us(timeout)
-        call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, wire.Deadline(dl) if timeout is not None else None)
-        flags = R.F_START | (R.F_END if end else 0)
+        call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         try:
-            app.send(wire.request_record(handle, call.call_id, self._method_id, flags, dl, meta, payload), timeout)
+            app.send(self._first_record(call, end, dl, meta, payload), timeout)
         except RpcError as exc:
             call.lost(exc.code(), exc.details())
         return call
@@ -341,11 +277,9 @@ class _MultiCallable:
                 for req in requests:
                     if not call.wait_credit():
                         return
-                    payload = self._payload(req)
-                    call.spend(flow.cost(len(payload)))
-                    app.send(wire.request_record(call.handle, call.call_id, 0, 0, 0, (), payload), call.deadline.remaining() if call.deadline else None)
-                if not call._done:
-                    app.send(wire.request_record(call.handle, call.call_id, 0, R.F_END, 0, (), None), 5.0)
+                    app.send(call.request_message(self._payload(req)), call.deadline.remaining() if call.deadline else None)
+                if not call.done:
+                    app.send(call.end_of_requests(), 5.0)
             except RpcError as exc:
                 if exc.code() is StatusCode.RESOURCE_EXHAUSTED:
                     call.cancel(exc.code(), exc.details())
@@ -395,8 +329,11 @@ class StreamStreamMultiCallable(_MultiCallable):
         return _Rendezvous(call, True)
 
 
-class Channel:
+class Channel(ChannelCore):
     """A channel to `target` ("host:port" of a server app's address) through the local daemon."""
+
+    _unary_unary, _unary_stream = UnaryUnaryMultiCallable, UnaryStreamMultiCallable
+    _stream_unary, _stream_stream = StreamUnaryMultiCallable, StreamStreamMultiCallable
 
     def __init__(self, target: str, app: App | None = None, options: Any = None) -> None:
         self.target = target
@@ -417,8 +354,7 @@ class Channel:
                 try:
                     reply = self.app.call("connect", target=self.target)
                 except RpcError as exc:
-                    code = exc.code() if exc.code() is not StatusCode.UNKNOWN else StatusCode.UNAVAILABLE
-                    raise RpcError(code, f"failed to connect to {self.target}: {exc.details()}") from None
+                    raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._on_lost)
             return self._handle
@@ -426,18 +362,6 @@ class Channel:
     def _on_lost(self, details: str) -> None:
         with self._lock:
             self._handle = None
-
-    def unary_unary(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> UnaryUnaryMultiCallable:
-        return UnaryUnaryMultiCallable(self, method, request_type, response_type)
-
-    def unary_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> UnaryStreamMultiCallable:
-        return UnaryStreamMultiCallable(self, method, request_type, response_type)
-
-    def stream_unary(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> StreamUnaryMultiCallable:
-        return StreamUnaryMultiCallable(self, method, request_type, response_type)
-
-    def stream_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> StreamStreamMultiCallable:
-        return StreamStreamMultiCallable(self, method, request_type, response_type)
 
     def close(self) -> None:
         with self._lock:

@@ -11,98 +11,45 @@ credit as they are consumed; request streams await the server's credit.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from .. import flow, wire
+from .. import wire
+from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, connect_error
 from ..interceptors import ClientCallDetails
 from ..marshal import records as R
-from ..marshal.schema import method_id as _method_id
 from ..status import RpcError, StatusCode
 from ._app import AioApp, default_app
 
 _DEADLINE = "Deadline Exceeded"
 
 
-class _CallState:
-    """One call's receive side, fed by the loop's rx drain; the same (handle, call_id) sink
-    contract as the sync library."""
+class _CallState(ClientCallCore):
+    """One call's receive side (mrpcd._calls), fed by the loop's rx drain; the same
+    (handle, call_id) sink contract as the sync library."""
 
     def __init__(self, app: AioApp, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
-        self.app = app
-        self.handle = handle
-        self.call_id = call_id
-        self._deserialize = deserialize
-        self._max_receive = max_receive
-        self.deadline = deadline
-        self._messages: deque[tuple[bytes, int]] = deque()
         self._event = asyncio.Event()
-        self.done = False
-        self.got_initial = False
-        self.cancelled_locally = False
-        self.code = StatusCode.OK
-        self.details = ""
-        self.initial: list = []
-        self.trailing: list = []
-        self._recv = flow.RecvWindow()
-        self._credit = flow.SendCredit()
-        self._callbacks: list[Callable[[], None]] = []
-        app.calls[(handle, call_id)] = self
+        super().__init__(app, handle, call_id, deserialize, max_receive, deadline)
 
     def _wake(self) -> None:
         self._event.set()
 
     def deliver(self, rec: R.Record) -> None:
-        if self.done:
-            return
-        if rec.flags & (R.F_START | R.F_END):
-            initial, trailing, details = wire.split_response_meta(rec)
-            if rec.flags & R.F_START:
-                self.initial = initial
-                self.got_initial = True
-        if not rec.flags & R.F_NO_MSG:
-            if len(rec.payload) > self._max_receive:
-                err = wire.too_large("Received", len(rec.payload), self._max_receive)
-                self.end(err.code(), err.details())
-                self.app.send_nowait(wire.cancel_record(self.handle, self.call_id))
-                return
-            self._messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
-        if rec.flags & R.F_END:
-            self.trailing, self.details = trailing, details
-            self.code = StatusCode.from_int(rec.status)
-            self._finish()
-        self._wake()
+        cancel = self.take(rec)
+        if cancel is not None:
+            self.app.send_nowait(cancel)
 
     def grant(self, n: int) -> None:
-        if self._credit.grant(n):
-            self._wake()
+        self.grant_credit(n)
 
     def lost(self, code: StatusCode, details: str) -> None:
         self.end(code, details)
-
-    def end(self, code: StatusCode, details: str) -> bool:
-        if self.done:
-            return False
-        self.code, self.details = code, details
-        self._finish()
-        self._wake()
-        return True
-
-    def _finish(self) -> None:
-        self.done = True
-        self.app.calls.pop((self.handle, self.call_id), None)
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            try:
-                cb()
-            except Exception:
-                pass
 
     def cancel(self, code: StatusCode = StatusCode.CANCELLED, details: str = "Locally cancelled by application!") -> bool:
         if not self.end(code, details):
             return False
         self.cancelled_locally = code is StatusCode.CANCELLED
-        self.app.send_nowait(wire.cancel_record(self.handle, self.call_id))
+        self.app.send_nowait(self.cancel_record())
         return True
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
@@ -122,16 +69,16 @@ class _CallState:
                 raise
 
     async def next_message(self) -> Any:
-        await self._wait_for(lambda: bool(self._messages))
-        if self._messages:
-            payload, size = self._messages.popleft()
-            grant = 0 if self.done else self._recv.consume(size)
-            if grant:
-                self.app.send_nowait(flow.window_record(self.handle, self.call_id, grant))
+        await self._wait_for(lambda: bool(self.messages))
+        got = self.pop_message()
+        if got is not None:
+            payload, window = got
+            if window is not None:
+                self.app.send_nowait(window)
             try:
                 return self._deserialize(payload)
             except ValueError as exc:
-                self.cancel(StatusCode.INTERNAL, f"Exception deserializing response! {exc}")
+                self.cancel(*self.deserialize_error(exc))
                 raise self.error() from None
         if self.code is StatusCode.OK:
             raise StopAsyncIteration
@@ -141,14 +88,11 @@ class _CallState:
         await self._wait_for(lambda: False)
 
     async def wait_credit(self) -> bool:
-        await self._wait_for(self._credit.available)
+        await self._wait_for(self.credit_available)
         return not self.done
 
-    def spend(self, n: int) -> None:
-        self._credit.spend(n)
-
     def error(self) -> RpcError:
-        return AioRpcError(self.code, self.details, self.trailing, self.initial)
+        return self.make_error(AioRpcError)
 
 
 class AioRpcError(RpcError):
@@ -199,7 +143,7 @@ class _Call:
             if s.done:
                 callback(self)
             else:
-                s._callbacks.append(lambda: callback(self))
+                s.callbacks.append(lambda: callback(self))
 
         asyncio.ensure_future(attach())
 
@@ -329,8 +273,7 @@ class _StreamRequestMixin:
                 except RpcError as exc:  # over the send limit: the call fails with it, as the pump does
                     s.cancel(exc.code(), exc.details())
                     self._raise_for_status(s)
-                s.spend(flow.cost(len(payload)))
-                await s.app.send_async(wire.request_record(s.handle, s.call_id, 0, 0, 0, (), payload))
+                await s.app.send_async(s.request_message(payload))
         except asyncio.CancelledError:
             s.cancel()
             raise
@@ -345,7 +288,7 @@ class _StreamRequestMixin:
         try:
             async with self._write_lock:
                 if not s.done:
-                    await s.app.send_async(wire.request_record(s.handle, s.call_id, 0, R.F_END, 0, (), None))
+                    await s.app.send_async(s.end_of_requests())
         except asyncio.CancelledError:
             s.cancel()
             raise
@@ -369,36 +312,19 @@ class StreamStreamCall(_StreamRequestMixin, StreamResponseCall):
         super().__init__(starter, loop)
 
 
-class _AioMultiCallable:
-    def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
-        self._channel = channel
-        self._method = method
-        self._method_id = _method_id(method)
-        self._encode = request_type.SerializeToString
-        self._decode = response_type.FromString
-        self._schemas = [request_type.__mrpc_schema__, response_type.__mrpc_schema__]
-
-    def _payload(self, message: Any) -> bytes:
-        payload = self._encode(message)
-        if len(payload) > self._channel._max_send:
-            raise wire.too_large("Sent", len(payload), self._channel._max_send)
-        return payload
-
+class _AioMultiCallable(MultiCallableCore):
     async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None) -> _CallState:
         ch = self._channel
         for schema in self._schemas:
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
-        meta = wire.check_metadata(metadata)
-        payload = self._payload(first) if first is not None else None
+        meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
         handle = await ch._ensure_handle()
-        dl = wire.deadline_us(timeout)
-        state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, wire.Deadline(dl) if timeout is not None else None)
-        flags = R.F_START | (R.F_END if end else 0)
-        await ch.app.send_async(wire.request_record(handle, state.call_id, self._method_id, flags, dl, meta, payload))
+        state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
+        await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
         if requests is not None:  # None: no requests after the first, or the caller write()s them
             task = asyncio.ensure_future(self._pump(state, requests))
-            state._callbacks.append(lambda: task.done() or task.cancel())
+            state.callbacks.append(lambda: task.done() or task.cancel())
         return state
 
     async def _pump(self, state: _CallState, requests: Any) -> None:
@@ -407,9 +333,7 @@ class _AioMultiCallable:
         async def send(req: Any) -> bool:
             if not await state.wait_credit():
                 return False
-            payload = self._payload(req)
-            state.spend(flow.cost(len(payload)))
-            await app.send_async(wire.request_record(state.handle, state.call_id, 0, 0, 0, (), payload))
+            await app.send_async(state.request_message(self._payload(req)))
             return True
 
         try:
@@ -422,7 +346,7 @@ class _AioMultiCallable:
                     if not await send(req):
                         return
             if not state.done:
-                await app.send_async(wire.request_record(state.handle, state.call_id, 0, R.F_END, 0, (), None))
+                await app.send_async(state.end_of_requests())
         except asyncio.CancelledError:
             pass
         except RpcError as exc:
@@ -468,7 +392,12 @@ class StreamStreamMultiCallable(_AioMultiCallable):
         return self._channel._intercept("stream_stream", invoke, self._details(timeout, metadata), request_iterator)
 
 
-class Channel:
+class Channel(ChannelCore):
+    """An asyncio channel to `target` through the local daemon (grpc.aio.Channel)."""
+
+    _unary_unary, _unary_stream = UnaryUnaryMultiCallable, UnaryStreamMultiCallable
+    _stream_unary, _stream_stream = StreamUnaryMultiCallable, StreamStreamMultiCallable
+
     def __init__(self, target: str, app: AioApp | None = None, options: Any = None, interceptors: Sequence[Any] | None = None) -> None:
         from ._interceptors import check_client_interceptors
 
@@ -494,26 +423,13 @@ class Channel:
                 try:
                     reply = await self.app.call_async("connect", target=self.target)
                 except RpcError as exc:
-                    code = exc.code() if exc.code() is not StatusCode.UNKNOWN else StatusCode.UNAVAILABLE
-                    raise RpcError(code, f"failed to connect to {self.target}: {exc.details()}") from None
+                    raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._on_lost)
             return self._handle
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
-
-    def unary_unary(self, method: str, request_type: type, response_type: type, **_: Any) -> UnaryUnaryMultiCallable:
-        return UnaryUnaryMultiCallable(self, method, request_type, response_type)
-
-    def unary_stream(self, method: str, request_type: type, response_type: type, **_: Any) -> UnaryStreamMultiCallable:
-        return UnaryStreamMultiCallable(self, method, request_type, response_type)
-
-    def stream_unary(self, method: str, request_type: type, response_type: type, **_: Any) -> StreamUnaryMultiCallable:
-        return StreamUnaryMultiCallable(self, method, request_type, response_type)
-
-    def stream_stream(self, method: str, request_type: type, response_type: type, **_: Any) -> StreamStreamMultiCallable:
-        return StreamStreamMultiCallable(self, method, request_type, response_type)
 
     async def close(self, grace: float | None = None) -> None:
         handle, self._handle = self._handle, None

@@ -1,0 +1,459 @@
+"""Call bookkeeping shared by the sync and asyncio app libraries, sans-I/O.
+
+Both halves keep the same state per call and make the same decisions about it; only how
+they wait (threading.Condition vs asyncio.Event), how they send (blocking push vs
+awaiting the loop) and where handlers run (thread pool vs tasks) differ. What is the
+same lives here, once:
+
+* `ClientCallCore`: a client call's receive side: applying RESPONSE records (initial and
+  trailing metadata, status, details, the receive size limit), the message queue and the
+  flow-control credit granted back, ending the call and running its callbacks.
+* `ServerCallCore`: a server call's request side (request records, the receive limit,
+  half-close, credit to grant back) and the START/END bookkeeping of its responses.
+* `ContextCore`: the parts of grpc's ServicerContext that do no I/O.
+* `ServerCore`: the handler registry, binding, and the routing of records to calls.
+* `failure_status`: which status a handler's exception ends its call with.
+* `MultiCallableCore`, `ChannelCore` and `connect_error`: a client stub method's
+  encoding, size checks and first record, a channel's four factories, and the error a
+  failed connect becomes.
+
+The subclasses add the waiting and the sending; none of this module blocks or awaits.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from . import flow, wire
+from .handlers import GenericRpcHandler, RpcMethodHandler
+from .marshal import records as R
+from .marshal.schema import method_id as _method_id
+from .status import AbortError, RpcError, StatusCode
+
+# -- client --------------------------------------------------------------------------------
+
+
+class ClientCallCore:
+    """One client call's state, registered in the app's dispatch table under (handle, call_id).
+
+    `take()` applies a RESPONSE record from the rx driver; `end()` ends the call locally
+    (cancel, deadline, lost connection). Subclasses wake their waiters in `_wake()`.
+    """
+
+    def __init__(self, app: Any, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
+        self.app = app
+        self.handle = handle
+        self.call_id = call_id
+        self._deserialize = deserialize
+        self._max_receive = max_receive
+        self.deadline = deadline
+        self.messages: deque[tuple[bytes, int]] = deque()
+        self.done = False
+        self.got_initial = False
+        self.cancelled_locally = False
+        self.code = StatusCode.OK
+        self.details = ""
+        self.initial: list = []
+        self.trailing: list = []
+        self.callbacks: list[Callable[[], None]] = []
+        self._recv = flow.RecvWindow()
+        self._credit = flow.SendCredit()
+        app.calls[(handle, call_id)] = self
+
+    def _wake(self) -> None:
+        """Wake whoever waits on this call (the subclass's lock is held, if it has one)."""
+
+    def take(self, rec: R.Record) -> bytes | None:
+        """Apply one RESPONSE record. Returns a CANCEL record for the caller to send when
+        the record's message is over the receive limit (the call has then ended with
+        RESOURCE_EXHAUSTED), else None."""
+        if self.done:
+            return None
+        flags = rec.flags
+        if flags & (R.F_START | R.F_END):
+            initial, trailing, details = wire.split_response_meta(rec)
+            if flags & R.F_START:
+                self.initial = initial
+                self.got_initial = True
+        if not flags & R.F_NO_MSG:
+            if len(rec.payload) > self._max_receive:
+                err = wire.too_large("Received", len(rec.payload), self._max_receive)
+                self.end(err.code(), err.details())
+                return wire.cancel_record(self.handle, self.call_id)
+            self.messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
+        if flags & R.F_END:
+            self.trailing, self.details = trailing, details
+            self.code = StatusCode.from_int(rec.status)
+            self._finish()
+        self._wake()
+        return None
+
+    def grant_credit(self, n: int) -> bool:
+        """A WINDOW record's credit for the request stream; True if a blocked sender may go on."""
+        if self._credit.grant(n):
+            self._wake()
+            return True
+        return False
+
+    def end(self, code: StatusCode, details: str) -> bool:
+        """End the call locally; False if it had already ended."""
+        if self.done:
+            return False
+        self.code, self.details = code, details
+        self._finish()
+        self._wake()
+        return True
+
+    def _finish(self) -> None:
+        self.done = True
+        self.app.calls.pop((self.handle, self.call_id), None)
+        callbacks, self.callbacks = self.callbacks, []
+        for cb in callbacks:  # run on whichever thread ended the call, as grpc does
+            try:
+                cb()
+            except Exception:
+                pass
+
+    def pop_message(self) -> tuple[bytes, bytes | None] | None:
+        """The next message's payload and the WINDOW record to send for it (None: no
+        grant due now); None when no message is queued."""
+        if not self.messages:
+            return None
+        payload, size = self.messages.popleft()
+        grant = 0 if self.done else self._recv.consume(size)
+        return payload, (flow.window_record(self.handle, self.call_id, grant) if grant else None)
+
+    def credit_available(self) -> bool:
+        return self._credit.available()
+
+    def spend(self, n: int) -> None:
+        self._credit.spend(n)
+
+    def cancel_record(self) -> bytes:
+        return wire.cancel_record(self.handle, self.call_id)
+
+    def end_of_requests(self) -> bytes:
+        """The half-close record of the request stream."""
+        return wire.request_record(self.handle, self.call_id, 0, R.F_END, 0, (), None)
+
+    def request_message(self, payload: bytes) -> bytes:
+        """A request-stream message record (after the first); spends its credit."""
+        self._credit.spend(flow.cost(len(payload)))
+        return wire.request_record(self.handle, self.call_id, 0, 0, 0, (), payload)
+
+    def deserialize_error(self, exc: Exception) -> tuple[StatusCode, str]:
+        return StatusCode.INTERNAL, f"Exception deserializing response! {exc}"
+
+    def make_error(self, cls: type[RpcError] = RpcError) -> RpcError:
+        return cls(self.code, self.details, self.trailing, self.initial)
+
+
+class MultiCallableCore:
+    """What a stub method does before any I/O: encode, check the send limit, build the
+    record that opens the call."""
+
+    def __init__(self, channel: Any, method: str, request_type: type, response_type: type) -> None:
+        self._channel = channel
+        self._method = method
+        self._method_id = _method_id(method)
+        self._encode = request_type.SerializeToString
+        self._decode = response_type.FromString
+        self._schemas = [request_type.__mrpc_schema__, response_type.__mrpc_schema__]
+
+    def _payload(self, message: Any) -> bytes:
+        payload = self._encode(message)
+        limit = self._channel._max_send
+        if len(payload) > limit:
+            raise wire.too_large("Sent", len(payload), limit)
+        return payload
+
+    def _prepare(self, first: Any, timeout: float | None, metadata) -> tuple[list, bytes | None, int, wire.Deadline | None]:
+        """(metadata pairs, first payload or None, wire deadline, local Deadline or None);
+        raises on bad metadata or an oversized message before the call exists."""
+        meta = wire.check_metadata(metadata)
+        payload = self._payload(first) if first is not None else None
+        dl = wire.deadline_us(timeout)
+        return meta, payload, dl, (wire.Deadline(dl) if timeout is not None else None)
+
+    def _first_record(self, call: ClientCallCore, end: bool, dl: int, meta: list, payload: bytes | None) -> bytes:
+        flags = R.F_START | (R.F_END if end else 0)
+        return wire.request_record(call.handle, call.call_id, self._method_id, flags, dl, meta, payload)
+
+
+class ChannelCore:
+    """grpc's four channel factories; a channel class names its multi-callable classes."""
+
+    _unary_unary: type
+    _unary_stream: type
+    _stream_unary: type
+    _stream_stream: type
+
+    def unary_unary(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
+        return self._unary_unary(self, method, request_type, response_type)
+
+    def unary_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
+        return self._unary_stream(self, method, request_type, response_type)
+
+    def stream_unary(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
+        return self._stream_unary(self, method, request_type, response_type)
+
+    def stream_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
+        return self._stream_stream(self, method, request_type, response_type)
+
+
+def connect_error(target: str, exc: RpcError) -> RpcError:
+    """The error a channel's failed `connect` becomes (UNAVAILABLE unless the daemon said more)."""
+    code = exc.code() if exc.code() is not StatusCode.UNKNOWN else StatusCode.UNAVAILABLE
+    return RpcError(code, f"failed to connect to {target}: {exc.details()}")
+
+
+# -- server --------------------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    """A request message did not decode."""
+
+
+class SerializeError(Exception):
+    """A response did not encode (the sync server reports it as grpc's does)."""
+
+
+class TooLarge(Exception):
+    """A request message was over the server's receive limit."""
+
+    def __init__(self, error: RpcError) -> None:
+        super().__init__(error.details())
+        self.error = error
+
+
+class ServerCallCore:
+    """One call's server side, without I/O: incoming request messages, the credit to grant
+    back for them, and which flags its next response record carries."""
+
+    def __init__(self, server: Any, rec: R.Record, path: str, handler: RpcMethodHandler) -> None:
+        self.server = server
+        self.app = server.app
+        self.handle, self.call_id = rec.handle, rec.call_id
+        self.path = path
+        self.handler = handler
+        self.metadata = tuple(wire.request_meta(rec))
+        self.deadline = wire.Deadline(rec.deadline)
+        self._messages: deque[tuple[bytes, int]] = deque()
+        self._half_closed = False
+        self.cancelled = False
+        self.finished = False
+        self.initial_sent = False
+        self.too_large: RpcError | None = None
+        self._credit = flow.SendCredit()
+        self._recv = flow.RecvWindow()
+
+    def _take(self, rec: R.Record) -> None:
+        """Apply one REQUEST record."""
+        if not rec.flags & R.F_NO_MSG:
+            limit = self.server._max_receive
+            if len(rec.payload) > limit:
+                self.too_large = wire.too_large("Received", len(rec.payload), limit)
+                self._half_closed = True
+                return
+            self._messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
+        if rec.flags & R.F_END:
+            self._half_closed = True
+
+    def is_active(self) -> bool:
+        return not (self.cancelled or self.finished)
+
+    def _pop_request(self) -> tuple[bytes, bytes | None]:
+        """The next request payload (one must be queued) and the WINDOW record due for it."""
+        payload, size = self._messages.popleft()
+        grant = 0 if self._half_closed else self._recv.consume(size)
+        return payload, (flow.window_record(self.handle, self.call_id, grant) if grant else None)
+
+    def _decode(self, payload: bytes) -> Any:
+        try:
+            return self.handler.request_deserializer(payload)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
+    def _flags(self, flags: int) -> int:
+        """Flags for the next response record: START on the first, and an END finishes the call."""
+        if not self.initial_sent:
+            flags |= R.F_START
+            self.initial_sent = True
+        if flags & R.F_END:
+            self.finished = True
+        return flags
+
+    def _record(self, flags: int, payload: bytes | None, ctx: "ContextCore", code: StatusCode, details: str) -> bytes:
+        return wire.response_record(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
+
+    def _expired_record(self) -> bytes:
+        """DEADLINE_EXCEEDED from the server itself (the client may not have noticed yet)."""
+        return wire.response_record(self.handle, self.call_id, R.F_END | (0 if self.initial_sent else R.F_START), None, code=StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+
+
+class ContextCore:
+    """The I/O-free part of grpc's ServicerContext, for both servers."""
+
+    def __init__(self, call: ServerCallCore) -> None:
+        self._call = call
+        self._code: StatusCode | None = None
+        self._details = ""
+        self._initial: list = []
+        self._trailing: list = []
+
+    def invocation_metadata(self) -> tuple:
+        return self._call.metadata
+
+    def peer(self) -> str:
+        return f"mrpcd:{self._call.handle}"
+
+    def method(self) -> str:
+        return self._call.path
+
+    def time_remaining(self) -> float | None:
+        return self._call.deadline.remaining()
+
+    def is_active(self) -> bool:
+        return self._call.is_active()
+
+    def _set_initial(self, metadata) -> None:
+        if self._call.initial_sent:
+            raise ValueError("initial metadata was already sent")
+        self._initial = wire.check_metadata(metadata)
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._trailing = wire.check_metadata(metadata)
+
+    def trailing_metadata(self) -> tuple:
+        return tuple(self._trailing)
+
+    def set_code(self, code: StatusCode | int) -> None:
+        self._code = wire.coerce_code(code)
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def _abort(self, code: StatusCode | int, details: str) -> AbortError:
+        """Record the abort status; the caller raises what this returns."""
+        code = wire.coerce_code(code)
+        if code is StatusCode.OK:
+            raise ValueError("abort() needs a non-OK status code")
+        self._code, self._details = code, details
+        return AbortError(details)
+
+    def _final_code(self) -> StatusCode:
+        return self._code or StatusCode.OK
+
+
+def failure_status(exc: Exception, ctx: ContextCore) -> tuple[StatusCode, str]:
+    """The status a call ends with when its handler (or the library on its behalf) raised."""
+    if isinstance(exc, TooLarge):
+        return exc.error.code(), exc.error.details()
+    if isinstance(exc, BadRequest):
+        return StatusCode.INTERNAL, f"Exception deserializing request! {exc}"
+    if isinstance(exc, SerializeError):
+        return StatusCode.INTERNAL, f"Exception serializing response! {exc}"
+    if isinstance(exc, AbortError):
+        return ctx._code or StatusCode.UNKNOWN, ctx._details
+    if isinstance(exc, RpcError):  # e.g. the handler's own outgoing call failed, or a size limit
+        if exc.code() is StatusCode.RESOURCE_EXHAUSTED and ctx._code in (None, StatusCode.OK):
+            return exc.code(), exc.details()
+        return ctx._code or StatusCode.UNKNOWN, ctx._details or f"Exception calling application: {exc}"
+    if ctx._code not in (None, StatusCode.OK):
+        return ctx._code, ctx._details
+    return StatusCode.UNKNOWN, f"Exception calling application: {exc}"
+
+
+class ServerCore:
+    """Handler registry, binding and record routing shared by both servers.
+
+    A subclass provides `_admit(rec, path, handler)` (create, register and start a call),
+    `_reply_nowait(data)` (send from the rx path without blocking) and `_stopped` (an
+    Event of either kind).
+    """
+
+    _interceptor_base: type = object
+    _interceptor_name = ""
+
+    def _init_core(self, app: Any, interceptors: Any, options: Any) -> None:
+        self.app = app
+        self._max_send, self._max_receive = wire.message_limits(options, app.max_record)
+        self._interceptors = tuple(interceptors or ())
+        for i in self._interceptors:
+            if not isinstance(i, self._interceptor_base):
+                raise TypeError(f"{type(i).__name__} is not a {self._interceptor_name}")
+        self._methods: dict[int, tuple[str, RpcMethodHandler]] = {}
+        self._generic: list[GenericRpcHandler] = []
+        self._addresses: list[str] = []
+        self._calls: dict[tuple[int, int], Any] = {}
+        self._started = False
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        for generic in handlers:
+            if generic.schema is not None:
+                self.app.ensure_schema(generic.schema)
+            self._generic.append(generic)
+            self._methods.update(generic.by_id)
+        for address in self._addresses:  # ports added before these handlers learn of them
+            self.app.call("bind", address=address, services=self._services())
+
+    def _services(self) -> list[str]:
+        return sorted({g.service_name for g in self._generic})
+
+    def add_insecure_port(self, address: str) -> int:
+        """Bind through the daemon; returns the port (useful with ":0")."""
+        reply = self.app.call("bind", address=address, services=self._services())
+        actual = reply["address"]
+        self._addresses.append(actual)
+        return int(actual.rpartition(":")[2])
+
+    def add_secure_port(self, address: str, credentials: Any = None) -> int:
+        # Security between hosts is the daemon's job (its TLS config), not the app's.
+        return self.add_insecure_port(address)
+
+    # routed from the app's rx driver -------------------------------------------------
+    def route(self, rec: R.Record) -> bool:
+        key = (rec.handle, rec.call_id)
+        if rec.kind == R.CANCEL or rec.kind == R.WINDOW:
+            call = self._calls.get(key)
+            if call is None:
+                return False
+            if rec.kind == R.CANCEL:
+                call.cancel()
+            else:
+                call.grant(rec.method_id)
+            return True
+        if not rec.flags & R.F_START:
+            call = self._calls.get(key)
+            if call is None:
+                return False
+            call.deliver(rec)
+            return True
+        entry = self._methods.get(rec.method_id)
+        if entry is None:
+            return False
+        if not self._started or self._stopped.is_set():
+            self._reply_nowait(wire.response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.UNAVAILABLE, details="server is not serving"))
+            return True
+        self._admit(rec, *entry)
+        return True
+
+    def handle_lost(self, handle: int) -> None:
+        for key, call in list(self._calls.items()):
+            if key[0] == handle:
+                call.cancel()
+
+    def _serialize(self, handler: RpcMethodHandler, response: Any) -> bytes:
+        payload = self._encode_response(handler, response)
+        if len(payload) > self._max_send:
+            raise wire.too_large("Sent", len(payload), self._max_send)
+        return payload
+
+    def _encode_response(self, handler: RpcMethodHandler, response: Any) -> bytes:
+        return handler.response_serializer(response)
