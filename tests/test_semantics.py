@@ -46,6 +46,44 @@ def test_message_limit_options():
     assert err.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED and err.details() == "Received message larger than max (11 vs. 10)"
 
 
+def test_shared_call_core_sans_io():
+    """mrpcd._calls: the bookkeeping both app libraries share, without sockets or rings."""
+    from mrpcd import _calls
+
+    class FakeApp:
+        calls: dict = {}
+
+    app = FakeApp()
+    ended = []
+    call = _calls.ClientCallCore(app, 3, 9, bytes, 10, None)
+    call.callbacks.append(lambda: ended.append(call.code))
+    assert app.calls[(3, 9)] is call
+    start = R.parse_record(wire.response_record(3, 9, R.F_START, b"hi", initial=[("k", "v")]))
+    assert call.take(start) is None and call.got_initial and call.initial == [("k", "v")]
+    payload, window = call.pop_message()
+    assert payload == b"hi" and window is None and call.pop_message() is None
+    end = R.parse_record(wire.response_record(3, 9, R.F_END, None, code=mrpcd.StatusCode.NOT_FOUND, details="gone \U0001f608", trailing=[("t-bin", b"\x00")]))
+    assert call.take(end) is None
+    assert (call.done, call.code, call.details, call.trailing) == (True, mrpcd.StatusCode.NOT_FOUND, "gone \U0001f608", [("t-bin", b"\x00")])
+    assert ended == [mrpcd.StatusCode.NOT_FOUND] and (3, 9) not in app.calls
+    assert not call.end(mrpcd.StatusCode.CANCELLED, "late")  # already over
+    big = _calls.ClientCallCore(app, 3, 10, bytes, 10, None)
+    cancel = big.take(R.parse_record(wire.response_record(3, 10, R.F_START, b"x" * 11)))
+    assert R.parse_record(cancel).kind == R.CANCEL and big.code is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+    assert big.details == "Received message larger than max (11 vs. 10)"
+
+    ctx = _calls.ContextCore(None)
+    assert _calls.failure_status(ValueError("boom"), ctx) == (mrpcd.StatusCode.UNKNOWN, "Exception calling application: boom")
+    assert _calls.failure_status(_calls.BadRequest("bad"), ctx) == (mrpcd.StatusCode.INTERNAL, "Exception deserializing request! bad")
+    assert _calls.failure_status(wire.too_large("Sent", 5, 4), ctx)[0] is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(mrpcd.AbortError):
+        raise ctx._abort(mrpcd.StatusCode.PERMISSION_DENIED, "no")
+    assert _calls.failure_status(mrpcd.AbortError("no"), ctx) == (mrpcd.StatusCode.PERMISSION_DENIED, "no")
+    assert _calls.failure_status(RuntimeError("x"), ctx) == (mrpcd.StatusCode.PERMISSION_DENIED, "no")
+    with pytest.raises(ValueError, match="non-OK"):
+        ctx._abort(0, "")
+
+
 @pytest.fixture
 def flow_server(two_daemons, app_factory, gen_dir, tmp_path):
     a, b = two_daemons
