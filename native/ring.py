@@ -197,6 +197,7 @@ class Ring:
         self._out = None  # pop buffer (capacity bytes), allocated on the first pop
         self._out_mv: Optional[memoryview] = None
         self._lens = ffi.new("uint32_t[]", 64)
+        self._cp: Optional[tuple[int, int, int, int, int]] = None  # c_pointers(), cached
 
     # -- producer ---------------------------------------------------------------
 
@@ -306,13 +307,13 @@ class Ring:
     def c_pointers(self) -> tuple[int, int, int, int, int]:
         """Addresses for compiled callers (``mrpcd.marshal.records.ring_pop_records`` /
         ``ring_push_records``): (ring_t *, ring_used_bytes, ring_peek, ring_pop_batch,
-        ring_push_segs). Valid while this Ring is open; ask again after every await."""
-        if self._cbuf is None:
-            raise ValueError("ring is closed")
-        return (
-            int(ffi.cast("uintptr_t", self._r)),
-            _FN_ADDRS[0], _FN_ADDRS[1], _FN_ADDRS[2], _FN_ADDRS[3],
-        )
+        ring_push_segs). Valid while this Ring is open (ValueError once it is closed)."""
+        cp = self._cp
+        if cp is None:
+            if self._cbuf is None:
+                raise ValueError("ring is closed")
+            cp = self._cp = (int(ffi.cast("uintptr_t", self._r)),) + _FN_ADDRS
+        return cp
 
     def pop(self) -> Optional[bytes]:
         """One record (a private copy), or None if the ring is empty."""
@@ -354,6 +355,7 @@ class Ring:
 
     def close(self) -> None:
         """Drop this view's export of the buffer (so the mmap can be closed)."""
+        self._cp = None
         if self._cbuf is not None:
             if self._out_mv is not None:
                 self._out_mv.release()
