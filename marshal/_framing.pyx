@@ -762,7 +762,9 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
         raise RingCorrupt("producer wrote an invalid record length or head index")
     for i in range(n):
         total += lens[i]
-    if <uint64_t>total < alloc and total > 0:
+    # Give back a big unused tail (the used-bytes snapshot can overestimate a lot when
+    # max_records cut the batch short); a few bytes of ring headers are not worth a realloc.
+    if total > 0 and <uint64_t>total + 4096 < alloc:
         if _PyBytes_Resize(&b, total) < 0:  # b is NULL and an exception is set
             raise MemoryError()
     base = <bytes>b
