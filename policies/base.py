@@ -644,6 +644,7 @@ class HeldCalls:
         return iter(list(self._calls.values()))
 
     def hold(self, rec: R.Record, data: Any = None) -> HeldCall:
+        rec.own()  # held for long: stop pinning the whole batch buffer it was popped into
         key = (rec.handle, rec.call_id)
         call = self._calls.get(key)
         if call is not None:  # a second START for a held call: keep it behind the first
@@ -661,7 +662,7 @@ class HeldCalls:
         call = self._calls.get((rec.handle, rec.call_id))
         if call is None:
             return False
-        call.records.append(rec)
+        call.records.append(rec.own())
         return True
 
     def peek(self) -> HeldCall | None:
