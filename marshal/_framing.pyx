@@ -256,6 +256,20 @@ cdef class Record:
         return memoryview(self._base)[a:a + self._payload_len]
 
     @property
+    def meta_len(self):
+        """Length of the metadata section (no copy)."""
+        if self._base is not None:
+            return self._meta_len
+        return len(self._meta) if self._meta is not None else 0
+
+    @property
+    def payload_len(self):
+        """Length of the payload (no copy: use it instead of len(rec.payload))."""
+        if self._base is not None:
+            return self._payload_len
+        return len(self._payload) if self._payload is not None else 0
+
+    @property
     def size(self):
         """Length of the encoded record: 40 + meta_len + payload_len."""
         return self._size()

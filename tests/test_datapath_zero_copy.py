@@ -125,6 +125,8 @@ def test_views_and_own():
     recs = R.FrameDecoder().feed(data)
     assert bytes(recs[1].payload_view) == b"defg" and bytes(recs[0].meta_view) == b"\x90"
     assert recs[1].size == R.HEADER_SIZE + 4
+    assert (recs[0].meta_len, recs[0].payload_len, recs[1].payload_len) == (1, 3, 4)
+    assert R.Record(payload=b"12345").payload_len == 5
     recs[1].own()
     assert recs[1].raw == data[len(data) - recs[1].size:]
 
