@@ -58,9 +58,10 @@ fuzz: install
 		$(PY) fuzz/run.py $$t -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/$$t- fuzz/corpus/$$t || exit 1; \
 	done
 
-# The bounded soak test (a few minutes of mixed load; RSS and fds must stay flat).
+# The bounded soak test: MRPCD_SOAK_SECONDS (default 180) of mixed load through two daemons;
+# RSS and fds must stay flat. -s: the run prints its RSS / fd samples summary.
 soak: install
-	MRPCD_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider -m soak tests/test_soak.py $(PYTEST_ARGS)
+	MRPCD_SOAK=1 $(PY) -m pytest -q -s -p no:cacheprovider -m soak tests/test_soak.py $(PYTEST_ARGS)
 
 # `make hotel`: DeathStarBench's hotel reservation over mrpcd, grpcio, grpcio + nginx / Envoy
 # sidecars (examples/hotel/run.py; nginx-light comes from apt when root, else that column says
