@@ -14,8 +14,7 @@ socket per message shows a ratio of >= 1, a batching one stays far below.
 Measured on the 2-vCPU dev VM, 40,000 messages, over several runs (read+write syscalls
 per message, sync / asyncio apps): server app 0.015-0.026 / 0.008-0.037, daemon B
 0.048-0.098 / 0.018-0.077, daemon A 0.021-0.030 / 0.009-0.038, client app 0.012-0.020 /
-0.003-0.005 (each run prints
-its numbers; `pytest -s`). Cross-checked with `strace -c -f -p`, which also sees futex,
+0.003-0.005 (each run prints its numbers; `pytest -s`). Cross-checked with `strace -c -f -p`, which also sees futex,
 poll and epoll: every syscall together stays under 0.05 per message in every process
 (sync server 0.026 with futex, sync client 0.038). The bound, 0.5, leaves a wide margin for
 slower or busier machines (smaller batches, more sleeps) and still fails a process that
