@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# CI has 2 cores and the suite runs daemons beside the property tests: wall-clock deadlines
+# and "too slow" health checks would fail on load, not on a bug. Example counts stay as set.
+settings.register_profile("mrpcd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mrpcd")
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = Path(__file__).resolve().parent / "protos"
