@@ -868,6 +868,65 @@ def ring_push_records(ring, list records, Py_ssize_t start=0, Py_ssize_t count=-
     raise ValueError(f"record of {(<Record>records[start]).size} bytes exceeds the ring's maximum")
 
 
+def ring_push_record(ring, kind, flags, status, handle, call_id, method_id, deadline,
+                     meta=b"", payload=b""):
+    """encode_record() straight into `ring` (producer side): the header is packed on the
+    stack and header, meta and payload are gathered into the ring by one C call, so the
+    payload is copied once (into shared memory), with no joined bytes in between.
+    True if it went in, False if the ring is full now (as Ring.push); ValueError if it
+    can never fit; RecordError like encode_record."""
+    cdef uint8_t kd = _u(kind, 0xFF, "kind")
+    cdef uint8_t fl = _u(flags, 0xFF, "flags")
+    cdef Py_buffer mb, pb
+    cdef uint8_t hdr[_HEADER_SIZE]
+    cdef _seg segs[3]
+    cdef uint32_t nseg = 3
+    cdef int rc
+    cdef tuple cp
+    if not _kind_ok(kd):
+        raise RecordError(f"unknown record kind {kd}")
+    if fl & ~C_F_ALL:
+        raise RecordError(f"unknown record flags 0x{fl:02x}")
+    hdr[0] = kd
+    hdr[1] = fl
+    _st16(hdr + 2, <uint16_t>_u(status, 0xFFFF, "status"))
+    _st32(hdr + 4, <uint32_t>_u(handle, 0xFFFFFFFF, "handle"))
+    _st64(hdr + 8, <uint64_t>_u(call_id, 0xFFFFFFFFFFFFFFFF, "call_id"))
+    _st32(hdr + 16, <uint32_t>_u(method_id, 0xFFFFFFFF, "method_id"))
+    _st32(hdr + 20, 0)
+    _st64(hdr + 24, <uint64_t>_u(deadline, 0xFFFFFFFFFFFFFFFF, "deadline"))
+    cp = ring.c_pointers()
+    PyObject_GetBuffer(meta, &mb, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(payload, &pb, PyBUF_SIMPLE)
+        try:
+            if mb.len > C_MAX_META:
+                raise RecordError(f"record meta_len {mb.len} exceeds MAX_META {C_MAX_META}")
+            if <uint64_t>pb.len > 0xFFFFFFFFu - _HEADER_SIZE - <uint64_t>mb.len:
+                raise ValueError(f"record of {pb.len} payload bytes exceeds the ring's maximum")
+            _st32(hdr + 32, <uint32_t>mb.len)
+            _st32(hdr + 36, <uint32_t>pb.len)
+            segs[0].p = hdr
+            segs[0].len = _HEADER_SIZE
+            segs[1].p = mb.buf
+            segs[1].len = <uint32_t>mb.len
+            segs[2].p = pb.buf
+            segs[2].len = <uint32_t>pb.len
+            rc = (<_push_segs_fn><uintptr_t>cp[4])(<void*><uintptr_t>cp[0], segs, &nseg, 1)
+        finally:
+            PyBuffer_Release(&pb)
+    finally:
+        PyBuffer_Release(&mb)
+    if rc == 1:
+        return True
+    if rc == 0 or rc == _E_FULL:
+        return False
+    if rc == _E_CORRUPT:
+        from mrpcd.native.ring import RingCorrupt
+        raise RingCorrupt("consumer index out of range")
+    raise ValueError(f"record of {_HEADER_SIZE + mb.len + pb.len} bytes exceeds the ring's maximum")
+
+
 def wire_buffers(list records):
     """The encoded records as a list of buffers for one writelines (→ writev), and their
     total length. Adjacent clean records that lie back to back in one base go out as ONE

@@ -34,6 +34,7 @@ from ._framing import (
     encode_record,
     parse_record,
     ring_pop_records,
+    ring_push_record,
     ring_push_records,
     wire_buffers,
 )
@@ -42,7 +43,7 @@ __all__ = [
     "HEADER", "HEADER_SIZE", "REQUEST", "RESPONSE", "CANCEL", "WINDOW", "HELLO", "GOAWAY", "KINDS",
     "F_START", "F_END", "F_NO_MSG", "F_ALL", "MAX_META", "DEFAULT_MAX_RECORD",
     "RecordError", "Record", "encode_record", "parse_record", "FrameDecoder",
-    "ring_pop_records", "ring_push_records", "wire_buffers",
+    "ring_pop_records", "ring_push_record", "ring_push_records", "wire_buffers",
     "encode_metadata", "decode_metadata", "check_metadata_key",
 ]
 

@@ -161,6 +161,22 @@ def test_push_records_stops_when_full_and_resumes(pair):
         R.ring_push_records(pair.rx, [R.parse_record(rec_bytes(0, b"x" * (1 << 16)))])
 
 
+def test_ring_push_record_equals_encode_record_and_reports_full(pair):
+    meta = R.encode_metadata([("k", "v")])
+    assert R.ring_push_record(pair.tx, R.REQUEST, R.F_START, 0, 3, 2**64 - 1, 9, 5, meta, memoryview(b"pay"))
+    assert pair.tx.pop_batch() == [R.encode_record(R.REQUEST, R.F_START, 0, 3, 2**64 - 1, 9, 5, meta, b"pay")]
+    n = 0
+    while R.ring_push_record(pair.tx, R.REQUEST, 0, 0, 1, n, 0, 0, b"", b"x" * 1000):
+        n += 1
+    assert 0 < n < 70 and len(pair.tx.pop_batch(1000)) == n
+    with pytest.raises(R.RecordError, match="unknown record kind 9"):
+        R.ring_push_record(pair.tx, 9, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(R.RecordError, match="handle -1 out of range"):
+        R.ring_push_record(pair.tx, 1, 0, 0, -1, 0, 0, 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        R.ring_push_record(pair.tx, 1, 0, 0, 0, 0, 0, 0, b"", b"x" * (1 << 17))
+
+
 # -- TCP stream decoding -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunk", [1, 7, 40, 41, 1000, 65536])
