@@ -36,6 +36,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":
+    object PyMemoryView_FromMemory(char* mem, Py_ssize_t size, int flags)
+    int PyBUF_WRITE
     PyObject* _raw_bytes "PyBytes_FromStringAndSize" (const char* s, Py_ssize_t n)
     int _PyBytes_Resize(PyObject** b, Py_ssize_t n)
     char* _raw_bytes_as_string "PyBytes_AS_STRING" (PyObject* b)
@@ -627,6 +629,40 @@ cdef class FrameDecoder:
             self._reset()
             raise RecordError(str(exc), records=out) from None
         return out
+
+    def recv_buffer(self, Py_ssize_t min_size=65536):
+        """For a buffered-protocol transport: a writable view of the rest of the record
+        being assembled, when at least `min_size` bytes of it are still missing, so the
+        socket reads straight into the record's own buffer (no chunk copy). None otherwise
+        (read into a scratch buffer and feed() it). Valid until the next recv_done/feed;
+        write into it only, then call recv_done(nbytes)."""
+        cdef Py_ssize_t missing
+        if self._error is not None or self._big == NULL:
+            return None
+        missing = <Py_ssize_t>(self._need - <uint64_t>self._big_have)
+        if missing < min_size or missing <= 0:
+            return None
+        return PyMemoryView_FromMemory(_raw_bytes_as_string(self._big) + self._big_have,
+                                       missing, PyBUF_WRITE)
+
+    def recv_done(self, Py_ssize_t nbytes):
+        """`nbytes` were written at the start of the last recv_buffer() view: returns
+        [the record] if that completed it, else []."""
+        cdef PyObject* b
+        cdef bytes done
+        if self._error is not None:
+            raise RecordError(f"stream already failed: {self._error}")
+        if self._big == NULL or nbytes < 0 or <uint64_t>(self._big_have + nbytes) > self._need:
+            raise ValueError("recv_done without a matching recv_buffer")
+        self._big_have += nbytes
+        if <uint64_t>self._big_have < self._need:
+            return []
+        b = self._big
+        self._big = NULL
+        self._big_have = 0
+        done = <bytes>b
+        Py_DECREF(done)
+        return [_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done))]
 
     cdef int _start_big(self, const uint8_t* hdr, uint64_t total) except -1:
         cdef PyObject* b = _raw_bytes(NULL, <Py_ssize_t>total)
