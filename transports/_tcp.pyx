@@ -88,6 +88,8 @@ cdef class PeerConnection:
     cdef object _handshake_timer
     cdef object _abort_timer
     cdef list _drain_waiters
+    cdef object _scratch                 # read buffer (buffered protocol) for small reads
+    cdef bint _direct                    # the last get_buffer() handed out a record's buffer
 
     def __init__(self, str role, services_for, on_ready, Py_ssize_t max_record=16 << 20,
                  double handshake_timeout=0.0):
@@ -134,12 +136,44 @@ cdef class PeerConnection:
             self._handshake_timer = self._loop.call_later(self._handshake_timeout, self._handshake_timed_out)
 
     def data_received(self, data):
-        cdef list records
         if self.closed:
             return  # closing: whatever the peer still sends is dropped
         self.bytes_in += len(data)
+        self._received(data, -1)
+
+    # uvloop drives a protocol with get_buffer/buffer_updated as a buffered protocol: a
+    # large record is then read straight into its own buffer (the decoder's), one copy
+    # from the socket instead of socket -> chunk -> record. Other reads go to a scratch
+    # buffer and are fed like data_received (the decoder copies them once, as before).
+    def get_buffer(self, Py_ssize_t sizehint):
+        if not self.closed:
+            view = self._decoder.recv_buffer(65536)
+            if view is not None:
+                self._direct = True
+                return view
+        self._direct = False
+        if self._scratch is None:
+            self._scratch = bytearray(256 * 1024)
+        return self._scratch
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        if self.closed:
+            self._direct = False
+            return
+        self.bytes_in += nbytes
+        if self._direct:
+            self._direct = False
+            self._received(None, nbytes)
+        else:
+            self._received(memoryview(self._scratch)[:nbytes], -1)
+
+    cdef void _received(self, data, Py_ssize_t direct):
+        cdef list records
         try:
-            records = self._decoder.feed(data)
+            if direct >= 0:
+                records = self._decoder.recv_done(direct)
+            else:
+                records = self._decoder.feed(data)
         except RecordError as exc:
             # the complete records before the bad frame still count (RecordError.records)
             good = getattr(exc, "records", None)
