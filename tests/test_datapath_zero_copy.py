@@ -213,7 +213,8 @@ def test_frame_decoder_refuses_a_bad_header_split_over_chunks():
         dec.feed(b"")
 
 
-async def _tcp_round(big: bytes, n: int) -> list[bytes]:
+async def _tcp_round(stream: bytes, n: int) -> list[bytes]:
+    """Send `stream` (n records back to back) over a real connection; the records received."""
     got: list = []
     done = asyncio.get_running_loop().create_future()
 
@@ -228,7 +229,7 @@ async def _tcp_round(big: bytes, n: int) -> list[bytes]:
     port = server.sockets[0].getsockname()[1]
     client = await tcp.connect("127.0.0.1", port, {})
     client.set_handlers(lambda recs: None, lambda exc: None)
-    recs = R.FrameDecoder().feed(big * n)  # n records, views of one buffer
+    recs = R.FrameDecoder().feed(stream)  # n records, views of one buffer
     bufs, _ = R.wire_buffers(recs)
     client.send_batch(bufs, len(recs))
     await asyncio.wait_for(done, 30)
@@ -239,4 +240,36 @@ async def _tcp_round(big: bytes, n: int) -> list[bytes]:
 
 def test_large_records_over_tcp_arrive_whole():
     big = rec_bytes(3, os.urandom(2 * 1024 * 1024 + 13), flags=R.F_START | R.F_END)
-    assert asyncio.run(_tcp_round(big, 3)) == [big] * 3
+    assert asyncio.run(_tcp_round(big * 3, 3)) == [big] * 3
+
+
+def test_large_records_over_tcp_on_uvloop_read_into_their_buffer():
+    uvloop = pytest.importorskip("uvloop")
+    big = rec_bytes(3, os.urandom(3 * 1024 * 1024 + 5), flags=R.F_START | R.F_END)
+    small = rec_bytes(4, b"tiny")
+    stream = (big + small) * 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        got = runner.run(_tcp_round(stream, 4))
+    assert got == [big, small, big, small]
+
+
+def test_frame_decoder_recv_buffer_reads_straight_into_the_record():
+    big = rec_bytes(1, os.urandom(500_000))
+    dec = R.FrameDecoder()
+    assert dec.recv_buffer() is None  # nothing in progress: read into a scratch buffer
+    assert dec.feed(big[:1000]) == []
+    pos = 1000
+    while True:
+        view = dec.recv_buffer(1)
+        if view is None:
+            break
+        n = min(len(view), 70_000)
+        view[:n] = big[pos:pos + n]
+        pos += n
+        out = dec.recv_done(n)
+        if out:
+            break
+    assert pos == len(big) and [bytes(r.raw) for r in out] == [big] and dec.buffered == 0
+    assert dec.recv_buffer(1) is None
+    with pytest.raises(ValueError, match="without a matching recv_buffer"):
+        dec.recv_done(5)
