@@ -191,13 +191,23 @@ class _Deadlines:
             thread.join(2.0)
 
     def _run(self) -> None:
+        idle_since: float | None = None
         while True:
             with self._cond:
-                if not self._heap and not self._closed:
-                    self._cond.wait(self.IDLE)
-                if not self._heap or self._closed:
-                    self._thread = None  # idle (or closed): add() starts a new thread
+                if self._closed:
+                    self._thread = None
                     return
+                if not self._heap:
+                    # exit only after IDLE seconds with nothing to watch; a discard()'s
+                    # notify wakes us early, and that is not idleness yet
+                    now = time.monotonic()
+                    idle_since = now if idle_since is None else idle_since
+                    if now - idle_since >= self.IDLE:
+                        self._thread = None  # add() starts a new thread
+                        return
+                    self._cond.wait(self.IDLE - (now - idle_since))
+                    continue
+                idle_since = None
                 at, _, call = self._heap[0]
                 now = time.monotonic()
                 if at > now:
