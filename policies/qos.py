@@ -114,7 +114,7 @@ class QosScheduler:
         out: list[R.Record] = []
         for i, rec in enumerate(batch):
             if q or (_costs(rec) and not self._take()):
-                q.extend(batch[i:])
+                q.extend(r.own() for r in batch[i:])  # held: stop pinning the batch buffer
                 break
             if _costs(rec):
                 self.released[app] = self.released.get(app, 0) + 1
