@@ -30,6 +30,27 @@ from .marshal import records as R
 from .marshal.schema import method_id as _method_id
 from .status import AbortError, RpcError, StatusCode
 
+# A message at least this big is queued as a zero-copy view of the buffer its record was
+# popped into (one copy saved); a smaller one as its own bytes (copying a few bytes costs
+# no more than making the view, and a small message must not pin a whole batch buffer).
+VIEW_MIN = 64 * 1024
+
+
+def message_of(rec: R.Record, behind: bool) -> "bytes | memoryview":
+    """The payload of a message record, to queue for the application.
+
+    The view's lifetime rule (docs/INTERNALS.md "Records API"): a view pins the private,
+    immutable buffer of the ring pop it came from, never the ring itself. `behind` (the
+    reader has not taken the messages before this one) means it may sit in the queue for
+    long: then the record gets a base of its own first (`own()`, the copy the old path
+    always made), so a slow reader pins its messages, not whole batch buffers.
+    """
+    if rec.payload_len < VIEW_MIN:
+        return rec.payload
+    if behind:
+        rec.own()
+    return rec.payload_view
+
 # -- client --------------------------------------------------------------------------------
 
 
@@ -47,7 +68,7 @@ class ClientCallCore:
         self._deserialize = deserialize
         self._max_receive = max_receive
         self.deadline = deadline
-        self.messages: deque[tuple[bytes, int]] = deque()
+        self.messages: deque[tuple[bytes | memoryview, int]] = deque()
         self.done = False
         self.got_initial = False
         self.cancelled_locally = False
@@ -76,11 +97,12 @@ class ClientCallCore:
                 self.initial = initial
                 self.got_initial = True
         if not flags & R.F_NO_MSG:
-            if len(rec.payload) > self._max_receive:
-                err = wire.too_large("Received", len(rec.payload), self._max_receive)
+            n = rec.payload_len  # len(rec.payload) would materialise a copy
+            if n > self._max_receive:
+                err = wire.too_large("Received", n, self._max_receive)
                 self.end(err.code(), err.details())
                 return wire.cancel_record(self.handle, self.call_id)
-            self.messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
+            self.messages.append((message_of(rec, bool(self.messages)), flow.cost(n, rec.meta_len)))
         if flags & R.F_END:
             self.trailing, self.details = trailing, details
             self.code = StatusCode.from_int(rec.status)
@@ -132,14 +154,14 @@ class ClientCallCore:
     def cancel_record(self) -> bytes:
         return wire.cancel_record(self.handle, self.call_id)
 
-    def end_of_requests(self) -> bytes:
+    def end_of_requests(self) -> wire.RecordParts:
         """The half-close record of the request stream."""
-        return wire.request_record(self.handle, self.call_id, 0, R.F_END, 0, (), None)
+        return wire.request_parts(self.handle, self.call_id, 0, R.F_END, 0, (), None)
 
-    def request_message(self, payload: bytes) -> bytes:
+    def request_message(self, payload: bytes) -> wire.RecordParts:
         """A request-stream message record (after the first); spends its credit."""
         self._credit.spend(flow.cost(len(payload)))
-        return wire.request_record(self.handle, self.call_id, 0, 0, 0, (), payload)
+        return wire.request_parts(self.handle, self.call_id, 0, 0, 0, (), payload)
 
     def deserialize_error(self, exc: Exception) -> tuple[StatusCode, str]:
         return StatusCode.INTERNAL, f"Exception deserializing response! {exc}"
@@ -175,9 +197,9 @@ class MultiCallableCore:
         dl = wire.deadline_us(timeout)
         return meta, payload, dl, (wire.Deadline(dl) if timeout is not None else None)
 
-    def _first_record(self, call: ClientCallCore, end: bool, dl: int, meta: list, payload: bytes | None) -> bytes:
+    def _first_record(self, call: ClientCallCore, end: bool, dl: int, meta: list, payload: bytes | None) -> wire.RecordParts:
         flags = R.F_START | (R.F_END if end else 0)
-        return wire.request_record(call.handle, call.call_id, self._method_id, flags, dl, meta, payload)
+        return wire.request_parts(call.handle, call.call_id, self._method_id, flags, dl, meta, payload)
 
 
 class ChannelCore:
@@ -238,7 +260,7 @@ class ServerCallCore:
         self.handler = handler
         self.metadata = tuple(wire.request_meta(rec))
         self.deadline = wire.Deadline(rec.deadline)
-        self._messages: deque[tuple[bytes, int]] = deque()
+        self._messages: deque[tuple[bytes | memoryview, int]] = deque()
         self._half_closed = False
         self.cancelled = False
         self.finished = False
@@ -251,11 +273,12 @@ class ServerCallCore:
         """Apply one REQUEST record."""
         if not rec.flags & R.F_NO_MSG:
             limit = self.server._max_receive
-            if len(rec.payload) > limit:
-                self.too_large = wire.too_large("Received", len(rec.payload), limit)
+            n = rec.payload_len  # len(rec.payload) would materialise a copy
+            if n > limit:
+                self.too_large = wire.too_large("Received", n, limit)
                 self._half_closed = True
                 return
-            self._messages.append((rec.payload, flow.cost(len(rec.payload), len(rec.meta))))
+            self._messages.append((message_of(rec, bool(self._messages)), flow.cost(n, rec.meta_len)))
         if rec.flags & R.F_END:
             self._half_closed = True
 
@@ -268,9 +291,12 @@ class ServerCallCore:
         grant = 0 if self._half_closed else self._recv.consume(size)
         return payload, (flow.window_record(self.handle, self.call_id, grant) if grant else None)
 
-    def _decode(self, payload: bytes) -> Any:
+    def _decode(self, payload: "bytes | memoryview") -> Any:
+        h = self.handler
+        if type(payload) is not bytes and (h.request_type is None or h.request_deserializer != h.request_type.FromString):
+            payload = bytes(payload)  # a grpc-style deserializer is promised bytes, as in grpc
         try:
-            return self.handler.request_deserializer(payload)
+            return h.request_deserializer(payload)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 
@@ -283,8 +309,8 @@ class ServerCallCore:
             self.finished = True
         return flags
 
-    def _record(self, flags: int, payload: bytes | None, ctx: "ContextCore", code: StatusCode, details: str) -> bytes:
-        return wire.response_record(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
+    def _record(self, flags: int, payload: bytes | None, ctx: "ContextCore", code: StatusCode, details: str) -> wire.RecordParts:
+        return wire.response_parts(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
 
     def _expired_record(self) -> bytes:
         """DEADLINE_EXCEEDED from the server itself (the client may not have noticed yet)."""

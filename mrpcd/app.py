@@ -23,11 +23,37 @@ from .marshal.schema import Schema
 from .native import ring as ringmod
 from .paths import default_socket_path
 from .status import RpcError, StatusCode
+from .wire import RecordParts
 
 log = logging.getLogger("mrpcd.app")
 
 RX_BATCH = 256
 RX_BYTES = 4 << 20
+
+# glibc serves allocations above M_MMAP_THRESHOLD (128 KiB at first) with a fresh mmap and
+# gives them back with munmap, so every large pop buffer and message would cost page faults
+# on first touch. Like the daemon (mrpcd.daemon.session.tune_malloc), keep them on the heap,
+# once per process; MRPCD_MALLOC_TUNE=0 turns this off.
+_MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
+_TRIM_THRESHOLD = 64 << 20  # free heap kept before it is given back to the kernel
+_malloc_tuned = False
+
+
+def tune_malloc() -> bool:
+    """Once per process: keep large buffers on the heap (glibc only; else a no-op)."""
+    global _malloc_tuned
+    if _malloc_tuned or os.environ.get("MRPCD_MALLOC_TUNE", "1") == "0":
+        return _malloc_tuned
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+    return True
 
 
 class CallSink(Protocol):
@@ -47,6 +73,7 @@ class App:
     """One connection to the local mrpcd. Thread-safe; normally one per process (`default_app`)."""
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
+        tune_malloc()
         self.socket_path = socket_path or default_socket_path()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -131,15 +158,23 @@ class App:
     def next_call_id(self) -> int:
         return next(self._call_ids)
 
-    def send(self, data: bytes, timeout: float | None = None) -> None:
-        """Push one record; blocks (bounded by `timeout`) while the ring is full."""
+    def _push(self, data: "bytes | RecordParts") -> bool:
+        """One record into the tx ring (tx lock held): encoded bytes as they are, a
+        wire.RecordParts gathered straight into the ring (ring_push_record: one copy)."""
+        if type(data) is RecordParts:
+            return R.ring_push_record(self.tx, *data.args)
+        return self.tx.push(data)
+
+    def send(self, data: "bytes | RecordParts", timeout: float | None = None) -> None:
+        """Push one record (bytes, or a wire.RecordParts not yet encoded); blocks (bounded
+        by `timeout`) while the ring is full."""
         if len(data) > self.max_record:
             raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"message of {len(data)} bytes exceeds the limit of {self.max_record}")
         with self._tx_lock:
             if self.closed:
                 raise DaemonUnavailable("the app's connection to mrpcd is closed")
             deadline = None if timeout is None else time.monotonic() + timeout
-            while not self.tx.push(data):
+            while not self._push(data):
                 if self.tx.should_wake_consumer():
                     self.daemon_waker.signal()
                 if self.tx.prepare_wait_for_space(len(data)):
@@ -154,15 +189,15 @@ class App:
             if self.tx.should_wake_consumer():
                 self.daemon_waker.signal()
 
-    def try_send(self, data: bytes) -> bool:
+    def try_send(self, data: "bytes | RecordParts") -> bool:
         """Non-blocking push for the event-loop driver; False when the ring is full."""
         with self._tx_lock:
-            if not self.tx.push(data):
+            if not self._push(data):
                 if self.tx.should_wake_consumer():
                     self.daemon_waker.signal()
                 if self.tx.prepare_wait_for_space(len(data)):
                     return False  # the rx driver is woken when the daemon frees room
-                if not self.tx.push(data):
+                if not self._push(data):
                     return False
             if self.tx.should_wake_consumer():
                 self.daemon_waker.signal()
@@ -170,19 +205,20 @@ class App:
 
     # -- rx -----------------------------------------------------------------------------
     def drain(self) -> bool:
-        """Pop and dispatch one batch from the rx ring; True if there was anything."""
-        raw = self.rx.pop_batch(RX_BATCH, RX_BYTES)
+        """Pop and dispatch one batch from the rx ring; True if there was anything.
+
+        One copy out of the shared ring into a private buffer for the whole batch; the
+        records are zero-copy views of it (ring_pop_records), bounds-checked there."""
+        recs, bad = R.ring_pop_records(self.rx, RX_BATCH, RX_BYTES, 1 << 31)
         if self.rx.should_wake_producer():
             self.daemon_waker.signal()
-        if not raw:
-            return False
-        for data in raw:
-            try:
-                rec = R.parse_record(data, 1 << 31)
-            except R.RecordError as exc:  # the daemon is trusted, but never crash on it
-                log.error("mrpcd sent a malformed record: %s", exc)
-                continue
-            self.dispatch(rec)
+        for _data, reason in bad:  # the daemon is trusted, but never crash on it
+            log.error("mrpcd sent a malformed record: %s", reason)
+        if not recs:
+            return bool(bad)
+        dispatch = self.dispatch
+        for rec in recs:
+            dispatch(rec)
         return True
 
     def dispatch(self, rec: R.Record) -> None:

@@ -38,19 +38,47 @@ def check_metadata(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
     return pairs
 
 
-def request_record(handle: int, call_id: int, method_id: int, flags: int, deadline: int, metadata: Metadata, payload: bytes | None) -> bytes:
+class RecordParts:
+    """A record not yet encoded: the arguments of encode_record. `App.send` pushes it with
+    `ring_push_record` (header, metadata and payload gathered into the shared ring by one C
+    call), so the payload is copied once, into shared memory, with no joined bytes on the
+    way. `len()` is the encoded length (for the size checks); `encode()` the bytes."""
+
+    __slots__ = ("args", "size")
+
+    def __init__(self, kind: int, flags: int, status: int, handle: int, call_id: int, method_id: int, deadline: int, meta: bytes, payload) -> None:
+        self.args = (kind, flags, status, handle, call_id, method_id, deadline, meta, payload)
+        self.size = R.HEADER_SIZE + len(meta) + len(payload)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def encode(self) -> bytes:
+        return R.encode_record(*self.args)
+
+    def __repr__(self) -> str:
+        a = self.args
+        return f"RecordParts(kind={a[0]}, flags={a[1]}, handle={a[3]}, call_id={a[4]}, {self.size} bytes)"
+
+
+def request_parts(handle: int, call_id: int, method_id: int, flags: int, deadline: int, metadata: Metadata, payload) -> RecordParts:
+    """A REQUEST record, not yet encoded (see RecordParts)."""
     meta = R.encode_metadata(list(metadata)) if metadata else b""
     if payload is None:
         flags |= R.F_NO_MSG
         payload = b""
-    return R.encode_record(R.REQUEST, flags, 0, handle, call_id, method_id, deadline, meta, payload)
+    return RecordParts(R.REQUEST, flags, 0, handle, call_id, method_id, deadline, meta, payload)
+
+
+def request_record(handle: int, call_id: int, method_id: int, flags: int, deadline: int, metadata: Metadata, payload: bytes | None) -> bytes:
+    return request_parts(handle, call_id, method_id, flags, deadline, metadata, payload).encode()
 
 
 def cancel_record(handle: int, call_id: int) -> bytes:
     return R.encode_record(R.CANCEL, R.F_END | R.F_NO_MSG, StatusCode.CANCELLED.code, handle, call_id, 0, 0, b"", b"")
 
 
-def response_record(
+def response_parts(
     handle: int,
     call_id: int,
     flags: int,
@@ -59,7 +87,8 @@ def response_record(
     code: StatusCode = StatusCode.OK,
     details: str = "",
     trailing: Metadata = (),
-) -> bytes:
+) -> RecordParts:
+    """A RESPONSE record, not yet encoded (see RecordParts)."""
     pairs: list = []
     if flags & R.F_START:
         pairs.extend(initial)
@@ -74,12 +103,25 @@ def response_record(
         flags |= R.F_NO_MSG
         payload = b""
     status = code.code if flags & R.F_END else 0
-    return R.encode_record(R.RESPONSE, flags, status, handle, call_id, 0, 0, meta, payload)
+    return RecordParts(R.RESPONSE, flags, status, handle, call_id, 0, 0, meta, payload)
+
+
+def response_record(
+    handle: int,
+    call_id: int,
+    flags: int,
+    payload: bytes | None,
+    initial: Metadata = (),
+    code: StatusCode = StatusCode.OK,
+    details: str = "",
+    trailing: Metadata = (),
+) -> bytes:
+    return response_parts(handle, call_id, flags, payload, initial, code, details, trailing).encode()
 
 
 def split_response_meta(rec: R.Record) -> tuple[list, list, str]:
     """(initial metadata, trailing metadata, details) of a RESPONSE or GOAWAY record."""
-    if not rec.meta:
+    if not rec.meta_len:
         return [], [], ""
     pairs = R.decode_metadata(rec.meta)
     initial: list = []
@@ -100,7 +142,7 @@ def split_response_meta(rec: R.Record) -> tuple[list, list, str]:
 
 
 def request_meta(rec: R.Record) -> list:
-    return R.decode_metadata(rec.meta) if rec.meta else []
+    return R.decode_metadata(rec.meta) if rec.meta_len else []
 
 
 def error_from(rec: R.Record) -> RpcError:

@@ -1,0 +1,202 @@
+"""The app library's fast path, sans daemon: records pushed into the tx ring without a
+joined copy (wire.RecordParts + ring_push_record), the rx ring drained as zero-copy record
+views (ring_pop_records), message payloads queued as views only when large (and owned when
+the reader is behind), codecs decoding from buffers into bytes that own their memory."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+import mrpcd
+from mrpcd import _calls, app as appmod, flow, wire
+from mrpcd.handlers import RpcMethodHandler
+from mrpcd.marshal import codec
+from mrpcd.marshal import records as R
+from mrpcd.marshal.message import Message
+from mrpcd.marshal.schema import Schema
+from mrpcd.native.ring import RingPair, Waker
+
+
+def F(name, num, kind, ref=None, label="single", key=None):
+    return [name, num, [kind, ref], label, [key, None] if key else None, None]
+
+
+SCHEMA = Schema.from_dict({
+    "messages": [
+        ["fp.Inner", [F("s", 1, "string"), F("b", 2, "bytes")]],
+        ["fp.Blob", [F("name", 1, "string"), F("data", 2, "bytes"), F("parts", 3, "bytes", label="repeated"),
+                     F("by_id", 4, "bytes", label="map", key="int32"), F("inner", 5, "message", "fp.Inner"),
+                     F("o_data", 6, "bytes", label="optional")]],
+    ],
+})
+
+
+class Inner(Message):
+    __slots__ = ("s", "b")
+
+
+class Blob(Message):
+    __slots__ = ("name", "data", "parts", "by_id", "inner", "o_data")
+
+
+codec.bind(SCHEMA, {"fp.Inner": Inner, "fp.Blob": Blob})
+
+
+def _blob(n: int = 100) -> Blob:
+    return Blob(name="n\u00e9", data=b"d" * n, parts=[b"p1", b"p2" * n], by_id={1: b"x" * n}, inner=Inner(s="s", b=b"ib" * n), o_data=b"o")
+
+
+def _assert_owned_bytes(msg: Blob) -> None:
+    for value in (msg.data, *msg.parts, *msg.by_id.values(), msg.inner.b, msg.o_data):
+        assert type(value) is bytes
+    assert type(msg.name) is str and type(msg.inner.s) is str
+
+
+@pytest.mark.parametrize("n", [0, 10, 100_000])
+def test_from_string_takes_buffers_and_returns_owned_bytes(n):
+    want = _blob(n)
+    enc = want.SerializeToString()
+    buf = bytearray(b"\xff" * 7 + enc + b"\xff" * 3)  # a view into a larger, mutable buffer
+    got = Blob.FromString(memoryview(buf)[7:7 + len(enc)])
+    assert got == want
+    _assert_owned_bytes(got)
+    buf[:] = b"\x00" * len(buf)  # the buffer is reused / freed: the message must not change
+    assert got == want
+    assert Blob.FromString(bytearray(enc)) == want
+    with pytest.raises(codec.DecodeError):
+        Blob.FromString(memoryview(enc)[:-1])
+
+
+def test_record_parts_encode_like_encode_record_and_go_into_the_ring_in_one_piece():
+    parts = wire.request_parts(3, 9, 77, R.F_START | R.F_END, 1000, [("k", "v")], b"payload")
+    assert len(parts) == len(parts.encode()) == R.HEADER_SIZE + len(R.encode_metadata([("k", "v")])) + 7
+    assert parts.encode() == wire.request_record(3, 9, 77, R.F_START | R.F_END, 1000, [("k", "v")], b"payload")
+    resp = wire.response_parts(3, 9, R.F_START | R.F_END, None, [("a", "b")], mrpcd.StatusCode.NOT_FOUND, "gone", [("t", "u")])
+    rec = R.parse_record(resp.encode())
+    assert rec.flags & R.F_NO_MSG and rec.status == mrpcd.StatusCode.NOT_FOUND.code
+    assert wire.split_response_meta(rec) == ([("a", "b")], [("t", "u")], "gone")
+    with RingPair.create(1 << 16) as pair:
+        assert R.ring_push_record(pair.tx, *parts.args)
+        recs, bad = R.ring_pop_records(pair.tx, 16, 1 << 20)
+        assert not bad and recs[0].encode() == parts.encode()
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.got: list[R.Record] = []
+
+    def deliver(self, rec):
+        self.got.append(rec)
+
+    def grant(self, n):
+        self.got.append(n)
+
+    def lost(self, code, details):
+        pass
+
+
+def _bare_app(pair: RingPair) -> appmod.App:
+    """An App's ring side without a daemon: both rings of `pair`, eventfds of our own."""
+    app = object.__new__(appmod.App)
+    app.tx, app.rx = pair.tx, pair.rx
+    app.daemon_waker, app.app_waker = Waker(), Waker()
+    app._tx_lock = threading.Lock()
+    app._space = threading.Condition(app._tx_lock)
+    app.closed = False
+    app.max_record = 1 << 20
+    app.calls, app.servers, app.handle_listeners = {}, [], {}
+    return app
+
+
+def test_app_send_try_send_and_drain_use_the_records_api(caplog):
+    with RingPair.create(1 << 16) as pair:
+        app = _bare_app(pair)
+        try:
+            parts = wire.request_parts(1, 2, 3, R.F_START, 0, (), b"x" * 100)
+            app.send(parts)
+            assert app.try_send(parts)
+            app.send(parts.encode())  # encoded bytes still go as they are
+            recs, bad = R.ring_pop_records(pair.tx, 16, 1 << 20)
+            assert not bad and [r.encode() for r in recs] == [parts.encode()] * 3
+            # the message-size check counts the whole record
+            big = wire.request_parts(1, 2, 3, 0, 0, (), b"y" * (1 << 20))
+            with pytest.raises(mrpcd.RpcError) as info:
+                app.send(big)
+            assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+            # rx: a batch popped as views and dispatched; a malformed record is logged, skipped
+            sink = _Sink()
+            app.calls[(1, 2)] = sink
+            assert pair.rx.push(wire.response_record(1, 2, R.F_START, b"a" * 10))
+            assert pair.rx.push(b"\x02" + b"\x00" * 10)  # truncated header
+            assert pair.rx.push(flow.window_record(1, 2, 4096))
+            with caplog.at_level(logging.ERROR, logger="mrpcd.app"):
+                assert app.drain()
+            assert "malformed record" in caplog.text
+            assert [type(x) for x in sink.got] == [R.Record, int] and sink.got[1] == 4096
+            assert sink.got[0].payload_len == 10 and bytes(sink.got[0].payload_view) == b"a" * 10
+            assert not app.drain()
+        finally:
+            app.daemon_waker.close()
+            app.app_waker.close()
+
+
+def _response(call_id: int, n: int, flags: int = 0) -> R.Record:
+    """A RESPONSE as the rx path sees it: a view into a batch buffer holding more records."""
+    with RingPair.create(1 << 22) as pair:
+        pair.rx.push(wire.response_record(3, 99, 0, b"before"))
+        pair.rx.push(wire.response_record(3, call_id, flags, bytes(range(256)) * (n // 256) + b"z" * (n % 256)))
+        recs, _ = R.ring_pop_records(pair.rx, 16, 1 << 22)
+    return recs[1]
+
+
+def test_client_core_queues_small_messages_as_bytes_and_large_ones_as_views():
+    class FakeApp:
+        calls: dict = {}
+
+    call = _calls.ClientCallCore(FakeApp(), 3, 9, Blob.FromString, 4 << 20, None)
+    small = _response(9, 100)
+    call.take(small)
+    payload, _ = call.pop_message()
+    assert type(payload) is bytes and payload == small.payload
+    big = _response(9, _calls.VIEW_MIN)
+    call.take(big)
+    payload, _ = call.pop_message()
+    assert type(payload) is memoryview and payload.readonly and payload == big.payload
+    assert len(payload.obj) > big.size  # the reader was not behind: a view of the whole batch, no copy
+    # a reader that is behind: the queued message gets a buffer of its own (owned)
+    first, second = _response(9, _calls.VIEW_MIN), _response(9, _calls.VIEW_MIN + 1)
+    call.take(first)
+    call.take(second)
+    second_view = call.messages[1][0]
+    assert len(second_view.obj) == second.size  # own(): exactly the record, not the batch
+    # flow-control cost counts header + meta + payload without materialising the payload
+    assert call.messages[1][1] == flow.cost(_calls.VIEW_MIN + 1, second.meta_len)
+    # the receive limit is checked on payload_len
+    tight = _calls.ClientCallCore(FakeApp(), 3, 10, bytes, 10, None)
+    cancel = tight.take(_response(10, 11))
+    assert R.parse_record(cancel).kind == R.CANCEL and tight.code is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_server_core_hands_grpc_style_deserializers_bytes_and_generated_ones_views():
+    class FakeServer:
+        app = None
+        _max_receive = 4 << 20
+
+    seen = []
+    blob = _blob(_calls.VIEW_MIN)
+    enc = blob.SerializeToString()
+    rec = R.parse_record(wire.request_record(3, 9, 1, R.F_START | R.F_END, 0, (), enc))
+    plain = RpcMethodHandler(False, False, None, None, None, lambda b: seen.append(type(b)) or b, lambda r: r)
+    call = _calls.ServerCallCore(FakeServer(), rec, "/fp.S/M", plain)
+    call._take(rec)
+    payload, _ = call._pop_request()
+    assert type(payload) is memoryview
+    assert call._decode(payload) == enc and seen == [bytes]
+    typed = RpcMethodHandler(False, False, None, Blob, Blob)
+    call = _calls.ServerCallCore(FakeServer(), rec, "/fp.S/M", typed)
+    call._take(rec)
+    got = call._decode(call._pop_request()[0])
+    assert got == blob
+    _assert_owned_bytes(got)
