@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from procs import Procs, free_port  # noqa: E402  (the bench harness's process helpers)
 
 V2 = '''
 from mrpcd.policies.ratelimit import RateLimit
@@ -52,20 +52,6 @@ def summary(lat_s: list[float]) -> dict:
             "mean_us": statistics.fmean(us) if us else float("nan")}
 
 
-def wait_socket(path: str, proc: subprocess.Popen) -> None:
-    end = time.monotonic() + 20
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"mrpcd exited with {proc.returncode}")
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(path)
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"mrpcd did not open {path}")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--upgrades", type=int, default=5)
@@ -75,65 +61,47 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=100000, help="rate limit (calls/s); high: measure the swap, not the limit")
     p.add_argument("--out")
     args = p.parse_args()
-    procs: list[subprocess.Popen] = []
-    with tempfile.TemporaryDirectory(prefix="mrpcd-policy-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mrpcd-policy-bench-") as tmp, Procs(tmp) as procs:
         gen = os.path.join(tmp, "gen")
         subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(ROOT / "examples/hello/hello.proto"), "-o", gen], check=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([gen, str(ROOT / "examples/hello"), os.environ.get("PYTHONPATH", "")]))
         socks = {}
-        try:
-            for name in ("client", "server"):
-                path = os.path.join(tmp, f"{name}.sock")
-                proc = subprocess.Popen([sys.executable, "-m", "mrpcd.daemon.main", "--socket", path, "--log-level", "warning"],
-                                        stderr=open(os.path.join(tmp, f"{name}.log"), "wb"))
-                procs.append(proc)
-                wait_socket(path, proc)
-                socks[name] = path
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                address = f"127.0.0.1:{s.getsockname()[1]}"
-            server = subprocess.Popen([sys.executable, str(ROOT / "examples/hello/greeter_server.py"), "--address", address],
-                                      env=dict(env, MRPCD_SOCKET=socks["server"]), stdout=subprocess.PIPE, text=True)
-            procs.append(server)
-            server.stdout.readline()
-            stop, out = os.path.join(tmp, "stop"), os.path.join(tmp, "calls.json")
-            load = subprocess.Popen([sys.executable, str(HERE / "policy_upgrade_load.py"), "--target", address, "--threads", str(args.threads),
-                                     "--stop-file", stop, "--out", out], env=dict(env, MRPCD_SOCKET=socks["client"]),
-                                    stdout=subprocess.PIPE, text=True)
-            procs.append(load)
-            load.stdout.readline()
+        for name in ("client", "server"):
+            path = os.path.join(tmp, f"{name}.sock")
+            daemon = procs.start(f"mrpcd-{name}", [sys.executable, "-m", "mrpcd.daemon.main", "--socket", path, "--log-level", "warning"])
+            procs.wait_unix(daemon, path, f"mrpcd ({name})")
+            socks[name] = path
+        address = f"127.0.0.1:{free_port()}"
+        server = procs.start("greeter-server", [sys.executable, str(ROOT / "examples/hello/greeter_server.py"), "--address", address],
+                             env=dict(env, MRPCD_SOCKET=socks["server"]), stdout_pipe=True)
+        procs.read_line(server, "greeter server")
+        stop, out = os.path.join(tmp, "stop"), os.path.join(tmp, "calls.json")
+        load = procs.start("load", [sys.executable, str(HERE / "policy_upgrade_load.py"), "--target", address, "--threads", str(args.threads),
+                                    "--stop-file", stop, "--out", out], env=dict(env, MRPCD_SOCKET=socks["client"]), stdout_pipe=True)
+        procs.read_line(load, "load generator")
 
-            def ctl(*a: str) -> float:
-                t = time.monotonic()
-                r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", socks["client"], *a], capture_output=True, text=True, timeout=30)
-                if r.returncode != 0:
-                    raise SystemExit(f"mrpcctl {' '.join(a)} failed: {r.stderr}")
-                return t
+        def ctl(*a: str) -> float:
+            t = time.monotonic()
+            r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", socks["client"], *a], capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                raise SystemExit(f"mrpcctl {' '.join(a)} failed: {r.stderr}")
+            return t
 
-            time.sleep(1.0)  # steady state, no policy
-            actions: list[tuple[str, float]] = []
-            cfg = f"{{rate: {args.rate}, burst: {max(10, int(args.rate / 10))}, mode: queue, max_queue: 100000}}"
-            actions.append(("attach", ctl("policy", "attach", "policy_upgrade_load.py", "ratelimit", "--config", cfg)))
-            for i in range(args.upgrades):
-                time.sleep(args.gap)
-                mod = os.path.join(tmp, f"ratelimit_v{i + 2}.py")
-                Path(mod).write_text(V2.format(version=f"{i + 2}.0"))
-                actions.append((f"upgrade->{i + 2}.0", ctl("policy", "upgrade", "ratelimit", "--module", mod)))
+        time.sleep(1.0)  # steady state, no policy
+        actions: list[tuple[str, float]] = []
+        cfg = f"{{rate: {args.rate}, burst: {max(10, int(args.rate / 10))}, mode: queue, max_queue: 100000}}"
+        actions.append(("attach", ctl("policy", "attach", "policy_upgrade_load.py", "ratelimit", "--config", cfg)))
+        for i in range(args.upgrades):
             time.sleep(args.gap)
-            actions.append(("detach", ctl("policy", "detach", "ratelimit")))
-            time.sleep(args.gap)
-            Path(stop).touch()
-            load.wait(60)
-            calls = json.loads(Path(out).read_text())["calls"]
-        finally:
-            for proc in reversed(procs):
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            mod = os.path.join(tmp, f"ratelimit_v{i + 2}.py")
+            Path(mod).write_text(V2.format(version=f"{i + 2}.0"))
+            actions.append((f"upgrade->{i + 2}.0", ctl("policy", "upgrade", "ratelimit", "--module", mod)))
+        time.sleep(args.gap)
+        actions.append(("detach", ctl("policy", "detach", "ratelimit")))
+        time.sleep(args.gap)
+        Path(stop).touch()
+        load.wait(60)
+        calls = json.loads(Path(out).read_text())["calls"]
     first_action = actions[0][1]
     baseline = [lat for t0, lat, ok, _ in calls if t0 < first_action - 0.05 and ok]
     result = {
