@@ -16,9 +16,7 @@ import pytest
 
 import mrpcd
 from mrpcd.ctl import Control
-from mrpcd.marshal import records as R
 
-from test_e2e import wait_until
 
 V2_MODULE = '''
 """Version 2 of the rate limit: same behaviour, new version string, reads v1 state."""

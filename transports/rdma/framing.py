@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable
 
 from mrpcd.marshal.records import FrameDecoder, RecordError
 
