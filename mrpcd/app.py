@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 from . import control_proto as cp
 from .marshal import records as R
 from .marshal.schema import Schema
+from .malloc_tuning import tune_malloc
 from .native import ring as ringmod
 from .paths import default_socket_path
 from .status import RpcError, StatusCode
@@ -29,32 +30,6 @@ log = logging.getLogger("mrpcd.app")
 
 RX_BATCH = 256
 RX_BYTES = 4 << 20
-
-# glibc serves allocations above M_MMAP_THRESHOLD (128 KiB at first) with a fresh mmap and
-# gives them back with munmap, so every large pop buffer and message would cost page faults
-# on first touch. Like the daemon (mrpcd.daemon.session.tune_malloc), keep them on the heap,
-# once per process; MRPCD_MALLOC_TUNE=0 turns this off.
-_MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
-_TRIM_THRESHOLD = 64 << 20  # free heap kept before it is given back to the kernel
-_malloc_tuned = False
-
-
-def tune_malloc() -> bool:
-    """Once per process: keep large buffers on the heap (glibc only; else a no-op)."""
-    global _malloc_tuned
-    if _malloc_tuned or os.environ.get("MRPCD_MALLOC_TUNE", "1") == "0":
-        return _malloc_tuned
-    _malloc_tuned = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-    return True
-
 
 class CallSink(Protocol):
     def deliver(self, rec: R.Record) -> None: ...

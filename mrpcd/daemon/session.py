@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
 from collections import deque
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from ..malloc_tuning import tune_malloc
 from ..marshal import records as R
 from ..marshal.schema import Schema, SchemaError
 from ..native import ring as ringmod
@@ -35,33 +35,6 @@ DRAIN_RECORDS = 512
 DRAIN_BYTES = 4 << 20
 DRAIN_ROUNDS = 8
 _HEADER_PREFIX = struct.Struct("<BBHIQ")  # kind, flags, status, handle, call_id
-
-# glibc serves allocations above M_MMAP_THRESHOLD (128 KiB at first) with a fresh mmap and
-# gives them back with munmap: every large batch buffer, socket chunk and record then costs
-# page faults on first touch (measured: 1 MiB ring pop 35 us with the heap, 0.8-1.7 ms with
-# fresh mmaps). The daemon allocates one private buffer per pop and per large record, so
-# keep those on the heap. MRPCD_MALLOC_TUNE=0 turns this off.
-_MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
-_TRIM_THRESHOLD = 64 << 20  # free heap kept before it is given back to the kernel
-_malloc_tuned = False
-
-
-def tune_malloc() -> bool:
-    """Once per daemon process: keep large buffers on the heap (glibc only; else no-op)."""
-    global _malloc_tuned
-    if _malloc_tuned or os.environ.get("MRPCD_MALLOC_TUNE", "1") == "0":
-        return _malloc_tuned
-    _malloc_tuned = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, _TRIM_THRESHOLD)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-    return True
-
 
 class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
