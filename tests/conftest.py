@@ -185,3 +185,36 @@ def served_policy_env(two_daemons, app_factory, gen_dir):
     a, b = two_daemons
     server = app_factory("hello_server.py", b, gen=gen_dir)
     return a, server.readline()
+
+
+OTHER_UID = 65534  # "nobody": a local user who is neither root nor in the admin group
+
+
+def as_other_user(argv: list[str]) -> list[str]:
+    """argv run as OTHER_UID with no supplementary groups (setpriv)."""
+    return ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups", *argv]
+
+
+@pytest.fixture
+def shared_daemon():
+    """A daemon whose socket another local user can reach (its folder 0755, not pytest's 0700).
+
+    Skips with the reason where that cannot be shown: not root, no setpriv, or a checkout
+    that other users cannot read (then they cannot run this Python and mrpcd at all).
+    """
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    probe = subprocess.run(as_other_user([sys.executable, "-c", "import mrpcd.ctl"]), capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"uid {OTHER_UID} cannot run this Python/mrpcd (checkout not readable by other users): {probe.stderr.strip()[-200:]}")
+    home = Path(tempfile.mkdtemp(prefix="mrpcd-shared-"))
+    home.chmod(0o755)
+    d = DaemonProc(home, "shared")
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(home, ignore_errors=True)

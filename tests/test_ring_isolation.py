@@ -7,16 +7,14 @@ the daemon's descriptors under /proc/PID/fd are closed to other users.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import mrpcd
+
+from conftest import as_other_user
 
 PROBE = textwrap.dedent('''
     import os, sys, mrpcd
@@ -49,28 +47,16 @@ def test_each_app_gets_its_own_memfd_and_no_shm_file(daemon_factory):
         b.close()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to act as another user")
-def test_another_user_cannot_reach_an_apps_rings():
-    from conftest import DaemonProc
-
-    probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", "import mrpcd"],
-                           capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"uid 65534 cannot run this Python/mrpcd (checkout not readable by other users): {probe.stderr.strip()[-200:]}")
-    home = Path(tempfile.mkdtemp(prefix="mrpcd-iso-"))
-    home.chmod(0o755)
-    d = DaemonProc(home, "iso")
+def test_another_user_cannot_reach_an_apps_rings(shared_daemon, tmp_path):
+    d = shared_daemon
     victim = mrpcd.connect(d.socket, name="victim")
     try:
-        script = home / "probe.py"
+        script = Path(d.socket).parent / "probe.py"
         script.write_text(PROBE)
         script.chmod(0o644)
-        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, str(script),
-                            d.socket, str(d.pid), str(os.fstat(victim.rings.fd).st_ino)],
+        r = subprocess.run(as_other_user([sys.executable, str(script), d.socket, str(d.pid), str(os.fstat(victim.rings.fd).st_ino)]),
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == ["mine-differs", "victim-closed"]
     finally:
         victim.close()
-        d.stop()
-        shutil.rmtree(home, ignore_errors=True)
