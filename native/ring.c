@@ -260,14 +260,22 @@ int ring_producer_prepare_wait(ring_t *r, uint32_t len)
 
 void ring_producer_finish_wait(ring_t *r) { STORE_RLX(&r->ctrl->producer_waiting, 0); }
 
+/* A sleeper's flag, read after the caller's fence: 1 if it was set and this call is the one
+ * that cleared it (so a burst wakes the other side at most once), else 0. The plain load
+ * first keeps the common "nobody sleeps" case free of an atomic read-modify-write. */
+static int take_flag(uint32_t *flag)
+{
+    if (!LOAD_RLX(flag))
+        return 0;
+    return __atomic_exchange_n(flag, 0, __ATOMIC_SEQ_CST) != 0;
+}
+
 /* After publishing head: must the consumer be woken? Clears the flag so one burst costs
  * at most one wake-up. */
 int ring_producer_should_wake(ring_t *r)
 {
     FENCE(); /* head store before flag load; pairs with the consumer's prepare_sleep */
-    if (!LOAD_RLX(&r->ctrl->consumer_sleeping))
-        return 0;
-    return __atomic_exchange_n(&r->ctrl->consumer_sleeping, 0, __ATOMIC_SEQ_CST) != 0;
+    return take_flag(&r->ctrl->consumer_sleeping);
 }
 
 /* ---------------------------------------------------------------- consumer */
@@ -410,9 +418,7 @@ void ring_consumer_finish_sleep(ring_t *r) { STORE_RLX(&r->ctrl->consumer_sleepi
 int ring_consumer_should_wake_producer(ring_t *r)
 {
     FENCE(); /* tail store before flag load; pairs with the producer's prepare_wait */
-    if (!LOAD_RLX(&r->ctrl->producer_waiting))
-        return 0;
-    return __atomic_exchange_n(&r->ctrl->producer_waiting, 0, __ATOMIC_SEQ_CST) != 0;
+    return take_flag(&r->ctrl->producer_waiting);
 }
 
 /* ---------------------------------------------------------------- snapshots */
