@@ -6,11 +6,11 @@ records whether it saw the cancellation in the file given by --cancel-log.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 
 import mrpcd
+from serving import serve
 import mrpcd.aio
 
 import hello_mrpc
@@ -51,31 +51,14 @@ class AsyncGreeter(hello_mrpc.GreeterServicer):
             yield hello_mrpc.HelloReply(message=f"Hello #{i + 1}, {request.name}! (async)")
 
 
-async def serve_async(address: str) -> None:
-    server = mrpcd.aio.server()
-    hello_mrpc.add_GreeterServicer_to_server(AsyncGreeter(), server)
-    port = server.add_insecure_port(address)
-    await server.start()
-    print(f"{address.rpartition(':')[0]}:{port}", flush=True)
-    await server.wait_for_termination()
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--cancel-log")
     p.add_argument("--async", dest="use_async", action="store_true")
     args = p.parse_args()
-    if args.use_async:
-        asyncio.run(serve_async(args.address))
-        return 0
-    server = mrpcd.server()
-    hello_mrpc.add_GreeterServicer_to_server(Greeter(args.cancel_log), server)
-    port = server.add_insecure_port(args.address)
-    server.start()
-    print(f"{args.address.rpartition(':')[0]}:{port}", flush=True)
-    server.wait_for_termination()
-    return 0
+    servicer = AsyncGreeter() if args.use_async else Greeter(args.cancel_log)
+    return serve(hello_mrpc.add_GreeterServicer_to_server, servicer, args.address, args.use_async)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ import argparse
 import asyncio
 import time
 
-import mrpcd
-import mrpcd.aio
+from serving import serve
 
 import test_mrpc as pb
 
@@ -125,30 +124,13 @@ class AsyncTestService(pb.TestServiceServicer):
             yield response
 
 
-async def serve_async(address: str) -> None:
-    server = mrpcd.aio.server()
-    pb.add_TestServiceServicer_to_server(AsyncTestService(), server)
-    port = server.add_insecure_port(address)
-    await server.start()
-    print(f"{address.rpartition(':')[0]}:{port}", flush=True)
-    await server.wait_for_termination()
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--address", default="127.0.0.1:0")
     p.add_argument("--async", dest="use_async", action="store_true")
     args = p.parse_args()
-    if args.use_async:
-        asyncio.run(serve_async(args.address))
-        return 0
-    server = mrpcd.server()
-    pb.add_TestServiceServicer_to_server(TestService(), server)
-    port = server.add_insecure_port(args.address)
-    server.start()
-    print(f"{args.address.rpartition(':')[0]}:{port}", flush=True)
-    server.wait_for_termination()
-    return 0
+    servicer = AsyncTestService() if args.use_async else TestService()
+    return serve(pb.add_TestServiceServicer_to_server, servicer, args.address, args.use_async)
 
 
 if __name__ == "__main__":
