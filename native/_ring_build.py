@@ -38,6 +38,9 @@ ffibuilder.cdef(
     int ring_push_packed(ring_t *r, const void *base, const uint32_t *lens, uint32_t n);
     struct ring_seg { const void *p; uint32_t len; };
     int ring_push_segs(ring_t *r, const struct ring_seg *segs, const uint32_t *nsegs, uint32_t n);
+    int ring_reserve(ring_t *r, uint32_t len, uint8_t **data);
+    void ring_commit(ring_t *r);
+    void ring_unreserve(ring_t *r);
     int ring_producer_prepare_wait(ring_t *r, uint32_t len);
     void ring_producer_finish_wait(ring_t *r);
     int ring_producer_should_wake(ring_t *r);
@@ -46,6 +49,9 @@ ffibuilder.cdef(
     void ring_pop(ring_t *r);
     int ring_pop_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                        uint32_t max_records);
+    int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
+                        const uint8_t **ptrs, uint32_t max_records, uint32_t big_min);
+    void ring_release(ring_t *r);
     int ring_consumer_prepare_sleep(ring_t *r);
     void ring_consumer_finish_sleep(ring_t *r);
     int ring_consumer_should_wake_producer(ring_t *r);

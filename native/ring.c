@@ -137,6 +137,8 @@ int ring_try_push(ring_t *r, const void *buf, uint32_t len)
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
+    if (r->has_reservation)
+        return RING_E_FULL;
     uint64_t before = r->head;
     int rc = push_one(r, buf, len);
     if (r->head != before)
@@ -150,6 +152,8 @@ int ring_push_many(ring_t *r, const void *const *bufs, const uint32_t *lens, uin
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
+    if (r->has_reservation)
+        return 0;
     uint64_t before = r->head;
     uint32_t i;
     int rc = 0;
@@ -166,6 +170,8 @@ int ring_push_packed(ring_t *r, const void *base, const uint32_t *lens, uint32_t
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
+    if (r->has_reservation)
+        return 0;
     const uint8_t *p = base;
     uint64_t before = r->head;
     uint32_t i;
@@ -218,6 +224,8 @@ int ring_push_segs(ring_t *r, const struct ring_seg *segs, const uint32_t *nsegs
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
+    if (r->has_reservation)
+        return 0;
     uint64_t before = r->head;
     uint32_t i;
     int rc = 0;
@@ -236,6 +244,58 @@ int ring_push_segs(ring_t *r, const struct ring_seg *segs, const uint32_t *nsegs
     if (r->head != before)
         publish(r);
     return (i == 0 && rc != 0 && rc != RING_E_FULL) ? rc : (int)i;
+}
+
+int ring_reserve(ring_t *r, uint32_t len, uint8_t **data)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    if (r->has_reservation)
+        return RING_E_INVAL;
+    if ((uint64_t)len > r->cap - RING_REC_HDR)
+        return RING_E_TOOBIG;
+    uint64_t wrap, need;
+    space_needed(r, len, &wrap, &need);
+    if (r->cap - (r->head - r->tail_cache) < wrap + need) {
+        if (refresh_tail(r))
+            return RING_E_CORRUPT;
+        uint64_t free_ = r->cap - (r->head - r->tail_cache);
+        if (free_ < wrap + need) {
+            if (wrap && free_ >= wrap) {
+                put_wrap(r, wrap);
+                publish(r);
+            }
+            return RING_E_FULL;
+        }
+    }
+    if (wrap) {
+        put_wrap(r, wrap);
+        publish(r); /* a lone wrap marker is harmless to publish (the consumer skips it) */
+    }
+    uint8_t *p = r->data + (r->head & r->mask);
+    uint32_t hdr[2] = {len, 0};
+    memcpy(p, hdr, sizeof(hdr));
+    r->reserved = r->head;
+    r->has_reservation = 1;
+    r->head += need;
+    *data = p + RING_REC_HDR;
+    return 0;
+}
+
+void ring_commit(ring_t *r)
+{
+    if (!r->has_reservation)
+        return;
+    r->has_reservation = 0;
+    publish(r);
+}
+
+void ring_unreserve(ring_t *r)
+{
+    if (!r->has_reservation)
+        return;
+    r->has_reservation = 0;
+    r->head = r->reserved;
 }
 
 /* After a push returned FULL. Raises producer_waiting, then re-checks the tail: 1 = the
@@ -330,6 +390,7 @@ static inline void release_tail(ring_t *r, uint64_t pos)
  * scribble over it, so copy what you inspect). 1 = record, 0 = empty, <0 = corrupt. */
 int ring_peek(ring_t *r, const uint8_t **data, uint32_t *len)
 {
+    ring_release(r);
     r->pending = 0;
     if (r->corrupt)
         return RING_E_CORRUPT;
@@ -349,6 +410,14 @@ int ring_peek(ring_t *r, const uint8_t **data, uint32_t *len)
     return 1;
 }
 
+/* Release what the last ring_take_batch left in place (no-op if nothing is taken). */
+void ring_release(ring_t *r)
+{
+    if (r->taken && !r->corrupt)
+        release_tail(r, r->tail + r->taken);
+    r->taken = 0;
+}
+
 /* Release the record returned by the last ring_peek. */
 void ring_pop(ring_t *r)
 {
@@ -365,6 +434,7 @@ void ring_pop(ring_t *r)
 int ring_pop_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                    uint32_t max_records)
 {
+    ring_release(r);
     r->pending = 0;
     if (r->corrupt)
         return RING_E_CORRUPT;
@@ -388,6 +458,47 @@ int ring_pop_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
         pos += RING_REC_HDR + align8(l);
     }
     release_tail(r, pos); /* pos never passes a record that failed validation */
+    if (n)
+        return (int)n;
+    return rc < 0 ? rc : 0;
+}
+
+int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
+                    const uint8_t **ptrs, uint32_t max_records, uint32_t big_min)
+{
+    ring_release(r); /* the previous take is over */
+    r->pending = 0;
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    uint64_t head, pos = r->tail, used_out = 0, off;
+    if (load_head(r, &head))
+        return RING_E_CORRUPT;
+    uint32_t n = 0, l;
+    int rc = 0, kept = 0;
+    while (n < max_records) {
+        rc = next_record(r, &pos, head, &l, &off);
+        if (rc <= 0)
+            break;
+        if (l >= big_min) {
+            ptrs[n] = r->data + off + RING_REC_HDR;
+            kept = 1;
+        } else {
+            if (l > out_size - used_out) {
+                if (n == 0)
+                    rc = RING_E_TOOBIG;
+                break;
+            }
+            memcpy((uint8_t *)out + used_out, r->data + off + RING_REC_HDR, l);
+            used_out += l;
+            ptrs[n] = NULL;
+        }
+        lens[n++] = l;
+        pos += RING_REC_HDR + align8(l);
+    }
+    if (kept)
+        r->taken = pos - r->tail; /* released by ring_release once the caller is done */
+    else
+        release_tail(r, pos);
     if (n)
         return (int)n;
     return rc < 0 ? rc : 0;

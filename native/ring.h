@@ -54,6 +54,9 @@ typedef struct ring {
     uint64_t tail_cache; /* producer: last tail seen from the consumer */
     uint64_t tail;       /* consumer: next read position (the truth, not re-read) */
     uint64_t pending;    /* consumer: bytes covered by the last ring_peek */
+    uint64_t taken;      /* consumer: bytes covered by the last ring_take_batch (unreleased) */
+    uint64_t reserved;   /* producer: head before an open ring_reserve (0 = none open) */
+    int has_reservation; /* producer: a ring_reserve is open; pushes report FULL until commit */
     int corrupt;         /* sticky: once the shared state was found broken */
 } ring_t;
 
@@ -73,6 +76,15 @@ struct ring_seg {
     uint32_t len;
 };
 int ring_push_segs(ring_t *r, const struct ring_seg *segs, const uint32_t *nsegs, uint32_t n);
+/* Zero-copy receive: reserve room for one record of len bytes and get where its bytes go
+ * (*data, len bytes, contiguous). Nothing is visible to the consumer until ring_commit;
+ * while a reservation is open every push reports RING_E_FULL (order is kept: the
+ * reserved record was first). ring_unreserve drops it (e.g. the sender died mid-record).
+ * Returns 0, RING_E_FULL (no room now; nothing reserved), RING_E_TOOBIG, RING_E_CORRUPT,
+ * or RING_E_INVAL if a reservation is already open. */
+int ring_reserve(ring_t *r, uint32_t len, uint8_t **data);
+void ring_commit(ring_t *r);
+void ring_unreserve(ring_t *r);
 int ring_producer_prepare_wait(ring_t *r, uint32_t len);
 void ring_producer_finish_wait(ring_t *r);
 int ring_producer_should_wake(ring_t *r);
@@ -82,6 +94,14 @@ int ring_peek(ring_t *r, const uint8_t **data, uint32_t *len);
 void ring_pop(ring_t *r);
 int ring_pop_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                    uint32_t max_records);
+/* Like ring_pop_batch, except that a record of at least big_min bytes is not copied:
+ * ptrs[i] points at it in the ring (NULL for copied records) and nothing is released
+ * until ring_release(r), so the caller may read or send the big records in place (the
+ * producer can still scribble on them: copy whatever is inspected). A later take, pop
+ * or peek releases an open take first. */
+int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
+                    const uint8_t **ptrs, uint32_t max_records, uint32_t big_min);
+void ring_release(ring_t *r);
 int ring_consumer_prepare_sleep(ring_t *r);
 void ring_consumer_finish_sleep(ring_t *r);
 int ring_consumer_should_wake_producer(ring_t *r);

@@ -87,7 +87,8 @@ _JOIN_LIMIT = 16 * 1024
 # per-record datapath loop runs without a cffi call per record. Same compiled ring.c.
 _FN_ADDRS = tuple(
     int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
-    for name in ("ring_used_bytes", "ring_peek", "ring_pop_batch", "ring_push_segs")
+    for name in ("ring_used_bytes", "ring_peek", "ring_pop_batch", "ring_push_segs",
+                 "ring_take_batch", "ring_release", "ring_reserve", "ring_commit", "ring_unreserve")
 )
 
 
@@ -197,7 +198,7 @@ class Ring:
         self._out = None  # pop buffer (capacity bytes), allocated on the first pop
         self._out_mv: Optional[memoryview] = None
         self._lens = ffi.new("uint32_t[]", 64)
-        self._cp: Optional[tuple[int, int, int, int, int]] = None  # c_pointers(), cached
+        self._cp: Optional[tuple[int, ...]] = None  # c_pointers(), cached
 
     # -- producer ---------------------------------------------------------------
 
@@ -269,7 +270,66 @@ class Ring:
         """Clear ``producer_waiting`` after waking (or giving up waiting)."""
         lib.ring_producer_finish_wait(self._r)
 
+    def reserve(self, nbytes: int) -> Optional[memoryview]:
+        """Zero-copy receive: room for one record of ``nbytes``, as a writable view of the
+        ring, or None if the ring has no room now. Invisible to the consumer until
+        ``commit()``; ``unreserve()`` drops it. Pushes return "full" while it is open."""
+        if nbytes > self.max_record:
+            raise ValueError(f"record of {nbytes} bytes exceeds the ring's maximum of {self.max_record}")
+        p = ffi.new("uint8_t **")
+        rc = lib.ring_reserve(self._r, nbytes, p)
+        if rc == 0:
+            return memoryview(ffi.buffer(p[0], nbytes))
+        if rc == lib.RING_E_FULL:
+            return None
+        if rc == lib.RING_E_INVAL:
+            raise ValueError("a reservation is already open on this ring")
+        self._push_error(rc)
+        return None
+
+    def commit(self) -> None:
+        """Publish the reserved record."""
+        lib.ring_commit(self._r)
+
+    def unreserve(self) -> None:
+        """Drop the open reservation (nothing was published)."""
+        lib.ring_unreserve(self._r)
+
     # -- consumer ---------------------------------------------------------------
+
+    def take_batch(self, max_records: int = 64, big_min: int = 65536) -> list["bytes | memoryview"]:
+        """Like ``pop_batch``, but records of at least ``big_min`` bytes come back as
+        read-only views of the ring itself (no copy) and stay in it until ``release()``
+        (or the next take / pop / peek). The producer can still write those bytes: copy
+        whatever must not change under you."""
+        if max_records <= 0:
+            return []
+        if self._out is None:
+            self._out = ffi.new("char[]", self.capacity)
+            self._out_mv = memoryview(ffi.buffer(self._out))
+        if len(self._lens) < max_records:
+            self._lens = ffi.new("uint32_t[]", max_records)
+        ptrs = ffi.new("const uint8_t *[]", max_records)
+        n = lib.ring_take_batch(self._r, self._out, self.capacity, self._lens, ptrs, max_records, big_min)
+        if n <= 0:
+            if n == 0:
+                return []
+            raise RingCorrupt("producer wrote an invalid record length or head index")
+        mv = self._out_mv
+        out: list[bytes | memoryview] = []
+        pos = 0
+        for i, ln in enumerate(ffi.unpack(self._lens, n)):
+            if ptrs[i] == ffi.NULL:
+                out.append(mv[pos:pos + ln].tobytes())
+                pos += ln
+            else:
+                out.append(memoryview(ffi.buffer(ptrs[i], ln)).toreadonly())
+        return out
+
+    def release(self) -> None:
+        """Free what the last ``take_batch`` left in the ring."""
+        lib.ring_release(self._r)
+
 
     def pop_batch(self, max_records: int = 64, max_bytes: Optional[int] = None) -> list[bytes]:
         """Remove up to ``max_records`` records totalling at most ``max_bytes`` (except
@@ -304,10 +364,12 @@ class Ring:
             pos = end
         return out
 
-    def c_pointers(self) -> tuple[int, int, int, int, int]:
+    def c_pointers(self) -> tuple[int, ...]:
         """Addresses for compiled callers (``mrpcd.marshal.records.ring_pop_records`` /
-        ``ring_push_records``): (ring_t *, ring_used_bytes, ring_peek, ring_pop_batch,
-        ring_push_segs). Valid while this Ring is open (ValueError once it is closed)."""
+        ``ring_push_records`` / ``ring_take_records``): (ring_t *, ring_used_bytes,
+        ring_peek, ring_pop_batch, ring_push_segs, ring_take_batch, ring_release,
+        ring_reserve, ring_commit, ring_unreserve). Valid while this Ring is open
+        (ValueError once it is closed)."""
         cp = self._cp
         if cp is None:
             if self._cbuf is None:
