@@ -52,6 +52,9 @@ ffibuilder.cdef(
     int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                         const uint8_t **ptrs, uint32_t max_records, uint32_t big_min);
     void ring_release(ring_t *r);
+    int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
+                       const uint8_t **ptrs, uint32_t max_records, uint32_t big_min, uint64_t *extent);
+    int ring_release_bytes(ring_t *r, uint64_t nbytes);
     int ring_consumer_prepare_sleep(ring_t *r);
     void ring_consumer_finish_sleep(ring_t *r);
     int ring_consumer_should_wake_producer(ring_t *r);

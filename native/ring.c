@@ -474,14 +474,18 @@ int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
     if (load_head(r, &head))
         return RING_E_CORRUPT;
     uint32_t n = 0, l;
+    uint64_t kept_bytes = 0;
     int rc = 0, kept = 0;
     while (n < max_records) {
         rc = next_record(r, &pos, head, &l, &off);
         if (rc <= 0)
             break;
         if (l >= big_min) {
+            if (n > 0 && l > out_size - kept_bytes)
+                break; /* out_size bounds what stays in place too (a first record always goes) */
             ptrs[n] = r->data + off + RING_REC_HDR;
             kept = 1;
+            kept_bytes += l < out_size - kept_bytes ? l : out_size - kept_bytes;
         } else {
             if (l > out_size - used_out) {
                 if (n == 0)
@@ -502,6 +506,60 @@ int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
     if (n)
         return (int)n;
     return rc < 0 ? rc : 0;
+}
+
+int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
+                   const uint8_t **ptrs, uint32_t max_records, uint32_t big_min, uint64_t *extent)
+{
+    *extent = 0;
+    r->pending = 0;
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    uint64_t head, start = r->tail + r->taken, pos = start, used_out = 0, kept_bytes = 0, off;
+    if (load_head(r, &head))
+        return RING_E_CORRUPT;
+    uint32_t n = 0, l;
+    int rc = 0;
+    while (n < max_records) {
+        rc = next_record(r, &pos, head, &l, &off);
+        if (rc <= 0)
+            break;
+        if (l >= big_min) {
+            if (n > 0 && l > out_size - kept_bytes)
+                break;
+            ptrs[n] = r->data + off + RING_REC_HDR;
+            kept_bytes += l < out_size - kept_bytes ? l : out_size - kept_bytes;
+        } else {
+            if (l > out_size - used_out) {
+                if (n == 0)
+                    rc = RING_E_TOOBIG;
+                break;
+            }
+            memcpy((uint8_t *)out + used_out, r->data + off + RING_REC_HDR, l);
+            used_out += l;
+            ptrs[n] = NULL;
+        }
+        lens[n++] = l;
+        pos += RING_REC_HDR + align8(l);
+    }
+    /* pos may have moved over a lone wrap marker even with n == 0: it is part of the
+     * extent, released in order with the rest */
+    *extent = pos - start;
+    r->taken += pos - start;
+    if (n)
+        return (int)n;
+    return rc < 0 ? rc : 0;
+}
+
+int ring_release_bytes(ring_t *r, uint64_t nbytes)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    if (nbytes > r->taken)
+        return RING_E_INVAL;
+    r->taken -= nbytes;
+    release_tail(r, r->tail + nbytes);
+    return 0;
 }
 
 /* Before sleeping on "empty". Raises consumer_sleeping, then re-checks head: 1 = still

@@ -97,11 +97,19 @@ int ring_pop_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
 /* Like ring_pop_batch, except that a record of at least big_min bytes is not copied:
  * ptrs[i] points at it in the ring (NULL for copied records) and nothing is released
  * until ring_release(r), so the caller may read or send the big records in place (the
- * producer can still scribble on them: copy whatever is inspected). A later take, pop
- * or peek releases an open take first. */
+ * producer can still scribble on them: copy whatever is inspected). out_size bounds the
+ * copied bytes and, separately, the bytes left in place (a first record always goes).
+ * A later take, pop or peek releases an open take first. */
 int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                     const uint8_t **ptrs, uint32_t max_records, uint32_t big_min);
 void ring_release(ring_t *r);
+/* A take that does not end the open one: it continues after everything taken so far and
+ * adds to it; *extent is the ring bytes this call covered (records and wrap markers).
+ * Extents are released in order, oldest first, with ring_release_bytes: a sender that
+ * lends several batches to sockets frees each as soon as it and all older ones are sent. */
+int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
+                   const uint8_t **ptrs, uint32_t max_records, uint32_t big_min, uint64_t *extent);
+int ring_release_bytes(ring_t *r, uint64_t nbytes);
 int ring_consumer_prepare_sleep(ring_t *r);
 void ring_consumer_finish_sleep(ring_t *r);
 int ring_consumer_should_wake_producer(ring_t *r);

@@ -88,7 +88,8 @@ _JOIN_LIMIT = 16 * 1024
 _FN_ADDRS = tuple(
     int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
     for name in ("ring_used_bytes", "ring_peek", "ring_pop_batch", "ring_push_segs",
-                 "ring_take_batch", "ring_release", "ring_reserve", "ring_commit", "ring_unreserve")
+                 "ring_take_batch", "ring_release", "ring_reserve", "ring_commit", "ring_unreserve",
+                 "ring_take_more", "ring_release_bytes")
 )
 
 
@@ -330,6 +331,44 @@ class Ring:
         """Free what the last ``take_batch`` left in the ring."""
         lib.ring_release(self._r)
 
+    def take_more(self, max_records: int = 64, big_min: int = 65536,
+                  max_bytes: Optional[int] = None) -> tuple[list["bytes | memoryview"], int]:
+        """A take that keeps the open one: continues after everything taken so far.
+        Returns (records, extent); free extents in order with ``release_bytes(extent)``."""
+        if max_records <= 0:
+            return [], 0
+        if self._out is None:
+            self._out = ffi.new("char[]", self.capacity)
+            self._out_mv = memoryview(ffi.buffer(self._out))
+        if len(self._lens) < max_records:
+            self._lens = ffi.new("uint32_t[]", max_records)
+        ptrs = ffi.new("const uint8_t *[]", max_records)
+        extent = ffi.new("uint64_t *")
+        limit = self.capacity if max_bytes is None else max(0, min(max_bytes, self.capacity))
+        n = lib.ring_take_more(self._r, self._out, limit, self._lens, ptrs, max_records, big_min, extent)
+        if n < 0:
+            if n == lib.RING_E_TOOBIG:
+                return [], int(extent[0])
+            raise RingCorrupt("producer wrote an invalid record length or head index")
+        mv = self._out_mv
+        out: list[bytes | memoryview] = []
+        pos = 0
+        for i, ln in enumerate(ffi.unpack(self._lens, n)):
+            if ptrs[i] == ffi.NULL:
+                out.append(mv[pos:pos + ln].tobytes())
+                pos += ln
+            else:
+                out.append(memoryview(ffi.buffer(ptrs[i], ln)).toreadonly())
+        return out, int(extent[0])
+
+    def release_bytes(self, nbytes: int) -> None:
+        """Free the oldest ``nbytes`` of what is taken (a whole extent of ``take_more``)."""
+        rc = lib.ring_release_bytes(self._r, nbytes)
+        if rc == lib.RING_E_INVAL:
+            raise ValueError(f"cannot release {nbytes} bytes: less is taken")
+        if rc < 0:
+            raise RingCorrupt("ring is corrupt")
+
 
     def pop_batch(self, max_records: int = 64, max_bytes: Optional[int] = None) -> list[bytes]:
         """Remove up to ``max_records`` records totalling at most ``max_bytes`` (except
@@ -368,7 +407,7 @@ class Ring:
         """Addresses for compiled callers (``mrpcd.marshal.records.ring_pop_records`` /
         ``ring_push_records`` / ``ring_take_records``): (ring_t *, ring_used_bytes,
         ring_peek, ring_pop_batch, ring_push_segs, ring_take_batch, ring_release,
-        ring_reserve, ring_commit, ring_unreserve). Valid while this Ring is open
+        ring_reserve, ring_commit, ring_unreserve, ring_take_more, ring_release_bytes). Valid while this Ring is open
         (ValueError once it is closed)."""
         cp = self._cp
         if cp is None:
