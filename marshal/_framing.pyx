@@ -28,7 +28,8 @@ Dirty tracking: setting a header field marks the header dirty (the body is still
 the base, behind a freshly packed header); setting `meta` or `payload` drops the base. A
 dirty record is re-encoded at most once, when its encoded form is asked for.
 """
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE,
+                             PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES)
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cpython.ref cimport PyObject, Py_DECREF
@@ -36,6 +37,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":
+    int PyBUF_READ
     object PyMemoryView_FromMemory(char* mem, Py_ssize_t size, int flags)
     int PyBUF_WRITE
     PyObject* _raw_bytes "PyBytes_FromStringAndSize" (const char* s, Py_ssize_t n)
@@ -44,6 +46,7 @@ cdef extern from "Python.h":
 
 cdef enum:
     _HEADER_SIZE = 40
+    _GATHER_MIN = 16384  # a body of its own this big is sent as its own buffer, not re-encoded
 
 HEADER_SIZE = _HEADER_SIZE
 REQUEST = 1
@@ -832,6 +835,216 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
     return recs, bad
 
 
+ctypedef int (*_take_more_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
+                              const uint8_t** ptrs, uint32_t max_records, uint32_t big_min,
+                              uint64_t* extent) noexcept nogil
+ctypedef int (*_release_bytes_fn)(void* r, uint64_t nbytes) noexcept nogil
+
+
+cdef class Lease:
+    """A read-only buffer over ring memory the daemon sends from (a big payload still in
+    the app's tx ring), that knows when nobody reads it any more.
+
+    Why a buffer exporter and not a memoryview: the socket layer (uvloop) keeps a buffer
+    export for as long as it still has to write those bytes, and drops it when the kernel
+    took them. Counting exports tells exactly when this part of the ring may be reused -
+    per payload, with no polling and no copy. After `seal(on_done)` (the send was issued),
+    `on_done()` runs once the last export is gone; from then on the lease refuses new
+    exports, so stale references can never read reused ring memory.
+    """
+
+    cdef const uint8_t* _p
+    cdef Py_ssize_t _n
+    cdef Py_ssize_t _exports
+    cdef Py_ssize_t _shape[1]
+    cdef Py_ssize_t _strides[1]
+    cdef bint _sealed
+    cdef bint _done
+    cdef object _on_done
+
+    def __len__(self):
+        return self._n
+
+    @property
+    def exports(self):
+        return self._exports
+
+    @property
+    def done(self):
+        return self._done
+
+    def __getbuffer__(self, Py_buffer* buf, int flags):
+        if self._done:
+            raise BufferError("lease returned: its ring memory may be reused")
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a lease is read-only")
+        self._shape[0] = self._n
+        self._strides[0] = 1
+        buf.buf = <void*>self._p
+        buf.obj = self
+        buf.len = self._n
+        buf.readonly = 1
+        buf.itemsize = 1
+        if flags & PyBUF_FORMAT:
+            buf.format = b"B"
+        else:
+            buf.format = NULL
+        buf.ndim = 1
+        buf.shape = self._shape if flags & PyBUF_ND else NULL
+        buf.strides = self._strides if (flags & PyBUF_STRIDES) == PyBUF_STRIDES else NULL
+        buf.suboffsets = NULL
+        buf.internal = NULL
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer* buf):
+        self._exports -= 1
+        if self._exports == 0 and self._sealed:
+            self._finish()
+
+    def seal(self, on_done):
+        """The send was issued: call on_done() once nothing exports this buffer any more
+        (now, if nothing does: returns True then)."""
+        if self._sealed:
+            raise RuntimeError("lease sealed twice")
+        self._sealed = True
+        self._on_done = on_done
+        if self._exports == 0:
+            self._finish()
+            return True
+        return False
+
+    cdef void _finish(self):
+        cb = self._on_done
+        self._on_done = None
+        self._done = True
+        if cb is not None:
+            try:
+                cb()
+            except Exception:
+                import logging, sys
+                logging.getLogger("mrpcd.framing").error("lease callback failed", exc_info=sys.exc_info())
+
+    def __repr__(self):
+        return f"<Lease {self._n} bytes, {self._exports} exports{', done' if self._done else ''}>"
+
+
+cdef Record _lent_record(const uint8_t* p, uint32_t l, uint64_t mr, list leases):
+    """A record left in the ring: header and metadata copied (private: what the daemon
+    routes and checks on), the payload a Lease over the ring (only ever sent on)."""
+    cdef uint8_t hdr[_HEADER_SIZE]
+    cdef Record r
+    cdef Lease lease
+    cdef uint32_t meta_len
+    _check_one(p, l, mr, hdr)  # one header snapshot, validated against the ring length
+    meta_len = _ld32(hdr + 32)
+    r = _make_view(None, 0, hdr)
+    r._base = None
+    r._hdirty = True
+    r._meta = PyBytes_FromStringAndSize(<const char*>p + _HEADER_SIZE, meta_len)
+    lease = Lease.__new__(Lease)
+    lease._p = p + _HEADER_SIZE + meta_len
+    lease._n = _ld32(hdr + 36)
+    r._payload = lease
+    leases.append(lease)
+    return r
+
+
+def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_record=DEFAULT_MAX_RECORD,
+                      Py_ssize_t big_min=65536):
+    """ring_pop_records for the daemon's zero-copy send: a record of at least `big_min`
+    bytes stays in the ring - its header and metadata are copied (the daemon decides only
+    on private copies), its payload is a `Lease` over the ring, sent from there. The app
+    can change only its own payload bytes under us, never the framing.
+
+    Nothing is released: returns (records, bad, extent, leases), and the caller frees
+    `extent` ring bytes with ring_release_bytes() once every lease of this and all older
+    takes is done, in take order (ring_take_more in native/ring.c).
+    """
+    cdef uint64_t mr = _check_max_record(max_record)
+    cdef tuple cp = ring.c_pointers()
+    cdef void* r = <void*><uintptr_t>cp[0]
+    cdef _used_fn used_fn = <_used_fn><uintptr_t>cp[1]
+    cdef _take_more_fn take_fn = <_take_more_fn><uintptr_t>cp[10]
+    cdef uint32_t lens[_POP_MAX]
+    cdef const uint8_t* ptrs[_POP_MAX]
+    cdef uint64_t alloc, extent = 0, extent2 = 0
+    cdef PyObject* b = NULL
+    cdef int n, i
+    cdef const uint8_t* dp
+    cdef uint32_t l
+    cdef Py_ssize_t pos, total = 0
+    cdef bytes base = None
+    cdef list recs = [], bad = [], leases = []
+    cdef uint8_t hdr[_HEADER_SIZE]
+    if max_records <= 0:
+        return recs, bad, 0, leases
+    if max_records > _POP_MAX:
+        max_records = _POP_MAX
+    if max_bytes < _HEADER_SIZE:
+        max_bytes = _HEADER_SIZE
+    if big_min < _HEADER_SIZE:
+        big_min = _HEADER_SIZE
+    if big_min > 0xFFFFFFFF:
+        big_min = 0xFFFFFFFF
+    alloc = used_fn(r)
+    if alloc > <uint64_t>max_bytes:
+        alloc = max_bytes
+    if alloc == 0:
+        alloc = 1
+    b = _raw_bytes(NULL, <Py_ssize_t>alloc)
+    if b == NULL:
+        raise MemoryError()
+    n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, ptrs, <uint32_t>max_records, <uint32_t>big_min, &extent)
+    if n == _E_TOOBIG:  # a first small record larger than max_bytes (< big_min): copy it alone
+        Py_DECREF(<object>b)
+        alloc = <uint64_t>big_min
+        b = _raw_bytes(NULL, <Py_ssize_t>alloc)
+        if b == NULL:
+            raise MemoryError()
+        n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, ptrs, 1, <uint32_t>big_min, &extent2)
+        extent += extent2
+    if n <= 0:
+        Py_DECREF(<object>b)
+        if n == 0:
+            return recs, bad, extent, leases
+        from mrpcd.native.ring import RingCorrupt
+        raise RingCorrupt("producer wrote an invalid record length or head index")
+    for i in range(n):
+        if ptrs[i] == NULL:
+            total += lens[i]
+    if <uint64_t>total + 4096 < alloc:
+        if _PyBytes_Resize(&b, total if total else 1) < 0:
+            raise MemoryError()
+    base = <bytes>b
+    Py_DECREF(base)  # base now holds the only reference
+    dp = <const uint8_t*>PyBytes_AS_STRING(base)
+    pos = 0
+    for i in range(n):
+        l = lens[i]
+        try:
+            if ptrs[i] != NULL:
+                recs.append(_lent_record(ptrs[i], l, mr, leases))
+            else:
+                _check_one(dp + pos, l, mr, hdr)
+                recs.append(_make_view(base, pos, hdr))
+        except RecordError as exc:
+            bad.append((PyBytes_FromStringAndSize(<const char*>(ptrs[i] if ptrs[i] != NULL else dp + pos), l), str(exc)))
+        if ptrs[i] == NULL:
+            pos += l
+    return recs, bad, extent, leases
+
+
+def ring_release_bytes(ring, uint64_t nbytes):
+    """Free the oldest `nbytes` taken by ring_take_records (whole extents, in order)."""
+    cdef tuple cp = ring.c_pointers()
+    cdef int rc = (<_release_bytes_fn><uintptr_t>cp[11])(<void*><uintptr_t>cp[0], nbytes)
+    if rc == -4:
+        raise ValueError(f"cannot release {nbytes} bytes: less is taken")
+    if rc < 0:
+        from mrpcd.native.ring import RingCorrupt
+        raise RingCorrupt("ring is corrupt")
+
+
 def ring_push_records(ring, list records, Py_ssize_t start=0, Py_ssize_t count=-1):
     """Push records[start:start+count] (Record objects) into `ring` (producer side) in one
     C call: a clean record is copied from its base, a record whose header changed (e.g.
@@ -975,6 +1188,21 @@ def wire_buffers(list records):
     for obj in records:
         rec = <Record?>obj
         if rec._base is None:
+            if rec._payload is not None and len(rec._payload) >= _GATHER_MIN:
+                # a big body of its own (e.g. a payload still in the app's ring): header
+                # and metadata packed, the payload itself as the next buffer - no copy
+                if run_base is not None:
+                    out.append(_view(run_base, run_start, run_end))
+                    run_base = None
+                if len(rec._payload) > 0xFFFFFFFF:
+                    raise RecordError(f"record payload_len {len(rec._payload)} exceeds 2**32-1")
+                h = _encode(rec._kind, rec._flags, rec._status, rec._handle, rec._call_id,
+                            rec._method_id, rec._deadline, rec._meta, b"")
+                _st32(<uint8_t*>PyBytes_AS_STRING(h) + 36, <uint32_t>len(rec._payload))
+                out.append(h)
+                out.append(rec._payload)
+                nbytes += PyBytes_GET_SIZE(h) + len(rec._payload)
+                continue
             rec._reencode()
         sz = _HEADER_SIZE + rec._meta_len + rec._payload_len
         nbytes += sz

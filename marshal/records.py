@@ -36,6 +36,9 @@ from ._framing import (
     ring_pop_records,
     ring_push_record,
     ring_push_records,
+    Lease,
+    ring_release_bytes,
+    ring_take_records,
     wire_buffers,
 )
 
@@ -43,7 +46,8 @@ __all__ = [
     "HEADER", "HEADER_SIZE", "REQUEST", "RESPONSE", "CANCEL", "WINDOW", "HELLO", "GOAWAY", "KINDS",
     "F_START", "F_END", "F_NO_MSG", "F_ALL", "MAX_META", "DEFAULT_MAX_RECORD",
     "RecordError", "Record", "encode_record", "parse_record", "FrameDecoder",
-    "ring_pop_records", "ring_push_record", "ring_push_records", "wire_buffers",
+    "ring_pop_records", "ring_push_record", "ring_push_records", "ring_take_records", "ring_release_bytes", "Lease",
+    "wire_buffers",
     "encode_metadata", "decode_metadata", "check_metadata_key",
 ]
 

@@ -54,6 +54,16 @@ def _format_peer(transport):
     return str(addr) if addr is not None else "?"
 
 
+cdef bint _plain(transport):
+    """Does this transport write our buffers as they are? uvloop's TCP transport keeps a
+    buffer export of each until the kernel took it (so a Lease knows when it is free);
+    TLS encrypts from a backlog on its own schedule, so lent buffers are copied for it."""
+    try:
+        return transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
+    except Exception:
+        return False
+
+
 cdef class PeerConnection:
     """One daemon-to-daemon TCP connection (the asyncio protocol object itself).
 
@@ -90,6 +100,7 @@ cdef class PeerConnection:
     cdef list _drain_waiters
     cdef object _scratch                 # read buffer (buffered protocol) for small reads
     cdef bint _direct                    # the last get_buffer() handed out a record's buffer
+    cdef readonly bint zero_copy_send    # plain TCP: uvloop holds a buffer export until written
 
     def __init__(self, str role, services_for, on_ready, Py_ssize_t max_record=16 << 20,
                  double handshake_timeout=0.0):
@@ -116,6 +127,7 @@ cdef class PeerConnection:
         self.transport = transport
         self._loop = asyncio.get_running_loop()
         self.peer = _format_peer(transport)
+        self.zero_copy_send = _plain(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -391,6 +403,7 @@ cdef class PeerConnection:
         cdef PeerConnection conn = cls(state["role"], None, None)
         cdef list pending
         conn.transport = state["transport"]
+        conn.zero_copy_send = _plain(conn.transport)
         conn._loop = asyncio.get_running_loop()
         conn.peer = state["peer"]
         conn.peer_hello = state["peer_hello"]

@@ -8,6 +8,7 @@ closes (exit, crash, SIGKILL) `close()` reclaims every resource it held.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 from collections import deque
@@ -34,6 +35,10 @@ log = logging.getLogger("mrpcd.session")
 DRAIN_RECORDS = 512
 DRAIN_BYTES = 4 << 20
 DRAIN_ROUNDS = 8
+# Records at least this big are sent straight from the app's ring when no policy reads
+# bodies; at most LEND_LIMIT payload bytes are out to sockets at once (then the app waits).
+LEND_MIN = 64 * 1024
+LEND_LIMIT = 8 << 20
 _HEADER_PREFIX = struct.Struct("<BBHIQ")  # kind, flags, status, handle, call_id
 
 class Route:
@@ -90,9 +95,14 @@ class AppSession:
         self.stats: dict[str, int] = {
             "records_out": 0, "records_in": 0, "bytes_out": 0, "bytes_in": 0,
             "malformed": 0, "unroutable": 0, "unimplemented": 0,
+            "lent_payloads": 0,  # big payloads sent straight from the app's tx ring
         }
         self.closed = False
         self._pump_scheduled = False
+        # takes of the tx ring whose big payloads sockets still write from: [extent, leases
+        # out], oldest first (ring space is freed in this order)
+        self._lent: deque[list] = deque()
+        self._lent_bytes = 0
         self.loop.add_reader(self.daemon_waker.fileno(), self._on_wake)
         self._schedule_pump()  # ends in prepare_sleep(): raises the flag that makes the app signal us
 
@@ -120,25 +130,80 @@ class AppSession:
         if self.closed:
             return
         try:
-            max_record = self.config.max_record
-            for _ in range(DRAIN_ROUNDS):
-                # one copy out of the shared ring into a fresh private buffer (the TOCTOU
-                # copy); the records are zero-copy views into it
-                recs, bad = R.ring_pop_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record)
-                if self.tx.should_wake_producer():
-                    self.app_waker.signal()  # the app waits for room in its tx ring
-                if not recs and not bad:
-                    break
-                self._handle_outbound(recs, bad)
-            else:
-                self._schedule_pump()  # more work: come back after other apps had a turn
+            drained = self._drain_tx()
             if self.pending:
                 self._flush_pending()
-            if not self._pump_scheduled and not self.tx.prepare_sleep():
+            if drained and not self._pump_scheduled and not self.tx.prepare_sleep():
                 self._schedule_pump()
         except ringmod.RingCorrupt as exc:
             log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc, extra=self.log_fields())
             self.daemon.drop_session(self, f"ring corrupted: {exc}")
+
+    def _drain_tx(self) -> bool:
+        """Move records from the app's tx ring to the datapath. False if it stopped early
+        because ring space is still lent to sockets (a lease coming back pumps again)."""
+        max_record = self.config.max_record
+        for _ in range(DRAIN_ROUNDS):
+            if self.datapath.engines:
+                if self._lent:
+                    return False  # a policy was attached: pop (which frees the ring) once lent bytes are back
+                # one copy out of the shared ring into a fresh private buffer (the TOCTOU
+                # copy: policies read what the peer will get); records are views into it
+                recs, bad = R.ring_pop_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record)
+                if not recs and not bad:
+                    return True
+                self._handle_outbound(recs, bad)
+            else:
+                if self._lent_bytes >= LEND_LIMIT:
+                    return False
+                # no policy reads bodies: big payloads stay in the ring and go from there to
+                # the socket as Leases (headers and metadata are still private copies)
+                recs, bad, extent, leases = R.ring_take_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record, LEND_MIN)
+                if extent:
+                    self._lend(recs, bad, extent, leases)
+                if not recs and not bad:
+                    return True
+            if self.tx.should_wake_producer():
+                self.app_waker.signal()  # the app waits for room in its tx ring
+        self._schedule_pump()  # more work: come back after other apps had a turn
+        return True
+
+    def _lend(self, recs: list, bad: list, extent: int, leases: list) -> None:
+        """Send one take; its ring bytes are freed (in take order) once its leases are back."""
+        entry = [extent, len(leases)]
+        self._lent.append(entry)
+        try:
+            if recs or bad:
+                self._handle_outbound(recs, bad)
+        finally:
+            self.stats["lent_payloads"] += len(leases)
+            for lease in leases:
+                self._lent_bytes += len(lease)
+                lease.seal(functools.partial(self._lease_back, entry, len(lease)))
+            self._free_returned()
+
+    def _lease_back(self, entry: list, nbytes: int) -> None:
+        """The socket layer wrote (or dropped) a lent payload: nothing reads it any more."""
+        entry[1] -= 1
+        self._lent_bytes -= nbytes
+        if entry[1] == 0 and self._lent and entry is self._lent[0]:
+            self._free_returned()
+            self._schedule_pump()
+
+    def _free_returned(self) -> None:
+        """Free the ring bytes of the oldest takes whose leases are all back."""
+        lent = self._lent
+        freed = False
+        while lent and lent[0][1] == 0:
+            extent = lent.popleft()[0]
+            if not self.closed:
+                R.ring_release_bytes(self.tx, extent)
+                freed = True
+        if self.closed:
+            if not lent:
+                self.rings.close()  # close() waited for the last lease
+        elif freed and self.tx.should_wake_producer():
+            self.app_waker.signal()
 
     def _handle_outbound(self, recs: list[R.Record], bad: list[tuple[bytes, str]] = ()) -> None:
         """Records the app sent (parsed views into the pop's private buffer) → the chain."""
@@ -195,6 +260,9 @@ class AppSession:
                 continue
             bufs, nbytes = R.wire_buffers(recs)
             self.stats["bytes_out"] += nbytes
+            if self._lent and not getattr(route.conn, "zero_copy_send", False):
+                # TLS / RDMA keep buffers on their own terms: give them copies of leases
+                bufs = [bytes(b) if type(b) is R.Lease else b for b in bufs]
             route.conn.send_batch(bufs, len(recs))
 
     def _deliver_in(self, batch: list[R.Record]) -> None:
@@ -395,6 +463,8 @@ class AppSession:
         self.pending.clear()
         self.daemon_waker.close()
         self.app_waker.close()
+        if self._lent:
+            return  # sockets still write from the app's ring: _free_returned unmaps it after the last lease
         self.rings.close()
 
     def log_fields(self, **more: Any) -> dict[str, Any]:

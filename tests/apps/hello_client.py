@@ -35,12 +35,58 @@ def main() -> int:
         print("returned", flush=True)
     elif mode == "load":
         return run_load(stub, float(arg), int(sys.argv[4]) if len(sys.argv) > 4 else 4)
+    elif mode == "bulk":
+        return run_bulk(stub, int(arg), int(sys.argv[4]) if len(sys.argv) > 4 else 8)
     elif mode == "status":
         try:
             stub.SayHello(hello_mrpc.HelloRequest(name=arg), timeout=20)
             print("OK", flush=True)
         except mrpcd.RpcError as exc:
             print(f"{exc.code().name}|{exc.details()}", flush=True)
+    return 0
+
+
+# Request sizes for `bulk`: around the daemon's zero-copy threshold (64 KiB) and well above.
+BULK_SIZES = (10, 60_000, 65_496, 65_536, 70_000, 300_000, 1 << 20)
+
+
+def run_bulk(stub, calls: int, threads: int) -> int:
+    """`calls` calls per thread from `threads` threads with big, distinct names (every
+    call's bytes differ); each reply must echo its own name byte for byte. Prints
+    "started" after the first reply, then "ok bulk N"."""
+    import random
+    import threading
+
+    failures: list[str] = []
+    started = threading.Event()
+
+    def worker(w: int) -> None:
+        rnd = random.Random(w)
+        for i in range(calls):
+            size = BULK_SIZES[(w + i) % len(BULK_SIZES)]
+            name = f"{w}:{i}:" + "".join(rnd.choices("abcdefghijklmnopqrstuvwxyz", k=16)) * (size // 16 + 1)
+            name = name[:size]
+            try:
+                reply = stub.SayHello(hello_mrpc.HelloRequest(name=name), timeout=60)
+            except mrpcd.RpcError as exc:
+                failures.append(f"call {w}/{i}: {exc.code().name} {exc.details()}")
+                return
+            if reply.message != f"Hello, {name}!":
+                failures.append(f"call {w}/{i} ({size} B): reply differs")
+                return
+            if not started.is_set():
+                started.set()
+                print("started", flush=True)
+
+    ts = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+        return 1
+    print(f"ok bulk {calls * threads}", flush=True)
     return 0
 
 
