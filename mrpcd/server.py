@@ -154,6 +154,7 @@ class _Deadlines:
         self._thread: threading.Thread | None = None
         self._pending = 0
         self._closed = False
+        self._sleep_until: float | None = None  # when the waiting thread wakes by itself
 
     def add(self, call: _ServerCall) -> None:
         if call.deadline.at is None:
@@ -161,13 +162,17 @@ class _Deadlines:
         with self._cond:
             if self._closed:
                 return
-            heapq.heappush(self._heap, (call.deadline.at, next(self._seq), call))
+            at = call.deadline.at
+            heapq.heappush(self._heap, (at, next(self._seq), call))
             call.timed = True
             self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="mrpcd-deadlines", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif self._sleep_until is not None and at < self._sleep_until:
+                # wake the thread only when this deadline comes before its own wake-up: two
+                # thread switches per call (add + discard) cost more than a small RPC
+                self._cond.notify()
 
     def discard(self, call: _ServerCall) -> None:
         """The call ended (answered, cancelled or expired): it no longer keeps the thread."""
@@ -177,8 +182,7 @@ class _Deadlines:
             call.timed = False
             self._pending -= 1
             if not self._pending:
-                self._heap.clear()
-                self._cond.notify()
+                self._heap.clear()  # the thread notices at its own wake-up: no switch now
 
     def close(self) -> None:
         with self._cond:
@@ -205,17 +209,25 @@ class _Deadlines:
                     if now - idle_since >= self.IDLE:
                         self._thread = None  # add() starts a new thread
                         return
-                    self._cond.wait(self.IDLE - (now - idle_since))
+                    self._sleep(idle_since + self.IDLE, now)
                     continue
                 idle_since = None
                 at, _, call = self._heap[0]
                 now = time.monotonic()
                 if at > now:
-                    self._cond.wait(at - now)
+                    self._sleep(at, now)
                     continue
                 heapq.heappop(self._heap)
             if call.is_active():
                 call.cancel(expired=True)
+
+    def _sleep(self, until: float, now: float) -> None:
+        """Wait (lock held) until `until` or an earlier deadline / close() notifies."""
+        self._sleep_until = until
+        try:
+            self._cond.wait(until - now)
+        finally:
+            self._sleep_until = None
 
 
 class Server(ServerCore):
