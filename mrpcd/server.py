@@ -215,7 +215,9 @@ class _Deadlines:
                 at, _, call = self._heap[0]
                 now = time.monotonic()
                 if at > now:
-                    self._sleep(at, now)
+                    # never longer than IDLE: discard() does not wake us, and an emptied
+                    # heap must still end the thread about IDLE later
+                    self._sleep(min(at, now + self.IDLE), now)
                     continue
                 heapq.heappop(self._heap)
             if call.is_active():
