@@ -77,6 +77,7 @@ class App:
         self.app_waker = ringmod.Waker(app_fd)
         self._tx_lock = threading.Lock()
         self._space = threading.Condition(self._tx_lock)
+        self._space_waiters = 0  # senders blocked on a full tx ring (counted before they flag the ring)
         self._call_ids = itertools.count(1)
         self.calls: dict[tuple[int, int], CallSink] = {}
         self.servers: list[Any] = []  # mrpcd.server.Server / aio servers, each with route(), handle_lost() and app_closed()
@@ -152,13 +153,17 @@ class App:
             while not self._push(data):
                 if self.tx.should_wake_consumer():
                     self.daemon_waker.signal()
-                if self.tx.prepare_wait_for_space(len(data)):
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
+                self._space_waiters += 1  # before the ring flag: the rx thread must see us
+                try:
+                    if self.tx.prepare_wait_for_space(len(data)):
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            self.tx.finish_wait()
+                            raise RpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded while waiting for room in the ring")
+                        self._space.wait(min(left, 0.5) if left is not None else 0.5)
                         self.tx.finish_wait()
-                        raise RpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded while waiting for room in the ring")
-                    self._space.wait(min(left, 0.5) if left is not None else 0.5)
-                    self.tx.finish_wait()
+                finally:
+                    self._space_waiters -= 1
                 if self.closed:
                     raise DaemonUnavailable("the app's connection to mrpcd is closed")
             if self.tx.should_wake_consumer():
@@ -236,6 +241,8 @@ class App:
             listener(details)
 
     def _wake_space_waiters(self) -> None:
+        if not self._space_waiters:  # the common case: nobody waits, skip the lock
+            return
         with self._tx_lock:
             self._space.notify_all()
 

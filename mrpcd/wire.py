@@ -15,6 +15,7 @@ from .status import RpcError, StatusCode
 
 Metadata = Sequence[tuple[str, "str | bytes"]]
 _TRAILERS = (":trailers", "")
+_TRAILERS_ONLY = R.encode_metadata([_TRAILERS], internal=True)
 
 
 def deadline_us(timeout: float | None) -> int:
@@ -98,7 +99,12 @@ def response_parts(
         pairs.extend(trailing)
         if details:
             pairs.append((":details", details))
-    meta = R.encode_metadata(pairs, internal=True) if pairs else b""
+    if not pairs:
+        meta = b""
+    elif len(pairs) == 1 and pairs[0] is _TRAILERS:
+        meta = _TRAILERS_ONLY  # the common unary answer: no metadata at all
+    else:
+        meta = R.encode_metadata(pairs, internal=True)
     if payload is None:
         flags |= R.F_NO_MSG
         payload = b""
@@ -123,7 +129,10 @@ def split_response_meta(rec: R.Record) -> tuple[list, list, str]:
     """(initial metadata, trailing metadata, details) of a RESPONSE or GOAWAY record."""
     if not rec.meta_len:
         return [], [], ""
-    pairs = R.decode_metadata(rec.meta)
+    meta = rec.meta
+    if meta == _TRAILERS_ONLY:
+        return [], [], ""  # the common unary answer: nothing to decode
+    pairs = R.decode_metadata(meta)
     initial: list = []
     trailing: list = []
     details = ""
