@@ -103,7 +103,10 @@ class _ClientCall(ClientCallCore):
         try:
             return self._deserialize(payload)
         except ValueError as exc:
-            self.cancel(*self.deserialize_error(exc))
+            code, details = self.deserialize_error(exc)
+            if not self.cancel(code, details):
+                with self._cond:  # ended already (unary: message and OK in one record): not OK any more
+                    self.code, self.details = code, details
             raise self.error() from None
 
     def wait_done(self, timeout: float | None = None) -> bool:

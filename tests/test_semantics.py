@@ -475,3 +475,48 @@ def test_sync_deadline_thread_stops_when_idle_and_at_app_close(streamer, monkeyp
         cli_app.close()
         srv_app.close()
     assert not deadline_threads(), "App.close left the server's deadline thread running"
+
+
+def test_an_undecodable_response_fails_the_call_with_internal(two_daemons, gen_dir):
+    """grpc: a response that does not deserialize ends the call with INTERNAL, even when
+    its OK status arrived in the same record (unary) - never a silent None."""
+    import asyncio
+
+    import hello_mrpc
+
+    a, b = two_daemons
+    sapp, capp = mrpcd.connect(b.socket, name="garbage-server"), mrpcd.connect(a.socket, name="caller")
+    try:
+        server = mrpcd.server(app=sapp)
+        handler = mrpcd.unary_unary_rpc_method_handler(
+            lambda req, ctx: hello_mrpc.HelloReply(message="x"),
+            request_deserializer=hello_mrpc.HelloRequest.FromString,
+            response_serializer=lambda r: b"\xc1\xc1",  # not msgpack
+            request_type=hello_mrpc.HelloRequest, response_type=hello_mrpc.HelloReply)
+        server.add_generic_rpc_handlers([mrpcd.method_handlers_generic_handler("helloworld.Greeter", {"SayHello": handler})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = hello_mrpc.GreeterStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.SayHello(hello_mrpc.HelloRequest(name="x"), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.INTERNAL
+        assert info.value.details().startswith("Exception deserializing response!")
+
+        async def call_async():
+            import mrpcd.aio
+
+            app = mrpcd.aio.connect(a.socket, name="aio-caller")
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=app)
+            try:
+                with pytest.raises(mrpcd.RpcError) as ainfo:
+                    await hello_mrpc.GreeterStub(channel).SayHello(hello_mrpc.HelloRequest(name="y"), timeout=10)
+                return ainfo.value
+            finally:
+                await channel.close()
+                app.close()
+
+        err = asyncio.run(call_async())
+        assert err.code() is mrpcd.StatusCode.INTERNAL
+    finally:
+        capp.close()
+        sapp.close()

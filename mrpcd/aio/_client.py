@@ -78,7 +78,9 @@ class _CallState(ClientCallCore):
             try:
                 return self._deserialize(payload)
             except ValueError as exc:
-                self.cancel(*self.deserialize_error(exc))
+                code, details = self.deserialize_error(exc)
+                if not self.cancel(code, details):  # ended already (unary): not OK any more
+                    self.code, self.details = code, details
                 raise self.error() from None
         if self.code is StatusCode.OK:
             raise StopAsyncIteration
