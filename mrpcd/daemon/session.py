@@ -159,8 +159,12 @@ class AppSession:
                 # no policy reads bodies: big payloads stay in the ring and go from there to
                 # the socket as Leases (headers and metadata are still private copies)
                 recs, bad, extent, leases = R.ring_take_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record, LEND_MIN)
-                if extent:
+                if leases or self._lent:
                     self._lend(recs, bad, extent, leases)
+                elif extent:  # everything was copied and nothing older is out: free it now
+                    R.ring_release_bytes(self.tx, extent)
+                    if recs or bad:
+                        self._handle_outbound(recs, bad)
                 if not recs and not bad:
                     return True
             if self.tx.should_wake_producer():
