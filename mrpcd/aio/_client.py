@@ -76,7 +76,7 @@ class _CallState(ClientCallCore):
             if window is not None:
                 self.app.send_nowait(window)
             try:
-                return self._deserialize(payload)
+                return self.decode(payload)
             except ValueError as exc:
                 self.cancel(*self.deserialize_error(exc))
                 raise self.error() from None
