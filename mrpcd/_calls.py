@@ -122,7 +122,7 @@ class ClientCallCore:
         self._in_place = in_place_decoder(deserialize)
         self._max_receive = max_receive
         self.deadline = deadline
-        self.messages: deque[tuple[bytes | memoryview, int]] = deque()
+        self.messages: deque[tuple["bytes | memoryview | Decoded", int]] = deque()
         self.done = False
         self.got_initial = False
         self.cancelled_locally = False
@@ -190,7 +190,7 @@ class ClientCallCore:
             except Exception:
                 pass
 
-    def pop_message(self) -> tuple[bytes, bytes | None] | None:
+    def pop_message(self) -> "tuple[bytes | memoryview | Decoded, bytes | None] | None":
         """The next message's payload and the WINDOW record to send for it (None: no
         grant due now); None when no message is queued."""
         if not self.messages:
@@ -322,7 +322,7 @@ class ServerCallCore:
         self.handler = handler
         self.metadata = tuple(wire.request_meta(rec))
         self.deadline = wire.Deadline(rec.deadline)
-        self._messages: deque[tuple[bytes | memoryview, int]] = deque()
+        self._messages: deque[tuple["bytes | memoryview | Decoded", int]] = deque()
         self._half_closed = False
         self.cancelled = False
         self.finished = False
@@ -351,7 +351,7 @@ class ServerCallCore:
     def is_active(self) -> bool:
         return not (self.cancelled or self.finished)
 
-    def _pop_request(self) -> tuple[bytes, bytes | None]:
+    def _pop_request(self) -> "tuple[bytes | memoryview | Decoded, bytes | None]":
         """The next request payload (one must be queued) and the WINDOW record due for it."""
         payload, size = self._messages.popleft()
         grant = 0 if self._half_closed else self._recv.consume(size)
