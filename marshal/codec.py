@@ -508,7 +508,9 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         cls.SerializeToString = _make_serialize(enc, schema, name)
         # the app's send path finds the Parts encoder through the serializer it was given
         # (so a custom or overridden serializer is used as it is)
-        cls.SerializeToString.__mrpc_parts__ = _make_serialize(enc, schema, name, _pack_parts)
+        parts = _make_serialize(enc, schema, name, _pack_parts)
+        parts.__qualname__ = f"{name}.SerializeToString.__mrpc_parts__"
+        cls.SerializeToString.__mrpc_parts__ = parts
         cls.FromString = classmethod(_make_fromstring(dec, schema, name))
         cls.__mrpc_schema__ = schema
         cls.__mrpc_message__ = msg
