@@ -13,6 +13,8 @@ CYTHON_DIRECTIVES = {"language_level": "3", "boundscheck": True, "wraparound": F
 
 CYTHON_MODULES = {
     "mrpcd.marshal._framing": "marshal/_framing.pyx",
+    "mrpcd.marshal._pack": "marshal/_pack.pyx",
+    "mrpcd.marshal._ringio": "marshal/_ringio.pyx",
     "mrpcd.transports._tcp": "transports/_tcp.pyx",
 }
 CFFI_MODULES = ["native/_ring_build.py:ffibuilder"]

@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 
 from . import _framing
+from . import _pack as _packmod
 from .schema import INT_RANGES, Field, Schema, SchemaError
 
 __all__ = ["DecodeError", "EncodeError", "MAX_DEPTH", "bind", "decode_plain", "encode_plain", "read_field"]
@@ -191,6 +192,12 @@ def _emsg_plain(x: Any, enc: Any, where: str, d: int) -> Any:
 
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 _unpackb = msgpack.unpackb
+_pack_parts_c = _packmod.pack_parts
+
+# A `bytes` value at least this big is not copied by the app's send path encoder
+# (`cls.__mrpc_serialize_parts__`): it goes by reference to the ring push, which copies it
+# once, into shared memory. Smaller ones are packed into the surrounding run.
+PARTS_MIN = 32 * 1024
 
 
 # ---------------------------------------------------------------------------------------
@@ -499,6 +506,11 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         k = gen.index[name]
         enc, dec = gen.ns[f"_e{k}"], gen.ns[f"_d{k}"]
         cls.SerializeToString = _make_serialize(enc, schema, name)
+        # the app's send path finds the Parts encoder through the serializer it was given
+        # (so a custom or overridden serializer is used as it is)
+        parts = _make_serialize(enc, schema, name, _pack_parts)
+        parts.__qualname__ = f"{name}.SerializeToString.__mrpc_parts__"
+        cls.SerializeToString.__mrpc_parts__ = parts
         cls.FromString = classmethod(_make_fromstring(dec, schema, name))
         cls.__mrpc_schema__ = schema
         cls.__mrpc_message__ = msg
@@ -534,8 +546,21 @@ def _default(f: Field, enums: dict[str, type]) -> tuple[str, Any, bool]:
     return (f.name, _scalar_default(f.type.kind), False)
 
 
-def _make_serialize(enc: Any, schema: Schema, name: str) -> Any:
-    pack = _pack
+def _pack_parts(value: Any) -> "bytes | _packmod.Parts":
+    """msgpack's bytes for `value`, with big `bytes` values by reference (a Parts) for the
+    app's send path; msgpack itself packs what the compiled packer does not handle, so
+    the bytes, and the errors, are exactly those of `_pack`."""
+    try:
+        return _pack_parts_c(value, PARTS_MIN)
+    except _packmod.Unsupported:
+        return _pack(value)
+
+
+def _make_serialize(enc: Any, schema: Schema, name: str, pack: Any = None) -> Any:
+    """SerializeToString for one message: `enc` builds the nested tuples, `pack` (msgpack's
+    Packer unless given) packs them; encoder and packer errors become EncodeError the same
+    way whichever packer it is."""
+    pack = pack or _pack
 
     def SerializeToString(self: Any) -> bytes:
         try:
@@ -567,6 +592,9 @@ def _make_fromstring(dec: Any, schema: Schema, name: str) -> Any:
         return dec(v, 0)
 
     FromString.__qualname__ = f"{name}.FromString"
+    # Safe on memory that is only valid during the call (the app decodes big messages
+    # straight from its rx ring): it keeps no reference to `data` or a buffer of it.
+    FromString.__mrpc_inplace__ = True
     return FromString
 
 

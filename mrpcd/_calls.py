@@ -27,6 +27,7 @@ from typing import Any, Callable
 from . import flow, wire
 from .handlers import GenericRpcHandler, RpcMethodHandler
 from .marshal import records as R
+from .marshal._ringio import RingRecord
 from .marshal.schema import method_id as _method_id
 from .status import AbortError, RpcError, StatusCode
 
@@ -36,8 +37,56 @@ from .status import AbortError, RpcError, StatusCode
 VIEW_MIN = 64 * 1024
 
 
-def message_of(rec: R.Record, behind: bool) -> "bytes | memoryview":
+class Decoded:
+    """A message the rx path already decoded, straight from the rx ring (see
+    `message_of`): its value, or the exception the deserializer raised, which the reader
+    gets when it takes the message, exactly as if it had decoded it there."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value: Any, error: "Exception | None") -> None:
+        self.value = value
+        self.error = error
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def in_place_decoder(deserialize: "Callable[[Any], Any] | None") -> "Callable[[Any], Any] | None":
+    """`deserialize` if it may be given memory that is only valid during the call (the
+    generated FromString: it keeps nothing of its argument), else None."""
+    return deserialize if getattr(deserialize, "__mrpc_inplace__", False) else None
+
+
+def parts_serializer(serialize: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The send path's version of `serialize`: for a generated SerializeToString, the one
+    that returns big `bytes` fields by reference (a Parts, gathered straight into the tx
+    ring: one copy); any other serializer as it is."""
+    return getattr(serialize, "__mrpc_parts__", None) or serialize
+
+
+def _decode_in_ring(rec: RingRecord, decode: Callable[[Any], Any]) -> Decoded:
+    """Decode a message while its bytes are still in the rx ring. An exception is kept
+    for the reader, without its traceback (whose frames would hold the ring view)."""
+    try:
+        return Decoded(rec.decode(decode), None)
+    except Exception as exc:
+        exc.__traceback__ = None
+        if exc.__suppress_context__:
+            exc.__context__ = None
+        return Decoded(None, exc)
+
+
+def message_of(rec: "R.Record | RingRecord", behind: bool, decode: "Callable[[Any], Any] | None" = None) -> "bytes | memoryview | Decoded":
     """The payload of a message record, to queue for the application.
+
+    A big record the rx path left in the ring (a RingRecord: App.drain releases its ring
+    space once the batch is dispatched) is decoded right here with `decode` (an
+    `in_place_decoder`): its `bytes` fields are then the one copy out of shared memory.
+    Without one (a grpc-style deserializer is promised `bytes`; a server whose
+    interceptors have not yet chosen the handler) it is copied out as `bytes`.
 
     The view's lifetime rule (docs/INTERNALS.md "Records API"): a view pins the private,
     immutable buffer of the ring pop it came from, never the ring itself. `behind` (the
@@ -45,6 +94,10 @@ def message_of(rec: R.Record, behind: bool) -> "bytes | memoryview":
     long: then the record gets a base of its own first (`own()`, the copy the old path
     always made), so a slow reader pins its messages, not whole batch buffers.
     """
+    if type(rec) is RingRecord:
+        if decode is not None:
+            return _decode_in_ring(rec, decode)
+        return rec.payload
     if rec.payload_len < VIEW_MIN:
         return rec.payload
     if behind:
@@ -66,9 +119,10 @@ class ClientCallCore:
         self.handle = handle
         self.call_id = call_id
         self._deserialize = deserialize
+        self._in_place = in_place_decoder(deserialize)
         self._max_receive = max_receive
         self.deadline = deadline
-        self.messages: deque[tuple[bytes | memoryview, int]] = deque()
+        self.messages: deque[tuple["bytes | memoryview | Decoded", int]] = deque()
         self.done = False
         self.got_initial = False
         self.cancelled_locally = False
@@ -102,7 +156,7 @@ class ClientCallCore:
                 err = wire.too_large("Received", n, self._max_receive)
                 self.end(err.code(), err.details())
                 return wire.cancel_record(self.handle, self.call_id)
-            self.messages.append((message_of(rec, bool(self.messages)), flow.cost(n, rec.meta_len)))
+            self.messages.append((message_of(rec, bool(self.messages), self._in_place), flow.cost(n, rec.meta_len)))
         if flags & R.F_END:
             self.trailing, self.details = trailing, details
             self.code = StatusCode.from_int(rec.status)
@@ -136,7 +190,7 @@ class ClientCallCore:
             except Exception:
                 pass
 
-    def pop_message(self) -> tuple[bytes, bytes | None] | None:
+    def pop_message(self) -> "tuple[bytes | memoryview | Decoded, bytes | None] | None":
         """The next message's payload and the WINDOW record to send for it (None: no
         grant due now); None when no message is queued."""
         if not self.messages:
@@ -144,6 +198,13 @@ class ClientCallCore:
         payload, size = self.messages.popleft()
         grant = 0 if self.done else self._recv.consume(size)
         return payload, (flow.window_record(self.handle, self.call_id, grant) if grant else None)
+
+    def decode(self, payload: "bytes | memoryview | Decoded") -> Any:
+        """The response message of a payload `pop_message` returned (raises what the
+        deserializer raised, whether it ran now or on the rx path)."""
+        if type(payload) is Decoded:
+            return payload.result()
+        return self._deserialize(payload)
 
     def credit_available(self) -> bool:
         return self._credit.available()
@@ -178,11 +239,12 @@ class MultiCallableCore:
         self._channel = channel
         self._method = method
         self._method_id = _method_id(method)
-        self._encode = request_type.SerializeToString
+        self._encode = parts_serializer(request_type.SerializeToString)
         self._decode = response_type.FromString
         self._schemas = [request_type.__mrpc_schema__, response_type.__mrpc_schema__]
 
-    def _payload(self, message: Any) -> bytes:
+    def _payload(self, message: Any) -> Any:
+        """The encoded request (bytes, or Parts for big bytes fields; len() is its size)."""
         payload = self._encode(message)
         limit = self._channel._max_send
         if len(payload) > limit:
@@ -260,12 +322,15 @@ class ServerCallCore:
         self.handler = handler
         self.metadata = tuple(wire.request_meta(rec))
         self.deadline = wire.Deadline(rec.deadline)
-        self._messages: deque[tuple[bytes | memoryview, int]] = deque()
+        self._messages: deque[tuple["bytes | memoryview | Decoded", int]] = deque()
         self._half_closed = False
         self.cancelled = False
         self.finished = False
         self.initial_sent = False
         self.too_large: RpcError | None = None
+        # Until the server's interceptors have chosen the handler (in the handler's own
+        # thread/task), the deserializer is not known: the rx path must not decode early.
+        self.resolved = not server._interceptors
         self._credit = flow.SendCredit()
         self._recv = flow.RecvWindow()
 
@@ -278,21 +343,32 @@ class ServerCallCore:
                 self.too_large = wire.too_large("Received", n, limit)
                 self._half_closed = True
                 return
-            self._messages.append((message_of(rec, bool(self._messages)), flow.cost(n, rec.meta_len)))
+            decode = in_place_decoder(self.handler.request_deserializer) if self.resolved else None
+            self._messages.append((message_of(rec, bool(self._messages), decode), flow.cost(n, rec.meta_len)))
         if rec.flags & R.F_END:
             self._half_closed = True
 
     def is_active(self) -> bool:
         return not (self.cancelled or self.finished)
 
-    def _pop_request(self) -> tuple[bytes, bytes | None]:
+    def _pop_request(self) -> "tuple[bytes | memoryview | Decoded, bytes | None]":
         """The next request payload (one must be queued) and the WINDOW record due for it."""
         payload, size = self._messages.popleft()
         grant = 0 if self._half_closed else self._recv.consume(size)
         return payload, (flow.window_record(self.handle, self.call_id, grant) if grant else None)
 
-    def _decode(self, payload: "bytes | memoryview") -> Any:
+    def _resolved(self, handler: RpcMethodHandler) -> None:
+        """The interceptors chose `handler`: from now on the rx path may decode with it."""
+        self.handler = handler
+        self.resolved = True
+
+    def _decode(self, payload: "bytes | memoryview | Decoded") -> Any:
         h = self.handler
+        if type(payload) is Decoded:  # decoded on the rx path with this handler's deserializer
+            try:
+                return payload.result()
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
         if type(payload) is not bytes and (h.request_type is None or h.request_deserializer != h.request_type.FromString):
             payload = bytes(payload)  # a grpc-style deserializer is promised bytes, as in grpc
         try:
@@ -481,5 +557,6 @@ class ServerCore:
             raise wire.too_large("Sent", len(payload), self._max_send)
         return payload
 
-    def _encode_response(self, handler: RpcMethodHandler, response: Any) -> bytes:
-        return handler.response_serializer(response)
+    def _encode_response(self, handler: RpcMethodHandler, response: Any) -> Any:
+        """The encoded response (bytes, or Parts for big bytes fields; len() is its size)."""
+        return parts_serializer(handler.response_serializer)(response)

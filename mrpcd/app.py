@@ -19,6 +19,8 @@ from typing import Any, Callable, Protocol
 
 from . import control_proto as cp
 from .marshal import records as R
+from .marshal._pack import Parts
+from .marshal._ringio import ring_push_parts, ring_take_records
 from .marshal.schema import Schema
 from .malloc_tuning import tune_malloc
 from .native import ring as ringmod
@@ -30,6 +32,10 @@ log = logging.getLogger("mrpcd.app")
 
 RX_BATCH = 256
 RX_BYTES = 4 << 20
+# Records at least this big stay in the rx ring while their batch is dispatched: their
+# message is decoded straight from ring memory (one copy instead of two), then the ring
+# space is released (App.drain).
+RX_BIG_MIN = 32 * 1024
 
 class CallSink(Protocol):
     def deliver(self, rec: R.Record) -> None: ...
@@ -85,6 +91,11 @@ class App:
         self._schemas: set[int] = set()
         self._schema_lock = threading.Lock()
         self.closed = False
+        # Held while the rx path reads the rx ring (and records it left in place); close()
+        # takes it before unmapping the rings. Re-entrant: a callback run by dispatch on
+        # the rx thread / event loop may close the app.
+        self._rx_lock = threading.RLock()
+        self._held: Any = None  # the open take of the batch being dispatched, if any
         self.driver = driver
         self._thread: threading.Thread | None = None
         if driver == "thread":
@@ -136,9 +147,13 @@ class App:
 
     def _push(self, data: "bytes | RecordParts") -> bool:
         """One record into the tx ring (tx lock held): encoded bytes as they are, a
-        wire.RecordParts gathered straight into the ring (ring_push_record: one copy)."""
+        wire.RecordParts gathered straight into the ring (ring_push_record: one copy; a
+        Parts payload's big bytes values straight from the user's objects, ring_push_parts)."""
         if type(data) is RecordParts:
-            return R.ring_push_record(self.tx, *data.args)
+            args = data.args
+            if type(args[8]) is Parts:
+                return ring_push_parts(self.tx, *args)
+            return R.ring_push_record(self.tx, *args)
         return self.tx.push(data)
 
     def send(self, data: "bytes | RecordParts", timeout: float | None = None) -> None:
@@ -185,21 +200,39 @@ class App:
 
     # -- rx -----------------------------------------------------------------------------
     def drain(self) -> bool:
-        """Pop and dispatch one batch from the rx ring; True if there was anything.
+        """Take and dispatch one batch from the rx ring; True if there was anything.
 
-        One copy out of the shared ring into a private buffer for the whole batch; the
-        records are zero-copy views of it (ring_pop_records), bounds-checked there."""
-        recs, bad = R.ring_pop_records(self.rx, RX_BATCH, RX_BYTES, 1 << 31)
-        if self.rx.should_wake_producer():
-            self.daemon_waker.signal()
+        Small records: one copy out of the shared ring into a private buffer for the whole
+        batch, the records are zero-copy views of it. Records of at least RX_BIG_MIN bytes
+        stay in the ring (RingRecords) while the batch is dispatched, so their messages are
+        decoded straight from ring memory (mrpcd._calls.message_of); then the batch's ring
+        space is released, and the daemon woken if it waits for room. Every header is
+        bounds-checked (mrpcd.marshal._ringio)."""
+        with self._rx_lock:
+            if self.closed:
+                return False
+            recs, bad, held = ring_take_records(self.rx, RX_BATCH, RX_BYTES, RX_BIG_MIN, 1 << 31)
+            if held is None:
+                if self.rx.should_wake_producer():
+                    self.daemon_waker.signal()
+                self._dispatch_batch(recs, bad)
+                return bool(recs or bad)
+            self._held = held
+            try:
+                self._dispatch_batch(recs, bad)
+            finally:
+                self._held = None
+                held.release()
+            if self.rx.should_wake_producer():
+                self.daemon_waker.signal()
+            return True
+
+    def _dispatch_batch(self, recs: list, bad: list) -> None:
         for _data, reason in bad:  # the daemon is trusted, but never crash on it
             log.error("mrpcd sent a malformed record: %s", reason)
-        if not recs:
-            return bool(bad)
         dispatch = self.dispatch
         for rec in recs:
             dispatch(rec)
-        return True
 
     def dispatch(self, rec: R.Record) -> None:
         kind = rec.kind
@@ -283,7 +316,11 @@ class App:
         finally:
             self.daemon_waker.close()
             self.app_waker.close()
-            self.rings.close()
+            with self._rx_lock:  # not while the rx path reads the ring
+                held, self._held = self._held, None
+                if held is not None:
+                    held.drop()  # closed from a callback mid-batch: its records are gone
+                self.rings.close()
 
 
 _default_app: App | None = None

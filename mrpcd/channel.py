@@ -101,7 +101,7 @@ class _ClientCall(ClientCallCore):
             except RpcError:
                 pass
         try:
-            return self._deserialize(payload)
+            return self.decode(payload)
         except ValueError as exc:
             code, details = self.deserialize_error(exc)
             if not self.cancel(code, details):

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 from . import flow, wire
-from ._calls import ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status
+from ._calls import ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, parts_serializer
 from .app import App, default_app
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
@@ -279,9 +279,9 @@ class Server(ServerCore):
                 self._idle.notify_all()
         self._deadlines.discard(call)
 
-    def _encode_response(self, handler: RpcMethodHandler, response: Any) -> bytes:
+    def _encode_response(self, handler: RpcMethodHandler, response: Any) -> Any:
         try:
-            return handler.response_serializer(response)
+            return parts_serializer(handler.response_serializer)(response)
         except Exception as exc:
             raise SerializeError(str(exc)) from None
 
@@ -297,7 +297,7 @@ class Server(ServerCore):
                 if handler is None:
                     call.send(R.F_END, None, ctx, StatusCode.UNIMPLEMENTED, "Method not found!")
                     return
-                call.handler = handler
+                call._resolved(handler)
             request = call.request_iterator() if handler.request_streaming else call.next_request()
             if handler.response_streaming:
                 for response in handler.behavior(request, ctx):

@@ -11,6 +11,7 @@ import time
 from typing import Iterable, Sequence
 
 from .marshal import records as R
+from .marshal._pack import Parts
 from .status import RpcError, StatusCode
 
 Metadata = Sequence[tuple[str, "str | bytes"]]
@@ -43,7 +44,9 @@ class RecordParts:
     """A record not yet encoded: the arguments of encode_record. `App.send` pushes it with
     `ring_push_record` (header, metadata and payload gathered into the shared ring by one C
     call), so the payload is copied once, into shared memory, with no joined bytes on the
-    way. `len()` is the encoded length (for the size checks); `encode()` the bytes."""
+    way. The payload may be a `Parts` (the send path's encoding, big `bytes` fields by
+    reference: `ring_push_parts` gathers them from the user's objects). `len()` is the
+    encoded length (for the size checks); `encode()` the bytes."""
 
     __slots__ = ("args", "size")
 
@@ -55,7 +58,10 @@ class RecordParts:
         return self.size
 
     def encode(self) -> bytes:
-        return R.encode_record(*self.args)
+        a = self.args
+        if type(a[8]) is Parts:  # big bytes fields by reference: join them (one copy)
+            return R.encode_record(*a[:8], a[8].tobytes())
+        return R.encode_record(*a)
 
     def __repr__(self) -> str:
         a = self.args

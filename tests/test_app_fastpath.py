@@ -105,6 +105,7 @@ def _bare_app(pair: RingPair) -> appmod.App:
     app._tx_lock = threading.Lock()
     app._space = threading.Condition(app._tx_lock)
     app.closed = False
+    app._rx_lock, app._held = threading.RLock(), None
     app.max_record = 1 << 20
     app.calls, app.servers, app.handle_listeners = {}, [], {}
     return app
@@ -183,6 +184,7 @@ def test_server_core_hands_grpc_style_deserializers_bytes_and_generated_ones_vie
     class FakeServer:
         app = None
         _max_receive = 4 << 20
+        _interceptors = ()
 
     seen = []
     blob = _blob(_calls.VIEW_MIN)

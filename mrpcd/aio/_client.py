@@ -76,7 +76,7 @@ class _CallState(ClientCallCore):
             if window is not None:
                 self.app.send_nowait(window)
             try:
-                return self._deserialize(payload)
+                return self.decode(payload)
             except ValueError as exc:
                 code, details = self.deserialize_error(exc)
                 if not self.cancel(code, details):  # ended already (unary): not OK any more

@@ -170,7 +170,7 @@ class Server(ServerCore):
                 if handler is None:
                     await call.send(R.F_END, None, ctx, StatusCode.UNIMPLEMENTED, "Method not found!")
                     return
-                call.handler = handler
+                call._resolved(handler)
             request = call.request_iterator() if handler.request_streaming else await call.next_request()
             result = handler.behavior(request, ctx)
             if handler.response_streaming:
