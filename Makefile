@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h native/_ring_build.py marshal/*.pyx transports/*.pyx)
+SOURCES := pyproject.toml setup.py $(wildcard native/*.c native/*.h native/_ring_build.py marshal/*.pyx marshal/*.pxi transports/*.pyx)
 
 .PHONY: install demo test clean fuzz soak bench bench-quick bench-deps
 

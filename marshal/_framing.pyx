@@ -82,34 +82,7 @@ class RecordError(ValueError):
 _KIND_NAMES = {1: "REQUEST", 2: "RESPONSE", 3: "CANCEL", 4: "WINDOW", 16: "HELLO", 17: "GOAWAY"}
 
 
-cdef inline bint _kind_ok(unsigned int k) noexcept:
-    return k == 1 or k == 2 or k == 3 or k == 4 or k == 16 or k == 17
-
-
-# -- little-endian loads/stores (portable; compilers turn these into plain moves) -------
-cdef inline uint16_t _ld16(const uint8_t* p) noexcept:
-    return <uint16_t>p[0] | (<uint16_t>p[1] << 8)
-
-cdef inline uint32_t _ld32(const uint8_t* p) noexcept:
-    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
-            | (<uint32_t>p[3] << 24))
-
-cdef inline uint64_t _ld64(const uint8_t* p) noexcept:
-    return <uint64_t>_ld32(p) | (<uint64_t>_ld32(p + 4) << 32)
-
-cdef inline void _st16(uint8_t* p, uint16_t v) noexcept:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-
-cdef inline void _st32(uint8_t* p, uint32_t v) noexcept:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-    p[2] = (v >> 16) & 0xFF
-    p[3] = (v >> 24) & 0xFF
-
-cdef inline void _st64(uint8_t* p, uint64_t v) noexcept:
-    _st32(p, <uint32_t>(v & 0xFFFFFFFFu))
-    _st32(p + 4, <uint32_t>(v >> 32))
+include "_header.pxi"
 
 
 cdef class Record:
@@ -403,17 +376,6 @@ cdef object _body_value(object value):
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"record meta / payload must be bytes, got {type(value).__name__}")
-
-
-cdef object _u(object value, uint64_t maximum, str name):
-    """Range-check one header integer given by the caller (encode side)."""
-    if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecordError(f"record {name} must be an int, got {type(value).__name__}")
-        value = int(value)
-    if value < 0 or value > maximum:
-        raise RecordError(f"record {name} {value} out of range (0..{maximum})")
-    return value
 
 
 cdef bytes _encode(uint8_t kind, uint8_t flags, uint16_t status, uint32_t handle,
@@ -755,6 +717,19 @@ cdef enum:
     _E_CORRUPT = -3
 
 
+cdef bytes _batch_base(PyObject* b, Py_ssize_t total, uint64_t alloc):
+    """A pop's fresh buffer `b` (a new reference, consumed) as the bytes its records view,
+    with a big unused tail given back: the used-bytes snapshot can overestimate a lot when
+    max_records cut the batch short; a few bytes of ring headers are not worth a realloc."""
+    cdef bytes base
+    if <uint64_t>total + 4096 < alloc:
+        if _PyBytes_Resize(&b, total if total else 1) < 0:  # b is NULL, an exception set
+            raise MemoryError()
+    base = <bytes>b
+    Py_DECREF(base)  # base now holds the only reference
+    return base
+
+
 def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_record=DEFAULT_MAX_RECORD):
     """Pop up to `max_records` records (at most `max_bytes`, except that a first record
     bigger than that comes alone) from `ring` (a mrpcd.native.ring.Ring, consumer side)
@@ -815,13 +790,7 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
         raise RingCorrupt("producer wrote an invalid record length or head index")
     for i in range(n):
         total += lens[i]
-    # Give back a big unused tail (the used-bytes snapshot can overestimate a lot when
-    # max_records cut the batch short); a few bytes of ring headers are not worth a realloc.
-    if total > 0 and <uint64_t>total + 4096 < alloc:
-        if _PyBytes_Resize(&b, total) < 0:  # b is NULL and an exception is set
-            raise MemoryError()
-    base = <bytes>b
-    Py_DECREF(base)  # base now holds the only reference
+    base = _batch_base(b, total, alloc)
     dp = <const uint8_t*>PyBytes_AS_STRING(base)
     pos = 0
     for i in range(n):
@@ -1012,11 +981,7 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
     for i in range(n):
         if ptrs[i] == NULL:
             total += lens[i]
-    if <uint64_t>total + 4096 < alloc:
-        if _PyBytes_Resize(&b, total if total else 1) < 0:
-            raise MemoryError()
-    base = <bytes>b
-    Py_DECREF(base)  # base now holds the only reference
+    base = _batch_base(b, total, alloc)
     dp = <const uint8_t*>PyBytes_AS_STRING(base)
     pos = 0
     for i in range(n):
@@ -1124,26 +1089,13 @@ def ring_push_record(ring, kind, flags, status, handle, call_id, method_id, dead
     payload is copied once (into shared memory), with no joined bytes in between.
     True if it went in, False if the ring is full now (as Ring.push); ValueError if it
     can never fit; RecordError like encode_record."""
-    cdef uint8_t kd = _u(kind, 0xFF, "kind")
-    cdef uint8_t fl = _u(flags, 0xFF, "flags")
     cdef Py_buffer mb, pb
     cdef uint8_t hdr[_HEADER_SIZE]
     cdef _seg segs[3]
     cdef uint32_t nseg = 3
     cdef int rc
     cdef tuple cp
-    if not _kind_ok(kd):
-        raise RecordError(f"unknown record kind {kd}")
-    if fl & ~C_F_ALL:
-        raise RecordError(f"unknown record flags 0x{fl:02x}")
-    hdr[0] = kd
-    hdr[1] = fl
-    _st16(hdr + 2, <uint16_t>_u(status, 0xFFFF, "status"))
-    _st32(hdr + 4, <uint32_t>_u(handle, 0xFFFFFFFF, "handle"))
-    _st64(hdr + 8, <uint64_t>_u(call_id, 0xFFFFFFFFFFFFFFFF, "call_id"))
-    _st32(hdr + 16, <uint32_t>_u(method_id, 0xFFFFFFFF, "method_id"))
-    _st32(hdr + 20, 0)
-    _st64(hdr + 24, <uint64_t>_u(deadline, 0xFFFFFFFFFFFFFFFF, "deadline"))
+    _pack_fields(hdr, kind, flags, status, handle, call_id, method_id, deadline)
     cp = ring.c_pointers()
     PyObject_GetBuffer(meta, &mb, PyBUF_SIMPLE)
     try:

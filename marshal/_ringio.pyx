@@ -26,7 +26,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
 
 from mrpcd.marshal._framing import (
-    DEFAULT_MAX_RECORD, MAX_META, FrameDecoder, RecordError, parse_record, ring_pop_records,
+    DEFAULT_MAX_RECORD, F_ALL, MAX_META, FrameDecoder, RecordError, parse_record, ring_pop_records,
 )
 
 cdef extern from "Python.h":
@@ -54,44 +54,11 @@ ctypedef int (*_take_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
 ctypedef void (*_release_fn)(void* r) noexcept nogil
 
 cdef uint32_t C_MAX_META = MAX_META
+cdef int C_F_ALL = F_ALL
 _KINDS = (1, 2, 3, 4, 16, 17)
 
 
-cdef inline uint16_t _ld16(const uint8_t* p) noexcept:
-    return <uint16_t>p[0] | (<uint16_t>p[1] << 8)
-
-cdef inline uint32_t _ld32(const uint8_t* p) noexcept:
-    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
-            | (<uint32_t>p[3] << 24))
-
-cdef inline uint64_t _ld64(const uint8_t* p) noexcept:
-    return <uint64_t>_ld32(p) | (<uint64_t>_ld32(p + 4) << 32)
-
-cdef inline void _st16(uint8_t* p, uint16_t v) noexcept:
-    p[0] = v & 0xFF
-    p[1] = (v >> 8) & 0xFF
-
-cdef inline void _st32(uint8_t* p, uint32_t v) noexcept:
-    _st16(p, <uint16_t>(v & 0xFFFF))
-    _st16(p + 2, <uint16_t>(v >> 16))
-
-cdef inline void _st64(uint8_t* p, uint64_t v) noexcept:
-    _st32(p, <uint32_t>(v & 0xFFFFFFFFu))
-    _st32(p + 4, <uint32_t>(v >> 32))
-
-cdef inline bint _kind_ok(unsigned int k) noexcept:
-    return k == 1 or k == 2 or k == 3 or k == 4 or k == 16 or k == 17
-
-
-cdef object _u(object value, uint64_t maximum, str name):
-    """Range-check one header integer given by the caller (as encode_record does)."""
-    if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecordError(f"record {name} must be an int, got {type(value).__name__}")
-        value = int(value)
-    if value < 0 or value > maximum:
-        raise RecordError(f"record {name} {value} out of range (0..{maximum})")
-    return value
+include "_header.pxi"
 
 
 # -- send ---------------------------------------------------------------------------------
@@ -102,8 +69,6 @@ def ring_push_parts(ring, kind, flags, status, handle, call_id, method_id, deadl
     gathered into `ring` (producer side) by one C call, so a big `bytes` value is copied
     once, straight from the caller's object into shared memory. True if it went in, False
     if the ring is full now; ValueError if it can never fit; RecordError like encode_record."""
-    cdef uint8_t kd = _u(kind, 0xFF, "kind")
-    cdef uint8_t fl = _u(flags, 0xFF, "flags")
     cdef uint8_t hdr[_HDR]
     cdef tuple keep = tuple(payload.parts)  # the parts stay alive (and fixed) during the push
     cdef Py_ssize_t nbytes = payload.nbytes
@@ -115,10 +80,7 @@ def ring_push_parts(ring, kind, flags, status, handle, call_id, method_id, deadl
     cdef tuple cp
     cdef void* r
     cdef _push_segs_fn push_fn
-    if not _kind_ok(kd):
-        raise RecordError(f"unknown record kind {kd}")
-    if fl & ~7:
-        raise RecordError(f"unknown record flags 0x{fl:02x}")
+    _pack_fields(hdr, kind, flags, status, handle, call_id, method_id, deadline)
     if PyBytes_GET_SIZE(meta) > C_MAX_META:
         raise RecordError(f"record meta_len {PyBytes_GET_SIZE(meta)} exceeds MAX_META {C_MAX_META}")
     for i in range(nparts):
@@ -129,14 +91,6 @@ def ring_push_parts(ring, kind, flags, status, handle, call_id, method_id, deadl
         raise ValueError(f"payload parts hold {total} bytes, Parts says {nbytes}")
     if total > 0xFFFFFFFFu - _HDR - <uint64_t>PyBytes_GET_SIZE(meta):
         raise ValueError(f"record of {total} payload bytes exceeds the ring's maximum")
-    hdr[0] = kd
-    hdr[1] = fl
-    _st16(hdr + 2, <uint16_t>_u(status, 0xFFFF, "status"))
-    _st32(hdr + 4, <uint32_t>_u(handle, 0xFFFFFFFF, "handle"))
-    _st64(hdr + 8, <uint64_t>_u(call_id, 0xFFFFFFFFFFFFFFFF, "call_id"))
-    _st32(hdr + 16, <uint32_t>_u(method_id, 0xFFFFFFFF, "method_id"))
-    _st32(hdr + 20, 0)
-    _st64(hdr + 24, <uint64_t>_u(deadline, 0xFFFFFFFFFFFFFFFF, "deadline"))
     _st32(hdr + 32, <uint32_t>PyBytes_GET_SIZE(meta))
     _st32(hdr + 36, <uint32_t>total)
     cp = ring.c_pointers()
