@@ -101,20 +101,21 @@ static inline void put_wrap(ring_t *r, uint64_t wrap)
     r->head += wrap;
 }
 
-/* Write one record without publishing head. */
-static int push_one(ring_t *r, const void *buf, uint32_t len)
+/* Room for one record of len bytes at head: the wrap marker first if one is needed (also
+ * when the record itself does not fit yet: otherwise a record longer than the bytes left
+ * before the end could never go in, even into an empty ring), then the record's length
+ * header. Sets *data to where its bytes go and advances head, without publishing it. */
+static int claim(ring_t *r, uint64_t len, uint8_t **data)
 {
-    if ((uint64_t)len > r->cap - RING_REC_HDR)
+    if (len > r->cap - RING_REC_HDR)
         return RING_E_TOOBIG;
     uint64_t wrap, need;
-    space_needed(r, len, &wrap, &need);
+    space_needed(r, (uint32_t)len, &wrap, &need);
     if (r->cap - (r->head - r->tail_cache) < wrap + need) {
         if (refresh_tail(r))
             return RING_E_CORRUPT;
         uint64_t free_ = r->cap - (r->head - r->tail_cache);
         if (free_ < wrap + need) {
-            /* Publish the wrap marker now if it fits: otherwise a record longer than
-             * the bytes left before the end could never go in, even into an empty ring. */
             if (wrap && free_ >= wrap)
                 put_wrap(r, wrap);
             return RING_E_FULL;
@@ -123,12 +124,21 @@ static int push_one(ring_t *r, const void *buf, uint32_t len)
     if (wrap)
         put_wrap(r, wrap);
     uint8_t *p = r->data + (r->head & r->mask);
-    uint32_t hdr[2] = {len, 0};
+    uint32_t hdr[2] = {(uint32_t)len, 0};
     memcpy(p, hdr, sizeof(hdr));
-    if (len)
-        memcpy(p + RING_REC_HDR, buf, len);
     r->head += need;
+    *data = p + RING_REC_HDR;
     return 0;
+}
+
+/* Write one record without publishing head. */
+static int push_one(ring_t *r, const void *buf, uint32_t len)
+{
+    uint8_t *p;
+    int rc = claim(r, len, &p);
+    if (rc == 0 && len)
+        memcpy(p, buf, len);
+    return rc;
 }
 
 static inline void publish(ring_t *r) { STORE_REL(&r->ctrl->head, r->head); }
@@ -189,32 +199,15 @@ int ring_push_packed(ring_t *r, const void *base, const uint32_t *lens, uint32_t
 /* Write one record made of k segments (total len, already summed) without publishing. */
 static int push_one_segs(ring_t *r, const struct ring_seg *segs, uint32_t k, uint64_t len)
 {
-    if (len > r->cap - RING_REC_HDR)
-        return RING_E_TOOBIG;
-    uint64_t wrap, need;
-    space_needed(r, (uint32_t)len, &wrap, &need);
-    if (r->cap - (r->head - r->tail_cache) < wrap + need) {
-        if (refresh_tail(r))
-            return RING_E_CORRUPT;
-        uint64_t free_ = r->cap - (r->head - r->tail_cache);
-        if (free_ < wrap + need) {
-            if (wrap && free_ >= wrap)
-                put_wrap(r, wrap);
-            return RING_E_FULL;
-        }
-    }
-    if (wrap)
-        put_wrap(r, wrap);
-    uint8_t *p = r->data + (r->head & r->mask);
-    uint32_t hdr[2] = {(uint32_t)len, 0};
-    memcpy(p, hdr, sizeof(hdr));
-    p += RING_REC_HDR;
+    uint8_t *p;
+    int rc = claim(r, len, &p);
+    if (rc)
+        return rc;
     for (uint32_t j = 0; j < k; j++) {
         if (segs[j].len)
             memcpy(p, segs[j].p, segs[j].len);
         p += segs[j].len;
     }
-    r->head += need;
     return 0;
 }
 
@@ -252,33 +245,17 @@ int ring_reserve(ring_t *r, uint32_t len, uint8_t **data)
         return RING_E_CORRUPT;
     if (r->has_reservation)
         return RING_E_INVAL;
-    if ((uint64_t)len > r->cap - RING_REC_HDR)
-        return RING_E_TOOBIG;
-    uint64_t wrap, need;
-    space_needed(r, len, &wrap, &need);
-    if (r->cap - (r->head - r->tail_cache) < wrap + need) {
-        if (refresh_tail(r))
-            return RING_E_CORRUPT;
-        uint64_t free_ = r->cap - (r->head - r->tail_cache);
-        if (free_ < wrap + need) {
-            if (wrap && free_ >= wrap) {
-                put_wrap(r, wrap);
-                publish(r);
-            }
-            return RING_E_FULL;
-        }
+    uint64_t before = r->head;
+    int rc = claim(r, len, data);
+    if (rc) {
+        if (r->head != before)
+            publish(r); /* a lone wrap marker is harmless to publish (the consumer skips it) */
+        return rc;
     }
-    if (wrap) {
-        put_wrap(r, wrap);
-        publish(r); /* a lone wrap marker is harmless to publish (the consumer skips it) */
-    }
-    uint8_t *p = r->data + (r->head & r->mask);
-    uint32_t hdr[2] = {len, 0};
-    memcpy(p, hdr, sizeof(hdr));
-    r->reserved = r->head;
+    r->reserved = r->head - (RING_REC_HDR + align8(len));
+    if (r->reserved != before)
+        STORE_REL(&r->ctrl->head, r->reserved); /* the wrap marker only, not the record */
     r->has_reservation = 1;
-    r->head += need;
-    *data = p + RING_REC_HDR;
     return 0;
 }
 
@@ -434,78 +411,26 @@ void ring_pop(ring_t *r)
 int ring_pop_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                    uint32_t max_records)
 {
+    ring_release(r); /* an open take ends first */
+    uint64_t extent;
+    /* a take that keeps nothing in place (no record is UINT32_MAX bytes), freed at once;
+     * a corrupt record stops it before that record */
+    int n = ring_take_more(r, out, out_size, lens, NULL, max_records, UINT32_MAX, &extent);
     ring_release(r);
-    r->pending = 0;
-    if (r->corrupt)
-        return RING_E_CORRUPT;
-    uint64_t head, pos = r->tail, used_out = 0, off;
-    if (load_head(r, &head))
-        return RING_E_CORRUPT;
-    uint32_t n = 0, l;
-    int rc = 0;
-    while (n < max_records) {
-        rc = next_record(r, &pos, head, &l, &off);
-        if (rc <= 0)
-            break;
-        if (l > out_size - used_out) {
-            if (n == 0)
-                rc = RING_E_TOOBIG;
-            break;
-        }
-        memcpy((uint8_t *)out + used_out, r->data + off + RING_REC_HDR, l);
-        used_out += l;
-        lens[n++] = l;
-        pos += RING_REC_HDR + align8(l);
-    }
-    release_tail(r, pos); /* pos never passes a record that failed validation */
-    if (n)
-        return (int)n;
-    return rc < 0 ? rc : 0;
+    return n;
 }
 
 int ring_take_batch(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                     const uint8_t **ptrs, uint32_t max_records, uint32_t big_min)
 {
     ring_release(r); /* the previous take is over */
-    r->pending = 0;
-    if (r->corrupt)
-        return RING_E_CORRUPT;
-    uint64_t head, pos = r->tail, used_out = 0, off;
-    if (load_head(r, &head))
-        return RING_E_CORRUPT;
-    uint32_t n = 0, l;
-    uint64_t kept_bytes = 0;
-    int rc = 0, kept = 0;
-    while (n < max_records) {
-        rc = next_record(r, &pos, head, &l, &off);
-        if (rc <= 0)
-            break;
-        if (l >= big_min) {
-            if (n > 0 && l > out_size - kept_bytes)
-                break; /* out_size bounds what stays in place too (a first record always goes) */
-            ptrs[n] = r->data + off + RING_REC_HDR;
-            kept = 1;
-            kept_bytes += l < out_size - kept_bytes ? l : out_size - kept_bytes;
-        } else {
-            if (l > out_size - used_out) {
-                if (n == 0)
-                    rc = RING_E_TOOBIG;
-                break;
-            }
-            memcpy((uint8_t *)out + used_out, r->data + off + RING_REC_HDR, l);
-            used_out += l;
-            ptrs[n] = NULL;
-        }
-        lens[n++] = l;
-        pos += RING_REC_HDR + align8(l);
-    }
-    if (kept)
-        r->taken = pos - r->tail; /* released by ring_release once the caller is done */
-    else
-        release_tail(r, pos);
-    if (n)
-        return (int)n;
-    return rc < 0 ? rc : 0;
+    uint64_t extent;
+    int n = ring_take_more(r, out, out_size, lens, ptrs, max_records, big_min, &extent);
+    for (int i = 0; i < n; i++)
+        if (ptrs[i])
+            return n; /* big records stay in place until ring_release */
+    ring_release(r);  /* all copied (or a lone wrap marker): free at once, as a pop does */
+    return n;
 }
 
 int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
@@ -524,7 +449,7 @@ int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
         rc = next_record(r, &pos, head, &l, &off);
         if (rc <= 0)
             break;
-        if (l >= big_min) {
+        if (l >= big_min) { /* never with ptrs == NULL: big_min is then UINT32_MAX */
             if (n > 0 && l > out_size - kept_bytes)
                 break;
             ptrs[n] = r->data + off + RING_REC_HDR;
@@ -537,7 +462,8 @@ int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
             }
             memcpy((uint8_t *)out + used_out, r->data + off + RING_REC_HDR, l);
             used_out += l;
-            ptrs[n] = NULL;
+            if (ptrs)
+                ptrs[n] = NULL;
         }
         lens[n++] = l;
         pos += RING_REC_HDR + align8(l);

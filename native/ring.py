@@ -53,7 +53,7 @@ import mmap
 import os
 import select
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from mrpcd.native._ring import ffi, lib
 
@@ -305,27 +305,11 @@ class Ring:
         whatever must not change under you."""
         if max_records <= 0:
             return []
-        if self._out is None:
-            self._out = ffi.new("char[]", self.capacity)
-            self._out_mv = memoryview(ffi.buffer(self._out))
-        if len(self._lens) < max_records:
-            self._lens = ffi.new("uint32_t[]", max_records)
-        ptrs = ffi.new("const uint8_t *[]", max_records)
+        ptrs = self._take_buffers(max_records)
         n = lib.ring_take_batch(self._r, self._out, self.capacity, self._lens, ptrs, max_records, big_min)
-        if n <= 0:
-            if n == 0:
-                return []
+        if n < 0:
             raise RingCorrupt("producer wrote an invalid record length or head index")
-        mv = self._out_mv
-        out: list[bytes | memoryview] = []
-        pos = 0
-        for i, ln in enumerate(ffi.unpack(self._lens, n)):
-            if ptrs[i] == ffi.NULL:
-                out.append(mv[pos:pos + ln].tobytes())
-                pos += ln
-            else:
-                out.append(memoryview(ffi.buffer(ptrs[i], ln)).toreadonly())
-        return out
+        return self._taken(n, ptrs)
 
     def release(self) -> None:
         """Free what the last ``take_batch`` left in the ring."""
@@ -337,12 +321,7 @@ class Ring:
         Returns (records, extent); free extents in order with ``release_bytes(extent)``."""
         if max_records <= 0:
             return [], 0
-        if self._out is None:
-            self._out = ffi.new("char[]", self.capacity)
-            self._out_mv = memoryview(ffi.buffer(self._out))
-        if len(self._lens) < max_records:
-            self._lens = ffi.new("uint32_t[]", max_records)
-        ptrs = ffi.new("const uint8_t *[]", max_records)
+        ptrs = self._take_buffers(max_records)
         extent = ffi.new("uint64_t *")
         limit = self.capacity if max_bytes is None else max(0, min(max_bytes, self.capacity))
         n = lib.ring_take_more(self._r, self._out, limit, self._lens, ptrs, max_records, big_min, extent)
@@ -350,6 +329,19 @@ class Ring:
             if n == lib.RING_E_TOOBIG:
                 return [], int(extent[0])
             raise RingCorrupt("producer wrote an invalid record length or head index")
+        return self._taken(n, ptrs), int(extent[0])
+
+    def _take_buffers(self, max_records: int) -> Any:
+        """The copy-out buffer and length array a take fills, and a fresh pointer array."""
+        if self._out is None:
+            self._out = ffi.new("char[]", self.capacity)
+            self._out_mv = memoryview(ffi.buffer(self._out))
+        if len(self._lens) < max_records:
+            self._lens = ffi.new("uint32_t[]", max_records)
+        return ffi.new("const uint8_t *[]", max_records)
+
+    def _taken(self, n: int, ptrs: Any) -> list["bytes | memoryview"]:
+        """A take's records: private copies, or read-only views of those left in the ring."""
         mv = self._out_mv
         out: list[bytes | memoryview] = []
         pos = 0
@@ -359,7 +351,7 @@ class Ring:
                 pos += ln
             else:
                 out.append(memoryview(ffi.buffer(ptrs[i], ln)).toreadonly())
-        return out, int(extent[0])
+        return out
 
     def release_bytes(self, nbytes: int) -> None:
         """Free the oldest ``nbytes`` of what is taken (a whole extent of ``take_more``)."""
