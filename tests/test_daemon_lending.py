@@ -140,6 +140,15 @@ def test_takes_are_freed_in_order_and_never_before(ops):
 
 # -- through real daemons --------------------------------------------------------------------
 
+def wait_until(pred, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
 def lent(daemon) -> int:
     apps = Control(daemon.socket).call("stats")["apps"]
     return sum(s.get("lent_payloads", 0) for s in apps.values())
@@ -169,21 +178,18 @@ def test_client_killed_with_payloads_lent_is_reclaimed(two_daemons, app_factory,
     address = server.readline()
     # warm up: the first outgoing connection makes the loop open a few lasting fds of its own
     assert app_factory("hello_client.py", a, address, "bulk", "1", "1", gen=gen_dir).wait(60)[0] == 0
-    end = time.monotonic() + 20
-    while time.monotonic() < end and Control(a.socket).call("apps")["apps"]:
-        time.sleep(0.05)
+    assert wait_until(lambda: Control(a.socket).call("apps")["apps"] == [])
+    time.sleep(0.2)  # the control connection of that call is gone too
     baseline = a.fd_count()
     client = app_factory("hello_client.py", a, address, "bulk", "200", "8", gen=gen_dir)
     assert client.readline(60) == "started"
     time.sleep(0.3)
     client.proc.send_signal(signal.SIGKILL)
     client.proc.wait(10)
-    end = time.monotonic() + 20
-    while time.monotonic() < end and (Control(a.socket).call("apps")["apps"] or a.fd_count() > baseline):
-        time.sleep(0.1)
+    assert wait_until(lambda: Control(a.socket).call("apps")["apps"] == [])
+    # (a control call's own connection closes asynchronously: count fds without one)
+    assert wait_until(lambda: a.fd_count() <= baseline), f"{a.fd_count()} fds, {baseline} before"
     assert a.alive() and b.alive()
-    assert Control(a.socket).call("apps")["apps"] == []
-    assert a.fd_count() <= baseline
     # the daemons still serve
     code, out, err = app_factory("hello_client.py", a, address, "bulk", "3", "2", gen=gen_dir).wait(60)
     assert code == 0, err
