@@ -167,6 +167,12 @@ class AppSession:
                         self._handle_outbound(recs, bad)
                 if not recs and not bad:
                     return True
+                if len(recs) + len(bad) < DRAIN_RECORDS and extent < DRAIN_BYTES and not leases:
+                    # a short take emptied the ring as it was: prepare_sleep() re-checks it,
+                    # so no second (empty) take is needed before sleeping
+                    if self.tx.should_wake_producer():
+                        self.app_waker.signal()
+                    return True
             if self.tx.should_wake_producer():
                 self.app_waker.signal()  # the app waits for room in its tx ring
         self._schedule_pump()  # more work: come back after other apps had a turn
@@ -228,7 +234,10 @@ class AppSession:
         self.stats["records_out"] += len(batch)
         if batch:
             self.observer.from_app(batch)
-            self.datapath.outbound(batch)
+            if self.datapath.engines:
+                self.datapath.outbound(batch)
+            else:  # no engine: straight to the transport (the common case, per batch)
+                self._send_out(batch)
 
     def _reject_malformed(self, data: bytes, reason: str) -> None:
         """Fail the call the record names (if its header is readable), count it, go on."""
@@ -246,14 +255,19 @@ class AppSession:
         into (back-to-back records as one view); the receiving daemon rewrites the handle.
         """
         routes = self.routes
-        groups: dict[int, list[R.Record]] = {}
+        first = batch[0].handle
         for rec in batch:
-            h = rec.handle
-            g = groups.get(h)
-            if g is None:
-                groups[h] = [rec]
-            else:
-                g.append(rec)
+            if rec.handle != first:
+                groups: dict[int, list[R.Record]] = {}
+                for rec in batch:
+                    g = groups.get(rec.handle)
+                    if g is None:
+                        groups[rec.handle] = [rec]
+                    else:
+                        g.append(rec)
+                break
+        else:
+            groups = {first: batch}  # one route (the common case): no regrouping
         for handle, recs in groups.items():
             route = routes.get(handle)
             if route is None or route.conn.closed:
@@ -406,7 +420,7 @@ class AppSession:
         self._next_handle += 1
         route = Route(handle, conn, role, target, method_ids, binding)
         self.routes[handle] = route
-        conn.set_handlers(lambda recs: self._on_peer_records(route, recs), lambda exc: self._on_peer_closed(route, exc))
+        conn.set_handlers(functools.partial(self._on_peer_records, route), functools.partial(self._on_peer_closed, route))
         if self.paused_routes:
             conn.pause_reading()
         return route
@@ -431,7 +445,10 @@ class AppSession:
             self.stats["bytes_in"] += rec.size
             batch.append(rec)
         if batch:
-            self.datapath.inbound(batch)
+            if self.datapath.engines:
+                self.datapath.inbound(batch)
+            else:
+                self._deliver_in(batch)
 
     def _on_peer_closed(self, route: Route, exc: Exception | None) -> None:
         """Tell the app: every call on this handle fails (client) or is cancelled (server)."""
