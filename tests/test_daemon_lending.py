@@ -193,3 +193,34 @@ def test_client_killed_with_payloads_lent_is_reclaimed(two_daemons, app_factory,
     # the daemons still serve
     code, out, err = app_factory("hello_client.py", a, address, "bulk", "3", "2", gen=gen_dir).wait(60)
     assert code == 0, err
+
+
+def test_policy_attached_and_detached_while_payloads_are_lent(two_daemons, app_factory, gen_dir):
+    """Attaching a content-reading policy while big payloads are out switches the app to
+    the copying pop only after they are back; every call still arrives byte-exact, and
+    the ACL (which reads the request's name) runs on what is popped from then on."""
+    a, b = two_daemons
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    address = server.readline()
+    client = app_factory("hello_client.py", a, address, "bulk", "700", "8", gen=gen_dir)
+    assert client.readline(60) == "started"
+    ctl = Control(a.socket)
+    rules = [{"method": "/helloworld.Greeter/SayHello", "field": "name", "op": "prefix", "value": "DENY-", "action": "deny"}]
+    cycles = 0
+    for _ in range(5):  # bounded; each cycle only while the client still runs
+        if client.proc.poll() is not None:
+            break
+        try:
+            ctl.call("policy_attach", app="hello_client.py", policy="acl",
+                     config={"direction": "outbound", "default": "allow", "rules": rules})
+            time.sleep(0.05)
+            ctl.call("policy_detach", app="hello_client.py", name="acl")
+        except Exception:
+            assert client.proc.poll() is not None  # only because the client finished meanwhile
+            break
+        cycles += 1
+        time.sleep(0.05)
+    assert cycles >= 1
+    code, out, err = client.wait(120)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == "ok bulk 5600"
