@@ -283,6 +283,9 @@ def test_greeter_over_mutual_tls_between_two_daemons(daemon_factory, app_factory
     assert code == 0 and out.strip() == "ok 50", err
     code, out, err = app_factory("hello_client.py", a, address, "stream", "3", gen=gen_dir).wait()
     assert code == 0 and out.strip().endswith("ok stream"), err
+    # big payloads: over TLS the daemon copies them instead of sending from the app's ring
+    code, out, err = app_factory("hello_client.py", a, address, "bulk", "6", "4", gen=gen_dir).wait(120)
+    assert code == 0 and out.strip().endswith("ok bulk 24"), err
 
 
 def test_wrong_ca_between_daemons_fails_clearly_on_both_sides(daemon_factory, app_factory, gen_dir, pki):
