@@ -107,6 +107,8 @@ static inline void put_wrap(ring_t *r, uint64_t wrap)
  * header. Sets *data to where its bytes go and advances head, without publishing it. */
 static int claim(ring_t *r, uint64_t len, uint8_t **data)
 {
+    if (r->has_reservation)
+        return RING_E_FULL; /* the reserved record goes first: nothing may pass it */
     if (len > r->cap - RING_REC_HDR)
         return RING_E_TOOBIG;
     uint64_t wrap, need;
@@ -147,8 +149,6 @@ int ring_try_push(ring_t *r, const void *buf, uint32_t len)
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
-    if (r->has_reservation)
-        return RING_E_FULL;
     uint64_t before = r->head;
     int rc = push_one(r, buf, len);
     if (r->head != before)
@@ -162,8 +162,6 @@ int ring_push_many(ring_t *r, const void *const *bufs, const uint32_t *lens, uin
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
-    if (r->has_reservation)
-        return 0;
     uint64_t before = r->head;
     uint32_t i;
     int rc = 0;
@@ -180,8 +178,6 @@ int ring_push_packed(ring_t *r, const void *base, const uint32_t *lens, uint32_t
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
-    if (r->has_reservation)
-        return 0;
     const uint8_t *p = base;
     uint64_t before = r->head;
     uint32_t i;
@@ -217,8 +213,6 @@ int ring_push_segs(ring_t *r, const struct ring_seg *segs, const uint32_t *nsegs
 {
     if (r->corrupt)
         return RING_E_CORRUPT;
-    if (r->has_reservation)
-        return 0;
     uint64_t before = r->head;
     uint32_t i;
     int rc = 0;
