@@ -21,6 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = Path(__file__).resolve().parent / "protos"
 
 
+def wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:
+    """Poll pred() until it is true or `timeout` seconds pass (then one last try): what the
+    tests use for everything that settles asynchronously (fds closing, calls draining)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
 class DaemonProc:
     """One mrpcd process with its own control socket, in the foreground, logging to a file."""
 

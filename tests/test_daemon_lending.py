@@ -21,6 +21,8 @@ from mrpcd.ctl import Control
 from mrpcd.marshal import records as R
 from mrpcd.native.ring import CONTROL_SIZE, Ring
 
+from conftest import wait_until
+
 
 def new_ring(capacity: int) -> Ring:
     return Ring(mmap.mmap(-1, CONTROL_SIZE + capacity), 0, capacity, init=True)
@@ -140,13 +142,6 @@ def test_takes_are_freed_in_order_and_never_before(ops):
 
 # -- through real daemons --------------------------------------------------------------------
 
-def wait_until(pred, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def lent(daemon) -> int:
@@ -178,7 +173,7 @@ def test_client_killed_with_payloads_lent_is_reclaimed(two_daemons, app_factory,
     address = server.readline()
     # warm up: the first outgoing connection makes the loop open a few lasting fds of its own
     assert app_factory("hello_client.py", a, address, "bulk", "1", "1", gen=gen_dir).wait(60)[0] == 0
-    assert wait_until(lambda: Control(a.socket).call("apps")["apps"] == [])
+    assert wait_until(lambda: Control(a.socket).call("apps")["apps"] == [], 20.0)
     time.sleep(0.2)  # the control connection of that call is gone too
     baseline = a.fd_count()
     client = app_factory("hello_client.py", a, address, "bulk", "200", "8", gen=gen_dir)
@@ -186,9 +181,9 @@ def test_client_killed_with_payloads_lent_is_reclaimed(two_daemons, app_factory,
     time.sleep(0.3)
     client.proc.send_signal(signal.SIGKILL)
     client.proc.wait(10)
-    assert wait_until(lambda: Control(a.socket).call("apps")["apps"] == [])
+    assert wait_until(lambda: Control(a.socket).call("apps")["apps"] == [], 20.0)
     # (a control call's own connection closes asynchronously: count fds without one)
-    assert wait_until(lambda: a.fd_count() <= baseline), f"{a.fd_count()} fds, {baseline} before"
+    assert wait_until(lambda: a.fd_count() <= baseline, 20.0), f"{a.fd_count()} fds, {baseline} before"
     assert a.alive() and b.alive()
     # the daemons still serve
     code, out, err = app_factory("hello_client.py", a, address, "bulk", "3", "2", gen=gen_dir).wait(60)

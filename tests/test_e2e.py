@@ -11,14 +11,9 @@ import mrpcd
 from mrpcd.ctl import Control
 from mrpcd.marshal import records as R
 
+from conftest import wait_until
 
-def wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
+
 
 
 @pytest.fixture

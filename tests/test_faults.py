@@ -7,6 +7,8 @@ import time
 
 import mrpcd
 
+from conftest import wait_until
+
 N_CALLS = 32
 DEADLINE = 20.0
 
@@ -83,13 +85,6 @@ time.sleep(120)
 N_SLOW = 16  # = the sync server's default pool (max_workers=16): every call is in a handler at once
 
 
-def _wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
 
 
 def test_client_killed_with_many_calls_in_flight_cancels_every_handler(two_daemons, app_factory, gen_dir, tmp_path):
@@ -110,7 +105,7 @@ def test_client_killed_with_many_calls_in_flight_cancels_every_handler(two_daemo
     ctl_a, ctl_b = Control(a.socket), Control(b.socket)
     # warm up: the first outgoing connection makes daemon A open a few lasting fds of its own
     assert app_factory("hello_client.py", a, address, "unary", "1", gen=gen_dir).wait()[0] == 0
-    assert _wait_until(lambda: ctl_a.call("apps")["apps"] == [])
+    assert wait_until(lambda: ctl_a.call("apps")["apps"] == [])
     fds_before = a.fd_count()
     env = {**a.env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(gen_dir), os.environ.get("PYTHONPATH", "")]))}
     client = subprocess.Popen([sys.executable, "-c", _MANY_SLOW_CLIENT, address, str(N_SLOW)], env=env,
@@ -118,19 +113,19 @@ def test_client_killed_with_many_calls_in_flight_cancels_every_handler(two_daemo
     try:
         assert client.stdout.readline().strip() == f"calling {N_SLOW}", client.stderr.read() if client.poll() is not None else ""
         # every call has reached the server app through daemon B
-        assert _wait_until(lambda: ctl_b.call("stats")["daemon"]["calls_in_flight"] == N_SLOW), ctl_b.call("stats")["daemon"]
+        assert wait_until(lambda: ctl_b.call("stats")["daemon"]["calls_in_flight"] == N_SLOW), ctl_b.call("stats")["daemon"]
         time.sleep(0.3)  # the pool threads have picked them up and sit in the handler's loop
         assert not cancel_log.exists(), cancel_log.read_text()
         os.kill(client.pid, signal.SIGKILL)
         client.wait(10)
         # every handler sees the cancellation, long before its 60 s
         lines = lambda: cancel_log.read_text().split() if cancel_log.exists() else []  # noqa: E731
-        assert _wait_until(lambda: len(lines()) >= N_SLOW, 15), lines()
+        assert wait_until(lambda: len(lines()) >= N_SLOW, 15), lines()
         assert lines() == ["cancelled"] * N_SLOW
         # daemon A reclaims the app: no session, fds back to where they were; B has no call left
-        assert _wait_until(lambda: ctl_a.call("apps")["apps"] == [])
-        assert _wait_until(lambda: a.fd_count() <= fds_before), (a.fd_count(), fds_before)
-        assert _wait_until(lambda: ctl_b.call("stats")["daemon"]["calls_in_flight"] == 0)
+        assert wait_until(lambda: ctl_a.call("apps")["apps"] == [])
+        assert wait_until(lambda: a.fd_count() <= fds_before), (a.fd_count(), fds_before)
+        assert wait_until(lambda: ctl_b.call("stats")["daemon"]["calls_in_flight"] == 0)
         assert a.alive() and b.alive()
     finally:
         if client.poll() is None:

@@ -30,6 +30,8 @@ import pytest
 
 from mrpcd.ctl import Control
 
+from conftest import wait_until
+
 # Growth of the daemon's private memory (VmRSS - RssShmem: heap, Python objects, buffers)
 # allowed after the warm-up, per daemon. The warm-up lets the allocator and caches reach
 # their working size; after it, a leak of even a few KiB per app session shows as tens of
@@ -44,13 +46,6 @@ FD_TOLERANCE = 2  # fds may differ from the baseline by this much after each cyc
 SETTLE_SECONDS = 10.0  # a killed app is reclaimed when its control socket closes: promptly; this is the bound
 
 
-def wait_until(pred, timeout: float, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -20,6 +20,8 @@ from mrpcd.marshal import records as R
 from mrpcd.transports import tcp
 from mrpcd.transports.security import AllowList, parse_peers, parse_tls
 
+from conftest import wait_until
+
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make test certificates")
 
 SERVICES = {"helloworld.Greeter": "f" * 32}
@@ -266,13 +268,6 @@ def test_allow_list_and_tls_together(pki):
 # ---------------------------------------------------------------- two daemons, real apps
 
 
-def _wait(pred, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def test_greeter_over_mutual_tls_between_two_daemons(daemon_factory, app_factory, gen_dir, pki):
@@ -297,7 +292,7 @@ def test_wrong_ca_between_daemons_fails_clearly_on_both_sides(daemon_factory, ap
     status, _, details = out.strip().partition("|")
     assert status == "FAILED_PRECONDITION", out
     assert "TLS handshake with mrpcd at 127.0.0.1:" in details and "refused our certificate" in details, details
-    assert _wait(lambda: "TLS handshake failed: certificate verify failed" in b.log()), b.log()[-2000:]
+    assert wait_until(lambda: "TLS handshake failed: certificate verify failed" in b.log(), 10.0), b.log()[-2000:]
     assert a.alive() and b.alive()
 
 
@@ -311,4 +306,4 @@ def test_allow_list_between_daemons(daemon_factory, app_factory, gen_dir):
     assert "not in peers.allow" not in b.log()  # a never dialled
     out = app_factory("hello_client.py", c, address, "status", "x", gen=gen_dir).wait()[1]
     assert out.startswith("FAILED_PRECONDITION|") and "address 127.0.0.1 is not in peers.allow" in out, out
-    assert _wait(lambda: "connection refused: address 127.0.0.1 is not in peers.allow" in b.log())
+    assert wait_until(lambda: "connection refused: address 127.0.0.1 is not in peers.allow" in b.log(), 10.0)
