@@ -101,6 +101,27 @@ def daemon_factory(tmp_path):
         d.stop()
 
 
+@pytest.fixture(scope="module")
+def streamer(tmp_path_factory):
+    """Two daemons and the stubs of tests/protos/streaming.proto (all four call kinds), per
+    test module: (daemon a, daemon b, streaming_mrpc). Apps run in the test process."""
+    gen = tmp_path_factory.mktemp("streamer_gen")
+    subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(PROTOS / "streaming.proto"), "-I", str(PROTOS), "-o", str(gen)], check=True)
+    sys.path.insert(0, str(gen))
+    tmp = tmp_path_factory.mktemp("streamer")
+    daemons = []
+    try:
+        daemons.append(DaemonProc(tmp, "a"))
+        daemons.append(DaemonProc(tmp, "b"))
+        import streaming_mrpc
+
+        yield daemons[0], daemons[1], streaming_mrpc
+    finally:
+        for d in daemons:
+            d.stop()
+        sys.path.remove(str(gen))
+
+
 @pytest.fixture
 def two_daemons(daemon_factory):
     return daemon_factory("a"), daemon_factory("b")

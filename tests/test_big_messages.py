@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -40,25 +38,9 @@ def digest(data: bytes) -> int:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(streamer):
     """Two daemons and the Streamer stubs: (daemon a, daemon b, streaming_mrpc)."""
-    from conftest import PROTOS, DaemonProc
-
-    gen = tmp_path_factory.mktemp("big_gen")
-    subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(PROTOS / "streaming.proto"), "-I", str(PROTOS), "-o", str(gen)], check=True)
-    sys.path.insert(0, str(gen))
-    tmp = tmp_path_factory.mktemp("big")
-    daemons = []
-    try:
-        daemons.append(DaemonProc(tmp, "a"))
-        daemons.append(DaemonProc(tmp, "b"))
-        import streaming_mrpc
-
-        yield daemons[0], daemons[1], streaming_mrpc
-    finally:
-        for d in daemons:
-            d.stop()
-        sys.path.remove(str(gen))
+    return streamer
 
 
 def _sync_servicer(pb):

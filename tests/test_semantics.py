@@ -199,30 +199,6 @@ def test_receive_limit_is_resource_exhausted(flow_server, gen_dir):
 # the client behind daemon A), on the four-kind Streamer service of tests/protos/streaming.proto.
 
 
-@pytest.fixture(scope="module")
-def streamer(tmp_path_factory):
-    import subprocess
-    import sys
-
-    from conftest import PROTOS, DaemonProc
-
-    gen = tmp_path_factory.mktemp("streamer_gen")
-    subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(PROTOS / "streaming.proto"), "-I", str(PROTOS), "-o", str(gen)], check=True)
-    sys.path.insert(0, str(gen))
-    tmp = tmp_path_factory.mktemp("streamer")
-    daemons = []
-    try:
-        daemons.append(DaemonProc(tmp, "a"))
-        daemons.append(DaemonProc(tmp, "b"))
-        import streaming_mrpc
-
-        yield daemons[0], daemons[1], streaming_mrpc
-    finally:
-        for d in daemons:
-            d.stop()
-        sys.path.remove(str(gen))
-
-
 def _aio_servicer(pb):
     class Streamer(pb.StreamerServicer):
         async def Unary(self, request, context):
