@@ -482,8 +482,9 @@ int ring_release_bytes(ring_t *r, uint64_t nbytes)
     return 0;
 }
 
-/* Before sleeping on "empty". Raises consumer_sleeping, then re-checks head: 1 = still
- * empty, the caller may sleep (the producer will see the flag after its next publish);
+/* Before sleeping on "empty". Raises consumer_sleeping, then re-checks head: 1 = nothing
+ * published past what the consumer has taken (records taken but not yet freed count as
+ * read), the caller may sleep (the producer will see the flag after its next publish);
  * 0 = data arrived meanwhile, do not sleep (flag cleared); <0 = corrupt. */
 int ring_consumer_prepare_sleep(ring_t *r)
 {
@@ -494,7 +495,7 @@ int ring_consumer_prepare_sleep(ring_t *r)
     uint64_t head;
     if (load_head(r, &head))
         return RING_E_CORRUPT;
-    if (head != r->tail) {
+    if (head != r->tail + r->taken) { /* records past what is taken (and not yet freed) */
         STORE_RLX(&r->ctrl->consumer_sleeping, 0);
         return 0;
     }

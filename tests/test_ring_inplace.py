@@ -153,3 +153,18 @@ def test_random_take_and_reserve_match_deque_model(cap_log, ops):
     end_take()
     assert r.pop_batch(max_records=1000) == list(model)
     assert r.empty()
+
+
+def test_a_consumer_with_records_taken_but_not_freed_may_sleep():
+    """prepare_sleep looks past what is taken: a daemon whose payloads are still lent to
+    sockets, with nothing new in the ring, sleeps instead of polling until they come back."""
+    r = new_ring(4096)
+    r.push_many([b"a" * 600, b"b" * 10])
+    got, extent = r.take_more(max_records=10, big_min=500)
+    assert len(got) == 2 and not r.empty()  # still taken, not freed
+    assert r.prepare_sleep() is True
+    r.finish_sleep()
+    r.push(b"c")
+    assert r.prepare_sleep() is False  # a new record past the taken ones
+    r.release_bytes(extent)
+    assert [bytes(x) for x in r.take_more(big_min=500)[0]] == [b"c"]
