@@ -144,37 +144,36 @@ class AppSession:
         because ring space is still lent to sockets (a lease coming back pumps again)."""
         max_record = self.config.max_record
         for _ in range(DRAIN_ROUNDS):
+            short = False
             if self.datapath.engines:
                 if self._lent:
                     return False  # a policy was attached: pop (which frees the ring) once lent bytes are back
                 # one copy out of the shared ring into a fresh private buffer (the TOCTOU
                 # copy: policies read what the peer will get); records are views into it
                 recs, bad = R.ring_pop_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record)
-                if not recs and not bad:
-                    return True
-                self._handle_outbound(recs, bad)
+                handled = False
             else:
                 if self._lent_bytes >= LEND_LIMIT:
                     return False
                 # no policy reads bodies: big payloads stay in the ring and go from there to
                 # the socket as Leases (headers and metadata are still private copies)
                 recs, bad, extent, leases = R.ring_take_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record, LEND_MIN)
-                if leases or self._lent:
+                handled = bool(leases or self._lent)
+                if handled:
                     self._lend(recs, bad, extent, leases)
                 elif extent:  # everything was copied and nothing older is out: free it now
                     R.ring_release_bytes(self.tx, extent)
-                    if recs or bad:
-                        self._handle_outbound(recs, bad)
-                if not recs and not bad:
-                    return True
-                if len(recs) + len(bad) < DRAIN_RECORDS and extent < DRAIN_BYTES and not leases:
-                    # a short take emptied the ring as it was: prepare_sleep() re-checks it,
-                    # so no second (empty) take is needed before sleeping
-                    if self.tx.should_wake_producer():
-                        self.app_waker.signal()
-                    return True
-            if self.tx.should_wake_producer():
+                # a short take emptied the ring as it was: prepare_sleep() re-checks it, so
+                # no second (empty) take is needed before sleeping
+                short = not leases and len(recs) + len(bad) < DRAIN_RECORDS and extent < DRAIN_BYTES
+            if self.tx.should_wake_producer():  # even an empty pass may have freed a wrap marker
                 self.app_waker.signal()  # the app waits for room in its tx ring
+            if not recs and not bad:
+                return True
+            if not handled:
+                self._handle_outbound(recs, bad)
+            if short:
+                return True
         self._schedule_pump()  # more work: come back after other apps had a turn
         return True
 
@@ -234,10 +233,7 @@ class AppSession:
         self.stats["records_out"] += len(batch)
         if batch:
             self.observer.from_app(batch)
-            if self.datapath.engines:
-                self.datapath.outbound(batch)
-            else:  # no engine: straight to the transport (the common case, per batch)
-                self._send_out(batch)
+            self.datapath.outbound(batch)
 
     def _reject_malformed(self, data: bytes, reason: str) -> None:
         """Fail the call the record names (if its header is readable), count it, go on."""
@@ -255,19 +251,14 @@ class AppSession:
         into (back-to-back records as one view); the receiving daemon rewrites the handle.
         """
         routes = self.routes
-        first = batch[0].handle
+        groups: dict[int, list[R.Record]] = {}
         for rec in batch:
-            if rec.handle != first:
-                groups: dict[int, list[R.Record]] = {}
-                for rec in batch:
-                    g = groups.get(rec.handle)
-                    if g is None:
-                        groups[rec.handle] = [rec]
-                    else:
-                        g.append(rec)
-                break
-        else:
-            groups = {first: batch}  # one route (the common case): no regrouping
+            h = rec.handle
+            g = groups.get(h)
+            if g is None:
+                groups[h] = [rec]
+            else:
+                g.append(rec)
         for handle, recs in groups.items():
             route = routes.get(handle)
             if route is None or route.conn.closed:
@@ -445,10 +436,7 @@ class AppSession:
             self.stats["bytes_in"] += rec.size
             batch.append(rec)
         if batch:
-            if self.datapath.engines:
-                self.datapath.inbound(batch)
-            else:
-                self._deliver_in(batch)
+            self.datapath.inbound(batch)
 
     def _on_peer_closed(self, route: Route, exc: Exception | None) -> None:
         """Tell the app: every call on this handle fails (client) or is cancelled (server)."""
