@@ -37,7 +37,6 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":
-    int PyBUF_READ
     object PyMemoryView_FromMemory(char* mem, Py_ssize_t size, int flags)
     int PyBUF_WRITE
     PyObject* _raw_bytes "PyBytes_FromStringAndSize" (const char* s, Py_ssize_t n)
