@@ -443,6 +443,44 @@ def test_sleep_flags_single_process():
     r.finish_wait()
 
 
+
+def test_has_data_looks_past_taken_records_and_raises_no_flag():
+    mm, r = new_ring(256)
+    assert r.has_data() is False
+    r.push(b"abc")
+    assert r.has_data() is True
+    assert struct.unpack_from("<I", mm, CONSUMER_SLEEPING)[0] == 0  # a poll, not a sleep
+    assert r.take_batch(max_records=8, big_min=1)  # taken, not yet freed
+    assert r.has_data() is False
+    r.push(b"d")
+    assert r.has_data() is True
+    r.release()
+
+
+def test_spin_returns_when_data_arrives_or_the_time_runs_out():
+    import threading
+
+    mm, r = new_ring(256)
+    t0 = time.monotonic()
+    assert r.spin(0.02) is False
+    assert time.monotonic() - t0 >= 0.02
+    pusher = threading.Timer(0.05, lambda: r.push(b"late"))
+    pusher.start()
+    try:
+        assert r.spin(5.0) is True  # the GIL is released while spinning, or the timer could not push
+    finally:
+        pusher.join()
+    assert r.pop() == b"late"
+
+
+def test_has_data_reports_a_corrupt_head():
+    mm, r = new_ring(256)
+    set_u64(mm, HEAD, 3)  # not 8-aligned: impossible
+    with pytest.raises(RingCorrupt):
+        r.has_data()
+    with pytest.raises(RingCorrupt):
+        r.spin(0.001)
+
 # ----------------------------------------------------------------------------- two processes
 # The same produce()/consume() run in this process and in a child started as
 # `python tests/test_ring.py --peer ...`, which maps the memfd it inherits by fd.

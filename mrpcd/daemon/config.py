@@ -111,13 +111,14 @@ VALIDATORS = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("text", "json"),
     "drain_timeout": _drain_seconds,
+    "poll_us": _positive_int(0, 100_000),
     "metrics": _metrics,
     "tls": parse_tls,  # daemon-to-daemon mutual TLS (transports/security.py)
     "peers": parse_peers,  # peers.allow: CIDR allow-list for daemon-to-daemon TCP
 }
 
 # What a SIGHUP reload may change in a running daemon; the rest needs a restart.
-LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "connect_timeout", "admin_group", "drain_timeout", "metrics")
+LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics")
 
 
 @dataclass
@@ -132,6 +133,7 @@ class Config:
     log_level: str
     log_format: str
     drain_timeout: float
+    poll_us: int
     metrics: dict[str, Any]
     tls: TlsConfig | None = None
     peers: PeerPolicy = PeerPolicy()

@@ -11,6 +11,7 @@ from .. import __version__
 from .config import Config
 from .control import serve_control
 from .observe import CallStats
+from .poller import Poller
 from ..transports import tcp
 from .session import AppSession
 from .transport_upgrade import load_transport_class, migrate
@@ -33,6 +34,7 @@ class Daemon:
         self.draining = False
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
         self.transport_class: type = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
+        self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)
 
     async def start(self) -> None:
         if self.config.transport == "rdma":
@@ -143,4 +145,4 @@ class Daemon:
         return time.monotonic() - self._started
 
     def stats(self) -> dict[str, Any]:
-        return {"apps": len(self.sessions), "uptime": self.uptime(), **self.counters}
+        return {"apps": len(self.sessions), "uptime": self.uptime(), **self.counters, **self.poller.stats()}

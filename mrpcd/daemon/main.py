@@ -172,6 +172,8 @@ class Service:
         for key in changed:  # in place: sessions and the control plane hold this very object
             setattr(old, key, getattr(new, key))
         old.source = new.source
+        if "poll_us" in changed:
+            self.daemon.poller.configure(old.poll_us)
         if self.daemon.call_stats.set_buckets(old.metrics["buckets"]):
             log.info("reload: histogram buckets changed; latency histograms restart")
         configure_logging(old, self.handler)

@@ -91,11 +91,13 @@ class AppSession:
         self.datapath = Datapath(self, self._send_out, self._deliver_in)
         self.observer = Observer(daemon.call_stats, lambda: self.schema)  # per-method metrics, drain (observe.py)
         self.policies = PolicyHost(self, daemon.policy_globals)
+        self.poller = daemon.poller
         self._methods_by_id: dict[int, Any] | None = None
         self.stats: dict[str, int] = {
             "records_out": 0, "records_in": 0, "bytes_out": 0, "bytes_in": 0,
             "malformed": 0, "unroutable": 0, "unimplemented": 0,
             "lent_payloads": 0,  # big payloads sent straight from the app's tx ring
+            "wakeups": 0,  # eventfd signals from the app (the poller saves most while traffic flows)
         }
         self.closed = False
         self._pump_scheduled = False
@@ -111,6 +113,7 @@ class AppSession:
         return [self.shm_fd, self.daemon_waker.fileno(), self.app_waker.fileno()]
 
     def _on_wake(self) -> None:
+        self.stats["wakeups"] += 1
         self.daemon_waker.drain()
         self.tx.finish_sleep()
         self.rx.finish_wait()
@@ -133,11 +136,18 @@ class AppSession:
             drained = self._drain_tx()
             if self.pending:
                 self._flush_pending()
-            if drained and not self._pump_scheduled and not self.tx.prepare_sleep():
-                self._schedule_pump()
+            if drained and not self._pump_scheduled and not self.poller.hold(self):
+                self._sleep()
         except ringmod.RingCorrupt as exc:
             log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc, extra=self.log_fields())
             self.daemon.drop_session(self, f"ring corrupted: {exc}")
+
+    def _sleep(self) -> None:
+        """The tx ring ran empty and the poller does not hold it: sleep on the eventfd
+        (prepare_sleep raises the flag that makes the app signal), or pump again if records
+        came in meanwhile."""
+        if not self.tx.prepare_sleep():
+            self._schedule_pump()
 
     def _drain_tx(self) -> bool:
         """Move records from the app's tx ring to the datapath. False if it stopped early
@@ -232,6 +242,7 @@ class AppSession:
                 break
         self.stats["records_out"] += len(batch)
         if batch:
+            self.poller.touch()
             self.observer.from_app(batch)
             self.datapath.outbound(batch)
 
@@ -281,6 +292,11 @@ class AppSession:
         (a rewritten handle goes as a packed header in front of the received body)."""
         self.observer.to_app(batch)
         self.stats["records_in"] += len(batch)
+        poller = self.poller
+        if poller.max_window:  # the app will likely answer soon: poll its tx ring meanwhile
+            poller.touch()
+            if not self._pump_scheduled:
+                poller.hold(self)
         if self.pending:
             self.pending.extend(batch)
         else:
@@ -460,6 +476,7 @@ class AppSession:
         if self.closed:
             return
         self.closed = True
+        self.poller.release(self)
         self.observer.close()
         self.loop.remove_reader(self.daemon_waker.fileno())
         self.policies.close_all()
