@@ -14,6 +14,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
@@ -255,6 +256,9 @@ class Server(ServerCore):
         self._stopped = threading.Event()
         self._idle = threading.Condition(self._lock)
         self._deadlines = _Deadlines()
+        self._queue: deque[_ServerCall] = deque()  # admitted calls no runner has taken yet
+        self._runners = 0
+        self._max_runners = max(1, int(getattr(self._pool, "_max_workers", max_workers) or max_workers))
         self.app.servers.append(self)
         if handlers:
             self.add_generic_rpc_handlers(handlers)
@@ -269,8 +273,41 @@ class Server(ServerCore):
         call = _ServerCall(self, rec, path, handler)
         with self._lock:
             self._calls[(rec.handle, rec.call_id)] = call
+            self._queue.append(call)
+            spawn = self._runners < self._max_runners
+            if spawn:
+                self._runners += 1
         self._deadlines.add(call)
-        self._pool.submit(self._run, call)
+        if spawn:
+            try:
+                self._pool.submit(self._runner)
+            except RuntimeError:  # the pool was shut down under us: nobody will run these
+                with self._lock:
+                    self._runners -= 1
+                call.cancel()
+                raise
+
+    def _runner(self) -> None:
+        """One pool task that runs queued calls until none is left.
+
+        Why not one pool task per call: a task is a Future, a work item and a Condition,
+        and the pool wakes a worker thread for each; under load a runner that just
+        finished a handler takes the next call itself, with no thread switch. At most
+        max_workers runners exist, so as many handlers run at once as with a task per
+        call, and the executor the application passed is the one that runs them."""
+        queue = self._queue
+        while True:
+            with self._lock:
+                if not queue:
+                    self._runners -= 1
+                    return
+                call = queue.popleft()
+            try:
+                self._run(call)
+            except BaseException:  # _run handles Exception; keep the count right anyway
+                with self._lock:
+                    self._runners -= 1
+                raise
 
     def _forget(self, call: _ServerCall) -> None:
         with self._lock:

@@ -496,3 +496,45 @@ def test_an_undecodable_response_fails_the_call_with_internal(two_daemons, gen_d
     finally:
         capp.close()
         sapp.close()
+
+
+def test_sync_server_runs_at_most_max_workers_handlers_and_every_queued_call(streamer):
+    """The sync server hands calls to at most max_workers runner tasks of the application's
+    executor (mrpcd/server.py _runner): never more handlers at once than the pool has
+    threads, every queued call still runs, and the runners end when the queue is empty."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b, pb = streamer
+    lock = threading.Lock()
+    running, peak, seen_threads = [0], [0], set()
+
+    class Slow(pb.StreamerServicer):
+        def Unary(self, request, context):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+                seen_threads.add(threading.current_thread().name)
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            return pb.Summary(total=request.seq)
+
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="user-pool")
+    srv_app, cli_app = mrpcd.connect(b.socket, name="runner-server"), mrpcd.connect(a.socket, name="runner-caller")
+    try:
+        server = mrpcd.server(pool, app=srv_app)
+        pb.add_StreamerServicer_to_server(Slow(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", cli_app))
+        futures = [stub.Unary.future(pb.Chunk(seq=i), timeout=60) for i in range(12)]
+        assert sorted(f.result().total for f in futures) == list(range(12))
+        assert peak[0] == 3, peak  # the pool's size, not one thread per call, not fewer
+        assert seen_threads and all(n.startswith("user-pool") for n in seen_threads)
+        assert server._runners == 0 and not server._queue
+        assert stub.Unary(pb.Chunk(seq=99), timeout=30).total == 99  # a new runner after idling
+    finally:
+        cli_app.close()
+        srv_app.close()
+        pool.shutdown(wait=True)
