@@ -58,7 +58,6 @@ ffibuilder.cdef(
     int ring_consumer_prepare_sleep(ring_t *r);
     void ring_consumer_finish_sleep(ring_t *r);
     int ring_consumer_has_data(ring_t *r);
-    int ring_consumer_spin(ring_t *r, uint64_t spin_ns);
     int ring_consumer_should_wake_producer(ring_t *r);
 
     uint64_t ring_used_bytes(const ring_t *r);

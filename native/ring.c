@@ -11,7 +11,6 @@
 #include "ring.h"
 
 #include <string.h>
-#include <time.h>
 
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
@@ -517,35 +516,6 @@ int ring_consumer_has_data(ring_t *r)
     return head != r->tail + r->taken;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Poll ring_consumer_has_data for up to spin_ns: 1 as soon as data is there, 0 if the time
- * ran out, <0 = corrupt. A wake-up through the eventfd costs a context switch (tens of
- * microseconds when the sleeper's CPU has gone idle in a VM); a short poll on the head
- * index costs a cache-line read. cffi calls this without the GIL. */
-int ring_consumer_spin(ring_t *r, uint64_t spin_ns)
-{
-    uint64_t end = now_ns() + spin_ns;
-    for (;;) {
-        for (int i = 0; i < 64; i++) {
-            int rc = ring_consumer_has_data(r);
-            if (rc)
-                return rc;
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#elif defined(__aarch64__)
-            __asm__ __volatile__("yield");
-#endif
-        }
-        if (now_ns() >= end)
-            return 0;
-    }
-}
 
 /* After releasing space: must the producer be woken? Clears the flag. */
 int ring_consumer_should_wake_producer(ring_t *r)

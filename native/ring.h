@@ -113,7 +113,6 @@ int ring_release_bytes(ring_t *r, uint64_t nbytes);
 int ring_consumer_prepare_sleep(ring_t *r);
 void ring_consumer_finish_sleep(ring_t *r);
 int ring_consumer_has_data(ring_t *r);
-int ring_consumer_spin(ring_t *r, uint64_t spin_ns);
 int ring_consumer_should_wake_producer(ring_t *r);
 
 /* either side (advisory snapshots) */

@@ -430,14 +430,6 @@ class Ring:
             raise RingCorrupt("producer head index out of range")
         return rc == 1
 
-    def spin(self, seconds: float) -> bool:
-        """Consumer: poll for data for up to `seconds` without the GIL; True if data came.
-        (Adaptive wake-ups: a poll this short is cheaper than an eventfd round trip.)"""
-        rc = lib.ring_consumer_spin(self._r, int(seconds * 1e9))
-        if rc < 0:
-            raise RingCorrupt("producer head index out of range")
-        return rc == 1
-
     def finish_sleep(self) -> None:
         """Clear ``consumer_sleeping`` after waking (or giving up sleeping)."""
         lib.ring_consumer_finish_sleep(self._r)

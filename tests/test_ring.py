@@ -457,29 +457,11 @@ def test_has_data_looks_past_taken_records_and_raises_no_flag():
     r.release()
 
 
-def test_spin_returns_when_data_arrives_or_the_time_runs_out():
-    import threading
-
-    mm, r = new_ring(256)
-    t0 = time.monotonic()
-    assert r.spin(0.02) is False
-    assert time.monotonic() - t0 >= 0.02
-    pusher = threading.Timer(0.05, lambda: r.push(b"late"))
-    pusher.start()
-    try:
-        assert r.spin(5.0) is True  # the GIL is released while spinning, or the timer could not push
-    finally:
-        pusher.join()
-    assert r.pop() == b"late"
-
-
 def test_has_data_reports_a_corrupt_head():
     mm, r = new_ring(256)
     set_u64(mm, HEAD, 3)  # not 8-aligned: impossible
     with pytest.raises(RingCorrupt):
         r.has_data()
-    with pytest.raises(RingCorrupt):
-        r.spin(0.001)
 
 # ----------------------------------------------------------------------------- two processes
 # The same produce()/consume() run in this process and in a child started as
