@@ -294,9 +294,27 @@ class _MultiCallable(MultiCallableCore):
         threading.Thread(target=run, name="mrpcd-request-pump", daemon=True).start()
 
 
+def _never() -> bool:
+    return False
+
+
 class UnaryUnaryMultiCallable(_MultiCallable):
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
-        return self.with_call(request, timeout, metadata)[0]
+        """The blocking call: what with_call does, without the rendezvous and its future
+        state (one wait for the end of the call, then the response or the error)."""
+        call = self._start(request, True, timeout, metadata)
+        with call._cond:
+            call._wait(_never, call.deadline)  # until the call ends (its deadline ends it too)
+            got = call.pop_message()
+        if call.code is StatusCode.OK:
+            if got is None:
+                call.code, call.details = StatusCode.INTERNAL, "the server ended the call without a response"
+            else:
+                try:
+                    return call.decode(got[0])
+                except ValueError as exc:
+                    call.code, call.details = call.deserialize_error(exc)
+        raise _Rendezvous(call, False)
 
     def with_call(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
         fut = self.future(request, timeout, metadata)
