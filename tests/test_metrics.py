@@ -98,7 +98,8 @@ def test_render_is_valid_prometheus_text(observer):
     session = SimpleNamespace(app_id=3, name="app\\one", stats={"records_out": 4, "malformed": 1}, pending=[b"x"],
                               observer=obs, datapath=SimpleNamespace(engines=[Weird(), Broken()]))
     daemon = SimpleNamespace(version="9.9", uptime=lambda: 1.5, sessions={3: session}, counters={"apps_connected": 1},
-                             call_stats=obs.stats, draining=False)
+                             call_stats=obs.stats, draining=False,
+                             poller=SimpleNamespace(stats=lambda: {"poll_ticks": 7, "poll_hits": 3, "poll_window_us": 150.0}))
     fams = {f.name: f for f in text_string_to_metric_families(render(daemon))}
     handled = fams["mrpcd_client_handled"]
     assert handled.type == "counter"
@@ -114,6 +115,9 @@ def test_render_is_valid_prometheus_text(observer):
     assert "mrpcd_policy_flag" not in fams  # booleans are not counters
     assert {x.labels["direction"]: x.value for x in fams["mrpcd_policy_held_records"].samples} == {"outbound": 1, "inbound": 0}
     assert fams["mrpcd_apps"].samples[0].value == 1 and fams["mrpcd_uptime_seconds"].samples[0].value == 1.5
+    assert fams["mrpcd_poll_ticks"].type == "counter" and fams["mrpcd_poll_ticks"].samples[0].value == 7
+    assert fams["mrpcd_poll_hits"].samples[0].value == 3
+    assert fams["mrpcd_poll_window_seconds"].samples[0].value == 150e-6
 
 
 # -- a running daemon ------------------------------------------------------------------------
