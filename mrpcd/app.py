@@ -97,10 +97,20 @@ class App:
         self._rx_lock = threading.RLock()
         self._held: Any = None  # the open take of the batch being dispatched, if any
         self.driver = driver
+        # The rx role (draining the rx ring) belongs to one thread at a time. A sync server
+        # runs quick unary handlers on that thread (mrpcd.server); when such a handler
+        # blocks, the role moves to a new thread (hand_off_rx) and the old one leaves once
+        # its handler returns. _rx_gen says which thread's loop is current.
+        self._rx_gen = 0
+        self._rx_ident: int | None = None
+        self._handoff_lock = threading.Lock()
+        self._inline_seq = 0  # counts handlers run on the rx thread
+        self._inline_since: float | None = None  # when the one running now started
+        self._handed_seq = 0  # the handler whose thread gave the rx role away
+        self._watchdog: InlineWatchdog | None = None
         self._thread: threading.Thread | None = None
         if driver == "thread":
-            self._thread = threading.Thread(target=self._rx_thread, name=f"mrpcd-rx-{self.app_id}", daemon=True)
-            self._thread.start()
+            self._start_rx_thread()
 
     # -- control socket -----------------------------------------------------------------
     def request(self, message: dict[str, Any], nfds: int = 0) -> tuple[dict[str, Any], list[int]]:
@@ -168,6 +178,8 @@ class App:
             while not self._push(data):
                 if self.tx.should_wake_consumer():
                     self.daemon_waker.signal()
+                if self._inline_since is not None:
+                    self.about_to_block()  # only the rx role frees room: never wait holding it
                 self._space_waiters += 1  # before the ring flag: the rx thread must see us
                 try:
                     if self.tx.prepare_wait_for_space(len(data)):
@@ -279,11 +291,77 @@ class App:
         with self._tx_lock:
             self._space.notify_all()
 
-    def _rx_thread(self) -> None:
+    def _start_rx_thread(self) -> None:
+        """(handoff lock held, or at construction) A new thread takes the rx role."""
+        self._rx_gen += 1
+        self._rx_ident = None  # until the new thread runs: the old one is no longer it
+        self._thread = threading.Thread(target=self._rx_thread, args=(self._rx_gen,), name=f"mrpcd-rx-{self.app_id}", daemon=True)
+        self._thread.start()
+
+    def on_rx_thread(self) -> bool:
+        return threading.get_ident() == self._rx_ident
+
+    # -- handlers run on the rx thread (sync server) ----------------------------------------
+    def inline_begin(self) -> int:
+        """A handler starts on the rx thread: the watchdog hands the rx role over if it
+        runs for longer than InlineWatchdog.LIMIT. Returns its number for inline_end."""
+        self._inline_seq = seq = self._inline_seq + 1
+        self._inline_since = time.monotonic()
+        watchdog = self._watchdog
+        if watchdog is None:
+            watchdog = self._watchdog = InlineWatchdog(self)
+        watchdog.poke()
+        return seq
+
+    def inline_end(self, seq: int) -> None:
+        """Handler `seq` returned. (A thread that lost the rx role while in it must not end
+        the watch over the new rx thread's handler.)"""
+        if self._inline_seq == seq:
+            self._inline_since = None
+
+    def about_to_block(self) -> None:
+        """The library is about to wait (for a response, for ring room): if this is the rx
+        thread inside a handler, nobody else would drain the rx ring, so hand the role over
+        first."""
+        if self._inline_since is not None and threading.get_ident() == self._rx_ident:
+            self.hand_off_rx(self._inline_seq)
+
+    def hand_off_rx(self, seq: int) -> bool:
+        """Give the rx role to a new thread while handler number `seq` still runs on the
+        current one; its servers move their other waiting calls to their pools."""
+        with self._handoff_lock:
+            if self.closed or self._inline_seq != seq or self._inline_since is None or self._handed_seq == seq:
+                return False
+            gen, ident = self._rx_gen, self._rx_ident
+            try:
+                self._start_rx_thread()
+            except RuntimeError as exc:  # no thread to be had: this one keeps the role
+                self._rx_gen, self._rx_ident = gen, ident
+                log.error("cannot start a thread to take over the rx ring (%s); a handler blocks it", exc)
+                return False
+            self._handed_seq = seq  # once per handler: the thread running it is not the rx thread now
+        for server in list(self.servers):
+            handed_off = getattr(server, "rx_handed_off", None)
+            if handed_off is not None:
+                handed_off()
+        return True
+
+    def _run_inline(self) -> None:
+        for server in self.servers:
+            run = getattr(server, "run_inline", None)
+            if run is not None:
+                run()
+
+    def _rx_thread(self, gen: int) -> None:
         waker = self.app_waker
-        while not self.closed:
+        with self._handoff_lock:
+            if gen != self._rx_gen:
+                return
+            self._rx_ident = threading.get_ident()
+        while not self.closed and gen == self._rx_gen:
             try:
                 if self.drain():
+                    self._run_inline()
                     continue
                 self._wake_space_waiters()
                 if self.rx.prepare_sleep():
@@ -307,6 +385,8 @@ class App:
         for server in list(self.servers):
             server.app_closed()  # handlers see the cancellation; helper threads end
         self.app_waker.signal()
+        if self._watchdog is not None:
+            self._watchdog.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(2.0)
         with self._tx_lock:
@@ -321,6 +401,64 @@ class App:
                 if held is not None:
                     held.drop()  # closed from a callback mid-batch: its records are gone
                 self.rings.close()
+
+
+class InlineWatchdog:
+    """Hands the rx role over when a handler running on the rx thread takes too long.
+
+    Why: a sync server runs quick unary handlers on the rx thread (no thread switch per
+    call), but a handler may block on anything (a sleep, a database); meanwhile nothing
+    drains the app's rx ring. While handlers run inline this thread looks every LIMIT
+    seconds; one that has been running since its previous look gets the rx role moved to
+    a new thread. After IDLE seconds without an inline handler it parks until the next
+    one, so an idle app has no timer running."""
+
+    LIMIT = 0.002
+    IDLE = 0.2
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._cond = threading.Condition()
+        self._parked = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"mrpcd-watchdog-{app.app_id}", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        if self._parked:
+            with self._cond:
+                self._parked = False
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        app = self.app
+        seen_seq, last_active = -1, time.monotonic()
+        while not self._closed and not app.closed:
+            time.sleep(self.LIMIT)
+            seq, since = app._inline_seq, app._inline_since
+            now = time.monotonic()
+            if seq != seen_seq or since is not None:
+                last_active = now
+            if since is not None and seq == seen_seq and now - since >= self.LIMIT:
+                try:
+                    app.hand_off_rx(seq)
+                except Exception:  # never lose the watchdog (e.g. no thread could start)
+                    log.exception("handing the rx role over failed")
+            seen_seq = seq
+            if now - last_active >= self.IDLE:
+                with self._cond:
+                    self._parked = True
+                    # inline_begin sets _inline_since before it looks at _parked: either it
+                    # sees us parked and wakes us, or we see its handler here
+                    while self._parked and app._inline_since is None and not self._closed and not app.closed:
+                        self._cond.wait(1.0)
+                    self._parked = False
+                last_active = time.monotonic()
 
 
 _default_app: App | None = None

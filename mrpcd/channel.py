@@ -68,6 +68,8 @@ class _ClientCall(ClientCallCore):
         The call's own deadline ends it with DEADLINE_EXCEEDED (and cancels the server).
         """
         until = None if timeout is None else time.monotonic() + timeout
+        if not self.done and not ready():
+            self.app.about_to_block()  # a handler on the rx thread calling out: hand the role over
         while not ready() and not self.done:
             left = deadline.remaining() if deadline else None
             if left == 0:

@@ -499,9 +499,11 @@ def test_an_undecodable_response_fails_the_call_with_internal(two_daemons, gen_d
 
 
 def test_sync_server_runs_at_most_max_workers_handlers_and_every_queued_call(streamer):
-    """The sync server hands calls to at most max_workers runner tasks of the application's
-    executor (mrpcd/server.py _runner): never more handlers at once than the pool has
-    threads, every queued call still runs, and the runners end when the queue is empty."""
+    """The sync server runs calls on at most max_workers slots: runner tasks of the
+    application's executor (mrpcd/server.py _runner) or the rx thread (run_inline, for quick
+    unary handlers; these block, so the watchdog moves them to the pool). Never more
+    handlers at once than the pool has threads, every queued call still runs, and the
+    runners end when the queue is empty."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -531,10 +533,166 @@ def test_sync_server_runs_at_most_max_workers_handlers_and_every_queued_call(str
         futures = [stub.Unary.future(pb.Chunk(seq=i), timeout=60) for i in range(12)]
         assert sorted(f.result().total for f in futures) == list(range(12))
         assert peak[0] == 3, peak  # the pool's size, not one thread per call, not fewer
-        assert seen_threads and all(n.startswith("user-pool") for n in seen_threads)
-        assert server._runners == 0 and not server._queue
+        # handlers run on the pool's threads, or (quick unary ones) on the app's rx thread
+        assert seen_threads and all(n.startswith(("user-pool", "mrpcd-rx-")) for n in seen_threads), seen_threads
+        assert any(n.startswith("user-pool") for n in seen_threads)  # these handlers block: the pool took over
+        assert server._runners == 0 and not server._queue and not server._inline
         assert stub.Unary(pb.Chunk(seq=99), timeout=30).total == 99  # a new runner after idling
     finally:
         cli_app.close()
         srv_app.close()
         pool.shutdown(wait=True)
+
+
+def _serve_streamer(pb, b_socket, servicer, name, pool=None):
+    srv_app = mrpcd.connect(b_socket, name=name)
+    server = mrpcd.server(pool, app=srv_app) if pool is not None else mrpcd.server(app=srv_app)
+    pb.add_StreamerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return srv_app, server, port
+
+
+def test_quick_unary_handlers_run_on_the_rx_thread_streams_on_the_pool(streamer):
+    """mrpcd/server.py run_inline: a unary handler with its request complete runs on the
+    app's rx thread (no thread switch); streaming handlers always go to the pool."""
+    import threading
+
+    a, b, pb = streamer
+    where: dict[str, set] = {"unary": set(), "stream": set()}
+
+    class Quick(pb.StreamerServicer):
+        def Unary(self, request, context):
+            where["unary"].add(threading.current_thread().name)
+            return pb.Summary(total=request.seq)
+
+        def ServerStream(self, request, context):
+            where["stream"].add(threading.current_thread().name)
+            yield pb.Chunk(seq=request.seq)
+
+    srv_app, server, port = _serve_streamer(pb, b.socket, Quick(), "inline-server")
+    cli_app = mrpcd.connect(a.socket, name="inline-caller")
+    try:
+        stub = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", cli_app))
+        for i in range(20):
+            assert stub.Unary(pb.Chunk(seq=i), timeout=30).total == i
+        assert [c.seq for c in stub.ServerStream(pb.Chunk(seq=7), timeout=30)] == [7]
+        assert where["unary"] == {f"mrpcd-rx-{srv_app.app_id}"}, where
+        assert all(not n.startswith("mrpcd-rx-") for n in where["stream"]), where
+        assert srv_app._rx_gen == 1  # nothing blocked: the rx role never moved
+        watchdog = srv_app._watchdog
+        assert watchdog is not None
+        assert wait_until_true(lambda: watchdog._parked, 5)  # idle: no timer left running
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+def wait_until_true(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def test_a_handler_that_blocks_on_the_rx_thread_does_not_hold_up_other_calls(streamer):
+    """A unary handler that sleeps (a wait the library cannot see) runs on the rx thread
+    first; the watchdog gives the rx role to a new thread within milliseconds, so a quick
+    call made meanwhile is answered long before the sleeper."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b, pb = streamer
+
+    class Mixed(pb.StreamerServicer):
+        def Unary(self, request, context):
+            if request.seq == 1:
+                time.sleep(1.5)
+            return pb.Summary(total=request.seq)
+
+    srv_app, server, port = _serve_streamer(pb, b.socket, Mixed(), "blocking-server")
+    cli_app = mrpcd.connect(a.socket, name="blocking-caller")
+    try:
+        stub = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", cli_app))
+        t0 = time.monotonic()
+        slow = stub.Unary.future(pb.Chunk(seq=1), timeout=30)
+        time.sleep(0.2)  # the sleeper is in its handler, on the rx thread or past it
+        assert stub.Unary(pb.Chunk(seq=2), timeout=30).total == 2
+        quick_done = time.monotonic() - t0
+        assert slow.result().total == 1
+        assert quick_done < 1.0, quick_done  # not behind the 1.5 s sleeper
+        assert srv_app._rx_gen >= 2  # the rx role moved to a new thread
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+def test_a_handler_calling_out_through_its_own_app_hands_the_rx_role_over_at_once(streamer, monkeypatch):
+    """A gateway-style handler: on the rx thread it makes a call through the same app,
+    whose response only the rx role can deliver. The library hands the role over before
+    waiting (App.about_to_block), so it neither deadlocks nor waits for the watchdog
+    (which this test slows to a minute: only the library's own hand-over can save it)."""
+    from mrpcd.app import InlineWatchdog
+
+    monkeypatch.setattr(InlineWatchdog, "LIMIT", 60.0)
+    a, b, pb = streamer
+    box: dict = {}
+
+    class Gateway(pb.StreamerServicer):
+        def Unary(self, request, context):
+            if request.seq >= 1000:  # the backend half: answer directly
+                return pb.Summary(total=request.seq - 1000)
+            back = box["stub"].Unary(pb.Chunk(seq=request.seq + 1000), timeout=10)
+            return pb.Summary(total=back.total + 1)
+
+    srv_app, server, port = _serve_streamer(pb, b.socket, Gateway(), "gateway-server")
+    cli_app = mrpcd.connect(a.socket, name="gateway-caller")
+    try:
+        box["stub"] = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", srv_app))  # same app as the server
+        stub = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", cli_app))
+        t0 = time.monotonic()
+        assert stub.Unary(pb.Chunk(seq=5), timeout=10).total == 6
+        assert srv_app._rx_gen >= 2  # handed over before the inner wait
+        server.POOL_AFTER_BLOCK = 0.0  # every call may try the rx thread again
+        for i in range(20):
+            assert stub.Unary(pb.Chunk(seq=i), timeout=10).total == i + 1
+        assert time.monotonic() - t0 < 10
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+def test_calls_that_need_a_shut_down_pool_are_answered_unavailable(streamer):
+    """The application shut its executor down under a running server: a quick unary call
+    still runs on the rx thread, a streaming one (which needs the pool) is answered
+    UNAVAILABLE at once instead of waiting for its deadline."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b, pb = streamer
+
+    class Both(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+        def ServerStream(self, request, context):
+            yield pb.Chunk(seq=request.seq)
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    srv_app, server, port = _serve_streamer(pb, b.socket, Both(), "no-pool-server", pool)
+    cli_app = mrpcd.connect(a.socket, name="no-pool-caller")
+    try:
+        stub = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", cli_app))
+        assert [c.seq for c in stub.ServerStream(pb.Chunk(seq=3), timeout=30)] == [3]
+        pool.shutdown(wait=True)
+        assert stub.Unary(pb.Chunk(seq=4), timeout=30).total == 4
+        t0 = time.monotonic()
+        with pytest.raises(mrpcd.RpcError) as info:
+            list(stub.ServerStream(pb.Chunk(seq=5), timeout=30))
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        assert "thread pool is shut down" in info.value.details()
+        assert time.monotonic() - t0 < 10
+        assert server._runners == 0
+    finally:
+        cli_app.close()
+        srv_app.close()
