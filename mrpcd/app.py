@@ -309,7 +309,11 @@ class App:
         self._inline_since = time.monotonic()
         watchdog = self._watchdog
         if watchdog is None:
-            watchdog = self._watchdog = InlineWatchdog(self)
+            try:
+                watchdog = self._watchdog = InlineWatchdog(self)
+            except RuntimeError as exc:  # no thread to be had now: run unwatched, try again next time
+                log.error("cannot start the inline-handler watchdog: %s", exc)
+                return seq
         watchdog.poke()
         return seq
 
