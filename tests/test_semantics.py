@@ -633,7 +633,7 @@ def test_a_handler_calling_out_through_its_own_app_hands_the_rx_role_over_at_onc
     whose response only the rx role can deliver. The library hands the role over before
     waiting (App.about_to_block), so it neither deadlocks nor waits for the watchdog
     (which this test slows to a minute: only the library's own hand-over can save it)."""
-    from mrpcd.app import InlineWatchdog
+    from mrpcd.watchdog import InlineWatchdog
 
     monkeypatch.setattr(InlineWatchdog, "LIMIT", 60.0)
     a, b, pb = streamer
