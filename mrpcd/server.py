@@ -242,7 +242,8 @@ class _Deadlines:
 class Server(ServerCore):
     """Serves generic handlers through the local daemon: `add_insecure_port`, `start`, `stop`."""
 
-    POOL_AFTER_BLOCK = 1.0
+    POOL_AFTER_BLOCK = 1.0  # seconds of pool-only dispatch after a handler blocked the rx thread
+    INLINE_BUDGET = 0.02  # seconds of handlers the rx thread runs per batch before the pool helps
 
     _interceptor_base = ServerInterceptor
     _interceptor_name = "mrpcd.ServerInterceptor"
@@ -309,10 +310,13 @@ class Server(ServerCore):
         that blocks is no reason to stall the app: waiting inside the library hands the rx
         role to a new thread at once (App.about_to_block), any other wait longer than
         InlineWatchdog.LIMIT by the watchdog; then the calls still kept here go to the pool
-        and, for POOL_AFTER_BLOCK seconds, every call does (rx_handed_off). A handler here
+        and, for POOL_AFTER_BLOCK seconds, every call does (rx_handed_off). Quick handlers
+        that add up run here for INLINE_BUDGET per batch at most, then the pool takes the
+        rest, so records behind them in the ring do not wait for long. A handler here
         takes one of the max_workers slots, as a runner does: no more handlers run at once
         than the application's pool allows."""
         app, kept, lock = self.app, self._inline, self._lock
+        until = time.monotonic() + self.INLINE_BUDGET
         while True:
             with lock:
                 if not kept or not app.on_rx_thread():
@@ -321,6 +325,12 @@ class Server(ServerCore):
                     self._queue.extend(kept)
                     kept.clear()
                     return
+                if time.monotonic() >= until:  # the ring waits too: the rest go to the pool
+                    self._queue.extend(kept)
+                    spawn = max(0, min(len(kept), self._max_runners - self._runners))
+                    kept.clear()
+                    self._runners += spawn
+                    break
                 call = kept.popleft()
                 self._runners += 1
             seq = app.inline_begin()
@@ -335,6 +345,8 @@ class Server(ServerCore):
                         self._runners += 1
                 if spawn:  # calls queued while this slot was taken: nobody else may run them
                     self._spawn_runner()  # (False: the pool is shut down; stop() cancels them)
+        for _ in range(spawn):
+            self._spawn_runner()
 
     def rx_handed_off(self) -> None:
         """A handler blocked on the rx thread: its other kept calls go to the pool, and so

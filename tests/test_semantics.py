@@ -696,3 +696,31 @@ def test_calls_that_need_a_shut_down_pool_are_answered_unavailable(streamer):
     finally:
         cli_app.close()
         srv_app.close()
+
+
+def test_inline_budget_spent_sends_the_rest_of_a_batch_to_the_pool(streamer):
+    """run_inline stops after INLINE_BUDGET seconds of handlers per batch and gives the
+    calls left to the pool (records behind them in the ring must not wait long). With a
+    budget of 0 every call goes to the pool, and all are answered."""
+    import threading
+
+    a, b, pb = streamer
+    names: set = set()
+
+    class Quick(pb.StreamerServicer):
+        def Unary(self, request, context):
+            names.add(threading.current_thread().name)
+            return pb.Summary(total=request.seq)
+
+    srv_app, server, port = _serve_streamer(pb, b.socket, Quick(), "budget-server")
+    server.INLINE_BUDGET = 0.0
+    cli_app = mrpcd.connect(a.socket, name="budget-caller")
+    try:
+        stub = pb.StreamerStub(mrpcd.Channel(f"127.0.0.1:{port}", cli_app))
+        futures = [stub.Unary.future(pb.Chunk(seq=i), timeout=30) for i in range(40)]
+        assert sorted(f.result().total for f in futures) == list(range(40))
+        assert names and not any(n.startswith("mrpcd-rx-") for n in names), names
+        assert wait_until_true(lambda: server._runners == 0, 5) and not server._inline
+    finally:
+        cli_app.close()
+        srv_app.close()
