@@ -716,6 +716,20 @@ cdef enum:
     _E_CORRUPT = -3
 
 
+cdef PyObject* _batch_buffer(uint64_t used, Py_ssize_t max_bytes, uint64_t* alloc) except NULL:
+    """A fresh uninitialised bytes object (a new reference) for one pop or take: `used` (the
+    ring's used-bytes snapshot, >= what is published now) capped at `max_bytes`, at least
+    1 byte; its size goes to *alloc."""
+    cdef uint64_t n = used if used < <uint64_t>max_bytes else <uint64_t>max_bytes
+    if n == 0:
+        n = 1
+    cdef PyObject* b = _raw_bytes(NULL, <Py_ssize_t>n)
+    if b == NULL:
+        raise MemoryError()
+    alloc[0] = n
+    return b
+
+
 cdef bytes _batch_base(PyObject* b, Py_ssize_t total, uint64_t alloc):
     """A pop's fresh buffer `b` (a new reference, consumed) as the bytes its records view,
     with a big unused tail given back: the used-bytes snapshot can overestimate a lot when
@@ -760,14 +774,7 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
         max_records = _POP_MAX
     if max_bytes < 0:
         max_bytes = 0
-    alloc = used_fn(r)  # >= the bytes of the records published now (they carry headers)
-    if alloc > <uint64_t>max_bytes:
-        alloc = max_bytes
-    if alloc == 0:
-        alloc = 1
-    b = _raw_bytes(NULL, <Py_ssize_t>alloc)
-    if b == NULL:
-        raise MemoryError()
+    b = _batch_buffer(used_fn(r), max_bytes, &alloc)
     n = pop_fn(r, _raw_bytes_as_string(b), alloc, lens, <uint32_t>max_records)
     if n == _E_TOOBIG:  # the first record alone exceeds max_bytes: take it alone
         Py_DECREF(<object>b)
@@ -954,14 +961,7 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
         big_min = _HEADER_SIZE
     if big_min > 0xFFFFFFFF:
         big_min = 0xFFFFFFFF
-    alloc = used_fn(r)
-    if alloc > <uint64_t>max_bytes:
-        alloc = max_bytes
-    if alloc == 0:
-        alloc = 1
-    b = _raw_bytes(NULL, <Py_ssize_t>alloc)
-    if b == NULL:
-        raise MemoryError()
+    b = _batch_buffer(used_fn(r), max_bytes, &alloc)
     n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, ptrs, <uint32_t>max_records, <uint32_t>big_min, &extent)
     if n == _E_TOOBIG:  # a first small record larger than max_bytes (< big_min): copy it alone
         Py_DECREF(<object>b)
