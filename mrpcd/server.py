@@ -321,15 +321,10 @@ class Server(ServerCore):
             with lock:
                 if not kept or not app.on_rx_thread():
                     return
-                if self._runners >= self._max_runners:  # every slot busy: wait in the queue
-                    self._queue.extend(kept)
-                    kept.clear()
-                    return
-                if time.monotonic() >= until:  # the ring waits too: the rest go to the pool
-                    self._queue.extend(kept)
-                    spawn = max(0, min(len(kept), self._max_runners - self._runners))
-                    kept.clear()
-                    self._runners += spawn
+                # every slot busy (they wait in the queue), or the budget is spent (the ring
+                # waits too): the rest go to the pool
+                if self._runners >= self._max_runners or time.monotonic() >= until:
+                    spawn = self._kept_to_pool()
                     break
                 call = kept.popleft()
                 self._runners += 1
@@ -353,12 +348,19 @@ class Server(ServerCore):
         do new ones for a while (handlers here are not all quick)."""
         self._pool_only_until = time.monotonic() + self.POOL_AFTER_BLOCK
         with self._lock:
-            self._queue.extend(self._inline)
-            spawn = max(0, min(len(self._inline), self._max_runners - self._runners))
-            self._inline.clear()
-            self._runners += spawn
+            spawn = self._kept_to_pool()
         for _ in range(spawn):
             self._spawn_runner()
+
+    def _kept_to_pool(self) -> int:
+        """(lock held) Move the calls kept for the rx thread to the pool's queue; returns
+        how many runners to start for them (their slots are counted already)."""
+        kept = self._inline
+        spawn = max(0, min(len(kept), self._max_runners - self._runners))
+        self._queue.extend(kept)
+        kept.clear()
+        self._runners += spawn
+        return spawn
 
     def _spawn_runner(self) -> bool:
         """Submit one runner (its slot already counted); False if the executor is shut down."""
