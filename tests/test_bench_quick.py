@@ -57,6 +57,9 @@ def test_quick_mrpcd_grpc_policy(tmp_path: Path) -> None:
         assert [p["policy"] for p in report["policy_chain"]] == ["metrics", "acl", "ratelimit"]
         check_points(report, "mrpcd+policy", ["aio"])
     assert report["baselines"]["socket_stream"]["goodput_Bps"] > 0
+    floor = report["baselines"]["design_floor"]
+    assert floor["messages"] > 0 and floor["bytes"] == floor["messages"] * (1 << 20)
+    assert {c["what"] for c in report["context"]} >= {"1MiB design floor vs plain socket"}
     idle = report["baselines"]["idle_cpu"]
     assert idle["window_s"] > 0 and idle["daemon_A"]["cpu_pct"] >= 0
     ratios = {(r["kind"], r["size"], r["mrpcd"], r["peer"]) for r in report["ratios"]}
