@@ -65,6 +65,24 @@ class Indexes:
         return items
 
 
+class FreeSlots:
+    """The producer's side of a ring of slots: which are free, refilled from the credits
+    the consumer sends back (blocking until one comes)."""
+
+    def __init__(self, count: int, credits_fd: int, consumer: str) -> None:
+        self.free = list(range(count))
+        self.credits = Indexes(credits_fd)
+        self.consumer = consumer
+
+    def take(self) -> int:
+        if not self.free:
+            got = self.credits.read()
+            if got is None:
+                raise SystemExit(f"floor: the {self.consumer} went away")
+            self.free.extend(got)
+        return self.free.pop()
+
+
 def _put(fd: int, i: int) -> None:
     os.write(fd, IDX.pack(i))
 
@@ -79,17 +97,11 @@ def _give_back(fd: int, i: int) -> None:
 
 def client(ring: Slots, to_a: int, credits_fd: int, seconds: float, start: float) -> None:
     payload = bytearray(b"x" * MSG)
-    credits = Indexes(credits_fd)
-    free = list(range(ring.count))
+    free = FreeSlots(ring.count, credits_fd, "daemon A")
     seq = 0
     end = start + seconds
     while time.monotonic() < end:
-        if not free:
-            got = credits.read()
-            if got is None:
-                raise SystemExit("floor client: daemon A went away")
-            free.extend(got)
-        i = free.pop()
+        i = free.take()
         SEQ.pack_into(payload, 0, seq)
         ring.slot(i)[:] = payload
         _put(to_a, i)
@@ -108,8 +120,7 @@ def daemon_a(ring: Slots, from_client: int, credits_fd: int, sock: socket.socket
 def daemon_b(ring: Slots, sock: socket.socket, to_server: int, credits_fd: int) -> None:
     buf = bytearray(MSG)
     view = memoryview(buf)
-    credits = Indexes(credits_fd)
-    free = list(range(ring.count))
+    free = FreeSlots(ring.count, credits_fd, "server")
     while True:
         have = 0
         while have < MSG:
@@ -119,12 +130,7 @@ def daemon_b(ring: Slots, sock: socket.socket, to_server: int, credits_fd: int) 
                     raise SystemExit(f"floor daemon B: stream ended mid-message ({have} bytes)")
                 return
             have += n
-        if not free:
-            got = credits.read()
-            if got is None:
-                raise SystemExit("floor daemon B: server went away")
-            free.extend(got)
-        i = free.pop()
+        i = free.take()
         ring.slot(i)[:] = view
         _put(to_server, i)
 
