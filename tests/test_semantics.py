@@ -345,6 +345,44 @@ def test_aio_interceptors_that_abort(streamer):
     assert handled == ["deny", "deny_stream"]  # the refused call never reached the server
 
 
+def test_aio_call_waits_many_waiters_cancel_and_deadline(streamer):
+    """The asyncio call's waits (one future + timer each, woken by every state change): two
+    tasks waiting on the same call both wake; a waiter cancelled mid-wait leaves the call
+    usable for the others; an expired deadline still ends the wait with DEADLINE_EXCEEDED."""
+    import asyncio
+
+    import mrpcd.aio
+
+    async def body(stub, pb):
+        # a reader and a code() waiter on one bidi call, both waiting before anything arrives
+        call = stub.BidiStream(timeout=5)
+        reader = asyncio.ensure_future(call.read())
+        code = asyncio.ensure_future(call.code())
+        await asyncio.sleep(0.05)
+        assert not reader.done() and not code.done()
+        await call.write(pb.Chunk(seq=4))
+        assert (await asyncio.wait_for(reader, 5)).seq == 40
+        assert not code.done()
+        # a third waiter is cancelled while it waits: the call goes on for the others
+        doomed = asyncio.ensure_future(call.read())
+        await asyncio.sleep(0.05)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert await asyncio.wait_for(code, 5) is mrpcd.StatusCode.CANCELLED  # cancelling a read cancels the call, as in grpc.aio
+        # nothing arrives before the deadline: the wait ends with DEADLINE_EXCEEDED
+        call = stub.BidiStream(timeout=0.3)
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(mrpcd.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+        assert 0.2 < asyncio.get_running_loop().time() - t0 < 3
+        # and a plain unary call is unaffected
+        assert (await stub.Unary(pb.Chunk(seq=7), timeout=5)).total == 7
+
+    _run_aio(streamer, body)
+
+
 def test_aio_write_and_done_writing_without_a_request_iterator(streamer):
     import asyncio
 
