@@ -383,6 +383,63 @@ def test_aio_call_waits_many_waiters_cancel_and_deadline(streamer):
     _run_aio(streamer, body)
 
 
+def test_aio_calls_start_without_a_task_when_they_can(streamer):
+    """A unary-request call on a connected channel goes into the ring when it is made (no
+    start task); the first call (channel not connected yet), a full ring and a request that
+    cannot be serialized take the task path, with the same results and errors as before."""
+    import asyncio
+
+    import mrpcd.aio
+
+    async def body(stub, pb):
+        first = stub.Unary(pb.Chunk(seq=1), timeout=5)
+        assert first._start_task is not None  # not connected yet: the task connects
+        assert (await first).total == 1
+        call = stub.Unary(pb.Chunk(seq=2), timeout=5)
+        assert call._start_task is None and call._state is not None
+        assert (await call).total == 2 and await call.code() is mrpcd.StatusCode.OK
+        stream = stub.ServerStream(pb.Chunk(seq=3), timeout=5)
+        assert stream._start_task is None
+        assert [c.seq async for c in stream] == [0, 1, 2]
+        # the ring is full when the call is made: it exists, the task only sends the record
+        app = stub.Unary._channel.app
+        real = app.try_send
+        refused = []
+        app.try_send = lambda rec: refused.append(rec) or False
+        try:
+            call = stub.Unary(pb.Chunk(seq=4), timeout=5)
+        finally:
+            app.try_send = real
+        assert refused and call._start_task is not None
+        assert (await call).total == 4
+        # a request that cannot be serialized fails where the call is awaited, as before
+        call = stub.Unary(object(), timeout=5)
+        with pytest.raises(Exception):
+            await call
+        # a cancel right after the call was made: awaiting it raises CancelledError (as in
+        # grpc.aio), for a call that started at once and for one its task still starts
+        call = stub.Unary(pb.Chunk(seq=5), timeout=5)
+        assert call._start_task is None and call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert await call.code() is mrpcd.StatusCode.CANCELLED
+        app.try_send = lambda rec: False
+        try:
+            call = stub.Unary(pb.Chunk(seq=5), timeout=5)
+        finally:
+            app.try_send = real
+        assert call._start_task is not None and call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        stream = stub.ServerStream(pb.Chunk(seq=3), timeout=5)
+        assert stream.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stream.read()
+        assert (await stub.Unary(pb.Chunk(seq=6), timeout=5)).total == 6
+
+    _run_aio(streamer, body)
+
+
 def test_aio_write_and_done_writing_without_a_request_iterator(streamer):
     import asyncio
 

@@ -106,6 +106,8 @@ class _CallState(ClientCallCore):
                 raise self.error() from None
         if self.code is StatusCode.OK:
             raise StopAsyncIteration
+        if self.cancelled_locally:  # grpc.aio: reading a call the app cancelled raises CancelledError
+            raise asyncio.CancelledError()
         raise self.error()
 
     async def wait_done(self) -> None:
@@ -124,12 +126,13 @@ class AioRpcError(RpcError):
 
 
 class _Call:
-    """Common grpc.aio.Call surface over a call that is being started by a task."""
+    """Common grpc.aio.Call surface over a call that is being started by a task, or that
+    started already (`state`: its first record is in the ring)."""
 
-    def __init__(self, starter, loop: asyncio.AbstractEventLoop) -> None:
-        self._state: _CallState | None = None
+    def __init__(self, starter, loop: asyncio.AbstractEventLoop, *, state: "_CallState | None" = None) -> None:
+        self._state: _CallState | None = state
         self._cancel_requested = False
-        self._start_task = loop.create_task(self._start(starter))
+        self._start_task = loop.create_task(self._start(starter)) if state is None else None
 
     async def _start(self, starter) -> _CallState:
         state = await starter
@@ -337,6 +340,46 @@ class StreamStreamCall(_StreamRequestMixin, StreamResponseCall):
 
 
 class _AioMultiCallable(MultiCallableCore):
+    def _call(self, call_cls: type, first: Any, details: ClientCallDetails) -> Any:
+        """A call with a single request, started here when everything it needs is at hand
+        (the schemas registered, the channel connected, room in the ring): no start task,
+        no shield, the record goes into the ring now, as grpc.aio starts a call when it
+        is made. Otherwise a task starts it (errors then surface where the call is
+        awaited, as before)."""
+        loop = self._channel.app.loop
+        got = self._open_now(first, details.timeout, details.metadata)
+        if got is None:
+            return call_cls(self._open(first, True, details.timeout, details.metadata), loop)
+        state, unsent = got
+        if unsent is None:
+            return call_cls(None, loop, state=state)
+        return call_cls(self._send_first(state, unsent), loop)
+
+    def _open_now(self, first: Any, timeout: float | None, metadata) -> "tuple[_CallState, Any] | None":
+        """(state, None) when the call started; (state, record) when only the ring was
+        full (the record still to send); None when the task must do it all."""
+        ch = self._channel
+        app = ch.app
+        handle = ch._handle
+        if handle is None or app.closed:
+            return None
+        for schema in self._schemas:
+            if id(schema) not in app._schemas:
+                return None
+        try:
+            meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
+        except Exception:
+            return None  # _open raises it again, where the call is awaited
+        state = _CallState(app, handle, app.next_call_id(), self._decode, ch._max_receive, deadline)
+        record = self._first_record(state, True, dl, meta, payload)
+        if len(record) <= app.max_record and app.try_send(record):
+            return state, None
+        return state, record
+
+    async def _send_first(self, state: _CallState, record: Any) -> _CallState:
+        await self._channel.app.send_async(record)
+        return state
+
     async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None) -> _CallState:
         ch = self._channel
         for schema in self._schemas:
@@ -385,7 +428,7 @@ class _AioMultiCallable(MultiCallableCore):
 class UnaryUnaryMultiCallable(_AioMultiCallable):
     def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> UnaryResponseCall:
-            return UnaryResponseCall(self._open(req, True, details.timeout, details.metadata), self._channel.app.loop)
+            return self._call(UnaryResponseCall, req, details)
 
         return self._channel._intercept("unary_unary", invoke, self._details(timeout, metadata), request)
 
@@ -393,7 +436,7 @@ class UnaryUnaryMultiCallable(_AioMultiCallable):
 class UnaryStreamMultiCallable(_AioMultiCallable):
     def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> StreamResponseCall:
-            return StreamResponseCall(self._open(req, True, details.timeout, details.metadata), self._channel.app.loop)
+            return self._call(StreamResponseCall, req, details)
 
         return self._channel._intercept("unary_stream", invoke, self._details(timeout, metadata), request)
 
