@@ -998,6 +998,25 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
     return recs, bad, extent, leases
 
 
+ctypedef int (*_flag_fn)(void* r) noexcept nogil
+
+
+# The wake-up checks an app makes after every push and every rx batch, called with the GIL
+# held. Through cffi each would drop the GIL around a fence and a flag read; in a client with
+# many threads, the thread holding the app's tx lock then hands the GIL to others, which pile
+# up on that lock (each a sleep and a wake-up).
+def ring_should_wake_consumer(ring):
+    """Ring.should_wake_consumer() without releasing the GIL (producer side)."""
+    cdef tuple cp = ring.c_pointers()
+    return (<_flag_fn><uintptr_t>cp[12])(<void*><uintptr_t>cp[0]) != 0
+
+
+def ring_should_wake_producer(ring):
+    """Ring.should_wake_producer() without releasing the GIL (consumer side)."""
+    cdef tuple cp = ring.c_pointers()
+    return (<_flag_fn><uintptr_t>cp[13])(<void*><uintptr_t>cp[0]) != 0
+
+
 def ring_release_bytes(ring, uint64_t nbytes):
     """Free the oldest `nbytes` taken by ring_take_records (whole extents, in order)."""
     cdef tuple cp = ring.c_pointers()

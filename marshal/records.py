@@ -38,6 +38,8 @@ from ._framing import (
     ring_push_records,
     Lease,
     ring_release_bytes,
+    ring_should_wake_consumer,
+    ring_should_wake_producer,
     ring_take_records,
     wire_buffers,
 )
@@ -47,6 +49,7 @@ __all__ = [
     "F_START", "F_END", "F_NO_MSG", "F_ALL", "MAX_META", "DEFAULT_MAX_RECORD",
     "RecordError", "Record", "encode_record", "parse_record", "FrameDecoder",
     "ring_pop_records", "ring_push_record", "ring_push_records", "ring_take_records", "ring_release_bytes", "Lease",
+    "ring_should_wake_consumer", "ring_should_wake_producer",
     "wire_buffers",
     "encode_metadata", "decode_metadata", "check_metadata_key",
 ]

@@ -177,7 +177,7 @@ class App:
                 raise DaemonUnavailable("the app's connection to mrpcd is closed")
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self._push(data):
-                if self.tx.should_wake_consumer():
+                if R.ring_should_wake_consumer(self.tx):
                     self.daemon_waker.signal()
                 if self._inline_since is not None:
                     self.about_to_block()  # only the rx role frees room: never wait holding it
@@ -194,20 +194,20 @@ class App:
                     self._space_waiters -= 1
                 if self.closed:
                     raise DaemonUnavailable("the app's connection to mrpcd is closed")
-            if self.tx.should_wake_consumer():
+            if R.ring_should_wake_consumer(self.tx):
                 self.daemon_waker.signal()
 
     def try_send(self, data: "bytes | RecordParts") -> bool:
         """Non-blocking push for the event-loop driver; False when the ring is full."""
         with self._tx_lock:
             if not self._push(data):
-                if self.tx.should_wake_consumer():
+                if R.ring_should_wake_consumer(self.tx):
                     self.daemon_waker.signal()
                 if self.tx.prepare_wait_for_space(len(data)):
                     return False  # the rx driver is woken when the daemon frees room
                 if not self._push(data):
                     return False
-            if self.tx.should_wake_consumer():
+            if R.ring_should_wake_consumer(self.tx):
                 self.daemon_waker.signal()
             return True
 
@@ -226,7 +226,7 @@ class App:
                 return False
             recs, bad, held = ring_take_records(self.rx, RX_BATCH, RX_BYTES, RX_BIG_MIN, 1 << 31)
             if held is None:
-                if self.rx.should_wake_producer():
+                if R.ring_should_wake_producer(self.rx):
                     self.daemon_waker.signal()
                 self._dispatch_batch(recs, bad)
                 return bool(recs or bad)
@@ -236,7 +236,7 @@ class App:
             finally:
                 self._held = None
                 held.release()
-            if self.rx.should_wake_producer():
+            if R.ring_should_wake_producer(self.rx):
                 self.daemon_waker.signal()
             return True
 

@@ -89,7 +89,8 @@ _FN_ADDRS = tuple(
     int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
     for name in ("ring_used_bytes", "ring_peek", "ring_pop_batch", "ring_push_segs",
                  "ring_take_batch", "ring_release", "ring_reserve", "ring_commit", "ring_unreserve",
-                 "ring_take_more", "ring_release_bytes")
+                 "ring_take_more", "ring_release_bytes", "ring_producer_should_wake",
+                 "ring_consumer_should_wake_producer")
 )
 
 
@@ -399,7 +400,8 @@ class Ring:
         """Addresses for compiled callers (``mrpcd.marshal.records.ring_pop_records`` /
         ``ring_push_records`` / ``ring_take_records``): (ring_t *, ring_used_bytes,
         ring_peek, ring_pop_batch, ring_push_segs, ring_take_batch, ring_release,
-        ring_reserve, ring_commit, ring_unreserve, ring_take_more, ring_release_bytes). Valid while this Ring is open
+        ring_reserve, ring_commit, ring_unreserve, ring_take_more, ring_release_bytes,
+        ring_producer_should_wake, ring_consumer_should_wake_producer). Valid while this Ring is open
         (ValueError once it is closed)."""
         cp = self._cp
         if cp is None:

@@ -421,6 +421,32 @@ def test_waker_signal_drain_wait():
         assert fcntl.fcntl(w.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
 
 
+def test_sleep_flags_through_the_compiled_checks():
+    """records.ring_should_wake_consumer / _producer (what the app library calls, holding
+    the GIL) read and clear the same flags as the Ring methods."""
+    from mrpcd.marshal.records import ring_should_wake_consumer, ring_should_wake_producer
+
+    mm, r = new_ring(256)
+    assert ring_should_wake_consumer(r) is False  # nobody sleeps
+    assert r.prepare_sleep() is True
+    r.push(b"x")
+    assert ring_should_wake_consumer(r) is True
+    assert ring_should_wake_consumer(r) is False  # cleared: one signal per sleep
+    assert r.should_wake_consumer() is False
+    r.finish_sleep()
+    assert r.pop_batch(max_records=1)
+    while r.push(b"z" * 24):
+        pass
+    assert r.prepare_wait_for_space(24) is True
+    assert r.pop_batch(max_records=1)
+    assert ring_should_wake_producer(r) is True
+    assert ring_should_wake_producer(r) is False
+    r.finish_wait()
+    r.close()
+    with pytest.raises(ValueError, match="closed"):
+        ring_should_wake_consumer(r)
+
+
 def test_sleep_flags_single_process():
     mm, r = new_ring(256)
     assert r.prepare_sleep() is True  # empty: may sleep, flag raised
