@@ -416,6 +416,18 @@ def test_aio_calls_start_without_a_task_when_they_can(streamer):
         call = stub.Unary(object(), timeout=5)
         with pytest.raises(Exception):
             await call
+        # the ring refuses the record outright: no error where the call is made, the same
+        # error where it is awaited, and the call it had begun is not left registered
+        calls_before = len(app.calls)
+        app.try_send = lambda rec: (_ for _ in ()).throw(ValueError("record can never fit"))
+        try:
+            call = stub.Unary(pb.Chunk(seq=4), timeout=5)
+            assert call._start_task is not None and len(app.calls) == calls_before
+            with pytest.raises(ValueError, match="never fit"):
+                await call
+            assert len(app.calls) == calls_before  # nor by the task that tried again
+        finally:
+            app.try_send = real
         # a cancel right after the call was made: awaiting it raises CancelledError (as in
         # grpc.aio), for a call that started at once and for one its task still starts
         call = stub.Unary(pb.Chunk(seq=5), timeout=5)

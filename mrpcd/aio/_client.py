@@ -371,13 +371,23 @@ class _AioMultiCallable(MultiCallableCore):
         except Exception:
             return None  # _open raises it again, where the call is awaited
         state = _CallState(app, handle, app.next_call_id(), self._decode, ch._max_receive, deadline)
-        record = self._first_record(state, True, dl, meta, payload)
-        if len(record) <= app.max_record and app.try_send(record):
-            return state, None
-        return state, record
+        try:
+            record = self._first_record(state, True, dl, meta, payload)
+            if len(record) > app.max_record:
+                sent = False  # send_async refuses it, where the call is awaited
+            else:
+                sent = app.try_send(record)
+        except Exception:
+            app.calls.pop((state.handle, state.call_id), None)  # never sent: forget it
+            return None  # _open meets the same error again, where the call is awaited
+        return state, (None if sent else record)
 
     async def _send_first(self, state: _CallState, record: Any) -> _CallState:
-        await self._channel.app.send_async(record)
+        try:
+            await self._channel.app.send_async(record)
+        except BaseException:
+            self._channel.app.calls.pop((state.handle, state.call_id), None)  # never sent: forget it
+            raise
         return state
 
     async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None) -> _CallState:
@@ -388,7 +398,11 @@ class _AioMultiCallable(MultiCallableCore):
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
         handle = await ch._ensure_handle()
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
-        await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
+        try:
+            await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
+        except BaseException:
+            ch.app.calls.pop((state.handle, state.call_id), None)  # never sent: forget it
+            raise
         if requests is not None:  # None: no requests after the first, or the caller write()s them
             task = asyncio.ensure_future(self._pump(state, requests))
             state.callbacks.append(lambda: task.done() or task.cancel())
