@@ -180,9 +180,13 @@ class ClientCallCore:
         self._wake()
         return True
 
+    def unregister(self) -> None:
+        """Stop routing records to this call (it ended, or its first record was never sent)."""
+        self.app.calls.pop((self.handle, self.call_id), None)
+
     def _finish(self) -> None:
         self.done = True
-        self.app.calls.pop((self.handle, self.call_id), None)
+        self.unregister()
         callbacks, self.callbacks = self.callbacks, []
         for cb in callbacks:  # run on whichever thread ended the call, as grpc does
             try:

@@ -378,7 +378,7 @@ class _AioMultiCallable(MultiCallableCore):
             else:
                 sent = app.try_send(record)
         except Exception:
-            app.calls.pop((state.handle, state.call_id), None)  # never sent: forget it
+            state.unregister()  # never sent: forget it
             return None  # _open meets the same error again, where the call is awaited
         return state, (None if sent else record)
 
@@ -386,7 +386,7 @@ class _AioMultiCallable(MultiCallableCore):
         try:
             await self._channel.app.send_async(record)
         except BaseException:
-            self._channel.app.calls.pop((state.handle, state.call_id), None)  # never sent: forget it
+            state.unregister()  # never sent: forget it
             raise
         return state
 
@@ -401,7 +401,7 @@ class _AioMultiCallable(MultiCallableCore):
         try:
             await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
         except BaseException:
-            ch.app.calls.pop((state.handle, state.call_id), None)  # never sent: forget it
+            state.unregister()  # never sent: forget it
             raise
         if requests is not None:  # None: no requests after the first, or the caller write()s them
             task = asyncio.ensure_future(self._pump(state, requests))
