@@ -282,21 +282,20 @@ class Server(ServerCore):
 
     def _admit(self, rec: R.Record, path: str, handler: RpcMethodHandler) -> None:
         call = _ServerCall(self, rec, path, handler)
-        if (call._half_closed and not handler.request_streaming and not handler.response_streaming
-                and not self._interceptors and self.app.on_rx_thread() and time.monotonic() >= self._pool_only_until):
-            # a unary call with its request complete, seen on the rx thread: run it there
-            # once the batch is dispatched (run_inline), no thread switch
-            with self._lock:
-                self._calls[(rec.handle, rec.call_id)] = call
-                self._inline.append(call)
-            self._deadlines.add(call)
-            return
+        # a unary call with its request complete, seen on the rx thread: run it there once
+        # the batch is dispatched (run_inline), no thread switch
+        inline = (call._half_closed and not handler.request_streaming and not handler.response_streaming
+                  and not self._interceptors and self.app.on_rx_thread() and time.monotonic() >= self._pool_only_until)
         with self._lock:
             self._calls[(rec.handle, rec.call_id)] = call
-            self._queue.append(call)
-            spawn = self._runners < self._max_runners
-            if spawn:
-                self._runners += 1
+            if inline:
+                self._inline.append(call)
+                spawn = False
+            else:
+                self._queue.append(call)
+                spawn = self._runners < self._max_runners
+                if spawn:
+                    self._runners += 1
         self._deadlines.add(call)
         if spawn and not self._spawn_runner():
             self._refuse(call)
