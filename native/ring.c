@@ -516,7 +516,6 @@ int ring_consumer_has_data(ring_t *r)
     return head != r->tail + r->taken;
 }
 
-
 /* After releasing space: must the producer be woken? Clears the flag. */
 int ring_consumer_should_wake_producer(ring_t *r)
 {

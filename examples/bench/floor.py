@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import socket
+import stat
 import struct
 import sys
 import time
@@ -224,17 +225,12 @@ def _only(keep: list[int], fn, *args) -> None:
         n = int(fd)
         if n > 2 and n not in keep_set:
             try:
-                if os.path.exists(f"/proc/self/fd/{n}") and _is_pipe_or_socket(n):
-                    os.close(n)
-            except OSError:
-                pass
+                mode = os.fstat(n).st_mode
+            except OSError:  # the listing's own descriptor, closed by now
+                continue
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                os.close(n)
     fn(*args)
-
-
-def _is_pipe_or_socket(fd: int) -> bool:
-    import stat
-    mode = os.fstat(fd).st_mode
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def main(argv: list[str]) -> int:
