@@ -194,8 +194,9 @@ class App:
                     self._space_waiters -= 1
                 if self.closed:
                     raise DaemonUnavailable("the app's connection to mrpcd is closed")
-            if R.ring_should_wake_consumer(self.tx):
-                self.daemon_waker.signal()
+            wake = R.ring_should_wake_consumer(self.tx)
+        if wake:  # outside the lock: the write drops the GIL, and callers would queue on the lock
+            self.daemon_waker.signal()
 
     def try_send(self, data: "bytes | RecordParts") -> bool:
         """Non-blocking push for the event-loop driver; False when the ring is full."""
@@ -207,9 +208,10 @@ class App:
                     return False  # the rx driver is woken when the daemon frees room
                 if not self._push(data):
                     return False
-            if R.ring_should_wake_consumer(self.tx):
-                self.daemon_waker.signal()
-            return True
+            wake = R.ring_should_wake_consumer(self.tx)
+        if wake:
+            self.daemon_waker.signal()
+        return True
 
     # -- rx -----------------------------------------------------------------------------
     def drain(self) -> bool:

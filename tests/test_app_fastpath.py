@@ -202,3 +202,37 @@ def test_server_core_hands_grpc_style_deserializers_bytes_and_generated_ones_vie
     got = call._decode(call._pop_request()[0])
     assert got == blob
     _assert_owned_bytes(got)
+
+
+class _LockProbe:
+    """A daemon waker that records whether the app's tx lock was held when signalled."""
+
+    def __init__(self, app: appmod.App) -> None:
+        self.app, self.held = app, []
+
+    def signal(self) -> None:
+        self.held.append(self.app._tx_lock.locked())
+
+    def close(self) -> None:
+        pass
+
+
+def test_app_wakes_a_sleeping_daemon_after_releasing_the_tx_lock():
+    """The eventfd write drops the GIL: made under the tx lock, every other sending thread
+    would run only to queue on that lock (a context switch each)."""
+    with RingPair.create(1 << 16) as pair:
+        app = _bare_app(pair)
+        real = app.daemon_waker
+        app.daemon_waker = probe = _LockProbe(app)
+        try:
+            parts = wire.request_parts(1, 2, 3, R.F_START, 0, (), b"x" * 100)
+            for send in (app.send, app.try_send):
+                assert pair.tx.prepare_sleep()  # the daemon found the ring empty and sleeps
+                send(parts)
+                R.ring_pop_records(pair.tx, 16, 1 << 20)
+            assert probe.held == [False, False]
+            app.send(parts)  # the daemon is awake: no signal at all
+            assert probe.held == [False, False]
+        finally:
+            real.close()
+            app.app_waker.close()
