@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Protocol
 
 from . import control_proto as cp
@@ -97,6 +98,10 @@ class App:
         # the rx thread / event loop may close the app.
         self._rx_lock = threading.RLock()
         self._held: Any = None  # the open take of the batch being dispatched, if any
+        # Blocked unary callers whose calls ended, to be woken one at a time (pass_baton).
+        self._baton: deque[tuple[Any, Any]] = deque()
+        self._baton_lock = threading.Lock()
+        self._draining: int | None = None  # the thread inside drain(), which only queues them
         self.driver = driver
         # The rx role (draining the rx ring) belongs to one thread at a time. A sync server
         # runs quick unary handlers on that thread (mrpcd.server); when such a handler
@@ -227,20 +232,51 @@ class App:
             if self.closed:
                 return False
             recs, bad, held = ring_take_records(self.rx, RX_BATCH, RX_BYTES, RX_BIG_MIN, 1 << 31)
-            if held is None:
+            self._draining = threading.get_ident()
+            try:
+                if held is None:
+                    if R.ring_should_wake_producer(self.rx):
+                        self.daemon_waker.signal()
+                    self._dispatch_batch(recs, bad)
+                    return bool(recs or bad)
+                self._held = held
+                try:
+                    self._dispatch_batch(recs, bad)
+                finally:
+                    self._held = None
+                    held.release()
                 if R.ring_should_wake_producer(self.rx):
                     self.daemon_waker.signal()
-                self._dispatch_batch(recs, bad)
-                return bool(recs or bad)
-            self._held = held
-            try:
-                self._dispatch_batch(recs, bad)
+                return True
             finally:
-                self._held = None
-                held.release()
-            if R.ring_should_wake_producer(self.rx):
-                self.daemon_waker.signal()
-            return True
+                self._draining = None
+                if self._baton:
+                    self.pass_baton()
+
+    def wake_caller(self, call: Any, lock: Any) -> None:
+        """Wake a caller blocked in a call's `wait_end` (mrpcd.channel): `lock` is the held
+        lock it waits on. From inside drain() the caller is only queued; at the end of the
+        batch the draining thread wakes the first, and each woken caller wakes the next
+        as soon as it runs (pass_baton). Woken all at once, a batch's callers would each
+        find the GIL taken and sleep again on it (a context switch apiece); in a chain,
+        one thread at a time wakes and finds it free."""
+        with self._baton_lock:
+            self._baton.append((call, lock))
+        if self._draining != threading.get_ident():
+            self.pass_baton()
+
+    def pass_baton(self) -> None:
+        """Wake the next queued caller that still waits (one that gave up on its deadline,
+        or was interrupted, has left already: skipped). Every caller leaving `wait_end`
+        calls this, so the chain goes on whatever the woken threads do next."""
+        with self._baton_lock:
+            baton = self._baton
+            while baton:
+                call, lock = baton.popleft()
+                if call._end_waiting:
+                    call._end_waiting = False
+                    lock.release()
+                    return
 
     def _dispatch_batch(self, recs: list, bad: list) -> None:
         for _data, reason in bad:  # the daemon is trusted, but never crash on it

@@ -30,10 +30,18 @@ class _ClientCall(ClientCallCore):
 
     def __init__(self, app: App, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
         self._cond = threading.Condition()
+        self._waiting = 0  # threads inside _wait (the Condition's waiters)
+        self._end_lock: Any = None  # wait_end's bare lock, handed to the app when the call ends
+        self._end_waiting = False  # a caller is blocked on it (changed under app._baton_lock)
         super().__init__(app, handle, call_id, deserialize, max_receive, deadline)
 
     def _wake(self) -> None:
-        self._cond.notify_all()
+        if self._waiting:
+            self._cond.notify_all()
+        lock = self._end_lock
+        if lock is not None and self.done:
+            self._end_lock = None
+            self.app.wake_caller(self, lock)
 
     # -- driver side (rx thread) ----------------------------------------------------------
     def deliver(self, rec: R.Record) -> None:
@@ -84,8 +92,38 @@ class _ClientCall(ClientCallCore):
                 if mine <= 0:
                     return False
                 left = mine if left is None else min(left, mine)
-            self._cond.wait(left)
+            self._waiting += 1
+            try:
+                self._cond.wait(left)
+            finally:
+                self._waiting -= 1
         return True
+
+    def wait_end(self) -> None:
+        """Block until the call ends, for the blocking unary call: its only wait, so a bare
+        lock, not the Condition (whose wait and notify cost a Python-level waiter list and
+        a lock allocation per call). The app releases it (App.wake_caller: from the rx
+        thread, in a chain with the other callers its batch ended). The call's deadline
+        ends it with DEADLINE_EXCEEDED (and cancels the server), as in _wait."""
+        with self._cond:
+            if self.done:
+                return
+            lock = self._end_lock = threading.Lock()
+            lock.acquire()
+            self._end_waiting = True
+        app = self.app
+        woken = False
+        try:
+            app.about_to_block()  # a handler on the rx thread calling out: hand the role over
+            deadline = self.deadline
+            left = deadline.remaining() if deadline else None
+            woken = lock.acquire() if left is None else left > 0 and lock.acquire(True, left)
+        finally:
+            with app._baton_lock:
+                self._end_waiting = False
+            app.pass_baton()  # wake the next caller first: this one has the GIL now
+        if not woken:
+            self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)  # no-op if it ended meanwhile
 
     def next_message(self) -> Any:
         """The next response message, or StopIteration at a clean end; RpcError otherwise."""
@@ -296,17 +334,13 @@ class _MultiCallable(MultiCallableCore):
         threading.Thread(target=run, name="mrpcd-request-pump", daemon=True).start()
 
 
-def _never() -> bool:
-    return False
-
-
 class UnaryUnaryMultiCallable(_MultiCallable):
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
         """The blocking call: what with_call does, without the rendezvous and its future
         state (one wait for the end of the call, then the response or the error)."""
         call = self._start(request, True, timeout, metadata)
+        call.wait_end()
         with call._cond:
-            call._wait(_never, call.deadline)  # until the call ends (its deadline ends it too)
             got = call.pop_message()
         if call.code is StatusCode.OK:
             if got is None:

@@ -4,10 +4,13 @@ views (ring_pop_records), message payloads queued as views only when large (and 
 the reader is behind), codecs decoding from buffers into bytes that own their memory."""
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+import time
 
 import pytest
+from conftest import wait_until
 
 import mrpcd
 from mrpcd import _calls, app as appmod, flow, wire
@@ -106,6 +109,8 @@ def _bare_app(pair: RingPair) -> appmod.App:
     app._space = threading.Condition(app._tx_lock)
     app.closed = False
     app._rx_lock, app._held = threading.RLock(), None
+    app._baton, app._baton_lock, app._draining = collections.deque(), threading.Lock(), None
+    app._inline_since = None
     app.max_record = 1 << 20
     app.calls, app.servers, app.handle_listeners = {}, [], {}
     return app
@@ -235,4 +240,71 @@ def test_app_wakes_a_sleeping_daemon_after_releasing_the_tx_lock():
             assert probe.held == [False, False]
         finally:
             real.close()
+            app.app_waker.close()
+
+
+def _blocked_callers(app: appmod.App, deadlines: list[float]) -> tuple[list, list[threading.Thread], list]:
+    """One _ClientCall per deadline (0: none) and a thread blocked in each one's wait_end."""
+    from mrpcd.channel import _ClientCall
+
+    calls = [_ClientCall(app, 1, i + 1, Blob.FromString, 1 << 20, wire.Deadline(int(d * 1e6)) if d else None)
+             for i, d in enumerate(deadlines)]
+    returned: list = []
+    threads = [threading.Thread(target=lambda c=c: (c.wait_end(), returned.append(c.call_id)), daemon=True) for c in calls]
+    for t in threads:
+        t.start()
+    wait_until(lambda: all(c._end_waiting for c in calls), 5.0)
+    return calls, threads, returned
+
+
+def test_callers_ended_in_one_drain_wake_in_a_chain():
+    """Inside drain() the rx thread only queues the callers its batch ended; it wakes the
+    first at the end, and each woken caller wakes the next."""
+    with RingPair.create(1 << 16) as pair:
+        app = _bare_app(pair)
+        try:
+            calls, threads, returned = _blocked_callers(app, [0, 0, 0, 0])
+            app._draining = threading.get_ident()  # as drain() does
+            for c in calls:
+                with c._cond:
+                    c.end(mrpcd.StatusCode.OK, "")
+            time.sleep(0.1)
+            assert returned == [] and len(app._baton) == 4  # queued, nobody woken yet
+            app._draining = None
+            app.pass_baton()  # the end of the batch: one wake-up, the callers do the rest
+            for t in threads:
+                t.join(5.0)
+            assert sorted(returned) == [1, 2, 3, 4] and not app._baton
+            # ended from any other thread (a lost connection, close): woken at once
+            calls, threads, returned = _blocked_callers(app, [0])
+            calls[0].lost(mrpcd.StatusCode.UNAVAILABLE, "gone")
+            threads[0].join(5.0)
+            assert returned == [1] and not app._baton
+        finally:
+            app.daemon_waker.close()
+            app.app_waker.close()
+
+
+def test_a_caller_leaving_on_its_deadline_passes_the_chain_on():
+    """A queued caller that gives up (deadline) before its turn is skipped, and its own
+    leaving wakes the next one: the chain never stops at a thread that is gone."""
+    with RingPair.create(1 << 16) as pair:
+        app = _bare_app(pair)
+        try:
+            calls, threads, returned = _blocked_callers(app, [0.3, 0])
+            app._draining = threading.get_ident()
+            for c in calls:
+                with c._cond:
+                    c.end(mrpcd.StatusCode.OK, "")
+            app._draining = None  # and nobody passes the baton: only the leaving caller can
+            for t in threads:
+                t.join(5.0)
+            assert sorted(returned) == [1, 2] and not app._baton
+            assert calls[0].code is mrpcd.StatusCode.OK  # it had ended: the deadline cancels nothing
+            # a caller whose deadline passes while nobody ends its call
+            calls, threads, returned = _blocked_callers(app, [0.2])
+            threads[0].join(5.0)
+            assert returned == [1] and calls[0].code is mrpcd.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            app.daemon_waker.close()
             app.app_waker.close()
