@@ -117,7 +117,11 @@ class _ClientCall(ClientCallCore):
             app.about_to_block()  # a handler on the rx thread calling out: hand the role over
             deadline = self.deadline
             left = deadline.remaining() if deadline else None
-            woken = lock.acquire() if left is None else left > 0 and lock.acquire(True, left)
+            if left is None:
+                woken = lock.acquire()
+            else:
+                while left > 0 and not (woken := lock.acquire(True, left)):
+                    left = deadline.remaining()  # a timed acquire may return a hair early
         finally:
             with app._baton_lock:
                 self._end_waiting = False
