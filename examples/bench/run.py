@@ -191,21 +191,34 @@ def paired_socket(flavor: str) -> str:
     return f"socket_stream_after_mrpcd_{flavor}"
 
 
+def socket_reference(baselines: dict) -> dict | None:
+    """The 1 MiB target's reference: the median of the run's socket measurements (right after
+    each mrpcd flavor, and at the end). One 3 s measurement on this shared host can land in a
+    slow minute (2.9 against 4.8-5.2 GB/s in one run), and a ratio against it means nothing."""
+    keys = [k for k in (paired_socket("sync"), paired_socket("aio"), "socket_stream") if baselines.get(k)]
+    if not keys:
+        return None
+    values = {k: baselines[k]["goodput_Bps"] for k in keys}
+    return {"goodput_Bps": statistics.median(values.values()), "of": values}
+
+
 def context(results: list[dict], baselines: dict) -> list[dict]:
     """Ratios that explain the 1 MiB target, not targets: how much of the plain socket the
     architecture itself reaches here (design floor), how much of that floor mrpcd reaches,
-    and mrpcd against the socket measured at the end of the run (the target uses the one
-    measured right after mrpcd's run)."""
+    and mrpcd against each socket measurement alone (the target uses their median)."""
     out = []
     sock, floor = baselines.get("socket_stream"), baselines.get("design_floor")
     if sock and floor:
         out.append({"what": "1MiB design floor vs plain socket", "ratio": floor["goodput_Bps"] / sock["goodput_Bps"]})
     for flavor in ("sync", "aio"):
         m = find(results, "mrpcd", flavor, "throughput", MIB, 32)
-        if m and sock and m.get("goodput_Bps") and baselines.get(paired_socket(flavor)):
-            out.append({"what": f"1MiB goodput c=32 mrpcd-{flavor} vs plain socket at the end of the run",
-                        "ratio": m["goodput_Bps"] / sock["goodput_Bps"]})
-        if m and floor and m.get("goodput_Bps"):
+        if not m or not m.get("goodput_Bps"):
+            continue
+        for key, when in ((paired_socket(flavor), "right after it"), ("socket_stream", "at the end of the run")):
+            if baselines.get(key):
+                out.append({"what": f"1MiB goodput c=32 mrpcd-{flavor} vs plain socket {when}",
+                            "ratio": m["goodput_Bps"] / baselines[key]["goodput_Bps"]})
+        if floor:
             out.append({"what": f"1MiB goodput c=32 mrpcd-{flavor} vs design floor",
                         "ratio": m["goodput_Bps"] / floor["goodput_Bps"]})
     return out
@@ -283,7 +296,7 @@ def targets(results: list[dict], baselines: dict, unavailable: dict) -> list[dic
               find(results, "mrpcd", flavor, "throughput", 32, 128), peer, "rpc_per_s", lambda r: r >= 3.0)
         ratio(f"1MiB goodput c=32 mrpcd-{flavor} vs plain socket", "ratio >= 0.5",
               find(results, "mrpcd", flavor, "throughput", MIB, 32),
-              baselines.get(paired_socket(flavor)) or baselines.get("socket_stream"),
+              baselines.get("socket_reference") or baselines.get("socket_stream"),
               "goodput_Bps", lambda r: r >= 0.5)
     idle = baselines.get("idle_cpu")
     if idle:
@@ -380,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if "mrpcd+policy" in unavailable:
         report["policy_chain"] = unavailable["mrpcd+policy"]
     report["ratios"] = compute_ratios(report["results"])
+    report["baselines"]["socket_reference"] = socket_reference(report["baselines"])
     report["targets"] = targets(report["results"], report["baselines"], unavailable)
     report["context"] = context(report["results"], report["baselines"])
     report["elapsed_s"] = time.time() - started
