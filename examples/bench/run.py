@@ -340,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(s, f) for s in chosen for f in plan["flavors"][s]]
     total = sum(len(jobs_for(plan, s)) for s, _ in runs) + 3 + sum(s == "mrpcd" for s, _ in runs)
     progress = Progress(total)
+
+    def baseline(key: str, what: str, measure: Callable[[], dict]) -> None:
+        try:
+            report["baselines"][key] = measure()
+        except Exception as exc:  # a failed reference must not lose the run's other numbers
+            report["errors"].append({"system": what, "error": f"{type(exc).__name__}: {exc}"})
+
     with tempfile.TemporaryDirectory(prefix="mrpcd-bench-") as work:
         gen = os.path.join(work, "gen")
         make_stubs(gen)
@@ -366,11 +373,6 @@ def main(argv: list[str] | None = None) -> int:
                     if system == "mrpcd" and flavor == "sync":
                         report["baselines"]["idle_cpu"] = measure_idle(dep, plan["idle_s"])
                         progress.step("mrpcd idle CPU")
-                if system == "mrpcd":
-                    # The 1 MiB target's reference, measured right after mrpcd's own 1 MiB run:
-                    # on a shared host the socket moves ±15 % within a minute (README).
-                    report["baselines"][paired_socket(flavor)] = socket_baseline(plan["socket_s"], work)
-                    progress.step(f"plain socket stream, paired with mrpcd/{flavor}")
             except systems.Unavailable as exc:
                 unavailable[system] = str(exc)
                 progress.note(f"[skip] {system}/{flavor}: {exc}")
@@ -379,15 +381,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress.note(f"[error] {system}/{flavor}: {type(exc).__name__}: {exc}")
             if left:
                 progress.step(f"{system}/{flavor} skipped", advance=left)
-        try:
-            report["baselines"]["socket_stream"] = socket_baseline(plan["socket_s"], work)
-        except Exception as exc:
-            report["errors"].append({"system": "socket", "error": f"{type(exc).__name__}: {exc}"})
+            if system == "mrpcd":
+                # One of the 1 MiB target's socket measurements (socket_reference), taken right
+                # after mrpcd's own run: on a shared host the socket moves ±15 % in a minute.
+                baseline(paired_socket(flavor), "socket", lambda: socket_baseline(plan["socket_s"], work))
+                progress.step(f"plain socket stream, after mrpcd/{flavor}")
+        baseline("socket_stream", "socket", lambda: socket_baseline(plan["socket_s"], work))
         progress.step("plain socket stream")
-        try:
-            report["baselines"]["design_floor"] = floor_baseline(plan["socket_s"])
-        except Exception as exc:
-            report["errors"].append({"system": "design floor", "error": f"{type(exc).__name__}: {exc}"})
+        baseline("design_floor", "design floor", lambda: floor_baseline(plan["socket_s"]))
         progress.step("design floor (mrpcd's copies, no RPC)")
     progress.close()
     if "mrpcd+policy" in unavailable:
