@@ -296,7 +296,7 @@ def targets(results: list[dict], baselines: dict, unavailable: dict) -> list[dic
               find(results, "mrpcd", flavor, "throughput", 32, 128), peer, "rpc_per_s", lambda r: r >= 3.0)
         ratio(f"1MiB goodput c=32 mrpcd-{flavor} vs plain socket", "ratio >= 0.5",
               find(results, "mrpcd", flavor, "throughput", MIB, 32),
-              baselines.get("socket_reference") or baselines.get("socket_stream"),
+              baselines.get("socket_reference"),
               "goodput_Bps", lambda r: r >= 0.5)
     idle = baselines.get("idle_cpu")
     if idle:
