@@ -87,7 +87,7 @@ class _CallState(ClientCallCore):
             finally:
                 if timer is not None:
                     timer.cancel()
-                if self._waiters and fut in self._waiters:  # cancelled, not woken: drop it
+                if fut in self._waiters:  # cancelled or timed out, not woken by _wake: drop it
                     self._waiters.remove(fut)
 
     async def next_message(self) -> Any:
