@@ -176,7 +176,7 @@ class AppSession:
                 # a short take emptied the ring as it was: prepare_sleep() re-checks it, so
                 # no second (empty) take is needed before sleeping
                 short = not leases and len(recs) + len(bad) < DRAIN_RECORDS and extent < DRAIN_BYTES
-            if self.tx.should_wake_producer():  # even an empty pass may have freed a wrap marker
+            if R.ring_should_wake_producer(self.tx):  # even an empty pass may have freed a wrap marker
                 self.app_waker.signal()  # the app waits for room in its tx ring
             if not recs and not bad:
                 return True
@@ -221,7 +221,7 @@ class AppSession:
         if self.closed:
             if not lent:
                 self.rings.close()  # close() waited for the last lease
-        elif freed and self.tx.should_wake_producer():
+        elif freed and R.ring_should_wake_producer(self.tx):
             self.app_waker.signal()
 
     def _handle_outbound(self, recs: list[R.Record], bad: list[tuple[bytes, str]] = ()) -> None:
@@ -303,7 +303,7 @@ class AppSession:
             n = R.ring_push_records(self.rx, batch)
             if n < len(batch):
                 self.pending.extend(batch[n:] if n else batch)
-        if self.rx.should_wake_consumer():
+        if R.ring_should_wake_consumer(self.rx):
             self.app_waker.signal()
         if self.pending:
             self._apply_backpressure()
@@ -318,11 +318,11 @@ class AppSession:
             for _ in range(n):
                 pending.popleft()
             if n == 0:
-                if self.rx.should_wake_consumer():
+                if R.ring_should_wake_consumer(self.rx):
                     self.app_waker.signal()
                 if self.rx.prepare_wait_for_space(pending[0].size):
                     break  # the app signals daemon_waker after its next pop
-        if self.rx.should_wake_consumer():
+        if R.ring_should_wake_consumer(self.rx):
             self.app_waker.signal()
         if not pending and self.paused_routes:
             self.paused_routes = False
