@@ -42,8 +42,8 @@ from ..marshal import codec
 from ..marshal import records as R
 from ..marshal.schema import FLOAT_KINDS, INT_RANGES, Schema
 from .base import (
-    INVALID_ARGUMENT, PERMISSION_DENIED, CallTracker, ConfigReader, KeySet, Policy,
-    check_direction, check_method_path, ends_request_stream,
+    INVALID_ARGUMENT, PERMISSION_DENIED, CallGate, CallTracker, ConfigReader, KeySet,
+    check_direction, check_method_path,
 )
 
 OPS = ("eq", "ne", "in", "not_in", "regex", "lt", "gt", "prefix")
@@ -155,14 +155,14 @@ def _predicate(r: ConfigReader, key: str, schema: Schema, f: Any, op: str, value
     raise r.error(f"{key}.op", f"unknown op {op!r} (ops: {', '.join(OPS)})")
 
 
-class Acl(Policy):
+class Acl(CallGate):
     name = "acl"
     version = "1.0"
     state_version = 1
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.calls = CallTracker()
-        self.denied = KeySet()
+        self.refused = KeySet()
         self.by_method: dict[int, list[Rule]] = {}
         self.any_rules: list[Rule] = []
         super().__init__(ctx, config)
@@ -211,61 +211,44 @@ class Acl(Policy):
         self.by_method = {mid: [x for x in rules if x.method_id in (mid, None)] for mid in ids}
 
     # -- datapath --------------------------------------------------------------------------
-    def outbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._check(batch) if self.config["direction"] == "outbound" else batch
-
-    def inbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._check(batch) if self.config["direction"] == "inbound" else batch
-
     def _rules_for(self, method_id: int) -> list[Rule]:
         rules = self.by_method.get(method_id)
         return rules if rules is not None else self.any_rules
 
-    def _check(self, batch: list[R.Record]) -> list[R.Record]:
-        out: list[R.Record] = []
-        for rec in batch:
-            kind = rec.kind
-            if kind != R.REQUEST and kind != R.CANCEL:
-                out.append(rec)
-                continue
-            key = (rec.handle, rec.call_id)
-            start = kind == R.REQUEST and rec.flags & R.F_START
-            if not start and key in self.denied:
-                if ends_request_stream(rec):
-                    self.denied.discard(key)
-                continue
-            if kind == R.CANCEL:
-                self.calls.pop(rec)
-                out.append(rec)
-                continue
-            if start:
-                method_id = rec.method_id
-                if rec.flags & R.F_END:
-                    self.calls.pop(rec)
-                else:
-                    self.calls.put(rec, method_id)
-            else:
-                method_id = self.calls.get(rec)
-                if rec.flags & R.F_END:
-                    self.calls.pop(rec)
-                if method_id is None:  # a call we did not see start (attached mid-call)
-                    out.append(rec)
-                    continue
-            verdict = self._decide(rec, method_id, bool(start))
-            if verdict is None:
-                out.append(rec)
-                self.count("allowed")
-                continue
-            code, details = verdict
-            self.count("denied" if code == PERMISSION_DENIED else "malformed")
-            self.ctx.reply_error(rec, code, details)
-            if not start:  # the call already went on: cancel it downstream
-                out.append(R.Record(R.CANCEL, R.F_END | R.F_NO_MSG, 1, rec.handle, rec.call_id, 0, 0, b"", b""))
-                self.calls.pop(rec)
-            if not rec.flags & R.F_END:
-                self.denied.add(key)
+    def on_start(self, rec: R.Record, out: list[R.Record]) -> None:
+        if rec.flags & R.F_END:
             self.calls.pop(rec)
-        return out
+        else:
+            self.calls.put(rec, rec.method_id)
+        self._judge(rec, rec.method_id, True, out)
+
+    def on_later(self, rec: R.Record, key: tuple[int, int], out: list[R.Record]) -> None:
+        if rec.kind == R.CANCEL:
+            self.calls.pop(rec)
+            out.append(rec)
+            return
+        method_id = self.calls.get(rec)
+        if rec.flags & R.F_END:
+            self.calls.pop(rec)
+        if method_id is None:  # a call we did not see start (attached mid-call)
+            out.append(rec)
+            return
+        self._judge(rec, method_id, False, out)
+
+    def _judge(self, rec: R.Record, method_id: int, start: bool, out: list[R.Record]) -> None:
+        verdict = self._decide(rec, method_id, start)
+        if verdict is None:
+            out.append(rec)
+            self.count("allowed")
+            return
+        code, details = verdict
+        self.count("denied" if code == PERMISSION_DENIED else "malformed")
+        self.ctx.reply_error(rec, code, details)
+        if not start:  # the call already went on: cancel it downstream
+            out.append(R.Record(R.CANCEL, R.F_END | R.F_NO_MSG, 1, rec.handle, rec.call_id, 0, 0, b"", b""))
+        if not rec.flags & R.F_END:
+            self.refused.add((rec.handle, rec.call_id))
+        self.calls.pop(rec)
 
     def _decide(self, rec: R.Record, method_id: int, start: bool) -> tuple[int, str] | None:
         """None to allow, or (code, details) to deny."""
@@ -302,12 +285,12 @@ class Acl(Policy):
 
     # -- state -------------------------------------------------------------------------------
     def save_state(self) -> dict[str, Any]:
-        return {"calls": [[k[0], k[1], v] for k, v in self.calls.items()], "denied": self.denied.to_state()}
+        return {"calls": [[k[0], k[1], v] for k, v in self.calls.items()], "denied": self.refused.to_state()}
 
     def load_state(self, state: dict[str, Any], state_version: int) -> None:
         for h, c, mid in state.get("calls") or []:
             self.calls.put_key((int(h), int(c)), int(mid))
-        self.denied.load(state.get("denied"))
+        self.refused.load(state.get("denied"))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

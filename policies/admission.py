@@ -39,24 +39,24 @@ from typing import Any
 
 from ..marshal import records as R
 from .base import (
-    UNAVAILABLE, CallTracker, ConfigReader, KeySet, Policy, check_direction, ends_request_stream,
-    status_code,
+    UNAVAILABLE, CallGate, CallTracker, ConfigReader, KeySet, check_direction, status_code,
 )
 
 DEFAULT_FAILURES = (2, 4, 8, 10, 13, 14, 15)
 BINS = 20  # the window is kept as BINS time bins
 
 
-class Admission(Policy):
+class Admission(CallGate):
     name = "admission"
     version = "1.0"
     state_version = 1
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.calls = CallTracker()
-        self.rejected = KeySet()
+        self.refused = KeySet()
         self.bins: deque[list[Any]] = deque()  # [bin index, total, ok]
         self.rng = random.Random()
+        self._p: tuple[float, float] | None = None
         super().__init__(ctx, config)
 
     def validate_config(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -126,48 +126,33 @@ class Admission(Policy):
         return min(p, cfg["max_rejection_probability"]), sr
 
     # -- datapath ----------------------------------------------------------------------------------
-    def outbound(self, batch: list[R.Record]) -> list[R.Record]:
-        if self.config["direction"] == "outbound":
-            return self._admit(batch)
+    def other_direction(self, batch: list[R.Record]) -> list[R.Record]:
         self._outcomes(batch)
         return batch
 
-    def inbound(self, batch: list[R.Record]) -> list[R.Record]:
-        if self.config["direction"] == "inbound":
-            return self._admit(batch)
-        self._outcomes(batch)
-        return batch
+    def on_batch(self) -> None:
+        self._p = None  # the rejection probability, computed at the batch's first START
 
-    def _admit(self, batch: list[R.Record]) -> list[R.Record]:
-        out: list[R.Record] = []
-        p: float | None = None
-        sr = 1.0
-        for rec in batch:
-            kind = rec.kind
-            if kind == R.REQUEST and rec.flags & R.F_START:
-                if p is None:
-                    p, sr = self.rejection_probability()
-                if p > 0 and self.rng.random() < p:
-                    self.count("rejected")
-                    thr = self.config["sr_threshold"]
-                    self.ctx.reply_error(rec, UNAVAILABLE,
-                                         f"admission control: success rate {sr * 100:.1f}% below {thr * 100:.1f}%")
-                    if not rec.flags & R.F_END:
-                        self.rejected.add((rec.handle, rec.call_id))
-                    continue
-                self.count("admitted")
-                self.calls.put(rec, 1)
-            elif kind == R.CANCEL:
-                self.calls.pop(rec)
-                if (rec.handle, rec.call_id) in self.rejected:
-                    self.rejected.discard((rec.handle, rec.call_id))
-                    continue
-            elif kind == R.REQUEST and (rec.handle, rec.call_id) in self.rejected:
-                if ends_request_stream(rec):
-                    self.rejected.discard((rec.handle, rec.call_id))
-                continue
-            out.append(rec)
-        return out
+    def on_start(self, rec: R.Record, out: list[R.Record]) -> None:
+        if self._p is None:
+            self._p = self.rejection_probability()
+        p, sr = self._p
+        if p > 0 and self.rng.random() < p:
+            self.count("rejected")
+            thr = self.config["sr_threshold"]
+            self.ctx.reply_error(rec, UNAVAILABLE,
+                                 f"admission control: success rate {sr * 100:.1f}% below {thr * 100:.1f}%")
+            if not rec.flags & R.F_END:
+                self.refused.add((rec.handle, rec.call_id))
+            return
+        self.count("admitted")
+        self.calls.put(rec, 1)
+        out.append(rec)
+
+    def on_later(self, rec: R.Record, key: tuple[int, int], out: list[R.Record]) -> None:
+        if rec.kind == R.CANCEL:
+            self.calls.pop(rec)
+        out.append(rec)
 
     def _outcomes(self, batch: list[R.Record]) -> None:
         failures = self.config["failure_codes"]
@@ -184,7 +169,7 @@ class Admission(Policy):
             "bin_s": self._bin_s,
             "bins": [list(b) for b in self.bins],
             "calls": [list(k) for k, _ in self.calls.items()],
-            "rejected": self.rejected.to_state(),
+            "rejected": self.refused.to_state(),
         }
 
     def load_state(self, state: dict[str, Any], state_version: int) -> None:
@@ -192,7 +177,7 @@ class Admission(Policy):
             self.bins = deque([int(i), int(t), int(o)] for i, t, o in state.get("bins") or [])
         for h, c in state.get("calls") or []:
             self.calls.put_key((int(h), int(c)), 1)
-        self.rejected.load(state.get("rejected"))
+        self.refused.load(state.get("rejected"))
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

@@ -536,6 +536,73 @@ class Policy(Engine):
             self.ctx.resume_inbound(self, records)
 
 
+class CallGate(Policy):
+    """Base of the policies that decide on each call as it starts, in the direction its
+    requests travel: fault, ratelimit, acl, admission, vtc.
+
+    Why one base: they all walk a batch the same way and differ only in their decisions.
+    Only REQUEST and CANCEL records concern them (everything else passes in order); a
+    REQUEST START goes to `on_start`; the later records of a call the gate refused (answered
+    with an error) are dropped until its request stream ends (END or CANCEL), so the peer
+    never sees the rest of a call that was already answered; every other later record goes
+    to `on_later`. Records the hooks do not append to `out` are dropped or held by them.
+
+    Subclasses set `self.refused = KeySet()` before calling `Policy.__init__`, implement
+    `on_start`, and override `on_later` (default: pass), `on_batch` (called once before each
+    request batch, e.g. to read the clock once), `request_direction` (default: the
+    `direction` config key) and `other_direction` (the batches going the other way;
+    default: pass untouched)."""
+
+    refused: KeySet
+
+    def request_direction(self) -> str:
+        return self.config["direction"]
+
+    def outbound(self, batch: list[R.Record]) -> list[R.Record]:
+        if self.request_direction() == "outbound":
+            return self.requests(batch)
+        return self.other_direction(batch)
+
+    def inbound(self, batch: list[R.Record]) -> list[R.Record]:
+        if self.request_direction() == "inbound":
+            return self.requests(batch)
+        return self.other_direction(batch)
+
+    def other_direction(self, batch: list[R.Record]) -> list[R.Record]:
+        return batch
+
+    def on_batch(self) -> None:
+        """Called once before each batch of the requests' direction."""
+
+    def on_start(self, rec: R.Record, out: list[R.Record]) -> None:
+        """A call's REQUEST START: append it to `out` to let it go on, or hold or refuse it
+        (a refused call that has more to send goes into `self.refused`)."""
+        raise NotImplementedError
+
+    def on_later(self, rec: R.Record, key: tuple[int, int], out: list[R.Record]) -> None:
+        """A later REQUEST or a CANCEL of a call not refused (`key` = (handle, call_id))."""
+        out.append(rec)
+
+    def requests(self, batch: list[R.Record]) -> list[R.Record]:
+        out: list[R.Record] = []
+        refused = self.refused
+        self.on_batch()
+        for rec in batch:
+            kind = rec.kind
+            if kind != R.REQUEST and kind != R.CANCEL:
+                out.append(rec)
+            elif kind == R.REQUEST and rec.flags & R.F_START:
+                self.on_start(rec, out)
+            else:
+                key = (rec.handle, rec.call_id)
+                if key in refused:
+                    if ends_request_stream(rec):
+                        refused.discard(key)
+                else:
+                    self.on_later(rec, key, out)
+        return out
+
+
 # ---------------------------------------------------------------------------------------
 # Loading policy modules
 

@@ -26,12 +26,12 @@ from typing import Any
 
 from ..marshal import records as R
 from .base import (
-    UNAVAILABLE, ConfigReader, HeldCalls, HeldRecords, KeySet, Policy, check_direction,
+    UNAVAILABLE, CallGate, ConfigReader, HeldCalls, HeldRecords, KeySet, check_direction,
     check_method_path, ends_request_stream,
 )
 
 
-class Fault(Policy):
+class Fault(CallGate):
     name = "fault"
     version = "1.0"
     state_version = 1
@@ -39,7 +39,7 @@ class Fault(Policy):
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.held_calls = HeldCalls()
         self.timers: dict[tuple[int, int], Any] = {}
-        self.aborted = KeySet()
+        self.refused = KeySet()
         self.rng = random.Random()
         self._seed: Any = object()
         super().__init__(ctx, config)
@@ -79,54 +79,34 @@ class Fault(Policy):
             self.rng.seed(config["seed"])
 
     # -- datapath --------------------------------------------------------------------------
-    def outbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._inject(batch) if self.config["direction"] == "outbound" else batch
-
-    def inbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._inject(batch) if self.config["direction"] == "inbound" else batch
-
-    def _inject(self, batch: list[R.Record]) -> list[R.Record]:
-        out: list[R.Record] = []
+    def on_start(self, rec: R.Record, out: list[R.Record]) -> None:
         cfg = self.config
-        for rec in batch:
-            kind = rec.kind
-            if kind != R.REQUEST and kind != R.CANCEL:
-                out.append(rec)
-                continue
-            key = (rec.handle, rec.call_id)
-            if kind == R.REQUEST and rec.flags & R.F_START:
-                if cfg["methods"] is not None and rec.method_id not in cfg["methods"]:
-                    out.append(rec)
-                    continue
-                abort = cfg["abort"] is not None and self.rng.random() < cfg["abort"]["probability"]
-                delay = cfg["delay"] is not None and self.rng.random() < cfg["delay"]["probability"]
-                if delay and len(self.held_calls) >= cfg["max_delayed"]:
-                    delay = False
-                    self.count("delay_skipped_full")
-                if delay:
-                    due = self.ctx.now() + cfg["delay"]["s"]
-                    self.held_calls.hold(rec, {"due": due, "abort": abort})
-                    self._arm(key, cfg["delay"]["s"])
-                    self.count("delayed")
-                elif abort:
-                    self._abort(rec)
-                else:
-                    out.append(rec)
-                continue
-            if key in self.aborted:
-                if ends_request_stream(rec):
-                    self.aborted.discard(key)
-                continue
-            if key in self.held_calls:
-                if kind == R.CANCEL:
-                    self.held_calls.remove(key)
-                    self.cancel_timer(self.timers.pop(key, None))
-                    self.count("cancelled_delayed")
-                else:
-                    self.held_calls.absorb(rec)
-                continue
+        if cfg["methods"] is not None and rec.method_id not in cfg["methods"]:
             out.append(rec)
-        return out
+            return
+        abort = cfg["abort"] is not None and self.rng.random() < cfg["abort"]["probability"]
+        delay = cfg["delay"] is not None and self.rng.random() < cfg["delay"]["probability"]
+        if delay and len(self.held_calls) >= cfg["max_delayed"]:
+            delay = False
+            self.count("delay_skipped_full")
+        if delay:
+            self.held_calls.hold(rec, {"due": self.ctx.now() + cfg["delay"]["s"], "abort": abort})
+            self._arm((rec.handle, rec.call_id), cfg["delay"]["s"])
+            self.count("delayed")
+        elif abort:
+            self._abort(rec)
+        else:
+            out.append(rec)
+
+    def on_later(self, rec: R.Record, key: tuple[int, int], out: list[R.Record]) -> None:
+        if key not in self.held_calls:
+            out.append(rec)
+        elif rec.kind == R.CANCEL:
+            self.held_calls.remove(key)
+            self.cancel_timer(self.timers.pop(key, None))
+            self.count("cancelled_delayed")
+        else:
+            self.held_calls.absorb(rec)
 
     def _abort(self, rec: R.Record) -> None:
         a = self.config["abort"]
@@ -135,7 +115,7 @@ class Fault(Policy):
         self.count("aborted")
         self.ctx.reply_error(rec, a["code"], a["details"])
         if not rec.flags & R.F_END:
-            self.aborted.add((rec.handle, rec.call_id))
+            self.refused.add((rec.handle, rec.call_id))
 
     def _arm(self, key: tuple[int, int], delay: float) -> None:
         self.timers[key] = self.call_later(delay, lambda: self._due(key))
@@ -149,7 +129,7 @@ class Fault(Policy):
             start = call.records[0]
             self._abort(start)
             if any(ends_request_stream(r) for r in call.records[1:]):
-                self.aborted.discard(key)
+                self.refused.discard(key)
             return
         self.count("released")
         self.resume(self.config["direction"], call.records)
@@ -167,7 +147,7 @@ class Fault(Policy):
         version, internal, gauss = self.rng.getstate()
         return {
             "held": self.held_calls.to_state(),
-            "aborted": self.aborted.to_state(),
+            "aborted": self.refused.to_state(),
             "rng": [version, list(internal), gauss],
             "seed": self._seed if isinstance(self._seed, int) or self._seed is None else None,
         }
@@ -176,7 +156,7 @@ class Fault(Policy):
         if state.get("rng") and state.get("seed") == self.config["seed"]:
             v, internal, gauss = state["rng"]
             self.rng.setstate((v, tuple(internal), gauss))
-        self.aborted.load(state.get("aborted"))
+        self.refused.load(state.get("aborted"))
         now = self.ctx.now()
         for call in HeldCalls.from_state(state.get("held")):
             self.held_calls.put(call)

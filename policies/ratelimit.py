@@ -31,8 +31,8 @@ from typing import Any
 
 from ..marshal import records as R
 from .base import (
-    RESOURCE_EXHAUSTED, ConfigReader, HeldCalls, HeldRecords, KeySet, Policy, check_direction,
-    check_method_path, ends_request_stream,
+    RESOURCE_EXHAUSTED, CallGate, ConfigReader, HeldCalls, HeldRecords, KeySet, check_direction,
+    check_method_path,
 )
 
 GLOBAL = "*"
@@ -65,15 +65,16 @@ class Bucket:
         return max(0.0, (1.0 - self.tokens) / self.rate)
 
 
-class RateLimit(Policy):
+class RateLimit(CallGate):
     name = "ratelimit"
     version = "1.0"
     state_version = 1
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.buckets: dict[Any, Bucket] = {}
-        self.rejected = KeySet()
+        self.refused = KeySet()
         self._timer: Any = None
+        self._now = 0.0  # the clock read once per batch (on_batch)
         super().__init__(ctx, config)
 
     # -- config ------------------------------------------------------------------------
@@ -126,57 +127,40 @@ class RateLimit(Policy):
         self._schedule()
 
     # -- datapath --------------------------------------------------------------------------
-    def outbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._limit(batch) if self.config["direction"] == "outbound" else batch
+    def on_batch(self) -> None:
+        self._now = self.ctx.now()
 
-    def inbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._limit(batch) if self.config["direction"] == "inbound" else batch
-
-    def _limit(self, batch: list[R.Record]) -> list[R.Record]:
-        out: list[R.Record] = []
-        now = self.ctx.now()
-        queue_mode = self.config["mode"] == "queue"
-        for rec in batch:
-            kind = rec.kind
-            if kind != R.REQUEST and kind != R.CANCEL:
-                out.append(rec)
-                continue
-            key = (rec.handle, rec.call_id)
-            if kind == R.REQUEST and rec.flags & R.F_START:
-                bucket = self.buckets.get(rec.method_id) or self.buckets[GLOBAL]
-                if not bucket.queue and bucket.take(now):
-                    self.count("passed")
-                    out.append(rec)
-                elif queue_mode and len(bucket.queue) < self.config["max_queue"]:
-                    bucket.queue.hold(rec)
-                    self.count("queued")
-                    self._schedule()
-                else:
-                    if queue_mode:
-                        self.count("rejected_queue_full")
-                        details = f"rate limit exceeded: queue full ({self.config['max_queue']} calls waiting)"
-                    else:
-                        self.count("rejected")
-                        details = "rate limit exceeded"
-                    self.ctx.reply_error(rec, RESOURCE_EXHAUSTED, details)
-                    if not rec.flags & R.F_END:
-                        self.rejected.add(key)
-                continue
-            # a record that follows a START
-            if key in self.rejected:
-                if ends_request_stream(rec):
-                    self.rejected.discard(key)
-                continue
-            held = self._bucket_holding(key)
-            if held is not None:
-                if kind == R.CANCEL:  # cancelled while waiting: it never left, forget it
-                    held.queue.remove(key)
-                    self.count("cancelled_queued")
-                else:
-                    held.queue.absorb(rec)
-                continue
+    def on_start(self, rec: R.Record, out: list[R.Record]) -> None:
+        bucket = self.buckets.get(rec.method_id) or self.buckets[GLOBAL]
+        if not bucket.queue and bucket.take(self._now):
+            self.count("passed")
             out.append(rec)
-        return out
+            return
+        queue_mode = self.config["mode"] == "queue"
+        if queue_mode and len(bucket.queue) < self.config["max_queue"]:
+            bucket.queue.hold(rec)
+            self.count("queued")
+            self._schedule()
+            return
+        if queue_mode:
+            self.count("rejected_queue_full")
+            details = f"rate limit exceeded: queue full ({self.config['max_queue']} calls waiting)"
+        else:
+            self.count("rejected")
+            details = "rate limit exceeded"
+        self.ctx.reply_error(rec, RESOURCE_EXHAUSTED, details)
+        if not rec.flags & R.F_END:
+            self.refused.add((rec.handle, rec.call_id))
+
+    def on_later(self, rec: R.Record, key: tuple[int, int], out: list[R.Record]) -> None:
+        held = self._bucket_holding(key)
+        if held is None:
+            out.append(rec)
+        elif rec.kind == R.CANCEL:  # cancelled while waiting: it never left, forget it
+            held.queue.remove(key)
+            self.count("cancelled_queued")
+        else:
+            held.queue.absorb(rec)
 
     def _bucket_holding(self, key: tuple[int, int]) -> Bucket | None:
         for b in self.buckets.values():
@@ -233,7 +217,7 @@ class RateLimit(Policy):
         for key, b in self.buckets.items():
             b.refill(now)
             buckets[str(key)] = {"tokens": b.tokens, "last": b.last, "queue": b.queue.to_state()}
-        return {"buckets": buckets, "rejected": self.rejected.to_state()}
+        return {"buckets": buckets, "rejected": self.refused.to_state()}
 
     def load_state(self, state: dict[str, Any], state_version: int) -> None:
         for skey, data in (state.get("buckets") or {}).items():
@@ -244,7 +228,7 @@ class RateLimit(Policy):
                 b.last = min(float(data["last"]), self.ctx.now())
             for call in HeldCalls.from_state(data.get("queue")):
                 b.queue.put(call)
-        self.rejected.load(state.get("rejected"))
+        self.refused.load(state.get("rejected"))
         self._schedule()
 
     def describe(self) -> dict[str, Any]:

@@ -53,8 +53,8 @@ from ..marshal import codec
 from ..marshal import records as R
 from ..marshal.schema import INT_RANGES
 from .base import (
-    INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ConfigReader, HeldCalls, HeldRecords, KeySet, Policy,
-    check_method_path, ends_request_stream, metadata_value,
+    INVALID_ARGUMENT, RESOURCE_EXHAUSTED, CallGate, ConfigReader, HeldCalls, HeldRecords, KeySet,
+    check_method_path, metadata_value,
 )
 
 
@@ -115,7 +115,7 @@ def _check_path(r: ConfigReader, key: str, schema: Any, message: str, path: Any,
             raise r.error(key, f"{cur}.{f.name} cannot count tokens (use an integer field, a string, or a repeated field)")
 
 
-class Vtc(Policy):
+class Vtc(CallGate):
     name = "vtc"
     version = "1.0"
     state_version = 1
@@ -124,7 +124,7 @@ class Vtc(Policy):
         self.clients: OrderedDict[str, Client] = OrderedDict()
         self.inflight: dict[tuple[int, int], tuple[str, int]] = {}  # call -> (client, method_id)
         self.queued_calls: dict[tuple[int, int], str] = {}
-        self.rejected = KeySet()
+        self.refused = KeySet()
         self.last_left = 0.0
         self.seq = 0
         super().__init__(ctx, config)
@@ -183,48 +183,36 @@ class Vtc(Policy):
             self._admit_and_resume()  # a larger max_inflight admits waiting calls now
 
     # -- datapath ---------------------------------------------------------------------------
-    def inbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._requests(batch) if self._req_dir == "inbound" else self._responses(batch)
+    def request_direction(self) -> str:
+        return self._req_dir
 
-    def outbound(self, batch: list[R.Record]) -> list[R.Record]:
-        return self._requests(batch) if self._req_dir == "outbound" else self._responses(batch)
+    def other_direction(self, batch: list[R.Record]) -> list[R.Record]:
+        return self._responses(batch)
 
-    def _requests(self, batch: list[R.Record]) -> list[R.Record]:
-        out: list[R.Record] = []
-        for rec in batch:
-            kind = rec.kind
-            if kind != R.REQUEST and kind != R.CANCEL:
-                out.append(rec)
-                continue
-            key = (rec.handle, rec.call_id)
-            if kind == R.REQUEST and rec.flags & R.F_START:
-                method = self.config["methods"].get(rec.method_id)
-                if method is None:
-                    out.append(rec)
-                    continue
-                self._arrive(rec, method, out)
-                continue
-            if key in self.rejected:
-                if ends_request_stream(rec):
-                    self.rejected.discard(key)
-                continue
-            name = self.queued_calls.get(key)
-            if name is not None:
-                client = self.clients[name]
-                if kind == R.CANCEL:  # cancelled while queued: it never reached the server
-                    client.queue.remove(key)
-                    del self.queued_calls[key]
-                    self.count("cancelled_queued")
-                    if not client.queue:
-                        self.last_left = max(self.last_left, client.counter)
-                else:
-                    client.queue.absorb(rec)
-                continue
+    def on_start(self, rec: R.Record, out: list[R.Record]) -> None:
+        method = self.config["methods"].get(rec.method_id)
+        if method is None:
             out.append(rec)
-            if kind == R.CANCEL and key in self.inflight:
-                self._finish(key)
-                out.extend(self._admit())
-        return out
+        else:
+            self._arrive(rec, method, out)
+
+    def on_later(self, rec: R.Record, key: tuple[int, int], out: list[R.Record]) -> None:
+        name = self.queued_calls.get(key)
+        if name is not None:
+            client = self.clients[name]
+            if rec.kind == R.CANCEL:  # cancelled while queued: it never reached the server
+                client.queue.remove(key)
+                del self.queued_calls[key]
+                self.count("cancelled_queued")
+                if not client.queue:
+                    self.last_left = max(self.last_left, client.counter)
+            else:
+                client.queue.absorb(rec)
+            return
+        out.append(rec)
+        if rec.kind == R.CANCEL and key in self.inflight:
+            self._finish(key)
+            out.extend(self._admit())
 
     def _arrive(self, rec: R.Record, method: Any, out: list[R.Record]) -> None:
         cfg = self.config
@@ -234,13 +222,13 @@ class Vtc(Policy):
             self.count("malformed")
             self.ctx.reply_error(rec, INVALID_ARGUMENT, f"vtc: cannot read the request: {exc}")
             if not rec.flags & R.F_END:
-                self.rejected.add((rec.handle, rec.call_id))
+                self.refused.add((rec.handle, rec.call_id))
             return
         if len(self.queued_calls) >= cfg["max_queue"] and (self.queued_calls or len(self.inflight) >= cfg["max_inflight"]):
             self.count("rejected_queue_full")
             self.ctx.reply_error(rec, RESOURCE_EXHAUSTED, f"vtc: queue full ({cfg['max_queue']} calls waiting)")
             if not rec.flags & R.F_END:
-                self.rejected.add((rec.handle, rec.call_id))
+                self.refused.add((rec.handle, rec.call_id))
             return
         client = self._client(name)
         if not client.queue:  # (re)joining the backlog: lift the counter
@@ -405,7 +393,7 @@ class Vtc(Policy):
             "inflight": [[k[0], k[1], name, mid] for k, (name, mid) in self.inflight.items()],
             "last_left": self.last_left,
             "seq": self.seq,
-            "rejected": self.rejected.to_state(),
+            "rejected": self.refused.to_state(),
         }
 
     def load_state(self, state: dict[str, Any], state_version: int) -> None:
@@ -422,7 +410,7 @@ class Vtc(Policy):
             self.inflight[(int(h), int(cid))] = (str(name), int(mid))
         self.last_left = float(state.get("last_left", 0.0))
         self.seq = int(state.get("seq", 0))
-        self.rejected.load(state.get("rejected"))
+        self.refused.load(state.get("rejected"))
         self._admit_and_resume()
 
 
