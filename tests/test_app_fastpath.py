@@ -308,3 +308,46 @@ def test_a_caller_leaving_on_its_deadline_passes_the_chain_on():
         finally:
             app.daemon_waker.close()
             app.app_waker.close()
+
+
+class _RecordingSink:
+    def __init__(self, yielded: list) -> None:
+        self.yielded, self.seen = yielded, []
+
+    def deliver(self, rec: R.Record) -> None:
+        self.seen.append(len(self.yielded))  # how many yields came before this record's drain
+
+    def grant(self, n: int) -> None: ...
+
+    def lost(self, code, details) -> None: ...
+
+
+@pytest.mark.parametrize("waiting", [appmod.RX_YIELD_MIN_CALLS, appmod.RX_YIELD_MIN_CALLS - 1])
+def test_rx_thread_yields_on_waking_only_with_many_calls_waiting(monkeypatch, waiting):
+    """RX_YIELD_MIN_CALLS: woken with that many calls waiting, the rx thread lets the
+    runnable threads go first (one sched_yield) before it drains; with fewer, it drains
+    at once."""
+    yielded: list = []
+    monkeypatch.setattr(appmod.os, "sched_yield", lambda: yielded.append(1))
+    with RingPair.create(1 << 16) as pair:
+        app = _bare_app(pair)
+        app._rx_gen, app._rx_ident, app._handoff_lock, app._space_waiters = 1, None, threading.Lock(), 0
+        app.calls = {(1, i): _RecordingSink(yielded) for i in range(waiting)}
+        rx = threading.Thread(target=app._rx_thread, args=(1,), daemon=True)
+        rx.start()
+        try:
+            time.sleep(0.1)  # the ring is empty: the rx thread sleeps on its eventfd
+            resp = wire.response_parts(1, 0, R.F_START | R.F_END, b"ok").encode()
+            assert R.ring_push_records(pair.rx, [R.parse_record(resp)]) == 1
+            assert R.ring_should_wake_consumer(pair.rx)  # it sleeps: signal it, as the daemon does
+            app.app_waker.signal()
+            sink = app.calls[(1, 0)]
+            wait_until(lambda: sink.seen, 5.0)
+            assert sink.seen == ([1] if waiting >= appmod.RX_YIELD_MIN_CALLS else [0])
+        finally:
+            app.closed = True
+            app.app_waker.signal()
+            rx.join(5)
+            app.daemon_waker.close()
+            app.app_waker.close()
+        assert not rx.is_alive()
