@@ -42,11 +42,11 @@ RX_BIG_MIN = 32 * 1024
 # time it wakes, first lets the threads already runnable go (os.sched_yield, GIL released):
 # callers its last batch woke finish their next send and block again, and more responses
 # gather, so it drains a bigger batch and fights fewer threads for the GIL. Measured on
-# the 2-vCPU VM, sync client at c=128, 32 B, with and without the bench's policy chain
-# (15 alternated pairs): client context switches per call 1.9-2.9 -> 1.4-2.2, lower in
-# every pair; RPC/s higher in 13 (up to +28 %, mean +9 %), -7 % and -0.2 % in the other
-# two; 4 KiB c=128: 2 of 3 pairs higher. At c=32 it was neutral
-# for 32 B, and 1 MiB was lower in 2 of 3 pairs (-7, -11 %: noise-sized), hence the threshold.
+# the 2-vCPU VM, sync client at c=128, 32 B, pairs run in alternating order (ABBA): without
+# a policy chain RPC/s higher in 6 of 6 pairs (mean +11 %), client context switches per
+# call lower in 4; through the bench's policy chain (which batches the responses already)
+# neutral (3 of 6 higher, mean +3 %). At c=32 it was neutral for 32 B and lower in 2 of 3
+# pairs for 1 MiB (-7, -11 %, noise-sized), hence the threshold.
 RX_YIELD_MIN_CALLS = 64
 
 class CallSink(Protocol):
