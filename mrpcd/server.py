@@ -153,6 +153,7 @@ class _Deadlines:
     """
 
     IDLE = 1.0
+    COMPACT_MIN = 256  # heap entries below which ended calls are left to expire
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, _ServerCall]] = []
@@ -190,6 +191,14 @@ class _Deadlines:
             self._pending -= 1
             if not self._pending:
                 self._heap.clear()  # the thread notices at its own wake-up: no switch now
+            elif len(self._heap) > self.COMPACT_MIN and 2 * self._pending < len(self._heap):
+                # An ended call stays in the heap until its deadline comes up; under steady
+                # load (never nothing pending) that is rate x deadline calls kept alive (60 s
+                # at 20,000 calls/s: 1.2 million, and the GC walking them). When the ended
+                # ones are most of the heap, drop them (asyncio does the same with its
+                # cancelled timers); a rebuild is paid for by as many discards.
+                self._heap = [entry for entry in self._heap if entry[2].timed]
+                heapq.heapify(self._heap)
 
     def close(self) -> None:
         with self._cond:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import types
 
 import pytest
 
@@ -831,3 +832,48 @@ def test_inline_budget_spent_sends_the_rest_of_a_batch_to_the_pool(streamer):
     finally:
         cli_app.close()
         srv_app.close()
+
+
+class _FakeTimedCall:
+    """What server._Deadlines reads of a call: deadline.at, timed, is_active(), cancel()."""
+
+    def __init__(self, at: float) -> None:
+        self.deadline = types.SimpleNamespace(at=at)
+        self.timed = False
+        self.expired_by_heap = False
+
+    def is_active(self) -> bool:
+        return self.timed
+
+    def cancel(self, expired: bool = False) -> None:
+        self.expired_by_heap = expired
+
+
+def test_sync_deadline_heap_drops_ended_calls_under_steady_load():
+    """A call that ended stays in the deadline heap until its deadline comes up, and with
+    a call always pending the heap is never cleared: under steady load with long deadlines
+    it would keep rate x deadline ended calls alive. The heap drops them once they are
+    most of it; the calls still pending keep their deadlines."""
+    import importlib
+    import weakref
+
+    server_mod = importlib.import_module("mrpcd.server")
+    heap = server_mod._Deadlines()
+    try:
+        live = _FakeTimedCall(time.monotonic() + 0.3)
+        heap.add(live)
+        refs = []
+        for _ in range(20_000):
+            call = _FakeTimedCall(time.monotonic() + 60.0)
+            heap.add(call)
+            heap.discard(call)
+            refs.append(weakref.ref(call))
+            assert len(heap._heap) <= max(server_mod._Deadlines.COMPACT_MIN, 2 * heap._pending) + 1
+        del call
+        assert sum(r() is not None for r in refs) <= server_mod._Deadlines.COMPACT_MIN
+        deadline = time.monotonic() + 5
+        while not live.expired_by_heap and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert live.expired_by_heap, "the pending call's deadline was lost with the ended ones"
+    finally:
+        heap.close()
