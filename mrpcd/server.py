@@ -146,7 +146,8 @@ class _Deadlines:
     """One thread that expires server calls at their deadlines (a heap, not a timer per call).
 
     The thread runs only while calls with a deadline are in flight: a finished call is
-    dropped from the count at once (its heap entry is skipped when it comes up), and once
+    dropped from the count at once (its heap entry is skipped when it comes up, or dropped
+    with the others when ended calls are most of the heap, see discard), and once
     nothing is pending for IDLE seconds the thread exits; the next call with a deadline
     starts a new one. It is a daemon thread all the same, so it can never hold up
     interpreter exit, and `close()` (Server.stop, App.close) ends it at once.
