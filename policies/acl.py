@@ -42,7 +42,7 @@ from ..marshal import codec
 from ..marshal import records as R
 from ..marshal.schema import FLOAT_KINDS, INT_RANGES, Schema
 from .base import (
-    INVALID_ARGUMENT, PERMISSION_DENIED, CallGate, CallTracker, ConfigReader, KeySet,
+    INVALID_ARGUMENT, PERMISSION_DENIED, CallGate, CallTracker, ConfigReader,
     check_direction, check_method_path,
 )
 
@@ -162,7 +162,6 @@ class Acl(CallGate):
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.calls = CallTracker()
-        self.refused = KeySet()
         self.by_method: dict[int, list[Rule]] = {}
         self.any_rules: list[Rule] = []
         super().__init__(ctx, config)

@@ -39,7 +39,7 @@ from typing import Any
 
 from ..marshal import records as R
 from .base import (
-    UNAVAILABLE, CallGate, CallTracker, ConfigReader, KeySet, check_direction, status_code,
+    UNAVAILABLE, CallGate, CallTracker, ConfigReader, check_direction, status_code,
 )
 
 DEFAULT_FAILURES = (2, 4, 8, 10, 13, 14, 15)
@@ -53,7 +53,6 @@ class Admission(CallGate):
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.calls = CallTracker()
-        self.refused = KeySet()
         self.bins: deque[list[Any]] = deque()  # [bin index, total, ok]
         self.rng = random.Random()
         self._p: tuple[float, float] | None = None

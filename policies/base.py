@@ -547,13 +547,14 @@ class CallGate(Policy):
     never sees the rest of a call that was already answered; every other later record goes
     to `on_later`. Records the hooks do not append to `out` are dropped or held by them.
 
-    Subclasses set `self.refused = KeySet()` before calling `Policy.__init__`, implement
-    `on_start`, and override `on_later` (default: pass), `on_batch` (called once before each
-    request batch, e.g. to read the clock once), `request_direction` (default: the
-    `direction` config key) and `other_direction` (the batches going the other way;
-    default: pass untouched)."""
+    Subclasses implement `on_start`, and override `on_later` (default: pass), `on_batch`
+    (called once before each request batch, e.g. to read the clock once),
+    `request_direction` (default: the `direction` config key) and `other_direction` (the
+    batches going the other way; default: pass untouched)."""
 
-    refused: KeySet
+    def __init__(self, ctx: PolicyContext, config: dict[str, Any] | None = None) -> None:
+        self.refused = KeySet()  # calls answered with an error: their later records are dropped
+        super().__init__(ctx, config)
 
     def request_direction(self) -> str:
         return self.config["direction"]

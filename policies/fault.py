@@ -26,7 +26,7 @@ from typing import Any
 
 from ..marshal import records as R
 from .base import (
-    UNAVAILABLE, CallGate, ConfigReader, HeldCalls, HeldRecords, KeySet, check_direction,
+    UNAVAILABLE, CallGate, ConfigReader, HeldCalls, HeldRecords, check_direction,
     check_method_path, ends_request_stream,
 )
 
@@ -39,7 +39,6 @@ class Fault(CallGate):
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.held_calls = HeldCalls()
         self.timers: dict[tuple[int, int], Any] = {}
-        self.refused = KeySet()
         self.rng = random.Random()
         self._seed: Any = object()
         super().__init__(ctx, config)

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..marshal import records as R
 from .base import (
-    RESOURCE_EXHAUSTED, CallGate, ConfigReader, HeldCalls, HeldRecords, KeySet, check_direction,
+    RESOURCE_EXHAUSTED, CallGate, ConfigReader, HeldCalls, HeldRecords, check_direction,
     check_method_path,
 )
 
@@ -72,7 +72,6 @@ class RateLimit(CallGate):
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.buckets: dict[Any, Bucket] = {}
-        self.refused = KeySet()
         self._timer: Any = None
         self._now = 0.0  # the clock read once per batch (on_batch)
         super().__init__(ctx, config)

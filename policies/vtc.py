@@ -53,7 +53,7 @@ from ..marshal import codec
 from ..marshal import records as R
 from ..marshal.schema import INT_RANGES
 from .base import (
-    INVALID_ARGUMENT, RESOURCE_EXHAUSTED, CallGate, ConfigReader, HeldCalls, HeldRecords, KeySet,
+    INVALID_ARGUMENT, RESOURCE_EXHAUSTED, CallGate, ConfigReader, HeldCalls, HeldRecords,
     check_method_path, metadata_value,
 )
 
@@ -124,7 +124,6 @@ class Vtc(CallGate):
         self.clients: OrderedDict[str, Client] = OrderedDict()
         self.inflight: dict[tuple[int, int], tuple[str, int]] = {}  # call -> (client, method_id)
         self.queued_calls: dict[tuple[int, int], str] = {}
-        self.refused = KeySet()
         self.last_left = 0.0
         self.seq = 0
         super().__init__(ctx, config)

@@ -12,7 +12,7 @@ import pytest
 
 from mrpcd.marshal import records as R
 from mrpcd.policies.acl import Acl
-from mrpcd.policies.base import CallGate, ConfigReader, KeySet, check_direction
+from mrpcd.policies.base import CallGate, ConfigReader, check_direction
 from mrpcd.policies.fault import Fault
 from mrpcd.policies.ratelimit import RateLimit
 from mrpcd.policies.testing import FakeContext
@@ -26,7 +26,6 @@ class OddRefused(CallGate):
     name = "odd_refused"
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
-        self.refused = KeySet()
         self.later: list[tuple[int, int]] = []
         self.batches = 0
         super().__init__(ctx, config)
