@@ -422,6 +422,8 @@ class _Gen:
             return "{}"
         if f.nullable:
             return "None"
+        if f.type.kind == "enum":
+            return repr(_enum_default(self.schema, f.type.ref))
         return repr(_scalar_default(f.type.kind))
 
     def emsg_expr(self, ref: str, y: str, W: str) -> str:
@@ -477,6 +479,13 @@ class _Gen:
         return self.ns[fname]
 
 
+def _enum_default(schema: Schema, ref: str | None) -> int:
+    """An unset enum field's number: the enum's first value, as in protobuf (0 in proto3;
+    a proto2 enum need not have a 0 value)."""
+    en = schema.enums.get(ref) if ref is not None else None
+    return en.values[0][1] if en is not None and en.values else 0
+
+
 def _scalar_default(kind: str) -> Any:
     if kind in _RANGES:
         return 0
@@ -515,7 +524,7 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         cls.__mrpc_schema__ = schema
         cls.__mrpc_message__ = msg
         cls.__mrpc_fields__ = tuple(f.name for f in msg.fields)
-        cls.__mrpc_defaults__ = tuple(_default(f, enums or {}) for f in msg.fields)
+        cls.__mrpc_defaults__ = tuple(_default(f, schema, enums or {}) for f in msg.fields)
 
 
 def _check_class(cls: type, msg: Any) -> None:
@@ -530,19 +539,19 @@ def _check_class(cls: type, msg: Any) -> None:
             raise SchemaError(f"bind: {cls.__qualname__} has no attribute slot for field {f.name!r}") from None
 
 
-def _default(f: Field, enums: dict[str, type]) -> tuple[str, Any, bool]:
+def _default(f: Field, schema: Schema, enums: dict[str, type]) -> tuple[str, Any, bool]:
     if f.label == "repeated":
         return (f.name, list, True)
     if f.label == "map":
         return (f.name, dict, True)
     if f.nullable:
         return (f.name, None, False)
-    if f.type.kind == "enum" and f.type.ref in enums:
-        ecls = enums[f.type.ref]
+    if f.type.kind == "enum":
+        number = _enum_default(schema, f.type.ref)
         try:
-            return (f.name, ecls(0), False)
-        except ValueError:
-            return (f.name, 0, False)
+            return (f.name, enums[f.type.ref](number), False)
+        except (KeyError, ValueError):
+            return (f.name, number, False)
     return (f.name, _scalar_default(f.type.kind), False)
 
 

@@ -140,11 +140,11 @@ class _Names:
             out.append((cand, number))
         self.members[name] = out
 
-    def zero_member(self, enum: str) -> str | None:
-        for member, number in self.members[enum]:
-            if number == 0:
-                return member
-        return None
+    def default_member(self, enum: str) -> str | None:
+        """The member an unset field holds: the first value declared, as in protobuf (proto3's
+        is always 0; a proto2 enum need not have a 0 value at all)."""
+        members = self.members[enum]
+        return members[0][0] if members else None
 
 
 class _Emitter:
@@ -251,7 +251,7 @@ class _Emitter:
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
-                member = n.zero_member(f.type.ref)
+                member = n.default_member(f.type.ref)
                 qual = n.qual[f.type.ref]
                 head = qual.split(".")[0]
                 if member is None:

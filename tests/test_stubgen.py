@@ -174,6 +174,18 @@ def test_scalars_defaults(mods):
     assert s.Empty().to_dict() == {}
 
 
+def test_proto2_enum_default_is_its_first_value(mods):
+    # proto2 enums need not have a 0 value: the default is the first value declared (as in protobuf)
+    lg = mods["legacy2"]
+    assert lg.Leveled().level is lg.Level.LOW
+    assert lg.Leveled.FromString(lg.Leveled().SerializeToString()).level is lg.Level.LOW
+    base = object.__new__(lg.Leveled)
+    mrpcd.marshal.message.Message.__init__(base)  # the codec's defaults, used by the base class
+    assert base.level is lg.Level.LOW and base.levels == []
+    from mrpcd.marshal.codec import decode_plain, encode_plain
+    assert decode_plain(lg.SCHEMA, "mrpc.legacy.Leveled", encode_plain(lg.SCHEMA, "mrpc.legacy.Leveled", {}))["level"] == 1
+
+
 def test_keyword_names(mods):
     s = mods["scalars"]
     k = s.Keywords(from_=1, class_="c", import_=True, lambda_=[2], None_=3)
