@@ -492,6 +492,10 @@ def test_pyi_passes_mypy(gen, tmp_path):
         "st: nm.Status = nm.Response().top\n"
         "own: nm.Response.Status = nm.Holder().Response\n"
         "e: nm.Echo | None = nm.Response().Echo\n"
+        "bi = nm.Builtins(list=['a'], dict={'a': 1}, str='s', bytes=nm.bytes(n=1), int=2, float=1.5, bool=True, raw=b'r')\n"
+        "li: list[str] = bi.list\n"
+        "raw: bytes = bi.raw\n"
+        "wire: bytes = bi.SerializeToString()\n"
         "def f(stub: h.GreeterStub) -> str:\n"
         "    return stub.SayHello(r, timeout=1.0).message + ''.join(x.message for x in stub.SayHelloStream(r))\n"
     )
