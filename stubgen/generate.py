@@ -32,9 +32,11 @@ __all__ = ["generate", "module_name"]
 _INT_KINDS = frozenset({"int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32", "fixed64", "sfixed32", "sfixed64"})
 _PY_SCALAR = {"double": "float", "float": "float", "bool": "bool", "string": "str", "bytes": "bytes"}
 _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "bytes": 'b""'}
-# names that generated code itself uses at module level
+# names that generated code itself uses at module level (and the builtins the .py calls at run
+# time: a top-level type of that name would replace them)
 _MODULE_RESERVED = {
     "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema",
+    "property", "getattr", "setattr", "globals", "NotImplementedError",
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata", "_builtins",
 }
 # attributes of the Message base class that a field slot must not replace
@@ -276,10 +278,8 @@ class _Emitter:
             else:
                 default, value = _DEFAULTS.get(f.type.kind, "0"), p
             params.append(f"{p}: {ptype} = {default}")
-            if f.name in n.aliases[msg.full_name]:
-                body.append(f"setattr({me}, {f.name!r}, {value})")
-            else:
-                body.append(f"{me}.{f.name} = {value}")
+            # a keyword field is set through its property: no global name a parameter could hide
+            body.append(f"{me}.{p} = {value}")
         head = _signature(f"def __init__({me}", params, ") -> None:")
         return head + ["    " + b for b in body or ["pass"]]
 

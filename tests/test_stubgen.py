@@ -228,6 +228,15 @@ def test_colliding_python_names(mods):
     assert n.Holder().Response is n.Response.Status.RESPONSE_UNKNOWN  # a field hiding the class of its enum
     r = n.Response(Echo=n.Echo(text="e"), wrapped=n.mrpc_names_enum(x=2), top=n.Status.STATUS_FAILED)
     assert n.Response.FromString(r.SerializeToString()) == r
+    # types and fields named like the builtins the module calls at run time
+    assert n.mrpc_names_property(p=1).p == 1 and n.mrpc_names_NotImplementedError(e=2).e == 2
+    st = n.Setter(from_=1, setattr=2, getattr=3)
+    assert (getattr(st, "from"), st.from_, st.setattr, st.getattr) == (1, 1, 2, 3)
+    assert n.Setter.FromString(st.SerializeToString()) == st
+    ctx = FakeContext()
+    with pytest.raises(NotImplementedError):
+        n.NamesServicer().Echo(n.Echo(), ctx)
+    assert ctx.code == mrpcd.StatusCode.UNIMPLEMENTED
     ch = FakeChannel()
     n.NamesStub(ch)
     assert [c[2:] for c in ch.calls] == [(n.Echo, n.Echo), (n.Echo, n.Response)]
