@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import keyword
+import numbers
+import operator
 import threading
 import weakref
 from typing import Any
@@ -121,20 +123,23 @@ def _econv(x: Any, where: str, kind: str, ref: str | None) -> Any:
     """Encode-side check/convert of one scalar (slow path). Returns the value or raises."""
     t = type(x)
     if kind in _RANGES:
-        if isinstance(x, int) and t is not bool:
-            x = int(x)
+        # as protobuf: an int, or any integer with __index__ (numpy.int32, ...); never a bool
+        n = _as_index(x) if t is not bool else None
+        if n is not None:
             lo, hi = _RANGES[kind]
-            if lo <= x <= hi:
-                return x
-            raise EncodeError(f"{where}: value {x} out of range for {_label(kind, ref)}")
+            if lo <= n <= hi:
+                return n
+            raise EncodeError(f"{where}: value {n} out of range for {_label(kind, ref)}")
     elif kind == "double" or kind == "float":
         if isinstance(x, float):
             return float(x)
-        if isinstance(x, int) and t is not bool:
+        # as protobuf: any real number (int, numpy.float32, Fraction, ...) or integer with
+        # __index__; not a bool
+        if t is not bool and (isinstance(x, numbers.Real) or _as_index(x) is not None):
             try:
-                return float(x)
+                return float(x) if isinstance(x, numbers.Real) else float(operator.index(x))
             except OverflowError:
-                raise EncodeError(f"{where}: int {x} too large for {kind}") from None
+                raise EncodeError(f"{where}: {x} too large for {kind}") from None
     elif kind == "bool":
         if t is bool:
             return x
@@ -145,6 +150,19 @@ def _econv(x: Any, where: str, kind: str, ref: str | None) -> Any:
         if isinstance(x, (bytes, bytearray, memoryview)):
             return bytes(x)
     raise EncodeError(f"{where}: expected {_label(kind, ref)}, got {type(x).__name__}")
+
+
+def _as_index(x: Any) -> int | None:
+    """`x` as a plain int if it is an integer (an int, or has __index__ as numpy's integer
+    scalars do), else None."""
+    if isinstance(x, int):
+        return int(x)
+    if hasattr(type(x), "__index__"):
+        try:
+            return operator.index(x)
+        except TypeError:  # numpy.bool_ and the like refuse
+            return None
+    return None
 
 
 def _elist(x: Any, where: str) -> list:

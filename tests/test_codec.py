@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import fractions
 import math
 
 import msgpack
@@ -240,6 +241,37 @@ def test_lenient_python_inputs_are_normalised():
     back = Composite.FromString(c.SerializeToString())
     assert back.r_int32 == [1, 2] and back.r_bytes == [b"x", b"y"] and back.o_string == "s"
     assert back.m_int_str == {1: "g"} and back.r_color == [Color.RED, Color.BLUE]
+
+
+def test_numpy_style_numbers_are_accepted_as_protobuf_does():
+    # protobuf takes any integer with __index__ (numpy.int32, ...) for an integer field and any
+    # real number (numpy.float32, Fraction) for a float field; bool stays refused for integers
+    class Index:  # how numpy's integer scalars look to Python: not int subclasses
+        def __init__(self, v):
+            self.v = v
+
+        def __index__(self):
+            return self.v
+
+    s = Scalars(int32=Index(-3), uint64=Index(2**64 - 1), double=fractions.Fraction(1, 2), float=Index(2),
+                color=Index(2))
+    back = Scalars.FromString(s.SerializeToString())
+    assert (back.int32, back.uint64, back.double, back.float, back.color) == (-3, 2**64 - 1, 0.5, 2.0, Color.BLUE)
+    c = Composite(r_int32=[Index(1)], m_int_str={Index(7): "x"}, o_double=fractions.Fraction(3, 4))
+    back = Composite.FromString(c.SerializeToString())
+    assert (back.r_int32, back.m_int_str, back.o_double) == ([1], {7: "x"}, 0.75)
+    assert decode_plain(SCHEMA, "t.Scalars", encode_plain(SCHEMA, "t.Scalars", {"int64": Index(5)}))["int64"] == 5
+    with pytest.raises(EncodeError, match="out of range for int32"):
+        Scalars(int32=Index(2**31)).SerializeToString()
+    with pytest.raises(EncodeError, match="expected int32, got bool"):
+        Scalars(int32=True).SerializeToString()
+    np = pytest.importorskip("numpy")
+    s = Scalars(int64=np.int64(9), uint32=np.uint8(3), float=np.float32(1.5), double=np.int32(2))
+    back = Scalars.FromString(s.SerializeToString())
+    assert (back.int64, back.uint32, back.float, back.double) == (9, 3, 1.5, 2.0)
+    assert type(back.int64) is int and type(back.float) is float
+    with pytest.raises(EncodeError, match="expected int32"):
+        Scalars(int32=np.float64(1.0)).SerializeToString()
 
 
 # -- strict decoding ----------------------------------------------------------------------
