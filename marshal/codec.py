@@ -199,6 +199,16 @@ def _emap(d: dict, where: str, kkind: str, vkind: str, vref: str | None) -> dict
 def _emsg(x: Any, cls: type, enc: Any, where: str, d: int) -> Any:
     if isinstance(x, cls):
         return enc(x, d + 1)
+    # Each generated module has its own classes for the types it imports: an instance of
+    # another module's class for the same definition has the same fields and the same wire
+    # form (what protobuf's one class per type would take).
+    mine = cls.__mrpc_message__
+    theirs = getattr(type(x), "__mrpc_message__", None)
+    if theirs is not None and theirs == mine:
+        return enc(x, d + 1)
+    if theirs is not None and mine is not None and theirs.full_name == mine.full_name:
+        raise EncodeError(f"{where}: expected {cls.__qualname__}, got {type(x).__qualname__} from {type(x).__module__}, "
+                          f"another definition of {mine.full_name}")
     raise EncodeError(f"{where}: expected {cls.__qualname__}, got {type(x).__name__}")
 
 

@@ -452,6 +452,24 @@ def test_encode_rejects(obj, message):
     assert message in str(info.value)
 
 
+def test_same_proto_type_from_another_generated_module_is_accepted():
+    # every generated module carries its own classes for the types it imports: a Money from
+    # orders_mrpc is taken where billing_mrpc wants a Money, as the one protobuf class would be
+    other = Schema.from_dict(SCHEMA.to_dict())  # another module's copy of the same definitions
+    Inner2 = type("Inner", (Message,), {"__slots__": ("s", "n")})
+    codec.bind(other, {"t.Inner": Inner2})
+    c = Composite(inner=Inner2(s="a", n=1), r_inner=[Inner2(s="b")], m_str_inner={"k": Inner2(n=2)}, c_inner=Inner2())
+    back = Composite.FromString(c.SerializeToString())
+    assert type(back.inner) is Inner and back.inner == Inner(s="a", n=1)
+    assert back.r_inner == [Inner(s="b")] and back.m_str_inner == {"k": Inner(n=2)} and back.c_inner == Inner()
+    # a class of the same name bound to a different definition is still refused
+    changed = Schema.from_dict({"messages": [["t.Inner", [F("s", 1, "string")]]]})
+    Inner3 = type("Inner", (Message,), {"__slots__": ("s",)})
+    codec.bind(changed, {"t.Inner": Inner3})
+    with pytest.raises(EncodeError, match="t.Composite.inner: expected Inner, got Inner from .*, another definition of t.Inner"):
+        Composite(inner=Inner3(s="x")).SerializeToString()
+
+
 def test_encode_cycle_and_missing_field():
     n = Node(value=1)
     n.child = n
