@@ -542,10 +542,10 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         msg = schema.messages[name]
         k = gen.index[name]
         enc, dec = gen.ns[f"_e{k}"], gen.ns[f"_d{k}"]
-        cls.SerializeToString = _make_serialize(enc, schema, name)
+        cls.SerializeToString = _make_serialize(enc, schema, name, cls)
         # the app's send path finds the Parts encoder through the serializer it was given
         # (so a custom or overridden serializer is used as it is)
-        parts = _make_serialize(enc, schema, name, _pack_parts)
+        parts = _make_serialize(enc, schema, name, cls, _pack_parts)
         parts.__qualname__ = f"{name}.SerializeToString.__mrpc_parts__"
         cls.SerializeToString.__mrpc_parts__ = parts
         cls.FromString = classmethod(_make_fromstring(dec, schema, name))
@@ -593,13 +593,19 @@ def _pack_parts(value: Any) -> "bytes | _packmod.Parts":
         return _pack(value)
 
 
-def _make_serialize(enc: Any, schema: Schema, name: str, pack: Any = None) -> Any:
+def _make_serialize(enc: Any, schema: Schema, name: str, cls: type, pack: Any = None) -> Any:
     """SerializeToString for one message: `enc` builds the nested tuples, `pack` (msgpack's
     Packer unless given) packs them; encoder and packer errors become EncodeError the same
-    way whichever packer it is."""
+    way whichever packer it is.
+
+    Stubs call it unbound, `request_type.SerializeToString(request)`: a request of another
+    type is refused (the encoder would read whatever attributes it has of the same names),
+    except the same .proto type generated into another module (see `_emsg`)."""
     pack = pack or _pack
 
     def SerializeToString(self: Any) -> bytes:
+        if self.__class__ is not cls:
+            _check_top(self, cls, name)
         try:
             return pack(enc(self, 0))
         except (EncodeError, TypeError):
@@ -616,6 +622,17 @@ def _make_serialize(enc: Any, schema: Schema, name: str, pack: Any = None) -> An
 
     SerializeToString.__qualname__ = f"{name}.SerializeToString"
     return SerializeToString
+
+
+def _check_top(obj: Any, cls: type, name: str) -> None:
+    """Slow path of SerializeToString's type check: raises EncodeError unless `obj` may be
+    encoded as `cls`."""
+    if isinstance(obj, cls):
+        return
+    mine = getattr(cls, "__mrpc_message__", None)
+    if mine is not None and getattr(type(obj), "__mrpc_message__", None) == mine:
+        return
+    raise EncodeError(f"{name}: expected {cls.__qualname__}, got {type(obj).__qualname__}")
 
 
 def _make_fromstring(dec: Any, schema: Schema, name: str) -> Any:

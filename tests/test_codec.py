@@ -470,6 +470,26 @@ def test_same_proto_type_from_another_generated_module_is_accepted():
         Composite(inner=Inner3(s="x")).SerializeToString()
 
 
+def test_serializer_refuses_another_message_type():
+    # a stub encodes with request_type.SerializeToString(request): a request of the wrong type
+    # must not be packed field by field as if it were the right one
+    for ser in (Inner.SerializeToString, Inner.SerializeToString.__mrpc_parts__):
+        with pytest.raises(EncodeError, match="t.Inner: expected Inner, got Scalars"):
+            ser(Scalars(string="x"))
+        with pytest.raises(EncodeError, match="t.Inner: expected Inner, got dict"):
+            ser({"s": "x", "n": 1})
+    lookalike = object.__new__(type("Lookalike", (Message,), {"__slots__": ("s", "n")}))
+    lookalike.s, lookalike.n = "x", 1
+    with pytest.raises(EncodeError, match="t.Inner: expected Inner, got Lookalike"):
+        Inner.SerializeToString(lookalike)
+    Sub = type("Sub", (Inner,), {"__slots__": ()})
+    assert Inner.SerializeToString(Sub(s="x")) == Inner(s="x").SerializeToString()
+    other = Schema.from_dict(SCHEMA.to_dict())  # the same type generated into another module
+    Inner2 = type("Inner", (Message,), {"__slots__": ("s", "n")})
+    codec.bind(other, {"t.Inner": Inner2})
+    assert Inner.SerializeToString(Inner2(s="y")) == Inner(s="y").SerializeToString()
+
+
 def test_encode_cycle_and_missing_field():
     n = Node(value=1)
     n.child = n
