@@ -9,7 +9,8 @@ Python names (the schema always keeps the .proto names):
   * a field whose name is a Python keyword (`from`) keeps its slot under the .proto name
     (the codec reads it with getattr) and gets a property with a trailing underscore
     (`from_`, or `from__` if `from_` is itself a field); `__init__` takes `from_=`;
-  * type, enum value and method names that are keywords get a trailing underscore too;
+  * type, enum value and method names that are keywords get a trailing underscore too (and
+    so does an enum value named `mro`, which Python's enum refuses);
   * types of imported files share the module's namespace: they keep their short name
     unless that is taken (by the file's own types, the generated names, or another
     import), then they are named after their full name (`google_protobuf_Empty`);
@@ -41,6 +42,8 @@ _MODULE_RESERVED = {
 }
 # attributes of the Message base class that a field slot must not replace
 _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields"}
+# member names Python's enum refuses outright (ValueError when the class is created)
+_ENUM_REFUSED = {"mro"}
 _LINE = 100
 
 
@@ -136,6 +139,8 @@ class _Names:
             if vname.startswith("_") and (vname.endswith("_") or vname.startswith("__")):
                 raise StubgenError(f"{self.mod.proto}: enum value {name}.{vname}: names like _x_ and __x are reserved by Python's enum")
             cand = _safe(vname)
+            if cand in _ENUM_REFUSED:  # enum.EnumType raises on these: a trailing underscore, as for keywords
+                cand += "_"
             while cand in used:
                 cand += "_"
             used.add(cand)

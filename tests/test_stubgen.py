@@ -195,7 +195,7 @@ def test_keyword_names(mods):
     assert getattr(k, "from") == 5
     assert [f.name for f in s.SCHEMA.messages["mrpc.test.Keywords"].fields] == ["from", "class", "import", "lambda", "None"]
     assert s.Keywords().lambda_ == [] and s.Keywords().lambda_ is not s.Keywords().lambda_
-    assert [m.name for m in s.Reserved] == ["PASS", "None_", "True_"]
+    assert [m.name for m in s.Reserved] == ["PASS", "None_", "True_", "mro_"]
     # `from` next to a real `from_` field: the property is `from__`
     old = mods["legacy2"].Old(from__=1, from_=2)
     assert (getattr(old, "from"), old.from_, old.from__) == (1, 2, 1)
