@@ -440,6 +440,18 @@ def test_unsupported_or_invalid_protos(tmp_path, capsys, proto, words):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_custom_options_are_not_refused(tmp_path):
+    # a file declaring custom options (extensions of google.protobuf.*Options) generates:
+    # options annotate the .proto, they add no field to any message
+    r = stubgen(str(PROTOS / "options.proto"), "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    mod = load(tmp_path / "options_mrpc.py")
+    assert set(mod.SCHEMA.messages) == {"mrpc.options.Login"}  # no google.protobuf.*Options
+    login = mod.Login(user="u", password="p")
+    assert mod.Login.FromString(login.SerializeToString()) == login
+    assert [m.name for m in mod.SCHEMA.services["mrpc.options.Auth"].methods] == ["Check"]
+
+
 def test_missing_file_and_usage_errors(tmp_path, capsys):
     assert cli.main([str(tmp_path / "nope.proto"), "-o", str(tmp_path)]) == 1
     assert "nope.proto: no such file" in capsys.readouterr().err
