@@ -499,6 +499,60 @@ def test_console_script(tmp_path):
     assert (tmp_path / "hello_mrpc.py").exists()
 
 
+def test_pyi_types_sync_and_asyncio_use(gen, tmp_path):
+    # XStub works on both channels and XServicer is subclassed with def or async def
+    # handlers (README): the .pyi must type both, as grpcio's stubs type grpc and grpc.aio
+    pytest.importorskip("mypy")
+    use = tmp_path / "use_both.py"
+    use.write_text(
+        "from collections.abc import AsyncIterator, Iterator\n"
+        "import mrpcd\n"
+        "import mrpcd.aio\n"
+        "import streaming_mrpc as s\n"
+        "def sync(ch: mrpcd.Channel) -> int:\n"
+        "    stub = s.StreamerStub(ch)\n"
+        "    one: s.Summary = stub.Unary(s.Chunk())\n"
+        "    many: list[s.Chunk] = list(stub.ServerStream(s.Chunk()))\n"
+        "    up: s.Summary = stub.ClientStream(iter([s.Chunk()]))\n"
+        "    return len(many) + len(list(stub.BidiStream([s.Chunk()])))\n"
+        "async def aio(ch: mrpcd.aio.Channel) -> int:\n"
+        "    stub = s.StreamerStub(ch)\n"
+        "    one: s.Summary = await stub.Unary(s.Chunk(), timeout=1.0)\n"
+        "    many = [c async for c in stub.ServerStream(s.Chunk())]\n"
+        "    up: s.Summary = await stub.ClientStream([s.Chunk()])\n"
+        "    async def gen() -> AsyncIterator[s.Chunk]:\n"
+        "        yield s.Chunk()\n"
+        "    return len(many) + len([c async for c in stub.BidiStream(gen())])\n"
+        "class Sync(s.StreamerServicer):\n"
+        "    def Unary(self, request: s.Chunk, context: mrpcd.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+        "    def ServerStream(self, request: s.Chunk, context: mrpcd.ServicerContext) -> Iterator[s.Chunk]:\n"
+        "        yield request\n"
+        "    def ClientStream(self, request_iterator: Iterator[s.Chunk], context: mrpcd.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+        "class Aio(s.StreamerServicer):\n"
+        "    async def Unary(self, request: s.Chunk, context: mrpcd.aio.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+        "    async def ServerStream(self, request: s.Chunk, context: mrpcd.aio.ServicerContext) -> AsyncIterator[s.Chunk]:\n"
+        "        yield request\n"
+        "    async def ClientStream(self, request_iterator: AsyncIterator[s.Chunk], context: mrpcd.aio.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+    )
+    # mrpcd's own types, from the source tree laid out as the package (an editable install
+    # maps the folders with an import hook mypy does not see)
+    pkg = tmp_path / "src" / "mrpcd"
+    pkg.mkdir(parents=True)
+    for entry in (ROOT / "mrpcd").iterdir():
+        (pkg / entry.name).symlink_to(entry)
+    for sub in ("marshal", "native", "policies", "stubgen", "transports"):
+        (pkg / sub).symlink_to(ROOT / sub)
+    env = dict(os.environ, MYPYPATH=os.pathsep.join([str(gen), str(tmp_path / "src")]))
+    mypy = [sys.executable, "-m", "mypy", "--follow-imports=silent", "--no-incremental", "--cache-dir", os.devnull]
+    r = subprocess.run([*mypy, str(gen / "streaming_mrpc.pyi"), str(use)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_pyi_passes_mypy(gen, tmp_path):
     pytest.importorskip("mypy")
     use = tmp_path / "use.py"
