@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import keyword
+import numbers
+import operator
 import threading
 import weakref
 from typing import Any
@@ -121,20 +123,23 @@ def _econv(x: Any, where: str, kind: str, ref: str | None) -> Any:
     """Encode-side check/convert of one scalar (slow path). Returns the value or raises."""
     t = type(x)
     if kind in _RANGES:
-        if isinstance(x, int) and t is not bool:
-            x = int(x)
+        # as protobuf: an int, or any integer with __index__ (numpy.int32, ...); never a bool
+        n = _as_index(x) if t is not bool else None
+        if n is not None:
             lo, hi = _RANGES[kind]
-            if lo <= x <= hi:
-                return x
-            raise EncodeError(f"{where}: value {x} out of range for {_label(kind, ref)}")
+            if lo <= n <= hi:
+                return n
+            raise EncodeError(f"{where}: value {n} out of range for {_label(kind, ref)}")
     elif kind == "double" or kind == "float":
         if isinstance(x, float):
             return float(x)
-        if isinstance(x, int) and t is not bool:
+        # as protobuf: any real number (int, numpy.float32, Fraction, ...) or integer with
+        # __index__; not a bool
+        if t is not bool and (isinstance(x, numbers.Real) or _as_index(x) is not None):
             try:
-                return float(x)
+                return float(x) if isinstance(x, numbers.Real) else float(operator.index(x))
             except OverflowError:
-                raise EncodeError(f"{where}: int {x} too large for {kind}") from None
+                raise EncodeError(f"{where}: {x} too large for {kind}") from None
     elif kind == "bool":
         if t is bool:
             return x
@@ -145,6 +150,19 @@ def _econv(x: Any, where: str, kind: str, ref: str | None) -> Any:
         if isinstance(x, (bytes, bytearray, memoryview)):
             return bytes(x)
     raise EncodeError(f"{where}: expected {_label(kind, ref)}, got {type(x).__name__}")
+
+
+def _as_index(x: Any) -> int | None:
+    """`x` as a plain int if it is an integer (an int, or has __index__ as numpy's integer
+    scalars do), else None."""
+    if isinstance(x, int):
+        return int(x)
+    if hasattr(type(x), "__index__"):
+        try:
+            return operator.index(x)
+        except TypeError:  # numpy.bool_ and the like refuse
+            return None
+    return None
 
 
 def _elist(x: Any, where: str) -> list:
@@ -181,6 +199,16 @@ def _emap(d: dict, where: str, kkind: str, vkind: str, vref: str | None) -> dict
 def _emsg(x: Any, cls: type, enc: Any, where: str, d: int) -> Any:
     if isinstance(x, cls):
         return enc(x, d + 1)
+    # Each generated module has its own classes for the types it imports: an instance of
+    # another module's class for the same definition has the same fields and the same wire
+    # form (what protobuf's one class per type would take).
+    mine = cls.__mrpc_message__
+    theirs = getattr(type(x), "__mrpc_message__", None)
+    if theirs is not None and theirs == mine:
+        return enc(x, d + 1)
+    if theirs is not None and mine is not None and theirs.full_name == mine.full_name:
+        raise EncodeError(f"{where}: expected {cls.__qualname__}, got {type(x).__qualname__} from {type(x).__module__}, "
+                          f"another definition of {mine.full_name}")
     raise EncodeError(f"{where}: expected {cls.__qualname__}, got {type(x).__name__}")
 
 
@@ -422,6 +450,8 @@ class _Gen:
             return "{}"
         if f.nullable:
             return "None"
+        if f.type.kind == "enum":
+            return repr(_enum_default(self.schema, f.type.ref))
         return repr(_scalar_default(f.type.kind))
 
     def emsg_expr(self, ref: str, y: str, W: str) -> str:
@@ -477,6 +507,13 @@ class _Gen:
         return self.ns[fname]
 
 
+def _enum_default(schema: Schema, ref: str | None) -> int:
+    """An unset enum field's number: the enum's first value, as in protobuf (0 in proto3;
+    a proto2 enum need not have a 0 value)."""
+    en = schema.enums.get(ref) if ref is not None else None
+    return en.values[0][1] if en is not None and en.values else 0
+
+
 def _scalar_default(kind: str) -> Any:
     if kind in _RANGES:
         return 0
@@ -505,17 +542,17 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         msg = schema.messages[name]
         k = gen.index[name]
         enc, dec = gen.ns[f"_e{k}"], gen.ns[f"_d{k}"]
-        cls.SerializeToString = _make_serialize(enc, schema, name)
+        cls.SerializeToString = _make_serialize(enc, schema, name, cls)
         # the app's send path finds the Parts encoder through the serializer it was given
         # (so a custom or overridden serializer is used as it is)
-        parts = _make_serialize(enc, schema, name, _pack_parts)
+        parts = _make_serialize(enc, schema, name, cls, _pack_parts)
         parts.__qualname__ = f"{name}.SerializeToString.__mrpc_parts__"
         cls.SerializeToString.__mrpc_parts__ = parts
         cls.FromString = classmethod(_make_fromstring(dec, schema, name))
         cls.__mrpc_schema__ = schema
         cls.__mrpc_message__ = msg
         cls.__mrpc_fields__ = tuple(f.name for f in msg.fields)
-        cls.__mrpc_defaults__ = tuple(_default(f, enums or {}) for f in msg.fields)
+        cls.__mrpc_defaults__ = tuple(_default(f, schema, enums or {}) for f in msg.fields)
 
 
 def _check_class(cls: type, msg: Any) -> None:
@@ -530,19 +567,19 @@ def _check_class(cls: type, msg: Any) -> None:
             raise SchemaError(f"bind: {cls.__qualname__} has no attribute slot for field {f.name!r}") from None
 
 
-def _default(f: Field, enums: dict[str, type]) -> tuple[str, Any, bool]:
+def _default(f: Field, schema: Schema, enums: dict[str, type]) -> tuple[str, Any, bool]:
     if f.label == "repeated":
         return (f.name, list, True)
     if f.label == "map":
         return (f.name, dict, True)
     if f.nullable:
         return (f.name, None, False)
-    if f.type.kind == "enum" and f.type.ref in enums:
-        ecls = enums[f.type.ref]
+    if f.type.kind == "enum":
+        number = _enum_default(schema, f.type.ref)
         try:
-            return (f.name, ecls(0), False)
-        except ValueError:
-            return (f.name, 0, False)
+            return (f.name, enums[f.type.ref](number), False)
+        except (KeyError, ValueError):
+            return (f.name, number, False)
     return (f.name, _scalar_default(f.type.kind), False)
 
 
@@ -556,13 +593,19 @@ def _pack_parts(value: Any) -> "bytes | _packmod.Parts":
         return _pack(value)
 
 
-def _make_serialize(enc: Any, schema: Schema, name: str, pack: Any = None) -> Any:
+def _make_serialize(enc: Any, schema: Schema, name: str, cls: type, pack: Any = None) -> Any:
     """SerializeToString for one message: `enc` builds the nested tuples, `pack` (msgpack's
     Packer unless given) packs them; encoder and packer errors become EncodeError the same
-    way whichever packer it is."""
+    way whichever packer it is.
+
+    Stubs call it unbound, `request_type.SerializeToString(request)`: a request of another
+    type is refused (the encoder would read whatever attributes it has of the same names),
+    except the same .proto type generated into another module (see `_emsg`)."""
     pack = pack or _pack
 
     def SerializeToString(self: Any) -> bytes:
+        if self.__class__ is not cls:
+            _check_top(self, cls, name)
         try:
             return pack(enc(self, 0))
         except (EncodeError, TypeError):
@@ -579,6 +622,17 @@ def _make_serialize(enc: Any, schema: Schema, name: str, pack: Any = None) -> An
 
     SerializeToString.__qualname__ = f"{name}.SerializeToString"
     return SerializeToString
+
+
+def _check_top(obj: Any, cls: type, name: str) -> None:
+    """Slow path of SerializeToString's type check: raises EncodeError unless `obj` may be
+    encoded as `cls`."""
+    if isinstance(obj, cls):
+        return
+    mine = getattr(cls, "__mrpc_message__", None)
+    if mine is not None and getattr(type(obj), "__mrpc_message__", None) == mine:
+        return
+    raise EncodeError(f"{name}: expected {cls.__qualname__}, got {type(obj).__qualname__}")
 
 
 def _make_fromstring(dec: Any, schema: Schema, name: str) -> Any:

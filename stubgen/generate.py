@@ -9,7 +9,8 @@ Python names (the schema always keeps the .proto names):
   * a field whose name is a Python keyword (`from`) keeps its slot under the .proto name
     (the codec reads it with getattr) and gets a property with a trailing underscore
     (`from_`, or `from__` if `from_` is itself a field); `__init__` takes `from_=`;
-  * type, enum value and method names that are keywords get a trailing underscore too;
+  * type, enum value and method names that are keywords get a trailing underscore too (and
+    so does an enum value named `mro`, which Python's enum refuses);
   * types of imported files share the module's namespace: they keep their short name
     unless that is taken (by the file's own types, the generated names, or another
     import), then they are named after their full name (`google_protobuf_Empty`);
@@ -32,13 +33,19 @@ __all__ = ["generate", "module_name"]
 _INT_KINDS = frozenset({"int32", "int64", "uint32", "uint64", "sint32", "sint64", "fixed32", "fixed64", "sfixed32", "sfixed64"})
 _PY_SCALAR = {"double": "float", "float": "float", "bool": "bool", "string": "str", "bytes": "bytes"}
 _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "bytes": 'b""'}
-# names that generated code itself uses at module level
+# names that generated code itself uses at module level (and the builtins the .py calls at run
+# time: a top-level type of that name would replace them)
 _MODULE_RESERVED = {
     "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema",
-    "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata",
+    "property", "getattr", "setattr", "globals", "NotImplementedError",
+    "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata", "_builtins",
+    "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
+    "_MaybeAsyncIterator", "_ServicerContext", "_abc",
 }
 # attributes of the Message base class that a field slot must not replace
 _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields"}
+# member names Python's enum refuses outright (ValueError when the class is created)
+_ENUM_REFUSED = {"mro"}
 _LINE = 100
 
 
@@ -83,7 +90,7 @@ class _Names:
         taken = set(_MODULE_RESERVED)
         for svc in mod.services:
             short = svc.rsplit(".", 1)[-1]
-            taken |= {f"{short}Stub", f"{short}Servicer", f"add_{short}Servicer_to_server"}
+            taken |= {f"{short}Stub", f"{short}AsyncStub", f"{short}Servicer", f"add_{short}Servicer_to_server"}
         self.service_short = {svc: svc.rsplit(".", 1)[-1] for svc in mod.services}
         top = self.children.get(None, [])
         own = [n for n in top if mod.files.get(n) == mod.proto]
@@ -134,17 +141,19 @@ class _Names:
             if vname.startswith("_") and (vname.endswith("_") or vname.startswith("__")):
                 raise StubgenError(f"{self.mod.proto}: enum value {name}.{vname}: names like _x_ and __x are reserved by Python's enum")
             cand = _safe(vname)
+            if cand in _ENUM_REFUSED:  # enum.EnumType raises on these: a trailing underscore, as for keywords
+                cand += "_"
             while cand in used:
                 cand += "_"
             used.add(cand)
             out.append((cand, number))
         self.members[name] = out
 
-    def zero_member(self, enum: str) -> str | None:
-        for member, number in self.members[enum]:
-            if number == 0:
-                return member
-        return None
+    def default_member(self, enum: str) -> str | None:
+        """The member an unset field holds: the first value declared, as in protobuf (proto3's
+        is always 0; a proto2 enum need not have a 0 value at all)."""
+        members = self.members[enum]
+        return members[0][0] if members else None
 
 
 class _Emitter:
@@ -153,13 +162,20 @@ class _Emitter:
         self.schema: Schema = mod.schema
         self.n = _Names(mod)
         self.pyi_aliases: dict[str, str] = {}  # top-level python name -> alias used where shadowed
+        self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])}
 
     # -- types -------------------------------------------------------------------------------
+    def builtin(self, name: str, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+        """A builtin type (`int`, `list`, ...) as the .pyi must spell it: where a class body (a field
+        `list`, a nested type `int`) or the module (a message `str`) binds the same name, the bare
+        name would mean that."""
+        return f"_builtins.{name}" if pyi and (name in shadow or name in self.top_names) else name
+
     def value_type(self, kind: str, ref: str | None, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         if kind in _INT_KINDS:
-            return "int"
+            return self.builtin("int", shadow, pyi)
         if kind in _PY_SCALAR:
-            return _PY_SCALAR[kind]
+            return self.builtin(_PY_SCALAR[kind], shadow, pyi)
         qual = self.n.qual[ref]
         head, _, rest = qual.partition(".")
         if pyi and head in shadow:
@@ -170,9 +186,9 @@ class _Emitter:
     def attr_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
         if f.label == "repeated":
-            return f"list[{t}]"
+            return f"{self.builtin('list', shadow, pyi)}[{t}]"
         if f.label == "map":
-            return f"dict[{self.value_type(f.key.kind, None)}, {t}]"
+            return f"{self.builtin('dict', shadow, pyi)}[{self.value_type(f.key.kind, None, shadow, pyi)}, {t}]"
         return f"{t} | None" if f.nullable else t
 
     def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
@@ -251,7 +267,7 @@ class _Emitter:
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
-                member = n.zero_member(f.type.ref)
+                member = n.default_member(f.type.ref)
                 qual = n.qual[f.type.ref]
                 head = qual.split(".")[0]
                 if member is None:
@@ -269,10 +285,8 @@ class _Emitter:
             else:
                 default, value = _DEFAULTS.get(f.type.kind, "0"), p
             params.append(f"{p}: {ptype} = {default}")
-            if f.name in n.aliases[msg.full_name]:
-                body.append(f"setattr({me}, {f.name!r}, {value})")
-            else:
-                body.append(f"{me}.{f.name} = {value}")
+            # a keyword field is set through its property: no global name a parameter could hide
+            body.append(f"{me}.{p} = {value}")
         head = _signature(f"def __init__({me}", params, ") -> None:")
         return head + ["    " + b for b in body or ["pass"]]
 
@@ -290,6 +304,7 @@ class _Emitter:
                 [repr(m.path), f"request_type={q[m.input]}", f"response_type={q[m.output]}"], ")", _LINE - 8)]
         if not svc.methods:
             out.append("        pass")
+        out += ["", "", f"{short}AsyncStub = {short}Stub  # the .pyi's name for it on an mrpcd.aio channel"]
         out += ["", "", f"class {short}Servicer:", f'    """Server side of {svc.full_name}: subclass and override the methods."""']
         for m in svc.methods:
             arg = "request_iterator" if m.client_streaming else "request"
@@ -321,10 +336,14 @@ class _Emitter:
             body += ["", ""] + self.pyi_service(self.schema.services[svc])
         out = [
             f"# Generated by mrpcd-stubgen from {mod.proto}. DO NOT EDIT.",
+            "import abc as _abc",
+            "import builtins as _builtins",
             "import enum",
+            "from collections.abc import AsyncIterable as _AsyncIterable, AsyncIterator as _AsyncIterator",
+            "from collections.abc import Awaitable as _Awaitable",
             "from collections.abc import Iterable as _Iterable, Iterator as _Iterator, Sequence as _Sequence",
             "from typing import Any as _Any",
-            "from typing import TypeAlias as _TypeAlias",
+            "from typing import TypeAlias as _TypeAlias, TypeVar as _TypeVar, overload as _overload",
             "",
             "import mrpcd",
             "import mrpcd.aio",
@@ -332,6 +351,11 @@ class _Emitter:
             "from mrpcd.marshal.schema import Schema as _Schema",
             "",
             "_Metadata: _TypeAlias = _Sequence[tuple[str, str | bytes]]",
+            "_T = _TypeVar(\"_T\")",
+            "",
+            "# what a servicer's handlers are given, sync (mrpcd.server) or asyncio (mrpcd.aio.server)",
+            "class _MaybeAsyncIterator(_AsyncIterator[_T], _Iterator[_T], metaclass=_abc.ABCMeta): ...",
+            "class _ServicerContext(mrpcd.ServicerContext, mrpcd.aio.ServicerContext): ...  # type: ignore[misc, unused-ignore]",
             "",
             "SCHEMA: _Schema",
         ] + body
@@ -360,9 +384,10 @@ class _Emitter:
         params = [f"{attrs[f.name]}: {self.param_type(f, shadow, True)} = ..." for f in msg.fields]
         me = "self" if "self" not in attrs.values() else "_self_"
         lines += ["    " + s for s in _signature(f"def __init__({me}", params, ") -> None: ...")]
-        lines += [f"    def SerializeToString({me}) -> bytes: ...",
+        b = self.builtin("bytes", shadow, True)
+        lines += [f"    def SerializeToString({me}) -> {b}: ...",
                   "    @classmethod",
-                  f"    def FromString(cls, data: bytes) -> {self.value_type('message', full, shadow, True)}: ..."]
+                  f"    def FromString(cls, data: {b}) -> {self.value_type('message', full, shadow, True)}: ..."]
         return _indent_lines(lines, depth)
 
     def pyi_service(self, svc: Service) -> list[str]:
@@ -374,19 +399,47 @@ class _Emitter:
         def t(ref: str) -> str:
             return self.value_type("message", ref, shadow, True)
 
-        out = [f"class {short}Stub:", "    def __init__(self, channel: _Any) -> None: ..."]
-        for m in svc.methods:
-            req = f"request_iterator: _Iterable[{t(m.input)}]" if m.client_streaming else f"request: {t(m.input)}"
-            resp = f"_Iterator[{t(m.output)}]" if m.server_streaming else t(m.output)
-            out += ["    " + s for s in _signature(
-                f"def {names[m.name]}(self", [req, "timeout: float | None = ...", "metadata: _Metadata | None = ..."],
-                f") -> {resp}: ...")]
+        timeout = f"timeout: {self.builtin('float', shadow, True)} | None = ..."
+
+        def stub_methods(aio: bool) -> list[str]:
+            lines = []
+            for m in svc.methods:
+                req_t, resp_t = t(m.input), t(m.output)
+                if m.client_streaming:
+                    req = f"request_iterator: _Iterable[{req_t}]" + (f" | _AsyncIterable[{req_t}]" if aio else "")
+                else:
+                    req = f"request: {req_t}"
+                if m.server_streaming:
+                    resp = f"_AsyncIterator[{resp_t}]" if aio else f"_Iterator[{resp_t}]"
+                else:
+                    resp = f"_Awaitable[{resp_t}]" if aio else resp_t
+                sig = _signature(f"def {names[m.name]}(self", [req, timeout, "metadata: _Metadata | None = ..."],
+                                 f") -> {resp}: ...")
+                if aio:  # the error is reported on the `def` line
+                    sig[0] += "  # type: ignore[override]"
+                lines += ["    " + s for s in sig]
+            return lines
+
+        # one runtime class for both channels; the .pyi tells them apart by the channel's type
+        # (with __new__ only: mypy would type the call by an __init__)
+        out = [f"class {short}Stub:",
+               "    @_overload",
+               f"    def __new__(cls, channel: mrpcd.aio.Channel) -> {short}AsyncStub: ...",
+               "    @_overload",  # (never matched only where mypy cannot see mrpcd's types)
+               f"    def __new__(cls, channel: _Any) -> {short}Stub: ...  # type: ignore[overload-cannot-match, misc, unused-ignore]",
+               ] + stub_methods(False)
+        out += ["", "", f"class {short}AsyncStub({short}Stub):"] + (stub_methods(True) or ["    ..."])
+        # handlers may be def or async def, and take either context: as grpcio's stubs type them
         out += ["", "", f"class {short}Servicer:"]
         for m in svc.methods:
-            req = f"request_iterator: _Iterator[{t(m.input)}]" if m.client_streaming else f"request: {t(m.input)}"
-            resp = f"_Iterator[{t(m.output)}]" if m.server_streaming else t(m.output)
+            req_t, resp_t = t(m.input), t(m.output)
+            req = f"request_iterator: _MaybeAsyncIterator[{req_t}]" if m.client_streaming else f"request: {req_t}"
+            if m.server_streaming:
+                resp = f"_Iterator[{resp_t}] | _AsyncIterator[{resp_t}]"
+            else:
+                resp = f"{resp_t} | _Awaitable[{resp_t}]"
             out += ["    " + s for s in _signature(
-                f"def {names[m.name]}(self", [req, "context: mrpcd.ServicerContext"], f") -> {resp}: ...")]
+                f"def {names[m.name]}(self", [req, "context: _ServicerContext"], f") -> {resp}: ...")]
         if not svc.methods:
             out.append("    ...")
         out += ["", "", f"def add_{short}Servicer_to_server(servicer: {short}Servicer, server: mrpcd.Server | mrpcd.aio.Server) -> None: ..."]

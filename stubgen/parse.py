@@ -23,7 +23,8 @@ Field names stay the .proto names, also when they are Python keywords (`from`); 
 generator gives such fields a safe Python attribute (`from_`).
 
 Not supported (clear error naming the construct): proto2 groups, extensions declared in an
-input file, proto2 explicit default values, editions syntax.
+input file (custom options, extensions of google.protobuf.*Options, are fine: they add no
+field to a message), proto2 explicit default values, editions syntax.
 """
 from __future__ import annotations
 
@@ -201,12 +202,19 @@ def _check_file(fd) -> None:
         raise StubgenError(f"{fd.name}: protobuf editions are not supported (use syntax = \"proto3\" or \"proto2\")")
 
 
+def _is_option(ext) -> bool:
+    """A custom option (`extend google.protobuf.FieldOptions { ... }`): it annotates the .proto
+    and adds no field to any message, so it needs no support."""
+    extendee = ext.extendee.lstrip(".")
+    return extendee.startswith("google.protobuf.") and extendee.endswith("Options")
+
+
 def _check_no_extensions(fd) -> None:
-    found = [f"{x.extendee.lstrip('.')}.{x.name}" for x in fd.extension]
+    found = [f"{x.extendee.lstrip('.')}.{x.name}" for x in fd.extension if not _is_option(x)]
 
     def walk(m, prefix: str) -> None:
         full = prefix + m.name
-        found.extend(f"{x.extendee.lstrip('.')}.{x.name} (declared in {full})" for x in m.extension)
+        found.extend(f"{x.extendee.lstrip('.')}.{x.name} (declared in {full})" for x in m.extension if not _is_option(x))
         for n in m.nested_type:
             walk(n, full + ".")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import fractions
 import math
 
 import msgpack
@@ -242,6 +243,37 @@ def test_lenient_python_inputs_are_normalised():
     assert back.m_int_str == {1: "g"} and back.r_color == [Color.RED, Color.BLUE]
 
 
+def test_numpy_style_numbers_are_accepted_as_protobuf_does():
+    # protobuf takes any integer with __index__ (numpy.int32, ...) for an integer field and any
+    # real number (numpy.float32, Fraction) for a float field; bool stays refused for integers
+    class Index:  # how numpy's integer scalars look to Python: not int subclasses
+        def __init__(self, v):
+            self.v = v
+
+        def __index__(self):
+            return self.v
+
+    s = Scalars(int32=Index(-3), uint64=Index(2**64 - 1), double=fractions.Fraction(1, 2), float=Index(2),
+                color=Index(2))
+    back = Scalars.FromString(s.SerializeToString())
+    assert (back.int32, back.uint64, back.double, back.float, back.color) == (-3, 2**64 - 1, 0.5, 2.0, Color.BLUE)
+    c = Composite(r_int32=[Index(1)], m_int_str={Index(7): "x"}, o_double=fractions.Fraction(3, 4))
+    back = Composite.FromString(c.SerializeToString())
+    assert (back.r_int32, back.m_int_str, back.o_double) == ([1], {7: "x"}, 0.75)
+    assert decode_plain(SCHEMA, "t.Scalars", encode_plain(SCHEMA, "t.Scalars", {"int64": Index(5)}))["int64"] == 5
+    with pytest.raises(EncodeError, match="out of range for int32"):
+        Scalars(int32=Index(2**31)).SerializeToString()
+    with pytest.raises(EncodeError, match="expected int32, got bool"):
+        Scalars(int32=True).SerializeToString()
+    np = pytest.importorskip("numpy")
+    s = Scalars(int64=np.int64(9), uint32=np.uint8(3), float=np.float32(1.5), double=np.int32(2))
+    back = Scalars.FromString(s.SerializeToString())
+    assert (back.int64, back.uint32, back.float, back.double) == (9, 3, 1.5, 2.0)
+    assert type(back.int64) is int and type(back.float) is float
+    with pytest.raises(EncodeError, match="expected int32"):
+        Scalars(int32=np.float64(1.0)).SerializeToString()
+
+
 # -- strict decoding ----------------------------------------------------------------------
 
 def scalars_raw(**over):
@@ -418,6 +450,44 @@ def test_encode_rejects(obj, message):
     with pytest.raises((EncodeError, TypeError)) as info:
         obj.SerializeToString()
     assert message in str(info.value)
+
+
+def test_same_proto_type_from_another_generated_module_is_accepted():
+    # every generated module carries its own classes for the types it imports: a Money from
+    # orders_mrpc is taken where billing_mrpc wants a Money, as the one protobuf class would be
+    other = Schema.from_dict(SCHEMA.to_dict())  # another module's copy of the same definitions
+    Inner2 = type("Inner", (Message,), {"__slots__": ("s", "n")})
+    codec.bind(other, {"t.Inner": Inner2})
+    c = Composite(inner=Inner2(s="a", n=1), r_inner=[Inner2(s="b")], m_str_inner={"k": Inner2(n=2)}, c_inner=Inner2())
+    back = Composite.FromString(c.SerializeToString())
+    assert type(back.inner) is Inner and back.inner == Inner(s="a", n=1)
+    assert back.r_inner == [Inner(s="b")] and back.m_str_inner == {"k": Inner(n=2)} and back.c_inner == Inner()
+    # a class of the same name bound to a different definition is still refused
+    changed = Schema.from_dict({"messages": [["t.Inner", [F("s", 1, "string")]]]})
+    Inner3 = type("Inner", (Message,), {"__slots__": ("s",)})
+    codec.bind(changed, {"t.Inner": Inner3})
+    with pytest.raises(EncodeError, match="t.Composite.inner: expected Inner, got Inner from .*, another definition of t.Inner"):
+        Composite(inner=Inner3(s="x")).SerializeToString()
+
+
+def test_serializer_refuses_another_message_type():
+    # a stub encodes with request_type.SerializeToString(request): a request of the wrong type
+    # must not be packed field by field as if it were the right one
+    for ser in (Inner.SerializeToString, Inner.SerializeToString.__mrpc_parts__):
+        with pytest.raises(EncodeError, match="t.Inner: expected Inner, got Scalars"):
+            ser(Scalars(string="x"))
+        with pytest.raises(EncodeError, match="t.Inner: expected Inner, got dict"):
+            ser({"s": "x", "n": 1})
+    lookalike = object.__new__(type("Lookalike", (Message,), {"__slots__": ("s", "n")}))
+    lookalike.s, lookalike.n = "x", 1
+    with pytest.raises(EncodeError, match="t.Inner: expected Inner, got Lookalike"):
+        Inner.SerializeToString(lookalike)
+    Sub = type("Sub", (Inner,), {"__slots__": ()})
+    assert Inner.SerializeToString(Sub(s="x")) == Inner(s="x").SerializeToString()
+    other = Schema.from_dict(SCHEMA.to_dict())  # the same type generated into another module
+    Inner2 = type("Inner", (Message,), {"__slots__": ("s", "n")})
+    codec.bind(other, {"t.Inner": Inner2})
+    assert Inner.SerializeToString(Inner2(s="y")) == Inner(s="y").SerializeToString()
 
 
 def test_encode_cycle_and_missing_field():

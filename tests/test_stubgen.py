@@ -174,6 +174,18 @@ def test_scalars_defaults(mods):
     assert s.Empty().to_dict() == {}
 
 
+def test_proto2_enum_default_is_its_first_value(mods):
+    # proto2 enums need not have a 0 value: the default is the first value declared (as in protobuf)
+    lg = mods["legacy2"]
+    assert lg.Leveled().level is lg.Level.LOW
+    assert lg.Leveled.FromString(lg.Leveled().SerializeToString()).level is lg.Level.LOW
+    base = object.__new__(lg.Leveled)
+    mrpcd.marshal.message.Message.__init__(base)  # the codec's defaults, used by the base class
+    assert base.level is lg.Level.LOW and base.levels == []
+    from mrpcd.marshal.codec import decode_plain, encode_plain
+    assert decode_plain(lg.SCHEMA, "mrpc.legacy.Leveled", encode_plain(lg.SCHEMA, "mrpc.legacy.Leveled", {}))["level"] == 1
+
+
 def test_keyword_names(mods):
     s = mods["scalars"]
     k = s.Keywords(from_=1, class_="c", import_=True, lambda_=[2], None_=3)
@@ -183,7 +195,7 @@ def test_keyword_names(mods):
     assert getattr(k, "from") == 5
     assert [f.name for f in s.SCHEMA.messages["mrpc.test.Keywords"].fields] == ["from", "class", "import", "lambda", "None"]
     assert s.Keywords().lambda_ == [] and s.Keywords().lambda_ is not s.Keywords().lambda_
-    assert [m.name for m in s.Reserved] == ["PASS", "None_", "True_"]
+    assert [m.name for m in s.Reserved] == ["PASS", "None_", "True_", "mro_"]
     # `from` next to a real `from_` field: the property is `from__`
     old = mods["legacy2"].Old(from__=1, from_=2)
     assert (getattr(old, "from"), old.from_, old.from__) == (1, 2, 1)
@@ -216,6 +228,15 @@ def test_colliding_python_names(mods):
     assert n.Holder().Response is n.Response.Status.RESPONSE_UNKNOWN  # a field hiding the class of its enum
     r = n.Response(Echo=n.Echo(text="e"), wrapped=n.mrpc_names_enum(x=2), top=n.Status.STATUS_FAILED)
     assert n.Response.FromString(r.SerializeToString()) == r
+    # types and fields named like the builtins the module calls at run time
+    assert n.mrpc_names_property(p=1).p == 1 and n.mrpc_names_NotImplementedError(e=2).e == 2
+    st = n.Setter(from_=1, setattr=2, getattr=3)
+    assert (getattr(st, "from"), st.from_, st.setattr, st.getattr) == (1, 1, 2, 3)
+    assert n.Setter.FromString(st.SerializeToString()) == st
+    ctx = FakeContext()
+    with pytest.raises(NotImplementedError):
+        n.NamesServicer().Echo(n.Echo(), ctx)
+    assert ctx.code == mrpcd.StatusCode.UNIMPLEMENTED
     ch = FakeChannel()
     n.NamesStub(ch)
     assert [c[2:] for c in ch.calls] == [(n.Echo, n.Echo), (n.Echo, n.Response)]
@@ -419,6 +440,18 @@ def test_unsupported_or_invalid_protos(tmp_path, capsys, proto, words):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_custom_options_are_not_refused(tmp_path):
+    # a file declaring custom options (extensions of google.protobuf.*Options) generates:
+    # options annotate the .proto, they add no field to any message
+    r = stubgen(str(PROTOS / "options.proto"), "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    mod = load(tmp_path / "options_mrpc.py")
+    assert set(mod.SCHEMA.messages) == {"mrpc.options.Login"}  # no google.protobuf.*Options
+    login = mod.Login(user="u", password="p")
+    assert mod.Login.FromString(login.SerializeToString()) == login
+    assert [m.name for m in mod.SCHEMA.services["mrpc.options.Auth"].methods] == ["Check"]
+
+
 def test_missing_file_and_usage_errors(tmp_path, capsys):
     assert cli.main([str(tmp_path / "nope.proto"), "-o", str(tmp_path)]) == 1
     assert "nope.proto: no such file" in capsys.readouterr().err
@@ -466,6 +499,60 @@ def test_console_script(tmp_path):
     assert (tmp_path / "hello_mrpc.py").exists()
 
 
+def test_pyi_types_sync_and_asyncio_use(gen, tmp_path):
+    # XStub works on both channels and XServicer is subclassed with def or async def
+    # handlers (README): the .pyi must type both, as grpcio's stubs type grpc and grpc.aio
+    pytest.importorskip("mypy")
+    use = tmp_path / "use_both.py"
+    use.write_text(
+        "from collections.abc import AsyncIterator, Iterator\n"
+        "import mrpcd\n"
+        "import mrpcd.aio\n"
+        "import streaming_mrpc as s\n"
+        "def sync(ch: mrpcd.Channel) -> int:\n"
+        "    stub = s.StreamerStub(ch)\n"
+        "    one: s.Summary = stub.Unary(s.Chunk())\n"
+        "    many: list[s.Chunk] = list(stub.ServerStream(s.Chunk()))\n"
+        "    up: s.Summary = stub.ClientStream(iter([s.Chunk()]))\n"
+        "    return len(many) + len(list(stub.BidiStream([s.Chunk()])))\n"
+        "async def aio(ch: mrpcd.aio.Channel) -> int:\n"
+        "    stub = s.StreamerStub(ch)\n"
+        "    one: s.Summary = await stub.Unary(s.Chunk(), timeout=1.0)\n"
+        "    many = [c async for c in stub.ServerStream(s.Chunk())]\n"
+        "    up: s.Summary = await stub.ClientStream([s.Chunk()])\n"
+        "    async def gen() -> AsyncIterator[s.Chunk]:\n"
+        "        yield s.Chunk()\n"
+        "    return len(many) + len([c async for c in stub.BidiStream(gen())])\n"
+        "class Sync(s.StreamerServicer):\n"
+        "    def Unary(self, request: s.Chunk, context: mrpcd.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+        "    def ServerStream(self, request: s.Chunk, context: mrpcd.ServicerContext) -> Iterator[s.Chunk]:\n"
+        "        yield request\n"
+        "    def ClientStream(self, request_iterator: Iterator[s.Chunk], context: mrpcd.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+        "class Aio(s.StreamerServicer):\n"
+        "    async def Unary(self, request: s.Chunk, context: mrpcd.aio.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+        "    async def ServerStream(self, request: s.Chunk, context: mrpcd.aio.ServicerContext) -> AsyncIterator[s.Chunk]:\n"
+        "        yield request\n"
+        "    async def ClientStream(self, request_iterator: AsyncIterator[s.Chunk], context: mrpcd.aio.ServicerContext) -> s.Summary:\n"
+        "        return s.Summary()\n"
+    )
+    # mrpcd's own types, from the source tree laid out as the package (an editable install
+    # maps the folders with an import hook mypy does not see)
+    pkg = tmp_path / "src" / "mrpcd"
+    pkg.mkdir(parents=True)
+    for entry in (ROOT / "mrpcd").iterdir():
+        (pkg / entry.name).symlink_to(entry)
+    for sub in ("marshal", "native", "policies", "stubgen", "transports"):
+        (pkg / sub).symlink_to(ROOT / sub)
+    env = dict(os.environ, MYPYPATH=os.pathsep.join([str(gen), str(tmp_path / "src")]))
+    mypy = [sys.executable, "-m", "mypy", "--follow-imports=silent", "--no-incremental", "--cache-dir", os.devnull]
+    r = subprocess.run([*mypy, str(gen / "streaming_mrpc.pyi"), str(use)], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_pyi_passes_mypy(gen, tmp_path):
     pytest.importorskip("mypy")
     use = tmp_path / "use.py"
@@ -480,6 +567,10 @@ def test_pyi_passes_mypy(gen, tmp_path):
         "st: nm.Status = nm.Response().top\n"
         "own: nm.Response.Status = nm.Holder().Response\n"
         "e: nm.Echo | None = nm.Response().Echo\n"
+        "bi = nm.Builtins(list=['a'], dict={'a': 1}, str='s', bytes=nm.bytes(n=1), int=2, float=1.5, bool=True, raw=b'r')\n"
+        "li: list[str] = bi.list\n"
+        "raw: bytes = bi.raw\n"
+        "wire: bytes = bi.SerializeToString()\n"
         "def f(stub: h.GreeterStub) -> str:\n"
         "    return stub.SayHello(r, timeout=1.0).message + ''.join(x.message for x in stub.SayHelloStream(r))\n"
     )
