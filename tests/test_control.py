@@ -136,3 +136,23 @@ def test_second_daemon_on_same_socket_refuses(daemon_factory, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", d.socket], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "already serving" in r.stderr
     assert d.alive()
+
+
+def test_a_client_that_never_reads_its_replies_does_not_wedge_the_daemon(daemon_factory):
+    """Replies go out without blocking the event loop: one stuck client stalls only itself."""
+    d = daemon_factory()
+    body = msgpack.packb({"op": "ping", "id": 1})
+    frame = struct.pack("<I", len(body)) + body
+    with socket.socket(socket.AF_UNIX) as stuck:
+        stuck.connect(d.socket)
+        stuck.setblocking(False)
+        try:
+            for _ in range(1_000_000):  # until both directions' buffers are full
+                stuck.send(frame)
+        except BlockingIOError:
+            pass
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        assert ctl.call("ping")["pid"] == d.pid
+        ctl.sock.close()
+    assert d.alive()

@@ -77,7 +77,7 @@ class ControlConnection:
                     messages = frames.feed(data)
                 except cp.ControlError as exc:
                     log.warning("control client pid %d sent a broken frame: %s", self.pid, exc, extra=self.log_fields())
-                    self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
+                    await self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
                     return
                 for msg in messages:
                     await self._dispatch(msg)
@@ -93,45 +93,63 @@ class ControlConnection:
         op, rid = msg.get("op"), msg.get("id")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
-            self._send({"id": rid, "ok": False, "error": f"unknown control op {op!r}", "code": 12})
+            await self._send({"id": rid, "ok": False, "error": f"unknown control op {op!r}", "code": 12})
             return
         fds: list[int] = []
         try:
             reply = await handler(msg, fds)
         except HandshakeError as exc:
-            self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
+            await self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
             return
         except (PolicyOpError, TransportUpgradeError) as exc:
-            self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
+            await self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
             return
         except (ValueError, SchemaError, cp.ControlError) as exc:
-            self._send({"id": rid, "ok": False, "error": str(exc), "code": getattr(exc, "code", 3)})
+            await self._send({"id": rid, "ok": False, "error": str(exc), "code": getattr(exc, "code", 3)})
             return
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
             text = str(exc) or type(exc).__name__
-            self._send({"id": rid, "ok": False, "error": text, "code": 14})
+            await self._send({"id": rid, "ok": False, "error": text, "code": 14})
             return
         except Exception as exc:  # a daemon bug must not take the daemon down
             log.exception("control op %s failed", op, extra=self.log_fields(op=op))
-            self._send({"id": rid, "ok": False, "error": f"internal error: {exc}", "code": 13})
+            await self._send({"id": rid, "ok": False, "error": f"internal error: {exc}", "code": 13})
             return
         reply.setdefault("ok", True)
         reply["id"] = rid
-        self._send(reply, fds)
+        await self._send(reply, fds)
 
-    def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    async def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send one reply without blocking the event loop.
+
+        Why awaited: a client that stops reading its replies fills the socket buffer; a
+        blocking send would then stall the whole daemon (every app's datapath). Awaiting
+        room stalls only this connection, which also stops reading its further requests.
+        """
         data = cp.encode(message)
+        loop = asyncio.get_running_loop()
         try:
             if fds:
-                socket.send_fds(self.sock, [data], fds)
-            else:
-                self.sock.setblocking(True)
-                try:
-                    self.sock.sendall(data)
-                finally:
-                    self.sock.setblocking(False)
+                data = data[await self._send_fds(data, fds):]
+            if data:
+                await loop.sock_sendall(self.sock, data)
         except OSError as exc:
             log.info("control client pid %d went away: %s", self.pid, exc, extra=self.log_fields())
+
+    async def _send_fds(self, data: bytes, fds: list[int]) -> int:
+        """sendmsg with SCM_RIGHTS, waiting for room; returns the bytes sent (fds go with the first)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return socket.send_fds(self.sock, [data], fds)
+            except BlockingIOError:
+                ready = loop.create_future()
+                fd = self.sock.fileno()
+                loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(fd)
 
     def _need_session(self) -> "AppSession":
         if self.session is None:
