@@ -156,3 +156,51 @@ def test_a_client_that_never_reads_its_replies_does_not_wedge_the_daemon(daemon_
         assert ctl.call("ping")["pid"] == d.pid
         ctl.sock.close()
     assert d.alive()
+
+
+def test_running_out_of_file_descriptors_does_not_stop_accepting(tmp_path):
+    """EMFILE on accept is transient: once clients leave, new ones are served again."""
+    import resource
+    import time
+
+    from conftest import wait_until
+
+    path = str(tmp_path / "few-fds.sock")
+    log = open(tmp_path / "few-fds.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mrpcd.daemon.main", "--socket", path], stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    clients: list[socket.socket] = []
+    try:
+        assert wait_until(lambda: os.path.exists(path), timeout=20)
+        for _ in range(100):  # more than the daemon has descriptors for
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            try:
+                s.connect(path)
+            except OSError:  # the backlog is full too
+                s.close()
+                break
+            clients.append(s)
+        time.sleep(0.5)  # let the daemon hit EMFILE
+        for s in clients:
+            s.close()
+        clients.clear()
+
+        def pings() -> bool:
+            try:
+                ctl = Control(path)
+                ctl.sock.settimeout(2)
+                with ctl.sock:
+                    return ctl.call("ping")["pid"] == proc.pid
+            except OSError:
+                return False
+
+        assert wait_until(pings, timeout=15)
+        assert proc.poll() is None
+        assert "too many open files" in (tmp_path / "few-fds.log").read_text().lower()
+    finally:
+        for s in clients:
+            s.close()
+        proc.terminate()
+        proc.wait(10)
+        log.close()

@@ -9,6 +9,7 @@ a broken frame closes the connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import logging
 import os
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mrpcd.control")
 _CREDS = struct.Struct("3i")
+# accept() errors that pass: out of file descriptors or kernel memory.
+_ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of descriptors
 
 
 class ControlConnection:
@@ -309,11 +313,21 @@ async def serve_control(daemon: "Daemon", path: str) -> socket.socket:
     loop = asyncio.get_running_loop()
 
     async def accept_loop() -> None:
+        warned = False
         while True:
             try:
                 client, _ = await loop.sock_accept(sock)
-            except OSError:
-                return
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_TRANSIENT or sock.fileno() < 0:
+                    return  # the listening socket was closed (shutdown)
+                # Out of descriptors or memory: the connection waits in the backlog; try
+                # again once clients leave instead of never accepting anyone again.
+                if not warned:
+                    log.warning("control socket: cannot accept a client: %s; retrying", exc.strerror or exc)
+                    warned = True
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
+            warned = False
             client.setblocking(False)
             conn = ControlConnection(daemon, client)
             daemon.spawn(conn.serve())
