@@ -204,3 +204,12 @@ def test_running_out_of_file_descriptors_does_not_stop_accepting(tmp_path):
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_a_file_that_is_not_a_socket_at_the_socket_path_is_kept(tmp_path):
+    """Only a stale *socket* is replaced; a regular file there is the operator's mistake to see."""
+    path = tmp_path / "mrpcd.yaml"
+    path.write_text("log_level: debug\n")
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "not a socket" in r.stderr
+    assert path.read_text() == "log_level: debug\n"

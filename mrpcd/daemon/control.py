@@ -14,6 +14,7 @@ import grp
 import logging
 import os
 import socket
+import stat
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -295,6 +296,8 @@ async def serve_control(daemon: "Daemon", path: str) -> socket.socket:
     """Listen on `path`; refuses to steal the socket of a daemon that is still alive."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):  # never delete what is not ours to replace
+            raise RuntimeError(f"{path} exists and is not a socket; remove it or choose another control_socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
