@@ -65,3 +65,13 @@ def test_cli_check_and_print_default(tmp_path):
     p.write_text(r.stdout)
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_file_that_is_not_utf8_is_refused_clearly(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("log_level: info  # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as err:
+        load(str(p))
+    assert str(p) in str(err.value)
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not UTF-8" in r.stderr

@@ -172,6 +172,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
                 text = f.read()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:  # a SIGHUP with such a file must keep the old config, not raise
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
         data, lines = _load_mapping(text, path)
         for key, value in data.items():
             where = f"{path}:{lines.get(key, '?')}"
