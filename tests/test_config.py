@@ -75,3 +75,11 @@ def test_a_file_that_is_not_utf8_is_refused_clearly(tmp_path):
     assert str(p) in str(err.value)
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not UTF-8" in r.stderr
+
+
+def test_absurdly_deep_nesting_is_refused_clearly(tmp_path):
+    p = tmp_path / "deep.yaml"
+    p.write_text("metrics: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply") as err:
+        load(str(p))
+    assert str(p) in str(err.value)
