@@ -34,6 +34,8 @@ def test_file_overrides_default(tmp_path):
         ("connect_timeout: 0\n", ":1: connect_timeout: must be a number of seconds"),
         ("ring_size: 65536\n  - x: [\n", "not valid YAML"),
         ("- a\n- b\n", ":1: the configuration must be a mapping"),
+        ("admin_group: -5\n", ":1: admin_group: must be a group name, a gid"),
+        ("admin_group: 4294967295\n", ":1: admin_group: must be a group name, a gid"),
     ],
 )
 def test_bad_config_refused_with_line_and_reason(tmp_path, text, expected):

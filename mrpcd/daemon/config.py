@@ -42,9 +42,11 @@ def _optional_str(v: Any) -> str | None:
 
 
 def _group(v: Any) -> str | int | None:
-    if v is None or isinstance(v, (str, int)) and not isinstance(v, bool):
+    # A gid outside gid_t (0 .. 2**32-2; 2**32-1 is "no group") made every admin check
+    # raise OverflowError later, when a non-root operator ran mrpcctl.
+    if v is None or isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 - 1:
         return v
-    raise ValueError("must be a group name, a gid or null")
+    raise ValueError("must be a group name, a gid (0 to 4294967294) or null")
 
 
 def _choice(*options: str):
