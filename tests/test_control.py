@@ -213,3 +213,39 @@ def test_a_file_that_is_not_a_socket_at_the_socket_path_is_kept(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "not a socket" in r.stderr
     assert path.read_text() == "log_level: debug\n"
+
+
+ODD_DESCRIBE_POLICY = '''
+from mrpcd.policies.base import Policy
+
+
+class OddDescribe(Policy):
+    """describe() returns a set: not msgpack-able."""
+    name = "odd"
+
+    def describe(self):
+        return {**super().describe(), "tags": {"a", "b"}}
+
+
+POLICY = OddDescribe
+'''
+
+
+def test_a_reply_that_cannot_be_encoded_gets_an_error_and_the_connection_stays(daemon_factory, tmp_path):
+    d = daemon_factory()
+    module = tmp_path / "odd_policy.py"
+    module.write_text(ODD_DESCRIBE_POLICY)
+    app = mrpcd.connect(d.socket, name="odd-app")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        with pytest.raises(cp.ControlError, match="cannot be encoded") as err:
+            ctl.call("policy_attach", app="odd-app", policy=str(module))
+        assert err.value.code == 13
+        with pytest.raises(cp.ControlError, match="cannot be encoded"):
+            ctl.call("policies")
+        assert ctl.call("ping")["pid"] == d.pid  # same connection, still served
+        ctl.sock.close()
+    finally:
+        app.close()
+    assert d.alive()

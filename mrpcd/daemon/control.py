@@ -131,7 +131,13 @@ class ControlConnection:
         blocking send would then stall the whole daemon (every app's datapath). Awaiting
         room stalls only this connection, which also stops reading its further requests.
         """
-        data = cp.encode(message)
+        try:
+            data = cp.encode(message)
+        except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
+            # e.g. a policy's describe() holding a set: say so, keep the connection
+            log.error("control reply to pid %d cannot be encoded: %s", self.pid, exc, extra=self.log_fields())
+            data, fds = cp.encode({"id": message.get("id"), "ok": False, "code": 13,
+                                   "error": f"internal error: the reply cannot be encoded: {exc}"}), None
         loop = asyncio.get_running_loop()
         try:
             if fds:
