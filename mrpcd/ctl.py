@@ -23,7 +23,12 @@ class Control:
         self.inbox: list[dict] = []
 
     def call(self, op: str, **args: Any) -> dict:
-        self.sock.sendall(cp.encode({"op": op, "id": 1, **args}))
+        try:
+            data = cp.encode({"op": op, "id": 1, **args})
+        except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
+            # e.g. a YAML date in --config, a --position beyond 64 bits: refuse before sending
+            raise ValueError(f"the request cannot be sent: {exc} (use plain numbers, strings, lists and mappings)") from None
+        self.sock.sendall(data)
         while not self.inbox:
             data = self.sock.recv(1 << 16)
             if not data:
@@ -60,6 +65,8 @@ def _load_config_arg(text: str | None) -> dict | None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"--config is not valid YAML/JSON: {exc}") from None
+    except RecursionError:  # PyYAML composes recursively
+        raise ValueError("--config is nested too deeply") from None
     if value is None:
         return {}
     if not isinstance(value, dict):

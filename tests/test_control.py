@@ -249,3 +249,19 @@ def test_a_reply_that_cannot_be_encoded_gets_an_error_and_the_connection_stays(d
     finally:
         app.close()
     assert d.alive()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["policy", "attach", "1", "ratelimit", "--config", "{rate: 10, since: 2001-01-01}"],  # a YAML date
+        ["policy", "attach", "1", "ratelimit", "--position", str(1 << 70)],
+        ["policy", "config", "x", "--config", "rate: " + "[" * 5000 + "]" * 5000],
+    ],
+)
+def test_mrpcctl_request_it_cannot_send_is_a_clear_error(daemon_factory, args):
+    d = daemon_factory()
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("mrpcctl: policy: ")
+    assert d.alive()
