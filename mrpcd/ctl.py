@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import socket
 import sys
+import time
 from typing import Any
 
 from . import control_proto as cp
@@ -14,13 +16,35 @@ from .paths import default_socket_path
 class Control:
     """A blocking control-socket client without an app session (no rings)."""
 
+    TIMEOUT = 30.0  # seconds for connecting and for each reply
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
+        self.sock.settimeout(self.TIMEOUT)
+        try:
+            self._connect(path)
+        except OSError:
+            self.sock.close()
+            raise
         self.frames = cp.FrameBuffer(strict=False)
         self.inbox: list[dict] = []
+
+    def _connect(self, path: str) -> None:
+        """Connect, waiting while the daemon's listen backlog is full.
+
+        Why a loop: with a timeout set, an AF_UNIX connect to a full backlog fails at once
+        with EAGAIN instead of waiting, so many clients at once would fail spuriously.
+        """
+        deadline = time.monotonic() + self.TIMEOUT
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, "timed out waiting for mrpcd to accept the connection") from None
+                time.sleep(0.01)
 
     def call(self, op: str, **args: Any) -> dict:
         try:

@@ -265,3 +265,36 @@ def test_mrpcctl_request_it_cannot_send_is_a_clear_error(daemon_factory, args):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("mrpcctl: policy: ")
     assert d.alive()
+
+
+def test_mrpcctl_waits_for_room_in_a_full_listen_backlog(daemon_factory):
+    """Many clients at once: mrpcctl waits its turn instead of failing with EAGAIN."""
+    import signal
+
+    d = daemon_factory()
+    queued: list[socket.socket] = []
+    d.proc.send_signal(signal.SIGSTOP)  # accepts nothing: the backlog fills
+    try:
+        for _ in range(100_000):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(d.socket)
+            except BlockingIOError:
+                s.close()
+                break
+            queued.append(s)
+        ctl = subprocess.Popen([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "ping"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = ctl.communicate(timeout=3)  # it must still be waiting
+        except subprocess.TimeoutExpired:
+            pass
+        else:
+            pytest.fail(f"mrpcctl gave up on a full backlog: {err}")
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        for s in queued:
+            s.close()
+    out, err = ctl.communicate(timeout=30)
+    assert ctl.returncode == 0 and f"pid {d.pid}" in out, err
