@@ -298,3 +298,35 @@ def test_mrpcctl_waits_for_room_in_a_full_listen_backlog(daemon_factory):
             s.close()
     out, err = ctl.communicate(timeout=30)
     assert ctl.returncode == 0 and f"pid {d.pid}" in out, err
+
+
+def test_a_policy_change_over_several_apps_is_all_or_nothing(daemon_factory):
+    """An app selected by name may be several apps: one refusal must leave all of them as they were."""
+    d = daemon_factory()
+    a, b = mrpcd.connect(d.socket, name="twin"), mrpcd.connect(d.socket, name="twin")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+
+    def chains() -> dict[int, list[tuple[str, dict]]]:
+        return {x["app_id"]: [(p["instance"], p["config"]) for p in x["policies"]] for x in ctl.call("policies", app="twin")["apps"]}
+
+    try:
+        ctl.call("policy_attach", app=b.app_id, policy="ratelimit", config={"rate": 5})
+        with pytest.raises(cp.ControlError, match="already has a policy named 'ratelimit'"):
+            ctl.call("policy_attach", app="twin", policy="ratelimit", config={"rate": 10})
+        assert chains() == {a.app_id: [], b.app_id: [("ratelimit", {"rate": 5})]}
+        # detach / config naming both apps, only one of which has the policy
+        for op, args in (("policy_detach", {}), ("policy_config", {"config": {"rate": 7}})):
+            with pytest.raises(cp.ControlError, match="has no policy 'ratelimit'"):
+                ctl.call(op, app="twin", name="ratelimit", **args)
+            assert chains() == {a.app_id: [], b.app_id: [("ratelimit", {"rate": 5})]}
+        # the same instance name, different policies: a config one of them refuses changes neither
+        ctl.call("policy_attach", app=a.app_id, policy="ratelimit", name="chaos", config={"rate": 3})
+        ctl.call("policy_attach", app=b.app_id, policy="fault", name="chaos", config={"abort": {"probability": 0}})
+        with pytest.raises(cp.ControlError, match="fault"):
+            ctl.call("policy_config", name="chaos", config={"rate": 7})
+        assert chains() == {a.app_id: [("chaos", {"rate": 3})], b.app_id: [("ratelimit", {"rate": 5}), ("chaos", {"abort": {"probability": 0}})]}
+    finally:
+        ctl.sock.close()
+        a.close()
+        b.close()

@@ -253,9 +253,18 @@ class ControlConnection:
             raise ValueError("policy instance name must be a non-empty string")
         if position is not None and not isinstance(position, int):
             raise ValueError("position must be an integer")
-        out = []
-        for s in self._select_apps(msg.get("app")):
-            out.append({"app_id": s.app_id, **s.policies.attach(msg.get("policy"), config, name, position).describe()})
+        out, done = [], []
+        try:
+            for s in self._select_apps(msg.get("app")):
+                policy = s.policies.attach(msg.get("policy"), config, name, position)
+                done.append((s, policy.instance_name))  # type: ignore[attr-defined]
+                out.append({"app_id": s.app_id, **policy.describe()})
+        except Exception:
+            # all or nothing over the apps of one name: take back what this request attached
+            # (no record has reached it yet: nothing awaited in between)
+            for s, instance in done:
+                s.policies.detach(instance)
+            raise
         return {"attached": out}
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
@@ -270,7 +279,10 @@ class ControlConnection:
         config = self._config_arg(msg)
         if config is None:
             raise ValueError("policy config needs a config mapping")
-        return {"configured": [{"app_id": s.app_id, **s.policies.reconfigure(msg["name"], config).describe()} for s in self._apps_with_policy(msg)]}
+        apps = self._apps_with_policy(msg)
+        for s in apps:  # validated on every app first: a config one of them refuses changes none
+            s.policies.check_config(msg["name"], config)
+        return {"configured": [{"app_id": s.app_id, **s.policies.reconfigure(msg["name"], config).describe()} for s in apps]}
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -286,6 +298,8 @@ class ControlConnection:
             apps = [s for s in apps if any(getattr(e, "instance_name", None) == name for e in s.datapath.engines)]
             if not apps:
                 raise cp.ControlError(f"no app has a policy named {name!r}", 5)
+        for s in apps:  # every app named must have it, before any of them is changed
+            s.policies.find(name)
         return apps
 
     async def op_transport_upgrade(self, msg: dict, fds: list[int]) -> dict:

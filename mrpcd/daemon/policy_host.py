@@ -134,6 +134,13 @@ class PolicyHost:
         log.info("policy %s detached from app %s; %d held records passed on", name, self.session.name, len(held.outbound) + len(held.inbound))
         return {"released_outbound": len(held.outbound), "released_inbound": len(held.inbound)}
 
+    def check_config(self, name: str, config: dict[str, Any]) -> None:
+        """Raise PolicyOpError if policy `name` would refuse `config`; changes nothing."""
+        try:
+            self.find(name).validate_config(config)
+        except PolicyConfigError as exc:
+            raise PolicyOpError(str(exc)) from None
+
     def reconfigure(self, name: str, config: dict[str, Any]) -> Policy:
         policy = self.find(name)
         try:
