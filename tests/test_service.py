@@ -203,3 +203,16 @@ def test_notifier_without_systemd_is_a_no_op_and_with_one_sends_one_datagram():
         assert gone.send("READY=1") is False  # logged once, never raised
     finally:
         fake.close()
+
+
+def test_reload_reports_every_changed_key_that_needs_a_restart(daemon_factory):
+    """peers and tls are read when connections are made: a reload cannot change them and must say so."""
+    d = daemon_factory("peers", config='peers: {allow: ["10.0.0.0/8"]}\n')
+    d.proc.send_signal(signal.SIGHUP)  # the same file: nothing to report
+    log = wait_log(d, "applied (nothing changed)")
+    assert "takes a restart" not in log
+    config_path(d).write_text('peers: {allow: ["10.0.0.0/8", "::1"]}\n')
+    d.proc.send_signal(signal.SIGHUP)
+    log = wait_log(d, "peers changed")
+    assert "takes a restart" in log
+    assert Control(d.socket).call("ping")["pid"] == d.pid

@@ -18,7 +18,7 @@ import sys
 from importlib import resources
 from typing import Any
 
-from .config import LIVE_KEYS, Config, ConfigError, default_text, load
+from .config import LIVE_KEYS, VALIDATORS, Config, ConfigError, default_text, load
 from .daemon import Daemon
 from .metrics import MetricsServer
 from .notify import Notifier
@@ -165,7 +165,7 @@ class Service:
                 log.error("reload refused, the running configuration stays: metrics address %s: %s", new.metrics["address"], exc,
                           extra={"config": source})
                 return False
-        for key in ("control_socket", "transport", "ring_size", "max_record"):
+        for key in (k for k in VALIDATORS if k not in LIVE_KEYS):  # every key read only at start (peers, tls, ...)
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed to %r; that takes a restart, keeping %r", key, getattr(new, key), getattr(old, key),
                             extra={"config": source, "key": key})
