@@ -330,3 +330,50 @@ def test_a_policy_change_over_several_apps_is_all_or_nothing(daemon_factory):
         ctl.sock.close()
         a.close()
         b.close()
+
+
+def test_a_transport_module_that_exits_on_import_is_refused_and_the_daemon_lives(daemon_factory, tmp_path):
+    d = daemon_factory()
+    module = tmp_path / "transport_exits.py"
+    module.write_text("import sys\nsys.exit('no transport here')\n")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    with pytest.raises(cp.ControlError, match="SystemExit: no transport here"):
+        ctl.call("transport_upgrade", module=str(module))
+    assert ctl.call("ping")["pid"] == d.pid
+    ctl.sock.close()
+    assert d.alive()
+
+
+POLICY_EXITS_ON_START = '''
+import sys
+
+from mrpcd.policies.base import Policy
+
+
+class ExitsOnStart(Policy):
+    name = "exits"
+
+    def __init__(self, ctx, config=None):
+        sys.exit("policy gives up")
+
+
+POLICY = ExitsOnStart
+'''
+
+
+def test_a_policy_that_exits_when_it_starts_is_refused_and_the_daemon_lives(daemon_factory, tmp_path):
+    d = daemon_factory()
+    module = tmp_path / "policy_exits.py"
+    module.write_text(POLICY_EXITS_ON_START)
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        with pytest.raises(cp.ControlError, match="SystemExit: policy gives up"):
+            ctl.call("policy_attach", app="target", policy=str(module))
+        assert ctl.call("policies", app="target")["apps"][0]["policies"] == []
+        ctl.sock.close()
+    finally:
+        app.close()
+    assert d.alive()

@@ -116,7 +116,7 @@ class ControlConnection:
             text = str(exc) or type(exc).__name__
             await self._send({"id": rid, "ok": False, "error": text, "code": 14})
             return
-        except Exception as exc:  # a daemon bug must not take the daemon down
+        except (Exception, SystemExit) as exc:  # a daemon bug (or a policy's sys.exit()) must not take the daemon down
             log.exception("control op %s failed", op, extra=self.log_fields(op=op))
             await self._send({"id": rid, "ok": False, "error": f"internal error: {exc}", "code": 13})
             return

@@ -110,7 +110,7 @@ class PolicyHost:
             policy = cls(self.ctx, config or {})
         except PolicyConfigError as exc:
             raise PolicyOpError(str(exc)) from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PolicyOpError(f"policy {spec} failed to start: {type(exc).__name__}: {exc}") from None
         policy.instance_name = instance  # type: ignore[attr-defined]
         policy.module_spec = spec  # type: ignore[attr-defined]
@@ -159,7 +159,7 @@ class PolicyHost:
             new = cls.from_state(self.ctx, cfg, state)
         except (PolicyStateError, PolicyConfigError) as exc:
             raise PolicyOpError(f"upgrade refused, {name} keeps running: {exc}") from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PolicyOpError(f"upgrade refused, {name} keeps running: {type(exc).__name__}: {exc}") from None
         new.instance_name = name  # type: ignore[attr-defined]
         new.module_spec = spec  # type: ignore[attr-defined]
@@ -197,5 +197,5 @@ def _load(spec: Any) -> type[Policy]:
         return load_policy_module(spec)
     except PolicyLoadError as exc:
         raise PolicyOpError(str(exc)) from None
-    except Exception as exc:  # the loader wraps import errors, but never let one escape
+    except (Exception, SystemExit) as exc:  # the loader wraps import errors, but never let one escape
         raise PolicyOpError(f"cannot load policy {spec}: {type(exc).__name__}: {exc}") from None
