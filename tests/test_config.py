@@ -85,3 +85,18 @@ def test_absurdly_deep_nesting_is_refused_clearly(tmp_path):
     with pytest.raises(ConfigError, match="nested too deeply") as err:
         load(str(p))
     assert str(p) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("metrics:\n  address: 127.0.0.1:9464\nlog_level: debug\nmetrics:\n  buckets: [1, 2]\n", ":4: duplicate key 'metrics' (first on line 1)"),
+        ("metrics:\n  address: 127.0.0.1:9464\n  address: null\n", ":3: duplicate key 'address' (first on line 2)"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path, text, expected):
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}{expected}" in str(err.value)

@@ -161,8 +161,31 @@ def _load_mapping(text: str, source: str) -> tuple[dict, dict[str, int]]:
         return {}, {}
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}:1: the configuration must be a mapping of keys to values")
+    _refuse_duplicate_keys(node, source)
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
     return data, lines
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str) -> None:
+    """A key given twice in one mapping is refused: YAML forbids it, PyYAML keeps the last one,
+    and a second `metrics:` section would silently drop everything the first one set."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:  # an alias: checked once (and no exponential walk through alias chains)
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    line = k.start_mark.line + 1
+                    if k.value in first:
+                        raise ConfigError(f"{source}:{line}: duplicate key {k.value!r} (first on line {first[k.value]})")
+                    first[k.value] = line
+                stack.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
 
 
 def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
