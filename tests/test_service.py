@@ -216,3 +216,18 @@ def test_reload_reports_every_changed_key_that_needs_a_restart(daemon_factory):
     log = wait_log(d, "peers changed")
     assert "takes a restart" in log
     assert Control(d.socket).call("ping")["pid"] == d.pid
+
+
+def test_print_unit_names_this_installation_even_with_another_mrpcd_on_path(tmp_path):
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "mrpcd").write_text("#!/bin/sh\nexit 0\n")
+    (other / "mrpcd").chmod(0o755)
+    env = {**os.environ, "PATH": f"{other}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-unit"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    exe = next(line for line in r.stdout.splitlines() if line.startswith("ExecStart=")).split("=", 1)[1].split()[0]
+    assert exe != str(other / "mrpcd")
+    ours = os.path.join(os.path.dirname(sys.executable), "mrpcd")
+    if os.access(ours, os.X_OK):
+        assert exe == os.path.abspath(ours)

@@ -73,7 +73,10 @@ def configure_logging(config: Config, handler: logging.Handler | None = None) ->
 def unit_text() -> str:
     """The shipped systemd unit, with ExecStart pointing at this installation's `mrpcd`."""
     text = resources.files("mrpcd").joinpath("systemd/mrpcd.service").read_text()
-    exe = shutil.which("mrpcd") or os.path.join(os.path.dirname(sys.executable), "mrpcd")
+    # The script beside this interpreter first: PATH may hold another installation's mrpcd.
+    exe = os.path.join(os.path.dirname(sys.executable), "mrpcd")
+    if not os.access(exe, os.X_OK):
+        exe = shutil.which("mrpcd") or exe
     return text.replace("/usr/bin/mrpcd", os.path.abspath(exe))
 
 
