@@ -220,14 +220,29 @@ from mrpcd.policies.base import Policy
 
 
 class OddDescribe(Policy):
-    """describe() returns a set: not msgpack-able."""
+    """describe() returns an integer beyond 64 bits: msgpack cannot pack it."""
     name = "odd"
 
     def describe(self):
-        return {**super().describe(), "tags": {"a", "b"}}
+        return {**super().describe(), "big": 1 << 70}
 
 
 POLICY = OddDescribe
+'''
+
+SET_DESCRIBE_POLICY = '''
+from mrpcd.policies.base import Policy
+
+
+class SetDescribe(Policy):
+    """describe() holds a set and an object: not msgpack types, but they have a plain form."""
+    name = "sets"
+
+    def describe(self):
+        return {**super().describe(), "tags": {"a", "b"}, "owner": object}
+
+
+POLICY = SetDescribe
 '''
 
 
@@ -377,3 +392,21 @@ def test_a_policy_that_exits_when_it_starts_is_refused_and_the_daemon_lives(daem
     finally:
         app.close()
     assert d.alive()
+
+
+def test_a_policy_describe_with_sets_or_objects_is_shown_as_plain_values(daemon_factory, tmp_path):
+    """attach must not report an error for a policy it attached, and policy list keeps working."""
+    d = daemon_factory()
+    module = tmp_path / "set_policy.py"
+    module.write_text(SET_DESCRIBE_POLICY)
+    app = mrpcd.connect(d.socket, name="set-app")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        attached = ctl.call("policy_attach", app="set-app", policy=str(module))["attached"][0]
+        assert sorted(attached["tags"]) == ["a", "b"] and attached["owner"] == str(object)
+        policies = ctl.call("policies", app="set-app")["apps"][0]["policies"]
+        assert [p["instance"] for p in policies] == ["sets"]
+        ctl.sock.close()
+    finally:
+        app.close()

@@ -35,6 +35,13 @@ _ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 _ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of descriptors
 
 
+def _plain(value: Any) -> Any:
+    """A msgpack-able stand-in for what a policy's describe() may hold: sets as lists, the rest as text."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return str(value)
+
+
 class ControlConnection:
     def __init__(self, daemon: "Daemon", sock: socket.socket) -> None:
         self.daemon = daemon
@@ -132,7 +139,10 @@ class ControlConnection:
         room stalls only this connection, which also stops reading its further requests.
         """
         try:
-            data = cp.encode(message)
+            try:
+                data = cp.encode(message)
+            except TypeError:  # a policy's describe() holding a set or an object: shown as plain values
+                data = cp.encode(message, default=_plain)
         except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
             # e.g. a policy's describe() holding a set: say so, keep the connection
             log.error("control reply to pid %d cannot be encoded: %s", self.pid, exc, extra=self.log_fields())
