@@ -231,3 +231,17 @@ def test_print_unit_names_this_installation_even_with_another_mrpcd_on_path(tmp_
     ours = os.path.join(os.path.dirname(sys.executable), "mrpcd")
     if os.access(ours, os.X_OK):
         assert exe == os.path.abspath(ours)
+
+
+def test_text_logs_keep_an_app_supplied_name_on_one_line(daemon_factory):
+    """Any local user names their app: a newline in the name must not forge a daemon log line."""
+    import mrpcd
+
+    d = daemon_factory("inject", config="log_format: text\n")
+    app = mrpcd.connect(d.socket, name="x\n2026-01-01 00:00:00,000 ERROR mrpcd: forged")
+    try:
+        log = wait_log(d, "forged")
+    finally:
+        app.close()
+    assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR") for line in log.splitlines())
+    assert "x\\n2026-01-01" in log

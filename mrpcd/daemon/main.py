@@ -52,12 +52,18 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: app names and other client-supplied text may hold newlines,
+        # which would otherwise forge log lines in the journal. (Tracebacks follow as before.)
+        line = _one_line(super().formatMessage(record))
         fields = _extra_fields(record)
         if fields:
-            line += " [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
+            line += " [" + " ".join(f"{k}={_one_line(str(v))}" for k, v in fields.items()) + "]"
         return line
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def configure_logging(config: Config, handler: logging.Handler | None = None) -> logging.Handler:
