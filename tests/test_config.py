@@ -35,6 +35,7 @@ def test_file_overrides_default(tmp_path):
         ("ring_size: 65536\n  - x: [\n", "not valid YAML"),
         ("- a\n- b\n", ":1: the configuration must be a mapping"),
         ("admin_group: -5\n", ":1: admin_group: must be a group name, a gid"),
+        ("control_socket: ''\n", ":1: control_socket: must be a socket path or null"),
         ("admin_group: 4294967295\n", ":1: admin_group: must be a group name, a gid"),
     ],
 )
@@ -100,3 +101,9 @@ def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path, text, ex
     with pytest.raises(ConfigError) as err:
         load(str(p))
     assert f"{p}{expected}" in str(err.value)
+
+
+def test_cli_refuses_an_empty_socket_path(tmp_path):
+    """`mrpcd --socket "$UNSET_VAR"` must not fall back to the default path without a word."""
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", "", "--check-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "command line: control_socket: must be a socket path or null" in r.stderr

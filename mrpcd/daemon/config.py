@@ -35,18 +35,18 @@ def _power_of_two(v: Any) -> int:
     return v
 
 
-def _optional_str(v: Any) -> str | None:
-    if v is None or isinstance(v, str):
-        return v
-    raise ValueError("must be a string or null")
-
-
 def _group(v: Any) -> str | int | None:
     # A gid outside gid_t (0 .. 2**32-2; 2**32-1 is "no group") made every admin check
     # raise OverflowError later, when a non-root operator ran mrpcctl.
     if v is None or isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 - 1:
         return v
     raise ValueError("must be a group name, a gid (0 to 4294967294) or null")
+
+
+def _socket_path(v: Any) -> str | None:
+    if v is None or isinstance(v, str) and v:
+        return v
+    raise ValueError("must be a socket path or null (the default path)")
 
 
 def _choice(*options: str):
@@ -103,7 +103,7 @@ def _metrics(v: Any) -> dict[str, Any]:
 
 
 VALIDATORS = {
-    "control_socket": _optional_str,
+    "control_socket": _socket_path,
     "admin_group": _group,
     "transport": _choice("tcp", "rdma"),
     "ring_size": _power_of_two,

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(unit_text())
         return 0
     overrides: dict[str, Any] = {}
-    if args.socket:
+    if args.socket is not None:  # "" is refused by the config check, not taken as "not given"
         overrides["control_socket"] = args.socket
     if args.log_level:
         overrides["log_level"] = args.log_level
