@@ -341,6 +341,11 @@ def test_a_policy_change_over_several_apps_is_all_or_nothing(daemon_factory):
         with pytest.raises(cp.ControlError, match="fault"):
             ctl.call("policy_config", name="chaos", config={"rate": 7})
         assert chains() == {a.app_id: [("chaos", {"rate": 3})], b.app_id: [("ratelimit", {"rate": 5}), ("chaos", {"abort": {"probability": 0}})]}
+        # an upgrade the second app's policy refuses upgrades neither
+        with pytest.raises(cp.ControlError, match="upgrade refused"):
+            ctl.call("policy_upgrade", name="chaos", module="mrpcd.policies.ratelimit")
+        modules = {x["app_id"]: [p["module"] for p in x["policies"]] for x in ctl.call("policies", app="twin")["apps"]}
+        assert modules == {a.app_id: ["ratelimit"], b.app_id: ["ratelimit", "fault"]}
     finally:
         ctl.sock.close()
         a.close()

@@ -297,7 +297,15 @@ class ControlConnection:
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
         module, config = msg.get("module"), self._config_arg(msg)
-        return {"upgraded": [{"app_id": s.app_id, **s.policies.upgrade(msg["name"], module, config).describe()} for s in self._apps_with_policy(msg)]}
+        prepared = []
+        try:  # every app's new version is built before any is swapped in: all or nothing
+            for s in self._apps_with_policy(msg):
+                prepared.append((s, *s.policies.prepare_upgrade(msg["name"], module, config)))
+        except BaseException:
+            for _, _, new in prepared:
+                new.close(handed_over=True)
+            raise
+        return {"upgraded": [{"app_id": s.app_id, **s.policies.commit_upgrade(old, new).describe()} for s, old, new in prepared]}
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")

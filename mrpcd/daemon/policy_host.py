@@ -151,6 +151,15 @@ class PolicyHost:
         return policy
 
     def upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> Policy:
+        return self.commit_upgrade(*self.prepare_upgrade(name, spec, config))
+
+    def prepare_upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> tuple[Policy, Policy]:
+        """The new version built from the old one's state, not yet in the chain: (old, new).
+
+        Separate from commit_upgrade so an upgrade over several apps can build every new
+        instance before swapping any; one that is not committed is dropped with
+        `new.close(handed_over=True)` (the old instance still holds everything).
+        """
         old = self.find(name)
         cls = _load(spec)
         state = old.export_state()
@@ -163,6 +172,11 @@ class PolicyHost:
             raise PolicyOpError(f"upgrade refused, {name} keeps running: {type(exc).__name__}: {exc}") from None
         new.instance_name = name  # type: ignore[attr-defined]
         new.module_spec = spec  # type: ignore[attr-defined]
+        return old, new
+
+    def commit_upgrade(self, old: Policy, new: Policy) -> Policy:
+        """Swap a prepared new version in for `old` (see prepare_upgrade)."""
+        name = old.instance_name  # type: ignore[attr-defined]
         chain = self.chain
         chain[chain.index(old)] = new
         old.close(handed_over=True)
