@@ -415,3 +415,18 @@ def test_a_policy_describe_with_sets_or_objects_is_shown_as_plain_values(daemon_
         ctl.sock.close()
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("selector, fragment", [(True, "app must be an app_id or a name"), ("9" * 5000, "no connected app"),
+                                                ("²", "no connected app")])
+def test_odd_app_selectors_get_a_clear_answer(daemon_factory, selector, fragment):
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="one")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        with pytest.raises(cp.ControlError, match=fragment):
+            ctl.call("policies", app=selector)
+        ctl.sock.close()
+    finally:
+        app.close()

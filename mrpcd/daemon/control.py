@@ -235,8 +235,11 @@ class ControlConnection:
             if required:
                 raise ValueError("name the app: its app_id or its name (see `mrpcctl apps`)")
             return sessions
-        if isinstance(selector, int) or (isinstance(selector, str) and selector.isdigit()):
-            found = [s for s in sessions if s.app_id == int(selector)]
+        if isinstance(selector, bool):  # JSON true is not app 1
+            raise ValueError("app must be an app_id or a name")
+        if isinstance(selector, int) or (isinstance(selector, str) and selector.isascii() and selector.isdigit()):
+            # compared as text: int() of thousands of digits raises a ValueError about Python's limits
+            found = [s for s in sessions if str(s.app_id) == str(selector).lstrip("0")]
         elif isinstance(selector, str):
             found = [s for s in sessions if s.name == selector]
         else:
