@@ -36,6 +36,7 @@ def test_file_overrides_default(tmp_path):
         ("- a\n- b\n", ":1: the configuration must be a mapping"),
         ("admin_group: -5\n", ":1: admin_group: must be a group name, a gid"),
         ("control_socket: ''\n", ":1: control_socket: must be a socket path or null"),
+        ("metrics: {address: '127.0.0.1:\u00b2'}\n", "must be host:port with port 0..65535"),
         ("admin_group: 4294967295\n", ":1: admin_group: must be a group name, a gid"),
     ],
 )
