@@ -64,6 +64,12 @@ class Control:
         return reply
 
 
+def _printable(text: Any) -> str:
+    """Text for the operator's terminal: app and policy names come from any local user, so
+    control characters (escape sequences, newlines) are shown escaped, never sent raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def _print_apps(reply: dict) -> None:
     apps = reply["apps"]
     if not apps:
@@ -71,8 +77,8 @@ def _print_apps(reply: dict) -> None:
         return
     print(f"{'APP':>4}  {'NAME':<20} {'PID':>7}  {'SERVICES':<30} {'LISTENING':<22} ROUTES  ENGINES")
     for a in apps:
-        engines = ",".join(e["name"] for e in a["engines"]) or "-"
-        print(f"{a['app_id']:>4}  {a['name'][:20]:<20} {a['pid']:>7}  {','.join(a['services'])[:30] or '-':<30} "
+        engines = _printable(",".join(e["name"] for e in a["engines"]) or "-")
+        print(f"{a['app_id']:>4}  {_printable(a['name'])[:20]:<20} {a['pid']:>7}  {_printable(','.join(a['services']))[:30] or '-':<30} "
               f"{','.join(a['listening'])[:22] or '-':<22} {len(a['routes']):>6}  {engines}")
 
 
@@ -114,12 +120,12 @@ def _policy_request(args: argparse.Namespace) -> tuple[str, dict]:
 
 def _print_policies(reply: dict) -> None:
     for app in reply["apps"]:
-        print(f"app {app['app_id']} ({app['name']}):")
+        print(f"app {app['app_id']} ({_printable(app['name'])}):")
         if not app["policies"]:
             print("  (no policies)")
         for p in app["policies"]:
             counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
-            print(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}")
+            print(_printable(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -430,3 +430,17 @@ def test_odd_app_selectors_get_a_clear_answer(daemon_factory, selector, fragment
         ctl.sock.close()
     finally:
         app.close()
+
+
+def test_mrpcctl_prints_app_names_without_terminal_control_characters(daemon_factory):
+    """App names come from any local user: they must not reach the operator's terminal as escapes."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="evil\x1b]0;owned\x07\x1b[2J\nline")
+    try:
+        for args in (["apps"], ["policy", "list"]):
+            r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            assert "evil" in r.stdout and "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+            assert not any(line.startswith("line") for line in r.stdout.splitlines())
+    finally:
+        app.close()
