@@ -97,11 +97,27 @@ def _load_config_arg(text: str | None) -> dict | None:
         raise ValueError(f"--config is not valid YAML/JSON: {exc}") from None
     except RecursionError:  # PyYAML composes recursively
         raise ValueError("--config is nested too deeply") from None
+    _check_string_keys(value)
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ValueError("--config must be a mapping, e.g. '{rate: 100, burst: 10}'")
     return value
+
+
+def _check_string_keys(value: Any) -> None:
+    """The daemon takes only string map keys from clients (and closes the connection on
+    others, with a msgpack message): say which key is wrong before sending."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"--config keys must be strings (quote them): got {k!r}")
+                stack.append(item)
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 def _policy_request(args: argparse.Namespace) -> tuple[str, dict]:

@@ -272,6 +272,7 @@ def test_a_reply_that_cannot_be_encoded_gets_an_error_and_the_connection_stays(d
         ["policy", "attach", "1", "ratelimit", "--config", "{rate: 10, since: 2001-01-01}"],  # a YAML date
         ["policy", "attach", "1", "ratelimit", "--position", str(1 << 70)],
         ["policy", "config", "x", "--config", "rate: " + "[" * 5000 + "]" * 5000],
+        ["policy", "attach", "1", "ratelimit", "--config", "{rate: 10, per_method: {5: {rate: 1}}}"],  # an int key
     ],
 )
 def test_mrpcctl_request_it_cannot_send_is_a_clear_error(daemon_factory, args):
