@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import socket
 import sys
 import time
@@ -145,6 +146,16 @@ def _print_policies(reply: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `mrpcctl stats | head`: the reader left. Stop quietly, and keep Python's exit-time
+        # flush of stdout from raising again (the recipe in the `signal` module's docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.")
     p.add_argument("--socket", default=None, help="control socket (default: MRPCD_SOCKET or the per-user default)")
     p.add_argument("--json", action="store_true", help="print raw JSON")

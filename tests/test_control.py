@@ -445,3 +445,17 @@ def test_mrpcctl_prints_app_names_without_terminal_control_characters(daemon_fac
             assert not any(line.startswith("line") for line in r.stdout.splitlines())
     finally:
         app.close()
+
+
+def test_mrpcctl_into_a_closed_pipe_exits_without_a_traceback(daemon_factory):
+    """`mrpcctl stats | head -1`: the reader leaves early; mrpcctl must just stop."""
+    d = daemon_factory()
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "stats"], stdout=w, stderr=subprocess.PIPE, text=True,
+                           timeout=30)
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+    assert p.returncode != 0
