@@ -166,7 +166,12 @@ class ControlConnection:
             except BlockingIOError:
                 ready = loop.create_future()
                 fd = self.sock.fileno()
-                loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+
+                def writable() -> None:
+                    if not ready.done():
+                        ready.set_result(None)
+
+                loop.add_writer(fd, writable)
                 try:
                     await ready
                 finally:
