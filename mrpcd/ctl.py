@@ -14,6 +14,21 @@ from . import control_proto as cp
 from .paths import default_socket_path
 
 
+# Where the shipped systemd unit (mrpcd --print-unit) puts the daemon's socket.
+SYSTEM_SOCKET = "/run/mrpcd/control.sock"
+
+
+def _socket_path(explicit: str | None) -> str:
+    """--socket, else MRPCD_SOCKET, else the per-user default; when none of these was named
+    and no daemon is at the per-user default, the system service's socket if it is there."""
+    if explicit:
+        return explicit
+    path = default_socket_path()
+    if "MRPCD_SOCKET" not in os.environ and not os.path.exists(path) and os.path.exists(SYSTEM_SOCKET):
+        return SYSTEM_SOCKET
+    return path
+
+
 class Control:
     """A blocking control-socket client without an app session (no rings)."""
 
@@ -157,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.")
-    p.add_argument("--socket", default=None, help="control socket (default: MRPCD_SOCKET or the per-user default)")
+    p.add_argument("--socket", default=None,
+                   help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
     p.add_argument("--json", action="store_true", help="print raw JSON")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ping", help="is the daemon alive; its pid, version, uptime")
@@ -191,7 +207,7 @@ def _main(argv: list[str] | None) -> int:
     tu = tsub.add_parser("upgrade", help="hand every open connection to a new transport version, sockets kept")
     tu.add_argument("--module", required=True, help="dotted module or path.py exporting PeerConnection")
     args = p.parse_args(argv)
-    path = args.socket or default_socket_path()
+    path = _socket_path(args.socket)
     try:
         ctl = Control(path)
     except OSError as exc:

@@ -459,3 +459,19 @@ def test_mrpcctl_into_a_closed_pipe_exits_without_a_traceback(daemon_factory):
         os.close(w)
     assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
     assert p.returncode != 0
+
+
+def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory, tmp_path, monkeypatch, capsys):
+    """After `systemctl enable --now mrpcd` (socket /run/mrpcd/control.sock) a plain `mrpcctl ping` reaches it."""
+    from mrpcd import ctl as ctlmod
+
+    d = daemon_factory()
+    monkeypatch.setattr(ctlmod, "SYSTEM_SOCKET", d.socket)  # stands for /run/mrpcd/control.sock
+    monkeypatch.delenv("MRPCD_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no per-user daemon here
+    assert ctlmod.main(["ping"]) == 0
+    assert f"pid {d.pid}" in capsys.readouterr().out
+    # an explicit choice is kept, even when nothing listens there
+    monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
+    assert ctlmod.main(["ping"]) == 1
+    assert "none.sock" in capsys.readouterr().err
