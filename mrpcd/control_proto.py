@@ -8,7 +8,7 @@ the apps' blocking side share it.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -25,8 +25,9 @@ class ControlError(Exception):
         self.code = code
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+def encode(message: dict[str, Any], default: Callable[[Any], Any] | None = None) -> bytes:
+    """Frame `message`; `default` turns values msgpack cannot pack into ones it can."""
+    body = msgpack.packb(message, use_bin_type=True, default=default)
     if len(body) > MAX_CONTROL_MESSAGE:
         raise ControlError(f"control message of {len(body)} bytes exceeds {MAX_CONTROL_MESSAGE}")
     return LENGTH.pack(len(body)) + body

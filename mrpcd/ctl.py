@@ -2,28 +2,73 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import socket
 import sys
+import time
 from typing import Any
 
 from . import control_proto as cp
 from .paths import default_socket_path
 
 
+# Where the shipped systemd unit (mrpcd --print-unit) puts the daemon's socket.
+SYSTEM_SOCKET = "/run/mrpcd/control.sock"
+
+
+def _socket_path(explicit: str | None) -> str:
+    """--socket, else MRPCD_SOCKET, else the per-user default; when none of these was named
+    and no daemon is at the per-user default, the system service's socket if it is there."""
+    if explicit:
+        return explicit
+    path = default_socket_path()
+    if "MRPCD_SOCKET" not in os.environ and not os.path.exists(path) and os.path.exists(SYSTEM_SOCKET):
+        return SYSTEM_SOCKET
+    return path
+
+
 class Control:
     """A blocking control-socket client without an app session (no rings)."""
+
+    TIMEOUT = 30.0  # seconds for connecting and for each reply
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
+        self.sock.settimeout(self.TIMEOUT)
+        try:
+            self._connect(path)
+        except OSError:
+            self.sock.close()
+            raise
         self.frames = cp.FrameBuffer(strict=False)
         self.inbox: list[dict] = []
 
+    def _connect(self, path: str) -> None:
+        """Connect, waiting while the daemon's listen backlog is full.
+
+        Why a loop: with a timeout set, an AF_UNIX connect to a full backlog fails at once
+        with EAGAIN instead of waiting, so many clients at once would fail spuriously.
+        """
+        deadline = time.monotonic() + self.TIMEOUT
+        while True:
+            try:
+                self.sock.connect(path)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, "timed out waiting for mrpcd to accept the connection") from None
+                time.sleep(0.01)
+
     def call(self, op: str, **args: Any) -> dict:
-        self.sock.sendall(cp.encode({"op": op, "id": 1, **args}))
+        try:
+            data = cp.encode({"op": op, "id": 1, **args})
+        except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
+            # e.g. a YAML date in --config, a --position beyond 64 bits: refuse before sending
+            raise ValueError(f"the request cannot be sent: {exc} (use plain numbers, strings, lists and mappings)") from None
+        self.sock.sendall(data)
         while not self.inbox:
             data = self.sock.recv(1 << 16)
             if not data:
@@ -35,6 +80,12 @@ class Control:
         return reply
 
 
+def _printable(text: Any) -> str:
+    """Text for the operator's terminal: app and policy names come from any local user, so
+    control characters (escape sequences, newlines) are shown escaped, never sent raw."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def _print_apps(reply: dict) -> None:
     apps = reply["apps"]
     if not apps:
@@ -42,8 +93,8 @@ def _print_apps(reply: dict) -> None:
         return
     print(f"{'APP':>4}  {'NAME':<20} {'PID':>7}  {'SERVICES':<30} {'LISTENING':<22} ROUTES  ENGINES")
     for a in apps:
-        engines = ",".join(e["name"] for e in a["engines"]) or "-"
-        print(f"{a['app_id']:>4}  {a['name'][:20]:<20} {a['pid']:>7}  {','.join(a['services'])[:30] or '-':<30} "
+        engines = _printable(",".join(e["name"] for e in a["engines"]) or "-")
+        print(f"{a['app_id']:>4}  {_printable(a['name'])[:20]:<20} {a['pid']:>7}  {_printable(','.join(a['services']))[:30] or '-':<30} "
               f"{','.join(a['listening'])[:22] or '-':<22} {len(a['routes']):>6}  {engines}")
 
 
@@ -60,11 +111,29 @@ def _load_config_arg(text: str | None) -> dict | None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"--config is not valid YAML/JSON: {exc}") from None
+    except RecursionError:  # PyYAML composes recursively
+        raise ValueError("--config is nested too deeply") from None
+    _check_string_keys(value)
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ValueError("--config must be a mapping, e.g. '{rate: 100, burst: 10}'")
     return value
+
+
+def _check_string_keys(value: Any) -> None:
+    """The daemon takes only string map keys from clients (and closes the connection on
+    others, with a msgpack message): say which key is wrong before sending."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"--config keys must be strings (quote them): got {k!r}")
+                stack.append(item)
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 def _policy_request(args: argparse.Namespace) -> tuple[str, dict]:
@@ -83,17 +152,28 @@ def _policy_request(args: argparse.Namespace) -> tuple[str, dict]:
 
 def _print_policies(reply: dict) -> None:
     for app in reply["apps"]:
-        print(f"app {app['app_id']} ({app['name']}):")
+        print(f"app {app['app_id']} ({_printable(app['name'])}):")
         if not app["policies"]:
             print("  (no policies)")
         for p in app["policies"]:
             counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
-            print(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}")
+            print(_printable(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}"))
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `mrpcctl stats | head`: the reader left. Stop quietly, and keep Python's exit-time
+        # flush of stdout from raising again (the recipe in the `signal` module's docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.")
-    p.add_argument("--socket", default=None, help="control socket (default: MRPCD_SOCKET or the per-user default)")
+    p.add_argument("--socket", default=None,
+                   help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
     p.add_argument("--json", action="store_true", help="print raw JSON")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ping", help="is the daemon alive; its pid, version, uptime")
@@ -127,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     tu = tsub.add_parser("upgrade", help="hand every open connection to a new transport version, sockets kept")
     tu.add_argument("--module", required=True, help="dotted module or path.py exporting PeerConnection")
     args = p.parse_args(argv)
-    path = args.socket or default_socket_path()
+    path = _socket_path(args.socket)
     try:
         ctl = Control(path)
     except OSError as exc:

@@ -34,6 +34,10 @@ def test_file_overrides_default(tmp_path):
         ("connect_timeout: 0\n", ":1: connect_timeout: must be a number of seconds"),
         ("ring_size: 65536\n  - x: [\n", "not valid YAML"),
         ("- a\n- b\n", ":1: the configuration must be a mapping"),
+        ("admin_group: -5\n", ":1: admin_group: must be a group name, a gid"),
+        ("control_socket: ''\n", ":1: control_socket: must be a socket path or null"),
+        ("metrics: {address: '127.0.0.1:\u00b2'}\n", "must be host:port with port 0..65535"),
+        ("admin_group: 4294967295\n", ":1: admin_group: must be a group name, a gid"),
     ],
 )
 def test_bad_config_refused_with_line_and_reason(tmp_path, text, expected):
@@ -65,3 +69,42 @@ def test_cli_check_and_print_default(tmp_path):
     p.write_text(r.stdout)
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_file_that_is_not_utf8_is_refused_clearly(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("log_level: info  # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as err:
+        load(str(p))
+    assert str(p) in str(err.value)
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not UTF-8" in r.stderr
+
+
+def test_absurdly_deep_nesting_is_refused_clearly(tmp_path):
+    p = tmp_path / "deep.yaml"
+    p.write_text("metrics: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply") as err:
+        load(str(p))
+    assert str(p) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("metrics:\n  address: 127.0.0.1:9464\nlog_level: debug\nmetrics:\n  buckets: [1, 2]\n", ":4: duplicate key 'metrics' (first on line 1)"),
+        ("metrics:\n  address: 127.0.0.1:9464\n  address: null\n", ":3: duplicate key 'address' (first on line 2)"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path, text, expected):
+    p = tmp_path / "dup.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}{expected}" in str(err.value)
+
+
+def test_cli_refuses_an_empty_socket_path(tmp_path):
+    """`mrpcd --socket "$UNSET_VAR"` must not fall back to the default path without a word."""
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", "", "--check-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "command line: control_socket: must be a socket path or null" in r.stderr

@@ -136,3 +136,342 @@ def test_second_daemon_on_same_socket_refuses(daemon_factory, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", d.socket], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "already serving" in r.stderr
     assert d.alive()
+
+
+def test_a_client_that_never_reads_its_replies_does_not_wedge_the_daemon(daemon_factory):
+    """Replies go out without blocking the event loop: one stuck client stalls only itself."""
+    d = daemon_factory()
+    body = msgpack.packb({"op": "ping", "id": 1})
+    frame = struct.pack("<I", len(body)) + body
+    with socket.socket(socket.AF_UNIX) as stuck:
+        stuck.connect(d.socket)
+        stuck.setblocking(False)
+        try:
+            for _ in range(1_000_000):  # until both directions' buffers are full
+                stuck.send(frame)
+        except BlockingIOError:
+            pass
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        assert ctl.call("ping")["pid"] == d.pid
+        ctl.sock.close()
+    assert d.alive()
+
+
+def test_running_out_of_file_descriptors_does_not_stop_accepting(tmp_path):
+    """EMFILE on accept is transient: once clients leave, new ones are served again."""
+    import resource
+    import time
+
+    from conftest import wait_until
+
+    path = str(tmp_path / "few-fds.sock")
+    log = open(tmp_path / "few-fds.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mrpcd.daemon.main", "--socket", path], stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    clients: list[socket.socket] = []
+    try:
+        assert wait_until(lambda: os.path.exists(path), timeout=20)
+        for _ in range(100):  # more than the daemon has descriptors for
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            try:
+                s.connect(path)
+            except OSError:  # the backlog is full too
+                s.close()
+                break
+            clients.append(s)
+        time.sleep(0.5)  # let the daemon hit EMFILE
+        for s in clients:
+            s.close()
+        clients.clear()
+
+        def pings() -> bool:
+            try:
+                ctl = Control(path)
+                ctl.sock.settimeout(2)
+                with ctl.sock:
+                    return ctl.call("ping")["pid"] == proc.pid
+            except OSError:
+                return False
+
+        assert wait_until(pings, timeout=15)
+        assert proc.poll() is None
+        assert "too many open files" in (tmp_path / "few-fds.log").read_text().lower()
+    finally:
+        for s in clients:
+            s.close()
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_a_file_that_is_not_a_socket_at_the_socket_path_is_kept(tmp_path):
+    """Only a stale *socket* is replaced; a regular file there is the operator's mistake to see."""
+    path = tmp_path / "mrpcd.yaml"
+    path.write_text("log_level: debug\n")
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "not a socket" in r.stderr
+    assert path.read_text() == "log_level: debug\n"
+
+
+ODD_DESCRIBE_POLICY = '''
+from mrpcd.policies.base import Policy
+
+
+class OddDescribe(Policy):
+    """describe() returns an integer beyond 64 bits: msgpack cannot pack it."""
+    name = "odd"
+
+    def describe(self):
+        return {**super().describe(), "big": 1 << 70}
+
+
+POLICY = OddDescribe
+'''
+
+SET_DESCRIBE_POLICY = '''
+from mrpcd.policies.base import Policy
+
+
+class SetDescribe(Policy):
+    """describe() holds a set and an object: not msgpack types, but they have a plain form."""
+    name = "sets"
+
+    def describe(self):
+        return {**super().describe(), "tags": {"a", "b"}, "owner": object}
+
+
+POLICY = SetDescribe
+'''
+
+
+def test_a_reply_that_cannot_be_encoded_gets_an_error_and_the_connection_stays(daemon_factory, tmp_path):
+    d = daemon_factory()
+    module = tmp_path / "odd_policy.py"
+    module.write_text(ODD_DESCRIBE_POLICY)
+    app = mrpcd.connect(d.socket, name="odd-app")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        with pytest.raises(cp.ControlError, match="cannot be encoded") as err:
+            ctl.call("policy_attach", app="odd-app", policy=str(module))
+        assert err.value.code == 13
+        with pytest.raises(cp.ControlError, match="cannot be encoded"):
+            ctl.call("policies")
+        assert ctl.call("ping")["pid"] == d.pid  # same connection, still served
+        ctl.sock.close()
+    finally:
+        app.close()
+    assert d.alive()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["policy", "attach", "1", "ratelimit", "--config", "{rate: 10, since: 2001-01-01}"],  # a YAML date
+        ["policy", "attach", "1", "ratelimit", "--position", str(1 << 70)],
+        ["policy", "config", "x", "--config", "rate: " + "[" * 5000 + "]" * 5000],
+        ["policy", "attach", "1", "ratelimit", "--config", "{rate: 10, per_method: {5: {rate: 1}}}"],  # an int key
+    ],
+)
+def test_mrpcctl_request_it_cannot_send_is_a_clear_error(daemon_factory, args):
+    d = daemon_factory()
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("mrpcctl: policy: ")
+    assert d.alive()
+
+
+def test_mrpcctl_waits_for_room_in_a_full_listen_backlog(daemon_factory):
+    """Many clients at once: mrpcctl waits its turn instead of failing with EAGAIN."""
+    import signal
+
+    d = daemon_factory()
+    queued: list[socket.socket] = []
+    d.proc.send_signal(signal.SIGSTOP)  # accepts nothing: the backlog fills
+    try:
+        for _ in range(100_000):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(d.socket)
+            except BlockingIOError:
+                s.close()
+                break
+            queued.append(s)
+        ctl = subprocess.Popen([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "ping"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = ctl.communicate(timeout=3)  # it must still be waiting
+        except subprocess.TimeoutExpired:
+            pass
+        else:
+            pytest.fail(f"mrpcctl gave up on a full backlog: {err}")
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        for s in queued:
+            s.close()
+    out, err = ctl.communicate(timeout=30)
+    assert ctl.returncode == 0 and f"pid {d.pid}" in out, err
+
+
+def test_a_policy_change_over_several_apps_is_all_or_nothing(daemon_factory):
+    """An app selected by name may be several apps: one refusal must leave all of them as they were."""
+    d = daemon_factory()
+    a, b = mrpcd.connect(d.socket, name="twin"), mrpcd.connect(d.socket, name="twin")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+
+    def chains() -> dict[int, list[tuple[str, dict]]]:
+        return {x["app_id"]: [(p["instance"], p["config"]) for p in x["policies"]] for x in ctl.call("policies", app="twin")["apps"]}
+
+    try:
+        ctl.call("policy_attach", app=b.app_id, policy="ratelimit", config={"rate": 5})
+        with pytest.raises(cp.ControlError, match="already has a policy named 'ratelimit'"):
+            ctl.call("policy_attach", app="twin", policy="ratelimit", config={"rate": 10})
+        assert chains() == {a.app_id: [], b.app_id: [("ratelimit", {"rate": 5})]}
+        # detach / config naming both apps, only one of which has the policy
+        for op, args in (("policy_detach", {}), ("policy_config", {"config": {"rate": 7}})):
+            with pytest.raises(cp.ControlError, match="has no policy 'ratelimit'"):
+                ctl.call(op, app="twin", name="ratelimit", **args)
+            assert chains() == {a.app_id: [], b.app_id: [("ratelimit", {"rate": 5})]}
+        # the same instance name, different policies: a config one of them refuses changes neither
+        ctl.call("policy_attach", app=a.app_id, policy="ratelimit", name="chaos", config={"rate": 3})
+        ctl.call("policy_attach", app=b.app_id, policy="fault", name="chaos", config={"abort": {"probability": 0}})
+        with pytest.raises(cp.ControlError, match="fault"):
+            ctl.call("policy_config", name="chaos", config={"rate": 7})
+        assert chains() == {a.app_id: [("chaos", {"rate": 3})], b.app_id: [("ratelimit", {"rate": 5}), ("chaos", {"abort": {"probability": 0}})]}
+        # an upgrade the second app's policy refuses upgrades neither
+        with pytest.raises(cp.ControlError, match="upgrade refused"):
+            ctl.call("policy_upgrade", name="chaos", module="mrpcd.policies.ratelimit")
+        modules = {x["app_id"]: [p["module"] for p in x["policies"]] for x in ctl.call("policies", app="twin")["apps"]}
+        assert modules == {a.app_id: ["ratelimit"], b.app_id: ["ratelimit", "fault"]}
+    finally:
+        ctl.sock.close()
+        a.close()
+        b.close()
+
+
+def test_a_transport_module_that_exits_on_import_is_refused_and_the_daemon_lives(daemon_factory, tmp_path):
+    d = daemon_factory()
+    module = tmp_path / "transport_exits.py"
+    module.write_text("import sys\nsys.exit('no transport here')\n")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    with pytest.raises(cp.ControlError, match="SystemExit: no transport here"):
+        ctl.call("transport_upgrade", module=str(module))
+    assert ctl.call("ping")["pid"] == d.pid
+    ctl.sock.close()
+    assert d.alive()
+
+
+POLICY_EXITS_ON_START = '''
+import sys
+
+from mrpcd.policies.base import Policy
+
+
+class ExitsOnStart(Policy):
+    name = "exits"
+
+    def __init__(self, ctx, config=None):
+        sys.exit("policy gives up")
+
+
+POLICY = ExitsOnStart
+'''
+
+
+def test_a_policy_that_exits_when_it_starts_is_refused_and_the_daemon_lives(daemon_factory, tmp_path):
+    d = daemon_factory()
+    module = tmp_path / "policy_exits.py"
+    module.write_text(POLICY_EXITS_ON_START)
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        with pytest.raises(cp.ControlError, match="SystemExit: policy gives up"):
+            ctl.call("policy_attach", app="target", policy=str(module))
+        assert ctl.call("policies", app="target")["apps"][0]["policies"] == []
+        ctl.sock.close()
+    finally:
+        app.close()
+    assert d.alive()
+
+
+def test_a_policy_describe_with_sets_or_objects_is_shown_as_plain_values(daemon_factory, tmp_path):
+    """attach must not report an error for a policy it attached, and policy list keeps working."""
+    d = daemon_factory()
+    module = tmp_path / "set_policy.py"
+    module.write_text(SET_DESCRIBE_POLICY)
+    app = mrpcd.connect(d.socket, name="set-app")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        attached = ctl.call("policy_attach", app="set-app", policy=str(module))["attached"][0]
+        assert sorted(attached["tags"]) == ["a", "b"] and attached["owner"] == str(object)
+        policies = ctl.call("policies", app="set-app")["apps"][0]["policies"]
+        assert [p["instance"] for p in policies] == ["sets"]
+        ctl.sock.close()
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("selector, fragment", [(True, "app must be an app_id or a name"), ("9" * 5000, "no connected app"),
+                                                ("²", "no connected app")])
+def test_odd_app_selectors_get_a_clear_answer(daemon_factory, selector, fragment):
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="one")
+    try:
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        with pytest.raises(cp.ControlError, match=fragment):
+            ctl.call("policies", app=selector)
+        ctl.sock.close()
+    finally:
+        app.close()
+
+
+def test_mrpcctl_prints_app_names_without_terminal_control_characters(daemon_factory):
+    """App names come from any local user: they must not reach the operator's terminal as escapes."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="evil\x1b]0;owned\x07\x1b[2J\nline")
+    try:
+        for args in (["apps"], ["policy", "list"]):
+            r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            assert "evil" in r.stdout and "\x1b" not in r.stdout and "\x07" not in r.stdout, r.stdout
+            assert not any(line.startswith("line") for line in r.stdout.splitlines())
+    finally:
+        app.close()
+
+
+def test_mrpcctl_into_a_closed_pipe_exits_without_a_traceback(daemon_factory):
+    """`mrpcctl stats | head -1`: the reader leaves early; mrpcctl must just stop."""
+    d = daemon_factory()
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "stats"], stdout=w, stderr=subprocess.PIPE, text=True,
+                           timeout=30)
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr, p.stderr
+    assert p.returncode != 0
+
+
+def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory, tmp_path, monkeypatch, capsys):
+    """After `systemctl enable --now mrpcd` (socket /run/mrpcd/control.sock) a plain `mrpcctl ping` reaches it."""
+    from mrpcd import ctl as ctlmod
+
+    d = daemon_factory()
+    monkeypatch.setattr(ctlmod, "SYSTEM_SOCKET", d.socket)  # stands for /run/mrpcd/control.sock
+    monkeypatch.delenv("MRPCD_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no per-user daemon here
+    assert ctlmod.main(["ping"]) == 0
+    assert f"pid {d.pid}" in capsys.readouterr().out
+    # an explicit choice is kept, even when nothing listens there
+    monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
+    assert ctlmod.main(["ping"]) == 1
+    assert "none.sock" in capsys.readouterr().err

@@ -223,3 +223,16 @@ def test_http_errors_and_live_metrics_address(daemon_factory):
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{addr}/metrics", timeout=5)
     assert Control(d.socket).call("ping")["pid"] == d.pid
+
+
+def test_a_request_with_bare_lf_line_ends_is_answered(daemon_factory):
+    """`printf 'GET /metrics HTTP/1.0\\n\\n' | nc host port` gets the metrics (RFC 9112 2.2 allows bare LF)."""
+    d = daemon_factory("lf", config=METRICS_ON)
+    addr = Control(d.socket).call("stats")["daemon"]["metrics_address"]
+    host, port = addr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\nAccept: */*\n\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"mrpcd_build_info" in data

@@ -203,3 +203,45 @@ def test_notifier_without_systemd_is_a_no_op_and_with_one_sends_one_datagram():
         assert gone.send("READY=1") is False  # logged once, never raised
     finally:
         fake.close()
+
+
+def test_reload_reports_every_changed_key_that_needs_a_restart(daemon_factory):
+    """peers and tls are read when connections are made: a reload cannot change them and must say so."""
+    d = daemon_factory("peers", config='peers: {allow: ["10.0.0.0/8"]}\n')
+    d.proc.send_signal(signal.SIGHUP)  # the same file: nothing to report
+    log = wait_log(d, "applied (nothing changed)")
+    assert "takes a restart" not in log
+    config_path(d).write_text('peers: {allow: ["10.0.0.0/8", "::1"]}\n')
+    d.proc.send_signal(signal.SIGHUP)
+    log = wait_log(d, "peers changed")
+    assert "takes a restart" in log
+    assert Control(d.socket).call("ping")["pid"] == d.pid
+
+
+def test_print_unit_names_this_installation_even_with_another_mrpcd_on_path(tmp_path):
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "mrpcd").write_text("#!/bin/sh\nexit 0\n")
+    (other / "mrpcd").chmod(0o755)
+    env = {**os.environ, "PATH": f"{other}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-unit"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    exe = next(line for line in r.stdout.splitlines() if line.startswith("ExecStart=")).split("=", 1)[1].split()[0]
+    assert exe != str(other / "mrpcd")
+    ours = os.path.join(os.path.dirname(sys.executable), "mrpcd")
+    if os.access(ours, os.X_OK):
+        assert exe == os.path.abspath(ours)
+
+
+def test_text_logs_keep_an_app_supplied_name_on_one_line(daemon_factory):
+    """Any local user names their app: a newline in the name must not forge a daemon log line."""
+    import mrpcd
+
+    d = daemon_factory("inject", config="log_format: text\n")
+    app = mrpcd.connect(d.socket, name="x\n2026-01-01 00:00:00,000 ERROR mrpcd: forged")
+    try:
+        log = wait_log(d, "forged")
+    finally:
+        app.close()
+    assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR") for line in log.splitlines())
+    assert "x\\n2026-01-01" in log

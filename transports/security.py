@@ -59,6 +59,12 @@ class AllowList:
             ip = ip.ipv4_mapped
         return any(ip.version == net.version and ip in net for net in self.networks)
 
+    def __eq__(self, other: object) -> bool:  # a SIGHUP reload compares the old and new config
+        return isinstance(other, AllowList) and self.networks == other.networks
+
+    def __hash__(self) -> int:
+        return hash(self.networks)
+
     def __str__(self) -> str:
         return ", ".join(str(n) for n in self.networks) or "(empty)"
 

@@ -35,16 +35,18 @@ def _power_of_two(v: Any) -> int:
     return v
 
 
-def _optional_str(v: Any) -> str | None:
-    if v is None or isinstance(v, str):
-        return v
-    raise ValueError("must be a string or null")
-
-
 def _group(v: Any) -> str | int | None:
-    if v is None or isinstance(v, (str, int)) and not isinstance(v, bool):
+    # A gid outside gid_t (0 .. 2**32-2; 2**32-1 is "no group") made every admin check
+    # raise OverflowError later, when a non-root operator ran mrpcctl.
+    if v is None or isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 - 1:
         return v
-    raise ValueError("must be a group name, a gid or null")
+    raise ValueError("must be a group name, a gid (0 to 4294967294) or null")
+
+
+def _socket_path(v: Any) -> str | None:
+    if v is None or isinstance(v, str) and v:
+        return v
+    raise ValueError("must be a socket path or null (the default path)")
 
 
 def _choice(*options: str):
@@ -87,7 +89,7 @@ def _metrics(v: Any) -> dict[str, Any]:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError("address must be \"host:port\" (or null to serve no metrics)")
         host, _, port = address.rpartition(":")
-        if not host.strip("[]") or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not host.strip("[]") or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ValueError(f"address {address!r} must be host:port with port 0..65535")
     buckets = v.get("buckets", list(DEFAULT_BUCKETS))
     if not isinstance(buckets, list) or not buckets:
@@ -101,7 +103,7 @@ def _metrics(v: Any) -> dict[str, Any]:
 
 
 VALIDATORS = {
-    "control_socket": _optional_str,
+    "control_socket": _socket_path,
     "admin_group": _group,
     "transport": _choice("tcp", "rdma"),
     "ring_size": _power_of_two,
@@ -153,12 +155,37 @@ def _load_mapping(text: str, source: str) -> tuple[dict, dict[str, int]]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:  # PyYAML composes recursively: thousands of nested [ or { exhaust the stack
+        raise ConfigError(f"{source}: not a usable configuration: nested too deeply") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}:1: the configuration must be a mapping of keys to values")
+    _refuse_duplicate_keys(node, source)
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
     return data, lines
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str) -> None:
+    """A key given twice in one mapping is refused: YAML forbids it, PyYAML keeps the last one,
+    and a second `metrics:` section would silently drop everything the first one set."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:  # an alias: checked once (and no exponential walk through alias chains)
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    line = k.start_mark.line + 1
+                    if k.value in first:
+                        raise ConfigError(f"{source}:{line}: duplicate key {k.value!r} (first on line {first[k.value]})")
+                    first[k.value] = line
+                stack.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
 
 
 def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -172,6 +199,9 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
                 text = f.read()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:  # a SIGHUP with such a file must keep the old config, not raise
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
         data, lines = _load_mapping(text, path)
         for key, value in data.items():
             where = f"{path}:{lines.get(key, '?')}"

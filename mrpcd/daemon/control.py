@@ -9,10 +9,12 @@ a broken frame closes the connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import grp
 import logging
 import os
 import socket
+import stat
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mrpcd.control")
 _CREDS = struct.Struct("3i")
+# accept() errors that pass: out of file descriptors or kernel memory.
+_ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of descriptors
+
+
+def _plain(value: Any) -> Any:
+    """A msgpack-able stand-in for what a policy's describe() may hold: sets as lists, the rest as text."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return str(value)
 
 
 class ControlConnection:
@@ -77,7 +89,7 @@ class ControlConnection:
                     messages = frames.feed(data)
                 except cp.ControlError as exc:
                     log.warning("control client pid %d sent a broken frame: %s", self.pid, exc, extra=self.log_fields())
-                    self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
+                    await self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
                     return
                 for msg in messages:
                     await self._dispatch(msg)
@@ -93,45 +105,77 @@ class ControlConnection:
         op, rid = msg.get("op"), msg.get("id")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
-            self._send({"id": rid, "ok": False, "error": f"unknown control op {op!r}", "code": 12})
+            await self._send({"id": rid, "ok": False, "error": f"unknown control op {op!r}", "code": 12})
             return
         fds: list[int] = []
         try:
             reply = await handler(msg, fds)
         except HandshakeError as exc:
-            self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
+            await self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
             return
         except (PolicyOpError, TransportUpgradeError) as exc:
-            self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
+            await self._send({"id": rid, "ok": False, "error": str(exc), "code": 9})
             return
         except (ValueError, SchemaError, cp.ControlError) as exc:
-            self._send({"id": rid, "ok": False, "error": str(exc), "code": getattr(exc, "code", 3)})
+            await self._send({"id": rid, "ok": False, "error": str(exc), "code": getattr(exc, "code", 3)})
             return
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
             text = str(exc) or type(exc).__name__
-            self._send({"id": rid, "ok": False, "error": text, "code": 14})
+            await self._send({"id": rid, "ok": False, "error": text, "code": 14})
             return
-        except Exception as exc:  # a daemon bug must not take the daemon down
+        except (Exception, SystemExit) as exc:  # a daemon bug (or a policy's sys.exit()) must not take the daemon down
             log.exception("control op %s failed", op, extra=self.log_fields(op=op))
-            self._send({"id": rid, "ok": False, "error": f"internal error: {exc}", "code": 13})
+            await self._send({"id": rid, "ok": False, "error": f"internal error: {exc}", "code": 13})
             return
         reply.setdefault("ok", True)
         reply["id"] = rid
-        self._send(reply, fds)
+        await self._send(reply, fds)
 
-    def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
-        data = cp.encode(message)
+    async def _send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Send one reply without blocking the event loop.
+
+        Why awaited: a client that stops reading its replies fills the socket buffer; a
+        blocking send would then stall the whole daemon (every app's datapath). Awaiting
+        room stalls only this connection, which also stops reading its further requests.
+        """
+        try:
+            try:
+                data = cp.encode(message)
+            except TypeError:  # a policy's describe() holding a set or an object: shown as plain values
+                data = cp.encode(message, default=_plain)
+        except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
+            # e.g. a policy's describe() holding a set: say so, keep the connection
+            log.error("control reply to pid %d cannot be encoded: %s", self.pid, exc, extra=self.log_fields())
+            data, fds = cp.encode({"id": message.get("id"), "ok": False, "code": 13,
+                                   "error": f"internal error: the reply cannot be encoded: {exc}"}), None
+        loop = asyncio.get_running_loop()
         try:
             if fds:
-                socket.send_fds(self.sock, [data], fds)
-            else:
-                self.sock.setblocking(True)
-                try:
-                    self.sock.sendall(data)
-                finally:
-                    self.sock.setblocking(False)
+                data = data[await self._send_fds(data, fds):]
+            if data:
+                await loop.sock_sendall(self.sock, data)
         except OSError as exc:
             log.info("control client pid %d went away: %s", self.pid, exc, extra=self.log_fields())
+
+    async def _send_fds(self, data: bytes, fds: list[int]) -> int:
+        """sendmsg with SCM_RIGHTS, waiting for room; returns the bytes sent (fds go with the first)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return socket.send_fds(self.sock, [data], fds)
+            except BlockingIOError:
+                ready = loop.create_future()
+                fd = self.sock.fileno()
+
+                def writable() -> None:
+                    if not ready.done():
+                        ready.set_result(None)
+
+                loop.add_writer(fd, writable)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(fd)
 
     def _need_session(self) -> "AppSession":
         if self.session is None:
@@ -196,8 +240,11 @@ class ControlConnection:
             if required:
                 raise ValueError("name the app: its app_id or its name (see `mrpcctl apps`)")
             return sessions
-        if isinstance(selector, int) or (isinstance(selector, str) and selector.isdigit()):
-            found = [s for s in sessions if s.app_id == int(selector)]
+        if isinstance(selector, bool):  # JSON true is not app 1
+            raise ValueError("app must be an app_id or a name")
+        if isinstance(selector, int) or (isinstance(selector, str) and selector.isascii() and selector.isdigit()):
+            # compared as text: int() of thousands of digits raises a ValueError about Python's limits
+            found = [s for s in sessions if str(s.app_id) == str(selector).lstrip("0")]
         elif isinstance(selector, str):
             found = [s for s in sessions if s.name == selector]
         else:
@@ -224,9 +271,18 @@ class ControlConnection:
             raise ValueError("policy instance name must be a non-empty string")
         if position is not None and not isinstance(position, int):
             raise ValueError("position must be an integer")
-        out = []
-        for s in self._select_apps(msg.get("app")):
-            out.append({"app_id": s.app_id, **s.policies.attach(msg.get("policy"), config, name, position).describe()})
+        out, done = [], []
+        try:
+            for s in self._select_apps(msg.get("app")):
+                policy = s.policies.attach(msg.get("policy"), config, name, position)
+                done.append((s, policy.instance_name))  # type: ignore[attr-defined]
+                out.append({"app_id": s.app_id, **policy.describe()})
+        except Exception:
+            # all or nothing over the apps of one name: take back what this request attached
+            # (no record has reached it yet: nothing awaited in between)
+            for s, instance in done:
+                s.policies.detach(instance)
+            raise
         return {"attached": out}
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
@@ -241,12 +297,23 @@ class ControlConnection:
         config = self._config_arg(msg)
         if config is None:
             raise ValueError("policy config needs a config mapping")
-        return {"configured": [{"app_id": s.app_id, **s.policies.reconfigure(msg["name"], config).describe()} for s in self._apps_with_policy(msg)]}
+        apps = self._apps_with_policy(msg)
+        for s in apps:  # validated on every app first: a config one of them refuses changes none
+            s.policies.check_config(msg["name"], config)
+        return {"configured": [{"app_id": s.app_id, **s.policies.reconfigure(msg["name"], config).describe()} for s in apps]}
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
         module, config = msg.get("module"), self._config_arg(msg)
-        return {"upgraded": [{"app_id": s.app_id, **s.policies.upgrade(msg["name"], module, config).describe()} for s in self._apps_with_policy(msg)]}
+        prepared = []
+        try:  # every app's new version is built before any is swapped in: all or nothing
+            for s in self._apps_with_policy(msg):
+                prepared.append((s, *s.policies.prepare_upgrade(msg["name"], module, config)))
+        except BaseException:
+            for _, _, new in prepared:
+                new.close(handed_over=True)
+            raise
+        return {"upgraded": [{"app_id": s.app_id, **s.policies.commit_upgrade(old, new).describe()} for s, old, new in prepared]}
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
@@ -257,6 +324,8 @@ class ControlConnection:
             apps = [s for s in apps if any(getattr(e, "instance_name", None) == name for e in s.datapath.engines)]
             if not apps:
                 raise cp.ControlError(f"no app has a policy named {name!r}", 5)
+        for s in apps:  # every app named must have it, before any of them is changed
+            s.policies.find(name)
         return apps
 
     async def op_transport_upgrade(self, msg: dict, fds: list[int]) -> dict:
@@ -273,6 +342,8 @@ async def serve_control(daemon: "Daemon", path: str) -> socket.socket:
     """Listen on `path`; refuses to steal the socket of a daemon that is still alive."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):  # never delete what is not ours to replace
+            raise RuntimeError(f"{path} exists and is not a socket; remove it or choose another control_socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
@@ -291,11 +362,21 @@ async def serve_control(daemon: "Daemon", path: str) -> socket.socket:
     loop = asyncio.get_running_loop()
 
     async def accept_loop() -> None:
+        warned = False
         while True:
             try:
                 client, _ = await loop.sock_accept(sock)
-            except OSError:
-                return
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_TRANSIENT or sock.fileno() < 0:
+                    return  # the listening socket was closed (shutdown)
+                # Out of descriptors or memory: the connection waits in the backlog; try
+                # again once clients leave instead of never accepting anyone again.
+                if not warned:
+                    log.warning("control socket: cannot accept a client: %s; retrying", exc.strerror or exc)
+                    warned = True
+                await asyncio.sleep(_ACCEPT_RETRY)
+                continue
+            warned = False
             client.setblocking(False)
             conn = ControlConnection(daemon, client)
             daemon.spawn(conn.serve())

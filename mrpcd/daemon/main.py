@@ -18,7 +18,7 @@ import sys
 from importlib import resources
 from typing import Any
 
-from .config import LIVE_KEYS, Config, ConfigError, default_text, load
+from .config import LIVE_KEYS, VALIDATORS, Config, ConfigError, default_text, load
 from .daemon import Daemon
 from .metrics import MetricsServer
 from .notify import Notifier
@@ -52,12 +52,18 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: app names and other client-supplied text may hold newlines,
+        # which would otherwise forge log lines in the journal. (Tracebacks follow as before.)
+        line = _one_line(super().formatMessage(record))
         fields = _extra_fields(record)
         if fields:
-            line += " [" + " ".join(f"{k}={v}" for k, v in fields.items()) + "]"
+            line += " [" + " ".join(f"{k}={_one_line(str(v))}" for k, v in fields.items()) + "]"
         return line
+
+
+def _one_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def configure_logging(config: Config, handler: logging.Handler | None = None) -> logging.Handler:
@@ -73,7 +79,10 @@ def configure_logging(config: Config, handler: logging.Handler | None = None) ->
 def unit_text() -> str:
     """The shipped systemd unit, with ExecStart pointing at this installation's `mrpcd`."""
     text = resources.files("mrpcd").joinpath("systemd/mrpcd.service").read_text()
-    exe = shutil.which("mrpcd") or os.path.join(os.path.dirname(sys.executable), "mrpcd")
+    # The script beside this interpreter first: PATH may hold another installation's mrpcd.
+    exe = os.path.join(os.path.dirname(sys.executable), "mrpcd")
+    if not os.access(exe, os.X_OK):
+        exe = shutil.which("mrpcd") or exe
     return text.replace("/usr/bin/mrpcd", os.path.abspath(exe))
 
 
@@ -165,7 +174,7 @@ class Service:
                 log.error("reload refused, the running configuration stays: metrics address %s: %s", new.metrics["address"], exc,
                           extra={"config": source})
                 return False
-        for key in ("control_socket", "transport", "ring_size", "max_record"):
+        for key in (k for k in VALIDATORS if k not in LIVE_KEYS):  # every key read only at start (peers, tls, ...)
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed to %r; that takes a restart, keeping %r", key, getattr(new, key), getattr(old, key),
                             extra={"config": source, "key": key})
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(unit_text())
         return 0
     overrides: dict[str, Any] = {}
-    if args.socket:
+    if args.socket is not None:  # "" is refused by the config check, not taken as "not given"
         overrides["control_socket"] = args.socket
     if args.log_level:
         overrides["log_level"] = args.log_level

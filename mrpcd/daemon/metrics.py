@@ -227,6 +227,25 @@ def stats_snapshot(daemon: "Daemon") -> dict[str, Any]:
 
 
 # -- the HTTP endpoint -------------------------------------------------------------------
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """Request line and headers, up to the empty line; lines may end in CRLF or a bare LF.
+
+    Why not readuntil(CRLF CRLF): RFC 9112 2.2 lets a server accept bare LF, and a request
+    typed by hand (`printf 'GET /metrics HTTP/1.0\\n\\n' | nc`) would otherwise get no answer.
+    ValueError when the head exceeds MAX_REQUEST_HEAD, IncompleteReadError on an early EOF.
+    """
+    head = b""
+    while True:
+        line = await reader.readline()  # ValueError past the reader's limit (MAX_REQUEST_HEAD)
+        if not line.endswith(b"\n"):
+            raise asyncio.IncompleteReadError(line, None)
+        head += line
+        if len(head) > MAX_REQUEST_HEAD:
+            raise ValueError("request head too large")
+        if line in (b"\r\n", b"\n"):
+            return head
+
+
 class MetricsServer:
     """GET /metrics over HTTP/1.x on the daemon's loop; one request per connection."""
 
@@ -262,13 +281,13 @@ class MetricsServer:
                 await self._reply(writer, 503, "Service Unavailable", "too many metrics connections\n")
                 return
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+                head = await asyncio.wait_for(_read_head(reader), REQUEST_TIMEOUT)
             except (asyncio.LimitOverrunError, ValueError):
                 await self._reply(writer, 431, "Request Header Fields Too Large", "request head too large\n")
                 return
             except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
                 return
-            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            parts = head.split(b"\n", 1)[0].rstrip(b"\r").split(b" ")
             if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
                 await self._reply(writer, 400, "Bad Request", "not an HTTP/1.x request line\n")
                 return

@@ -110,7 +110,7 @@ class PolicyHost:
             policy = cls(self.ctx, config or {})
         except PolicyConfigError as exc:
             raise PolicyOpError(str(exc)) from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PolicyOpError(f"policy {spec} failed to start: {type(exc).__name__}: {exc}") from None
         policy.instance_name = instance  # type: ignore[attr-defined]
         policy.module_spec = spec  # type: ignore[attr-defined]
@@ -134,6 +134,13 @@ class PolicyHost:
         log.info("policy %s detached from app %s; %d held records passed on", name, self.session.name, len(held.outbound) + len(held.inbound))
         return {"released_outbound": len(held.outbound), "released_inbound": len(held.inbound)}
 
+    def check_config(self, name: str, config: dict[str, Any]) -> None:
+        """Raise PolicyOpError if policy `name` would refuse `config`; changes nothing."""
+        try:
+            self.find(name).validate_config(config)
+        except PolicyConfigError as exc:
+            raise PolicyOpError(str(exc)) from None
+
     def reconfigure(self, name: str, config: dict[str, Any]) -> Policy:
         policy = self.find(name)
         try:
@@ -144,6 +151,15 @@ class PolicyHost:
         return policy
 
     def upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> Policy:
+        return self.commit_upgrade(*self.prepare_upgrade(name, spec, config))
+
+    def prepare_upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> tuple[Policy, Policy]:
+        """The new version built from the old one's state, not yet in the chain: (old, new).
+
+        Separate from commit_upgrade so an upgrade over several apps can build every new
+        instance before swapping any; one that is not committed is dropped with
+        `new.close(handed_over=True)` (the old instance still holds everything).
+        """
         old = self.find(name)
         cls = _load(spec)
         state = old.export_state()
@@ -152,10 +168,15 @@ class PolicyHost:
             new = cls.from_state(self.ctx, cfg, state)
         except (PolicyStateError, PolicyConfigError) as exc:
             raise PolicyOpError(f"upgrade refused, {name} keeps running: {exc}") from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PolicyOpError(f"upgrade refused, {name} keeps running: {type(exc).__name__}: {exc}") from None
         new.instance_name = name  # type: ignore[attr-defined]
         new.module_spec = spec  # type: ignore[attr-defined]
+        return old, new
+
+    def commit_upgrade(self, old: Policy, new: Policy) -> Policy:
+        """Swap a prepared new version in for `old` (see prepare_upgrade)."""
+        name = old.instance_name  # type: ignore[attr-defined]
         chain = self.chain
         chain[chain.index(old)] = new
         old.close(handed_over=True)
@@ -190,5 +211,5 @@ def _load(spec: Any) -> type[Policy]:
         return load_policy_module(spec)
     except PolicyLoadError as exc:
         raise PolicyOpError(str(exc)) from None
-    except Exception as exc:  # the loader wraps import errors, but never let one escape
+    except (Exception, SystemExit) as exc:  # the loader wraps import errors, but never let one escape
         raise PolicyOpError(f"cannot load policy {spec}: {type(exc).__name__}: {exc}") from None

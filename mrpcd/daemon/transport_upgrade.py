@@ -40,7 +40,7 @@ def load_transport_class(spec: Any) -> type:
             module = importlib.import_module(spec)
     except TransportUpgradeError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() at import must not end the daemon
         raise TransportUpgradeError(f"cannot load transport {spec}: {type(exc).__name__}: {exc}") from None
     cls = getattr(module, "PeerConnection", None)
     if not isinstance(cls, type):
@@ -58,6 +58,6 @@ def migrate(conn: Any, cls: type) -> Any:
     state = conn.hand_over()
     try:
         return cls.adopt(state)
-    except Exception:
+    except (Exception, SystemExit):  # the new code's sys.exit() must not end the daemon
         log.exception("transport %s could not adopt %s; it stays on %s", getattr(cls, "VERSION", "?"), conn.peer, type(conn).VERSION)
         return type(conn).adopt(state)
