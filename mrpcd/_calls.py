@@ -389,6 +389,15 @@ class ServerCallCore:
             self.finished = True
         return flags
 
+    def _unsent(self, flags: int) -> None:
+        """The record `_flags` gave `flags` to never went out (the app's send refused it,
+        e.g. over max_record with its header): undo what `_flags` noted, so the error status
+        that follows still opens and ends the call instead of being skipped as a second END."""
+        if flags & R.F_START:
+            self.initial_sent = False
+        if flags & R.F_END:
+            self.finished = False
+
     def _record(self, flags: int, payload: bytes | None, ctx: "ContextCore", code: StatusCode, details: str) -> wire.RecordParts:
         return wire.response_parts(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
 

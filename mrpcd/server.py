@@ -108,7 +108,12 @@ class _ServerCall(ServerCallCore):
             flags = self._flags(flags)
         if flags & R.F_END:
             self.server._forget(self)
-        self.app.send(self._record(flags, payload, ctx, code, details), self.deadline.remaining() if self.deadline.at else 30.0)
+        try:
+            self.app.send(self._record(flags, payload, ctx, code, details), self.deadline.remaining() if self.deadline.at else 30.0)
+        except BaseException:
+            with self._cond:
+                self._unsent(flags)
+            raise
 
 
 class _Cancelled(Exception):

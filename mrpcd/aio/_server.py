@@ -94,7 +94,11 @@ class _ServerCall(ServerCallCore):
             if self._timer is not None:
                 self._timer.cancel()
             self.server._forget(self)
-        await self.app.send_async(self._record(flags, payload, ctx, code, details))
+        try:
+            await self.app.send_async(self._record(flags, payload, ctx, code, details))
+        except BaseException:
+            self._unsent(flags)
+            raise
 
 
 class ServicerContext(ContextCore):

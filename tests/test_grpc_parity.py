@@ -1,0 +1,171 @@
+"""Where the app library must behave as grpcio does, checked through two real daemons:
+what a caller sees when a message is too big for the ring, when the server stops or the
+channel closes with calls in flight, which callbacks run, and how abandoned or cancelled
+calls end. The server app is behind daemon B, the client app behind daemon A, both in this
+process, on the four-kind Streamer service of tests/protos/streaming.proto."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import pytest
+
+import mrpcd
+import mrpcd.aio
+
+MIB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def sync_pair(streamer, servicer, **server_kw):
+    """(server, stub) with `servicer` served behind daemon B, the stub's app behind A."""
+    a, b, pb = streamer
+    srv_app = mrpcd.connect(b.socket, name="parity-server")
+    cli_app = mrpcd.connect(a.socket, name="parity-client")
+    try:
+        server = mrpcd.server(app=srv_app, **server_kw)
+        pb.add_StreamerServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        yield server, pb.StreamerStub(channel)
+        server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+def run_aio(streamer, servicer, body):
+    """body(server, stub) with an asyncio server behind daemon B and a client behind A."""
+    a, b, pb = streamer
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="parity-aio-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="parity-aio-client")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(servicer, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+            try:
+                return await asyncio.wait_for(body(server, pb.StreamerStub(channel)), 30)
+            finally:
+                await channel.close()
+                await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    return asyncio.run(main())
+
+
+# -- messages bigger than the app's ring ---------------------------------------------------
+
+
+def test_messages_bigger_than_the_ring_fail_with_resource_exhausted_sync(streamer):
+    """The daemon's default max_record (16 MiB) is larger than its default ring (4 MiB): a
+    record that can never fit in the ring must be a RESOURCE_EXHAUSTED status, not a
+    ValueError from the ring (client) nor a response that never comes (server)."""
+    _a, _b, pb = streamer
+    big = b"x" * (5 * MIB)
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=len(request.data))
+
+        def ServerStream(self, request, context):
+            yield pb.Chunk(data=big)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(data=big), timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details().startswith("Sent message larger than max (")
+        # the server's response cannot go into its ring: the client hears why, at once
+        ch = mrpcd.insecure_channel(stub.Unary._channel.target, options=[("grpc.max_receive_message_length", -1)], app=stub.Unary._channel.app)
+        with pytest.raises(mrpcd.RpcError) as info:
+            list(pb.StreamerStub(ch).ServerStream(pb.Chunk(), timeout=20))
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
+        assert info.value.details().startswith("Sent message larger than max (")
+        assert stub.Unary(pb.Chunk(data=b"ok"), timeout=20).total == 2  # nothing else broke
+
+
+def test_messages_bigger_than_the_ring_fail_with_resource_exhausted_aio(streamer):
+    _a, _b, pb = streamer
+    big = b"x" * (5 * MIB)
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=len(request.data))
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(data=big)
+
+    async def body(server, stub):
+        with pytest.raises(mrpcd.RpcError) as info:
+            await stub.Unary(pb.Chunk(data=big), timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+        ch = stub.Unary._channel
+        unlimited = mrpcd.aio.insecure_channel(ch.target, options=[("grpc.max_receive_message_length", -1)], app=ch.app)
+        with pytest.raises(mrpcd.RpcError) as info:
+            [c async for c in pb.StreamerStub(unlimited).ServerStream(pb.Chunk(), timeout=20)]
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
+        assert (await stub.Unary(pb.Chunk(data=b"ok"), timeout=20)).total == 2
+
+    run_aio(streamer, Servicer(), body)
+
+
+def test_a_response_record_over_the_limit_by_its_header_still_gets_a_status(streamer):
+    """A response whose message is under the send limit but whose record (header and
+    metadata added) is over the app's max_record never goes into the ring: the call must
+    still end, with RESOURCE_EXHAUSTED, for unary and streamed responses, sync and aio."""
+    _a, _b, pb = streamer
+
+    def near_limit(context):
+        return pb.Chunk(data=b"x" * (context.app_max - 20))  # message < max_record < record
+
+    class Sync(pb.StreamerServicer):
+        def import_(self, request, context):
+            context.app_max = server.app.max_record
+            return near_limit(context)
+
+        def ServerStream(self, request, context):
+            context.app_max = server.app.max_record
+            yield near_limit(context)
+
+    with sync_pair(streamer, Sync()) as (server, stub):
+        ch = stub.Unary._channel
+        big_stub = pb.StreamerStub(mrpcd.insecure_channel(ch.target, options=[("grpc.max_receive_message_length", -1)], app=ch.app))
+        with pytest.raises(mrpcd.RpcError) as info:
+            big_stub.import_(pb.Chunk(), timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
+        with pytest.raises(mrpcd.RpcError) as info:
+            list(big_stub.ServerStream(pb.Chunk(), timeout=20))
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
+
+    class Aio(pb.StreamerServicer):
+        async def import_(self, request, context):
+            context.app_max = aio_server[0].app.max_record
+            return near_limit(context)
+
+        async def ServerStream(self, request, context):
+            context.app_max = aio_server[0].app.max_record
+            yield near_limit(context)
+
+    aio_server: list = []
+
+    async def body(server, stub):
+        aio_server.append(server)
+        ch = stub.Unary._channel
+        big_stub = pb.StreamerStub(mrpcd.aio.insecure_channel(ch.target, options=[("grpc.max_receive_message_length", -1)], app=ch.app))
+        with pytest.raises(mrpcd.RpcError) as info:
+            await big_stub.import_(pb.Chunk(), timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
+        with pytest.raises(mrpcd.RpcError) as info:
+            [c async for c in big_stub.ServerStream(pb.Chunk(), timeout=20)]
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
+
+    run_aio(streamer, Aio(), body)
