@@ -403,7 +403,16 @@ class ServerCallCore:
 
     def _expired_record(self) -> bytes:
         """DEADLINE_EXCEEDED from the server itself (the client may not have noticed yet)."""
-        return wire.response_record(self.handle, self.call_id, R.F_END | (0 if self.initial_sent else R.F_START), None, code=StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+        return self._end_record(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def _end_record(self, code: StatusCode, details: str) -> bytes:
+        """A status from the server library itself, ending a call its handler never ended
+        (deadline passed, server stopped)."""
+        return wire.response_record(self.handle, self.call_id, R.F_END | (0 if self.initial_sent else R.F_START), None, code=code, details=details)
+
+
+# What the client of a call still running when its server stops gets (grpc: UNAVAILABLE).
+SERVER_STOPPED = (StatusCode.UNAVAILABLE, "Cancelling all calls: the server stopped")
 
 
 class ContextCore:

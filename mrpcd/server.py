@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 from . import flow, wire
-from ._calls import ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, parts_serializer
+from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, parts_serializer
 from .app import App, default_app
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
@@ -55,8 +55,9 @@ class _ServerCall(ServerCallCore):
             if self._credit.grant(n):
                 self._cond.notify_all()
 
-    def cancel(self, expired: bool = False) -> None:
-        """The call is over for the handler: client cancel, lost peer, or deadline."""
+    def cancel(self, expired: bool = False, status: "tuple[StatusCode, str] | None" = None) -> None:
+        """The call is over for the handler: client cancel, lost peer, deadline, or the
+        server stopping (`status`: what the client is told, since it is still there)."""
         with self._cond:
             if self.cancelled or self.finished:
                 return
@@ -64,9 +65,18 @@ class _ServerCall(ServerCallCore):
             self.expired = expired
             callbacks, self._callbacks = self._callbacks, []
             self._cond.notify_all()
+            if expired:  # the client may not have noticed yet (clock skew, lost CANCEL): tell it
+                status = (StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            record = None if status is None else self._end_record(*status)
         self.server._forget(self)
-        if expired:  # the client may not have noticed yet (clock skew, lost CANCEL): tell it
-            self.app.try_send(self._expired_record())
+        if record is not None:
+            if expired:  # the deadline thread never waits for ring room
+                self.app.try_send(record)
+            else:
+                try:
+                    self.app.send(record, 1.0)
+                except RpcError:
+                    pass  # the app's link to the daemon is gone: the client hears of it there
         for cb in callbacks:
             try:
                 cb()
@@ -480,7 +490,7 @@ class Server(ServerCore):
                 self._idle.wait_for(lambda: not self._calls, grace)
             calls = list(self._calls.values())
         for call in calls:
-            call.cancel()
+            call.cancel(status=SERVER_STOPPED)  # the clients are still there: tell them, as grpc does
         self._deadlines.close()
         done = threading.Event()
         done.set()

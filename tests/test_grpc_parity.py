@@ -169,3 +169,78 @@ def test_a_response_record_over_the_limit_by_its_header_still_gets_a_status(stre
         assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
 
     run_aio(streamer, Aio(), body)
+
+
+# -- server stop with calls in flight --------------------------------------------------------
+
+
+def _until_inactive(context, seconds):
+    end = time.monotonic() + seconds
+    while context.is_active() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def test_server_stop_ends_calls_in_flight_with_unavailable_sync(streamer):
+    """grpc's stop(grace): calls still running when the grace ends are cancelled and their
+    clients get UNAVAILABLE at once; they must not wait for their deadline."""
+    _a, _b, pb = streamer
+    started = threading.Semaphore(0)
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            started.release()
+            _until_inactive(context, request.seq)
+            return pb.Summary(total=request.seq)
+
+        def ServerStream(self, request, context):
+            yield pb.Chunk(seq=0)
+            started.release()
+            _until_inactive(context, 15)
+            yield pb.Chunk(seq=1)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        quick = stub.Unary.future(pb.Chunk(seq=0), timeout=20)  # ends within the grace
+        assert quick.result(timeout=20).total == 0
+        slow = stub.Unary.future(pb.Chunk(seq=15), timeout=20)
+        stream = stub.ServerStream(pb.Chunk(), timeout=20)
+        assert next(stream).seq == 0
+        assert started.acquire(timeout=10) and started.acquire(timeout=10) and started.acquire(timeout=10)
+        server.stop(0.2)
+        with pytest.raises(mrpcd.RpcError) as info:
+            slow.result(timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE, info.value
+        with pytest.raises(mrpcd.RpcError) as info:
+            next(stream)
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE, info.value
+        with pytest.raises(mrpcd.RpcError) as info:  # and a new call is refused
+            stub.Unary(pb.Chunk(seq=0), timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+
+
+def test_server_stop_ends_calls_in_flight_with_unavailable_aio(streamer):
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            await asyncio.sleep(request.seq)
+            return pb.Summary(total=request.seq)
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(seq=0)
+            await asyncio.sleep(15)
+            yield pb.Chunk(seq=1)
+
+    async def body(server, stub):
+        slow = stub.Unary(pb.Chunk(seq=15), timeout=20)
+        stream = stub.ServerStream(pb.Chunk(), timeout=20)
+        assert (await stream.read()).seq == 0
+        await asyncio.sleep(0.2)
+        await server.stop(0.2)
+        with pytest.raises(mrpcd.RpcError) as info:
+            await slow
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE, info.value
+        with pytest.raises(mrpcd.RpcError) as info:
+            await stream.read()
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE, info.value
+
+    run_aio(streamer, Servicer(), body)

@@ -12,7 +12,7 @@ import inspect
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import flow, wire
-from .._calls import ContextCore, ServerCallCore, ServerCore, failure_status
+from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, failure_status
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
 from ..status import StatusCode
@@ -43,9 +43,13 @@ class _ServerCall(ServerCallCore):
         self.app.send_nowait(self._expired_record())
         self.cancel()
 
-    def cancel(self) -> None:
+    def cancel(self, status: "tuple[StatusCode, str] | None" = None) -> None:
+        """The call is over for the handler; `status`: what the client is told (the server
+        stopping), None when it knows already (it cancelled) or is gone."""
         if self.cancelled or self.finished:
             return
+        if status is not None:
+            self.app.send_nowait(self._end_record(*status))
         self.cancelled = True
         if self._timer is not None:
             self._timer.cancel()
@@ -210,7 +214,7 @@ class Server(ServerCore):
             while self._calls and self.app.loop.time() < end:
                 await asyncio.sleep(0.01)
         for call in list(self._calls.values()):
-            call.cancel()
+            call.cancel(SERVER_STOPPED)  # the clients are still there: tell them, as grpc does
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         try:
