@@ -425,12 +425,23 @@ class Channel(ChannelCore):
             self._handle = None
 
     def close(self) -> None:
+        """Close the connection; the channel's calls in flight end with CANCELLED at once
+        (grpc's 'Channel closed!'; their servers see the connection close)."""
         with self._lock:
             self._closed = True
             handle, self._handle = self._handle, None
-        if handle is not None and not self.app.closed:
+        if handle is None:
+            return
+        app = self.app
+        listeners = app.handle_listeners.get(handle)
+        if listeners is not None and self._on_lost in listeners:
+            listeners.remove(self._on_lost)
+        for key, sink in list(app.calls.items()):
+            if key[0] == handle:
+                sink.lost(StatusCode.CANCELLED, "Channel closed!")
+        if not app.closed:
             try:
-                self.app.call("close", handle=handle)
+                app.call("close", handle=handle)
             except RpcError:
                 pass
 

@@ -244,3 +244,82 @@ def test_server_stop_ends_calls_in_flight_with_unavailable_aio(streamer):
         assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE, info.value
 
     run_aio(streamer, Servicer(), body)
+
+
+# -- channel close with calls in flight ------------------------------------------------------
+
+
+def test_channel_close_cancels_calls_in_flight_sync(streamer):
+    """grpc: closing a channel ends its calls in flight with CANCELLED ('Channel closed!')
+    at once, and the servers see the cancellation; the calls must not wait for a deadline."""
+    _a, _b, pb = streamer
+    ended = threading.Semaphore(0)
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            context.add_callback(ended.release)
+            _until_inactive(context, 15)
+            return pb.Summary()
+
+        def ServerStream(self, request, context):
+            context.add_callback(ended.release)
+            yield pb.Chunk(seq=0)
+            _until_inactive(context, 15)
+            yield pb.Chunk(seq=1)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        ch = stub.Unary._channel
+        other = pb.StreamerStub(mrpcd.insecure_channel(ch.target, app=ch.app))
+        fut = stub.Unary.future(pb.Chunk(), timeout=20)
+        stream = stub.ServerStream(pb.Chunk(), timeout=20)
+        assert next(stream).seq == 0
+        bystander = other.ServerStream(pb.Chunk(), timeout=20)  # another channel's call goes on
+        assert next(bystander).seq == 0
+        ch.close()
+        with pytest.raises(mrpcd.RpcError) as info:
+            fut.result(timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED and info.value.details() == "Channel closed!"
+        with pytest.raises(mrpcd.RpcError) as info:
+            next(stream)
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED
+        assert ended.acquire(timeout=10) and ended.acquire(timeout=10)  # the server saw both end
+        assert bystander.is_active()
+        bystander.cancel()
+        with pytest.raises(mrpcd.RpcError):
+            stub.Unary(pb.Chunk(), timeout=20)  # a closed channel takes no new calls
+
+
+def test_channel_close_cancels_calls_in_flight_aio(streamer):
+    """grpc.aio: awaiting a call whose channel was closed raises CancelledError at once."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            await asyncio.sleep(15)
+            return pb.Summary()
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(seq=0)
+            await asyncio.sleep(15)
+            yield pb.Chunk(seq=1)
+
+    async def body(server, stub):
+        ch = stub.Unary._channel
+        unary = stub.Unary(pb.Chunk(), timeout=20)
+        stream = stub.ServerStream(pb.Chunk(), timeout=20)
+        assert (await stream.read()).seq == 0
+        await ch.close()
+        with pytest.raises(asyncio.CancelledError):
+            await unary
+        assert await unary.code() is mrpcd.StatusCode.CANCELLED
+        with pytest.raises(asyncio.CancelledError):
+            await stream.read()
+        with pytest.raises(mrpcd.RpcError):
+            await stub.Unary(pb.Chunk(), timeout=20)  # a closed channel takes no new calls
+        for _ in range(200):  # the server saw both calls end
+            if not server._calls:
+                break
+            await asyncio.sleep(0.05)
+        assert not server._calls
+
+    run_aio(streamer, Servicer(), body)

@@ -488,6 +488,7 @@ class Channel(ChannelCore):
         self._interceptors = check_client_interceptors(interceptors)
         self._handle: int | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     def _intercept(self, kind: str, invoke: Callable[[ClientCallDetails, Any], Any], details: ClientCallDetails, request: Any) -> Any:
         if not self._interceptors:
@@ -500,6 +501,8 @@ class Channel(ChannelCore):
         if self._handle is not None:
             return self._handle
         async with self._lock:
+            if self._closed:
+                raise AioRpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
                 try:
                     reply = await self.app.call_async("connect", target=self.target)
@@ -513,10 +516,29 @@ class Channel(ChannelCore):
         self._handle = None
 
     async def close(self, grace: float | None = None) -> None:
+        """Close the channel (grpc.aio): calls still in flight after `grace` seconds are
+        cancelled (awaiting them raises CancelledError; their servers see the connection
+        close), and the channel takes no new calls."""
+        self._closed = True
+        app = self.app
+        handle = self._handle
+        if handle is not None and grace:
+            end = app.loop.time() + grace
+            while any(key[0] == handle for key in app.calls) and app.loop.time() < end:
+                await asyncio.sleep(0.01)
         handle, self._handle = self._handle, None
-        if handle is not None and not self.app.closed:
+        if handle is None:
+            return
+        listeners = app.handle_listeners.get(handle)
+        if listeners is not None and self._on_lost in listeners:
+            listeners.remove(self._on_lost)
+        for key, sink in list(app.calls.items()):
+            if key[0] == handle:
+                sink.cancelled_locally = True  # grpc.aio: as if the application cancelled it
+                sink.lost(StatusCode.CANCELLED, "Channel closed!")
+        if not app.closed:
             try:
-                await self.app.call_async("close", handle=handle)
+                await app.call_async("close", handle=handle)
             except RpcError:
                 pass
 
