@@ -83,6 +83,17 @@ class _ServerCall(ServerCallCore):
             except Exception:
                 pass
 
+    def run_end_callbacks(self) -> None:
+        """The handler is done (the call answered or failed): run the callbacks a cancel
+        has not run already (grpc's add_callback: 'called on RPC termination')."""
+        with self._cond:
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("server call callback failed")
+
     def next_request(self) -> Any:
         with self._cond:
             while not self._messages and not self._half_closed and not self.cancelled:
@@ -134,7 +145,8 @@ class ServicerContext(ContextCore):
     """What a handler sees of its call; method names and meaning follow grpc.ServicerContext."""
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        """Run `callback` when the call is cancelled or expires; False if it already ended."""
+        """Run `callback` when the call ends (answered, failed, cancelled or expired), as
+        grpc does; False if it already ended."""
         call = self._call
         with call._cond:
             if call.cancelled or call.finished:
@@ -481,6 +493,8 @@ class Server(ServerCore):
             if not call.finished and not call.cancelled:
                 call.finished = True
                 self._forget(call)
+            if call._callbacks:  # grpc runs them on termination, not only on cancellation
+                call.run_end_callbacks()
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stop taking calls; running ones get `grace` seconds, then are cancelled."""

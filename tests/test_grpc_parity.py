@@ -323,3 +323,72 @@ def test_channel_close_cancels_calls_in_flight_aio(streamer):
         assert not server._calls
 
     run_aio(streamer, Servicer(), body)
+
+
+# -- server-side callbacks ------------------------------------------------------------------
+
+
+def test_server_callbacks_run_when_the_call_ends_whatever_the_outcome_sync(streamer):
+    """grpc's context.add_callback: 'called on RPC termination', not only on cancellation
+    (code that releases a resource there would leak on every successful call)."""
+    _a, _b, pb = streamer
+    ran: list = []
+    done = threading.Semaphore(0)
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            assert context.add_callback(lambda: (ran.append(("unary", request.seq)), done.release()))
+            if request.seq == 1:
+                raise ValueError("boom")
+            if request.seq == 2:
+                context.abort(mrpcd.StatusCode.NOT_FOUND, "nope")
+            return pb.Summary(total=request.seq)
+
+        def ServerStream(self, request, context):
+            context.add_callback(lambda: (ran.append(("stream", request.seq)), done.release()))
+            yield pb.Chunk(seq=1)
+
+        def ClientStream(self, request_iterator, context):
+            context.add_callback(lambda: (ran.append(("client-stream", 0)), done.release()))
+            return pb.Summary(total=sum(c.seq for c in request_iterator))
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        assert stub.Unary(pb.Chunk(seq=0), timeout=20).total == 0
+        for seq in (1, 2):
+            with pytest.raises(mrpcd.RpcError):
+                stub.Unary(pb.Chunk(seq=seq), timeout=20)
+        assert [c.seq for c in stub.ServerStream(pb.Chunk(seq=5), timeout=20)] == [1]
+        assert stub.ClientStream(iter([pb.Chunk(seq=3)]), timeout=20).total == 3
+        for _ in range(5):
+            assert done.acquire(timeout=10), ran
+        assert sorted(ran) == [("client-stream", 0), ("stream", 5), ("unary", 0), ("unary", 1), ("unary", 2)]
+
+
+def test_server_done_callbacks_run_when_the_call_ends_whatever_the_outcome_aio(streamer):
+    """grpc.aio's context.add_done_callback runs on termination, given the context."""
+    _a, _b, pb = streamer
+    ran: list = []
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            context.add_done_callback(lambda ctx: ran.append(("unary", request.seq, ctx is context)))
+            if request.seq == 1:
+                raise ValueError("boom")
+            return pb.Summary(total=request.seq)
+
+        async def ServerStream(self, request, context):
+            context.add_done_callback(lambda ctx: ran.append(("stream", request.seq, ctx is context)))
+            yield pb.Chunk(seq=1)
+
+    async def body(server, stub):
+        assert (await stub.Unary(pb.Chunk(seq=0), timeout=20)).total == 0
+        with pytest.raises(mrpcd.RpcError):
+            await stub.Unary(pb.Chunk(seq=1), timeout=20)
+        assert [c.seq async for c in stub.ServerStream(pb.Chunk(seq=5), timeout=20)] == [1]
+        for _ in range(100):
+            if len(ran) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(ran) == [("stream", 5, True), ("unary", 0, True), ("unary", 1, True)]
+
+    run_aio(streamer, Servicer(), body)

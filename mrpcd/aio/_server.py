@@ -206,6 +206,14 @@ class Server(ServerCore):
             if not call.finished and not call.cancelled:
                 call.finished = True
                 self._forget(call)
+            if call.callbacks and not call.cancelled:  # (a cancel ran them already)
+                # grpc.aio runs done callbacks on termination, not only on cancellation
+                callbacks, call.callbacks = call.callbacks, []
+                for cb in callbacks:
+                    try:
+                        cb(ctx)
+                    except Exception:
+                        pass
 
     async def stop(self, grace: float | None) -> None:
         self._stopped.set()
