@@ -190,6 +190,17 @@ class _Rendezvous(RpcError):
         self._have_response = False
         self._lock = threading.Lock()
 
+    def __del__(self) -> None:
+        """Dropped while running (a response iterator left midway, a future nobody keeps):
+        cancel the call, as grpc does, or the server would go on for nobody (a stream
+        without a deadline: for ever) and the call would stay in the app's table."""
+        call = getattr(self, "_call", None)
+        if call is not None and not call.done:
+            try:
+                call.cancel(StatusCode.CANCELLED, "Cancelled upon garbage collection!")
+            except Exception:
+                pass  # interpreter shutdown, app closed: nothing is left to tell
+
     # grpc.Call
     def code(self) -> StatusCode:
         self._call.wait_done()

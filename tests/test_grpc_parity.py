@@ -392,3 +392,63 @@ def test_server_done_callbacks_run_when_the_call_ends_whatever_the_outcome_aio(s
         assert sorted(ran) == [("stream", 5, True), ("unary", 0, True), ("unary", 1, True)]
 
     run_aio(streamer, Servicer(), body)
+
+
+# -- calls the application dropped -----------------------------------------------------------
+
+
+def test_an_abandoned_response_stream_is_cancelled_sync(streamer):
+    """grpc cancels a call whose rendezvous is garbage collected while it runs: a response
+    iterator left midway (break out of the loop, no deadline) must not keep the server's
+    handler streaming, nor the call registered in the client app, forever."""
+    import gc
+
+    _a, _b, pb = streamer
+    ended = threading.Event()
+
+    class Servicer(pb.StreamerServicer):
+        def ServerStream(self, request, context):
+            context.add_callback(ended.set)
+            for i in range(100_000):
+                if not context.is_active():
+                    return
+                yield pb.Chunk(seq=i)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        app = stub.ServerStream._channel.app
+
+        def read_a_few():
+            for chunk in stub.ServerStream(pb.Chunk()):
+                if chunk.seq == 3:
+                    break
+
+        read_a_few()
+        gc.collect()
+        assert ended.wait(10)
+        assert not [k for k in app.calls if k[0] == stub.ServerStream._channel._handle]
+
+
+def test_an_abandoned_response_stream_is_cancelled_aio(streamer):
+    import gc
+
+    _a, _b, pb = streamer
+    ended = asyncio.Event()
+
+    class Servicer(pb.StreamerServicer):
+        async def ServerStream(self, request, context):
+            context.add_done_callback(lambda ctx: ended.set())
+            for i in range(100_000):
+                yield pb.Chunk(seq=i)
+
+    async def body(server, stub):
+        async def read_a_few():
+            call = stub.ServerStream(pb.Chunk())
+            async for chunk in call:
+                if chunk.seq == 3:
+                    break
+
+        await read_a_few()
+        gc.collect()
+        await asyncio.wait_for(ended.wait(), 10)
+
+    run_aio(streamer, Servicer(), body)

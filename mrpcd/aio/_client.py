@@ -134,6 +134,16 @@ class _Call:
         self._cancel_requested = False
         self._start_task = loop.create_task(self._start(starter)) if state is None else None
 
+    def __del__(self) -> None:
+        """Dropped while running (a response stream left midway, a call never awaited):
+        cancel it, as grpc.aio does, or the server would go on for nobody."""
+        state = getattr(self, "_state", None)
+        if state is not None and not state.done:
+            try:
+                state.cancel(StatusCode.CANCELLED, "Cancelled upon garbage collection!")
+            except Exception:
+                pass  # the loop or the app is gone: nothing is left to tell
+
     async def _start(self, starter) -> _CallState:
         state = await starter
         self._state = state
