@@ -8,9 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .status import AbortError, RpcError, StatusCode  # noqa: E402
+from .status import AbortError, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode  # noqa: E402
 
-__all__ = ["__version__", "AbortError", "RpcError", "StatusCode"]
+__all__ = ["__version__", "AbortError", "FutureCancelledError", "FutureTimeoutError", "RpcError", "StatusCode"]
 
 from .app import App, connect, default_app  # noqa: E402
 from .channel import Channel, insecure_channel  # noqa: E402

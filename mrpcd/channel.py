@@ -19,7 +19,7 @@ from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, connect_error
 from .app import App, default_app
 from .marshal import records as R
-from .status import RpcError, StatusCode
+from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -259,6 +259,8 @@ class _Rendezvous(RpcError):
 
     def result(self, timeout: float | None = None) -> Any:
         self._wait_future(timeout)
+        if self._call.cancelled_locally:
+            raise FutureCancelledError()
         self._collect()
         if self._call.code is not StatusCode.OK:
             raise self._as_error()
@@ -266,6 +268,8 @@ class _Rendezvous(RpcError):
 
     def exception(self, timeout: float | None = None) -> RpcError | None:
         self._wait_future(timeout)
+        if self._call.cancelled_locally:
+            raise FutureCancelledError()
         self._collect()
         return None if self._call.code is StatusCode.OK else self._as_error()
 
@@ -274,9 +278,7 @@ class _Rendezvous(RpcError):
 
     def _wait_future(self, timeout: float | None) -> None:
         if not self._call.wait_done(timeout):
-            from concurrent.futures import TimeoutError as FutureTimeout
-
-            raise FutureTimeout()
+            raise FutureTimeoutError()
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
         if not self._call.add_callback(lambda: fn(self)):

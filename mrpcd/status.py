@@ -1,6 +1,7 @@
 """gRPC's status codes and the errors an RPC raises, so code written for grpcio ports as is."""
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 from typing import Sequence
 
@@ -75,3 +76,11 @@ class RpcError(Exception):
 
 class AbortError(Exception):
     """Raised inside a handler by context.abort(); the server turns it into the status."""
+
+
+class FutureTimeoutError(concurrent.futures.TimeoutError):
+    """grpc.FutureTimeoutError: a call future's result()/exception() ran out of `timeout`."""
+
+
+class FutureCancelledError(concurrent.futures.CancelledError):
+    """grpc.FutureCancelledError: result()/exception() of a call future that was cancelled."""

@@ -452,3 +452,35 @@ def test_an_abandoned_response_stream_is_cancelled_aio(streamer):
         await asyncio.wait_for(ended.wait(), 10)
 
     run_aio(streamer, Servicer(), body)
+
+
+# -- the Future surface ------------------------------------------------------------------------
+
+
+def test_a_cancelled_future_raises_future_cancelled_error_and_a_timeout_future_timeout_error(streamer):
+    """grpc.Future: result()/exception() of a cancelled future raise FutureCancelledError,
+    a result(timeout) that runs out raises FutureTimeoutError; both names exist as in grpc
+    (and stay concurrent.futures' CancelledError / TimeoutError)."""
+    import concurrent.futures
+
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            _until_inactive(context, request.seq)
+            return pb.Summary(total=request.seq)
+
+    assert issubclass(mrpcd.FutureCancelledError, concurrent.futures.CancelledError)
+    assert issubclass(mrpcd.FutureTimeoutError, concurrent.futures.TimeoutError)
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        fut = stub.Unary.future(pb.Chunk(seq=15), timeout=20)
+        with pytest.raises(mrpcd.FutureTimeoutError):
+            fut.result(timeout=0.05)
+        assert fut.cancel() and fut.cancelled() and fut.done()
+        with pytest.raises(mrpcd.FutureCancelledError):
+            fut.result()
+        with pytest.raises(mrpcd.FutureCancelledError):
+            fut.exception()
+        assert fut.code() is mrpcd.StatusCode.CANCELLED
+        fut = stub.Unary.future(pb.Chunk(seq=0), timeout=20)
+        assert fut.result().total == 0 and fut.exception() is None and not fut.cancel()
