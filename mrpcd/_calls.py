@@ -255,11 +255,14 @@ class MultiCallableCore:
             raise wire.too_large("Sent", len(payload), limit)
         return payload
 
-    def _prepare(self, first: Any, timeout: float | None, metadata) -> tuple[list, bytes | None, int, wire.Deadline | None]:
+    def _prepare(self, first: Any, timeout: float | None, metadata, unary: bool = True) -> tuple[list, bytes | None, int, wire.Deadline | None]:
         """(metadata pairs, first payload or None, wire deadline, local Deadline or None);
-        raises on bad metadata or an oversized message before the call exists."""
+        raises on bad metadata or an oversized message before the call exists. `unary`:
+        `first` is the call's one request, encoded even when it is None (the encoder's
+        error, as for any wrong request; a call with no message would fail at the server
+        as an empty 'Exception calling application'); else the request stream comes later."""
         meta = wire.check_metadata(metadata)
-        payload = self._payload(first) if first is not None else None
+        payload = self._payload(first) if unary else None
         dl = wire.deadline_us(timeout)
         return meta, payload, dl, (wire.Deadline(dl) if timeout is not None else None)
 

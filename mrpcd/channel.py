@@ -318,7 +318,7 @@ class _MultiCallable(MultiCallableCore):
 
     def _start(self, first: Any, end: bool, timeout: float | None, metadata) -> _ClientCall:
         app = self._channel.app
-        meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
+        meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         handle = self._channel._ensure_handle()
         call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         try:

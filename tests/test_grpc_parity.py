@@ -484,3 +484,38 @@ def test_a_cancelled_future_raises_future_cancelled_error_and_a_timeout_future_t
         assert fut.code() is mrpcd.StatusCode.CANCELLED
         fut = stub.Unary.future(pb.Chunk(seq=0), timeout=20)
         assert fut.result().total == 0 and fut.exception() is None and not fut.cancel()
+
+
+def test_a_unary_call_with_no_request_fails_at_the_caller(streamer):
+    """stub.M(None) is an encoding error at the caller (grpc: 'Exception serializing
+    request!'), not a call without a message that the server fails with an empty
+    'Exception calling application: '."""
+    _a, _b, pb = streamer
+    handled: list = []
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            handled.append(request)
+            return pb.Summary()
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        for call in (lambda: stub.Unary(None, timeout=20), lambda: stub.Unary.future(None, timeout=20).result(),
+                     lambda: list(stub.ServerStream(None, timeout=20))):
+            with pytest.raises(Exception) as info:
+                call()
+            assert "Exception calling application" not in str(info.value)
+            assert "NoneType" in str(info.value), info.value
+        assert stub.Unary(pb.Chunk(), timeout=20) is not None and len(handled) == 1
+
+    class Aio(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            handled.append(request)
+            return pb.Summary()
+
+    async def body(server, stub):
+        with pytest.raises(Exception) as info:
+            await stub.Unary(None, timeout=20)
+        assert "NoneType" in str(info.value), info.value
+        assert await stub.Unary(pb.Chunk(), timeout=20) is not None and len(handled) == 2
+
+    run_aio(streamer, Aio(), body)

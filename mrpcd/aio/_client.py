@@ -405,7 +405,7 @@ class _AioMultiCallable(MultiCallableCore):
         for schema in self._schemas:
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
-        meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
+        meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         handle = await ch._ensure_handle()
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
         try:
