@@ -519,3 +519,32 @@ def test_a_unary_call_with_no_request_fails_at_the_caller(streamer):
         assert await stub.Unary(pb.Chunk(), timeout=20) is not None and len(handled) == 2
 
     run_aio(streamer, Aio(), body)
+
+
+def test_aio_call_that_cannot_start_is_a_failed_call_with_aio_rpc_error(streamer):
+    """grpc.aio: a call to an address nobody serves fails with AioRpcError (UNAVAILABLE),
+    and its code() / details() answer; code written as 'except grpc.aio.AioRpcError' must
+    catch it."""
+    a, _b, pb = streamer
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="parity-nowhere")
+        try:
+            stub = pb.StreamerStub(mrpcd.aio.insecure_channel("127.0.0.1:1", app=app))
+            call = stub.Unary(pb.Chunk(), timeout=20)
+            with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                await call
+            assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+            assert await call.code() is mrpcd.StatusCode.UNAVAILABLE
+            assert "127.0.0.1:1" in await call.details()
+            assert await call.trailing_metadata() == ()
+            stream = stub.ServerStream(pb.Chunk(), timeout=20)
+            with pytest.raises(mrpcd.aio.AioRpcError):
+                await stream.read()
+            with pytest.raises(mrpcd.aio.AioRpcError):
+                await stub.ClientStream(iter([pb.Chunk()]), timeout=20)
+            assert not app.calls
+        finally:
+            app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

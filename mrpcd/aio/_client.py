@@ -125,6 +125,24 @@ class AioRpcError(RpcError):
     """grpc.aio.AioRpcError: what a failed asyncio call raises."""
 
 
+class _NoApp:
+    """Where a call that never started is (briefly) registered: no app's table."""
+
+    def __init__(self) -> None:
+        self.calls: dict = {}
+
+
+class _FailedStart(_CallState):
+    """A call that could not start (the channel could not connect, the ring refused its
+    first record): over at once with that error, so awaiting it raises AioRpcError and
+    code() / details() answer, as grpc.aio shows a call that failed to connect."""
+
+    def __init__(self, exc: RpcError) -> None:
+        super().__init__(_NoApp(), 0, 0, bytes, 0, None)  # type: ignore[arg-type]
+        self.initial, self.trailing = list(exc.initial_metadata()), list(exc.trailing_metadata())
+        self.end(exc.code(), exc.details())
+
+
 class _Call:
     """Common grpc.aio.Call surface over a call that is being started by a task, or that
     started already (`state`: its first record is in the ring)."""
@@ -145,7 +163,10 @@ class _Call:
                 pass  # the loop or the app is gone: nothing is left to tell
 
     async def _start(self, starter) -> _CallState:
-        state = await starter
+        try:
+            state = await starter
+        except RpcError as exc:  # no connection, record refused: a call that failed with it
+            state = _FailedStart(exc)
         self._state = state
         if self._cancel_requested:
             state.cancel()
