@@ -299,7 +299,8 @@ class Server(ServerCore):
         self._pool = thread_pool or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mrpcd-server")
         self._init_core(app, interceptors, options)
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # no new calls
+        self._terminated = threading.Event()  # stopped: the calls in flight are over too
         self._idle = threading.Condition(self._lock)
         self._deadlines = _Deadlines()
         self._queue: deque[_ServerCall] = deque()  # admitted calls no runner has taken yet
@@ -497,31 +498,47 @@ class Server(ServerCore):
                 call.run_end_callbacks()
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Stop taking calls; running ones get `grace` seconds, then are cancelled."""
+        """Stop taking calls; running ones get `grace` seconds, then are cancelled.
+
+        As in grpc, with a grace this returns at once (a handler may stop its own server
+        and still answer): the Event it returns is set once the server has stopped. The
+        grace runs in a non-daemon thread, so a program that exits right after stop()
+        still gives its calls their grace, as with grpc."""
         self._stopped.set()
-        with self._lock:
+        done = threading.Event()
+
+        def finish() -> None:
             if grace:
-                self._idle.wait_for(lambda: not self._calls, grace)
+                with self._lock:
+                    self._idle.wait_for(lambda: not self._calls, grace)
+            self._cancel_all(SERVER_STOPPED)  # the clients are still there: tell them, as grpc does
+            done.set()
+            self._terminated.set()
+
+        if grace:
+            threading.Thread(target=finish, name="mrpcd-server-stop").start()
+        else:
+            finish()
+        return done
+
+    def _cancel_all(self, status: "tuple[StatusCode, str] | None") -> None:
+        with self._lock:
             calls = list(self._calls.values())
         for call in calls:
-            call.cancel(status=SERVER_STOPPED)  # the clients are still there: tell them, as grpc does
+            call.cancel(status=status)
         self._deadlines.close()
-        done = threading.Event()
-        done.set()
-        return done
 
     def app_closed(self) -> None:
         """The app left the daemon (App.close): no call can be answered any more; cancel
         them for their handlers and end the deadline thread."""
         self._stopped.set()
-        with self._lock:
-            calls = list(self._calls.values())
-        for call in calls:
-            call.cancel()
-        self._deadlines.close()
+        self._cancel_all(None)
+        self._terminated.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._stopped.wait(timeout)
+        """Block until the server has stopped (stop() and its grace are over, or the app
+        closed); as grpc's, returns True if `timeout` ran out first, False otherwise."""
+        return not self._terminated.wait(timeout)
 
 
 def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:

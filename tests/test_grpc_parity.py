@@ -548,3 +548,53 @@ def test_aio_call_that_cannot_start_is_a_failed_call_with_aio_rpc_error(streamer
             app.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_server_stop_with_grace_returns_at_once_and_wait_for_termination_says_if_it_timed_out(streamer):
+    """grpc: stop(grace) returns at once (an Event set once the server has stopped), so a
+    handler may stop its own server ('shutdown' RPC) and still answer; wait_for_termination
+    returns True when its timeout ran out, False once the server terminated."""
+    _a, _b, pb = streamer
+    release = threading.Event()
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            if request.seq == 1:  # an admin "shutdown" call
+                context.stopped = server_box[0].stop(10)
+                return pb.Summary(total=1)
+            release.wait(15)
+            return pb.Summary(total=2)
+
+    server_box: list = []
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        server_box.append(server)
+        assert server.wait_for_termination(timeout=0.01) is True  # timed out: still serving
+        slow = stub.Unary.future(pb.Chunk(seq=2), timeout=20)
+        assert stub.Unary(pb.Chunk(seq=1), timeout=20).total == 1  # answered, not cancelled
+        assert server.wait_for_termination(timeout=0.01) is True  # the slow call keeps it in its grace
+        release.set()
+        assert slow.result(timeout=20).total == 2  # finished within the grace
+        assert server.wait_for_termination(timeout=10) is False
+
+
+def test_aio_wait_for_termination_says_if_it_timed_out(streamer):
+    """grpc.aio: wait_for_termination returns True when its timeout ran out, False once
+    the server has stopped (after the grace of stop(), not at its start)."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            await asyncio.sleep(request.seq)
+            return pb.Summary(total=request.seq)
+
+    async def body(server, stub):
+        assert await server.wait_for_termination(timeout=0.01) is True
+        call = stub.Unary(pb.Chunk(seq=1), timeout=20)
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(server.stop(10))
+        assert await server.wait_for_termination(timeout=0.01) is True  # the call is in its grace
+        assert (await call).total == 1
+        assert await server.wait_for_termination(timeout=10) is False
+        await stopping
+
+    run_aio(streamer, Servicer(), body)

@@ -142,7 +142,8 @@ class Server(ServerCore):
     def __init__(self, app: AioApp | None = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None) -> None:
         self._init_core(app or default_app(), interceptors, options)
         self._contexts: dict[int, ServicerContext] = {}
-        self._stopped = asyncio.Event()
+        self._stopped = asyncio.Event()  # no new calls
+        self._terminated = asyncio.Event()  # stopped: the calls in flight are over too
         self.app.servers.append(self)
 
     async def start(self) -> None:
@@ -161,6 +162,7 @@ class Server(ServerCore):
         self._stopped.set()
         for call in list(self._calls.values()):
             call.cancel()
+        self._terminated.set()
 
     def _forget(self, call: _ServerCall) -> None:
         self._calls.pop((call.handle, call.call_id), None)
@@ -223,13 +225,16 @@ class Server(ServerCore):
                 await asyncio.sleep(0.01)
         for call in list(self._calls.values()):
             call.cancel(SERVER_STOPPED)  # the clients are still there: tell them, as grpc does
+        self._terminated.set()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Until the server has stopped (stop() and its grace are over, or the app closed);
+        as grpc.aio's, returns True if `timeout` ran out first, False otherwise."""
         try:
-            await asyncio.wait_for(self._stopped.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(self._terminated.wait(), timeout)
             return False
+        except asyncio.TimeoutError:
+            return True
 
 
 def server(migration_thread_pool: Any = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: AioApp | None = None, **_ignored: Any) -> Server:
