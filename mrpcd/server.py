@@ -137,8 +137,12 @@ class _ServerCall(ServerCallCore):
             raise
 
 
-class _Cancelled(Exception):
-    pass
+class _Cancelled(RpcError):
+    """What a cancelled call's request iterator raises in its handler: an RpcError
+    (CANCELLED), as grpc's does, so handlers that catch grpc.RpcError to clean up port."""
+
+    def __init__(self) -> None:
+        super().__init__(StatusCode.CANCELLED, "Cancelled")
 
 
 class ServicerContext(ContextCore):

@@ -598,3 +598,38 @@ def test_aio_wait_for_termination_says_if_it_timed_out(streamer):
         await stopping
 
     run_aio(streamer, Servicer(), body)
+
+
+def test_a_cancelled_request_stream_raises_rpc_error_in_the_handler(streamer):
+    """grpc: when the client cancels, the handler's request iterator raises grpc.RpcError
+    (handlers catch it to clean up), not a library-private exception."""
+    _a, _b, pb = streamer
+    seen: list = []
+    got_one = threading.Event()
+    done = threading.Event()
+
+    class Servicer(pb.StreamerServicer):
+        def ClientStream(self, request_iterator, context):
+            try:
+                for _chunk in request_iterator:
+                    got_one.set()
+            except mrpcd.RpcError as exc:
+                seen.append(exc.code())
+                raise
+            finally:
+                done.set()
+            return pb.Summary()
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        gate = threading.Event()
+
+        def requests():
+            yield pb.Chunk(seq=1)
+            gate.wait(15)
+
+        fut = stub.ClientStream.future(requests(), timeout=20)
+        assert got_one.wait(10)
+        fut.cancel()
+        assert done.wait(10)
+        gate.set()
+        assert seen == [mrpcd.StatusCode.CANCELLED]
