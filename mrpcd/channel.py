@@ -465,6 +465,102 @@ class Channel(ChannelCore):
         self.close()
 
 
+class _ChannelReadyFuture:
+    """grpc.channel_ready_future's Future: done once the channel is connected. While the
+    target cannot be reached (UNAVAILABLE) a helper thread tries again, backing off to
+    1 s, as grpc waits for READY; result(timeout) raises FutureTimeoutError meanwhile.
+    Other errors (a malformed target, a closed channel) end it with that exception."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+        self._cond = threading.Condition()
+        self._done = False
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Any], None]] = []
+        threading.Thread(target=self._run, name="mrpcd-channel-ready", daemon=True).start()
+
+    def _run(self) -> None:
+        delay = 0.05
+        error: BaseException | None = None
+        while not self._cancelled:
+            try:
+                self._channel._ensure_handle()
+                break
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE:
+                    error = exc
+                    break
+            except Exception as exc:
+                error = exc
+                break
+            with self._cond:
+                self._cond.wait_for(lambda: self._cancelled, delay)
+            delay = min(delay * 2, 1.0)
+        self._finish(error, cancelled=False)
+
+    def _finish(self, error: BaseException | None, cancelled: bool) -> bool:
+        with self._cond:
+            if self._done:
+                return False
+            self._done, self._error = True, error
+            self._cancelled = self._cancelled or cancelled
+            callbacks, self._callbacks = self._callbacks, []
+            self._cond.notify_all()
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                pass
+        return True
+
+    def cancel(self) -> bool:
+        with self._cond:
+            if self._done:
+                return False
+            self._cancelled = True
+        return self._finish(None, cancelled=True)
+
+    def cancelled(self) -> bool:
+        return self._cancelled and self._done
+
+    def running(self) -> bool:
+        return not self._done
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, timeout: float | None = None) -> None:
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise FutureTimeoutError()
+        if self._cancelled:
+            raise FutureCancelledError()
+        return self._error
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        error = self.exception(timeout)
+        return None if error is None else error.__traceback__
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._cond:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+
+def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
+    """Like grpc.channel_ready_future: a Future done once `channel` is connected (the
+    daemon has a connection to its target), e.g. `.result(timeout=10)` before the first call."""
+    return _ChannelReadyFuture(channel)
+
+
 def insecure_channel(target: str, options: Any = None, app: App | None = None) -> Channel:
     """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
 

@@ -633,3 +633,55 @@ def test_a_cancelled_request_stream_raises_rpc_error_in_the_handler(streamer):
         assert done.wait(10)
         gate.set()
         assert seen == [mrpcd.StatusCode.CANCELLED]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_channel_ready_future_and_aio_channel_ready(streamer):
+    """grpc.channel_ready_future(channel) / grpc.aio Channel.channel_ready(): wait until the
+    channel connects, waiting on while nobody serves the target yet."""
+    a, b, pb = streamer
+    port = _free_port()
+    cli_app = mrpcd.connect(a.socket, name="parity-ready")
+    srv_app = mrpcd.connect(b.socket, name="parity-ready-server")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        ready = mrpcd.channel_ready_future(channel)
+        with pytest.raises(mrpcd.FutureTimeoutError):
+            ready.result(timeout=0.2)
+        assert not ready.done()
+        seen: list = []
+        ready.add_done_callback(seen.append)
+        server = mrpcd.server(app=srv_app)
+        pb.add_StreamerServicer_to_server(pb.StreamerServicer(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        assert ready.result(timeout=15) is None and ready.done() and seen == [ready]
+        bad = mrpcd.channel_ready_future(mrpcd.insecure_channel("no-port-here", app=cli_app))
+        with pytest.raises(mrpcd.RpcError):
+            bad.result(timeout=15)
+        never = mrpcd.channel_ready_future(mrpcd.insecure_channel("127.0.0.1:1", app=cli_app))
+        assert never.cancel() and never.cancelled()
+        with pytest.raises(mrpcd.FutureCancelledError):
+            never.result()
+
+        async def aio_ready():
+            app = mrpcd.aio.connect(a.socket, name="parity-aio-ready")
+            try:
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(mrpcd.aio.insecure_channel("127.0.0.1:1", app=app).channel_ready(), 0.2)
+                await asyncio.wait_for(mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=app).channel_ready(), 15)
+            finally:
+                app.close()
+
+        asyncio.run(aio_ready())
+        server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()

@@ -546,6 +546,22 @@ class Channel(ChannelCore):
     def _on_lost(self, details: str) -> None:
         self._handle = None
 
+    async def channel_ready(self) -> None:
+        """Until the channel is connected (grpc.aio's channel_ready: until READY). While
+        the target cannot be reached (UNAVAILABLE) it tries again, backing off to 1 s, as
+        grpc waits; bound it with asyncio.wait_for. Other errors (a malformed target, a
+        closed channel) are raised."""
+        delay = 0.05
+        while True:
+            try:
+                await self._ensure_handle()
+                return
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     async def close(self, grace: float | None = None) -> None:
         """Close the channel (grpc.aio): calls still in flight after `grace` seconds are
         cancelled (awaiting them raises CancelledError; their servers see the connection
