@@ -196,10 +196,14 @@ class _Rendezvous(RpcError):
         without a deadline: for ever) and the call would stay in the app's table."""
         call = getattr(self, "_call", None)
         if call is not None and not call.done:
+            # On a thread of its own: a collection can run this anywhere, even in a thread
+            # that holds the app's tx lock, which the cancel's send takes (rare: only calls
+            # dropped while running pay for the thread).
             try:
-                call.cancel(StatusCode.CANCELLED, "Cancelled upon garbage collection!")
+                threading.Thread(target=call.cancel, args=(StatusCode.CANCELLED, "Cancelled upon garbage collection!"),
+                                 name="mrpcd-gc-cancel", daemon=True).start()
             except Exception:
-                pass  # interpreter shutdown, app closed: nothing is left to tell
+                pass  # interpreter shutdown: nothing is left to tell
 
     # grpc.Call
     def code(self) -> StatusCode:

@@ -157,10 +157,12 @@ class _Call:
         cancel it, as grpc.aio does, or the server would go on for nobody."""
         state = getattr(self, "_state", None)
         if state is not None and not state.done:
+            # Soon, on the loop: a collection can run this anywhere, even inside the app's
+            # tx lock, which the cancel's send takes.
             try:
-                state.cancel(StatusCode.CANCELLED, "Cancelled upon garbage collection!")
+                state.app.loop.call_soon_threadsafe(state.cancel, StatusCode.CANCELLED, "Cancelled upon garbage collection!")
             except Exception:
-                pass  # the loop or the app is gone: nothing is left to tell
+                pass  # the loop is closed: nothing is left to tell
 
     async def _start(self, starter) -> _CallState:
         try:
