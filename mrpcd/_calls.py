@@ -402,7 +402,15 @@ class ServerCallCore:
             self.finished = False
 
     def _record(self, flags: int, payload: bytes | None, ctx: "ContextCore", code: StatusCode, details: str) -> wire.RecordParts:
-        return wire.response_parts(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
+        try:
+            return wire.response_parts(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
+        except R.RecordError as exc:
+            # Initial + trailing metadata + details over MAX_META (each was checked alone):
+            # the call must still end, as grpc's does (RESOURCE_EXHAUSTED), not go unanswered.
+            err = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"response metadata too large: {exc}")
+            if not flags & R.F_END:
+                raise err from None  # the handler's send fails; its END comes here again
+            return wire.response_parts(self.handle, self.call_id, flags, None, (), err.code(), err.details(), ())
 
     def _expired_record(self) -> bytes:
         """DEADLINE_EXCEEDED from the server itself (the client may not have noticed yet)."""

@@ -685,3 +685,52 @@ def test_channel_ready_future_and_aio_channel_ready(streamer):
     finally:
         cli_app.close()
         srv_app.close()
+
+
+def test_status_and_metadata_over_the_metadata_limit_still_end_the_call(streamer):
+    """Details, or trailing metadata + details, too big for one record (MAX_META) made the
+    server's answer fail to build, after which nothing was sent: the client waited for its
+    deadline. grpc ends such a call with RESOURCE_EXHAUSTED; so must mrpcd, sync and aio."""
+    _a, _b, pb = streamer
+    half = "x" * 40_000  # trailing metadata and details each under MAX_META (64 KiB), together over it
+
+    class Sync(pb.StreamerServicer):
+        def Unary(self, request, context):
+            if request.seq == 1:
+                context.abort(mrpcd.StatusCode.INTERNAL, "d" * 100_000)
+            if request.seq == 2:
+                context.set_code(mrpcd.StatusCode.NOT_FOUND)
+                context.set_details("d" * 100_000)
+                return None
+            context.set_trailing_metadata([("t", half)])
+            context.abort(mrpcd.StatusCode.INTERNAL, half)
+
+        def ServerStream(self, request, context):
+            context.set_trailing_metadata([("t", half)])
+            yield pb.Chunk(seq=1)
+            context.set_code(mrpcd.StatusCode.NOT_FOUND)
+            context.set_details(half)
+
+    with sync_pair(streamer, Sync()) as (server, stub):
+        for seq in (1, 2, 3):
+            with pytest.raises(mrpcd.RpcError) as info:
+                stub.Unary(pb.Chunk(seq=seq), timeout=20)
+            assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, (seq, info.value)
+        with pytest.raises(mrpcd.RpcError) as info:
+            list(stub.ServerStream(pb.Chunk(), timeout=20))
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, info.value
+
+    class Aio(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            if request.seq == 1:
+                await context.abort(mrpcd.StatusCode.INTERNAL, "d" * 100_000)
+            context.set_trailing_metadata([("t", half)])
+            await context.abort(mrpcd.StatusCode.INTERNAL, half)
+
+    async def body(server, stub):
+        for seq in (1, 3):
+            with pytest.raises(mrpcd.RpcError) as info:
+                await stub.Unary(pb.Chunk(seq=seq), timeout=20)
+            assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, (seq, info.value)
+
+    run_aio(streamer, Aio(), body)
