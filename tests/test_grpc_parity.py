@@ -538,6 +538,8 @@ def test_aio_call_that_cannot_start_is_a_failed_call_with_aio_rpc_error(streamer
             assert await call.code() is mrpcd.StatusCode.UNAVAILABLE
             assert "127.0.0.1:1" in await call.details()
             assert await call.trailing_metadata() == ()
+            with pytest.raises(mrpcd.aio.AioRpcError):  # grpc.aio: 'raises aio.AioRpcError if failed'
+                await stub.Unary(pb.Chunk(), timeout=20).wait_for_connection()
             stream = stub.ServerStream(pb.Chunk(), timeout=20)
             with pytest.raises(mrpcd.aio.AioRpcError):
                 await stream.read()

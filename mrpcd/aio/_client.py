@@ -228,7 +228,10 @@ class _Call:
         return tuple(s.trailing)
 
     async def wait_for_connection(self) -> None:
-        await self._get()
+        """Until the call has started; raises AioRpcError if it could not (grpc.aio)."""
+        state = await self._get()
+        if type(state) is _FailedStart:
+            raise state.error()
 
 
 class UnaryResponseCall(_Call):
