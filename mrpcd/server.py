@@ -159,7 +159,8 @@ class ServicerContext(ContextCore):
             return True
 
     def cancel(self) -> None:
-        self._call.cancel()
+        """Cancel the call: the handler sees it end, and so does the client (CANCELLED)."""
+        self._call.cancel(status=(StatusCode.CANCELLED, "Cancelled"))
 
     def send_initial_metadata(self, metadata) -> None:
         self._set_initial(metadata)

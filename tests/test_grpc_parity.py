@@ -736,3 +736,28 @@ def test_status_and_metadata_over_the_metadata_limit_still_end_the_call(streamer
             assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED, (seq, info.value)
 
     run_aio(streamer, Aio(), body)
+
+
+def test_server_context_cancel_ends_the_call_for_the_client_too(streamer):
+    """grpc's ServicerContext.cancel(): the client sees CANCELLED at once (it waited for
+    its deadline: the cancel only reached the handler)."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            context.cancel()
+            assert not context.is_active()
+            return pb.Summary(total=1)
+
+        def ServerStream(self, request, context):
+            yield pb.Chunk(seq=1)
+            context.cancel()
+            yield pb.Chunk(seq=2)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(), timeout=20)
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED, info.value
+        with pytest.raises(mrpcd.RpcError) as info:
+            list(stub.ServerStream(pb.Chunk(), timeout=20))
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED, info.value
