@@ -21,6 +21,8 @@ The subclasses add the waiting and the sending; none of this module blocks or aw
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from collections import deque
 from typing import Any, Callable
 
@@ -290,6 +292,67 @@ class ChannelCore:
 
     def stream_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
         return self._stream_stream(self, method, request_type, response_type)
+
+
+def lost_listener(channel: Any) -> Callable[[str], None]:
+    """The app's lost-connection listener for `channel`, holding it weakly: the app's table
+    must not keep a channel the application dropped alive (see close_dropped_handle)."""
+    ref = weakref.ref(channel)
+
+    def on_lost(details: str) -> None:
+        ch = ref()
+        if ch is not None:
+            ch._on_lost(details)
+
+    return on_lost
+
+
+def close_dropped_handle(app: Any, handle: int) -> None:
+    """A channel was garbage collected without close(): close its daemon connection once
+    the calls still running on it have ended (grpc frees a channel's connection once
+    nothing uses it), else every dropped channel keeps a connection in both daemons until
+    the app exits. Run it where the calls' callbacks may be added (the sync library: any
+    thread; asyncio: the loop); the close itself goes to a short thread of its own."""
+
+    def close() -> None:
+        app.handle_listeners.pop(handle, None)
+        if not app.closed:
+            try:
+                app.call("close", handle=handle)
+            except Exception:
+                pass  # the daemon is gone: so is the connection
+
+    def start_close() -> None:
+        try:
+            threading.Thread(target=close, name="mrpcd-channel-close", daemon=True).start()
+        except RuntimeError:
+            pass  # interpreter shutdown: the app's exit closes it
+
+    pending = [sink for key, sink in list(app.calls.items()) if key[0] == handle]
+    if not pending:
+        start_close()
+        return
+    left = [len(pending)]
+    lock = threading.Lock()
+
+    def one_ended() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            start_close()
+
+    for sink in pending:
+        add = getattr(sink, "add_callback", None)
+        if add is not None:
+            added = add(one_ended)
+        elif not sink.done:
+            sink.callbacks.append(one_ended)
+            added = True
+        else:
+            added = False
+        if not added:
+            one_ended()
 
 
 def connect_error(target: str, exc: RpcError) -> RpcError:

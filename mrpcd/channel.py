@@ -11,12 +11,13 @@ without bound; request streams wait for the server's credit likewise.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
-from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, connect_error
+from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from .app import App, default_app
 from .marshal import records as R
 from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode
@@ -195,7 +196,7 @@ class _Rendezvous(RpcError):
         cancel the call, as grpc does, or the server would go on for nobody (a stream
         without a deadline: for ever) and the call would stay in the app's table."""
         call = getattr(self, "_call", None)
-        if call is not None and not call.done:
+        if call is not None and not call.done and not sys.is_finalizing():  # (no thread starts then)
             # On a thread of its own: a collection can run this anywhere, even in a thread
             # that holds the app's tx lock, which the cancel's send takes (rare: only calls
             # dropped while running pay for the thread).
@@ -418,6 +419,7 @@ class Channel(ChannelCore):
         self.app = app or default_app()
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._handle: int | None = None
+        self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -434,12 +436,22 @@ class Channel(ChannelCore):
                 except RpcError as exc:
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
-                self.app.handle_listeners.setdefault(self._handle, []).append(self._on_lost)
+                self._listener = lost_listener(self)
+                self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
             return self._handle
 
     def _on_lost(self, details: str) -> None:
         with self._lock:
             self._handle = None
+
+    def __del__(self) -> None:
+        """Dropped without close(): free the daemon connection once its calls end."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not self._closed and not sys.is_finalizing():  # (exit closes it; no thread starts then)
+            try:  # not here: a collection may run this in a thread holding a call's lock
+                threading.Thread(target=close_dropped_handle, args=(self.app, handle), name="mrpcd-channel-close", daemon=True).start()
+            except RuntimeError:
+                pass  # interpreter shutdown: the app's exit closes it
 
     def close(self) -> None:
         """Close the connection; the channel's calls in flight end with CANCELLED at once
@@ -451,8 +463,8 @@ class Channel(ChannelCore):
             return
         app = self.app
         listeners = app.handle_listeners.get(handle)
-        if listeners is not None and self._on_lost in listeners:
-            listeners.remove(self._on_lost)
+        if listeners is not None and self._listener in listeners:
+            listeners.remove(self._listener)
         for key, sink in list(app.calls.items()):
             if key[0] == handle:
                 sink.lost(StatusCode.CANCELLED, "Channel closed!")

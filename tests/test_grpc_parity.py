@@ -761,3 +761,82 @@ def test_server_context_cancel_ends_the_call_for_the_client_too(streamer):
         with pytest.raises(mrpcd.RpcError) as info:
             list(stub.ServerStream(pb.Chunk(), timeout=20))
         assert info.value.code() is mrpcd.StatusCode.CANCELLED, info.value
+
+
+# -- channels the application dropped --------------------------------------------------------
+
+
+def _connections(daemon) -> int:
+    """TCP sockets the daemon process holds (its peer connections and listeners)."""
+    import os
+
+    n = 0
+    for fd in os.listdir(f"/proc/{daemon.pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{daemon.pid}/fd/{fd}").startswith("socket:"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_a_dropped_channel_closes_its_connection_once_its_calls_end(streamer):
+    """Channels made per request and dropped without close() (stub = Stub(insecure_channel
+    (...)) in a function) each kept a daemon-to-daemon connection until the app exited:
+    sockets piled up in both daemons. grpc frees a channel's connection once nothing uses
+    it; a call still running on a dropped channel goes on until it ends."""
+    import gc
+
+    a, _b, pb = streamer
+    release = threading.Event()
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            if request.seq == 1:
+                release.wait(15)
+            return pb.Summary(total=request.seq)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        target, app = stub.Unary._channel.target, stub.Unary._channel.app
+        assert stub.Unary(pb.Chunk(), timeout=20).total == 0
+        before = _connections(a)
+        for _ in range(20):
+            assert pb.StreamerStub(mrpcd.insecure_channel(target, app=app)).Unary(pb.Chunk(), timeout=20).total == 0
+        fut = pb.StreamerStub(mrpcd.insecure_channel(target, app=app)).Unary.future(pb.Chunk(seq=1), timeout=20)
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while _connections(a) > before + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _connections(a) <= before + 1  # only the channel of the call still running
+        assert not fut.done()
+        release.set()
+        assert fut.result(timeout=20).total == 1  # it was not cut short
+        deadline = time.monotonic() + 10
+        while _connections(a) > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _connections(a) <= before
+
+
+def test_a_dropped_aio_channel_closes_its_connection(streamer):
+    import gc
+
+    a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    async def body(server, stub):
+        target, app = stub.Unary._channel.target, stub.Unary._channel.app
+        assert (await stub.Unary(pb.Chunk(), timeout=20)).total == 0
+        before = _connections(a)
+        for _ in range(20):
+            assert (await pb.StreamerStub(mrpcd.aio.insecure_channel(target, app=app)).Unary(pb.Chunk(), timeout=20)).total == 0
+        gc.collect()
+        for _ in range(200):
+            if _connections(a) <= before:
+                break
+            await asyncio.sleep(0.05)
+        assert _connections(a) <= before
+
+    run_aio(streamer, Servicer(), body)

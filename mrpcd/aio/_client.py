@@ -14,7 +14,7 @@ import asyncio
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import wire
-from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, connect_error
+from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails
 from ..marshal import records as R
 from ..status import RpcError, StatusCode
@@ -523,6 +523,7 @@ class Channel(ChannelCore):
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._interceptors = check_client_interceptors(interceptors)
         self._handle: int | None = None
+        self._listener: Callable[[str], None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -545,11 +546,21 @@ class Channel(ChannelCore):
                 except RpcError as exc:
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
-                self.app.handle_listeners.setdefault(self._handle, []).append(self._on_lost)
+                self._listener = lost_listener(self)
+                self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
             return self._handle
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
+
+    def __del__(self) -> None:
+        """Dropped without close(): free the daemon connection once its calls end."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not self._closed:
+            try:  # on the loop, where the calls' callbacks live
+                self.app.loop.call_soon_threadsafe(close_dropped_handle, self.app, handle)
+            except RuntimeError:
+                pass  # the loop is closed: the app's close frees it
 
     async def channel_ready(self) -> None:
         """Until the channel is connected (grpc.aio's channel_ready: until READY). While
@@ -582,8 +593,8 @@ class Channel(ChannelCore):
         if handle is None:
             return
         listeners = app.handle_listeners.get(handle)
-        if listeners is not None and self._on_lost in listeners:
-            listeners.remove(self._on_lost)
+        if listeners is not None and self._listener in listeners:
+            listeners.remove(self._listener)
         for key, sink in list(app.calls.items()):
             if key[0] == handle:
                 sink.cancelled_locally = True  # grpc.aio: as if the application cancelled it
