@@ -21,6 +21,7 @@ The subclasses add the waiting and the sending; none of this module blocks or aw
 """
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections import deque
@@ -547,6 +548,17 @@ class ContextCore:
 
     def _final_code(self) -> StatusCode:
         return self._code or StatusCode.OK
+
+
+_server_log = logging.getLogger("mrpcd.server")
+
+
+def log_failure(exc: Exception, path: str) -> None:
+    """Log a handler's unexpected exception with its traceback, as grpc does ('Exception
+    calling application'): the client sees only the status, and without this the server
+    would leave no trace of the bug. An abort or a request over the limit is no bug."""
+    if not isinstance(exc, (AbortError, TooLarge)):
+        _server_log.error("Exception calling application %s: %s", path, exc, exc_info=exc)
 
 
 def failure_status(exc: Exception, ctx: ContextCore) -> tuple[StatusCode, str]:

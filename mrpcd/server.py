@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 from . import flow, wire
-from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, parts_serializer
+from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure, parts_serializer
 from .app import App, default_app
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
@@ -491,6 +491,7 @@ class Server(ServerCore):
         except _Cancelled:
             pass
         except Exception as exc:
+            log_failure(exc, call.path)
             try:
                 call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
             except RpcError:

@@ -840,3 +840,37 @@ def test_a_dropped_aio_channel_closes_its_connection(streamer):
         assert _connections(a) <= before
 
     run_aio(streamer, Servicer(), body)
+
+
+def test_a_handler_exception_is_logged_with_its_traceback(streamer, caplog):
+    """grpc logs a handler's exception ('Exception calling application') with its
+    traceback; the client sees only UNKNOWN, so without it the server leaves no trace.
+    An abort is no error and is not logged."""
+    import logging
+
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            if request.seq == 1:
+                context.abort(mrpcd.StatusCode.NOT_FOUND, "nope")
+            raise ZeroDivisionError("sync handler bug")
+
+    class Aio(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            raise KeyError("aio handler bug")
+
+    caplog.set_level(logging.ERROR, logger="mrpcd.server")
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        for seq in (0, 1):
+            with pytest.raises(mrpcd.RpcError):
+                stub.Unary(pb.Chunk(seq=seq), timeout=20)
+
+    async def body(server, stub):
+        with pytest.raises(mrpcd.RpcError):
+            await stub.Unary(pb.Chunk(), timeout=20)
+
+    run_aio(streamer, Aio(), body)
+    logged = [r for r in caplog.records if r.name == "mrpcd.server"]
+    assert [type(r.exc_info[1]).__name__ for r in logged] == ["ZeroDivisionError", "KeyError"]
+    assert all("Exception calling application /mrpc.stream.Streamer/Unary" in r.getMessage() for r in logged)

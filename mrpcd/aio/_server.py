@@ -12,7 +12,7 @@ import inspect
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import flow, wire
-from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, failure_status
+from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, failure_status, log_failure
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
 from ..status import StatusCode
@@ -202,6 +202,7 @@ class Server(ServerCore):
         except asyncio.CancelledError:
             call.cancel()
         except Exception as exc:
+            log_failure(exc, call.path)
             await call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
         finally:
             self._contexts.pop(id(call), None)
