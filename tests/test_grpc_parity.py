@@ -874,3 +874,34 @@ def test_a_handler_exception_is_logged_with_its_traceback(streamer, caplog):
     logged = [r for r in caplog.records if r.name == "mrpcd.server"]
     assert [type(r.exc_info[1]).__name__ for r in logged] == ["ZeroDivisionError", "KeyError"]
     assert all("Exception calling application /mrpc.stream.Streamer/Unary" in r.getMessage() for r in logged)
+
+
+def test_huge_and_infinite_timeouts_work_and_nan_is_a_clear_error(streamer):
+    """timeout=float('inf') or 1e15 s raised OverflowError / the record's RecordError at
+    the caller: such a deadline is as good as none. NaN is a clear ValueError."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=int(context.time_remaining() > 1e6))
+
+        def ServerStream(self, request, context):
+            yield pb.Chunk(seq=1)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        for t in (1e10, 1e15, float("inf")):
+            assert stub.Unary(pb.Chunk(), timeout=t).total == 1
+            assert stub.Unary.future(pb.Chunk(), timeout=t).result().total == 1
+            assert [c.seq for c in stub.ServerStream(pb.Chunk(), timeout=t)] == [1]
+        with pytest.raises(ValueError, match="NaN"):
+            stub.Unary(pb.Chunk(), timeout=float("nan"))
+
+    class Aio(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=int(context.time_remaining() > 1e6))
+
+    async def body(server, stub):
+        for t in (1e10, float("inf")):
+            assert (await stub.Unary(pb.Chunk(), timeout=t)).total == 1
+
+    run_aio(streamer, Aio(), body)
