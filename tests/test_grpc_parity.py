@@ -905,3 +905,39 @@ def test_huge_and_infinite_timeouts_work_and_nan_is_a_clear_error(streamer):
             assert (await stub.Unary(pb.Chunk(), timeout=t)).total == 1
 
     run_aio(streamer, Aio(), body)
+
+
+def test_aio_unary_call_awaited_twice_gives_its_response_twice(streamer):
+    """grpc.aio: awaiting a call again gives the same response. An interceptor that awaits
+    the call (to log it) and returns it makes the application's await the second one: it
+    raised AioRpcError with code OK."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+        async def ClientStream(self, request_iterator, context):
+            return pb.Summary(total=sum([c.seq async for c in request_iterator]))
+
+    class Logs(mrpcd.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            call = await continuation(details, request)
+            await call  # e.g. to log the response
+            return call
+
+    async def body(server, stub):
+        call = stub.Unary(pb.Chunk(seq=4), timeout=20)
+        assert (await call).total == 4 and (await call).total == 4
+        call = stub.Unary(pb.Chunk(seq=5), timeout=20)
+        both = await asyncio.gather(call, call)
+        assert [r.total for r in both] == [5, 5]
+        call = stub.ClientStream(timeout=20)
+        await call.write(pb.Chunk(seq=2))
+        await call.done_writing()
+        assert (await call).total == 2 and (await call).total == 2
+        ch = stub.Unary._channel
+        logged = pb.StreamerStub(mrpcd.aio.insecure_channel(ch.target, app=ch.app, interceptors=[Logs()]))
+        assert (await logged.Unary(pb.Chunk(seq=6), timeout=20)).total == 6
+
+    run_aio(streamer, Servicer(), body)

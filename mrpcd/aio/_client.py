@@ -237,17 +237,25 @@ class _Call:
 class UnaryResponseCall(_Call):
     """A unary-response call: `await call` gives the response (or raises AioRpcError)."""
 
+    # The response once taken: a call may be awaited again (an interceptor awaited it, then
+    # the application), as in grpc.aio, and each await gives the same response.
+    _taken = False
+    _response: Any = None
+
     def __await__(self):
         return self._result().__await__()
 
     async def _result(self) -> Any:
         s = await self._get()
         try:
-            try:
-                response = await s.next_message()
-            except StopAsyncIteration:
-                s.end(StatusCode.INTERNAL, "the server ended the call without a response")
-                raise s.error() from None
+            if not self._taken:
+                try:
+                    self._response = await s.next_message()
+                    self._taken = True
+                except StopAsyncIteration:
+                    if not self._taken:  # (else another await took it meanwhile)
+                        s.end(StatusCode.INTERNAL, "the server ended the call without a response")
+                        raise s.error() from None
             await s.wait_done()
         except asyncio.CancelledError:
             s.cancel()
@@ -256,7 +264,7 @@ class UnaryResponseCall(_Call):
             if s.cancelled_locally:
                 raise asyncio.CancelledError()
             raise s.error()
-        return response
+        return self._response
 
 
 class StreamResponseCall(_Call):
