@@ -941,3 +941,49 @@ def test_aio_unary_call_awaited_twice_gives_its_response_twice(streamer):
         assert (await logged.Unary(pb.Chunk(seq=6), timeout=20)).total == 6
 
     run_aio(streamer, Servicer(), body)
+
+
+def test_aio_intercepted_calls_have_the_whole_call_surface(streamer):
+    """grpc.aio's intercepted calls have add_done_callback, time_remaining and
+    wait_for_connection (mrpcd's raised AttributeError), and done()/cancel() of a call
+    whose interceptor raised answer instead of raising the interceptor's error."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(seq=1)
+
+    class Pass(mrpcd.aio.UnaryUnaryClientInterceptor, mrpcd.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            if request.seq < 0:
+                raise mrpcd.aio.AioRpcError(mrpcd.StatusCode.INVALID_ARGUMENT, "refused")
+            return await continuation(details, request)
+
+        intercept_unary_stream = intercept_unary_unary
+
+    async def body(server, stub):
+        ch = stub.Unary._channel
+        istub = pb.StreamerStub(mrpcd.aio.insecure_channel(ch.target, app=ch.app, interceptors=[Pass()]))
+        ended: list = []
+        call = istub.Unary(pb.Chunk(seq=3), timeout=20)
+        call.add_done_callback(ended.append)
+        await call.wait_for_connection()
+        assert 0 < call.time_remaining() <= 20
+        assert (await call).total == 3
+        stream = istub.ServerStream(pb.Chunk(seq=1), timeout=20)
+        stream.add_done_callback(ended.append)
+        assert [c.seq async for c in stream] == [1]
+        refused = istub.Unary(pb.Chunk(seq=-1), timeout=20)
+        with pytest.raises(mrpcd.aio.AioRpcError):
+            await refused
+        assert refused.done() and not refused.cancel()
+        for _ in range(100):
+            if len(ended) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert ended == [call, stream]
+
+    run_aio(streamer, Servicer(), body)
