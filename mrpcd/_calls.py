@@ -549,6 +549,24 @@ class ContextCore:
     def _final_code(self) -> StatusCode:
         return self._code or StatusCode.OK
 
+    # grpc's transport-security and compression knobs: the daemon owns transport and
+    # security (its TLS config) here, so these answer as grpc does for an insecure
+    # channel without compression, rather than fail a handler ported from grpc.
+    def auth_context(self) -> dict:
+        return {}
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer_identity_key(self) -> None:
+        return None
+
+    def set_compression(self, compression: Any) -> None:
+        pass
+
+    def disable_next_message_compression(self) -> None:
+        pass
+
 
 _server_log = logging.getLogger("mrpcd.server")
 

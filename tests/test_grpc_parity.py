@@ -987,3 +987,41 @@ def test_aio_intercepted_calls_have_the_whole_call_surface(streamer):
         assert ended == [call, stream]
 
     run_aio(streamer, Servicer(), body)
+
+
+def test_servicer_context_has_grpcs_security_and_compression_methods(streamer):
+    """Handlers ported from grpc call context.set_compression(), auth_context(),
+    peer_identities()... (AttributeError: UNKNOWN for every call); grpc.aio's context has
+    abort_with_status too."""
+    import collections
+
+    _a, _b, pb = streamer
+    Status = collections.namedtuple("Status", "code details trailing_metadata")
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            context.set_compression(None)
+            context.disable_next_message_compression()
+            assert context.auth_context() == {} and context.peer_identities() is None and context.peer_identity_key() is None
+            return pb.Summary(total=1)
+
+    with sync_pair(streamer, Servicer()) as (server, stub):
+        assert stub.Unary(pb.Chunk(), timeout=20).total == 1
+
+    class Aio(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            context.set_compression(None)
+            assert context.auth_context() == {} and context.peer_identities() is None
+            if request.seq:
+                await context.abort_with_status(Status(mrpcd.StatusCode.NOT_FOUND, "gone", (("x-why", "y"),)))
+            return pb.Summary(total=1)
+
+    async def body(server, stub):
+        assert (await stub.Unary(pb.Chunk(), timeout=20)).total == 1
+        call = stub.Unary(pb.Chunk(seq=1), timeout=20)
+        with pytest.raises(mrpcd.RpcError) as info:
+            await call
+        assert info.value.code() is mrpcd.StatusCode.NOT_FOUND and info.value.details() == "gone"
+        assert dict(await call.trailing_metadata()) == {"x-why": "y"}
+
+    run_aio(streamer, Aio(), body)

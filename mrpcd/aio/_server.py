@@ -125,6 +125,10 @@ class ServicerContext(ContextCore):
             self._trailing = wire.check_metadata(trailing_metadata)
         raise err
 
+    async def abort_with_status(self, status: Any) -> None:
+        """grpc.aio: abort with a grpc.Status-like object (code, details, trailing_metadata)."""
+        await self.abort(status.code, status.details, getattr(status, "trailing_metadata", ()) or ())
+
     async def write(self, message: Any) -> None:
         await self._call.send(0, self._call.server._serialize(self._call.handler, message), self)
 
