@@ -32,7 +32,7 @@ from .handlers import GenericRpcHandler, RpcMethodHandler
 from .marshal import records as R
 from .marshal._ringio import RingRecord
 from .marshal.schema import method_id as _method_id
-from .status import AbortError, RpcError, StatusCode
+from .status import AbortError, RpcError, StatusCode, metadata_tuple
 
 # A message at least this big is queued as a zero-copy view of the buffer its record was
 # popped into (one copy saved); a smaller one as its own bytes (copying a few bytes costs
@@ -501,7 +501,7 @@ class ContextCore:
         self._trailing: list = []
 
     def invocation_metadata(self) -> tuple:
-        return self._call.metadata
+        return metadata_tuple(self._call.metadata)
 
     def peer(self) -> str:
         return f"mrpcd:{self._call.handle}"
@@ -524,7 +524,7 @@ class ContextCore:
         self._trailing = wire.check_metadata(metadata)
 
     def trailing_metadata(self) -> tuple:
-        return tuple(self._trailing)
+        return metadata_tuple(self._trailing)
 
     def set_code(self, code: StatusCode | int) -> None:
         self._code = wire.coerce_code(code)

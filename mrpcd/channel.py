@@ -20,7 +20,7 @@ from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from .app import App, default_app
 from .marshal import records as R
-from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode
+from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -219,11 +219,11 @@ class _Rendezvous(RpcError):
         c = self._call
         with c._cond:
             c._wait(lambda: c.got_initial, c.deadline)
-        return tuple(c.initial)
+        return metadata_tuple(c.initial)
 
     def trailing_metadata(self) -> tuple:
         self._call.wait_done()
-        return tuple(self._call.trailing)
+        return metadata_tuple(self._call.trailing)
 
     def is_active(self) -> bool:
         return not self._call.done

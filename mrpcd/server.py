@@ -28,7 +28,7 @@ from .app import App, default_app
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
 from .marshal import records as R
-from .status import RpcError, StatusCode
+from .status import RpcError, StatusCode, metadata_tuple
 
 log = logging.getLogger("mrpcd.server")
 
@@ -470,7 +470,7 @@ class Server(ServerCore):
                 return
             handler = call.handler
             if self._interceptors:
-                handler = resolve_handler(self._interceptors, HandlerCallDetails(call.path, call.metadata), handler)
+                handler = resolve_handler(self._interceptors, HandlerCallDetails(call.path, metadata_tuple(call.metadata)), handler)
                 if handler is None:
                     call.send(R.F_END, None, ctx, StatusCode.UNIMPLEMENTED, "Method not found!")
                     return

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
-from typing import Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 
 class StatusCode(enum.Enum):
@@ -42,6 +42,18 @@ _BY_INT = {c.value[0]: c for c in StatusCode}
 Metadata = Sequence[tuple[str, "str | bytes"]]
 
 
+class Metadatum(NamedTuple):
+    """One metadata pair as grpc hands it out: a (key, value) tuple with .key and .value."""
+
+    key: str
+    value: "str | bytes"
+
+
+def metadata_tuple(pairs: Iterable) -> tuple:
+    """Metadata as grpc's accessors return it: a tuple of Metadatum (equal to plain pairs)."""
+    return tuple(Metadatum(k, v) for k, v in pairs)
+
+
 class RpcError(Exception):
     """Raised by a failed call; like grpc.RpcError it is also the call: code(), details(), metadata."""
 
@@ -65,10 +77,10 @@ class RpcError(Exception):
         return self._details
 
     def trailing_metadata(self) -> tuple:
-        return self._trailing
+        return metadata_tuple(self._trailing)
 
     def initial_metadata(self) -> tuple:
-        return self._initial
+        return metadata_tuple(self._initial)
 
     def __repr__(self) -> str:
         return f"<RpcError {self._code.name}: {self._details!r}>"

@@ -1025,3 +1025,33 @@ def test_servicer_context_has_grpcs_security_and_compression_methods(streamer):
         assert dict(await call.trailing_metadata()) == {"x-why": "y"}
 
     run_aio(streamer, Aio(), body)
+
+
+def test_metadata_items_have_key_and_value_as_in_grpc(streamer):
+    """grpc hands metadata out as tuples of _Metadatum (key, value) with .key / .value;
+    code reading m.key failed with AttributeError. They stay equal to plain pairs."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        def Unary(self, request, context):
+            keys = [m.key for m in context.invocation_metadata() if m.key.startswith("x-")]
+            context.send_initial_metadata([("i", "1")])
+            context.set_trailing_metadata([("t-bin", b"\x00")])
+            assert context.trailing_metadata()[0].value == b"\x00"
+            if request.seq:
+                context.abort(mrpcd.StatusCode.NOT_FOUND, "no")
+            return pb.Summary(total=len(keys))
+
+    class Keys(mrpcd.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            assert [m.value for m in details.invocation_metadata if m.key == "x-a"] == ["1"]
+            return continuation(details)
+
+    with sync_pair(streamer, Servicer(), interceptors=[Keys()]) as (server, stub):
+        reply, call = stub.Unary.with_call(pb.Chunk(), metadata=[("x-a", "1")], timeout=20)
+        assert reply.total == 1
+        assert call.initial_metadata()[0].key == "i" and call.initial_metadata() == (("i", "1"),)
+        assert call.trailing_metadata()[0].value == b"\x00"
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(seq=1), metadata=[("x-a", "1")], timeout=20)
+        assert info.value.trailing_metadata()[0].key == "t-bin"

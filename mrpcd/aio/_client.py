@@ -17,7 +17,7 @@ from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails
 from ..marshal import records as R
-from ..status import RpcError, StatusCode
+from ..status import RpcError, StatusCode, metadata_tuple
 from ._app import AioApp, default_app
 
 _DEADLINE = "Deadline Exceeded"
@@ -220,12 +220,12 @@ class _Call:
     async def initial_metadata(self) -> tuple:
         s = await self._get()
         await s._wait_for(lambda: s.got_initial)
-        return tuple(s.initial)
+        return metadata_tuple(s.initial)
 
     async def trailing_metadata(self) -> tuple:
         s = await self._get()
         await s.wait_done()
-        return tuple(s.trailing)
+        return metadata_tuple(s.trailing)
 
     async def wait_for_connection(self) -> None:
         """Until the call has started; raises AioRpcError if it could not (grpc.aio)."""

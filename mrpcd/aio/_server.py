@@ -15,7 +15,7 @@ from .. import flow, wire
 from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, failure_status, log_failure
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
-from ..status import StatusCode
+from ..status import StatusCode, metadata_tuple
 from ._app import AioApp, default_app
 from ._interceptors import ServerInterceptor, resolve_handler
 
@@ -180,7 +180,7 @@ class Server(ServerCore):
                 return
             handler = call.handler
             if self._interceptors:
-                handler = await resolve_handler(self._interceptors, HandlerCallDetails(call.path, call.metadata), handler)
+                handler = await resolve_handler(self._interceptors, HandlerCallDetails(call.path, metadata_tuple(call.metadata)), handler)
                 if handler is None:
                     await call.send(R.F_END, None, ctx, StatusCode.UNIMPLEMENTED, "Method not found!")
                     return
