@@ -1055,3 +1055,23 @@ def test_metadata_items_have_key_and_value_as_in_grpc(streamer):
         with pytest.raises(mrpcd.RpcError) as info:
             stub.Unary(pb.Chunk(seq=1), metadata=[("x-a", "1")], timeout=20)
         assert info.value.trailing_metadata()[0].key == "t-bin"
+
+
+def test_aio_channel_close_with_grace_lets_calls_finish_first(streamer):
+    """grpc.aio close(grace): calls that end within the grace end normally."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            await asyncio.sleep(0.2)
+            return pb.Summary(total=request.seq)
+
+    async def body(server, stub):
+        ch = stub.Unary._channel
+        own = mrpcd.aio.insecure_channel(ch.target, app=ch.app)
+        call = pb.StreamerStub(own).Unary(pb.Chunk(seq=7), timeout=20)
+        await call.wait_for_connection()
+        await own.close(grace=15)
+        assert (await call).total == 7
+
+    run_aio(streamer, Servicer(), body)
