@@ -1075,3 +1075,36 @@ def test_aio_channel_close_with_grace_lets_calls_finish_first(streamer):
         assert (await call).total == 7
 
     run_aio(streamer, Servicer(), body)
+
+
+def test_aio_channel_made_before_the_loop_runs(streamer, monkeypatch):
+    """grpc.aio lets a channel (and its stub) be made before the event loop runs (module
+    level, an object's __init__); mrpcd's raised RuntimeError('no running event loop')."""
+    a, b, pb = streamer
+    monkeypatch.setenv("MRPCD_SOCKET", a.socket)
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    with pytest.raises(ValueError):  # a bad option is still an error where it is given
+        mrpcd.aio.insecure_channel("127.0.0.1:1", options=[("grpc.max_send_message_length", "x")])
+    channel = mrpcd.aio.insecure_channel("127.0.0.1:0")  # no loop runs here
+    stub = pb.StreamerStub(channel)
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="parity-early-server")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(Servicer(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel.target = f"127.0.0.1:{port}"  # (the port is known only now; not yet connected)
+            assert (await stub.Unary(pb.Chunk(seq=9), timeout=20)).total == 9
+            await channel.close()
+            channel.app.close()
+            await server.stop(None)
+        finally:
+            srv_app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

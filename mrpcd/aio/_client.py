@@ -527,13 +527,31 @@ class Channel(ChannelCore):
         from ._interceptors import check_client_interceptors
 
         self.target = target
-        self.app = app or default_app()
-        self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
+        self._options = options
+        wire.message_limits(options, 1 << 30)  # a bad option is an error here, where it is given
         self._interceptors = check_client_interceptors(interceptors)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        if app is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return  # made before the loop runs (as grpc.aio allows): the app comes on first use
+        self._bind(app or default_app())
+
+    def _bind(self, app: AioApp) -> None:
+        self.app = app
+        self._max_send, self._max_receive = wire.message_limits(self._options, app.max_record)
+
+    def __getattr__(self, name: str) -> Any:
+        """A channel made outside a running loop takes the loop's app when first used
+        inside it; from then on these are plain attributes (nothing on the call path)."""
+        if name in ("app", "_max_send", "_max_receive"):
+            self._bind(default_app())  # RuntimeError outside a running loop, as before
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _intercept(self, kind: str, invoke: Callable[[ClientCallDetails, Any], Any], details: ClientCallDetails, request: Any) -> Any:
         if not self._interceptors:
