@@ -8,12 +8,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .status import AbortError, RpcError, StatusCode  # noqa: E402
+from .status import AbortError, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode  # noqa: E402
 
-__all__ = ["__version__", "AbortError", "RpcError", "StatusCode"]
+__all__ = ["__version__", "AbortError", "FutureCancelledError", "FutureTimeoutError", "RpcError", "StatusCode"]
 
 from .app import App, connect, default_app  # noqa: E402
-from .channel import Channel, insecure_channel  # noqa: E402
+from .channel import Channel, channel_ready_future, insecure_channel  # noqa: E402
 from .handlers import (  # noqa: E402
     GenericRpcHandler,
     HandlerCallDetails,
@@ -36,7 +36,7 @@ from .interceptors import (  # noqa: E402
 )
 
 __all__ += [
-    "App", "connect", "default_app", "Channel", "insecure_channel", "GenericRpcHandler", "RpcMethodHandler",
+    "App", "connect", "default_app", "Channel", "channel_ready_future", "insecure_channel", "GenericRpcHandler", "RpcMethodHandler",
     "method_handlers_generic_handler", "stream_stream_rpc_method_handler", "stream_unary_rpc_method_handler",
     "unary_stream_rpc_method_handler", "unary_unary_rpc_method_handler", "Server", "ServicerContext", "server",
     "HandlerCallDetails", "ClientCallDetails", "ServerInterceptor", "UnaryUnaryClientInterceptor",

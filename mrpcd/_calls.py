@@ -21,6 +21,9 @@ The subclasses add the waiting and the sending; none of this module blocks or aw
 """
 from __future__ import annotations
 
+import logging
+import threading
+import weakref
 from collections import deque
 from typing import Any, Callable
 
@@ -29,7 +32,7 @@ from .handlers import GenericRpcHandler, RpcMethodHandler
 from .marshal import records as R
 from .marshal._ringio import RingRecord
 from .marshal.schema import method_id as _method_id
-from .status import AbortError, RpcError, StatusCode
+from .status import AbortError, RpcError, StatusCode, metadata_tuple
 
 # A message at least this big is queued as a zero-copy view of the buffer its record was
 # popped into (one copy saved); a smaller one as its own bytes (copying a few bytes costs
@@ -255,11 +258,14 @@ class MultiCallableCore:
             raise wire.too_large("Sent", len(payload), limit)
         return payload
 
-    def _prepare(self, first: Any, timeout: float | None, metadata) -> tuple[list, bytes | None, int, wire.Deadline | None]:
+    def _prepare(self, first: Any, timeout: float | None, metadata, unary: bool = True) -> tuple[list, bytes | None, int, wire.Deadline | None]:
         """(metadata pairs, first payload or None, wire deadline, local Deadline or None);
-        raises on bad metadata or an oversized message before the call exists."""
+        raises on bad metadata or an oversized message before the call exists. `unary`:
+        `first` is the call's one request, encoded even when it is None (the encoder's
+        error, as for any wrong request; a call with no message would fail at the server
+        as an empty 'Exception calling application'); else the request stream comes later."""
         meta = wire.check_metadata(metadata)
-        payload = self._payload(first) if first is not None else None
+        payload = self._payload(first) if unary else None
         dl = wire.deadline_us(timeout)
         return meta, payload, dl, (wire.Deadline(dl) if timeout is not None else None)
 
@@ -287,6 +293,67 @@ class ChannelCore:
 
     def stream_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
         return self._stream_stream(self, method, request_type, response_type)
+
+
+def lost_listener(channel: Any) -> Callable[[str], None]:
+    """The app's lost-connection listener for `channel`, holding it weakly: the app's table
+    must not keep a channel the application dropped alive (see close_dropped_handle)."""
+    ref = weakref.ref(channel)
+
+    def on_lost(details: str) -> None:
+        ch = ref()
+        if ch is not None:
+            ch._on_lost(details)
+
+    return on_lost
+
+
+def close_dropped_handle(app: Any, handle: int) -> None:
+    """A channel was garbage collected without close(): close its daemon connection once
+    the calls still running on it have ended (grpc frees a channel's connection once
+    nothing uses it), else every dropped channel keeps a connection in both daemons until
+    the app exits. Run it where the calls' callbacks may be added (the sync library: any
+    thread; asyncio: the loop); the close itself goes to a short thread of its own."""
+
+    def close() -> None:
+        app.handle_listeners.pop(handle, None)
+        if not app.closed:
+            try:
+                app.call("close", handle=handle)
+            except Exception:
+                pass  # the daemon is gone: so is the connection
+
+    def start_close() -> None:
+        try:
+            threading.Thread(target=close, name="mrpcd-channel-close", daemon=True).start()
+        except RuntimeError:
+            pass  # interpreter shutdown: the app's exit closes it
+
+    pending = [sink for key, sink in list(app.calls.items()) if key[0] == handle]
+    if not pending:
+        start_close()
+        return
+    left = [len(pending)]
+    lock = threading.Lock()
+
+    def one_ended() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            start_close()
+
+    for sink in pending:
+        add = getattr(sink, "add_callback", None)
+        if add is not None:
+            added = add(one_ended)
+        elif not sink.done:
+            sink.callbacks.append(one_ended)
+            added = True
+        else:
+            added = False
+        if not added:
+            one_ended()
 
 
 def connect_error(target: str, exc: RpcError) -> RpcError:
@@ -389,12 +456,38 @@ class ServerCallCore:
             self.finished = True
         return flags
 
+    def _unsent(self, flags: int) -> None:
+        """The record `_flags` gave `flags` to never went out (the app's send refused it,
+        e.g. over max_record with its header): undo what `_flags` noted, so the error status
+        that follows still opens and ends the call instead of being skipped as a second END."""
+        if flags & R.F_START:
+            self.initial_sent = False
+        if flags & R.F_END:
+            self.finished = False
+
     def _record(self, flags: int, payload: bytes | None, ctx: "ContextCore", code: StatusCode, details: str) -> wire.RecordParts:
-        return wire.response_parts(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
+        try:
+            return wire.response_parts(self.handle, self.call_id, flags, payload, ctx._initial, code, details, ctx._trailing)
+        except R.RecordError as exc:
+            # Initial + trailing metadata + details over MAX_META (each was checked alone):
+            # the call must still end, as grpc's does (RESOURCE_EXHAUSTED), not go unanswered.
+            err = RpcError(StatusCode.RESOURCE_EXHAUSTED, f"response metadata too large: {exc}")
+            if not flags & R.F_END:
+                raise err from None  # the handler's send fails; its END comes here again
+            return wire.response_parts(self.handle, self.call_id, flags, None, (), err.code(), err.details(), ())
 
     def _expired_record(self) -> bytes:
         """DEADLINE_EXCEEDED from the server itself (the client may not have noticed yet)."""
-        return wire.response_record(self.handle, self.call_id, R.F_END | (0 if self.initial_sent else R.F_START), None, code=StatusCode.DEADLINE_EXCEEDED, details="Deadline Exceeded")
+        return self._end_record(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def _end_record(self, code: StatusCode, details: str) -> bytes:
+        """A status from the server library itself, ending a call its handler never ended
+        (deadline passed, server stopped)."""
+        return wire.response_record(self.handle, self.call_id, R.F_END | (0 if self.initial_sent else R.F_START), None, code=code, details=details)
+
+
+# What the client of a call still running when its server stops gets (grpc: UNAVAILABLE).
+SERVER_STOPPED = (StatusCode.UNAVAILABLE, "Cancelling all calls: the server stopped")
 
 
 class ContextCore:
@@ -408,7 +501,7 @@ class ContextCore:
         self._trailing: list = []
 
     def invocation_metadata(self) -> tuple:
-        return self._call.metadata
+        return metadata_tuple(self._call.metadata)
 
     def peer(self) -> str:
         return f"mrpcd:{self._call.handle}"
@@ -431,7 +524,7 @@ class ContextCore:
         self._trailing = wire.check_metadata(metadata)
 
     def trailing_metadata(self) -> tuple:
-        return tuple(self._trailing)
+        return metadata_tuple(self._trailing)
 
     def set_code(self, code: StatusCode | int) -> None:
         self._code = wire.coerce_code(code)
@@ -455,6 +548,35 @@ class ContextCore:
 
     def _final_code(self) -> StatusCode:
         return self._code or StatusCode.OK
+
+    # grpc's transport-security and compression knobs: the daemon owns transport and
+    # security (its TLS config) here, so these answer as grpc does for an insecure
+    # channel without compression, rather than fail a handler ported from grpc.
+    def auth_context(self) -> dict:
+        return {}
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer_identity_key(self) -> None:
+        return None
+
+    def set_compression(self, compression: Any) -> None:
+        pass
+
+    def disable_next_message_compression(self) -> None:
+        pass
+
+
+_server_log = logging.getLogger("mrpcd.server")
+
+
+def log_failure(exc: Exception, path: str) -> None:
+    """Log a handler's unexpected exception with its traceback, as grpc does ('Exception
+    calling application'): the client sees only the status, and without this the server
+    would leave no trace of the bug. An abort or a request over the limit is no bug."""
+    if not isinstance(exc, (AbortError, TooLarge)):
+        _server_log.error("Exception calling application %s: %s", path, exc, exc_info=exc)
 
 
 def failure_status(exc: Exception, ctx: ContextCore) -> tuple[StatusCode, str]:

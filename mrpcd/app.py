@@ -88,9 +88,13 @@ class App:
             raise DaemonUnavailable("mrpcd did not hand over the shared memory and wake-up fds")
         shm_fd, daemon_fd, app_fd = fds
         self.app_id = reply["app_id"]
-        self.max_record = reply["max_record"]
         self.rings = ringmod.RingPair.attach(shm_fd, reply["shm_size"])
         self.tx, self.rx = self.rings.tx, self.rings.rx
+        # The daemon's max_record may be more than one ring can hold (the defaults: 16 MiB
+        # records, 4 MiB rings). A bigger record could never be pushed nor received, so
+        # the app's limit is the smaller one: message limits and send checks then answer
+        # RESOURCE_EXHAUSTED instead of the ring's ValueError (or a response never sent).
+        self.max_record = min(reply["max_record"], self.tx.max_record, self.rx.max_record)
         self.daemon_waker = ringmod.Waker(daemon_fd)
         self.app_waker = ringmod.Waker(app_fd)
         self._tx_lock = threading.Lock()

@@ -11,15 +11,16 @@ without bound; request streams wait for the server's credit likewise.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
-from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, connect_error
+from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from .app import App, default_app
 from .marshal import records as R
-from .status import RpcError, StatusCode
+from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -190,6 +191,21 @@ class _Rendezvous(RpcError):
         self._have_response = False
         self._lock = threading.Lock()
 
+    def __del__(self) -> None:
+        """Dropped while running (a response iterator left midway, a future nobody keeps):
+        cancel the call, as grpc does, or the server would go on for nobody (a stream
+        without a deadline: for ever) and the call would stay in the app's table."""
+        call = getattr(self, "_call", None)
+        if call is not None and not call.done and not sys.is_finalizing():  # (no thread starts then)
+            # On a thread of its own: a collection can run this anywhere, even in a thread
+            # that holds the app's tx lock, which the cancel's send takes (rare: only calls
+            # dropped while running pay for the thread).
+            try:
+                threading.Thread(target=call.cancel, args=(StatusCode.CANCELLED, "Cancelled upon garbage collection!"),
+                                 name="mrpcd-gc-cancel", daemon=True).start()
+            except Exception:
+                pass  # interpreter shutdown: nothing is left to tell
+
     # grpc.Call
     def code(self) -> StatusCode:
         self._call.wait_done()
@@ -203,11 +219,11 @@ class _Rendezvous(RpcError):
         c = self._call
         with c._cond:
             c._wait(lambda: c.got_initial, c.deadline)
-        return tuple(c.initial)
+        return metadata_tuple(c.initial)
 
     def trailing_metadata(self) -> tuple:
         self._call.wait_done()
-        return tuple(self._call.trailing)
+        return metadata_tuple(self._call.trailing)
 
     def is_active(self) -> bool:
         return not self._call.done
@@ -248,6 +264,8 @@ class _Rendezvous(RpcError):
 
     def result(self, timeout: float | None = None) -> Any:
         self._wait_future(timeout)
+        if self._call.cancelled_locally:
+            raise FutureCancelledError()
         self._collect()
         if self._call.code is not StatusCode.OK:
             raise self._as_error()
@@ -255,6 +273,8 @@ class _Rendezvous(RpcError):
 
     def exception(self, timeout: float | None = None) -> RpcError | None:
         self._wait_future(timeout)
+        if self._call.cancelled_locally:
+            raise FutureCancelledError()
         self._collect()
         return None if self._call.code is StatusCode.OK else self._as_error()
 
@@ -263,9 +283,7 @@ class _Rendezvous(RpcError):
 
     def _wait_future(self, timeout: float | None) -> None:
         if not self._call.wait_done(timeout):
-            from concurrent.futures import TimeoutError as FutureTimeout
-
-            raise FutureTimeout()
+            raise FutureTimeoutError()
 
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
         if not self._call.add_callback(lambda: fn(self)):
@@ -305,7 +323,7 @@ class _MultiCallable(MultiCallableCore):
 
     def _start(self, first: Any, end: bool, timeout: float | None, metadata) -> _ClientCall:
         app = self._channel.app
-        meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
+        meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         handle = self._channel._ensure_handle()
         call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         try:
@@ -401,6 +419,7 @@ class Channel(ChannelCore):
         self.app = app or default_app()
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._handle: int | None = None
+        self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -417,20 +436,41 @@ class Channel(ChannelCore):
                 except RpcError as exc:
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
-                self.app.handle_listeners.setdefault(self._handle, []).append(self._on_lost)
+                self._listener = lost_listener(self)
+                self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
             return self._handle
 
     def _on_lost(self, details: str) -> None:
         with self._lock:
             self._handle = None
 
+    def __del__(self) -> None:
+        """Dropped without close(): free the daemon connection once its calls end."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not self._closed and not sys.is_finalizing():  # (exit closes it; no thread starts then)
+            try:  # not here: a collection may run this in a thread holding a call's lock
+                threading.Thread(target=close_dropped_handle, args=(self.app, handle), name="mrpcd-channel-close", daemon=True).start()
+            except RuntimeError:
+                pass  # interpreter shutdown: the app's exit closes it
+
     def close(self) -> None:
+        """Close the connection; the channel's calls in flight end with CANCELLED at once
+        (grpc's 'Channel closed!'; their servers see the connection close)."""
         with self._lock:
             self._closed = True
             handle, self._handle = self._handle, None
-        if handle is not None and not self.app.closed:
+        if handle is None:
+            return
+        app = self.app
+        listeners = app.handle_listeners.get(handle)
+        if listeners is not None and self._listener in listeners:
+            listeners.remove(self._listener)
+        for key, sink in list(app.calls.items()):
+            if key[0] == handle:
+                sink.lost(StatusCode.CANCELLED, "Channel closed!")
+        if not app.closed:
             try:
-                self.app.call("close", handle=handle)
+                app.call("close", handle=handle)
             except RpcError:
                 pass
 
@@ -439,6 +479,102 @@ class Channel(ChannelCore):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _ChannelReadyFuture:
+    """grpc.channel_ready_future's Future: done once the channel is connected. While the
+    target cannot be reached (UNAVAILABLE) a helper thread tries again, backing off to
+    1 s, as grpc waits for READY; result(timeout) raises FutureTimeoutError meanwhile.
+    Other errors (a malformed target, a closed channel) end it with that exception."""
+
+    def __init__(self, channel: Any) -> None:
+        self._channel = channel
+        self._cond = threading.Condition()
+        self._done = False
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Any], None]] = []
+        threading.Thread(target=self._run, name="mrpcd-channel-ready", daemon=True).start()
+
+    def _run(self) -> None:
+        delay = 0.05
+        error: BaseException | None = None
+        while not self._cancelled:
+            try:
+                self._channel._ensure_handle()
+                break
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE:
+                    error = exc
+                    break
+            except Exception as exc:
+                error = exc
+                break
+            with self._cond:
+                self._cond.wait_for(lambda: self._cancelled, delay)
+            delay = min(delay * 2, 1.0)
+        self._finish(error, cancelled=False)
+
+    def _finish(self, error: BaseException | None, cancelled: bool) -> bool:
+        with self._cond:
+            if self._done:
+                return False
+            self._done, self._error = True, error
+            self._cancelled = self._cancelled or cancelled
+            callbacks, self._callbacks = self._callbacks, []
+            self._cond.notify_all()
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                pass
+        return True
+
+    def cancel(self) -> bool:
+        with self._cond:
+            if self._done:
+                return False
+            self._cancelled = True
+        return self._finish(None, cancelled=True)
+
+    def cancelled(self) -> bool:
+        return self._cancelled and self._done
+
+    def running(self) -> bool:
+        return not self._done
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, timeout: float | None = None) -> None:
+        error = self.exception(timeout)
+        if error is not None:
+            raise error
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise FutureTimeoutError()
+        if self._cancelled:
+            raise FutureCancelledError()
+        return self._error
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        error = self.exception(timeout)
+        return None if error is None else error.__traceback__
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._cond:
+            if not self._done:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+
+def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
+    """Like grpc.channel_ready_future: a Future done once `channel` is connected (the
+    daemon has a connection to its target), e.g. `.result(timeout=10)` before the first call."""
+    return _ChannelReadyFuture(channel)
 
 
 def insecure_channel(target: str, options: Any = None, app: App | None = None) -> Channel:

@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 from . import flow, wire
-from ._calls import ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, parts_serializer
+from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure, parts_serializer
 from .app import App, default_app
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
 from .marshal import records as R
-from .status import RpcError, StatusCode
+from .status import RpcError, StatusCode, metadata_tuple
 
 log = logging.getLogger("mrpcd.server")
 
@@ -55,8 +55,9 @@ class _ServerCall(ServerCallCore):
             if self._credit.grant(n):
                 self._cond.notify_all()
 
-    def cancel(self, expired: bool = False) -> None:
-        """The call is over for the handler: client cancel, lost peer, or deadline."""
+    def cancel(self, expired: bool = False, status: "tuple[StatusCode, str] | None" = None) -> None:
+        """The call is over for the handler: client cancel, lost peer, deadline, or the
+        server stopping (`status`: what the client is told, since it is still there)."""
         with self._cond:
             if self.cancelled or self.finished:
                 return
@@ -64,14 +65,34 @@ class _ServerCall(ServerCallCore):
             self.expired = expired
             callbacks, self._callbacks = self._callbacks, []
             self._cond.notify_all()
+            if expired:  # the client may not have noticed yet (clock skew, lost CANCEL): tell it
+                status = (StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            record = None if status is None else self._end_record(*status)
         self.server._forget(self)
-        if expired:  # the client may not have noticed yet (clock skew, lost CANCEL): tell it
-            self.app.try_send(self._expired_record())
+        if record is not None:
+            if expired:  # the deadline thread never waits for ring room
+                self.app.try_send(record)
+            else:
+                try:
+                    self.app.send(record, 1.0)
+                except RpcError:
+                    pass  # the app's link to the daemon is gone: the client hears of it there
         for cb in callbacks:
             try:
                 cb()
             except Exception:
                 pass
+
+    def run_end_callbacks(self) -> None:
+        """The handler is done (the call answered or failed): run the callbacks a cancel
+        has not run already (grpc's add_callback: 'called on RPC termination')."""
+        with self._cond:
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("server call callback failed")
 
     def next_request(self) -> Any:
         with self._cond:
@@ -108,18 +129,28 @@ class _ServerCall(ServerCallCore):
             flags = self._flags(flags)
         if flags & R.F_END:
             self.server._forget(self)
-        self.app.send(self._record(flags, payload, ctx, code, details), self.deadline.remaining() if self.deadline.at else 30.0)
+        try:
+            self.app.send(self._record(flags, payload, ctx, code, details), self.deadline.remaining() if self.deadline.at else 30.0)
+        except BaseException:
+            with self._cond:
+                self._unsent(flags)
+            raise
 
 
-class _Cancelled(Exception):
-    pass
+class _Cancelled(RpcError):
+    """What a cancelled call's request iterator raises in its handler: an RpcError
+    (CANCELLED), as grpc's does, so handlers that catch grpc.RpcError to clean up port."""
+
+    def __init__(self) -> None:
+        super().__init__(StatusCode.CANCELLED, "Cancelled")
 
 
 class ServicerContext(ContextCore):
     """What a handler sees of its call; method names and meaning follow grpc.ServicerContext."""
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        """Run `callback` when the call is cancelled or expires; False if it already ended."""
+        """Run `callback` when the call ends (answered, failed, cancelled or expired), as
+        grpc does; False if it already ended."""
         call = self._call
         with call._cond:
             if call.cancelled or call.finished:
@@ -128,7 +159,8 @@ class ServicerContext(ContextCore):
             return True
 
     def cancel(self) -> None:
-        self._call.cancel()
+        """Cancel the call: the handler sees it end, and so does the client (CANCELLED)."""
+        self._call.cancel(status=(StatusCode.CANCELLED, "Cancelled"))
 
     def send_initial_metadata(self, metadata) -> None:
         self._set_initial(metadata)
@@ -272,7 +304,8 @@ class Server(ServerCore):
         self._pool = thread_pool or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mrpcd-server")
         self._init_core(app, interceptors, options)
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # no new calls
+        self._terminated = threading.Event()  # stopped: the calls in flight are over too
         self._idle = threading.Condition(self._lock)
         self._deadlines = _Deadlines()
         self._queue: deque[_ServerCall] = deque()  # admitted calls no runner has taken yet
@@ -437,7 +470,7 @@ class Server(ServerCore):
                 return
             handler = call.handler
             if self._interceptors:
-                handler = resolve_handler(self._interceptors, HandlerCallDetails(call.path, call.metadata), handler)
+                handler = resolve_handler(self._interceptors, HandlerCallDetails(call.path, metadata_tuple(call.metadata)), handler)
                 if handler is None:
                     call.send(R.F_END, None, ctx, StatusCode.UNIMPLEMENTED, "Method not found!")
                     return
@@ -458,6 +491,7 @@ class Server(ServerCore):
         except _Cancelled:
             pass
         except Exception as exc:
+            log_failure(exc, call.path)
             try:
                 call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
             except RpcError:
@@ -466,33 +500,51 @@ class Server(ServerCore):
             if not call.finished and not call.cancelled:
                 call.finished = True
                 self._forget(call)
+            if call._callbacks:  # grpc runs them on termination, not only on cancellation
+                call.run_end_callbacks()
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Stop taking calls; running ones get `grace` seconds, then are cancelled."""
+        """Stop taking calls; running ones get `grace` seconds, then are cancelled.
+
+        As in grpc, with a grace this returns at once (a handler may stop its own server
+        and still answer): the Event it returns is set once the server has stopped. The
+        grace runs in a non-daemon thread, so a program that exits right after stop()
+        still gives its calls their grace, as with grpc."""
         self._stopped.set()
-        with self._lock:
+        done = threading.Event()
+
+        def finish() -> None:
             if grace:
-                self._idle.wait_for(lambda: not self._calls, grace)
+                with self._lock:
+                    self._idle.wait_for(lambda: not self._calls, grace)
+            self._cancel_all(SERVER_STOPPED)  # the clients are still there: tell them, as grpc does
+            done.set()
+            self._terminated.set()
+
+        if grace:
+            threading.Thread(target=finish, name="mrpcd-server-stop").start()
+        else:
+            finish()
+        return done
+
+    def _cancel_all(self, status: "tuple[StatusCode, str] | None") -> None:
+        with self._lock:
             calls = list(self._calls.values())
         for call in calls:
-            call.cancel()
+            call.cancel(status=status)
         self._deadlines.close()
-        done = threading.Event()
-        done.set()
-        return done
 
     def app_closed(self) -> None:
         """The app left the daemon (App.close): no call can be answered any more; cancel
         them for their handlers and end the deadline thread."""
         self._stopped.set()
-        with self._lock:
-            calls = list(self._calls.values())
-        for call in calls:
-            call.cancel()
-        self._deadlines.close()
+        self._cancel_all(None)
+        self._terminated.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self._stopped.wait(timeout)
+        """Block until the server has stopped (stop() and its grace are over, or the app
+        closed); as grpc's, returns True if `timeout` ran out first, False otherwise."""
+        return not self._terminated.wait(timeout)
 
 
 def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:

@@ -1,8 +1,9 @@
 """gRPC's status codes and the errors an RPC raises, so code written for grpcio ports as is."""
 from __future__ import annotations
 
+import concurrent.futures
 import enum
-from typing import Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 
 class StatusCode(enum.Enum):
@@ -41,6 +42,18 @@ _BY_INT = {c.value[0]: c for c in StatusCode}
 Metadata = Sequence[tuple[str, "str | bytes"]]
 
 
+class Metadatum(NamedTuple):
+    """One metadata pair as grpc hands it out: a (key, value) tuple with .key and .value."""
+
+    key: str
+    value: "str | bytes"
+
+
+def metadata_tuple(pairs: Iterable) -> tuple:
+    """Metadata as grpc's accessors return it: a tuple of Metadatum (equal to plain pairs)."""
+    return tuple(Metadatum(k, v) for k, v in pairs)
+
+
 class RpcError(Exception):
     """Raised by a failed call; like grpc.RpcError it is also the call: code(), details(), metadata."""
 
@@ -64,10 +77,10 @@ class RpcError(Exception):
         return self._details
 
     def trailing_metadata(self) -> tuple:
-        return self._trailing
+        return metadata_tuple(self._trailing)
 
     def initial_metadata(self) -> tuple:
-        return self._initial
+        return metadata_tuple(self._initial)
 
     def __repr__(self) -> str:
         return f"<RpcError {self._code.name}: {self._details!r}>"
@@ -75,3 +88,11 @@ class RpcError(Exception):
 
 class AbortError(Exception):
     """Raised inside a handler by context.abort(); the server turns it into the status."""
+
+
+class FutureTimeoutError(concurrent.futures.TimeoutError):
+    """grpc.FutureTimeoutError: a call future's result()/exception() ran out of `timeout`."""
+
+
+class FutureCancelledError(concurrent.futures.CancelledError):
+    """grpc.FutureCancelledError: result()/exception() of a call future that was cancelled."""

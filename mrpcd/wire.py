@@ -19,12 +19,21 @@ _TRAILERS = (":trailers", "")
 _TRAILERS_ONLY = R.encode_metadata([_TRAILERS], internal=True)
 
 
+# Longest timeout kept as given (~31 years): more (float('inf') included) is the same in
+# practice, and would overflow the wire's u64 or a lock's wait (threading.TIMEOUT_MAX).
+MAX_TIMEOUT = 1e9
+
+
 def deadline_us(timeout: float | None) -> int:
     """Remaining time in microseconds as carried on the wire (0 = no deadline)."""
     if timeout is None:
         return 0
     if timeout <= 0:
         return 1
+    if not timeout < MAX_TIMEOUT:  # huge or inf (or NaN, which no comparison passes)
+        if timeout != timeout:
+            raise ValueError("timeout must be a number of seconds, got NaN")
+        timeout = MAX_TIMEOUT
     return max(1, int(timeout * 1e6))
 
 

@@ -14,10 +14,10 @@ import asyncio
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import wire
-from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, connect_error
+from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails
 from ..marshal import records as R
-from ..status import RpcError, StatusCode
+from ..status import RpcError, StatusCode, metadata_tuple
 from ._app import AioApp, default_app
 
 _DEADLINE = "Deadline Exceeded"
@@ -125,6 +125,24 @@ class AioRpcError(RpcError):
     """grpc.aio.AioRpcError: what a failed asyncio call raises."""
 
 
+class _NoApp:
+    """Where a call that never started is (briefly) registered: no app's table."""
+
+    def __init__(self) -> None:
+        self.calls: dict = {}
+
+
+class _FailedStart(_CallState):
+    """A call that could not start (the channel could not connect, the ring refused its
+    first record): over at once with that error, so awaiting it raises AioRpcError and
+    code() / details() answer, as grpc.aio shows a call that failed to connect."""
+
+    def __init__(self, exc: RpcError) -> None:
+        super().__init__(_NoApp(), 0, 0, bytes, 0, None)  # type: ignore[arg-type]
+        self.initial, self.trailing = list(exc.initial_metadata()), list(exc.trailing_metadata())
+        self.end(exc.code(), exc.details())
+
+
 class _Call:
     """Common grpc.aio.Call surface over a call that is being started by a task, or that
     started already (`state`: its first record is in the ring)."""
@@ -134,8 +152,23 @@ class _Call:
         self._cancel_requested = False
         self._start_task = loop.create_task(self._start(starter)) if state is None else None
 
+    def __del__(self) -> None:
+        """Dropped while running (a response stream left midway, a call never awaited):
+        cancel it, as grpc.aio does, or the server would go on for nobody."""
+        state = getattr(self, "_state", None)
+        if state is not None and not state.done:
+            # Soon, on the loop: a collection can run this anywhere, even inside the app's
+            # tx lock, which the cancel's send takes.
+            try:
+                state.app.loop.call_soon_threadsafe(state.cancel, StatusCode.CANCELLED, "Cancelled upon garbage collection!")
+            except Exception:
+                pass  # the loop is closed: nothing is left to tell
+
     async def _start(self, starter) -> _CallState:
-        state = await starter
+        try:
+            state = await starter
+        except RpcError as exc:  # no connection, record refused: a call that failed with it
+            state = _FailedStart(exc)
         self._state = state
         if self._cancel_requested:
             state.cancel()
@@ -187,19 +220,27 @@ class _Call:
     async def initial_metadata(self) -> tuple:
         s = await self._get()
         await s._wait_for(lambda: s.got_initial)
-        return tuple(s.initial)
+        return metadata_tuple(s.initial)
 
     async def trailing_metadata(self) -> tuple:
         s = await self._get()
         await s.wait_done()
-        return tuple(s.trailing)
+        return metadata_tuple(s.trailing)
 
     async def wait_for_connection(self) -> None:
-        await self._get()
+        """Until the call has started; raises AioRpcError if it could not (grpc.aio)."""
+        state = await self._get()
+        if type(state) is _FailedStart:
+            raise state.error()
 
 
 class UnaryResponseCall(_Call):
     """A unary-response call: `await call` gives the response (or raises AioRpcError)."""
+
+    # The response once taken: a call may be awaited again (an interceptor awaited it, then
+    # the application), as in grpc.aio, and each await gives the same response.
+    _taken = False
+    _response: Any = None
 
     def __await__(self):
         return self._result().__await__()
@@ -207,11 +248,14 @@ class UnaryResponseCall(_Call):
     async def _result(self) -> Any:
         s = await self._get()
         try:
-            try:
-                response = await s.next_message()
-            except StopAsyncIteration:
-                s.end(StatusCode.INTERNAL, "the server ended the call without a response")
-                raise s.error() from None
+            if not self._taken:
+                try:
+                    self._response = await s.next_message()
+                    self._taken = True
+                except StopAsyncIteration:
+                    if not self._taken:  # (else another await took it meanwhile)
+                        s.end(StatusCode.INTERNAL, "the server ended the call without a response")
+                        raise s.error() from None
             await s.wait_done()
         except asyncio.CancelledError:
             s.cancel()
@@ -220,7 +264,7 @@ class UnaryResponseCall(_Call):
             if s.cancelled_locally:
                 raise asyncio.CancelledError()
             raise s.error()
-        return response
+        return self._response
 
 
 class StreamResponseCall(_Call):
@@ -395,7 +439,7 @@ class _AioMultiCallable(MultiCallableCore):
         for schema in self._schemas:
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
-        meta, payload, dl, deadline = self._prepare(first, timeout, metadata)
+        meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         handle = await ch._ensure_handle()
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
         try:
@@ -483,11 +527,31 @@ class Channel(ChannelCore):
         from ._interceptors import check_client_interceptors
 
         self.target = target
-        self.app = app or default_app()
-        self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
+        self._options = options
+        wire.message_limits(options, 1 << 30)  # a bad option is an error here, where it is given
         self._interceptors = check_client_interceptors(interceptors)
         self._handle: int | None = None
+        self._listener: Callable[[str], None] | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
+        if app is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return  # made before the loop runs (as grpc.aio allows): the app comes on first use
+        self._bind(app or default_app())
+
+    def _bind(self, app: AioApp) -> None:
+        self.app = app
+        self._max_send, self._max_receive = wire.message_limits(self._options, app.max_record)
+
+    def __getattr__(self, name: str) -> Any:
+        """A channel made outside a running loop takes the loop's app when first used
+        inside it; from then on these are plain attributes (nothing on the call path)."""
+        if name in ("app", "_max_send", "_max_receive"):
+            self._bind(default_app())  # RuntimeError outside a running loop, as before
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _intercept(self, kind: str, invoke: Callable[[ClientCallDetails, Any], Any], details: ClientCallDetails, request: Any) -> Any:
         if not self._interceptors:
@@ -500,23 +564,70 @@ class Channel(ChannelCore):
         if self._handle is not None:
             return self._handle
         async with self._lock:
+            if self._closed:
+                raise AioRpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
                 try:
                     reply = await self.app.call_async("connect", target=self.target)
                 except RpcError as exc:
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
-                self.app.handle_listeners.setdefault(self._handle, []).append(self._on_lost)
+                self._listener = lost_listener(self)
+                self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
             return self._handle
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
 
-    async def close(self, grace: float | None = None) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None and not self.app.closed:
+    def __del__(self) -> None:
+        """Dropped without close(): free the daemon connection once its calls end."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not self._closed:
+            try:  # on the loop, where the calls' callbacks live
+                self.app.loop.call_soon_threadsafe(close_dropped_handle, self.app, handle)
+            except RuntimeError:
+                pass  # the loop is closed: the app's close frees it
+
+    async def channel_ready(self) -> None:
+        """Until the channel is connected (grpc.aio's channel_ready: until READY). While
+        the target cannot be reached (UNAVAILABLE) it tries again, backing off to 1 s, as
+        grpc waits; bound it with asyncio.wait_for. Other errors (a malformed target, a
+        closed channel) are raised."""
+        delay = 0.05
+        while True:
             try:
-                await self.app.call_async("close", handle=handle)
+                await self._ensure_handle()
+                return
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel (grpc.aio): calls still in flight after `grace` seconds are
+        cancelled (awaiting them raises CancelledError; their servers see the connection
+        close), and the channel takes no new calls."""
+        self._closed = True
+        app = self.app
+        handle = self._handle
+        if handle is not None and grace:
+            end = app.loop.time() + grace
+            while any(key[0] == handle for key in app.calls) and app.loop.time() < end:
+                await asyncio.sleep(0.01)
+        handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        listeners = app.handle_listeners.get(handle)
+        if listeners is not None and self._listener in listeners:
+            listeners.remove(self._listener)
+        for key, sink in list(app.calls.items()):
+            if key[0] == handle:
+                sink.cancelled_locally = True  # grpc.aio: as if the application cancelled it
+                sink.lost(StatusCode.CANCELLED, "Channel closed!")
+        if not app.closed:
+            try:
+                await app.call_async("close", handle=handle)
             except RpcError:
                 pass
 

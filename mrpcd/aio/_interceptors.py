@@ -95,19 +95,58 @@ class _Intercepted:
             inner.cancel()
         return inner
 
+    def _settled(self) -> Any:
+        """The call the interceptors produced, once they have; None before that, or when
+        they raised (then the call is over: awaiting it raises their error)."""
+        task = self._task
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
+
     def cancel(self) -> bool:
-        if self._task.done() and hasattr(self._task.result(), "cancel"):
-            return self._task.result().cancel()
+        inner = self._settled()
+        if inner is not None and hasattr(inner, "cancel"):
+            return inner.cancel()
+        if self._task.done():
+            return False  # failed, or answered by the interceptor itself: nothing to cancel
         self._cancel_requested = True
         return True
 
     def cancelled(self) -> bool:
-        if self._task.done() and hasattr(self._task.result(), "cancelled"):
-            return self._task.result().cancelled()
+        inner = self._settled()
+        if inner is not None and hasattr(inner, "cancelled"):
+            return inner.cancelled()
         return self._cancel_requested
 
     def done(self) -> bool:
-        return self._task.done() and (not hasattr(self._task.result(), "done") or self._task.result().done())
+        if not self._task.done():
+            return False
+        inner = self._settled()
+        return inner is None or not hasattr(inner, "done") or inner.done()
+
+    def time_remaining(self) -> float | None:
+        inner = self._settled()
+        return inner.time_remaining() if inner is not None and hasattr(inner, "time_remaining") else None
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """grpc.aio: `callback(call)` once the call is over (given this intercepted call)."""
+        async def attach() -> None:
+            try:
+                inner = await self._inner()
+            except BaseException:
+                callback(self)  # the interceptors failed: the call is over
+                return
+            if hasattr(inner, "add_done_callback"):
+                inner.add_done_callback(lambda _inner: callback(self))
+            else:
+                callback(self)  # an interceptor's own response: over already
+
+        asyncio.ensure_future(attach())
+
+    async def wait_for_connection(self) -> None:
+        inner = await self._inner()
+        if hasattr(inner, "wait_for_connection"):
+            await inner.wait_for_connection()
 
     async def code(self):
         return await (await self._inner()).code()

@@ -12,10 +12,10 @@ import inspect
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import flow, wire
-from .._calls import ContextCore, ServerCallCore, ServerCore, failure_status
+from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, failure_status, log_failure
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
-from ..status import StatusCode
+from ..status import StatusCode, metadata_tuple
 from ._app import AioApp, default_app
 from ._interceptors import ServerInterceptor, resolve_handler
 
@@ -43,9 +43,13 @@ class _ServerCall(ServerCallCore):
         self.app.send_nowait(self._expired_record())
         self.cancel()
 
-    def cancel(self) -> None:
+    def cancel(self, status: "tuple[StatusCode, str] | None" = None) -> None:
+        """The call is over for the handler; `status`: what the client is told (the server
+        stopping), None when it knows already (it cancelled) or is gone."""
         if self.cancelled or self.finished:
             return
+        if status is not None:
+            self.app.send_nowait(self._end_record(*status))
         self.cancelled = True
         if self._timer is not None:
             self._timer.cancel()
@@ -94,7 +98,11 @@ class _ServerCall(ServerCallCore):
             if self._timer is not None:
                 self._timer.cancel()
             self.server._forget(self)
-        await self.app.send_async(self._record(flags, payload, ctx, code, details))
+        try:
+            await self.app.send_async(self._record(flags, payload, ctx, code, details))
+        except BaseException:
+            self._unsent(flags)
+            raise
 
 
 class ServicerContext(ContextCore):
@@ -117,6 +125,10 @@ class ServicerContext(ContextCore):
             self._trailing = wire.check_metadata(trailing_metadata)
         raise err
 
+    async def abort_with_status(self, status: Any) -> None:
+        """grpc.aio: abort with a grpc.Status-like object (code, details, trailing_metadata)."""
+        await self.abort(status.code, status.details, getattr(status, "trailing_metadata", ()) or ())
+
     async def write(self, message: Any) -> None:
         await self._call.send(0, self._call.server._serialize(self._call.handler, message), self)
 
@@ -134,7 +146,8 @@ class Server(ServerCore):
     def __init__(self, app: AioApp | None = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None) -> None:
         self._init_core(app or default_app(), interceptors, options)
         self._contexts: dict[int, ServicerContext] = {}
-        self._stopped = asyncio.Event()
+        self._stopped = asyncio.Event()  # no new calls
+        self._terminated = asyncio.Event()  # stopped: the calls in flight are over too
         self.app.servers.append(self)
 
     async def start(self) -> None:
@@ -153,6 +166,7 @@ class Server(ServerCore):
         self._stopped.set()
         for call in list(self._calls.values()):
             call.cancel()
+        self._terminated.set()
 
     def _forget(self, call: _ServerCall) -> None:
         self._calls.pop((call.handle, call.call_id), None)
@@ -166,7 +180,7 @@ class Server(ServerCore):
                 return
             handler = call.handler
             if self._interceptors:
-                handler = await resolve_handler(self._interceptors, HandlerCallDetails(call.path, call.metadata), handler)
+                handler = await resolve_handler(self._interceptors, HandlerCallDetails(call.path, metadata_tuple(call.metadata)), handler)
                 if handler is None:
                     await call.send(R.F_END, None, ctx, StatusCode.UNIMPLEMENTED, "Method not found!")
                     return
@@ -192,12 +206,21 @@ class Server(ServerCore):
         except asyncio.CancelledError:
             call.cancel()
         except Exception as exc:
+            log_failure(exc, call.path)
             await call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
         finally:
             self._contexts.pop(id(call), None)
             if not call.finished and not call.cancelled:
                 call.finished = True
                 self._forget(call)
+            if call.callbacks and not call.cancelled:  # (a cancel ran them already)
+                # grpc.aio runs done callbacks on termination, not only on cancellation
+                callbacks, call.callbacks = call.callbacks, []
+                for cb in callbacks:
+                    try:
+                        cb(ctx)
+                    except Exception:
+                        pass
 
     async def stop(self, grace: float | None) -> None:
         self._stopped.set()
@@ -206,14 +229,17 @@ class Server(ServerCore):
             while self._calls and self.app.loop.time() < end:
                 await asyncio.sleep(0.01)
         for call in list(self._calls.values()):
-            call.cancel()
+            call.cancel(SERVER_STOPPED)  # the clients are still there: tell them, as grpc does
+        self._terminated.set()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Until the server has stopped (stop() and its grace are over, or the app closed);
+        as grpc.aio's, returns True if `timeout` ran out first, False otherwise."""
         try:
-            await asyncio.wait_for(self._stopped.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(self._terminated.wait(), timeout)
             return False
+        except asyncio.TimeoutError:
+            return True
 
 
 def server(migration_thread_pool: Any = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: AioApp | None = None, **_ignored: Any) -> Server:
