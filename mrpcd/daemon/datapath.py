@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .session import AppSession
 
 log = logging.getLogger("mrpcd.datapath")
+INTERNAL = 13  # grpc status code
 
 
 class Engine:
@@ -47,6 +48,7 @@ class Datapath:
         self.engines: list[Engine] = []
         self._send_out = send_out
         self._deliver_in = deliver_in
+        self._failures: dict[str, int] = {}  # engine instance name -> batches it raised on
 
     def outbound(self, batch: list[R.Record]) -> None:
         self.outbound_from(0, batch)
@@ -60,7 +62,11 @@ class Datapath:
         for i in range(max(0, index), len(engines)):
             if not batch:
                 return
-            batch = engines[i].outbound(batch)
+            try:
+                batch = engines[i].outbound(batch)
+            except (Exception, SystemExit) as exc:
+                self.engine_failed(engines[i], "outbound", batch, exc)
+                return
         if batch:
             self._send_out(batch)
 
@@ -70,7 +76,11 @@ class Datapath:
         for i in range(min(index, len(engines) - 1), -1, -1):
             if not batch:
                 return
-            batch = engines[i].inbound(batch)
+            try:
+                batch = engines[i].inbound(batch)
+            except (Exception, SystemExit) as exc:
+                self.engine_failed(engines[i], "inbound", batch, exc)
+                return
         if batch:
             self._deliver_in(batch)
 
@@ -89,6 +99,27 @@ class Datapath:
         except ValueError:
             index = -1
         self.inbound_from(index, batch)
+
+    def engine_failed(self, engine: Engine, direction: str, batch: list[R.Record], exc: BaseException) -> None:
+        """An engine (e.g. a buggy policy module) raised on a batch: fail the batch's calls.
+
+        Why here: the records were already popped from the ring or the socket, so letting the
+        exception escape would drop them silently (the calls hang until their deadline) and
+        abort the pump that wakes the app. Every call with a record in the batch ends with
+        INTERNAL on both sides instead; the chain stays as it is for the next batch (the
+        operator detaches or upgrades the engine)."""
+        name = getattr(engine, "instance_name", engine.name)
+        failures = self._failures[name] = self._failures.get(name, 0) + 1
+        count = getattr(engine, "count", None)
+        if callable(count):
+            try:
+                count("engine_errors")
+            except Exception:
+                pass
+        if failures & (failures - 1) == 0:  # 1st, 2nd, 4th, ...: a broken engine must not flood the log
+            log.error("app %s: engine %s raised on an %s batch (failure %d); its %d records' calls fail with INTERNAL",
+                      self.session.name, name, direction, failures, len(batch), exc_info=exc)
+        self.session.fail_calls(batch, INTERNAL, f"mrpcd: policy {name} failed: {type(exc).__name__}: {exc}")
 
     def reply_error(self, rec: R.Record, code: int, details: str) -> None:
         """Answer a client's request record with a final status, without it leaving the host."""

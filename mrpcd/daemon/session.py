@@ -365,6 +365,34 @@ class AppSession:
         """Push records straight to the app's rx ring (no inbound engines): daemon-made replies."""
         self._deliver_in(batch)
 
+    def fail_calls(self, batch: list[R.Record], code: int, details: str) -> None:
+        """End every call with a record in `batch` on both sides, bypassing the engines.
+
+        For records that can no longer go on (an engine raised on them): the caller's side
+        gets a final status `code` (the app for its own calls, the peer for calls it made),
+        the other side a CANCEL, so neither waits for a deadline."""
+        to_app: list[R.Record] = []
+        seen: set[tuple[int, int]] = set()
+        for rec in batch:
+            kind = rec.kind
+            key = (rec.handle, rec.call_id)
+            if key in seen or kind not in (R.REQUEST, R.RESPONSE, R.CANCEL, R.WINDOW):
+                continue
+            seen.add(key)
+            route = self.routes.get(rec.handle)
+            conn = None if route is None or route.conn.closed else route.conn
+            if route is not None and route.role == "server":  # the peer called the app
+                if conn is not None:
+                    conn.send(error_response(0, rec.call_id, code, details).encode())
+                to_app.append(R.parse_record(R.encode_record(
+                    R.CANCEL, R.F_END | R.F_NO_MSG, StatusCode.CANCELLED.code, rec.handle, rec.call_id, 0, 0, b"", b"")))
+            else:  # the app called out
+                to_app.append(error_response(rec.handle, rec.call_id, code, details))
+                if conn is not None:
+                    conn.send(R.encode_record(R.CANCEL, R.F_END | R.F_NO_MSG, StatusCode.CANCELLED.code, 0, rec.call_id, 0, 0, b"", b""))
+        if to_app and not self.closed:
+            self._deliver_in(to_app)
+
     def _service_fingerprints(self, names: list[str] | None = None) -> dict[str, str]:
         names = list(self.schema.services) if names is None else names
         return {n: self.schema.fingerprint(n) for n in names}

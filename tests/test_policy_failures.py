@@ -1,0 +1,69 @@
+"""Policies that misbehave fail the calls they touch with a clear status; the datapath goes on."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import mrpcd
+
+
+RAISING = '''
+from mrpcd.policies.base import Policy
+
+
+class Boom(Policy):
+    name = "boom"
+    version = "1"
+
+    def outbound(self, batch):
+        raise RuntimeError("boom in outbound")
+
+    def inbound(self, batch):
+        raise RuntimeError("boom in inbound")
+
+
+POLICY = Boom
+'''
+
+
+def ctl(daemon, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", daemon.socket, *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def served(two_daemons, app_factory, gen_dir):
+    a, b = two_daemons
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    return a, b, server.readline()
+
+
+def test_a_policy_that_raises_fails_the_calls_with_internal_and_the_datapath_goes_on(served, tmp_path):
+    """A policy module whose hooks raise: the calls of that batch end with INTERNAL naming
+    the policy (client side and server side), the daemon keeps running, and once it is
+    detached calls flow again. Before: the batch vanished and the calls hung to their deadline."""
+    a, b, address = served
+    import hello_mrpc
+
+    mod = tmp_path / "boom.py"
+    mod.write_text(RAISING)
+    app = mrpcd.connect(a.socket, name="victim")
+    try:
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=app))
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="x"), timeout=10).message == "Hello, x!"
+        for daemon, target in ((a, "victim"), (b, "hello_server.py")):
+            r = ctl(daemon, "policy", "attach", target, str(mod))
+            assert r.returncode == 0, r.stderr
+            for _ in range(3):
+                with pytest.raises(mrpcd.RpcError) as err:
+                    stub.SayHello(hello_mrpc.HelloRequest(name="y"), timeout=10)
+                assert err.value.code() is mrpcd.StatusCode.INTERNAL, err.value
+                assert "policy boom failed" in err.value.details() and "RuntimeError" in err.value.details()
+            r = ctl(daemon, "policy", "detach", "boom")
+            assert r.returncode == 0, r.stderr
+            assert stub.SayHello(hello_mrpc.HelloRequest(name="z"), timeout=10).message == "Hello, z!"
+            assert daemon.alive()
+    finally:
+        app.close()
