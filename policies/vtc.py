@@ -358,6 +358,20 @@ class Vtc(CallGate):
             self._admit_and_resume()
         return batch
 
+    def handle_closed(self, handle: int) -> None:
+        """The route `handle` closed: its calls end without a final RESPONSE or CANCEL
+        crossing the policy, so free their slots (else they leak until every call queues
+        forever) and drop their queued calls (nobody is left to answer or be answered)."""
+        for key in [k for k in self.inflight if k[0] == handle]:
+            self._finish(key)
+        for key in [k for k in self.queued_calls if k[0] == handle]:
+            client = self.clients[self.queued_calls.pop(key)]
+            client.queue.remove(key)
+            self.count("dropped_handle_closed")
+            if not client.queue:
+                self.last_left = max(self.last_left, client.counter)
+        self._admit_and_resume()
+
     # -- output / lifecycle ---------------------------------------------------------------
     def service(self) -> dict[str, dict[str, Any]]:
         return {c.name: {"counter": c.counter, "service": c.service, "input_tokens": c.input_tokens,

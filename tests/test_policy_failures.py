@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 
 import pytest
@@ -67,3 +68,48 @@ def test_a_policy_that_raises_fails_the_calls_with_internal_and_the_datapath_goe
             assert daemon.alive()
     finally:
         app.close()
+
+
+def test_vtc_frees_the_slots_of_calls_whose_peer_went_away(streamer):
+    """VTC on a server app, max_inflight 1: a client whose connection is lost mid-stream
+    (its app closes) must not keep the slot; the next client's call is admitted.
+    Before: the server app's calls were cancelled by the GOAWAY, no final RESPONSE ever
+    crossed the policy, and the slot stayed taken: every later call queued forever."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b, pb = streamer
+    started = threading.Event()
+
+    class Slow(pb.StreamerServicer):
+        def ServerStream(self, request, context):
+            started.set()
+            while context.is_active():
+                yield pb.Chunk(seq=1)
+                time.sleep(0.05)
+
+        def Unary(self, request, context):
+            return pb.Summary(total=7)
+
+    srv_app = mrpcd.connect(b.socket, name="vtc-server")
+    server = mrpcd.server(ThreadPoolExecutor(8), app=srv_app)
+    pb.add_StreamerServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        r = ctl(b, "policy", "attach", "vtc-server", "vtc", "--config", "{max_inflight: 1}")
+        assert r.returncode == 0, r.stderr
+        for _ in range(3):
+            gone = mrpcd.connect(a.socket, name="vtc-leaver")
+            stream = pb.StreamerStub(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=gone)).ServerStream(pb.Chunk(), timeout=10)
+            assert next(stream).seq == 1
+            gone.close()  # its connection to the server goes away mid-stream
+        stayer = mrpcd.connect(a.socket, name="vtc-stayer")
+        try:
+            stub = pb.StreamerStub(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=stayer))
+            assert stub.Unary(pb.Chunk(), timeout=10).total == 7
+        finally:
+            stayer.close()
+    finally:
+        server.stop(None)
+        srv_app.close()

@@ -32,6 +32,12 @@ class Engine:
     def inbound(self, batch: list[R.Record]) -> list[R.Record]:
         return batch
 
+    def handle_closed(self, handle: int) -> None:
+        """A route (handle) of the app closed: no more records of its calls will come.
+
+        Engines that keep per-call state (capacity slots, queued calls) forget that
+        handle's calls here; no final RESPONSE or CANCEL of them ever crosses the chain."""
+
     def export_state(self) -> dict[str, Any]:
         """Everything a new version of this engine needs to carry on (live upgrade)."""
         return {}
@@ -99,6 +105,15 @@ class Datapath:
         except ValueError:
             index = -1
         self.inbound_from(index, batch)
+
+    def handle_closed(self, handle: int) -> None:
+        """Tell every engine that route `handle` closed (see Engine.handle_closed)."""
+        for engine in list(self.engines):
+            try:
+                engine.handle_closed(handle)
+            except (Exception, SystemExit):
+                log.exception("app %s: engine %s failed on handle %d closing", self.session.name,
+                              getattr(engine, "instance_name", engine.name), handle)
 
     def engine_failed(self, engine: Engine, direction: str, batch: list[R.Record], exc: BaseException) -> None:
         """An engine (e.g. a buggy policy module) raised on a batch: fail the batch's calls.

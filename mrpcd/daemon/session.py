@@ -486,6 +486,7 @@ class AppSession:
         """Tell the app: every call on this handle fails (client) or is cancelled (server)."""
         if self.routes.pop(route.handle, None) is None or self.closed:
             return
+        self.datapath.handle_closed(route.handle)
         reason = str(exc) if exc else "peer closed the connection"
         log.info("app %s: connection %d to %s closed: %s", self.name, route.handle, route.target, reason,
                  extra=self.log_fields(handle=route.handle, peer=route.target, role=route.role))
@@ -497,6 +498,7 @@ class AppSession:
         route = self.routes.pop(handle, None)
         if route is not None:
             route.conn.close()
+            self.datapath.handle_closed(handle)
 
     # -- teardown -----------------------------------------------------------------------
     def close(self) -> None:
