@@ -113,3 +113,57 @@ def test_vtc_frees_the_slots_of_calls_whose_peer_went_away(streamer):
     finally:
         server.stop(None)
         srv_app.close()
+
+
+FORGETFUL = '''
+from mrpcd.policies.base import Policy
+
+
+class Forgetful(Policy):
+    """Claims to be the next ratelimit but takes over none of its queued calls."""
+    name = "ratelimit"
+    version = "9.9"
+
+
+POLICY = Forgetful
+'''
+
+
+def test_an_upgrade_that_would_drop_held_calls_is_refused(served, tmp_path):
+    """ratelimit holds a queued call; the new module's from_state ignores the queue. Before:
+    the upgrade went through, the old version was closed with handed_over=True and the
+    queued call vanished (the client waited for its deadline). Now the upgrade is refused,
+    the old version keeps the call and releases it."""
+    import threading
+
+    a, _b, address = served
+    import hello_mrpc
+
+    mod = tmp_path / "forgetful.py"
+    mod.write_text(FORGETFUL)
+    app = mrpcd.connect(a.socket, name="queued")
+    try:
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=app))
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="x"), timeout=10).message == "Hello, x!"
+        r = ctl(a, "policy", "attach", "queued", "ratelimit", "--config", "{rate: 0.01, burst: 1, mode: queue}")
+        assert r.returncode == 0, r.stderr
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="first"), timeout=10).message == "Hello, first!"
+        result: list = []
+        t = threading.Thread(target=lambda: result.append(stub.SayHello(hello_mrpc.HelloRequest(name="held"), timeout=20)))
+        t.start()
+        from conftest import wait_until
+        from mrpcd.ctl import Control
+
+        def held() -> int:
+            return Control(a.socket).call("policies", app="queued")["apps"][0]["policies"][0]["held"]["outbound"]
+
+        assert wait_until(lambda: held() == 1, 10)
+        r = ctl(a, "policy", "upgrade", "ratelimit", "--module", str(mod), "--config", "{}")
+        assert r.returncode == 1 and "held" in r.stderr, (r.returncode, r.stderr)
+        assert held() == 1
+        r = ctl(a, "policy", "detach", "ratelimit")  # what it held goes on
+        assert r.returncode == 0, r.stderr
+        t.join(15)
+        assert result and result[0].message == "Hello, held!"
+    finally:
+        app.close()

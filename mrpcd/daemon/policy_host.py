@@ -170,6 +170,7 @@ class PolicyHost:
             raise PolicyOpError(f"upgrade refused, {name} keeps running: {exc}") from None
         except (Exception, SystemExit) as exc:
             raise PolicyOpError(f"upgrade refused, {name} keeps running: {type(exc).__name__}: {exc}") from None
+        _check_takes_over_held(name, old, new)
         new.instance_name = name  # type: ignore[attr-defined]
         new.module_spec = spec  # type: ignore[attr-defined]
         return old, new
@@ -202,6 +203,26 @@ class PolicyHost:
                 except Exception:
                     log.exception("policy %s failed to close", getattr(engine, "instance_name", engine.name))
         self.chain.clear()
+
+
+def _check_takes_over_held(name: str, old: Policy, new: Policy) -> None:
+    """Refuse (closing `new`) an upgrade whose new version holds fewer records than the old.
+
+    Why: commit_upgrade closes the old instance with handed_over=True, which forgets what it
+    held; a new module whose from_state ignores the held calls would make them vanish (the
+    callers wait for their deadline). Counted per direction; a new version may hold more."""
+    try:
+        before, after = old.held(), new.held()
+        lost = (len(before.outbound) - len(after.outbound), len(before.inbound) - len(after.inbound))
+    except (Exception, SystemExit) as exc:
+        new.close(handed_over=True)
+        raise PolicyOpError(f"upgrade refused, {name} keeps running: cannot count the held records: {type(exc).__name__}: {exc}") from None
+    if lost[0] > 0 or lost[1] > 0:
+        new.close(handed_over=True)
+        raise PolicyOpError(
+            f"upgrade refused, {name} keeps running: it holds {len(before.outbound)} outbound and "
+            f"{len(before.inbound)} inbound records, the new version took over only {len(after.outbound)} "
+            f"and {len(after.inbound)} (its from_state must take over the held calls)")
 
 
 def _load(spec: Any) -> type[Policy]:
