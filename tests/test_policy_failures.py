@@ -167,3 +167,40 @@ def test_an_upgrade_that_would_drop_held_calls_is_refused(served, tmp_path):
         assert result and result[0].message == "Hello, held!"
     finally:
         app.close()
+
+
+VTC_V2 = '''
+from mrpcd.policies.vtc import Vtc
+
+
+class VtcV2(Vtc):
+    version = "2.0-test"
+
+
+POLICY = VtcV2
+'''
+
+
+def test_upgrade_without_config_keeps_the_operators_config(served, tmp_path):
+    """`policy upgrade` without --config reuses the running config. Before: it passed the
+    policy's *normalised* config (method ids, Method objects, derived keys) to the new
+    version's validation, which refused it: vtc (and ratelimit with per_method) could not
+    be upgraded without restating the config."""
+    a, b, address = served
+    mod = tmp_path / "vtc_v2.py"
+    mod.write_text(VTC_V2)
+    r = ctl(b, "policy", "attach", "hello_server.py", "vtc", "--config",
+            "{max_inflight: 3, methods: [/helloworld.Greeter/SayHello], client_id: {field: name}}")
+    assert r.returncode == 0, r.stderr
+    r = ctl(b, "policy", "upgrade", "vtc", "--module", str(mod))
+    assert r.returncode == 0, r.stderr
+    from mrpcd.ctl import Control
+
+    pol = Control(b.socket).call("policies", app="hello_server.py")["apps"][0]["policies"][0]
+    assert pol["version"] == "2.0-test"
+    assert pol["config"] == {"max_inflight": 3, "methods": ["/helloworld.Greeter/SayHello"], "client_id": {"field": "name"}}
+    r = ctl(b, "policy", "attach", "hello_server.py", "ratelimit", "--config",
+            "{rate: 1000, per_method: {/helloworld.Greeter/SayHello: {rate: 500}}, direction: inbound}")
+    assert r.returncode == 0, r.stderr
+    r = ctl(b, "policy", "upgrade", "ratelimit", "--module", "ratelimit")
+    assert r.returncode == 0, r.stderr

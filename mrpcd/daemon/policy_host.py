@@ -163,7 +163,9 @@ class PolicyHost:
         old = self.find(name)
         cls = _load(spec)
         state = old.export_state()
-        cfg = config if config is not None else getattr(old, "config", None) or {}
+        # the config as the operator gave it: `old.config` is the normalised form (method ids,
+        # Method objects, derived keys) that validate_config does not take as input
+        cfg = config if config is not None else getattr(old, "raw_config", None) or {}
         try:
             new = cls.from_state(self.ctx, cfg, state)
         except (PolicyStateError, PolicyConfigError) as exc:
