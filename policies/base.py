@@ -403,10 +403,15 @@ class Policy(Engine):
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Validate, then apply; on a bad config raise PolicyConfigError and keep the old one."""
         normalised = self.validate_config(config if config is not None else {})
+        self.check_change(normalised)
         self.config = normalised
         self.raw_config = dict(config or {})
         self.apply_config(normalised)
         self.count("reconfigured")
+
+    def check_change(self, config: dict[str, Any]) -> None:
+        """Refuse (PolicyConfigError) a valid, normalised config that cannot replace the
+        running one now, given what the policy holds. Default: any valid config can."""
 
     # -- datapath ------------------------------------------------------------------------
     def outbound(self, batch: list[R.Record]) -> list[R.Record]:
@@ -558,6 +563,22 @@ class CallGate(Policy):
 
     def request_direction(self) -> str:
         return self.config["direction"]
+
+    def request_direction_of(self, config: dict[str, Any]) -> str:
+        """The direction requests travel under the normalised `config`."""
+        return config["direction"]
+
+    def check_change(self, config: dict[str, Any]) -> None:
+        """Held calls are released in the request direction: switching it while calls are
+        held would send them the wrong way (an app's own request delivered back to it)."""
+        new = self.request_direction_of(config)
+        if new != self.request_direction():
+            held = self.held()
+            n = len(held.outbound) + len(held.inbound)
+            if n:
+                raise PolicyConfigError(
+                    f"{self.name}: cannot switch requests to {new} while {n} records of held calls "
+                    f"wait to go {self.request_direction()}; retry when they are released, or detach and attach")
 
     def outbound(self, batch: list[R.Record]) -> list[R.Record]:
         if self.request_direction() == "outbound":

@@ -185,6 +185,9 @@ class Vtc(CallGate):
     def request_direction(self) -> str:
         return self._req_dir
 
+    def request_direction_of(self, config: dict[str, Any]) -> str:
+        return "inbound" if config["side"] == "server" else "outbound"
+
     def other_direction(self, batch: list[R.Record]) -> list[R.Record]:
         return self._responses(batch)
 

@@ -9,6 +9,8 @@ import pytest
 
 import mrpcd
 
+from test_policies_support import SCHEMA
+
 
 RAISING = '''
 from mrpcd.policies.base import Policy
@@ -204,3 +206,35 @@ def test_upgrade_without_config_keeps_the_operators_config(served, tmp_path):
     assert r.returncode == 0, r.stderr
     r = ctl(b, "policy", "upgrade", "ratelimit", "--module", "ratelimit")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name, config, switch", [
+    ("ratelimit", {"rate": 1, "burst": 1}, {"direction": "inbound"}),
+    ("fault", {"delay": {"probability": 1, "ms": 1000}}, {"direction": "inbound"}),
+    ("vtc", {"side": "client", "max_inflight": 1}, {"side": "server"}),
+])
+def test_switching_direction_while_calls_are_held_is_refused(name, config, switch):
+    """A policy holding an app's outbound calls, reconfigured to gate inbound requests.
+    Before: the change was applied and the held requests were later released inbound,
+    i.e. delivered back to the app that sent them. Now the change is refused (old config
+    kept) while calls are held, and accepted once they are gone."""
+    from mrpcd.policies.base import PolicyConfigError, load_policy_module
+    from mrpcd.policies.testing import FakeClock, FakeContext
+
+    from test_policies_support import response, unary
+
+    clock = FakeClock()
+    ctx = FakeContext(SCHEMA, clock=clock)
+    pol = load_policy_module(name)(ctx, config)
+    passed = pol.outbound([unary(1), unary(2)])
+    held = pol.held().outbound
+    assert held and len(passed) + len(held) == 2
+    with pytest.raises(PolicyConfigError, match="held"):
+        pol.reconfigure({**config, **switch})
+    assert pol.raw_config == config and pol.request_direction() == "outbound"
+    clock.advance(5)
+    pol.inbound([response(1)])  # vtc: call 1 ends, its slot goes to call 2
+    assert ctx.resumed_in == [] and [r.call_id for r in passed + ctx.resumed_out] == [1, 2]
+    assert not pol.held().outbound
+    pol.reconfigure({**config, **switch})
+    assert pol.request_direction() == "inbound"

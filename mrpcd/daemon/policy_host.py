@@ -137,7 +137,8 @@ class PolicyHost:
     def check_config(self, name: str, config: dict[str, Any]) -> None:
         """Raise PolicyOpError if policy `name` would refuse `config`; changes nothing."""
         try:
-            self.find(name).validate_config(config)
+            policy = self.find(name)
+            policy.check_change(policy.validate_config(config))
         except PolicyConfigError as exc:
             raise PolicyOpError(str(exc)) from None
 
