@@ -34,6 +34,8 @@ from typing import Any
 from ..marshal import records as R
 from .base import CallTracker, ConfigReader, Policy
 
+MAX_UNKNOWN_METHODS = 256  # method ids outside the app's schema with a series of their own
+OTHER_METHOD = -1  # the series the other unknown method ids share
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 GO_CODE_NAMES = [
     "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
@@ -55,6 +57,7 @@ class Metrics(Policy):
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
         self.calls = CallTracker()
+        self._unknown: set[int] = set()  # method ids outside the app's schema with a series
         # (side, method_id) -> started count
         self.started: dict[tuple[str, int], int] = {}
         # (side, method_id, code) -> handled count
@@ -108,9 +111,13 @@ class Metrics(Policy):
                     if now is None:
                         now = self.ctx.now()
                     key = (start_side, rec.method_id)
-                    self.started[key] = self.started.get(key, 0) + 1
+                    n = self.started.get(key)
+                    if n is None:  # a new series: bounded if the method is not the app's
+                        key = self._series(start_side, rec.method_id)
+                        n = self.started.get(key, 0)
+                    self.started[key] = n + 1
                     before = self.calls.evicted
-                    self.calls.put(rec, (start_side, rec.method_id, now))
+                    self.calls.put(rec, (start_side, key[1], now))
                     if self.calls.evicted != before:
                         self.count("evicted", self.calls.evicted - before)
             elif kind == R.RESPONSE:
@@ -126,6 +133,21 @@ class Metrics(Policy):
                     if now is None:
                         now = self.ctx.now()
                     self._done(info, 1, now)
+
+    def _series(self, side: str, method_id: int) -> tuple[str, int]:
+        """The (side, method) series a START of `method_id` counts in.
+
+        Why: method ids come from the app (any 32-bit value); one series per id an app
+        makes up would grow the daemon's memory (and the Prometheus output) without bound.
+        Ids outside the app's schema get their own series up to MAX_UNKNOWN_METHODS, then
+        share the OTHER_METHOD one."""
+        if method_id == OTHER_METHOD or self.ctx.method(method_id) is not None:
+            return side, method_id
+        if method_id in self._unknown or len(self._unknown) < MAX_UNKNOWN_METHODS:
+            self._unknown.add(method_id)
+            return side, method_id
+        self.count("unknown_methods_folded")
+        return side, OTHER_METHOD
 
     def _done(self, info: tuple[str, int, float], code: int, now: float) -> None:
         side, mid, t0 = info
@@ -146,7 +168,7 @@ class Metrics(Policy):
     def _labels(self, method_id: int) -> tuple[str, str, str]:
         m = self.ctx.method(method_id)
         if m is None:
-            return "unknown", f"id_{method_id}", "unary"
+            return "unknown", "other" if method_id == OTHER_METHOD else f"id_{method_id}", "unary"
         return m.service, m.name, GRPC_TYPES[m.kind]
 
     # -- output -----------------------------------------------------------------------------
@@ -223,6 +245,7 @@ class Metrics(Policy):
                     self.hist[(s, m)] = [list(counts), float(total), int(n)]
         for h, c, side, mid, t0 in state.get("calls") or []:
             self.calls.put_key((int(h), int(c)), (side, int(mid), float(t0)))
+        self._unknown = {m for _s, m in self.started if m != OTHER_METHOD and self.ctx.method(m) is None}
 
 
 def _esc(s: str) -> str:

@@ -238,3 +238,29 @@ def test_switching_direction_while_calls_are_held_is_refused(name, config, switc
     assert not pol.held().outbound
     pol.reconfigure({**config, **switch})
     assert pol.request_direction() == "inbound"
+
+
+def test_metrics_memory_stays_bounded_when_an_app_makes_up_method_ids():
+    """Method ids are whatever the app writes into its ring. Before: one started/handled/
+    histogram series per id, so an app sending STARTs with ever new ids grew the daemon's
+    memory (and /metrics) without bound. Now ids outside the app's schema share one series
+    beyond MAX_UNKNOWN_METHODS (256); the calls are still all counted."""
+    from mrpcd.marshal import records as R
+    from mrpcd.policies.metrics import Metrics
+    from mrpcd.policies.testing import FakeClock, FakeContext
+
+    from test_policies_support import MAKE, rec, response, unary
+
+    clock = FakeClock()
+    pol = Metrics(FakeContext(SCHEMA, clock=clock), {})
+    n = 3000
+    pol.outbound([unary(1, MAKE)])
+    pol.outbound([rec(R.REQUEST, R.F_START | R.F_END, 10 + i, method=1000 + i, payload=b"\x90") for i in range(n)])
+    pol.inbound([response(1)] + [response(10 + i, status=12) for i in range(n)])
+    assert len(pol.started) <= 300 and len(pol.hist) <= 300 and len(pol.handled) <= 300
+    assert sum(pol.started.values()) == n + 1 and sum(pol.handled.values()) == n + 1
+    text = pol.prometheus_text()
+    assert 'grpc_method="MakeReservation"' in text and 'grpc_method="other"' in text
+    pol2 = Metrics.from_state(FakeContext(SCHEMA, clock=clock), {}, pol.export_state())
+    pol2.outbound([rec(R.REQUEST, R.F_START | R.F_END, 1, method=999_999, payload=b"\x90")])
+    assert len(pol2.started) == len(pol.started)
