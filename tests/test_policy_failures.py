@@ -264,3 +264,33 @@ def test_metrics_memory_stays_bounded_when_an_app_makes_up_method_ids():
     pol2 = Metrics.from_state(FakeContext(SCHEMA, clock=clock), {}, pol.export_state())
     pol2.outbound([rec(R.REQUEST, R.F_START | R.F_END, 1, method=999_999, payload=b"\x90")])
     assert len(pol2.started) == len(pol.started)
+
+
+def test_a_call_another_policy_answers_still_ends_for_the_policies_it_passed(served):
+    """Server app with [acl, vtc max_inflight 1]: requests come in through vtc, then acl,
+    which denies "mallory". Before: acl's PERMISSION_DENIED went straight to the peer, vtc
+    never saw the call end and kept its only slot: every later call queued forever (and
+    metrics never counted the call as handled). Now the answer goes back through the
+    policies the request passed."""
+    a, b, address = served
+    import hello_mrpc
+    from mrpcd.ctl import Control
+
+    rules = '{direction: inbound, rules: [{method: /helloworld.Greeter/SayHello, field: name, op: eq, value: mallory}]}'
+    for args in (("acl", "--config", rules), ("vtc", "--config", "{max_inflight: 1}"), ("metrics",)):
+        r = ctl(b, "policy", "attach", "hello_server.py", *args)
+        assert r.returncode == 0, r.stderr
+    app = mrpcd.connect(a.socket, name="caller")
+    try:
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=app))
+        for _ in range(3):
+            with pytest.raises(mrpcd.RpcError) as err:
+                stub.SayHello(hello_mrpc.HelloRequest(name="mallory"), timeout=10)
+            assert err.value.code() is mrpcd.StatusCode.PERMISSION_DENIED
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="alice"), timeout=10).message == "Hello, alice!"
+        pols = {p["instance"]: p for p in Control(b.socket).call("policies", app="hello_server.py")["apps"][0]["policies"]}
+        assert pols["vtc"]["inflight"] == 0
+        handled = pols["metrics"]["metrics"]["counters"]["mrpcd_server_handled_total"]
+        assert {s["labels"]["grpc_code"]: s["value"] for s in handled} == {"PermissionDenied": 3, "OK": 1}
+    finally:
+        app.close()

@@ -67,14 +67,20 @@ class SessionPolicyContext:
             self._session.datapath.inbound_after(engine, records)
 
     def reply_error(self, record: R.Record, code: int, details: str) -> None:
-        """Answer whoever sent the request: the app (client route) or the peer (server route)."""
+        """Answer whoever sent the request: the app (client route) or the peer (server route).
+
+        The answer travels the chain the way a response does (outbound to the peer, inbound
+        to the app), so the policies the request already passed see its call end (vtc
+        frees its slot, metrics counts it); those it did not pass ignore an unknown call."""
         session = self._session
+        if session.closed:
+            return
         route = session.routes.get(record.handle)
         if route is not None and route.role == "server":
             if not route.conn.closed:
-                route.conn.send(error_response(0, record.call_id, code, details).encode())
+                session.datapath.outbound([error_response(record.handle, record.call_id, code, details)])
         else:
-            session.deliver_to_app([error_response(record.handle, record.call_id, code, details)])
+            session.datapath.inbound([error_response(record.handle, record.call_id, code, details)])
 
     def log(self, level: int | str, msg: str, **fields: Any) -> None:
         lvl = level if isinstance(level, int) else logging.getLevelName(str(level).upper())
