@@ -294,3 +294,46 @@ def test_a_call_another_policy_answers_still_ends_for_the_policies_it_passed(ser
         assert {s["labels"]["grpc_code"]: s["value"] for s in handled} == {"PermissionDenied": 3, "OK": 1}
     finally:
         app.close()
+
+
+BAD_CLOSE = '''
+from mrpcd.policies.base import Policy
+
+
+class BadClose(Policy):
+    name = "badclose"
+    version = "1"
+
+    def close(self, handed_over=False):
+        raise RuntimeError("cannot close")
+
+
+POLICY = BadClose
+'''
+
+
+def test_a_policy_whose_close_raises_can_still_be_detached_and_upgraded(served, tmp_path):
+    """Before: detach called close(), which raised, and the policy stayed on the chain for
+    good (internal error, no way out); an upgrade away from it reported an internal error
+    although the swap had been made."""
+    a, _b, address = served
+    import hello_mrpc
+
+    mod = tmp_path / "badclose.py"
+    mod.write_text(BAD_CLOSE)
+    app = mrpcd.connect(a.socket, name="stuck")
+    try:
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=app))
+        for instance in ("one", "two"):
+            r = ctl(a, "policy", "attach", "stuck", str(mod), "--name", instance)
+            assert r.returncode == 0, r.stderr
+        r = ctl(a, "policy", "detach", "one")
+        assert r.returncode == 0, r.stderr
+        r = ctl(a, "policy", "upgrade", "two", "--module", str(mod))
+        assert r.returncode == 0, r.stderr
+        from mrpcd.ctl import Control
+
+        assert [p["instance"] for p in Control(a.socket).call("policies", app="stuck")["apps"][0]["policies"]] == ["two"]
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="z"), timeout=10).message == "Hello, z!"
+    finally:
+        app.close()

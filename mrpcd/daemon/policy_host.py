@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..marshal import records as R
 from ..marshal.schema import Method
-from ..policies.base import Policy, PolicyConfigError, PolicyLoadError, PolicyStateError, load_policy_module
+from ..policies.base import HeldRecords, Policy, PolicyConfigError, PolicyLoadError, PolicyStateError, load_policy_module
 from .datapath import Engine, error_response
 
 if TYPE_CHECKING:
@@ -129,7 +129,16 @@ class PolicyHost:
         policy = self.find(name)
         chain = self.chain
         index = chain.index(policy)
-        held = policy.close()
+        try:
+            held = policy.close()
+        except (Exception, SystemExit):
+            # a broken policy must still come off the chain (detach is the operator's way
+            # out); what it reports holding still goes on
+            log.exception("policy %s failed to close on app %s; detached anyway", name, self.session.name)
+            try:
+                held = policy.held()
+            except (Exception, SystemExit):
+                held = HeldRecords([], [])
         chain.remove(policy)
         # what it held continues from where it stood: outbound to engines after it, inbound to those before it
         dp = self.session.datapath
@@ -189,7 +198,10 @@ class PolicyHost:
         name = old.instance_name  # type: ignore[attr-defined]
         chain = self.chain
         chain[chain.index(old)] = new
-        old.close(handed_over=True)
+        try:
+            old.close(handed_over=True)
+        except (Exception, SystemExit):  # the new version runs; the old one's failure is only logged
+            log.exception("policy %s (old version %s) failed to close on app %s", name, old.version, self.session.name)
         log.info("policy %s on app %s upgraded %s -> %s", name, self.session.name, old.version, new.version)
         return new
 
