@@ -337,3 +337,34 @@ def test_a_policy_whose_close_raises_can_still_be_detached_and_upgraded(served, 
         assert stub.SayHello(hello_mrpc.HelloRequest(name="z"), timeout=10).message == "Hello, z!"
     finally:
         app.close()
+
+
+BAD_EXPORT = '''
+from mrpcd.policies.base import Policy
+
+
+class BadExport(Policy):
+    name = "badexport"
+    version = "1"
+
+    def save_state(self):
+        raise ValueError("no state for you")
+
+
+POLICY = BadExport
+'''
+
+
+def test_an_upgrade_from_a_version_whose_export_state_raises_is_refused_clearly(served, tmp_path):
+    """Before: 'internal error: no state for you' (code 13, a traceback in the log); now a
+    refusal that names the policy and says it keeps running."""
+    a, _b, _address = served
+    mod = tmp_path / "badexport.py"
+    mod.write_text(BAD_EXPORT)
+    app = mrpcd.connect(a.socket, name="exporter")
+    try:
+        assert ctl(a, "policy", "attach", "exporter", str(mod)).returncode == 0
+        r = ctl(a, "policy", "upgrade", "badexport", "--module", str(mod))
+        assert r.returncode == 1 and "badexport keeps running" in r.stderr and "no state for you" in r.stderr, r.stderr
+    finally:
+        app.close()

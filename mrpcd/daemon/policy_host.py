@@ -178,7 +178,10 @@ class PolicyHost:
         """
         old = self.find(name)
         cls = _load(spec)
-        state = old.export_state()
+        try:
+            state = old.export_state()
+        except (Exception, SystemExit) as exc:  # the running version's bug: it keeps running
+            raise PolicyOpError(f"upgrade refused, {name} keeps running: its export_state() failed: {type(exc).__name__}: {exc}") from None
         # the config as the operator gave it: `old.config` is the normalised form (method ids,
         # Method objects, derived keys) that validate_config does not take as input
         cfg = config if config is not None else getattr(old, "raw_config", None) or {}
