@@ -231,6 +231,8 @@ def _main(argv: list[str] | None) -> int:
     reply.pop("ok", None)
     if args.cmd == "transport" and not args.json:
         print(f"transport version {reply['version']}: {reply['connections']} connections handed over")
+        for failure in reply.get("failed", []):
+            print(f"  not handed over: {failure}")
     elif args.cmd == "policy" and not args.json:
         if args.pcmd == "list":
             _print_policies(reply)

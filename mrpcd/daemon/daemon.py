@@ -133,13 +133,41 @@ class Daemon:
         """Swap every live connection to a new transport version, sockets kept (see transport_upgrade)."""
         cls = load_transport_class(spec)
         moved = 0
-        for session in self.sessions.values():
-            for route in session.routes.values():
-                route.conn = migrate(route.conn, cls)
-                moved += 1
+        failed: list[str] = []
+        for session in list(self.sessions.values()):
+            for route in list(session.routes.values()):
+                old = route.conn
+                try:
+                    route.conn = migrate(old, cls)
+                except (Exception, SystemExit) as exc:  # the old code's hand_over (or re-adopt) failed
+                    failed.append(f"{old.peer}: {type(exc).__name__}: {exc}")
+                    self._upgrade_failed(session, route, exc)
+                    continue
+                moved += route.conn is not old
+        # every connection either moved or stayed on working code (or is closed): from now on
+        # new connections run the new version, so the recorded version matches the code
         self.transport_class = cls
-        log.info("transport upgraded to version %s (%s): %d connections handed over", cls.VERSION, spec, moved)
-        return {"version": cls.VERSION, "connections": moved}
+        log.info("transport upgraded to version %s (%s): %d connections handed over, %d failed",
+                 cls.VERSION, spec, moved, len(failed))
+        return {"version": cls.VERSION, "connections": moved, "failed": failed}
+
+    @staticmethod
+    def _upgrade_failed(session: AppSession, route: Any, exc: BaseException) -> None:
+        """One connection could not be handed over. If the old object is still open it keeps
+        the connection on its code; if it went quiet first (its state is lost), the socket is
+        aborted and the app told, so calls on it fail UNAVAILABLE instead of hanging."""
+        conn = route.conn
+        log.error("transport upgrade: connection %s could not be handed over: %s", conn.peer, exc,
+                  exc_info=exc, extra=session.log_fields(handle=route.handle, peer=route.target))
+        if not conn.closed:
+            return
+        transport = getattr(conn, "transport", None)
+        if transport is not None:
+            try:
+                transport.abort()
+            except Exception:
+                pass
+        session._on_peer_closed(route, ConnectionError(f"transport upgrade failed: {type(exc).__name__}: {exc}"))
 
     def uptime(self) -> float:
         return time.monotonic() - self._started

@@ -20,6 +20,7 @@ from ..marshal import records as R
 from ..marshal.schema import Schema, SchemaError
 from ..native import ring as ringmod
 from ..status import StatusCode
+from ..wire import cancel_record
 from ..transports import tcp
 from .datapath import Datapath, error_response
 from .observe import Observer
@@ -96,6 +97,7 @@ class AppSession:
         self.stats: dict[str, int] = {
             "records_out": 0, "records_in": 0, "bytes_out": 0, "bytes_in": 0,
             "malformed": 0, "unroutable": 0, "unimplemented": 0,
+            "oversized": 0,  # peer records bigger than the app's rx ring: that call failed RESOURCE_EXHAUSTED
             "lent_payloads": 0,  # big payloads sent straight from the app's tx ring
             "wakeups": 0,  # eventfd signals from the app (the poller saves most while traffic flows)
         }
@@ -300,7 +302,10 @@ class AppSession:
         if self.pending:
             self.pending.extend(batch)
         else:
-            n = R.ring_push_records(self.rx, batch)
+            try:
+                n = R.ring_push_records(self.rx, batch)
+            except ValueError:  # batch[0] can never fit the ring: _flush_pending refuses it
+                n = 0
             if n < len(batch):
                 self.pending.extend(batch[n:] if n else batch)
         if R.ring_should_wake_consumer(self.rx):
@@ -314,7 +319,11 @@ class AppSession:
         pending = self.pending
         while pending:
             chunk = list(islice(pending, DRAIN_RECORDS))
-            n = R.ring_push_records(self.rx, chunk)
+            try:
+                n = R.ring_push_records(self.rx, chunk)
+            except ValueError:  # chunk[0] is bigger than the rx ring can ever hold
+                self._refuse_oversized(pending.popleft())
+                continue
             for _ in range(n):
                 pending.popleft()
             if n == 0:
@@ -328,6 +337,39 @@ class AppSession:
             self.paused_routes = False
             for route in self.routes.values():
                 route.conn.resume_reading()
+
+    def _refuse_oversized(self, rec: R.Record) -> None:
+        """A peer sent a record bigger than this app's rx ring can hold (the peer's daemon
+        has bigger rings or a bigger max_record): fail that one call, both ends, with
+        RESOURCE_EXHAUSTED; the connection and the app's other calls go on.
+
+        Client side: the app's call ends with the status and the peer is told to CANCEL it.
+        Server side: the caller gets the status and the app's handler a CANCEL (unless the
+        record started the call: then the app never heard of it).
+        """
+        size, limit = rec.size, self.rx.max_record
+        details = (f"mrpcd: a record of {size} bytes for call {rec.call_id} does not fit the receiving app's "
+                   f"ring (at most {limit} bytes; ring_size of the receiving daemon)")
+        self.stats["oversized"] += 1
+        log.warning("app %s (pid %d): %s", self.name, self.pid, details, extra=self.log_fields(handle=rec.handle))
+        route = self.routes.get(rec.handle)
+        role = route.role if route is not None else ("server" if rec.kind == R.REQUEST else "client")
+        to_app: list[R.Record] = []
+        if role == "server":
+            rsp = error_response(0, rec.call_id, StatusCode.RESOURCE_EXHAUSTED.code, details)
+            if route is not None and not route.conn.closed:
+                route.conn.send(rsp.encode())
+            rsp.handle = rec.handle
+            self.observer.from_app([rsp])  # the server call ends as the caller sees it
+            if not (rec.kind == R.REQUEST and rec.flags & R.F_START):
+                to_app.append(R.parse_record(cancel_record(rec.handle, rec.call_id)))
+        else:
+            to_app.append(error_response(rec.handle, rec.call_id, StatusCode.RESOURCE_EXHAUSTED.code, details))
+            if route is not None and not route.conn.closed and not (rec.kind == R.RESPONSE and rec.flags & R.F_END):
+                route.conn.send(cancel_record(0, rec.call_id))
+        if to_app:
+            self.observer.to_app(to_app)
+            self.pending.extendleft(reversed(to_app))  # in the refused record's place
 
     def _apply_backpressure(self) -> None:
         """An app that reads slower than its peers write: stop reading their sockets."""

@@ -52,7 +52,11 @@ def load_transport_class(spec: Any) -> type:
 
 
 def migrate(conn: Any, cls: type) -> Any:
-    """Move one open connection to `cls`; if the new code refuses it, the old class re-adopts it."""
+    """Move one open connection to `cls`; if the new code refuses it, the old class re-adopts it.
+
+    Raises what `hand_over()` or the re-adoption raised: then `conn` is either still open on
+    its old code, or closed (its state is lost; the socket was aborted if it could be named).
+    """
     if conn.closed:
         return conn
     state = conn.hand_over()
@@ -60,4 +64,10 @@ def migrate(conn: Any, cls: type) -> Any:
         return cls.adopt(state)
     except (Exception, SystemExit):  # the new code's sys.exit() must not end the daemon
         log.exception("transport %s could not adopt %s; it stays on %s", getattr(cls, "VERSION", "?"), conn.peer, type(conn).VERSION)
+    try:
         return type(conn).adopt(state)
+    except (Exception, SystemExit):
+        transport = state.get("transport") if isinstance(state, dict) else None
+        if transport is not None:
+            transport.abort()  # nobody owns the socket any more: the peer sees it go
+        raise
