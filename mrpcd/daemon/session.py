@@ -426,12 +426,11 @@ class AppSession:
             if route is not None and route.role == "server":  # the peer called the app
                 if conn is not None:
                     conn.send(error_response(0, rec.call_id, code, details).encode())
-                to_app.append(R.parse_record(R.encode_record(
-                    R.CANCEL, R.F_END | R.F_NO_MSG, StatusCode.CANCELLED.code, rec.handle, rec.call_id, 0, 0, b"", b"")))
+                to_app.append(R.parse_record(cancel_record(rec.handle, rec.call_id)))
             else:  # the app called out
                 to_app.append(error_response(rec.handle, rec.call_id, code, details))
                 if conn is not None:
-                    conn.send(R.encode_record(R.CANCEL, R.F_END | R.F_NO_MSG, StatusCode.CANCELLED.code, 0, rec.call_id, 0, 0, b"", b""))
+                    conn.send(cancel_record(0, rec.call_id))
         if to_app and not self.closed:
             self._deliver_in(to_app)
 
