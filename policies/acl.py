@@ -25,24 +25,30 @@ Config keys:
   default    "allow" (default) | "deny": the action when no rule matches.
   direction  "outbound" (default: the app's own calls, client side) | "inbound" (calls
              arriving from the network on a server app's datapath).
+  max_streams  int >= 1 (default 65536): request streams (calls whose START did not end
+             their request side) checked at once. A new stream beyond it is refused with
+             RESOURCE_EXHAUSTED. Streams are never forgotten to make room: the later
+             messages of a forgotten stream could no longer be checked.
 
 Every request message of a call is checked (client streams too). A denied call is answered
 PERMISSION_DENIED with the rule's details; when the deny hits a later message of a stream
 that already went on, the call is also cancelled downstream (a CANCEL record replaces the
 message). A payload that cannot be decoded is denied with INVALID_ARGUMENT (fail closed).
 A START that carries no message (client streaming) is decided by method-only rules; field
-rules and the default then apply to its messages.
+rules and the default then apply to its messages. Messages of a call the ACL never saw start
+(it was attached mid-call) go on unchecked.
 """
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Callable
 
 from ..marshal import codec
 from ..marshal import records as R
 from ..marshal.schema import FLOAT_KINDS, INT_RANGES, Schema
 from .base import (
-    INVALID_ARGUMENT, PERMISSION_DENIED, CallGate, CallTracker, ConfigReader,
+    INVALID_ARGUMENT, PERMISSION_DENIED, RESOURCE_EXHAUSTED, CallGate, CallTracker, ConfigReader,
     check_direction, check_method_path,
 )
 
@@ -161,7 +167,9 @@ class Acl(CallGate):
     state_version = 1
 
     def __init__(self, ctx: Any, config: dict[str, Any] | None = None) -> None:
-        self.calls = CallTracker()
+        # No eviction (the limit is max_streams, checked before a stream is added): an
+        # evicted stream's later messages would pass unchecked.
+        self.calls = CallTracker(max_calls=sys.maxsize)
         self.by_method: dict[int, list[Rule]] = {}
         self.any_rules: list[Rule] = []
         super().__init__(ctx, config)
@@ -199,6 +207,7 @@ class Acl(CallGate):
             "rules": rules,
             "default_allow": r.string("default", "allow", choices=("allow", "deny")) == "allow",
             "direction": check_direction(r),
+            "max_streams": r.integer("max_streams", 65536, ge=1),
         }
         r.finish()
         return out
@@ -217,8 +226,15 @@ class Acl(CallGate):
     def on_start(self, rec: R.Record, out: list[R.Record]) -> None:
         if rec.flags & R.F_END:
             self.calls.pop(rec)
-        else:
+        elif (rec.handle, rec.call_id) in self.calls or len(self.calls) < self.config["max_streams"]:
             self.calls.put(rec, rec.method_id)
+        else:
+            limit = self.config["max_streams"]
+            self.count("streams_refused")
+            self.ctx.reply_error(rec, RESOURCE_EXHAUSTED,
+                                 f"acl: {limit} request streams already being checked (max_streams); retry when some end")
+            self.refused.add((rec.handle, rec.call_id))
+            return
         self._judge(rec, rec.method_id, True, out)
 
     def on_later(self, rec: R.Record, key: tuple[int, int], out: list[R.Record]) -> None:
@@ -294,6 +310,7 @@ class Acl(CallGate):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["rules"] = len(self.config["rules"])
+        d["streams"] = len(self.calls)
         return d
 
 

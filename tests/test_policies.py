@@ -361,3 +361,25 @@ def test_acl_state_roundtrip_keeps_stream_tracking(ctx):
     acl2 = Acl.from_state(ctx, acl.raw_config, roundtrip(acl.export_state()))
     out = acl2.outbound([msg(1, reserve("mallory"))])
     assert [r.kind for r in out] == [R.CANCEL] and ctx.error_codes() == [PERMISSION_DENIED]
+
+
+def test_acl_refuses_new_streams_beyond_max_streams_instead_of_forgetting_old_ones(ctx):
+    """A forgotten stream's later messages would go on unchecked: the ACL never evicts one to
+    make room. Stream 1 stays checked while streams 3 and 4 are refused, and an ended stream
+    frees its place."""
+    acl = _acl(ctx, {"method": UPLOAD, "field": "customer_name", "op": "eq", "value": "mallory"})
+    acl.reconfigure({**acl.raw_config, "max_streams": 2})
+    out = acl.outbound([start(1, no_msg=True), start(2, no_msg=True), start(3, no_msg=True),
+                        msg(3, reserve("mallory")), half_close(3), unary(9, payload=reserve("alice"))])
+    assert [(r.call_id, r.kind) for r in out] == [(1, R.REQUEST), (2, R.REQUEST), (9, R.REQUEST)]
+    assert [(r.call_id, c) for r, c, _ in ctx.errors] == [(3, RESOURCE_EXHAUSTED)]
+    assert "max_streams" in ctx.errors[0][2]
+    # stream 1 is still checked: its bad message is denied and cancelled downstream
+    out = acl.outbound([msg(1, reserve("mallory"))])
+    assert [r.kind for r in out] == [R.CANCEL] and ctx.error_codes()[-1] == PERMISSION_DENIED
+    # stream 1 ended (denied): its place is free again
+    out = acl.outbound([start(4, no_msg=True), msg(4, reserve("alice"))])
+    assert [r.call_id for r in out] == [4, 4]
+    assert acl.describe()["streams"] == 2
+    with pytest.raises(PolicyConfigError, match="max_streams"):
+        acl.validate_config({**acl.raw_config, "max_streams": 0})
