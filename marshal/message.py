@@ -4,10 +4,20 @@ Generated classes (mrpcd-stubgen) declare `__slots__` with their field names and
 `__init__`; `mrpcd.marshal.codec.bind` attaches `SerializeToString`, `FromString`,
 `__mrpc_schema__`, `__mrpc_message__` (the schema's Message), `__mrpc_fields__` (field
 names in wire order) and `__mrpc_defaults__`.
+
+The protobuf message methods code written for grpcio reaches for (`HasField`, `WhichOneof`,
+`ClearField`, `Clear`, `CopyFrom`, `MergeFrom`, `ParseFromString`, `MergeFromString`) work
+on the same model: a field with presence (a message, proto3 `optional`, proto2 `optional`,
+a oneof member) is set when it is not None; other fields always have a value. As with
+protobuf, a name that is not a field (or a field without presence, for `HasField`) raises
+ValueError naming it.
 """
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, TypeVar
+
+_M = TypeVar("_M", bound="Message")
 
 
 class Message:
@@ -66,12 +76,144 @@ class Message:
         """Length of the encoded message."""
         return len(self.SerializeToString())  # type: ignore[attr-defined]
 
+    # -- protobuf's message methods ---------------------------------------------------------
+    def HasField(self, field_name: str) -> bool:
+        """Is a field with presence (or any member of a oneof group) set?"""
+        f = _field(self, field_name)
+        if f is None:
+            members = _oneof_members(self, field_name)
+            if members:
+                return any(getattr(self, m.name) is not None for m in members)
+            raise ValueError(f"Protocol message {_full_name(self)} has no field {field_name!r}")
+        if not f.nullable or f.label in ("repeated", "map"):
+            raise ValueError(f"Field {_full_name(self)}.{field_name} does not have presence "
+                             "(only message, optional and oneof fields do)")
+        return getattr(self, field_name) is not None
+
+    def WhichOneof(self, oneof_group: str) -> str | None:
+        """The name of the member of `oneof_group` that is set, or None."""
+        members = _oneof_members(self, oneof_group)
+        if not members:
+            raise ValueError(f"Protocol message {_full_name(self)} has no oneof {oneof_group!r}")
+        for m in members:
+            if getattr(self, m.name) is not None:
+                return str(m.name)
+        return None
+
+    def ClearField(self, field_name: str) -> None:
+        """Back to its default (unset); a oneof group's name clears every member."""
+        names = [field_name] if _field(self, field_name) is not None else [m.name for m in _oneof_members(self, field_name)]
+        if not names:
+            raise ValueError(f"Protocol message {_full_name(self)} has no field {field_name!r}")
+        defaults = {n: (v, factory) for n, v, factory in type(self).__mrpc_defaults__}
+        for n in names:
+            value, factory = defaults[n]
+            setattr(self, n, value() if factory else value)
+
+    def Clear(self) -> None:
+        """Every field back to its default."""
+        _schema_fields(self)
+        for name, value, factory in type(self).__mrpc_defaults__:
+            setattr(self, name, value() if factory else value)
+
+    def CopyFrom(self, other_msg: "Message") -> None:
+        """Make this message a deep copy of `other_msg` (same class)."""
+        _check_same(self, other_msg, "CopyFrom")
+        if other_msg is self:
+            return
+        for f in _schema_fields(self):
+            setattr(self, f.name, copy.deepcopy(getattr(other_msg, f.name)))
+
+    def MergeFrom(self, msg: "Message") -> None:
+        """protobuf's merge: set fields of `msg` overwrite (a set oneof member clears the
+        others of its group), set messages merge recursively, repeated fields are appended,
+        map entries added or replaced. A field without presence counts as set when it is
+        not its default."""
+        _check_same(self, msg, "MergeFrom")
+        if msg is self:
+            msg = copy.deepcopy(msg)
+        defaults = {n: v for n, v, factory in type(self).__mrpc_defaults__ if not factory}
+        for f in _schema_fields(self):
+            value = getattr(msg, f.name)
+            if f.label == "repeated":
+                getattr(self, f.name).extend(copy.deepcopy(value))
+            elif f.label == "map":
+                getattr(self, f.name).update(copy.deepcopy(value))
+            elif f.nullable:
+                if value is None:
+                    continue
+                mine = getattr(self, f.name)
+                if isinstance(value, Message) and isinstance(mine, Message) and type(mine) is type(value):
+                    mine.MergeFrom(value)
+                else:
+                    setattr(self, f.name, copy.deepcopy(value))
+                if f.oneof is not None:
+                    for m in _oneof_members(self, f.oneof):
+                        if m.name != f.name:
+                            setattr(self, m.name, None)
+            elif value != defaults.get(f.name):
+                setattr(self, f.name, value)
+
+    def MergeFromString(self, serialized: bytes) -> int:
+        """Decode `serialized` and merge it in (MergeFrom); returns its length."""
+        self.MergeFrom(type(self).FromString(serialized))
+        return len(serialized)
+
+    def ParseFromString(self, serialized: bytes) -> int:
+        """Replace this message's contents with the decoded `serialized`; returns its length.
+        Nothing changes when it cannot be decoded (DecodeError)."""
+        parsed = type(self).FromString(serialized)
+        for f in _schema_fields(self):
+            setattr(self, f.name, getattr(parsed, f.name))
+        return len(serialized)
+
+    def __copy__(self: _M) -> _M:
+        new = object.__new__(type(self))
+        for n in self._fields():
+            setattr(new, n, getattr(self, n, None))
+        return new
+
+    def __deepcopy__(self: _M, memo: dict[int, Any]) -> _M:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for n in self._fields():
+            setattr(new, n, copy.deepcopy(getattr(self, n, None), memo))
+        return new
+
     def SerializeToString(self) -> bytes:  # replaced by codec.bind
         raise TypeError(f"{type(self).__qualname__} is not bound to a schema (codec.bind)")
 
     @classmethod
     def FromString(cls, data: bytes) -> "Message":  # replaced by codec.bind
         raise TypeError(f"{cls.__qualname__} is not bound to a schema (codec.bind)")
+
+
+def _schema_fields(m: Message) -> tuple[Any, ...]:
+    msg = type(m).__mrpc_message__
+    if msg is None:
+        raise TypeError(f"{type(m).__qualname__} is not bound to a schema (codec.bind)")
+    return msg.fields  # type: ignore[no-any-return]
+
+
+def _field(m: Message, name: str) -> Any:
+    for f in _schema_fields(m):
+        if f.name == name:
+            return f
+    return None
+
+
+def _oneof_members(m: Message, group: str) -> list[Any]:
+    return [f for f in _schema_fields(m) if f.oneof == group]
+
+
+def _full_name(m: Message) -> str:
+    return str(type(m).__mrpc_message__.full_name)
+
+
+def _check_same(m: Message, other: Any, what: str) -> None:
+    if type(other) is not type(m):
+        raise TypeError(f"Parameter to {what}() must be instance of same class: expected "
+                        f"{type(m).__qualname__} got {type(other).__qualname__}.")
 
 
 def _plain(value: Any) -> Any:

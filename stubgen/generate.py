@@ -16,7 +16,9 @@ Python names (the schema always keeps the .proto names):
     import), then they are named after their full name (`google_protobuf_Empty`);
   * a nested type whose name is taken in its class (by a field) gets trailing underscores.
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
-_fields) or starting with "__" cannot be generated and are reported as errors.
+_fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
+MergeFromString, ParseFromString) or starting with "__" cannot be generated and are
+reported as errors.
 """
 from __future__ import annotations
 
@@ -43,7 +45,9 @@ _MODULE_RESERVED = {
     "_MaybeAsyncIterator", "_ServicerContext", "_abc",
 }
 # attributes of the Message base class that a field slot must not replace
-_MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields"}
+_MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields", "HasField",
+                    "WhichOneof", "ClearField", "Clear", "CopyFrom", "MergeFrom", "MergeFromString",
+                    "ParseFromString"}
 # member names Python's enum refuses outright (ValueError when the class is created)
 _ENUM_REFUSED = {"mro"}
 _LINE = 100

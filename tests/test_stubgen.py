@@ -585,3 +585,79 @@ def test_pyi_passes_mypy(gen, tmp_path):
     bad.write_text("import hello_mrpc as h\nh.HelloRequest(name=3)\n")
     r = subprocess.run([*mypy, str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 1 and 'Argument "name" to "HelloRequest" has incompatible type "int"' in r.stdout
+
+
+def test_protobuf_message_methods(mods):
+    """HasField / WhichOneof / ClearField / Clear / CopyFrom / MergeFrom / ParseFromString /
+    MergeFromString behave as protobuf's do for code written against grpcio's messages."""
+    s = mods["scalars"]
+    Outer, Inner = s.Outer, s.Outer.Inner
+    o = Outer()
+    assert not o.HasField("inner") and not o.HasField("maybe") and not o.HasField("choice")
+    assert o.WhichOneof("choice") is None
+    o.inner, o.maybe, o.choice_number = Inner(x=1), 0, 7
+    assert o.HasField("inner") and o.HasField("maybe") and o.HasField("choice_number") and o.HasField("choice")
+    assert not o.HasField("choice_text") and o.WhichOneof("choice") == "choice_number"
+    for bad, words in [("numbers", "does not have presence"), ("kind", "does not have presence"),
+                       ("nope", "has no field 'nope'")]:
+        with pytest.raises(ValueError, match=words):
+            o.HasField(bad)
+    with pytest.raises(ValueError, match="has no oneof 'inner'"):
+        o.WhichOneof("inner")
+    o.ClearField("choice")
+    assert o.WhichOneof("choice") is None and o.choice_number is None
+    o.numbers.append(3)
+    o.ClearField("numbers")
+    assert o.numbers == [] and o.HasField("inner")
+    with pytest.raises(ValueError, match="has no field 'zz'"):
+        o.ClearField("zz")
+
+    src = Outer(inner=Inner(x=5, deepest=Inner.Deepest(leaf="a")), numbers=[1, 2], counts={"a": 1},
+                maybe_text="t", choice_text="c", kind=Outer.Kind.KIND_B)
+    dst = Outer()
+    dst.CopyFrom(src)
+    assert dst == src and dst.inner is not src.inner and dst.numbers is not src.numbers
+    dst.inner.deepest.leaf = "changed"
+    assert src.inner.deepest.leaf == "a", "CopyFrom is a deep copy"
+    with pytest.raises(TypeError, match="must be instance of same class"):
+        dst.CopyFrom(Inner())
+
+    # MergeFrom: set fields overwrite, messages merge, repeated append, maps update, a oneof
+    # member set in the source clears the others; defaults of fields without presence do not
+    into = Outer(inner=Inner(x=1, kind=Outer.Kind.KIND_B), numbers=[9], counts={"a": 0, "b": 2},
+                 choice_number=4, kind=Outer.Kind.KIND_B, maybe=3)
+    into.MergeFrom(src)
+    assert (into.inner.x, into.inner.kind, into.inner.deepest.leaf) == (5, Outer.Kind.KIND_B, "a")
+    assert into.numbers == [9, 1, 2] and into.counts == {"a": 1, "b": 2}
+    assert into.WhichOneof("choice") == "choice_text" and into.choice_number is None
+    assert into.maybe == 3 and into.maybe_text == "t" and into.kind == Outer.Kind.KIND_B
+    into.MergeFrom(Outer())  # nothing set: nothing changes
+    assert into.numbers == [9, 1, 2] and into.kind == Outer.Kind.KIND_B
+    into.MergeFrom(into)
+    assert into.numbers == [9, 1, 2, 9, 1, 2]
+
+    data = src.SerializeToString()
+    p = Outer(numbers=[7], maybe=1)
+    assert p.ParseFromString(data) == len(data) and p == src
+    m = Outer(numbers=[7], maybe=1)
+    assert m.MergeFromString(data) == len(data)
+    assert m.numbers == [7, 1, 2] and m.maybe == 1 and m.inner == src.inner
+    before = Outer(numbers=[7])
+    with pytest.raises(mrpcd.marshal.codec.DecodeError):
+        before.ParseFromString(b"\xc1not msgpack")
+    assert before.numbers == [7], "a failed parse changes nothing"
+    before.Clear()
+    assert before == Outer()
+
+    k = s.Keywords(from_=1)
+    k.ClearField("from")
+    assert k.from_ == 0
+
+
+@pytest.mark.parametrize("name", ["HasField", "CopyFrom", "to_dict"])
+def test_a_field_named_like_a_message_method_is_refused(tmp_path, capsys, name):
+    proto = tmp_path / "clash.proto"
+    proto.write_text(f'syntax = "proto3";\npackage c;\nmessage M {{ int32 {name} = 1; }}\n')
+    assert cli.main([str(proto), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"c.M.{name}" in err and "clashes with a method of generated messages" in err
