@@ -30,6 +30,8 @@ def test_file_overrides_default(tmp_path):
         ("ring_size: 65536\nbogus: 1\n", ":2: unknown key 'bogus'"),
         ("transport: tcp\nring_size: 100000\n", ":2: ring_size: must be a power of two"),
         ("log_level: loud\n", ":1: log_level: must be one of"),
+        ("max_pending_bytes: 1000\n", ":1: max_pending_bytes: must be"),
+        ("max_peer_backlog: -1\n", ":1: max_peer_backlog: must be"),
         ("max_record: [1]\n", ":1: max_record: must be an integer"),
         ("connect_timeout: 0\n", ":1: connect_timeout: must be a number of seconds"),
         ("ring_size: 65536\n  - x: [\n", "not valid YAML"),

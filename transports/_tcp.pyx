@@ -286,6 +286,16 @@ cdef class PeerConnection:
             return
         self.transport.writelines(records)
 
+    def write_backlog(self):
+        """Bytes queued for the peer and not yet taken by the kernel (records send() queued
+        for this loop iteration included)."""
+        cdef Py_ssize_t n = 0
+        if self.transport is not None and not self._lost:
+            n = self.transport.get_write_buffer_size()
+        for rec in self._out:
+            n += len(rec)
+        return n
+
     def flush(self):
         """Write queued records now instead of at the end of this loop iteration."""
         self._flush()

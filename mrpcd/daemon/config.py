@@ -109,6 +109,8 @@ VALIDATORS = {
     "ring_size": _power_of_two,
     "max_record": _positive_int(1024, 1 << 30),
     "max_pending_records": _positive_int(16, 1 << 24),
+    "max_pending_bytes": _positive_int(1 << 20, 1 << 40),
+    "max_peer_backlog": _positive_int(1 << 20, 1 << 40),
     "connect_timeout": _seconds,
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("text", "json"),
@@ -120,7 +122,7 @@ VALIDATORS = {
 }
 
 # What a SIGHUP reload may change in a running daemon; the rest needs a restart.
-LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics")
+LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "max_pending_bytes", "max_peer_backlog", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics")
 
 
 @dataclass
@@ -131,6 +133,8 @@ class Config:
     ring_size: int
     max_record: int
     max_pending_records: int
+    max_pending_bytes: int
+    max_peer_backlog: int
     connect_timeout: float
     log_level: str
     log_format: str

@@ -165,6 +165,7 @@ def render(daemon: "Daemon") -> str:
     # per app
     app_fams: dict[str, Family] = {}
     pending = Family("mrpcd_app_pending_records", "gauge", "Records waiting for room in the app's receive ring.")
+    pending_bytes = Family("mrpcd_app_pending_bytes", "gauge", "Bytes of the records waiting for room in the app's receive ring.")
     inflight = Family("mrpcd_app_calls_in_flight", "gauge", "The app's calls started and not yet answered.")
     for s in sorted(daemon.sessions.values(), key=lambda s: s.app_id):
         labels = (("app_id", s.app_id), ("app", s.name))
@@ -175,8 +176,9 @@ def render(daemon: "Daemon") -> str:
                 fam = app_fams[name] = Family(name, "counter", f"Per-app counter {key}.")
             fam.add(value, labels)
         pending.add(len(s.pending), labels)
+        pending_bytes.add(s.pending.nbytes, labels)
         inflight.add(s.observer.in_flight, labels)
-    fams += [app_fams[k] for k in sorted(app_fams)] + [pending, inflight]
+    fams += [app_fams[k] for k in sorted(app_fams)] + [pending, pending_bytes, inflight]
 
     # per policy: whatever the engines count
     pol_fams: dict[str, Family] = {}

@@ -40,12 +40,48 @@ DRAIN_ROUNDS = 8
 # bodies; at most LEND_LIMIT payload bytes are out to sockets at once (then the app waits).
 LEND_MIN = 64 * 1024
 LEND_LIMIT = 8 << 20
+# Calls refused for a peer's backlog whose request streams are remembered (Route.refused).
+REFUSED_MAX = 65536
 _HEADER_PREFIX = struct.Struct("<BBHIQ")  # kind, flags, status, handle, call_id
+
+class PendingRecords(deque):
+    """Records waiting for room in an app's rx ring, with their total size in `nbytes`.
+
+    Why bytes too: a bound on the number of records alone let a peer park 65,536 records of
+    up to max_record bytes each in the daemon's memory (max_pending_bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def append(self, rec: R.Record) -> None:
+        self.nbytes += rec.size
+        super().append(rec)
+
+    def extend(self, recs: Any) -> None:
+        recs = list(recs)
+        self.nbytes += sum(r.size for r in recs)
+        super().extend(recs)
+
+    def extendleft(self, recs: Any) -> None:
+        recs = list(recs)
+        self.nbytes += sum(r.size for r in recs)
+        super().extendleft(recs)
+
+    def popleft(self) -> R.Record:
+        rec = super().popleft()
+        self.nbytes -= rec.size
+        return rec
+
+    def clear(self) -> None:
+        super().clear()
+        self.nbytes = 0
+
 
 class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
 
-    __slots__ = ("handle", "conn", "role", "target", "services", "binding")
+    __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused")
 
     def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
         self.binding = binding
@@ -54,6 +90,9 @@ class Route:
         self.role = role  # "client" (the app connected out) or "server" (a peer connected in)
         self.target = target
         self.services = services  # method ids served on this route (server role)
+        # calls whose START was refused here (the peer's backlog was full) that may still
+        # send records: those are dropped until the call's request stream ends
+        self.refused: dict[int, None] = {}  # insertion-ordered: the oldest are forgotten past REFUSED_MAX
 
 
 class Binding:
@@ -87,7 +126,7 @@ class AppSession:
         self._next_handle = 1
         self.listeners: list[asyncio.AbstractServer] = []
         self.bindings: dict[str, Binding] = {}  # requested and actual address -> binding
-        self.pending: deque[R.Record] = deque()  # records waiting for room in the rx ring
+        self.pending = PendingRecords()  # records waiting for room in the rx ring
         self.paused_routes = False
         self.datapath = Datapath(self, self._send_out, self._deliver_in)
         self.observer = Observer(daemon.call_stats, lambda: self.schema)  # per-method metrics, drain (observe.py)
@@ -98,6 +137,7 @@ class AppSession:
             "records_out": 0, "records_in": 0, "bytes_out": 0, "bytes_in": 0,
             "malformed": 0, "unroutable": 0, "unimplemented": 0,
             "oversized": 0,  # peer records bigger than the app's rx ring: that call failed RESOURCE_EXHAUSTED
+            "peer_backlog_refused": 0,  # new calls failed UNAVAILABLE: their peer had max_peer_backlog bytes queued
             "lent_payloads": 0,  # big payloads sent straight from the app's tx ring
             "wakeups": 0,  # eventfd signals from the app (the poller saves most while traffic flows)
         }
@@ -280,12 +320,53 @@ class AppSession:
                     if rec.kind == R.REQUEST:
                         self._deliver_in([error_response(rec.handle, rec.call_id, StatusCode.UNAVAILABLE.code, f"channel {rec.handle} is not connected")])
                 continue
+            if route.refused or (route.role == "client" and getattr(route.conn, "writing_paused", True)):
+                recs = self._check_backlog(route, recs)
+                if not recs:
+                    continue
             bufs, nbytes = R.wire_buffers(recs)
             self.stats["bytes_out"] += nbytes
             if self._lent and not getattr(route.conn, "zero_copy_send", False):
                 # TLS / RDMA keep buffers on their own terms: give them copies of leases
                 bufs = [bytes(b) if type(b) is R.Lease else b for b in bufs]
             route.conn.send_batch(bufs, len(recs))
+
+    def _check_backlog(self, route: Route, recs: list[R.Record]) -> list[R.Record]:
+        """A peer that reads nothing (a hung server behind it) must not make this daemon
+        queue every new call for it: past max_peer_backlog queued bytes, a new call fails
+        here with UNAVAILABLE. Records of calls already going still go (each is bounded by
+        its flow-control window); the rest of a refused call's request stream is dropped."""
+        refused = route.refused
+        limit = self.config.max_peer_backlog
+        backlog = route.conn.write_backlog()
+        if backlog < limit and not refused:
+            return recs
+        out: list[R.Record] = []
+        failed: list[R.Record] = []
+        for rec in recs:
+            if rec.kind == R.REQUEST and rec.flags & R.F_START and backlog >= limit:
+                if not rec.flags & R.F_END:
+                    refused[rec.call_id] = None
+                    if len(refused) > REFUSED_MAX:  # an app that never ends them: keep the newest
+                        del refused[next(iter(refused))]
+                failed.append(error_response(
+                    rec.handle, rec.call_id, StatusCode.UNAVAILABLE.code,
+                    f"mrpcd: peer {route.target} is not reading: {backlog} bytes already queued for it "
+                    f"(max_peer_backlog {limit})"))
+            elif refused and rec.call_id in refused:
+                if rec.kind == R.CANCEL or rec.flags & R.F_END:
+                    del refused[rec.call_id]
+            else:
+                out.append(rec)
+        if failed:
+            n = self.stats["peer_backlog_refused"] + 1
+            if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: a hung peer must not flood the log
+                log.warning("app %s: peer %s is not reading (%d bytes queued for it); new calls to it fail "
+                            "UNAVAILABLE until it reads", self.name, route.target, backlog,
+                            extra=self.log_fields(handle=route.handle, peer=route.target))
+            self.stats["peer_backlog_refused"] += len(failed)
+            self._deliver_in(failed)
+        return out
 
     def _deliver_in(self, batch: list[R.Record]) -> None:
         """The frontend end: push records into the app's rx ring; what does not fit waits.
@@ -373,7 +454,8 @@ class AppSession:
 
     def _apply_backpressure(self) -> None:
         """An app that reads slower than its peers write: stop reading their sockets."""
-        if len(self.pending) >= self.config.max_pending_records and not self.paused_routes:
+        pending, config = self.pending, self.config
+        if (len(pending) >= config.max_pending_records or pending.nbytes >= config.max_pending_bytes) and not self.paused_routes:
             self.paused_routes = True
             for route in self.routes.values():
                 route.conn.pause_reading()

@@ -2,7 +2,8 @@
 
 Modes: `unary N` (N calls, prints each reply and a final "ok N"), `stream`, `async N`,
 `slow SECONDS` (one slow call; used to kill the client mid-RPC), `status NAME` (prints the
-code and details of the failure).
+code and details of the failure), `flood CALLS SIZE CONCURRENCY` (short-deadline calls;
+prints the codes seen as JSON).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def main() -> int:
     target, mode, arg = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else ""
     if mode == "async":
         return asyncio.run(run_async(target, int(arg)))
+    if mode == "flood":
+        return asyncio.run(run_flood(target, int(arg), int(sys.argv[4]), int(sys.argv[5])))
     stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(target))
     if mode == "unary":
         for i in range(int(arg)):
@@ -43,6 +46,31 @@ def main() -> int:
             print("OK", flush=True)
         except mrpcd.RpcError as exc:
             print(f"{exc.code().name}|{exc.details()}", flush=True)
+    return 0
+
+
+async def run_flood(target: str, calls: int, size: int, conc: int) -> int:
+    """`calls` calls of `size` bytes, `conc` at a time, 0.5 s deadline each (a client that
+    keeps calling a hung backend). Prints one JSON line: {code: [count, first details]}."""
+    import json
+
+    seen: dict[str, list] = {}
+    async with mrpcd.aio.insecure_channel(target) as ch:
+        stub = hello_mrpc.GreeterStub(ch)
+        sem = asyncio.Semaphore(conc)
+        name = "x" * size
+
+        async def one() -> None:
+            async with sem:
+                try:
+                    await stub.SayHello(hello_mrpc.HelloRequest(name=name), timeout=0.5)
+                    code, details = "OK", ""
+                except mrpcd.aio.AioRpcError as exc:
+                    code, details = exc.code().name, exc.details()
+                seen.setdefault(code, [0, details])[0] += 1
+
+        await asyncio.gather(*(one() for _ in range(calls)))
+    print(json.dumps(seen), flush=True)
     return 0
 
 

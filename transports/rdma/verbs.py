@@ -232,6 +232,10 @@ class RdmaPeerConnection:
     def flush(self) -> None:
         self._pump()
 
+    def write_backlog(self) -> int:
+        """Bytes queued for the peer and not yet posted (waiting for credits or send slots)."""
+        return int(self.core.queued_bytes)
+
     def set_handlers(self, on_records: Callable, on_close: Callable) -> None:
         self._on_records, self._on_close = on_records, on_close
         if self._held and not self._paused:

@@ -1,0 +1,112 @@
+"""A peer that stops reading must not grow the daemons' memory without bound.
+
+Why: the daemon is shared by every app on the host. When a server app hangs (here: SIGSTOP),
+its daemon stops reading the socket once the records waiting for the app's ring pass
+`max_pending_records` or `max_pending_bytes`, and the client daemon's socket buffer fills.
+Before these limits, the client daemon kept taking the app's small requests out of its ring
+into the socket's write buffer (and the server daemon kept up to 65,536 records of any size
+in memory), so a client that kept calling a hung backend — each call timing out, the next
+one sent — grew the daemons by every request it ever made. Now a new call to a peer with
+more than `max_peer_backlog` bytes already queued fails at once with UNAVAILABLE; when the
+peer reads again, calls succeed again.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import types
+import signal
+import time
+
+KIB = 1024
+
+
+def private_kib(pid: int) -> int:
+    """Private resident memory (VmRSS - RssShmem): heap, Python objects, buffers."""
+    vals = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssShmem"):
+                vals[key] = int(rest.split()[0])
+    return vals["VmRSS"] - vals["RssShmem"]
+
+
+def test_calls_to_a_hung_server_fail_fast_and_the_daemons_stay_bounded(daemon_factory, app_factory, gen_dir):
+    a = daemon_factory("a", "max_peer_backlog: 4194304\n")
+    b = daemon_factory("b", "max_pending_bytes: 4194304\n")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    target = server.readline()
+    first = app_factory("hello_client.py", a, target, "unary", "1", gen=gen_dir)
+    assert first.wait()[0] == 0  # the service works, and the connection A -> B is up
+    base_a, base_b = private_kib(a.pid), private_kib(b.pid)
+
+    server.proc.send_signal(signal.SIGSTOP)  # hung: reads nothing, answers nothing
+    try:
+        # 6,000 calls × 32 KiB = 188 MiB asked of a peer that reads nothing
+        flood = app_factory("hello_client.py", a, target, "flood", "6000", str(32 * KIB), "256", gen=gen_dir)
+        code, out, err = flood.wait(120)
+        assert code == 0, err
+        seen = json.loads(out.strip().splitlines()[-1])
+        grown_a, grown_b = private_kib(a.pid) - base_a, private_kib(b.pid) - base_b
+        # the limits (4 MiB each, plus socket and ring buffers) keep both daemons far below it
+        assert grown_a < 64 * KIB and grown_b < 64 * KIB, (grown_a, grown_b, seen)
+        assert set(seen) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, seen
+        assert seen.get("UNAVAILABLE", [0])[0] > 0 and "max_peer_backlog" in seen["UNAVAILABLE"][1], seen
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    # the server reads again: what was queued drains, and new calls succeed
+    deadline = time.monotonic() + 60
+    while True:
+        again = app_factory("hello_client.py", a, target, "status", "back", gen=gen_dir)
+        code, out, err = again.wait(60)
+        if out.strip() == "OK" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert out.strip() == "OK", (out, err)
+    assert a.alive() and b.alive()
+
+
+class _Conn:
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+
+    def write_backlog(self) -> int:
+        return self.backlog
+
+
+class _Session:
+    """What AppSession._check_backlog uses of its session."""
+
+    def __init__(self, limit: int) -> None:
+        self.config = types.SimpleNamespace(max_peer_backlog=limit)
+        self.stats = {"peer_backlog_refused": 0}
+        self.name = "t"
+        self.delivered: list = []
+
+    def log_fields(self, **more):
+        return more
+
+    def _deliver_in(self, batch):
+        self.delivered.extend(batch)
+
+
+def test_backlog_refusal_drops_the_rest_of_a_refused_stream_and_passes_calls_already_going():
+    from test_policies_support import cancel, half_close, msg, start, unary
+
+    from mrpcd.daemon.session import AppSession, Route
+    from mrpcd.marshal import records as R
+
+    sess, conn = _Session(limit=100), _Conn(backlog=50)
+    route = Route(1, conn, "client", "peer:1", frozenset(), None)
+    check = functools.partial(AppSession._check_backlog, sess)
+    # under the limit: everything goes
+    assert [r.call_id for r in check(route, [start(1), unary(2)])] == [1, 2]
+    conn.backlog = 100  # the peer stopped reading
+    out = check(route, [msg(1), start(3), unary(4), msg(3), cancel(5)])
+    assert [(r.call_id, r.kind) for r in out] == [(1, R.REQUEST), (5, R.CANCEL)]  # call 1 was going
+    assert [(r.call_id, r.status) for r in sess.delivered] == [(3, 14), (4, 14)]  # UNAVAILABLE
+    assert sess.stats["peer_backlog_refused"] == 2 and list(route.refused) == [3]
+    conn.backlog = 0  # reading again: new calls go, refused stream 3 stays dropped until it ends
+    out = check(route, [msg(3), half_close(3), start(6)])
+    assert [r.call_id for r in out] == [6] and not route.refused
