@@ -21,6 +21,7 @@ from mrpcd.marshal import records as R
 from mrpcd.marshal.schema import method_id
 from mrpcd.daemon.metrics import render
 from mrpcd.daemon.observe import CallStats, Observer
+from mrpcd.daemon.session import PendingRecords
 
 SAY = "/helloworld.Greeter/SayHello"
 LABELS = ("unary", "helloworld.Greeter", "SayHello")
@@ -95,7 +96,9 @@ def test_render_is_valid_prometheus_text(observer):
         def describe(self):
             raise RuntimeError("boom")
 
-    session = SimpleNamespace(app_id=3, name="app\\one", stats={"records_out": 4, "malformed": 1}, pending=[b"x"],
+    pending = PendingRecords()
+    pending.append(SimpleNamespace(size=48))
+    session = SimpleNamespace(app_id=3, name="app\\one", stats={"records_out": 4, "malformed": 1}, pending=pending,
                               observer=obs, datapath=SimpleNamespace(engines=[Weird(), Broken()]))
     daemon = SimpleNamespace(version="9.9", uptime=lambda: 1.5, sessions={3: session}, counters={"apps_connected": 1},
                              call_stats=obs.stats, draining=False,
@@ -118,6 +121,8 @@ def test_render_is_valid_prometheus_text(observer):
     assert fams["mrpcd_poll_ticks"].type == "counter" and fams["mrpcd_poll_ticks"].samples[0].value == 7
     assert fams["mrpcd_poll_hits"].samples[0].value == 3
     assert fams["mrpcd_poll_window_seconds"].samples[0].value == 150e-6
+    assert fams["mrpcd_app_pending_records"].samples[0].value == 1
+    assert fams["mrpcd_app_pending_bytes"].samples[0].value == 48
 
 
 # -- a running daemon ------------------------------------------------------------------------
