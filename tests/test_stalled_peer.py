@@ -110,3 +110,55 @@ def test_backlog_refusal_drops_the_rest_of_a_refused_stream_and_passes_calls_alr
     conn.backlog = 0  # reading again: new calls go, refused stream 3 stays dropped until it ends
     out = check(route, [msg(3), half_close(3), start(6)])
     assert [r.call_id for r in out] == [6] and not route.refused
+
+
+async def _greedy_peer(port: int, calls: int, size: int, b_pid: int) -> tuple[int, int]:
+    """A peer daemon that sends `calls` calls and does not read their answers for 3 s, then
+    reads them all. Returns (growth of B's private memory while we did not read, answers)."""
+    import asyncio
+
+    from mrpcd.marshal import records as R
+    from mrpcd.marshal.schema import method_id
+    from mrpcd.transports import tcp
+
+    import hello_mrpc
+
+    conn = await tcp.connect("127.0.0.1", port, {})
+    answers: list = []
+    conn.set_handlers(lambda recs: answers.extend(r for r in recs if r.kind == R.RESPONSE and r.flags & R.F_END),
+                      lambda exc: None)
+    conn.pause_reading()
+    base = private_kib(b_pid)
+    mid = method_id("/helloworld.Greeter/SayHello")
+    payload = hello_mrpc.HelloRequest(name="x" * size).SerializeToString()
+    for i in range(calls):
+        conn.send(R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 0, i + 1, mid, 0, b"", payload))
+        if i % 64 == 63:
+            await asyncio.sleep(0)  # let the loop write what it can
+    await asyncio.sleep(3)
+    grown = private_kib(b_pid) - base
+    conn.resume_reading()
+    for _ in range(600):  # up to 60 s for every answer
+        if len(answers) >= calls:
+            break
+        await asyncio.sleep(0.1)
+    ok = sum(1 for r in answers if r.status == 0)
+    conn.close()
+    return grown, ok
+
+
+def test_a_peer_that_does_not_read_its_answers_is_not_read_either(daemon_factory, app_factory, gen_dir):
+    """Server side: a calling peer that never takes its answers (they echo its 32 KiB
+    requests) would grow the server's daemon by every answer; past max_peer_backlog it stops
+    reading that peer's calls instead, and once the peer reads again every call is answered."""
+    import asyncio
+
+    b = daemon_factory("b", "max_peer_backlog: 1048576\nmax_pending_bytes: 1048576\n")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+    calls = 3000  # × 32 KiB = 94 MiB of answers
+    grown, ok = asyncio.run(_greedy_peer(port, calls, 32 * KIB, b.pid))
+    assert grown < 48 * KIB, grown
+    assert ok == calls  # nothing lost: every call answered once the peer read
+    assert "does not read its answers" in b.log()
+    assert b.alive()

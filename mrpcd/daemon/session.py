@@ -81,7 +81,7 @@ class PendingRecords(deque):
 class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
 
-    __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused")
+    __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused")
 
     def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
         self.binding = binding
@@ -93,6 +93,8 @@ class Route:
         # calls whose START was refused here (the peer's backlog was full) that may still
         # send records: those are dropped until the call's request stream ends
         self.refused: dict[int, None] = {}  # insertion-ordered: the oldest are forgotten past REFUSED_MAX
+        # server role: reading paused because the peer does not take our answers
+        self.backlog_paused = False
 
 
 class Binding:
@@ -138,6 +140,7 @@ class AppSession:
             "malformed": 0, "unroutable": 0, "unimplemented": 0,
             "oversized": 0,  # peer records bigger than the app's rx ring: that call failed RESOURCE_EXHAUSTED
             "peer_backlog_refused": 0,  # new calls failed UNAVAILABLE: their peer had max_peer_backlog bytes queued
+            "peer_backlog_paused": 0,  # times a calling peer's socket was not read: it did not take its answers
             "lent_payloads": 0,  # big payloads sent straight from the app's tx ring
             "wakeups": 0,  # eventfd signals from the app (the poller saves most while traffic flows)
         }
@@ -324,6 +327,8 @@ class AppSession:
                 recs = self._check_backlog(route, recs)
                 if not recs:
                     continue
+            elif route.role == "server" and not route.backlog_paused and getattr(route.conn, "writing_paused", True):
+                self._check_answer_backlog(route)
             bufs, nbytes = R.wire_buffers(recs)
             self.stats["bytes_out"] += nbytes
             if self._lent and not getattr(route.conn, "zero_copy_send", False):
@@ -367,6 +372,31 @@ class AppSession:
             self.stats["peer_backlog_refused"] += len(failed)
             self._deliver_in(failed)
         return out
+
+    def _check_answer_backlog(self, route: Route) -> None:
+        """Server side: a peer that sends calls but does not read their answers. Past
+        max_peer_backlog bytes queued for it, stop reading its socket (its new calls wait
+        in its own buffers) until it has taken what we sent (the transport's drain)."""
+        conn = route.conn
+        backlog = conn.write_backlog()
+        if backlog < self.config.max_peer_backlog:
+            return
+        route.backlog_paused = True
+        n = self.stats["peer_backlog_paused"] = self.stats["peer_backlog_paused"] + 1
+        if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...
+            log.warning("app %s: peer %s does not read its answers (%d bytes queued for it); not reading "
+                        "its calls until it does", self.name, route.target, backlog,
+                        extra=self.log_fields(handle=route.handle, peer=route.target))
+        conn.pause_reading()
+        conn.drain().add_done_callback(functools.partial(self._answer_backlog_drained, route))
+
+    def _answer_backlog_drained(self, route: Route, fut: "asyncio.Future[None]") -> None:
+        route.backlog_paused = False
+        if not fut.cancelled():
+            fut.exception()  # a closed connection: nothing to resume (its close is reported elsewhere)
+        conn = route.conn  # the current one (a transport upgrade may have replaced it)
+        if not self.closed and not conn.closed and not self.paused_routes:
+            conn.resume_reading()
 
     def _deliver_in(self, batch: list[R.Record]) -> None:
         """The frontend end: push records into the app's rx ring; what does not fit waits.
@@ -417,7 +447,8 @@ class AppSession:
         if not pending and self.paused_routes:
             self.paused_routes = False
             for route in self.routes.values():
-                route.conn.resume_reading()
+                if not route.backlog_paused:
+                    route.conn.resume_reading()
 
     def _refuse_oversized(self, rec: R.Record) -> None:
         """A peer sent a record bigger than this app's rx ring can hold (the peer's daemon
