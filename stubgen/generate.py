@@ -43,6 +43,11 @@ _MODULE_RESERVED = {
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
     "_MaybeAsyncIterator", "_ServicerContext", "_abc",
+    # the .pyi's call protocols (_CALL_PROTOCOLS) and what they import
+    "_Protocol", "_Callable", "_Generator", "_Q", "_R", "_Timeout", "_Call", "_CallFuture", "_CallIterator",
+    "_UnaryUnary", "_UnaryStream", "_StreamUnary", "_StreamStream", "_AioCall", "_AioUnaryCall",
+    "_AioStreamCall", "_AioStreamUnaryCall", "_AioStreamStreamCall", "_AioUnaryUnary", "_AioUnaryStream",
+    "_AioStreamUnary", "_AioStreamStream",
 }
 # attributes of the Message base class that a field slot must not replace
 _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields", "HasField",
@@ -51,6 +56,93 @@ _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_
 # member names Python's enum refuses outright (ValueError when the class is created)
 _ENUM_REFUSED = {"mro"}
 _LINE = 100
+
+# The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
+# and friends: the call itself, .with_call() and .future() (sync), call objects (asyncio).
+_CALL_PROTOCOLS = """
+_Q = _TypeVar("_Q", contravariant=True)
+_R = _TypeVar("_R", covariant=True)
+_Timeout: _TypeAlias = _builtins.float | None
+
+class _Call(_Protocol):
+    def code(self) -> mrpcd.StatusCode: ...
+    def details(self) -> _builtins.str: ...
+    def initial_metadata(self) -> _Metadata: ...
+    def trailing_metadata(self) -> _Metadata: ...
+    def is_active(self) -> _builtins.bool: ...
+    def time_remaining(self) -> _builtins.float | None: ...
+    def cancel(self) -> _builtins.bool: ...
+    def add_callback(self, callback: _Callable[[], _builtins.object]) -> _builtins.bool: ...
+
+class _CallFuture(_Call, _Protocol[_R]):
+    def result(self, timeout: _Timeout = ...) -> _R: ...
+    def exception(self, timeout: _Timeout = ...) -> _builtins.BaseException | None: ...
+    def done(self) -> _builtins.bool: ...
+    def running(self) -> _builtins.bool: ...
+    def cancelled(self) -> _builtins.bool: ...
+    def add_done_callback(self, fn: _Callable[[_Any], _builtins.object]) -> None: ...
+
+class _CallIterator(_Call, _Protocol[_R]):
+    def __iter__(self) -> _Iterator[_R]: ...
+    def __next__(self) -> _R: ...
+
+class _UnaryUnary(_Protocol[_Q, _R]):
+    def __call__(self, request: _Q, timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _R: ...
+    def with_call(self, request: _Q, timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _builtins.tuple[_R, _Call]: ...
+    def future(self, request: _Q, timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _CallFuture[_R]: ...
+
+class _UnaryStream(_Protocol[_Q, _R]):
+    def __call__(self, request: _Q, timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _CallIterator[_R]: ...
+
+class _StreamUnary(_Protocol[_Q, _R]):
+    def __call__(self, request_iterator: _Iterable[_Q], timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _R: ...
+    def with_call(self, request_iterator: _Iterable[_Q], timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _builtins.tuple[_R, _Call]: ...
+    def future(self, request_iterator: _Iterable[_Q], timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _CallFuture[_R]: ...
+
+class _StreamStream(_Protocol[_Q, _R]):
+    def __call__(self, request_iterator: _Iterable[_Q], timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _CallIterator[_R]: ...
+
+class _AioCall(_Protocol):
+    def code(self) -> _Awaitable[mrpcd.StatusCode]: ...
+    def details(self) -> _Awaitable[_builtins.str]: ...
+    def initial_metadata(self) -> _Awaitable[_Metadata]: ...
+    def trailing_metadata(self) -> _Awaitable[_Metadata]: ...
+    def wait_for_connection(self) -> _Awaitable[None]: ...
+    def cancel(self) -> _builtins.bool: ...
+    def cancelled(self) -> _builtins.bool: ...
+    def done(self) -> _builtins.bool: ...
+    def time_remaining(self) -> _builtins.float | None: ...
+    def add_done_callback(self, callback: _Callable[[_Any], _builtins.object]) -> None: ...
+
+class _AioUnaryCall(_AioCall, _Protocol[_R]):
+    def __await__(self) -> _Generator[_Any, None, _R]: ...
+
+class _AioStreamCall(_AioCall, _Protocol[_R]):
+    def __aiter__(self) -> _AsyncIterator[_R]: ...
+    def read(self) -> _Awaitable[_Any]: ...  # a response, or mrpcd.aio.EOF at the end
+
+class _AioStreamUnaryCall(_AioUnaryCall[_R], _Protocol[_Q, _R]):
+    def write(self, request: _Q) -> _Awaitable[None]: ...
+    def done_writing(self) -> _Awaitable[None]: ...
+
+class _AioStreamStreamCall(_AioStreamCall[_R], _Protocol[_Q, _R]):
+    def write(self, request: _Q) -> _Awaitable[None]: ...
+    def done_writing(self) -> _Awaitable[None]: ...
+
+class _AioUnaryUnary(_Protocol[_Q, _R]):
+    def __call__(self, request: _Q, *, timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _AioUnaryCall[_R]: ...
+
+class _AioUnaryStream(_Protocol[_Q, _R]):
+    def __call__(self, request: _Q, *, timeout: _Timeout = ..., metadata: _Metadata | None = ...) -> _AioStreamCall[_R]: ...
+
+class _AioStreamUnary(_Protocol[_Q, _R]):
+    def __call__(self, request_iterator: _Iterable[_Q] | _AsyncIterable[_Q] | None = ..., *, timeout: _Timeout = ...,
+                 metadata: _Metadata | None = ...) -> _AioStreamUnaryCall[_Q, _R]: ...
+
+class _AioStreamStream(_Protocol[_Q, _R]):
+    def __call__(self, request_iterator: _Iterable[_Q] | _AsyncIterable[_Q] | None = ..., *, timeout: _Timeout = ...,
+                 metadata: _Metadata | None = ...) -> _AioStreamStreamCall[_Q, _R]: ...
+"""
 
 
 def module_name(proto_path: str) -> str:
@@ -346,7 +438,8 @@ class _Emitter:
             "from collections.abc import AsyncIterable as _AsyncIterable, AsyncIterator as _AsyncIterator",
             "from collections.abc import Awaitable as _Awaitable",
             "from collections.abc import Iterable as _Iterable, Iterator as _Iterator, Sequence as _Sequence",
-            "from typing import Any as _Any",
+            "from collections.abc import Callable as _Callable, Generator as _Generator",
+            "from typing import Any as _Any, Protocol as _Protocol",
             "from typing import TypeAlias as _TypeAlias, TypeVar as _TypeVar, overload as _overload",
             "",
             "import mrpcd",
@@ -354,7 +447,7 @@ class _Emitter:
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",
             "",
-            "_Metadata: _TypeAlias = _Sequence[tuple[str, str | bytes]]",
+            "_Metadata: _TypeAlias = _Sequence[_builtins.tuple[_builtins.str, _builtins.str | _builtins.bytes]]",
             "_T = _TypeVar(\"_T\")",
             "",
             "# what a servicer's handlers are given, sync (mrpcd.server) or asyncio (mrpcd.aio.server)",
@@ -362,7 +455,7 @@ class _Emitter:
             "class _ServicerContext(mrpcd.ServicerContext, mrpcd.aio.ServicerContext): ...  # type: ignore[misc, unused-ignore]",
             "",
             "SCHEMA: _Schema",
-        ] + body
+        ] + (_CALL_PROTOCOLS.rstrip("\n").split("\n") if mod.services else []) + body
         if self.pyi_aliases:
             out += ["", "# module-level types under names no class scope shadows"]
             out += [f"{alias} = {head}" for head, alias in sorted(self.pyi_aliases.items())]
@@ -403,25 +496,18 @@ class _Emitter:
         def t(ref: str) -> str:
             return self.value_type("message", ref, shadow, True)
 
-        timeout = f"timeout: {self.builtin('float', shadow, True)} | None = ..."
+        kinds = {(False, False): "UnaryUnary", (False, True): "UnaryStream",
+                 (True, False): "StreamUnary", (True, True): "StreamStream"}
 
         def stub_methods(aio: bool) -> list[str]:
+            # attributes, as at run time: call objects with .future() / .with_call() (sync)
             lines = []
             for m in svc.methods:
-                req_t, resp_t = t(m.input), t(m.output)
-                if m.client_streaming:
-                    req = f"request_iterator: _Iterable[{req_t}]" + (f" | _AsyncIterable[{req_t}]" if aio else "")
-                else:
-                    req = f"request: {req_t}"
-                if m.server_streaming:
-                    resp = f"_AsyncIterator[{resp_t}]" if aio else f"_Iterator[{resp_t}]"
-                else:
-                    resp = f"_Awaitable[{resp_t}]" if aio else resp_t
-                sig = _signature(f"def {names[m.name]}(self", [req, timeout, "metadata: _Metadata | None = ..."],
-                                 f") -> {resp}: ...")
-                if aio:  # the error is reported on the `def` line
-                    sig[0] += "  # type: ignore[override]"
-                lines += ["    " + s for s in sig]
+                kind = ("_Aio" if aio else "_") + kinds[(m.client_streaming, m.server_streaming)]
+                line = f"    {names[m.name]}: {kind}[{t(m.input)}, {t(m.output)}]"
+                if aio:  # the same attribute, the asyncio channel's call objects
+                    line += "  # type: ignore[assignment]"
+                lines.append(line)
             return lines
 
         # one runtime class for both channels; the .pyi tells them apart by the channel's type

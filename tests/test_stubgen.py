@@ -515,9 +515,29 @@ def test_pyi_types_sync_and_asyncio_use(gen, tmp_path):
         "    many: list[s.Chunk] = list(stub.ServerStream(s.Chunk()))\n"
         "    up: s.Summary = stub.ClientStream(iter([s.Chunk()]))\n"
         "    return len(many) + len(list(stub.BidiStream([s.Chunk()])))\n"
+        "def sync_call_objects(ch: mrpcd.Channel) -> str:\n"
+        "    stub = s.StreamerStub(ch)\n"
+        "    fut = stub.Unary.future(s.Chunk(), timeout=1.0)\n"
+        "    got: s.Summary = fut.result(timeout=2.0)\n"
+        "    reply, call = stub.Unary.with_call(s.Chunk(), metadata=[('k', 'v')])\n"
+        "    total: s.Summary = stub.ClientStream.future(iter([s.Chunk()])).result()\n"
+        "    it = stub.ServerStream(s.Chunk())\n"
+        "    first: s.Chunk = next(it)\n"
+        "    it.cancel()\n"
+        "    code: mrpcd.StatusCode = call.code()\n"
+        "    return call.details() + str(fut.done())\n"
         "async def aio(ch: mrpcd.aio.Channel) -> int:\n"
         "    stub = s.StreamerStub(ch)\n"
         "    one: s.Summary = await stub.Unary(s.Chunk(), timeout=1.0)\n"
+        "    c = stub.Unary(s.Chunk())\n"
+        "    code: mrpcd.StatusCode = await c.code()\n"
+        "    up_call = stub.ClientStream()\n"
+        "    await up_call.write(s.Chunk())\n"
+        "    await up_call.done_writing()\n"
+        "    total: s.Summary = await up_call\n"
+        "    bidi = stub.BidiStream()\n"
+        "    await bidi.write(s.Chunk())\n"
+        "    nxt = await bidi.read()\n"
         "    many = [c async for c in stub.ServerStream(s.Chunk())]\n"
         "    up: s.Summary = await stub.ClientStream([s.Chunk()])\n"
         "    async def gen() -> AsyncIterator[s.Chunk]:\n"
@@ -551,6 +571,20 @@ def test_pyi_types_sync_and_asyncio_use(gen, tmp_path):
     r = subprocess.run([*mypy, str(gen / "streaming_mrpc.pyi"), str(use)], capture_output=True, text=True, env=env,
                        cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    # and what it refuses: a wrong request type, a wrong use of the response
+    bad = tmp_path / "bad_calls.py"
+    bad.write_text(
+        "import mrpcd\n"
+        "import streaming_mrpc as s\n"
+        "def f(ch: mrpcd.Channel) -> None:\n"
+        "    stub = s.StreamerStub(ch)\n"
+        "    stub.Unary.future(s.Summary())\n"
+        "    n: int = stub.Unary.with_call(s.Chunk())[0]\n"
+    )
+    r = subprocess.run([*mypy, str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert 'Argument 1 to "future" of "_UnaryUnary" has incompatible type "Summary"; expected "Chunk"' in r.stdout, r.stdout
+    assert 'expression has type "Summary", variable has type "int"' in r.stdout, r.stdout
 
 
 def test_pyi_passes_mypy(gen, tmp_path):
@@ -574,6 +608,7 @@ def test_pyi_passes_mypy(gen, tmp_path):
         "def f(stub: h.GreeterStub) -> str:\n"
         "    return stub.SayHello(r, timeout=1.0).message + ''.join(x.message for x in stub.SayHelloStream(r))\n"
     )
+
     pyis = [str(gen / f"{n}_mrpc.pyi") for n in ["hello"] + GOOD]
     env = dict(os.environ, MYPYPATH=str(gen))
     mypy = [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
