@@ -8,7 +8,8 @@ into the socket's write buffer (and the server daemon kept up to 65,536 records 
 in memory), so a client that kept calling a hung backend — each call timing out, the next
 one sent — grew the daemons by every request it ever made. Now a new call to a peer with
 more than `max_peer_backlog` bytes already queued fails at once with UNAVAILABLE; when the
-peer reads again, calls succeed again.
+peer reads again, calls succeed again. On the serving side, a calling peer that does not
+read its answers is not read from either, past the same limit, until it takes them.
 """
 from __future__ import annotations
 
