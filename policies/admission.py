@@ -13,7 +13,8 @@ to 0 as successes return (old failures leave the window). A rejected call is ans
 UNAVAILABLE "admission control: success rate X% below Y%".
 
 Outcomes are the final status of the calls this policy let through (their final RESPONSE,
-in the opposite direction); a CANCEL is not counted. Which codes are failures is
+in the opposite direction); a CANCEL is not counted; the app's own calls lost with their
+connection count as UNAVAILABLE. Which codes are failures is
 configurable (by default the ones that mean the server is in trouble; NOT_FOUND or
 PERMISSION_DENIED are answers, not failures).
 
@@ -152,6 +153,20 @@ class Admission(CallGate):
         if rec.kind == R.CANCEL:
             self.calls.pop(rec)
         out.append(rec)
+
+    def handle_closed(self, handle: int) -> None:
+        """The connection of route `handle` was lost. The app's own calls (outbound) in
+        flight on it failed with UNAVAILABLE without a final RESPONSE crossing the chain:
+        they count as that outcome (a backend that drops connections is one in trouble).
+        Calls a server app received (inbound) were cancelled by their caller leaving: no
+        outcome of the server's."""
+        lost = self.calls.drop_handle(handle)
+        super().handle_closed(handle)
+        if lost and self.request_direction() == "outbound":
+            self.count("lost_with_connection", len(lost))
+            ok = UNAVAILABLE not in self.config["failure_codes"]
+            for _ in lost:
+                self.record_outcome(ok)
 
     def _outcomes(self, batch: list[R.Record]) -> None:
         failures = self.config["failure_codes"]

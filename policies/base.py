@@ -227,6 +227,12 @@ class CallTracker:
             return self._calls.pop(key, None)
         return self._calls.get(key)
 
+    def drop_handle(self, handle: int) -> list[Any]:
+        """Forget every call of route `handle` (it closed: no final record of them will
+        come); returns their values."""
+        keys = [k for k in self._calls if k[0] == handle]
+        return [self._calls.pop(k) for k in keys]
+
     def items(self) -> list[tuple[tuple[int, int], Any]]:
         return list(self._calls.items())
 
@@ -561,6 +567,16 @@ class CallGate(Policy):
         self.refused = KeySet()  # calls answered with an error: their later records are dropped
         super().__init__(ctx, config)
 
+    def handle_closed(self, handle: int) -> None:
+        """The route closed: forget its refused calls, and its calls in `self.calls` (a
+        CallTracker, where a gate keeps one) — without this they stay until evicted, or,
+        where the tracker never evicts (acl), for good. Gates that count outcomes override
+        this to count the lost calls first."""
+        self.refused.drop_handle(handle)
+        calls = getattr(self, "calls", None)
+        if isinstance(calls, CallTracker):
+            calls.drop_handle(handle)
+
     def request_direction(self) -> str:
         return self.config["direction"]
 
@@ -803,6 +819,10 @@ class KeySet:
 
     def discard(self, key: tuple[int, int]) -> None:
         self._d.pop(key, None)
+
+    def drop_handle(self, handle: int) -> None:
+        for key in [k for k in self._d if k[0] == handle]:
+            del self._d[key]
 
     def __contains__(self, key: tuple[int, int]) -> bool:
         return key in self._d

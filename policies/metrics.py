@@ -32,7 +32,7 @@ import bisect
 from typing import Any
 
 from ..marshal import records as R
-from .base import CallTracker, ConfigReader, Policy
+from .base import CANCELLED, UNAVAILABLE, CallTracker, ConfigReader, Policy
 
 MAX_UNKNOWN_METHODS = 256  # method ids outside the app's schema with a series of their own
 OTHER_METHOD = -1  # the series the other unknown method ids share
@@ -100,6 +100,17 @@ class Metrics(Policy):
     def inbound(self, batch: list[R.Record]) -> list[R.Record]:
         self._watch(batch, "server")
         return batch
+
+    def handle_closed(self, handle: int) -> None:
+        """The route's connection was lost: its calls in flight ended without a final record
+        crossing the chain — the app's own calls UNAVAILABLE, the calls it was serving
+        CANCELLED (their caller is gone). Count them so; else they stay tracked until
+        evicted and never show in the counts."""
+        lost = self.calls.drop_handle(handle)
+        if lost:
+            now = self.ctx.now()
+            for info in lost:
+                self._done(info, UNAVAILABLE if info[0] == "client" else CANCELLED, now)
 
     def _watch(self, batch: list[R.Record], start_side: str) -> None:
         """start_side: the side a START seen in this direction belongs to."""

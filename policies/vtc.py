@@ -365,6 +365,7 @@ class Vtc(CallGate):
         """The route `handle` closed: its calls end without a final RESPONSE or CANCEL
         crossing the policy, so free their slots (else they leak until every call queues
         forever) and drop their queued calls (nobody is left to answer or be answered)."""
+        super().handle_closed(handle)
         for key in [k for k in self.inflight if k[0] == handle]:
             self._finish(key)
         for key in [k for k in self.queued_calls if k[0] == handle]:

@@ -367,3 +367,43 @@ def test_vtc_config_errors(ctx):
         Vtc(ctx, {"methods": [GEN], "client_id": {}})
     with pytest.raises(PolicyConfigError, match=r"'side': must be one of"):
         Vtc(ctx, {"methods": [GEN], "side": "middle"})
+
+
+# ---------------------------------------------------------------------------------------------
+# calls lost with their connection (handle_closed): no final record of them crosses the chain
+
+
+def test_calls_lost_with_their_connection_are_counted_and_forgotten(ctx):
+    from mrpcd.policies.acl import Acl
+
+    # admission: the app's own calls lost count as UNAVAILABLE outcomes; other handles stay
+    adm = Admission(ctx, {"min_requests": 1, "seed": 1})
+    adm.outbound([unary(1, handle=1), unary(2, handle=1), unary(3, handle=2)])
+    adm.handle_closed(1)
+    assert adm.window() == (2, 0) and len(adm.calls) == 1
+    assert adm.counters["lost_with_connection"] == 2
+    adm.inbound([response(3, handle=2)])
+    assert adm.window() == (3, 1)
+    inbound = Admission(FakeContext(SCHEMA), {"direction": "inbound", "min_requests": 1})
+    inbound.inbound([unary(1)])
+    inbound.handle_closed(1)  # a caller that left is not the server's failure
+    assert inbound.window() == (0, 0) and len(inbound.calls) == 0
+
+    # metrics: the app's calls end UNAVAILABLE, the calls it served CANCELLED
+    m = Metrics(ctx, {})
+    m.outbound([unary(1), start(2, MAKE)])
+    m.inbound([unary(9, PING, payload=msgpack.packb([True]))])
+    m.handle_closed(1)
+    snap = m.snapshot()
+    client = {s["labels"]["grpc_code"]: s["value"] for s in snap["counters"]["mrpcd_client_handled_total"]}
+    server = {s["labels"]["grpc_code"]: s["value"] for s in snap["counters"]["mrpcd_server_handled_total"]}
+    assert client == {"Unavailable": 2} and server == {"Canceled": 1} and snap["in_flight"] == 0
+
+    # acl: its stream tracking never evicts, so a closed handle's streams must go (else
+    # enough lost streams would refuse every new one); refused calls are forgotten too
+    acl = Acl(FakeContext(SCHEMA), {"rules": [{"method": "*", "action": "allow"}], "max_streams": 2})
+    acl.outbound([start(1, handle=1), start(2, handle=1)])
+    acl.refused.add((1, 7))
+    acl.handle_closed(1)
+    assert len(acl.calls) == 0 and (1, 7) not in acl.refused
+    assert [r.call_id for r in acl.outbound([start(3, handle=2), start(4, handle=2)])] == [3, 4]
