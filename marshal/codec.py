@@ -328,6 +328,7 @@ class _Gen:
         for i, f in enumerate(msg.fields):
             L += ["    " + s for s in self.dfield(f, f"f{i}", f"{name}.{f.name}")]
         L += self.oneof_check(msg, "_DE")
+        L += self.required_check(msg, "_DE")
         if self.mode == "cls":
             L.append(f"    o = _new(_C{k})")
             for i, f in enumerate(msg.fields):
@@ -409,6 +410,16 @@ class _Gen:
             L += [f"    if {cond} > 1:", f"        raise {exc}({text!r})"]
         return L
 
+    def required_check(self, msg: Any, exc: str) -> list[str]:
+        """proto2 `required` message fields: unset (None) is an error both ways, as protobuf's
+        "Message X is missing required fields: y"."""
+        L = []
+        for i, f in enumerate(msg.fields):
+            if f.required:
+                text = f"{msg.full_name}: missing required field {f.name}"
+                L += [f"    if f{i} is None:", f"        raise {exc}({text!r})"]
+        return L
+
     # -- encoding ------------------------------------------------------------------------
     def ebad(self, kind: str, ref: str | None, v: str) -> str:
         """Expression: true when v (a Python value) needs the slow path to be encoded."""
@@ -436,6 +447,7 @@ class _Gen:
             L.append(f"    f{i} = {get}")
             L += ["    " + s for s in self.efield(f, f"f{i}", f"{name}.{f.name}")]
         L += self.oneof_check(msg, "_EE")
+        L += self.required_check(msg, "_EE")
         n = len(msg.fields)
         if n == 0:
             L.append("    return ()")

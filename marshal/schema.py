@@ -67,6 +67,9 @@ class Field:
     label: str = "single"
     key: TypeRef | None = None  # map key type
     oneof: str | None = None  # name of the oneof group; such fields may be None
+    # proto2 `required` on a message field: None (unset) is refused when encoding and
+    # decoding. (A required scalar is a "single" field: it always has a value to send.)
+    required: bool = False
 
     @property
     def nullable(self) -> bool:
@@ -206,7 +209,10 @@ class Schema:
 
 
 def _field_to_list(f: Field) -> list:
-    return [f.name, f.number, f.type.to_list(), f.label, f.key.to_list() if f.key else None, f.oneof]
+    out = [f.name, f.number, f.type.to_list(), f.label, f.key.to_list() if f.key else None, f.oneof]
+    if f.required:  # only then: schemas without required fields keep their fingerprints
+        out.append(True)
+    return out
 
 
 def _typeref(data: Any, where: str) -> TypeRef:
@@ -253,7 +259,11 @@ def _schema_from_dict(data: Any) -> Schema:
         if len(fields) > MAX_FIELDS:
             raise SchemaError(f"{name}: too many fields")
         out = []
-        for fname, number, ftype, label, key, oneof in fields:
+        for entry in fields:
+            if len(entry) not in (6, 7):
+                raise SchemaError(f"{name}: a field is 6 or 7 items, got {len(entry)}")
+            fname, number, ftype, label, key, oneof = entry[:6]
+            required = len(entry) == 7
             where = f"{name}.{fname}"
             _check_name(fname, _NAME, "field")
             if not isinstance(number, int) or not 0 < number < 2**29:
@@ -267,7 +277,10 @@ def _schema_from_dict(data: Any) -> Schema:
                 _check_name(oneof, _NAME, "oneof")
                 if label in ("repeated", "map"):
                     raise SchemaError(f"{where}: a oneof member cannot be {label}")
-            out.append(Field(fname, number, _typeref(ftype, where), label, keyref, oneof))
+            ftyperef = _typeref(ftype, where)
+            if required and (entry[6] is not True or label != "single" or oneof is not None or ftyperef.kind != "message"):
+                raise SchemaError(f"{where}: only a single message field (not in a oneof) can be marked required")
+            out.append(Field(fname, number, ftyperef, label, keyref, oneof, required))
         if len({f.name for f in out}) != len(out) or len({f.number for f in out}) != len(out):
             raise SchemaError(f"{name}: duplicate field name or number")
         schema.messages[name] = Message(name, tuple(out))

@@ -16,7 +16,9 @@ Mapping of descriptors to the schema:
     not a message of the schema;
   * repeated                               -> "repeated";
   * proto3 `optional` (synthetic oneof)    -> "optional" (the synthetic oneof is dropped);
-  * proto2 `optional`                      -> "optional"; proto2 `required` -> "single";
+  * proto2 `optional`                      -> "optional"; proto2 `required` -> "single"
+    (a required message field is marked `required`: unset is refused both ways; a
+    required scalar always has a value to send);
   * member of a real oneof                 -> "single" with oneof=<oneof name>;
   * everything else                        -> "single".
 Field names stay the .proto names, also when they are Python keywords (`from`); the
@@ -269,7 +271,9 @@ def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[s
             label = "optional"
         else:
             label = "single"
-        fields.append(Field(f.name, f.number, typeref(f, where), label, key, oneof))
+        ref = typeref(f, where)
+        required = proto2 and f.label == _LABEL_REQUIRED and ref.kind == "message"
+        fields.append(Field(f.name, f.number, ref, label, key, oneof, required))
     return Message(d.full, tuple(fields)), refs
 
 

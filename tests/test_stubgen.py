@@ -696,3 +696,25 @@ def test_a_field_named_like_a_message_method_is_refused(tmp_path, capsys, name):
     assert cli.main([str(proto), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert f"c.M.{name}" in err and "clashes with a method of generated messages" in err
+
+
+def test_proto2_required_message_field_is_enforced(mods):
+    lg = mods["legacy2"]
+    holder = {f.name: f for f in lg.SCHEMA.messages["mrpc.legacy.Holder"].fields}
+    assert holder["old"].required and not holder["spare"].required
+    assert not {f.name: f for f in lg.SCHEMA.messages["mrpc.legacy.Old"].fields}["must"].required  # a scalar
+    with pytest.raises(mrpcd.marshal.codec.EncodeError, match="mrpc.legacy.Holder: missing required field old"):
+        lg.Holder(spare=lg.Old(must="s")).SerializeToString()
+    ok = lg.Holder(old=lg.Old(must="m"))
+    assert lg.Holder.FromString(ok.SerializeToString()) == ok
+    import msgpack
+    with pytest.raises(mrpcd.marshal.codec.DecodeError, match="missing required field old"):
+        lg.Holder.FromString(msgpack.packb([None, None]))
+    # the daemon checks schemas it is given: `required` only on a single message field
+    d = lg.SCHEMA.to_dict()
+    fields = dict(d["messages"])["mrpc.legacy.Old"]
+    fields[0] = fields[0] + [True]  # `maybe`, an optional int32, marked required
+    with pytest.raises(mrpcd.marshal.schema.SchemaError, match="only a single message field"):
+        Schema.from_dict(d)
+    # schemas without required fields keep their fingerprints (and their wire form)
+    assert all(len(f) == 6 for _, fs in mods["hello"].SCHEMA.to_dict()["messages"] for f in fs)
