@@ -583,8 +583,23 @@ cdef class FrameDecoder:
     def feed(self, data):
         cdef list out = []
         cdef bytes chunk
+        cdef Py_buffer view
         if self._error is not None:
             raise RecordError(f"stream already failed: {self._error}")
+        if type(data) is not bytes:
+            # A read buffer (the transport's scratch) that holds only part of one big record
+            # is copied straight into that record's buffer: no bytes copy of it first. (Reads
+            # after a big record hold the next one's header and its first part.)
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                if self._feed_inside_big(<const uint8_t*>view.buf, view.len, out):
+                    return out
+            except RecordError as exc:
+                self._error = str(exc)
+                self._reset()
+                raise RecordError(str(exc), records=out) from None
+            finally:
+                PyBuffer_Release(&view)
         chunk = data if type(data) is bytes else bytes(data)
         try:
             self._feed(chunk, out)
@@ -627,6 +642,41 @@ cdef class FrameDecoder:
         done = <bytes>b
         Py_DECREF(done)
         return [_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done))]
+
+    cdef bint _feed_inside_big(self, const uint8_t* p, Py_ssize_t n, list out) except -1:
+        """Take `p[:n]` if it lies wholly inside one big record (the one being assembled,
+        or one whose header starts it and whose end lies beyond it): copied into the
+        record's buffer; the record is appended to `out` if `p` ends it exactly. False
+        (nothing taken) for anything else: feed() goes the general way."""
+        cdef uint64_t total
+        cdef Py_ssize_t missing
+        cdef PyObject* b
+        cdef bytes done
+        if self._hdr_have or n <= 0:
+            return False
+        if self._big == NULL:
+            if n < _HEADER_SIZE:
+                return False
+            total = _check_header(p, self._max_record)
+            if total <= <uint64_t>n:
+                return False  # whole records in it: they become views of one bytes copy
+            self._start_big(p, total)
+            memcpy(_raw_bytes_as_string(self._big) + _HEADER_SIZE, p + _HEADER_SIZE, n - _HEADER_SIZE)
+            self._big_have = n
+            return True
+        missing = <Py_ssize_t>(self._need - <uint64_t>self._big_have)
+        if n > missing:
+            return False
+        memcpy(_raw_bytes_as_string(self._big) + self._big_have, p, n)
+        self._big_have += n
+        if n == missing:
+            b = self._big
+            self._big = NULL
+            self._big_have = 0
+            done = <bytes>b
+            Py_DECREF(done)
+            out.append(_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done)))
+        return True
 
     cdef int _start_big(self, const uint8_t* hdr, uint64_t total) except -1:
         cdef PyObject* b = _raw_bytes(NULL, <Py_ssize_t>total)

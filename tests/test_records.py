@@ -1,6 +1,8 @@
 """Records: header round trip, strict parsing, stream framing, metadata validation."""
 from __future__ import annotations
 
+import random
+
 import struct
 
 import msgpack
@@ -186,6 +188,30 @@ def test_frame_decoder_byte_at_a_time_and_many_per_feed():
     assert dec.feed(b"") == []
     assert dec.feed(recs[10][45:] + recs[3][:2]) == [parse_record(recs[10])]
     assert dec.buffered == 2
+
+
+def test_frame_decoder_reused_read_buffer_never_leaks_into_records():
+    """As the TCP transport feeds it: every read lands in one scratch bytearray that the next
+    read overwrites. Parts of a big record are copied from it straight into the record
+    (no bytes copy first); nothing a record holds may point into the scratch."""
+    rng = random.Random(7)
+    recs = [encode_record(R.REQUEST, R.F_START, 0, 1, i, 5, 0, b"m" * (i % 3), bytes([i % 251]) * rng.choice([10, 300, 70_000, 200_000]))
+            for i in range(40)]
+    stream = b"".join(recs)
+    scratch = bytearray(65536)
+    dec = FrameDecoder()
+    out: list[Record] = []
+    pos = 0
+    while pos < len(stream):
+        n = min(rng.choice([40, 1000, 65536, 30_000]), len(stream) - pos)
+        scratch[:n] = stream[pos:pos + n]
+        out += dec.feed(memoryview(scratch)[:n])
+        scratch[:] = b"\xee" * len(scratch)  # the next read overwrites it
+        pos += n
+    assert [r.encode() for r in out] == recs
+    big = header(payload_len=5000)
+    with pytest.raises(RecordError, match="exceeds max_record 1000"):
+        FrameDecoder(max_record=1000).feed(memoryview(bytearray(big + b"x" * 100)))
 
 
 def test_frame_decoder_refuses_oversized_header_before_buffering():
