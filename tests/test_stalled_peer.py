@@ -84,6 +84,7 @@ class _Session:
         self.stats = {"peer_backlog_refused": 0}
         self.name = "t"
         self.delivered: list = []
+        self.datapath = types.SimpleNamespace(inbound=self.delivered.extend)
 
     def log_fields(self, **more):
         return more

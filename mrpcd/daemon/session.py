@@ -321,7 +321,9 @@ class AppSession:
                 self.stats["unroutable"] += len(recs)
                 for rec in recs:
                     if rec.kind == R.REQUEST:
-                        self._deliver_in([error_response(rec.handle, rec.call_id, StatusCode.UNAVAILABLE.code, f"channel {rec.handle} is not connected")])
+                        # back through the chain, as a peer's answer would: policies that
+                        # track the call (metrics, admission, acl) see it end
+                        self.datapath.inbound([error_response(rec.handle, rec.call_id, StatusCode.UNAVAILABLE.code, f"channel {rec.handle} is not connected")])
                 continue
             if route.refused or (route.role == "client" and getattr(route.conn, "writing_paused", True)):
                 recs = self._check_backlog(route, recs)
@@ -370,7 +372,7 @@ class AppSession:
                             "UNAVAILABLE until it reads", self.name, route.target, backlog,
                             extra=self.log_fields(handle=route.handle, peer=route.target))
             self.stats["peer_backlog_refused"] += len(failed)
-            self._deliver_in(failed)
+            self.datapath.inbound(failed)  # back through the chain: policies tracking these calls see them end
         return out
 
     def _check_answer_backlog(self, route: Route) -> None:
