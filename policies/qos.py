@@ -232,6 +232,20 @@ class QosPolicy(Policy):
         assert self.scheduler is not None
         return self.scheduler.submit(self, batch)
 
+    def handle_closed(self, handle: int) -> None:
+        """The route closed: the app's records for it that still wait here would only be
+        released later into a closed channel; drop them."""
+        sched = self.scheduler
+        if sched is None or sched.members.get(self.ctx.app_id) is not self:
+            return
+        q = sched.queues.get(self.ctx.app_id)
+        if q:
+            keep = [r for r in q if r.handle != handle]
+            if len(keep) != len(q):
+                self.count("dropped_handle_closed", len(q) - len(keep))
+                q.clear()
+                q.extend(keep)
+
     def held(self) -> HeldRecords:
         if self.scheduler is None or self.scheduler.members.get(self.ctx.app_id) is not self:
             return HeldRecords([], [])

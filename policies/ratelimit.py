@@ -161,6 +161,16 @@ class RateLimit(CallGate):
         else:
             held.queue.absorb(rec)
 
+    def handle_closed(self, handle: int) -> None:
+        """The route closed: its queued calls will never be sent nor answered by a peer
+        (the app already failed them): drop them rather than release them later."""
+        super().handle_closed(handle)
+        for b in self.buckets.values():
+            for call in b.queue:
+                if call.key[0] == handle:
+                    b.queue.remove(call.key)
+                    self.count("dropped_handle_closed")
+
     def _bucket_holding(self, key: tuple[int, int]) -> Bucket | None:
         for b in self.buckets.values():
             if key in b.queue:

@@ -407,3 +407,23 @@ def test_calls_lost_with_their_connection_are_counted_and_forgotten(ctx):
     acl.handle_closed(1)
     assert len(acl.calls) == 0 and (1, 7) not in acl.refused
     assert [r.call_id for r in acl.outbound([start(3, handle=2), start(4, handle=2)])] == [3, 4]
+
+
+def test_rate_limit_and_qos_drop_what_they_hold_for_a_closed_connection(clock):
+    from mrpcd.policies.ratelimit import RateLimit
+
+    ctx = FakeContext(SCHEMA, clock=clock)
+    rl = RateLimit(ctx, {"rate": 1, "burst": 1})
+    assert ids(rl.outbound([unary(1, handle=1), unary(2, handle=1), unary(3, handle=2)])) == [1]
+    rl.handle_closed(1)  # call 2 waited for a channel that is gone
+    assert ids(rl.held().outbound) == [3] and rl.counters["dropped_handle_closed"] == 1
+    clock.advance(2)
+    assert ids(ctx.resumed_out) == [3]
+
+    q_ctx, = _apps(clock, 1)
+    q = QosPolicy(q_ctx, {"per_tick": 1, "tick_s": 0.01})
+    assert ids(q.outbound([unary(10, handle=1), unary(11, handle=1), unary(12, handle=2)])) == [10]
+    q.handle_closed(1)
+    assert ids(q.held().outbound) == [12] and q.counters["dropped_handle_closed"] == 1
+    clock.advance(0.05)
+    assert ids(q_ctx.resumed_out) == [12]
