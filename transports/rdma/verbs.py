@@ -29,6 +29,7 @@ from mrpcd.marshal.records import GOAWAY, FrameDecoder, RecordError
 from mrpcd.transports.handshake import DONE, FAILED, HandshakeError, make_goaway, parse_goaway
 
 from .channel import ChannelCore, ProtocolError
+from .drain import DrainWaiters
 from .plan import ACCESS_LOCAL_WRITE, plan_message, registration_plan
 from .setup import ConnParams, RdmaSetup
 
@@ -210,6 +211,7 @@ class RdmaPeerConnection:
         self._loop.add_reader(verbs.fd, self._on_cq_event)
         self._side_task = self._loop.create_task(self._watch_side_channel())
         self._close_timer: asyncio.TimerHandle | None = None
+        self._drainers = DrainWaiters()
 
     def __repr__(self) -> str:
         return f"<RdmaPeerConnection {self.role} peer={self.peer} {'closed' if self.closed else 'open'}>"
@@ -257,9 +259,11 @@ class RdmaPeerConnection:
         self._pump()
 
     def drain(self) -> "asyncio.Future[None]":
-        fut = self._loop.create_future()
-        fut.set_result(None)
-        return fut
+        """Completes once the bytes queued for the peer (waiting for its credits) are down
+        to the low-water mark; fails if the connection ends first."""
+        if self.closed and not self._finished:
+            self._drainers.fail(f"connection to {self.peer} is closed")
+        return self._drainers.park(self._loop.create_future(), int(self.core.queued_bytes))
 
     def close(self, reason: str | None = None) -> None:
         """Stop accepting sends; finish queued ones (≤ CLOSE_TIMEOUT s), GOAWAY, tear down."""
@@ -305,6 +309,8 @@ class RdmaPeerConnection:
                                             num_sge=len(sg), sg=sg, send_flags=flags))
         except Exception as exc:
             self._fail(ConnectionError(f"RDMA send to {self.peer} failed: {exc}"))
+            return
+        self._drainers.update(int(self.core.queued_bytes))
 
     def _on_cq_event(self) -> None:
         v = self._v
@@ -398,6 +404,7 @@ class RdmaPeerConnection:
         if self._finished:
             return
         self._finished = True
+        self._drainers.fail(f"connection to {self.peer} lost")
         if self._close_timer is not None:
             self._close_timer.cancel()
         try:
