@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..marshal import records as R
+from .log_limits import worth_logging
 
 if TYPE_CHECKING:
     from .session import AppSession
@@ -131,7 +132,7 @@ class Datapath:
                 count("engine_errors")
             except Exception:
                 pass
-        if failures & (failures - 1) == 0:  # 1st, 2nd, 4th, ...: a broken engine must not flood the log
+        if worth_logging(failures):  # a broken engine must not flood the log
             log.error("app %s: engine %s raised on an %s batch (failure %d); its %d records' calls fail with INTERNAL",
                       self.session.name, name, direction, failures, len(batch), exc_info=exc)
         self.session.fail_calls(batch, INTERNAL, f"mrpcd: policy {name} failed: {type(exc).__name__}: {exc}")

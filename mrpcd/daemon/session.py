@@ -23,6 +23,7 @@ from ..status import StatusCode
 from ..wire import cancel_record
 from ..transports import tcp
 from .datapath import Datapath, error_response
+from .log_limits import worth_logging
 from .observe import Observer
 from .policy_host import PolicyHost
 from .transport_upgrade import migrate
@@ -367,7 +368,7 @@ class AppSession:
                 out.append(rec)
         if failed:
             n = self.stats["peer_backlog_refused"] + 1
-            if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...: a hung peer must not flood the log
+            if worth_logging(n):  # a hung peer must not flood the log
                 log.warning("app %s: peer %s is not reading (%d bytes queued for it); new calls to it fail "
                             "UNAVAILABLE until it reads", self.name, route.target, backlog,
                             extra=self.log_fields(handle=route.handle, peer=route.target))
@@ -385,7 +386,7 @@ class AppSession:
             return
         route.backlog_paused = True
         n = self.stats["peer_backlog_paused"] = self.stats["peer_backlog_paused"] + 1
-        if n & (n - 1) == 0:  # 1st, 2nd, 4th, ...
+        if worth_logging(n):
             log.warning("app %s: peer %s does not read its answers (%d bytes queued for it); not reading "
                         "its calls until it does", self.name, route.target, backlog,
                         extra=self.log_fields(handle=route.handle, peer=route.target))
