@@ -422,8 +422,7 @@ class App:
                     continue
                 self._wake_space_waiters()
                 if self.rx.prepare_sleep():
-                    waker.wait(0.5)
-                    waker.drain()
+                    waker.wait(0.5)  # drains the eventfd when it was signalled
                     self.rx.finish_sleep()
                     self._wake_space_waiters()
                     if len(self.calls) >= RX_YIELD_MIN_CALLS:
