@@ -6,8 +6,8 @@ Generated classes (mrpcd-stubgen) declare `__slots__` with their field names and
 names in wire order) and `__mrpc_defaults__`.
 
 The protobuf message methods code written for grpcio reaches for (`HasField`, `WhichOneof`,
-`ClearField`, `Clear`, `CopyFrom`, `MergeFrom`, `ParseFromString`, `MergeFromString`) work
-on the same model: a field with presence (a message, proto3 `optional`, proto2 `optional`,
+`ClearField`, `Clear`, `CopyFrom`, `MergeFrom`, `ParseFromString`, `MergeFromString`,
+`ListFields`, `IsInitialized`) work on the same model: a field with presence (a message, proto3 `optional`, proto2 `optional`,
 a oneof member) is set when it is not None; other fields always have a value. As with
 protobuf, a name that is not a field (or a field without presence, for `HasField`) raises
 ValueError naming it.
@@ -166,6 +166,42 @@ class Message:
         for f in _schema_fields(self):
             setattr(self, f.name, getattr(parsed, f.name))
         return len(serialized)
+
+    def ListFields(self) -> list[tuple[Any, Any]]:
+        """(field, value) for every field that is set, by field number, as protobuf's:
+        a field with presence when not None, a repeated field or map when not empty, any
+        other field when not its default. `field` is the schema's Field (`.name`,
+        `.number`, `.label`, `.type`), where protobuf gives a FieldDescriptor."""
+        defaults = {n: v for n, v, factory in type(self).__mrpc_defaults__ if not factory}
+        out = []
+        for f in _schema_fields(self):
+            value = getattr(self, f.name)
+            if f.label in ("repeated", "map"):
+                is_set = bool(value)
+            elif f.nullable:
+                is_set = value is not None
+            else:
+                is_set = value != defaults.get(f.name)
+            if is_set:
+                out.append((f, value))
+        out.sort(key=lambda item: item[0].number)
+        return out
+
+    def IsInitialized(self) -> bool:
+        """Are all proto2 `required` fields set, here and in every message below? (The
+        encoder refuses the message otherwise.)"""
+        for f in _schema_fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if f.required:
+                    return False
+                continue
+            if f.type.kind != "message":
+                continue
+            values = value if f.label == "repeated" else value.values() if f.label == "map" else (value,)
+            if not all(v.IsInitialized() for v in values if isinstance(v, Message)):
+                return False
+        return True
 
     def __copy__(self: _M) -> _M:
         new = object.__new__(type(self))

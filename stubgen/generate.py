@@ -17,8 +17,8 @@ Python names (the schema always keeps the .proto names):
   * a nested type whose name is taken in its class (by a field) gets trailing underscores.
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
-MergeFromString, ParseFromString) or starting with "__" cannot be generated and are
-reported as errors.
+MergeFromString, ParseFromString, ListFields, IsInitialized) or starting with "__" cannot
+be generated and are reported as errors.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ _MODULE_RESERVED = {
 # attributes of the Message base class that a field slot must not replace
 _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields", "HasField",
                     "WhichOneof", "ClearField", "Clear", "CopyFrom", "MergeFrom", "MergeFromString",
-                    "ParseFromString"}
+                    "ParseFromString", "ListFields", "IsInitialized"}
 # member names Python's enum refuses outright (ValueError when the class is created)
 _ENUM_REFUSED = {"mro"}
 _LINE = 100

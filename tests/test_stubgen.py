@@ -689,7 +689,38 @@ def test_protobuf_message_methods(mods):
     assert k.from_ == 0
 
 
-@pytest.mark.parametrize("name", ["HasField", "CopyFrom", "to_dict"])
+def test_list_fields_and_is_initialized(mods):
+    """ListFields: the set fields by number, as protobuf lists them; IsInitialized: every
+    proto2 required field set, down through nested, repeated and map messages."""
+    s = mods["scalars"]
+    Outer, Inner = s.Outer, s.Outer.Inner
+    assert Outer().ListFields() == []
+    o = Outer(maybe=0, choice_number=5, numbers=[1], kind=Outer.Kind.KIND_B, counts={}, inner=Inner())
+    listed = [(f.name, f.number, v) for f, v in o.ListFields()]
+    assert listed == [("inner", 1, Inner()), ("numbers", 3, [1]), ("kind", 6, Outer.Kind.KIND_B),
+                      ("maybe", 11, 0), ("choice_number", 15, 5)]
+    o.ClearField("choice")
+    o.kind = Outer.Kind.KIND_A  # back to its default: not set
+    assert [f.name for f, _ in o.ListFields()] == ["inner", "numbers", "maybe"]
+    assert o.IsInitialized()  # proto3: nothing is required
+
+    lg = mods["legacy2"]
+    assert not lg.Holder().IsInitialized()
+    h = lg.Holder(old=lg.Old(must="m"))
+    assert h.IsInitialized()
+    h.spare = lg.Old(next=lg.Old(maybe=1))  # a required string always has a value to send
+    assert h.IsInitialized() and lg.Holder.FromString(h.SerializeToString()) == h
+    h.old.next = lg.Old()
+    assert h.IsInitialized()
+    assert [f.name for f, _ in h.ListFields()] == ["old", "spare"]
+    for shelf in (lg.Shelf(holders=[h, lg.Holder()]), lg.Shelf(named={"a": lg.Holder()}), lg.Shelf(one=lg.Holder())):
+        assert not shelf.IsInitialized()
+        with pytest.raises(mrpcd.marshal.codec.EncodeError, match="missing required field old"):
+            shelf.SerializeToString()
+    assert lg.Shelf(holders=[h], named={"a": h}, one=h).IsInitialized()
+
+
+@pytest.mark.parametrize("name", ["HasField", "CopyFrom", "to_dict", "ListFields", "IsInitialized"])
 def test_a_field_named_like_a_message_method_is_refused(tmp_path, capsys, name):
     proto = tmp_path / "clash.proto"
     proto.write_text(f'syntax = "proto3";\npackage c;\nmessage M {{ int32 {name} = 1; }}\n')
