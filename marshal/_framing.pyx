@@ -106,6 +106,8 @@ cdef class Record:
     cdef uint32_t _meta_len      # lengths of the sections in _base
     cdef uint32_t _payload_len
     cdef bint _hdirty            # a header field changed since the record was parsed
+    cdef bint _resident          # received in place: the body is in an app's ring, _base is
+                                 # the header alone (FrameDecoder.set_sink)
 
     def __init__(self, kind=0, flags=0, status=0, handle=0, call_id=0, method_id=0,
                  deadline=0, meta=b"", payload=b""):
@@ -190,6 +192,7 @@ cdef class Record:
     @property
     def meta(self):
         """The metadata section (bytes; materialised from the base on first access)."""
+        self._no_body()
         if self._meta is None and self._base is not None:
             self._meta = PyBytes_FromStringAndSize(
                 PyBytes_AS_STRING(self._base) + self._off + _HEADER_SIZE, self._meta_len)
@@ -197,6 +200,7 @@ cdef class Record:
 
     @meta.setter
     def meta(self, value):
+        self._no_body()
         value = _body_value(value)
         self._detach()
         self._meta = value
@@ -204,6 +208,7 @@ cdef class Record:
     @property
     def payload(self):
         """The payload (bytes; materialised from the base on first access)."""
+        self._no_body()
         if self._payload is None and self._base is not None:
             self._payload = PyBytes_FromStringAndSize(
                 PyBytes_AS_STRING(self._base) + self._off + _HEADER_SIZE + self._meta_len,
@@ -212,6 +217,7 @@ cdef class Record:
 
     @payload.setter
     def payload(self, value):
+        self._no_body()
         value = _body_value(value)
         self._detach()
         self._payload = value
@@ -219,6 +225,7 @@ cdef class Record:
     @property
     def meta_view(self):
         """Zero-copy read-only view of the metadata section (a private, immutable copy)."""
+        self._no_body()
         if self._base is None:
             return memoryview(self._meta if self._meta is not None else b"")
         cdef Py_ssize_t a = self._off + _HEADER_SIZE
@@ -227,6 +234,7 @@ cdef class Record:
     @property
     def payload_view(self):
         """Zero-copy read-only view of the payload (msgpack, codec.read_field accept it)."""
+        self._no_body()
         if self._base is None:
             return memoryview(self._payload if self._payload is not None else b"")
         cdef Py_ssize_t a = self._off + _HEADER_SIZE + self._meta_len
@@ -266,6 +274,7 @@ cdef class Record:
     def raw(self):
         """The encoded record: a zero-copy view while it is unchanged, else re-encoded
         (once; the result becomes the record's new base)."""
+        self._no_body()
         if self._base is None or self._hdirty:
             self._reencode()
         cdef Py_ssize_t n = self._size()
@@ -282,6 +291,31 @@ cdef class Record:
             self._base = None
         self._hdirty = True
         return 0
+
+    cdef int _no_body(self) except -1:
+        if self._resident:
+            raise TypeError("this record was received in place: its body is in the app's ring, "
+                            "not in the record (only its header fields and lengths are here)")
+        return 0
+
+    @property
+    def resident(self):
+        """True for a record received in place (FrameDecoder.set_sink): its header fields
+        and lengths are here, its body in the buffer the sink gave (pack_header_into)."""
+        return self._resident
+
+    def pack_header_into(self, buf):
+        """Write this record's header (its fields now, its body's lengths) into buf[:40]:
+        how a record received in place gets a rewritten header (e.g. the handle)."""
+        cdef Py_buffer view
+        self._check_fields()
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        try:
+            if view.len < _HEADER_SIZE:
+                raise ValueError(f"a header needs {_HEADER_SIZE} bytes, the buffer has {view.len}")
+            self._pack_header(<uint8_t*>view.buf, self._meta_len, self._payload_len)
+        finally:
+            PyBuffer_Release(&view)
 
     cdef int _reencode(self) except -1:
         cdef bytes out = self._encode_bytes()
@@ -317,6 +351,7 @@ cdef class Record:
         cdef bytes out
         cdef uint8_t* p
         cdef Py_ssize_t n
+        self._no_body()
         if self._base is not None:
             n = self._size()
             if not self._hdirty and self._off == 0 and PyBytes_GET_SIZE(self._base) == n:
@@ -339,6 +374,7 @@ cdef class Record:
     def own(self):
         """Give this record a private base of its own (so it stops pinning a shared batch
         buffer or socket chunk); returns self."""
+        self._no_body()
         if self._base is not None and not (self._off == 0 and PyBytes_GET_SIZE(self._base) == self._size()):
             self._base = PyBytes_FromStringAndSize(PyBytes_AS_STRING(self._base) + self._off, self._size())
             self._off = 0
@@ -356,6 +392,11 @@ cdef class Record:
     __hash__ = None
 
     def __repr__(self):
+        if self._resident:
+            return ("Record(kind=%s, flags=%d, status=%d, handle=%d, call_id=%d, method_id=%d, "
+                    "deadline=%d, %d + %d bytes in the app's ring)" % (
+                        _KIND_NAMES.get(self._kind, self._kind), self._flags, self._status, self._handle,
+                        self._call_id, self._method_id, self._deadline, self._meta_len, self._payload_len))
         meta, payload = self.meta, self.payload
         return ("Record(kind=%s, flags=%d, status=%d, handle=%d, call_id=%d, method_id=%d, "
                 "deadline=%d, meta=%d bytes, payload=%d bytes)" % (
@@ -539,6 +580,13 @@ cdef class FrameDecoder:
     chunk (other buffer types are copied once into bytes first). A record that spans
     chunks is assembled in one buffer of exactly its size, allocated when its header is
     complete: every byte is copied once, whatever the number of chunks.
+
+    Receiving in place (set_sink): a record of at least `min_size` bytes whose header
+    starts a read, with no completed record waiting before it, is assembled in the buffer
+    the sink gives for it (the receiving daemon: a reservation in the app's rx ring), so
+    it is copied once, from the socket into the ring. It comes out as a *resident* Record:
+    header fields and lengths (from our own copy of its validated header), no body.
+    evict() moves a record being received in place into a buffer of our own.
     """
 
     cdef uint64_t _max_record
@@ -547,10 +595,19 @@ cdef class FrameDecoder:
     cdef PyObject* _big               # the record being assembled (a bytes object we own
     cdef Py_ssize_t _big_have         # alone and fill before anyone sees it), or NULL
     cdef uint64_t _need               # its total length
+    cdef uint8_t* _dst                # where it goes: _big's bytes, or the sink's buffer; NULL: none
+    cdef Py_buffer _dest              # the sink's buffer (held while _has_dest)
+    cdef bint _has_dest
+    cdef uint8_t _dest_hdr[_HEADER_SIZE]  # the in-place record's validated header, in our memory
+    cdef object _sink                 # callable(total) -> writable buffer or None; or None
+    cdef uint64_t _sink_min
     cdef object _error
 
     def __cinit__(self):
         self._big = NULL
+        self._dst = NULL
+        self._has_dest = False
+        self._sink = None
 
     def __init__(self, max_record=DEFAULT_MAX_RECORD):
         self._max_record = _check_max_record(max_record)
@@ -558,6 +615,9 @@ cdef class FrameDecoder:
         self._error = None
 
     def __dealloc__(self):
+        if self._has_dest:
+            self._has_dest = False
+            PyBuffer_Release(&self._dest)
         if self._big != NULL:
             Py_DECREF(<object>self._big)
             self._big = NULL
@@ -565,11 +625,49 @@ cdef class FrameDecoder:
     cdef void _reset(self) noexcept:
         cdef PyObject* b = self._big
         self._big = NULL
+        self._dst = NULL
         self._hdr_have = 0
         self._big_have = 0
         self._need = 0
+        if self._has_dest:
+            self._has_dest = False
+            PyBuffer_Release(&self._dest)
         if b != NULL:
             Py_DECREF(<object>b)
+
+    def set_sink(self, sink, Py_ssize_t min_size=256 * 1024):
+        """Receive data records (REQUEST, RESPONSE) of at least `min_size` bytes in place:
+        `sink(total)` returns a writable buffer of at least `total` bytes to assemble the
+        record in, or None (then it goes to a buffer of our own as usual). None as `sink`
+        stops it for later records."""
+        if sink is not None and not callable(sink):
+            raise TypeError("sink must be callable or None")
+        if min_size < _HEADER_SIZE + 1:
+            raise ValueError(f"min_size must be > {_HEADER_SIZE}")
+        self._sink = sink
+        self._sink_min = <uint64_t>min_size
+
+    @property
+    def in_place(self):
+        """True while a record is being received into the sink's buffer."""
+        return self._has_dest
+
+    def evict(self):
+        """Move the record being received in place into a buffer of our own (the sink's
+        owner needs its buffer back); the rest of it goes there too. True if there was one."""
+        cdef PyObject* b
+        if not self._has_dest:
+            return False
+        b = _raw_bytes(NULL, <Py_ssize_t>self._need)
+        if b == NULL:
+            raise MemoryError()
+        memcpy(_raw_bytes_as_string(b), self._dest_hdr, _HEADER_SIZE)  # the header we checked
+        memcpy(_raw_bytes_as_string(b) + _HEADER_SIZE, self._dst + _HEADER_SIZE, self._big_have - _HEADER_SIZE)
+        self._has_dest = False
+        PyBuffer_Release(&self._dest)
+        self._big = b
+        self._dst = <uint8_t*>_raw_bytes_as_string(b)
+        return True
 
     @property
     def max_record(self):
@@ -578,7 +676,7 @@ cdef class FrameDecoder:
     @property
     def buffered(self):
         """Number of bytes of the partial record held."""
-        return self._big_have if self._big != NULL else self._hdr_have
+        return self._big_have if self._dst != NULL else self._hdr_have
 
     def feed(self, data):
         cdef list out = []
@@ -616,32 +714,26 @@ cdef class FrameDecoder:
         (read into a scratch buffer and feed() it). Valid until the next recv_done/feed;
         write into it only, then call recv_done(nbytes)."""
         cdef Py_ssize_t missing
-        if self._error is not None or self._big == NULL:
+        if self._error is not None or self._dst == NULL:
             return None
         missing = <Py_ssize_t>(self._need - <uint64_t>self._big_have)
         if missing < min_size or missing <= 0:
             return None
-        return PyMemoryView_FromMemory(_raw_bytes_as_string(self._big) + self._big_have,
-                                       missing, PyBUF_WRITE)
+        return PyMemoryView_FromMemory(<char*>self._dst + self._big_have, missing, PyBUF_WRITE)
 
     def recv_done(self, Py_ssize_t nbytes):
         """`nbytes` were written at the start of the last recv_buffer() view: returns
         [the record] if that completed it, else []."""
-        cdef PyObject* b
-        cdef bytes done
+        cdef list out = []
         if self._error is not None:
             raise RecordError(f"stream already failed: {self._error}")
-        if self._big == NULL or nbytes < 0 or <uint64_t>(self._big_have + nbytes) > self._need:
+        if self._dst == NULL or nbytes < 0 or <uint64_t>(self._big_have + nbytes) > self._need:
             raise ValueError("recv_done without a matching recv_buffer")
         self._big_have += nbytes
         if <uint64_t>self._big_have < self._need:
-            return []
-        b = self._big
-        self._big = NULL
-        self._big_have = 0
-        done = <bytes>b
-        Py_DECREF(done)
-        return [_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done))]
+            return out
+        self._finish_big(out)
+        return out
 
     cdef bint _feed_inside_big(self, const uint8_t* p, Py_ssize_t n, list out) except -1:
         """Take `p[:n]` if it lies wholly inside one big record (the one being assembled,
@@ -650,42 +742,80 @@ cdef class FrameDecoder:
         (nothing taken) for anything else: feed() goes the general way."""
         cdef uint64_t total
         cdef Py_ssize_t missing
-        cdef PyObject* b
-        cdef bytes done
+        cdef uint8_t hdr[_HEADER_SIZE]
         if self._hdr_have or n <= 0:
             return False
-        if self._big == NULL:
+        if self._dst == NULL:
             if n < _HEADER_SIZE:
                 return False
-            total = _check_header(p, self._max_record)
+            memcpy(hdr, p, _HEADER_SIZE)  # one snapshot: checked and used from here
+            total = _check_header(hdr, self._max_record)
             if total <= <uint64_t>n:
                 return False  # whole records in it: they become views of one bytes copy
-            self._start_big(p, total)
-            memcpy(_raw_bytes_as_string(self._big) + _HEADER_SIZE, p + _HEADER_SIZE, n - _HEADER_SIZE)
+            self._start_big(hdr, total, not out)
+            memcpy(self._dst + _HEADER_SIZE, p + _HEADER_SIZE, n - _HEADER_SIZE)
             self._big_have = n
             return True
         missing = <Py_ssize_t>(self._need - <uint64_t>self._big_have)
         if n > missing:
             return False
-        memcpy(_raw_bytes_as_string(self._big) + self._big_have, p, n)
+        memcpy(self._dst + self._big_have, p, n)
         self._big_have += n
         if n == missing:
-            b = self._big
-            self._big = NULL
-            self._big_have = 0
-            done = <bytes>b
-            Py_DECREF(done)
-            out.append(_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done)))
+            self._finish_big(out)
         return True
 
-    cdef int _start_big(self, const uint8_t* hdr, uint64_t total) except -1:
-        cdef PyObject* b = _raw_bytes(NULL, <Py_ssize_t>total)
+    cdef int _start_big(self, const uint8_t* hdr, uint64_t total, bint may_sink) except -1:
+        """Start assembling a record of `total` bytes whose checked header is `hdr`: in the
+        sink's buffer when it has one for it (and nothing completed waits before it:
+        `may_sink`), else in a bytes object of its size."""
+        cdef PyObject* b
+        cdef object buf
+        if (may_sink and self._sink is not None and total >= self._sink_min
+                and (hdr[0] == REQUEST or hdr[0] == RESPONSE)):  # data: control records are read here
+            buf = self._sink(<Py_ssize_t>total)
+            if buf is not None:
+                PyObject_GetBuffer(buf, &self._dest, PyBUF_WRITABLE)
+                if self._dest.len < <Py_ssize_t>total:
+                    PyBuffer_Release(&self._dest)
+                    raise ValueError(f"the sink gave {self._dest.len} bytes for a record of {total}")
+                self._has_dest = True
+                self._dst = <uint8_t*>self._dest.buf
+                memcpy(self._dest_hdr, hdr, _HEADER_SIZE)
+                memcpy(self._dst, hdr, _HEADER_SIZE)
+                self._big_have = _HEADER_SIZE
+                self._need = total
+                return 0
+        b = _raw_bytes(NULL, <Py_ssize_t>total)
         if b == NULL:
             raise MemoryError()
         memcpy(_raw_bytes_as_string(b), hdr, _HEADER_SIZE)
         self._big = b
+        self._dst = <uint8_t*>_raw_bytes_as_string(b)
         self._big_have = _HEADER_SIZE
         self._need = total
+        return 0
+
+    cdef int _finish_big(self, list out) except -1:
+        """The record being assembled is complete: append it to `out`, ready for the next."""
+        cdef PyObject* b
+        cdef bytes done
+        cdef Record r
+        self._dst = NULL
+        self._big_have = 0
+        if self._has_dest:
+            self._has_dest = False
+            PyBuffer_Release(&self._dest)
+            done = PyBytes_FromStringAndSize(<const char*>self._dest_hdr, _HEADER_SIZE)
+            r = _make_view(done, 0, self._dest_hdr)
+            r._resident = True
+            out.append(r)
+            return 0
+        b = self._big
+        self._big = NULL
+        done = <bytes>b          # takes a reference
+        Py_DECREF(done)          # ... and drops the one we held
+        out.append(_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done)))
         return 0
 
     cdef int _feed(self, bytes chunk, list out) except -1:
@@ -707,23 +837,18 @@ cdef class FrameDecoder:
                 return 0
             total = _check_header(self._hdr, self._max_record)
             self._hdr_have = 0
-            self._start_big(self._hdr, total)
-        if self._big != NULL:
+            self._start_big(self._hdr, total, not out)
+        if self._dst != NULL:
             take = <Py_ssize_t>(self._need - <uint64_t>self._big_have)
             if take > n - pos:
                 take = n - pos
             if take:
-                memcpy(_raw_bytes_as_string(self._big) + self._big_have, p + pos, take)
+                memcpy(self._dst + self._big_have, p + pos, take)
                 pos += take
                 self._big_have += take
             if <uint64_t>self._big_have < self._need:
                 return 0
-            b = self._big
-            self._big = NULL
-            self._big_have = 0
-            done = <bytes>b          # takes a reference
-            Py_DECREF(done)          # ... and drops the one we held
-            out.append(_make_view(done, 0, <const uint8_t*>PyBytes_AS_STRING(done)))
+            self._finish_big(out)
         # Whole records straight from the chunk, as views of it.
         while n - pos >= _HEADER_SIZE:
             memcpy(hdr, p + pos, _HEADER_SIZE)
@@ -738,9 +863,8 @@ cdef class FrameDecoder:
                 memcpy(self._hdr, p + pos, rem)
                 self._hdr_have = rem
             else:  # header complete and checked (total): one buffer of the record's size
-                self._start_big(hdr, total)
-                memcpy(_raw_bytes_as_string(self._big) + _HEADER_SIZE, p + pos + _HEADER_SIZE,
-                       rem - _HEADER_SIZE)
+                self._start_big(hdr, total, not out)
+                memcpy(self._dst + _HEADER_SIZE, p + pos + _HEADER_SIZE, rem - _HEADER_SIZE)
                 self._big_have = rem
         return 0
 
@@ -1061,6 +1185,36 @@ def ring_should_wake_consumer(ring):
     return (<_flag_fn><uintptr_t>cp[12])(<void*><uintptr_t>cp[0]) != 0
 
 
+ctypedef int (*_reserve_fn)(void* r, uint32_t len, uint8_t** data) noexcept nogil
+ctypedef void (*_commit_fn)(void* r) noexcept nogil
+
+
+def ring_reserve_view(ring, Py_ssize_t nbytes):
+    """Ring.reserve() in one compiled step (a big peer record received in place): a writable
+    view of room for one record of `nbytes`, or None if the ring has no room now (or never
+    will: bigger than its max_record)."""
+    cdef tuple cp = ring.c_pointers()
+    cdef uint8_t* data = NULL
+    cdef int rc
+    if nbytes <= 0 or nbytes > ring.max_record:
+        return None
+    rc = (<_reserve_fn><uintptr_t>cp[7])(<void*><uintptr_t>cp[0], <uint32_t>nbytes, &data)
+    if rc == 0:
+        return PyMemoryView_FromMemory(<char*>data, nbytes, PyBUF_WRITE)
+    if rc == _E_FULL:
+        return None
+    if rc == _E_CORRUPT:
+        from mrpcd.native.ring import RingCorrupt
+        raise RingCorrupt("consumer index out of range")
+    raise ValueError("a reservation is already open on this ring")
+
+
+def ring_commit(ring):
+    """Ring.commit() without the cffi call: publish the reserved record."""
+    cdef tuple cp = ring.c_pointers()
+    (<_commit_fn><uintptr_t>cp[8])(<void*><uintptr_t>cp[0])
+
+
 def ring_should_wake_producer(ring):
     """Ring.should_wake_producer() without releasing the GIL (consumer side)."""
     cdef tuple cp = ring.c_pointers()
@@ -1118,6 +1272,7 @@ def ring_push_records(ring, list records, Py_ssize_t start=0, Py_ssize_t count=-
     try:
         for i in range(n):
             rec = <Record?>records[start + i]
+            rec._no_body()  # a record received in place is committed, not pushed
             if rec._base is None:
                 rec._reencode()
             bp = PyBytes_AS_STRING(rec._base) + rec._off
@@ -1207,6 +1362,7 @@ def wire_buffers(list records):
     cdef Py_ssize_t run_start = 0, run_end = 0, sz, nbytes = 0, body_off
     for obj in records:
         rec = <Record?>obj
+        rec._no_body()
         if rec._base is None:
             if rec._payload is not None and len(rec._payload) >= _GATHER_MIN:
                 # a big body of its own (e.g. a payload still in the app's ring): header

@@ -37,7 +37,9 @@ from ._framing import (
     ring_push_record,
     ring_push_records,
     Lease,
+    ring_commit,
     ring_release_bytes,
+    ring_reserve_view,
     ring_should_wake_consumer,
     ring_should_wake_producer,
     ring_take_records,
@@ -49,7 +51,7 @@ __all__ = [
     "F_START", "F_END", "F_NO_MSG", "F_ALL", "MAX_META", "DEFAULT_MAX_RECORD",
     "RecordError", "Record", "encode_record", "parse_record", "FrameDecoder",
     "ring_pop_records", "ring_push_record", "ring_push_records", "ring_take_records", "ring_release_bytes", "Lease",
-    "ring_should_wake_consumer", "ring_should_wake_producer",
+    "ring_should_wake_consumer", "ring_should_wake_producer", "ring_reserve_view", "ring_commit",
     "wire_buffers",
     "encode_metadata", "decode_metadata", "check_metadata_key",
 ]

@@ -31,6 +31,7 @@ cdef int K_GOAWAY = GOAWAY
 
 # How long close() lets buffered writes drain before aborting the socket.
 CLOSE_TIMEOUT = 5.0
+SHORT_READ = 16 * 1024  # the read after a record received in place (get_buffer)
 
 
 class PeerGoaway(ConnectionError):
@@ -100,6 +101,7 @@ cdef class PeerConnection:
     cdef list _drain_waiters
     cdef object _scratch                 # read buffer (buffered protocol) for small reads
     cdef bint _direct                    # the last get_buffer() handed out a record's buffer
+    cdef bint _short_next                # a record was just received in place: read little next
     cdef readonly bint zero_copy_send    # plain TCP: uvloop holds a buffer export until written
 
     def __init__(self, str role, services_for, on_ready, Py_ssize_t max_record=16 << 20,
@@ -157,6 +159,11 @@ cdef class PeerConnection:
     # large record is then read straight into its own buffer (the decoder's), one copy
     # from the socket instead of socket -> chunk -> record. Other reads go to a scratch
     # buffer and are fed like data_received (the decoder copies them once, as before).
+    #
+    # After a record received in place (FrameDecoder.set_sink: straight into the app's
+    # ring) the next read is small: if it starts another big record, only its first
+    # SHORT_READ bytes go through the scratch buffer (and are copied into the ring), the rest
+    # is read straight into the ring; up to 256 KiB of it would otherwise be copied twice.
     def get_buffer(self, Py_ssize_t sizehint):
         if not self.closed:
             view = self._decoder.recv_buffer(65536)
@@ -166,6 +173,9 @@ cdef class PeerConnection:
         self._direct = False
         if self._scratch is None:
             self._scratch = bytearray(256 * 1024)
+        if self._short_next:
+            self._short_next = False
+            return memoryview(self._scratch)[:SHORT_READ]
         return self._scratch
 
     def buffer_updated(self, Py_ssize_t nbytes):
@@ -175,7 +185,9 @@ cdef class PeerConnection:
         self.bytes_in += nbytes
         if self._direct:
             self._direct = False
+            in_place = self._decoder.in_place
             self._received(None, nbytes)
+            self._short_next = in_place and not self._decoder.in_place  # that read ended it
         else:
             self._received(memoryview(self._scratch)[:nbytes], -1)
 
@@ -285,6 +297,16 @@ cdef class PeerConnection:
             self._flush()
             return
         self.transport.writelines(records)
+
+    def set_in_place(self, sink, Py_ssize_t min_size):
+        """Receive records of at least `min_size` bytes straight into the buffer
+        `sink(total)` gives (or None: as usual); see FrameDecoder.set_sink."""
+        self._decoder.set_sink(sink, min_size)
+
+    def evict_in_place(self):
+        """The record being received in place goes on in a buffer of our own (its sink's
+        owner needs the buffer back); True if there was one. FrameDecoder.evict."""
+        return self._decoder.evict()
 
     def write_backlog(self):
         """Bytes queued for the peer and not yet taken by the kernel (records send() queued

@@ -135,6 +135,7 @@ class Daemon:
         moved = 0
         failed: list[str] = []
         for session in list(self.sessions.values()):
+            session.stop_in_place()  # a record being received into its ring: into the daemon's memory
             for route in list(session.routes.values()):
                 old = route.conn
                 try:

@@ -43,6 +43,9 @@ LEND_MIN = 64 * 1024
 LEND_LIMIT = 8 << 20
 # Calls refused for a peer's backlog whose request streams are remembered (Route.refused).
 REFUSED_MAX = 65536
+# Peer records at least this big are received straight into the app's rx ring when no policy
+# is attached (_reserve_in_place): one copy, socket -> ring, instead of two.
+IN_PLACE_MIN = 256 * 1024
 _HEADER_PREFIX = struct.Struct("<BBHIQ")  # kind, flags, status, handle, call_id
 
 class PendingRecords(deque):
@@ -144,7 +147,12 @@ class AppSession:
             "peer_backlog_paused": 0,  # times a calling peer's socket was not read: it did not take its answers
             "lent_payloads": 0,  # big payloads sent straight from the app's tx ring
             "wakeups": 0,  # eventfd signals from the app (the poller saves most while traffic flows)
+            "received_in_place": 0,  # big peer records read from the socket straight into the rx ring
+            "in_place_evicted": 0,  # ... of which moved to the daemon's memory before they were complete
         }
+        # the route whose big record is being received into a reservation of the rx ring
+        self._in_place: Route | None = None
+        self._in_place_view: memoryview | None = None
         self.closed = False
         self._pump_scheduled = False
         # takes of the tx ring whose big payloads sockets still write from: [extent, leases
@@ -413,9 +421,15 @@ class AppSession:
             poller.touch()
             if not self._pump_scheduled:
                 poller.hold(self)
+        if self._in_place is not None:
+            if batch[0].resident:  # complete: publish it where it was received
+                self._end_in_place(batch[0])
+                batch = batch[1:]
+            else:  # anything else for the app moves it out of the way first (order)
+                self._end_in_place()
         if self.pending:
             self.pending.extend(batch)
-        else:
+        elif batch:
             try:
                 n = R.ring_push_records(self.rx, batch)
             except ValueError:  # batch[0] can never fit the ring: _flush_pending refuses it
@@ -431,6 +445,8 @@ class AppSession:
     def _flush_pending(self) -> None:
         """Push what waits; if the ring stays full, ask the app to signal when it pops."""
         pending = self.pending
+        if pending and self._in_place is not None:
+            self._end_in_place()
         while pending:
             chunk = list(islice(pending, DRAIN_RECORDS))
             try:
@@ -452,6 +468,64 @@ class AppSession:
             for route in self.routes.values():
                 if not route.backlog_paused:
                     route.conn.resume_reading()
+
+    # -- big peer records received in place ---------------------------------------------------
+    def _reserve_in_place(self, route: Route, nbytes: int) -> memoryview | None:
+        """(the route's frame decoder, at the header of a peer record of `nbytes`) Room for
+        it in the app's rx ring, so the socket reads it straight there: one copy instead
+        of two. Only while no policy is attached (a policy sees a record before the app may:
+        this one is in the app's memory as it arrives), nothing waits for the ring (order)
+        and no other record is being received so; None otherwise (the usual way). Anything
+        else for the app while it arrives moves it out of the way first (_end_in_place), so
+        a peer that stops half-way through a record holds up nothing."""
+        if (self.closed or self._in_place is not None or self.pending or self.datapath.engines
+                or self.routes.get(route.handle) is not route):
+            return None
+        view = R.ring_reserve_view(self.rx, nbytes)
+        if view is None:  # no room now (or never: bigger than the ring; the usual way refuses it)
+            return None
+        self._in_place, self._in_place_view = route, view
+        self.stats["received_in_place"] += 1
+        return view
+
+    def _resident_record(self, route: Route, rec: R.Record) -> R.Record | None:
+        """A record received in place is complete. While its reservation is open, it goes
+        on as it is (committed by _deliver_in). If a policy was attached meanwhile, the
+        policies must see it first: it becomes an ordinary record (a private copy) and the
+        reservation is dropped. None: no reservation holds it (a bug; logged)."""
+        if self._in_place is not route or self._in_place_view is None:
+            log.error("app %s: a record received in place has no reservation; dropped", self.name,
+                      extra=self.log_fields(handle=route.handle))
+            return None
+        if not self.datapath.engines:
+            return rec
+        header = bytearray(R.HEADER_SIZE)
+        rec.pack_header_into(header)  # the header the decoder checked, not the ring's bytes
+        copy = R.parse_record(bytes(header) + self._in_place_view[R.HEADER_SIZE:rec.size].tobytes())
+        self._end_in_place()
+        return copy
+
+    def _end_in_place(self, rec: R.Record | None = None) -> None:
+        """Close the open reservation (if any): publish `rec`, the complete record it holds,
+        with its header as the daemon has it now (the handle rewritten); or drop it, the
+        route's decoder first moving what it has of the record into memory of its own (the
+        rest follows there, and the record comes the usual way)."""
+        route, view = self._in_place, self._in_place_view
+        if route is None or view is None:
+            return
+        self._in_place = self._in_place_view = None
+        if rec is not None:
+            rec.pack_header_into(view)
+            R.ring_commit(self.rx)
+            return
+        if route.conn.evict_in_place():
+            self.stats["in_place_evicted"] += 1
+        self.rx.unreserve()
+
+    def stop_in_place(self) -> None:
+        """Move a record being received in place into the daemon's memory (before its
+        connection changes hands: transport upgrade)."""
+        self._end_in_place()
 
     def _refuse_oversized(self, rec: R.Record) -> None:
         """A peer sent a record bigger than this app's rx ring can hold (the peer's daemon
@@ -613,6 +687,8 @@ class AppSession:
         route = Route(handle, conn, role, target, method_ids, binding)
         self.routes[handle] = route
         conn.set_handlers(functools.partial(self._on_peer_records, route), functools.partial(self._on_peer_closed, route))
+        if hasattr(conn, "set_in_place") and hasattr(conn, "evict_in_place"):
+            conn.set_in_place(functools.partial(self._reserve_in_place, route), IN_PLACE_MIN)
         if self.paused_routes:
             conn.pause_reading()
         return route
@@ -620,6 +696,10 @@ class AppSession:
     def _on_peer_records(self, route: Route, recs: list[R.Record]) -> None:
         batch = []
         for rec in recs:
+            if rec.resident:  # received in place: it is the first of its batch
+                rec = self._resident_record(route, rec)
+                if rec is None:
+                    continue
             rec.handle = route.handle
             if rec.kind == R.REQUEST and route.role == "server":
                 if rec.flags & R.F_START and rec.method_id not in route.services:
@@ -627,11 +707,15 @@ class AppSession:
                     self.stats["unimplemented"] += 1
                     rsp = error_response(0, rec.call_id, StatusCode.UNIMPLEMENTED.code, "Method not found!")
                     route.conn.send(rsp.encode())
+                    if rec.resident:
+                        self._end_in_place()
                     continue
             elif rec.kind == R.RESPONSE and route.role == "server" or rec.kind == R.REQUEST and route.role == "client":
+                self._end_in_place()
                 route.conn.close(f"protocol error: record kind {rec.kind} in the wrong direction")
                 return
             elif rec.kind not in (R.REQUEST, R.RESPONSE, R.CANCEL, R.WINDOW):
+                self._end_in_place()
                 route.conn.close(f"protocol error: unexpected record kind {rec.kind}")
                 return
             self.stats["bytes_in"] += rec.size
@@ -641,6 +725,8 @@ class AppSession:
 
     def _on_peer_closed(self, route: Route, exc: Exception | None) -> None:
         """Tell the app: every call on this handle fails (client) or is cancelled (server)."""
+        if self._in_place is route:
+            self._end_in_place()  # the rest of that record never comes
         if self.routes.pop(route.handle, None) is None or self.closed:
             return
         self.datapath.handle_closed(route.handle)
@@ -653,6 +739,8 @@ class AppSession:
 
     def close_handle(self, handle: int) -> None:
         route = self.routes.pop(handle, None)
+        if route is not None and self._in_place is route:
+            self._end_in_place()
         if route is not None:
             route.conn.close()
             self.datapath.handle_closed(handle)
@@ -662,6 +750,7 @@ class AppSession:
         """Reclaim everything: routes, listeners, wake-up fds, shared memory."""
         if self.closed:
             return
+        self._end_in_place()  # before the ring goes: the decoder must not write into it
         self.closed = True
         self.poller.release(self)
         self.observer.close()

@@ -1,0 +1,315 @@
+"""Big peer records received in place: straight from the socket into the app's rx ring.
+
+Why: the receiving daemon used to read a big record into its own buffer and then copy it
+into the app's ring (two passes over every byte); now, while no policy is attached, the
+socket reads it into a reservation of the ring (one pass). What must hold: the bytes the
+app gets are the bytes sent; the header the daemon acts on is the one it checked, whatever
+the app writes into its ring meanwhile; a peer that stops half-way through a record holds
+up nothing else for the app (the record moves to the daemon's memory); a closed connection
+leaves no reservation behind; policies see every record before the app can (none is
+received in place while one is attached, and one attached mid-record sees that record).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import mrpcd
+from mrpcd.ctl import Control
+from mrpcd.marshal import records as R
+from mrpcd.native import ring as ringmod
+
+from test_policy_ops import ctl
+
+MIB = 1 << 20
+
+
+def big_record(call_id: int, size: int, fill: int = 0x41, handle: int = 7) -> bytes:
+    payload = bytes([fill]) * size
+    return R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, handle, call_id, 99, 0, b"m", payload)
+
+
+class Sink:
+    """A FrameDecoder sink over plain buffers: records each request."""
+
+    def __init__(self, give: bool = True) -> None:
+        self.give = give
+        self.asked: list[int] = []
+        self.buffers: list[bytearray] = []
+
+    def __call__(self, total: int):
+        self.asked.append(total)
+        if not self.give:
+            return None
+        buf = bytearray(total)
+        self.buffers.append(buf)
+        return memoryview(buf)
+
+
+# -- the frame decoder ------------------------------------------------------------------------
+
+def test_a_big_record_is_assembled_in_the_sinks_buffer():
+    rec = big_record(1, 300_000)
+    sink = Sink()
+    dec = R.FrameDecoder()
+    dec.set_sink(sink, 256 * 1024)
+    out = []
+    for i in range(0, len(rec), 65536):  # bytes chunks: the general path
+        out += dec.feed(rec[i:i + 65536])
+        assert dec.in_place == (i + 65536 < len(rec))
+    assert sink.asked == [len(rec)] and bytes(sink.buffers[0]) == rec
+    [got] = out
+    assert got.resident and (got.kind, got.call_id, got.handle, got.method_id) == (R.REQUEST, 1, 7, 99)
+    assert (got.size, got.meta_len, got.payload_len) == (len(rec), 1, 300_000)
+    for body in ("payload", "meta", "raw", "payload_view"):
+        with pytest.raises(TypeError, match="received in place"):
+            getattr(got, body)
+    with ringmod.RingPair.create(4 * MIB) as pair, pytest.raises(TypeError, match="received in place"):
+        R.ring_push_records(pair.rx, [got])
+    with pytest.raises(TypeError, match="received in place"):
+        R.wire_buffers([got])
+    assert "in the app's ring" in repr(got)
+    got.handle = 42  # the receiving daemon rewrites it, then writes the header into the slot
+    got.pack_header_into(sink.buffers[0])
+    assert R.parse_record(bytes(sink.buffers[0])).handle == 42
+    assert R.parse_record(bytes(sink.buffers[0])).payload == rec[R.HEADER_SIZE + 1:]
+
+
+def test_buffered_reads_go_straight_into_the_sinks_buffer():
+    """The transport's way: a scratch read that starts the record, then reads into the
+    rest of the record's buffer (recv_buffer / recv_done)."""
+    rec = big_record(2, 1 * MIB, fill=0x42)
+    sink = Sink()
+    dec = R.FrameDecoder()
+    dec.set_sink(sink, 256 * 1024)
+    assert dec.feed(memoryview(bytearray(rec[:16384]))) == []
+    out = []
+    pos = 16384
+    while pos < len(rec):
+        view = dec.recv_buffer(65536)
+        if len(rec) - pos < 65536:  # the last bit goes through a scratch read again
+            assert view is None
+            out += dec.feed(memoryview(bytearray(rec[pos:])))
+            break
+        assert view is not None and view.nbytes == len(rec) - pos
+        n = min(200_000, view.nbytes)
+        view[:n] = rec[pos:pos + n]
+        pos += n
+        out += dec.recv_done(n)
+    assert len(out) == 1 and out[0].resident and bytes(sink.buffers[0]) == rec
+
+
+def test_the_header_acted_on_is_the_one_checked_not_the_buffers():
+    """The app can write into its ring while the record arrives: the resident record's
+    header fields (and an evicted record's header) come from the daemon's own copy."""
+    rec = big_record(3, 300_000)
+    sink = Sink()
+    dec = R.FrameDecoder()
+    dec.set_sink(sink, 256 * 1024)
+    dec.feed(rec[:100_000])
+    sink.buffers[0][:R.HEADER_SIZE] = b"\xff" * R.HEADER_SIZE  # scribbled over
+    [got] = dec.feed(rec[100_000:])
+    assert (got.kind, got.call_id, got.handle, got.payload_len) == (R.REQUEST, 3, 7, 300_000)
+
+    dec.feed(rec[:100_000])
+    sink.buffers[1][:R.HEADER_SIZE] = b"\xff" * R.HEADER_SIZE
+    assert dec.evict() and not dec.in_place and not dec.evict()
+    [moved] = dec.feed(rec[100_000:])
+    assert not moved.resident and moved.raw == rec  # whole, in the decoder's own memory
+
+
+def test_when_the_sink_is_not_used():
+    rec = big_record(4, 300_000)
+    small = R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 7, 9, 99, 0, b"", b"hi")
+    # the sink says no: the usual way
+    dec = R.FrameDecoder()
+    sink = Sink(give=False)
+    dec.set_sink(sink, 256 * 1024)
+    [got] = dec.feed(rec[:70_000]) + dec.feed(rec[70_000:])
+    assert sink.asked == [len(rec)] and not got.resident and got.raw == rec
+    # below min_size: never asked
+    dec, sink = R.FrameDecoder(), Sink()
+    dec.set_sink(sink, len(rec) + 1)
+    assert [r.resident for r in dec.feed(rec[:70_000]) + dec.feed(rec[70_000:])] == [False]
+    assert sink.asked == []
+    # a completed record waits before the big one in the same read: order first, no sink
+    dec, sink = R.FrameDecoder(), Sink()
+    dec.set_sink(sink, 256 * 1024)
+    out = dec.feed(small + rec[:70_000]) + dec.feed(rec[70_000:])
+    assert [r.call_id for r in out] == [9, 4] and sink.asked == [] and out[1].raw == rec
+    # the next big record, at the start of a read, is received in place again
+    out = dec.feed(rec[:70_000]) + dec.feed(rec[70_000:])
+    assert out[0].resident and sink.asked == [len(rec)]
+    # control records (a peer may send a big CANCEL or GOAWAY) are read by the decoder's owner
+    dec, sink = R.FrameDecoder(), Sink()
+    dec.set_sink(sink, 256 * 1024)
+    cancel = R.encode_record(R.CANCEL, 0, 0, 7, 4, 0, 0, b"", b"c" * 300_000)
+    [got] = dec.feed(cancel[:70_000]) + dec.feed(cancel[70_000:])
+    assert sink.asked == [] and not got.resident and got.raw == cancel
+    with pytest.raises(TypeError):
+        dec.set_sink(42)
+    with pytest.raises(ValueError):
+        dec.set_sink(sink, 10)
+
+
+def test_a_sink_buffer_too_small_is_an_error():
+    dec = R.FrameDecoder()
+    dec.set_sink(lambda total: bytearray(total - 1), 256 * 1024)
+    with pytest.raises(ValueError, match="for a record of"):
+        dec.feed(big_record(5, 300_000)[:1000])
+
+
+def test_a_reservation_in_a_real_ring_is_published_by_commit():
+    rec = big_record(6, 300_000, fill=0x43)
+    with ringmod.RingPair.create(4 * MIB) as pair:
+        dec = R.FrameDecoder()
+        dec.set_sink(lambda total: R.ring_reserve_view(pair.rx, total), 256 * 1024)
+        [got] = dec.feed(rec[:50_000]) + dec.feed(rec[50_000:])
+        assert got.resident and pair.rx.pop() is None  # reserved, not published
+        got.handle = 11
+        R.ring_commit(pair.rx)
+        popped = R.parse_record(pair.rx.pop())
+        assert popped.handle == 7 and popped.payload == rec[R.HEADER_SIZE + 1:]  # header as received
+        assert R.ring_reserve_view(pair.rx, 8 * MIB) is None  # never fits: the usual way refuses it
+
+
+# -- through real daemons ---------------------------------------------------------------------
+
+def b_stats(daemon) -> dict:
+    apps = Control(daemon.socket).call("stats")["apps"]
+    total: dict = {}
+    for s in apps.values():
+        for k in ("received_in_place", "in_place_evicted"):
+            total[k] = total.get(k, 0) + s.get(k, 0)
+    return total
+
+
+async def _peer(port: int):
+    from mrpcd.transports import tcp
+
+    conn = await tcp.connect("127.0.0.1", port, {})
+    answers: dict[int, R.Record] = {}
+    conn.set_handlers(lambda recs: answers.update((r.call_id, r) for r in recs if r.flags & R.F_END),
+                      lambda exc: None)
+    return conn, answers
+
+
+def say_hello(call_id: int, name: str) -> bytes:
+    import hello_mrpc
+    from mrpcd.marshal.schema import method_id
+
+    payload = hello_mrpc.HelloRequest(name=name).SerializeToString()
+    return R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 0, call_id, method_id("/helloworld.Greeter/SayHello"),
+                           0, b"", payload)
+
+
+async def _wait_for(answers: dict, ids, seconds: float = 30) -> None:
+    end = time.monotonic() + seconds
+    while not all(i in answers for i in ids) and time.monotonic() < end:
+        await asyncio.sleep(0.01)
+
+
+def reply_text(rec: R.Record) -> str:
+    import hello_mrpc
+
+    assert rec.status == 0, rec
+    return hello_mrpc.HelloReply.FromString(rec.payload).message
+
+
+def test_big_calls_arrive_intact_and_a_half_sent_record_holds_up_nothing(daemon_factory, app_factory, gen_dir):
+    b = daemon_factory("b")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+
+    async def main() -> None:
+        conn, answers = await _peer(port)
+        names = {i: chr(0x61 + i % 26) * (MIB + i) for i in range(1, 9)}
+        for i, name in names.items():  # one at a time: each finds the app's ring free
+            conn.send(say_hello(i, name))
+            await _wait_for(answers, [i])
+            assert reply_text(answers[i]) == f"Hello, {name}!"
+        first = b_stats(b)
+        assert first["received_in_place"] >= len(names), first
+        # a burst of big calls with small ones between them (some in place, some not)
+        names = {i: chr(0x41 + i % 26) * (MIB // 2 + i) for i in range(10, 22)}
+        for i, name in names.items():
+            conn.send(say_hello(i, name))
+            conn.send(say_hello(100 + i, f"small {i}"))
+        await _wait_for(answers, list(names) + [100 + i for i in names])
+        for i, name in names.items():
+            assert reply_text(answers[i]) == f"Hello, {name}!"
+            assert reply_text(answers[100 + i]) == f"Hello, small {i}!"
+        first = b_stats(b)
+
+        # a peer sends half of a big call and stops: another peer's calls go on meanwhile
+        stalled, stalled_answers = await _peer(port)
+        half = say_hello(50, "h" * (2 * MIB))
+        stalled.transport.write(half[:MIB])
+        await asyncio.sleep(0.3)
+        other, other_answers = await _peer(port)
+        other.send(say_hello(60, "meanwhile"))
+        await _wait_for(other_answers, [60], 10)
+        assert reply_text(other_answers[60]) == "Hello, meanwhile!"
+        stats = b_stats(b)
+        assert stats["in_place_evicted"] >= 1 and stats["received_in_place"] > first["received_in_place"], stats
+        stalled.transport.write(half[MIB:])  # the rest: the call completes from the daemon's copy
+        await _wait_for(stalled_answers, [50])
+        assert reply_text(stalled_answers[50]) == f"Hello, {'h' * 2 * MIB}!"
+
+        # a peer that goes away half-way leaves nothing reserved: the ring takes more
+        stalled.transport.write(say_hello(51, "g" * (2 * MIB))[:MIB])
+        await asyncio.sleep(0.3)
+        stalled.transport.abort()
+        await asyncio.sleep(0.3)
+        conn.send(say_hello(70, "x" * (3 * MIB)))
+        conn.send(say_hello(71, "after"))
+        await _wait_for(answers, [70, 71])
+        assert reply_text(answers[70]) == f"Hello, {'x' * 3 * MIB}!" and reply_text(answers[71]) == "Hello, after!"
+        conn.close()
+        other.close()
+
+    asyncio.run(main())
+    assert b.alive()
+
+
+def test_policies_see_big_records_first(daemon_factory, app_factory, gen_dir):
+    """No record is received in place while a policy is attached, and one attached while a
+    record arrives in place still gets that record before the app (an ACL on its content)."""
+    b = daemon_factory("b")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+    [app_name] = Control(b.socket).call("stats")["apps"]
+    acl = ('{direction: inbound, rules: [{method: /helloworld.Greeter/SayHello, field: name, op: prefix, value: "secret",'
+           ' details: "no secrets"}]}')
+
+    async def main() -> None:
+        conn, answers = await _peer(port)
+        record = say_hello(1, "secret" + "s" * MIB)
+        conn.transport.write(record[:MIB // 2])  # arriving in place, no policy yet
+        await _wait_until_in_place(b, 1)
+        r = await asyncio.to_thread(ctl, b, "policy", "attach", app_name, "acl", "--config", acl)
+        assert r.returncode == 0, r.stderr
+        conn.transport.write(record[MIB // 2:])
+        await _wait_for(answers, [1])
+        assert answers[1].status == mrpcd.StatusCode.PERMISSION_DENIED.code, answers[1]
+
+        before = b_stats(b)["received_in_place"]
+        conn.send(say_hello(2, "public" + "p" * MIB))
+        conn.send(say_hello(3, "secret" + "q" * MIB))
+        await _wait_for(answers, [2, 3])
+        assert reply_text(answers[2]) == f"Hello, public{'p' * MIB}!"
+        assert answers[3].status == mrpcd.StatusCode.PERMISSION_DENIED.code
+        assert b_stats(b)["received_in_place"] == before  # policies read every record first
+        conn.close()
+
+    asyncio.run(main())
+    assert b.alive()
+
+
+async def _wait_until_in_place(daemon, n: int) -> None:
+    end = time.monotonic() + 10
+    while b_stats(daemon)["received_in_place"] < n and time.monotonic() < end:
+        await asyncio.sleep(0.02)
+    assert b_stats(daemon)["received_in_place"] >= n
