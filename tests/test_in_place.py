@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from mrpcd.native import ring as ringmod
 from test_policy_ops import ctl
 
 MIB = 1 << 20
+APPS = Path(__file__).parent / "apps"
 
 
 def big_record(call_id: int, size: int, fill: int = 0x41, handle: int = 7) -> bytes:
@@ -257,6 +259,17 @@ def test_big_calls_arrive_intact_and_a_half_sent_record_holds_up_nothing(daemon_
         stalled.transport.write(half[MIB:])  # the rest: the call completes from the daemon's copy
         await _wait_for(stalled_answers, [50])
         assert reply_text(stalled_answers[50]) == f"Hello, {'h' * 2 * MIB}!"
+
+        # the transport is upgraded while a record arrives in place: it completes on the new code
+        evicted = b_stats(b)["in_place_evicted"]
+        stalled.transport.write(say_hello(52, "u" * (2 * MIB))[:MIB])
+        await asyncio.sleep(0.3)
+        r = await asyncio.to_thread(ctl, b, "transport", "upgrade", "--module", str(APPS / "transport_v2.py"))
+        assert r.returncode == 0 and "version 2-test" in r.stdout, r.stderr
+        assert b_stats(b)["in_place_evicted"] == evicted + 1
+        stalled.transport.write(say_hello(52, "u" * (2 * MIB))[MIB:])
+        await _wait_for(stalled_answers, [52])
+        assert reply_text(stalled_answers[52]) == f"Hello, {'u' * 2 * MIB}!"
 
         # a peer that goes away half-way leaves nothing reserved: the ring takes more
         stalled.transport.write(say_hello(51, "g" * (2 * MIB))[:MIB])

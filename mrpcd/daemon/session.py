@@ -422,7 +422,7 @@ class AppSession:
             if not self._pump_scheduled:
                 poller.hold(self)
         if self._in_place is not None:
-            if batch[0].resident:  # complete: publish it where it was received
+            if batch and batch[0].resident:  # complete: publish it where it was received
                 self._end_in_place(batch[0])
                 batch = batch[1:]
             else:  # anything else for the app moves it out of the way first (order)
@@ -518,7 +518,12 @@ class AppSession:
             rec.pack_header_into(view)
             R.ring_commit(self.rx)
             return
-        if route.conn.evict_in_place():
+        evict = getattr(route.conn, "evict_in_place", None)
+        if evict is None:  # a transport version that cannot: it must not write into the ring
+            log.error("app %s: connection %s cannot move a record out of the app's ring; closing it",
+                      self.name, route.target, extra=self.log_fields(handle=route.handle))
+            route.conn.abort()
+        elif evict():
             self.stats["in_place_evicted"] += 1
         self.rx.unreserve()
 
