@@ -280,6 +280,17 @@ def test_big_calls_arrive_intact_and_a_half_sent_record_holds_up_nothing(daemon_
         conn.send(say_hello(71, "after"))
         await _wait_for(answers, [70, 71])
         assert reply_text(answers[70]) == f"Hello, {'x' * 3 * MIB}!" and reply_text(answers[71]) == "Hello, after!"
+
+        # a big call of a method the app does not serve is answered by the daemon; its
+        # reservation goes with it (the next big call is received in place again)
+        before = b_stats(b)["received_in_place"]
+        conn.send(R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 0, 80, 12345, 0, b"", b"z" * MIB))
+        await _wait_for(answers, [80])
+        assert answers[80].status == mrpcd.StatusCode.UNIMPLEMENTED.code
+        conn.send(say_hello(81, "y" * MIB))
+        await _wait_for(answers, [81])
+        assert reply_text(answers[81]) == f"Hello, {'y' * MIB}!"
+        assert b_stats(b)["received_in_place"] >= before + 2
         conn.close()
         other.close()
 

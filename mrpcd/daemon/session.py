@@ -716,11 +716,13 @@ class AppSession:
                         self._end_in_place()
                     continue
             elif rec.kind == R.RESPONSE and route.role == "server" or rec.kind == R.REQUEST and route.role == "client":
-                self._end_in_place()
+                if self._in_place is route:
+                    self._end_in_place()
                 route.conn.close(f"protocol error: record kind {rec.kind} in the wrong direction")
                 return
             elif rec.kind not in (R.REQUEST, R.RESPONSE, R.CANCEL, R.WINDOW):
-                self._end_in_place()
+                if self._in_place is route:
+                    self._end_in_place()
                 route.conn.close(f"protocol error: unexpected record kind {rec.kind}")
                 return
             self.stats["bytes_in"] += rec.size
