@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import mrpcd
 from mrpcd.ctl import Control
@@ -120,6 +122,65 @@ def test_the_header_acted_on_is_the_one_checked_not_the_buffers():
     assert dec.evict() and not dec.in_place and not dec.evict()
     [moved] = dec.feed(rec[100_000:])
     assert not moved.resident and moved.raw == rec  # whole, in the decoder's own memory
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([R.REQUEST, R.RESPONSE, R.CANCEL]),
+                          st.integers(0, 4000), st.integers(0, 60)), min_size=1, max_size=6),
+       st.data())
+def test_in_place_or_not_the_records_are_the_same(specs, data):
+    """Differential: whatever the read sizes (bytes chunks or scratch reads plus reads into
+    the record's buffer), whether the sink gives a buffer, and whenever its owner evicts,
+    the records that come out carry the same headers and bodies as without a sink."""
+    stream = b"".join(R.encode_record(kind, R.F_START, 0, 5, i, 3, 0, b"m" * meta, bytes([i % 256]) * size)
+                      for i, (kind, size, meta) in enumerate(specs))
+    plain = R.FrameDecoder()
+    expected = plain.feed(stream)
+    assert len(expected) == len(specs)
+
+    dec = R.FrameDecoder()
+    buffers: dict[int, bytearray] = {}
+
+    def sink(total: int):
+        if data.draw(st.integers(0, 3), label="give") == 0:  # mostly it does
+            return None
+        buf = bytearray(total + data.draw(st.integers(0, 3), label="spare"))
+        buffers[len(buffers)] = buf
+        return memoryview(buf)
+
+    dec.set_sink(sink, data.draw(st.sampled_from([41, 200]), label="min"))
+    got: list = []
+    resident_bytes: list[bytes] = []
+    pos = 0
+    while pos < len(stream):
+        if dec.in_place and data.draw(st.integers(0, 3), label="evict") == 0:
+            assert dec.evict()
+        view = dec.recv_buffer(1) if data.draw(st.booleans(), label="direct") else None
+        n = data.draw(st.integers(1, 1500), label="read")
+        if view is not None:
+            n = min(n, view.nbytes, len(stream) - pos)
+            view[:n] = stream[pos:pos + n]
+            out = dec.recv_done(n)
+        elif data.draw(st.booleans(), label="scratch"):
+            out = dec.feed(memoryview(bytearray(stream[pos:pos + n])))
+        else:
+            out = dec.feed(stream[pos:pos + n])
+        pos += min(n, len(stream) - pos)
+        for r in out:
+            event("resident" if r.resident else "own buffer")
+            if r.resident:  # its bytes are the last buffer the sink gave
+                resident_bytes.append(bytes(buffers[len(buffers) - 1][:r.size]))
+            got.append(r)
+    assert len(got) == len(expected)
+    k = 0
+    for r, e in zip(got, expected):
+        assert (r.kind, r.flags, r.handle, r.call_id, r.method_id, r.size) == (e.kind, e.flags, e.handle, e.call_id, e.method_id, e.size)
+        if r.resident:
+            assert r.kind in (R.REQUEST, R.RESPONSE)
+            assert resident_bytes[k] == bytes(e.raw)
+            k += 1
+        else:
+            assert bytes(r.raw) == bytes(e.raw)
 
 
 def test_when_the_sink_is_not_used():
