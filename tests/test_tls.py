@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from mrpcd.ctl import Control
 from mrpcd.daemon import config as cfgmod
 from mrpcd.marshal import records as R
 from mrpcd.transports import tcp
@@ -281,6 +282,9 @@ def test_greeter_over_mutual_tls_between_two_daemons(daemon_factory, app_factory
     # big payloads: over TLS the daemon copies them instead of sending from the app's ring
     code, out, err = app_factory("hello_client.py", a, address, "bulk", "6", "4", gen=gen_dir).wait(120)
     assert code == 0 and out.strip().endswith("ok bulk 24"), err
+    # ... and the receiving daemon reads them from TLS straight into the app's ring
+    apps = Control(b.socket).call("stats")["apps"]
+    assert sum(s.get("received_in_place", 0) for s in apps.values()) > 0, apps
 
 
 def test_wrong_ca_between_daemons_fails_clearly_on_both_sides(daemon_factory, app_factory, gen_dir, pki):
