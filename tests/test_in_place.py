@@ -359,6 +359,32 @@ def test_big_calls_arrive_intact_and_a_half_sent_record_holds_up_nothing(daemon_
     assert b.alive()
 
 
+def test_big_calls_from_several_peers_at_once(daemon_factory, app_factory, gen_dir):
+    """Peers whose big records arrive interleaved: one is received in place at a time, the
+    others the usual way or moved out of its way; every answer is the right one."""
+    b = daemon_factory("b")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+
+    async def main() -> None:
+        peers = [await _peer(port) for _ in range(3)]
+        expect: list[tuple[dict, int, str]] = []
+        for round_ in range(6):
+            for p, (conn, answers) in enumerate(peers):
+                name = chr(0x61 + (7 * round_ + p) % 26) * (MIB // 2 + 1000 * p + round_)
+                conn.send(say_hello(round_ + 1, name))
+                expect.append((answers, round_ + 1, name))
+            await asyncio.sleep(0)
+        for answers, call_id, name in expect:
+            await _wait_for(answers, [call_id])
+            assert reply_text(answers[call_id]) == f"Hello, {name}!"
+        for conn, _ in peers:
+            conn.close()
+
+    asyncio.run(main())
+    assert b_stats(b)["received_in_place"] > 0 and b.alive()
+
+
 def test_policies_see_big_records_first(daemon_factory, app_factory, gen_dir):
     """No record is received in place while a policy is attached, and one attached while a
     record arrives in place still gets that record before the app (an ACL on its content)."""
