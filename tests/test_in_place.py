@@ -249,10 +249,10 @@ def b_stats(daemon) -> dict:
     return total
 
 
-async def _peer(port: int):
+async def _peer(port: int, max_record: int = 16 * MIB):
     from mrpcd.transports import tcp
 
-    conn = await tcp.connect("127.0.0.1", port, {})
+    conn = await tcp.connect("127.0.0.1", port, {}, max_record=max_record)
     answers: dict[int, R.Record] = {}
     conn.set_handlers(lambda recs: answers.update((r.call_id, r) for r in recs if r.flags & R.F_END),
                       lambda exc: None)
@@ -388,7 +388,9 @@ def test_big_calls_from_several_peers_at_once(daemon_factory, app_factory, gen_d
 def test_policies_see_big_records_first(daemon_factory, app_factory, gen_dir):
     """No record is received in place while a policy is attached, and one attached while a
     record arrives in place still gets that record before the app (an ACL on its content)."""
-    b = daemon_factory("b")
+    # rings and records bigger than the defaults: a record past the default 16 MiB limit
+    # still turns into an ordinary one when a policy arrives while it does
+    b = daemon_factory("b", "ring_size: 67108864\nmax_record: 33554432\n")
     server = app_factory("hello_server.py", b, gen=gen_dir)
     port = int(server.readline().rpartition(":")[2])
     [app_name] = Control(b.socket).call("stats")["apps"]
@@ -396,8 +398,8 @@ def test_policies_see_big_records_first(daemon_factory, app_factory, gen_dir):
            ' details: "no secrets"}]}')
 
     async def main() -> None:
-        conn, answers = await _peer(port)
-        record = say_hello(1, "secret" + "s" * MIB)
+        conn, answers = await _peer(port, max_record=32 * MIB)
+        record = say_hello(1, "secret" + "s" * (20 * MIB))
         conn.transport.write(record[:MIB // 2])  # arriving in place, no policy yet
         await _wait_until_in_place(b, 1)
         r = await asyncio.to_thread(ctl, b, "policy", "attach", app_name, "acl", "--config", acl)

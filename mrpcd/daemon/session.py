@@ -501,7 +501,8 @@ class AppSession:
             return rec
         header = bytearray(R.HEADER_SIZE)
         rec.pack_header_into(header)  # the header the decoder checked, not the ring's bytes
-        copy = R.parse_record(bytes(header) + self._in_place_view[R.HEADER_SIZE:rec.size].tobytes())
+        copy = R.parse_record(bytes(header) + self._in_place_view[R.HEADER_SIZE:rec.size].tobytes(),
+                              max_record=rec.size)  # checked against max_record at its header
         self._end_in_place()
         return copy
 
