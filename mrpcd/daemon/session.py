@@ -150,7 +150,8 @@ class AppSession:
             "received_in_place": 0,  # big peer records read from the socket straight into the rx ring
             "in_place_evicted": 0,  # ... of which moved to the daemon's memory before they were complete
         }
-        # the route whose big record is being received into a reservation of the rx ring
+        # the route whose big record is being received into a reservation of the rx ring,
+        # and that reservation (both set, or both None)
         self._in_place: Route | None = None
         self._in_place_view: memoryview | None = None
         self.closed = False
@@ -493,7 +494,7 @@ class AppSession:
         on as it is (committed by _deliver_in). If a policy was attached meanwhile, the
         policies must see it first: it becomes an ordinary record (a private copy) and the
         reservation is dropped. None: no reservation holds it (a bug; logged)."""
-        if self._in_place is not route or self._in_place_view is None:
+        if self._in_place is not route:
             log.error("app %s: a record received in place has no reservation; dropped", self.name,
                       extra=self.log_fields(handle=route.handle))
             return None
@@ -512,7 +513,7 @@ class AppSession:
         route's decoder first moving what it has of the record into memory of its own (the
         rest follows there, and the record comes the usual way)."""
         route, view = self._in_place, self._in_place_view
-        if route is None or view is None:
+        if route is None:
             return
         self._in_place = self._in_place_view = None
         if rec is not None:
@@ -527,6 +528,12 @@ class AppSession:
         elif evict():
             self.stats["in_place_evicted"] += 1
         self.rx.unreserve()
+
+    def _drop_in_place(self, route: Route) -> None:
+        """`route`'s record, if one is being received in place, no longer goes to the app
+        that way (its call or connection ends): drop the reservation (_end_in_place)."""
+        if self._in_place is route:
+            self._end_in_place()
 
     def stop_in_place(self) -> None:
         """Move a record being received in place into the daemon's memory (before its
@@ -713,17 +720,14 @@ class AppSession:
                     self.stats["unimplemented"] += 1
                     rsp = error_response(0, rec.call_id, StatusCode.UNIMPLEMENTED.code, "Method not found!")
                     route.conn.send(rsp.encode())
-                    if rec.resident:
-                        self._end_in_place()
+                    self._drop_in_place(route)
                     continue
             elif rec.kind == R.RESPONSE and route.role == "server" or rec.kind == R.REQUEST and route.role == "client":
-                if self._in_place is route:
-                    self._end_in_place()
+                self._drop_in_place(route)
                 route.conn.close(f"protocol error: record kind {rec.kind} in the wrong direction")
                 return
             elif rec.kind not in (R.REQUEST, R.RESPONSE, R.CANCEL, R.WINDOW):
-                if self._in_place is route:
-                    self._end_in_place()
+                self._drop_in_place(route)
                 route.conn.close(f"protocol error: unexpected record kind {rec.kind}")
                 return
             self.stats["bytes_in"] += rec.size
@@ -733,8 +737,7 @@ class AppSession:
 
     def _on_peer_closed(self, route: Route, exc: Exception | None) -> None:
         """Tell the app: every call on this handle fails (client) or is cancelled (server)."""
-        if self._in_place is route:
-            self._end_in_place()  # the rest of that record never comes
+        self._drop_in_place(route)  # the rest of that record never comes
         if self.routes.pop(route.handle, None) is None or self.closed:
             return
         self.datapath.handle_closed(route.handle)
@@ -747,9 +750,8 @@ class AppSession:
 
     def close_handle(self, handle: int) -> None:
         route = self.routes.pop(handle, None)
-        if route is not None and self._in_place is route:
-            self._end_in_place()
         if route is not None:
+            self._drop_in_place(route)
             route.conn.close()
             self.datapath.handle_closed(handle)
 
