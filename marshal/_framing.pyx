@@ -615,12 +615,7 @@ cdef class FrameDecoder:
         self._error = None
 
     def __dealloc__(self):
-        if self._has_dest:
-            self._has_dest = False
-            PyBuffer_Release(&self._dest)
-        if self._big != NULL:
-            Py_DECREF(<object>self._big)
-            self._big = NULL
+        self._reset()  # drops the partial record: our buffer, or the sink's
 
     cdef void _reset(self) noexcept:
         cdef PyObject* b = self._big
