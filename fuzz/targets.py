@@ -201,13 +201,14 @@ def _same_in_place(pieces: list[bytes], records: list) -> None:
     decoder.set_sink(sink, 64)
     got: list = []
     for piece in pieces:
+        failed = False
         try:
             out = decoder.feed(piece)
         except R.RecordError as exc:
-            out = list(getattr(exc, "records", None) or [])
-            got.extend((r, bytes(buffers[-1][:r.size]) if r.resident else bytes(r.raw)) for r in out)
-            break
+            out, failed = list(getattr(exc, "records", None) or []), True
         got.extend((r, bytes(buffers[-1][:r.size]) if r.resident else bytes(r.raw)) for r in out)
+        if failed:
+            break
     assert len(got) == len(records)
     for (r, body), e in zip(got, records):
         assert (r.kind, r.flags, r.status, r.handle, r.call_id, r.method_id, r.deadline, r.size) == \

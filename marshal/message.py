@@ -7,8 +7,9 @@ names in wire order) and `__mrpc_defaults__`.
 
 The protobuf message methods code written for grpcio reaches for (`HasField`, `WhichOneof`,
 `ClearField`, `Clear`, `CopyFrom`, `MergeFrom`, `ParseFromString`, `MergeFromString`,
-`ListFields`, `IsInitialized`) work on the same model: a field with presence (a message, proto3 `optional`, proto2 `optional`,
-a oneof member) is set when it is not None; other fields always have a value. As with
+`ListFields`, `IsInitialized`) work on the same model: a field with presence (a message,
+proto3 `optional`, proto2 `optional`, a oneof member) is set when it is not None; other
+fields always have a value. As with
 protobuf, a name that is not a field (or a field without presence, for `HasField`) raises
 ValueError naming it.
 """
