@@ -43,11 +43,8 @@ _MODULE_RESERVED = {
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
     "_MaybeAsyncIterator", "_ServicerContext", "_abc",
-    # the .pyi's call protocols (_CALL_PROTOCOLS) and what they import
-    "_Protocol", "_Callable", "_Generator", "_Q", "_R", "_Timeout", "_Call", "_CallFuture", "_CallIterator",
-    "_UnaryUnary", "_UnaryStream", "_StreamUnary", "_StreamStream", "_AioCall", "_AioUnaryCall",
-    "_AioStreamCall", "_AioStreamUnaryCall", "_AioStreamStreamCall", "_AioUnaryUnary", "_AioUnaryStream",
-    "_AioStreamUnary", "_AioStreamStream",
+    # what the .pyi's call protocols import (the names they define are added below)
+    "_Protocol", "_Callable", "_Generator",
 }
 # attributes of the Message base class that a field slot must not replace
 _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_fields", "HasField",
@@ -143,6 +140,8 @@ class _AioStreamStream(_Protocol[_Q, _R]):
     def __call__(self, request_iterator: _Iterable[_Q] | _AsyncIterable[_Q] | None = ..., *, timeout: _Timeout = ...,
                  metadata: _Metadata | None = ...) -> _AioStreamStreamCall[_Q, _R]: ...
 """
+# the names the call protocols define (type variables, aliases, classes) are taken too
+_MODULE_RESERVED |= set(re.findall(r"^(?:class )?(_\w+)", _CALL_PROTOCOLS, re.M))
 
 
 def module_name(proto_path: str) -> str:
