@@ -48,6 +48,10 @@ RX_BIG_MIN = 32 * 1024
 # neutral (3 of 6 higher, mean +3 %). At c=32 it was neutral for 32 B and lower in 2 of 3
 # pairs for 1 MiB (-7, -11 %, noise-sized), hence the threshold.
 RX_YIELD_MIN_CALLS = 64
+# A sender blocked on a full tx ring looks again after this long even if no wake-up came:
+# a safety net only (the daemon signals when it frees room, and the woken senders pass
+# the turn on); tests raise it to show no wake-up is lost.
+SPACE_RECHECK_S = 0.5
 
 class CallSink(Protocol):
     def deliver(self, rec: R.Record) -> None: ...
@@ -195,6 +199,7 @@ class App:
             if self.closed:
                 raise DaemonUnavailable("the app's connection to mrpcd is closed")
             deadline = None if timeout is None else time.monotonic() + timeout
+            waited = False
             while not self._push(data):
                 if R.ring_should_wake_consumer(self.tx):
                     self.daemon_waker.signal()
@@ -207,12 +212,15 @@ class App:
                         if left is not None and left <= 0:
                             self.tx.finish_wait()
                             raise RpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded while waiting for room in the ring")
-                        self._space.wait(min(left, 0.5) if left is not None else 0.5)
+                        self._space.wait(min(left, SPACE_RECHECK_S) if left is not None else SPACE_RECHECK_S)
                         self.tx.finish_wait()
+                        waited = True
                 finally:
                     self._space_waiters -= 1
                 if self.closed:
                     raise DaemonUnavailable("the app's connection to mrpcd is closed")
+            if waited and self._space_waiters:
+                self._space.notify()  # pass the turn on (_wake_space_waiters)
             wake = R.ring_should_wake_consumer(self.tx)
         if wake:  # outside the lock: the write drops the GIL, and callers would queue on the lock
             self.daemon_waker.signal()
@@ -339,10 +347,15 @@ class App:
             listener(details)
 
     def _wake_space_waiters(self) -> None:
+        """Wake one sender blocked on a full tx ring; each that pushes wakes the next
+        (send), one that finds no room flags the ring and waits again. Woken all at once,
+        every blocked sender tried again at each freed record, nearly all to find the ring
+        full (1 MiB calls, c=32, 8 MiB rings, alternated pairs: the client's CPU per call
+        about a quarter lower this way, RPC/s +5 %)."""
         if not self._space_waiters:  # the common case: nobody waits, skip the lock
             return
         with self._tx_lock:
-            self._space.notify_all()
+            self._space.notify()
 
     def _start_rx_thread(self) -> None:
         """(handoff lock held, or at construction) A new thread takes the rx role."""

@@ -174,7 +174,54 @@ def test_all_four_kinds_asyncio_byte_exact(env):
     asyncio.run(main())
 
 
-def test_many_concurrent_big_calls_sync(env):
+def test_asyncio_big_calls_cancelled_while_waiting_for_ring_room(env, monkeypatch):
+    """Big calls made at once fill the 4 MiB tx ring; those waiting for room are woken a
+    few at a time (AioApp._wake_space_waiters). Cancelling some of them while they wait
+    (or just after being woken) loses no turn: every other call completes, byte-exact,
+    and calls made afterwards go through. The periodic re-check is off: a lost wake-up
+    would hang a call."""
+    monkeypatch.setattr(appmod, "SPACE_RECHECK_S", 600)
+    a, b, pb = env
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="big-aio-cancel-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="big-aio-cancel-client")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(_aio_servicer(pb), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            stub = pb.StreamerStub(mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app))
+            assert (await stub.Unary(pb.Chunk(data=b"x"), timeout=30)).total == digest(b"x")  # connected
+            for round_ in range(3):
+                datas = [blob(1 * MIB + i, 100 * round_ + i) for i in range(24)]
+                tasks = [asyncio.ensure_future(stub.Unary(pb.Chunk(data=d), timeout=60)) for d in datas]
+                for _ in range(round_ + 1):
+                    await asyncio.sleep(0)
+                assert cli_app._space_waiters or round_  # the ring filled: calls wait for room
+                for t in tasks[::3]:
+                    t.cancel()
+                done = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+                for i, (d, r) in enumerate(zip(datas, done)):
+                    if i % 3:
+                        assert not isinstance(r, BaseException), (i, r)
+                        assert r.total == digest(d)
+                    else:
+                        assert isinstance(r, asyncio.CancelledError) or r.total == digest(d)
+            data = blob(2 * MIB, 9)
+            assert (await stub.Unary(pb.Chunk(data=data), timeout=30)).total == digest(data)
+            await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(main())
+
+
+def test_many_concurrent_big_calls_sync(env, monkeypatch):
+    """16 threads' big calls through 4 MiB rings: senders wait for room, woken in turn
+    (App._wake_space_waiters); with no periodic re-check a lost wake-up hangs a call."""
+    monkeypatch.setattr(appmod, "SPACE_RECHECK_S", 600)
     with SyncEnv(env) as e:
         pb, stub = e.pb, e.stub
         errors: list = []
@@ -197,6 +244,7 @@ def test_many_concurrent_big_calls_sync(env):
         for t in threads:
             t.join(120)
         assert not errors, errors[:3]
+        assert not any(t.is_alive() for t in threads)
 
 
 def test_long_stream_of_big_messages_with_a_slow_reader(env):

@@ -8,8 +8,10 @@ a slow peer.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any
 
+from .. import app as _appmod
 from ..app import App
 from ..native import ring as ringmod
 from ..status import RpcError, StatusCode
@@ -23,7 +25,8 @@ class AioApp(App):
     def __init__(self, socket_path: str | None = None, name: str | None = None) -> None:
         super().__init__(socket_path, name, driver="loop")
         self.loop = asyncio.get_running_loop()
-        self._space_waiters: list[asyncio.Future] = []
+        # Tasks waiting for room in the tx ring, with their record's size (_wake_space_waiters).
+        self._space_waiters: deque[tuple[asyncio.Future, int]] = deque()
         self._drain_scheduled = False
         self.loop.add_reader(self.app_waker.fileno(), self._on_readable)
         self._drain_soon()
@@ -56,25 +59,60 @@ class AioApp(App):
             for sink in list(self.calls.values()):
                 sink.lost(StatusCode.INTERNAL, f"rx ring corrupted: {exc}")
             return
-        waiters, self._space_waiters = self._space_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        if self._space_waiters:
+            self._wake_space_waiters()
         if not self.rx.prepare_sleep():
             self._drain_soon()
+
+    def _wake_space_waiters(self) -> None:
+        """Wake, first come first served, the tasks waiting for room in the tx ring whose
+        records fit the room it has now. Each woken task that pushes calls this again
+        (send_async), so the turn passes on; when nothing was woken and the first still does
+        not fit, the ring's flag is raised so the daemon signals after its next pop. Waking
+        them all on every drain made each retry at once, nearly all to find the ring still
+        full (measured at 1 MiB, c=32, 8 MiB rings: the client's CPU per call 240-250 µs,
+        against 134-148 µs when the ring never fills)."""
+        waiters = self._space_waiters
+        free = self.tx.free_bytes()
+        woke = False
+        while waiters:
+            fut, nbytes = waiters[0]
+            if fut.done():  # its task was cancelled
+                waiters.popleft()
+                continue
+            need = 8 + ((nbytes + 7) & ~7)  # the ring's record header and alignment
+            if need > free and (woke or self.tx.prepare_wait_for_space(nbytes)):
+                return  # the woken pass the turn on, or the daemon signals when it frees room
+            waiters.popleft()
+            fut.set_result(None)
+            woke = True
+            free -= need
 
     async def send_async(self, data: bytes) -> None:
         if len(data) > self.max_record:
             raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"message of {len(data)} bytes exceeds the limit of {self.max_record}")
-        while not self.try_send(data):
+        woken = False
+        while self.closed or not self.try_send(data):
             if self.closed:
                 raise RpcError(StatusCode.UNAVAILABLE, "the app's connection to mrpcd is closed")
             fut = self.loop.create_future()
-            self._space_waiters.append(fut)
+            if woken:  # it was first in line and found no room yet: it stays first
+                self._space_waiters.appendleft((fut, len(data)))
+            else:
+                self._space_waiters.append((fut, len(data)))
+            # a safety net only: the daemon signals when it frees room (try_send flagged it)
+            timer = self.loop.call_later(_appmod.SPACE_RECHECK_S, _set_if_pending, fut)
             try:
-                await asyncio.wait_for(fut, 0.5)
-            except asyncio.TimeoutError:
-                pass
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():  # woken, then cancelled: pass the wake on
+                    self._wake_space_waiters()
+                raise
+            finally:
+                timer.cancel()
+            woken = True
+        if woken and self._space_waiters:
+            self._wake_space_waiters()
 
     def send_nowait(self, data: bytes) -> None:
         """From the loop thread where awaiting is impossible (dispatch): push or fall back to a task."""
@@ -91,6 +129,13 @@ class AioApp(App):
             except Exception:
                 pass
         super().close()
+        while self._space_waiters:  # they see `closed` and fail at once
+            _set_if_pending(self._space_waiters.popleft()[0])
+
+
+def _set_if_pending(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 _apps: dict[int, AioApp] = {}
