@@ -210,9 +210,13 @@ class App:
                     if self.tx.prepare_wait_for_space(len(data)):
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
-                            self.tx.finish_wait()
+                            self._leave_space_wait()
                             raise RpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded while waiting for room in the ring")
-                        self._space.wait(min(left, SPACE_RECHECK_S) if left is not None else SPACE_RECHECK_S)
+                        try:
+                            self._space.wait(min(left, SPACE_RECHECK_S) if left is not None else SPACE_RECHECK_S)
+                        except BaseException:  # KeyboardInterrupt and the like
+                            self._leave_space_wait()
+                            raise
                         self.tx.finish_wait()
                         waited = True
                 finally:
@@ -225,16 +229,30 @@ class App:
         if wake:  # outside the lock: the write drops the GIL, and callers would queue on the lock
             self.daemon_waker.signal()
 
+    def _leave_space_wait(self) -> None:
+        """(tx lock held) A blocked sender gives up without pushing (deadline, interrupt).
+        The ring's waiting flag is shared: lower it only if no other sender waits, or the
+        daemon would free room without signalling them; and pass on the wake-up it may have
+        taken (Condition.notify can pick a waiter whose wait is timing out)."""
+        if self._space_waiters > 1:  # itself included
+            self._space.notify()
+        else:
+            self.tx.finish_wait()
+
     def try_send(self, data: "bytes | RecordParts") -> bool:
-        """Non-blocking push for the event-loop driver; False when the ring is full."""
+        """Non-blocking push for the event-loop driver; False when the ring is full, and
+        then the ring is flagged: the daemon signals after its next pop."""
         with self._tx_lock:
             if not self._push(data):
                 if R.ring_should_wake_consumer(self.tx):
                     self.daemon_waker.signal()
-                if self.tx.prepare_wait_for_space(len(data)):
+                # prepare_wait says "push again" also when only the wrap marker fits; that
+                # push returns full again, and returning then would leave the flag down
+                while not self.tx.prepare_wait_for_space(len(data)):
+                    if self._push(data):
+                        break
+                else:
                     return False  # the rx driver is woken when the daemon frees room
-                if not self._push(data):
-                    return False
             wake = R.ring_should_wake_consumer(self.tx)
         if wake:
             self.daemon_waker.signal()

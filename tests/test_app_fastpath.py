@@ -353,15 +353,16 @@ def test_rx_thread_yields_on_waking_only_with_many_calls_waiting(monkeypatch, wa
         assert not rx.is_alive()
 
 
-def _daemon_side_consumer(pair: RingPair, got: dict, wake_producer, stop: threading.Event) -> threading.Thread:
+def _daemon_side_consumer(pair: RingPair, got: dict, wake_producer, stop: threading.Event, raw: bool = False) -> threading.Thread:
     """The daemon's part for a full-ring test: take one record of the tx ring every half
     millisecond and, when a sender flagged the ring, wake the app's space waiters (the
-    daemon signals the app's eventfd; its rx path calls `wake_producer`)."""
+    daemon signals the app's eventfd; its rx path calls `wake_producer`). `raw`: the
+    ring holds bytes that are not records, taken all the same."""
 
     def run() -> None:
         while not stop.is_set():
             recs, bad = R.ring_pop_records(pair.tx, 1, 1 << 20)
-            assert not bad
+            assert raw or not bad
             for rec in recs:
                 got.setdefault(rec.handle, []).append(rec.call_id)
             if R.ring_should_wake_producer(pair.tx):
@@ -409,17 +410,82 @@ def test_senders_blocked_on_a_full_tx_ring_are_woken_one_after_another(monkeypat
         try:
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join(30)
-            assert not any(t.is_alive() for t in threads)
+            _join_all(threads, 30)
+            assert not any(t.is_alive() for t in threads), "a sender hangs: a wake-up was lost"
             wait_until(lambda: sum(map(len, got.values())) == senders * per, 10)
         finally:
+            _release_senders(app, threads)
             stop.set()
             consumer.join(5)
             app.daemon_waker.close()
             app.app_waker.close()
         assert got == {h: list(range(per)) for h in range(1, senders + 1)}
         assert tries[0] <= 4 * senders * per, f"{tries[0]} pushes tried for {senders * per} records"
+
+
+def _join_all(threads: list[threading.Thread], seconds: float) -> None:
+    """Join every thread within one overall time limit."""
+    end = time.monotonic() + seconds
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+
+
+def _release_senders(app: appmod.App, threads: list[threading.Thread]) -> None:
+    """Senders still blocked (a failed test) leave through `closed` before the rings are
+    unmapped under them."""
+    if any(t.is_alive() for t in threads):
+        app.closed = True
+        with app._tx_lock:
+            app._space.notify_all()
+        _join_all(threads, 5)
+
+
+def _full_ring_record(handle: int, n: int):
+    return wire.request_parts(handle, 1, 1, R.F_START | R.F_END, 0, (), b"x" * n)
+
+
+def test_a_sender_leaving_on_its_deadline_keeps_the_ring_flagged_for_the_others(monkeypatch):
+    """The ring's waiting flag is shared by all blocked senders: one that gives up on its
+    deadline must not lower it while another still waits, or the daemon frees room without
+    signalling and the other sleeps on (here: forever, the periodic re-check is off)."""
+    monkeypatch.setattr(appmod, "SPACE_RECHECK_S", 600)
+    with RingPair.create(1 << 16) as pair:
+        app = _bare_app(pair)
+        app._space_waiters = 0
+        while app.try_send(_full_ring_record(0, 12 << 10)):
+            pass
+        outcome: dict[str, object] = {}
+
+        def patient() -> None:
+            app.send(_full_ring_record(2, 100))
+            outcome["patient"] = "sent"
+
+        def hurried() -> None:
+            try:
+                app.send(_full_ring_record(1, 12 << 10), timeout=0.3)
+            except mrpcd.RpcError as exc:
+                outcome["hurried"] = exc.code()
+
+        threads = [threading.Thread(target=patient, daemon=True), threading.Thread(target=hurried, daemon=True)]
+        got: dict[int, list[int]] = {}
+        stop = threading.Event()
+        consumer = None
+        try:
+            threads[0].start()
+            wait_until(lambda: app._space_waiters == 1, 5)
+            threads[1].start()
+            threads[1].join(5)
+            assert outcome == {"hurried": mrpcd.StatusCode.DEADLINE_EXCEEDED}
+            consumer = _daemon_side_consumer(pair, got, app._wake_space_waiters, stop)
+            threads[0].join(10)
+            assert outcome.get("patient") == "sent"
+        finally:
+            _release_senders(app, threads)
+            stop.set()
+            if consumer is not None:
+                consumer.join(5)
+            app.daemon_waker.close()
+            app.app_waker.close()
 
 
 def _bare_aio_app(pair: RingPair, loop) -> "AioApp":
@@ -429,6 +495,7 @@ def _bare_aio_app(pair: RingPair, loop) -> "AioApp":
     app.__class__ = AioApp
     app.loop = loop
     app._space_waiters = collections.deque()
+    app._space_promised = 0
     return app
 
 
@@ -473,40 +540,108 @@ def test_aio_senders_blocked_on_a_full_tx_ring_are_woken_as_many_as_fit(monkeypa
     assert tries <= 3 * senders * per, f"{tries} pushes tried for {senders * per} records"
 
 
-def test_aio_a_woken_sender_cancelled_before_it_runs_passes_the_wake_on(monkeypatch):
-    """A task woken for room but cancelled before it could push must not keep the turn:
-    the next waiting task whose record fits is woken instead, and pushes."""
-    monkeypatch.setattr(appmod, "SPACE_RECHECK_S", 600)
+def test_aio_freed_room_wakes_as_many_as_fit_and_a_cancelled_wake_is_passed_on(monkeypatch):
+    """Room for two records wakes the first two waiting tasks, not the third; the first,
+    cancelled before it could run, passes its wake on, so the third pushes in its place."""
     import asyncio
 
+    monkeypatch.setattr(appmod, "SPACE_RECHECK_S", 600)
     size = 20 << 10
 
     async def body(pair: RingPair) -> None:
         app = _bare_aio_app(pair, asyncio.get_running_loop())
-        rec = lambda h: wire.request_parts(h, 1, 1, R.F_START | R.F_END, 0, (), b"x" * size)
-        while app.try_send(rec(0)):  # fill the ring
+        while app.try_send(_full_ring_record(0, size)):  # three records fill it
             pass
-        first = asyncio.ensure_future(app.send_async(rec(1)))
-        second = asyncio.ensure_future(app.send_async(rec(2)))
+        tasks = [asyncio.ensure_future(app.send_async(_full_ring_record(h, size))) for h in (1, 2, 3)]
         await asyncio.sleep(0.01)
-        assert [len(w) for w in [app._space_waiters]] == [2]
-        recs, _ = R.ring_pop_records(pair.tx, 1, 1 << 20)  # room for one record
-        assert len(recs) == 1
-        app._wake_space_waiters()  # wakes `first` only: one record's room
-        assert len(app._space_waiters) == 1
-        first.cancel()
-        await asyncio.wait_for(second, 2)  # no daemon signal, no 0.5 s safety net: passed on
+        assert len(app._space_waiters) == 3
+        recs, _ = R.ring_pop_records(pair.tx, 2, 1 << 20)  # room for two records
+        assert len(recs) == 2
+        app._wake_space_waiters()
+        assert [h for (f, _), h in zip(app._space_waiters, (3,))] == [3]  # 1 and 2 woken
+        tasks[0].cancel()
+        await asyncio.wait_for(asyncio.gather(tasks[1], tasks[2]), 2)  # no daemon signal needed
         with pytest.raises(asyncio.CancelledError):
-            await first
-        left = []
-        while True:
-            recs, _ = R.ring_pop_records(pair.tx, 64, 1 << 20)
-            if not recs:
-                break
-            left += [r.handle for r in recs]
-        assert 2 in left and 1 not in left
+            await tasks[0]
+        recs, _ = R.ring_pop_records(pair.tx, 64, 1 << 20)
+        assert [r.handle for r in recs] == [0, 2, 3]
+        assert app._space_promised == 0 and not app._space_waiters
         app.daemon_waker.close()
         app.app_waker.close()
 
     with RingPair.create(1 << 16) as pair:
         asyncio.run(body(pair))
+
+
+def test_aio_try_send_leaves_the_ring_flagged_when_only_a_wrap_marker_fitted(monkeypatch):
+    """try_send's "no room" must leave the ring flagged. Case: a record that has to wrap;
+    room appears between its push and the flag for the wrap marker only; the push after
+    it writes the marker and is full again. Returning then, with the flag lowered, the
+    task waited for a signal the daemon never sent (here: forever)."""
+    import asyncio
+
+    monkeypatch.setattr(appmod, "SPACE_RECHECK_S", 600)
+
+    async def body(pair: RingPair) -> None:
+        loop = asyncio.get_running_loop()
+        app = _bare_aio_app(pair, loop)
+        tx = pair.tx
+        for _ in range(16):  # 16 records of 4 KiB fill the 64 KiB ring
+            assert app.try_send(b"a" * 4088)
+        assert sum(map(len, R.ring_pop_records(tx, 15, 1 << 20))) == 15  # (not records: "bad")
+        for _ in range(12):  # the head is at 48 KiB now, 12 KiB free
+            assert app.try_send(b"b" * 4088)
+        R.ring_should_wake_producer(tx)
+        real, pushes = app._push, []
+
+        def push(data):
+            ok = real(data)
+            pushes.append(ok)
+            if len(pushes) == 1:  # the daemon takes one record right after the first try
+                assert sum(map(len, R.ring_pop_records(tx, 1, 1 << 20))) == 1
+                assert not R.ring_should_wake_producer(tx)
+            return ok
+
+        app._push = push
+        task = asyncio.ensure_future(app.send_async(b"X" * 20000))  # needs the 16 KiB to the end
+        await asyncio.sleep(0.01)
+        assert not task.done() and pushes[:2] == [False, False]
+        app._push = real
+        stop = threading.Event()
+        consumer = _daemon_side_consumer(pair, {}, lambda: loop.call_soon_threadsafe(app._wake_space_waiters), stop, raw=True)
+        try:
+            await asyncio.wait_for(task, 5)
+        finally:
+            stop.set()
+            consumer.join(5)
+            app.daemon_waker.close()
+            app.app_waker.close()
+
+    with RingPair.create(1 << 16) as pair:
+        asyncio.run(body(pair))
+
+
+def test_aio_a_task_woken_by_close_and_then_cancelled_does_not_touch_the_rings():
+    """close() unmaps the rings, then wakes the waiting tasks; one cancelled before it runs
+    passes no wake on (it used to read the unmapped ring: a segfault)."""
+    import asyncio
+    import socket
+
+    async def body(pair: RingPair) -> None:
+        app = _bare_aio_app(pair, asyncio.get_running_loop())
+        app._sock, peer = socket.socketpair()
+        app._watchdog = app._thread = None
+        app.rings = pair
+        while app.try_send(_full_ring_record(0, 12 << 10)):
+            pass
+        task = asyncio.ensure_future(app.send_async(_full_ring_record(1, 12 << 10)))
+        await asyncio.sleep(0.01)
+        assert app._space_waiters
+        app.close()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        peer.close()
+
+    pair = RingPair.create(1 << 16)
+    asyncio.run(body(pair))

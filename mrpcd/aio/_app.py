@@ -27,6 +27,7 @@ class AioApp(App):
         self.loop = asyncio.get_running_loop()
         # Tasks waiting for room in the tx ring, with their record's size (_wake_space_waiters).
         self._space_waiters: deque[tuple[asyncio.Future, int]] = deque()
+        self._space_promised = 0  # ring bytes of the tasks woken that have not run yet
         self._drain_scheduled = False
         self.loop.add_reader(self.app_waker.fileno(), self._on_readable)
         self._drain_soon()
@@ -66,25 +67,28 @@ class AioApp(App):
 
     def _wake_space_waiters(self) -> None:
         """Wake, first come first served, the tasks waiting for room in the tx ring whose
-        records fit the room it has now. Each woken task that pushes calls this again
-        (send_async), so the turn passes on; when nothing was woken and the first still does
-        not fit, the ring's flag is raised so the daemon signals after its next pop. Waking
-        them all on every drain made each retry at once, nearly all to find the ring still
-        full (measured at 1 MiB, c=32, 8 MiB rings: the client's CPU per call 240-250 µs,
-        against 134-148 µs when the ring never fills)."""
+        records fit the room it has now (less what the tasks woken before and not run yet
+        will take). Each woken task that pushes calls this again (send_async), so the turn
+        passes on; when nothing was woken and the first still does not fit, the ring is
+        flagged so the daemon signals after its next pop. Waking them all on every drain
+        made each retry at once, nearly all to find the ring still full (measured at
+        1 MiB, c=32, 4 MiB rings: the client's CPU per call -41 %, RPC/s +32 %)."""
+        if self.closed:  # the rings are unmapped; close() woke everyone
+            return
         waiters = self._space_waiters
-        free = self.tx.free_bytes()
+        free = self.tx.free_bytes() - self._space_promised
         woke = False
         while waiters:
             fut, nbytes = waiters[0]
-            if fut.done():  # its task was cancelled
+            if fut.done():  # its task was cancelled, or its safety-net timer fired
                 waiters.popleft()
                 continue
             need = 8 + ((nbytes + 7) & ~7)  # the ring's record header and alignment
-            if need > free and (woke or self.tx.prepare_wait_for_space(nbytes)):
+            if need > free and (woke or self._space_promised or self.tx.prepare_wait_for_space(nbytes)):
                 return  # the woken pass the turn on, or the daemon signals when it frees room
             waiters.popleft()
-            fut.set_result(None)
+            fut.set_result(need)
+            self._space_promised += need
             woke = True
             free -= need
 
@@ -106,10 +110,12 @@ class AioApp(App):
                 await fut
             except BaseException:
                 if fut.done() and not fut.cancelled():  # woken, then cancelled: pass the wake on
+                    self._space_promised -= fut.result() or 0
                     self._wake_space_waiters()
                 raise
             finally:
                 timer.cancel()
+            self._space_promised -= fut.result() or 0
             woken = True
         if woken and self._space_waiters:
             self._wake_space_waiters()
@@ -129,6 +135,7 @@ class AioApp(App):
             except Exception:
                 pass
         super().close()
+        self._space_promised = 0
         while self._space_waiters:  # they see `closed` and fail at once
             _set_if_pending(self._space_waiters.popleft()[0])
 
