@@ -149,6 +149,10 @@ class AppSession:
             "wakeups": 0,  # eventfd signals from the app (the poller saves most while traffic flows)
             "received_in_place": 0,  # big peer records read from the socket straight into the rx ring
             "in_place_evicted": 0,  # ... of which moved to the daemon's memory before they were complete
+            # ring sizing: times the app blocked on its full tx ring (woken when this daemon
+            # freed room), and times records for it began to wait for room in its rx ring
+            "tx_ring_full": 0,
+            "rx_ring_full": 0,
         }
         # the route whose big record is being received into a reservation of the rx ring,
         # and that reservation (both set, or both None)
@@ -232,6 +236,7 @@ class AppSession:
                 # no second (empty) take is needed before sleeping
                 short = not leases and len(recs) + len(bad) < DRAIN_RECORDS and extent < DRAIN_BYTES
             if R.ring_should_wake_producer(self.tx):  # even an empty pass may have freed a wrap marker
+                self.stats["tx_ring_full"] += 1
                 self.app_waker.signal()  # the app waits for room in its tx ring
             if not recs and not bad:
                 return True
@@ -277,6 +282,7 @@ class AppSession:
             if not lent:
                 self.rings.close()  # close() waited for the last lease
         elif freed and R.ring_should_wake_producer(self.tx):
+            self.stats["tx_ring_full"] += 1
             self.app_waker.signal()
 
     def _handle_outbound(self, recs: list[R.Record], bad: list[tuple[bytes, str]] = ()) -> None:
@@ -434,9 +440,11 @@ class AppSession:
             try:
                 n = R.ring_push_records(self.rx, batch)
             except ValueError:  # batch[0] can never fit the ring: _flush_pending refuses it
-                n = 0
-            if n < len(batch):
-                self.pending.extend(batch[n:] if n else batch)
+                self.pending.extend(batch)
+            else:
+                if n < len(batch):  # the ring is full: records wait, from now until it drains
+                    self.stats["rx_ring_full"] += 1
+                    self.pending.extend(batch[n:] if n else batch)
         if R.ring_should_wake_consumer(self.rx):
             self.app_waker.signal()
         if self.pending:
