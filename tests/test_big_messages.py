@@ -10,6 +10,7 @@ size limits, interceptors, grpc-style (de)serializers, many calls at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import zlib
@@ -131,18 +132,29 @@ def test_all_four_kinds_sync_byte_exact_around_the_thresholds(env):
             assert [c.data for c in back] == parts and [c.seq for c in back] == [0, 1, 2], n
 
 
-def test_all_four_kinds_asyncio_byte_exact(env):
+@contextlib.asynccontextmanager
+async def aio_env(env, name: str):
+    """An asyncio server (behind daemon b) and a client app (behind daemon a), in this
+    process: (server, stub, client app)."""
     a, b, pb = env
+    srv_app = mrpcd.aio.connect(b.socket, name=f"{name}-server")
+    cli_app = mrpcd.aio.connect(a.socket, name=f"{name}-client")
+    try:
+        server = mrpcd.aio.server(app=srv_app)
+        pb.add_StreamerServicer_to_server(_aio_servicer(pb), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        yield server, pb.StreamerStub(mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)), cli_app
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+def test_all_four_kinds_asyncio_byte_exact(env):
+    pb = env[2]
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="big-aio-server")
-        cli_app = mrpcd.aio.connect(a.socket, name="big-aio-client")
-        try:
-            server = mrpcd.aio.server(app=srv_app)
-            pb.add_StreamerServicer_to_server(_aio_servicer(pb), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            stub = pb.StreamerStub(mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app))
+        async with aio_env(env, "big-aio") as (server, stub, _):
             for n in SIZES:
                 data = blob(n, n)
                 assert (await stub.Unary(pb.Chunk(data=data), timeout=30)).total == digest(data), n
@@ -167,9 +179,6 @@ def test_all_four_kinds_asyncio_byte_exact(env):
             res = await asyncio.gather(*(stub.Unary(pb.Chunk(data=d), timeout=60) for d in datas))
             assert [r.total for r in res] == [digest(d) for d in datas]
             await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
 
     asyncio.run(main())
 
@@ -180,17 +189,10 @@ def test_asyncio_big_calls_cancelled_while_waiting_for_ring_room(env):
     (or just after being woken) loses no turn: every other call completes, byte-exact,
     and calls made afterwards go through. (Every drain of the rx ring looks at the waiters
     again, so lost wake-ups are the unit tests' job: tests/test_app_fastpath.py.)"""
-    a, b, pb = env
+    pb = env[2]
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="big-aio-cancel-server")
-        cli_app = mrpcd.aio.connect(a.socket, name="big-aio-cancel-client")
-        try:
-            server = mrpcd.aio.server(app=srv_app)
-            pb.add_StreamerServicer_to_server(_aio_servicer(pb), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            stub = pb.StreamerStub(mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app))
+        async with aio_env(env, "big-aio-cancel") as (server, stub, cli_app):
             assert (await stub.Unary(pb.Chunk(data=b"x"), timeout=30)).total == digest(b"x")  # connected
             for round_ in range(3):
                 datas = [blob(1 * MIB + i, 100 * round_ + i) for i in range(24)]
@@ -210,9 +212,6 @@ def test_asyncio_big_calls_cancelled_while_waiting_for_ring_room(env):
             data = blob(2 * MIB, 9)
             assert (await stub.Unary(pb.Chunk(data=data), timeout=30)).total == digest(data)
             await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
 
     asyncio.run(main())
 
