@@ -32,6 +32,7 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
                              PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES)
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.exc cimport PyErr_Clear
 from cpython.ref cimport PyObject, Py_DECREF
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
@@ -649,13 +650,18 @@ cdef class FrameDecoder:
 
     def evict(self):
         """Move the record being received in place into a buffer of our own (the sink's
-        owner needs its buffer back); the rest of it goes there too. True if there was one."""
+        owner needs its buffer back); the rest of it goes there too. True if there was one.
+        Without the memory for it (MemoryError) the record is dropped and the stream fails:
+        either way nothing is written into the sink's buffer after this returns."""
         cdef PyObject* b
         if not self._has_dest:
             return False
         b = _raw_bytes(NULL, <Py_ssize_t>self._need)
         if b == NULL:
-            raise MemoryError()
+            PyErr_Clear()
+            self._error = f"no memory to move a record of {self._need} bytes out of its in-place buffer"
+            self._reset()
+            raise MemoryError(self._error)
         memcpy(_raw_bytes_as_string(b), self._dest_hdr, _HEADER_SIZE)  # the header we checked
         memcpy(_raw_bytes_as_string(b) + _HEADER_SIZE, self._dst + _HEADER_SIZE, self._big_have - _HEADER_SIZE)
         self._has_dest = False

@@ -277,6 +277,8 @@ int ring_producer_prepare_wait(ring_t *r, uint32_t len)
     if (r->corrupt)
         return RING_E_CORRUPT;
     STORE_RLX(&r->ctrl->producer_waiting, 1);
+    if (r->has_reservation)
+        return 1; /* pushes fail until it ends, room or not: "push again" would spin */
     FENCE(); /* flag store before tail load; pairs with the consumer's fence */
     if (refresh_tail(r))
         return RING_E_CORRUPT;

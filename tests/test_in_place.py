@@ -12,6 +12,7 @@ received in place while one is attached, and one attached mid-record sees that r
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -238,6 +239,54 @@ def test_a_reservation_in_a_real_ring_is_published_by_commit():
         assert R.ring_reserve_view(pair.rx, 8 * MIB) is None  # never fits: the usual way refuses it
 
 
+def test_a_ring_with_a_reservation_open_says_wait_not_push_again():
+    """While a reservation is open every push fails, room or not: asked whether to push
+    again, the ring must say wait (else a producer retrying would spin for ever)."""
+    with ringmod.RingPair.create(4 * MIB) as pair:
+        assert R.ring_reserve_view(pair.rx, 300_000) is not None
+        assert not pair.rx.push(b"x" * 100)
+        assert pair.rx.prepare_wait_for_space(100)  # wait (the app's next pop signals)
+        pair.rx.unreserve()
+        assert not pair.rx.prepare_wait_for_space(100) and pair.rx.push(b"x" * 100)
+
+
+def test_evict_without_memory_drops_the_record_and_fails_the_stream():
+    """evict() with no memory for the record: MemoryError, and the decoder lets go of the
+    sink's buffer and fails its stream, so nothing is written there afterwards."""
+    code = r"""
+import resource
+from mrpcd.marshal import records as R
+rec = R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 7, 1, 99, 0, b"m", b"A" * (64 << 20))
+buf = bytearray(len(rec))
+dec = R.FrameDecoder(max_record=128 << 20)
+dec.set_sink(lambda total: memoryview(buf), 256 * 1024)
+assert dec.feed(rec[:1 << 20]) == [] and dec.in_place
+del rec
+vm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), resource.RLIM_INFINITY))
+try:
+    dec.evict()
+except MemoryError as exc:
+    assert "no memory" in str(exc), exc
+else:
+    raise SystemExit("evict did not fail")
+assert not dec.in_place
+try:
+    dec.feed(bytearray(b"B" * 65536))
+except R.RecordError as exc:
+    assert "already failed" in str(exc), exc
+else:
+    raise SystemExit("the stream went on")
+assert buf.count(b"B") == 0
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
 # -- through real daemons ---------------------------------------------------------------------
 
 def b_stats(daemon) -> dict:
@@ -426,3 +475,151 @@ async def _wait_until_in_place(daemon, n: int) -> None:
     while b_stats(daemon)["received_in_place"] < n and time.monotonic() < end:
         await asyncio.sleep(0.02)
     assert b_stats(daemon)["received_in_place"] >= n
+
+
+def test_a_big_call_and_an_unserved_one_in_one_read(daemon_factory, app_factory, gen_dir):
+    """The end of a big call received in place and a call of a method the app does not
+    serve arrive in one read: the daemon answers the second UNIMPLEMENTED and the first
+    still reaches the app (the second's refusal used to drop the first's reservation, and
+    the connection died of the record left without it)."""
+    b = daemon_factory("b")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+
+    async def main() -> None:
+        conn, answers = await _peer(port)
+        big = say_hello(1, "a" * (280 * 1024))
+        unserved = R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 0, 2, 12345, 0, b"", b"x")
+        conn.transport.write(big[:-10000])
+        await _wait_until_in_place(b, 1)
+        conn.transport.write(big[-10000:] + unserved)
+        await _wait_for(answers, [1, 2])
+        assert answers[2].status == mrpcd.StatusCode.UNIMPLEMENTED.code
+        assert reply_text(answers[1]) == "Hello, " + "a" * (280 * 1024) + "!"
+        conn.send(say_hello(3, "after"))
+        await _wait_for(answers, [3])
+        assert reply_text(answers[3]) == "Hello, after!"
+        conn.close()
+
+    asyncio.run(main())
+    assert b.alive()
+
+
+def _memfds(pid: int) -> list[str]:
+    """The process's shared memory objects (one path each, however many fds it holds)."""
+    out: dict[int, str] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if "memfd:" in os.readlink(path):
+                out.setdefault(os.stat(path).st_ino, path)
+        except OSError:
+            pass
+    return list(out.values())
+
+
+def test_a_policy_attached_mid_record_keeps_the_rest_out_of_the_apps_memory(daemon_factory, app_factory, gen_dir):
+    """Attaching a policy moves a record being received in place out of the app's ring:
+    what arrives after the attach is never in memory the app can read, and the policy
+    decides on the record (an inbound ACL denies it)."""
+    b = daemon_factory("b")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+    [app_name] = Control(b.socket).call("stats")["apps"]
+    acl = ('{direction: inbound, rules: [{method: /helloworld.Greeter/SayHello, field: name, op: prefix, value: "secret",'
+           ' details: "no secrets"}]}')
+    marker = b"SENT-AFTER-THE-ATTACH"
+
+    async def main() -> None:
+        conn, answers = await _peer(port)
+        record = say_hello(1, "secret" + "s" * (MIB // 2) + marker.decode() * 20 + "t" * (MIB // 2))
+        conn.transport.write(record[:MIB // 4])
+        await _wait_until_in_place(b, 1)
+        r = await asyncio.to_thread(ctl, b, "policy", "attach", app_name, "acl", "--config", acl)
+        assert r.returncode == 0, r.stderr
+        conn.transport.write(record[MIB // 4:-1000])  # the marker is in this part
+        await asyncio.sleep(0.3)
+        [memfd] = _memfds(server.proc.pid)
+        with open(memfd, "rb") as f:
+            assert marker not in f.read(), "bytes sent after the attach are in the app's ring"
+        assert b_stats(b)["in_place_evicted"] == 1
+        conn.transport.write(record[-1000:])
+        await _wait_for(answers, [1])
+        assert answers[1].status == mrpcd.StatusCode.PERMISSION_DENIED.code
+        conn.close()
+
+    asyncio.run(main())
+
+
+def test_an_upgrade_to_a_transport_without_in_place_receive(daemon_factory, app_factory, gen_dir):
+    """A live transport upgrade to a version that cannot move a record out of the app's
+    ring (one from before in-place receive) turns in-place receive off for the connections
+    it takes over: big records come the usual way and other traffic for the app, which
+    would need such a move, does not cost the connection."""
+    b = daemon_factory("b")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+
+    async def main() -> None:
+        (one, one_answers), (two, two_answers) = await _peer(port), await _peer(port)
+        one.send(say_hello(1, "warm"))
+        two.send(say_hello(1, "warm"))
+        await _wait_for(one_answers, [1])
+        await _wait_for(two_answers, [1])
+        r = await asyncio.to_thread(ctl, b, "transport", "upgrade", "--module", str(APPS / "transport_without_in_place.py"))
+        assert r.returncode == 0, r.stderr
+        before = b_stats(b)["received_in_place"]
+        big = say_hello(2, "z" * (2 * MIB))
+        one.transport.write(big[:MIB])
+        await asyncio.sleep(0.2)
+        two.send(say_hello(3, "small"))  # other traffic for the app meanwhile
+        await _wait_for(two_answers, [3])
+        one.transport.write(big[MIB:])
+        await _wait_for(one_answers, [2])
+        assert reply_text(two_answers[3]) == "Hello, small!"
+        assert reply_text(one_answers[2]) == f"Hello, {'z' * 2 * MIB}!"
+        assert b_stats(b)["received_in_place"] == before
+        one.close()
+        two.close()
+
+    asyncio.run(main())
+    assert b.alive()
+
+
+def test_an_app_that_corrupts_its_rx_ring_is_dropped_not_the_peer(daemon_factory, app_factory, gen_dir):
+    """The app's rx ring is broken (its tail set to nonsense, the app stopped so it does
+    not write it again) when big records come: the daemon drops that app, as for any ring
+    it corrupts, instead of failing the peer's stream with a decoding error."""
+    import signal
+
+    from mrpcd.native import ring as ringmod
+
+    b = daemon_factory("b")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+
+    async def main() -> None:
+        conn, answers = await _peer(port)
+        conn.send(say_hello(1, "warm"))
+        await _wait_for(answers, [1])
+        [memfd] = _memfds(server.proc.pid)
+        size = os.stat(memfd).st_size
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            with open(memfd, "r+b") as f:
+                f.seek(ringmod.layout(size).rx_offset + 64)  # struct ring_ctrl: head, pad, tail
+                f.write((3).to_bytes(8, "little"))  # not a multiple of 8: corrupt
+            for i in range(6):  # more than the 4 MiB ring holds: the daemon re-reads the tail
+                conn.send(say_hello(2 + i, "b" * MIB))
+            end = time.monotonic() + 10
+            while Control(b.socket).call("stats")["apps"] and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            assert not Control(b.socket).call("stats")["apps"]
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        conn.close()
+
+    asyncio.run(main())
+    log = b.log()
+    assert "corrupted its ring" in log and "internal error decoding" not in log, log[-2000:]
+    assert b.alive()

@@ -138,12 +138,14 @@ class Daemon:
             session.stop_in_place()  # a record being received into its ring: into the daemon's memory
             for route in list(session.routes.values()):
                 old = route.conn
+                session.receive_in_place(route, False)  # its decoder moves over as it is
                 try:
                     route.conn = migrate(old, cls)
                 except (Exception, SystemExit) as exc:  # the old code's hand_over (or re-adopt) failed
                     failed.append(f"{old.peer}: {type(exc).__name__}: {exc}")
                     self._upgrade_failed(session, route, exc)
                     continue
+                session.receive_in_place(route, True)  # if the new code can
                 moved += route.conn is not old
         # every connection either moved or stayed on working code (or is closed): from now on
         # new connections run the new version, so the recorded version matches the code

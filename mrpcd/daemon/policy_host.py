@@ -120,6 +120,9 @@ class PolicyHost:
             raise PolicyOpError(f"policy {spec} failed to start: {type(exc).__name__}: {exc}") from None
         policy.instance_name = instance  # type: ignore[attr-defined]
         policy.module_spec = spec  # type: ignore[attr-defined]
+        # a policy sees a record before the app may: the rest of one being received into the
+        # app's ring goes to the daemon's memory instead (only its first part was in the ring)
+        self.session.stop_in_place()
         chain = self.chain
         chain.insert(len(chain) if position is None else max(0, min(position, len(chain))), policy)
         log.info("policy %s (%s %s) attached to app %s", instance, cls.name, cls.version, self.session.name)

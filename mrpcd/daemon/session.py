@@ -198,8 +198,13 @@ class AppSession:
             if drained and not self._pump_scheduled and not self.poller.hold(self):
                 self._sleep()
         except ringmod.RingCorrupt as exc:
-            log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc, extra=self.log_fields())
-            self.daemon.drop_session(self, f"ring corrupted: {exc}")
+            self._ring_corrupted(exc)
+
+    def _ring_corrupted(self, exc: Exception) -> None:
+        if self.closed:
+            return
+        log.warning("app %s (pid %d) corrupted its ring: %s; disconnecting it", self.name, self.pid, exc, extra=self.log_fields())
+        self.daemon.drop_session(self, f"ring corrupted: {exc}")
 
     def _sleep(self) -> None:
         """The tx ring ran empty and the poller does not hold it: sleep on the eventfd
@@ -428,28 +433,34 @@ class AppSession:
             poller.touch()
             if not self._pump_scheduled:
                 poller.hold(self)
-        if self._in_place is not None:
-            if batch and batch[0].resident:  # complete: publish it where it was received
-                self._end_in_place(batch[0])
+        try:
+            if self._in_place is not None:
+                if batch and batch[0].resident:  # complete: publish it where it was received
+                    self._end_in_place(batch[0])
+                    batch = batch[1:]
+                else:  # anything else for the app moves it out of the way first (order)
+                    self._end_in_place()
+            elif batch and batch[0].resident:  # its reservation is gone (a bug): never push a header alone
+                log.error("app %s: a record received in place lost its reservation; dropped", self.name, extra=self.log_fields())
                 batch = batch[1:]
-            else:  # anything else for the app moves it out of the way first (order)
-                self._end_in_place()
-        if self.pending:
-            self.pending.extend(batch)
-        elif batch:
-            try:
-                n = R.ring_push_records(self.rx, batch)
-            except ValueError:  # batch[0] can never fit the ring: _flush_pending refuses it
+            if self.pending:
                 self.pending.extend(batch)
-            else:
-                if n < len(batch):  # the ring is full: records wait, from now until it drains
-                    self.stats["rx_ring_full"] += 1
-                    self.pending.extend(batch[n:] if n else batch)
-        if R.ring_should_wake_consumer(self.rx):
-            self.app_waker.signal()
-        if self.pending:
-            self._apply_backpressure()
-            self._flush_pending()
+            elif batch:
+                try:
+                    n = R.ring_push_records(self.rx, batch)
+                except ValueError:  # batch[0] can never fit the ring: _flush_pending refuses it
+                    self.pending.extend(batch)
+                else:
+                    if n < len(batch):  # the ring is full: records wait, from now until it drains
+                        self.stats["rx_ring_full"] += 1
+                        self.pending.extend(batch[n:] if n else batch)
+            if R.ring_should_wake_consumer(self.rx):
+                self.app_waker.signal()
+            if self.pending:
+                self._apply_backpressure()
+                self._flush_pending()
+        except ringmod.RingCorrupt as exc:  # the app broke its ring: it goes (not the peer's stream)
+            self.loop.call_soon(self._ring_corrupted, exc)
 
     def _flush_pending(self) -> None:
         """Push what waits; if the ring stays full, ask the app to signal when it pops."""
@@ -490,7 +501,11 @@ class AppSession:
         if (self.closed or self._in_place is not None or self.pending or self.datapath.engines
                 or self.routes.get(route.handle) is not route):
             return None
-        view = R.ring_reserve_view(self.rx, nbytes)
+        try:
+            view = R.ring_reserve_view(self.rx, nbytes)
+        except ringmod.RingCorrupt as exc:  # the app's doing: drop the app, not the peer's stream
+            self.loop.call_soon(self._ring_corrupted, exc)  # not from inside the decoder
+            return None
         if view is None:  # no room now (or never: bigger than the ring; the usual way refuses it)
             return None
         self._in_place, self._in_place_view = route, view
@@ -501,7 +516,8 @@ class AppSession:
         """A record received in place is complete. While its reservation is open, it goes
         on as it is (committed by _deliver_in). If a policy was attached meanwhile, the
         policies must see it first: it becomes an ordinary record (a private copy) and the
-        reservation is dropped. None: no reservation holds it (a bug; logged)."""
+        reservation is dropped (a fallback: attaching a policy moves a record still arriving
+        out of the ring first). None: no reservation holds it (a bug; logged)."""
         if self._in_place is not route:
             log.error("app %s: a record received in place has no reservation; dropped", self.name,
                       extra=self.log_fields(handle=route.handle))
@@ -528,14 +544,20 @@ class AppSession:
             rec.pack_header_into(view)
             R.ring_commit(self.rx)
             return
-        evict = getattr(route.conn, "evict_in_place", None)
-        if evict is None:  # a transport version that cannot: it must not write into the ring
-            log.error("app %s: connection %s cannot move a record out of the app's ring; closing it",
-                      self.name, route.target, extra=self.log_fields(handle=route.handle))
+        try:
+            evict = getattr(route.conn, "evict_in_place", None)
+            if evict is None:  # a transport version that cannot: it must not write into the ring
+                log.error("app %s: connection %s cannot move a record out of the app's ring; closing it",
+                          self.name, route.target, extra=self.log_fields(handle=route.handle))
+                route.conn.abort()
+            elif evict():
+                self.stats["in_place_evicted"] += 1
+        except Exception as exc:  # MemoryError: the decoder dropped the record; so goes its stream
+            log.error("app %s: cannot move a record of connection %s out of the app's ring (%s); closing it",
+                      self.name, route.target, exc, extra=self.log_fields(handle=route.handle))
             route.conn.abort()
-        elif evict():
-            self.stats["in_place_evicted"] += 1
-        self.rx.unreserve()
+        finally:  # whatever happened, the ring must not stay reserved (pushes would fail for good)
+            self.rx.unreserve()
 
     def _drop_in_place(self, route: Route) -> None:
         """`route`'s record, if one is being received in place, no longer goes to the app
@@ -543,9 +565,22 @@ class AppSession:
         if self._in_place is route:
             self._end_in_place()
 
+    def receive_in_place(self, route: Route, on: bool) -> None:
+        """Let `route`'s connection read big records into the app's ring, if it can also
+        move one out again (evict_in_place); or stop it (before a transport upgrade: the
+        decoder goes over to the new code as it is, and that code may not know how)."""
+        conn = route.conn
+        set_in_place = getattr(conn, "set_in_place", None)
+        if set_in_place is None:  # a version without it: its decoder has no sink either
+            return
+        if on and getattr(conn, "evict_in_place", None) is not None:
+            set_in_place(functools.partial(self._reserve_in_place, route), IN_PLACE_MIN)
+        else:
+            set_in_place(None, IN_PLACE_MIN)
+
     def stop_in_place(self) -> None:
-        """Move a record being received in place into the daemon's memory (before its
-        connection changes hands: transport upgrade)."""
+        """Move a record being received in place into the daemon's memory (a policy is
+        attached; the connection changes hands: transport upgrade)."""
         self._end_in_place()
 
     def _refuse_oversized(self, rec: R.Record) -> None:
@@ -708,8 +743,7 @@ class AppSession:
         route = Route(handle, conn, role, target, method_ids, binding)
         self.routes[handle] = route
         conn.set_handlers(functools.partial(self._on_peer_records, route), functools.partial(self._on_peer_closed, route))
-        if hasattr(conn, "set_in_place") and hasattr(conn, "evict_in_place"):
-            conn.set_in_place(functools.partial(self._reserve_in_place, route), IN_PLACE_MIN)
+        self.receive_in_place(route, True)
         if self.paused_routes:
             conn.pause_reading()
         return route
@@ -717,7 +751,8 @@ class AppSession:
     def _on_peer_records(self, route: Route, recs: list[R.Record]) -> None:
         batch = []
         for rec in recs:
-            if rec.resident:  # received in place: it is the first of its batch
+            resident = rec.resident
+            if resident:  # received in place: it is the first of its batch
                 rec = self._resident_record(route, rec)
                 if rec is None:
                     continue
@@ -728,7 +763,8 @@ class AppSession:
                     self.stats["unimplemented"] += 1
                     rsp = error_response(0, rec.call_id, StatusCode.UNIMPLEMENTED.code, "Method not found!")
                     route.conn.send(rsp.encode())
-                    self._drop_in_place(route)
+                    if resident:  # this record's reservation (not that of one before it in the batch)
+                        self._drop_in_place(route)
                     continue
             elif rec.kind == R.RESPONSE and route.role == "server" or rec.kind == R.REQUEST and route.role == "client":
                 self._drop_in_place(route)
