@@ -385,6 +385,8 @@ class Policy(Engine):
     name = "policy"
     version = "0"
     state_version = 1  # bump when the exported state's shape changes; load_state reads older ones
+    # True: at most one instance per app (qos: an app is one member of a shared scheduler)
+    one_per_app = False
 
     def __init__(self, ctx: PolicyContext, config: dict[str, Any] | None = None) -> None:
         self.ctx = ctx
@@ -464,14 +466,24 @@ class Policy(Engine):
         except (KeyError, TypeError, ValueError, IndexError, R.RecordError) as exc:
             obj.close(handed_over=True)
             raise PolicyStateError(f"{cls.name} {cls.version}: malformed state: {exc!r}") from None
+        except BaseException:  # any other failure: the half-built instance must not run on
+            obj.close(handed_over=True)  # (its timers would release the old one's calls again)
+            raise
         return obj
 
     def save_state(self) -> dict[str, Any]:
         """The policy's own part of export_state (besides name/version/counters)."""
         return {}
 
+    def on_installed(self) -> None:
+        """The upgrade that built this instance from_state has put it on the chain. What
+        load_state took over and may go on at once goes from here: released from load_state
+        it would leave before the instance is on the chain, and a second time (from the old
+        instance) if the upgrade were refused."""
+
     def load_state(self, state: dict[str, Any], state_version: int) -> None:
-        """Take over `state` (written by state_version <= self.state_version)."""
+        """Take over `state` (written by state_version <= self.state_version). Release
+        nothing here (see on_installed)."""
 
     # -- lifecycle ----------------------------------------------------------------------
     def held(self) -> HeldRecords:

@@ -133,6 +133,15 @@ class Fault(CallGate):
         self.count("released")
         self.resume(self.config["direction"], call.records)
 
+    def handle_closed(self, handle: int) -> None:
+        """The route closed: its delayed calls would be released (or aborted) for a
+        connection that is gone; drop them and their timers."""
+        super().handle_closed(handle)
+        for key in [call.key for call in self.held_calls if call.key[0] == handle]:
+            self.held_calls.remove(key)
+            self.cancel_timer(self.timers.pop(key, None))
+            self.count("dropped_handle_closed")
+
     # -- lifecycle ----------------------------------------------------------------------------
     def held(self) -> HeldRecords:
         recs = self.held_calls.records()

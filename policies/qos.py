@@ -186,6 +186,7 @@ class QosScheduler:
 
 class QosPolicy(Policy):
     name = "qos"
+    one_per_app = True  # the scheduler has one member and one queue per app
     version = "1.0"
     state_version = 1
 

@@ -428,7 +428,9 @@ class Vtc(CallGate):
         self.last_left = float(state.get("last_left", 0.0))
         self.seq = int(state.get("seq", 0))
         self.refused.load(state.get("rejected"))
-        self._admit_and_resume()
+
+    def on_installed(self) -> None:
+        self._admit_and_resume()  # a bigger max_inflight than the old version's admits at once
 
 
 POLICY = Vtc

@@ -269,7 +269,7 @@ class ControlConnection:
         config, name, position = self._config_arg(msg), msg.get("name"), msg.get("position")
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError("policy instance name must be a non-empty string")
-        if position is not None and not isinstance(position, int):
+        if position is not None and type(position) is not int:
             raise ValueError("position must be an integer")
         out, done = [], []
         try:

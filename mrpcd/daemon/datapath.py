@@ -95,8 +95,9 @@ class Datapath:
         """Records `engine` held back go on towards the network from just after it."""
         try:
             index = self.engines.index(engine) + 1
-        except ValueError:  # no longer on the chain (detached meanwhile): skip nothing it did not pass
-            index = len(self.engines)
+        except ValueError:
+            self._off_chain(engine, batch)
+            return
         self.outbound_from(index, batch)
 
     def inbound_after(self, engine: Engine, batch: list[R.Record]) -> None:
@@ -104,8 +105,18 @@ class Datapath:
         try:
             index = self.engines.index(engine) - 1
         except ValueError:
-            index = -1
+            self._off_chain(engine, batch)
+            return
         self.inbound_from(index, batch)
+
+    def _off_chain(self, engine: Engine, batch: list[R.Record]) -> None:
+        """An engine not on the chain released records: one detached or replaced (what it
+        held went on when it left), or one an upgrade built and did not swap in (the old
+        instance still holds them). Sent on, they would go a second time, past engines they
+        never passed: dropped, loudly."""
+        log.error("policy %s, not on app %s's chain, released %d records; dropped (they went on when it left, "
+                  "or the instance on the chain holds them)", getattr(engine, "instance_name", engine.name),
+                  self.session.name, len(batch))
 
     def handle_closed(self, handle: int) -> None:
         """Tell every engine that route `handle` closed (see Engine.handle_closed)."""

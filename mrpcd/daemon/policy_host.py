@@ -112,6 +112,12 @@ class PolicyHost:
         instance = name or cls.name
         if any(getattr(e, "instance_name", None) == instance for e in self.chain):
             raise PolicyOpError(f"app {self.session.name} already has a policy named {instance!r}; detach it or pick --name")
+        if getattr(cls, "one_per_app", False) and any(e.name == cls.name for e in self.chain):
+            raise PolicyOpError(f"app {self.session.name} already has a {cls.name} policy, and it takes one per app; "
+                                "reconfigure or upgrade that one")
+        if position is not None and (type(position) is not int or not 0 <= position <= len(self.chain)):
+            raise PolicyOpError(f"position {position!r} is out of range: 0 (nearest the app) .. {len(self.chain)} "
+                                f"(the end of app {self.session.name}'s chain of {len(self.chain)})")
         try:
             policy = cls(self.ctx, config or {})
         except PolicyConfigError as exc:
@@ -124,7 +130,7 @@ class PolicyHost:
         # app's ring goes to the daemon's memory instead (only its first part was in the ring)
         self.session.stop_in_place()
         chain = self.chain
-        chain.insert(len(chain) if position is None else max(0, min(position, len(chain))), policy)
+        chain.insert(len(chain) if position is None else position, policy)
         log.info("policy %s (%s %s) attached to app %s", instance, cls.name, cls.version, self.session.name)
         return policy
 
@@ -209,6 +215,10 @@ class PolicyHost:
         except (Exception, SystemExit):  # the new version runs; the old one's failure is only logged
             log.exception("policy %s (old version %s) failed to close on app %s", name, old.version, self.session.name)
         log.info("policy %s on app %s upgraded %s -> %s", name, self.session.name, old.version, new.version)
+        try:
+            new.on_installed()
+        except (Exception, SystemExit):
+            log.exception("policy %s (new version %s) failed in on_installed on app %s", name, new.version, self.session.name)
         return new
 
     def describe(self) -> list[dict[str, Any]]:
