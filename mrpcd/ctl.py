@@ -189,7 +189,7 @@ def _main(argv: list[str] | None) -> int:
     pa.add_argument("policy", help="built-in (ratelimit, acl, qos, fault, metrics, admission, vtc), dotted module, or path.py")
     pa.add_argument("--name", help="instance name (default: the policy's name)")
     pa.add_argument("--config", help="YAML/JSON mapping, or @file")
-    pa.add_argument("--position", type=int, help="index in the chain (default: last, nearest the network)")
+    pa.add_argument("--position", type=int, help="index in the chain: 0 (nearest the app) .. its length (the default: last, nearest the network)")
     pd = psub.add_parser("detach", help="detach a policy; what it holds goes on (admin only)")
     pd.add_argument("name")
     pd.add_argument("--app", help="app_id or name (default: every app that has it)")
