@@ -219,3 +219,46 @@ def test_policy_attached_and_detached_while_payloads_are_lent(two_daemons, app_f
     code, out, err = client.wait(120)
     assert code == 0, err
     assert out.strip().splitlines()[-1] == "ok bulk 5600"
+
+
+class _LendingSession:
+    """What AppSession._drain_tx and its lending helpers use of their session."""
+
+    def __init__(self, ring: Ring) -> None:
+        from types import SimpleNamespace
+
+        from mrpcd.daemon.session import AppSession
+
+        self.tx, self.closed = ring, False
+        self.config = SimpleNamespace(max_record=1 << 24)
+        self.datapath = SimpleNamespace(engines=[])
+        self._lent, self._lent_bytes = collections.deque(), 0
+        self.stats = {"lent_payloads": 0, "tx_ring_full": 0}
+        self.app_waker = SimpleNamespace(signal=lambda: None)
+        self.sent: list = []
+        self.pumps = 0
+        for name in ("_drain_tx", "_lend", "_lease_back", "_free_returned"):
+            setattr(self, name, getattr(AppSession, name).__get__(self))
+
+    def _handle_outbound(self, recs, bad=()) -> None:
+        # the socket layer: reads each lent payload (an export, held until it lets go)
+        self.sent.extend((r, memoryview(r.payload)) for r in recs)
+
+    def _schedule_pump(self) -> None:
+        self.pumps += 1
+
+
+def test_empty_takes_while_a_payload_is_lent_add_nothing_to_track():
+    """With a payload still lent, the pump finds the ring empty again and again (a peer
+    slow to take it): each empty take used to add an empty entry to the lent list."""
+    ring = new_ring(1 << 20)
+    sess = _LendingSession(ring)
+    assert ring.push(rec(1, b"x" * (200 << 10)))
+    sess._drain_tx()
+    [(_, view)] = sess.sent
+    assert len(sess._lent) == 1
+    for _ in range(5):
+        sess._drain_tx()
+    assert len(sess._lent) == 1
+    view.release()  # the socket took it: the ring space comes back
+    assert not sess._lent and ring.empty()

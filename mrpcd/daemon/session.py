@@ -233,7 +233,7 @@ class AppSession:
                 # the socket as Leases (headers and metadata are still private copies)
                 recs, bad, extent, leases = R.ring_take_records(self.tx, DRAIN_RECORDS, DRAIN_BYTES, max_record, LEND_MIN)
                 handled = bool(leases or self._lent)
-                if handled:
+                if handled and extent:  # (an empty take while older bytes are lent: nothing to track)
                     self._lend(recs, bad, extent, leases)
                 elif extent:  # everything was copied and nothing older is out: free it now
                     R.ring_release_bytes(self.tx, extent)
