@@ -32,6 +32,7 @@ def test_file_overrides_default(tmp_path):
         ("log_level: loud\n", ":1: log_level: must be one of"),
         ("max_pending_bytes: 1000\n", ":1: max_pending_bytes: must be"),
         ("max_peer_backlog: -1\n", ":1: max_peer_backlog: must be"),
+        ("peer_stall_timeout: -1\n", ":1: peer_stall_timeout: must be"),
         ("max_record: [1]\n", ":1: max_record: must be an integer"),
         ("connect_timeout: 0\n", ":1: connect_timeout: must be a number of seconds"),
         ("ring_size: 65536\n  - x: [\n", "not valid YAML"),

@@ -235,9 +235,11 @@ class _LendingSession:
         self._lent, self._lent_bytes = collections.deque(), 0
         self.stats = {"lent_payloads": 0, "tx_ring_full": 0}
         self.app_waker = SimpleNamespace(signal=lambda: None)
+        self.loop = SimpleNamespace(time=time.monotonic, call_later=lambda delay, fn: SimpleNamespace(cancel=lambda: None))
+        self._stall_timer = None
         self.sent: list = []
         self.pumps = 0
-        for name in ("_drain_tx", "_lend", "_lease_back", "_free_returned"):
+        for name in ("_drain_tx", "_lend", "_lease_back", "_free_returned", "_check_lent_stall"):
             setattr(self, name, getattr(AppSession, name).__get__(self))
 
     def _handle_outbound(self, recs, bad=()) -> None:

@@ -164,3 +164,77 @@ def test_a_peer_that_does_not_read_its_answers_is_not_read_either(daemon_factory
     assert ok == calls  # nothing lost: every call answered once the peer read
     assert "does not read its answers" in b.log()
     assert b.alive()
+
+
+def test_a_peer_that_stops_reading_lent_answers_is_cut_and_the_app_goes_on(daemon_factory, app_factory, gen_dir):
+    """Big answers go to the socket straight from the server app's tx ring, whose space is
+    freed in order: a calling peer that stops reading them would hold up every answer the
+    app sends, to anyone. After `peer_stall_timeout` without taking a byte its connection is
+    closed (its leases come back) and the other peer's calls are answered."""
+    import asyncio
+
+    from mrpcd.ctl import Control
+    from test_in_place import _peer, _wait_for, reply_text, say_hello
+
+    b = daemon_factory("b", "peer_stall_timeout: 1\n")
+    server = app_factory("hello_server.py", b, gen=gen_dir)
+    port = int(server.readline().rpartition(":")[2])
+    big = "s" * (200 << 10)  # answers of ~200 KiB: lent from the ring
+
+    async def main() -> None:
+        stalled, _ = await _peer(port)
+        stalled.transport.pause_reading()  # takes nothing from now on (nor sees its close)
+        for call_id in range(1, 121):  # 24 MiB of answers: more than the sockets and the ring hold
+            stalled.send(say_hello(call_id, big))
+        await asyncio.sleep(0.5)
+        healthy, answers = await _peer(port)
+        for call_id in range(1, 6):
+            healthy.send(say_hello(call_id, "h" * (100 << 10)))
+        await _wait_for(answers, range(1, 6), 20)
+        assert sorted(answers) == [1, 2, 3, 4, 5]
+        assert all(reply_text(answers[i]) == "Hello, " + "h" * (100 << 10) + "!" for i in answers)
+        healthy.close()
+        stalled.close()
+
+    asyncio.run(main())
+    [stats] = Control(b.socket).call("stats")["apps"].values()
+    assert stats["peer_stalled"] == 1
+    assert "has taken none of the" in b.log() and b.alive()
+
+
+def test_the_stall_check_cuts_only_a_peer_that_takes_nothing():
+    """_check_lent_stall, on a fake session and clock: of two connections holding the oldest
+    lent take, the one whose peer keeps taking bytes (slowly) stays; the one that takes
+    none for peer_stall_timeout is closed; nothing is closed with the timeout at 0."""
+    from mrpcd.daemon.session import STALL_CHECK_S, AppSession, Route
+
+    class Conn:
+        def __init__(self) -> None:
+            self.closed, self.taken, self.backlog = False, 0, 1 << 20
+
+        def bytes_taken(self) -> int:
+            return self.taken
+
+        def write_backlog(self) -> int:
+            return self.backlog
+
+        def abort(self) -> None:
+            self.closed = True
+
+    for timeout in (2.0, 0.0):
+        now = [100.0]
+        slow, stuck = Conn(), Conn()
+        sess = types.SimpleNamespace(
+            closed=False, name="app", stats={"peer_stalled": 0}, config=types.SimpleNamespace(peer_stall_timeout=timeout),
+            loop=types.SimpleNamespace(time=lambda: now[0], call_later=lambda d, f: None),
+            routes={1: Route(1, slow, "server", "slow:1", frozenset(), None),
+                    2: Route(2, stuck, "server", "stuck:1", frozenset(), None)},
+            log_fields=lambda **kw: kw)
+        sess._lent = __import__("collections").deque([[1 << 20, 2, now[0], {1, 2}]])
+        check = sess._check_lent_stall = functools.partial(AppSession._check_lent_stall, sess)
+        for _ in range(int(5 / STALL_CHECK_S)):  # five seconds of checks
+            now[0] += STALL_CHECK_S
+            slow.taken += 1000  # a slow reader: some bytes every time
+            check()
+        assert not slow.closed
+        assert stuck.closed is (timeout > 0) and sess.stats["peer_stalled"] == (1 if timeout else 0)

@@ -79,6 +79,7 @@ cdef class PeerConnection:
     cdef readonly bint established       # handshake done
     cdef readonly bint writing_paused    # the transport's write buffer is above its high-water mark
     cdef readonly unsigned long long records_in, records_out, bytes_in
+    cdef readonly unsigned long long bytes_queued  # record bytes given to send()/send_batch()
     cdef object _decoder
     cdef object _loop
     cdef object _hs
@@ -277,6 +278,7 @@ cdef class PeerConnection:
             raise ConnectionError(f"connection to {self.peer} is closed")
         self._out.append(record)
         self.records_out += 1
+        self.bytes_queued += len(record)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -292,6 +294,8 @@ cdef class PeerConnection:
         if self.closed:
             raise ConnectionError(f"connection to {self.peer} is closed")
         self.records_out += len(records) if count < 0 else count
+        for rec in records:
+            self.bytes_queued += len(rec)
         if self._out:
             self._out.extend(records)
             self._flush()
@@ -416,6 +420,7 @@ cdef class PeerConnection:
             "user_paused": self._user_paused, "writing_paused": self.writing_paused,
             "drain_waiters": self._drain_waiters,
             "records_in": self.records_in, "records_out": self.records_out, "bytes_in": self.bytes_in,
+            "bytes_queued": self.bytes_queued,
         }
         self._out = []
         self._pending = []
@@ -450,6 +455,7 @@ cdef class PeerConnection:
         conn.records_in = state["records_in"]
         conn.records_out = state["records_out"]
         conn.bytes_in = state["bytes_in"]
+        conn.bytes_queued = state.get("bytes_queued", conn.write_backlog())  # (from a version without it)
         conn.established = True
         conn.transport.set_protocol(conn)
         if conn._out:
@@ -461,6 +467,11 @@ cdef class PeerConnection:
             conn._call_on_records(pending)
         conn._update_reading()
         return conn
+
+    def bytes_taken(self):
+        """Record bytes the kernel has taken so far: grows while the peer reads (what a
+        daemon watches to tell a peer that stopped reading from a slow one)."""
+        return self.bytes_queued - self.write_backlog()
 
     # ------------------------------------------------------------------ internals
 

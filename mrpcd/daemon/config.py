@@ -111,6 +111,7 @@ VALIDATORS = {
     "max_pending_records": _positive_int(16, 1 << 24),
     "max_pending_bytes": _positive_int(1 << 20, 1 << 40),
     "max_peer_backlog": _positive_int(1 << 20, 1 << 40),
+    "peer_stall_timeout": _drain_seconds,
     "connect_timeout": _seconds,
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("text", "json"),
@@ -122,7 +123,7 @@ VALIDATORS = {
 }
 
 # What a SIGHUP reload may change in a running daemon; the rest needs a restart.
-LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "max_pending_bytes", "max_peer_backlog", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics")
+LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "max_pending_bytes", "max_peer_backlog", "peer_stall_timeout", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics")
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Config:
     max_pending_records: int
     max_pending_bytes: int
     max_peer_backlog: int
+    peer_stall_timeout: float
     connect_timeout: float
     log_level: str
     log_format: str

@@ -41,6 +41,9 @@ DRAIN_ROUNDS = 8
 # bodies; at most LEND_LIMIT payload bytes are out to sockets at once (then the app waits).
 LEND_MIN = 64 * 1024
 LEND_LIMIT = 8 << 20
+# While payloads are lent, how often a session looks for a peer that stopped taking them
+# (_check_lent_stall; the config's peer_stall_timeout says how long it may).
+STALL_CHECK_S = 0.25
 # Calls refused for a peer's backlog whose request streams are remembered (Route.refused).
 REFUSED_MAX = 65536
 # Peer records at least this big are received straight into the app's rx ring when no policy
@@ -85,7 +88,7 @@ class PendingRecords(deque):
 class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
 
-    __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused")
+    __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused", "stall_mark")
 
     def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
         self.binding = binding
@@ -99,6 +102,8 @@ class Route:
         self.refused: dict[int, None] = {}  # insertion-ordered: the oldest are forgotten past REFUSED_MAX
         # server role: reading paused because the peer does not take our answers
         self.backlog_paused = False
+        # (bytes the kernel had taken, since when) while it holds the oldest lent payload
+        self.stall_mark: tuple[int, float] | None = None
 
 
 class Binding:
@@ -153,7 +158,9 @@ class AppSession:
             # freed room), and times records for it began to wait for room in its rx ring
             "tx_ring_full": 0,
             "rx_ring_full": 0,
+            "peer_stalled": 0,  # connections closed by peer_stall_timeout
         }
+        self._stall_timer: Any = None
         # the route whose big record is being received into a reservation of the rx ring,
         # and that reservation (both set, or both None)
         self._in_place: Route | None = None
@@ -254,8 +261,11 @@ class AppSession:
 
     def _lend(self, recs: list, bad: list, extent: int, leases: list) -> None:
         """Send one take; its ring bytes are freed (in take order) once its leases are back."""
-        entry = [extent, len(leases)]
+        # [ring bytes, leases out, when, handles the take went to (_check_lent_stall)]
+        entry = [extent, len(leases), self.loop.time(), {r.handle for r in recs}]
         self._lent.append(entry)
+        if self._stall_timer is None and leases:
+            self._stall_timer = self.loop.call_later(STALL_CHECK_S, self._check_lent_stall)
         try:
             if recs or bad:
                 self._handle_outbound(recs, bad)
@@ -265,6 +275,37 @@ class AppSession:
                 self._lent_bytes += len(lease)
                 lease.seal(functools.partial(self._lease_back, entry, len(lease)))
             self._free_returned()
+
+    def _check_lent_stall(self) -> None:
+        """Ring space is freed in take order, so a payload lent to a peer that stopped
+        reading would hold up everything the app sends, to anyone, for as long as that
+        connection lives. While the oldest take is out, a connection it went to that has
+        bytes queued and has taken none of them for `peer_stall_timeout` is closed: its
+        leases come back, its calls fail UNAVAILABLE, the app's other calls go on. A slow
+        peer that keeps reading makes progress and is left alone."""
+        self._stall_timer = None
+        if self.closed or not self._lent:
+            return
+        timeout = self.config.peer_stall_timeout
+        front = self._lent[0]
+        now = self.loop.time()
+        if timeout > 0 and front[1] and now - front[2] >= STALL_CHECK_S:
+            for handle in front[3]:
+                route = self.routes.get(handle)
+                taken = getattr(route.conn, "bytes_taken", None) if route is not None else None
+                if taken is None or route.conn.closed:
+                    continue
+                mark = (taken(), now)
+                if route.conn.write_backlog() == 0 or route.stall_mark is None or route.stall_mark[0] != mark[0]:
+                    route.stall_mark = mark  # nothing queued, or progress: (re)start the clock
+                elif now - route.stall_mark[1] >= timeout:
+                    log.warning("app %s: peer %s has taken none of the %d bytes queued for it in %.0f s; closing "
+                                "the connection so the app's other calls can go on (peer_stall_timeout)", self.name,
+                                route.target, route.conn.write_backlog(), now - route.stall_mark[1],
+                                extra=self.log_fields(handle=route.handle, peer=route.target))
+                    self.stats["peer_stalled"] += 1
+                    route.conn.abort()
+        self._stall_timer = self.loop.call_later(STALL_CHECK_S, self._check_lent_stall)
 
     def _lease_back(self, entry: list, nbytes: int) -> None:
         """The socket layer wrote (or dropped) a lent payload: nothing reads it any more."""
@@ -806,6 +847,9 @@ class AppSession:
             return
         self._end_in_place()  # before the ring goes: the decoder must not write into it
         self.closed = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         self.poller.release(self)
         self.observer.close()
         self.loop.remove_reader(self.daemon_waker.fileno())
