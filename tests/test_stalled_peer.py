@@ -238,3 +238,37 @@ def test_the_stall_check_cuts_only_a_peer_that_takes_nothing():
             check()
         assert not slow.closed
         assert stuck.closed is (timeout > 0) and sess.stats["peer_stalled"] == (1 if timeout else 0)
+
+
+def test_a_pump_that_fails_is_retried_then_the_app_dropped(caplog):
+    """An unexpected error while moving an app's records (a bug, not its ring) left its
+    pump unscheduled: the app's sends stalled for good. Now it is retried at once, and
+    after PUMP_FAILURES_MAX failures in a row the app is dropped (its calls fail loudly)."""
+    from mrpcd.daemon.session import PUMP_FAILURES_MAX, AppSession
+
+    for fails in (1, PUMP_FAILURES_MAX):
+        left = [fails]
+        dropped: list = []
+
+        def drain_tx() -> bool:
+            if left[0]:
+                left[0] -= 1
+                raise RuntimeError("a bug")
+            return True
+
+        sess = types.SimpleNamespace(closed=False, name="app", pid=1, pending=None, _pump_scheduled=False,
+                                     _pump_failures=0, _drain_tx=drain_tx, log_fields=lambda **kw: kw,
+                                     poller=types.SimpleNamespace(hold=lambda s: True),
+                                     daemon=types.SimpleNamespace(drop_session=lambda s, why: dropped.append(why)))
+        scheduled = []
+        sess._schedule_pump = lambda: scheduled.append(1)
+        pump = functools.partial(AppSession._pump, sess)
+        for _ in range(fails + 1):
+            if dropped:
+                break
+            pump()
+        if fails < PUMP_FAILURES_MAX:
+            assert not dropped and len(scheduled) == fails and sess._pump_failures == 0  # recovered
+        else:
+            assert dropped and "internal error" in dropped[0] and len(scheduled) == fails - 1
+    assert "moving its records failed" in caplog.text

@@ -44,6 +44,9 @@ LEND_LIMIT = 8 << 20
 # While payloads are lent, how often a session looks for a peer that stopped taking them
 # (_check_lent_stall; the config's peer_stall_timeout says how long it may).
 STALL_CHECK_S = 0.25
+# Pumps of one app's rings that may fail in a row (a bug, not the app's ring) before the
+# app is dropped: retried at once, since nothing else would pump it again.
+PUMP_FAILURES_MAX = 3
 # Calls refused for a peer's backlog whose request streams are remembered (Route.refused).
 REFUSED_MAX = 65536
 # Peer records at least this big are received straight into the app's rx ring when no policy
@@ -161,6 +164,7 @@ class AppSession:
             "peer_stalled": 0,  # connections closed by peer_stall_timeout
         }
         self._stall_timer: Any = None
+        self._pump_failures = 0  # _pump calls that raised in a row
         # the route whose big record is being received into a reservation of the rx ring,
         # and that reservation (both set, or both None)
         self._in_place: Route | None = None
@@ -206,6 +210,16 @@ class AppSession:
                 self._sleep()
         except ringmod.RingCorrupt as exc:
             self._ring_corrupted(exc)
+        except Exception as exc:  # a daemon bug on this app's path: retry, never stall nor spin
+            self._pump_failures += 1
+            log.exception("app %s: moving its records failed (%d in a row)", self.name, self._pump_failures,
+                          extra=self.log_fields())
+            if self._pump_failures >= PUMP_FAILURES_MAX:
+                self.daemon.drop_session(self, f"internal error moving its records: {type(exc).__name__}: {exc}")
+            else:
+                self._schedule_pump()
+        else:
+            self._pump_failures = 0
 
     def _ring_corrupted(self, exc: Exception) -> None:
         if self.closed:
