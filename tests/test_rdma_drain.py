@@ -114,3 +114,18 @@ def test_connection_drain_waits_and_fails_when_the_connection_ends():
         with pytest.raises(ConnectionError, match="closed"):
             closing.drain().result()
     asyncio.run(main())
+
+
+def test_connection_send_batch_takes_the_sessions_arguments():
+    """The daemon's session calls send_batch(buffers, records, nbytes) on whatever
+    connection a route has; the RDMA one took only the buffers (a TypeError on every
+    send)."""
+    async def main() -> None:
+        conn = bare_connection(asyncio.get_running_loop(), queued=0)
+        sent: list = []
+        conn.core.send_records = sent.extend
+        conn._pump = lambda: None
+        conn.send_batch([b"ab", b"cd"], 3, 4)
+        conn.send_batch([b"ef"])
+        assert sent == [b"ab", b"cd", b"ef"]
+    asyncio.run(main())

@@ -225,7 +225,9 @@ class RdmaPeerConnection:
             self._flush_scheduled = True
             self._loop.call_soon(self._pump)
 
-    def send_batch(self, records: list) -> None:
+    def send_batch(self, records: list, count: int = -1, nbytes: int = -1) -> None:
+        """As PeerConnection.send_batch (the session passes how many records the buffers
+        hold and their total length; the channel counts for itself)."""
         if self.closed:
             raise ConnectionError(f"connection to {self.peer} is closed")
         self.core.send_records(records)
