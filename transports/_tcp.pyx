@@ -283,19 +283,23 @@ cdef class PeerConnection:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
-    def send_batch(self, records, Py_ssize_t count=-1):
+    def send_batch(self, records, Py_ssize_t count=-1, Py_ssize_t nbytes=-1):
         """Write encoded records now, with one transport.writelines() (→ one writev).
 
         ``records`` are bytes-like buffers left unchanged until written (zero-copy views
         are fine: uvloop keeps a reference until the kernel took the bytes). ``count`` is
-        how many records they hold when one buffer carries several (default: one each).
+        how many records they hold when one buffer carries several (default: one each);
+        ``nbytes`` their total length when the caller knows it (default: summed here).
         Records already queued by send() go first, in the same writelines.
         """
         if self.closed:
             raise ConnectionError(f"connection to {self.peer} is closed")
         self.records_out += len(records) if count < 0 else count
-        for rec in records:
-            self.bytes_queued += len(rec)
+        if nbytes < 0:
+            nbytes = 0
+            for rec in records:
+                nbytes += len(rec)
+        self.bytes_queued += nbytes
         if self._out:
             self._out.extend(records)
             self._flush()

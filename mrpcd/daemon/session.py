@@ -412,7 +412,7 @@ class AppSession:
             if self._lent and not getattr(route.conn, "zero_copy_send", False):
                 # TLS / RDMA keep buffers on their own terms: give them copies of leases
                 bufs = [bytes(b) if type(b) is R.Lease else b for b in bufs]
-            route.conn.send_batch(bufs, len(recs))
+            route.conn.send_batch(bufs, len(recs), nbytes)
 
     def _check_backlog(self, route: Route, recs: list[R.Record]) -> list[R.Record]:
         """A peer that reads nothing (a hung server behind it) must not make this daemon
