@@ -141,6 +141,7 @@ class AioApp(App):
 
 
 def _set_if_pending(fut: asyncio.Future) -> None:
+    """Wake a waiter unless it is done already (timers' callbacks: a deadline, a re-check)."""
     if not fut.done():
         fut.set_result(None)
 

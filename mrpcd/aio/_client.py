@@ -18,15 +18,9 @@ from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropp
 from ..interceptors import ClientCallDetails
 from ..marshal import records as R
 from ..status import RpcError, StatusCode, metadata_tuple
-from ._app import AioApp, default_app
+from ._app import AioApp, _set_if_pending, default_app
 
 _DEADLINE = "Deadline Exceeded"
-
-
-def _release(fut: asyncio.Future) -> None:
-    """A waiter's deadline timer: wake it so the wait loop sees the deadline passed."""
-    if not fut.done():
-        fut.set_result(None)
 
 
 class _CallState(ClientCallCore):
@@ -42,8 +36,7 @@ class _CallState(ClientCallCore):
         if waiters:
             self._waiters = []
             for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+                _set_if_pending(fut)
 
     def deliver(self, rec: R.Record) -> None:
         cancel = self.take(rec)
@@ -78,7 +71,7 @@ class _CallState(ClientCallCore):
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
             self._waiters.append(fut)
-            timer = loop.call_later(left, _release, fut) if left is not None else None
+            timer = loop.call_later(left, _set_if_pending, fut) if left is not None else None
             try:
                 await fut
             except asyncio.CancelledError:
