@@ -96,9 +96,11 @@ class AioApp(App):
         if len(data) > self.max_record:
             raise RpcError(StatusCode.RESOURCE_EXHAUSTED, f"message of {len(data)} bytes exceeds the limit of {self.max_record}")
         woken = False
-        while self.closed or not self.try_send(data):
+        while True:
             if self.closed:
                 raise RpcError(StatusCode.UNAVAILABLE, "the app's connection to mrpcd is closed")
+            if self.try_send(data):
+                break
             fut = self.loop.create_future()
             if woken:  # it was first in line and found no room yet: it stays first
                 self._space_waiters.appendleft((fut, len(data)))
