@@ -874,8 +874,12 @@ cdef class FrameDecoder:
 
 ctypedef uint64_t (*_used_fn)(void* r) noexcept nogil
 ctypedef int (*_peek_fn)(void* r, const uint8_t** data, uint32_t* len) noexcept nogil
-ctypedef int (*_pop_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
-                        uint32_t max_records) noexcept nogil
+ctypedef int (*_take_more_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
+                              const uint8_t** ptrs, uint32_t max_records, uint32_t big_min,
+                              uint64_t* extent) noexcept nogil
+ctypedef int (*_release_bytes_fn)(void* r, uint64_t nbytes) noexcept nogil
+ctypedef int (*_untake_fn)(void* r, uint64_t nbytes) noexcept nogil
+ctypedef void (*_release_fn)(void* r) noexcept nogil
 
 cdef struct _seg:
     const void* p
@@ -932,7 +936,9 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
     cdef void* r = <void*><uintptr_t>cp[0]
     cdef _used_fn used_fn = <_used_fn><uintptr_t>cp[1]
     cdef _peek_fn peek_fn = <_peek_fn><uintptr_t>cp[2]
-    cdef _pop_fn pop_fn = <_pop_fn><uintptr_t>cp[3]
+    cdef _release_fn release_fn = <_release_fn><uintptr_t>cp[6]
+    cdef _take_more_fn take_fn = <_take_more_fn><uintptr_t>cp[10]
+    cdef uint64_t extent = 0
     cdef uint32_t lens[_POP_MAX]
     cdef uint64_t alloc
     cdef PyObject* b = NULL
@@ -949,46 +955,54 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
         max_records = _POP_MAX
     if max_bytes < 0:
         max_bytes = 0
+    # ring_pop_batch, except that the ring space is freed only once the records are built:
+    # a take (nothing kept in place: no record is UINT32_MAX bytes), then ring_release; out
+    # of memory on the way, the take is given back (ring_untake) and nothing is lost
+    release_fn(r)  # an open take ends first
     b = _batch_buffer(used_fn(r), max_bytes, &alloc)
-    n = pop_fn(r, _raw_bytes_as_string(b), alloc, lens, <uint32_t>max_records)
+    n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, NULL, <uint32_t>max_records, 0xFFFFFFFF, &extent)
     if n == _E_TOOBIG:  # the first record alone exceeds max_bytes: take it alone
         Py_DECREF(<object>b)
         b = NULL
-        if peek_fn(r, &dp, &l) != 1:
+        extent = 0
+        if peek_fn(r, &dp, &l) != 1:  # (it frees a wrap marker the take may have passed)
             n = _E_CORRUPT
         else:
             alloc = l if l else 1
             b = _raw_bytes(NULL, <Py_ssize_t>alloc)
             if b == NULL:
                 raise MemoryError()
-            n = pop_fn(r, _raw_bytes_as_string(b), alloc, lens, 1)
+            n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, NULL, 1, 0xFFFFFFFF, &extent)
     if n <= 0:
         if b != NULL:
             Py_DECREF(<object>b)
+        release_fn(r)  # a lone wrap marker the take passed: free it now
         if n == 0:
             return recs, bad
         from mrpcd.native.ring import RingCorrupt
         raise RingCorrupt("producer wrote an invalid record length or head index")
-    for i in range(n):
-        total += lens[i]
-    base = _batch_base(b, total, alloc)
-    dp = <const uint8_t*>PyBytes_AS_STRING(base)
-    pos = 0
-    for i in range(n):
-        l = lens[i]
-        try:
-            _check_one(dp + pos, l, mr, hdr)
-            recs.append(_make_view(base, pos, hdr))
-        except RecordError as exc:
-            bad.append((PyBytes_FromStringAndSize(<const char*>dp + pos, l), str(exc)))
-        pos += l
-    return recs, bad
+    try:
+        for i in range(n):
+            total += lens[i]
+        base = _batch_base(b, total, alloc)
+        dp = <const uint8_t*>PyBytes_AS_STRING(base)
+        pos = 0
+        for i in range(n):
+            l = lens[i]
+            try:
+                _check_one(dp + pos, l, mr, hdr)
+                recs.append(_make_view(base, pos, hdr))
+            except RecordError as exc:
+                bad.append((PyBytes_FromStringAndSize(<const char*>dp + pos, l), str(exc)))
+            pos += l
+        result = (recs, bad)
+    except BaseException:
+        (<_untake_fn><uintptr_t>cp[14])(r, extent)
+        raise
+    release_fn(r)
+    return result
 
 
-ctypedef int (*_take_more_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
-                              const uint8_t** ptrs, uint32_t max_records, uint32_t big_min,
-                              uint64_t* extent) noexcept nogil
-ctypedef int (*_release_bytes_fn)(void* r, uint64_t nbytes) noexcept nogil
 
 
 cdef class Lease:
@@ -1108,7 +1122,10 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
 
     Nothing is released: returns (records, bad, extent, leases), and the caller frees
     `extent` ring bytes with ring_release_bytes() once every lease of this and all older
-    takes is done, in take order (ring_take_more in native/ring.c).
+    takes is done, in take order (ring_take_more in native/ring.c). Should building the
+    records fail (MemoryError), the take is given back (ring_untake) before the error
+    propagates: its records stay in the ring for the next take, and the extents the caller
+    frees still add up to what was taken.
     """
     cdef uint64_t mr = _check_max_record(max_record)
     cdef tuple cp = ring.c_pointers()
@@ -1143,6 +1160,7 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
         alloc = <uint64_t>big_min
         b = _raw_bytes(NULL, <Py_ssize_t>alloc)
         if b == NULL:
+            (<_untake_fn><uintptr_t>cp[14])(r, extent)  # a wrap marker the first take passed
             raise MemoryError()
         n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, ptrs, 1, <uint32_t>big_min, &extent2)
         extent += extent2
@@ -1152,25 +1170,32 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
             return recs, bad, extent, leases
         from mrpcd.native.ring import RingCorrupt
         raise RingCorrupt("producer wrote an invalid record length or head index")
-    for i in range(n):
-        if ptrs[i] == NULL:
-            total += lens[i]
-    base = _batch_base(b, total, alloc)
-    dp = <const uint8_t*>PyBytes_AS_STRING(base)
-    pos = 0
-    for i in range(n):
-        l = lens[i]
-        try:
-            if ptrs[i] != NULL:
-                recs.append(_lent_record(ptrs[i], l, mr, leases))
-            else:
-                _check_one(dp + pos, l, mr, hdr)
-                recs.append(_make_view(base, pos, hdr))
-        except RecordError as exc:
-            bad.append((PyBytes_FromStringAndSize(<const char*>(ptrs[i] if ptrs[i] != NULL else dp + pos), l), str(exc)))
-        if ptrs[i] == NULL:
-            pos += l
-    return recs, bad, extent, leases
+    try:
+        for i in range(n):
+            if ptrs[i] == NULL:
+                total += lens[i]
+        base = _batch_base(b, total, alloc)
+        dp = <const uint8_t*>PyBytes_AS_STRING(base)
+        pos = 0
+        for i in range(n):
+            l = lens[i]
+            try:
+                if ptrs[i] != NULL:
+                    recs.append(_lent_record(ptrs[i], l, mr, leases))
+                else:
+                    _check_one(dp + pos, l, mr, hdr)
+                    recs.append(_make_view(base, pos, hdr))
+            except RecordError as exc:
+                bad.append((PyBytes_FromStringAndSize(<const char*>(ptrs[i] if ptrs[i] != NULL else dp + pos), l), str(exc)))
+            if ptrs[i] == NULL:
+                pos += l
+        result = (recs, bad, extent, leases)
+    except BaseException:
+        # (out of memory) nothing of this take reaches the caller: give it back to the ring;
+        # its leases were never handed out or exported, so no stale view can read reused memory
+        (<_untake_fn><uintptr_t>cp[14])(r, extent)
+        raise
+    return result
 
 
 ctypedef int (*_flag_fn)(void* r) noexcept nogil

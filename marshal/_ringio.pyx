@@ -53,9 +53,11 @@ cdef struct _seg:
 ctypedef uint64_t (*_used_fn)(void* r) noexcept nogil
 ctypedef int (*_push_segs_fn)(void* r, const _seg* segs, const uint32_t* nsegs,
                               uint32_t n) noexcept nogil
-ctypedef int (*_take_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
-                         const uint8_t** ptrs, uint32_t max_records, uint32_t big_min) noexcept nogil
 ctypedef void (*_release_fn)(void* r) noexcept nogil
+ctypedef int (*_take_more_fn)(void* r, void* out, uint64_t out_size, uint32_t* lens,
+                              const uint8_t** ptrs, uint32_t max_records, uint32_t big_min,
+                              uint64_t* extent) noexcept nogil
+ctypedef int (*_untake_fn)(void* r, uint64_t nbytes) noexcept nogil
 
 cdef uint32_t C_MAX_META = MAX_META
 cdef int C_F_ALL = F_ALL
@@ -343,7 +345,9 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, uint32
     cdef tuple cp = ring.c_pointers()
     cdef void* r = <void*><uintptr_t>cp[0]
     cdef uint64_t used = (<_used_fn><uintptr_t>cp[1])(r)
-    cdef _take_fn take_fn = <_take_fn><uintptr_t>cp[5]
+    cdef _release_fn release_fn = <_release_fn><uintptr_t>cp[6]
+    cdef _take_more_fn take_fn = <_take_more_fn><uintptr_t>cp[10]
+    cdef uint64_t extent = 0
     cdef uint32_t lens[_TAKE_MAX]
     cdef const uint8_t* ptrs[_TAKE_MAX]
     cdef uint64_t alloc
@@ -367,29 +371,34 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, uint32
     b = _raw_bytes(NULL, <Py_ssize_t>alloc)
     if b == NULL:
         raise MemoryError()
-    n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, ptrs, <uint32_t>max_records, big_min)
+    # ring_take_batch, except that nothing is freed before the records are built: out of
+    # memory on the way, the take is given back (ring_untake), not lost
+    release_fn(r)  # the previous take is over
+    n = take_fn(r, _raw_bytes_as_string(b), alloc, lens, ptrs, <uint32_t>max_records, big_min, &extent)
     if n <= 0:
         Py_DECREF(<object>b)
+        release_fn(r)  # a lone wrap marker the take passed: free it now
         if n == 0:
             return out, bad, None
         from mrpcd.native.ring import RingCorrupt
         raise RingCorrupt("producer wrote an invalid record length or head index")
-    for i in range(n):
-        if ptrs[i] == NULL:
-            total += lens[i]
-            small_idx.append(i)
-        else:
-            kept = True
-    if total + 4096 < <Py_ssize_t>alloc or (total == 0 and alloc > 0):
-        if _PyBytes_Resize(&b, total) < 0:  # b is NULL and an exception is set
-            raise MemoryError()
-    base = <bytes>b
-    Py_DECREF(base)  # base now holds the only reference
-    if kept:
-        held = Held.__new__(Held)
-        held._ring = ring
-        held._valid = True
     try:
+        for i in range(n):
+            if ptrs[i] == NULL:
+                total += lens[i]
+                small_idx.append(i)
+            else:
+                kept = True
+        if total + 4096 < <Py_ssize_t>alloc or (total == 0 and alloc > 0):
+            if _PyBytes_Resize(&b, total) < 0:  # b is NULL and an exception is set
+                raise MemoryError()
+        base = <bytes>b
+        b = NULL
+        Py_DECREF(base)  # base now holds the only reference
+        if kept:
+            held = Held.__new__(Held)
+            held._ring = ring
+            held._valid = True
         small = _parse_small(base, lens, small_idx, mr, bad) if small_idx else []
         k = 0
         for i in range(n):
@@ -400,8 +409,14 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, uint32
                 rec = _ring_record(ptrs[i], lens[i], mr, held, bad)
             if rec is not None:
                 out.append(rec)
+        result = (out, bad, held)
     except BaseException:
+        if b != NULL:
+            Py_DECREF(<object>b)
         if held is not None:
-            held.release()
+            held.drop()  # its RingRecords must not read ring memory any more
+        (<_untake_fn><uintptr_t>cp[14])(r, extent)
         raise
-    return out, bad, held
+    if held is None:
+        release_fn(r)  # everything was copied: free it at once, as a pop does
+    return result

@@ -55,6 +55,7 @@ ffibuilder.cdef(
     int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                        const uint8_t **ptrs, uint32_t max_records, uint32_t big_min, uint64_t *extent);
     int ring_release_bytes(ring_t *r, uint64_t nbytes);
+    int ring_untake(ring_t *r, uint64_t nbytes);
     int ring_consumer_prepare_sleep(ring_t *r);
     void ring_consumer_finish_sleep(ring_t *r);
     int ring_consumer_has_data(ring_t *r);

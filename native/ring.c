@@ -484,6 +484,16 @@ int ring_release_bytes(ring_t *r, uint64_t nbytes)
     return 0;
 }
 
+int ring_untake(ring_t *r, uint64_t nbytes)
+{
+    if (r->corrupt)
+        return RING_E_CORRUPT;
+    if (nbytes > r->taken)
+        return RING_E_INVAL;
+    r->taken -= nbytes;
+    return 0;
+}
+
 /* Before sleeping on "empty". Raises consumer_sleeping, then re-checks head: 1 = nothing
  * published past what the consumer has taken (records taken but not yet freed count as
  * read), the caller may sleep (the producer will see the flag after its next publish);

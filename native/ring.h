@@ -110,6 +110,10 @@ void ring_release(ring_t *r);
 int ring_take_more(ring_t *r, void *out, uint64_t out_size, uint32_t *lens,
                    const uint8_t **ptrs, uint32_t max_records, uint32_t big_min, uint64_t *extent);
 int ring_release_bytes(ring_t *r, uint64_t nbytes);
+/* Give back the newest nbytes taken (the extent of the last ring_take_more) without freeing
+ * them: the next take returns those records again. For a caller that could not keep what it
+ * took (out of memory building its records): nothing is lost and no ring space leaks. */
+int ring_untake(ring_t *r, uint64_t nbytes);
 int ring_consumer_prepare_sleep(ring_t *r);
 void ring_consumer_finish_sleep(ring_t *r);
 int ring_consumer_has_data(ring_t *r);

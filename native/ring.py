@@ -90,7 +90,7 @@ _FN_ADDRS = tuple(
     for name in ("ring_used_bytes", "ring_peek", "ring_pop_batch", "ring_push_segs",
                  "ring_take_batch", "ring_release", "ring_reserve", "ring_commit", "ring_unreserve",
                  "ring_take_more", "ring_release_bytes", "ring_producer_should_wake",
-                 "ring_consumer_should_wake_producer")
+                 "ring_consumer_should_wake_producer", "ring_untake")
 )
 
 
@@ -330,13 +330,18 @@ class Ring:
             if n == lib.RING_E_TOOBIG:
                 return [], int(extent[0])
             raise RingCorrupt("producer wrote an invalid record length or head index")
-        return self._taken(n, ptrs), int(extent[0])
+        try:
+            return self._taken(n, ptrs), int(extent[0])
+        except BaseException:  # (MemoryError) what could not be handed out stays to take again
+            lib.ring_untake(self._r, int(extent[0]))
+            raise
 
     def _take_buffers(self, max_records: int) -> Any:
         """The copy-out buffer and length array a take fills, and a fresh pointer array."""
-        if self._out is None:
-            self._out = ffi.new("char[]", self.capacity)
-            self._out_mv = memoryview(ffi.buffer(self._out))
+        if self._out_mv is None:  # (both or neither: out of memory half-way leaves neither)
+            out = ffi.new("char[]", self.capacity)
+            self._out_mv = memoryview(ffi.buffer(out))
+            self._out = out
         if len(self._lens) < max_records:
             self._lens = ffi.new("uint32_t[]", max_records)
         return ffi.new("const uint8_t *[]", max_records)
@@ -362,6 +367,14 @@ class Ring:
         if rc < 0:
             raise RingCorrupt("ring is corrupt")
 
+    def untake(self, nbytes: int) -> None:
+        """Give back the newest ``nbytes`` taken (the extent of the last ``take_more``)
+        unfreed: the next take returns those records again."""
+        rc = lib.ring_untake(self._r, nbytes)
+        if rc == lib.RING_E_INVAL:
+            raise ValueError(f"cannot untake {nbytes} bytes: less is taken")
+        if rc < 0:
+            raise RingCorrupt("ring is corrupt")
 
     def pop_batch(self, max_records: int = 64, max_bytes: Optional[int] = None) -> list[bytes]:
         """Remove up to ``max_records`` records totalling at most ``max_bytes`` (except
@@ -374,9 +387,7 @@ class Ring:
         """
         if max_records <= 0:
             return []
-        if self._out is None:
-            self._out = ffi.new("char[]", self.capacity)
-            self._out_mv = memoryview(ffi.buffer(self._out))
+        self._take_buffers(0)
         if len(self._lens) < max_records:
             self._lens = ffi.new("uint32_t[]", max_records)
         limit = self.capacity if max_bytes is None else max(0, min(max_bytes, self.capacity))
@@ -401,7 +412,7 @@ class Ring:
         ``ring_push_records`` / ``ring_take_records``): (ring_t *, ring_used_bytes,
         ring_peek, ring_pop_batch, ring_push_segs, ring_take_batch, ring_release,
         ring_reserve, ring_commit, ring_unreserve, ring_take_more, ring_release_bytes,
-        ring_producer_should_wake, ring_consumer_should_wake_producer). Valid while this Ring is open
+        ring_producer_should_wake, ring_consumer_should_wake_producer, ring_untake). Valid while this Ring is open
         (ValueError once it is closed)."""
         cp = self._cp
         if cp is None:
