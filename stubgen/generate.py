@@ -42,7 +42,7 @@ _MODULE_RESERVED = {
     "property", "getattr", "setattr", "globals", "NotImplementedError",
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
-    "_MaybeAsyncIterator", "_ServicerContext", "_abc",
+    "_MaybeAsyncIterator", "_ServicerContext", "_abc", "_METHOD_TYPES",
     # what the .pyi's call protocols import (the names they define are added below)
     "_Protocol", "_Callable", "_Generator",
 }
@@ -318,6 +318,14 @@ class _Emitter:
         classes = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.messages], 4)
         enums = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.enums], 4)
         out += _wrap_call("_codec.bind(", ["SCHEMA", classes, enums], ")")
+        if any(self.schema.services[svc].methods for svc in mod.services):
+            # the service functions below read their types here: a parameter or local of theirs
+            # (channel, server, servicer, self, ...) would hide a message of that name
+            out += ["", "", "# (request type, response type) of each method, by path", "_METHOD_TYPES = {"]
+            for svc in mod.services:
+                for m in self.schema.services[svc].methods:
+                    out.append(f"    {m.path!r}: ({n.qual[m.input]}, {n.qual[m.output]}),")
+            out.append("}")
         for svc in mod.services:
             out += ["", ""] + self.py_service(self.schema.services[svc])
         return "\n".join(out) + "\n"
@@ -388,7 +396,6 @@ class _Emitter:
     def py_service(self, svc: Service) -> list[str]:
         n = self.n
         short = n.service_short[svc.full_name]
-        q = n.qual
         out = [f"class {short}Stub:",
                f'    """Client stub of {svc.full_name}: sync with mrpcd.insecure_channel, asyncio with mrpcd.aio."""',
                "",
@@ -396,7 +403,8 @@ class _Emitter:
         for m in svc.methods:
             out += ["        " + line for line in _wrap_call(
                 f"self.{n.methods[svc.full_name][m.name]} = channel.{m.kind}(",
-                [repr(m.path), f"request_type={q[m.input]}", f"response_type={q[m.output]}"], ")", _LINE - 8)]
+                [repr(m.path), f"request_type=_METHOD_TYPES[{m.path!r}][0]",
+                 f"response_type=_METHOD_TYPES[{m.path!r}][1]"], ")", _LINE - 8)]
         if not svc.methods:
             out.append("        pass")
         out += ["", "", f"{short}AsyncStub = {short}Stub  # the .pyi's name for it on an mrpcd.aio channel"]
@@ -411,7 +419,8 @@ class _Emitter:
         for m in svc.methods:
             out += ["        " + line for line in _wrap_call(
                 f"{m.name!r}: mrpcd.{m.kind}_rpc_method_handler(",
-                [f"servicer.{n.methods[svc.full_name][m.name]}", f"request_type={q[m.input]}", f"response_type={q[m.output]}"],
+                [f"servicer.{n.methods[svc.full_name][m.name]}", f"request_type=_METHOD_TYPES[{m.path!r}][0]",
+                 f"response_type=_METHOD_TYPES[{m.path!r}][1]"],
                 "),", _LINE - 8)]
         out += ["    }"]
         out += ["    " + line for line in _wrap_call(

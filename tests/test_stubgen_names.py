@@ -1,0 +1,153 @@
+"""mrpcd-stubgen on protos whose names collide with what the generated code itself uses (a
+review's findings): every generated module must import, and mean what the .proto says."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mrpcd.stubgen import cli
+
+
+def load(path: Path):
+    name = f"_stubgen_names_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[name]
+    return mod
+
+
+def generate(tmp_path: Path, text: str, name: str = "t") -> Path:
+    """Write `text` as NAME.proto, generate it into tmp_path/out; returns the .py's path."""
+    proto = tmp_path / f"{name}.proto"
+    proto.write_text(text)
+    out = tmp_path / "out"
+    assert cli.main([str(proto), "-o", str(out)]) == 0
+    return out / f"{name}_mrpc.py"
+
+
+def refused(tmp_path: Path, capsys, text: str, name: str = "t") -> str:
+    proto = tmp_path / f"{name}.proto"
+    proto.write_text(text)
+    out = tmp_path / "out"
+    assert cli.main([str(proto), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mrpcd-stubgen: error: ") and "Traceback" not in err
+    assert not out.exists() or list(out.iterdir()) == []
+    return err
+
+
+def mypy(cwd: Path, *files: Path) -> subprocess.CompletedProcess:
+    pytest.importorskip("mypy")
+    env = dict(os.environ, MYPYPATH=str(cwd / "out"))
+    cmd = [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
+           "--cache-dir", os.devnull, *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def _make(self, kind):
+        def make(method, request_type, response_type, **kw):
+            self.calls.append((kind, method, request_type, response_type))
+            return (kind, method, request_type, response_type)
+        return make
+
+    def __getattr__(self, kind: str):
+        if kind not in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            raise AttributeError(kind)
+        return self._make(kind)
+
+
+class Server:
+    def __init__(self) -> None:
+        self.handlers: list = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.handlers.extend(handlers)
+
+
+@pytest.fixture
+def fake_handlers(monkeypatch):
+    import mrpcd
+
+    made = []
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        def handler(behavior, request_type, response_type, _kind=kind):
+            return (_kind, behavior, request_type, response_type)
+        monkeypatch.setattr(mrpcd, f"{kind}_rpc_method_handler", handler, raising=False)
+
+    def generic(service, handlers, schema=None):
+        made.append((service, handlers, schema))
+        return ("generic", service)
+
+    monkeypatch.setattr(mrpcd, "method_handlers_generic_handler", generic, raising=False)
+    return made
+
+
+# -- B1: messages named like the parameters and locals of the service functions ---------------------
+
+LOCALS = """
+syntax = "proto3";
+package loc;
+message channel { int32 a = 1; }
+message server { int32 a = 1; }
+message servicer { int32 a = 1; }
+message rpc_method_handlers { int32 a = 1; }
+message generic_handler { int32 a = 1; }
+message context { int32 a = 1; }
+message request { int32 a = 1; }
+service S {
+  rpc A(channel) returns (channel);
+  rpc B(server) returns (servicer);
+  rpc C(rpc_method_handlers) returns (generic_handler);
+  rpc D(request) returns (stream context);
+}
+"""
+
+
+def test_messages_named_like_service_parameters_and_locals(tmp_path, fake_handlers):
+    m = load(generate(tmp_path, LOCALS))
+    ch = Channel()
+    stub = m.SStub(ch)
+    assert stub.A == ("unary_unary", "/loc.S/A", m.channel, m.channel)
+    assert stub.B[2:] == (m.server, m.servicer)
+    assert stub.C[2:] == (m.rpc_method_handlers, m.generic_handler)
+    assert stub.D == ("unary_stream", "/loc.S/D", m.request, m.context)
+    server = Server()
+    m.add_SServicer_to_server(m.SServicer(), server)  # keyword names as grpcio's: servicer=, server=
+    m.add_SServicer_to_server(servicer=m.SServicer(), server=server)
+    assert server.handlers == [("generic", "loc.S")] * 2
+    handlers = fake_handlers[0][1]
+    assert handlers["A"][2:] == (m.channel, m.channel)
+    assert handlers["B"][2:] == (m.server, m.servicer)
+    assert handlers["C"][2:] == (m.rpc_method_handlers, m.generic_handler)
+    assert handlers["D"][2:] == (m.request, m.context)
+    assert m.SStub(channel=Channel()).A[2:] == (m.channel, m.channel)
+    r = mypy(tmp_path, tmp_path / "out" / "t_mrpc.pyi")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_top_level_message_named_self(tmp_path, fake_handlers):
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package s;
+message self { int32 x = 1; }
+message Other { int32 self = 1; }
+service S { rpc Get(self) returns (Other); rpc Put(Other) returns (self); }
+"""))
+    stub = m.SStub(Channel())
+    assert stub.Get[2:] == (m.self, m.Other) and stub.Put[2:] == (m.Other, m.self)
+    m.add_SServicer_to_server(m.SServicer(), Server())
+    assert fake_handlers[0][1]["Put"][2:] == (m.Other, m.self)
+    assert m.Other(self=2).self == 2 and m.self(x=1).x == 1
