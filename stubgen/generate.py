@@ -14,7 +14,9 @@ Python names (the schema always keeps the .proto names):
   * types of imported files share the module's namespace: they keep their short name
     unless that is taken (by the file's own types, the generated names, or another
     import), then they are named after their full name (`google_protobuf_Empty`);
-  * a nested type whose name is taken in its class (by a field) gets trailing underscores.
+  * a nested type whose name is taken in its class (by a field) gets trailing underscores;
+  * two services whose generated names would be the same (`JobsAsync` and `Jobs` both give
+    `JobsAsyncStub`) are refused, naming both.
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
 MergeFromString, ParseFromString, ListFields, IsInitialized) or starting with "__" cannot
@@ -183,9 +185,15 @@ class _Names:
             self.methods[svc.full_name] = {m.name: _safe(m.name) for m in svc.methods}
 
         taken = set(_MODULE_RESERVED)
+        made_by: dict[str, str] = {}  # generated name -> the service it is generated for
         for svc in mod.services:
             short = svc.rsplit(".", 1)[-1]
-            taken |= {f"{short}Stub", f"{short}AsyncStub", f"{short}Servicer", f"add_{short}Servicer_to_server"}
+            for gen in (f"{short}Stub", f"{short}AsyncStub", f"{short}Servicer", f"add_{short}Servicer_to_server"):
+                if gen in made_by:
+                    raise StubgenError(f"{mod.proto}: services {made_by[gen]} and {svc} would both define {gen}; "
+                                       "rename one of them")
+                made_by[gen] = svc
+            taken |= set(made_by)
         self.service_short = {svc: svc.rsplit(".", 1)[-1] for svc in mod.services}
         top = self.children.get(None, [])
         own = [n for n in top if mod.files.get(n) == mod.proto]

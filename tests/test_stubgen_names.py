@@ -151,3 +151,30 @@ service S { rpc Get(self) returns (Other); rpc Put(Other) returns (self); }
     m.add_SServicer_to_server(m.SServicer(), Server())
     assert fake_handlers[0][1]["Put"][2:] == (m.Other, m.self)
     assert m.Other(self=2).self == 2 and m.self(x=1).x == 1
+
+
+# -- B2: generated names of two services -----------------------------------------------------------
+
+
+def test_services_whose_generated_names_collide_are_refused(tmp_path, capsys):
+    err = refused(tmp_path, capsys, """
+syntax = "proto3";
+package two;
+message Req { int32 a = 1; }
+service JobsAsync { rpc Submit(Req) returns (Req); }
+service Jobs { rpc Run(Req) returns (Req); }
+""")
+    assert "JobsAsyncStub" in err and "two.JobsAsync" in err and "two.Jobs " in err
+
+
+def test_a_message_named_like_a_generated_name_is_renamed(tmp_path):
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package p;
+message SStub { int32 a = 1; }
+message add_SServicer_to_server { int32 b = 1; }
+service S { rpc Get(SStub) returns (add_SServicer_to_server); }
+"""))
+    assert m.p_SStub.__mrpc_message__.full_name == "p.SStub"
+    assert m.p_add_SServicer_to_server(b=1).b == 1
+    assert m.SStub(Channel()).Get[2:] == (m.p_SStub, m.p_add_SServicer_to_server)
