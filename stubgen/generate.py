@@ -10,7 +10,10 @@ Python names (the schema always keeps the .proto names):
     (the codec reads it with getattr) and gets a property with a trailing underscore
     (`from_`, or `from__` if `from_` is itself a field); `__init__` takes `from_=`;
   * type, enum value and method names that are keywords get a trailing underscore too (and
-    so does an enum value named `mro`, which Python's enum refuses);
+    so does an enum value named `mro`, which Python's enum refuses); a method gets two when
+    the service has a method of that name (`from` next to `from_` is `from__`);
+  * type and method names starting with "__" are refused (special methods, module
+    attributes, private name mangling);
   * types of imported files share the module's namespace: they keep their short name
     unless that is taken (by the file's own types, the generated names, or another
     import), then they are named after their full name (`google_protobuf_Empty`);
@@ -181,8 +184,12 @@ class _Names:
             self._fields(msg)
         for name, en in schema.enums.items():
             self._enum_members(name, en.values)
+        for name in list(schema.enums) + list(schema.messages):
+            if name.rsplit(".", 1)[-1].startswith("__"):
+                raise StubgenError(f"{mod.proto}: type {name}: names starting with __ mean something to Python "
+                                   "(special methods and module attributes, private name mangling); rename it")
         for svc in schema.services.values():
-            self.methods[svc.full_name] = {m.name: _safe(m.name) for m in svc.methods}
+            self._methods(svc)
 
         taken = set(_MODULE_RESERVED)
         made_by: dict[str, str] = {}  # generated name -> the service it is generated for
@@ -237,6 +244,21 @@ class _Names:
                 attrs[f.name] = f.name
         self.attrs[msg.full_name] = attrs
         self.aliases[msg.full_name] = aliases
+
+    def _methods(self, svc: Service) -> None:
+        names = {m.name for m in svc.methods}
+        out: dict[str, str] = {}
+        for m in svc.methods:
+            if m.name.startswith("__"):
+                raise StubgenError(f"{self.mod.proto}: method {svc.full_name}.{m.name}: names starting with __ mean "
+                                   "something to Python (special methods, private name mangling); rename it")
+            attr = m.name
+            if keyword.iskeyword(attr):  # as a keyword field: `from_`, or `from__` if `from_` is a method too
+                attr += "_"
+                while attr in names or attr in out.values():
+                    attr += "_"
+            out[m.name] = attr
+        self.methods[svc.full_name] = out
 
     def _enum_members(self, name: str, values) -> None:
         out, used = [], set()

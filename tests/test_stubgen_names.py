@@ -178,3 +178,41 @@ service S { rpc Get(SStub) returns (add_SServicer_to_server); }
     assert m.p_SStub.__mrpc_message__.full_name == "p.SStub"
     assert m.p_add_SServicer_to_server(b=1).b == 1
     assert m.SStub(Channel()).Get[2:] == (m.p_SStub, m.p_add_SServicer_to_server)
+
+
+# -- B3: method names that become the same attribute; names Python gives a meaning ------------------
+
+
+def test_methods_from_and_from_underscore_stay_apart(tmp_path, fake_handlers):
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package dup;
+message N { int32 from = 1; }
+message O { int32 x = 1; }
+service S {
+  rpc from(N) returns (N);
+  rpc from_(O) returns (O);
+}
+"""))
+    stub = m.SStub(Channel())
+    assert stub.from_ == ("unary_unary", "/dup.S/from_", m.O, m.O)  # the .proto's own name keeps it
+    assert stub.from__ == ("unary_unary", "/dup.S/from", m.N, m.N)
+    impl = m.SServicer()
+    m.add_SServicer_to_server(impl, Server())
+    handlers = fake_handlers[0][1]
+    assert handlers["from"][1] == impl.from__ and handlers["from_"][1] == impl.from_
+    r = mypy(tmp_path, tmp_path / "out" / "t_mrpc.pyi")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ('service S { rpc __init__(M) returns (M); }', ["method dup.S.__init__", "__"]),
+    ('service S { rpc __call(M) returns (M); }', ["method dup.S.__call"]),
+    ('message __repr__ { int32 x = 1; }', ["dup.__repr__"]),
+    ('message Outer { message __repr__ { int32 x = 1; } __repr__ r = 1; }', ["dup.Outer.__repr__"]),
+    ('enum __builtins__ { A = 0; }', ["dup.__builtins__"]),
+])
+def test_dunder_method_and_type_names_are_refused(tmp_path, capsys, text, words):
+    err = refused(tmp_path, capsys, f'syntax = "proto3";\npackage dup;\nmessage M {{ int32 x = 1; }}\n{text}\n')
+    for w in words:
+        assert w in err
