@@ -390,7 +390,7 @@ class _Emitter:
     def py_init(self, msg: Message, class_names: set[str]) -> list[str]:
         n = self.n
         attrs = n.attrs[msg.full_name]
-        me = "self" if "self" not in attrs.values() else "_self_"
+        me = _receiver(set(attrs.values()) | self.top_names)
         params, body = [], []
         for f in msg.fields:
             p = attrs[f.name]
@@ -517,7 +517,7 @@ class _Emitter:
         for f in msg.fields:
             lines.append(f"    {attrs[f.name]}: {self.attr_type(f, shadow, True)}")
         params = [f"{attrs[f.name]}: {self.param_type(f, shadow, True)} = ..." for f in msg.fields]
-        me = "self" if "self" not in attrs.values() else "_self_"
+        me = _receiver(set(attrs.values()))
         lines += ["    " + s for s in _signature(f"def __init__({me}", params, ") -> None: ...")]
         b = self.builtin("bytes", shadow, True)
         lines += [f"    def SerializeToString({me}) -> {b}: ...",
@@ -575,6 +575,16 @@ class _Emitter:
 
 
 # -- formatting helpers -------------------------------------------------------------------------
+
+
+def _receiver(taken: set[str]) -> str:
+    """The name of a method's `self` parameter: `self` unless a parameter (a field) has that name."""
+    cand = "self"
+    if cand in taken:
+        cand = "_self_"
+    while cand in taken:
+        cand += "_"
+    return cand
 
 
 def _indent_lines(lines: list[str], levels: int) -> list[str]:
@@ -655,4 +665,13 @@ def _schema_literal(schema: Schema) -> list[str]:
 def generate(mod: ProtoModule) -> tuple[str, str]:
     """(source of <name>_mrpc.py, source of <name>_mrpc.pyi) for one parsed file."""
     em = _Emitter(mod)
-    return em.py(), em.pyi()
+    py, pyi = em.py(), em.pyi()
+    for text, name in ((py, module_name(mod.path) + ".py"), (pyi, module_name(mod.path) + ".pyi")):
+        try:  # never write a module that cannot be imported
+            compile(text, name, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            where = f", line {exc.lineno}: {(exc.text or '').strip()}" if isinstance(exc, SyntaxError) else ""
+            msg = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+            raise StubgenError(f"{mod.proto}: internal error: the generated {name} does not compile ({msg}{where}); "
+                               "please report it with the .proto") from None
+    return py, pyi

@@ -216,3 +216,34 @@ def test_dunder_method_and_type_names_are_refused(tmp_path, capsys, text, words)
     err = refused(tmp_path, capsys, f'syntax = "proto3";\npackage dup;\nmessage M {{ int32 x = 1; }}\n{text}\n')
     for w in words:
         assert w in err
+
+
+# -- B4: the receiver of __init__; generated code that does not compile -----------------------------
+
+
+def test_fields_named_like_every_receiver_candidate(tmp_path):
+    m = load(generate(tmp_path, """
+syntax = "proto2";
+package dup;
+message M { optional int32 self = 1; optional int32 _self_ = 2; optional int32 _self__ = 3; }
+message self { optional M _self_ = 1; }
+"""))
+    x = m.M(self=1, _self_=2, _self__=3)
+    assert (x.self, x._self_, x._self__) == (1, 2, 3)
+    assert m.M.FromString(x.SerializeToString()) == x
+    assert m.self(_self_=x)._self_ is x
+    r = mypy(tmp_path, tmp_path / "out" / "t_mrpc.pyi")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_generated_code_that_does_not_compile_is_an_error_not_a_file(tmp_path, capsys, monkeypatch):
+    from mrpcd.stubgen import generate as g
+
+    real = g._Emitter.py
+    monkeypatch.setattr(g._Emitter, "py", lambda self: real(self) + "def broken(a, a): pass\n")
+    proto = tmp_path / "t.proto"
+    proto.write_text('syntax = "proto3";\nmessage M { int32 x = 1; }\n')
+    assert cli.main([str(proto), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" in err and "t_mrpc.py" in err and "duplicate argument" in err
+    assert not (tmp_path / "out").exists()
