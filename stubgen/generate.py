@@ -392,7 +392,7 @@ class _Emitter:
         attrs = n.attrs[msg.full_name]
         me = _receiver(set(attrs.values()) | self.top_names)
         params, body = [], []
-        for f in msg.fields:
+        for i, f in enumerate(msg.fields):
             p = attrs[f.name]
             ptype = self.param_type(f)
             if f.label == "repeated" or f.label == "map":
@@ -409,12 +409,10 @@ class _Emitter:
                     default, value = f"{qual}.{member}", p  # top-level enums are defined first
                 elif n.mod.parents.get(f.type.ref) == msg.full_name:
                     default, value = f"{n.local[f.type.ref]}.{member}", p  # own nested enum: in class scope
-                else:  # defined later or shadowed here: resolve when called
+                else:  # defined later or hidden by a parameter here: the default bind() computed
+                    # (the same member), read through the receiver, which no name can hide
                     ptype += " | None"
-                    ref = qual
-                    if head in attrs.values() or head == me:  # a parameter hides the module's name
-                        ref = f"globals()[{head!r}]" + qual[len(head):]
-                    default, value = "None", f"({ref}.{member} if {p} is None else {p})"
+                    default, value = "None", f"({me}.__mrpc_defaults__[{i}][1] if {p} is None else {p})"
             else:
                 default, value = _DEFAULTS.get(f.type.kind, "0"), p
             params.append(f"{p}: {ptype} = {default}")

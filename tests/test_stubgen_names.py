@@ -247,3 +247,29 @@ def test_generated_code_that_does_not_compile_is_an_error_not_a_file(tmp_path, c
     err = capsys.readouterr().err
     assert "internal error" in err and "t_mrpc.py" in err and "duplicate argument" in err
     assert not (tmp_path / "out").exists()
+
+
+# -- B5: an enum default resolved when __init__ runs -------------------------------------------------
+
+
+def test_field_named_globals_next_to_a_lazily_resolved_enum_default(tmp_path):
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package g;
+message Response { enum Status { UNKNOWN = 0; DONE = 1; } }
+message Holder {
+  Response.Status Response = 1;
+  int32 globals = 2;
+  Later.Kind later = 3;
+  int32 type = 4;
+  int32 _builtins = 5;
+  int32 getattr = 6;
+}
+message Later { enum Kind { K0 = 0; K1 = 1; } int32 globals = 1; Kind kind = 2; Response.Status Response = 3; }
+"""))
+    h = m.Holder()
+    assert h.Response is m.Response.Status.UNKNOWN and h.later is m.Later.Kind.K0 and h.globals == 0
+    h = m.Holder(Response=m.Response.Status.DONE, globals=3, later=1)
+    assert (h.Response, h.globals, h.later) == (m.Response.Status.DONE, 3, 1)
+    assert m.Holder.FromString(h.SerializeToString()) == h
+    assert m.Later().kind is m.Later.Kind.K0
