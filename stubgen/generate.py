@@ -287,6 +287,7 @@ class _Emitter:
         self.schema: Schema = mod.schema
         self.n = _Names(mod)
         self.pyi_aliases: dict[str, str] = {}  # top-level python name -> alias used where shadowed
+        self.builtins_aliases: set[str] = set()  # names for the builtins module where _builtins is shadowed
         self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])}
 
     # -- types -------------------------------------------------------------------------------
@@ -294,7 +295,19 @@ class _Emitter:
         """A builtin type (`int`, `list`, ...) as the .pyi must spell it: where a class body (a field
         `list`, a nested type `int`) or the module (a message `str`) binds the same name, the bare
         name would mean that."""
-        return f"_builtins.{name}" if pyi and (name in shadow or name in self.top_names) else name
+        if not pyi or (name not in shadow and name not in self.top_names):
+            return name
+        return f"{self.builtins_module(shadow)}.{name}"
+
+    def builtins_module(self, shadow: set[str]) -> str:
+        """The .pyi's name for the builtins module where `shadow` is bound: `_builtins`, unless a
+        field of the class is called that (then `_builtins_`, ..., aliases made at the end)."""
+        cand = "_builtins"
+        while cand in shadow or (cand != "_builtins" and cand in self.top_names):
+            cand += "_"
+        if cand != "_builtins":
+            self.builtins_aliases.add(cand)
+        return cand
 
     def value_type(self, kind: str, ref: str | None, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         if kind in _INT_KINDS:
@@ -321,7 +334,7 @@ class _Emitter:
         if f.label in ("repeated", "map"):
             return self.attr_type(f, shadow, pyi) + " | None"
         if f.type.kind == "enum":
-            t += " | int"
+            t += f" | {self.builtin('int', shadow, pyi)}"
         return f"{t} | None" if f.nullable else t
 
     # -- .py -----------------------------------------------------------------------------------
@@ -495,6 +508,9 @@ class _Emitter:
         if self.pyi_aliases:
             out += ["", "# module-level types under names no class scope shadows"]
             out += [f"{alias} = {head}" for head, alias in sorted(self.pyi_aliases.items())]
+        if self.builtins_aliases:
+            out += ["", "# the builtins under names no class scope shadows"]
+            out += [f"{alias} = _builtins" for alias in sorted(self.builtins_aliases)]
         return "\n".join(out) + "\n"
 
     def pyi_type(self, full: str, depth: int) -> list[str]:
@@ -519,7 +535,7 @@ class _Emitter:
         lines += ["    " + s for s in _signature(f"def __init__({me}", params, ") -> None: ...")]
         b = self.builtin("bytes", shadow, True)
         lines += [f"    def SerializeToString({me}) -> {b}: ...",
-                  "    @classmethod",
+                  f"    @{self.builtin('classmethod', shadow, True)}",
                   f"    def FromString(cls, data: {b}) -> {self.value_type('message', full, shadow, True)}: ..."]
         return _indent_lines(lines, depth)
 

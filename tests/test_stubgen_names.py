@@ -273,3 +273,44 @@ message Later { enum Kind { K0 = 0; K1 = 1; } int32 globals = 1; Kind kind = 2; 
     assert (h.Response, h.globals, h.later) == (m.Response.Status.DONE, 3, 1)
     assert m.Holder.FromString(h.SerializeToString()) == h
     assert m.Later().kind is m.Later.Kind.K0
+
+
+# -- B6: the .pyi's decorators and builtins under names a class or the module binds ------------------
+
+
+def test_pyi_with_fields_and_messages_named_classmethod_and_builtins(tmp_path):
+    generate(tmp_path, """
+syntax = "proto2";
+package cm;
+message M {
+  enum Kind { K0 = 0; K1 = 1; }
+  message Sub { optional int32 x = 1; }
+  optional int32 classmethod = 1;
+  optional int32 enum = 2;
+  optional Kind kind = 3;
+  optional int32 _builtins = 5;
+  optional int32 None_ = 6;
+  optional Sub Sub_ = 8;
+  optional int32 staticmethod = 9;
+  optional bytes bytes = 10;
+  repeated int32 list = 11;
+  optional int32 int = 12;
+}
+message N { optional int32 _builtins = 1; optional int32 _builtins_ = 2; optional string str = 3; }
+message classmethod { optional int32 y = 1; }
+""")
+    use = tmp_path / "use.py"
+    use.write_text(
+        "import t_mrpc as c\n"
+        "y: c.classmethod = c.classmethod.FromString(b'')\n"
+        "m: c.M = c.M.FromString(c.M(classmethod=1, bytes=b'x', list=[1]).SerializeToString())\n"
+        "b: bytes | None = m.bytes\n"
+        "i: int | None = m.classmethod\n"
+        "j: list[int] = m.list\n"
+        "n: c.N = c.N.FromString(c.N(str='s').SerializeToString())\n"
+        "s: str | None = n.str\n"
+    )
+    r = mypy(tmp_path, tmp_path / "out" / "t_mrpc.pyi", use)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = load(tmp_path / "out" / "t_mrpc.py")
+    assert m.M.FromString(m.M(classmethod=2).SerializeToString()).classmethod == 2
