@@ -57,6 +57,10 @@ _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_
                     "ParseFromString", "ListFields", "IsInitialized"}
 # member names Python's enum refuses outright (ValueError when the class is created)
 _ENUM_REFUSED = {"mro"}
+# attributes an IntEnum member has (Enum's, int's): a value of that name works at run time, but
+# type checkers see it as replacing the attribute, so the .pyi marks it
+_ENUM_INHERITED = {"name", "value", "real", "imag", "numerator", "denominator", "conjugate", "bit_length",
+                   "bit_count", "to_bytes", "from_bytes", "as_integer_ratio", "is_integer"}
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
@@ -518,7 +522,9 @@ class _Emitter:
         name = n.local[full]
         if full in self.schema.enums:
             lines = [f"class {name}(enum.IntEnum):"]
-            lines += [f"    {member} = {number}" for member, number in n.members[full]]
+            lines += [f"    {member} = {number}" + ("  # type: ignore[assignment, unused-ignore]"
+                                                   if member in _ENUM_INHERITED else "")
+                      for member, number in n.members[full]]
             return _indent_lines(lines, depth)
         msg = self.schema.messages[full]
         attrs = n.attrs[full]

@@ -314,3 +314,25 @@ message classmethod { optional int32 y = 1; }
     assert r.returncode == 0, r.stdout + r.stderr
     m = load(tmp_path / "out" / "t_mrpc.py")
     assert m.M.FromString(m.M(classmethod=2).SerializeToString()).classmethod == 2
+
+
+# -- B7: enum values named like attributes of IntEnum ------------------------------------------------
+
+
+def test_enum_values_named_like_intenum_attributes(tmp_path):
+    generate(tmp_path, """
+syntax = "proto3";
+enum Field { F0 = 0; name = 1; value = 2; real = 3; to_bytes = 4; bit_length = 5; denominator = 6; is_integer = 7; }
+message M { Field f = 1; repeated Field fs = 2; }
+""")
+    use = tmp_path / "use.py"
+    use.write_text("import t_mrpc as t\n"
+                   "a: t.Field = t.Field.name\n"
+                   "b: t.Field = t.Field.value\n"
+                   "m = t.M(f=t.Field.to_bytes, fs=[t.Field.real])\n")
+    r = mypy(tmp_path, tmp_path / "out" / "t_mrpc.pyi", use)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = load(tmp_path / "out" / "t_mrpc.py")
+    assert [x.name for x in m.Field][1:3] == ["name", "value"] and m.Field.value == 2 and m.Field.name.value == 1
+    x = m.M(f=m.Field.to_bytes, fs=[m.Field.real])
+    assert m.M.FromString(x.SerializeToString()).f is m.Field.to_bytes
