@@ -31,14 +31,41 @@ class Message:
     __mrpc_defaults__: tuple[tuple[str, Any, bool], ...] = ()
 
     def __init__(self, /, **kwargs: Any) -> None:
-        """Every field set to its default, then to the keyword arguments given."""
+        """Every field set to its default, then to the keyword arguments given (a repeated
+        field's or map's a list / dict copy of it, as protobuf's)."""
         for name, value, factory in type(self).__mrpc_defaults__:
             if name in kwargs:
-                setattr(self, name, kwargs.pop(name))
+                given = kwargs.pop(name)
+                if factory:
+                    given = self.__mrpc_list__(given) if value is list else self.__mrpc_map__(given)
+                setattr(self, name, given)
             else:
                 setattr(self, name, value() if factory else value)
         if kwargs:
             raise TypeError(f"{type(self).__name__}() got unexpected field(s) {', '.join(sorted(kwargs))}")
+
+    # What a constructor keeps of a repeated field's / map's argument (generated __init__s call
+    # these through their receiver): a new list / dict, as protobuf copies (a generator would
+    # be consumed by the first SerializeToString, a tuple has no append, the caller's list
+    # would be shared); None is empty; what the encoder refuses (a str for a list, a list
+    # for a map) is kept as given, for it to name the field.
+    @staticmethod
+    def __mrpc_list__(x: Any) -> Any:
+        if x is None:
+            return []
+        if isinstance(x, (str, bytes, bytearray, dict)) or not hasattr(x, "__iter__"):
+            return x
+        return list(x)
+
+    @staticmethod
+    def __mrpc_map__(x: Any) -> Any:
+        if x is None:
+            return {}
+        if isinstance(x, dict):
+            return dict(x)
+        if hasattr(x, "keys") and hasattr(x, "__getitem__"):
+            return {k: x[k] for k in x.keys()}
+        return x
 
     def _fields(self) -> tuple[str, ...]:
         names = type(self).__mrpc_fields__

@@ -412,8 +412,8 @@ class _Emitter:
         for i, f in enumerate(msg.fields):
             p = attrs[f.name]
             ptype = self.param_type(f)
-            if f.label == "repeated" or f.label == "map":
-                default, value = "None", f"({'[]' if f.label == 'repeated' else '{}'} if {p} is None else {p})"
+            if f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
+                default, value = "None", f"{me}.__mrpc_{'list' if f.label == 'repeated' else 'map'}__({p})"
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
