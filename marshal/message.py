@@ -244,7 +244,9 @@ class Message:
             setattr(new, n, copy.deepcopy(getattr(self, n, None), memo))
         return new
 
-    def SerializeToString(self) -> bytes:  # replaced by codec.bind
+    def SerializeToString(self, deterministic: bool = False) -> bytes:  # replaced by codec.bind
+        """The encoded message; `deterministic`: map entries in key order (equal messages give
+        equal bytes), else in insertion order."""
         raise TypeError(f"{type(self).__qualname__} is not bound to a schema (codec.bind)")
 
     @classmethod

@@ -540,7 +540,7 @@ class _Emitter:
         me = _receiver(set(attrs.values()))
         lines += ["    " + s for s in _signature(f"def __init__({me}", params, ") -> None: ...")]
         b = self.builtin("bytes", shadow, True)
-        lines += [f"    def SerializeToString({me}) -> {b}: ...",
+        lines += [f"    def SerializeToString({me}, deterministic: {self.builtin('bool', shadow, True)} = ...) -> {b}: ...",
                   f"    @{self.builtin('classmethod', shadow, True)}",
                   f"    def FromString(cls, data: {b}) -> {self.value_type('message', full, shadow, True)}: ..."]
         return _indent_lines(lines, depth)

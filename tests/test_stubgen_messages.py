@@ -3,6 +3,8 @@ arguments, equality across modules."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from types import MappingProxyType
 from pathlib import Path
@@ -59,3 +61,39 @@ def test_repeated_and_map_arguments_are_copied(s):
         s.Outer(words="abc").SerializeToString()
     with pytest.raises(mrpcd.marshal.codec.EncodeError, match="Outer.counts: expected a dict"):
         s.Outer(counts=[("k", 1)]).SerializeToString()
+
+
+# -- B10: SerializeToString(deterministic=...) -------------------------------------------------------
+
+
+def test_serialize_deterministic_sorts_map_keys(s):
+    inner_a = s.Outer.Inner(x=1)
+    a = s.Outer(counts={"b": 2, "a": 1, "c": 3}, by_id={5: inner_a, -1: s.Outer.Inner()},
+                inners=[s.Outer.Inner(x=2)], flags={True: s.Color.RED, False: s.Color.GREEN})
+    b = s.Outer(counts={"c": 3, "a": 1, "b": 2}, by_id={-1: s.Outer.Inner(), 5: inner_a},
+                inners=[s.Outer.Inner(x=2)], flags={False: s.Color.GREEN, True: s.Color.RED})
+    assert a.SerializeToString() != b.SerializeToString()  # insertion order, as protobuf's default
+    da, db = a.SerializeToString(deterministic=True), b.SerializeToString(deterministic=True)
+    assert da == db and s.Outer.FromString(da) == a
+    assert list(s.Outer.FromString(da).counts) == ["a", "b", "c"]
+    assert a.SerializeToString(deterministic=False) == a.SerializeToString()
+    assert s.Outer.SerializeToString(a, deterministic=True) == da  # unbound, as stubs call it
+    assert s.Empty().SerializeToString(deterministic=True) == s.Empty().SerializeToString()
+
+
+def test_pyi_serialize_deterministic(s, tmp_path):
+    pytest.importorskip("mypy")
+    out = Path(s.__file__).parent
+    use = tmp_path / "use.py"
+    use.write_text("import scalars_mrpc as s\n"
+                   "a: bytes = s.Outer().SerializeToString(deterministic=True)\n"
+                   "b: bytes = s.Outer.SerializeToString(s.Outer(), deterministic=False)\n")
+    r = _mypy(tmp_path, out, out / "scalars_mrpc.pyi", use)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _mypy(cwd: Path, path: Path, *files: Path):
+    env = dict(os.environ, MYPYPATH=str(path))
+    cmd = [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
+           "--cache-dir", os.devnull, *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
