@@ -45,7 +45,7 @@ _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "
 _MODULE_RESERVED = {
     "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema",
     "property", "getattr", "setattr", "globals", "NotImplementedError",
-    "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata", "_builtins",
+    "_Any", "_Iterable", "_Iterator", "_Sequence", "_Mapping", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
     "_MaybeAsyncIterator", "_ServicerContext", "_abc", "_METHOD_TYPES",
     # what the .pyi's call protocols import (the names they define are added below)
@@ -334,11 +334,17 @@ class _Emitter:
         return f"{t} | None" if f.nullable else t
 
     def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+        """What __init__ takes for a field: what the runtime accepts (as grpcio's .pyi types
+        it): an int for an enum, in the .pyi any iterable for a repeated field (it is copied
+        into a list) and any mapping for a map."""
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
-        if f.label in ("repeated", "map"):
-            return self.attr_type(f, shadow, pyi) + " | None"
         if f.type.kind == "enum":
             t += f" | {self.builtin('int', shadow, pyi)}"
+        if f.label == "repeated":
+            return (f"_Iterable[{t}]" if pyi else f"list[{t}]") + " | None"
+        if f.label == "map":
+            k = self.value_type(f.key.kind, None, shadow, pyi)
+            return (f"_Mapping[{k}, {t}]" if pyi else f"dict[{k}, {t}]") + " | None"
         return f"{t} | None" if f.nullable else t
 
     # -- .py -----------------------------------------------------------------------------------
@@ -491,6 +497,7 @@ class _Emitter:
             "from collections.abc import AsyncIterable as _AsyncIterable, AsyncIterator as _AsyncIterator",
             "from collections.abc import Awaitable as _Awaitable",
             "from collections.abc import Iterable as _Iterable, Iterator as _Iterator, Sequence as _Sequence",
+            "from collections.abc import Mapping as _Mapping",
             "from collections.abc import Callable as _Callable, Generator as _Generator",
             "from typing import Any as _Any, Protocol as _Protocol",
             "from typing import TypeAlias as _TypeAlias, TypeVar as _TypeVar, overload as _overload",

@@ -97,3 +97,33 @@ def _mypy(cwd: Path, path: Path, *files: Path):
     cmd = [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
            "--cache-dir", os.devnull, *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+# -- B11: the .pyi's constructor takes what the runtime takes ---------------------------------------
+
+
+def test_pyi_constructor_takes_iterables_mappings_and_ints_for_enums(s, tmp_path):
+    pytest.importorskip("mypy")
+    out = Path(s.__file__).parent
+    use = tmp_path / "use.py"
+    use.write_text(
+        "from collections.abc import Iterator\n"
+        "import scalars_mrpc as s\n"
+        "def gen() -> Iterator[int]:\n"
+        "    yield 1\n"
+        "o = s.Outer(numbers=gen(), words=('a', 'b'), colors={s.Color.RED, 2}, inners=(s.Outer.Inner(),),\n"
+        "            counts={'a': 1}, flags={True: 1, False: s.Color.RED}, kind=1, by_id={1: s.Outer.Inner()})\n"
+        "numbers: list[int] = o.numbers\n"  # attributes stay lists and dicts
+        "counts: dict[str, int] = o.counts\n"
+        "colors: list[s.Color] = o.colors\n"
+    )
+    r = _mypy(tmp_path, out, out / "scalars_mrpc.pyi", use)
+    assert r.returncode == 0, r.stdout + r.stderr
+    exec(compile(use.read_text().replace("import scalars_mrpc as s", ""), "use", "exec"), {"s": s})  # and it runs
+    bad = tmp_path / "bad.py"
+    bad.write_text("import scalars_mrpc as s\n"
+                   "s.Outer(numbers=['x'])\n"
+                   "s.Outer(counts={1: 1})\n"
+                   "s.Outer(colors=['RED'])\n")
+    r = _mypy(tmp_path, out, bad)
+    assert r.returncode == 1 and r.stdout.count("error:") == 3, r.stdout
