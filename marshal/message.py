@@ -81,7 +81,12 @@ class Message:
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
-            return NotImplemented
+            # the same .proto message generated into another module (each module has its own
+            # classes for the types it imports; the codec takes either) compares by fields
+            mine = type(self).__mrpc_message__
+            theirs = getattr(type(other), "__mrpc_message__", None)
+            if mine is None or theirs is None or not (theirs is mine or theirs == mine):
+                return NotImplemented
         return all(getattr(self, n, None) == getattr(other, n, None) for n in self._fields())
 
     def __ne__(self, other: object) -> bool:

@@ -127,3 +127,22 @@ def test_pyi_constructor_takes_iterables_mappings_and_ints_for_enums(s, tmp_path
                    "s.Outer(colors=['RED'])\n")
     r = _mypy(tmp_path, out, bad)
     assert r.returncode == 1 and r.stdout.count("error:") == 3, r.stdout
+
+
+# -- B12: the same message generated into two modules ------------------------------------------------
+
+
+def test_equality_of_one_message_generated_into_two_modules(tmp_path):
+    out = tmp_path / "out"
+    assert cli.main([str(PROTOS / "streaming.proto"), str(PROTOS / "common.proto"), "-o", str(out)]) == 0
+    st, common = load(out / "streaming_mrpc.py", "eq"), load(out / "common_mrpc.py", "eq")
+    assert st.Header is not common.Header
+    a, b = st.Header(trace_id="t", priority=1), common.Header(trace_id="t", priority=1)
+    assert a == b and b == a and not (a != b)
+    assert a != common.Header(trace_id="u") and common.Header(trace_id="u") != a
+    # inside a message too, and the runtime encodes either
+    c1 = st.Chunk(header=a, data=b"x")
+    c2 = st.Chunk(header=b, data=b"x")
+    assert c1 == c2 and st.Chunk.FromString(c2.SerializeToString()) == c1
+    # another message with the same fields is not equal
+    assert a != st.Chunk() and st.Header() != object()
