@@ -50,3 +50,13 @@ def test_a_file_under_an_include_dir_keeps_its_name_there(tree, monkeypatch):
     assert cli.main(["sub/b.proto", "a.proto", "-I", ".", "-I", "sub", "-o", "out"]) == 0
     assert cli.main(["a.proto", "sub/b.proto", "-I", ".", "-I", "sub", "-o", "out2"]) == 0
     assert load(tree / "out2" / "b_mrpc.py").B().c is None
+
+
+def test_no_pyi_removes_the_pyi_of_an_earlier_run(tree, monkeypatch):
+    # a stale .pyi next to the new .py would type the module as it was
+    monkeypatch.chdir(tree)
+    assert cli.main(["a.proto", "-o", "out"]) == 0
+    assert (tree / "out" / "a_mrpc.pyi").exists()
+    (tree / "out" / "keep.pyi").write_text("")
+    assert cli.main(["a.proto", "-o", "out", "--no-pyi"]) == 0
+    assert sorted(p.name for p in (tree / "out").iterdir()) == ["a_mrpc.py", "keep.pyi"]
