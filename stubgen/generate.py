@@ -224,6 +224,8 @@ class _Names:
         if full in self.mod.schema.messages:
             taken = set(self.attrs[full].values()) | set(self.aliases[full].values()) | set(self.attrs[full])
             taken |= _MESSAGE_METHODS | {"__init__", "__slots__"}
+            if self.aliases[full]:  # the class body calls property() for them
+                taken.add("property")
             for child in self.children.get(full, []):
                 cand = _safe(child.rsplit(".", 1)[-1])
                 while cand in taken:

@@ -336,3 +336,18 @@ message M { Field f = 1; repeated Field fs = 2; }
     assert [x.name for x in m.Field][1:3] == ["name", "value"] and m.Field.value == 2 and m.Field.name.value == 1
     x = m.M(f=m.Field.to_bytes, fs=[m.Field.real])
     assert m.M.FromString(x.SerializeToString()).f is m.Field.to_bytes
+
+
+def test_nested_type_named_property_next_to_a_keyword_field(tmp_path):
+    # the class body makes the keyword field's alias with property(): the nested class is renamed
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package p;
+message M { message property { int32 x = 1; } int32 from = 1; property p = 2; }
+message N { message property { int32 y = 1; } property q = 1; }
+"""))
+    x = m.M(from_=3, p=m.M.property_(x=1))
+    assert x.from_ == 3 and m.M.FromString(x.SerializeToString()) == x
+    assert m.N(q=m.N.property(y=2)).q.y == 2  # no keyword field: the name stays
+    r = mypy(tmp_path, tmp_path / "out" / "t_mrpc.pyi")
+    assert r.returncode == 0, r.stdout + r.stderr
