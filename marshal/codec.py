@@ -615,10 +615,12 @@ def _make_serialize(enc: Any, schema: Schema, name: str, cls: type, pack: Any = 
     except the same .proto type generated into another module (see `_emsg`)."""
     pack = pack or _pack
 
-    def SerializeToString(self: Any) -> bytes:
+    def SerializeToString(self: Any, deterministic: bool = False) -> bytes:
         if self.__class__ is not cls:
             _check_top(self, cls, name)
         try:
+            if deterministic:
+                return pack(_sorted_maps(enc(self, 0)))
             return pack(enc(self, 0))
         except (EncodeError, TypeError):
             raise
@@ -634,6 +636,20 @@ def _make_serialize(enc: Any, schema: Schema, name: str, cls: type, pack: Any = 
 
     SerializeToString.__qualname__ = f"{name}.SerializeToString"
     return SerializeToString
+
+
+def _sorted_maps(v: Any) -> Any:
+    """An encoded message (tuples, lists, dicts: dicts are maps) with every map's entries in key
+    order: SerializeToString(deterministic=True), protobuf's same bytes for equal messages.
+    (The keys of one map are all of one kind: str, int or bool.)"""
+    cls = v.__class__
+    if cls is tuple:
+        return tuple([_sorted_maps(x) for x in v])
+    if cls is list:
+        return [_sorted_maps(x) for x in v]
+    if cls is dict:
+        return {k: _sorted_maps(v[k]) for k in sorted(v)}
+    return v
 
 
 def _check_top(obj: Any, cls: type, name: str) -> None:

@@ -31,14 +31,41 @@ class Message:
     __mrpc_defaults__: tuple[tuple[str, Any, bool], ...] = ()
 
     def __init__(self, /, **kwargs: Any) -> None:
-        """Every field set to its default, then to the keyword arguments given."""
+        """Every field set to its default, then to the keyword arguments given (a repeated
+        field's or map's a list / dict copy of it, as protobuf's)."""
         for name, value, factory in type(self).__mrpc_defaults__:
             if name in kwargs:
-                setattr(self, name, kwargs.pop(name))
+                given = kwargs.pop(name)
+                if factory:
+                    given = self.__mrpc_list__(given) if value is list else self.__mrpc_map__(given)
+                setattr(self, name, given)
             else:
                 setattr(self, name, value() if factory else value)
         if kwargs:
             raise TypeError(f"{type(self).__name__}() got unexpected field(s) {', '.join(sorted(kwargs))}")
+
+    # What a constructor keeps of a repeated field's / map's argument (generated __init__s call
+    # these through their receiver): a new list / dict, as protobuf copies (a generator would
+    # be consumed by the first SerializeToString, a tuple has no append, the caller's list
+    # would be shared); None is empty; what the encoder refuses (a str for a list, a list
+    # for a map) is kept as given, for it to name the field.
+    @staticmethod
+    def __mrpc_list__(x: Any) -> Any:
+        if x is None:
+            return []
+        if isinstance(x, (str, bytes, bytearray, dict)) or not hasattr(x, "__iter__"):
+            return x
+        return list(x)
+
+    @staticmethod
+    def __mrpc_map__(x: Any) -> Any:
+        if x is None:
+            return {}
+        if isinstance(x, dict):
+            return dict(x)
+        if hasattr(x, "keys") and hasattr(x, "__getitem__"):
+            return {k: x[k] for k in x.keys()}
+        return x
 
     def _fields(self) -> tuple[str, ...]:
         names = type(self).__mrpc_fields__
@@ -54,7 +81,12 @@ class Message:
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
-            return NotImplemented
+            # the same .proto message generated into another module (each module has its own
+            # classes for the types it imports; the codec takes either) compares by fields
+            mine = type(self).__mrpc_message__
+            theirs = getattr(type(other), "__mrpc_message__", None)
+            if mine is None or theirs is None or not (theirs is mine or theirs == mine):
+                return NotImplemented
         return all(getattr(self, n, None) == getattr(other, n, None) for n in self._fields())
 
     def __ne__(self, other: object) -> bool:
@@ -217,7 +249,9 @@ class Message:
             setattr(new, n, copy.deepcopy(getattr(self, n, None), memo))
         return new
 
-    def SerializeToString(self) -> bytes:  # replaced by codec.bind
+    def SerializeToString(self, deterministic: bool = False) -> bytes:  # replaced by codec.bind
+        """The encoded message; `deterministic`: map entries in key order (equal messages give
+        equal bytes), else in insertion order."""
         raise TypeError(f"{type(self).__qualname__} is not bound to a schema (codec.bind)")
 
     @classmethod

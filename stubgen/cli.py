@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                         "is found through its own directory")
     p.add_argument("-o", "--out", default=".", metavar="OUT",
                    help="output directory, created if missing (default: the current directory)")
-    p.add_argument("--no-pyi", action="store_true", help="do not write the .pyi type stubs")
+    p.add_argument("--no-pyi", action="store_true",
+                   help="do not write the .pyi type stubs (and remove OUT/x_mrpc.pyi left by an earlier run: "
+                        "it would type the new module as the old one was)")
     return p
 
 
@@ -56,6 +58,7 @@ def run(protos: list[str], includes: list[str], out: str, pyi: bool = True) -> l
     protos = list(dict.fromkeys(protos))
     modules = parse(protos, includes)
     outputs = []
+    stale = []  # .pyi of an earlier run, with --no-pyi
     for mod in modules:
         try:
             py, stub = generate(mod)
@@ -65,10 +68,15 @@ def run(protos: list[str], includes: list[str], out: str, pyi: bool = True) -> l
         outputs.append((base + ".py", py))
         if pyi:
             outputs.append((base + ".pyi", stub))
+        else:
+            stale.append(base + ".pyi")
     try:
         os.makedirs(out, exist_ok=True)
         for path, text in outputs:
             _write(path, text)
+        for path in stale:
+            if os.path.isfile(path):
+                os.unlink(path)
     except OSError as exc:
         raise StubgenError(f"cannot write to {out}: {exc.strerror or exc}") from None
     return [path for path, _ in outputs]

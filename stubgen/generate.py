@@ -10,11 +10,16 @@ Python names (the schema always keeps the .proto names):
     (the codec reads it with getattr) and gets a property with a trailing underscore
     (`from_`, or `from__` if `from_` is itself a field); `__init__` takes `from_=`;
   * type, enum value and method names that are keywords get a trailing underscore too (and
-    so does an enum value named `mro`, which Python's enum refuses);
+    so does an enum value named `mro`, which Python's enum refuses); a method gets two when
+    the service has a method of that name (`from` next to `from_` is `from__`);
+  * type and method names starting with "__" are refused (special methods, module
+    attributes, private name mangling);
   * types of imported files share the module's namespace: they keep their short name
     unless that is taken (by the file's own types, the generated names, or another
     import), then they are named after their full name (`google_protobuf_Empty`);
-  * a nested type whose name is taken in its class (by a field) gets trailing underscores.
+  * a nested type whose name is taken in its class (by a field) gets trailing underscores;
+  * two services whose generated names would be the same (`JobsAsync` and `Jobs` both give
+    `JobsAsyncStub`) are refused, naming both.
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
 MergeFromString, ParseFromString, ListFields, IsInitialized) or starting with "__" cannot
@@ -40,9 +45,9 @@ _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "
 _MODULE_RESERVED = {
     "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema",
     "property", "getattr", "setattr", "globals", "NotImplementedError",
-    "_Any", "_Iterable", "_Iterator", "_Sequence", "_TypeAlias", "_Metadata", "_builtins",
+    "_Any", "_Iterable", "_Iterator", "_Sequence", "_Mapping", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
-    "_MaybeAsyncIterator", "_ServicerContext", "_abc",
+    "_MaybeAsyncIterator", "_ServicerContext", "_abc", "_METHOD_TYPES",
     # what the .pyi's call protocols import (the names they define are added below)
     "_Protocol", "_Callable", "_Generator",
 }
@@ -52,6 +57,10 @@ _MESSAGE_METHODS = {"SerializeToString", "FromString", "ByteSize", "to_dict", "_
                     "ParseFromString", "ListFields", "IsInitialized"}
 # member names Python's enum refuses outright (ValueError when the class is created)
 _ENUM_REFUSED = {"mro"}
+# attributes an IntEnum member has (Enum's, int's): a value of that name works at run time, but
+# type checkers see it as replacing the attribute, so the .pyi marks it
+_ENUM_INHERITED = {"name", "value", "real", "imag", "numerator", "denominator", "conjugate", "bit_length",
+                   "bit_count", "to_bytes", "from_bytes", "as_integer_ratio", "is_integer"}
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
@@ -179,13 +188,23 @@ class _Names:
             self._fields(msg)
         for name, en in schema.enums.items():
             self._enum_members(name, en.values)
+        for name in list(schema.enums) + list(schema.messages):
+            if name.rsplit(".", 1)[-1].startswith("__"):
+                raise StubgenError(f"{mod.proto}: type {name}: names starting with __ mean something to Python "
+                                   "(special methods and module attributes, private name mangling); rename it")
         for svc in schema.services.values():
-            self.methods[svc.full_name] = {m.name: _safe(m.name) for m in svc.methods}
+            self._methods(svc)
 
         taken = set(_MODULE_RESERVED)
+        made_by: dict[str, str] = {}  # generated name -> the service it is generated for
         for svc in mod.services:
             short = svc.rsplit(".", 1)[-1]
-            taken |= {f"{short}Stub", f"{short}AsyncStub", f"{short}Servicer", f"add_{short}Servicer_to_server"}
+            for gen in (f"{short}Stub", f"{short}AsyncStub", f"{short}Servicer", f"add_{short}Servicer_to_server"):
+                if gen in made_by:
+                    raise StubgenError(f"{mod.proto}: services {made_by[gen]} and {svc} would both define {gen}; "
+                                       "rename one of them")
+                made_by[gen] = svc
+            taken |= set(made_by)
         self.service_short = {svc: svc.rsplit(".", 1)[-1] for svc in mod.services}
         top = self.children.get(None, [])
         own = [n for n in top if mod.files.get(n) == mod.proto]
@@ -205,6 +224,8 @@ class _Names:
         if full in self.mod.schema.messages:
             taken = set(self.attrs[full].values()) | set(self.aliases[full].values()) | set(self.attrs[full])
             taken |= _MESSAGE_METHODS | {"__init__", "__slots__"}
+            if self.aliases[full]:  # the class body calls property() for them
+                taken.add("property")
             for child in self.children.get(full, []):
                 cand = _safe(child.rsplit(".", 1)[-1])
                 while cand in taken:
@@ -229,6 +250,21 @@ class _Names:
                 attrs[f.name] = f.name
         self.attrs[msg.full_name] = attrs
         self.aliases[msg.full_name] = aliases
+
+    def _methods(self, svc: Service) -> None:
+        names = {m.name for m in svc.methods}
+        out: dict[str, str] = {}
+        for m in svc.methods:
+            if m.name.startswith("__"):
+                raise StubgenError(f"{self.mod.proto}: method {svc.full_name}.{m.name}: names starting with __ mean "
+                                   "something to Python (special methods, private name mangling); rename it")
+            attr = m.name
+            if keyword.iskeyword(attr):  # as a keyword field: `from_`, or `from__` if `from_` is a method too
+                attr += "_"
+                while attr in names or attr in out.values():
+                    attr += "_"
+            out[m.name] = attr
+        self.methods[svc.full_name] = out
 
     def _enum_members(self, name: str, values) -> None:
         out, used = [], set()
@@ -257,6 +293,7 @@ class _Emitter:
         self.schema: Schema = mod.schema
         self.n = _Names(mod)
         self.pyi_aliases: dict[str, str] = {}  # top-level python name -> alias used where shadowed
+        self.builtins_aliases: set[str] = set()  # names for the builtins module where _builtins is shadowed
         self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])}
 
     # -- types -------------------------------------------------------------------------------
@@ -264,7 +301,19 @@ class _Emitter:
         """A builtin type (`int`, `list`, ...) as the .pyi must spell it: where a class body (a field
         `list`, a nested type `int`) or the module (a message `str`) binds the same name, the bare
         name would mean that."""
-        return f"_builtins.{name}" if pyi and (name in shadow or name in self.top_names) else name
+        if not pyi or (name not in shadow and name not in self.top_names):
+            return name
+        return f"{self.builtins_module(shadow)}.{name}"
+
+    def builtins_module(self, shadow: set[str]) -> str:
+        """The .pyi's name for the builtins module where `shadow` is bound: `_builtins`, unless a
+        field of the class is called that (then `_builtins_`, ..., aliases made at the end)."""
+        cand = "_builtins"
+        while cand in shadow or (cand != "_builtins" and cand in self.top_names):
+            cand += "_"
+        if cand != "_builtins":
+            self.builtins_aliases.add(cand)
+        return cand
 
     def value_type(self, kind: str, ref: str | None, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         if kind in _INT_KINDS:
@@ -287,11 +336,17 @@ class _Emitter:
         return f"{t} | None" if f.nullable else t
 
     def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+        """What __init__ takes for a field: what the runtime accepts (as grpcio's .pyi types
+        it): an int for an enum, in the .pyi any iterable for a repeated field (it is copied
+        into a list) and any mapping for a map."""
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
-        if f.label in ("repeated", "map"):
-            return self.attr_type(f, shadow, pyi) + " | None"
         if f.type.kind == "enum":
-            t += " | int"
+            t += f" | {self.builtin('int', shadow, pyi)}"
+        if f.label == "repeated":
+            return (f"_Iterable[{t}]" if pyi else f"list[{t}]") + " | None"
+        if f.label == "map":
+            k = self.value_type(f.key.kind, None, shadow, pyi)
+            return (f"_Mapping[{k}, {t}]" if pyi else f"dict[{k}, {t}]") + " | None"
         return f"{t} | None" if f.nullable else t
 
     # -- .py -----------------------------------------------------------------------------------
@@ -318,6 +373,14 @@ class _Emitter:
         classes = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.messages], 4)
         enums = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.enums], 4)
         out += _wrap_call("_codec.bind(", ["SCHEMA", classes, enums], ")")
+        if any(self.schema.services[svc].methods for svc in mod.services):
+            # the service functions below read their types here: a parameter or local of theirs
+            # (channel, server, servicer, self, ...) would hide a message of that name
+            out += ["", "", "# (request type, response type) of each method, by path", "_METHOD_TYPES = {"]
+            for svc in mod.services:
+                for m in self.schema.services[svc].methods:
+                    out.append(f"    {m.path!r}: ({n.qual[m.input]}, {n.qual[m.output]}),")
+            out.append("}")
         for svc in mod.services:
             out += ["", ""] + self.py_service(self.schema.services[svc])
         return "\n".join(out) + "\n"
@@ -352,13 +415,13 @@ class _Emitter:
     def py_init(self, msg: Message, class_names: set[str]) -> list[str]:
         n = self.n
         attrs = n.attrs[msg.full_name]
-        me = "self" if "self" not in attrs.values() else "_self_"
+        me = _receiver(set(attrs.values()) | self.top_names)
         params, body = [], []
-        for f in msg.fields:
+        for i, f in enumerate(msg.fields):
             p = attrs[f.name]
             ptype = self.param_type(f)
-            if f.label == "repeated" or f.label == "map":
-                default, value = "None", f"({'[]' if f.label == 'repeated' else '{}'} if {p} is None else {p})"
+            if f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
+                default, value = "None", f"{me}.__mrpc_{'list' if f.label == 'repeated' else 'map'}__({p})"
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
@@ -371,12 +434,10 @@ class _Emitter:
                     default, value = f"{qual}.{member}", p  # top-level enums are defined first
                 elif n.mod.parents.get(f.type.ref) == msg.full_name:
                     default, value = f"{n.local[f.type.ref]}.{member}", p  # own nested enum: in class scope
-                else:  # defined later or shadowed here: resolve when called
+                else:  # defined later or hidden by a parameter here: the default bind() computed
+                    # (the same member), read through the receiver, which no name can hide
                     ptype += " | None"
-                    ref = qual
-                    if head in attrs.values() or head == me:  # a parameter hides the module's name
-                        ref = f"globals()[{head!r}]" + qual[len(head):]
-                    default, value = "None", f"({ref}.{member} if {p} is None else {p})"
+                    default, value = "None", f"({me}.__mrpc_defaults__[{i}][1] if {p} is None else {p})"
             else:
                 default, value = _DEFAULTS.get(f.type.kind, "0"), p
             params.append(f"{p}: {ptype} = {default}")
@@ -388,7 +449,6 @@ class _Emitter:
     def py_service(self, svc: Service) -> list[str]:
         n = self.n
         short = n.service_short[svc.full_name]
-        q = n.qual
         out = [f"class {short}Stub:",
                f'    """Client stub of {svc.full_name}: sync with mrpcd.insecure_channel, asyncio with mrpcd.aio."""',
                "",
@@ -396,7 +456,8 @@ class _Emitter:
         for m in svc.methods:
             out += ["        " + line for line in _wrap_call(
                 f"self.{n.methods[svc.full_name][m.name]} = channel.{m.kind}(",
-                [repr(m.path), f"request_type={q[m.input]}", f"response_type={q[m.output]}"], ")", _LINE - 8)]
+                [repr(m.path), f"request_type=_METHOD_TYPES[{m.path!r}][0]",
+                 f"response_type=_METHOD_TYPES[{m.path!r}][1]"], ")", _LINE - 8)]
         if not svc.methods:
             out.append("        pass")
         out += ["", "", f"{short}AsyncStub = {short}Stub  # the .pyi's name for it on an mrpcd.aio channel"]
@@ -411,7 +472,8 @@ class _Emitter:
         for m in svc.methods:
             out += ["        " + line for line in _wrap_call(
                 f"{m.name!r}: mrpcd.{m.kind}_rpc_method_handler(",
-                [f"servicer.{n.methods[svc.full_name][m.name]}", f"request_type={q[m.input]}", f"response_type={q[m.output]}"],
+                [f"servicer.{n.methods[svc.full_name][m.name]}", f"request_type=_METHOD_TYPES[{m.path!r}][0]",
+                 f"response_type=_METHOD_TYPES[{m.path!r}][1]"],
                 "),", _LINE - 8)]
         out += ["    }"]
         out += ["    " + line for line in _wrap_call(
@@ -437,6 +499,7 @@ class _Emitter:
             "from collections.abc import AsyncIterable as _AsyncIterable, AsyncIterator as _AsyncIterator",
             "from collections.abc import Awaitable as _Awaitable",
             "from collections.abc import Iterable as _Iterable, Iterator as _Iterator, Sequence as _Sequence",
+            "from collections.abc import Mapping as _Mapping",
             "from collections.abc import Callable as _Callable, Generator as _Generator",
             "from typing import Any as _Any, Protocol as _Protocol",
             "from typing import TypeAlias as _TypeAlias, TypeVar as _TypeVar, overload as _overload",
@@ -458,6 +521,9 @@ class _Emitter:
         if self.pyi_aliases:
             out += ["", "# module-level types under names no class scope shadows"]
             out += [f"{alias} = {head}" for head, alias in sorted(self.pyi_aliases.items())]
+        if self.builtins_aliases:
+            out += ["", "# the builtins under names no class scope shadows"]
+            out += [f"{alias} = _builtins" for alias in sorted(self.builtins_aliases)]
         return "\n".join(out) + "\n"
 
     def pyi_type(self, full: str, depth: int) -> list[str]:
@@ -465,7 +531,9 @@ class _Emitter:
         name = n.local[full]
         if full in self.schema.enums:
             lines = [f"class {name}(enum.IntEnum):"]
-            lines += [f"    {member} = {number}" for member, number in n.members[full]]
+            lines += [f"    {member} = {number}" + ("  # type: ignore[assignment, unused-ignore]"
+                                                   if member in _ENUM_INHERITED else "")
+                      for member, number in n.members[full]]
             return _indent_lines(lines, depth)
         msg = self.schema.messages[full]
         attrs = n.attrs[full]
@@ -478,11 +546,11 @@ class _Emitter:
         for f in msg.fields:
             lines.append(f"    {attrs[f.name]}: {self.attr_type(f, shadow, True)}")
         params = [f"{attrs[f.name]}: {self.param_type(f, shadow, True)} = ..." for f in msg.fields]
-        me = "self" if "self" not in attrs.values() else "_self_"
+        me = _receiver(set(attrs.values()))
         lines += ["    " + s for s in _signature(f"def __init__({me}", params, ") -> None: ...")]
         b = self.builtin("bytes", shadow, True)
-        lines += [f"    def SerializeToString({me}) -> {b}: ...",
-                  "    @classmethod",
+        lines += [f"    def SerializeToString({me}, deterministic: {self.builtin('bool', shadow, True)} = ...) -> {b}: ...",
+                  f"    @{self.builtin('classmethod', shadow, True)}",
                   f"    def FromString(cls, data: {b}) -> {self.value_type('message', full, shadow, True)}: ..."]
         return _indent_lines(lines, depth)
 
@@ -536,6 +604,16 @@ class _Emitter:
 
 
 # -- formatting helpers -------------------------------------------------------------------------
+
+
+def _receiver(taken: set[str]) -> str:
+    """The name of a method's `self` parameter: `self` unless a parameter (a field) has that name."""
+    cand = "self"
+    if cand in taken:
+        cand = "_self_"
+    while cand in taken:
+        cand += "_"
+    return cand
 
 
 def _indent_lines(lines: list[str], levels: int) -> list[str]:
@@ -616,4 +694,13 @@ def _schema_literal(schema: Schema) -> list[str]:
 def generate(mod: ProtoModule) -> tuple[str, str]:
     """(source of <name>_mrpc.py, source of <name>_mrpc.pyi) for one parsed file."""
     em = _Emitter(mod)
-    return em.py(), em.pyi()
+    py, pyi = em.py(), em.pyi()
+    for text, name in ((py, module_name(mod.path) + ".py"), (pyi, module_name(mod.path) + ".pyi")):
+        try:  # never write a module that cannot be imported
+            compile(text, name, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            where = f", line {exc.lineno}: {(exc.text or '').strip()}" if isinstance(exc, SyntaxError) else ""
+            msg = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+            raise StubgenError(f"{mod.proto}: internal error: the generated {name} does not compile ({msg}{where}); "
+                               "please report it with the .proto") from None
+    return py, pyi

@@ -109,10 +109,18 @@ def run_protoc(protos: list[str], includes: list[str] | None = None):
             raise StubgenError(f"{p}: not a file")
         if not p.endswith(".proto"):
             raise StubgenError(f"{p}: not a .proto file")
-    # A file outside every -I dir: its own directory is searched (as protoc does with no -I).
+    # A file outside every -I dir the user gave: its own directory is searched (as protoc
+    # does with no -I), and names it. Those directories come after the user's, deepest first:
+    # protoc names an input after the first -I holding it, and a file's own directory must
+    # win over another file's directory above it, whatever the order of the arguments.
+    own = []
     for p in protos:
         if _virtual_name(p, includes) is None:
-            includes.append(os.path.dirname(os.path.abspath(p)))
+            d = os.path.realpath(os.path.dirname(os.path.abspath(p)))
+            if d not in own:
+                own.append(d)
+    own.sort(key=lambda d: d.count(os.sep), reverse=True)
+    includes += own
     wk = well_known_include()
     names = []
     for p in protos:
