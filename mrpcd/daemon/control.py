@@ -64,6 +64,8 @@ class ControlConnection:
         group = self.daemon.config.admin_group
         if group is None:
             return False
+        if isinstance(group, int) and self.gid == group:  # a gid needs no entry in the group database
+            return True
         try:
             g = grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)
         except KeyError:
