@@ -6,6 +6,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -368,6 +369,7 @@ def test_a_transport_module_that_exits_on_import_is_refused_and_the_daemon_lives
 
 POLICY_EXITS_ON_START = '''
 import sys
+from pathlib import Path
 
 from mrpcd.policies.base import Policy
 
@@ -475,3 +477,128 @@ def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory
     monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
     assert ctlmod.main(["ping"]) == 1
     assert "none.sock" in capsys.readouterr().err
+
+
+# -- the control socket's path: who may take it over, who may remove it --------------------
+
+
+def _other_user_or_skip() -> None:
+    import shutil
+
+    from conftest import as_other_user
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    probe = subprocess.run(as_other_user([sys.executable, "-c", "import mrpcd.daemon.main"]), capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"another user cannot run this Python/mrpcd: {probe.stderr.strip()[-200:]}")
+
+
+def _run_daemon(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    """A daemon that should refuse to start: its exit, or a kill if it serves after all."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+        err = f"(it did not refuse: still running after {timeout}s)\n{err}"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_a_live_daemons_socket_that_cannot_be_probed_is_not_taken_over(daemon_factory):
+    """connect() failing with EACCES (the operator made the socket 0600) said nothing about
+    whether a daemon listens: a second daemon deleted the live one's socket and took the path."""
+    import shutil
+    import tempfile
+
+    from conftest import DaemonProc, OTHER_UID, as_other_user
+
+    _other_user_or_skip()
+    home = Path(tempfile.mkdtemp(prefix="mrpcd-probe-"))
+    try:
+        home.chmod(0o755)
+        os.chown(home, OTHER_UID, OTHER_UID)  # the second daemon may create and remove files here
+        first = DaemonProc(home, "first")
+        try:
+            os.chmod(first.socket, 0o600)  # only root may connect now
+            r = _run_daemon(as_other_user([sys.executable, "-m", "mrpcd.daemon.main", "--socket", first.socket]))
+            assert r.returncode == 1, r.stderr
+            assert f"cannot tell whether another mrpcd serves {first.socket}" in r.stderr and "Permission denied" in r.stderr, r.stderr
+            assert Control(first.socket).call("ping")["pid"] == first.pid  # still its socket
+        finally:
+            first.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_stopping_daemon_leaves_another_daemons_socket_alone(daemon_factory, tmp_path):
+    """Daemon A's socket file was removed (a tmp cleaner) and B now listens at that path: A
+    stopping must not unlink B's socket."""
+    a = daemon_factory("a")
+    os.unlink(a.socket)
+    from conftest import DaemonProc
+
+    b = DaemonProc(tmp_path, Path(a.socket).stem)  # the same path
+    try:
+        assert b.socket == a.socket
+        a.stop()
+        assert a.proc.returncode == 0
+        assert Control(b.socket).call("ping")["pid"] == b.pid
+    finally:
+        b.stop()
+    assert not os.path.exists(b.socket)  # its own socket it does remove
+    assert not os.path.exists(b.socket + ".lock")
+
+
+def test_start_errors_name_what_failed(tmp_path):
+    dangling = tmp_path / "dangling.sock"
+    dangling.symlink_to(tmp_path / "nowhere")
+    r = _run_daemon([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(dangling)])
+    assert r.returncode == 1 and f"{dangling} is a symbolic link to {tmp_path / 'nowhere'} (dangling)" in r.stderr, r.stderr
+    assert dangling.is_symlink()
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text('metrics: {address: "no-such-host.invalid:9464"}\n')
+    r = _run_daemon([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(cfg), "--socket", str(tmp_path / "m.sock")], timeout=60)
+    assert r.returncode == 1 and "cannot start: metrics address no-such-host.invalid:9464:" in r.stderr, r.stderr
+    assert not (tmp_path / "m.sock").exists()
+
+
+def test_a_socket_folder_the_daemon_cannot_write_is_named(tmp_path):
+    from conftest import as_other_user
+
+    _other_user_or_skip()
+    tmp_path.chmod(0o755)  # pytest's 0700 would hide the folder entirely
+    tmp_path.parent.chmod(tmp_path.parent.stat().st_mode | 0o005)
+    (tmp_path / "rootonly").mkdir(mode=0o755)
+    path = tmp_path / "rootonly" / "x.sock"
+    r = _run_daemon(as_other_user([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(path)]))
+    assert r.returncode == 1 and str(tmp_path / "rootonly") in r.stderr and "Permission denied" in r.stderr, r.stderr
+
+
+def test_the_default_folder_in_tmp_must_be_the_users_own(tmp_path):
+    """/tmp/mrpcd-$UID is made with exist_ok: one another user made first (or anyone may
+    write to) would let them replace the socket apps connect to."""
+    from conftest import OTHER_UID, as_other_user
+
+    _other_user_or_skip()
+    folder = Path(f"/tmp/mrpcd-{OTHER_UID}")
+    if folder.exists() or folder.is_symlink():
+        pytest.skip(f"{folder} exists already")
+    folder.mkdir(mode=0o777)
+    try:
+        folder.chmod(0o777)
+        env = {k: v for k, v in os.environ.items() if k not in ("MRPCD_SOCKET", "XDG_RUNTIME_DIR")}
+        proc = subprocess.Popen(as_other_user([sys.executable, "-m", "mrpcd.daemon.main"]), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 1 and f"{folder} belongs to uid 0 with mode 0777: refusing" in err, err
+        assert not (folder / "control.sock").exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)

@@ -9,7 +9,7 @@ from typing import Any, Callable, Coroutine
 
 from .. import __version__
 from .config import Config
-from .control import serve_control
+from .control import serve_control, unlink_if_ours
 from .observe import CallStats
 from .poller import Poller
 from ..transports import tcp
@@ -29,6 +29,7 @@ class Daemon:
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
         self._control_sock = None
+        self._control_ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
         self.counters = {"apps_connected": 0, "apps_dropped": 0}
         self.call_stats = CallStats(config.metrics["buckets"])  # fed by every session's Observer
         self.draining = False
@@ -43,7 +44,7 @@ class Daemon:
             ok, why = rdma.available()
             if not ok:
                 raise RuntimeError(f"transport: rdma configured, but {why}")
-        self._control_sock = await serve_control(self, self.config.control_socket)
+        self._control_sock, self._control_ident = await serve_control(self, self.config.control_socket)
         log.info("mrpcd %s listening on %s (transport %s)", self.version, self.config.control_socket, self.config.transport)
 
     async def run_until_stopped(self, on_stopping: Callable[[], None] | None = None) -> None:
@@ -63,10 +64,9 @@ class Daemon:
             self.drop_session(session, "daemon stopping")
         if self._control_sock is not None:
             self._control_sock.close()
-            try:
-                os.unlink(self.config.control_socket)
-            except OSError:
-                pass
+            self._control_sock = None
+            # only our own: if ours was removed and another daemon listens there now, its socket stays
+            unlink_if_ours(self.config.control_socket, self._control_ident)
         for task in list(self._tasks):
             task.cancel()
 

@@ -118,11 +118,16 @@ class Service:
     async def run(self) -> int:
         try:
             await self.daemon.start()
-            if self.config.metrics["address"]:
-                await self.metrics.start(self.config.metrics["address"])
-        except (RuntimeError, OSError) as exc:
+            address = self.config.metrics["address"]
+            if address:
+                try:
+                    await self.metrics.start(address)
+                except OSError as exc:  # e.g. a host name that does not resolve: say which address
+                    raise RuntimeError(f"metrics address {address}: {exc.strerror or exc}") from None
+        except (RuntimeError, OSError, ValueError) as exc:
             log.error("cannot start: %s", exc)
-            self.notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={getattr(exc, 'errno', None) or 1}")
+            errno_ = getattr(exc, "errno", None)
+            self.notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={errno_ if isinstance(errno_, int) and errno_ > 0 else 1}")
             await self.daemon.shutdown()
             self.metrics.close()
             return 1
