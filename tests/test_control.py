@@ -602,3 +602,37 @@ def test_the_default_folder_in_tmp_must_be_the_users_own(tmp_path):
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_good_requests_before_a_broken_frame_are_answered(daemon_factory):
+    """Two pings and a broken frame in one write: the pings went unanswered, and the error
+    said only "malformed control message: " (msgpack's FormatError has no text)."""
+    d = daemon_factory()
+
+    def frame(body: bytes) -> bytes:
+        return struct.pack("<I", len(body)) + body
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(d.socket)
+        s.settimeout(10)
+        s.sendall(frame(msgpack.packb({"op": "ping", "id": 1})) + frame(msgpack.packb({"op": "ping", "id": 2})) + frame(b"\xc1"))
+        buf, replies = cp.FrameBuffer(strict=False), []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            replies += buf.feed(data)
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, True), (None, False)]
+    assert replies[2]["error"].startswith("malformed control message: ") and replies[2]["error"] != "malformed control message: "
+    assert d.alive()
+
+
+def test_frame_buffer_returns_good_messages_then_reports_the_break():
+    good = cp.encode({"op": "ping", "id": 1})
+    frames = cp.FrameBuffer()
+    assert frames.feed(good + struct.pack("<I", 1) + b"\xc1") == [{"op": "ping", "id": 1}]
+    assert "FormatError" in str(frames.error) or str(frames.error) != "malformed control message: "
+    with pytest.raises(cp.ControlError):
+        frames.feed(good)
+    with pytest.raises(cp.ControlError, match="malformed control message: .+"):
+        cp.FrameBuffer().feed(struct.pack("<I", 1) + b"\xc1")

@@ -89,13 +89,15 @@ class ControlConnection:
                 if not data:
                     return
                 try:
-                    messages = frames.feed(data)
+                    messages, broken = frames.feed(data), frames.error
                 except cp.ControlError as exc:
-                    log.warning("control client pid %d sent a broken frame: %s", self.pid, exc, extra=self.log_fields())
-                    await self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
-                    return
-                for msg in messages:
+                    messages, broken = [], exc
+                for msg in messages:  # the good requests before a broken frame are answered first
                     await self._dispatch(msg)
+                if broken is not None:
+                    log.warning("control client pid %d sent a broken frame: %s", self.pid, broken, extra=self.log_fields())
+                    await self._send({"id": None, "ok": False, "error": str(broken), "code": 3})
+                    return
         except (ConnectionError, OSError):
             return
         finally:
