@@ -157,6 +157,8 @@ def _print_policies(reply: dict) -> None:
             print("  (no policies)")
         for p in app["policies"]:
             counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
+            if p.get("describe_error"):
+                counters = f"(its describe() failed: {p['describe_error']}) {counters}"
             print(_printable(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}"))
 
 

@@ -604,6 +604,71 @@ def test_the_default_folder_in_tmp_must_be_the_users_own(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def mrpcctl(d, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True,
+                          timeout=30, cwd=cwd)
+
+
+# -- a policy whose describe() raises -------------------------------------------------------
+
+BAD_DESCRIBE_POLICY = '''
+import os
+
+from mrpcd.policies.base import Policy
+
+
+class BadDescribe(Policy):
+    name = "baddesc"
+    version = "{version}"
+
+    def describe(self):
+        if os.path.exists({flag!r}):
+            raise KeyError("oops")
+        return super().describe()
+
+
+POLICY = BadDescribe
+'''
+
+
+def test_a_policy_whose_describe_raises_breaks_neither_listing_nor_changes(daemon_factory, tmp_path):
+    """One policy's describe() raising broke `mrpcctl apps` and `policy list` for every app, and
+    an upgrade over two apps was applied on both yet reported failed."""
+    d = daemon_factory()
+    flag = tmp_path / "BROKEN"
+    for v in (1, 2):
+        (tmp_path / f"bd_v{v}.py").write_text(BAD_DESCRIBE_POLICY.format(version=v, flag=str(flag)))
+    a, b = mrpcd.connect(d.socket, name="twin"), mrpcd.connect(d.socket, name="twin")
+    other = mrpcd.connect(d.socket, name="other")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    try:
+        ctl.call("policy_attach", app="other", policy="ratelimit", config={"rate": 5})
+        flag.touch()
+        attached = ctl.call("policy_attach", app="twin", policy=str(tmp_path / "bd_v1.py"), name="bd")["attached"]
+        assert [x["describe_error"] for x in attached] == ["KeyError: 'oops'"] * 2
+        apps = {x["app_id"]: x for x in ctl.call("apps")["apps"]}
+        assert apps[other.app_id]["engines"][0]["instance"] == "ratelimit"
+        assert apps[a.app_id]["engines"][0]["describe_error"] == "KeyError: 'oops'"
+        listed = {x["app_id"]: x["policies"] for x in ctl.call("policies")["apps"]}
+        assert listed[a.app_id][0]["instance"] == "bd" and listed[other.app_id][0]["config"] == {"rate": 5}
+        upgraded = ctl.call("policy_upgrade", name="bd", module=str(tmp_path / "bd_v2.py"))["upgraded"]
+        assert sorted(x["app_id"] for x in upgraded) == [a.app_id, b.app_id]
+        configured = ctl.call("policy_config", name="bd", config={})["configured"]
+        assert sorted(x["app_id"] for x in configured) == [a.app_id, b.app_id]
+        for args in (["apps"], ["policy", "list"]):
+            r = mrpcctl(d, *args)
+            assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "describe() failed: KeyError" in mrpcctl(d, "policy", "list").stdout
+        flag.unlink()
+        versions = {x["app_id"]: [p["version"] for p in x["policies"]] for x in ctl.call("policies", app="twin")["apps"]}
+        assert versions == {a.app_id: ["2"], b.app_id: ["2"]}
+    finally:
+        ctl.sock.close()
+        for x in (a, b, other):
+            x.close()
+
+
 def test_good_requests_before_a_broken_frame_are_answered(daemon_factory):
     """Two pings and a broken frame in one write: the pings went unanswered, and the error
     said only "malformed control message: " (msgpack's FormatError has no text)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
-from .policy_host import PolicyOpError
+from .policy_host import PolicyOpError, describe_engine
 from .transport_upgrade import TransportUpgradeError
 
 if TYPE_CHECKING:
@@ -280,14 +280,15 @@ class ControlConnection:
         try:
             for s in self._select_apps(msg.get("app")):
                 policy = s.policies.attach(msg.get("policy"), config, name, position)
-                done.append((s, policy.instance_name))  # type: ignore[attr-defined]
-                out.append({"app_id": s.app_id, **policy.describe()})
+                done.append((s, policy))
         except Exception:
             # all or nothing over the apps of one name: take back what this request attached
             # (no record has reached it yet: nothing awaited in between)
-            for s, instance in done:
-                s.policies.detach(instance)
+            for s, policy in done:
+                s.policies.detach(policy.instance_name)  # type: ignore[attr-defined]
             raise
+        for s, policy in done:
+            out.append({"app_id": s.app_id, **describe_engine(policy)})
         return {"attached": out}
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
@@ -305,7 +306,16 @@ class ControlConnection:
         apps = self._apps_with_policy(msg)
         for s in apps:  # validated on every app first: a config one of them refuses changes none
             s.policies.check_config(msg["name"], config)
-        return {"configured": [{"app_id": s.app_id, **s.policies.reconfigure(msg["name"], config).describe()} for s in apps]}
+        done, failed = [], []
+        for s in apps:  # then applied on every app, and only then described
+            try:
+                done.append((s, s.policies.reconfigure(msg["name"], config)))
+            except PolicyOpError as exc:  # it passed check_config, then refused: a policy's bug
+                failed.append(f"app {s.app_id}: {exc}")
+        if failed:
+            applied = ", ".join(str(s.app_id) for s, _ in done) or "none"
+            raise PolicyOpError(f"config of {msg['name']!r} applied on apps {applied}; refused on {'; '.join(failed)}")
+        return {"configured": [{"app_id": s.app_id, **describe_engine(p)} for s, p in done]}
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -318,7 +328,14 @@ class ControlConnection:
             for _, _, new in prepared:
                 new.close(handed_over=True)
             raise
-        return {"upgraded": [{"app_id": s.app_id, **s.policies.commit_upgrade(old, new).describe()} for s, old, new in prepared]}
+        committed = []
+        try:  # every app's swap first, and only then the replies
+            for s, old, new in prepared:
+                committed.append((s, s.policies.commit_upgrade(old, new)))
+        finally:
+            for _, _, new in prepared[len(committed):]:  # never swapped in: let go of them
+                new.close(handed_over=True)
+        return {"upgraded": [{"app_id": s.app_id, **describe_engine(new)} for s, new in committed]}
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
