@@ -604,9 +604,53 @@ def test_the_default_folder_in_tmp_must_be_the_users_own(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# -- mrpcctl and module specs ---------------------------------------------------------------
+
+RL_V2 = '''
+from mrpcd.policies.ratelimit import POLICY as _Base
+
+
+class RL2(_Base):
+    version = "{version}"
+
+
+POLICY = RL2
+'''
+
+
+TRANSPORT = '''
+from mrpcd.transports._tcp import PeerConnection as _Current
+
+
+class PeerConnection(_Current):
+    VERSION = "{version}"
+'''
+
+
 def mrpcctl(d, *args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True,
                           timeout=30, cwd=cwd)
+
+
+def test_mrpcctl_module_paths_are_the_operators_not_the_daemons(daemon_factory, tmp_path):
+    """`--module ./v2.py` was sent as it is and opened in the daemon's working folder."""
+    d = daemon_factory()
+    ops = tmp_path / "ops"
+    ops.mkdir()
+    (ops / "ratelimit_v2.py").write_text(RL_V2.format(version="2.0-ops"))
+    (ops / "tr_ops.py").write_text(TRANSPORT.format(version="ops-1"))
+    app = mrpcd.connect(d.socket, name="rl-app")
+    try:
+        r = mrpcctl(d, "policy", "attach", "rl-app", "./ratelimit_v2.py", "--config", "{rate: 500}", cwd=ops)
+        assert r.returncode == 0, r.stderr
+        r = mrpcctl(d, "policy", "upgrade", "ratelimit", "--module", "./ratelimit_v2.py", cwd=ops)
+        assert r.returncode == 0, r.stderr
+        [policy] = Control(d.socket).call("policies", app="rl-app")["apps"][0]["policies"]
+        assert policy["version"] == "2.0-ops" and policy["module"] == str(ops / "ratelimit_v2.py")
+        r = mrpcctl(d, "transport", "upgrade", "--module", "tr_ops.py", cwd=ops)
+        assert r.returncode == 0 and "transport version ops-1" in r.stdout, r.stderr
+    finally:
+        app.close()
 
 
 # -- a policy whose describe() raises -------------------------------------------------------
@@ -667,6 +711,38 @@ def test_a_policy_whose_describe_raises_breaks_neither_listing_nor_changes(daemo
         ctl.sock.close()
         for x in (a, b, other):
             x.close()
+
+
+BYTES_CONFIG_POLICY = '''
+from mrpcd.policies.base import Policy
+
+
+class AnyConfig(Policy):
+    name = "anycfg"
+
+    def validate_config(self, config):
+        return dict(config)
+
+
+POLICY = AnyConfig
+'''
+
+
+def test_mrpcctl_json_shows_bytes_in_a_policy_config(daemon_factory, tmp_path):
+    d = daemon_factory()
+    (tmp_path / "anycfg.py").write_text(BYTES_CONFIG_POLICY)
+    app = mrpcd.connect(d.socket, name="bytes-app")
+    try:
+        r = mrpcctl(d, "policy", "attach", "bytes-app", str(tmp_path / "anycfg.py"), "--config", "{blob: !!binary aGk=}")
+        assert r.returncode == 0, r.stderr
+        r = mrpcctl(d, "--json", "policy", "list")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        import json
+
+        [policy] = json.loads(r.stdout)["apps"][0]["policies"]
+        assert policy["config"] == {"blob": "aGk="}  # base64
+    finally:
+        app.close()
 
 
 def test_good_requests_before_a_broken_frame_are_answered(daemon_factory):
