@@ -604,6 +604,18 @@ def test_the_default_folder_in_tmp_must_be_the_users_own(tmp_path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_transport_upgrade_to_a_file_that_is_not_python_is_refused_clearly(daemon_factory, tmp_path):
+    d = daemon_factory()
+    notpy = tmp_path / "passwd"
+    notpy.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    with pytest.raises(cp.ControlError, match="not an importable Python file") as err:
+        ctl.call("transport_upgrade", module=str(notpy))
+    assert "NoneType" not in str(err.value)
+    ctl.sock.close()
+
+
 # -- mrpcctl and module specs ---------------------------------------------------------------
 
 RL_V2 = '''
@@ -616,7 +628,6 @@ class RL2(_Base):
 
 POLICY = RL2
 '''
-
 
 TRANSPORT = '''
 from mrpcd.transports._tcp import PeerConnection as _Current
@@ -650,6 +661,38 @@ def test_mrpcctl_module_paths_are_the_operators_not_the_daemons(daemon_factory, 
         r = mrpcctl(d, "transport", "upgrade", "--module", "tr_ops.py", cwd=ops)
         assert r.returncode == 0 and "transport version ops-1" in r.stdout, r.stderr
     finally:
+        app.close()
+
+
+def test_upgrading_again_to_the_same_dotted_module_runs_its_new_code(daemon_factory, tmp_path, monkeypatch):
+    """import_module returned the module cached by the first upgrade: the second one reported
+    success and ran the old code."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(mods), os.environ.get("PYTHONPATH", "")])))
+    d = daemon_factory()
+    (mods / "my_transport.py").write_text(TRANSPORT.format(version="t-2"))
+    (mods / "my_ratelimit.py").write_text(RL_V2.format(version="r-2"))
+    app = mrpcd.connect(d.socket, name="dotted")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    try:
+        assert ctl.call("transport_upgrade", module="my_transport")["version"] == "t-2"
+        ctl.call("policy_attach", app="dotted", policy="my_ratelimit", config={"rate": 100})
+        assert ctl.call("policy_upgrade", name="ratelimit", module="my_ratelimit")["upgraded"][0]["version"] == "r-2"
+        # edited in place, same size (a .pyc of the first would look current)
+        (mods / "my_transport.py").write_text(TRANSPORT.format(version="t-3"))
+        (mods / "my_ratelimit.py").write_text(RL_V2.format(version="r-3"))
+        assert ctl.call("transport_upgrade", module="my_transport")["version"] == "t-3"
+        assert ctl.call("policy_upgrade", name="ratelimit", module="my_ratelimit")["upgraded"][0]["version"] == "r-3"
+        # a new version that fails to import is refused; the running one stays
+        (mods / "my_ratelimit.py").write_text("this is not python\n")
+        with pytest.raises(cp.ControlError, match="failed to import"):
+            ctl.call("policy_upgrade", name="ratelimit", module="my_ratelimit")
+        [policy] = ctl.call("policies", app="dotted")["apps"][0]["policies"]
+        assert policy["version"] == "r-3" and policy["config"] == {"rate": 100}
+    finally:
+        ctl.sock.close()
         app.close()
 
 
