@@ -245,3 +245,36 @@ def test_text_logs_keep_an_app_supplied_name_on_one_line(daemon_factory):
         app.close()
     assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR") for line in log.splitlines())
     assert "x\\n2026-01-01" in log
+
+
+def test_sighup_while_draining_is_ignored_and_a_second_sigterm_stops_at_once(daemon_factory, app_factory, gen_dir):
+    """A reload during the drain told systemd READY=1 after STOPPING=1; and an operator who
+    does not want to wait for drain_timeout had only SIGKILL."""
+    a = daemon_factory("client")
+    fake = FakeSystemd()
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("NOTIFY_SOCKET", fake.name)
+            b = daemon_factory("server", config="drain_timeout: 60\n")
+        fake.wait_for("READY")
+        address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+        client = app_factory("hello_client.py", a, address, "status", "slow:60", gen=gen_dir)
+        deadline = time.monotonic() + 10
+        while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
+            assert time.monotonic() < deadline, "the slow call never reached the server app"
+            time.sleep(0.02)
+        b.proc.send_signal(signal.SIGTERM)
+        fake.wait_for("STOPPING")
+        b.proc.send_signal(signal.SIGHUP)
+        wait_log(b, "SIGHUP ignored: mrpcd is stopping")
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(20) == 0  # not the 60 s of drain_timeout
+        wait_log(b, "SIGTERM while draining: not waiting for the 1 calls in flight")
+        while fake._recv(0.3) is not None:  # whatever it still sent
+            pass
+        after = fake.messages[next(i for i, msg in enumerate(fake.messages) if "STOPPING" in msg):]
+        assert not any("READY" in msg or "RELOADING" in msg for msg in after), after
+        code, out, err = client.wait(30)
+        assert out.startswith("UNAVAILABLE|"), (out, err)
+    finally:
+        fake.close()

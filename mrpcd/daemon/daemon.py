@@ -33,6 +33,7 @@ class Daemon:
         self.counters = {"apps_connected": 0, "apps_dropped": 0}
         self.call_stats = CallStats(config.metrics["buckets"])  # fed by every session's Observer
         self.draining = False
+        self._drain_cut = False  # cut_drain(): stop waiting for calls in flight
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
         self.transport_class: type = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
         self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)
@@ -55,6 +56,15 @@ class Daemon:
         await self.shutdown()
 
     def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def cut_drain(self) -> None:
+        """Stop waiting for calls in flight (a second SIGTERM / SIGINT): they get GOAWAY now."""
+        self._drain_cut = True
         self._stop.set()
 
     async def shutdown(self) -> None:
@@ -115,7 +125,7 @@ class Daemon:
         deadline = loop.time() + timeout
         left = self.in_flight()
         log.info("mrpcd draining: %d calls in flight, waiting up to %.1fs", left, timeout, extra={"in_flight": left})
-        while left and loop.time() < deadline:
+        while left and loop.time() < deadline and not self._drain_cut:
             await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
             left = self.in_flight()
         if left:
