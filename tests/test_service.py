@@ -278,3 +278,42 @@ def test_sighup_while_draining_is_ignored_and_a_second_sigterm_stops_at_once(dae
         assert out.startswith("UNAVAILABLE|"), (out, err)
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "shutdown"])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_server_app_learns_that_its_daemon_stopped(daemon_factory, app_factory, gen_dir, how, flavour):
+    """wait_for_termination() blocked forever after the daemon exited."""
+    d = daemon_factory("gone")
+    server = app_factory("hello_server.py", d, *(["--async"] if flavour == "async" else []), gen=gen_dir)
+    server.readline()
+    if how == "sigterm":
+        d.proc.send_signal(signal.SIGTERM)
+    else:
+        Control(d.socket).call("shutdown")
+    assert d.proc.wait(20) == 0
+    code, out, err = server.wait(30)  # wait_for_termination() returned: the app exits 0
+    assert code == 0 and "closed the connection (it stopped or dropped this app)" in err, err
+
+
+def test_calls_in_flight_fail_unavailable_when_the_apps_daemon_dies(daemon_factory, app_factory, gen_dir):
+    import mrpcd
+    import hello_mrpc
+
+    a, b = daemon_factory("client"), daemon_factory("server")
+    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+    app = mrpcd.connect(a.socket, name="caller")
+    try:
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=app))
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="x"), timeout=20).message == "Hello, x!"
+        fut = stub.SayHello.future(hello_mrpc.HelloRequest(name="slow:60"), timeout=60)
+        deadline = time.monotonic() + 10
+        while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
+            assert time.monotonic() < deadline, "the slow call never reached the server app"
+            time.sleep(0.02)
+        a.proc.kill()  # no drain, no GOAWAY: only the control connection's end tells the app
+        exc = fut.exception(timeout=20)
+        assert exc is not None and exc.code() == mrpcd.StatusCode.UNAVAILABLE and "went away" in exc.details(), exc
+        assert app.closed
+    finally:
+        app.close()
