@@ -317,3 +317,23 @@ def test_calls_in_flight_fail_unavailable_when_the_apps_daemon_dies(daemon_facto
         assert app.closed
     finally:
         app.close()
+
+
+def test_docs_match_the_defaults_and_the_unit_names_every_live_key():
+    """README claimed the config "also sets" metrics on 127.0.0.1:9464 and JSON logs (both are
+    off by default), never created the file the unit's ExecStartPre checks, and the unit's
+    list of what a reload changes missed poll_us and peer_stall_timeout."""
+    from mrpcd.daemon.config import LIVE_KEYS, load
+    from mrpcd.daemon.main import unit_text
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    defaults = load()
+    assert defaults.metrics["address"] is None and defaults.log_format == "text"
+    assert 'also sets: `metrics: {address: "127.0.0.1:9464"}`' not in readme and "`log_format: json`\n(structured" not in readme
+    assert "`metrics: {address: null}`" in readme and "`log_format: text`" in readme
+    assert "mrpcd --print-default-config > /etc/mrpcd/mrpcd.yaml" in readme
+    unit = unit_text()
+    reload_comment = " ".join(line.lstrip("# ") for line in unit.split("`systemctl reload mrpcd`", 1)[1].split("a bad file", 1)[0].splitlines())
+    assert [k for k in LIVE_KEYS if k not in reload_comment.replace(",", " ").split()] == []
+    exec_start_pre = next(line for line in unit.splitlines() if line.startswith("ExecStartPre="))
+    assert "--config /etc/mrpcd/mrpcd.yaml --check-config" in exec_start_pre
