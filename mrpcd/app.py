@@ -70,6 +70,9 @@ class DaemonUnavailable(RpcError):
 class App:
     """One connection to the local mrpcd. Thread-safe; normally one per process (`default_app`)."""
 
+    # what close() tells the calls in flight (_daemon_gone sets UNAVAILABLE)
+    _close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
+
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
         self.socket_path = socket_path or default_socket_path()
@@ -134,8 +137,6 @@ class App:
         self._handed_seq = 0  # the handler whose thread gave the rx role away
         self._watchdog: InlineWatchdog | None = None
         self._thread: threading.Thread | None = None
-        # what close() tells calls in flight (_daemon_gone: UNAVAILABLE)
-        self._close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
         if driver == "thread":
             self._start_rx_thread()
             self._watch_daemon()
