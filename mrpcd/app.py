@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -68,6 +69,9 @@ class DaemonUnavailable(RpcError):
 
 class App:
     """One connection to the local mrpcd. Thread-safe; normally one per process (`default_app`)."""
+
+    # what close() tells the calls in flight (_daemon_gone sets UNAVAILABLE)
+    _close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
@@ -135,6 +139,34 @@ class App:
         self._thread: threading.Thread | None = None
         if driver == "thread":
             self._start_rx_thread()
+            self._watch_daemon()
+
+    # -- the daemon going away ----------------------------------------------------------
+    def _watch_daemon(self) -> None:
+        """A thread that sleeps until the daemon closes the control connection (it stopped,
+        or dropped this app), then closes the app: servers terminate, calls in flight fail
+        UNAVAILABLE. Off the datapath: one poll() for the app's lifetime (close() wakes it)."""
+        threading.Thread(target=self._daemon_watch, args=(self._sock.fileno(),), name=f"mrpcd-watch-{self.app_id}",
+                         daemon=True).start()
+
+    def _daemon_watch(self, fd: int) -> None:
+        p = select.poll()
+        p.register(fd, select.POLLRDHUP)  # the peer's close; POLLHUP / POLLERR come anyway, replies do not wake it
+        while not self.closed:
+            try:
+                if p.poll():
+                    break
+            except OSError:
+                return
+        if not self.closed:
+            self._daemon_gone()
+
+    def _daemon_gone(self) -> None:
+        if self.closed:
+            return
+        log.warning("mrpcd at %s closed the connection (it stopped or dropped this app): closing the app", self.socket_path)
+        self._close_reason = (StatusCode.UNAVAILABLE, f"mrpcd at {self.socket_path} went away (stopped or restarted)")
+        self.close()
 
     # -- control socket -----------------------------------------------------------------
     def request(self, message: dict[str, Any], nfds: int = 0) -> tuple[dict[str, Any], list[int]]:
@@ -469,8 +501,9 @@ class App:
         if self.closed:
             return
         self.closed = True
+        code, details = self._close_reason
         for key, sink in list(self.calls.items()):
-            sink.lost(StatusCode.CANCELLED, "the app closed its connection to mrpcd")
+            sink.lost(code, details)
         for server in list(self.servers):
             server.app_closed()  # handlers see the cancellation; helper threads end
         self.app_waker.signal()
@@ -481,6 +514,10 @@ class App:
         with self._tx_lock:
             self._space.notify_all()
         try:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the watcher (_daemon_watch)
+            except OSError:
+                pass
             self._sock.close()
         finally:
             self.daemon_waker.close()

@@ -38,15 +38,32 @@ class FrameBuffer:
 
     `strict` (the daemon's side, reading untrusted clients) admits only str/bytes map keys;
     clients reading the daemon's replies accept int keys too (e.g. per-app tables).
+
+    A broken frame ends the stream, but the good messages that came before it in the same
+    read are still returned: `feed` returns them and keeps the error in `error`; the next
+    `feed` raises it. When nothing came before it, `feed` raises at once.
     """
 
     def __init__(self, strict: bool = True) -> None:
         self._buf = bytearray()
         self._strict = strict
+        self.error: ControlError | None = None  # the stream broke after the messages last returned
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if self.error is not None:
+            raise self.error
         self._buf += data
-        out = []
+        out: list[dict[str, Any]] = []
+        try:
+            self._parse(out)
+        except ControlError as exc:
+            self._buf.clear()
+            self.error = exc
+            if not out:
+                raise
+        return out
+
+    def _parse(self, out: list[dict[str, Any]]) -> None:
         while len(self._buf) >= 4:
             (n,) = LENGTH.unpack_from(self._buf)
             if n > MAX_CONTROL_MESSAGE:
@@ -57,9 +74,8 @@ class FrameBuffer:
             del self._buf[: 4 + n]
             try:
                 msg = msgpack.unpackb(body, raw=False, strict_map_key=self._strict)
-            except Exception as exc:  # msgpack raises several types for garbage
-                raise ControlError(f"malformed control message: {exc}") from None
+            except Exception as exc:  # msgpack raises several types for garbage, some with no text
+                raise ControlError(f"malformed control message: {str(exc) or type(exc).__name__}") from None
             if not isinstance(msg, dict):
                 raise ControlError("control message must be a map")
             out.append(msg)
-        return out

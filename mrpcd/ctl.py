@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import json
 import os
@@ -136,18 +137,36 @@ def _check_string_keys(value: Any) -> None:
             stack.extend(v)
 
 
+def _module_spec(spec: str) -> str:
+    """A module given as a file (it ends in .py or holds a '/', as the daemon's loaders tell
+    them apart) is named by its absolute path: the daemon runs in another folder, so
+    `--module ./v2.py` must mean the file beside the operator, not one beside the daemon."""
+    if spec.endswith(".py") or "/" in spec or spec.startswith("."):
+        return os.path.abspath(spec)
+    return spec
+
+
 def _policy_request(args: argparse.Namespace) -> tuple[str, dict]:
     config = _load_config_arg(getattr(args, "config", None))
     app = getattr(args, "app", None)
     if args.pcmd == "list":
         return "policies", {"app": app}
     if args.pcmd == "attach":
-        return "policy_attach", {"app": app, "policy": args.policy, "config": config, "name": args.name, "position": args.position}
+        return "policy_attach", {"app": app, "policy": _module_spec(args.policy), "config": config, "name": args.name,
+                                 "position": args.position}
     if args.pcmd == "detach":
         return "policy_detach", {"app": app, "name": args.name}
     if args.pcmd == "config":
         return "policy_config", {"app": app, "name": args.name, "config": config}
-    return "policy_upgrade", {"app": app, "name": args.name, "module": args.module, "config": config}
+    return "policy_upgrade", {"app": app, "name": args.name, "module": _module_spec(args.module), "config": config}
+
+
+def _json_value(value: Any) -> Any:
+    """What JSON has no type for (a policy's config may hold bytes): bytes as base64 text,
+    the rest as its text."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return str(value)
 
 
 def _print_policies(reply: dict) -> None:
@@ -157,6 +176,8 @@ def _print_policies(reply: dict) -> None:
             print("  (no policies)")
         for p in app["policies"]:
             counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
+            if p.get("describe_error"):
+                counters = f"(its describe() failed: {p['describe_error']}) {counters}"
             print(_printable(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}"))
 
 
@@ -174,7 +195,7 @@ def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.")
     p.add_argument("--socket", default=None,
                    help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
-    p.add_argument("--json", action="store_true", help="print raw JSON")
+    p.add_argument("--json", action="store_true", help="print raw JSON (bytes values as base64 text)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("ping", help="is the daemon alive; its pid, version, uptime")
     sub.add_parser("apps", help="connected apps, their services, routes and datapath engines")
@@ -217,7 +238,7 @@ def _main(argv: list[str] | None) -> int:
         if args.cmd == "policy":
             op, req = _policy_request(args)
         elif args.cmd == "transport":
-            op, req = "transport_upgrade", {"module": args.module}
+            op, req = "transport_upgrade", {"module": _module_spec(args.module)}
         else:
             op, req = args.cmd, {}
         reply = ctl.call(op, **req)
@@ -239,7 +260,7 @@ def _main(argv: list[str] | None) -> int:
         else:
             print(json.dumps(reply, indent=2, sort_keys=True, default=str))
     elif args.json or args.cmd == "stats":
-        print(json.dumps(reply, indent=2, sort_keys=True))
+        print(json.dumps(reply, indent=2, sort_keys=True, default=_json_value))
     elif args.cmd == "apps":
         _print_apps(reply)
     elif args.cmd == "ping":

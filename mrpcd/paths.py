@@ -9,6 +9,11 @@ def default_runtime_dir() -> str:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
         return os.path.join(xdg, "mrpcd")
+    return shared_tmp_runtime_dir()
+
+
+def shared_tmp_runtime_dir() -> str:
+    """The fallback folder in /tmp (where another user may have made it first: checked before use)."""
     return f"/tmp/mrpcd-{os.getuid()}"
 
 

@@ -668,6 +668,36 @@ BUILTINS = {
 _fresh = itertools.count(1)
 
 
+def import_fresh(name: str) -> Any:
+    """`importlib.import_module(name)`, except that a module imported before (an earlier
+    upgrade to the same dotted name) is loaded again from its source, so an upgrade runs the
+    code now on disk instead of the cached module. The new copy gets a fresh name (in the
+    same package, so relative imports work) and the cached module is left as it was: the
+    running version keeps its globals, and a copy that fails to import changes nothing.
+    mrpcd's own modules (the built-in policies and transport) are never loaded twice."""
+    old = sys.modules.get(name)
+    if old is None or name == "mrpcd" or name.startswith("mrpcd."):
+        return importlib.import_module(name)
+    spec = getattr(old, "__spec__", None)
+    origin = getattr(spec, "origin", None)
+    if spec is None or not getattr(spec, "has_location", False) or not isinstance(origin, str) or not origin.endswith(".py"):
+        return old  # built into the interpreter, or not loaded from a source file: nothing to re-read
+    is_package = spec.submodule_search_locations is not None
+    fresh = f"{name}__mrpcd_upgrade_{next(_fresh)}"
+    new_spec = importlib.util.spec_from_file_location(fresh, origin, submodule_search_locations=spec.submodule_search_locations)
+    module = importlib.util.module_from_spec(new_spec)
+    if is_package:
+        module.__package__ = name
+    with open(origin, "rb") as f:  # from the source itself: a .pyc of an edit in the same second would look current
+        code = compile(importlib.util.decode_source(f.read()), origin, "exec", dont_inherit=True)
+    sys.modules[fresh] = module  # dataclasses and pickling look modules up here
+    try:
+        exec(code, module.__dict__)
+    finally:
+        sys.modules.pop(fresh, None)
+    return module
+
+
 def load_policy_module(spec: str) -> type[Policy]:
     """Load a policy class: a built-in short name ("ratelimit"), a dotted module name, or a
     path to a .py file. A file is imported under a fresh module name every time, so loading
@@ -699,7 +729,7 @@ def load_policy_module(spec: str) -> type[Policy]:
     else:
         name = BUILTINS.get(spec, spec)
         try:
-            module = importlib.import_module(name)
+            module = import_fresh(name)  # a dotted module given again: its current code
         except (Exception, SystemExit) as exc:
             known = ", ".join(sorted(BUILTINS))
             raise PolicyLoadError(f"policy module {spec} failed to import: {_exc_text(exc)} (built-ins: {known})") from exc

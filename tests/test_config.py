@@ -1,6 +1,7 @@
 """Daemon configuration: embedded default, YAML overrides, refusals that say where and why."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -111,3 +112,44 @@ def test_cli_refuses_an_empty_socket_path(tmp_path):
     """`mrpcd --socket "$UNSET_VAR"` must not fall back to the default path without a word."""
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", "", "--check-config"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "command line: control_socket: must be a socket path or null" in r.stderr
+
+
+@pytest.mark.parametrize("path, expected", [
+    ('"a\\0b"', ":2: control_socket: must not contain a NUL byte"),
+    ("/tmp/" + "x" * 120 + ".sock", ":2: control_socket: is 130 bytes long; a Unix socket path holds at most 107 bytes"),
+])
+def test_a_socket_path_the_kernel_cannot_bind_is_refused_by_check_config(tmp_path, path, expected):
+    """A NUL byte or a path past sun_path's 107 bytes passed --check-config, then the start
+    died with a traceback (ValueError from chmod) and left a stray socket file behind."""
+    p = tmp_path / "sock.yaml"
+    p.write_text(f"log_level: info\ncontrol_socket: {path}\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}{expected}" in str(err.value)
+    for args in (["--check-config"], []):
+        r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), *args], capture_output=True, text=True,
+                           timeout=30, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and f"{p}{expected}" in r.stderr, r.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["sock.yaml"]  # no stray socket
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", "x" * 108, "--check-config"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "command line: control_socket: is 108 bytes long" in r.stderr, r.stderr
+
+
+def test_admin_group_is_resolved_when_the_config_is_read(tmp_path):
+    """An unknown group name made nobody but root an admin, silently; "65534" (a quoted gid)
+    was taken for a group *named* 65534, with the same effect."""
+    import grp
+
+    p = tmp_path / "admin.yaml"
+    p.write_text("log_level: info\nadmin_group: no_such_group_here\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}:2: admin_group: no group named 'no_such_group_here'" in str(err.value)
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "no group named 'no_such_group_here'" in r.stderr, r.stderr
+    p.write_text('admin_group: "65534"\n')
+    assert load(str(p)).admin_group == 65534
+    existing = grp.getgrgid(os.getgid()).gr_name
+    p.write_text(f"admin_group: {existing}\n")
+    assert load(str(p)).admin_group == existing

@@ -6,6 +6,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -368,6 +369,7 @@ def test_a_transport_module_that_exits_on_import_is_refused_and_the_daemon_lives
 
 POLICY_EXITS_ON_START = '''
 import sys
+from pathlib import Path
 
 from mrpcd.policies.base import Policy
 
@@ -475,3 +477,346 @@ def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory
     monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
     assert ctlmod.main(["ping"]) == 1
     assert "none.sock" in capsys.readouterr().err
+
+
+# -- the control socket's path: who may take it over, who may remove it --------------------
+
+
+def _other_user_or_skip() -> None:
+    import shutil
+
+    from conftest import as_other_user
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to act as another user")
+    probe = subprocess.run(as_other_user([sys.executable, "-c", "import mrpcd.daemon.main"]), capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"another user cannot run this Python/mrpcd: {probe.stderr.strip()[-200:]}")
+
+
+def _run_daemon(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    """A daemon that should refuse to start: its exit, or a kill if it serves after all."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+        err = f"(it did not refuse: still running after {timeout}s)\n{err}"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_a_live_daemons_socket_that_cannot_be_probed_is_not_taken_over(daemon_factory):
+    """connect() failing with EACCES (the operator made the socket 0600) said nothing about
+    whether a daemon listens: a second daemon deleted the live one's socket and took the path."""
+    import shutil
+    import tempfile
+
+    from conftest import DaemonProc, OTHER_UID, as_other_user
+
+    _other_user_or_skip()
+    home = Path(tempfile.mkdtemp(prefix="mrpcd-probe-"))
+    try:
+        home.chmod(0o755)
+        os.chown(home, OTHER_UID, OTHER_UID)  # the second daemon may create and remove files here
+        first = DaemonProc(home, "first")
+        try:
+            os.chmod(first.socket, 0o600)  # only root may connect now
+            r = _run_daemon(as_other_user([sys.executable, "-m", "mrpcd.daemon.main", "--socket", first.socket]))
+            assert r.returncode == 1, r.stderr
+            assert f"cannot tell whether another mrpcd serves {first.socket}" in r.stderr and "Permission denied" in r.stderr, r.stderr
+            assert Control(first.socket).call("ping")["pid"] == first.pid  # still its socket
+        finally:
+            first.stop()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_stopping_daemon_leaves_another_daemons_socket_alone(daemon_factory, tmp_path):
+    """Daemon A's socket file was removed (a tmp cleaner) and B now listens at that path: A
+    stopping must not unlink B's socket."""
+    a = daemon_factory("a")
+    os.unlink(a.socket)
+    from conftest import DaemonProc
+
+    b = DaemonProc(tmp_path, Path(a.socket).stem)  # the same path
+    try:
+        assert b.socket == a.socket
+        a.stop()
+        assert a.proc.returncode == 0
+        assert Control(b.socket).call("ping")["pid"] == b.pid
+    finally:
+        b.stop()
+    assert not os.path.exists(b.socket)  # its own socket it does remove
+    assert not os.path.exists(b.socket + ".lock")
+
+
+def test_start_errors_name_what_failed(tmp_path):
+    dangling = tmp_path / "dangling.sock"
+    dangling.symlink_to(tmp_path / "nowhere")
+    r = _run_daemon([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(dangling)])
+    assert r.returncode == 1 and f"{dangling} is a symbolic link to {tmp_path / 'nowhere'} (dangling)" in r.stderr, r.stderr
+    assert dangling.is_symlink()
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text('metrics: {address: "no-such-host.invalid:9464"}\n')
+    r = _run_daemon([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(cfg), "--socket", str(tmp_path / "m.sock")], timeout=60)
+    assert r.returncode == 1 and "cannot start: metrics address no-such-host.invalid:9464:" in r.stderr, r.stderr
+    assert not (tmp_path / "m.sock").exists()
+
+
+def test_a_socket_folder_the_daemon_cannot_write_is_named(tmp_path):
+    from conftest import as_other_user
+
+    _other_user_or_skip()
+    tmp_path.chmod(0o755)  # pytest's 0700 would hide the folder entirely
+    tmp_path.parent.chmod(tmp_path.parent.stat().st_mode | 0o005)
+    (tmp_path / "rootonly").mkdir(mode=0o755)
+    path = tmp_path / "rootonly" / "x.sock"
+    r = _run_daemon(as_other_user([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(path)]))
+    assert r.returncode == 1 and str(tmp_path / "rootonly") in r.stderr and "Permission denied" in r.stderr, r.stderr
+
+
+def test_the_default_folder_in_tmp_must_be_the_users_own(tmp_path):
+    """/tmp/mrpcd-$UID is made with exist_ok: one another user made first (or anyone may
+    write to) would let them replace the socket apps connect to."""
+    from conftest import OTHER_UID, as_other_user
+
+    _other_user_or_skip()
+    folder = Path(f"/tmp/mrpcd-{OTHER_UID}")
+    if folder.exists() or folder.is_symlink():
+        pytest.skip(f"{folder} exists already")
+    folder.mkdir(mode=0o777)
+    try:
+        folder.chmod(0o777)
+        env = {k: v for k, v in os.environ.items() if k not in ("MRPCD_SOCKET", "XDG_RUNTIME_DIR")}
+        proc = subprocess.Popen(as_other_user([sys.executable, "-m", "mrpcd.daemon.main"]), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 1 and f"{folder} belongs to uid 0 with mode 0777: refusing" in err, err
+        assert not (folder / "control.sock").exists()
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_transport_upgrade_to_a_file_that_is_not_python_is_refused_clearly(daemon_factory, tmp_path):
+    d = daemon_factory()
+    notpy = tmp_path / "passwd"
+    notpy.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    with pytest.raises(cp.ControlError, match="not an importable Python file") as err:
+        ctl.call("transport_upgrade", module=str(notpy))
+    assert "NoneType" not in str(err.value)
+    ctl.sock.close()
+
+
+# -- mrpcctl and module specs ---------------------------------------------------------------
+
+RL_V2 = '''
+from mrpcd.policies.ratelimit import POLICY as _Base
+
+
+class RL2(_Base):
+    version = "{version}"
+
+
+POLICY = RL2
+'''
+
+TRANSPORT = '''
+from mrpcd.transports._tcp import PeerConnection as _Current
+
+
+class PeerConnection(_Current):
+    VERSION = "{version}"
+'''
+
+
+def mrpcctl(d, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True,
+                          timeout=30, cwd=cwd)
+
+
+def test_mrpcctl_module_paths_are_the_operators_not_the_daemons(daemon_factory, tmp_path):
+    """`--module ./v2.py` was sent as it is and opened in the daemon's working folder."""
+    d = daemon_factory()
+    ops = tmp_path / "ops"
+    ops.mkdir()
+    (ops / "ratelimit_v2.py").write_text(RL_V2.format(version="2.0-ops"))
+    (ops / "tr_ops.py").write_text(TRANSPORT.format(version="ops-1"))
+    app = mrpcd.connect(d.socket, name="rl-app")
+    try:
+        r = mrpcctl(d, "policy", "attach", "rl-app", "./ratelimit_v2.py", "--config", "{rate: 500}", cwd=ops)
+        assert r.returncode == 0, r.stderr
+        r = mrpcctl(d, "policy", "upgrade", "ratelimit", "--module", "./ratelimit_v2.py", cwd=ops)
+        assert r.returncode == 0, r.stderr
+        [policy] = Control(d.socket).call("policies", app="rl-app")["apps"][0]["policies"]
+        assert policy["version"] == "2.0-ops" and policy["module"] == str(ops / "ratelimit_v2.py")
+        r = mrpcctl(d, "transport", "upgrade", "--module", "tr_ops.py", cwd=ops)
+        assert r.returncode == 0 and "transport version ops-1" in r.stdout, r.stderr
+    finally:
+        app.close()
+
+
+def test_upgrading_again_to_the_same_dotted_module_runs_its_new_code(daemon_factory, tmp_path, monkeypatch):
+    """import_module returned the module cached by the first upgrade: the second one reported
+    success and ran the old code."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(mods), os.environ.get("PYTHONPATH", "")])))
+    d = daemon_factory()
+    (mods / "my_transport.py").write_text(TRANSPORT.format(version="t-2"))
+    (mods / "my_ratelimit.py").write_text(RL_V2.format(version="r-2"))
+    app = mrpcd.connect(d.socket, name="dotted")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    try:
+        assert ctl.call("transport_upgrade", module="my_transport")["version"] == "t-2"
+        ctl.call("policy_attach", app="dotted", policy="my_ratelimit", config={"rate": 100})
+        assert ctl.call("policy_upgrade", name="ratelimit", module="my_ratelimit")["upgraded"][0]["version"] == "r-2"
+        # edited in place, same size (a .pyc of the first would look current)
+        (mods / "my_transport.py").write_text(TRANSPORT.format(version="t-3"))
+        (mods / "my_ratelimit.py").write_text(RL_V2.format(version="r-3"))
+        assert ctl.call("transport_upgrade", module="my_transport")["version"] == "t-3"
+        assert ctl.call("policy_upgrade", name="ratelimit", module="my_ratelimit")["upgraded"][0]["version"] == "r-3"
+        # a new version that fails to import is refused; the running one stays
+        (mods / "my_ratelimit.py").write_text("this is not python\n")
+        with pytest.raises(cp.ControlError, match="failed to import"):
+            ctl.call("policy_upgrade", name="ratelimit", module="my_ratelimit")
+        [policy] = ctl.call("policies", app="dotted")["apps"][0]["policies"]
+        assert policy["version"] == "r-3" and policy["config"] == {"rate": 100}
+    finally:
+        ctl.sock.close()
+        app.close()
+
+
+# -- a policy whose describe() raises -------------------------------------------------------
+
+BAD_DESCRIBE_POLICY = '''
+import os
+
+from mrpcd.policies.base import Policy
+
+
+class BadDescribe(Policy):
+    name = "baddesc"
+    version = "{version}"
+
+    def describe(self):
+        if os.path.exists({flag!r}):
+            raise KeyError("oops")
+        return super().describe()
+
+
+POLICY = BadDescribe
+'''
+
+
+def test_a_policy_whose_describe_raises_breaks_neither_listing_nor_changes(daemon_factory, tmp_path):
+    """One policy's describe() raising broke `mrpcctl apps` and `policy list` for every app, and
+    an upgrade over two apps was applied on both yet reported failed."""
+    d = daemon_factory()
+    flag = tmp_path / "BROKEN"
+    for v in (1, 2):
+        (tmp_path / f"bd_v{v}.py").write_text(BAD_DESCRIBE_POLICY.format(version=v, flag=str(flag)))
+    a, b = mrpcd.connect(d.socket, name="twin"), mrpcd.connect(d.socket, name="twin")
+    other = mrpcd.connect(d.socket, name="other")
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    try:
+        ctl.call("policy_attach", app="other", policy="ratelimit", config={"rate": 5})
+        flag.touch()
+        attached = ctl.call("policy_attach", app="twin", policy=str(tmp_path / "bd_v1.py"), name="bd")["attached"]
+        assert [x["describe_error"] for x in attached] == ["KeyError: 'oops'"] * 2
+        apps = {x["app_id"]: x for x in ctl.call("apps")["apps"]}
+        assert apps[other.app_id]["engines"][0]["instance"] == "ratelimit"
+        assert apps[a.app_id]["engines"][0]["describe_error"] == "KeyError: 'oops'"
+        listed = {x["app_id"]: x["policies"] for x in ctl.call("policies")["apps"]}
+        assert listed[a.app_id][0]["instance"] == "bd" and listed[other.app_id][0]["config"] == {"rate": 5}
+        upgraded = ctl.call("policy_upgrade", name="bd", module=str(tmp_path / "bd_v2.py"))["upgraded"]
+        assert sorted(x["app_id"] for x in upgraded) == [a.app_id, b.app_id]
+        configured = ctl.call("policy_config", name="bd", config={})["configured"]
+        assert sorted(x["app_id"] for x in configured) == [a.app_id, b.app_id]
+        for args in (["apps"], ["policy", "list"]):
+            r = mrpcctl(d, *args)
+            assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "describe() failed: KeyError" in mrpcctl(d, "policy", "list").stdout
+        flag.unlink()
+        versions = {x["app_id"]: [p["version"] for p in x["policies"]] for x in ctl.call("policies", app="twin")["apps"]}
+        assert versions == {a.app_id: ["2"], b.app_id: ["2"]}
+    finally:
+        ctl.sock.close()
+        for x in (a, b, other):
+            x.close()
+
+
+BYTES_CONFIG_POLICY = '''
+from mrpcd.policies.base import Policy
+
+
+class AnyConfig(Policy):
+    name = "anycfg"
+
+    def validate_config(self, config):
+        return dict(config)
+
+
+POLICY = AnyConfig
+'''
+
+
+def test_mrpcctl_json_shows_bytes_in_a_policy_config(daemon_factory, tmp_path):
+    d = daemon_factory()
+    (tmp_path / "anycfg.py").write_text(BYTES_CONFIG_POLICY)
+    app = mrpcd.connect(d.socket, name="bytes-app")
+    try:
+        r = mrpcctl(d, "policy", "attach", "bytes-app", str(tmp_path / "anycfg.py"), "--config", "{blob: !!binary aGk=}")
+        assert r.returncode == 0, r.stderr
+        r = mrpcctl(d, "--json", "policy", "list")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        import json
+
+        [policy] = json.loads(r.stdout)["apps"][0]["policies"]
+        assert policy["config"] == {"blob": "aGk="}  # base64
+    finally:
+        app.close()
+
+
+def test_good_requests_before_a_broken_frame_are_answered(daemon_factory):
+    """Two pings and a broken frame in one write: the pings went unanswered, and the error
+    said only "malformed control message: " (msgpack's FormatError has no text)."""
+    d = daemon_factory()
+
+    def frame(body: bytes) -> bytes:
+        return struct.pack("<I", len(body)) + body
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(d.socket)
+        s.settimeout(10)
+        s.sendall(frame(msgpack.packb({"op": "ping", "id": 1})) + frame(msgpack.packb({"op": "ping", "id": 2})) + frame(b"\xc1"))
+        buf, replies = cp.FrameBuffer(strict=False), []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            replies += buf.feed(data)
+    assert [(r["id"], r["ok"]) for r in replies] == [(1, True), (2, True), (None, False)]
+    assert replies[2]["error"].startswith("malformed control message: ") and replies[2]["error"] != "malformed control message: "
+    assert d.alive()
+
+
+def test_frame_buffer_returns_good_messages_then_reports_the_break():
+    good = cp.encode({"op": "ping", "id": 1})
+    frames = cp.FrameBuffer()
+    assert frames.feed(good + struct.pack("<I", 1) + b"\xc1") == [{"op": "ping", "id": 1}]
+    assert "FormatError" in str(frames.error) or str(frames.error) != "malformed control message: "
+    with pytest.raises(cp.ControlError):
+        frames.feed(good)
+    with pytest.raises(cp.ControlError, match="malformed control message: .+"):
+        cp.FrameBuffer().feed(struct.pack("<I", 1) + b"\xc1")

@@ -245,3 +245,95 @@ def test_text_logs_keep_an_app_supplied_name_on_one_line(daemon_factory):
         app.close()
     assert not any(line.startswith("2026-01-01 00:00:00,000 ERROR") for line in log.splitlines())
     assert "x\\n2026-01-01" in log
+
+
+def test_sighup_while_draining_is_ignored_and_a_second_sigterm_stops_at_once(daemon_factory, app_factory, gen_dir):
+    """A reload during the drain told systemd READY=1 after STOPPING=1; and an operator who
+    does not want to wait for drain_timeout had only SIGKILL."""
+    a = daemon_factory("client")
+    fake = FakeSystemd()
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("NOTIFY_SOCKET", fake.name)
+            b = daemon_factory("server", config="drain_timeout: 60\n")
+        fake.wait_for("READY")
+        address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+        client = app_factory("hello_client.py", a, address, "status", "slow:60", gen=gen_dir)
+        deadline = time.monotonic() + 10
+        while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
+            assert time.monotonic() < deadline, "the slow call never reached the server app"
+            time.sleep(0.02)
+        b.proc.send_signal(signal.SIGTERM)
+        fake.wait_for("STOPPING")
+        b.proc.send_signal(signal.SIGHUP)
+        wait_log(b, "SIGHUP ignored: mrpcd is stopping")
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(20) == 0  # not the 60 s of drain_timeout
+        wait_log(b, "SIGTERM while draining: not waiting for the 1 calls in flight")
+        while fake._recv(0.3) is not None:  # whatever it still sent
+            pass
+        after = fake.messages[next(i for i, msg in enumerate(fake.messages) if "STOPPING" in msg):]
+        assert not any("READY" in msg or "RELOADING" in msg for msg in after), after
+        code, out, err = client.wait(30)
+        assert out.startswith("UNAVAILABLE|"), (out, err)
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "shutdown"])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_server_app_learns_that_its_daemon_stopped(daemon_factory, app_factory, gen_dir, how, flavour):
+    """wait_for_termination() blocked forever after the daemon exited."""
+    d = daemon_factory("gone")
+    server = app_factory("hello_server.py", d, *(["--async"] if flavour == "async" else []), gen=gen_dir)
+    server.readline()
+    if how == "sigterm":
+        d.proc.send_signal(signal.SIGTERM)
+    else:
+        Control(d.socket).call("shutdown")
+    assert d.proc.wait(20) == 0
+    code, out, err = server.wait(30)  # wait_for_termination() returned: the app exits 0
+    assert code == 0 and "closed the connection (it stopped or dropped this app)" in err, err
+
+
+def test_calls_in_flight_fail_unavailable_when_the_apps_daemon_dies(daemon_factory, app_factory, gen_dir):
+    import mrpcd
+    import hello_mrpc
+
+    a, b = daemon_factory("client"), daemon_factory("server")
+    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+    app = mrpcd.connect(a.socket, name="caller")
+    try:
+        stub = hello_mrpc.GreeterStub(mrpcd.insecure_channel(address, app=app))
+        assert stub.SayHello(hello_mrpc.HelloRequest(name="x"), timeout=20).message == "Hello, x!"
+        fut = stub.SayHello.future(hello_mrpc.HelloRequest(name="slow:60"), timeout=60)
+        deadline = time.monotonic() + 10
+        while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
+            assert time.monotonic() < deadline, "the slow call never reached the server app"
+            time.sleep(0.02)
+        a.proc.kill()  # no drain, no GOAWAY: only the control connection's end tells the app
+        exc = fut.exception(timeout=20)
+        assert exc is not None and exc.code() == mrpcd.StatusCode.UNAVAILABLE and "went away" in exc.details(), exc
+        assert app.closed
+    finally:
+        app.close()
+
+
+def test_docs_match_the_defaults_and_the_unit_names_every_live_key():
+    """README claimed the config "also sets" metrics on 127.0.0.1:9464 and JSON logs (both are
+    off by default), never created the file the unit's ExecStartPre checks, and the unit's
+    list of what a reload changes missed poll_us and peer_stall_timeout."""
+    from mrpcd.daemon.config import LIVE_KEYS, load
+    from mrpcd.daemon.main import unit_text
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    defaults = load()
+    assert defaults.metrics["address"] is None and defaults.log_format == "text"
+    assert 'also sets: `metrics: {address: "127.0.0.1:9464"}`' not in readme and "`log_format: json`\n(structured" not in readme
+    assert "`metrics: {address: null}`" in readme and "`log_format: text`" in readme
+    assert "mrpcd --print-default-config > /etc/mrpcd/mrpcd.yaml" in readme
+    unit = unit_text()
+    reload_comment = " ".join(line.lstrip("# ") for line in unit.split("`systemctl reload mrpcd`", 1)[1].split("a bad file", 1)[0].splitlines())
+    assert [k for k in LIVE_KEYS if k not in reload_comment.replace(",", " ").split()] == []
+    exec_start_pre = next(line for line in unit.splitlines() if line.startswith("ExecStartPre="))
+    assert "--config /etc/mrpcd/mrpcd.yaml --check-config" in exec_start_pre

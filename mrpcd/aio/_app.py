@@ -31,6 +31,14 @@ class AioApp(App):
         self._drain_scheduled = False
         self.loop.add_reader(self.app_waker.fileno(), self._on_readable)
         self._drain_soon()
+        self._watch_daemon()
+
+    def _daemon_gone(self) -> None:
+        """(watcher thread) The daemon went away: close on the event loop."""
+        try:
+            self.loop.call_soon_threadsafe(super()._daemon_gone)
+        except RuntimeError:  # the loop is closed: nothing runs on it any more
+            pass
 
     def _on_readable(self) -> None:
         self.app_waker.drain()

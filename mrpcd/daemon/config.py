@@ -38,15 +38,41 @@ def _power_of_two(v: Any) -> int:
 def _group(v: Any) -> str | int | None:
     # A gid outside gid_t (0 .. 2**32-2; 2**32-1 is "no group") made every admin check
     # raise OverflowError later, when a non-root operator ran mrpcctl.
-    if v is None or isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 - 1:
+    if isinstance(v, str) and v.isascii() and v.isdigit():
+        v = int(v)  # "65534" (a quoted gid) is that gid, not a group named "65534"
+    if v is None or isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 - 1:
+        return v
+    if isinstance(v, str) and v:
+        # resolved now: a name this host does not know would make nobody but root an admin,
+        # silently (every admin check would find no such group)
+        import grp
+
+        try:
+            grp.getgrnam(v)
+        except KeyError:
+            raise ValueError(f"no group named {v!r} on this host (getent group {v}); name an existing group or a gid") from None
         return v
     raise ValueError("must be a group name, a gid (0 to 4294967294) or null")
 
 
+# sockaddr_un.sun_path holds 108 bytes, the last one the terminating NUL
+MAX_SOCKET_PATH = 107
+
+
 def _socket_path(v: Any) -> str | None:
-    if v is None or isinstance(v, str) and v:
+    if v is None:
         return v
-    raise ValueError("must be a socket path or null (the default path)")
+    if not isinstance(v, str) or not v:
+        raise ValueError("must be a socket path or null (the default path)")
+    if "\0" in v:
+        raise ValueError("must not contain a NUL byte")
+    try:
+        size = len(os.fsencode(v))
+    except UnicodeError:
+        raise ValueError("cannot be encoded as a file name") from None
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(f"is {size} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH} bytes: pick a shorter one")
+    return v
 
 
 def _choice(*options: str):
@@ -224,5 +250,11 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         except ValueError as exc:
             raise ConfigError(f"command line: {key}: {exc} (got {value!r})") from None
     if values["control_socket"] is None:
-        values["control_socket"] = os.environ.get("MRPCD_SOCKET") or os.path.join(default_runtime_dir(), "control.sock")
+        env = os.environ.get("MRPCD_SOCKET")
+        values["control_socket"] = env or os.path.join(default_runtime_dir(), "control.sock")
+        try:
+            _socket_path(values["control_socket"])
+        except ValueError as exc:
+            where = "MRPCD_SOCKET" if env else "the default control socket path"
+            raise ConfigError(f"{where}: {exc} (got {values['control_socket']!r})") from None
     return Config(**values, source=source)

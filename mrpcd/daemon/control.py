@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import grp
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
-from .policy_host import PolicyOpError
+from .policy_host import PolicyOpError, describe_engine
 from .transport_upgrade import TransportUpgradeError
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class ControlConnection:
         group = self.daemon.config.admin_group
         if group is None:
             return False
+        if isinstance(group, int) and self.gid == group:  # a gid needs no entry in the group database
+            return True
         try:
             g = grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)
         except KeyError:
@@ -86,13 +89,15 @@ class ControlConnection:
                 if not data:
                     return
                 try:
-                    messages = frames.feed(data)
+                    messages, broken = frames.feed(data), frames.error
                 except cp.ControlError as exc:
-                    log.warning("control client pid %d sent a broken frame: %s", self.pid, exc, extra=self.log_fields())
-                    await self._send({"id": None, "ok": False, "error": str(exc), "code": 3})
-                    return
-                for msg in messages:
+                    messages, broken = [], exc
+                for msg in messages:  # the good requests before a broken frame are answered first
                     await self._dispatch(msg)
+                if broken is not None:
+                    log.warning("control client pid %d sent a broken frame: %s", self.pid, broken, extra=self.log_fields())
+                    await self._send({"id": None, "ok": False, "error": str(broken), "code": 3})
+                    return
         except (ConnectionError, OSError):
             return
         finally:
@@ -275,14 +280,15 @@ class ControlConnection:
         try:
             for s in self._select_apps(msg.get("app")):
                 policy = s.policies.attach(msg.get("policy"), config, name, position)
-                done.append((s, policy.instance_name))  # type: ignore[attr-defined]
-                out.append({"app_id": s.app_id, **policy.describe()})
+                done.append((s, policy))
         except Exception:
             # all or nothing over the apps of one name: take back what this request attached
             # (no record has reached it yet: nothing awaited in between)
-            for s, instance in done:
-                s.policies.detach(instance)
+            for s, policy in done:
+                s.policies.detach(policy.instance_name)  # type: ignore[attr-defined]
             raise
+        for s, policy in done:
+            out.append({"app_id": s.app_id, **describe_engine(policy)})
         return {"attached": out}
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
@@ -300,7 +306,16 @@ class ControlConnection:
         apps = self._apps_with_policy(msg)
         for s in apps:  # validated on every app first: a config one of them refuses changes none
             s.policies.check_config(msg["name"], config)
-        return {"configured": [{"app_id": s.app_id, **s.policies.reconfigure(msg["name"], config).describe()} for s in apps]}
+        done, failed = [], []
+        for s in apps:  # then applied on every app, and only then described
+            try:
+                done.append((s, s.policies.reconfigure(msg["name"], config)))
+            except PolicyOpError as exc:  # it passed check_config, then refused: a policy's bug
+                failed.append(f"app {s.app_id}: {exc}")
+        if failed:
+            applied = ", ".join(str(s.app_id) for s, _ in done) or "none"
+            raise PolicyOpError(f"config of {msg['name']!r} applied on apps {applied}; refused on {'; '.join(failed)}")
+        return {"configured": [{"app_id": s.app_id, **describe_engine(p)} for s, p in done]}
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -313,7 +328,14 @@ class ControlConnection:
             for _, _, new in prepared:
                 new.close(handed_over=True)
             raise
-        return {"upgraded": [{"app_id": s.app_id, **s.policies.commit_upgrade(old, new).describe()} for s, old, new in prepared]}
+        committed = []
+        try:  # every app's swap first, and only then the replies
+            for s, old, new in prepared:
+                committed.append((s, s.policies.commit_upgrade(old, new)))
+        finally:
+            for _, _, new in prepared[len(committed):]:  # never swapped in: let go of them
+                new.close(handed_over=True)
+        return {"upgraded": [{"app_id": s.app_id, **describe_engine(new)} for s, new in committed]}
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
@@ -338,26 +360,150 @@ class ControlConnection:
         return {}
 
 
-async def serve_control(daemon: "Daemon", path: str) -> socket.socket:
-    """Listen on `path`; refuses to steal the socket of a daemon that is still alive."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):  # never delete what is not ours to replace
-            raise RuntimeError(f"{path} exists and is not a socket; remove it or choose another control_socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+_PROBE_TIMEOUT = 2.0  # seconds the start-up probe of an existing socket may take
+_LOCK_WAIT = 10.0  # seconds to wait for another mrpcd starting on the same path
+
+
+def _check_private_dir(directory: str) -> None:
+    """The per-user default folder lives in /tmp, where anyone may have made it first: use
+    it only if it is a real folder of this user that nobody else may write to."""
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise RuntimeError(f"cannot use {directory} for the control socket: {exc.strerror}") from None
+    uid = os.getuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeError(f"{directory} is not a folder (a symbolic link?): refusing to put the control socket there; "
+                           "remove it or set control_socket / MRPCD_SOCKET")
+    if st.st_uid != uid or st.st_mode & 0o022:
+        raise RuntimeError(f"{directory} belongs to uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}: refusing to put "
+                           f"the control socket there (it must be uid {uid}'s and writable by nobody else); remove it or set "
+                           "control_socket / MRPCD_SOCKET")
+
+
+def _prepare_dir(path: str) -> None:
+    from ..paths import shared_tmp_runtime_dir
+
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"cannot create the control socket's folder {directory}: {exc.strerror or exc}") from None
+    if os.path.abspath(directory) == shared_tmp_runtime_dir():
+        _check_private_dir(directory)
+
+
+async def _lock_startup(path: str) -> int:
+    """flock `<path>.lock`: two daemons starting on one path do probe, unlink and bind one
+    after the other, so neither can delete the socket the other just bound."""
+    lock_path = path + ".lock"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _LOCK_WAIT
+    while True:
         try:
-            probe.connect(path)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise RuntimeError(f"cannot create {lock_path} (the start-up lock of control socket {path}): {exc.strerror or exc} "
+                               f"(can uid {os.getuid()} write to {os.path.dirname(lock_path) or '.'}?)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if loop.time() >= deadline:
+                raise RuntimeError(f"another mrpcd has been starting on {path} for {_LOCK_WAIT:.0f}s (it holds {lock_path})") from None
+            await asyncio.sleep(0.02)
+            continue
+        except OSError as exc:
+            os.close(fd)
+            raise RuntimeError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
+        try:  # the holder before us removes the file as it lets go: ours must still be the one at the path
+            same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
         except OSError:
-            os.unlink(path)  # stale: nobody listens
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _unlock_startup(path: str, fd: int) -> None:
+    try:
+        os.unlink(path + ".lock")  # ours while we hold it (see _lock_startup)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def _remove_if_stale(path: str) -> None:
+    """Unlink the socket at `path` only when nobody listens on it; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        state = "" if os.path.exists(path) else " (dangling)"
+        raise RuntimeError(f"{path} is a symbolic link to {target}{state}; mrpcd neither listens through nor replaces it: "
+                           "remove it or choose another control_socket")
+    if not stat.S_ISSOCK(st.st_mode):  # never delete what is not ours to replace
+        raise RuntimeError(f"{path} exists and is not a socket; remove it or choose another control_socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_PROBE_TIMEOUT)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # nobody listens: a daemon that died without cleaning up
+        log.info("removing stale control socket %s (nobody listens on it)", path)
+        os.unlink(path)
+    except FileNotFoundError:  # gone meanwhile
+        pass
+    except (BlockingIOError, TimeoutError):  # a full listen backlog: somebody listens
+        raise RuntimeError(f"another mrpcd is already serving {path} (it does not accept connections right now)") from None
+    except OSError as exc:  # e.g. EACCES: a live daemon's socket we may not connect to; not ours to delete
+        raise RuntimeError(f"cannot tell whether another mrpcd serves {path}: connecting to it failed: {exc.strerror or exc}; "
+                           "it is left in place: stop the daemon that owns it, or remove it if it is stale") from None
+    else:
+        raise RuntimeError(f"another mrpcd is already serving {path}")
+    finally:
+        probe.close()
+
+
+def unlink_if_ours(path: str, ident: tuple[int, int] | None) -> None:
+    """Remove the control socket at shutdown, unless it is no longer the one this daemon bound
+    (someone removed ours and another daemon listens there now)."""
+    if ident is None:
+        return
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
         else:
-            probe.close()
-            raise RuntimeError(f"another mrpcd is already serving {path}")
-        finally:
-            probe.close()
+            log.info("control socket %s is not the one this daemon bound any more; left in place", path)
+    except OSError:
+        pass
+
+
+async def serve_control(daemon: "Daemon", path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """Listen on `path`; refuses to steal the socket of a daemon that is still alive.
+
+    Returns the listening socket and the (st_dev, st_ino) of the socket file it made."""
+    _prepare_dir(path)
+    lock = await _lock_startup(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o666)  # any local user may be an app; admin ops check SO_PEERCRED
-    sock.listen(128)
+    ident = None
+    try:
+        _remove_if_stale(path)
+        sock.bind(path)
+        st = os.lstat(path)
+        ident = (st.st_dev, st.st_ino)
+        os.chmod(path, 0o666)  # any local user may be an app; admin ops check SO_PEERCRED
+        sock.listen(128)
+    except BaseException as exc:
+        sock.close()
+        unlink_if_ours(path, ident)
+        if isinstance(exc, OSError):
+            raise RuntimeError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        raise
+    finally:
+        _unlock_startup(path, lock)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
 
@@ -382,4 +528,4 @@ async def serve_control(daemon: "Daemon", path: str) -> socket.socket:
             daemon.spawn(conn.serve())
 
     daemon.spawn(accept_loop())
-    return sock
+    return sock, ident

@@ -9,7 +9,7 @@ from typing import Any, Callable, Coroutine
 
 from .. import __version__
 from .config import Config
-from .control import serve_control
+from .control import serve_control, unlink_if_ours
 from .observe import CallStats
 from .poller import Poller
 from ..transports import tcp
@@ -29,9 +29,11 @@ class Daemon:
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
         self._control_sock = None
+        self._control_ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
         self.counters = {"apps_connected": 0, "apps_dropped": 0}
         self.call_stats = CallStats(config.metrics["buckets"])  # fed by every session's Observer
         self.draining = False
+        self._drain_cut = False  # cut_drain(): stop waiting for calls in flight
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
         self.transport_class: type = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
         self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)
@@ -43,7 +45,7 @@ class Daemon:
             ok, why = rdma.available()
             if not ok:
                 raise RuntimeError(f"transport: rdma configured, but {why}")
-        self._control_sock = await serve_control(self, self.config.control_socket)
+        self._control_sock, self._control_ident = await serve_control(self, self.config.control_socket)
         log.info("mrpcd %s listening on %s (transport %s)", self.version, self.config.control_socket, self.config.transport)
 
     async def run_until_stopped(self, on_stopping: Callable[[], None] | None = None) -> None:
@@ -56,6 +58,15 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    def cut_drain(self) -> None:
+        """Stop waiting for calls in flight (a second SIGTERM / SIGINT): they get GOAWAY now."""
+        self._drain_cut = True
+        self._stop.set()
+
     async def shutdown(self) -> None:
         log.info("mrpcd stopping: %d apps", len(self.sessions))
         self.goaway_all("mrpcd is shutting down")
@@ -63,10 +74,9 @@ class Daemon:
             self.drop_session(session, "daemon stopping")
         if self._control_sock is not None:
             self._control_sock.close()
-            try:
-                os.unlink(self.config.control_socket)
-            except OSError:
-                pass
+            self._control_sock = None
+            # only our own: if ours was removed and another daemon listens there now, its socket stays
+            unlink_if_ours(self.config.control_socket, self._control_ident)
         for task in list(self._tasks):
             task.cancel()
 
@@ -115,7 +125,7 @@ class Daemon:
         deadline = loop.time() + timeout
         left = self.in_flight()
         log.info("mrpcd draining: %d calls in flight, waiting up to %.1fs", left, timeout, extra={"in_flight": left})
-        while left and loop.time() < deadline:
+        while left and loop.time() < deadline and not self._drain_cut:
             await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
             left = self.in_flight()
         if left:

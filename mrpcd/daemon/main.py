@@ -118,18 +118,23 @@ class Service:
     async def run(self) -> int:
         try:
             await self.daemon.start()
-            if self.config.metrics["address"]:
-                await self.metrics.start(self.config.metrics["address"])
-        except (RuntimeError, OSError) as exc:
+            address = self.config.metrics["address"]
+            if address:
+                try:
+                    await self.metrics.start(address)
+                except OSError as exc:  # e.g. a host name that does not resolve: say which address
+                    raise RuntimeError(f"metrics address {address}: {exc.strerror or exc}") from None
+        except (RuntimeError, OSError, ValueError) as exc:
             log.error("cannot start: %s", exc)
-            self.notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={getattr(exc, 'errno', None) or 1}")
+            errno_ = getattr(exc, "errno", None)
+            self.notifier.send(f"STATUS=cannot start: {exc}", f"ERRNO={errno_ if isinstance(errno_, int) and errno_ > 0 else 1}")
             await self.daemon.shutdown()
             self.metrics.close()
             return 1
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.daemon.spawn(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         self.notifier.ready(self.status())
         self.notifier.start_watchdog(loop)
         await self.daemon.run_until_stopped(on_stopping=self._on_stopping)
@@ -139,8 +144,24 @@ class Service:
         return 0
 
     def _on_stop_signal(self, sig: int) -> None:
-        log.info("%s: stopping gracefully (drain up to %.1fs)", signal.Signals(sig).name, self.config.drain_timeout)
+        name = signal.Signals(sig).name
+        if self.stopping:
+            # the operator does not want to wait (a second Ctrl-C): calls still in flight get GOAWAY now
+            log.warning("%s while draining: not waiting for the %d calls in flight, stopping now", name, self.daemon.in_flight())
+            self.daemon.cut_drain()
+            return
+        log.info("%s: stopping gracefully (drain up to %.1fs; send it again to stop at once)", name, self.config.drain_timeout)
         self.daemon.request_stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self.daemon.stop_requested
+
+    def _on_hup(self) -> None:
+        if self.stopping:  # a reload would tell systemd READY=1 after STOPPING=1
+            log.info("SIGHUP ignored: mrpcd is stopping")
+            return
+        self.daemon.spawn(self.reload())
 
     def _on_stopping(self) -> None:
         # The watchdog keeps pinging during the drain: the loop is still alive and well.
@@ -149,11 +170,15 @@ class Service:
     async def reload(self) -> bool:
         """SIGHUP: re-read the config file; apply the live keys, or keep everything on error."""
         async with self._reload_lock:
+            if self.stopping:  # a SIGHUP that came just before the stop: nothing to reload any more
+                log.info("reload skipped: mrpcd is stopping")
+                return False
             self.notifier.reloading()
             try:
                 return await self._reload()
             finally:
-                self.notifier.ready(self.status())
+                if not self.stopping:  # READY=1 after STOPPING=1 would tell systemd the stop was over
+                    self.notifier.ready(self.status())
 
     async def _reload(self) -> bool:
         source = self.config_path or "<embedded default>"

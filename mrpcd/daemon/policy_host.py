@@ -224,7 +224,7 @@ class PolicyHost:
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for index, engine in enumerate(self.chain):
-            d = engine.describe()
+            d = describe_engine(engine)
             d["instance"] = getattr(engine, "instance_name", engine.name)
             d["module"] = getattr(engine, "module_spec", "")
             d["position"] = index
@@ -240,6 +240,20 @@ class PolicyHost:
                 except Exception:
                     log.exception("policy %s failed to close", getattr(engine, "instance_name", engine.name))
         self.chain.clear()
+
+
+def describe_engine(engine: Any) -> dict[str, Any]:
+    """engine.describe(), or, when that raises (a policy's bug), what is known without it and
+    the error: one broken policy must not break listing every app, nor an operator's change."""
+    try:
+        d = engine.describe()
+        if not isinstance(d, dict):
+            raise TypeError(f"describe() returned {type(d).__name__}, not a mapping")
+        return dict(d)
+    except (Exception, SystemExit) as exc:
+        log.warning("policy %s: describe() failed: %s: %s", getattr(engine, "instance_name", "?"), type(exc).__name__, exc)
+        return {"name": getattr(engine, "name", type(engine).__name__), "version": getattr(engine, "version", ""),
+                "describe_error": f"{type(exc).__name__}: {exc}"}
 
 
 def _check_takes_over_held(name: str, old: Policy, new: Policy) -> None:

@@ -15,6 +15,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..policies.base import import_fresh
+
 log = logging.getLogger("mrpcd.transport")
 _fresh = itertools.count(1)
 
@@ -34,10 +36,12 @@ def load_transport_class(spec: Any) -> type:
                 raise TransportUpgradeError(f"no such transport module file: {spec}")
             name = f"mrpcd_transport_upgrade_{next(_fresh)}"
             module_spec = importlib.util.spec_from_file_location(name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise TransportUpgradeError(f"transport module {spec}: not an importable Python file (a .py file exporting PeerConnection)")
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(spec)
+            module = import_fresh(spec)  # a dotted module given again: its current code, not the cached one
     except TransportUpgradeError:
         raise
     except (Exception, SystemExit) as exc:  # sys.exit() at import must not end the daemon
