@@ -25,7 +25,7 @@ def _socket_path(explicit: str | None) -> str:
     if explicit:
         return explicit
     path = default_socket_path()
-    if "MRPCD_SOCKET" not in os.environ and not os.path.exists(path) and os.path.exists(SYSTEM_SOCKET):
+    if not os.environ.get("MRPCD_SOCKET") and not os.path.exists(path) and os.path.exists(SYSTEM_SOCKET):
         return SYSTEM_SOCKET
     return path
 

@@ -473,6 +473,9 @@ def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no per-user daemon here
     assert ctlmod.main(["ping"]) == 0
     assert f"pid {d.pid}" in capsys.readouterr().out
+    monkeypatch.setenv("MRPCD_SOCKET", "")  # empty is unset (as the app library reads it)
+    assert ctlmod.main(["ping"]) == 0
+    assert f"pid {d.pid}" in capsys.readouterr().out
     # an explicit choice is kept, even when nothing listens there
     monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
     assert ctlmod.main(["ping"]) == 1

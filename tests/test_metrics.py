@@ -90,7 +90,7 @@ def test_render_is_valid_prometheus_text(observer):
         instance_name = 'we"ird\npolicy'
 
         def describe(self):
-            return {"counters": {"a-b": 2, "flag": True}, "held": {"outbound": 1, "inbound": 0}}
+            return {"counters": {"a-b": 2, "flag": True, "a_b": 5, 'say"hi': 1}, "held": {"outbound": 1, "inbound": 0}}
 
     class Broken:
         def describe(self):
@@ -113,8 +113,10 @@ def test_render_is_valid_prometheus_text(observer):
     assert hist[("mrpcd_client_handling_seconds_bucket", "+Inf")] == 1 and hist[("mrpcd_client_handling_seconds_sum", None)] == 2
     app = fams["mrpcd_app_records_out"].samples[0]
     assert app.labels == {"app_id": "3", "app": "app\\one"} and app.value == 4
-    pol = fams["mrpcd_policy_a_b"].samples[0]
+    pol, pol2 = fams["mrpcd_policy_a_b"].samples  # a-b and a_b: one name, told apart by key
     assert pol.labels["policy"] == 'we"ird\npolicy' and pol.value == 2
+    assert pol2.labels == dict(pol.labels, key="a_b") and pol2.value == 5
+    assert fams["mrpcd_policy_say_hi"].documentation == 'Policy counter say"hi.'  # HELP escapes no quote
     assert "mrpcd_policy_flag" not in fams  # booleans are not counters
     assert {x.labels["direction"]: x.value for x in fams["mrpcd_policy_held_records"].samples} == {"outbound": 1, "inbound": 0}
     assert fams["mrpcd_apps"].samples[0].value == 1 and fams["mrpcd_uptime_seconds"].samples[0].value == 1.5

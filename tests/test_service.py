@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,25 @@ def test_watchdog_interval_follows_sd_watchdog_enabled():
     assert watchdog_interval({"WATCHDOG_USEC": "3000000", "WATCHDOG_PID": "1"}) is None  # someone else's job
     assert watchdog_interval({"WATCHDOG_USEC": "soon"}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+
+
+def test_a_tiny_watchdog_interval_does_not_make_a_busy_loop_of_pings():
+    class Loop:
+        def call_later(self, delay, fn):
+            self.delay = delay
+            return SimpleNamespace(cancel=lambda: None)
+
+    fake = FakeSystemd()
+    try:
+        n = Notifier({"NOTIFY_SOCKET": fake.name, "WATCHDOG_USEC": "2"})
+        loop = Loop()
+        n.start_watchdog(loop)
+        assert loop.delay >= 0.05
+        n = Notifier({"NOTIFY_SOCKET": fake.name, "WATCHDOG_USEC": "3000000"})
+        n.start_watchdog(loop)
+        assert loop.delay == 1.5
+    finally:
+        fake.close()
 
 
 def test_notifier_without_systemd_is_a_no_op_and_with_one_sends_one_datagram():

@@ -42,7 +42,13 @@ _NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
 
 # -- the exposition format ---------------------------------------------------------------
 def _escape(value: str) -> str:
+    """A label value: backslash, newline and double quote escaped (the text format's rule)."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(value: str) -> str:
+    """HELP text escapes only backslash and newline: a quote stays a quote."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _labels(pairs: Iterable[tuple[str, Any]]) -> str:
@@ -81,7 +87,7 @@ class Family:
         self.samples.append(f"{self.name}{suffix}{_labels(labels)} {_num(value)}")
 
     def render(self) -> str:
-        return f"# HELP {self.name} {_escape(self.help)}\n# TYPE {self.name} {self.kind}\n" + "".join(s + "\n" for s in self.samples)
+        return f"# HELP {self.name} {_escape_help(self.help)}\n# TYPE {self.name} {self.kind}\n" + "".join(s + "\n" for s in self.samples)
 
 
 def _call_families(stats: CallStats) -> list[Family]:
@@ -187,13 +193,17 @@ def render(daemon: "Daemon") -> str:
         labels = (("app_id", s.app_id), ("app", s.name), ("policy", policy))
         counters = d.get("counters")
         if isinstance(counters, dict):
+            named: set[str] = set()
             for key, value in counters.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     name = metric_name("mrpcd_policy", str(key), "total")
                     fam = pol_fams.get(name)
                     if fam is None:
                         fam = pol_fams[name] = Family(name, "counter", f"Policy counter {key}.")
-                    fam.add(value, labels)
+                    # two keys of one policy that make the same metric name (a-b, a_b): the
+                    # second is told apart by its key, never a duplicate sample
+                    fam.add(value, labels if name not in named else labels + (("key", str(key)),))
+                    named.add(name)
         h = d.get("held")
         if isinstance(h, dict):
             for direction, n in sorted(h.items()):

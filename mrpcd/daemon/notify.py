@@ -75,7 +75,9 @@ class Notifier:
         """Ping WATCHDOG=1 every half interval on `loop` (no thread: a stuck loop stops it)."""
         if not self.enabled or self.watchdog_interval is None or self._watchdog is not None:
             return
-        period = self.watchdog_interval / 2
+        # half the interval, as sd_watchdog_enabled(3) says, but never a busy loop of pings
+        # (a WATCHDOG_USEC of a few microseconds would make every loop turn send one)
+        period = max(self.watchdog_interval / 2, WATCHDOG_MIN_PERIOD)
 
         def ping() -> None:
             self.send("WATCHDOG=1")
@@ -93,6 +95,9 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+WATCHDOG_MIN_PERIOD = 0.05  # seconds between pings at least, whatever WATCHDOG_USEC says
 
 
 def watchdog_interval(env: "os._Environ[str] | dict[str, str]") -> float | None:
