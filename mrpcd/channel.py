@@ -48,8 +48,8 @@ class _ClientCall(ClientCallCore):
     def deliver(self, rec: R.Record) -> None:
         with self._cond:
             cancel = self.take(rec)
-            if cancel is not None:
-                self.app.try_send(cancel)
+            if cancel is not None:  # (the rx thread never waits for ring room)
+                self.app.send_control(cancel)
 
     def grant(self, n: int) -> None:
         with self._cond:
@@ -65,10 +65,9 @@ class _ClientCall(ClientCallCore):
             if not self.end(code, details):
                 return False
             self.cancelled_locally = code is StatusCode.CANCELLED
-        try:
-            self.app.send(self.cancel_record(), timeout=1.0)
-        except RpcError:
-            pass  # the daemon is gone: the server side is cancelled by the lost connection
+        # queued if the ring is full, never dropped: the server would go on for nobody
+        # (a closed app: the daemon cancels the server side by the lost connection)
+        self.app.send_control(self.cancel_record())
         return True
 
     def _wait(self, ready: Callable[[], bool], deadline: wire.Deadline | None, timeout: float | None = None) -> bool:
@@ -140,11 +139,8 @@ class _ClientCall(ClientCallCore):
                     raise StopIteration
                 raise self.error()
         payload, window = got
-        if window is not None:
-            try:
-                self.app.send(window, timeout=1.0)
-            except RpcError:
-                pass
+        if window is not None:  # a lost grant would stall the response stream for good
+            self.app.send_control(window)
         try:
             return self.decode(payload)
         except ValueError as exc:

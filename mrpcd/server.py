@@ -70,13 +70,9 @@ class _ServerCall(ServerCallCore):
             record = None if status is None else self._end_record(*status)
         self.server._forget(self)
         if record is not None:
-            if expired:  # the deadline thread never waits for ring room
-                self.app.try_send(record)
-            else:
-                try:
-                    self.app.send(record, 1.0)
-                except RpcError:
-                    pass  # the app's link to the daemon is gone: the client hears of it there
+            # never waits for ring room (the deadline thread, the rx thread call this) and
+            # never lost: the client would wait for its deadline, or for ever without one
+            self.app.send_control(record)
         for cb in callbacks:
             try:
                 cb()
@@ -107,7 +103,7 @@ class _ServerCall(ServerCallCore):
             else:
                 raise StopIteration
         if window is not None:
-            self.app.try_send(window)
+            self.app.send_control(window)  # a lost grant would stall the request stream for good
         return self._decode(payload)
 
     def request_iterator(self) -> Iterator[Any]:
@@ -321,7 +317,7 @@ class Server(ServerCore):
         self._started = True
 
     def _reply_nowait(self, data: bytes) -> None:
-        self.app.try_send(data)
+        self.app.send_control(data)
 
     def _admit(self, rec: R.Record, path: str, handler: RpcMethodHandler) -> None:
         call = _ServerCall(self, rec, path, handler)
@@ -424,7 +420,7 @@ class Server(ServerCore):
                 return  # a runner took it after all
         call.finished = True
         self._forget(call)
-        self.app.try_send(wire.response_record(call.handle, call.call_id, R.F_START | R.F_END, None,
+        self.app.send_control(wire.response_record(call.handle, call.call_id, R.F_START | R.F_END, None,
                                                code=StatusCode.UNAVAILABLE, details="the server's thread pool is shut down"))
 
     def _runner(self) -> None:

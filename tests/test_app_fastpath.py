@@ -111,6 +111,7 @@ def _bare_app(pair: RingPair) -> appmod.App:
     app._rx_lock, app._held = threading.RLock(), None
     app._baton, app._baton_lock, app._draining = collections.deque(), threading.Lock(), None
     app._inline_since = None
+    app._control = collections.deque()
     app.max_record = 1 << 20
     app.calls, app.servers, app.handle_listeners = {}, [], {}
     return app

@@ -1,0 +1,144 @@
+"""Streams and calls that must end, or go on, as grpcio's do when things are not smooth:
+flow-control credit sent while the app's tx ring is full, a request over the server's
+receive limit in the middle of a stream, deadlines of calls nobody waits on, and reads
+after a cancel. The server app is behind daemon B, the client app behind daemon A, both in
+this process, on the four-kind Streamer service of tests/protos/streaming.proto.
+
+A full tx ring is made here by stopping the app's daemon (SIGSTOP; it stands for a daemon
+that is busy for a moment) and filling the ring with CANCELs of calls that never existed
+(harmless: nobody has such a call); every test resumes the daemon in a `finally`."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+import pytest
+
+import mrpcd
+from mrpcd import wire
+from mrpcd.marshal import records as R
+
+from conftest import wait_until
+
+KIB = 1024
+SMALL_RING = "ring_size: 262144\n"  # quick to fill with 40-byte records
+
+
+@contextlib.contextmanager
+def sync_pair(a, b, pb, servicer, server_options=None):
+    """(server, stub, channel, client app, server app): `servicer` served behind daemon
+    `b`, the stub's app behind daemon `a`."""
+    srv_app = mrpcd.connect(b.socket, name="robust-server")
+    cli_app = mrpcd.connect(a.socket, name="robust-client")
+    try:
+        server = mrpcd.server(app=srv_app, options=server_options)
+        pb.add_StreamerServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        yield server, pb.StreamerStub(channel), channel, cli_app, srv_app
+        server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+@contextlib.contextmanager
+def stopped(daemon):
+    """The daemon takes nothing from its apps' rings while inside."""
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+
+
+def fill_tx_ring(app, handle: int) -> int:
+    """(its daemon stopped) Fill the app's tx ring up to the last byte a 40-byte record
+    could use; returns how many records that took."""
+    n = 0
+    while app.try_send(wire.cancel_record(handle, (1 << 40) + n)):
+        n += 1
+    assert n > 0 and app.tx.free_bytes() < 64
+    return n
+
+
+def server_calls(server):
+    return list(server._calls.values())
+
+
+# -- flow-control credit is never dropped (sync) ---------------------------------------
+
+
+def test_sync_server_request_credit_survives_a_full_tx_ring(daemon_factory, streamer):
+    """The sync server grants request-stream credit as its handler reads. When that grant
+    met a full tx ring it was dropped (try_send), and the client, out of credit, waited
+    for it until its deadline: the stream stalled for good. Now it waits in the app's
+    control queue and goes out once the daemon takes records again."""
+    pb = streamer[2]
+    a, b = daemon_factory("a"), daemon_factory("b", SMALL_RING)
+    size = 100 * KIB  # 3 messages spend the 256 KiB window; the 2nd read grants 200 KiB
+    entered, go, got, peer = threading.Event(), threading.Event(), [], []
+
+    class S(pb.StreamerServicer):
+        def ClientStream(self, request_iterator, context):
+            peer.append(int(context.peer().rpartition(":")[2]))
+            entered.set()
+            go.wait(20)
+            for chunk in request_iterator:
+                got.append(chunk.seq)
+            return pb.Summary(total=len(got))
+
+    with sync_pair(a, b, pb, S()) as (server, stub, _channel, _cli_app, srv_app):
+        result = {}
+
+        def client():
+            try:
+                result["ok"] = stub.ClientStream(iter([pb.Chunk(seq=i, data=b"x" * size) for i in range(5)]), timeout=15).total
+            except mrpcd.RpcError as exc:
+                result["err"] = (exc.code(), exc.details())
+
+        th = threading.Thread(target=client)
+        th.start()
+        try:
+            assert entered.wait(10)
+            # the client sent what its credit allowed (3 messages) and waits for a grant
+            assert wait_until(lambda: sum(len(c._messages) for c in server_calls(server)) == 3, 10)
+            with stopped(b):
+                fill_tx_ring(srv_app, peer[0])
+                go.set()
+                assert wait_until(lambda: len(got) == 3, 10)
+                assert srv_app.tx.free_bytes() < 64  # the grant met the full ring
+        finally:
+            go.set()
+            th.join(30)
+        assert result == {"ok": 5}, result
+        assert wait_until(lambda: not getattr(srv_app, "_control", ()), 5)
+
+
+def test_sync_client_response_credit_survives_a_full_tx_ring(daemon_factory, streamer):
+    """Likewise for the sync client reading a response stream: its grant waited 1 s for
+    ring room, then was dropped, and the server's stream stalled until the deadline."""
+    pb = streamer[2]
+    a, b = daemon_factory("a", SMALL_RING), daemon_factory("b")
+    size = 100 * KIB
+    sent = []
+
+    class S(pb.StreamerServicer):
+        def ServerStream(self, request, context):
+            for i in range(5):
+                sent.append(i)
+                yield pb.Chunk(seq=i, data=b"x" * size)
+
+    with sync_pair(a, b, pb, S()) as (_server, stub, channel, cli_app, _srv_app):
+        it = stub.ServerStream(pb.Chunk(), timeout=15)
+        # the server sent what its credit allowed (3 messages) and waits for a grant
+        assert wait_until(lambda: sum(len(c.messages) for c in list(cli_app.calls.values())) == 3, 10)
+        with stopped(a):
+            fill_tx_ring(cli_app, channel._handle)
+            assert [next(it).seq for _ in range(3)] == [0, 1, 2]
+            assert cli_app.tx.free_bytes() < 64  # the 2nd read's grant met the full ring
+        assert [m.seq for m in it] == [3, 4]
+        assert sent == [0, 1, 2, 3, 4]
+        assert wait_until(lambda: not getattr(cli_app, "_control", ()), 5)
