@@ -47,8 +47,10 @@ class _ServerCall(ServerCallCore):
 
     def deliver(self, rec: R.Record) -> None:
         with self._cond:
-            self._take(rec)
+            over = self._take(rec)
             self._cond.notify_all()
+        if over:  # the call failed: the client hears it now, the handler at its next read
+            self.cancel(status=self.too_large_status())
 
     def grant(self, n: int) -> None:
         with self._cond:
@@ -94,7 +96,7 @@ class _ServerCall(ServerCallCore):
         with self._cond:
             while not self._messages and not self._half_closed and not self.cancelled:
                 self._cond.wait(1.0)
-            if self.too_large is not None and not self._messages:
+            if self.too_large is not None:
                 raise TooLarge(self.too_large)
             if self._messages:
                 payload, window = self._pop_request()
@@ -336,6 +338,8 @@ class Server(ServerCore):
                 if spawn:
                     self._runners += 1
         self._deadlines.add(call)
+        if call.too_large is not None:  # its first message was over the limit: no handler runs
+            call.cancel(status=call.too_large_status())
         if spawn and not self._spawn_runner():
             self._refuse(call)
 

@@ -142,3 +142,92 @@ def test_sync_client_response_credit_survives_a_full_tx_ring(daemon_factory, str
         assert [m.seq for m in it] == [3, 4]
         assert sent == [0, 1, 2, 3, 4]
         assert wait_until(lambda: not getattr(cli_app, "_control", ()), 5)
+
+
+# -- a request over the server's receive limit fails the call at once -----------------
+
+
+def test_sync_request_over_the_limit_mid_stream_fails_the_call_at_once(streamer, caplog):
+    """grpc fails the call with RESOURCE_EXHAUSTED when a request message is over the
+    server's max_receive_message_length; the handler gets nothing more. It used to skip
+    that message and read on (the handler saw 0, 2, 3), the call ending OK."""
+    a, b, pb = streamer
+    go, seen, outcome = threading.Event(), [], []
+
+    class S(pb.StreamerServicer):
+        def ClientStream(self, request_iterator, context):
+            go.wait(5)
+            try:
+                for chunk in request_iterator:
+                    seen.append(chunk.seq)
+            except Exception as exc:
+                outcome.append((type(exc).__name__, context.is_active()))
+                raise
+            outcome.append(("end", context.is_active()))
+            return pb.Summary(total=len(seen))
+
+    requests = [pb.Chunk(seq=0, data=b"x" * 10), pb.Chunk(seq=1, data=b"x" * 2000), pb.Chunk(seq=2), pb.Chunk(seq=3)]
+    with sync_pair(a, b, pb, S(), server_options=[("grpc.max_receive_message_length", 1000)]) as (_server, stub, *_):
+        try:
+            fut = stub.ClientStream.future(iter(requests), timeout=10)
+            # answered without waiting for the handler, which has not read anything yet
+            assert fut.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+            assert fut.details().startswith("Received message larger than max (")
+        finally:
+            go.set()
+        assert wait_until(lambda: outcome, 10)
+    assert seen == [] and outcome == [("TooLarge", False)]
+    assert not [r for r in caplog.records if r.name == "mrpcd.server" and r.levelname == "ERROR"]
+
+
+def test_aio_request_over_the_limit_mid_stream_fails_the_call_at_once(streamer, caplog):
+    """The asyncio server likewise: the call ends with RESOURCE_EXHAUSTED at once and the
+    handler task is cancelled (it used to read on past the message, then see a raw
+    RpcError that was logged as an exception of the application)."""
+    import asyncio
+
+    import mrpcd.aio
+
+    a, b, pb = streamer
+    seen, outcome = [], []
+
+    class S(pb.StreamerServicer):
+        async def ClientStream(self, request_iterator, context):
+            try:
+                await asyncio.sleep(5)  # the whole stream arrives meanwhile
+                async for chunk in request_iterator:
+                    seen.append(chunk.seq)
+            except BaseException as exc:
+                outcome.append(type(exc).__name__)
+                raise
+            return pb.Summary(total=len(seen))
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
+        try:
+            server = mrpcd.aio.server(app=srv_app, options=[("grpc.max_receive_message_length", 1000)])
+            pb.add_StreamerServicer_to_server(S(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+            requests = [pb.Chunk(seq=0, data=b"x" * 10), pb.Chunk(seq=1, data=b"x" * 2000), pb.Chunk(seq=2), pb.Chunk(seq=3)]
+            try:
+                call = pb.StreamerStub(channel).ClientStream(iter(requests), timeout=10)
+                with pytest.raises(mrpcd.RpcError) as info:
+                    await asyncio.wait_for(call, 3)  # well before the handler would read
+                assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+                assert info.value.details().startswith("Received message larger than max (")
+                assert await call.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+                await asyncio.sleep(0.2)  # (a handler that went on reading would have done so now)
+            finally:
+                await channel.close()
+                await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(main())
+    # cancelled in its sleep, or before it started when the whole stream came in one batch
+    assert seen == [] and outcome in ([], ["CancelledError"])
+    assert not [r for r in caplog.records if r.name == "mrpcd.server" and r.levelname == "ERROR"]
