@@ -175,10 +175,16 @@ class ClientCallCore:
         return False
 
     def end(self, code: StatusCode, details: str) -> bool:
-        """End the call locally; False if it had already ended."""
+        """End the call locally; False if it had already ended.
+
+        The messages still queued are dropped: the call failed here (cancel, deadline,
+        lost connection, channel closed), and grpc raises at the next read, it does not
+        hand out what it buffered first (thousands, a window's worth). Messages the
+        server sent before its own error status are kept (take(): they came first)."""
         if self.done:
             return False
         self.code, self.details = code, details
+        self.messages.clear()
         self._finish()
         self._wake()
         return True

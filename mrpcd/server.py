@@ -65,6 +65,7 @@ class _ServerCall(ServerCallCore):
                 return
             self.cancelled = True
             self.expired = expired
+            self._messages.clear()  # the handler's next read raises; nobody takes these
             callbacks, self._callbacks = self._callbacks, []
             self._cond.notify_all()
             if expired:  # the client may not have noticed yet (clock skew, lost CANCEL): tell it
@@ -98,12 +99,11 @@ class _ServerCall(ServerCallCore):
                 self._cond.wait(1.0)
             if self.too_large is not None:
                 raise TooLarge(self.too_large)
-            if self._messages:
-                payload, window = self._pop_request()
-            elif self.cancelled:
+            if self.cancelled:  # before what is queued: grpc raises at the next read
                 raise _Cancelled()
-            else:
+            if not self._messages:
                 raise StopIteration
+            payload, window = self._pop_request()
         if window is not None:
             self.app.send_control(window)  # a lost grant would stall the request stream for good
         return self._decode(payload)

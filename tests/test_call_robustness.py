@@ -231,3 +231,124 @@ def test_aio_request_over_the_limit_mid_stream_fails_the_call_at_once(streamer, 
     # cancelled in its sleep, or before it started when the whole stream came in one batch
     assert seen == [] and outcome in ([], ["CancelledError"])
     assert not [r for r in caplog.records if r.name == "mrpcd.server" and r.levelname == "ERROR"]
+
+
+# -- after a cancel, the next read raises (nothing queued comes out first) -------------
+
+
+def _queued(app) -> int:
+    return sum(len(c.messages) for c in list(app.calls.values()))
+
+
+def test_sync_reads_after_cancel_or_channel_close_raise_at_once(streamer):
+    """grpc raises on the next read of a call the application cancelled (or whose
+    channel it closed); the response iterator used to hand out every message already
+    queued first (thousands, up to a flow-control window), then raise."""
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        def ServerStream(self, request, context):
+            i = 0
+            while context.is_active():
+                yield pb.Chunk(seq=i)
+                i += 1
+
+    with sync_pair(a, b, pb, S()) as (_server, stub, channel, cli_app, _srv_app):
+        it = stub.ServerStream(pb.Chunk(), timeout=20)
+        assert next(it).seq == 0
+        assert wait_until(lambda: _queued(cli_app) >= 100, 10)
+        it.cancel()
+        with pytest.raises(mrpcd.RpcError) as info:
+            next(it)
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED
+        it = stub.ServerStream(pb.Chunk(), timeout=20)
+        assert next(it).seq == 0
+        assert wait_until(lambda: _queued(cli_app) >= 100, 10)
+        channel.close()
+        with pytest.raises(mrpcd.RpcError) as info:
+            next(it)
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED and info.value.details() == "Channel closed!"
+
+
+def test_aio_reads_after_cancel_raise_at_once(streamer):
+    import asyncio
+
+    import mrpcd.aio
+
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def ServerStream(self, request, context):
+            i = 0
+            while True:
+                yield pb.Chunk(seq=i)
+                i += 1
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(S(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+            try:
+                call = pb.StreamerStub(channel).ServerStream(pb.Chunk(), timeout=20)
+                assert (await call.read()).seq == 0
+                for _ in range(200):
+                    if _queued(cli_app) >= 100:
+                        break
+                    await asyncio.sleep(0.05)
+                assert _queued(cli_app) >= 100
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call.read()
+            finally:
+                await channel.close()
+                await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(main())
+
+
+def test_sync_server_reads_after_the_client_cancelled_raise_at_once(streamer):
+    """The sync server's request iterator likewise: once the client cancelled, the
+    handler's next read raises CANCELLED; it used to yield the requests queued first."""
+    a, b, pb = streamer
+    go, outcome = threading.Event(), []
+    gate = threading.Event()
+
+    class S(pb.StreamerServicer):
+        def ClientStream(self, request_iterator, context):
+            go.wait(10)
+            n = 0
+            try:
+                for _ in request_iterator:
+                    n += 1
+            except mrpcd.RpcError as exc:
+                outcome.append((n, exc.code()))
+                raise
+            outcome.append((n, "end"))
+            return pb.Summary(total=n)
+
+    def requests():
+        for i in range(50):
+            yield pb.Chunk(seq=i)
+        gate.wait(10)  # the stream stays open
+
+    with sync_pair(a, b, pb, S()) as (server, stub, *_):
+        try:
+            fut = stub.ClientStream.future(requests(), timeout=20)
+            assert wait_until(lambda: sum(len(c._messages) for c in server_calls(server)) == 50, 10)
+            call = server_calls(server)[0]
+            fut.cancel()
+            assert wait_until(lambda: not call.is_active(), 10)
+            go.set()
+            assert wait_until(lambda: outcome, 10)
+        finally:
+            go.set()
+            gate.set()
+    assert outcome == [(0, mrpcd.StatusCode.CANCELLED)]

@@ -53,6 +53,7 @@ class _ServerCall(ServerCallCore):
         if status is not None:
             self.app.send_nowait(self._end_record(*status))
         self.cancelled = True
+        self._messages.clear()  # the handler's next read raises; nobody takes these
         if self._timer is not None:
             self._timer.cancel()
         self.server._forget(self)
