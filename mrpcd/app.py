@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import os
 import socket
 import threading
@@ -23,6 +24,7 @@ from .marshal import records as R
 from .marshal._pack import Parts
 from .marshal._ringio import ring_push_parts, ring_take_records
 from .marshal.schema import Schema
+from .deadlines import DeadlineHeap
 from .malloc_tuning import tune_malloc
 from .native import ring as ringmod
 from .paths import default_socket_path
@@ -109,6 +111,11 @@ class App:
         self._control: deque[bytes] = deque()
         self._call_ids = itertools.count(1)
         self.calls: dict[tuple[int, int], CallSink] = {}
+        # Client calls with a deadline that nobody may be waiting on (futures, response
+        # streams; mrpcd.channel): ended at their deadline all the same, as grpc does.
+        # Its thread starts with the first such call and leaves when none is left.
+        self.call_deadlines = DeadlineHeap("mrpcd-call-deadlines", expire=operator.methodcaller("expire_deadline"),
+                                           ended=operator.attrgetter("done"))
         self.servers: list[Any] = []  # mrpcd.server.Server / aio servers, each with route(), handle_lost() and app_closed()
         self.handle_listeners: dict[int, list[Callable[[str], None]]] = {}
         self._schemas: set[int] = set()
@@ -533,6 +540,7 @@ class App:
             sink.lost(StatusCode.CANCELLED, "the app closed its connection to mrpcd")
         for server in list(self.servers):
             server.app_closed()  # handlers see the cancellation; helper threads end
+        self.call_deadlines.close()
         self.app_waker.signal()
         if self._watchdog is not None:
             self._watchdog.close()

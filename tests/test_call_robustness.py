@@ -352,3 +352,81 @@ def test_sync_server_reads_after_the_client_cancelled_raise_at_once(streamer):
             go.set()
             gate.set()
     assert outcome == [(0, mrpcd.StatusCode.CANCELLED)]
+
+
+# -- a client call ends at its deadline even when nothing waits on it -----------------
+
+
+def test_sync_calls_nobody_waits_on_end_at_their_deadline(streamer):
+    """grpc ends a call at its deadline (DEADLINE_EXCEEDED, callbacks run, the server
+    told). A future with only a done callback, or a response stream nobody reads, used to
+    stay running past it for as long as nobody asked (and in the app's table), since only
+    a waiting caller checked the deadline. The server does not answer here: its daemon is
+    stopped."""
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    with sync_pair(a, b, pb, S()) as (_server, stub, _channel, cli_app, _srv_app):
+        assert stub.Unary(pb.Chunk(seq=1), timeout=10).total == 1  # connected
+        fired = threading.Event()
+        with stopped(b):
+            fut = stub.Unary.future(pb.Chunk(), timeout=0.3)
+            fut.add_done_callback(lambda f: fired.set())
+            stream = stub.ServerStream(pb.Chunk(), timeout=0.3)
+            assert fired.wait(10), "the future's deadline passed and nothing ended it"
+            assert wait_until(lambda: not stream.is_active(), 10)
+            assert fut.done() and fut.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+            assert stream.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+            assert not cli_app.calls
+        assert [t for t in threading.enumerate() if t.name == "mrpcd-call-deadlines"]
+    assert not [t for t in threading.enumerate() if t.name == "mrpcd-call-deadlines"], "App.close left the thread"
+
+
+def test_aio_calls_nobody_awaits_end_at_their_deadline(streamer):
+    import asyncio
+
+    import mrpcd.aio
+
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(S(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+            stub = pb.StreamerStub(channel)
+            try:
+                assert (await stub.Unary(pb.Chunk(seq=1), timeout=10)).total == 1  # connected
+                fired = asyncio.Event()
+                with stopped(b):
+                    call = stub.Unary(pb.Chunk(), timeout=0.3)
+                    call.add_done_callback(lambda c: fired.set())
+                    stream = stub.ServerStream(pb.Chunk(), timeout=0.3)
+                    await asyncio.wait_for(fired.wait(), 10)
+                    for _ in range(200):
+                        if stream.done():
+                            break
+                        await asyncio.sleep(0.05)
+                    assert call.done() and stream.done()
+                    assert await call.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+                    assert await stream.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+                    assert not cli_app.calls
+            finally:
+                await channel.close()
+                await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(main())
