@@ -357,6 +357,8 @@ class Server(ServerCore):
     def _run(self, call: _ServerCall) -> None:
         ctx = ServicerContext(call)
         try:
+            if call.cancelled:  # while it waited for a runner: grpc does not start its handler
+                return
             if call.deadline.expired():
                 call.cancel(expired=True)
                 return

@@ -430,3 +430,54 @@ def test_aio_calls_nobody_awaits_end_at_their_deadline(streamer):
             srv_app.close()
 
     asyncio.run(main())
+
+
+# -- smaller things ----------------------------------------------------------------------
+
+
+def test_sync_server_skips_the_handler_of_a_call_cancelled_while_queued(streamer):
+    """A call the client cancelled while it waited for a free worker is not started
+    (grpc does not start it); it used to run its handler for nobody (one with a request
+    stream: a unary request's read already raised before the handler was called)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b, pb = streamer
+    started, release = [], threading.Event()
+
+    class S(pb.StreamerServicer):
+        def BidiStream(self, request_iterator, context):
+            n = dict(context.invocation_metadata())["x-n"]
+            started.append(n)
+            if n == "1":
+                release.wait(10)
+            for chunk in request_iterator:
+                yield chunk
+
+    def call(stub, n):
+        return stub.BidiStream(iter([pb.Chunk(seq=n)]), timeout=20, metadata=[("x-n", str(n))])
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    srv_app = mrpcd.connect(b.socket, name="robust-server")
+    cli_app = mrpcd.connect(a.socket, name="robust-client")
+    try:
+        server = mrpcd.server(pool, app=srv_app)
+        pb.add_StreamerServicer_to_server(S(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = pb.StreamerStub(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app))
+        try:
+            first = call(stub, 1)
+            assert wait_until(lambda: started == ["1"], 10)
+            second = call(stub, 2)  # waits for the one worker
+            assert wait_until(lambda: len(server._queue) == 1, 10)
+            second.cancel()
+            assert wait_until(lambda: len(server._calls) == 1, 10)  # the server saw the cancel
+        finally:
+            release.set()
+        assert [c.seq for c in first] == [1]
+        assert [c.seq for c in call(stub, 3)] == [3]  # queued after the 2nd: it was taken first
+        assert started == ["1", "3"]
+    finally:
+        cli_app.close()
+        srv_app.close()
+        pool.shutdown(wait=True)
