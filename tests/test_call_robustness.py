@@ -481,3 +481,59 @@ def test_sync_server_skips_the_handler_of_a_call_cancelled_while_queued(streamer
         cli_app.close()
         srv_app.close()
         pool.shutdown(wait=True)
+
+
+def test_aio_handler_task_ends_cleanly_when_its_answer_meets_a_closed_app(daemon_factory, streamer):
+    """An asyncio handler's answer waiting for ring room when the app closes: the send
+    fails, and the error answer the server then tries fails too. That second failure
+    escaped the handler's task ('Task exception was never retrieved')."""
+    import asyncio
+
+    import mrpcd.aio
+
+    pb = streamer[2]
+    a, b = daemon_factory("a"), daemon_factory("b", SMALL_RING)
+    tasks, peer = [], []
+
+    async def main():
+        entered, go = asyncio.Event(), asyncio.Event()
+
+        class S(pb.StreamerServicer):
+            async def Unary(self, request, context):
+                tasks.append(asyncio.current_task())
+                peer.append(int(context.peer().rpartition(":")[2]))
+                entered.set()
+                await go.wait()
+                return pb.Summary(total=1)
+
+        srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(S(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+            try:
+                call = pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=20)
+                await asyncio.wait_for(entered.wait(), 10)
+                with stopped(b):
+                    fill_tx_ring(srv_app, peer[0])
+                    go.set()
+                    for _ in range(200):  # the handler returned; its answer waits for room
+                        if srv_app._space_waiters:
+                            break
+                        await asyncio.sleep(0.01)
+                    assert srv_app._space_waiters
+                    srv_app.close()
+                    await asyncio.wait(tasks, timeout=5)
+                call.cancel()
+            finally:
+                await channel.close()
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(main())
+    task = tasks[0]
+    assert task.done() and (task.cancelled() or task.exception() is None), task

@@ -15,7 +15,7 @@ from .. import flow, wire
 from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
-from ..status import StatusCode, metadata_tuple
+from ..status import RpcError, StatusCode, metadata_tuple
 from ._app import AioApp, default_app
 from ._interceptors import ServerInterceptor, resolve_handler
 
@@ -212,7 +212,11 @@ class Server(ServerCore):
             call.cancel()
         except Exception as exc:
             log_failure(exc, call.path)
-            await call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
+            try:
+                await call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
+            except RpcError:
+                pass  # the app's link to the daemon is gone: nobody is left to tell (else
+                # the task would end with an exception nobody retrieves)
         finally:
             self._contexts.pop(id(call), None)
             if not call.finished and not call.cancelled:
