@@ -20,11 +20,11 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from . import control_proto as cp
+from .deadlines import DeadlineHeap
 from .marshal import records as R
 from .marshal._pack import Parts
 from .marshal._ringio import ring_push_parts, ring_take_records
 from .marshal.schema import Schema
-from .deadlines import DeadlineHeap
 from .malloc_tuning import tune_malloc
 from .native import ring as ringmod
 from .paths import default_socket_path

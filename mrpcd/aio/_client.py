@@ -35,8 +35,7 @@ class _CallState(ClientCallCore):
             # grpc.aio ends a call at its deadline whether or not anything awaits it (a
             # call with only done callbacks, a stream nobody reads); waits need no timer
             # of their own then
-            loop = app.loop
-            self._timer = loop.call_at(loop.time() + deadline.remaining(), self._deadline_passed)
+            self._timer = app.loop.call_later(deadline.remaining() or 0.0, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
         self._timer = None
