@@ -175,10 +175,16 @@ class ClientCallCore:
         return False
 
     def end(self, code: StatusCode, details: str) -> bool:
-        """End the call locally; False if it had already ended."""
+        """End the call locally; False if it had already ended.
+
+        The messages still queued are dropped: the call failed here (cancel, deadline,
+        lost connection, channel closed), and grpc raises at the next read, it does not
+        hand out what it buffered first (thousands, a window's worth). Messages the
+        server sent before its own error status are kept (take(): they came first)."""
         if self.done:
             return False
         self.code, self.details = code, details
+        self.messages.clear()
         self._finish()
         self._wake()
         return True
@@ -405,19 +411,32 @@ class ServerCallCore:
         self._credit = flow.SendCredit()
         self._recv = flow.RecvWindow()
 
-    def _take(self, rec: R.Record) -> None:
-        """Apply one REQUEST record."""
+    def _take(self, rec: R.Record) -> bool:
+        """Apply one REQUEST record. True if its message is over the receive limit: the
+        call has failed then (`too_large`), and the caller ends it at once.
+
+        As in grpc, a message over the limit fails the call: nothing queued before it nor
+        sent after it reaches the handler (it was skipped, and the handler read on)."""
+        if self.too_large is not None:
+            return False  # the call failed on an earlier message: the rest is not read
         if not rec.flags & R.F_NO_MSG:
             limit = self.server._max_receive
             n = rec.payload_len  # len(rec.payload) would materialise a copy
             if n > limit:
                 self.too_large = wire.too_large("Received", n, limit)
                 self._half_closed = True
-                return
+                self._messages.clear()
+                return True
             decode = in_place_decoder(self.handler.request_deserializer) if self.resolved else None
             self._messages.append((message_of(rec, bool(self._messages), decode), flow.cost(n, rec.meta_len)))
         if rec.flags & R.F_END:
             self._half_closed = True
+        return False
+
+    def too_large_status(self) -> tuple[StatusCode, str]:
+        """What the client is told when a request was over the limit."""
+        err = self.too_large
+        return err.code(), err.details()
 
     def is_active(self) -> bool:
         return not (self.cancelled or self.finished)

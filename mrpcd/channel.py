@@ -34,7 +34,17 @@ class _ClientCall(ClientCallCore):
         self._waiting = 0  # threads inside _wait (the Condition's waiters)
         self._end_lock: Any = None  # wait_end's bare lock, handed to the app when the call ends
         self._end_waiting = False  # a caller is blocked on it (changed under app._baton_lock)
+        self.timed = False  # in the app's call_deadlines (a deadline, and maybe nobody waiting)
         super().__init__(app, handle, call_id, deserialize, max_receive, deadline)
+
+    def _finish(self) -> None:
+        super()._finish()
+        if self.timed:
+            self.app.call_deadlines.discard(self)
+
+    def expire_deadline(self) -> None:
+        """(the app's deadline thread) The deadline passed: end the call, as a waiter would."""
+        self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
 
     def _wake(self) -> None:
         if self._waiting:
@@ -48,8 +58,8 @@ class _ClientCall(ClientCallCore):
     def deliver(self, rec: R.Record) -> None:
         with self._cond:
             cancel = self.take(rec)
-            if cancel is not None:
-                self.app.try_send(cancel)
+            if cancel is not None:  # (the rx thread never waits for ring room)
+                self.app.send_control(cancel)
 
     def grant(self, n: int) -> None:
         with self._cond:
@@ -65,10 +75,9 @@ class _ClientCall(ClientCallCore):
             if not self.end(code, details):
                 return False
             self.cancelled_locally = code is StatusCode.CANCELLED
-        try:
-            self.app.send(self.cancel_record(), timeout=1.0)
-        except RpcError:
-            pass  # the daemon is gone: the server side is cancelled by the lost connection
+        # queued if the ring is full, never dropped: the server would go on for nobody
+        # (a closed app: the daemon cancels the server side by the lost connection)
+        self.app.send_control(self.cancel_record())
         return True
 
     def _wait(self, ready: Callable[[], bool], deadline: wire.Deadline | None, timeout: float | None = None) -> bool:
@@ -140,11 +149,8 @@ class _ClientCall(ClientCallCore):
                     raise StopIteration
                 raise self.error()
         payload, window = got
-        if window is not None:
-            try:
-                self.app.send(window, timeout=1.0)
-            except RpcError:
-                pass
+        if window is not None:  # a lost grant would stall the response stream for good
+            self.app.send_control(window)
         try:
             return self.decode(payload)
         except ValueError as exc:
@@ -321,7 +327,10 @@ class _MultiCallable(MultiCallableCore):
         for schema in self._schemas:
             channel.app.ensure_schema(schema)
 
-    def _start(self, first: Any, end: bool, timeout: float | None, metadata) -> _ClientCall:
+    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True) -> _ClientCall:
+        """Open a call. `watch`: the app's deadline thread ends it at its deadline (grpc
+        does so whether or not anyone waits on the call); the blocking unary call, whose
+        caller waits with the deadline itself, goes without."""
         app = self._channel.app
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         handle = self._channel._ensure_handle()
@@ -330,6 +339,8 @@ class _MultiCallable(MultiCallableCore):
             app.send(self._first_record(call, end, dl, meta, payload), timeout)
         except RpcError as exc:
             call.lost(exc.code(), exc.details())
+        if deadline is not None and watch:
+            app.call_deadlines.add(call)  # (not if it ended already)
         return call
 
     def _pump_requests(self, call: _ClientCall, requests: Iterable[Any]) -> None:
@@ -360,7 +371,7 @@ class UnaryUnaryMultiCallable(_MultiCallable):
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
         """The blocking call: what with_call does, without the rendezvous and its future
         state (one wait for the end of the call, then the response or the error)."""
-        call = self._start(request, True, timeout, metadata)
+        call = self._start(request, True, timeout, metadata, watch=False)
         call.wait_end()
         with call._cond:
             got = call.pop_message()

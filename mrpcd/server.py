@@ -13,8 +13,6 @@ pauses a streaming handler inside its `yield` instead of growing buffers.
 """
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -25,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 from . import flow, wire
 from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure, parts_serializer
 from .app import App, default_app
+from .deadlines import DeadlineHeap as _Deadlines
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
 from .marshal import records as R
@@ -47,8 +46,10 @@ class _ServerCall(ServerCallCore):
 
     def deliver(self, rec: R.Record) -> None:
         with self._cond:
-            self._take(rec)
+            over = self._take(rec)
             self._cond.notify_all()
+        if over:  # the call failed: the client hears it now, the handler at its next read
+            self.cancel(status=self.too_large_status())
 
     def grant(self, n: int) -> None:
         with self._cond:
@@ -63,6 +64,7 @@ class _ServerCall(ServerCallCore):
                 return
             self.cancelled = True
             self.expired = expired
+            self._messages.clear()  # the handler's next read raises; nobody takes these
             callbacks, self._callbacks = self._callbacks, []
             self._cond.notify_all()
             if expired:  # the client may not have noticed yet (clock skew, lost CANCEL): tell it
@@ -70,13 +72,9 @@ class _ServerCall(ServerCallCore):
             record = None if status is None else self._end_record(*status)
         self.server._forget(self)
         if record is not None:
-            if expired:  # the deadline thread never waits for ring room
-                self.app.try_send(record)
-            else:
-                try:
-                    self.app.send(record, 1.0)
-                except RpcError:
-                    pass  # the app's link to the daemon is gone: the client hears of it there
+            # never waits for ring room (the deadline thread, the rx thread call this) and
+            # never lost: the client would wait for its deadline, or for ever without one
+            self.app.send_control(record)
         for cb in callbacks:
             try:
                 cb()
@@ -98,16 +96,15 @@ class _ServerCall(ServerCallCore):
         with self._cond:
             while not self._messages and not self._half_closed and not self.cancelled:
                 self._cond.wait(1.0)
-            if self.too_large is not None and not self._messages:
+            if self.too_large is not None:
                 raise TooLarge(self.too_large)
-            if self._messages:
-                payload, window = self._pop_request()
-            elif self.cancelled:
+            if self.cancelled:  # before what is queued: grpc raises at the next read
                 raise _Cancelled()
-            else:
+            if not self._messages:
                 raise StopIteration
+            payload, window = self._pop_request()
         if window is not None:
-            self.app.try_send(window)
+            self.app.send_control(window)  # a lost grant would stall the request stream for good
         return self._decode(payload)
 
     def request_iterator(self) -> Iterator[Any]:
@@ -174,113 +171,6 @@ class ServicerContext(ContextCore):
         self.abort(status.code, status.details)
 
 
-class _Deadlines:
-    """One thread that expires server calls at their deadlines (a heap, not a timer per call).
-
-    The thread runs only while calls with a deadline are in flight: a finished call is
-    dropped from the count at once (its heap entry is skipped when it comes up, or dropped
-    with the others when ended calls are most of the heap, see discard), and once
-    nothing is pending for IDLE seconds the thread exits; the next call with a deadline
-    starts a new one. It is a daemon thread all the same, so it can never hold up
-    interpreter exit, and `close()` (Server.stop, App.close) ends it at once.
-    """
-
-    IDLE = 1.0
-    COMPACT_MIN = 256  # heap entries below which ended calls are left to expire
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _ServerCall]] = []
-        self._cond = threading.Condition()
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._pending = 0
-        self._closed = False
-        self._sleep_until: float | None = None  # when the waiting thread wakes by itself
-
-    def add(self, call: _ServerCall) -> None:
-        if call.deadline.at is None:
-            return
-        with self._cond:
-            if self._closed:
-                return
-            at = call.deadline.at
-            heapq.heappush(self._heap, (at, next(self._seq), call))
-            call.timed = True
-            self._pending += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mrpcd-deadlines", daemon=True)
-                self._thread.start()
-            elif self._sleep_until is not None and at < self._sleep_until:
-                # wake the thread only when this deadline comes before its own wake-up: two
-                # thread switches per call (add + discard) cost more than a small RPC
-                self._cond.notify()
-
-    def discard(self, call: _ServerCall) -> None:
-        """The call ended (answered, cancelled or expired): it no longer keeps the thread."""
-        with self._cond:
-            if not call.timed:
-                return
-            call.timed = False
-            self._pending -= 1
-            if not self._pending:
-                self._heap.clear()  # the thread notices at its own wake-up: no switch now
-            elif len(self._heap) > self.COMPACT_MIN and 2 * self._pending < len(self._heap):
-                # An ended call stays in the heap until its deadline comes up; under steady
-                # load (never nothing pending) that is rate x deadline calls kept alive (60 s
-                # at 20,000 calls/s: 1.2 million, and the GC walking them). When the ended
-                # ones are most of the heap, drop them (asyncio does the same with its
-                # cancelled timers); a rebuild is paid for by as many discards.
-                self._heap = [entry for entry in self._heap if entry[2].timed]
-                heapq.heapify(self._heap)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._heap.clear()
-            self._pending = 0
-            thread = self._thread
-            self._cond.notify()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(2.0)
-
-    def _run(self) -> None:
-        idle_since: float | None = None
-        while True:
-            with self._cond:
-                if self._closed:
-                    self._thread = None
-                    return
-                if not self._heap:
-                    # exit only after IDLE seconds with nothing to watch; a discard()'s
-                    # notify wakes us early, and that is not idleness yet
-                    now = time.monotonic()
-                    idle_since = now if idle_since is None else idle_since
-                    if now - idle_since >= self.IDLE:
-                        self._thread = None  # add() starts a new thread
-                        return
-                    self._sleep(idle_since + self.IDLE, now)
-                    continue
-                idle_since = None
-                at, _, call = self._heap[0]
-                now = time.monotonic()
-                if at > now:
-                    # never longer than IDLE: discard() does not wake us, and an emptied
-                    # heap must still end the thread about IDLE later
-                    self._sleep(min(at, now + self.IDLE), now)
-                    continue
-                heapq.heappop(self._heap)
-            if call.is_active():
-                call.cancel(expired=True)
-
-    def _sleep(self, until: float, now: float) -> None:
-        """Wait (lock held) until `until` or an earlier deadline / close() notifies."""
-        self._sleep_until = until
-        try:
-            self._cond.wait(until - now)
-        finally:
-            self._sleep_until = None
-
-
 class Server(ServerCore):
     """Serves generic handlers through the local daemon: `add_insecure_port`, `start`, `stop`."""
 
@@ -321,7 +211,7 @@ class Server(ServerCore):
         self._started = True
 
     def _reply_nowait(self, data: bytes) -> None:
-        self.app.try_send(data)
+        self.app.send_control(data)
 
     def _admit(self, rec: R.Record, path: str, handler: RpcMethodHandler) -> None:
         call = _ServerCall(self, rec, path, handler)
@@ -340,6 +230,8 @@ class Server(ServerCore):
                 if spawn:
                     self._runners += 1
         self._deadlines.add(call)
+        if call.too_large is not None:  # its first message was over the limit: no handler runs
+            call.cancel(status=call.too_large_status())
         if spawn and not self._spawn_runner():
             self._refuse(call)
 
@@ -424,7 +316,7 @@ class Server(ServerCore):
                 return  # a runner took it after all
         call.finished = True
         self._forget(call)
-        self.app.try_send(wire.response_record(call.handle, call.call_id, R.F_START | R.F_END, None,
+        self.app.send_control(wire.response_record(call.handle, call.call_id, R.F_START | R.F_END, None,
                                                code=StatusCode.UNAVAILABLE, details="the server's thread pool is shut down"))
 
     def _runner(self) -> None:
@@ -465,6 +357,8 @@ class Server(ServerCore):
     def _run(self, call: _ServerCall) -> None:
         ctx = ServicerContext(call)
         try:
+            if call.cancelled:  # while it waited for a runner: grpc does not start its handler
+                return
             if call.deadline.expired():
                 call.cancel(expired=True)
                 return

@@ -14,6 +14,7 @@ from conftest import wait_until
 
 import mrpcd
 from mrpcd import _calls, app as appmod, flow, wire
+from mrpcd.deadlines import DeadlineHeap
 from mrpcd.handlers import RpcMethodHandler
 from mrpcd.marshal import codec
 from mrpcd.marshal import records as R
@@ -111,6 +112,8 @@ def _bare_app(pair: RingPair) -> appmod.App:
     app._rx_lock, app._held = threading.RLock(), None
     app._baton, app._baton_lock, app._draining = collections.deque(), threading.Lock(), None
     app._inline_since = None
+    app._control = collections.deque()
+    app.call_deadlines = DeadlineHeap("mrpcd-call-deadlines")
     app.max_record = 1 << 20
     app.calls, app.servers, app.handle_listeners = {}, [], {}
     return app

@@ -135,6 +135,11 @@ class AioApp(App):
         if not self.try_send(data):
             self.loop.create_task(self.send_async(data))
 
+    def send_control(self, data: bytes) -> None:
+        """App.send_control on the loop: send_nowait's task waits for room, in turn, and
+        never drops the record while the app lives."""
+        self.send_nowait(data)
+
     async def call_async(self, op: str, **args: Any) -> dict[str, Any]:
         return await self.loop.run_in_executor(None, lambda: self.call(op, **args))
 

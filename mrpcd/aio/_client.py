@@ -29,7 +29,25 @@ class _CallState(ClientCallCore):
 
     def __init__(self, app: AioApp, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
         self._waiters: list[asyncio.Future] = []
+        self._timer: asyncio.TimerHandle | None = None
         super().__init__(app, handle, call_id, deserialize, max_receive, deadline)
+        if deadline is not None:
+            # grpc.aio ends a call at its deadline whether or not anything awaits it (a
+            # call with only done callbacks, a stream nobody reads); waits need no timer
+            # of their own then
+            self._timer = app.loop.call_later(deadline.remaining() or 0.0, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+
+    def unregister(self) -> None:
+        """(the call ended, or never started) Its deadline timer goes too."""
+        super().unregister()
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
 
     def _wake(self) -> None:
         waiters = self._waiters
@@ -57,30 +75,26 @@ class _CallState(ClientCallCore):
         return True
 
     async def _wait_for(self, ready: Callable[[], bool]) -> None:
-        """Until ready() or the call ends; the deadline ends it with DEADLINE_EXCEEDED.
+        """Until ready() or the call ends; the deadline ends it with DEADLINE_EXCEEDED
+        (the call's own timer, _deadline_passed, wakes the wait).
 
-        One future and one timer per wait, woken by _wake (every state change runs on the
-        loop, so nothing can change between the check and the await): half the cost of
+        One future per wait, woken by _wake (every state change runs on the loop, so
+        nothing can change between the check and the await): less than half the cost of
         asyncio.wait_for over an Event, which builds a task, a waiter and a callback each
-        time (13 vs 6.5 µs a wait, measured)."""
+        time (13 vs 6.5 µs a wait, measured, with a timer per wait then)."""
         while not ready() and not self.done:
-            left = self.deadline.remaining() if self.deadline else None
-            if left == 0:
+            if self.deadline is not None and self.deadline.expired():  # (the timer is due)
                 self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
                 return
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
+            fut = self.app.loop.create_future()
             self._waiters.append(fut)
-            timer = loop.call_later(left, _set_if_pending, fut) if left is not None else None
             try:
                 await fut
             except asyncio.CancelledError:
                 self.cancel()
                 raise
             finally:
-                if timer is not None:
-                    timer.cancel()
-                if fut in self._waiters:  # cancelled or timed out, not woken by _wake: drop it
+                if fut in self._waiters:  # cancelled, not woken by _wake: drop it
                     self._waiters.remove(fut)
 
     async def next_message(self) -> Any:

@@ -12,10 +12,10 @@ import inspect
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import flow, wire
-from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, failure_status, log_failure
+from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
-from ..status import StatusCode, metadata_tuple
+from ..status import RpcError, StatusCode, metadata_tuple
 from ._app import AioApp, default_app
 from ._interceptors import ServerInterceptor, resolve_handler
 
@@ -27,11 +27,13 @@ class _ServerCall(ServerCallCore):
         self.task: asyncio.Task | None = None
         self.callbacks: list = []
         self._timer = server.app.loop.call_at(server.app.loop.time() + self.deadline.remaining(), self.expire) if self.deadline.at else None
-        self.deliver(rec)
+        self._take(rec)  # (a first message over the limit: Server._admit ends the call)
 
     def deliver(self, rec: R.Record) -> None:
-        self._take(rec)
+        over = self._take(rec)
         self._event.set()
+        if over:  # the call failed: the client hears it now, the handler task is cancelled
+            self.cancel(self.too_large_status())
 
     def grant(self, n: int) -> None:
         if self._credit.grant(n):
@@ -51,6 +53,7 @@ class _ServerCall(ServerCallCore):
         if status is not None:
             self.app.send_nowait(self._end_record(*status))
         self.cancelled = True
+        self._messages.clear()  # the handler's next read raises; nobody takes these
         if self._timer is not None:
             self._timer.cancel()
         self.server._forget(self)
@@ -67,6 +70,8 @@ class _ServerCall(ServerCallCore):
         while not self._messages and not self._half_closed and not self.cancelled:
             self._event.clear()
             await self._event.wait()
+        if self.too_large is not None:  # the sync server's error: no "application" failure to log
+            raise TooLarge(self.too_large)
         if self.cancelled:
             raise asyncio.CancelledError()
         if self._messages:
@@ -74,8 +79,6 @@ class _ServerCall(ServerCallCore):
             if window is not None:
                 self.app.send_nowait(window)
             return self._decode(payload)
-        if self.too_large is not None:
-            raise self.too_large
         raise StopAsyncIteration
 
     async def request_iterator(self) -> AsyncIterator[Any]:
@@ -160,6 +163,8 @@ class Server(ServerCore):
         call = _ServerCall(self, rec, path, handler)
         self._calls[(rec.handle, rec.call_id)] = call
         call.task = self.app.loop.create_task(self._run(call))
+        if call.too_large is not None:  # its first message was over the limit: no handler runs
+            call.cancel(call.too_large_status())
 
     def app_closed(self) -> None:
         """The app left the daemon (App.close): cancel every call's handler task."""
@@ -207,7 +212,11 @@ class Server(ServerCore):
             call.cancel()
         except Exception as exc:
             log_failure(exc, call.path)
-            await call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
+            try:
+                await call.send(R.F_END, None, ctx, *failure_status(exc, ctx))
+            except RpcError:
+                pass  # the app's link to the daemon is gone: nobody is left to tell (else
+                # the task would end with an exception nobody retrieves)
         finally:
             self._contexts.pop(id(call), None)
             if not call.finished and not call.cancelled:
