@@ -74,9 +74,11 @@ class App:
 
     # what close() tells the calls in flight (_daemon_gone sets UNAVAILABLE)
     _close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
+    _pid = 0  # the process that made the app (set in __init__)
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
+        self._pid = os.getpid()
         self.socket_path = socket_path or default_socket_path()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -249,8 +251,11 @@ class App:
                 if self._inline_since is not None:
                     self.about_to_block()  # only the rx role frees room: never wait holding it
                 self._space_waiters += 1  # before the ring flag: the rx thread must see us
+                # wait for room for the record that blocks: a queued control record bigger
+                # than ours, else "push again" forever (a spin holding the tx lock)
+                need = len(self._control[0]) if self._control else len(data)
                 try:
-                    if self.tx.prepare_wait_for_space(len(data)):
+                    if self.tx.prepare_wait_for_space(need):
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             self._leave_space_wait()
@@ -279,13 +284,15 @@ class App:
         taken (Condition.notify can pick a waiter whose wait is timing out)."""
         if self._space_waiters > 1:  # itself included
             self._space.notify()
-        else:
+        elif not self._control:  # (queued control records still need the daemon's signal)
             self.tx.finish_wait()
 
     def try_send(self, data: "bytes | RecordParts") -> bool:
         """Non-blocking push for the event-loop driver; False when the ring is full, and
         then the ring is flagged: the daemon signals after its next pop."""
         with self._tx_lock:
+            if self.closed:  # the rings are unmapped
+                return False
             if not self._push_or_flag(data):
                 return False  # the rx driver is woken when the daemon frees room
             wake = R.ring_should_wake_consumer(self.tx)
@@ -583,10 +590,11 @@ class App:
             self._control.clear()
             self._space.notify_all()
         try:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the watcher (_daemon_watch)
-            except OSError:
-                pass
+            if os.getpid() == self._pid:  # (in a forked child the socket is the parent's too:
+                try:                        # shutdown would end the parent's session)
+                    self._sock.shutdown(socket.SHUT_RDWR)  # wakes the watcher (_daemon_watch)
+                except OSError:
+                    pass
             self._sock.close()
         finally:
             self.daemon_waker.close()

@@ -537,3 +537,99 @@ def test_aio_handler_task_ends_cleanly_when_its_answer_meets_a_closed_app(daemon
     asyncio.run(main())
     task = tasks[0]
     assert task.done() and (task.cancelled() or task.exception() is None), task
+
+
+# -- found reviewing the merged fixes ----------------------------------------------------
+
+def test_send_behind_a_queued_bigger_control_record_waits_and_times_out(daemon_factory):
+    """A control record queued on a full ring that a smaller data record would fit in
+    front of: the sender must wait for room for the queued one (it goes first), not spin
+    holding the tx lock, deaf to its timeout, until the daemon frees room."""
+    from mrpcd.app import App
+    from mrpcd.status import StatusCode
+
+    d = daemon_factory("spin", SMALL_RING)
+    app = App(d.socket, "spin")
+    try:
+        small = wire.cancel_record(1, 1 << 41)  # 40 bytes: 48 in the ring
+        big = wire.response_record(1, 1 << 42, R.F_START | R.F_END, None, code=StatusCode.DEADLINE_EXCEEDED,
+                                   details="d" * 200)  # 280 in the ring
+        k = 0  # one 104-byte record, taken by the daemon: the ring's positions at 112
+        while len(rec := wire.response_record(1, 1 << 44, R.F_START | R.F_END, None, details="x" * k)) < 104:
+            k += 1
+        app.send(rec)
+        assert wait_until(lambda: not app.tx.used_bytes(), 10)
+        with stopped(d):
+            for i in range((app.tx.capacity - 112) // 48):
+                assert app.try_send(wire.cancel_record(1, (1 << 43) + i))
+            assert app.tx.free_bytes() == 112
+            app.send_control(big)  # does not fit: queued
+            assert len(app._control) == 1
+            result = {}
+
+            def sender():
+                try:
+                    app.send(small, timeout=0.5)
+                    result["r"] = "sent"
+                except mrpcd.RpcError as exc:
+                    result["r"] = exc.code()
+
+            t = threading.Thread(target=sender, daemon=True)
+            t.start()
+            t.join(10)
+            assert not t.is_alive() and result["r"] is StatusCode.DEADLINE_EXCEEDED
+            assert app._tx_lock.acquire(timeout=5)
+            app._tx_lock.release()
+        assert wait_until(lambda: not app._control, 10), "the queued control record never went out"
+    finally:
+        app.close()
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parents_app_alone(daemon_factory):
+    """Dropping an inherited session in a child is what careful pre-fork code does; the
+    socket is shared across fork, so shutting it down ended the parent's session."""
+    import os
+
+    from mrpcd.app import App
+
+    d = daemon_factory("fork")
+    app = App(d.socket, "parent")
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                app.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert app.call("ping")["ok"]
+        assert not app.closed
+    finally:
+        app.close()
+
+
+def test_client_call_ending_while_added_to_the_deadline_heap_is_not_counted(streamer):
+    """A call whose response arrives between the heap's `ended` check and its `timed` mark
+    must not stay counted (the heap's thread and the call kept alive until the deadline)."""
+    import time as _time
+
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    with sync_pair(a, b, pb, S()) as (_server, stub, _channel, cli_app, _srv_app):
+        assert stub.Unary(pb.Chunk(seq=1), timeout=10).total == 1
+        heap = cli_app.call_deadlines
+        checked = heap._ended
+
+        def ended(call):  # a preemption right after the check: the response comes in then
+            r = checked(call)
+            _time.sleep(0.2)
+            return r
+
+        heap._ended = ended
+        futs = [stub.Unary.future(pb.Chunk(seq=i), timeout=60) for i in range(3)]
+        assert [f.result(timeout=30).total for f in futs] == [0, 1, 2]
+        assert wait_until(lambda: heap._pending == 0, 5), f"{heap._pending} ended calls still counted"
