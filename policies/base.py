@@ -666,6 +666,13 @@ BUILTINS = {
     "vtc": "mrpcd.policies.vtc",
 }
 _fresh = itertools.count(1)
+_latest: dict[str, Any] = {}  # dotted name -> the newest valid copy an upgrade loaded (attach takes it)
+
+
+def import_current(name: str) -> Any:
+    """The module as the newest upgrade of `name` left it, else as imported."""
+    module = _latest.get(name)
+    return module if module is not None else importlib.import_module(name)
 
 
 def import_fresh(name: str) -> Any:
@@ -698,11 +705,13 @@ def import_fresh(name: str) -> Any:
     return module
 
 
-def load_policy_module(spec: str) -> type[Policy]:
+def load_policy_module(spec: str, fresh: bool = False) -> type[Policy]:
     """Load a policy class: a built-in short name ("ratelimit"), a dotted module name, or a
     path to a .py file. A file is imported under a fresh module name every time, so loading
     it again (an upgrade) really runs the new code. The module must export `POLICY = Cls`
-    with Cls a Policy subclass. Any failure is a PolicyLoadError that says what went wrong.
+    with Cls a Policy subclass. A dotted module is imported once (attaching it to several
+    apps shares its module-level state); `fresh` (an upgrade) runs its current code again
+    under a new name (import_fresh). Any failure is a PolicyLoadError that says what went wrong.
     """
     if not isinstance(spec, str) or not spec:
         raise PolicyLoadError(f"policy module must be a name or a path, got {spec!r}")
@@ -729,7 +738,7 @@ def load_policy_module(spec: str) -> type[Policy]:
     else:
         name = BUILTINS.get(spec, spec)
         try:
-            module = import_fresh(name)  # a dotted module given again: its current code
+            module = import_fresh(name) if fresh else import_current(name)
         except (Exception, SystemExit) as exc:
             known = ", ".join(sorted(BUILTINS))
             raise PolicyLoadError(f"policy module {spec} failed to import: {_exc_text(exc)} (built-ins: {known})") from exc
@@ -744,6 +753,8 @@ def load_policy_module(spec: str) -> type[Policy]:
     for attr in ("name", "version"):
         if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
             raise PolicyLoadError(f"policy module {spec}: {cls.__name__}.{attr} must be a non-empty string")
+    if fresh and not is_path:
+        _latest[BUILTINS.get(spec, spec)] = module  # later attaches get the upgraded code too
     return cls
 
 

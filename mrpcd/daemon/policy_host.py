@@ -186,7 +186,7 @@ class PolicyHost:
         `new.close(handed_over=True)` (the old instance still holds everything).
         """
         old = self.find(name)
-        cls = _load(spec)
+        cls = _load(spec, fresh=True)
         try:
             state = old.export_state()
         except (Exception, SystemExit) as exc:  # the running version's bug: it keeps running
@@ -276,11 +276,13 @@ def _check_takes_over_held(name: str, old: Policy, new: Policy) -> None:
             f"and {len(after.inbound)} (its from_state must take over the held calls)")
 
 
-def _load(spec: Any) -> type[Policy]:
+def _load(spec: Any, fresh: bool = False) -> type[Policy]:
+    """`fresh`: an upgrade - a dotted module already imported runs its current code again.
+    An attach takes the module as imported, so module-level state stays one per daemon."""
     if not isinstance(spec, str) or not spec:
         raise PolicyOpError("a policy is named by a built-in name, a dotted module or a .py path")
     try:
-        return load_policy_module(spec)
+        return load_policy_module(spec, fresh=fresh)
     except PolicyLoadError as exc:
         raise PolicyOpError(str(exc)) from None
     except (Exception, SystemExit) as exc:  # the loader wraps import errors, but never let one escape
