@@ -572,9 +572,10 @@ class App:
 
     def close(self) -> None:
         """Leave the daemon: it reclaims this app's rings, channels and listeners."""
-        if self.closed:
-            return
-        self.closed = True
+        with _close_lock:  # once, whoever calls it (the user, the daemon watcher) at the same time
+            if self.closed:
+                return
+            self.closed = True
         code, details = self._close_reason
         for key, sink in list(self.calls.items()):
             sink.lost(code, details)
@@ -606,6 +607,7 @@ class App:
                 self.rings.close()
 
 
+_close_lock = threading.Lock()  # App.close's test-and-set (rare: one lock for all apps)
 _default_app: App | None = None
 _default_lock = threading.Lock()
 

@@ -132,6 +132,8 @@ class AioApp(App):
 
     def send_nowait(self, data: bytes) -> None:
         """From the loop thread where awaiting is impossible (dispatch): push or fall back to a task."""
+        if self.closed:
+            return  # the daemon ends the app's calls itself
         if not self.try_send(data):
             self.loop.create_task(self.send_async(data))
 
