@@ -61,3 +61,13 @@ def test_bad_arguments() -> None:
         floor.run(0, slots=4)
     with pytest.raises(ValueError):
         floor.run(1.0, slots=0)
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    """Deployments ask for many ports before any child binds one; the kernel may offer the
+    same free port again (the hotel example's grpc search service once lost its port to a
+    sidecar that way: 'Address already in use')."""
+    import procs
+
+    ports = [procs.free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)

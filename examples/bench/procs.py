@@ -18,10 +18,21 @@ class ProcessError(RuntimeError):
     """A child did not come up; the message carries the tail of its log."""
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, and never one this process handed out before: the
+    ports are bound later by the child processes, so until then the kernel may offer the
+    same one again (a hotel deployment asks for eight, then its sidecars for more)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free loopback port that was not handed out already")
 
 
 def log_tail(path: str, n: int = 2000) -> str:
