@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,20 @@ settings.load_profile("mrpcd")
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = Path(__file__).resolve().parent / "protos"
+
+
+def load_generated(path: Path, prefix: str):
+    """Import a generated module under a private name `prefix + stem` (other tests import
+    their own module of the same file name), and leave sys.modules as it was."""
+    name = f"{prefix}{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[name]
+    return mod
 
 
 def wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:

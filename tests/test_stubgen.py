@@ -1,7 +1,6 @@
 """mrpcd-stubgen: .proto -> <name>_mrpc.py / .pyi, checked by importing and using what it wrote."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import py_compile
 import shutil
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_generated
 
 import mrpcd
 from mrpcd.marshal.schema import Schema
@@ -30,16 +30,8 @@ def stubgen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def load(path: Path):
-    """Import a generated module under a private name (other tests import their own hello_mrpc)."""
-    name = f"_stubgen_test_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[name]
-    return mod
+    """A generated module under a private name (other tests import their own)."""
+    return load_generated(path, "_stubgen_test_")
 
 
 @pytest.fixture(scope="module")

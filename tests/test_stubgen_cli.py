@@ -1,25 +1,17 @@
 """mrpcd-stubgen's command line: include resolution, outputs of earlier runs."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_generated
 
 from mrpcd.stubgen import cli
 
 
 def load(path: Path):
-    name = f"_stubgen_cli_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[name]
-    return mod
+    """A generated module under a private name (other tests import their own)."""
+    return load_generated(path, "_stubgen_cli_")
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 arguments, equality across modules."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from types import MappingProxyType
 from pathlib import Path
 
 import pytest
+from conftest import load_generated
 
 import mrpcd
 from mrpcd.stubgen import cli
@@ -18,15 +18,8 @@ PROTOS = Path(__file__).resolve().parent / "protos"
 
 
 def load(path: Path, tag: str = ""):
-    name = f"_stubgen_msg_{tag}{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[name]
-    return mod
+    """A generated module under a private name (other tests import their own)."""
+    return load_generated(path, f"_stubgen_msg_{tag}")
 
 
 @pytest.fixture(scope="module")
