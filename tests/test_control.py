@@ -823,3 +823,31 @@ def test_frame_buffer_returns_good_messages_then_reports_the_break():
         frames.feed(good)
     with pytest.raises(cp.ControlError, match="malformed control message: .+"):
         cp.FrameBuffer().feed(struct.pack("<I", 1) + b"\xc1")
+
+
+def test_one_upgrade_over_several_apps_loads_the_new_module_once(daemon_factory, tmp_path, monkeypatch):
+    """The apps an upgrade covers share one copy of the new module (its module-level
+    state), as the apps one attach covers do."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(mods), os.environ.get("PYTHONPATH", "")])))
+    (mods / "shared_rl.py").write_text(RL_V2.format(version="s-1") + "\nimport itertools\nLOADS = itertools.count()\n"
+                                       "class Counting(POLICY):\n    def describe(self):\n"
+                                       "        return dict(super().describe(), module_id=id(LOADS))\nPOLICY = Counting\n")
+    d = daemon_factory()
+    apps = [mrpcd.connect(d.socket, name=f"shared{i}") for i in range(2)]
+    ctl = Control(d.socket)
+    ctl.sock.settimeout(10)
+    try:
+        for i in range(2):
+            ctl.call("policy_attach", app=f"shared{i}", policy="shared_rl", config={"rate": 100})
+        listed = ctl.call("policies")["apps"]
+        assert len({p["module_id"] for a in listed for p in a["policies"]}) == 1  # attach: one module
+        (mods / "shared_rl.py").write_text((mods / "shared_rl.py").read_text().replace("s-1", "s-2"))
+        upgraded = ctl.call("policy_upgrade", name="ratelimit", module="shared_rl")["upgraded"]
+        assert [u["version"] for u in upgraded] == ["s-2", "s-2"]
+        assert len({u["module_id"] for u in upgraded}) == 1, "each app got its own copy of the new module"
+    finally:
+        ctl.sock.close()
+        for app in apps:
+            app.close()

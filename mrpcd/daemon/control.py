@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
-from .policy_host import PolicyOpError, describe_engine
+from .policy_host import PolicyOpError, describe_engine, load_upgrade
 from .transport_upgrade import TransportUpgradeError
 
 if TYPE_CHECKING:
@@ -321,9 +321,11 @@ class ControlConnection:
         self._need_admin()
         module, config = msg.get("module"), self._config_arg(msg)
         prepared = []
+        apps = self._apps_with_policy(msg)
+        cls = load_upgrade(module)  # once for all the apps: one copy of the new module
         try:  # every app's new version is built before any is swapped in: all or nothing
-            for s in self._apps_with_policy(msg):
-                prepared.append((s, *s.policies.prepare_upgrade(msg["name"], module, config)))
+            for s in apps:
+                prepared.append((s, *s.policies.prepare_upgrade(msg["name"], module, config, cls)))
         except BaseException:
             for _, _, new in prepared:
                 new.close(handed_over=True)

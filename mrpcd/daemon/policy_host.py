@@ -178,7 +178,8 @@ class PolicyHost:
     def upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> Policy:
         return self.commit_upgrade(*self.prepare_upgrade(name, spec, config))
 
-    def prepare_upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> tuple[Policy, Policy]:
+    def prepare_upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None,
+                        cls: "type[Policy] | None" = None) -> tuple[Policy, Policy]:
         """The new version built from the old one's state, not yet in the chain: (old, new).
 
         Separate from commit_upgrade so an upgrade over several apps can build every new
@@ -186,7 +187,8 @@ class PolicyHost:
         `new.close(handed_over=True)` (the old instance still holds everything).
         """
         old = self.find(name)
-        cls = _load(spec, fresh=True)
+        if cls is None:  # (an upgrade over several apps loads it once: load_upgrade)
+            cls = load_upgrade(spec)
         try:
             state = old.export_state()
         except (Exception, SystemExit) as exc:  # the running version's bug: it keeps running
@@ -274,6 +276,12 @@ def _check_takes_over_held(name: str, old: Policy, new: Policy) -> None:
             f"upgrade refused, {name} keeps running: it holds {len(before.outbound)} outbound and "
             f"{len(before.inbound)} inbound records, the new version took over only {len(after.outbound)} "
             f"and {len(after.inbound)} (its from_state must take over the held calls)")
+
+
+def load_upgrade(spec: Any) -> type[Policy]:
+    """The policy class an upgrade installs: the module's current code (loaded once per
+    request, so the apps an upgrade covers share one copy of its module state)."""
+    return _load(spec, fresh=True)
 
 
 def _load(spec: Any, fresh: bool = False) -> type[Policy]:
