@@ -166,12 +166,29 @@ class App:
         p.register(fd, select.POLLRDHUP)  # the peer's close; POLLHUP / POLLERR come anyway, replies do not wake it
         while not self.closed:
             try:
-                if p.poll():
+                if p.poll(self._WATCH_MS):
                     break
             except OSError:
                 return
+            if self._orphaned():
+                self._orphan_closed()
+                return
         if not self.closed:
             self._daemon_gone()
+
+    _WATCH_MS: "int | None" = None  # the sync app's watcher waits for the daemon only
+
+    def _orphaned(self) -> bool:
+        """Nothing can use this app any more (an asyncio app whose loop is closed)."""
+        return False
+
+    def _orphan_closed(self) -> None:
+        """(watcher thread) Close an app nothing can use: its daemon session and threads go."""
+        log.info("the event loop of mrpcd app %s closed without closing the app: closing it", self.app_id)
+        try:
+            self.close()
+        except Exception:  # (callbacks of a closed loop's futures cannot be scheduled)
+            log.debug("closing an orphaned app", exc_info=True)
 
     def _daemon_gone(self) -> None:
         if self.closed:

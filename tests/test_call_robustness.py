@@ -633,3 +633,27 @@ def test_client_call_ending_while_added_to_the_deadline_heap_is_not_counted(stre
         futs = [stub.Unary.future(pb.Chunk(seq=i), timeout=60) for i in range(3)]
         assert [f.result(timeout=30).total for f in futs] == [0, 1, 2]
         assert wait_until(lambda: heap._pending == 0, 5), f"{heap._pending} ended calls still counted"
+
+
+def test_default_aio_apps_of_closed_loops_are_closed(daemon_factory, monkeypatch):
+    """mrpcd.aio's default app is one per event loop and nobody closes it: each
+    asyncio.run() left a daemon session, its rings and a watcher thread for the process's
+    life. Once its loop is closed the app closes itself."""
+    import asyncio
+
+    from mrpcd.aio import _app as aioapp
+    from mrpcd.ctl import Control
+
+    d = daemon_factory("orphans")
+    monkeypatch.setenv("MRPCD_SOCKET", d.socket)
+
+    async def main():
+        await aioapp.default_app().call_async("ping")
+
+    for _ in range(3):
+        asyncio.run(main())
+    ctl = Control(d.socket)
+    try:
+        assert wait_until(lambda: not ctl.call("apps")["apps"], 10), ctl.call("apps")
+    finally:
+        ctl.sock.close()

@@ -33,6 +33,14 @@ class AioApp(App):
         self._drain_soon()
         self._watch_daemon()
 
+    # A default app (one per loop) is never closed by its user: asyncio.run() ends, the loop
+    # closes, and the daemon session, rings and watcher thread would stay for the process's
+    # life (one more per asyncio.run). The watcher looks once a second.
+    _WATCH_MS = 1000
+
+    def _orphaned(self) -> bool:
+        return self.loop.is_closed()
+
     def _daemon_gone(self) -> None:
         """(watcher thread) The daemon went away: close on the event loop."""
         try:
