@@ -44,6 +44,30 @@ def sync_pair(a, b, pb, servicer, server_options=None):
         srv_app.close()
 
 
+@contextlib.asynccontextmanager
+async def aio_pair(a, b, pb, servicer, options=None):
+    """The asyncio sync_pair: (server, channel, client app, server app); `servicer`
+    served behind daemon `b`, the channel's app behind daemon `a`."""
+    import mrpcd.aio
+
+    srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
+    cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
+    try:
+        server = mrpcd.aio.server(app=srv_app, options=options)
+        pb.add_StreamerServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        try:
+            yield server, channel, cli_app, srv_app
+        finally:
+            await channel.close()
+            await server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
 @contextlib.contextmanager
 def stopped(daemon):
     """The daemon takes nothing from its apps' rings while inside."""
@@ -186,8 +210,6 @@ def test_aio_request_over_the_limit_mid_stream_fails_the_call_at_once(streamer, 
     RpcError that was logged as an exception of the application)."""
     import asyncio
 
-    import mrpcd.aio
-
     a, b, pb = streamer
     seen, outcome = [], []
 
@@ -203,29 +225,15 @@ def test_aio_request_over_the_limit_mid_stream_fails_the_call_at_once(streamer, 
             return pb.Summary(total=len(seen))
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
-        cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
-        try:
-            server = mrpcd.aio.server(app=srv_app, options=[("grpc.max_receive_message_length", 1000)])
-            pb.add_StreamerServicer_to_server(S(), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        async with aio_pair(a, b, pb, S(), [("grpc.max_receive_message_length", 1000)]) as (server, channel, cli_app, srv_app):
             requests = [pb.Chunk(seq=0, data=b"x" * 10), pb.Chunk(seq=1, data=b"x" * 2000), pb.Chunk(seq=2), pb.Chunk(seq=3)]
-            try:
-                call = pb.StreamerStub(channel).ClientStream(iter(requests), timeout=10)
-                with pytest.raises(mrpcd.RpcError) as info:
-                    await asyncio.wait_for(call, 3)  # well before the handler would read
-                assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
-                assert info.value.details().startswith("Received message larger than max (")
-                assert await call.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
-                await asyncio.sleep(0.2)  # (a handler that went on reading would have done so now)
-            finally:
-                await channel.close()
-                await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
+            call = pb.StreamerStub(channel).ClientStream(iter(requests), timeout=10)
+            with pytest.raises(mrpcd.RpcError) as info:
+                await asyncio.wait_for(call, 3)  # well before the handler would read
+            assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.details().startswith("Received message larger than max (")
+            assert await call.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.2)  # (a handler that went on reading would have done so now)
 
     asyncio.run(main())
     # cancelled in its sleep, or before it started when the whole stream came in one batch
@@ -273,8 +281,6 @@ def test_sync_reads_after_cancel_or_channel_close_raise_at_once(streamer):
 def test_aio_reads_after_cancel_raise_at_once(streamer):
     import asyncio
 
-    import mrpcd.aio
-
     a, b, pb = streamer
 
     class S(pb.StreamerServicer):
@@ -285,31 +291,17 @@ def test_aio_reads_after_cancel_raise_at_once(streamer):
                 i += 1
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
-        cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
-        try:
-            server = mrpcd.aio.server(app=srv_app)
-            pb.add_StreamerServicer_to_server(S(), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
-            try:
-                call = pb.StreamerStub(channel).ServerStream(pb.Chunk(), timeout=20)
-                assert (await call.read()).seq == 0
-                for _ in range(200):
-                    if _queued(cli_app) >= 100:
-                        break
-                    await asyncio.sleep(0.05)
-                assert _queued(cli_app) >= 100
-                call.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await call.read()
-            finally:
-                await channel.close()
-                await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
+        async with aio_pair(a, b, pb, S()) as (server, channel, cli_app, srv_app):
+            call = pb.StreamerStub(channel).ServerStream(pb.Chunk(), timeout=20)
+            assert (await call.read()).seq == 0
+            for _ in range(200):
+                if _queued(cli_app) >= 100:
+                    break
+                await asyncio.sleep(0.05)
+            assert _queued(cli_app) >= 100
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call.read()
 
     asyncio.run(main())
 
@@ -388,8 +380,6 @@ def test_sync_calls_nobody_waits_on_end_at_their_deadline(streamer):
 def test_aio_calls_nobody_awaits_end_at_their_deadline(streamer):
     import asyncio
 
-    import mrpcd.aio
-
     a, b, pb = streamer
 
     class S(pb.StreamerServicer):
@@ -397,37 +387,23 @@ def test_aio_calls_nobody_awaits_end_at_their_deadline(streamer):
             return pb.Summary(total=request.seq)
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
-        cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
-        try:
-            server = mrpcd.aio.server(app=srv_app)
-            pb.add_StreamerServicer_to_server(S(), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        async with aio_pair(a, b, pb, S()) as (server, channel, cli_app, srv_app):
             stub = pb.StreamerStub(channel)
-            try:
-                assert (await stub.Unary(pb.Chunk(seq=1), timeout=10)).total == 1  # connected
-                fired = asyncio.Event()
-                with stopped(b):
-                    call = stub.Unary(pb.Chunk(), timeout=0.3)
-                    call.add_done_callback(lambda c: fired.set())
-                    stream = stub.ServerStream(pb.Chunk(), timeout=0.3)
-                    await asyncio.wait_for(fired.wait(), 10)
-                    for _ in range(200):
-                        if stream.done():
-                            break
-                        await asyncio.sleep(0.05)
-                    assert call.done() and stream.done()
-                    assert await call.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
-                    assert await stream.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
-                    assert not cli_app.calls
-            finally:
-                await channel.close()
-                await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
+            assert (await stub.Unary(pb.Chunk(seq=1), timeout=10)).total == 1  # connected
+            fired = asyncio.Event()
+            with stopped(b):
+                call = stub.Unary(pb.Chunk(), timeout=0.3)
+                call.add_done_callback(lambda c: fired.set())
+                stream = stub.ServerStream(pb.Chunk(), timeout=0.3)
+                await asyncio.wait_for(fired.wait(), 10)
+                for _ in range(200):
+                    if stream.done():
+                        break
+                    await asyncio.sleep(0.05)
+                assert call.done() and stream.done()
+                assert await call.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+                assert await stream.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+                assert not cli_app.calls
 
     asyncio.run(main())
 
