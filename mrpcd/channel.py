@@ -35,14 +35,14 @@ class _ClientCall(ClientCallCore):
         self._end_lock: Any = None  # wait_end's bare lock, handed to the app when the call ends
         self._end_waiting = False  # a caller is blocked on it (changed under app._baton_lock)
         self.timed = False  # in the app's call_deadlines (a deadline, and maybe nobody waiting)
-        self.watched = False  # about to be added there: _finish must discard it under the heap's lock
+        self.watched = False  # handed to call_deadlines.add (timed implies it): _finish discards it
         super().__init__(app, handle, call_id, deserialize, max_receive, deadline)
 
     def _finish(self) -> None:
         super()._finish()
-        # `watched`, not only `timed`: ending while add() runs, the call may not be timed
-        # yet here and yet be counted right after; discard (under the heap's lock) settles it
-        if self.timed or self.watched:
+        # `watched`, not `timed`: ending while add() runs, the call may not be timed yet
+        # here and yet be counted right after; discard (under the heap's lock) settles it
+        if self.watched:
             self.app.call_deadlines.discard(self)
 
     def expire_deadline(self) -> None:
