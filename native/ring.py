@@ -336,14 +336,18 @@ class Ring:
             lib.ring_untake(self._r, int(extent[0]))
             raise
 
-    def _take_buffers(self, max_records: int) -> Any:
-        """The copy-out buffer and length array a take fills, and a fresh pointer array."""
+    def _copy_buffers(self, max_records: int) -> None:
+        """The copy-out buffer and length array a pop or take fills."""
         if self._out_mv is None:  # (both or neither: out of memory half-way leaves neither)
             out = ffi.new("char[]", self.capacity)
             self._out_mv = memoryview(ffi.buffer(out))
             self._out = out
         if len(self._lens) < max_records:
             self._lens = ffi.new("uint32_t[]", max_records)
+
+    def _take_buffers(self, max_records: int) -> Any:
+        """_copy_buffers, and a fresh pointer array for the records a take leaves in place."""
+        self._copy_buffers(max_records)
         return ffi.new("const uint8_t *[]", max_records)
 
     def _taken(self, n: int, ptrs: Any) -> list["bytes | memoryview"]:
@@ -387,9 +391,7 @@ class Ring:
         """
         if max_records <= 0:
             return []
-        self._take_buffers(0)
-        if len(self._lens) < max_records:
-            self._lens = ffi.new("uint32_t[]", max_records)
+        self._copy_buffers(max_records)
         limit = self.capacity if max_bytes is None else max(0, min(max_bytes, self.capacity))
         n = lib.ring_pop_batch(self._r, self._out, limit, self._lens, max_records)
         if n == lib.RING_E_TOOBIG:  # first record > max_bytes: return it alone
