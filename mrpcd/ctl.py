@@ -170,6 +170,9 @@ def _json_value(value: Any) -> Any:
 
 
 def _print_policies(reply: dict) -> None:
+    if not reply["apps"]:
+        print("no apps connected")  # (an empty listing looked like a hung or broken command)
+        return
     for app in reply["apps"]:
         print(f"app {app['app_id']} ({_printable(app['name'])}):")
         if not app["policies"]:

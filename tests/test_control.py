@@ -44,6 +44,14 @@ def test_ping_and_apps_via_mrpcctl(daemon_factory):
         app.close()
 
 
+def test_listings_of_a_daemon_without_apps_say_so(daemon_factory):
+    """`policy list` printed nothing at all with no app connected (as if it had failed)."""
+    d = daemon_factory()
+    for args in (["apps"], ["policy", "list"]):
+        r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "no apps connected", (args, r.stdout, r.stderr)
+
+
 def test_mrpcctl_without_daemon_is_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", str(tmp_path / "none.sock"), "ping"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach mrpcd" in r.stderr
