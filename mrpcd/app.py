@@ -75,6 +75,7 @@ class App:
     # what close() tells the calls in flight (_daemon_gone sets UNAVAILABLE)
     _close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
     _pid = 0  # the process that made the app (set in __init__)
+    _space_need = 0  # ring bytes the last sender to block on a full tx ring needs
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
@@ -271,6 +272,7 @@ class App:
                 # wait for room for the record that blocks: a queued control record bigger
                 # than ours, else "push again" forever (a spin holding the tx lock)
                 need = len(self._control[0]) if self._control else len(data)
+                self._space_need = 8 + ((need + 7) & ~7)  # with the ring's record header: the rx thread looks
                 try:
                     if self.tx.prepare_wait_for_space(need):
                         left = None if deadline is None else deadline - time.monotonic()
@@ -573,6 +575,10 @@ class App:
                     self._run_inline()
                     if self._control:  # busy rx: it may not reach _wake_space_waiters soon
                         self.flush_control()
+                    if self._space_waiters and self.tx.free_bytes() >= self._space_need:
+                        # the daemon signals freed room on the eventfd this thread reads only
+                        # when idle: under a steady inflow, senders would wait for the re-check
+                        self._wake_space_waiters()
                     continue
                 self._wake_space_waiters()
                 if self.rx.prepare_sleep():

@@ -4,6 +4,7 @@ views (ring_pop_records), message payloads queued as views only when large (and 
 the reader is behind), codecs decoding from buffers into bytes that own their memory."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -648,3 +649,94 @@ def test_aio_a_task_woken_by_close_and_then_cancelled_does_not_touch_the_rings()
 
     pair = RingPair.create(1 << 16)
     asyncio.run(body(pair))
+
+
+def test_senders_blocked_on_a_full_tx_ring_are_woken_while_the_rx_thread_is_busy(monkeypatch):
+    """The daemon tells of freed tx room on the app's eventfd, which the rx thread reads
+    only when its ring runs empty: under a steady inflow (here every drain finds records)
+    blocked senders waited for the periodic re-check (SPACE_RECHECK_S, 0.5 s each; here
+    off), and went only once the inflow stopped."""
+    monkeypatch.setattr(appmod, "SPACE_RECHECK_S", 600)
+    senders, per, size = 4, 10, 12 << 10
+    with RingPair.create(1 << 16) as pair:
+        app = _bare_app(pair)
+        app._space_waiters = 0
+        app._handoff_lock, app._rx_gen, app._rx_ident = threading.Lock(), 1, None
+        inflow = threading.Event()
+        inflow.set()
+
+        def busy_drain() -> bool:
+            time.sleep(0.0005)
+            return inflow.is_set() and not app.closed
+
+        app.drain = busy_drain
+        got: dict[int, list[int]] = {}
+        stop = threading.Event()
+
+        def send_all(handle: int) -> None:
+            for i in range(per):
+                app.send(wire.request_parts(handle, i, 1, R.F_START | R.F_END, 0, (), b"x" * size), timeout=30)
+
+        threads = [threading.Thread(target=send_all, args=(h,), daemon=True) for h in range(1, senders + 1)]
+        rx = threading.Thread(target=app._rx_thread, args=(1,), daemon=True)
+        # the daemon's side: takes records, and signals the app's eventfd when a sender waits
+        consumer = _daemon_side_consumer(pair, got, app.app_waker.signal, stop)
+        try:
+            rx.start()
+            for t in threads:
+                t.start()
+            _join_all(threads, 5)
+            during_inflow = not any(t.is_alive() for t in threads)
+            inflow.clear()
+            _join_all(threads, 5)
+            wait_until(lambda: sum(map(len, got.values())) == senders * per, 10)
+        finally:
+            inflow.clear()
+            _release_senders(app, threads)
+            app.closed = True
+            app.app_waker.signal()
+            rx.join(5)
+            stop.set()
+            consumer.join(5)
+            app.daemon_waker.close()
+            app.app_waker.close()
+        assert during_inflow, "blocked senders went only when the rx thread went idle"
+        assert got == {h: list(range(per)) for h in range(1, senders + 1)}
+
+
+def test_aio_senders_blocked_on_a_full_tx_ring_are_woken_while_the_loop_drains_a_steady_inflow():
+    """mrpcd.aio: `_drain` stops after 8 batches to let other callbacks run and comes back
+    (call_soon); on that path it did not wake the tasks waiting for tx room, so under a
+    steady inflow they waited for the periodic re-check."""
+    from mrpcd.aio._app import AioApp
+
+    async def main() -> None:
+        with RingPair.create(1 << 16) as pair:
+            app = object.__new__(AioApp)
+            app.tx, app.rx = pair.tx, pair.rx
+            app.closed = False
+            app.loop = asyncio.get_running_loop()
+            app._space_waiters, app._space_promised = collections.deque(), 0
+            app._drain_scheduled = False
+            app.calls = {}
+            drains = [0]
+
+            def busy_drain() -> bool:
+                drains[0] += 1
+                return drains[0] <= 8  # one full round of 8 batches, then the ring is empty
+
+            app.drain = busy_drain
+            record = _full_ring_record(1, 12 << 10)
+            while app.tx.push(record.encode()):
+                pass
+            waiter = app.loop.create_future()
+            app._space_waiters.append((waiter, 12 << 10))
+            R.ring_pop_records(pair.tx, 16, 1 << 20)  # the daemon frees the whole ring
+            try:
+                app._drain()  # 8 busy batches: the early return
+                woken = waiter.done()
+            finally:
+                app.closed = True  # (the drain it scheduled must not touch the rings unmapped below)
+            assert woken, "a task waiting for tx room was not woken on the busy path"
+
+    asyncio.run(main())

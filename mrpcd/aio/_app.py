@@ -70,6 +70,8 @@ class AioApp(App):
                 if not self.drain():
                     break
             else:
+                if self._space_waiters:  # a steady inflow: the end of the method is not reached
+                    self._wake_space_waiters()
                 self._drain_soon()
                 return
         except ringmod.RingCorrupt as exc:
