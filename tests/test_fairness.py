@@ -1,0 +1,144 @@
+"""Fairness when rings and queues fill: one busy or stuck party must not starve the others.
+
+Each scenario runs real daemons and apps as processes on loopback (tests/apps/fair_app.py
+serves tests/protos/streaming.proto or floods it), with bounded loads and generous
+liveness bounds (a few seconds per call: "served while the other load goes on", never a
+latency target):
+
+* a. a client app floods a server with MiB-sized requests through daemons A and B, so A's
+  queues, the A->B connection and B's delivery into the server's rx ring stay full; a
+  second client app's small calls on the same path are each answered within seconds,
+  while the flood is still going;
+* b. one method of a server is slow and its calls pile up; the other method is served
+  (within the server's concurrency: a pool that is full of slow handlers queues, as
+  grpc's does);
+* c. a stream whose receiver stops reading (its flow-control window is spent) blocks only
+  that stream: other calls on the same channel, and other apps, go on;
+* d. two server apps behind daemon B, one stopped (SIGSTOP: it drains nothing): calls to
+  the other one, from the same client app and from another, are delivered.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import mrpcd
+
+from mrpcd.ctl import Control
+
+from conftest import PROTOS
+
+KIB, MIB = 1024, 1024 * 1024
+# A call of the victim app must be answered within this long ("not starved"): generous,
+# the machine has two cores and the flood keeps both busy.
+LIVE_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def stubs(tmp_path_factory):
+    """The Streamer stubs, generated once for this module: (module, its folder)."""
+    gen = tmp_path_factory.mktemp("fair_gen")
+    subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(PROTOS / "streaming.proto"), "-I", str(PROTOS), "-o", str(gen)], check=True)
+    sys.path.insert(0, str(gen))
+    try:
+        import streaming_mrpc
+
+        yield streaming_mrpc, gen
+    finally:
+        sys.path.remove(str(gen))
+
+
+def app_stats(daemon, name: str) -> dict:
+    """The daemon's stats of its app called `name` (summed if several)."""
+    ctl = Control(daemon.socket)
+    try:
+        apps = [s for s in ctl.call("apps")["apps"] if s["name"] == name]
+    finally:
+        ctl.sock.close()
+    total: dict = {}
+    for s in apps:
+        for k, v in s["stats"].items():
+            total[k] = total.get(k, 0) + v
+        total["pending"] = total.get("pending", 0) + s["pending"]
+    return total
+
+
+def stub_empty(pb):
+    """A google.protobuf.Empty of the generated module (Ping's request)."""
+    return next(c for name, c in vars(pb).items() if name.endswith("Empty") and isinstance(c, type))()
+
+
+def timed_calls(fn, n: int, pause: float = 0.02) -> list[float]:
+    """Run fn() n times; the duration of each (fn raises on failure)."""
+    took = []
+    for _ in range(n):
+        t = time.monotonic()
+        fn()
+        took.append(time.monotonic() - t)
+        time.sleep(pause)
+    return took
+
+
+def test_a_small_calls_are_served_while_another_app_floods_the_same_path(daemon_factory, app_factory, stubs):
+    pb, gen = stubs
+    a, b = daemon_factory("a"), daemon_factory("b")
+    server = app_factory("fair_app.py", b, "serve", gen=gen)
+    target = server.readline()
+    # 1-3 MiB requests, 16 at a time, for at most 20 s: the path stays full
+    flood = app_factory("fair_app.py", a, "flood", target, "20", "16", "1024", "3072", gen=gen)
+    assert flood.readline(30) == "started"
+    app = mrpcd.connect(a.socket, name="victim")
+    try:
+        stub = pb.StreamerStub(mrpcd.Channel(target, app))
+        small = pb.Chunk(data=b"x" * 100)
+        took = timed_calls(lambda: stub.Unary(small, timeout=LIVE_S), 40)
+        full = app_stats(a, "fair_app.py"), app_stats(b, "fair_app.py")
+        assert flood.proc.poll() is None, "the flood ended before the small calls did: nothing was shown"
+    finally:
+        app.close()
+        flood.proc.send_signal(signal.SIGUSR1)  # the calls going end, no new ones start
+    code, out, err = flood.wait(60)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["codes"] == {"OK": result["calls"]}, result
+    # the flood did fill the path: A's flooder waited for room in its tx ring, B's records
+    # for the server waited for room in its rx ring
+    assert full[0]["tx_ring_full"] > 0 and full[1]["rx_ring_full"] > 0, full
+    print(f"\nsmall calls during the flood: max {max(took) * 1e3:.0f} ms, median {sorted(took)[len(took) // 2] * 1e3:.0f} ms; "
+          f"flood: {result['calls']} calls; A's flooder, B's server: {full}")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_b_a_slow_method_does_not_starve_the_other(daemon_factory, app_factory, stubs, kind):
+    """Slow calls (3 s each) pile up in the server; Ping calls meanwhile are answered at
+    once. Sync server: 8 workers, 6 slow calls (the first runs on the rx thread until the
+    watchdog hands the rx role over); a pool full of slow handlers would queue the rest, as
+    grpc's does. Asyncio server: no worker bound, 300 slow calls."""
+    pb, gen = stubs
+    a, b = daemon_factory("a"), daemon_factory("b")
+    args = ["serve", "--workers", "8"] + (["--async"] if kind == "async" else [])
+    server = app_factory("fair_app.py", b, *args, gen=gen)
+    target = server.readline()
+    slow_n = 6 if kind == "sync" else 300
+    app = mrpcd.connect(a.socket, name="caller")
+    try:
+        stub = pb.StreamerStub(mrpcd.Channel(target, app))
+        ping_req = stub_empty(pb)
+        stub.Ping(ping_req, timeout=LIVE_S)  # connected
+        slow = [stub.Unary.future(pb.Chunk(data=b"s", seq=-3000), timeout=30) for _ in range(slow_n)]
+        t0 = time.monotonic()
+        took = timed_calls(lambda: stub.Ping(ping_req, timeout=LIVE_S), 20)
+        during = time.monotonic() - t0
+        assert all(not f.done() for f in slow), "the slow calls ended before the fast ones: nothing was shown"
+        assert [f.result().total for f in slow] == [1] * slow_n
+    finally:
+        app.close()
+    print(f"\n{kind}: Ping during {slow_n} slow calls: max {max(took) * 1e3:.0f} ms, all 20 in {during:.2f} s")
