@@ -142,3 +142,97 @@ def test_b_a_slow_method_does_not_starve_the_other(daemon_factory, app_factory, 
     finally:
         app.close()
     print(f"\n{kind}: Ping during {slow_n} slow calls: max {max(took) * 1e3:.0f} ms, all 20 in {during:.2f} s")
+
+
+def test_c_a_stream_whose_receiver_stops_reading_blocks_only_itself(daemon_factory, app_factory, stubs):
+    """Both directions: a response stream the client stops reading (the server's handler
+    waits for credit) and a request stream the server stops reading (the client's request
+    pump waits for credit). Meanwhile unary calls and a complete stream on the same
+    channel, and another app's calls, are answered."""
+    pb, gen = stubs
+    a, b = daemon_factory("a"), daemon_factory("b")
+    server = app_factory("fair_app.py", b, "serve", gen=gen)
+    target = server.readline()
+    app, other = mrpcd.connect(a.socket, name="reader"), mrpcd.connect(a.socket, name="other")
+    sent = [0]
+
+    def requests():
+        for i in range(1000):  # 64 MiB if nobody stopped it: far past any window
+            sent[0] = i + 1
+            yield pb.Chunk(data=bytes(64 * KIB), seq=20_000)  # the handler sleeps 20 s after the first
+
+    try:
+        stub, other_stub = pb.StreamerStub(mrpcd.Channel(target, app)), pb.StreamerStub(mrpcd.Channel(target, other))
+        ping = stub_empty(pb)
+        stub.Ping(ping, timeout=LIVE_S)
+        # 1000 chunks of 64 KiB asked for; one read, then none
+        unread = stub.ServerStream(pb.Chunk(data=bytes(64 * KIB), seq=1000), timeout=60)
+        assert next(unread).seq == 0
+        unsent = stub.ClientStream.future(requests(), timeout=60)
+        time.sleep(0.5)  # both windows are spent by now
+        for _ in range(2):
+            took = timed_calls(lambda: stub.Ping(ping, timeout=LIVE_S), 10)
+            took += timed_calls(lambda: other_stub.Ping(ping, timeout=LIVE_S), 10)
+            whole = list(stub.ServerStream(pb.Chunk(data=bytes(64 * KIB), seq=20), timeout=LIVE_S))
+            assert [c.seq for c in whole] == list(range(20))
+            assert stub.Unary(pb.Chunk(data=bytes(200 * KIB)), timeout=LIVE_S).total == 200 * KIB
+        assert not unsent.done() and sent[0] < 100, sent  # held by flow control, not buffered
+        assert next(unread).seq == 1  # the stopped stream is still there, and goes on
+        unread.cancel()
+        unsent.cancel()
+    finally:
+        app.close()
+        other.close()
+    print(f"\ncalls beside the stopped streams: max {max(took) * 1e3:.0f} ms; request chunks sent: {sent[0]}")
+
+
+def test_c_asyncio_a_stream_not_read_blocks_only_itself(daemon_factory, app_factory, stubs):
+    """The asyncio client: a response stream it stops reading and a request stream whose
+    writer waits for credit (the server's handler reads one message, then sleeps); unary
+    calls on the same channel are answered meanwhile."""
+    import asyncio
+
+    import mrpcd.aio
+
+    pb, gen = stubs
+    a, b = daemon_factory("a"), daemon_factory("b")
+    server = app_factory("fair_app.py", b, "serve", gen=gen)
+    target = server.readline()
+
+    async def main() -> list[float]:
+        app = mrpcd.aio.connect(a.socket, name="aio-reader")
+        try:
+            async with mrpcd.aio.insecure_channel(target, app=app) as ch:
+                stub = pb.StreamerStub(ch)
+                ping = stub_empty(pb)
+                await stub.Ping(ping, timeout=LIVE_S)
+                unread = stub.ServerStream(pb.Chunk(data=bytes(64 * KIB), seq=1000), timeout=60)
+                assert (await unread.read()).seq == 0
+                unsent = stub.ClientStream(timeout=60)
+                writes = 0
+
+                async def write() -> None:
+                    nonlocal writes
+                    for _ in range(1000):
+                        await unsent.write(pb.Chunk(data=bytes(64 * KIB), seq=20_000))
+                        writes += 1
+
+                writer = asyncio.ensure_future(write())
+                await asyncio.sleep(0.5)
+                took = []
+                for _ in range(20):
+                    t = time.monotonic()
+                    assert await stub.Unary(pb.Chunk(data=bytes(100 * KIB)), timeout=LIVE_S)
+                    await stub.Ping(ping, timeout=LIVE_S)
+                    took.append(time.monotonic() - t)
+                assert not writer.done() and writes < 100, writes
+                assert (await unread.read()).seq == 1
+                writer.cancel()
+                unread.cancel()
+                unsent.cancel()
+                return took
+        finally:
+            app.close()
+
+    took = asyncio.run(main())
+    print(f"\nasyncio calls beside the stopped streams: max {max(took) * 1e3:.0f} ms")
