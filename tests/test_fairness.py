@@ -34,7 +34,7 @@ import mrpcd
 
 from mrpcd.ctl import Control
 
-from conftest import PROTOS
+from conftest import PROTOS, wait_until
 
 KIB, MIB = 1024, 1024 * 1024
 # A call of the victim app must be answered within this long ("not starved"): generous,
@@ -236,3 +236,98 @@ def test_c_asyncio_a_stream_not_read_blocks_only_itself(daemon_factory, app_fact
 
     took = asyncio.run(main())
     print(f"\nasyncio calls beside the stopped streams: max {max(took) * 1e3:.0f} ms")
+
+
+class Stopped:
+    """A server app process SIGSTOPped while inside: it drains nothing, answers nothing."""
+
+    def __init__(self, proc) -> None:
+        self.proc = proc
+
+    def __enter__(self) -> "Stopped":
+        self.proc.proc.send_signal(signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.proc.send_signal(signal.SIGCONT)
+
+
+def two_servers(daemon_factory, app_factory, gen, config_a: str, config_b: str):
+    a, b = daemon_factory("a", config_a), daemon_factory("b", config_b)
+    s1 = app_factory("fair_app.py", b, "serve", gen=gen)
+    s2 = app_factory("fair_app.py", b, "serve", gen=gen)
+    return a, b, s1, s1.readline(), s2.readline()
+
+
+def test_d_a_stopped_server_app_does_not_hold_up_another_behind_the_same_daemon(daemon_factory, app_factory, stubs):
+    """Server S1 stops (SIGSTOP) while one client app sends it 2,000 calls of 16 KiB:
+    daemon B queues what S1 does not take up to max_pending_bytes and then stops reading
+    S1's connections only; daemon A queues up to max_peer_backlog and then fails new calls
+    to S1 with UNAVAILABLE. Calls to S2 behind the same daemon B, from the same app and from
+    another, are answered throughout; S1, woken, answers what it was sent."""
+    pb, gen = stubs
+    a, b, s1, t1, t2 = two_servers(daemon_factory, app_factory, gen, "max_peer_backlog: 4194304\n", "max_pending_bytes: 4194304\n")
+    app, other = mrpcd.connect(a.socket, name="both"), mrpcd.connect(a.socket, name="other")
+    try:
+        stub1, stub2 = pb.StreamerStub(mrpcd.Channel(t1, app)), pb.StreamerStub(mrpcd.Channel(t2, app))
+        other2 = pb.StreamerStub(mrpcd.Channel(t2, other))
+        ping = stub_empty(pb)
+        stub1.Ping(ping, timeout=LIVE_S), stub2.Ping(ping, timeout=LIVE_S), other2.Ping(ping, timeout=LIVE_S)
+        with Stopped(s1):
+            stuck = [stub1.Unary.future(pb.Chunk(data=bytes(16 * KIB)), timeout=60) for _ in range(2000)]
+            took = timed_calls(lambda: stub2.Ping(ping, timeout=LIVE_S), 20)
+            took += timed_calls(lambda: other2.Ping(ping, timeout=LIVE_S), 20)
+            assert stub2.Unary(pb.Chunk(data=bytes(16 * KIB)), timeout=LIVE_S).total == 16 * KIB
+            assert wait_until(lambda: app_stats(b, "fair_app.py")["pending"] > 0, 10)
+            assert app_stats(a, "both")["peer_backlog_refused"] > 0  # A stopped queueing for S1
+        codes: dict[str, int] = {}
+        for f in stuck:
+            code = f.code().name
+            codes[code] = codes.get(code, 0) + 1
+        assert set(codes) == {"OK", "UNAVAILABLE"}, codes  # what was sent is answered now
+        stub1.Ping(ping, timeout=LIVE_S)
+    finally:
+        app.close()
+        other.close()
+    print(f"\nS2 calls while S1 stopped: max {max(took) * 1e3:.0f} ms; S1's calls: {codes}")
+
+
+def test_d_a_stopped_server_app_holding_lent_payloads_is_cut_after_peer_stall_timeout(daemon_factory, app_factory, stubs):
+    """Big requests (sent straight from the client app's tx ring) to a stopped S1: the ring
+    space they hold is freed in order, so the same client app's other calls wait, but
+    only until peer_stall_timeout (2 s here) closes the connection to S1 (its calls fail
+    UNAVAILABLE; docs/INTERNALS.md). Another client app is never held up."""
+    pb, gen = stubs
+    a, b, s1, t1, t2 = two_servers(daemon_factory, app_factory, gen, "peer_stall_timeout: 2\n", "max_pending_bytes: 4194304\n")
+    app, other = mrpcd.connect(a.socket, name="both"), mrpcd.connect(a.socket, name="other")
+    try:
+        stub1, stub2 = pb.StreamerStub(mrpcd.Channel(t1, app)), pb.StreamerStub(mrpcd.Channel(t2, app))
+        other2 = pb.StreamerStub(mrpcd.Channel(t2, other))
+        ping = stub_empty(pb)
+        stub1.Ping(ping, timeout=LIVE_S), stub2.Ping(ping, timeout=LIVE_S), other2.Ping(ping, timeout=LIVE_S)
+        with Stopped(s1):
+            stuck = []
+            sender = threading.Thread(target=lambda: stuck.extend(
+                stub1.Unary.future(pb.Chunk(data=bytes(MIB)), timeout=60) for _ in range(24)))
+            sender.start()  # (blocks once the tx ring is full of lent payloads)
+            time.sleep(0.5)
+            # the same app: behind the lent payloads, at most peer_stall_timeout late
+            same_app = []
+            behind = threading.Thread(target=lambda: same_app.extend(timed_calls(lambda: stub2.Ping(ping, timeout=2 + 2 * LIVE_S), 3)))
+            behind.start()
+            took = timed_calls(lambda: other2.Ping(ping, timeout=LIVE_S), 30, pause=0.1)
+            behind.join(30)
+            assert len(same_app) == 3
+            sender.join(30)
+            assert not sender.is_alive()
+            assert app_stats(a, "both")["peer_stalled"] >= 1  # (the channel reconnects: more may follow)
+            cut = [f.code().name for f in stuck if f.done()]
+            assert cut and set(cut) == {"UNAVAILABLE"}, cut
+        # the calls sent after the last cut were taken by the kernel's buffers: they wait
+        # for S1, which answers them now
+        assert wait_until(lambda: all(f.done() for f in stuck), 20)
+        assert {f.code().name for f in stuck} <= {"UNAVAILABLE", "OK"}
+    finally:
+        app.close()
+        other.close()
+    print(f"\nthe other app's calls while S1 stopped: max {max(took) * 1e3:.0f} ms; the same app's: {max(same_app):.2f} s")
