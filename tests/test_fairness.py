@@ -87,13 +87,16 @@ def timed_calls(fn, n: int, pause: float = 0.02) -> list[float]:
     return took
 
 
-def test_a_small_calls_are_served_while_another_app_floods_the_same_path(daemon_factory, app_factory, stubs):
+@pytest.mark.parametrize("mode", ["unary", "echo"])
+def test_a_small_calls_are_served_while_another_app_floods_the_same_path(daemon_factory, app_factory, stubs, mode):
+    """unary: MiB requests, small answers; echo: the server sends each request's MiB back
+    (its tx ring is full too, while requests keep coming into its rx ring)."""
     pb, gen = stubs
     a, b = daemon_factory("a"), daemon_factory("b")
     server = app_factory("fair_app.py", b, "serve", gen=gen)
     target = server.readline()
     # 1-3 MiB requests, 16 at a time, for at most 20 s: the path stays full
-    flood = app_factory("fair_app.py", a, "flood", target, "20", "16", "1024", "3072", gen=gen)
+    flood = app_factory("fair_app.py", a, "flood", target, "20", "16", "1024", "3072", *(["echo"] if mode == "echo" else []), gen=gen)
     assert flood.readline(30) == "started"
     app = mrpcd.connect(a.socket, name="victim")
     try:
@@ -112,7 +115,7 @@ def test_a_small_calls_are_served_while_another_app_floods_the_same_path(daemon_
     # the flood did fill the path: A's flooder waited for room in its tx ring, B's records
     # for the server waited for room in its rx ring
     assert full[0]["tx_ring_full"] > 0 and full[1]["rx_ring_full"] > 0, full
-    print(f"\nsmall calls during the flood: max {max(took) * 1e3:.0f} ms, median {sorted(took)[len(took) // 2] * 1e3:.0f} ms; "
+    print(f"\n{mode}: small calls during the flood: max {max(took) * 1e3:.0f} ms, median {sorted(took)[len(took) // 2] * 1e3:.0f} ms; "
           f"flood: {result['calls']} calls; A's flooder, B's server: {full}")
 
 

@@ -7,11 +7,19 @@ Modes:
                                   Ping: at once; ServerStream: `seq` chunks of the request's
                                   data; ClientStream: reads one message, then `seq` ms before
                                   reading the rest. Prints "host:port", serves until killed.
-  flood TARGET SECONDS CONC MIN_KIB MAX_KIB
-                                  Unary calls of MIN..MAX KiB, CONC at a time, for at most
+  flood TARGET SECONDS CONC MIN_KIB MAX_KIB [echo]
+                                  Unary calls of MIN..MAX KiB (echo: ServerStream calls of
+                                  one chunk, the request's data sent back), CONC at a time, for at most
                                   SECONDS (bounded; SIGUSR1 ends it sooner), 60 s deadline
                                   each; prints "started" after the first answer, then one
                                   JSON line: {"calls": n, "codes": {code: count}}.
+  hammer TARGET SECONDS CONC sync|async DEADLINE [PAUSE_MS]
+                                  small unary calls (Ping, and Unary of 100 B), CONC at a
+                                  time (threads, or tasks on one event loop), for SECONDS,
+                                  each with DEADLINE seconds: a stalled call fails it; each
+                                  worker pauses 0..PAUSE_MS between calls (so both sides
+                                  go to sleep between them). Prints
+                                  one JSON line: {"calls": n, "codes": {...}, "max_s": worst}.
 """
 from __future__ import annotations
 
@@ -81,7 +89,7 @@ def serve(workers: int, use_async: bool) -> int:
     return 0
 
 
-def flood(target: str, seconds: float, conc: int, min_kib: int, max_kib: int) -> int:
+def flood(target: str, seconds: float, conc: int, min_kib: int, max_kib: int, echo: bool = False) -> int:
     stub = pb.StreamerStub(mrpcd.insecure_channel(target))
     end = time.monotonic() + seconds
     stop = threading.Event()
@@ -98,8 +106,12 @@ def flood(target: str, seconds: float, conc: int, min_kib: int, max_kib: int) ->
         while time.monotonic() < end and not stop.is_set():
             data = blobs[rnd.choice(sizes)]
             try:
-                reply = stub.Unary(pb.Chunk(data=data), timeout=60)
-                code = "OK" if reply.total == len(data) else "WRONG"
+                if echo:
+                    got = [len(c.data) for c in stub.ServerStream(pb.Chunk(data=data, seq=1), timeout=60)]
+                    code = "OK" if got == [len(data)] else "WRONG"
+                else:
+                    reply = stub.Unary(pb.Chunk(data=data), timeout=60)
+                    code = "OK" if reply.total == len(data) else "WRONG"
             except mrpcd.RpcError as exc:
                 code = exc.code().name
             with lock:
@@ -119,17 +131,86 @@ def flood(target: str, seconds: float, conc: int, min_kib: int, max_kib: int) ->
     return 0
 
 
+def hammer(target: str, seconds: float, conc: int, kind: str, deadline: float, pause_ms: float) -> int:
+    codes: dict[str, int] = {}
+    worst = [0.0]
+    calls = [0]
+    empty = next(c for name, c in vars(pb).items() if name.endswith("Empty") and isinstance(c, type))()
+    chunk = pb.Chunk(data=bytes(100))
+
+    def done(t0: float, code: str) -> None:
+        calls[0] += 1
+        codes[code] = codes.get(code, 0) + 1
+        worst[0] = max(worst[0], time.monotonic() - t0)
+
+    if kind == "async":
+        async def run() -> None:
+            async with mrpcd.aio.insecure_channel(target) as ch:
+                stub = pb.StreamerStub(ch)
+                end = time.monotonic() + seconds
+
+                async def worker(i: int) -> None:
+                    while time.monotonic() < end:
+                        t0 = time.monotonic()
+                        try:
+                            if i % 2:
+                                await stub.Ping(empty, timeout=deadline)
+                            else:
+                                await stub.Unary(chunk, timeout=deadline)
+                            code = "OK"
+                        except mrpcd.RpcError as exc:
+                            code = exc.code().name
+                        done(t0, code)
+                        if pause_ms:
+                            await asyncio.sleep(random.uniform(0, pause_ms) / 1000)
+
+                await asyncio.gather(*(worker(i) for i in range(conc)))
+
+        asyncio.run(run())
+    else:
+        stub = pb.StreamerStub(mrpcd.insecure_channel(target))
+        end = time.monotonic() + seconds
+        lock = threading.Lock()
+
+        def worker(i: int) -> None:
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                try:
+                    if i % 2:
+                        stub.Ping(empty, timeout=deadline)
+                    else:
+                        stub.Unary(chunk, timeout=deadline)
+                    code = "OK"
+                except mrpcd.RpcError as exc:
+                    code = exc.code().name
+                with lock:
+                    done(t0, code)
+                if pause_ms:
+                    time.sleep(random.uniform(0, pause_ms) / 1000)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(conc)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    print(json.dumps({"calls": calls[0], "codes": codes, "max_s": round(worst[0], 3)}), flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["serve", "flood"])
+    p.add_argument("mode", choices=["serve", "flood", "hammer"])
     p.add_argument("args", nargs="*")
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--async", dest="use_async", action="store_true")
     a = p.parse_args()
     if a.mode == "serve":
         return serve(a.workers, a.use_async)
-    target, seconds, conc, lo, hi = a.args
-    return flood(target, float(seconds), int(conc), int(lo), int(hi))
+    if a.mode == "hammer":
+        target, seconds, conc, kind, deadline, *pause = a.args
+        return hammer(target, float(seconds), int(conc), kind, float(deadline), float(pause[0]) if pause else 0.0)
+    target, seconds, conc, lo, hi, *echo = a.args
+    return flood(target, float(seconds), int(conc), int(lo), int(hi), echo == ["echo"])
 
 
 if __name__ == "__main__":
