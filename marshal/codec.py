@@ -29,6 +29,7 @@ import msgpack
 
 from . import _framing
 from . import _pack as _packmod
+from .enums import EnumWrapper
 from .schema import INT_RANGES, Field, Schema, SchemaError
 
 __all__ = ["DecodeError", "EncodeError", "MAX_DEPTH", "bind", "decode_plain", "encode_plain", "read_field"]
@@ -545,6 +546,10 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
     when known (unknown values of open enums stay ints).
     """
     gen = _Gen(schema, "cls", classes, enums)
+    for ename, ecls in (enums or {}).items():
+        # EnumWrapper's Name() / Value() answer with the .proto names of the values
+        if ename in schema.enums and isinstance(ecls, type) and issubclass(ecls, EnumWrapper):
+            ecls.__mrpc_enum__ = schema.enums[ename]
     for name, cls in classes.items():
         if name not in schema.messages:
             raise SchemaError(f"bind: {name} is not a message of the schema")

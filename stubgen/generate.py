@@ -31,6 +31,7 @@ import keyword
 import os
 import re
 
+from mrpcd.marshal.message import Message as _BaseMessage
 from mrpcd.marshal.schema import Field, Message, Schema, Service
 
 from .parse import ProtoModule, StubgenError
@@ -43,7 +44,7 @@ _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "
 # names that generated code itself uses at module level (and the builtins the .py calls at run
 # time: a top-level type of that name would replace them)
 _MODULE_RESERVED = {
-    "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema",
+    "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema", "_EnumWrapper", "_wkt",
     "property", "getattr", "setattr", "globals", "NotImplementedError",
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_Mapping", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
@@ -61,6 +62,12 @@ _ENUM_REFUSED = {"mro"}
 # type checkers see it as replacing the attribute, so the .pyi marks it
 _ENUM_INHERITED = {"name", "value", "real", "imag", "numerator", "denominator", "conjugate", "bit_length",
                    "bit_count", "to_bytes", "from_bytes", "as_integer_ratio", "is_integer"}
+# the EnumTypeWrapper methods generated enums get from mrpcd.marshal.enums.EnumWrapper: a value of
+# that name hides one (the .pyi marks it, as the IntEnum attributes above)
+_ENUM_WRAPPER = {"Name", "Value", "keys", "values", "items"}
+# what a message class has from its base: a nested enum's value constant (protobuf's `Outer.K1`)
+# of one of these names is not generated, it would replace it
+_MESSAGE_ATTRS = set(dir(_BaseMessage))
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
@@ -183,6 +190,8 @@ class _Names:
         self.aliases: dict[str, dict[str, str]] = {}  # message -> field -> property (keywords only)
         self.members: dict[str, list[tuple[str, int]]] = {}  # enum -> [(python name, value)]
         self.methods: dict[str, dict[str, str]] = {}  # service -> method -> attribute
+        # message -> [(name, nested enum's full name, member)]: protobuf's `Outer.K1`
+        self.class_constants: dict[str, list[tuple[str, str, str]]] = {}
 
         for name, msg in schema.messages.items():
             self._fields(msg)
@@ -217,6 +226,16 @@ class _Names:
                 cand += "_"
             taken.add(cand)
             self._place(full, cand, cand)
+        # protobuf's module-level constants for the values of the file's own top-level enums
+        # (`RED` for `Color.RED`); a value whose name is taken (by a type, a generated name)
+        # has none: it would replace that
+        self.constants: list[tuple[str, str, str]] = []  # (name, enum's full name, member)
+        for full in own:
+            if full in schema.enums:
+                for member, _ in self.members[full]:
+                    if member not in taken:
+                        taken.add(member)
+                        self.constants.append((member, full, member))
 
     def _place(self, full: str, local: str, qual: str) -> None:
         self.local[full] = local
@@ -232,6 +251,15 @@ class _Names:
                     cand += "_"
                 taken.add(cand)
                 self._place(child, cand, f"{qual}.{cand}")
+            # the values of nested enums as class attributes, as protobuf's (`Outer.K1`), unless
+            # the name is taken in the class (a field, a nested type, a Message method)
+            consts = self.class_constants[full] = []
+            for child in self.children.get(full, []):
+                if child in self.mod.schema.enums:
+                    for member, _ in self.members[child]:
+                        if member not in taken and member not in _MESSAGE_ATTRS:
+                            taken.add(member)
+                            consts.append((member, child, member))
 
     def _fields(self, msg: Message) -> None:
         names = {f.name for f in msg.fields}
@@ -294,7 +322,7 @@ class _Emitter:
         self.n = _Names(mod)
         self.pyi_aliases: dict[str, str] = {}  # top-level python name -> alias used where shadowed
         self.builtins_aliases: set[str] = set()  # names for the builtins module where _builtins is shadowed
-        self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])}
+        self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])} | {c for c, _, _ in self.n.constants}
 
     # -- types -------------------------------------------------------------------------------
     def builtin(self, name: str, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
@@ -362,12 +390,18 @@ class _Emitter:
             "",
             "import mrpcd",
             "from mrpcd.marshal import codec as _codec",
+            "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",
             "",
         ] + _schema_literal(self.schema)
         top = n.children.get(None, [])
-        for full in [t for t in top if t in self.schema.enums] + [t for t in top if t in self.schema.messages]:
+        for full in [t for t in top if t in self.schema.enums]:
+            out += ["", ""] + self.py_type(full, 0)
+        if n.constants:
+            out += ["", "", "# the values of the top-level enums, as protobuf's module constants"]
+            out += [f"{name} = {n.qual[en]}.{member}" for name, en, member in n.constants]
+        for full in [t for t in top if t in self.schema.messages]:
             out += ["", ""] + self.py_type(full, 0)
         out += ["", ""]
         classes = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.messages], 4)
@@ -389,7 +423,7 @@ class _Emitter:
         n = self.n
         name = n.local[full]
         if full in self.schema.enums:
-            lines = [f"class {name}(enum.IntEnum):"]
+            lines = [f"class {name}(_EnumWrapper, enum.IntEnum):"]
             lines += [f"    {member} = {number}" for member, number in n.members[full]]
             return _indent_lines(lines, depth)
         msg = self.schema.messages[full]
@@ -402,7 +436,10 @@ class _Emitter:
         children = n.children.get(full, [])
         for child in [c for c in children if c in self.schema.enums] + [c for c in children if c in self.schema.messages]:
             lines += [""] + self.py_type(child, 1)
-        local_names = {n.local[c] for c in children} | set(n.aliases[full].values())
+        consts = n.class_constants[full]
+        if consts:
+            lines += [""] + [f"    {c} = {n.local[en]}.{member}" for c, en, member in consts]
+        local_names = {n.local[c] for c in children} | set(n.aliases[full].values()) | {c for c, _, _ in consts}
         for fname, alias in n.aliases[full].items():
             lines += ["", f"    {alias} = property(",
                       f"        lambda self: getattr(self, {fname!r}),",
@@ -487,7 +524,11 @@ class _Emitter:
         mod, n = self.mod, self.n
         body: list[str] = []
         top = n.children.get(None, [])
-        for full in [t for t in top if t in self.schema.enums] + [t for t in top if t in self.schema.messages]:
+        for full in [t for t in top if t in self.schema.enums]:
+            body += ["", ""] + self.pyi_type(full, 0)
+        if n.constants:
+            body += [""] + [f"{name}: {n.qual[en]}" for name, en, _ in n.constants]
+        for full in [t for t in top if t in self.schema.messages]:
             body += ["", ""] + self.pyi_type(full, 0)
         for svc in mod.services:
             body += ["", ""] + self.pyi_service(self.schema.services[svc])
@@ -506,6 +547,7 @@ class _Emitter:
             "",
             "import mrpcd",
             "import mrpcd.aio",
+            "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",
             "",
@@ -530,19 +572,22 @@ class _Emitter:
         n = self.n
         name = n.local[full]
         if full in self.schema.enums:
-            lines = [f"class {name}(enum.IntEnum):"]
-            lines += [f"    {member} = {number}" + ("  # type: ignore[assignment, unused-ignore]"
-                                                   if member in _ENUM_INHERITED else "")
+            lines = [f"class {name}(_EnumWrapper, enum.IntEnum):"]
+            lines += [f"    {member} = {number}" + ("  # type: ignore[assignment, misc, unused-ignore]"
+                                                   if member in _ENUM_INHERITED | _ENUM_WRAPPER else "")
                       for member, number in n.members[full]]
             return _indent_lines(lines, depth)
         msg = self.schema.messages[full]
         attrs = n.attrs[full]
         children = n.children.get(full, [])
         # names a class body binds: annotations in it would resolve to these first
-        shadow = {n.local[c] for c in children} | set(attrs.values()) | {"SerializeToString", "FromString"}
+        consts = n.class_constants[full]
+        shadow = ({n.local[c] for c in children} | set(attrs.values()) | {"SerializeToString", "FromString"}
+                  | {c for c, _, _ in consts})
         lines = [f"class {name}(_Message):"]
         for child in [c for c in children if c in self.schema.enums] + [c for c in children if c in self.schema.messages]:
             lines += self.pyi_type(child, 1)
+        lines += [f"    {c}: {self.value_type('enum', en, shadow, True)}" for c, en, _ in consts]
         for f in msg.fields:
             lines.append(f"    {attrs[f.name]}: {self.attr_type(f, shadow, True)}")
         params = [f"{attrs[f.name]}: {self.param_type(f, shadow, True)} = ..." for f in msg.fields]
