@@ -68,6 +68,8 @@ _ENUM_WRAPPER = {"Name", "Value", "keys", "values", "items"}
 # what a message class has from its base: a nested enum's value constant (protobuf's `Outer.K1`)
 # of one of these names is not generated, it would replace it
 _MESSAGE_ATTRS = set(dir(_BaseMessage))
+# well-known types whose generated classes get protobuf's helper methods (mrpcd.marshal.wkt)
+_WKT_MIXINS = {"google.protobuf.Timestamp": "_wkt.Timestamp", "google.protobuf.Duration": "_wkt.Duration"}
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
@@ -377,6 +379,23 @@ class _Emitter:
             return (f"_Mapping[{k}, {t}]" if pyi else f"dict[{k}, {t}]") + " | None"
         return f"{t} | None" if f.nullable else t
 
+    def wkt_mixin(self, full: str) -> str | None:
+        """The helper mixin of a well-known type (Timestamp, Duration), if it is one."""
+        mixin = _WKT_MIXINS.get(full)
+        fields = [(f.name, f.label, f.type.kind) for f in self.schema.messages[full].fields]
+        if mixin and fields == [("seconds", "single", "int64"), ("nanos", "single", "int32")]:
+            return mixin
+        return None
+
+    def bases(self, full: str) -> str:
+        mixin = self.wkt_mixin(full)
+        return f"{mixin}, _Message" if mixin else "_Message"
+
+    def imports_wkt(self) -> list[str]:
+        if any(self.wkt_mixin(full) for full in self.schema.messages):
+            return ["from mrpcd.marshal import wkt as _wkt"]
+        return []
+
     # -- .py -----------------------------------------------------------------------------------
     def py(self) -> str:
         mod, n = self.mod, self.n
@@ -390,6 +409,7 @@ class _Emitter:
             "",
             "import mrpcd",
             "from mrpcd.marshal import codec as _codec",
+        ] + self.imports_wkt() + [
             "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",
@@ -427,7 +447,7 @@ class _Emitter:
             lines += [f"    {member} = {number}" for member, number in n.members[full]]
             return _indent_lines(lines, depth)
         msg = self.schema.messages[full]
-        lines = [f"class {name}(_Message):"]
+        lines = [f"class {name}({self.bases(full)}):"]
         slots = f"    __slots__ = {_tuple_literal([f.name for f in msg.fields])}"
         if len(slots) + 4 * depth <= _LINE:
             lines.append(slots)
@@ -547,6 +567,7 @@ class _Emitter:
             "",
             "import mrpcd",
             "import mrpcd.aio",
+        ] + self.imports_wkt() + [
             "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",
@@ -584,7 +605,7 @@ class _Emitter:
         consts = n.class_constants[full]
         shadow = ({n.local[c] for c in children} | set(attrs.values()) | {"SerializeToString", "FromString"}
                   | {c for c, _, _ in consts})
-        lines = [f"class {name}(_Message):"]
+        lines = [f"class {name}({self.bases(full)}):"]
         for child in [c for c in children if c in self.schema.enums] + [c for c in children if c in self.schema.messages]:
             lines += self.pyi_type(child, 1)
         lines += [f"    {c}: {self.value_type('enum', en, shadow, True)}" for c, en, _ in consts]
