@@ -64,6 +64,6 @@ class EnumWrapper:
     @classmethod
     def _mrpc_member(cls, number: int) -> int:
         try:
-            return cls(number)  # type: ignore[call-arg, no-any-return]
+            return cls(number)  # type: ignore[call-arg, return-value]
         except ValueError:
             return number

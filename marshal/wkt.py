@@ -76,7 +76,7 @@ class Timestamp:
 
     def _set(self, seconds: int, nanos: int) -> None:
         _check_timestamp(seconds, nanos)
-        self.seconds, self.nanos = int(seconds), int(nanos)
+        self.seconds, self.nanos = int(seconds), int(nanos)  # type: ignore[misc]  # the subclass's slots
 
     def GetCurrentTime(self) -> None:
         """Set to now."""
@@ -184,7 +184,7 @@ class Duration:
         if seconds < 0 < nanos:
             seconds, nanos = seconds + 1, nanos - _NANOS_PER_SECOND
         _check_duration(seconds, nanos)
-        self.seconds, self.nanos = int(seconds), int(nanos)
+        self.seconds, self.nanos = int(seconds), int(nanos)  # type: ignore[misc]  # the subclass's slots
 
     def ToJsonString(self) -> str:
         """`1.500s`, `-0.000000100s`: 0, 3, 6 or 9 fractional digits, as few as are exact."""
@@ -203,7 +203,7 @@ class Duration:
         if m.group(1):
             seconds, nanos = -seconds, -nanos
         _check_duration(seconds, nanos)
-        self.seconds, self.nanos = seconds, nanos
+        self.seconds, self.nanos = seconds, nanos  # type: ignore[misc]
 
     def ToNanoseconds(self) -> int:
         return self.seconds * _NANOS_PER_SECOND + self.nanos

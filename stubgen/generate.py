@@ -45,6 +45,7 @@ _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "
 # time: a top-level type of that name would replace them)
 _MODULE_RESERVED = {
     "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema", "_EnumWrapper", "_wkt",
+    "_MessageMap", "_RepeatedMessages",
     "property", "getattr", "setattr", "globals", "NotImplementedError",
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_Mapping", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
@@ -360,18 +361,25 @@ class _Emitter:
     def attr_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
         if f.label == "repeated":
+            if f.type.kind == "message":  # the container with add() (mrpcd.marshal.containers)
+                return f"_RepeatedMessages[{t}]"
             return f"{self.builtin('list', shadow, pyi)}[{t}]"
         if f.label == "map":
-            return f"{self.builtin('dict', shadow, pyi)}[{self.value_type(f.key.kind, None, shadow, pyi)}, {t}]"
+            k = self.value_type(f.key.kind, None, shadow, pyi)
+            if f.type.kind == "message":  # the container with get_or_create()
+                return f"_MessageMap[{k}, {t}]"
+            return f"{self.builtin('dict', shadow, pyi)}[{k}, {t}]"
         return f"{t} | None" if f.nullable else t
 
     def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         """What __init__ takes for a field: what the runtime accepts (as grpcio's .pyi types
-        it): an int for an enum, in the .pyi any iterable for a repeated field (it is copied
-        into a list) and any mapping for a map."""
+        it): an int for an enum, a dict for a message, in the .pyi any iterable for a
+        repeated field (it is copied into a list) and any mapping for a map."""
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
         if f.type.kind == "enum":
             t += f" | {self.builtin('int', shadow, pyi)}"
+        if f.type.kind == "message" and pyi:
+            t += f" | {self.builtin('dict', shadow, pyi)}[{self.builtin('str', shadow, pyi)}, _Any]"
         if f.label == "repeated":
             return (f"_Iterable[{t}]" if pyi else f"list[{t}]") + " | None"
         if f.label == "map":
@@ -473,12 +481,21 @@ class _Emitter:
         n = self.n
         attrs = n.attrs[msg.full_name]
         me = _receiver(set(attrs.values()) | self.top_names)
+        # the builtin dict, unless a parameter or a module-level type hides it
+        dict_ = f"{me}.__mrpc_dict__" if "dict" in set(attrs.values()) | self.top_names else "dict"
         params, body = [], []
         for i, f in enumerate(msg.fields):
             p = attrs[f.name]
             ptype = self.param_type(f)
-            if f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
+            if (f.label == "repeated" or f.label == "map") and f.type.kind == "message":
+                # the field's container (with add() / get_or_create()), dicts made into messages
+                default = "None"
+                rep = f"{me}.__mrpc_defaults__[{i}][1]"
+                value = f"{rep}() if {p} is None else {rep}._mrpc_of({p}, {me}, {i})"
+            elif f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
                 default, value = "None", f"{me}.__mrpc_{'list' if f.label == 'repeated' else 'map'}__({p})"
+            elif f.type.kind == "message":  # protobuf's constructors take a dict for a message
+                default, value = "None", f"{p} if {p}.__class__ is not {dict_} else {me}.__mrpc_msg__({i}, {p})"
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
@@ -568,6 +585,7 @@ class _Emitter:
             "import mrpcd",
             "import mrpcd.aio",
         ] + self.imports_wkt() + [
+            "from mrpcd.marshal.containers import MessageMap as _MessageMap, RepeatedMessages as _RepeatedMessages",
             "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",

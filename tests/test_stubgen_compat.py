@@ -3,8 +3,10 @@ enum wrappers and constants, repeated-message `add()`, dicts for message fields 
 constructors, message-valued maps, Timestamp / Duration helpers (tests/protos/compat.proto)."""
 from __future__ import annotations
 
+import copy
 import datetime
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from conftest import load_generated
 from mrpcd.stubgen import cli
 
 PROTOS = Path(__file__).resolve().parent / "protos"
+ROOT = PROTOS.parent.parent
 
 
 def load(path: Path, tag: str = ""):
@@ -41,8 +44,19 @@ def c(tmp_path_factory):
 
 
 def _mypy(cwd: Path, path: Path, *files: Path):
-    env = dict(os.environ, MYPYPATH=str(path))
-    cmd = [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", "--no-incremental",
+    """mypy over `files` with the generated modules in `path` and mrpcd's own types (the
+    source tree laid out as the package: the editable install's import hook is invisible
+    to mypy), as tests/test_stubgen.py does."""
+    src = cwd / "src"
+    if not src.exists():
+        pkg = src / "mrpcd"
+        pkg.mkdir(parents=True)
+        for entry in (ROOT / "mrpcd").iterdir():
+            (pkg / entry.name).symlink_to(entry)
+        for sub in ("marshal", "native", "policies", "stubgen", "transports"):
+            (pkg / sub).symlink_to(ROOT / sub)
+    env = dict(os.environ, MYPYPATH=os.pathsep.join([str(path), str(src)]))
+    cmd = [sys.executable, "-m", "mypy", "--follow-imports=silent", "--no-incremental",
            "--cache-dir", os.devnull, *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
@@ -191,3 +205,140 @@ def test_timestamp_and_duration_agree_with_protobuf(c):
         back = c.Duration()
         back.FromJsonString(y.ToJsonString())
         assert back == x
+
+
+# -- repeated message fields: add() ------------------------------------------------------------------
+
+
+def test_repeated_message_add(c):
+    o = c.Outer()
+    first = o.items.add(a=3)
+    assert first is o.items[0] and first == c.Inner(a=3) and o.items.add() == c.Inner()
+    assert len(o.items) == 2
+    # still a list: append / extend / index / slices / == with a plain list
+    o.items.append(c.Inner(a=4))
+    o.items.extend([c.Inner(a=5)])
+    assert isinstance(o.items, list) and o.items[-1].a == 5 and [i.a for i in o.items[1:]] == [0, 4, 5]
+    assert o.items == [c.Inner(a=3), c.Inner(), c.Inner(a=4), c.Inner(a=5)]
+    # every way of getting the field gives the container
+    back = c.Outer.FromString(o.SerializeToString())
+    assert back == o and back.items.add(a=9).a == 9
+    assert c.Outer(items=[c.Inner()]).items.add(s="x").s == "x"
+    deep = copy.deepcopy(o)
+    assert deep == o and deep.items.add() is deep.items[-1] and len(o.items) == 4
+    shallow = copy.copy(o)  # shares the list, as copy.copy does
+    assert shallow == o and shallow.items.add() is o.items[-1]
+    del o.items[-1]
+    cleared = c.Outer(items=[c.Inner()])
+    cleared.Clear()
+    assert cleared.items.add() == c.Inner()
+    cleared.ClearField("items")
+    cleared.CopyFrom(o)
+    assert cleared == o and cleared.items.add() is cleared.items[-1]
+    merged = c.Outer()
+    merged.MergeFrom(o)
+    merged.ParseFromString(o.SerializeToString())
+    assert merged == o and merged.items.add() is merged.items[-1]
+    assert o.to_dict()["items"][0] == {"a": 3, "s": "", "leaf": None} and type(o.to_dict()["items"]) is list
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+        o.items.add(nope=1)
+
+
+def test_containers_pickle(c):
+    # a module that pickle can import
+    sys.modules[c.__name__] = c
+    try:
+        o = c.Outer(items=[c.Inner(a=1)], m={"k": c.Inner(a=2)})
+        back = pickle.loads(pickle.dumps(o))
+        assert back == o and back.items.add(a=3).a == 3 and back.m.get_or_create("z") == c.Inner()
+        assert type(back.items) is type(o.items) and type(back.m) is type(o.m)
+    finally:
+        del sys.modules[c.__name__]
+
+
+# -- message-valued maps: m[key] and get_or_create() ---------------------------------------------------
+
+
+def test_message_map_creates_missing_values(c):
+    o = c.Outer()
+    o.m["x"].a = 1  # created on access, as protobuf's message maps
+    o.m.get_or_create("y").s = "why"
+    assert o.m.get_or_create("x") is o.m["x"]
+    assert o.m == {"x": c.Inner(a=1), "y": c.Inner(s="why")}
+    assert "z" not in o.m and o.m.get("z") is None and "z" not in o.m  # get() and `in` create nothing
+    back = c.Outer.FromString(o.SerializeToString())
+    assert back == o and back.m["new"] == c.Inner() and "new" in back.m
+    assert copy.deepcopy(o).m["w"] == c.Inner() and "w" not in o.m
+    with pytest.raises(KeyError):  # maps of scalars stay plain dicts
+        o.counts["nope"]
+
+
+# -- dicts for message fields in constructors --------------------------------------------------------
+
+
+def test_constructor_takes_dicts_for_messages(c):
+    o = c.Outer(one={"a": 1, "leaf": {"x": 2}}, items=[{"a": 3}, c.Inner(a=4)], m={"k": {"s": "v"}},
+                ts={"seconds": 5}, picked={"a": 6})
+    assert o.one == c.Inner(a=1, leaf=c.Leaf(x=2)) and o.one.leaf.x == 2
+    assert o.items == [c.Inner(a=3), c.Inner(a=4)] and type(o.items[0]) is c.Inner
+    assert o.m == {"k": c.Inner(s="v")} and o.ts.ToSeconds() == 5
+    assert o.WhichOneof("choice") == "picked" and o.picked.a == 6
+    assert c.Outer.FromString(o.SerializeToString()) == o
+
+
+def test_constructor_dict_errors_name_the_field(c):
+    with pytest.raises(TypeError, match=r"^compat\.Outer\.one: .*unexpected keyword argument 'nope'"):
+        c.Outer(one={"nope": 1})
+    with pytest.raises(TypeError, match=r"^compat\.Outer\.items\[1\]: .*'nope'"):
+        c.Outer(items=[{}, {"nope": 1}])
+    with pytest.raises(TypeError, match=r"^compat\.Outer\.m\['k'\]: .*'nope'"):
+        c.Outer(m={"k": {"nope": 1}})
+    with pytest.raises(TypeError, match=r"^compat\.Outer\.one: compat\.Inner\.leaf: .*'nope'"):
+        c.Outer(one={"leaf": {"nope": 1}})
+    with pytest.raises(TypeError, match=r"^compat\.Outer\.one: .*keywords must be strings"):
+        c.Outer(one={1: 2})
+    # other wrong types are still refused by the encoder, naming the field
+    from mrpcd.marshal.codec import EncodeError
+    with pytest.raises(EncodeError, match="compat.Outer.one: expected Inner, got int"):
+        c.Outer(one=5).SerializeToString()
+    with pytest.raises(EncodeError, match=r"compat.Outer.items: expected Inner, got str"):
+        c.Outer(items=["x"]).SerializeToString()
+
+
+# -- the .pyi types all of it ----------------------------------------------------------------------
+
+
+def test_pyi_types_the_compat_api(c, tmp_path):
+    pytest.importorskip("mypy")
+    out = Path(c.__file__).parent
+    use = tmp_path / "use.py"
+    use.write_text(
+        "import datetime\n"
+        "import compat_mrpc as c\n"
+        "name: str = c.Color.Name(1)\n"
+        "number: int = c.Color.Value('GREEN') + c.Outer.Kind.Value('K1')\n"
+        "keys: list[str] = c.Color.keys()\n"
+        "pairs: list[tuple[str, int]] = c.Outer.Kind.items()\n"
+        "red: c.Color = c.RED\n"
+        "k1: c.Outer.Kind = c.Outer.K1\n"
+        "o = c.Outer(one={'a': 1}, items=[{'a': 2}, c.Inner()], m={'k': {'a': 3}})\n"
+        "inner: c.Inner = o.items.add(a=4)\n"
+        "also: c.Inner = o.m.get_or_create('y')\n"
+        "items: list[c.Inner] = o.items\n"
+        "t = c.Timestamp()\n"
+        "t.GetCurrentTime()\n"
+        "when: datetime.datetime = t.ToDatetime()\n"
+        "ms: int = t.ToMilliseconds()\n"
+        "d = c.Duration()\n"
+        "d.FromTimedelta(datetime.timedelta(seconds=1))\n"
+        "text: str = d.ToJsonString()\n"
+    )
+    r = _mypy(tmp_path, out, out / "compat_mrpc.pyi", use)
+    assert r.returncode == 0, r.stdout + r.stderr
+    bad = tmp_path / "bad.py"
+    bad.write_text("import compat_mrpc as c\n"
+                   "c.Color.Name('RED')\n"
+                   "c.Outer().items.add().nope\n"
+                   "c.Outer(one=1)\n")
+    r = _mypy(tmp_path, out, bad)
+    assert r.returncode == 1 and r.stdout.count("error:") == 3, r.stdout
