@@ -12,6 +12,18 @@ proto3 `optional`, proto2 `optional`, a oneof member) is set when it is not None
 fields always have a value. As with
 protobuf, a name that is not a field (or a field without presence, for `HasField`) raises
 ValueError naming it.
+
+Also as protobuf's: constructors take a dict for a message field (and inside repeated fields
+and map values of messages), made into the message (`__mrpc_msg__`, containers.from_dict);
+repeated / map fields of messages are containers with `add()` / `get_or_create()`
+(containers.py).
+
+Unlike protobuf, reading an unset message field gives None, not a default instance, and
+writing into it (`msg.sub.x = 1`) does not set it (AttributeError on None): presence *is*
+"not None" here (HasField, the encoder's nil, callers' `is None` checks), and a default
+instance on read would need a property in front of every message field's slot, on the
+construction, decoding and attribute-read paths. So there is no `SetInParent()` either;
+docs/PORTING.md gives the replacements.
 """
 from __future__ import annotations
 
