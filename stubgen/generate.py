@@ -20,6 +20,13 @@ Python names (the schema always keeps the .proto names):
   * a nested type whose name is taken in its class (by a field) gets trailing underscores;
   * two services whose generated names would be the same (`JobsAsync` and `Jobs` both give
     `JobsAsyncStub`) are refused, naming both.
+protobuf's API on top (docs/PORTING.md): enums mix in `EnumWrapper` (`Name`, `Value`, ...); the
+values of the file's own top-level enums are module constants and those of nested enums class
+attributes, each only where its name is free (a type, a generated name, a field, a Message
+attribute keeps it); Timestamp and Duration mix in their helpers (mrpcd.marshal.wkt); an
+`__init__` makes a dict given for a message field into the message and gives repeated / map
+fields of messages their containers (mrpcd.marshal.containers).
+
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
 MergeFromString, ParseFromString, ListFields, IsInitialized) or starting with "__" cannot
