@@ -358,7 +358,10 @@ class _Gen:
                 lab = repr(f"message {t.ref}")
                 comp = (f"[_d{j}(y, d + 1) if y.__class__ is list else "
                         f"_fail(_DE(_bad({W} + '[' + str(i) + ']', {lab}, y))) for i, y in enumerate({v})]")
-                L.append(f"{v} = _RL{j}({comp})" if self.mode == "cls" else f"{v} = {comp}")
+                if self.mode == "cls":  # the container with add(); an empty one without a comprehension
+                    L.append(f"{v} = _RL{j}({comp}) if {v} else _RL{j}()")
+                else:
+                    L.append(f"{v} = {comp}")
                 return L
             L += [f"for y in {v}:",
                   f"    if {self.dbad(t.kind, 'y')}:",
@@ -380,7 +383,7 @@ class _Gen:
                       f"{v} = {'_RM' + str(j) + '(' if self.mode == 'cls' else ''}"
                       f"{{k_: _d{j}(y, d + 1) if y.__class__ is list else "
                       f"_fail(_DE(_bad({W} + '[' + repr(k_) + ']', {lab}, y))) for k_, y in {v}.items()}}"
-                      f"{')' if self.mode == 'cls' else ''}"]
+                      f"{f') if {v} else _RM{j}()' if self.mode == 'cls' else ''}"]
                 return L
             L += [f"for k_, y in {v}.items():",
                   f"    if {self.dbad(kk, 'k_')} or {self.dbad(t.kind, 'y')}:",
