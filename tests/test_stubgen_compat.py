@@ -271,6 +271,8 @@ def test_message_map_creates_missing_values(c):
     assert copy.deepcopy(o).m["w"] == c.Inner() and "w" not in o.m
     with pytest.raises(KeyError):  # maps of scalars stay plain dicts
         o.counts["nope"]
+    o.m["a"].a = 2
+    assert o.SerializeToString(deterministic=True) == c.Outer(m=dict(sorted(o.m.items()))).SerializeToString()
 
 
 # -- dicts for message fields in constructors --------------------------------------------------------
@@ -284,6 +286,17 @@ def test_constructor_takes_dicts_for_messages(c):
     assert o.m == {"k": c.Inner(s="v")} and o.ts.ToSeconds() == 5
     assert o.WhichOneof("choice") == "picked" and o.picked.a == 6
     assert c.Outer.FromString(o.SerializeToString()) == o
+
+
+def test_base_class_constructor_does_the_same(c):
+    """Message.__init__ (classes written by hand and bound with codec.bind use it)."""
+    from mrpcd.marshal.message import Message
+    o = object.__new__(c.Outer)
+    Message.__init__(o, one={"a": 1}, items=[{"a": 2}], m={"k": {"a": 3}}, numbers=(1, 2))
+    assert o == c.Outer(one=c.Inner(a=1), items=[c.Inner(a=2)], m={"k": c.Inner(a=3)}, numbers=[1, 2])
+    assert o.items.add(a=4).a == 4 and o.m.get_or_create("z") == c.Inner() and type(o.numbers) is list
+    with pytest.raises(TypeError, match=r"^compat\.Outer\.items\[0\]: "):
+        Message.__init__(object.__new__(c.Outer), items=[{"nope": 1}])
 
 
 def test_constructor_dict_errors_name_the_field(c):
