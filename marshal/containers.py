@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Generic, Iterable, TypeVar
 
-__all__ = ["MessageMap", "RepeatedMessages", "from_dict", "map_type", "repeated_type"]
+__all__ = ["MessageMap", "RepeatedMessages", "field_path", "from_dict", "map_type", "repeated_type"]
 
 _T = TypeVar("_T")
 _K = TypeVar("_K")
@@ -60,7 +60,7 @@ class RepeatedMessages(list, Generic[_T]):  # type: ignore[type-arg]
             if y.__class__ is dict:
                 for j, y in enumerate(out):
                     if y.__class__ is dict:
-                        out[j] = from_dict(cls._mrpc_type, y, f"{_where(owner, i)}[{j}]")
+                        out[j] = from_dict(cls._mrpc_type, y, f"{field_path(owner, i)}[{j}]")
                 break
         return out
 
@@ -110,7 +110,7 @@ class MessageMap(dict, Generic[_K, _T]):  # type: ignore[type-arg]
             if v.__class__ is dict:
                 for k, v in out.items():
                     if v.__class__ is dict:
-                        out[k] = from_dict(cls._mrpc_type, v, f"{_where(owner, i)}[{k!r}]")
+                        out[k] = from_dict(cls._mrpc_type, v, f"{field_path(owner, i)}[{k!r}]")
                 break
         return out
 
@@ -128,7 +128,7 @@ class MessageMap(dict, Generic[_K, _T]):  # type: ignore[type-arg]
         return (_rebuild_map, (self._mrpc_type, dict(self)))
 
 
-def _where(owner: Any, i: int) -> str:
+def field_path(owner: Any, i: int) -> str:
     """`pkg.Outer.items`: field `i` of message `owner`, for errors."""
     msg = getattr(type(owner), "__mrpc_message__", None)
     return f"{msg.full_name}.{msg.fields[i].name}" if msg is not None else type(owner).__qualname__

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 from typing import Any, TypeVar
 
-from .containers import _where, from_dict
+from .containers import field_path, from_dict
 
 _M = TypeVar("_M", bound="Message")
 
@@ -97,7 +97,7 @@ class Message:
     # take them); generated __init__s call it with the field's index. (For a repeated / map
     # field of messages they call its container's _mrpc_of, marshal/containers.py.)
     def __mrpc_msg__(self, i: int, x: dict[str, Any]) -> Any:
-        return from_dict(type(self).__mrpc_types__[i], x, _where(self, i))
+        return from_dict(type(self).__mrpc_types__[i], x, field_path(self, i))
 
     def _fields(self) -> tuple[str, ...]:
         names = type(self).__mrpc_fields__
