@@ -355,3 +355,21 @@ def test_pyi_types_the_compat_api(c, tmp_path):
                    "c.Outer(one=1)\n")
     r = _mypy(tmp_path, out, bad)
     assert r.returncode == 1 and r.stdout.count("error:") == 3, r.stdout
+
+
+def test_dict_conversion_where_dict_is_another_name(tmp_path):
+    """The generated __init__ compares with the builtin dict: a parameter or a module constant
+    named `dict` must not hide it."""
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package d;
+enum Word { dict = 0; list = 1; }
+message Sub { int32 x = 1; }
+message A { Sub sub = 1; int32 dict = 2; repeated Sub subs = 3; int32 self = 4; }
+message B { Sub sub = 1; map<string, Sub> by = 2; }
+"""), "dictname")
+    assert m.dict is m.Word.dict
+    a = m.A(sub={"x": 1}, dict=2, subs=[{"x": 3}], self=4)
+    assert a.sub == m.Sub(x=1) and a.dict == 2 and a.subs == [m.Sub(x=3)] and a.self == 4
+    b = m.B(sub={"x": 5}, by={"k": {"x": 6}})
+    assert b.sub.x == 5 and b.by["k"].x == 6 and m.B.FromString(b.SerializeToString()) == b
