@@ -29,6 +29,8 @@ import msgpack
 
 from . import _framing
 from . import _pack as _packmod
+from .containers import map_type, repeated_type
+from .enums import EnumWrapper
 from .schema import INT_RANGES, Field, Schema, SchemaError
 
 __all__ = ["DecodeError", "EncodeError", "MAX_DEPTH", "bind", "decode_plain", "encode_plain", "read_field"]
@@ -290,6 +292,10 @@ class _Gen:
                 if cls is None:
                     raise SchemaError(f"bind: no class given for message {name}")
                 self.ns[f"_C{k}"] = cls
+                # the containers of repeated / map fields of this message (with add() /
+                # get_or_create(), marshal/containers.py)
+                self.ns[f"_RL{k}"] = repeated_type(cls)
+                self.ns[f"_RM{k}"] = map_type(cls)
             lines += self.decoder(msg, k)
             if encoders:
                 lines += self.encoder(msg, k)
@@ -350,8 +356,12 @@ class _Gen:
             if t.kind == "message":
                 j = self.fid(t.ref)
                 lab = repr(f"message {t.ref}")
-                L.append(f"{v} = [_d{j}(y, d + 1) if y.__class__ is list else "
-                         f"_fail(_DE(_bad({W} + '[' + str(i) + ']', {lab}, y))) for i, y in enumerate({v})]")
+                comp = (f"[_d{j}(y, d + 1) if y.__class__ is list else "
+                        f"_fail(_DE(_bad({W} + '[' + str(i) + ']', {lab}, y))) for i, y in enumerate({v})]")
+                if self.mode == "cls":  # the container with add(); an empty one without a comprehension
+                    L.append(f"{v} = _RL{j}({comp}) if {v} else _RL{j}()")
+                else:
+                    L.append(f"{v} = {comp}")
                 return L
             L += [f"for y in {v}:",
                   f"    if {self.dbad(t.kind, 'y')}:",
@@ -370,8 +380,10 @@ class _Gen:
                 L += [f"for k_ in {v}:",
                       f"    if {self.dbad(kk, 'k_')}:",
                       f"        _dkey(k_, {W}, {kk!r})",
-                      f"{v} = {{k_: _d{j}(y, d + 1) if y.__class__ is list else "
-                      f"_fail(_DE(_bad({W} + '[' + repr(k_) + ']', {lab}, y))) for k_, y in {v}.items()}}"]
+                      f"{v} = {'_RM' + str(j) + '(' if self.mode == 'cls' else ''}"
+                      f"{{k_: _d{j}(y, d + 1) if y.__class__ is list else "
+                      f"_fail(_DE(_bad({W} + '[' + repr(k_) + ']', {lab}, y))) for k_, y in {v}.items()}}"
+                      f"{f') if {v} else _RM{j}()' if self.mode == 'cls' else ''}"]
                 return L
             L += [f"for k_, y in {v}.items():",
                   f"    if {self.dbad(kk, 'k_')} or {self.dbad(t.kind, 'y')}:",
@@ -478,6 +490,8 @@ class _Gen:
         if f.label == "repeated":
             L = [f"if {v}.__class__ is not list:", f"    {v} = _elist({v}, {W})"]
             if t.kind == "message":
+                if self.mode == "cls":  # the decoder's and constructor's container first
+                    L[0] = f"if {v}.__class__ is not _RL{self.fid(t.ref)} and {v}.__class__ is not list:"
                 L.append(f"{v} = [{self.emsg_expr(t.ref, 'y', W)} for y in {v}]")
                 return L
             L += [f"for y in {v}:",
@@ -489,6 +503,8 @@ class _Gen:
             kk = f.key.kind
             L = [f"if {v}.__class__ is not dict:", f"    {v} = _edict({v}, {W})"]
             if t.kind == "message":
+                if self.mode == "cls":
+                    L[0] = f"if {v}.__class__ is not _RM{self.fid(t.ref)} and {v}.__class__ is not dict:"
                 L += [f"for k_ in {v}:",
                       f"    if {self.ebad(kk, None, 'k_')}:",
                       f"        {v} = {{_econv(k_, {W} + ' (map key)', {kk!r}, None): y for k_, y in {v}.items()}}",
@@ -545,6 +561,10 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
     when known (unknown values of open enums stay ints).
     """
     gen = _Gen(schema, "cls", classes, enums)
+    for ename, ecls in (enums or {}).items():
+        # EnumWrapper's Name() / Value() answer with the .proto names of the values
+        if ename in schema.enums and isinstance(ecls, type) and issubclass(ecls, EnumWrapper):
+            ecls.__mrpc_enum__ = schema.enums[ename]
     for name, cls in classes.items():
         if name not in schema.messages:
             raise SchemaError(f"bind: {name} is not a message of the schema")
@@ -564,7 +584,9 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         cls.__mrpc_schema__ = schema
         cls.__mrpc_message__ = msg
         cls.__mrpc_fields__ = tuple(f.name for f in msg.fields)
-        cls.__mrpc_defaults__ = tuple(_default(f, schema, enums or {}) for f in msg.fields)
+        cls.__mrpc_defaults__ = tuple(_default(f, schema, enums or {}, classes) for f in msg.fields)
+        # the class of each message field (None for others): what a dict given for one becomes
+        cls.__mrpc_types__ = tuple(classes[f.type.ref] if f.type.kind == "message" else None for f in msg.fields)
 
 
 def _check_class(cls: type, msg: Any) -> None:
@@ -579,11 +601,11 @@ def _check_class(cls: type, msg: Any) -> None:
             raise SchemaError(f"bind: {cls.__qualname__} has no attribute slot for field {f.name!r}") from None
 
 
-def _default(f: Field, schema: Schema, enums: dict[str, type]) -> tuple[str, Any, bool]:
+def _default(f: Field, schema: Schema, enums: dict[str, type], classes: dict[str, type]) -> tuple[str, Any, bool]:
     if f.label == "repeated":
-        return (f.name, list, True)
+        return (f.name, repeated_type(classes[f.type.ref]) if f.type.kind == "message" else list, True)
     if f.label == "map":
-        return (f.name, dict, True)
+        return (f.name, map_type(classes[f.type.ref]) if f.type.kind == "message" else dict, True)
     if f.nullable:
         return (f.name, None, False)
     if f.type.kind == "enum":

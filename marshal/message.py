@@ -12,11 +12,25 @@ proto3 `optional`, proto2 `optional`, a oneof member) is set when it is not None
 fields always have a value. As with
 protobuf, a name that is not a field (or a field without presence, for `HasField`) raises
 ValueError naming it.
+
+Also as protobuf's: constructors take a dict for a message field (and inside repeated fields
+and map values of messages), made into the message (`__mrpc_msg__`, containers.from_dict);
+repeated / map fields of messages are containers with `add()` / `get_or_create()`
+(containers.py).
+
+Unlike protobuf, reading an unset message field gives None, not a default instance, and
+writing into it (`msg.sub.x = 1`) does not set it (AttributeError on None): presence *is*
+"not None" here (HasField, the encoder's nil, callers' `is None` checks), and a default
+instance on read would need a property in front of every message field's slot, on the
+construction, decoding and attribute-read paths. So there is no `SetInParent()` either;
+docs/PORTING.md gives the replacements.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any, TypeVar
+
+from .containers import field_path, from_dict
 
 _M = TypeVar("_M", bound="Message")
 
@@ -29,15 +43,27 @@ class Message:
     __mrpc_fields__: tuple[str, ...] = ()
     # (name, value, is_factory): factories (list, dict) give each instance its own object
     __mrpc_defaults__: tuple[tuple[str, Any, bool], ...] = ()
+    # the class of each message field, None for other fields (codec.bind)
+    __mrpc_types__: tuple[Any, ...] = ()
+    # what generated __init__s compare an argument's class with (a parameter may be named `dict`)
+    __mrpc_dict__ = dict
 
     def __init__(self, /, **kwargs: Any) -> None:
         """Every field set to its default, then to the keyword arguments given (a repeated
-        field's or map's a list / dict copy of it, as protobuf's)."""
-        for name, value, factory in type(self).__mrpc_defaults__:
+        field's or map's a list / dict copy of it, as protobuf's; a dict for a message made
+        into one)."""
+        types = type(self).__mrpc_types__
+        for i, (name, value, factory) in enumerate(type(self).__mrpc_defaults__):
             if name in kwargs:
                 given = kwargs.pop(name)
-                if factory:
-                    given = self.__mrpc_list__(given) if value is list else self.__mrpc_map__(given)
+                if value is list:
+                    given = self.__mrpc_list__(given)
+                elif value is dict:
+                    given = self.__mrpc_map__(given)
+                elif factory:
+                    given = value._mrpc_of(given, self, i)
+                elif given.__class__ is dict and types and types[i] is not None:
+                    given = self.__mrpc_msg__(i, given)
                 setattr(self, name, given)
             else:
                 setattr(self, name, value() if factory else value)
@@ -66,6 +92,12 @@ class Message:
         if hasattr(x, "keys") and hasattr(x, "__getitem__"):
             return {k: x[k] for k in x.keys()}
         return x
+
+    # What a constructor keeps of a dict given for a message field (protobuf's constructors
+    # take them); generated __init__s call it with the field's index. (For a repeated / map
+    # field of messages they call its container's _mrpc_of, marshal/containers.py.)
+    def __mrpc_msg__(self, i: int, x: dict[str, Any]) -> Any:
+        return from_dict(type(self).__mrpc_types__[i], x, field_path(self, i))
 
     def _fields(self) -> tuple[str, ...]:
         names = type(self).__mrpc_fields__
@@ -290,8 +322,8 @@ def _check_same(m: Message, other: Any, what: str) -> None:
 def _plain(value: Any) -> Any:
     if isinstance(value, Message):
         return value.to_dict()
-    if type(value) is list:
+    if isinstance(value, list):  # the containers of message fields too
         return [_plain(v) for v in value]
-    if type(value) is dict:
+    if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value

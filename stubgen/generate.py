@@ -20,6 +20,13 @@ Python names (the schema always keeps the .proto names):
   * a nested type whose name is taken in its class (by a field) gets trailing underscores;
   * two services whose generated names would be the same (`JobsAsync` and `Jobs` both give
     `JobsAsyncStub`) are refused, naming both.
+protobuf's API on top (docs/PORTING.md): enums mix in `EnumWrapper` (`Name`, `Value`, ...); the
+values of the file's own top-level enums are module constants and those of nested enums class
+attributes, each only where its name is free (a type, a generated name, a field, a Message
+attribute keeps it); Timestamp and Duration mix in their helpers (mrpcd.marshal.wkt); an
+`__init__` makes a dict given for a message field into the message and gives repeated / map
+fields of messages their containers (mrpcd.marshal.containers).
+
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
 MergeFromString, ParseFromString, ListFields, IsInitialized) or starting with "__" cannot
@@ -31,6 +38,7 @@ import keyword
 import os
 import re
 
+from mrpcd.marshal.message import Message as _BaseMessage
 from mrpcd.marshal.schema import Field, Message, Schema, Service
 
 from .parse import ProtoModule, StubgenError
@@ -43,7 +51,8 @@ _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "
 # names that generated code itself uses at module level (and the builtins the .py calls at run
 # time: a top-level type of that name would replace them)
 _MODULE_RESERVED = {
-    "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema",
+    "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema", "_EnumWrapper", "_wkt",
+    "_MessageMap", "_RepeatedMessages",
     "property", "getattr", "setattr", "globals", "NotImplementedError",
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_Mapping", "_TypeAlias", "_Metadata", "_builtins",
     "_AsyncIterable", "_AsyncIterator", "_Awaitable", "_TypeVar", "_overload", "_T",
@@ -61,6 +70,14 @@ _ENUM_REFUSED = {"mro"}
 # type checkers see it as replacing the attribute, so the .pyi marks it
 _ENUM_INHERITED = {"name", "value", "real", "imag", "numerator", "denominator", "conjugate", "bit_length",
                    "bit_count", "to_bytes", "from_bytes", "as_integer_ratio", "is_integer"}
+# the EnumTypeWrapper methods generated enums get from mrpcd.marshal.enums.EnumWrapper: a value of
+# that name hides one (the .pyi marks it, as the IntEnum attributes above)
+_ENUM_WRAPPER = {"Name", "Value", "keys", "values", "items"}
+# what a message class has from its base: a nested enum's value constant (protobuf's `Outer.K1`)
+# of one of these names is not generated, it would replace it
+_MESSAGE_ATTRS = set(dir(_BaseMessage))
+# well-known types whose generated classes get protobuf's helper methods (mrpcd.marshal.wkt)
+_WKT_MIXINS = {"google.protobuf.Timestamp": "_wkt.Timestamp", "google.protobuf.Duration": "_wkt.Duration"}
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
@@ -183,6 +200,8 @@ class _Names:
         self.aliases: dict[str, dict[str, str]] = {}  # message -> field -> property (keywords only)
         self.members: dict[str, list[tuple[str, int]]] = {}  # enum -> [(python name, value)]
         self.methods: dict[str, dict[str, str]] = {}  # service -> method -> attribute
+        # message -> [(name, nested enum's full name, member)]: protobuf's `Outer.K1`
+        self.class_constants: dict[str, list[tuple[str, str, str]]] = {}
 
         for name, msg in schema.messages.items():
             self._fields(msg)
@@ -217,6 +236,16 @@ class _Names:
                 cand += "_"
             taken.add(cand)
             self._place(full, cand, cand)
+        # protobuf's module-level constants for the values of the file's own top-level enums
+        # (`RED` for `Color.RED`); a value whose name is taken (by a type, a generated name)
+        # has none: it would replace that
+        self.constants: list[tuple[str, str, str]] = []  # (name, enum's full name, member)
+        for full in own:
+            if full in schema.enums:
+                for member, _ in self.members[full]:
+                    if member not in taken:
+                        taken.add(member)
+                        self.constants.append((member, full, member))
 
     def _place(self, full: str, local: str, qual: str) -> None:
         self.local[full] = local
@@ -232,6 +261,15 @@ class _Names:
                     cand += "_"
                 taken.add(cand)
                 self._place(child, cand, f"{qual}.{cand}")
+            # the values of nested enums as class attributes, as protobuf's (`Outer.K1`), unless
+            # the name is taken in the class (a field, a nested type, a Message method)
+            consts = self.class_constants[full] = []
+            for child in self.children.get(full, []):
+                if child in self.mod.schema.enums:
+                    for member, _ in self.members[child]:
+                        if member not in taken and member not in _MESSAGE_ATTRS:
+                            taken.add(member)
+                            consts.append((member, child, member))
 
     def _fields(self, msg: Message) -> None:
         names = {f.name for f in msg.fields}
@@ -294,7 +332,7 @@ class _Emitter:
         self.n = _Names(mod)
         self.pyi_aliases: dict[str, str] = {}  # top-level python name -> alias used where shadowed
         self.builtins_aliases: set[str] = set()  # names for the builtins module where _builtins is shadowed
-        self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])}
+        self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])} | {c for c, _, _ in self.n.constants}
 
     # -- types -------------------------------------------------------------------------------
     def builtin(self, name: str, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
@@ -330,24 +368,48 @@ class _Emitter:
     def attr_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
         if f.label == "repeated":
+            if f.type.kind == "message":  # the container with add() (mrpcd.marshal.containers)
+                return f"_RepeatedMessages[{t}]"
             return f"{self.builtin('list', shadow, pyi)}[{t}]"
         if f.label == "map":
-            return f"{self.builtin('dict', shadow, pyi)}[{self.value_type(f.key.kind, None, shadow, pyi)}, {t}]"
+            k = self.value_type(f.key.kind, None, shadow, pyi)
+            if f.type.kind == "message":  # the container with get_or_create()
+                return f"_MessageMap[{k}, {t}]"
+            return f"{self.builtin('dict', shadow, pyi)}[{k}, {t}]"
         return f"{t} | None" if f.nullable else t
 
     def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
         """What __init__ takes for a field: what the runtime accepts (as grpcio's .pyi types
-        it): an int for an enum, in the .pyi any iterable for a repeated field (it is copied
-        into a list) and any mapping for a map."""
+        it): an int for an enum, a dict for a message, in the .pyi any iterable for a
+        repeated field (it is copied into a list) and any mapping for a map."""
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
         if f.type.kind == "enum":
             t += f" | {self.builtin('int', shadow, pyi)}"
+        if f.type.kind == "message" and pyi:
+            t += f" | {self.builtin('dict', shadow, pyi)}[{self.builtin('str', shadow, pyi)}, _Any]"
         if f.label == "repeated":
             return (f"_Iterable[{t}]" if pyi else f"list[{t}]") + " | None"
         if f.label == "map":
             k = self.value_type(f.key.kind, None, shadow, pyi)
             return (f"_Mapping[{k}, {t}]" if pyi else f"dict[{k}, {t}]") + " | None"
         return f"{t} | None" if f.nullable else t
+
+    def wkt_mixin(self, full: str) -> str | None:
+        """The helper mixin of a well-known type (Timestamp, Duration), if it is one."""
+        mixin = _WKT_MIXINS.get(full)
+        fields = [(f.name, f.label, f.type.kind) for f in self.schema.messages[full].fields]
+        if mixin and fields == [("seconds", "single", "int64"), ("nanos", "single", "int32")]:
+            return mixin
+        return None
+
+    def bases(self, full: str) -> str:
+        mixin = self.wkt_mixin(full)
+        return f"{mixin}, _Message" if mixin else "_Message"
+
+    def imports_wkt(self) -> list[str]:
+        if any(self.wkt_mixin(full) for full in self.schema.messages):
+            return ["from mrpcd.marshal import wkt as _wkt"]
+        return []
 
     # -- .py -----------------------------------------------------------------------------------
     def py(self) -> str:
@@ -362,12 +424,19 @@ class _Emitter:
             "",
             "import mrpcd",
             "from mrpcd.marshal import codec as _codec",
+        ] + self.imports_wkt() + [
+            "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",
             "",
         ] + _schema_literal(self.schema)
         top = n.children.get(None, [])
-        for full in [t for t in top if t in self.schema.enums] + [t for t in top if t in self.schema.messages]:
+        for full in [t for t in top if t in self.schema.enums]:
+            out += ["", ""] + self.py_type(full, 0)
+        if n.constants:
+            out += ["", "", "# the values of the top-level enums, as protobuf's module constants"]
+            out += [f"{name} = {n.qual[en]}.{member}" for name, en, member in n.constants]
+        for full in [t for t in top if t in self.schema.messages]:
             out += ["", ""] + self.py_type(full, 0)
         out += ["", ""]
         classes = _dict_arg([(repr(full), n.qual[full]) for full in self.schema.messages], 4)
@@ -389,11 +458,11 @@ class _Emitter:
         n = self.n
         name = n.local[full]
         if full in self.schema.enums:
-            lines = [f"class {name}(enum.IntEnum):"]
+            lines = [f"class {name}(_EnumWrapper, enum.IntEnum):"]
             lines += [f"    {member} = {number}" for member, number in n.members[full]]
             return _indent_lines(lines, depth)
         msg = self.schema.messages[full]
-        lines = [f"class {name}(_Message):"]
+        lines = [f"class {name}({self.bases(full)}):"]
         slots = f"    __slots__ = {_tuple_literal([f.name for f in msg.fields])}"
         if len(slots) + 4 * depth <= _LINE:
             lines.append(slots)
@@ -402,7 +471,10 @@ class _Emitter:
         children = n.children.get(full, [])
         for child in [c for c in children if c in self.schema.enums] + [c for c in children if c in self.schema.messages]:
             lines += [""] + self.py_type(child, 1)
-        local_names = {n.local[c] for c in children} | set(n.aliases[full].values())
+        consts = n.class_constants[full]
+        if consts:
+            lines += [""] + [f"    {c} = {n.local[en]}.{member}" for c, en, member in consts]
+        local_names = {n.local[c] for c in children} | set(n.aliases[full].values()) | {c for c, _, _ in consts}
         for fname, alias in n.aliases[full].items():
             lines += ["", f"    {alias} = property(",
                       f"        lambda self: getattr(self, {fname!r}),",
@@ -416,12 +488,21 @@ class _Emitter:
         n = self.n
         attrs = n.attrs[msg.full_name]
         me = _receiver(set(attrs.values()) | self.top_names)
+        # the builtin dict, unless a parameter or a module-level type hides it
+        dict_ = f"{me}.__mrpc_dict__" if "dict" in set(attrs.values()) | self.top_names else "dict"
         params, body = [], []
         for i, f in enumerate(msg.fields):
             p = attrs[f.name]
             ptype = self.param_type(f)
-            if f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
+            if (f.label == "repeated" or f.label == "map") and f.type.kind == "message":
+                # the field's container (with add() / get_or_create()), dicts made into messages
+                default = "None"
+                rep = f"{me}.__mrpc_defaults__[{i}][1]"
+                value = f"{rep}() if {p} is None else {rep}._mrpc_of({p}, {me}, {i})"
+            elif f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
                 default, value = "None", f"{me}.__mrpc_{'list' if f.label == 'repeated' else 'map'}__({p})"
+            elif f.type.kind == "message":  # protobuf's constructors take a dict for a message
+                default, value = "None", f"{p} if {p}.__class__ is not {dict_} else {me}.__mrpc_msg__({i}, {p})"
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
@@ -487,7 +568,11 @@ class _Emitter:
         mod, n = self.mod, self.n
         body: list[str] = []
         top = n.children.get(None, [])
-        for full in [t for t in top if t in self.schema.enums] + [t for t in top if t in self.schema.messages]:
+        for full in [t for t in top if t in self.schema.enums]:
+            body += ["", ""] + self.pyi_type(full, 0)
+        if n.constants:
+            body += [""] + [f"{name}: {n.qual[en]}" for name, en, _ in n.constants]
+        for full in [t for t in top if t in self.schema.messages]:
             body += ["", ""] + self.pyi_type(full, 0)
         for svc in mod.services:
             body += ["", ""] + self.pyi_service(self.schema.services[svc])
@@ -506,6 +591,9 @@ class _Emitter:
             "",
             "import mrpcd",
             "import mrpcd.aio",
+        ] + self.imports_wkt() + [
+            "from mrpcd.marshal.containers import MessageMap as _MessageMap, RepeatedMessages as _RepeatedMessages",
+            "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",
             "from mrpcd.marshal.schema import Schema as _Schema",
             "",
@@ -530,19 +618,22 @@ class _Emitter:
         n = self.n
         name = n.local[full]
         if full in self.schema.enums:
-            lines = [f"class {name}(enum.IntEnum):"]
-            lines += [f"    {member} = {number}" + ("  # type: ignore[assignment, unused-ignore]"
-                                                   if member in _ENUM_INHERITED else "")
+            lines = [f"class {name}(_EnumWrapper, enum.IntEnum):"]
+            lines += [f"    {member} = {number}" + ("  # type: ignore[assignment, misc, unused-ignore]"
+                                                   if member in _ENUM_INHERITED | _ENUM_WRAPPER else "")
                       for member, number in n.members[full]]
             return _indent_lines(lines, depth)
         msg = self.schema.messages[full]
         attrs = n.attrs[full]
         children = n.children.get(full, [])
         # names a class body binds: annotations in it would resolve to these first
-        shadow = {n.local[c] for c in children} | set(attrs.values()) | {"SerializeToString", "FromString"}
-        lines = [f"class {name}(_Message):"]
+        consts = n.class_constants[full]
+        shadow = ({n.local[c] for c in children} | set(attrs.values()) | {"SerializeToString", "FromString"}
+                  | {c for c, _, _ in consts})
+        lines = [f"class {name}({self.bases(full)}):"]
         for child in [c for c in children if c in self.schema.enums] + [c for c in children if c in self.schema.messages]:
             lines += self.pyi_type(child, 1)
+        lines += [f"    {c}: {self.value_type('enum', en, shadow, True)}" for c, en, _ in consts]
         for f in msg.fields:
             lines.append(f"    {attrs[f.name]}: {self.attr_type(f, shadow, True)}")
         params = [f"{attrs[f.name]}: {self.param_type(f, shadow, True)} = ..." for f in msg.fields]

@@ -77,7 +77,7 @@ def test_hello_module_shape(gen):
         "from mrpcd.marshal.message import Message as _Message",
         "from mrpcd.marshal.schema import Schema as _Schema",
         "SCHEMA = _Schema.from_dict({",
-        "class Mood(enum.IntEnum):",
+        "class Mood(_EnumWrapper, enum.IntEnum):",
         "class HelloRequest(_Message):",
         "    class Address(_Message):",
         "_codec.bind(",
