@@ -33,7 +33,7 @@ def from_dict(cls: type, value: dict[str, Any], where: str) -> Any:
         raise TypeError(f"{where}: {exc}") from None
 
 
-class RepeatedMessages(list, Generic[_T]):  # type: ignore[type-arg]
+class RepeatedMessages(list[_T], Generic[_T]):
     """A repeated message field: a list with protobuf's `add()`."""
 
     __slots__ = ()
@@ -77,7 +77,7 @@ class RepeatedMessages(list, Generic[_T]):  # type: ignore[type-arg]
         return (_rebuild_list, (self._mrpc_type, list(self)))
 
 
-class MessageMap(dict, Generic[_K, _T]):  # type: ignore[type-arg]
+class MessageMap(dict[_K, _T], Generic[_K, _T]):
     """A map field with message values: a dict whose `m[key]` creates a missing value (an
     empty message, stored), as protobuf's message maps do; `get()` and `in` do not."""
 

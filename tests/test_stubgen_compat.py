@@ -338,6 +338,9 @@ def test_pyi_types_the_compat_api(c, tmp_path):
         "inner: c.Inner = o.items.add(a=4)\n"
         "also: c.Inner = o.m.get_or_create('y')\n"
         "items: list[c.Inner] = o.items\n"
+        "first: c.Inner = o.items[0]\n"
+        "by_key: dict[str, c.Inner] = o.m\n"
+        "value: c.Inner = o.m['k']\n"
         "t = c.Timestamp()\n"
         "t.GetCurrentTime()\n"
         "when: datetime.datetime = t.ToDatetime()\n"
@@ -352,9 +355,14 @@ def test_pyi_types_the_compat_api(c, tmp_path):
     bad.write_text("import compat_mrpc as c\n"
                    "c.Color.Name('RED')\n"
                    "c.Outer().items.add().nope\n"
-                   "c.Outer(one=1)\n")
+                   "c.Outer(one=1)\n"
+                   # the containers' elements are the message class, not Any
+                   "c.Outer().items[0].nope\n"
+                   "for i in c.Outer().items: i.nope\n"
+                   "c.Outer().m['k'].nope\n"
+                   "c.Outer().m.get('k', c.Inner()).nope\n")
     r = _mypy(tmp_path, out, bad)
-    assert r.returncode == 1 and r.stdout.count("error:") == 3, r.stdout
+    assert r.returncode == 1 and r.stdout.count("error:") == 7, r.stdout
 
 
 def test_dict_conversion_where_dict_is_another_name(tmp_path):
