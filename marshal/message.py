@@ -112,13 +112,10 @@ class Message:
         return tuple(out)
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            # the same .proto message generated into another module (each module has its own
-            # classes for the types it imports; the codec takes either) compares by fields
-            mine = type(self).__mrpc_message__
-            theirs = getattr(type(other), "__mrpc_message__", None)
-            if mine is None or theirs is None or not (theirs is mine or theirs == mine):
-                return NotImplemented
+        # the same .proto message generated into another module (each module has its own
+        # classes for the types it imports; the codec takes either) compares by fields
+        if type(other) is not type(self) and not _same_message(type(self), type(other)):
+            return NotImplemented
         return all(getattr(self, n, None) == getattr(other, n, None) for n in self._fields())
 
     def __ne__(self, other: object) -> bool:
@@ -208,7 +205,8 @@ class Message:
                 if value is None:
                     continue
                 mine = getattr(self, f.name)
-                if isinstance(value, Message) and isinstance(mine, Message) and type(mine) is type(value):
+                if (isinstance(value, Message) and isinstance(mine, Message)
+                        and (type(mine) is type(value) or _same_message(type(mine), type(value)))):
                     mine.MergeFrom(value)
                 else:
                     setattr(self, f.name, copy.deepcopy(value))
@@ -313,8 +311,17 @@ def _full_name(m: Message) -> str:
     return str(type(m).__mrpc_message__.full_name)
 
 
+def _same_message(mine: type, other: type) -> bool:
+    """Are these two bound classes of the same .proto message (generated into two modules)?"""
+    a = getattr(mine, "__mrpc_message__", None)
+    b = getattr(other, "__mrpc_message__", None)
+    return a is not None and b is not None and (a is b or a == b)
+
+
 def _check_same(m: Message, other: Any, what: str) -> None:
-    if type(other) is not type(m):
+    """CopyFrom / MergeFrom take an instance of the class, or of another module's class of the
+    same .proto message (each module has its own classes for the types it imports)."""
+    if type(other) is not type(m) and not _same_message(type(m), type(other)):
         raise TypeError(f"Parameter to {what}() must be instance of same class: expected "
                         f"{type(m).__qualname__} got {type(other).__qualname__}.")
 

@@ -381,3 +381,43 @@ message B { Sub sub = 1; map<string, Sub> by = 2; }
     assert a.sub == m.Sub(x=1) and a.dict == 2 and a.subs == [m.Sub(x=3)] and a.self == 4
     b = m.B(sub={"x": 5}, by={"k": {"x": 6}})
     assert b.sub.x == 5 and b.by["k"].x == 6 and m.B.FromString(b.SerializeToString()) == b
+
+
+# -- messages of one .proto type generated into two modules -----------------------------------------
+
+
+def test_copy_and_merge_from_another_modules_class(tmp_path):
+    """Each module has its own Timestamp (and classes of the types it imports): protobuf's
+    `resp.ts.CopyFrom(req.ts)` / `MergeFrom` take the other module's instance, as `==` and the
+    encoder do; a different message type is still refused."""
+    (tmp_path / "a.proto").write_text("""
+syntax = "proto3";
+package a;
+import "google/protobuf/timestamp.proto";
+message Common { int32 x = 1; string s = 2; Common sub = 3; repeated Common kids = 4; }
+message Req { google.protobuf.Timestamp ts = 1; Common c = 2; }
+""")
+    (tmp_path / "b.proto").write_text("""
+syntax = "proto3";
+package b;
+import "google/protobuf/timestamp.proto";
+import "a.proto";
+message Resp { google.protobuf.Timestamp ts = 1; a.Common c = 2; }
+""")
+    out = tmp_path / "out"
+    assert cli.main([str(tmp_path / "a.proto"), str(tmp_path / "b.proto"), "-o", str(out)]) == 0
+    a = load(out / "a_mrpc.py", "cross_a")
+    b = load(out / "b_mrpc.py", "cross_b")
+    assert a.Timestamp is not b.Timestamp and a.Common is not b.Common
+    req = a.Req(ts={"seconds": 5, "nanos": 6}, c={"x": 1, "sub": {"s": "deep"}, "kids": [{"x": 2}]})
+    resp = b.Resp(ts={}, c={"s": "mine", "sub": {"x": 7}})
+    resp.ts.CopyFrom(req.ts)
+    assert (resp.ts.seconds, resp.ts.nanos) == (5, 6) and type(resp.ts) is b.Timestamp
+    resp.c.MergeFrom(req.c)
+    assert (resp.c.x, resp.c.s) == (1, "mine") and (resp.c.sub.x, resp.c.sub.s) == (7, "deep")  # merged recursively
+    assert resp.c.kids == [a.Common(x=2)] and resp.c.kids[0] is not req.c.kids[0]
+    assert b.Resp.FromString(resp.SerializeToString()) == resp
+    with pytest.raises(TypeError, match="must be instance of same class"):
+        resp.ts.CopyFrom(req.c)
+    with pytest.raises(TypeError, match="must be instance of same class"):
+        resp.c.MergeFrom(req)
