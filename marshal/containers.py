@@ -39,7 +39,7 @@ class RepeatedMessages(list[_T], Generic[_T]):
     __slots__ = ()
     _mrpc_type: type
 
-    def add(self, **kwargs: Any) -> _T:
+    def add(self, /, **kwargs: Any) -> _T:
         """Append a new element made from the keyword arguments and return it."""
         item = self._mrpc_type(**kwargs)
         self.append(item)

@@ -244,6 +244,18 @@ def test_repeated_message_add(c):
         o.items.add(nope=1)
 
 
+def test_repeated_add_takes_any_field_name(tmp_path):
+    """add(**kw) passes every keyword to the element's constructor, `self` too (a field name)."""
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package a;
+message Sub { int32 self = 1; int32 kwargs = 2; }
+message Msg { repeated Sub subs = 1; }
+"""), "addself")
+    o = m.Msg()
+    assert o.subs.add(self=1, kwargs=2) == m.Sub(self=1, kwargs=2) and o.subs == [m.Sub(self=1, kwargs=2)]
+
+
 def test_containers_pickle(c):
     # a module that pickle can import
     sys.modules[c.__name__] = c
