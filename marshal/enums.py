@@ -11,9 +11,11 @@ protobuf does. Before binding (or for a class made by hand) the member names are
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["EnumWrapper"]
+
+_E = TypeVar("_E", bound="EnumWrapper")
 
 
 class EnumWrapper:
@@ -39,8 +41,8 @@ class EnumWrapper:
         raise ValueError(f"Enum {cls.__qualname__} has no name defined for value {number!r}")
 
     @classmethod
-    def Value(cls, name: str) -> int:
-        """The number of the value called `name`; ValueError if there is none."""
+    def Value(cls: type[_E], name: str) -> _E:
+        """The member of the value called `name` (an int); ValueError if there is none."""
         for n_, number in cls._mrpc_pairs():
             if n_ == name:
                 return cls._mrpc_member(number)
@@ -52,18 +54,19 @@ class EnumWrapper:
         return [name for name, _ in cls._mrpc_pairs()]
 
     @classmethod
-    def values(cls) -> list[int]:
+    def values(cls: type[_E]) -> list[_E]:
         """The numbers, in declaration order (members of this enum: ints)."""
         return [cls._mrpc_member(n) for _, n in cls._mrpc_pairs()]
 
     @classmethod
-    def items(cls) -> list[tuple[str, int]]:
+    def items(cls: type[_E]) -> list[tuple[str, _E]]:
         """(name, number) pairs, in declaration order."""
         return [(name, cls._mrpc_member(n)) for name, n in cls._mrpc_pairs()]
 
     @classmethod
-    def _mrpc_member(cls, number: int) -> int:
+    def _mrpc_member(cls: type[_E], number: int) -> _E:
+        """The member of `number` (every number of the .proto enum has one: an IntEnum)."""
         try:
-            return cls(number)  # type: ignore[call-arg, return-value]
-        except ValueError:
-            return number
+            return cls(number)  # type: ignore[call-arg]
+        except ValueError:  # a class made by hand without it: the number as it is
+            return number  # type: ignore[return-value]
