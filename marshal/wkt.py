@@ -67,7 +67,30 @@ def _check_duration(seconds: int, nanos: int) -> None:
         raise ValueError(f"Duration is not valid: seconds {seconds} and nanos {nanos} have different signs")
 
 
-class Timestamp:
+class _SecondsAndNanos:
+    """What Timestamp and Duration share: setting from a count of one unit, split by floor
+    division into (seconds, nanos >= 0); each type's `_set` checks its range (and Duration's
+    gives nanos the sign of seconds)."""
+
+    __slots__ = ()
+
+    def _set(self, seconds: int, nanos: int) -> None:
+        raise NotImplementedError
+
+    def FromNanoseconds(self, nanos: int) -> None:
+        self._set(nanos // _NANOS_PER_SECOND, nanos % _NANOS_PER_SECOND)
+
+    def FromMicroseconds(self, micros: int) -> None:
+        self._set(micros // 1_000_000, micros % 1_000_000 * _NANOS_PER_MICRO)
+
+    def FromMilliseconds(self, millis: int) -> None:
+        self._set(millis // 1_000, millis % 1_000 * _NANOS_PER_MILLI)
+
+    def FromSeconds(self, seconds: int) -> None:
+        self._set(seconds, 0)
+
+
+class Timestamp(_SecondsAndNanos):
     """Mixin of generated `google.protobuf.Timestamp` classes: a point in time, UTC."""
 
     __slots__ = ()
@@ -125,18 +148,6 @@ class Timestamp:
         _check_timestamp(self.seconds, self.nanos)
         return self.seconds
 
-    def FromNanoseconds(self, nanos: int) -> None:
-        self._set(nanos // _NANOS_PER_SECOND, nanos % _NANOS_PER_SECOND)
-
-    def FromMicroseconds(self, micros: int) -> None:
-        self._set(micros // 1_000_000, micros % 1_000_000 * _NANOS_PER_MICRO)
-
-    def FromMilliseconds(self, millis: int) -> None:
-        self._set(millis // 1_000, millis % 1_000 * _NANOS_PER_MILLI)
-
-    def FromSeconds(self, seconds: int) -> None:
-        self._set(seconds, 0)
-
     def ToDatetime(self, tzinfo: datetime.tzinfo | None = None) -> datetime.datetime:
         """A naive datetime in UTC, or with `tzinfo` an aware one in that zone (microseconds:
         the nanoseconds below are dropped)."""
@@ -172,7 +183,7 @@ class Timestamp:
         return dt - self.ToDatetime()
 
 
-class Duration:
+class Duration(_SecondsAndNanos):
     """Mixin of generated `google.protobuf.Duration` classes: a signed span of time."""
 
     __slots__ = ()
@@ -216,18 +227,6 @@ class Duration:
 
     def ToSeconds(self) -> int:
         return self.seconds
-
-    def FromNanoseconds(self, nanos: int) -> None:
-        self._set(nanos // _NANOS_PER_SECOND, nanos % _NANOS_PER_SECOND)
-
-    def FromMicroseconds(self, micros: int) -> None:
-        self._set(micros // 1_000_000, micros % 1_000_000 * _NANOS_PER_MICRO)
-
-    def FromMilliseconds(self, millis: int) -> None:
-        self._set(millis // 1_000, millis % 1_000 * _NANOS_PER_MILLI)
-
-    def FromSeconds(self, seconds: int) -> None:
-        self._set(seconds, 0)
 
     def ToTimedelta(self) -> datetime.timedelta:
         """A timedelta (microseconds: the nanoseconds below are dropped, toward zero)."""
