@@ -255,6 +255,15 @@ class Stopped:
         self.proc.proc.send_signal(signal.SIGCONT)
 
 
+def both_servers_stubs(pb, app, other, t1: str, t2: str):
+    """`app`'s stubs to S1 and S2, `other`'s to S2, and the Ping request, each path tried once."""
+    stub1, stub2 = pb.StreamerStub(mrpcd.Channel(t1, app)), pb.StreamerStub(mrpcd.Channel(t2, app))
+    other2 = pb.StreamerStub(mrpcd.Channel(t2, other))
+    ping = stub_empty(pb)
+    stub1.Ping(ping, timeout=LIVE_S), stub2.Ping(ping, timeout=LIVE_S), other2.Ping(ping, timeout=LIVE_S)
+    return stub1, stub2, other2, ping
+
+
 def two_servers(daemon_factory, app_factory, gen, config_a: str, config_b: str):
     a, b = daemon_factory("a", config_a), daemon_factory("b", config_b)
     s1 = app_factory("fair_app.py", b, "serve", gen=gen)
@@ -272,10 +281,7 @@ def test_d_a_stopped_server_app_does_not_hold_up_another_behind_the_same_daemon(
     a, b, s1, t1, t2 = two_servers(daemon_factory, app_factory, gen, "max_peer_backlog: 4194304\n", "max_pending_bytes: 4194304\n")
     app, other = mrpcd.connect(a.socket, name="both"), mrpcd.connect(a.socket, name="other")
     try:
-        stub1, stub2 = pb.StreamerStub(mrpcd.Channel(t1, app)), pb.StreamerStub(mrpcd.Channel(t2, app))
-        other2 = pb.StreamerStub(mrpcd.Channel(t2, other))
-        ping = stub_empty(pb)
-        stub1.Ping(ping, timeout=LIVE_S), stub2.Ping(ping, timeout=LIVE_S), other2.Ping(ping, timeout=LIVE_S)
+        stub1, stub2, other2, ping = both_servers_stubs(pb, app, other, t1, t2)
         with Stopped(s1):
             stuck = [stub1.Unary.future(pb.Chunk(data=bytes(16 * KIB)), timeout=60) for _ in range(2000)]
             took = timed_calls(lambda: stub2.Ping(ping, timeout=LIVE_S), 20)
@@ -304,10 +310,7 @@ def test_d_a_stopped_server_app_holding_lent_payloads_is_cut_after_peer_stall_ti
     a, b, s1, t1, t2 = two_servers(daemon_factory, app_factory, gen, "peer_stall_timeout: 2\n", "max_pending_bytes: 4194304\n")
     app, other = mrpcd.connect(a.socket, name="both"), mrpcd.connect(a.socket, name="other")
     try:
-        stub1, stub2 = pb.StreamerStub(mrpcd.Channel(t1, app)), pb.StreamerStub(mrpcd.Channel(t2, app))
-        other2 = pb.StreamerStub(mrpcd.Channel(t2, other))
-        ping = stub_empty(pb)
-        stub1.Ping(ping, timeout=LIVE_S), stub2.Ping(ping, timeout=LIVE_S), other2.Ping(ping, timeout=LIVE_S)
+        stub1, stub2, other2, ping = both_servers_stubs(pb, app, other, t1, t2)
         with Stopped(s1):
             stuck = []
             sender = threading.Thread(target=lambda: stuck.extend(
