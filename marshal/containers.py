@@ -15,6 +15,7 @@ element class, which must itself be importable, as the messages must.
 from __future__ import annotations
 
 import copy
+import keyword
 from typing import Any, Generic, Iterable, TypeVar
 
 __all__ = ["MessageMap", "RepeatedMessages", "field_path", "from_dict", "map_type", "repeated_type"]
@@ -26,11 +27,33 @@ _K = TypeVar("_K")
 def from_dict(cls: type, value: dict[str, Any], where: str) -> Any:
     """`cls(**value)`: a dict given for a message field (protobuf's constructors take them),
     nested dicts converting in turn; a key that is not a field is a TypeError naming the
-    field it was given for."""
+    field it was given for. Keys may be the .proto names of fields named like a Python
+    keyword (`from`, as `to_dict()` gives them): the generated constructor calls them
+    `from_`, so `Outer(one=inner.to_dict())` round-trips."""
     try:
         return cls(**value)
     except TypeError as exc:
+        renamed = _keyword_params(cls, value)
+        if renamed is not None:  # (only on this error path: the common case pays nothing)
+            try:
+                return cls(**renamed)
+            except TypeError as exc2:
+                exc = exc2
         raise TypeError(f"{where}: {exc}") from None
+
+
+def _keyword_params(cls: type, value: dict[str, Any]) -> dict[str, Any] | None:
+    """`value` with each key that is a Python keyword renamed to the constructor's name for
+    that field (the generated `from_` property of the field `from`), or None if none is."""
+    renamed, changed = {}, False
+    for k, v in value.items():
+        if k.__class__ is str and keyword.iskeyword(k):
+            for alias in (k + "_", k + "__", k + "___"):
+                if isinstance(getattr(cls, alias, None), property):
+                    k, changed = alias, True
+                    break
+        renamed[k] = v
+    return renamed if changed else None
 
 
 class RepeatedMessages(list[_T], Generic[_T]):

@@ -256,6 +256,24 @@ message Msg { repeated Sub subs = 1; }
     assert o.subs.add(self=1, kwargs=2) == m.Sub(self=1, kwargs=2) and o.subs == [m.Sub(self=1, kwargs=2)]
 
 
+def test_dicts_with_keyword_field_names_from_to_dict_make_messages(tmp_path):
+    """to_dict() gives a keyword-named field by its .proto name (`from`); constructors call it
+    `from_`: a dict of it given for a message field (in a repeated field, as a map value) was
+    refused, so `Holder(**h.to_dict())` failed for such messages."""
+    m = load(generate(tmp_path, """
+syntax = "proto3";
+package kw;
+message Range { int32 from = 1; int32 to = 2; }
+message Holder { Range r = 1; repeated Range rs = 2; map<string, Range> by = 3; }
+"""), "kwdict")
+    h = m.Holder(r={"from": 1, "to": 2}, rs=[{"from": 3}], by={"k": {"from": 4}})
+    assert (h.r.from_, h.r.to, h.rs[0].from_, h.by["k"].from_) == (1, 2, 3, 4)
+    assert m.Holder(**h.to_dict()) == h
+    assert m.Holder(r={"from_": 5}).r.from_ == 5  # the Python name still works
+    with pytest.raises(TypeError, match=r"^kw\.Holder\.r: .*unexpected keyword argument 'nope'"):
+        m.Holder(r={"from": 1, "nope": 2})
+
+
 def test_containers_pickle(c):
     # a module that pickle can import
     sys.modules[c.__name__] = c
