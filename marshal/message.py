@@ -96,8 +96,14 @@ class Message:
     # What a constructor keeps of a dict given for a message field (protobuf's constructors
     # take them); generated __init__s call it with the field's index. (For a repeated / map
     # field of messages they call its container's _mrpc_of, marshal/containers.py.)
-    def __mrpc_msg__(self, i: int, x: dict[str, Any]) -> Any:
-        return from_dict(type(self).__mrpc_types__[i], x, field_path(self, i))
+    def __mrpc_msg__(self, i: int, x: Any) -> Any:
+        cls = type(self).__mrpc_types__[i]
+        if x.__class__ is dict:
+            return from_dict(cls, x, field_path(self, i))
+        # Timestamp / Duration fields: a datetime / timedelta (marshal/wkt.py); anything else
+        # (another module's class of the message, a wrong type) is kept, for the encoder to judge
+        convert = getattr(cls, "_mrpc_from_python", None)
+        return x if convert is None else convert(x, field_path(self, i))
 
     def _fields(self) -> tuple[str, ...]:
         names = type(self).__mrpc_fields__

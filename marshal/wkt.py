@@ -157,6 +157,19 @@ class Timestamp(_SecondsAndNanos):
             return _EPOCH_NAIVE + delta
         return (_EPOCH_UTC + delta).astimezone(tzinfo)
 
+    @classmethod
+    def _mrpc_from_python(cls, x: Any, where: str) -> Any:
+        """What a generated constructor keeps of `x` given for a Timestamp field: a datetime
+        made into one (as protobuf's constructors do), anything else as it is."""
+        if not isinstance(x, datetime.datetime):
+            return x
+        made = cls()
+        try:
+            made.FromDatetime(x)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return made
+
     def FromDatetime(self, dt: datetime.datetime) -> None:
         """From a datetime; a naive one is taken to be UTC."""
         if not isinstance(dt, datetime.datetime):
@@ -231,6 +244,19 @@ class Duration(_SecondsAndNanos):
     def ToTimedelta(self) -> datetime.timedelta:
         """A timedelta (microseconds: the nanoseconds below are dropped, toward zero)."""
         return datetime.timedelta(seconds=self.seconds, microseconds=_toward_zero(self.nanos, _NANOS_PER_MICRO))
+
+    @classmethod
+    def _mrpc_from_python(cls, x: Any, where: str) -> Any:
+        """What a generated constructor keeps of `x` given for a Duration field: a timedelta
+        made into one (as protobuf's constructors do), anything else as it is."""
+        if not isinstance(x, datetime.timedelta):
+            return x
+        made = cls()
+        try:
+            made.FromTimedelta(x)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return made
 
     def FromTimedelta(self, td: datetime.timedelta) -> None:
         if not isinstance(td, datetime.timedelta):

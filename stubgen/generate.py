@@ -51,7 +51,7 @@ _DEFAULTS = {"double": "0.0", "float": "0.0", "bool": "False", "string": '""', "
 # names that generated code itself uses at module level (and the builtins the .py calls at run
 # time: a top-level type of that name would replace them)
 _MODULE_RESERVED = {
-    "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema", "_EnumWrapper", "_wkt",
+    "enum", "mrpcd", "annotations", "SCHEMA", "_codec", "_Message", "_Schema", "_EnumWrapper", "_wkt", "_datetime",
     "_MessageMap", "_RepeatedMessages",
     "property", "getattr", "setattr", "globals", "NotImplementedError",
     "_Any", "_Iterable", "_Iterator", "_Sequence", "_Mapping", "_TypeAlias", "_Metadata", "_builtins",
@@ -78,6 +78,8 @@ _ENUM_WRAPPER = {"Name", "Value", "keys", "values", "items"}
 _MESSAGE_ATTRS = set(dir(_BaseMessage))
 # well-known types whose generated classes get protobuf's helper methods (mrpcd.marshal.wkt)
 _WKT_MIXINS = {"google.protobuf.Timestamp": "_wkt.Timestamp", "google.protobuf.Duration": "_wkt.Duration"}
+# ... and the Python value a constructor takes for a field of that type (the .pyi's name for it)
+_WKT_PYTHON = {"_wkt.Timestamp": "_datetime.datetime", "_wkt.Duration": "_datetime.timedelta"}
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
@@ -387,6 +389,9 @@ class _Emitter:
             t += f" | {self.builtin('int', shadow, pyi)}"
         if f.type.kind == "message" and pyi:
             t += f" | {self.builtin('dict', shadow, pyi)}[{self.builtin('str', shadow, pyi)}, _Any]"
+            python = _WKT_PYTHON.get(self.wkt_mixin(f.type.ref) or "")
+            if python and f.label == "single":  # a datetime / timedelta, as protobuf's constructors take
+                t += f" | {python}"
         if f.label == "repeated":
             return (f"_Iterable[{t}]" if pyi else f"list[{t}]") + " | None"
         if f.label == "map":
@@ -501,6 +506,10 @@ class _Emitter:
                 value = f"{rep}() if {p} is None else {rep}._mrpc_of({p}, {me}, {i})"
             elif f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
                 default, value = "None", f"{me}.__mrpc_{'list' if f.label == 'repeated' else 'map'}__({p})"
+            elif f.type.kind == "message" and self.wkt_mixin(f.type.ref) and f.label == "single":
+                # Timestamp / Duration: also a datetime / timedelta, as protobuf's constructors
+                default, value = "None", (f"{p} if {p} is None or {p}.__class__ is {me}.__mrpc_types__[{i}] "
+                                          f"else {me}.__mrpc_msg__({i}, {p})")
             elif f.type.kind == "message":  # protobuf's constructors take a dict for a message
                 default, value = "None", f"{p} if {p}.__class__ is not {dict_} else {me}.__mrpc_msg__({i}, {p})"
             elif f.nullable:
@@ -591,7 +600,7 @@ class _Emitter:
             "",
             "import mrpcd",
             "import mrpcd.aio",
-        ] + self.imports_wkt() + [
+        ] + (["import datetime as _datetime"] if self.imports_wkt() else []) + self.imports_wkt() + [
             "from mrpcd.marshal.containers import MessageMap as _MessageMap, RepeatedMessages as _RepeatedMessages",
             "from mrpcd.marshal.enums import EnumWrapper as _EnumWrapper",
             "from mrpcd.marshal.message import Message as _Message",

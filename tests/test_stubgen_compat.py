@@ -274,6 +274,27 @@ message Holder { Range r = 1; repeated Range rs = 2; map<string, Range> by = 3; 
         m.Holder(r={"from": 1, "nope": 2})
 
 
+def test_timestamp_and_duration_fields_take_datetime_and_timedelta(c, tmp_path):
+    """protobuf's constructors take a datetime for a Timestamp field and a timedelta for a
+    Duration field (Outer(ts=datetime.now(timezone.utc))); they were kept as they were and
+    the encoder refused them."""
+    import datetime
+
+    when = datetime.datetime(2020, 1, 2, 3, 4, 5, 600_000, tzinfo=datetime.timezone.utc)
+    o = c.Outer(ts=when, dur=datetime.timedelta(seconds=-1.5))
+    assert (o.ts.seconds, o.ts.nanos, o.dur.seconds, o.dur.nanos) == (1577934245, 600_000_000, -1, -500_000_000)
+    assert type(o.ts) is c.Timestamp and o.ts.ToDatetime(datetime.timezone.utc) == when
+    assert c.Outer.FromString(o.SerializeToString()) == o
+    naive = c.Outer(ts=datetime.datetime(1970, 1, 1, 0, 0, 7))  # naive: UTC, as protobuf
+    assert naive.ts.seconds == 7
+    own, as_dict = c.Timestamp(seconds=1), c.Outer(ts={"seconds": 2})
+    assert c.Outer(ts=own).ts is own and as_dict.ts == c.Timestamp(seconds=2) and c.Outer(ts=None).ts is None
+    with pytest.raises(ValueError, match=r"^compat\.Outer\.dur: Duration is not valid"):
+        c.Outer(dur=datetime.timedelta(days=10**8))
+    with pytest.raises(ValueError, match=r"compat\.Outer\.ts"):  # (the EncodeError)
+        c.Outer(ts=datetime.timedelta(1)).SerializeToString()  # a timedelta is no Timestamp
+
+
 def test_containers_pickle(c):
     # a module that pickle can import
     sys.modules[c.__name__] = c
@@ -382,6 +403,7 @@ def test_pyi_types_the_compat_api(c, tmp_path):
         "d = c.Duration()\n"
         "d.FromTimedelta(datetime.timedelta(seconds=1))\n"
         "text: str = d.ToJsonString()\n"
+        "dated = c.Outer(ts=datetime.datetime.now(datetime.timezone.utc), dur=datetime.timedelta(seconds=2))\n"
     )
     r = _mypy(tmp_path, out, out / "compat_mrpc.pyi", use)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -394,9 +416,11 @@ def test_pyi_types_the_compat_api(c, tmp_path):
                    "c.Outer().items[0].nope\n"
                    "for i in c.Outer().items: i.nope\n"
                    "c.Outer().m['k'].nope\n"
-                   "c.Outer().m.get('k', c.Inner()).nope\n")
+                   "c.Outer().m.get('k', c.Inner()).nope\n"
+                   "import datetime\n"
+                   "c.Outer(ts=datetime.timedelta(1))\n")
     r = _mypy(tmp_path, out, bad)
-    assert r.returncode == 1 and r.stdout.count("error:") == 7, r.stdout
+    assert r.returncode == 1 and r.stdout.count("error:") == 8, r.stdout
 
 
 def test_dict_conversion_where_dict_is_another_name(tmp_path):
