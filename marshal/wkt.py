@@ -74,8 +74,29 @@ class _SecondsAndNanos:
 
     __slots__ = ()
 
+    # the Python value a generated constructor takes for a field of this type (datetime,
+    # timedelta), and the method that sets a message from one
+    _PYTHON: type = object
+    _FROM_PYTHON = "FromDatetime"
+    seconds: int  # (the generated subclass's slots)
+    nanos: int
+
     def _set(self, seconds: int, nanos: int) -> None:
         raise NotImplementedError
+
+    @classmethod
+    def _mrpc_from_python(cls, x: Any, where: str) -> Any:
+        """What a generated constructor keeps of `x` given for a field of this type: a
+        datetime / timedelta made into a message (as protobuf's constructors do), anything
+        else as it is (for the encoder to judge)."""
+        if not isinstance(x, cls._PYTHON):
+            return x
+        made = cls()
+        try:
+            getattr(made, cls._FROM_PYTHON)(x)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return made
 
     def FromNanoseconds(self, nanos: int) -> None:
         self._set(nanos // _NANOS_PER_SECOND, nanos % _NANOS_PER_SECOND)
@@ -94,8 +115,8 @@ class Timestamp(_SecondsAndNanos):
     """Mixin of generated `google.protobuf.Timestamp` classes: a point in time, UTC."""
 
     __slots__ = ()
-    seconds: int
-    nanos: int
+    _PYTHON = datetime.datetime
+    _FROM_PYTHON = "FromDatetime"
 
     def _set(self, seconds: int, nanos: int) -> None:
         _check_timestamp(seconds, nanos)
@@ -157,19 +178,6 @@ class Timestamp(_SecondsAndNanos):
             return _EPOCH_NAIVE + delta
         return (_EPOCH_UTC + delta).astimezone(tzinfo)
 
-    @classmethod
-    def _mrpc_from_python(cls, x: Any, where: str) -> Any:
-        """What a generated constructor keeps of `x` given for a Timestamp field: a datetime
-        made into one (as protobuf's constructors do), anything else as it is."""
-        if not isinstance(x, datetime.datetime):
-            return x
-        made = cls()
-        try:
-            made.FromDatetime(x)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        return made
-
     def FromDatetime(self, dt: datetime.datetime) -> None:
         """From a datetime; a naive one is taken to be UTC."""
         if not isinstance(dt, datetime.datetime):
@@ -200,8 +208,8 @@ class Duration(_SecondsAndNanos):
     """Mixin of generated `google.protobuf.Duration` classes: a signed span of time."""
 
     __slots__ = ()
-    seconds: int
-    nanos: int
+    _PYTHON = datetime.timedelta
+    _FROM_PYTHON = "FromTimedelta"
 
     def _set(self, seconds: int, nanos: int) -> None:
         """From floor-divided parts (nanos >= 0): nanos takes the sign of seconds."""
@@ -244,19 +252,6 @@ class Duration(_SecondsAndNanos):
     def ToTimedelta(self) -> datetime.timedelta:
         """A timedelta (microseconds: the nanoseconds below are dropped, toward zero)."""
         return datetime.timedelta(seconds=self.seconds, microseconds=_toward_zero(self.nanos, _NANOS_PER_MICRO))
-
-    @classmethod
-    def _mrpc_from_python(cls, x: Any, where: str) -> Any:
-        """What a generated constructor keeps of `x` given for a Duration field: a timedelta
-        made into one (as protobuf's constructors do), anything else as it is."""
-        if not isinstance(x, datetime.timedelta):
-            return x
-        made = cls()
-        try:
-            made.FromTimedelta(x)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        return made
 
     def FromTimedelta(self, td: datetime.timedelta) -> None:
         if not isinstance(td, datetime.timedelta):
