@@ -1,6 +1,7 @@
 """Shared fixtures: real daemons and apps as processes on loopback, always cleaned up."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -34,6 +35,50 @@ def load_generated(path: Path, prefix: str):
     finally:
         del sys.modules[name]
     return mod
+
+@contextlib.asynccontextmanager
+async def aio_pair(a, b, pb, servicer, options=None, name: str = "aio"):
+    """An asyncio server of `servicer` (tests/protos/streaming.proto's Streamer) behind daemon
+    `b` and a channel to it from an app behind daemon `a`: (server, channel, client app,
+    server app); all closed on exit."""
+    import mrpcd.aio
+
+    srv_app = mrpcd.aio.connect(b.socket, name=f"{name}-server")
+    cli_app = mrpcd.aio.connect(a.socket, name=f"{name}-client")
+    try:
+        server = mrpcd.aio.server(app=srv_app, options=options)
+        pb.add_StreamerServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        try:
+            yield server, channel, cli_app, srv_app
+        finally:
+            await channel.close()
+            await server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+@pytest.fixture
+def fake_handlers(monkeypatch):
+    """Record what generated add_XServicer_to_server functions ask of the mrpcd runtime:
+    [(service, handlers, schema)], each handler (kind, behavior, request, response type)."""
+    import mrpcd
+
+    made = []
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        def handler(behavior, request_type, response_type, _kind=kind):
+            return (_kind, behavior, request_type, response_type)
+        monkeypatch.setattr(mrpcd, f"{kind}_rpc_method_handler", handler, raising=False)
+
+    def generic(service, handlers, schema=None):
+        made.append((service, handlers, schema))
+        return ("generic", service)
+
+    monkeypatch.setattr(mrpcd, "method_handlers_generic_handler", generic, raising=False)
+    return made
 
 
 def wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:

@@ -19,7 +19,7 @@ import mrpcd
 from mrpcd import wire
 from mrpcd.marshal import records as R
 
-from conftest import wait_until
+from conftest import aio_pair, wait_until
 
 KIB = 1024
 SMALL_RING = "ring_size: 262144\n"  # quick to fill with 40-byte records
@@ -39,30 +39,6 @@ def sync_pair(a, b, pb, servicer, server_options=None):
         channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
         yield server, pb.StreamerStub(channel), channel, cli_app, srv_app
         server.stop(None)
-    finally:
-        cli_app.close()
-        srv_app.close()
-
-
-@contextlib.asynccontextmanager
-async def aio_pair(a, b, pb, servicer, options=None):
-    """The asyncio sync_pair: (server, channel, client app, server app); `servicer`
-    served behind daemon `b`, the channel's app behind daemon `a`."""
-    import mrpcd.aio
-
-    srv_app = mrpcd.aio.connect(b.socket, name="robust-aio-server")
-    cli_app = mrpcd.aio.connect(a.socket, name="robust-aio-client")
-    try:
-        server = mrpcd.aio.server(app=srv_app, options=options)
-        pb.add_StreamerServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
-        try:
-            yield server, channel, cli_app, srv_app
-        finally:
-            await channel.close()
-            await server.stop(None)
     finally:
         cli_app.close()
         srv_app.close()
@@ -225,7 +201,7 @@ def test_aio_request_over_the_limit_mid_stream_fails_the_call_at_once(streamer, 
             return pb.Summary(total=len(seen))
 
     async def main():
-        async with aio_pair(a, b, pb, S(), [("grpc.max_receive_message_length", 1000)]) as (server, channel, cli_app, srv_app):
+        async with aio_pair(a, b, pb, S(), [("grpc.max_receive_message_length", 1000)], name="robust-aio") as (server, channel, cli_app, srv_app):
             requests = [pb.Chunk(seq=0, data=b"x" * 10), pb.Chunk(seq=1, data=b"x" * 2000), pb.Chunk(seq=2), pb.Chunk(seq=3)]
             call = pb.StreamerStub(channel).ClientStream(iter(requests), timeout=10)
             with pytest.raises(mrpcd.RpcError) as info:
@@ -291,7 +267,7 @@ def test_aio_reads_after_cancel_raise_at_once(streamer):
                 i += 1
 
     async def main():
-        async with aio_pair(a, b, pb, S()) as (server, channel, cli_app, srv_app):
+        async with aio_pair(a, b, pb, S(), name="robust-aio") as (server, channel, cli_app, srv_app):
             call = pb.StreamerStub(channel).ServerStream(pb.Chunk(), timeout=20)
             assert (await call.read()).seq == 0
             for _ in range(200):
@@ -387,7 +363,7 @@ def test_aio_calls_nobody_awaits_end_at_their_deadline(streamer):
             return pb.Summary(total=request.seq)
 
     async def main():
-        async with aio_pair(a, b, pb, S()) as (server, channel, cli_app, srv_app):
+        async with aio_pair(a, b, pb, S(), name="robust-aio") as (server, channel, cli_app, srv_app):
             stub = pb.StreamerStub(channel)
             assert (await stub.Unary(pb.Chunk(seq=1), timeout=10)).total == 1  # connected
             fired = asyncio.Event()

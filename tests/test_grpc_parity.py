@@ -15,6 +15,8 @@ import pytest
 import mrpcd
 import mrpcd.aio
 
+from conftest import aio_pair
+
 MIB = 1024 * 1024
 
 
@@ -42,22 +44,8 @@ def run_aio(streamer, servicer, body):
     a, b, pb = streamer
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="parity-aio-server")
-        cli_app = mrpcd.aio.connect(a.socket, name="parity-aio-client")
-        try:
-            server = mrpcd.aio.server(app=srv_app)
-            pb.add_StreamerServicer_to_server(servicer, server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
-            try:
-                return await asyncio.wait_for(body(server, pb.StreamerStub(channel)), 30)
-            finally:
-                await channel.close()
-                await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
+        async with aio_pair(a, b, pb, servicer, name="parity-aio") as (server, channel, _, _):
+            return await asyncio.wait_for(body(server, pb.StreamerStub(channel)), 30)
 
     return asyncio.run(main())
 

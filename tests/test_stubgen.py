@@ -358,23 +358,6 @@ def test_servicer_defaults_are_unimplemented(mods):
         assert ctx.code == mrpcd.StatusCode.UNIMPLEMENTED and ctx.details == "Method not implemented!"
 
 
-@pytest.fixture
-def fake_handlers(monkeypatch):
-    """Record what add_XServicer_to_server asks of the mrpcd runtime."""
-    made = []
-    for kind in FakeChannel.KINDS:
-        def handler(behavior, request_type, response_type, _kind=kind):
-            return (_kind, behavior, request_type, response_type)
-        monkeypatch.setattr(mrpcd, f"{kind}_rpc_method_handler", handler, raising=False)
-
-    def generic(service, handlers, schema=None):
-        made.append((service, handlers, schema))
-        return ("generic", service)
-
-    monkeypatch.setattr(mrpcd, "method_handlers_generic_handler", generic, raising=False)
-    return made
-
-
 def test_add_servicer_to_server_registers_every_method(mods, fake_handlers):
     st = mods["streaming"]
 

@@ -70,24 +70,6 @@ class Server:
         self.handlers.extend(handlers)
 
 
-@pytest.fixture
-def fake_handlers(monkeypatch):
-    import mrpcd
-
-    made = []
-    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        def handler(behavior, request_type, response_type, _kind=kind):
-            return (_kind, behavior, request_type, response_type)
-        monkeypatch.setattr(mrpcd, f"{kind}_rpc_method_handler", handler, raising=False)
-
-    def generic(service, handlers, schema=None):
-        made.append((service, handlers, schema))
-        return ("generic", service)
-
-    monkeypatch.setattr(mrpcd, "method_handlers_generic_handler", generic, raising=False)
-    return made
-
-
 # -- B1: messages named like the parameters and locals of the service functions ---------------------
 
 LOCALS = """
