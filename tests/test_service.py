@@ -116,6 +116,18 @@ def test_ready_watchdog_reload_and_stop(systemd, daemon_factory):
     assert d.proc.wait(10) == 0
 
 
+def slow_call_in_flight(a, b, app_factory, gen_dir, slow: str):
+    """A hello server behind daemon `b` and a client behind `a` whose `slow` call ("slow:N":
+    the handler sleeps N s) the server has started: the client app (it prints the status)."""
+    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
+    client = app_factory("hello_client.py", a, address, "status", slow, gen=gen_dir)
+    deadline = time.monotonic() + 10
+    while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
+        assert time.monotonic() < deadline, "the slow call never reached the server app"
+        time.sleep(0.02)
+    return client
+
+
 def test_drain_lets_a_call_in_flight_finish(monkeypatch, daemon_factory, app_factory, gen_dir):
     a = daemon_factory("client")
     fake = FakeSystemd()
@@ -124,12 +136,7 @@ def test_drain_lets_a_call_in_flight_finish(monkeypatch, daemon_factory, app_fac
             m.setenv("NOTIFY_SOCKET", fake.name)
             b = daemon_factory("server", config="drain_timeout: 20\n")
         fake.wait_for("READY")
-        address = app_factory("hello_server.py", b, gen=gen_dir).readline()
-        client = app_factory("hello_client.py", a, address, "status", "slow:1.5", gen=gen_dir)
-        deadline = time.monotonic() + 10
-        while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
-            assert time.monotonic() < deadline, "the slow call never reached the server app"
-            time.sleep(0.02)
+        client = slow_call_in_flight(a, b, app_factory, gen_dir, "slow:1.5")
         t0 = time.monotonic()
         b.proc.send_signal(signal.SIGTERM)
         assert fake.wait_for("STOPPING")["STOPPING"] == "1"
@@ -149,12 +156,7 @@ def test_drain_lets_a_call_in_flight_finish(monkeypatch, daemon_factory, app_fac
 def test_drain_timeout_sends_goaway(daemon_factory, app_factory, gen_dir):
     a = daemon_factory("client")
     b = daemon_factory("server", config="drain_timeout: 0.3\n")
-    address = app_factory("hello_server.py", b, gen=gen_dir).readline()
-    client = app_factory("hello_client.py", a, address, "status", "slow:30", gen=gen_dir)
-    deadline = time.monotonic() + 10
-    while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    client = slow_call_in_flight(a, b, app_factory, gen_dir, "slow:30")
     b.proc.send_signal(signal.SIGTERM)
     assert b.proc.wait(10) == 0
     code, out, err = client.wait(20)
@@ -277,12 +279,7 @@ def test_sighup_while_draining_is_ignored_and_a_second_sigterm_stops_at_once(dae
             m.setenv("NOTIFY_SOCKET", fake.name)
             b = daemon_factory("server", config="drain_timeout: 60\n")
         fake.wait_for("READY")
-        address = app_factory("hello_server.py", b, gen=gen_dir).readline()
-        client = app_factory("hello_client.py", a, address, "status", "slow:60", gen=gen_dir)
-        deadline = time.monotonic() + 10
-        while Control(b.socket).call("stats")["daemon"]["calls_in_flight"] < 1:
-            assert time.monotonic() < deadline, "the slow call never reached the server app"
-            time.sleep(0.02)
+        client = slow_call_in_flight(a, b, app_factory, gen_dir, "slow:60")
         b.proc.send_signal(signal.SIGTERM)
         fake.wait_for("STOPPING")
         b.proc.send_signal(signal.SIGHUP)
