@@ -37,7 +37,7 @@ def load_generated(path: Path, prefix: str):
     return mod
 
 @contextlib.asynccontextmanager
-async def aio_pair(a, b, pb, servicer, options=None, name: str = "aio"):
+async def aio_pair(a, b, pb, servicer, options=None, name: str = "aio", server_interceptors=(), client_interceptors=()):
     """An asyncio server of `servicer` (tests/protos/streaming.proto's Streamer) behind daemon
     `b` and a channel to it from an app behind daemon `a`: (server, channel, client app,
     server app); all closed on exit."""
@@ -46,11 +46,11 @@ async def aio_pair(a, b, pb, servicer, options=None, name: str = "aio"):
     srv_app = mrpcd.aio.connect(b.socket, name=f"{name}-server")
     cli_app = mrpcd.aio.connect(a.socket, name=f"{name}-client")
     try:
-        server = mrpcd.aio.server(app=srv_app, options=options)
+        server = mrpcd.aio.server(app=srv_app, options=options, interceptors=list(server_interceptors))
         pb.add_StreamerServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app)
+        channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app, interceptors=list(client_interceptors))
         try:
             yield server, channel, cli_app, srv_app
         finally:

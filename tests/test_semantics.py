@@ -14,6 +14,8 @@ import mrpcd
 from mrpcd import flow, wire
 from mrpcd.marshal import records as R
 
+from conftest import aio_pair
+
 
 def _vm_hwm_kb(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
@@ -228,27 +230,12 @@ def _run_aio(streamer, body, server_interceptors=(), client_interceptors=()):
     client behind daemon A, close everything."""
     import asyncio
 
-    import mrpcd.aio
-
     a, b, pb = streamer
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="aio-streamer")
-        cli_app = mrpcd.aio.connect(a.socket, name="aio-caller")
-        try:
-            server = mrpcd.aio.server(app=srv_app, interceptors=list(server_interceptors))
-            pb.add_StreamerServicer_to_server(_aio_servicer(pb), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app, interceptors=list(client_interceptors))
-            try:
-                return await asyncio.wait_for(body(pb.StreamerStub(channel), pb), 20)
-            finally:
-                await channel.close()
-                await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
+        async with aio_pair(a, b, pb, _aio_servicer(pb), name="aio-streamer", server_interceptors=server_interceptors,
+                            client_interceptors=client_interceptors) as (_, channel, _, _):
+            return await asyncio.wait_for(body(pb.StreamerStub(channel), pb), 20)
 
     return asyncio.run(main())
 
