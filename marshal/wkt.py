@@ -76,8 +76,8 @@ class _SecondsAndNanos:
 
     # the Python value a generated constructor takes for a field of this type (datetime,
     # timedelta), and the method that sets a message from one
-    _PYTHON: type = object
-    _FROM_PYTHON = "FromDatetime"
+    _PYTHON: type  # (set by Timestamp and Duration)
+    _FROM_PYTHON: str
     seconds: int  # (the generated subclass's slots)
     nanos: int
 
