@@ -272,7 +272,7 @@ class App:
                 # wait for room for the record that blocks: a queued control record bigger
                 # than ours, else "push again" forever (a spin holding the tx lock)
                 need = len(self._control[0]) if self._control else len(data)
-                self._space_need = 8 + ((need + 7) & ~7)  # with the ring's record header: the rx thread looks
+                self._space_need = ringmod.record_space(need)  # what the rx thread looks for
                 try:
                     if self.tx.prepare_wait_for_space(need):
                         left = None if deadline is None else deadline - time.monotonic()

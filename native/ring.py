@@ -79,6 +79,12 @@ RECORD_HEADER: int = lib.RING_REC_HDR  # u32 length + u32 reserved
 MIN_CAPACITY: int = lib.RING_MIN_CAPACITY
 MAX_CAPACITY: int = lib.RING_MAX_CAPACITY
 
+
+def record_space(nbytes: int) -> int:
+    """Ring bytes a record of `nbytes` takes: its header, the data rounded up to 8 (ring.c's
+    space_needed, without the filler a wrap may add)."""
+    return RECORD_HEADER + ((nbytes + 7) & ~7)
+
 # Above this many bytes, push_many hands C one pointer per record instead of joining the
 # records into one buffer first: the join is a copy that only pays off for small records.
 _JOIN_LIMIT = 16 * 1024

@@ -101,7 +101,7 @@ class AioApp(App):
             if fut.done():  # its task was cancelled, or its safety-net timer fired
                 waiters.popleft()
                 continue
-            need = 8 + ((nbytes + 7) & ~7)  # the ring's record header and alignment
+            need = ringmod.record_space(nbytes)
             if need > free and (woke or self._space_promised or self.tx.prepare_wait_for_space(nbytes)):
                 return  # the woken pass the turn on, or the daemon signals when it frees room
             waiters.popleft()
