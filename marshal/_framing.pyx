@@ -922,6 +922,43 @@ cdef bytes _batch_base(PyObject* b, Py_ssize_t total, uint64_t alloc):
     return base
 
 
+cdef tuple _build_records(PyObject* b, uint64_t alloc, int n, const uint32_t* lens,
+                          const uint8_t** ptrs, uint64_t mr, list leases):
+    """The records of one take: those copied into `b` (a new reference, consumed) become
+    views of it, and with `ptrs` (the daemon's take) a record left in the ring
+    (ptrs[i] != NULL) becomes a lent record whose Lease goes to `leases`. Returns (records,
+    bad); bad lists (record bytes, reason) for malformed records. Shared by the app's pop and
+    the daemon's take so both check every record the same way; a MemoryError propagates
+    (the callers give the take back)."""
+    cdef Py_ssize_t pos = 0, total = 0
+    cdef const uint8_t* dp
+    cdef const uint8_t* lent
+    cdef uint32_t l
+    cdef int i
+    cdef bytes base
+    cdef list recs = [], bad = []
+    cdef uint8_t hdr[_HEADER_SIZE]
+    for i in range(n):
+        if ptrs == NULL or ptrs[i] == NULL:
+            total += lens[i]
+    base = _batch_base(b, total, alloc)
+    dp = <const uint8_t*>PyBytes_AS_STRING(base)
+    for i in range(n):
+        l = lens[i]
+        lent = ptrs[i] if ptrs != NULL else NULL
+        try:
+            if lent != NULL:
+                recs.append(_lent_record(lent, l, mr, leases))
+            else:
+                _check_one(dp + pos, l, mr, hdr)
+                recs.append(_make_view(base, pos, hdr))
+        except RecordError as exc:
+            bad.append((PyBytes_FromStringAndSize(<const char*>(lent if lent != NULL else dp + pos), l), str(exc)))
+        if lent == NULL:
+            pos += l
+    return recs, bad
+
+
 def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_record=DEFAULT_MAX_RECORD):
     """Pop up to `max_records` records (at most `max_bytes`, except that a first record
     bigger than that comes alone) from `ring` (a mrpcd.native.ring.Ring, consumer side)
@@ -942,15 +979,11 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
     cdef uint32_t lens[_POP_MAX]
     cdef uint64_t alloc
     cdef PyObject* b = NULL
-    cdef int n, i
+    cdef int n
     cdef const uint8_t* dp
     cdef uint32_t l
-    cdef Py_ssize_t pos, total = 0
-    cdef bytes base
-    cdef list recs = [], bad = []
-    cdef uint8_t hdr[_HEADER_SIZE]
     if max_records <= 0:
-        return recs, bad
+        return [], []
     if max_records > _POP_MAX:
         max_records = _POP_MAX
     if max_bytes < 0:
@@ -978,24 +1011,11 @@ def ring_pop_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_rec
             Py_DECREF(<object>b)
         release_fn(r)  # a lone wrap marker the take passed: free it now
         if n == 0:
-            return recs, bad
+            return [], []
         from mrpcd.native.ring import RingCorrupt
         raise RingCorrupt("producer wrote an invalid record length or head index")
     try:
-        for i in range(n):
-            total += lens[i]
-        base = _batch_base(b, total, alloc)
-        dp = <const uint8_t*>PyBytes_AS_STRING(base)
-        pos = 0
-        for i in range(n):
-            l = lens[i]
-            try:
-                _check_one(dp + pos, l, mr, hdr)
-                recs.append(_make_view(base, pos, hdr))
-            except RecordError as exc:
-                bad.append((PyBytes_FromStringAndSize(<const char*>dp + pos, l), str(exc)))
-            pos += l
-        result = (recs, bad)
+        result = _build_records(b, alloc, n, lens, NULL, mr, None)
     except BaseException:
         (<_untake_fn><uintptr_t>cp[14])(r, extent)
         raise
@@ -1136,13 +1156,8 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
     cdef const uint8_t* ptrs[_POP_MAX]
     cdef uint64_t alloc, extent = 0, extent2 = 0
     cdef PyObject* b = NULL
-    cdef int n, i
-    cdef const uint8_t* dp
-    cdef uint32_t l
-    cdef Py_ssize_t pos, total = 0
-    cdef bytes base = None
+    cdef int n
     cdef list recs = [], bad = [], leases = []
-    cdef uint8_t hdr[_HEADER_SIZE]
     if max_records <= 0:
         return recs, bad, 0, leases
     if max_records > _POP_MAX:
@@ -1171,24 +1186,7 @@ def ring_take_records(ring, Py_ssize_t max_records, Py_ssize_t max_bytes, max_re
         from mrpcd.native.ring import RingCorrupt
         raise RingCorrupt("producer wrote an invalid record length or head index")
     try:
-        for i in range(n):
-            if ptrs[i] == NULL:
-                total += lens[i]
-        base = _batch_base(b, total, alloc)
-        dp = <const uint8_t*>PyBytes_AS_STRING(base)
-        pos = 0
-        for i in range(n):
-            l = lens[i]
-            try:
-                if ptrs[i] != NULL:
-                    recs.append(_lent_record(ptrs[i], l, mr, leases))
-                else:
-                    _check_one(dp + pos, l, mr, hdr)
-                    recs.append(_make_view(base, pos, hdr))
-            except RecordError as exc:
-                bad.append((PyBytes_FromStringAndSize(<const char*>(ptrs[i] if ptrs[i] != NULL else dp + pos), l), str(exc)))
-            if ptrs[i] == NULL:
-                pos += l
+        recs, bad = _build_records(b, alloc, n, lens, ptrs, mr, leases)
         result = (recs, bad, extent, leases)
     except BaseException:
         # (out of memory) nothing of this take reaches the caller: give it back to the ring;
