@@ -76,6 +76,7 @@ class App:
     _close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
     _pid = 0  # the process that made the app (set in __init__)
     _space_need = 0  # ring bytes the last sender to block on a full tx ring needs
+    ASYNCIO = False  # mrpcd.aio's AioApp: its rx side is driven by an event loop
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
@@ -633,6 +634,19 @@ class App:
 _close_lock = threading.Lock()  # App.close's test-and-set (rare: one lock for all apps)
 _default_app: App | None = None
 _default_lock = threading.Lock()
+
+
+def require_app(app: Any, asyncio_app: bool, where: str) -> None:
+    """Refuse, where it is given, an app of the other API: a sync channel or server on an
+    asyncio app (or the reverse) would otherwise be accepted and fail only at its first
+    call, deep inside (the two drive their rings differently: a thread vs the loop)."""
+    if isinstance(app, App) and app.ASYNCIO == asyncio_app:
+        return
+    if not isinstance(app, App):
+        raise TypeError(f"{where}: app must be an mrpcd app ({'mrpcd.aio' if asyncio_app else 'mrpcd'}.connect()), not {type(app).__name__}")
+    if asyncio_app:
+        raise TypeError(f"{where}: app is a sync app (mrpcd.connect()); the asyncio API needs one from mrpcd.aio.connect()")
+    raise TypeError(f"{where}: app is an asyncio app (mrpcd.aio.connect()); the sync API needs one from mrpcd.connect()")
 
 
 def connect(socket_path: str | None = None, name: str | None = None) -> App:

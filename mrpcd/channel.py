@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
-from .app import App, default_app
+from .app import App, default_app, require_app
 from .marshal import records as R
 from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
 
@@ -431,6 +431,8 @@ class Channel(ChannelCore):
 
     def __init__(self, target: str, app: App | None = None, options: Any = None) -> None:
         self.target = target
+        if app is not None:
+            require_app(app, False, "mrpcd.insecure_channel")
         self.app = app or default_app()
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._handle: int | None = None

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import flow, wire
 from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure, parts_serializer
-from .app import App, default_app
+from .app import App, default_app, require_app
 from .deadlines import DeadlineHeap as _Deadlines
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
@@ -190,6 +190,8 @@ class Server(ServerCore):
         interceptors: Sequence[ServerInterceptor] | None = None,
         options: Any = None,
     ) -> None:
+        if app is not None:
+            require_app(app, False, "mrpcd.server")
         app = app or default_app()
         self._pool = thread_pool or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mrpcd-server")
         self._init_core(app, interceptors, options)

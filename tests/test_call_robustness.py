@@ -609,3 +609,37 @@ def test_default_aio_apps_of_closed_loops_are_closed(daemon_factory, monkeypatch
         assert wait_until(lambda: not ctl.call("apps")["apps"], 10), ctl.call("apps")
     finally:
         ctl.sock.close()
+
+
+def test_an_app_of_the_other_api_is_refused_where_it_is_given(streamer):
+    """A sync channel or server given an asyncio app (or the reverse) used to be made and
+    fail only at its first call, inside the library (AttributeError: 'App' object has no
+    attribute 'loop'); now the constructor says which connect() the API needs."""
+    import asyncio
+
+    import mrpcd.aio
+
+    a, _b, _pb = streamer
+
+    async def main():
+        aio_app = mrpcd.aio.connect(a.socket, name="robust-wrong-aio")
+        sync_app = mrpcd.connect(a.socket, name="robust-wrong-sync")
+        try:
+            with pytest.raises(TypeError, match=r"mrpcd.insecure_channel: app is an asyncio app .*mrpcd.connect\(\)"):
+                mrpcd.insecure_channel("127.0.0.1:1", app=aio_app)
+            with pytest.raises(TypeError, match=r"mrpcd.server: app is an asyncio app"):
+                mrpcd.server(app=aio_app)
+            with pytest.raises(TypeError, match=r"mrpcd.aio.insecure_channel: app is a sync app .*mrpcd.aio.connect\(\)"):
+                mrpcd.aio.insecure_channel("127.0.0.1:1", app=sync_app)
+            with pytest.raises(TypeError, match=r"mrpcd.aio.server: app is a sync app"):
+                mrpcd.aio.server(app=sync_app)
+            with pytest.raises(TypeError, match=r"app must be an mrpcd app .*not str"):
+                mrpcd.insecure_channel("127.0.0.1:1", app="a.sock")
+            # the right kinds are still taken
+            mrpcd.insecure_channel("127.0.0.1:1", app=sync_app).close()
+            await mrpcd.aio.insecure_channel("127.0.0.1:1", app=aio_app).close()
+        finally:
+            sync_app.close()
+            aio_app.close()
+
+    asyncio.run(main())

@@ -14,7 +14,7 @@ import mrpcd
 from mrpcd import flow, wire
 from mrpcd.marshal import records as R
 
-from conftest import aio_pair
+from conftest import aio_pair, wait_until
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -631,7 +631,8 @@ def test_sync_server_runs_at_most_max_workers_handlers_and_every_queued_call(str
         # handlers run on the pool's threads, or (quick unary ones) on the app's rx thread
         assert seen_threads and all(n.startswith(("user-pool", "mrpcd-rx-")) for n in seen_threads), seen_threads
         assert any(n.startswith("user-pool") for n in seen_threads)  # these handlers block: the pool took over
-        assert server._runners == 0 and not server._queue and not server._inline
+        # a runner ends just after the result it delivered: wait for it, bounded
+        assert wait_until(lambda: server._runners == 0 and not server._queue and not server._inline, timeout=10), (server._runners, len(server._queue), len(server._inline))
         assert stub.Unary(pb.Chunk(seq=99), timeout=30).total == 99  # a new runner after idling
     finally:
         cli_app.close()
@@ -677,19 +678,10 @@ def test_quick_unary_handlers_run_on_the_rx_thread_streams_on_the_pool(streamer)
         assert srv_app._rx_gen == 1  # nothing blocked: the rx role never moved
         watchdog = srv_app._watchdog
         assert watchdog is not None
-        assert wait_until_true(lambda: watchdog._parked, 5)  # idle: no timer left running
+        assert wait_until(lambda: watchdog._parked, 5)  # idle: no timer left running
     finally:
         cli_app.close()
         srv_app.close()
-
-
-def wait_until_true(pred, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def test_a_handler_that_blocks_on_the_rx_thread_does_not_hold_up_other_calls(streamer):
@@ -815,7 +807,7 @@ def test_inline_budget_spent_sends_the_rest_of_a_batch_to_the_pool(streamer):
         futures = [stub.Unary.future(pb.Chunk(seq=i), timeout=30) for i in range(40)]
         assert sorted(f.result().total for f in futures) == list(range(40))
         assert names and not any(n.startswith("mrpcd-rx-") for n in names), names
-        assert wait_until_true(lambda: server._runners == 0, 5) and not server._inline
+        assert wait_until(lambda: server._runners == 0, 5) and not server._inline
     finally:
         cli_app.close()
         srv_app.close()

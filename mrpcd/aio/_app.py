@@ -22,6 +22,8 @@ __all__ = ["AioApp", "default_app", "connect"]
 class AioApp(App):
     """An App whose rx ring is drained by the event loop instead of a thread."""
 
+    ASYNCIO = True
+
     def __init__(self, socket_path: str | None = None, name: str | None = None) -> None:
         super().__init__(socket_path, name, driver="loop")
         self.loop = asyncio.get_running_loop()

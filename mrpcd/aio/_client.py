@@ -19,6 +19,7 @@ from ..interceptors import ClientCallDetails
 from ..marshal import records as R
 from ..status import RpcError, StatusCode, metadata_tuple
 from ._app import AioApp, _set_if_pending, default_app
+from ..app import require_app
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -541,6 +542,8 @@ class Channel(ChannelCore):
         self._listener: Callable[[str], None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        if app is not None:
+            require_app(app, True, "mrpcd.aio.insecure_channel")
         if app is None:
             try:
                 asyncio.get_running_loop()

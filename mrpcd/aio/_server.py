@@ -17,6 +17,7 @@ from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
 from ..status import RpcError, StatusCode, metadata_tuple
 from ._app import AioApp, default_app
+from ..app import require_app
 from ._interceptors import ServerInterceptor, resolve_handler
 
 
@@ -147,6 +148,8 @@ class Server(ServerCore):
     _interceptor_name = "mrpcd.aio.ServerInterceptor"
 
     def __init__(self, app: AioApp | None = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None) -> None:
+        if app is not None:
+            require_app(app, True, "mrpcd.aio.server")
         self._init_core(app or default_app(), interceptors, options)
         self._contexts: dict[int, ServicerContext] = {}
         self._stopped = asyncio.Event()  # no new calls
