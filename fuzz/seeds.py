@@ -52,6 +52,9 @@ def seeds() -> dict[str, list[bytes]]:
     hello = hs.make_hello("client", {"helloworld.Greeter": "0" * 32})
     wire = [b"\x05\x11\x17" + hello + req, b"\x00\x00\x00" + hello + hs.make_goaway("bye"), b"\x01\x02\x03" + req * 3]
     ring = [b"\x04" + b"\x00\x00", b"\x02" + (64).to_bytes(2, "little") + b"\xff" * 16, b"\x01" + b"\x00" * 200]
+    # the same rings drained by the daemon's other consumers (data[0] bits 5-6, targets.ring):
+    # ring_pop_records and ring_take_records (which lends records in place)
+    ring += [bytes([(r[0] & 0x1F) | consumer << 5]) + r[1:] for consumer in (1, 2) for r in ring]
     return {"control": control, "wire": wire, "ring": ring}
 
 

@@ -11,7 +11,8 @@ other exception, a crash or a hang is a bug. The same functions serve atheris
   does with a message's contents: request dispatch field checks and Schema.from_dict, then
   fingerprints and the schema-driven payload decoder on the rest of the input.
 * ``ring``: a ring whose shared memory the app scribbled on (control block and data),
-  drained by the daemon's consumer (native ring) and parsed by records.parse_record.
+  drained by one of the daemon's consumers (data[0] picks: the native batch pop with
+  records.parse_record, ring_pop_records, or ring_take_records lending records in place).
 * ``wire``: the daemon-to-daemon byte stream: FrameDecoder split at fuzzer-chosen points,
   then the handshake (check_hello / Handshake) and GOAWAY / metadata parsing.
 """
@@ -100,6 +101,51 @@ _RING_CAPACITY = ringmod.MIN_CAPACITY
 _EXPECTED_RING = (ringmod.RingCorrupt, R.RecordError)
 
 
+def _check_meta(meta) -> None:
+    if meta:
+        try:
+            R.decode_metadata(meta)
+        except R.RecordError:
+            pass
+
+
+def _drain_native(r) -> bool:
+    """The native ring's own batch pop, each record parsed as the daemon parses one."""
+    batch = r.pop_batch(64, 1 << 20)
+    for rec in batch:
+        assert len(rec) <= r.max_record
+        try:
+            parsed = R.parse_record(rec, 1 << 20)
+        except R.RecordError:
+            continue
+        _check_meta(parsed.meta)
+    return bool(batch)
+
+
+def _drain_pop_records(r) -> bool:
+    """The daemon's drain with policies attached: one copy, records as views of it."""
+    recs, bad = R.ring_pop_records(r, 64, 1 << 20, 1 << 20)
+    for rec in recs:
+        _check_meta(rec.meta)
+        bytes(rec.payload)
+    return bool(recs or bad)
+
+
+def _drain_take_records(r) -> bool:
+    """The daemon's drain without policies: records (all but too-short ones) stay in the ring
+    as Leases (read in full here, as the socket would), the rest copied; then the take's
+    extent is freed, as once every lease is sent."""
+    recs, bad, extent, leases = R.ring_take_records(r, 64, 1 << 20, 1 << 20, 0)
+    for rec in recs:
+        _check_meta(rec.meta)
+        assert len(bytes(rec.payload)) == rec.payload_len
+    for lease in leases:
+        lease.seal(None)
+    if extent:
+        R.ring_release_bytes(r, extent)
+    return bool(recs or bad or extent)
+
+
 def ring(data: bytes) -> None:
     """A scribbled ring: data[0] picks attach-or-format, the rest overwrites shared memory."""
     size = ringmod.CONTROL_SIZE + _RING_CAPACITY
@@ -124,24 +170,19 @@ def ring(data: bytes) -> None:
             patch = body[2:]
             end = min(size, off + len(patch))
             mem[off:end] = patch[: end - off]
+        consumer = (mode >> 5) % 3
         for _ in range(8):
             try:
-                batch = r.pop_batch(64, 1 << 20)
+                if consumer == 0:
+                    more = _drain_native(r)
+                elif consumer == 1:
+                    more = _drain_pop_records(r)
+                else:
+                    more = _drain_take_records(r)
             except ringmod.RingCorrupt:
                 return
-            if not batch:
+            if not more:
                 break
-            for rec in batch:
-                assert len(rec) <= r.max_record
-                try:
-                    parsed = R.parse_record(rec, 1 << 20)
-                except R.RecordError:
-                    continue
-                if parsed.meta:
-                    try:
-                        R.decode_metadata(parsed.meta)
-                    except R.RecordError:
-                        pass
     finally:
         if r is not None:
             r.close()
