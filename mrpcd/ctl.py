@@ -12,22 +12,13 @@ import time
 from typing import Any
 
 from . import control_proto as cp
-from .paths import default_socket_path
-
-
-# Where the shipped systemd unit (mrpcd --print-unit) puts the daemon's socket.
-SYSTEM_SOCKET = "/run/mrpcd/control.sock"
+from . import paths
+from .paths import SYSTEM_SOCKET
 
 
 def _socket_path(explicit: str | None) -> str:
-    """--socket, else MRPCD_SOCKET, else the per-user default; when none of these was named
-    and no daemon is at the per-user default, the system service's socket if it is there."""
-    if explicit:
-        return explicit
-    path = default_socket_path()
-    if not os.environ.get("MRPCD_SOCKET") and not os.path.exists(path) and os.path.exists(SYSTEM_SOCKET):
-        return SYSTEM_SOCKET
-    return path
+    """--socket, else what an app would reach (paths.client_socket_path)."""
+    return explicit or paths.client_socket_path()
 
 
 class Control:

@@ -474,9 +474,10 @@ def test_mrpcctl_into_a_closed_pipe_exits_without_a_traceback(daemon_factory):
 def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory, tmp_path, monkeypatch, capsys):
     """After `systemctl enable --now mrpcd` (socket /run/mrpcd/control.sock) a plain `mrpcctl ping` reaches it."""
     from mrpcd import ctl as ctlmod
+    from mrpcd import paths
 
     d = daemon_factory()
-    monkeypatch.setattr(ctlmod, "SYSTEM_SOCKET", d.socket)  # stands for /run/mrpcd/control.sock
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", d.socket)  # stands for /run/mrpcd/control.sock
     monkeypatch.delenv("MRPCD_SOCKET", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no per-user daemon here
     assert ctlmod.main(["ping"]) == 0
@@ -488,6 +489,28 @@ def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory
     monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
     assert ctlmod.main(["ping"]) == 1
     assert "none.sock" in capsys.readouterr().err
+
+
+def test_apps_find_the_system_service_when_no_socket_is_named(daemon_factory, tmp_path, monkeypatch):
+    """As mrpcctl does: with MRPCD_SOCKET unset and no per-user daemon, an app reaches the
+    system service's socket (an app used to fail with `cannot reach mrpcd at
+    /run/user/UID/mrpcd/control.sock` next to a running `systemctl start mrpcd`)."""
+    from mrpcd import paths
+    from mrpcd.app import App, DaemonUnavailable
+
+    d = daemon_factory()
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", d.socket, raising=False)  # stands for /run/mrpcd/control.sock
+    monkeypatch.delenv("MRPCD_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no per-user daemon here
+    app = App(name="system-user")
+    try:
+        assert app.socket_path == d.socket
+    finally:
+        app.close()
+    # an explicit choice is kept, even when nothing listens there
+    monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
+    with pytest.raises(DaemonUnavailable, match="none.sock"):
+        App(name="explicit")
 
 
 # -- the control socket's path: who may take it over, who may remove it --------------------
