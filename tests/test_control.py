@@ -144,6 +144,8 @@ def test_second_daemon_on_same_socket_refuses(daemon_factory, tmp_path):
     d = daemon_factory()
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", d.socket], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "already serving" in r.stderr
+    # and says how to run a second daemon beside it (a newcomer's next question)
+    assert "--socket" in r.stderr and "MRPCD_SOCKET" in r.stderr
     assert d.alive()
 
 

@@ -463,7 +463,8 @@ def _remove_if_stale(path: str) -> None:
         raise RuntimeError(f"cannot tell whether another mrpcd serves {path}: connecting to it failed: {exc.strerror or exc}; "
                            "it is left in place: stop the daemon that owns it, or remove it if it is stale") from None
     else:
-        raise RuntimeError(f"another mrpcd is already serving {path}")
+        raise RuntimeError(f"another mrpcd is already serving {path} (for a second daemon on this host, give it its own "
+                           "socket: --socket PATH or control_socket in its config, and MRPCD_SOCKET=PATH to its apps and mrpcctl)")
     finally:
         probe.close()
 
