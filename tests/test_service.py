@@ -185,6 +185,27 @@ def test_print_unit_is_a_hardened_notify_service(tmp_path):
         assert v.returncode == 0 and not problems, v.stdout + v.stderr
 
 
+def test_print_unit_warns_when_the_service_could_not_reach_this_installation(tmp_path):
+    """DynamicUser=yes + ProtectHome=yes: an mrpcd (or its interpreter) under /root, /home or
+    /run/user, or behind a folder others may not enter, makes the service fail at start with
+    203/EXEC or an ImportError; --print-unit says so on stderr (stdout stays the unit)."""
+    from mrpcd.daemon.main import unit_path_problems
+
+    assert unit_path_problems(["/usr/bin/env"]) == []
+    hidden = unit_path_problems(["/root/.pyenv/versions/3.11/bin/python3.11", "/home/ann/venv/bin/mrpcd"])
+    assert len(hidden) == 2 and all("ProtectHome=yes" in p for p in hidden), hidden
+    private = tmp_path / "private"
+    (private / "venv" / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    blocked = unit_path_problems([str(private / "venv" / "bin" / "mrpcd")])
+    assert len(blocked) == 1 and f"{private} (mode 700)" in blocked[0] and "DynamicUser=yes" in blocked[0], blocked
+    # the command: the unit on stdout either way; the warning (if any) names what to change
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-unit"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("# mrpcd") and "mrpcd: warning" not in r.stdout
+    if r.stderr:
+        assert r.stderr.startswith("mrpcd: warning:") and "ProtectHome=" in r.stderr, r.stderr
+
+
 def test_watchdog_interval_follows_sd_watchdog_enabled():
     assert watchdog_interval({}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "3000000"}) == 3.0
