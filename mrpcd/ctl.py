@@ -96,13 +96,22 @@ def _load_config_arg(text: str | None) -> dict | None:
         return None
     import yaml
 
+    what = "--config"
     if text.startswith("@"):
-        with open(text[1:], encoding="utf-8") as f:
-            text = f.read()
+        what = f"--config {text}"
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{what}: not UTF-8 text") from None
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"--config is not valid YAML/JSON: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: where and why (PyYAML's own text spans several)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ValueError(f"{what} is not valid YAML/JSON: {where}{getattr(exc, 'problem', None) or exc}") from None
     except RecursionError:  # PyYAML composes recursively
         raise ValueError("--config is nested too deeply") from None
     _check_string_keys(value)
@@ -169,10 +178,27 @@ def _print_policies(reply: dict) -> None:
         if not app["policies"]:
             print("  (no policies)")
         for p in app["policies"]:
-            counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
+            # [position] instance: policy version, the module when it is not the built-in of that name, counters
+            line = f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')}".rstrip()
+            if p.get("module") and p.get("module") != p.get("name"):
+                line += f" from {p['module']}"
             if p.get("describe_error"):
-                counters = f"(its describe() failed: {p['describe_error']}) {counters}"
-            print(_printable(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}"))
+                line += f" (its describe() failed: {p['describe_error']})"
+            counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
+            if counters:
+                line += f" ({counters})"
+            print(_printable(line))
+
+
+class _Commands:
+    """add_subparsers whose commands' help is also their --help description (it printed
+    only the usage line)."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, *, help: str) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,13 +216,13 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--socket", default=None,
                    help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
     p.add_argument("--json", action="store_true", help="print raw JSON (bytes values as base64 text)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = _Commands(p.add_subparsers(dest="cmd", required=True))
     sub.add_parser("ping", help="is the daemon alive; its pid, version, uptime")
     sub.add_parser("apps", help="connected apps, their services, routes and datapath engines")
-    sub.add_parser("stats", help="daemon and per-app counters")
+    sub.add_parser("stats", help="daemon and per-app counters (JSON)")
     sub.add_parser("shutdown", help="stop the daemon gracefully (admin only)")
     pol = sub.add_parser("policy", help="list, attach, detach, reconfigure and upgrade policies on running apps")
-    psub = pol.add_subparsers(dest="pcmd", required=True)
+    psub = _Commands(pol.add_subparsers(dest="pcmd", required=True))
     pl = psub.add_parser("list", help="policies on each app's datapath, with their counters")
     pl.add_argument("app", nargs="?", help="app_id or name (default: all apps)")
     pa = psub.add_parser("attach", help="attach a policy to an app (admin only)")
@@ -218,7 +244,7 @@ def _main(argv: list[str] | None) -> int:
     pu.add_argument("--config", help="new config (default: keep the current one)")
     pu.add_argument("--app", help="app_id or name (default: every app that has it)")
     tr = sub.add_parser("transport", help="live-upgrade the transport engine (admin only)")
-    tsub = tr.add_subparsers(dest="tcmd", required=True)
+    tsub = _Commands(tr.add_subparsers(dest="tcmd", required=True))
     tu = tsub.add_parser("upgrade", help="hand every open connection to a new transport version, sockets kept")
     tu.add_argument("--module", required=True, help="dotted module or path.py exporting PeerConnection")
     args = p.parse_args(argv)

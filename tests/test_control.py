@@ -884,3 +884,48 @@ def test_one_upgrade_over_several_apps_loads_the_new_module_once(daemon_factory,
         ctl.sock.close()
         for app in apps:
             app.close()
+
+
+def test_mrpcctl_every_command_says_what_it_does_in_its_help():
+    """`mrpcctl ping --help` printed only a usage line: each command's --help now says what it does."""
+    for args, words in ((["ping"], "alive"), (["apps"], "connected apps"), (["stats"], "counters"), (["shutdown"], "stop the daemon"),
+                        (["policy"], "policies"), (["policy", "attach"], "attach a policy"), (["transport"], "transport")):
+        r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", *args, "--help"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert words in r.stdout.split("options:")[0].lower(), (args, r.stdout)
+
+
+def test_mrpcctl_config_errors_are_one_line_with_where(daemon_factory, tmp_path):
+    """A bad --config was a multi-line PyYAML dump (or a bare '[Errno 2] ...' for a missing
+    @file); one line now says where and why, exit 2, nothing sent."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", "{rate: [1")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.count("\n") == 1 and "--config is not valid YAML/JSON: line 1, column " in r.stderr, r.stderr
+        missing = tmp_path / "nope.yaml"
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", f"@{missing}")
+        assert r.returncode == 2 and r.stderr.strip() == f"mrpcctl: policy: --config @{missing}: cannot read: No such file or directory"
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("rate: 5\nburst: [\n")
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", f"@{bad}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"--config @{bad} is not valid YAML/JSON: line 3" in r.stderr, r.stderr
+        assert mrpcctl(d, "--json", "policy", "list").stdout.count('"instance"') == 0
+    finally:
+        app.close()
+
+
+def test_mrpcctl_policy_list_reads_as_a_sentence(daemon_factory):
+    """`[0] ratelimit: ratelimit 1.0 ratelimit  ` said the name three times with trailing blanks."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        assert mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", "{rate: 5}").returncode == 0
+        assert mrpcctl(d, "policy", "attach", "target", "ratelimit", "--name", "rl2", "--config", "{rate: 7}").returncode == 0
+        lines = mrpcctl(d, "policy", "list").stdout.splitlines()
+        assert lines[1:] == ["  [0] ratelimit: ratelimit 1.0", "  [1] rl2: ratelimit 1.0"], lines
+        assert mrpcctl(d, "policy", "config", "ratelimit", "--config", "{rate: 6}").returncode == 0
+        assert mrpcctl(d, "policy", "list").stdout.splitlines()[1] == "  [0] ratelimit: ratelimit 1.0 (reconfigured=1)"
+    finally:
+        app.close()
