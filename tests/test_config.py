@@ -53,6 +53,28 @@ def test_bad_config_refused_with_line_and_reason(tmp_path, text, expected):
     assert str(p) in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a typo'd key names the key it most likely meant
+        ("log_levle: debug\n", ":1: unknown key 'log_levle', did you mean 'log_level'? (known: "),
+        ("metrics:\n  address: 127.0.0.1:9464\n  bukets: [1]\n", ":3: metrics: unknown key 'bukets', did you mean 'buckets'? (known: "),
+        # a bad value inside a section points at its own line, not at the section's
+        ("log_level: info\nmetrics:\n  buckets: [1, 2]\n  address: 127.0.0.1:notaport\n", ":4: metrics: address '127.0.0.1:notaport' must be"),
+        ("metrics:\n  address: 127.0.0.1:9464\n  buckets: [2, 1]\n", ":3: metrics: buckets must be strictly increasing"),
+        ("peers:\n\n  allow: [10.0.0.0/33]\n", ":3: peers: allow-list entry '10.0.0.0/33' is not an IP address"),
+        ("tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\n  ca: /nonexistent/ca.pem\n", ":2: tls: tls.cert: "),
+        ("tls:\n  cert: a\n  kye: b\n", ":3: tls: unknown key(s) kye"),
+    ],
+)
+def test_a_typo_or_a_bad_nested_value_says_its_own_line(tmp_path, text, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}{expected}" in str(err.value)
+
+
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(str(tmp_path / "nope.yaml"))
