@@ -65,6 +65,8 @@ def test_bad_config_refused_with_line_and_reason(tmp_path, text, expected):
         ("peers:\n\n  allow: [10.0.0.0/33]\n", ":3: peers: allow-list entry '10.0.0.0/33' is not an IP address"),
         ("tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\n  ca: /nonexistent/ca.pem\n", ":2: tls: tls.cert: "),
         ("tls:\n  cert: a\n  kye: b\n", ":3: tls: unknown key(s) kye"),
+        # a missing host was called a bad port
+        ("metrics: {address: ':9464'}\n", ":1: metrics: address ':9464' names no host: e.g. \"127.0.0.1:9464\""),
     ],
 )
 def test_a_typo_or_a_bad_nested_value_says_its_own_line(tmp_path, text, expected):

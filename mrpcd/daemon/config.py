@@ -123,7 +123,10 @@ def _metrics(v: Any) -> dict[str, Any]:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError("address must be \"host:port\" (or null to serve no metrics)")
         host, _, port = address.rpartition(":")
-        if not host.strip("[]") or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        if not host.strip("[]"):
+            raise ValueError(f"address {address!r} names no host: e.g. \"127.0.0.1:{port or 9464}\" "
+                             f"(\"0.0.0.0:{port or 9464}\" serves every interface)")
+        if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ValueError(f"address {address!r} must be host:port with port 0..65535")
     buckets = v.get("buckets", list(DEFAULT_BUCKETS))
     if not isinstance(buckets, list) or not buckets:
