@@ -177,3 +177,14 @@ def test_admin_group_is_resolved_when_the_config_is_read(tmp_path):
     existing = grp.getgrgid(os.getgid()).gr_name
     p.write_text(f"admin_group: {existing}\n")
     assert load(str(p)).admin_group == existing
+
+
+def test_mrpcd_help_says_how_apps_find_it_and_how_to_run_a_second_one():
+    """`mrpcd --help` did not say where apps look for the daemon, nor how a second daemon on
+    the same host is set apart (only its --socket), nor what the signals do."""
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--help"], capture_output=True, text=True, timeout=30)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    for words in ("MRPCD_SOCKET", "/run/mrpcd/control.sock", "A second daemon on one host needs only its own --socket",
+                  "SIGHUP re-reads --config", "--print-default-config shows every key"):
+        assert words in text, (words, r.stdout)

@@ -127,9 +127,16 @@ def _unit_exe() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mrpcd", description="RPC as a managed system service: the per-host daemon.")
-    p.add_argument("-c", "--config", help="YAML config file (default: the embedded default config); SIGHUP re-reads it")
-    p.add_argument("--socket", help="control socket path (overrides the config)")
+    p = argparse.ArgumentParser(
+        prog="mrpcd", description="RPC as a managed system service: the per-host daemon.",
+        epilog="Apps and mrpcctl reach the daemon at MRPCD_SOCKET, else the default control socket "
+               "($XDG_RUNTIME_DIR/mrpcd/control.sock or /tmp/mrpcd-$UID/control.sock), else /run/mrpcd/control.sock. "
+               "A second daemon on one host needs only its own --socket (and MRPCD_SOCKET for its apps); "
+               "server apps choose the addresses it listens on. Signals: SIGHUP re-reads --config, "
+               "SIGTERM / Ctrl-C drain (drain_timeout) and exit, a second one stops at once.")
+    p.add_argument("-c", "--config", help="YAML config file over the embedded default (mrpcd --print-default-config "
+                                          "shows every key); SIGHUP re-reads it")
+    p.add_argument("--socket", help="control socket path (overrides control_socket in the config and MRPCD_SOCKET)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--print-default-config", action="store_true", help="print the embedded default config and exit")
     p.add_argument("--print-unit", action="store_true", help="print the systemd unit (for /etc/systemd/system/mrpcd.service) and exit")
