@@ -190,6 +190,38 @@ def _print_policies(reply: dict) -> None:
             print(_printable(line))
 
 
+def _policy_doc(spec: str) -> int:
+    """`mrpcctl policy doc NAME`: the policy module's docstring (what it does, its config
+    keys), read from its source without running it."""
+    import ast
+    import importlib.util
+
+    from .policies.base import BUILTINS
+
+    if spec.endswith(".py") or "/" in spec:
+        source_path: str | None = os.path.abspath(spec)
+    else:
+        try:
+            found = importlib.util.find_spec(BUILTINS.get(spec, spec))
+        except (ImportError, ValueError):
+            found = None
+        source_path = found.origin if found is not None and found.origin not in (None, "built-in", "frozen") else None
+        if source_path is None:
+            print(f"mrpcctl: policy doc: no policy module {spec!r} (built-ins: {', '.join(sorted(BUILTINS))})", file=sys.stderr)
+            return 2
+    try:
+        with open(source_path, encoding="utf-8") as f:
+            text = ast.get_docstring(ast.parse(f.read(), source_path))
+    except OSError as exc:
+        print(f"mrpcctl: policy doc: cannot read {source_path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (SyntaxError, ValueError, UnicodeDecodeError) as exc:
+        print(f"mrpcctl: policy doc: cannot parse {source_path}: {exc}", file=sys.stderr)
+        return 2
+    print(text or f"{source_path} has no docstring")
+    return 0
+
+
 class _Commands:
     """add_subparsers whose commands' help is also their --help description (it printed
     only the usage line)."""
@@ -229,8 +261,10 @@ def _main(argv: list[str] | None) -> int:
     pa.add_argument("app", help="app_id or name (every app of that name)")
     pa.add_argument("policy", help="built-in (ratelimit, acl, qos, fault, metrics, admission, vtc), dotted module, or path.py")
     pa.add_argument("--name", help="instance name (default: the policy's name)")
-    pa.add_argument("--config", help="YAML/JSON mapping, or @file")
+    pa.add_argument("--config", help="YAML/JSON mapping, or @file (its keys: mrpcctl policy doc POLICY)")
     pa.add_argument("--position", type=int, help="index in the chain: 0 (nearest the app) .. its length (the default: last, nearest the network)")
+    pdoc = psub.add_parser("doc", help="print a policy's documentation and config keys (no daemon needed)")
+    pdoc.add_argument("policy", help="built-in (ratelimit, acl, qos, fault, metrics, admission, vtc), dotted module, or path.py")
     pd = psub.add_parser("detach", help="detach a policy; what it holds goes on (admin only)")
     pd.add_argument("name", help="the policy instance name (see `mrpcctl policy list`)")
     pd.add_argument("--app", help="app_id or name (default: every app that has it)")
@@ -248,6 +282,8 @@ def _main(argv: list[str] | None) -> int:
     tu = tsub.add_parser("upgrade", help="hand every open connection to a new transport version, sockets kept")
     tu.add_argument("--module", required=True, help="dotted module or path.py exporting PeerConnection")
     args = p.parse_args(argv)
+    if args.cmd == "policy" and args.pcmd == "doc":  # local: the daemon is not asked
+        return _policy_doc(args.policy)
     path = _socket_path(args.socket)
     try:
         ctl = Control(path)

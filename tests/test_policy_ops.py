@@ -295,3 +295,26 @@ def test_transport_upgrade_when_one_hand_over_fails(served):
         assert routes and all(r["transport"] == "2-test" for r in routes)
     finally:
         app.close()
+
+
+def test_policy_doc_shows_a_policys_config_keys_without_a_daemon(tmp_path):
+    """An operator had no way from the CLI to learn which config keys a policy takes (only
+    the source's docstring said): `mrpcctl policy doc NAME` prints it, no daemon needed."""
+    def doc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", str(tmp_path / "none.sock"), "policy", "doc", *args],
+                              capture_output=True, text=True, timeout=30)
+
+    for name in ("ratelimit", "acl", "qos", "fault", "metrics", "admission", "vtc"):
+        r = doc(name)
+        assert r.returncode == 0 and "Config keys" in r.stdout, (name, r.stdout, r.stderr)
+    assert "burst" in doc("ratelimit").stdout
+    # a module file of the operator's: its docstring, read without running it
+    mine = tmp_path / "mine.py"
+    mine.write_text('"""My policy.\n\nConfig keys:\n  limit  int\n"""\nraise SystemExit("must not run")\n')
+    r = doc(str(mine))
+    assert r.returncode == 0 and r.stdout.startswith("My policy.") and "limit  int" in r.stdout, r.stdout + r.stderr
+    r = doc("nosuch")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "no policy module 'nosuch'" in r.stderr and "ratelimit" in r.stderr
+    r = doc(str(tmp_path / "missing.py"))
+    assert r.returncode == 2 and "cannot read" in r.stderr, r.stderr
