@@ -320,7 +320,8 @@ def _main(argv: list[str] | None) -> int:
     elif args.cmd == "apps":
         _print_apps(reply)
     elif args.cmd == "ping":
-        print(f"mrpcd {reply['version']} pid {reply['pid']} up {reply['uptime']:.1f}s")
+        state = f", draining: {reply.get('in_flight', '?')} calls in flight" if reply.get("draining") else ""
+        print(f"mrpcd {reply['version']} pid {reply['pid']} up {reply['uptime']:.1f}s{state}")
     else:
         print("ok")
     return 0

@@ -375,3 +375,24 @@ def test_docs_match_the_defaults_and_the_unit_names_every_live_key():
     assert [k for k in LIVE_KEYS if k not in reload_comment.replace(",", " ").split()] == []
     exec_start_pre = next(line for line in unit.splitlines() if line.startswith("ExecStartPre="))
     assert "--config /etc/mrpcd/mrpcd.yaml --check-config" in exec_start_pre
+
+
+def test_mrpcctl_ping_says_when_the_daemon_drains(daemon_factory, app_factory, gen_dir):
+    """During a drain `mrpcctl ping` answered as if all was well ("up 3.7s"): it now says
+    the daemon is draining and how many calls it waits for."""
+    import subprocess
+
+    a = daemon_factory("client")
+    b = daemon_factory("server", config="drain_timeout: 60\n")
+    ping = [sys.executable, "-m", "mrpcd.ctl", "--socket", b.socket, "ping"]
+    r = subprocess.run(ping, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "draining" not in r.stdout, r.stdout
+    assert Control(b.socket).call("ping")["draining"] is False
+    client = slow_call_in_flight(a, b, app_factory, gen_dir, "slow:60")
+    b.proc.send_signal(signal.SIGTERM)
+    wait_log(b, "mrpcd draining")
+    r = subprocess.run(ping, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("draining: 1 calls in flight"), r.stdout
+    b.proc.send_signal(signal.SIGTERM)  # a second one: at once
+    assert b.proc.wait(20) == 0
+    client.wait(30)

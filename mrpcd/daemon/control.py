@@ -227,7 +227,8 @@ class ControlConnection:
 
     # -- operator ops ---------------------------------------------------------------------
     async def op_ping(self, msg: dict, fds: list[int]) -> dict:
-        return {"pid": os.getpid(), "version": self.daemon.version, "uptime": self.daemon.uptime()}
+        d = self.daemon
+        return {"pid": os.getpid(), "version": d.version, "uptime": d.uptime(), "draining": d.draining, "in_flight": d.in_flight()}
 
     async def op_apps(self, msg: dict, fds: list[int]) -> dict:
         return {"apps": [s.describe() for s in self.daemon.sessions.values()]}
