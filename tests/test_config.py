@@ -9,6 +9,8 @@ import pytest
 
 from mrpcd.daemon.config import ConfigError, default_text, load
 
+from conftest import wait_until
+
 
 def test_embedded_default_loads():
     cfg = load()
@@ -188,3 +190,15 @@ def test_mrpcd_help_says_how_apps_find_it_and_how_to_run_a_second_one():
     for words in ("MRPCD_SOCKET", "/run/mrpcd/control.sock", "A second daemon on one host needs only its own --socket",
                   "SIGHUP re-reads --config", "--print-default-config shows every key"):
         assert words in text, (words, r.stdout)
+
+
+def test_the_daemon_says_which_config_it_runs_with(daemon_factory):
+    """Its first log line named the socket and transport but not the config file: an operator
+    could not tell from the journal whether /etc/mrpcd/mrpcd.yaml was read at all."""
+    d = daemon_factory(config="log_level: debug\n")
+    assert wait_until(lambda: "listening on" in d.log())
+    line = next(x for x in d.log().splitlines() if "listening on" in x)
+    assert f"config {d.log_path.with_suffix('.yaml')})" in line, line
+    d2 = daemon_factory()
+    assert wait_until(lambda: "listening on" in d2.log())
+    assert "config <embedded default>)" in d2.log()
