@@ -229,3 +229,25 @@ def test_hello_example_without_a_daemon_is_one_line(script, gen_dir, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HELLO, script)], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "UNAVAILABLE: cannot reach mrpcd at" in r.stderr, r.stderr
+
+
+def test_a_server_that_is_not_running_is_named_as_such(daemon_factory, gen_dir):
+    """Calling an address nobody serves said "cannot connect to mrpcd at 127.0.0.1:P:
+    Connection refused", which a newcomer reads as "my daemon is down"; it now says that no
+    server app listens there."""
+    import socket as socketmod
+
+    import hello_mrpc
+
+    a = daemon_factory()
+    with socketmod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nobody listens on it
+    app = mrpcd.connect(a.socket, name="caller")
+    try:
+        with pytest.raises(mrpcd.RpcError) as err:
+            hello_mrpc.GreeterStub(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=app)).SayHello(hello_mrpc.HelloRequest(), timeout=10)
+        assert err.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        assert "Connection refused: no server app listens on 127.0.0.1:" in err.value.details(), err.value.details()
+    finally:
+        app.close()
