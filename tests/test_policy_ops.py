@@ -219,6 +219,8 @@ def test_non_admin_is_refused(shared_daemon):
         r = ctl(d, "policy", "attach", "guarded", "ratelimit", "--config", "{rate: 10}", uid=65534)
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert "permission denied" in r.stderr and "uid 65534" in r.stderr
+        # and says how an operator other than root gets the right
+        assert "none is configured: set admin_group in the daemon's config" in r.stderr, r.stderr
         assert policies_of(d, "guarded") == []
         r = ctl(d, "policy", "list", uid=65534)  # reading is allowed
         assert r.returncode == 0 and "guarded" in r.stdout

@@ -189,7 +189,10 @@ class ControlConnection:
 
     def _need_admin(self) -> None:
         if not self.is_admin:
-            raise cp.ControlError(f"permission denied: uid {self.uid} is neither root nor in the admin group", 7)
+            group = self.daemon.config.admin_group
+            which = (f"admin group {group!r}" if group is not None
+                     else "admin group (none is configured: set admin_group in the daemon's config to allow one)")
+            raise cp.ControlError(f"permission denied: uid {self.uid} is neither root nor in the {which}", 7)
 
     # -- app ops ------------------------------------------------------------------------
     async def op_hello(self, msg: dict, fds: list[int]) -> dict:
