@@ -206,6 +206,17 @@ def test_print_unit_warns_when_the_service_could_not_reach_this_installation(tmp
         assert r.stderr.startswith("mrpcd: warning:") and "ProtectHome=" in r.stderr, r.stderr
 
 
+def test_systemctl_reload_fails_on_a_bad_config_file():
+    """`systemctl reload mrpcd` exited 0 with a bad /etc/mrpcd/mrpcd.yaml (ExecReload was only
+    `kill -HUP`; the refusal was only in the journal). The unit now checks the file first, so
+    the reload job fails and says so; the daemon keeps running with its old config either way."""
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-unit"], capture_output=True, text=True, timeout=30)
+    reloads = [line.split("=", 1)[1] for line in r.stdout.splitlines() if line.startswith("ExecReload=")]
+    assert len(reloads) == 2, reloads
+    assert reloads[0].endswith("mrpcd --config /etc/mrpcd/mrpcd.yaml --check-config") and os.access(reloads[0].split()[0], os.X_OK)
+    assert reloads[1] == "/bin/kill -HUP $MAINPID"
+
+
 def test_watchdog_interval_follows_sd_watchdog_enabled():
     assert watchdog_interval({}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "3000000"}) == 3.0
