@@ -222,6 +222,28 @@ def _policy_doc(spec: str) -> int:
     return 0
 
 
+def _print_policy_change(args: argparse.Namespace, reply: dict) -> None:
+    """One line per app for attach / config / upgrade / detach (--json prints the reply)."""
+    for kind, items in reply.items():
+        for x in items if isinstance(items, list) else ():
+            who = f"app {x.get('app_id')} ({_printable(x.get('app_name', '?'))})"
+            instance = getattr(args, "name", None) or x.get("name")
+            policy = f"{x.get('name')} {x.get('version', '')}".rstrip()
+            config = json.dumps(x.get("config"), sort_keys=True, default=_json_value)
+            if kind == "attached":
+                line = f"attached {instance} ({policy}) with config {config}"
+            elif kind == "configured":
+                line = f"{instance} ({policy}) now has config {config}"
+            elif kind == "upgraded":
+                line = f"{instance} upgraded to {policy}"
+            elif kind == "detached":
+                line = (f"detached {instance}; the calls it held went on ({x.get('released_inbound', 0)} inbound, "
+                        f"{x.get('released_outbound', 0)} outbound)")
+            else:
+                line = json.dumps(x, sort_keys=True, default=_json_value)
+            print(_printable(f"{who}: {line}"))
+
+
 class _Commands:
     """add_subparsers whose commands' help is also their --help description (it printed
     only the usage line)."""
@@ -314,7 +336,7 @@ def _main(argv: list[str] | None) -> int:
         if args.pcmd == "list":
             _print_policies(reply)
         else:
-            print(json.dumps(reply, indent=2, sort_keys=True, default=str))
+            _print_policy_change(args, reply)
     elif args.json or args.cmd == "stats":
         print(json.dumps(reply, indent=2, sort_keys=True, default=_json_value))
     elif args.cmd == "apps":

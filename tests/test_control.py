@@ -929,3 +929,25 @@ def test_mrpcctl_policy_list_reads_as_a_sentence(daemon_factory):
         assert mrpcctl(d, "policy", "list").stdout.splitlines()[1] == "  [0] ratelimit: ratelimit 1.0 (reconfigured=1)"
     finally:
         app.close()
+
+
+def test_mrpcctl_policy_changes_answer_in_a_sentence(daemon_factory, tmp_path):
+    """attach / config / upgrade / detach printed the daemon's reply as 20 lines of JSON; they
+    now say what was done, per app, in a line (--json keeps the reply)."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--name", "rl", "--config", "{rate: 5, burst: 2}")
+        assert r.returncode == 0 and r.stdout == f'app {app.app_id} (target): attached rl (ratelimit 1.0) with config {{"burst": 2, "rate": 5}}\n', r.stdout
+        r = mrpcctl(d, "policy", "config", "rl", "--config", "{rate: 7}")
+        assert r.stdout == f'app {app.app_id} (target): rl (ratelimit 1.0) now has config {{"rate": 7}}\n', r.stdout
+        r = mrpcctl(d, "policy", "upgrade", "rl", "--module", "ratelimit")
+        assert r.stdout == f"app {app.app_id} (target): rl upgraded to ratelimit 1.0\n", r.stdout
+        r = mrpcctl(d, "policy", "detach", "rl")
+        assert r.stdout == f"app {app.app_id} (target): detached rl; the calls it held went on (0 inbound, 0 outbound)\n", r.stdout
+        r = mrpcctl(d, "--json", "policy", "attach", "target", "ratelimit", "--config", "{rate: 5}")
+        import json
+
+        assert json.loads(r.stdout)["attached"][0]["app_id"] == app.app_id
+    finally:
+        app.close()

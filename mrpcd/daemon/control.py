@@ -292,14 +292,14 @@ class ControlConnection:
                 s.policies.detach(policy.instance_name)  # type: ignore[attr-defined]
             raise
         for s, policy in done:
-            out.append({"app_id": s.app_id, **describe_engine(policy)})
+            out.append({"app_id": s.app_id, "app_name": s.name, **describe_engine(policy)})
         return {"attached": out}
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
         out = []
         for s in self._apps_with_policy(msg):
-            out.append({"app_id": s.app_id, **s.policies.detach(msg["name"])})
+            out.append({"app_id": s.app_id, "app_name": s.name, **s.policies.detach(msg["name"])})
         return {"detached": out}
 
     async def op_policy_config(self, msg: dict, fds: list[int]) -> dict:
@@ -319,7 +319,7 @@ class ControlConnection:
         if failed:
             applied = ", ".join(str(s.app_id) for s, _ in done) or "none"
             raise PolicyOpError(f"config of {msg['name']!r} applied on apps {applied}; refused on {'; '.join(failed)}")
-        return {"configured": [{"app_id": s.app_id, **describe_engine(p)} for s, p in done]}
+        return {"configured": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done]}
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -341,7 +341,7 @@ class ControlConnection:
         finally:
             for _, _, new in prepared[len(committed):]:  # never swapped in: let go of them
                 new.close(handed_over=True)
-        return {"upgraded": [{"app_id": s.app_id, **describe_engine(new)} for s, new in committed]}
+        return {"upgraded": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed]}
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
