@@ -310,7 +310,10 @@ def _main(argv: list[str] | None) -> int:
     try:
         ctl = Control(path)
     except OSError as exc:
-        print(f"mrpcctl: cannot reach mrpcd at {path}: {exc.strerror or exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+            hint = " (is the daemon running? start it with `mrpcd`, or name its socket with --socket or MRPCD_SOCKET)"
+        print(f"mrpcctl: cannot reach mrpcd at {path}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return 1
     try:
         if args.cmd == "policy":

@@ -55,6 +55,8 @@ def test_listings_of_a_daemon_without_apps_say_so(daemon_factory):
 def test_mrpcctl_without_daemon_is_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", str(tmp_path / "none.sock"), "ping"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach mrpcd" in r.stderr
+    # and says what to check, as the app library does
+    assert "(is the daemon running? start it with `mrpcd`, or name its socket with --socket or MRPCD_SOCKET)" in r.stderr, r.stderr
 
 
 def test_app_without_daemon_gets_unavailable(tmp_path):
