@@ -252,7 +252,19 @@ class _Commands:
         self.action = action
 
     def add_parser(self, name: str, *, help: str) -> argparse.ArgumentParser:
-        return self.action.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".")
+        return self.action.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", parents=[_global_options()])
+
+
+def _global_options(suppress: bool = True) -> argparse.ArgumentParser:
+    """--socket and --json, for mrpcctl itself and again for every command (`mrpcctl apps
+    --json` works as `mrpcctl --json apps`); a command's copy sets them only when given."""
+    p = argparse.ArgumentParser(add_help=False)
+    default: Any = argparse.SUPPRESS if suppress else None
+    p.add_argument("--socket", default=default,
+                   help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="print raw JSON (bytes values as base64 text)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,10 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.")
-    p.add_argument("--socket", default=None,
-                   help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
-    p.add_argument("--json", action="store_true", help="print raw JSON (bytes values as base64 text)")
+    p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.", parents=[_global_options(suppress=False)])
     sub = _Commands(p.add_subparsers(dest="cmd", required=True))
     sub.add_parser("ping", help="is the daemon alive; its pid, version, uptime")
     sub.add_parser("apps", help="connected apps, their services, routes and datapath engines")

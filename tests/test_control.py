@@ -953,3 +953,18 @@ def test_mrpcctl_policy_changes_answer_in_a_sentence(daemon_factory, tmp_path):
         assert json.loads(r.stdout)["attached"][0]["app_id"] == app.app_id
     finally:
         app.close()
+
+
+def test_mrpcctl_global_options_also_work_after_the_command(daemon_factory):
+    """`mrpcctl apps --json` / `mrpcctl policy list --socket S` were 'unrecognized arguments':
+    --socket and --json are taken before or after the command."""
+    import json
+
+    d = daemon_factory()
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "ping", "--socket", d.socket, "--json"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout)["pid"] == d.pid, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--json", "policy", "list", "--socket", d.socket], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"apps": []}, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "apps"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "no apps connected", r.stdout + r.stderr
