@@ -135,6 +135,9 @@ def test_bind_and_connect_errors_are_clear(daemon_factory):
             app.call("bind", address="127.0.0.1:0", services=["no.Such"])
         with pytest.raises(mrpcd.RpcError, match="must be host:port"):
             app.call("bind", address="nonsense", services=[])
+        # a missing host was reported as a bad port
+        with pytest.raises(mrpcd.RpcError, match=r"^INVALID_ARGUMENT: address ':50051' names no host \(e.g. '127.0.0.1:50051'\)$"):
+            app.call("bind", address=":50051", services=[])
         with pytest.raises(mrpcd.RpcError) as err:
             app.call("connect", target="127.0.0.1:1")
         assert err.value.code() is mrpcd.StatusCode.UNAVAILABLE
