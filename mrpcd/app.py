@@ -28,7 +28,7 @@ from .marshal._ringio import ring_push_parts, ring_take_records
 from .marshal.schema import Schema
 from .malloc_tuning import tune_malloc
 from .native import ring as ringmod
-from .paths import default_socket_path
+from .paths import client_socket_path
 from .status import RpcError, StatusCode
 from .watchdog import InlineWatchdog
 from .wire import RecordParts
@@ -81,7 +81,7 @@ class App:
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
         self._pid = os.getpid()
-        self.socket_path = socket_path or default_socket_path()
+        self.socket_path = socket_path or client_socket_path()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(self.socket_path)

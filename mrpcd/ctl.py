@@ -12,22 +12,13 @@ import time
 from typing import Any
 
 from . import control_proto as cp
-from .paths import default_socket_path
-
-
-# Where the shipped systemd unit (mrpcd --print-unit) puts the daemon's socket.
-SYSTEM_SOCKET = "/run/mrpcd/control.sock"
+from . import paths
+from .paths import SYSTEM_SOCKET
 
 
 def _socket_path(explicit: str | None) -> str:
-    """--socket, else MRPCD_SOCKET, else the per-user default; when none of these was named
-    and no daemon is at the per-user default, the system service's socket if it is there."""
-    if explicit:
-        return explicit
-    path = default_socket_path()
-    if not os.environ.get("MRPCD_SOCKET") and not os.path.exists(path) and os.path.exists(SYSTEM_SOCKET):
-        return SYSTEM_SOCKET
-    return path
+    """--socket, else what an app would reach (paths.client_socket_path)."""
+    return explicit or paths.client_socket_path()
 
 
 class Control:
@@ -105,13 +96,22 @@ def _load_config_arg(text: str | None) -> dict | None:
         return None
     import yaml
 
+    what = "--config"
     if text.startswith("@"):
-        with open(text[1:], encoding="utf-8") as f:
-            text = f.read()
+        what = f"--config {text}"
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{what}: not UTF-8 text") from None
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"--config is not valid YAML/JSON: {exc}") from None
+    except yaml.YAMLError as exc:  # one line: where and why (PyYAML's own text spans several)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ValueError(f"{what} is not valid YAML/JSON: {where}{getattr(exc, 'problem', None) or exc}") from None
     except RecursionError:  # PyYAML composes recursively
         raise ValueError("--config is nested too deeply") from None
     _check_string_keys(value)
@@ -178,10 +178,93 @@ def _print_policies(reply: dict) -> None:
         if not app["policies"]:
             print("  (no policies)")
         for p in app["policies"]:
-            counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
+            # [position] instance: policy version, the module when it is not the built-in of that name, counters
+            line = f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')}".rstrip()
+            if p.get("module") and p.get("module") != p.get("name"):
+                line += f" from {p['module']}"
             if p.get("describe_error"):
-                counters = f"(its describe() failed: {p['describe_error']}) {counters}"
-            print(_printable(f"  [{p['position']}] {p['instance']}: {p.get('name')} {p.get('version', '')} {p.get('module', '')}  {counters}"))
+                line += f" (its describe() failed: {p['describe_error']})"
+            counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
+            if counters:
+                line += f" ({counters})"
+            print(_printable(line))
+
+
+def _policy_doc(spec: str) -> int:
+    """`mrpcctl policy doc NAME`: the policy module's docstring (what it does, its config
+    keys), read from its source without running it."""
+    import ast
+    import importlib.util
+
+    from .policies.base import BUILTINS
+
+    if spec.endswith(".py") or "/" in spec:
+        source_path: str | None = os.path.abspath(spec)
+    else:
+        try:
+            found = importlib.util.find_spec(BUILTINS.get(spec, spec))
+        except (ImportError, ValueError):
+            found = None
+        source_path = found.origin if found is not None and found.origin not in (None, "built-in", "frozen") else None
+        if source_path is None:
+            print(f"mrpcctl: policy doc: no policy module {spec!r} (built-ins: {', '.join(sorted(BUILTINS))})", file=sys.stderr)
+            return 2
+    try:
+        with open(source_path, encoding="utf-8") as f:
+            text = ast.get_docstring(ast.parse(f.read(), source_path))
+    except OSError as exc:
+        print(f"mrpcctl: policy doc: cannot read {source_path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (SyntaxError, ValueError, UnicodeDecodeError) as exc:
+        print(f"mrpcctl: policy doc: cannot parse {source_path}: {exc}", file=sys.stderr)
+        return 2
+    print(text or f"{source_path} has no docstring")
+    return 0
+
+
+def _print_policy_change(args: argparse.Namespace, reply: dict) -> None:
+    """One line per app for attach / config / upgrade / detach (--json prints the reply)."""
+    for kind, items in reply.items():
+        for x in items if isinstance(items, list) else ():
+            who = f"app {x.get('app_id')} ({_printable(x.get('app_name', '?'))})"
+            instance = getattr(args, "name", None) or x.get("name")
+            policy = f"{x.get('name')} {x.get('version', '')}".rstrip()
+            config = json.dumps(x.get("config"), sort_keys=True, default=_json_value)
+            if kind == "attached":
+                line = f"attached {instance} ({policy}) with config {config}"
+            elif kind == "configured":
+                line = f"{instance} ({policy}) now has config {config}"
+            elif kind == "upgraded":
+                line = f"{instance} upgraded to {policy}"
+            elif kind == "detached":
+                line = (f"detached {instance}; the calls it held went on ({x.get('released_inbound', 0)} inbound, "
+                        f"{x.get('released_outbound', 0)} outbound)")
+            else:
+                line = json.dumps(x, sort_keys=True, default=_json_value)
+            print(_printable(f"{who}: {line}"))
+
+
+class _Commands:
+    """add_subparsers whose commands' help is also their --help description (it printed
+    only the usage line)."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, *, help: str) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", parents=[_global_options()])
+
+
+def _global_options(suppress: bool = True) -> argparse.ArgumentParser:
+    """--socket and --json, for mrpcctl itself and again for every command (`mrpcctl apps
+    --json` works as `mrpcctl --json apps`); a command's copy sets them only when given."""
+    p = argparse.ArgumentParser(add_help=False)
+    default: Any = argparse.SUPPRESS if suppress else None
+    p.add_argument("--socket", default=default,
+                   help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="print raw JSON (bytes values as base64 text)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,25 +278,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.")
-    p.add_argument("--socket", default=None,
-                   help=f"control socket (default: MRPCD_SOCKET, else the per-user default, else {SYSTEM_SOCKET})")
-    p.add_argument("--json", action="store_true", help="print raw JSON (bytes values as base64 text)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p = argparse.ArgumentParser(prog="mrpcctl", description="Inspect and steer a running mrpcd.", parents=[_global_options(suppress=False)])
+    sub = _Commands(p.add_subparsers(dest="cmd", required=True))
     sub.add_parser("ping", help="is the daemon alive; its pid, version, uptime")
     sub.add_parser("apps", help="connected apps, their services, routes and datapath engines")
-    sub.add_parser("stats", help="daemon and per-app counters")
+    sub.add_parser("stats", help="daemon and per-app counters (JSON)")
     sub.add_parser("shutdown", help="stop the daemon gracefully (admin only)")
     pol = sub.add_parser("policy", help="list, attach, detach, reconfigure and upgrade policies on running apps")
-    psub = pol.add_subparsers(dest="pcmd", required=True)
+    psub = _Commands(pol.add_subparsers(dest="pcmd", required=True))
     pl = psub.add_parser("list", help="policies on each app's datapath, with their counters")
     pl.add_argument("app", nargs="?", help="app_id or name (default: all apps)")
     pa = psub.add_parser("attach", help="attach a policy to an app (admin only)")
     pa.add_argument("app", help="app_id or name (every app of that name)")
     pa.add_argument("policy", help="built-in (ratelimit, acl, qos, fault, metrics, admission, vtc), dotted module, or path.py")
     pa.add_argument("--name", help="instance name (default: the policy's name)")
-    pa.add_argument("--config", help="YAML/JSON mapping, or @file")
+    pa.add_argument("--config", help="YAML/JSON mapping, or @file (its keys: mrpcctl policy doc POLICY)")
     pa.add_argument("--position", type=int, help="index in the chain: 0 (nearest the app) .. its length (the default: last, nearest the network)")
+    pdoc = psub.add_parser("doc", help="print a policy's documentation and config keys (no daemon needed)")
+    pdoc.add_argument("policy", help="built-in (ratelimit, acl, qos, fault, metrics, admission, vtc), dotted module, or path.py")
     pd = psub.add_parser("detach", help="detach a policy; what it holds goes on (admin only)")
     pd.add_argument("name", help="the policy instance name (see `mrpcctl policy list`)")
     pd.add_argument("--app", help="app_id or name (default: every app that has it)")
@@ -227,15 +309,20 @@ def _main(argv: list[str] | None) -> int:
     pu.add_argument("--config", help="new config (default: keep the current one)")
     pu.add_argument("--app", help="app_id or name (default: every app that has it)")
     tr = sub.add_parser("transport", help="live-upgrade the transport engine (admin only)")
-    tsub = tr.add_subparsers(dest="tcmd", required=True)
+    tsub = _Commands(tr.add_subparsers(dest="tcmd", required=True))
     tu = tsub.add_parser("upgrade", help="hand every open connection to a new transport version, sockets kept")
     tu.add_argument("--module", required=True, help="dotted module or path.py exporting PeerConnection")
     args = p.parse_args(argv)
+    if args.cmd == "policy" and args.pcmd == "doc":  # local: the daemon is not asked
+        return _policy_doc(args.policy)
     path = _socket_path(args.socket)
     try:
         ctl = Control(path)
     except OSError as exc:
-        print(f"mrpcctl: cannot reach mrpcd at {path}: {exc.strerror or exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+            hint = " (is the daemon running? start it with `mrpcd`, or name its socket with --socket or MRPCD_SOCKET)"
+        print(f"mrpcctl: cannot reach mrpcd at {path}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return 1
     try:
         if args.cmd == "policy":
@@ -261,13 +348,14 @@ def _main(argv: list[str] | None) -> int:
         if args.pcmd == "list":
             _print_policies(reply)
         else:
-            print(json.dumps(reply, indent=2, sort_keys=True, default=str))
+            _print_policy_change(args, reply)
     elif args.json or args.cmd == "stats":
         print(json.dumps(reply, indent=2, sort_keys=True, default=_json_value))
     elif args.cmd == "apps":
         _print_apps(reply)
     elif args.cmd == "ping":
-        print(f"mrpcd {reply['version']} pid {reply['pid']} up {reply['uptime']:.1f}s")
+        state = f", draining: {reply.get('in_flight', '?')} calls in flight" if reply.get("draining") else ""
+        print(f"mrpcd {reply['version']} pid {reply['pid']} up {reply['uptime']:.1f}s{state}")
     else:
         print("ok")
     return 0

@@ -28,8 +28,11 @@ def deadline_us(timeout: float | None) -> int:
     """Remaining time in microseconds as carried on the wire (0 = no deadline)."""
     if timeout is None:
         return 0
-    if timeout <= 0:
-        return 1
+    try:
+        if timeout <= 0:
+            return 1
+    except TypeError:  # "'<=' not supported between 'str' and 'int'" said nothing of the timeout
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}") from None
     if not timeout < MAX_TIMEOUT:  # huge or inf (or NaN, which no comparison passes)
         if timeout != timeout:
             raise ValueError("timeout must be a number of seconds, got NaN")

@@ -270,7 +270,11 @@ class ConfigReader:
         self.seen.add(key)
         if key not in self.config or self.config[key] is None:
             if required:
-                raise self.error(key, "is required")
+                import difflib
+
+                others = [k for k in self.config if isinstance(k, str) and k not in self.seen]
+                close = difflib.get_close_matches(key, others, n=1)
+                raise self.error(key, f"is required (the config has {close[0]!r}: a typo?)" if close else "is required")
             return None if default is _MISSING else default
         return self.config[key]
 
@@ -355,8 +359,12 @@ class ConfigReader:
     def finish(self) -> None:
         extra = sorted(set(self.config) - self.seen, key=str)
         if extra:
+            import difflib
+
             known = ", ".join(sorted(self.seen))
-            raise self.error(str(extra[0]), f"unknown key (known keys: {known})")
+            close = difflib.get_close_matches(str(extra[0]), sorted(self.seen), n=1)
+            hint = f", did you mean {close[0]!r}?" if close else ""
+            raise self.error(str(extra[0]), f"unknown key{hint} (known keys: {known})")
 
 
 def check_method_path(reader: ConfigReader, key: str, schema: Schema, path: Any) -> Method:

@@ -9,6 +9,8 @@ import pytest
 
 from mrpcd.daemon.config import ConfigError, default_text, load
 
+from conftest import wait_until
+
 
 def test_embedded_default_loads():
     cfg = load()
@@ -51,6 +53,30 @@ def test_bad_config_refused_with_line_and_reason(tmp_path, text, expected):
         load(str(p))
     assert expected in str(err.value)
     assert str(p) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a typo'd key names the key it most likely meant
+        ("log_levle: debug\n", ":1: unknown key 'log_levle', did you mean 'log_level'? (known: "),
+        ("metrics:\n  address: 127.0.0.1:9464\n  bukets: [1]\n", ":3: metrics: unknown key 'bukets', did you mean 'buckets'? (known: "),
+        # a bad value inside a section points at its own line, not at the section's
+        ("log_level: info\nmetrics:\n  buckets: [1, 2]\n  address: 127.0.0.1:notaport\n", ":4: metrics: address '127.0.0.1:notaport' must be"),
+        ("metrics:\n  address: 127.0.0.1:9464\n  buckets: [2, 1]\n", ":3: metrics: buckets must be strictly increasing"),
+        ("peers:\n\n  allow: [10.0.0.0/33]\n", ":3: peers: allow-list entry '10.0.0.0/33' is not an IP address"),
+        ("tls:\n  cert: /nonexistent/cert.pem\n  key: /nonexistent/key.pem\n  ca: /nonexistent/ca.pem\n", ":2: tls: tls.cert: "),
+        ("tls:\n  cert: a\n  kye: b\n", ":3: tls: unknown key(s) kye"),
+        # a missing host was called a bad port
+        ("metrics: {address: ':9464'}\n", ":1: metrics: address ':9464' names no host: e.g. \"127.0.0.1:9464\""),
+    ],
+)
+def test_a_typo_or_a_bad_nested_value_says_its_own_line(tmp_path, text, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}{expected}" in str(err.value)
 
 
 def test_missing_file_is_clear(tmp_path):
@@ -153,3 +179,26 @@ def test_admin_group_is_resolved_when_the_config_is_read(tmp_path):
     existing = grp.getgrgid(os.getgid()).gr_name
     p.write_text(f"admin_group: {existing}\n")
     assert load(str(p)).admin_group == existing
+
+
+def test_mrpcd_help_says_how_apps_find_it_and_how_to_run_a_second_one():
+    """`mrpcd --help` did not say where apps look for the daemon, nor how a second daemon on
+    the same host is set apart (only its --socket), nor what the signals do."""
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--help"], capture_output=True, text=True, timeout=30)
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0
+    for words in ("MRPCD_SOCKET", "/run/mrpcd/control.sock", "A second daemon on one host needs only its own --socket",
+                  "SIGHUP re-reads --config", "--print-default-config shows every key"):
+        assert words in text, (words, r.stdout)
+
+
+def test_the_daemon_says_which_config_it_runs_with(daemon_factory):
+    """Its first log line named the socket and transport but not the config file: an operator
+    could not tell from the journal whether /etc/mrpcd/mrpcd.yaml was read at all."""
+    d = daemon_factory(config="log_level: debug\n")
+    assert wait_until(lambda: "listening on" in d.log())
+    line = next(x for x in d.log().splitlines() if "listening on" in x)
+    assert f"config {d.log_path.with_suffix('.yaml')})" in line, line
+    d2 = daemon_factory()
+    assert wait_until(lambda: "listening on" in d2.log())
+    assert "config <embedded default>)" in d2.log()

@@ -55,6 +55,8 @@ def test_listings_of_a_daemon_without_apps_say_so(daemon_factory):
 def test_mrpcctl_without_daemon_is_clear(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", str(tmp_path / "none.sock"), "ping"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "cannot reach mrpcd" in r.stderr
+    # and says what to check, as the app library does
+    assert "(is the daemon running? start it with `mrpcd`, or name its socket with --socket or MRPCD_SOCKET)" in r.stderr, r.stderr
 
 
 def test_app_without_daemon_gets_unavailable(tmp_path):
@@ -133,6 +135,9 @@ def test_bind_and_connect_errors_are_clear(daemon_factory):
             app.call("bind", address="127.0.0.1:0", services=["no.Such"])
         with pytest.raises(mrpcd.RpcError, match="must be host:port"):
             app.call("bind", address="nonsense", services=[])
+        # a missing host was reported as a bad port
+        with pytest.raises(mrpcd.RpcError, match=r"^INVALID_ARGUMENT: address ':50051' names no host \(e.g. '127.0.0.1:50051'\)$"):
+            app.call("bind", address=":50051", services=[])
         with pytest.raises(mrpcd.RpcError) as err:
             app.call("connect", target="127.0.0.1:1")
         assert err.value.code() is mrpcd.StatusCode.UNAVAILABLE
@@ -144,6 +149,8 @@ def test_second_daemon_on_same_socket_refuses(daemon_factory, tmp_path):
     d = daemon_factory()
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", d.socket], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "already serving" in r.stderr
+    # and says how to run a second daemon beside it (a newcomer's next question)
+    assert "--socket" in r.stderr and "MRPCD_SOCKET" in r.stderr
     assert d.alive()
 
 
@@ -474,9 +481,10 @@ def test_mrpcctl_into_a_closed_pipe_exits_without_a_traceback(daemon_factory):
 def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory, tmp_path, monkeypatch, capsys):
     """After `systemctl enable --now mrpcd` (socket /run/mrpcd/control.sock) a plain `mrpcctl ping` reaches it."""
     from mrpcd import ctl as ctlmod
+    from mrpcd import paths
 
     d = daemon_factory()
-    monkeypatch.setattr(ctlmod, "SYSTEM_SOCKET", d.socket)  # stands for /run/mrpcd/control.sock
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", d.socket)  # stands for /run/mrpcd/control.sock
     monkeypatch.delenv("MRPCD_SOCKET", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no per-user daemon here
     assert ctlmod.main(["ping"]) == 0
@@ -488,6 +496,28 @@ def test_mrpcctl_finds_the_system_service_when_no_socket_is_named(daemon_factory
     monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
     assert ctlmod.main(["ping"]) == 1
     assert "none.sock" in capsys.readouterr().err
+
+
+def test_apps_find_the_system_service_when_no_socket_is_named(daemon_factory, tmp_path, monkeypatch):
+    """As mrpcctl does: with MRPCD_SOCKET unset and no per-user daemon, an app reaches the
+    system service's socket (an app used to fail with `cannot reach mrpcd at
+    /run/user/UID/mrpcd/control.sock` next to a running `systemctl start mrpcd`)."""
+    from mrpcd import paths
+    from mrpcd.app import App, DaemonUnavailable
+
+    d = daemon_factory()
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", d.socket, raising=False)  # stands for /run/mrpcd/control.sock
+    monkeypatch.delenv("MRPCD_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # no per-user daemon here
+    app = App(name="system-user")
+    try:
+        assert app.socket_path == d.socket
+    finally:
+        app.close()
+    # an explicit choice is kept, even when nothing listens there
+    monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "none.sock"))
+    with pytest.raises(DaemonUnavailable, match="none.sock"):
+        App(name="explicit")
 
 
 # -- the control socket's path: who may take it over, who may remove it --------------------
@@ -859,3 +889,85 @@ def test_one_upgrade_over_several_apps_loads_the_new_module_once(daemon_factory,
         ctl.sock.close()
         for app in apps:
             app.close()
+
+
+def test_mrpcctl_every_command_says_what_it_does_in_its_help():
+    """`mrpcctl ping --help` printed only a usage line: each command's --help now says what it does."""
+    for args, words in ((["ping"], "alive"), (["apps"], "connected apps"), (["stats"], "counters"), (["shutdown"], "stop the daemon"),
+                        (["policy"], "policies"), (["policy", "attach"], "attach a policy"), (["transport"], "transport")):
+        r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", *args, "--help"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert words in r.stdout.split("options:")[0].lower(), (args, r.stdout)
+
+
+def test_mrpcctl_config_errors_are_one_line_with_where(daemon_factory, tmp_path):
+    """A bad --config was a multi-line PyYAML dump (or a bare '[Errno 2] ...' for a missing
+    @file); one line now says where and why, exit 2, nothing sent."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", "{rate: [1")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.count("\n") == 1 and "--config is not valid YAML/JSON: line 1, column " in r.stderr, r.stderr
+        missing = tmp_path / "nope.yaml"
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", f"@{missing}")
+        assert r.returncode == 2 and r.stderr.strip() == f"mrpcctl: policy: --config @{missing}: cannot read: No such file or directory"
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("rate: 5\nburst: [\n")
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", f"@{bad}")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"--config @{bad} is not valid YAML/JSON: line 3" in r.stderr, r.stderr
+        assert mrpcctl(d, "--json", "policy", "list").stdout.count('"instance"') == 0
+    finally:
+        app.close()
+
+
+def test_mrpcctl_policy_list_reads_as_a_sentence(daemon_factory):
+    """`[0] ratelimit: ratelimit 1.0 ratelimit  ` said the name three times with trailing blanks."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        assert mrpcctl(d, "policy", "attach", "target", "ratelimit", "--config", "{rate: 5}").returncode == 0
+        assert mrpcctl(d, "policy", "attach", "target", "ratelimit", "--name", "rl2", "--config", "{rate: 7}").returncode == 0
+        lines = mrpcctl(d, "policy", "list").stdout.splitlines()
+        assert lines[1:] == ["  [0] ratelimit: ratelimit 1.0", "  [1] rl2: ratelimit 1.0"], lines
+        assert mrpcctl(d, "policy", "config", "ratelimit", "--config", "{rate: 6}").returncode == 0
+        assert mrpcctl(d, "policy", "list").stdout.splitlines()[1] == "  [0] ratelimit: ratelimit 1.0 (reconfigured=1)"
+    finally:
+        app.close()
+
+
+def test_mrpcctl_policy_changes_answer_in_a_sentence(daemon_factory, tmp_path):
+    """attach / config / upgrade / detach printed the daemon's reply as 20 lines of JSON; they
+    now say what was done, per app, in a line (--json keeps the reply)."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="target")
+    try:
+        r = mrpcctl(d, "policy", "attach", "target", "ratelimit", "--name", "rl", "--config", "{rate: 5, burst: 2}")
+        assert r.returncode == 0 and r.stdout == f'app {app.app_id} (target): attached rl (ratelimit 1.0) with config {{"burst": 2, "rate": 5}}\n', r.stdout
+        r = mrpcctl(d, "policy", "config", "rl", "--config", "{rate: 7}")
+        assert r.stdout == f'app {app.app_id} (target): rl (ratelimit 1.0) now has config {{"rate": 7}}\n', r.stdout
+        r = mrpcctl(d, "policy", "upgrade", "rl", "--module", "ratelimit")
+        assert r.stdout == f"app {app.app_id} (target): rl upgraded to ratelimit 1.0\n", r.stdout
+        r = mrpcctl(d, "policy", "detach", "rl")
+        assert r.stdout == f"app {app.app_id} (target): detached rl; the calls it held went on (0 inbound, 0 outbound)\n", r.stdout
+        r = mrpcctl(d, "--json", "policy", "attach", "target", "ratelimit", "--config", "{rate: 5}")
+        import json
+
+        assert json.loads(r.stdout)["attached"][0]["app_id"] == app.app_id
+    finally:
+        app.close()
+
+
+def test_mrpcctl_global_options_also_work_after_the_command(daemon_factory):
+    """`mrpcctl apps --json` / `mrpcctl policy list --socket S` were 'unrecognized arguments':
+    --socket and --json are taken before or after the command."""
+    import json
+
+    d = daemon_factory()
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "ping", "--socket", d.socket, "--json"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout)["pid"] == d.pid, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--json", "policy", "list", "--socket", d.socket], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"apps": []}, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "apps"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "no apps connected", r.stdout + r.stderr

@@ -188,3 +188,66 @@ def test_server_killed_mid_rpc_fails_the_call_with_unavailable(two_daemons, app_
     assert out.startswith("UNAVAILABLE|"), out
     assert time.monotonic() - start < 10
     assert b.alive()
+
+
+HELLO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "hello")
+
+
+def test_make_demo_prints_the_replies_and_leaves_no_daemon():
+    """`make demo`, the README's first step, as a newcomer runs it."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, os.path.join(HELLO, "demo.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for line in ("sync  unary : Hello, mrpcd!", "sync  stream: Hello #3, mrpcd!", "async unary : Hello, mrpcd!",
+                 "async stream: Hello #3, mrpcd!"):
+        assert line in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("script", ["greeter_server.py", "greeter_client.py"])
+def test_hello_example_run_by_hand_says_how_to_generate_its_stubs(script, tmp_path):
+    """`python examples/hello/greeter_server.py` died with a ModuleNotFoundError traceback:
+    hello_mrpc is generated, not shipped. It now says in one line how to make it."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, os.path.join(HELLO, script)], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "mrpcd-stubgen examples/hello/hello.proto -o gen/" in r.stderr and f"PYTHONPATH=gen" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("script", ["greeter_server.py", "greeter_client.py"])
+def test_hello_example_without_a_daemon_is_one_line(script, gen_dir, tmp_path):
+    """The server example died with a DaemonUnavailable traceback when no daemon ran (the
+    client already said `RPC failed: UNAVAILABLE: cannot reach mrpcd ...`)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(gen_dir), MRPCD_SOCKET=str(tmp_path / "none.sock"))
+    r = subprocess.run([sys.executable, os.path.join(HELLO, script)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "UNAVAILABLE: cannot reach mrpcd at" in r.stderr, r.stderr
+
+
+def test_a_server_that_is_not_running_is_named_as_such(daemon_factory, gen_dir):
+    """Calling an address nobody serves said "cannot connect to mrpcd at 127.0.0.1:P:
+    Connection refused", which a newcomer reads as "my daemon is down"; it now says that no
+    server app listens there."""
+    import socket as socketmod
+
+    import hello_mrpc
+
+    a = daemon_factory()
+    with socketmod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nobody listens on it
+    app = mrpcd.connect(a.socket, name="caller")
+    try:
+        with pytest.raises(mrpcd.RpcError) as err:
+            hello_mrpc.GreeterStub(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=app)).SayHello(hello_mrpc.HelloRequest(), timeout=10)
+        assert err.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        assert "Connection refused: no server app listens on 127.0.0.1:" in err.value.details(), err.value.details()
+    finally:
+        app.close()

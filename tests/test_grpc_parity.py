@@ -883,6 +883,10 @@ def test_huge_and_infinite_timeouts_work_and_nan_is_a_clear_error(streamer):
             assert [c.seq for c in stub.ServerStream(pb.Chunk(), timeout=t)] == [1]
         with pytest.raises(ValueError, match="NaN"):
             stub.Unary(pb.Chunk(), timeout=float("nan"))
+        # a timeout that is not a number says so ("'<=' not supported between 'str' and 'int'" before)
+        for call in (lambda: stub.Unary(pb.Chunk(), timeout="5"), lambda: list(stub.ServerStream(pb.Chunk(), timeout="5"))):
+            with pytest.raises(TypeError, match="^timeout must be a number of seconds or None, got str$"):
+                call()
 
     class Aio(pb.StreamerServicer):
         async def Unary(self, request, context):

@@ -58,6 +58,17 @@ def test_unknown_and_bad_keys_are_named(ctx):
         RateLimit(ctx, ["rate"])
 
 
+def test_a_typo_d_policy_key_names_what_it_likely_meant(ctx):
+    """`--config '{rat: 5}'` said only "'rate': is required", and '{rate: 5, brst: 3}' listed
+    every known key: both now name the likely intended key."""
+    with pytest.raises(PolicyConfigError, match=r"config key 'rate': is required \(the config has 'rat': a typo\?\)"):
+        RateLimit(ctx, {"rat": 5})
+    with pytest.raises(PolicyConfigError, match=r"config key 'rate': is required$"):
+        RateLimit(ctx, {"mode": "drop"})
+    with pytest.raises(PolicyConfigError, match=r"'brst': unknown key, did you mean 'burst'\? \(known keys: "):
+        RateLimit(ctx, {"rate": 5, "brst": 3})
+
+
 def test_reconfigure_bad_config_keeps_old(ctx):
     rl = RateLimit(ctx, {"rate": 5, "burst": 2})
     with pytest.raises(PolicyConfigError, match="burst"):

@@ -219,6 +219,8 @@ def test_non_admin_is_refused(shared_daemon):
         r = ctl(d, "policy", "attach", "guarded", "ratelimit", "--config", "{rate: 10}", uid=65534)
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert "permission denied" in r.stderr and "uid 65534" in r.stderr
+        # and says how an operator other than root gets the right
+        assert "none is configured: set admin_group in the daemon's config" in r.stderr, r.stderr
         assert policies_of(d, "guarded") == []
         r = ctl(d, "policy", "list", uid=65534)  # reading is allowed
         assert r.returncode == 0 and "guarded" in r.stdout
@@ -295,3 +297,26 @@ def test_transport_upgrade_when_one_hand_over_fails(served):
         assert routes and all(r["transport"] == "2-test" for r in routes)
     finally:
         app.close()
+
+
+def test_policy_doc_shows_a_policys_config_keys_without_a_daemon(tmp_path):
+    """An operator had no way from the CLI to learn which config keys a policy takes (only
+    the source's docstring said): `mrpcctl policy doc NAME` prints it, no daemon needed."""
+    def doc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mrpcd.ctl", "--socket", str(tmp_path / "none.sock"), "policy", "doc", *args],
+                              capture_output=True, text=True, timeout=30)
+
+    for name in ("ratelimit", "acl", "qos", "fault", "metrics", "admission", "vtc"):
+        r = doc(name)
+        assert r.returncode == 0 and "Config keys" in r.stdout, (name, r.stdout, r.stderr)
+    assert "burst" in doc("ratelimit").stdout
+    # a module file of the operator's: its docstring, read without running it
+    mine = tmp_path / "mine.py"
+    mine.write_text('"""My policy.\n\nConfig keys:\n  limit  int\n"""\nraise SystemExit("must not run")\n')
+    r = doc(str(mine))
+    assert r.returncode == 0 and r.stdout.startswith("My policy.") and "limit  int" in r.stdout, r.stdout + r.stderr
+    r = doc("nosuch")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "no policy module 'nosuch'" in r.stderr and "ratelimit" in r.stderr
+    r = doc(str(tmp_path / "missing.py"))
+    assert r.returncode == 2 and "cannot read" in r.stderr, r.stderr

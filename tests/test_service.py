@@ -185,6 +185,38 @@ def test_print_unit_is_a_hardened_notify_service(tmp_path):
         assert v.returncode == 0 and not problems, v.stdout + v.stderr
 
 
+def test_print_unit_warns_when_the_service_could_not_reach_this_installation(tmp_path):
+    """DynamicUser=yes + ProtectHome=yes: an mrpcd (or its interpreter) under /root, /home or
+    /run/user, or behind a folder others may not enter, makes the service fail at start with
+    203/EXEC or an ImportError; --print-unit says so on stderr (stdout stays the unit)."""
+    from mrpcd.daemon.main import unit_path_problems
+
+    assert unit_path_problems(["/usr/bin/env"]) == []
+    hidden = unit_path_problems(["/root/.pyenv/versions/3.11/bin/python3.11", "/home/ann/venv/bin/mrpcd"])
+    assert len(hidden) == 2 and all("ProtectHome=yes" in p for p in hidden), hidden
+    private = tmp_path / "private"
+    (private / "venv" / "bin").mkdir(parents=True)
+    private.chmod(0o700)
+    blocked = unit_path_problems([str(private / "venv" / "bin" / "mrpcd")])
+    assert len(blocked) == 1 and f"{private} (mode 700)" in blocked[0] and "DynamicUser=yes" in blocked[0], blocked
+    # the command: the unit on stdout either way; the warning (if any) names what to change
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-unit"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("# mrpcd") and "mrpcd: warning" not in r.stdout
+    if r.stderr:
+        assert r.stderr.startswith("mrpcd: warning:") and "ProtectHome=" in r.stderr, r.stderr
+
+
+def test_systemctl_reload_fails_on_a_bad_config_file():
+    """`systemctl reload mrpcd` exited 0 with a bad /etc/mrpcd/mrpcd.yaml (ExecReload was only
+    `kill -HUP`; the refusal was only in the journal). The unit now checks the file first, so
+    the reload job fails and says so; the daemon keeps running with its old config either way."""
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-unit"], capture_output=True, text=True, timeout=30)
+    reloads = [line.split("=", 1)[1] for line in r.stdout.splitlines() if line.startswith("ExecReload=")]
+    assert len(reloads) == 2, reloads
+    assert reloads[0].endswith("mrpcd --config /etc/mrpcd/mrpcd.yaml --check-config") and os.access(reloads[0].split()[0], os.X_OK)
+    assert reloads[1] == "/bin/kill -HUP $MAINPID"
+
+
 def test_watchdog_interval_follows_sd_watchdog_enabled():
     assert watchdog_interval({}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "3000000"}) == 3.0
@@ -354,3 +386,24 @@ def test_docs_match_the_defaults_and_the_unit_names_every_live_key():
     assert [k for k in LIVE_KEYS if k not in reload_comment.replace(",", " ").split()] == []
     exec_start_pre = next(line for line in unit.splitlines() if line.startswith("ExecStartPre="))
     assert "--config /etc/mrpcd/mrpcd.yaml --check-config" in exec_start_pre
+
+
+def test_mrpcctl_ping_says_when_the_daemon_drains(daemon_factory, app_factory, gen_dir):
+    """During a drain `mrpcctl ping` answered as if all was well ("up 3.7s"): it now says
+    the daemon is draining and how many calls it waits for."""
+    import subprocess
+
+    a = daemon_factory("client")
+    b = daemon_factory("server", config="drain_timeout: 60\n")
+    ping = [sys.executable, "-m", "mrpcd.ctl", "--socket", b.socket, "ping"]
+    r = subprocess.run(ping, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "draining" not in r.stdout, r.stdout
+    assert Control(b.socket).call("ping")["draining"] is False
+    client = slow_call_in_flight(a, b, app_factory, gen_dir, "slow:60")
+    b.proc.send_signal(signal.SIGTERM)
+    wait_log(b, "mrpcd draining")
+    r = subprocess.run(ping, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("draining: 1 calls in flight"), r.stdout
+    b.proc.send_signal(signal.SIGTERM)  # a second one: at once
+    assert b.proc.wait(20) == 0
+    client.wait(30)

@@ -137,10 +137,11 @@ def test_daemon_config_refuses_bad_tls_with_line(tmp_path, pki):
         pytest.fail("mrpcd/daemon/config.py has no tls key")
     p = tmp_path / "c.yaml"
     p.write_text(f"log_level: info\ntls:\n  cert: {tmp_path}/missing.pem\n  key: x\n  ca: y\n")
-    with pytest.raises(cfgmod.ConfigError, match=r"c.yaml:2: tls: .*missing.pem does not exist"):
+    # the line of the key inside tls: that is wrong (the section's own line before)
+    with pytest.raises(cfgmod.ConfigError, match=r"c.yaml:3: tls: .*missing.pem does not exist"):
         cfgmod.load(str(p))
     p.write_text("peers:\n  allow: [\"127.0.0.1/32\", \"nonsense\"]\n")
-    with pytest.raises(cfgmod.ConfigError, match=r"c.yaml:1: peers: .*'nonsense' is not an IP address"):
+    with pytest.raises(cfgmod.ConfigError, match=r"c.yaml:2: peers: .*'nonsense' is not an IP address"):
         cfgmod.load(str(p))
     c = cfgmod.load(None)
     assert c.tls is None and c.peers.allow is None

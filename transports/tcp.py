@@ -138,6 +138,9 @@ async def connect(
             msg = f"TLS handshake with mrpcd at {where} failed: the peer closed the connection ({exc.strerror or exc})"
             msg += "; is it refusing our address (peers.allow) or not speaking TLS?"
             raise HandshakeError(msg) from None
+        if isinstance(exc, ConnectionRefusedError):  # the common case: say what it means for the caller
+            raise ConnectionError(f"cannot connect to mrpcd at {where}: Connection refused: no server app listens on {where} "
+                                  "(is it running, bound to that address?)") from exc
         raise ConnectionError(f"cannot connect to mrpcd at {where}: {exc.strerror or exc}") from exc
 
     try:

@@ -6,11 +6,19 @@ when it is ready.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import mrpcd
 
-import hello_mrpc
+try:
+    import hello_mrpc
+except ModuleNotFoundError as exc:  # generated, not shipped: say how to make it
+    if exc.name != "hello_mrpc":
+        raise
+    sys.exit(f"{os.path.basename(__file__)}: hello_mrpc is not importable; generate it, then run with it on PYTHONPATH:\n"
+             f"  .venv/bin/mrpcd-stubgen examples/hello/hello.proto -o gen/\n"
+             f"  PYTHONPATH=gen .venv/bin/python examples/hello/{os.path.basename(__file__)}")
 
 
 class Greeter(hello_mrpc.GreeterServicer):
@@ -26,10 +34,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--address", default="127.0.0.1:50051")
     args = p.parse_args()
-    server = mrpcd.server()
-    hello_mrpc.add_GreeterServicer_to_server(Greeter(), server)
-    port = server.add_insecure_port(args.address)
-    server.start()
+    try:
+        server = mrpcd.server()
+        hello_mrpc.add_GreeterServicer_to_server(Greeter(), server)
+        port = server.add_insecure_port(args.address)
+        server.start()
+    except mrpcd.RpcError as exc:  # no daemon, the address taken, ...
+        print(f"cannot serve on {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
     print(f"greeter server listening on {args.address.rpartition(':')[0]}:{port}", flush=True)
     try:
         server.wait_for_termination()

@@ -4,7 +4,9 @@ A bad config is refused at start with the file, the line and the reason, never h
 """
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -96,6 +98,12 @@ def _drain_seconds(v: Any) -> float:
     return float(v)
 
 
+def _did_you_mean(key: str, known) -> str:
+    """", did you mean 'log_level'?" for a typo'd key, else nothing."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f", did you mean {close[0]!r}?" if close else ""
+
+
 METRICS_KEYS = ("address", "buckets")
 
 
@@ -109,13 +117,16 @@ def _metrics(v: Any) -> dict[str, Any]:
         raise ValueError("must be a mapping with keys address, buckets")
     unknown = sorted(str(k) for k in v if k not in METRICS_KEYS)
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(METRICS_KEYS)})")
+        raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], METRICS_KEYS)} (known: {', '.join(METRICS_KEYS)})")
     address = v.get("address")
     if address is not None:
         if not isinstance(address, str) or ":" not in address:
             raise ValueError("address must be \"host:port\" (or null to serve no metrics)")
         host, _, port = address.rpartition(":")
-        if not host.strip("[]") or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
+        if not host.strip("[]"):
+            raise ValueError(f"address {address!r} names no host: e.g. \"127.0.0.1:{port or 9464}\" "
+                             f"(\"0.0.0.0:{port or 9464}\" serves every interface)")
+        if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
             raise ValueError(f"address {address!r} must be host:port with port 0..65535")
     buckets = v.get("buckets", list(DEFAULT_BUCKETS))
     if not isinstance(buckets, list) or not buckets:
@@ -179,7 +190,8 @@ def default_text() -> str:
 
 
 def _load_mapping(text: str, source: str) -> tuple[dict, dict[str, int]]:
-    """Parse YAML, returning the mapping and the line of each top-level key."""
+    """Parse YAML, returning the mapping and the line of each top-level key; the line of a
+    key in a section (`metrics: {address: ...}`) is in it as "section.key"."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -195,7 +207,28 @@ def _load_mapping(text: str, source: str) -> tuple[dict, dict[str, int]]:
         raise ConfigError(f"{source}:1: the configuration must be a mapping of keys to values")
     _refuse_duplicate_keys(node, source)
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.MappingNode):
+            for sk, _ in v.value:
+                if isinstance(sk, yaml.ScalarNode):
+                    lines.setdefault(f"{k.value}.{sk.value}", sk.start_mark.line + 1)
     return data, lines
+
+
+def _line_of(section: str, value: Any, message: str, lines: dict[str, int]) -> int | str:
+    """The line an error in a section's value is about: that of the section's key the
+    message names (`address ...`, `tls.cert ...`, `unknown key 'bukets'`, an allow-list
+    entry), else the section's own line."""
+    if isinstance(value, dict):
+        for sub in value:
+            name = str(sub)
+            if (message.startswith((f"{name} ", f"{name}:")) or f"{section}.{name}" in message or repr(name) in message
+                    or re.search(rf"unknown key\(s\) [^(]*\b{re.escape(name)}\b", message)
+                    or (name == "allow" and message.startswith("allow-list"))):
+                line = lines.get(f"{section}.{name}")
+                if line is not None:
+                    return line
+    return lines.get(section, "?")
 
 
 def _refuse_duplicate_keys(node: yaml.Node, source: str) -> None:
@@ -238,10 +271,11 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         for key, value in data.items():
             where = f"{path}:{lines.get(key, '?')}"
             if key not in VALIDATORS:
-                raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(VALIDATORS))})")
+                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, VALIDATORS)} (known: {', '.join(sorted(VALIDATORS))})")
             try:
                 values[key] = VALIDATORS[key](value)
             except ValueError as exc:
+                where = f"{path}:{_line_of(key, value, str(exc), lines)}"
                 raise ConfigError(f"{where}: {key}: {exc} (got {value!r})") from None
         source = path
     for key, value in (overrides or {}).items():

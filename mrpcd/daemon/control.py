@@ -189,7 +189,10 @@ class ControlConnection:
 
     def _need_admin(self) -> None:
         if not self.is_admin:
-            raise cp.ControlError(f"permission denied: uid {self.uid} is neither root nor in the admin group", 7)
+            group = self.daemon.config.admin_group
+            which = (f"admin group {group!r}" if group is not None
+                     else "admin group (none is configured: set admin_group in the daemon's config to allow one)")
+            raise cp.ControlError(f"permission denied: uid {self.uid} is neither root nor in the {which}", 7)
 
     # -- app ops ------------------------------------------------------------------------
     async def op_hello(self, msg: dict, fds: list[int]) -> dict:
@@ -227,7 +230,8 @@ class ControlConnection:
 
     # -- operator ops ---------------------------------------------------------------------
     async def op_ping(self, msg: dict, fds: list[int]) -> dict:
-        return {"pid": os.getpid(), "version": self.daemon.version, "uptime": self.daemon.uptime()}
+        d = self.daemon
+        return {"pid": os.getpid(), "version": d.version, "uptime": d.uptime(), "draining": d.draining, "in_flight": d.in_flight()}
 
     async def op_apps(self, msg: dict, fds: list[int]) -> dict:
         return {"apps": [s.describe() for s in self.daemon.sessions.values()]}
@@ -288,14 +292,14 @@ class ControlConnection:
                 s.policies.detach(policy.instance_name)  # type: ignore[attr-defined]
             raise
         for s, policy in done:
-            out.append({"app_id": s.app_id, **describe_engine(policy)})
+            out.append({"app_id": s.app_id, "app_name": s.name, **describe_engine(policy)})
         return {"attached": out}
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
         out = []
         for s in self._apps_with_policy(msg):
-            out.append({"app_id": s.app_id, **s.policies.detach(msg["name"])})
+            out.append({"app_id": s.app_id, "app_name": s.name, **s.policies.detach(msg["name"])})
         return {"detached": out}
 
     async def op_policy_config(self, msg: dict, fds: list[int]) -> dict:
@@ -315,7 +319,7 @@ class ControlConnection:
         if failed:
             applied = ", ".join(str(s.app_id) for s, _ in done) or "none"
             raise PolicyOpError(f"config of {msg['name']!r} applied on apps {applied}; refused on {'; '.join(failed)}")
-        return {"configured": [{"app_id": s.app_id, **describe_engine(p)} for s, p in done]}
+        return {"configured": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done]}
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -337,7 +341,7 @@ class ControlConnection:
         finally:
             for _, _, new in prepared[len(committed):]:  # never swapped in: let go of them
                 new.close(handed_over=True)
-        return {"upgraded": [{"app_id": s.app_id, **describe_engine(new)} for s, new in committed]}
+        return {"upgraded": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed]}
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
@@ -463,7 +467,8 @@ def _remove_if_stale(path: str) -> None:
         raise RuntimeError(f"cannot tell whether another mrpcd serves {path}: connecting to it failed: {exc.strerror or exc}; "
                            "it is left in place: stop the daemon that owns it, or remove it if it is stale") from None
     else:
-        raise RuntimeError(f"another mrpcd is already serving {path}")
+        raise RuntimeError(f"another mrpcd is already serving {path} (for a second daemon on this host, give it its own "
+                           "socket: --socket PATH or control_socket in its config, and MRPCD_SOCKET=PATH to its apps and mrpcctl)")
     finally:
         probe.close()
 

@@ -46,7 +46,8 @@ class Daemon:
             if not ok:
                 raise RuntimeError(f"transport: rdma configured, but {why}")
         self._control_sock, self._control_ident = await serve_control(self, self.config.control_socket)
-        log.info("mrpcd %s listening on %s (transport %s)", self.version, self.config.control_socket, self.config.transport)
+        log.info("mrpcd %s listening on %s (transport %s, config %s)", self.version, self.config.control_socket, self.config.transport,
+                 self.config.source)
 
     async def run_until_stopped(self, on_stopping: Callable[[], None] | None = None) -> None:
         await self._stop.wait()

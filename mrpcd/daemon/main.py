@@ -79,17 +79,64 @@ def configure_logging(config: Config, handler: logging.Handler | None = None) ->
 def unit_text() -> str:
     """The shipped systemd unit, with ExecStart pointing at this installation's `mrpcd`."""
     text = resources.files("mrpcd").joinpath("systemd/mrpcd.service").read_text()
+    return text.replace("/usr/bin/mrpcd", _unit_exe())
+
+
+# ProtectHome=yes in the unit makes these inaccessible to the service
+_HIDDEN_BY_PROTECT_HOME = ("/home", "/root", "/run/user")
+
+
+def unit_path_problems(paths: list[str]) -> list[str]:
+    """Why the shipped unit's service (DynamicUser=yes, ProtectHome=yes) could not use these
+    files: under a folder ProtectHome hides, or behind a folder other users may not enter
+    (the transient user is neither its owner nor in its group). Empty when all is well."""
+    problems: list[str] = []
+    for path in dict.fromkeys(os.path.abspath(p) for p in paths):
+        hidden = next((h for h in _HIDDEN_BY_PROTECT_HOME if path == h or path.startswith(h + "/")), None)
+        if hidden:
+            problems.append(f"{path} is under {hidden}, which the unit's ProtectHome=yes hides from the service")
+            continue
+        folder = os.path.dirname(path)
+        while folder and folder != "/":
+            try:
+                mode = os.stat(folder).st_mode
+            except OSError:
+                break
+            if not mode & 0o001:  # others may not enter it
+                problems.append(f"{path} is in {folder} (mode {mode & 0o777:o}), which the unit's DynamicUser=yes user may not enter")
+                break
+            folder = os.path.dirname(folder)
+    return problems
+
+
+def unit_warnings(exe: str) -> list[str]:
+    """unit_path_problems of what the service runs: the mrpcd script, the real interpreter,
+    the standard library and the installed mrpcd package."""
+    import mrpcd
+
+    return unit_path_problems([exe, os.path.realpath(sys.executable), os.path.dirname(os.__file__),
+                               os.path.dirname(os.path.abspath(mrpcd.__file__))])
+
+
+def _unit_exe() -> str:
     # The script beside this interpreter first: PATH may hold another installation's mrpcd.
     exe = os.path.join(os.path.dirname(sys.executable), "mrpcd")
     if not os.access(exe, os.X_OK):
         exe = shutil.which("mrpcd") or exe
-    return text.replace("/usr/bin/mrpcd", os.path.abspath(exe))
+    return os.path.abspath(exe)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mrpcd", description="RPC as a managed system service: the per-host daemon.")
-    p.add_argument("-c", "--config", help="YAML config file (default: the embedded default config); SIGHUP re-reads it")
-    p.add_argument("--socket", help="control socket path (overrides the config)")
+    p = argparse.ArgumentParser(
+        prog="mrpcd", description="RPC as a managed system service: the per-host daemon.",
+        epilog="Apps and mrpcctl reach the daemon at MRPCD_SOCKET, else the default control socket "
+               "($XDG_RUNTIME_DIR/mrpcd/control.sock or /tmp/mrpcd-$UID/control.sock), else /run/mrpcd/control.sock. "
+               "A second daemon on one host needs only its own --socket (and MRPCD_SOCKET for its apps); "
+               "server apps choose the addresses it listens on. Signals: SIGHUP re-reads --config, "
+               "SIGTERM / Ctrl-C drain (drain_timeout) and exit, a second one stops at once.")
+    p.add_argument("-c", "--config", help="YAML config file over the embedded default (mrpcd --print-default-config "
+                                          "shows every key); SIGHUP re-reads it")
+    p.add_argument("--socket", help="control socket path (overrides control_socket in the config and MRPCD_SOCKET)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--print-default-config", action="store_true", help="print the embedded default config and exit")
     p.add_argument("--print-unit", action="store_true", help="print the systemd unit (for /etc/systemd/system/mrpcd.service) and exit")
@@ -223,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.print_unit:
         sys.stdout.write(unit_text())
+        problems = unit_warnings(_unit_exe())
+        if problems:  # on stderr: stdout is the unit file being written
+            print("mrpcd: warning: the service this unit starts could not run this installation:", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            print("  install mrpcd with a Python outside home folders, where every user may read both "
+                  "(e.g. `/usr/bin/python3 -m venv /opt/mrpcd`), or relax ProtectHome= / DynamicUser= in the unit", file=sys.stderr)
         return 0
     overrides: dict[str, Any] = {}
     if args.socket is not None:  # "" is refused by the config check, not taken as "not given"

@@ -912,6 +912,8 @@ def split_address(address: str) -> tuple[str, int]:
         port = int(port_s)
     except ValueError:
         raise ValueError(f"address {address!r}: port {port_s!r} is not a number") from None
+    if not host and 0 <= port <= 65535:
+        raise ValueError(f"address {address!r} names no host (e.g. '127.0.0.1:{port}')")
     if not 0 <= port <= 65535 or not host:
         raise ValueError(f"address {address!r} must be host:port with port 0..65535")
     return host, port
