@@ -1,0 +1,883 @@
+"""The patterns of grpc's own Python examples (route guide, metadata, errors, deadlines,
+cancellation, interceptors, wait-for-ready, multiplexing, channel options), written the
+way those examples use grpcio's API, run over two real daemons: porting an example should
+be an import swap. Own code throughout, on tests/protos/streaming.proto (Streamer: all four
+call kinds; Second: another service). The server app is behind daemon B, the client app
+behind daemon A, both in this process; every wait is bounded."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import socket
+import threading
+from concurrent import futures
+
+import pytest
+
+import mrpcd
+import mrpcd.aio
+
+from conftest import aio_pair, wait_until
+
+
+@contextlib.contextmanager
+def sync_pair(streamer, servicer, *, second=None, interceptors=None, **server_kw):
+    """(server, channel): `servicer` (and `second`, a SecondServicer) served behind daemon
+    B by a server made as the examples make it, a channel to it from an app behind A."""
+    a, b, pb = streamer
+    srv_app = mrpcd.connect(b.socket, name="compat-server")
+    cli_app = mrpcd.connect(a.socket, name="compat-client")
+    try:
+        server = mrpcd.server(futures.ThreadPoolExecutor(max_workers=10), interceptors=interceptors, app=srv_app, **server_kw)
+        pb.add_StreamerServicer_to_server(servicer, server)
+        if second is not None:
+            pb.add_SecondServicer_to_server(second, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        with mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app) as channel:
+            yield server, channel
+        server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+def run_aio(streamer, servicer, body, **kw):
+    """body(server, channel) with an asyncio server of `servicer` behind B, a client behind A."""
+    a, b, pb = streamer
+
+    async def main():
+        async with aio_pair(a, b, pb, servicer, name="compat-aio", **kw) as (server, channel, _, _):
+            return await asyncio.wait_for(body(server, channel), 30)
+
+    return asyncio.run(main())
+
+
+# -- route_guide: the four call kinds -----------------------------------------------------
+
+
+def _route_servicer(pb):
+    """The route guide's shapes on Streamer: a lookup, a listing, a recorded route and a
+    chat that answers each note with the earlier notes of the same place."""
+
+    class Guide(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=request.seq * 2)
+
+        def ServerStream(self, request, context):
+            for i in range(request.seq):
+                yield pb.Chunk(seq=i, data=b"feature")
+
+        def ClientStream(self, request_iterator, context):
+            count = total = 0
+            for chunk in request_iterator:
+                count += 1
+                total += chunk.seq
+            return pb.Summary(total=count * 1000 + total)
+
+        def BidiStream(self, request_iterator, context):
+            earlier = []
+            for note in request_iterator:
+                for old in earlier:
+                    if old.seq == note.seq:  # same "location"
+                        yield old
+                earlier.append(note)
+
+    return Guide()
+
+
+def _notes(pb):
+    return [pb.Chunk(seq=s, data=name.encode()) for s, name in [(0, "first"), (1, "second"), (2, "third"), (0, "fourth"), (2, "fifth")]]
+
+
+def test_route_guide_sync_all_four_kinds_with_call_and_futures(streamer):
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _route_servicer(pb)) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        assert stub.Unary(pb.Chunk(seq=21), timeout=10).total == 42
+        assert [c.seq for c in stub.ServerStream(pb.Chunk(seq=4), timeout=10)] == [0, 1, 2, 3]
+
+        def route():  # a generator, as the example's generate_route
+            for i in range(1, 6):
+                yield pb.Chunk(seq=i)
+
+        assert stub.ClientStream(route(), timeout=10).total == 5015
+        chat = [c.data for c in stub.BidiStream(iter(_notes(pb)), timeout=10)]
+        assert chat == [b"first", b"third"]
+
+        response, call = stub.Unary.with_call(pb.Chunk(seq=1), timeout=10)
+        assert response.total == 2 and call.code() is mrpcd.StatusCode.OK and call.details() in ("", None)
+        response, call = stub.ClientStream.with_call(route(), timeout=10)
+        assert response.total == 5015 and call.code() is mrpcd.StatusCode.OK
+
+        future = stub.Unary.future(pb.Chunk(seq=5), timeout=10)
+        assert future.result(timeout=10).total == 10 and future.done() and not future.cancelled()
+        future = stub.ClientStream.future(route(), timeout=10)
+        done = threading.Event()
+        future.add_done_callback(lambda f: done.set())
+        assert future.result(timeout=10).total == 5015 and done.wait(10)
+        assert future.exception() is None
+
+
+def test_route_guide_aio_sync_and_async_handlers_and_iterables(streamer):
+    """grpc.aio's route guide server mixes a plain `def` handler with `async def` ones, and
+    its client sends request streams from plain generators as well as async ones."""
+    _a, _b, pb = streamer
+
+    class Guide(pb.StreamerServicer):
+        def Unary(self, request, context):  # not a coroutine: grpc.aio runs it as is
+            return pb.Summary(total=request.seq * 2)
+
+        async def ServerStream(self, request, context):
+            for i in range(request.seq):
+                yield pb.Chunk(seq=i)
+
+        async def ClientStream(self, request_iterator, context):
+            n = 0
+            async for chunk in request_iterator:
+                n += chunk.seq
+            return pb.Summary(total=n)
+
+        async def BidiStream(self, request_iterator, context):
+            earlier = []
+            async for note in request_iterator:
+                for old in earlier:
+                    if old.seq == note.seq:
+                        yield old
+                earlier.append(note)
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        assert (await stub.Unary(pb.Chunk(seq=4), timeout=10)).total == 8
+        assert [c.seq async for c in stub.ServerStream(pb.Chunk(seq=3), timeout=10)] == [0, 1, 2]
+        assert (await stub.ClientStream((pb.Chunk(seq=i) for i in range(5)), timeout=10)).total == 10
+
+        async def agen():
+            for i in range(4):
+                yield pb.Chunk(seq=i)
+
+        assert (await stub.ClientStream(agen(), timeout=10)).total == 6
+        chat = [c.data async for c in stub.BidiStream(iter(_notes(pb)), timeout=10)]
+        assert chat == [b"first", b"third"]
+
+    run_aio(streamer, Guide(), body)
+
+
+def test_aio_channel_as_async_context_manager_and_wildcard_listen_addresses(streamer):
+    """`async with grpc.aio.insecure_channel(...)`, and servers that listen on "[::]:port"
+    or "localhost:port" as the examples do, reached as "localhost:port"."""
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=7)
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="compat-wild-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="compat-wild-client")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(S(), server)
+            ports = [server.add_insecure_port("[::]:0"), server.add_insecure_port("localhost:0")]
+            await server.start()
+            for port in ports:
+                async with mrpcd.aio.insecure_channel(f"localhost:{port}", app=cli_app) as channel:
+                    assert (await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10)).total == 7
+            await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# -- multiplex: several services on one server, several stubs on one channel ----------------
+
+
+def test_multiplex_two_services_one_server_one_channel(streamer):
+    _a, _b, pb = streamer
+
+    class Second(pb.SecondServicer):
+        def Get(self, request, context):
+            return pb.Summary(total=99)
+
+    with sync_pair(streamer, _route_servicer(pb), second=Second()) as (_server, channel):
+        guide, other = pb.StreamerStub(channel), pb.SecondStub(channel)
+        assert other.Get(pb.Empty(), timeout=10).total == 99
+        assert guide.Unary(pb.Chunk(seq=3), timeout=10).total == 6
+        assert [c.seq for c in guide.ServerStream(pb.Chunk(seq=2), timeout=10)] == [0, 1]
+
+
+# -- metadata -------------------------------------------------------------------------------
+
+_SENT = (("initial-metadata-1", "a str value"), ("binary-metadata-bin", b"\x00bytes\xff"), ("accesstoken", "token"))
+
+
+def test_metadata_sync_invocation_trailing_and_with_call(streamer):
+    _a, _b, pb = streamer
+    seen = {}
+
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            seen["unary"] = [(k, v) for k, v in context.invocation_metadata()]
+            context.set_trailing_metadata((("checksum-bin", b"I agree"), ("retry", "false")))
+            return pb.Summary(total=1)
+
+        def ServerStream(self, request, context):
+            seen["stream"] = dict(context.invocation_metadata())
+            context.send_initial_metadata((("hello", "there"),))
+            yield pb.Chunk(seq=1)
+            context.set_trailing_metadata((("done", "yes"),))
+
+    with sync_pair(streamer, S()) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        response, call = stub.Unary.with_call(pb.Chunk(), metadata=_SENT, timeout=10)
+        assert response.total == 1
+        assert list(call.trailing_metadata()) == [("checksum-bin", b"I agree"), ("retry", "false")]
+        for key, value in call.trailing_metadata():  # pairs unpack as in grpc
+            assert isinstance(key, str)
+        assert [kv for kv in seen["unary"] if kv[0] in dict(_SENT)] == list(_SENT)
+        stream = stub.ServerStream(pb.Chunk(), metadata=_SENT, timeout=10)
+        assert dict(stream.initial_metadata())["hello"] == "there"
+        assert [c.seq for c in stream] == [1]
+        assert dict(stream.trailing_metadata()) == {"done": "yes"}
+        assert seen["stream"]["binary-metadata-bin"] == b"\x00bytes\xff"
+
+
+def test_metadata_aio_invocation_trailing_and_call_accessors(streamer):
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            got = dict(context.invocation_metadata())
+            context.set_trailing_metadata((("checksum-bin", b"I agree"), ("echo", got["accesstoken"])))
+            return pb.Summary(total=len(got["binary-metadata-bin"]))
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        call = stub.Unary(pb.Chunk(), metadata=_SENT, timeout=10)
+        assert (await call).total == len(b"\x00bytes\xff")
+        assert dict(await call.trailing_metadata()) == {"checksum-bin": b"I agree", "echo": "token"}
+        assert await call.code() is mrpcd.StatusCode.OK
+        await call.initial_metadata()
+
+    run_aio(streamer, S(), body)
+
+
+@pytest.mark.parametrize("bad", [
+    (("Upper-Case", "x"),),          # grpc: keys are lower case
+    (("key-bin", "not bytes"),),     # grpc: a -bin value is bytes
+    (("plain", b"bytes"),),          # grpc: a value without -bin is str
+])
+def test_bad_metadata_is_a_clear_error_at_the_caller(streamer, bad):
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary()
+
+    with sync_pair(streamer, S()) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        with pytest.raises((ValueError, TypeError, mrpcd.RpcError)) as info:
+            stub.Unary(pb.Chunk(), metadata=bad, timeout=10)
+        assert "metadata" in str(info.value).lower()
+        assert stub.Unary(pb.Chunk(), timeout=10).total == 0  # nothing else broke
+
+
+# -- errors: abort, set_code / set_details, exceptions -------------------------------------
+
+
+def _error_servicer(pb):
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            if request.seq == 1:
+                context.abort(mrpcd.StatusCode.RESOURCE_EXHAUSTED, "Request limit exceeded.")
+            if request.seq == 2:
+                context.set_code(mrpcd.StatusCode.NOT_FOUND)
+                context.set_details("no such feature")
+                return pb.Summary()
+            if request.seq == 3:
+                raise RuntimeError("boom")
+            if request.seq == 4:
+                context.set_trailing_metadata((("why-bin", b"\x01\x02"),))
+                context.abort(mrpcd.StatusCode.FAILED_PRECONDITION, "with trailers")
+            return pb.Summary(total=request.seq)
+
+        def ServerStream(self, request, context):
+            for i in range(3):
+                if i == request.seq:
+                    context.abort(mrpcd.StatusCode.RESOURCE_EXHAUSTED, "Exhausted")
+                yield pb.Chunk(seq=i)
+
+    return S()
+
+
+_ERRORS = [
+    (1, mrpcd.StatusCode.RESOURCE_EXHAUSTED, "Request limit exceeded."),
+    (2, mrpcd.StatusCode.NOT_FOUND, "no such feature"),
+    (3, mrpcd.StatusCode.UNKNOWN, None),
+    (4, mrpcd.StatusCode.FAILED_PRECONDITION, "with trailers"),
+]
+
+
+@pytest.mark.parametrize("seq,code,details", _ERRORS)
+def test_errors_sync_code_details_and_trailers(streamer, seq, code, details):
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _error_servicer(pb)) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(seq=seq), timeout=10)
+        err = info.value
+        assert err.code() is code and err.code() == mrpcd.StatusCode.__members__[code.name]
+        if details is not None:
+            assert err.details() == details
+        if seq == 4:
+            assert dict(err.trailing_metadata()) == {"why-bin": b"\x01\x02"}
+        # the same status through with_call and a future
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary.with_call(pb.Chunk(seq=seq), timeout=10)
+        assert info.value.code() is code
+        fut = stub.Unary.future(pb.Chunk(seq=seq), timeout=10)
+        assert fut.exception(timeout=10).code() is code
+
+
+def test_abort_in_the_middle_of_a_response_stream(streamer):
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _error_servicer(pb)) as (_server, channel):
+        got = []
+        with pytest.raises(mrpcd.RpcError) as info:
+            for chunk in pb.StreamerStub(channel).ServerStream(pb.Chunk(seq=2), timeout=10):
+                got.append(chunk.seq)
+        assert got == [0, 1]
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED and info.value.details() == "Exhausted"
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata"))):
+    """What grpc_status.rpc_status.to_status() returns: a grpc.Status (code, details,
+    trailing metadata carrying the packed google.rpc.Status)."""
+
+
+def test_abort_with_status_carries_rich_details_in_trailers_sync_and_aio(streamer):
+    _a, _b, pb = streamer
+    packed = b"\x08\x08\x12\x17Request limit exceeded."
+    status = _Status(mrpcd.StatusCode.RESOURCE_EXHAUSTED, "Request limit exceeded.", (("grpc-status-details-bin", packed),))
+
+    class Sync(pb.StreamerServicer):
+        def Unary(self, request, context):
+            context.abort_with_status(status)
+
+    class Aio(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            await context.abort_with_status(status)
+
+    def check(err):
+        assert err.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED and err.details() == "Request limit exceeded."
+        assert dict(err.trailing_metadata())["grpc-status-details-bin"] == packed
+
+    with sync_pair(streamer, Sync()) as (_server, channel):
+        with pytest.raises(mrpcd.RpcError) as info:
+            pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10)
+        check(info.value)
+
+    async def body(server, channel):
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10)
+        check(info.value)
+
+    run_aio(streamer, Aio(), body)
+
+
+def test_errors_aio_abort_set_code_and_exception(streamer):
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            if request.seq == 1:
+                await context.abort(mrpcd.StatusCode.RESOURCE_EXHAUSTED, "Request limit exceeded.")
+            if request.seq == 2:
+                context.set_code(mrpcd.StatusCode.NOT_FOUND)
+                context.set_details("no such feature")
+                return pb.Summary()
+            raise RuntimeError("boom")
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(seq=0)
+            await context.abort(mrpcd.StatusCode.RESOURCE_EXHAUSTED, "Exhausted")
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        for seq, code in [(1, mrpcd.StatusCode.RESOURCE_EXHAUSTED), (2, mrpcd.StatusCode.NOT_FOUND), (3, mrpcd.StatusCode.UNKNOWN)]:
+            with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                await stub.Unary(pb.Chunk(seq=seq), timeout=10)
+            assert info.value.code() is code
+            assert isinstance(info.value, mrpcd.RpcError)
+        call = stub.ServerStream(pb.Chunk(), timeout=10)
+        got = []
+        with pytest.raises(mrpcd.aio.AioRpcError):
+            async for chunk in call:
+                got.append(chunk.seq)
+        assert got == [0] and await call.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+        assert await call.details() == "Exhausted"
+
+    run_aio(streamer, S(), body)
+
+
+# -- deadlines --------------------------------------------------------------------------------
+
+
+def test_deadline_sync_expires_with_deadline_exceeded_and_the_handler_sees_it(streamer):
+    _a, _b, pb = streamer
+    seen = {}
+    released = threading.Event()
+
+    class Slow(pb.StreamerServicer):
+        def Unary(self, request, context):
+            seen["remaining"] = context.time_remaining()
+            if request.seq:
+                released.wait(10)
+                seen["active_after"] = context.is_active()
+            return pb.Summary(total=1)
+
+    with sync_pair(streamer, Slow()) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        assert stub.Unary(pb.Chunk(), timeout=5).total == 1
+        assert 0 < seen["remaining"] <= 5
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(seq=1), timeout=0.3)
+        assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.details() == "Deadline Exceeded"
+        released.set()
+        assert wait_until(lambda: "active_after" in seen, 10) and seen["active_after"] is False
+
+
+def test_deadline_aio(streamer):
+    _a, _b, pb = streamer
+
+    class Slow(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            await asyncio.sleep(10)
+            return pb.Summary()
+
+    async def body(server, channel):
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=0.3)
+        assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+
+    run_aio(streamer, Slow(), body)
+
+
+# -- cancellation -----------------------------------------------------------------------------
+
+
+def test_cancellation_sync_future_and_response_iterator_reach_the_handler(streamer):
+    _a, _b, pb = streamer
+    started = threading.Semaphore(0)
+    stopped: list = []
+
+    class Finder(pb.StreamerServicer):
+        def Unary(self, request, context):
+            stop = threading.Event()
+            context.add_callback(stop.set)
+            started.release()
+            stop.wait(15)
+            stopped.append(("unary", stop.is_set(), context.is_active()))
+            return pb.Summary()
+
+        def ServerStream(self, request, context):
+            stop = threading.Event()
+            context.add_callback(stop.set)
+            i = 0
+            while not stop.is_set() and i < 10_000:
+                yield pb.Chunk(seq=i)
+                i += 1
+                stop.wait(0.01)
+            stopped.append(("stream", stop.is_set(), context.is_active()))
+
+    # one worker, as the cancellation example: a cancelled call must give its thread back
+    with sync_pair(streamer, Finder(), maximum_concurrent_rpcs=1) as (server, channel):
+        stub = pb.StreamerStub(channel)
+        future = stub.Unary.future(pb.Chunk(), wait_for_ready=True, timeout=30)
+        assert started.acquire(timeout=10)
+        assert future.cancel() and future.cancelled()
+        with pytest.raises(mrpcd.FutureCancelledError):
+            future.result(timeout=10)
+        stream = stub.ServerStream(pb.Chunk(), wait_for_ready=True, timeout=30)
+        assert next(stream).seq == 0
+        stream.cancel()
+        with pytest.raises(mrpcd.RpcError) as info:
+            for _ in stream:
+                pass
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED
+        assert wait_until(lambda: len(stopped) == 2, 10), stopped
+        assert sorted(stopped) == [("stream", True, False), ("unary", True, False)]
+
+
+def test_server_side_context_cancel_ends_the_call_with_cancelled(streamer):
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            context.cancel()
+            return pb.Summary()
+
+    with sync_pair(streamer, S()) as (_server, channel):
+        with pytest.raises(mrpcd.RpcError) as info:
+            pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED
+
+
+def test_cancellation_aio_call_cancel_reaches_the_handler(streamer):
+    _a, _b, pb = streamer
+    seen = []
+
+    class S(pb.StreamerServicer):
+        async def ServerStream(self, request, context):
+            context.add_done_callback(lambda ctx: seen.append("done"))
+            try:
+                i = 0
+                while True:
+                    yield pb.Chunk(seq=i)
+                    i += 1
+                    await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+    async def body(server, channel):
+        call = pb.StreamerStub(channel).ServerStream(pb.Chunk(), timeout=30)
+        assert (await call.read()).seq == 0
+        assert call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call.read()
+        assert call.cancelled() and await call.code() is mrpcd.StatusCode.CANCELLED
+        for _ in range(500):
+            if len(seen) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted(seen) == ["cancelled", "done"]
+
+    run_aio(streamer, S(), body)
+
+
+# -- interceptors ------------------------------------------------------------------------------
+
+
+class _GenericClientInterceptor(mrpcd.UnaryUnaryClientInterceptor, mrpcd.UnaryStreamClientInterceptor,
+                                mrpcd.StreamUnaryClientInterceptor, mrpcd.StreamStreamClientInterceptor):
+    """The examples' generic interceptor: one function rewrites (details, requests) for all
+    four kinds."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def intercept_unary_unary(self, continuation, details, request):
+        details, requests = self._fn(details, iter((request,)))
+        return continuation(details, next(requests))
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(*self._fn(details, request_iterator))
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+class _FourFieldDetails(collections.namedtuple("_FourFieldDetails", ("method", "timeout", "metadata", "credentials")), mrpcd.ClientCallDetails):
+    """How grpc's header example builds its call details: its own 4-field namedtuple,
+    also a ClientCallDetails."""
+
+
+def _header_adder(header, value):
+    def fn(details, requests):
+        metadata = list(details.metadata) if details.metadata is not None else []
+        metadata.append((header, value))
+        return _FourFieldDetails(details.method, details.timeout, metadata, details.credentials), requests
+
+    return _GenericClientInterceptor(fn)
+
+
+class _HeaderValidator(mrpcd.ServerInterceptor):
+    """The examples' request-header validator: a call without the header is answered by a
+    terminator handler made with no (de)serializers at all."""
+
+    def __init__(self, header, value):
+        self._pair = (header, value)
+
+        def terminate(ignored_request, context):
+            context.abort(mrpcd.StatusCode.UNAUTHENTICATED, "Access denied!")
+
+        self._terminator = mrpcd.unary_unary_rpc_method_handler(terminate)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if self._pair in handler_call_details.invocation_metadata:
+            return continuation(handler_call_details)
+        return self._terminator
+
+
+def test_interceptors_sync_header_added_by_a_client_interceptor_is_checked_by_the_server(streamer):
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _route_servicer(pb), interceptors=[_HeaderValidator("one-time-password", "42")]) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(seq=1), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.UNAUTHENTICATED and info.value.details() == "Access denied!"
+        ok = pb.StreamerStub(mrpcd.intercept_channel(channel, _header_adder("one-time-password", "42")))
+        assert ok.Unary(pb.Chunk(seq=1), timeout=10).total == 2
+        assert ok.Unary.with_call(pb.Chunk(seq=2), timeout=10)[0].total == 4
+        assert ok.Unary.future(pb.Chunk(seq=3), timeout=10).result(timeout=10).total == 6
+        assert ok.ClientStream(iter([pb.Chunk(seq=1)]), timeout=10).total == 1001
+
+
+def test_interceptors_sync_streaming_wrappers_on_both_sides(streamer):
+    """The examples' streaming interceptors: the server one rebuilds the handler around a
+    wrapped response iterator from handler.unary_stream and its (de)serializers; client
+    ones wrap the response iterator; a default-value one answers failed calls itself."""
+    _a, _b, pb = streamer
+    log: list = []
+
+    def wrap_responses(tag, responses):
+        for i, r in enumerate(responses):
+            log.append((tag, i))
+            yield r
+
+    class ServerWrap(mrpcd.ServerInterceptor):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def intercept_service(self, continuation, details):
+            handler = continuation(details)
+            if handler is None or handler.unary_stream is None:
+                return handler
+            behavior = handler.unary_stream
+
+            def wrapped(request, context):
+                return wrap_responses(("server", self.tag), behavior(request, context))
+
+            return mrpcd.unary_stream_rpc_method_handler(wrapped, request_deserializer=handler.request_deserializer,
+                                                         response_serializer=handler.response_serializer)
+
+    class ClientWrap(mrpcd.UnaryStreamClientInterceptor):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def intercept_unary_stream(self, continuation, details, request):
+            return wrap_responses(("client", self.tag), continuation(details, request))
+
+    class _Concrete:
+        def __init__(self, value):
+            self._value = value
+
+        def result(self, timeout=None):
+            return self._value
+
+        def exception(self, timeout=None):
+            return None
+
+    class DefaultValue(mrpcd.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            response = continuation(details, request)
+            return _Concrete(pb.Summary(total=-1)) if response.exception() else response
+
+    with sync_pair(streamer, _error_servicer(pb), interceptors=[ServerWrap("s1"), ServerWrap("s2")]) as (_server, channel):
+        wrapped = mrpcd.intercept_channel(channel, ClientWrap("c1"), ClientWrap("c2"), DefaultValue())
+        stub = pb.StreamerStub(wrapped)
+        assert [c.seq for c in stub.ServerStream(pb.Chunk(seq=9), timeout=10)] == [0, 1, 2]
+        assert [t for t in log if t[1] == 0] == [(("server", "s2"), 0), (("server", "s1"), 0), (("client", "c2"), 0), (("client", "c1"), 0)]
+        assert stub.Unary(pb.Chunk(seq=1), timeout=10).total == -1  # failed: the default value
+        assert stub.Unary(pb.Chunk(seq=7), timeout=10).total == 7
+
+
+def test_interceptors_aio_rpc_id_contextvar_and_pass_through_client(streamer):
+    """grpc.aio's interceptor example: server interceptors set a contextvar the handler
+    reads (they run in the handler's task), client interceptors log or pass through."""
+    _a, _b, pb = streamer
+    rpc_id = contextvars.ContextVar("rpc_id", default="default")
+    log: list = []
+
+    class RpcIdInterceptor(mrpcd.aio.ServerInterceptor):
+        def __init__(self, tag):
+            self.tag = tag
+
+        async def intercept_service(self, continuation, details):
+            if rpc_id.get() == "default":
+                rpc_id.set(f"{self.tag}-{dict(details.invocation_metadata)['client-rpc-id']}")
+            else:
+                rpc_id.set(f"{self.tag}-{rpc_id.get()}")
+            return await continuation(details)
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            context.set_trailing_metadata((("rpc-id", rpc_id.get()),))
+            return pb.Summary(total=1)
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(seq=5)
+
+    class Logging(mrpcd.aio.UnaryUnaryClientInterceptor, mrpcd.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            log.append(details.method)
+            return await continuation(details, request)
+
+        intercept_unary_stream = intercept_unary_unary
+
+    class PassThrough(mrpcd.aio.UnaryUnaryClientInterceptor, mrpcd.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            return continuation(details, request)  # not awaited: newer grpc.aio unwraps it
+
+        intercept_unary_stream = intercept_unary_unary
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        call = stub.Unary(pb.Chunk(), metadata=(("client-rpc-id", "abc"),), timeout=10)
+        assert (await call).total == 1
+        assert dict(await call.trailing_metadata())["rpc-id"] == "Interceptor2-Interceptor1-abc"
+        assert [c.seq async for c in stub.ServerStream(pb.Chunk(), timeout=10)] == [5]
+        assert log == ["/mrpc.stream.Streamer/Unary", "/mrpc.stream.Streamer/ServerStream"]
+
+    run_aio(streamer, S(), body, server_interceptors=[RpcIdInterceptor("Interceptor1"), RpcIdInterceptor("Interceptor2")],
+            client_interceptors=[Logging(), PassThrough()])
+
+
+def test_interceptors_aio_header_validator_with_a_bare_terminator(streamer):
+    _a, _b, pb = streamer
+
+    class Validator(mrpcd.aio.ServerInterceptor):
+        def __init__(self):
+            async def terminate(request, context):
+                await context.abort(mrpcd.StatusCode.UNAUTHENTICATED, "Access denied!")
+
+            self._terminator = mrpcd.unary_unary_rpc_method_handler(terminate)
+
+        async def intercept_service(self, continuation, details):
+            if ("one-time-password", "42") in details.invocation_metadata:
+                return await continuation(details)
+            return self._terminator
+
+    class AddHeader(mrpcd.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            meta = list(details.metadata or ()) + [("one-time-password", "42")]
+            return await continuation(mrpcd.ClientCallDetails(details.method, details.timeout, meta, details.credentials, details.wait_for_ready), request)
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=3)
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            await stub.Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.UNAUTHENTICATED
+        ok = mrpcd.aio.insecure_channel(channel.target, interceptors=[AddHeader()], app=channel.app)
+        assert (await pb.StreamerStub(ok).Unary(pb.Chunk(), timeout=10)).total == 3
+        await ok.close()
+
+    run_aio(streamer, S(), body, server_interceptors=[Validator()])
+
+
+# -- wait_for_ready ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wait_for_ready_sync_waits_for_the_server_fail_fast_does_not(streamer):
+    a, b, pb = streamer
+    port = _free_port()
+    srv_app = mrpcd.connect(b.socket, name="compat-wfr-server")
+    cli_app = mrpcd.connect(a.socket, name="compat-wfr-client")
+    results: dict = {}
+    try:
+        with mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app) as channel:
+            stub = pb.StreamerStub(channel)
+
+            def call(wait):
+                try:
+                    results[wait] = stub.Unary(pb.Chunk(seq=3), timeout=20, wait_for_ready=wait).total
+                except mrpcd.RpcError as exc:
+                    results[wait] = exc.code()
+
+            threads = [threading.Thread(target=call, args=(w,)) for w in (False, True)]
+            for t in threads:
+                t.start()
+            assert wait_until(lambda: False in results, 15)
+            assert results[False] is mrpcd.StatusCode.UNAVAILABLE
+            server = mrpcd.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(_route_servicer(pb), server)
+            server.add_insecure_port(f"127.0.0.1:{port}")
+            server.start()
+            for t in threads:
+                t.join(20)
+            assert results[True] == 6
+            server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()
+
+
+def test_wait_for_ready_aio(streamer):
+    a, b, pb = streamer
+    port = _free_port()
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=5)
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="compat-wfr-aio-server")
+        cli_app = mrpcd.aio.connect(a.socket, name="compat-wfr-aio-client")
+        try:
+            async with mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app) as channel:
+                stub = pb.StreamerStub(channel)
+
+                async def process(wait):
+                    try:
+                        return (await stub.Unary(pb.Chunk(), timeout=20, wait_for_ready=wait)).total
+                    except mrpcd.aio.AioRpcError as exc:
+                        return exc.code()
+
+                fail_fast = asyncio.ensure_future(process(False))
+                waiting = asyncio.ensure_future(process(True))
+                assert await asyncio.wait_for(fail_fast, 15) is mrpcd.StatusCode.UNAVAILABLE
+                server = mrpcd.aio.server(app=srv_app)
+                pb.add_StreamerServicer_to_server(S(), server)
+                server.add_insecure_port(f"127.0.0.1:{port}")
+                await server.start()
+                assert await asyncio.wait_for(waiting, 20) == 5
+                await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 40))
+
+
+# -- channel and server options (keepalive, retries, service config) -------------------------
+
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 8000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.max_pings_without_data", 5),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+_RETRY = [("grpc.enable_retries", 1), ("grpc.service_config", '{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 5}}]}')]
+
+
+@pytest.mark.parametrize("options", [_KEEPALIVE, _RETRY, [("grpc.max_receive_message_length", 1 << 20)]], ids=["keepalive", "retry", "limits"])
+def test_grpc_channel_and_server_options_are_accepted(streamer, options):
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _route_servicer(pb), options=options) as (_server, channel):
+        ch = mrpcd.insecure_channel(channel.target, options=options, app=channel.app)
+        assert pb.StreamerStub(ch).Unary(pb.Chunk(seq=1), timeout=10).total == 2
+        ch.close()
+
+
+@pytest.mark.parametrize("options", [[("grpc.keepalive_time_ms",)], ["not a pair"], 5])
+def test_malformed_options_are_a_clear_error(streamer, options):
+    with pytest.raises((TypeError, ValueError)) as info:
+        mrpcd.insecure_channel("127.0.0.1:1", options=options, app=mrpcd.connect(streamer[0].socket, name="compat-opts"))
+    assert "option" in str(info.value).lower()
