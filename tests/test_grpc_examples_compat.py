@@ -630,6 +630,30 @@ def test_interceptors_sync_header_added_by_a_client_interceptor_is_checked_by_th
         assert ok.ClientStream(iter([pb.Chunk(seq=1)]), timeout=10).total == 1001
 
 
+def test_a_handler_made_without_serializers_takes_and_gives_bytes(streamer):
+    """grpc's identity (de)serializers: the behavior gets the request's bytes and must
+    return bytes; anything else is a clear error for the client, not a hang."""
+    _a, _b, pb = streamer
+    seen = []
+
+    def raw(request, context):
+        seen.append(type(request))
+        return request if context.method().endswith("Ping") else pb.Summary(total=1)
+
+    class Raw(mrpcd.ServerInterceptor):
+        def intercept_service(self, continuation, details):
+            return mrpcd.unary_unary_rpc_method_handler(raw)
+
+    with sync_pair(streamer, _route_servicer(pb), interceptors=[Raw()]) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        assert stub.Ping(pb.Empty(), timeout=10) == pb.Empty()
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() in (mrpcd.StatusCode.INTERNAL, mrpcd.StatusCode.UNKNOWN)
+        assert "must return bytes" in info.value.details()
+        assert seen == [bytes, bytes]
+
+
 def test_interceptors_sync_streaming_wrappers_on_both_sides(streamer):
     """The examples' streaming interceptors: the server one rebuilds the handler around a
     wrapped response iterator from handler.unary_stream and its (de)serializers; client
