@@ -757,7 +757,7 @@ def test_interceptors_aio_rpc_id_contextvar_and_pass_through_client(streamer):
         call = stub.Unary(pb.Chunk(), metadata=(("client-rpc-id", "abc"),), timeout=10)
         assert (await call).total == 1
         assert dict(await call.trailing_metadata())["rpc-id"] == "Interceptor2-Interceptor1-abc"
-        assert [c.seq async for c in stub.ServerStream(pb.Chunk(), timeout=10)] == [5]
+        assert [c.seq async for c in stub.ServerStream(pb.Chunk(), metadata=(("client-rpc-id", "d"),), timeout=10)] == [5]
         assert log == ["/mrpc.stream.Streamer/Unary", "/mrpc.stream.Streamer/ServerStream"]
 
     run_aio(streamer, S(), body, server_interceptors=[RpcIdInterceptor("Interceptor1"), RpcIdInterceptor("Interceptor2")],
