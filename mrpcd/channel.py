@@ -330,13 +330,15 @@ class _MultiCallable(MultiCallableCore):
         for schema in self._schemas:
             channel.app.ensure_schema(schema)
 
-    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True) -> _ClientCall:
+    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True, wait_for_ready: bool | None = None) -> _ClientCall:
         """Open a call. `watch`: the app's deadline thread ends it at its deadline (grpc
         does so whether or not anyone waits on the call); the blocking unary call, whose
-        caller waits with the deadline itself, goes without."""
+        caller waits with the deadline itself, goes without. `wait_for_ready`: while the
+        target cannot be reached, wait for it (until the deadline) instead of failing
+        with UNAVAILABLE at once, as grpc does."""
         app = self._channel.app
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        handle = self._channel._ensure_handle()
+        handle = self._channel._ensure_handle() if not wait_for_ready else self._channel._wait_for_handle(deadline)
         call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         try:
             app.send(self._first_record(call, end, dl, meta, payload), timeout)
@@ -372,10 +374,10 @@ class _MultiCallable(MultiCallableCore):
 
 
 class UnaryUnaryMultiCallable(_MultiCallable):
-    def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
+    def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> Any:
         """The blocking call: what with_call does, without the rendezvous and its future
         state (one wait for the end of the call, then the response or the error)."""
-        call = self._start(request, True, timeout, metadata, watch=False)
+        call = self._start(request, True, timeout, metadata, watch=False, wait_for_ready=wait_for_ready)
         call.wait_end()
         with call._cond:
             got = call.pop_message()
@@ -389,36 +391,36 @@ class UnaryUnaryMultiCallable(_MultiCallable):
                     call.code, call.details = call.deserialize_error(exc)
         raise _Rendezvous(call, False)
 
-    def with_call(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
-        fut = self.future(request, timeout, metadata)
+    def with_call(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
+        fut = self.future(request, timeout, metadata, wait_for_ready=wait_for_ready)
         return fut.result(), fut
 
-    def future(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        return _Rendezvous(self._start(request, True, timeout, metadata), False)
+    def future(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), False)
 
 
 class UnaryStreamMultiCallable(_MultiCallable):
-    def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        return _Rendezvous(self._start(request, True, timeout, metadata), True)
+    def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), True)
 
 
 class StreamUnaryMultiCallable(_MultiCallable):
-    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
-        return self.with_call(request_iterator, timeout, metadata)[0]
+    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> Any:
+        return self.with_call(request_iterator, timeout, metadata, wait_for_ready=wait_for_ready)[0]
 
-    def with_call(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
-        fut = self.future(request_iterator, timeout, metadata)
+    def with_call(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
+        fut = self.future(request_iterator, timeout, metadata, wait_for_ready=wait_for_ready)
         return fut.result(), fut
 
-    def future(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        call = self._start(None, False, timeout, metadata)
+    def future(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        call = self._start(None, False, timeout, metadata, wait_for_ready=wait_for_ready)
         self._pump_requests(call, request_iterator)
         return _Rendezvous(call, False)
 
 
 class StreamStreamMultiCallable(_MultiCallable):
-    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        call = self._start(None, False, timeout, metadata)
+    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        call = self._start(None, False, timeout, metadata, wait_for_ready=wait_for_ready)
         self._pump_requests(call, request_iterator)
         return _Rendezvous(call, True)
 
@@ -454,6 +456,23 @@ class Channel(ChannelCore):
                 self._listener = lost_listener(self)
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
             return self._handle
+
+    def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
+        """The connection for a wait_for_ready call: while the target cannot be reached
+        (UNAVAILABLE), try again, backing off to 1 s, until the call's deadline
+        (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are raised."""
+        delay = 0.05
+        while True:
+            try:
+                return self._ensure_handle()
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE:
+                    raise
+            left = deadline.remaining() if deadline is not None else None
+            if left == 0:
+                raise RpcError(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
         with self._lock:

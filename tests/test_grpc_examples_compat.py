@@ -843,6 +843,38 @@ def test_wait_for_ready_sync_waits_for_the_server_fail_fast_does_not(streamer):
         srv_app.close()
 
 
+def test_wait_for_ready_without_a_server_ends_at_the_deadline(streamer):
+    """Sync (plain and through an interceptor, whose call details carry the flag) and
+    asyncio: nobody ever listens, so the call waits until its deadline, as in grpc."""
+    a, _b, pb = streamer
+    port = _free_port()
+    cli_app = mrpcd.connect(a.socket, name="compat-wfr-none")
+    try:
+        with mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app) as channel:
+            for ch in (channel, mrpcd.intercept_channel(channel, _header_adder("x", "y"))):
+                stub = pb.StreamerStub(ch)
+                with pytest.raises(mrpcd.RpcError) as info:
+                    stub.Unary(pb.Chunk(), timeout=0.5, wait_for_ready=True)
+                assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+                with pytest.raises(mrpcd.RpcError) as info:
+                    list(stub.ServerStream(pb.Chunk(), timeout=0.5, wait_for_ready=True))
+                assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        cli_app.close()
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="compat-wfr-none-aio")
+        try:
+            async with mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=app) as channel:
+                with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                    await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=0.5, wait_for_ready=True)
+                assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
 def test_wait_for_ready_aio(streamer):
     a, b, pb = streamer
     port = _free_port()

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
-from ..interceptors import ClientCallDetails
+from ..interceptors import ClientCallDetails, wait_for_ready_of
 from ..marshal import records as R
 from ..status import RpcError, StatusCode, metadata_tuple
 from ._app import AioApp, _set_if_pending, default_app
@@ -391,7 +391,7 @@ class StreamStreamCall(_StreamRequestMixin, StreamResponseCall):
 
 
 class _AioMultiCallable(MultiCallableCore):
-    def _call(self, call_cls: type, first: Any, details: ClientCallDetails) -> Any:
+    def _call(self, call_cls: type, first: Any, details: ClientCallDetails, wait_for_ready: bool | None = None) -> Any:
         """A call with a single request, started here when everything it needs is at hand
         (the schemas registered, the channel connected, room in the ring): no start task,
         no shield, the record goes into the ring now, as grpc.aio starts a call when it
@@ -400,7 +400,7 @@ class _AioMultiCallable(MultiCallableCore):
         loop = self._channel.app.loop
         got = self._open_now(first, details.timeout, details.metadata)
         if got is None:
-            return call_cls(self._open(first, True, details.timeout, details.metadata), loop)
+            return call_cls(self._open(first, True, details.timeout, details.metadata, wait_for_ready=wait_for_ready_of(details, wait_for_ready)), loop)
         state, unsent = got
         if unsent is None:
             return call_cls(None, loop, state=state)
@@ -441,13 +441,13 @@ class _AioMultiCallable(MultiCallableCore):
             raise
         return state
 
-    async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None) -> _CallState:
+    async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None, wait_for_ready: bool | None = None) -> _CallState:
         ch = self._channel
         for schema in self._schemas:
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        handle = await ch._ensure_handle()
+        handle = await (ch._wait_for_handle(deadline) if wait_for_ready else ch._ensure_handle())
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
         try:
             await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
@@ -486,42 +486,44 @@ class _AioMultiCallable(MultiCallableCore):
         except Exception as exc:
             state.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
 
-    def _details(self, timeout: float | None, metadata) -> ClientCallDetails:
-        return ClientCallDetails(self._method, timeout, metadata)
+    def _details(self, timeout: float | None, metadata, wait_for_ready: bool | None = None) -> ClientCallDetails:
+        return ClientCallDetails(self._method, timeout, metadata, None, wait_for_ready)
 
 
 class UnaryUnaryMultiCallable(_AioMultiCallable):
-    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> UnaryResponseCall:
-            return self._call(UnaryResponseCall, req, details)
+            return self._call(UnaryResponseCall, req, details, wait_for_ready)
 
-        return self._channel._intercept("unary_unary", invoke, self._details(timeout, metadata), request)
+        return self._channel._intercept("unary_unary", invoke, self._details(timeout, metadata, wait_for_ready), request)
 
 
 class UnaryStreamMultiCallable(_AioMultiCallable):
-    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> StreamResponseCall:
-            return self._call(StreamResponseCall, req, details)
+            return self._call(StreamResponseCall, req, details, wait_for_ready)
 
-        return self._channel._intercept("unary_stream", invoke, self._details(timeout, metadata), request)
+        return self._channel._intercept("unary_stream", invoke, self._details(timeout, metadata, wait_for_ready), request)
 
 
 class StreamUnaryMultiCallable(_AioMultiCallable):
-    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         """With no request iterator the call takes `write()` / `done_writing()` (grpc.aio)."""
         def invoke(details: ClientCallDetails, reqs: Any) -> StreamUnaryCall:
-            return StreamUnaryCall(self._open(None, False, details.timeout, details.metadata, reqs), self._channel.app.loop, self if reqs is None else None)
+            return StreamUnaryCall(self._open(None, False, details.timeout, details.metadata, reqs, wait_for_ready_of(details, wait_for_ready)),
+                                   self._channel.app.loop, self if reqs is None else None)
 
-        return self._channel._intercept("stream_unary", invoke, self._details(timeout, metadata), request_iterator)
+        return self._channel._intercept("stream_unary", invoke, self._details(timeout, metadata, wait_for_ready), request_iterator)
 
 
 class StreamStreamMultiCallable(_AioMultiCallable):
-    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         """With no request iterator the call takes `write()` / `done_writing()` (grpc.aio)."""
         def invoke(details: ClientCallDetails, reqs: Any) -> StreamStreamCall:
-            return StreamStreamCall(self._open(None, False, details.timeout, details.metadata, reqs), self._channel.app.loop, self if reqs is None else None)
+            return StreamStreamCall(self._open(None, False, details.timeout, details.metadata, reqs, wait_for_ready_of(details, wait_for_ready)),
+                                    self._channel.app.loop, self if reqs is None else None)
 
-        return self._channel._intercept("stream_stream", invoke, self._details(timeout, metadata), request_iterator)
+        return self._channel._intercept("stream_stream", invoke, self._details(timeout, metadata, wait_for_ready), request_iterator)
 
 
 class Channel(ChannelCore):
@@ -582,6 +584,23 @@ class Channel(ChannelCore):
                 self._listener = lost_listener(self)
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
             return self._handle
+
+    async def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
+        """The connection for a wait_for_ready call: while the target cannot be reached
+        (UNAVAILABLE), try again, backing off to 1 s, until the call's deadline
+        (DEADLINE_EXCEEDED then, as grpc.aio); other errors (a closed channel) are raised."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._ensure_handle()
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE:
+                    raise
+            left = deadline.remaining() if deadline is not None else None
+            if left == 0:
+                raise AioRpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            await asyncio.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
