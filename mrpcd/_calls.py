@@ -703,5 +703,10 @@ class ServerCore:
         return payload
 
     def _encode_response(self, handler: RpcMethodHandler, response: Any) -> Any:
-        """The encoded response (bytes, or Parts for big bytes fields; len() is its size)."""
-        return parts_serializer(handler.response_serializer)(response)
+        """The encoded response (bytes, or Parts for big bytes fields; len() is its size);
+        a response the serializer refuses (None, another type) is SerializeError: INTERNAL
+        "Exception serializing response!" for the client, from either server."""
+        try:
+            return parts_serializer(handler.response_serializer)(response)
+        except Exception as exc:
+            raise SerializeError(str(exc)) from None

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 from . import flow, wire
-from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure, parts_serializer
+from ._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from .app import App, default_app
 from .deadlines import DeadlineHeap as _Deadlines
 from .handlers import HandlerCallDetails, RpcMethodHandler
@@ -347,12 +347,6 @@ class Server(ServerCore):
             if not self._calls:
                 self._idle.notify_all()
         self._deadlines.discard(call)
-
-    def _encode_response(self, handler: RpcMethodHandler, response: Any) -> Any:
-        try:
-            return parts_serializer(handler.response_serializer)(response)
-        except Exception as exc:
-            raise SerializeError(str(exc)) from None
 
     def _run(self, call: _ServerCall) -> None:
         ctx = ServicerContext(call)

@@ -437,7 +437,8 @@ def test_deadline_sync_expires_with_deadline_exceeded_and_the_handler_sees_it(st
             seen["remaining"] = context.time_remaining()
             if request.seq:
                 released.wait(10)
-                seen["active_after"] = context.is_active()
+                # the server's deadline is the client's plus the transit: it ends a moment later
+                seen["active_after"] = not wait_until(lambda: not context.is_active(), 10)
             return pb.Summary(total=1)
 
     with sync_pair(streamer, Slow()) as (_server, channel):
@@ -937,3 +938,126 @@ def test_malformed_options_are_a_clear_error(streamer, options):
     with pytest.raises((TypeError, ValueError)) as info:
         mrpcd.insecure_channel("127.0.0.1:1", options=options, app=mrpcd.connect(streamer[0].socket, name="compat-opts"))
     assert "option" in str(info.value).lower()
+
+
+# -- bad input: clear errors, never a hang ---------------------------------------------------
+
+
+def test_wrong_request_and_response_types_are_clear_errors(streamer):
+    """A request of the wrong message type, a handler that returns None or the wrong
+    type, or yields the wrong type: each call ends with a status that says so."""
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return None if request.seq == 0 else pb.Chunk(seq=1)
+
+        def ServerStream(self, request, context):
+            yield pb.Chunk(seq=0)
+            yield pb.Summary(total=1)
+
+    with sync_pair(streamer, S()) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        with pytest.raises((TypeError, ValueError, mrpcd.RpcError)) as info:
+            stub.Unary(pb.Summary(total=1), timeout=10)
+        assert "Summary" in str(info.value) or "Chunk" in str(info.value), info.value
+        for seq in (0, 1):
+            with pytest.raises(mrpcd.RpcError) as info:
+                stub.Unary(pb.Chunk(seq=seq), timeout=10)
+            assert info.value.code() in (mrpcd.StatusCode.INTERNAL, mrpcd.StatusCode.UNKNOWN), info.value
+            assert "serializ" in info.value.details().lower(), info.value.details()
+        got = []
+        with pytest.raises(mrpcd.RpcError) as info:
+            for chunk in stub.ServerStream(pb.Chunk(), timeout=10):
+                got.append(chunk.seq)
+        assert got == [0] and info.value.code() in (mrpcd.StatusCode.INTERNAL, mrpcd.StatusCode.UNKNOWN)
+
+
+def test_wrong_types_aio_are_clear_errors(streamer):
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return None
+
+        async def ServerStream(self, request, context):
+            yield pb.Summary(total=1)
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        with pytest.raises(mrpcd.RpcError) as info:
+            await stub.Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() in (mrpcd.StatusCode.INTERNAL, mrpcd.StatusCode.UNKNOWN)
+        assert "serializ" in info.value.details().lower(), info.value.details()
+        with pytest.raises(mrpcd.RpcError) as info:
+            [c async for c in stub.ServerStream(pb.Chunk(), timeout=10)]
+        assert info.value.code() in (mrpcd.StatusCode.INTERNAL, mrpcd.StatusCode.UNKNOWN)
+        with pytest.raises((TypeError, ValueError, mrpcd.RpcError)):
+            await stub.Unary(pb.Summary(), timeout=10)
+
+    run_aio(streamer, S(), body)
+
+
+# -- async_streaming / hellostreamingworld: responses consumed elsewhere, read() until EOF ----
+
+
+def test_bidi_with_a_finite_request_iterator_consumed_on_another_thread(streamer):
+    """The async_streaming example: one request, then the server streams call states
+    (an enum compared with `is`), the responses read on an executor thread; the server
+    cleans up in an add_callback."""
+    _a, _b, pb = streamer
+    cleaned = threading.Event()
+
+    class Phone(pb.StreamerServicer):
+        def BidiStream(self, request_iterator, context):
+            first = next(request_iterator)
+            context.add_callback(cleaned.set)
+            for state in (0, 1):
+                yield pb.Chunk(seq=first.seq, header={"trace_id": "call", "priority": state})
+
+    with sync_pair(streamer, Phone()) as (_server, channel), futures.ThreadPoolExecutor(2) as pool:
+        responses = pb.StreamerStub(channel).BidiStream(iter((pb.Chunk(seq=7),)), timeout=10)
+
+        def watch():
+            states = []
+            for r in responses:
+                if r.HasField("header"):
+                    states.append(r.header.priority)
+            return states
+
+        states = pool.submit(watch).result(timeout=10)
+        assert states == [0, 1] and states[1] is pb.Priority.PRIORITY_HIGH  # an enum member, as `is` comparisons expect
+        assert cleaned.wait(10)
+
+
+def test_aio_read_until_eof_and_write_done_writing(streamer):
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def ServerStream(self, request, context):
+            for i in range(request.seq):
+                yield pb.Chunk(seq=i)
+
+        async def BidiStream(self, request_iterator, context):
+            async for chunk in request_iterator:
+                yield pb.Chunk(seq=chunk.seq + 100)
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        call = stub.ServerStream(pb.Chunk(seq=3), timeout=10)
+        got = []
+        while True:
+            response = await call.read()
+            if response == mrpcd.aio.EOF:
+                break
+            got.append(response.seq)
+        assert got == [0, 1, 2]
+        call = stub.BidiStream(timeout=10)
+        for i in range(3):
+            await call.write(pb.Chunk(seq=i))
+            assert (await call.read()).seq == 100 + i
+        await call.done_writing()
+        assert await call.read() == mrpcd.aio.EOF
+        assert await call.code() is mrpcd.StatusCode.OK
+
+    run_aio(streamer, S(), body)
