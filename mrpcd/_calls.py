@@ -628,7 +628,10 @@ class ServerCore:
     _interceptor_base: type = object
     _interceptor_name = ""
 
-    def _init_core(self, app: Any, interceptors: Any, options: Any) -> None:
+    def _init_core(self, app: Any, interceptors: Any, options: Any, maximum_concurrent_rpcs: int | None = None) -> None:
+        if maximum_concurrent_rpcs is not None and (type(maximum_concurrent_rpcs) is not int or maximum_concurrent_rpcs < 1):
+            raise ValueError(f"maximum_concurrent_rpcs must be a positive int or None, got {maximum_concurrent_rpcs!r}")
+        self._max_concurrent = maximum_concurrent_rpcs
         self.app = app
         self._max_send, self._max_receive = wire.message_limits(options, app.max_record)
         self._interceptors = tuple(interceptors or ())
@@ -687,6 +690,11 @@ class ServerCore:
             return False
         if not self._started or self._stopped.is_set():
             self._reply_nowait(wire.response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.UNAVAILABLE, details="server is not serving"))
+            return True
+        if self._max_concurrent is not None and len(self._calls) >= self._max_concurrent:
+            # grpc's maximum_concurrent_rpcs: a call over the limit is refused at once (the
+            # rest of its request stream finds no call and is dropped)
+            self._reply_nowait(wire.response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.RESOURCE_EXHAUSTED, details="Concurrent RPC limit exceeded!"))
             return True
         self._admit(rec, *entry)
         return True

@@ -189,10 +189,11 @@ class Server(ServerCore):
         max_workers: int = 16,
         interceptors: Sequence[ServerInterceptor] | None = None,
         options: Any = None,
+        maximum_concurrent_rpcs: int | None = None,
     ) -> None:
         app = app or default_app()
+        self._init_core(app, interceptors, options, maximum_concurrent_rpcs)
         self._pool = thread_pool or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mrpcd-server")
-        self._init_core(app, interceptors, options)
         self._lock = threading.Lock()
         self._stopped = threading.Event()  # no new calls
         self._terminated = threading.Event()  # stopped: the calls in flight are over too
@@ -435,6 +436,10 @@ class Server(ServerCore):
         return not self._terminated.wait(timeout)
 
 
-def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:
-    """Like grpc.server(futures.ThreadPoolExecutor(...), interceptors=..., options=...)."""
-    return Server(thread_pool, handlers, app=app, interceptors=interceptors, options=options)
+def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None,
+           maximum_concurrent_rpcs: int | None = None, compression: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:
+    """Like grpc.server(futures.ThreadPoolExecutor(...), interceptors=..., options=...,
+    maximum_concurrent_rpcs=...): calls beyond maximum_concurrent_rpcs (running or waiting
+    for a worker) are refused with RESOURCE_EXHAUSTED, as grpc does. `compression` is
+    accepted and ignored (the daemons own the transport)."""
+    return Server(thread_pool, handlers, app=app, interceptors=interceptors, options=options, maximum_concurrent_rpcs=maximum_concurrent_rpcs)

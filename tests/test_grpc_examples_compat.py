@@ -501,6 +501,10 @@ def test_cancellation_sync_future_and_response_iterator_reach_the_handler(stream
         stub = pb.StreamerStub(channel)
         future = stub.Unary.future(pb.Chunk(), wait_for_ready=True, timeout=30)
         assert started.acquire(timeout=10)
+        with pytest.raises(mrpcd.RpcError) as info:  # over maximum_concurrent_rpcs, as in grpc
+            stub.Ping(pb.Empty(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details() == "Concurrent RPC limit exceeded!"
         assert future.cancel() and future.cancelled()
         with pytest.raises(mrpcd.FutureCancelledError):
             future.result(timeout=10)
@@ -513,6 +517,62 @@ def test_cancellation_sync_future_and_response_iterator_reach_the_handler(stream
         assert info.value.code() is mrpcd.StatusCode.CANCELLED
         assert wait_until(lambda: len(stopped) == 2, 10), stopped
         assert sorted(stopped) == [("stream", True, False), ("unary", True, False)]
+        # the cancelled calls gave their slot back: the next call is admitted (and answered
+        # UNIMPLEMENTED by the servicer's default Ping)
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Ping(pb.Empty(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_maximum_concurrent_rpcs_must_be_a_positive_int(streamer, bad):
+    app = mrpcd.connect(streamer[1].socket, name="compat-maxrpcs")
+    try:
+        with pytest.raises(ValueError, match="maximum_concurrent_rpcs"):
+            mrpcd.server(futures.ThreadPoolExecutor(1), maximum_concurrent_rpcs=bad, app=app)
+    finally:
+        app.close()
+
+
+def test_maximum_concurrent_rpcs_aio(streamer):
+    _a, _b, pb = streamer
+    release = asyncio.Event()
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            await release.wait()
+            return pb.Summary(total=1)
+
+    async def body(server, channel):
+        stub = pb.StreamerStub(channel)
+        first = asyncio.ensure_future(stub.Unary(pb.Chunk(), timeout=10))
+        while not server._calls:
+            await asyncio.sleep(0.01)
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            await stub.Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        assert (await first).total == 1
+        assert (await stub.Unary(pb.Chunk(), timeout=10)).total == 1
+
+    a, b, _ = streamer
+
+    async def main():
+        srv_app = mrpcd.aio.connect(b.socket, name="compat-max-aio-s")
+        cli_app = mrpcd.aio.connect(a.socket, name="compat-max-aio-c")
+        try:
+            server = mrpcd.aio.server(maximum_concurrent_rpcs=1, app=srv_app)
+            pb.add_StreamerServicer_to_server(S(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            async with mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app) as channel:
+                await body(server, channel)
+            await server.stop(None)
+        finally:
+            cli_app.close()
+            srv_app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_server_side_context_cancel_ends_the_call_with_cancelled(streamer):
