@@ -20,7 +20,7 @@ from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from .app import App, default_app
 from .marshal import records as R
-from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
+from .status import Call, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -324,6 +324,10 @@ class _Rendezvous(RpcError):
         return self.__next__()
 
 
+Call.register(_Rendezvous)  # isinstance(call, grpc.Call) / grpc.Future holds, as in grpc
+Future.register(_Rendezvous)
+
+
 class _MultiCallable(MultiCallableCore):
     def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
         super().__init__(channel, method, request_type, response_type)
@@ -611,9 +615,13 @@ def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
     return _ChannelReadyFuture(channel)
 
 
-def insecure_channel(target: str, options: Any = None, app: App | None = None) -> Channel:
+def insecure_channel(target: str, options: Any = None, compression: Any = None, app: App | None = None) -> Channel:
     """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
 
-    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length.
+    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length; the
+    others (keepalive, retries, service config) and `compression` are accepted and ignored
+    (docs/PORTING.md).
     """
+    if isinstance(compression, App):  # insecure_channel(target, options, app): before compression existed
+        app, compression = compression, None
     return Channel(target, app, options)

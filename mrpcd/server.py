@@ -27,7 +27,7 @@ from .deadlines import DeadlineHeap as _Deadlines
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
 from .marshal import records as R
-from .status import RpcError, StatusCode, metadata_tuple
+from .status import RpcContext, RpcError, StatusCode, metadata_tuple
 
 log = logging.getLogger("mrpcd.server")
 
@@ -169,6 +169,9 @@ class ServicerContext(ContextCore):
     def abort_with_status(self, status: Any) -> None:
         self._trailing = wire.check_metadata(getattr(status, "trailing_metadata", ()) or ())
         self.abort(status.code, status.details)
+
+
+RpcContext.register(ServicerContext)
 
 
 class Server(ServerCore):

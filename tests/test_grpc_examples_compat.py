@@ -113,6 +113,7 @@ def test_route_guide_sync_all_four_kinds_with_call_and_futures(streamer):
         assert response.total == 5015 and call.code() is mrpcd.StatusCode.OK
 
         future = stub.Unary.future(pb.Chunk(seq=5), timeout=10)
+        assert isinstance(future, mrpcd.Future) and isinstance(future, mrpcd.Call)
         assert future.result(timeout=10).total == 10 and future.done() and not future.cancelled()
         future = stub.ClientStream.future(route(), timeout=10)
         done = threading.Event()
@@ -354,7 +355,7 @@ def test_abort_in_the_middle_of_a_response_stream(streamer):
         assert info.value.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED and info.value.details() == "Exhausted"
 
 
-class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata"))):
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), mrpcd.Status):
     """What grpc_status.rpc_status.to_status() returns: a grpc.Status (code, details,
     trailing metadata carrying the packed google.rpc.Status)."""
 
@@ -750,15 +751,33 @@ def test_interceptors_sync_streaming_wrappers_on_both_sides(streamer):
         def intercept_unary_stream(self, continuation, details, request):
             return wrap_responses(("client", self.tag), continuation(details, request))
 
-    class _Concrete:
+    class _Concrete(mrpcd.Future):  # an answer of the interceptor's own, as grpc's example
         def __init__(self, value):
             self._value = value
+
+        def cancel(self):
+            return False
+
+        def cancelled(self):
+            return False
+
+        def running(self):
+            return False
+
+        def done(self):
+            return True
 
         def result(self, timeout=None):
             return self._value
 
         def exception(self, timeout=None):
             return None
+
+        def traceback(self, timeout=None):
+            return None
+
+        def add_done_callback(self, fn):
+            fn(self)
 
     class DefaultValue(mrpcd.UnaryUnaryClientInterceptor):
         def intercept_unary_unary(self, continuation, details, request):
@@ -815,7 +834,7 @@ def test_interceptors_aio_rpc_id_contextvar_and_pass_through_client(streamer):
 
     async def body(server, channel):
         stub = pb.StreamerStub(channel)
-        call = stub.Unary(pb.Chunk(), metadata=(("client-rpc-id", "abc"),), timeout=10)
+        call = stub.Unary(pb.Chunk(), metadata=mrpcd.aio.Metadata(("client-rpc-id", "abc")), timeout=10)
         assert (await call).total == 1
         assert dict(await call.trailing_metadata())["rpc-id"] == "Interceptor2-Interceptor1-abc"
         assert [c.seq async for c in stub.ServerStream(pb.Chunk(), metadata=(("client-rpc-id", "d"),), timeout=10)] == [5]
@@ -987,8 +1006,8 @@ _RETRY = [("grpc.enable_retries", 1), ("grpc.service_config", '{"methodConfig": 
 @pytest.mark.parametrize("options", [_KEEPALIVE, _RETRY, [("grpc.max_receive_message_length", 1 << 20)]], ids=["keepalive", "retry", "limits"])
 def test_grpc_channel_and_server_options_are_accepted(streamer, options):
     _a, _b, pb = streamer
-    with sync_pair(streamer, _route_servicer(pb), options=options) as (_server, channel):
-        ch = mrpcd.insecure_channel(channel.target, options=options, app=channel.app)
+    with sync_pair(streamer, _route_servicer(pb), options=options, compression=mrpcd.Compression.Gzip) as (_server, channel):
+        ch = mrpcd.insecure_channel(channel.target, options, mrpcd.Compression.Gzip, app=channel.app)
         assert pb.StreamerStub(ch).Unary(pb.Chunk(seq=1), timeout=10).total == 2
         ch.close()
 
@@ -1121,3 +1140,75 @@ def test_aio_read_until_eof_and_write_done_writing(streamer):
         assert await call.code() is mrpcd.StatusCode.OK
 
     run_aio(streamer, S(), body)
+
+
+def test_exception_wrapper_interceptor_around_a_response_stream(streamer):
+    """grpc's exception_wrapper example: a client interceptor returns its own Call and
+    Future around the response iterator and turns one status into its own exception."""
+    _a, _b, pb = streamer
+
+    class Wrapped(Exception):
+        pass
+
+    class Wrapper(mrpcd.Call, mrpcd.Future):
+        def __init__(self, call):
+            self._call = call
+
+        def __getattr__(self, name):
+            return getattr(self._call, name)
+
+        initial_metadata = property(lambda self: self._call.initial_metadata)
+        trailing_metadata = property(lambda self: self._call.trailing_metadata)
+        code = property(lambda self: self._call.code)
+        details = property(lambda self: self._call.details)
+        is_active = property(lambda self: self._call.is_active)
+        time_remaining = property(lambda self: self._call.time_remaining)
+        cancel = property(lambda self: self._call.cancel)
+        add_callback = property(lambda self: self._call.add_callback)
+        cancelled = property(lambda self: self._call.cancelled)
+        running = property(lambda self: self._call.running)
+        done = property(lambda self: self._call.done)
+        result = property(lambda self: self._call.result)
+        exception = property(lambda self: self._call.exception)
+        traceback = property(lambda self: self._call.traceback)
+        add_done_callback = property(lambda self: self._call.add_done_callback)
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            try:
+                return next(self._call)
+            except StopIteration:
+                raise
+            except mrpcd.RpcError as err:
+                if err.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED:
+                    raise Wrapped(err) from err
+                raise
+
+    class ExceptionInterceptor(mrpcd.UnaryStreamClientInterceptor):
+        def intercept_unary_stream(self, continuation, details, request):
+            return Wrapper(continuation(details, request))
+
+    with sync_pair(streamer, _error_servicer(pb)) as (_server, channel):
+        stub = pb.StreamerStub(mrpcd.intercept_channel(channel, ExceptionInterceptor()))
+        got = []
+        with pytest.raises(Wrapped):
+            for chunk in stub.ServerStream(pb.Chunk(seq=1), timeout=10):
+                got.append(chunk.seq)
+        assert got == [0]
+        call = stub.ServerStream(pb.Chunk(seq=9), timeout=10)
+        assert [c.seq for c in call] == [0, 1, 2] and call.code() is mrpcd.StatusCode.OK
+
+
+def test_aio_metadata_class_behaves_as_grpc_aio_metadata():
+    m = mrpcd.aio.Metadata(("a", "1"), ("b", b"\x00"))
+    m.add("a", "2")
+    assert m["a"] == "1" and m.get_all("a") == ["1", "2"] and len(m) == 3 and "b" in m
+    assert list(m) == [("a", "1"), ("a", "2"), ("b", b"\x00")]
+    m["a"] = "one"
+    del m["b"]
+    assert m == (("a", "one"), ("a", "2")) and m.get("b") is None
+    assert mrpcd.aio.Metadata.from_tuple((("k", "v"),)) == mrpcd.aio.Metadata(("k", "v"))
+    with pytest.raises(KeyError):
+        m["missing"]

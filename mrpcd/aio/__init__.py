@@ -27,6 +27,7 @@ from ._interceptors import (
     UnaryStreamClientInterceptor,
     UnaryUnaryClientInterceptor,
 )
+from ._metadata import Metadata
 from ._server import Server, ServicerContext, server
 
 __all__ = [
@@ -34,5 +35,5 @@ __all__ = [
     "StreamUnaryCall", "StreamStreamCall", "UsageError",
     "insecure_channel", "ClientInterceptor", "ServerInterceptor", "StreamStreamClientInterceptor",
     "StreamUnaryClientInterceptor", "UnaryStreamClientInterceptor", "UnaryUnaryClientInterceptor",
-    "Server", "ServicerContext", "server",
+    "Server", "ServicerContext", "server", "Metadata",
 ]
