@@ -83,6 +83,10 @@ class RpcError(Exception):
     def initial_metadata(self) -> tuple:
         return metadata_tuple(self._initial)
 
+    def debug_error_string(self) -> str:
+        """grpc's debugging text of a failed call: here its status and details."""
+        return f"{self.code().name}: {self.details()}"
+
     def __repr__(self) -> str:
         return f"<RpcError {self._code.name}: {self._details!r}>"
 

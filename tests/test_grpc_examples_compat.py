@@ -304,6 +304,10 @@ def _error_servicer(pb):
             if request.seq == 4:
                 context.set_trailing_metadata((("why-bin", b"\x01\x02"),))
                 context.abort(mrpcd.StatusCode.FAILED_PRECONDITION, "with trailers")
+            if request.seq == 5:  # a code set, and no response at all
+                context.set_code(mrpcd.StatusCode.PERMISSION_DENIED)
+                context.set_details("nothing for you")
+                return None
             return pb.Summary(total=request.seq)
 
         def ServerStream(self, request, context):
@@ -320,6 +324,7 @@ _ERRORS = [
     (2, mrpcd.StatusCode.NOT_FOUND, "no such feature"),
     (3, mrpcd.StatusCode.UNKNOWN, None),
     (4, mrpcd.StatusCode.FAILED_PRECONDITION, "with trailers"),
+    (5, mrpcd.StatusCode.PERMISSION_DENIED, "nothing for you"),
 ]
 
 
@@ -336,6 +341,7 @@ def test_errors_sync_code_details_and_trailers(streamer, seq, code, details):
             assert err.details() == details
         if seq == 4:
             assert dict(err.trailing_metadata()) == {"why-bin": b"\x01\x02"}
+        assert code.name in err.debug_error_string()
         # the same status through with_call and a future
         with pytest.raises(mrpcd.RpcError) as info:
             stub.Unary.with_call(pb.Chunk(seq=seq), timeout=10)
@@ -874,6 +880,7 @@ def test_interceptors_aio_header_validator_with_a_bare_terminator(streamer):
             await stub.Unary(pb.Chunk(), timeout=10)
         assert info.value.code() is mrpcd.StatusCode.UNAUTHENTICATED
         ok = mrpcd.aio.insecure_channel(channel.target, interceptors=[AddHeader()], app=channel.app)
+        assert mrpcd.aio.ClientCallDetails is mrpcd.ClientCallDetails
         assert (await pb.StreamerStub(ok).Unary(pb.Chunk(), timeout=10)).total == 3
         await ok.close()
 
