@@ -1219,3 +1219,101 @@ def test_aio_metadata_class_behaves_as_grpc_aio_metadata():
     assert mrpcd.aio.Metadata.from_tuple((("k", "v"),)) == mrpcd.aio.Metadata(("k", "v"))
     with pytest.raises(KeyError):
         m["missing"]
+
+
+# -- streams driven by what comes back ---------------------------------------------------------
+
+
+def test_bidi_ping_pong_driven_by_a_generator_that_waits_for_each_answer(streamer):
+    """A request generator that yields the next note only once the answer to the last one
+    arrived (route_guide's chat, paced by the responses): each request must go out as it
+    is yielded, not once the generator ends."""
+    import queue
+
+    _a, _b, pb = streamer
+
+    class Echo(pb.StreamerServicer):
+        def BidiStream(self, request_iterator, context):
+            for note in request_iterator:
+                yield pb.Chunk(seq=note.seq + 1)
+
+    with sync_pair(streamer, Echo()) as (_server, channel):
+        answers: queue.Queue = queue.Queue()
+
+        def notes():
+            seq = 0
+            for _ in range(5):
+                yield pb.Chunk(seq=seq)
+                seq = answers.get(timeout=10)
+
+        got = []
+        for reply in pb.StreamerStub(channel).BidiStream(notes(), timeout=20):
+            got.append(reply.seq)
+            answers.put(reply.seq)
+        assert got == [1, 2, 3, 4, 5]
+
+
+def test_client_stream_answered_early_stops_taking_an_endless_request_iterator(streamer):
+    """The server answers after three requests; the client's endless generator is no
+    longer drawn on and the call ends with the answer, sync and asyncio."""
+    _a, _b, pb = streamer
+
+    def endless():
+        i = 0
+        while True:
+            yield pb.Chunk(seq=i)
+            i += 1
+
+    class Sync(pb.StreamerServicer):
+        def ClientStream(self, request_iterator, context):
+            return pb.Summary(total=sum(next(request_iterator).seq for _ in range(3)))
+
+    with sync_pair(streamer, Sync()) as (_server, channel):
+        assert pb.StreamerStub(channel).ClientStream(endless(), timeout=20).total == 3
+
+    class Aio(pb.StreamerServicer):
+        async def ClientStream(self, request_iterator, context):
+            total = 0
+            n = 0
+            async for chunk in request_iterator:
+                total += chunk.seq
+                n += 1
+                if n == 3:
+                    break
+            return pb.Summary(total=total)
+
+    async def body(server, channel):
+        assert (await pb.StreamerStub(channel).ClientStream(endless(), timeout=20)).total == 3
+
+    run_aio(streamer, Aio(), body)
+
+
+def test_deadline_on_response_streams_sync_and_aio(streamer):
+    _a, _b, pb = streamer
+
+    class SlowSync(pb.StreamerServicer):
+        def ServerStream(self, request, context):
+            yield pb.Chunk(seq=0)
+            while context.is_active():
+                threading.Event().wait(0.02)
+
+    with sync_pair(streamer, SlowSync()) as (_server, channel):
+        got = []
+        with pytest.raises(mrpcd.RpcError) as info:
+            for c in pb.StreamerStub(channel).ServerStream(pb.Chunk(), timeout=0.5):
+                got.append(c.seq)
+        assert got == [0] and info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+
+    class SlowAio(pb.StreamerServicer):
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(seq=0)
+            await asyncio.sleep(10)
+
+    async def body(server, channel):
+        got = []
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            async for c in pb.StreamerStub(channel).ServerStream(pb.Chunk(), timeout=0.5):
+                got.append(c.seq)
+        assert got == [0] and info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+
+    run_aio(streamer, SlowAio(), body)
