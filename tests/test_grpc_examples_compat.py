@@ -260,7 +260,10 @@ def test_metadata_aio_invocation_trailing_and_call_accessors(streamer):
         stub = pb.StreamerStub(channel)
         call = stub.Unary(pb.Chunk(), metadata=_SENT, timeout=10)
         assert (await call).total == len(b"\x00bytes\xff")
-        assert dict(await call.trailing_metadata()) == {"checksum-bin": b"I agree", "echo": "token"}
+        trailing = await call.trailing_metadata()
+        assert dict(trailing) == {"checksum-bin": b"I agree", "echo": "token"}
+        assert isinstance(trailing, mrpcd.aio.Metadata) and trailing["echo"] == "token"  # as grpc.aio's
+        assert trailing == (("checksum-bin", b"I agree"), ("echo", "token"))
         assert await call.code() is mrpcd.StatusCode.OK
         await call.initial_metadata()
 
@@ -382,6 +385,8 @@ def test_abort_with_status_carries_rich_details_in_trailers_sync_and_aio(streame
     def check(err):
         assert err.code() is mrpcd.StatusCode.RESOURCE_EXHAUSTED and err.details() == "Request limit exceeded."
         assert dict(err.trailing_metadata())["grpc-status-details-bin"] == packed
+        for key, value in err.trailing_metadata():  # what grpc_status.rpc_status.from_call reads
+            assert isinstance(key, str)
 
     with sync_pair(streamer, Sync()) as (_server, channel):
         with pytest.raises(mrpcd.RpcError) as info:

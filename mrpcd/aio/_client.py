@@ -17,8 +17,9 @@ from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails, wait_for_ready_of
 from ..marshal import records as R
-from ..status import RpcError, StatusCode, metadata_tuple
+from ..status import RpcError, StatusCode
 from ._app import AioApp, _set_if_pending, default_app
+from ._metadata import Metadata
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -129,7 +130,14 @@ class _CallState(ClientCallCore):
 
 
 class AioRpcError(RpcError):
-    """grpc.aio.AioRpcError: what a failed asyncio call raises."""
+    """grpc.aio.AioRpcError: what a failed asyncio call raises; its metadata are
+    grpc.aio.Metadata, as grpc.aio's."""
+
+    def initial_metadata(self) -> Metadata:
+        return Metadata.from_tuple(self._initial)
+
+    def trailing_metadata(self) -> Metadata:
+        return Metadata.from_tuple(self._trailing)
 
 
 class _NoApp:
@@ -224,15 +232,15 @@ class _Call:
         await s.wait_done()
         return s.details
 
-    async def initial_metadata(self) -> tuple:
+    async def initial_metadata(self) -> Metadata:
         s = await self._get()
         await s._wait_for(lambda: s.got_initial)
-        return metadata_tuple(s.initial)
+        return Metadata.from_tuple(s.initial)
 
-    async def trailing_metadata(self) -> tuple:
+    async def trailing_metadata(self) -> Metadata:
         s = await self._get()
         await s.wait_done()
-        return metadata_tuple(s.trailing)
+        return Metadata.from_tuple(s.trailing)
 
     async def wait_for_connection(self) -> None:
         """Until the call has started; raises AioRpcError if it could not (grpc.aio)."""

@@ -1,9 +1,13 @@
 """grpc.aio.Metadata: an ordered multi-map of metadata, for code that builds call metadata
-with it (`metadata=grpc.aio.Metadata(("k", "v"))`). Iterating gives (key, value) pairs in
-order, so it goes wherever metadata pairs go."""
+with it (`metadata=grpc.aio.Metadata(("k", "v"))`), and what an asyncio call's
+initial_metadata() / trailing_metadata() return, as in grpc.aio (`md["key"]`). Iterating
+gives (key, value) pairs in order, so it goes wherever metadata pairs go, and it equals
+the tuple of its pairs."""
 from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
+
+from ..status import Metadatum
 
 
 class Metadata:
@@ -61,9 +65,10 @@ class Metadata:
         return key in self._by_key
 
     def __iter__(self) -> Iterator[tuple[str, "str | bytes"]]:
+        """(key, value) pairs (with .key / .value, as the sync library's), in order."""
         for key, values in self._by_key.items():
             for value in values:
-                yield key, value
+                yield Metadatum(key, value)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_key.values())
