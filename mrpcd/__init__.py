@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .status import (  # noqa: E402
     AbortError,
     Call,
+    ChannelConnectivity,
     Compression,
     Future,
     FutureCancelledError,
@@ -21,7 +22,7 @@ from .status import (  # noqa: E402
     StatusCode,
 )
 
-__all__ = ["__version__", "AbortError", "Call", "Compression", "Future", "FutureCancelledError", "FutureTimeoutError", "RpcContext",
+__all__ = ["__version__", "AbortError", "Call", "ChannelConnectivity", "Compression", "Future", "FutureCancelledError", "FutureTimeoutError", "RpcContext",
            "RpcError", "Status", "StatusCode"]
 
 from .app import App, connect, default_app  # noqa: E402

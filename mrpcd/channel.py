@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from .app import App, default_app
 from .marshal import records as R
-from .status import Call, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
+from .status import Call, ChannelConnectivity, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -443,6 +444,12 @@ class Channel(ChannelCore):
         self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._state = ChannelConnectivity.IDLE
+        self._subscribers: list[Callable[[ChannelConnectivity], None]] = []
+        self._notices: deque = deque()  # (callbacks, state) for the notifier thread, in order
+        self._notifying = False
+        self._notice_lock = threading.Lock()
+        self._connector: Any = None  # subscribe(try_to_connect=True)'s channel_ready_future
 
     def _ensure_handle(self) -> int:
         handle = self._handle
@@ -452,14 +459,66 @@ class Channel(ChannelCore):
             if self._closed:
                 raise RpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
+                self._set_state(ChannelConnectivity.CONNECTING)
                 try:
                     reply = self.app.call("connect", target=self.target)
                 except RpcError as exc:
+                    self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
                 self._listener = lost_listener(self)
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
+                self._set_state(ChannelConnectivity.READY)
             return self._handle
+
+    # -- grpc's connectivity API ----------------------------------------------------------
+    def _set_state(self, state: ChannelConnectivity) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        if self._subscribers:
+            self._notify(tuple(self._subscribers), state)
+
+    def _notify(self, callbacks: tuple, state: ChannelConnectivity) -> None:
+        """Run callbacks(state) on a notifier thread, in the order of the changes, never
+        on the caller's (which may hold the channel's lock), as grpc runs them apart."""
+        with self._notice_lock:
+            self._notices.append((callbacks, state))
+            if self._notifying:
+                return
+            self._notifying = True
+
+        def run() -> None:
+            while True:
+                with self._notice_lock:
+                    if not self._notices:
+                        self._notifying = False
+                        return
+                    callbacks, state = self._notices.popleft()
+                for cb in callbacks:
+                    try:
+                        cb(state)
+                    except Exception:
+                        pass
+
+        try:
+            threading.Thread(target=run, name="mrpcd-channel-connectivity", daemon=True).start()
+        except RuntimeError:
+            with self._notice_lock:  # interpreter shutdown
+                self._notifying = False
+
+    def subscribe(self, callback: Callable[[ChannelConnectivity], None], try_to_connect: bool = False) -> None:
+        """grpc.Channel.subscribe: callback(state) now with the current state, then at each
+        change; `try_to_connect` connects in the background (retrying while the target
+        cannot be reached) when the channel is not connected."""
+        self._subscribers.append(callback)
+        self._notify((callback,), self._state)
+        if try_to_connect and self._handle is None and not self._closed and (self._connector is None or self._connector.done()):
+            self._connector = channel_ready_future(self)
+
+    def unsubscribe(self, callback: Callable[[ChannelConnectivity], None]) -> None:
+        """grpc.Channel.unsubscribe: no more calls of `callback`."""
+        self._subscribers[:] = [cb for cb in self._subscribers if cb != callback]
 
     def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
         """The connection for a wait_for_ready call: while the target cannot be reached
@@ -481,6 +540,8 @@ class Channel(ChannelCore):
     def _on_lost(self, details: str) -> None:
         with self._lock:
             self._handle = None
+            if not self._closed:
+                self._set_state(ChannelConnectivity.IDLE)
 
     def __del__(self) -> None:
         """Dropped without close(): free the daemon connection once its calls end."""
@@ -497,6 +558,10 @@ class Channel(ChannelCore):
         with self._lock:
             self._closed = True
             handle, self._handle = self._handle, None
+            self._set_state(ChannelConnectivity.SHUTDOWN)
+        connector = self._connector
+        if connector is not None:
+            connector.cancel()
         if handle is None:
             return
         app = self.app

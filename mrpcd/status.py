@@ -180,3 +180,16 @@ class Compression(enum.IntEnum):
     NoCompression = 0
     Deflate = 1
     Gzip = 2
+
+
+class ChannelConnectivity(enum.Enum):
+    """grpc.ChannelConnectivity: a channel's state, `.value` (int, name) as in grpc. A
+    channel is IDLE until its first call, CONNECTING while its daemon connects to the
+    target, READY once connected, TRANSIENT_FAILURE when that failed, IDLE again after
+    the connection was lost, SHUTDOWN once closed."""
+
+    IDLE = (0, "idle")
+    CONNECTING = (1, "connecting")
+    READY = (2, "ready")
+    TRANSIENT_FAILURE = (3, "transient failure")
+    SHUTDOWN = (4, "shutdown")

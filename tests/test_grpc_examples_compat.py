@@ -909,6 +909,15 @@ def test_wait_for_ready_sync_waits_for_the_server_fail_fast_does_not(streamer):
     results: dict = {}
     try:
         with mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app) as channel:
+            states: list = []
+            failed = threading.Event()
+
+            def watch(state):
+                states.append(state)
+                if state is mrpcd.ChannelConnectivity.TRANSIENT_FAILURE:
+                    failed.set()
+
+            channel.subscribe(watch)
             stub = pb.StreamerStub(channel)
 
             def call(wait):
@@ -920,15 +929,19 @@ def test_wait_for_ready_sync_waits_for_the_server_fail_fast_does_not(streamer):
             threads = [threading.Thread(target=call, args=(w,)) for w in (False, True)]
             for t in threads:
                 t.start()
+            assert failed.wait(15)  # as the example: start the server once the channel failed
             assert wait_until(lambda: False in results, 15)
             assert results[False] is mrpcd.StatusCode.UNAVAILABLE
             server = mrpcd.server(app=srv_app)
             pb.add_StreamerServicer_to_server(_route_servicer(pb), server)
-            server.add_insecure_port(f"127.0.0.1:{port}")
+            assert server.add_insecure_port(f"127.0.0.1:{port}") == port
             server.start()
             for t in threads:
                 t.join(20)
             assert results[True] == 6
+            assert wait_until(lambda: states and states[-1] is mrpcd.ChannelConnectivity.READY, 10), states
+            assert states[0] is mrpcd.ChannelConnectivity.IDLE
+            channel.unsubscribe(watch)
             server.stop(None)
     finally:
         cli_app.close()
@@ -990,13 +1003,19 @@ def test_wait_for_ready_aio(streamer):
 
                 fail_fast = asyncio.ensure_future(process(False))
                 waiting = asyncio.ensure_future(process(True))
+                state = channel.get_state()
+                while state is not mrpcd.ChannelConnectivity.TRANSIENT_FAILURE:
+                    await asyncio.wait_for(channel.wait_for_state_change(state), 15)
+                    state = channel.get_state()
                 assert await asyncio.wait_for(fail_fast, 15) is mrpcd.StatusCode.UNAVAILABLE
                 server = mrpcd.aio.server(app=srv_app)
                 pb.add_StreamerServicer_to_server(S(), server)
                 server.add_insecure_port(f"127.0.0.1:{port}")
                 await server.start()
                 assert await asyncio.wait_for(waiting, 20) == 5
+                assert channel.get_state() is mrpcd.ChannelConnectivity.READY
                 await server.stop(None)
+            assert channel.get_state() is mrpcd.ChannelConnectivity.SHUTDOWN
         finally:
             cli_app.close()
             srv_app.close()
@@ -1322,3 +1341,35 @@ def test_deadline_on_response_streams_sync_and_aio(streamer):
         assert got == [0] and info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
 
     run_aio(streamer, SlowAio(), body)
+
+
+def test_subscribe_try_to_connect_and_get_state_try_to_connect(streamer):
+    """grpc's readiness idioms: subscribe(callback, try_to_connect=True) and asyncio
+    get_state(try_to_connect=True) connect an idle channel in the background."""
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _route_servicer(pb)) as (_server, channel):
+        ready = threading.Event()
+
+        def watch(state):
+            if state is mrpcd.ChannelConnectivity.READY:
+                ready.set()
+
+        fresh = mrpcd.insecure_channel(channel.target, app=channel.app)
+        fresh.subscribe(watch, try_to_connect=True)
+        assert ready.wait(10)
+        fresh.close()
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary()
+
+    async def body(server, channel):
+        fresh = mrpcd.aio.insecure_channel(channel.target, app=channel.app)
+        state = fresh.get_state(try_to_connect=True)
+        while state is not mrpcd.ChannelConnectivity.READY:
+            await asyncio.wait_for(fresh.wait_for_state_change(state), 10)
+            state = fresh.get_state()
+        await fresh.close()
+        assert fresh.get_state() is mrpcd.ChannelConnectivity.SHUTDOWN
+
+    run_aio(streamer, S(), body)

@@ -17,7 +17,7 @@ from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails, wait_for_ready_of
 from ..marshal import records as R
-from ..status import RpcError, StatusCode
+from ..status import ChannelConnectivity, RpcError, StatusCode
 from ._app import AioApp, _set_if_pending, default_app
 from ._metadata import Metadata
 
@@ -551,6 +551,8 @@ class Channel(ChannelCore):
         self._listener: Callable[[str], None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        self._state = ChannelConnectivity.IDLE
+        self._state_changed: asyncio.Event | None = None  # made by wait_for_state_change, on its loop
         if app is None:
             try:
                 asyncio.get_running_loop()
@@ -584,14 +586,42 @@ class Channel(ChannelCore):
             if self._closed:
                 raise AioRpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
+                self._set_state(ChannelConnectivity.CONNECTING)
                 try:
                     reply = await self.app.call_async("connect", target=self.target)
                 except RpcError as exc:
+                    self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
                 self._listener = lost_listener(self)
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
+                self._set_state(ChannelConnectivity.READY)
             return self._handle
+
+    # -- grpc.aio's connectivity API ------------------------------------------------------
+    def _set_state(self, state: ChannelConnectivity) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        event, self._state_changed = self._state_changed, None
+        if event is not None:
+            event.set()  # wakes every wait_for_state_change; later ones make a new event
+
+    def get_state(self, try_to_connect: bool = False) -> ChannelConnectivity:
+        """grpc.aio.Channel.get_state: the channel's state now; `try_to_connect` connects
+        in the background (retrying while the target cannot be reached) if it is not."""
+        if try_to_connect and self._handle is None and not self._closed:
+            task = asyncio.ensure_future(self.channel_ready())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+        return self._state
+
+    async def wait_for_state_change(self, last_observed_state: ChannelConnectivity) -> None:
+        """grpc.aio.Channel.wait_for_state_change: until the state is not
+        `last_observed_state` (bound it with asyncio.wait_for)."""
+        while self._state is last_observed_state:
+            if self._state_changed is None:
+                self._state_changed = asyncio.Event()
+            await self._state_changed.wait()
 
     async def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
         """The connection for a wait_for_ready call: while the target cannot be reached
@@ -612,6 +642,8 @@ class Channel(ChannelCore):
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
+        if not self._closed:
+            self._set_state(ChannelConnectivity.IDLE)
 
     def __del__(self) -> None:
         """Dropped without close(): free the daemon connection once its calls end."""
@@ -643,6 +675,7 @@ class Channel(ChannelCore):
         cancelled (awaiting them raises CancelledError; their servers see the connection
         close), and the channel takes no new calls."""
         self._closed = True
+        self._set_state(ChannelConnectivity.SHUTDOWN)
         app = self.app
         handle = self._handle
         if handle is not None and grace:
