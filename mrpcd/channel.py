@@ -343,7 +343,15 @@ class _MultiCallable(MultiCallableCore):
         with UNAVAILABLE at once, as grpc does."""
         app = self._channel.app
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        handle = self._channel._ensure_handle() if not wait_for_ready else self._channel._wait_for_handle(deadline)
+        try:
+            handle = self._channel._ensure_handle() if not wait_for_ready else self._channel._wait_for_handle(deadline)
+        except RpcError as exc:
+            # no connection (UNAVAILABLE, a closed channel): a call that ended with that
+            # status, so the error comes where grpc raises it - from result() / next() /
+            # the blocking call - not from .future() or the stream's creation
+            call = _ClientCall(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
+            call.lost(exc.code(), exc.details())
+            return call
         call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         try:
             app.send(self._first_record(call, end, dl, meta, payload), timeout)

@@ -1373,3 +1373,32 @@ def test_subscribe_try_to_connect_and_get_state_try_to_connect(streamer):
         assert fresh.get_state() is mrpcd.ChannelConnectivity.SHUTDOWN
 
     run_aio(streamer, S(), body)
+
+
+def test_an_unreachable_target_fails_the_call_where_grpc_raises(streamer):
+    """Fail-fast against nobody: grpc's .future() and a response stream's creation do not
+    raise; the future's result() / exception() and the first next() do (UNAVAILABLE)."""
+    a, _b, pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-unreachable")
+    try:
+        with mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app) as channel:
+            stub = pb.StreamerStub(channel)
+            future = stub.Unary.future(pb.Chunk(), timeout=10)
+            assert future.done() and future.exception(timeout=5).code() is mrpcd.StatusCode.UNAVAILABLE
+            stream = stub.ServerStream(pb.Chunk(), timeout=10)
+            with pytest.raises(mrpcd.RpcError) as info:
+                next(stream)
+            assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+            future = stub.ClientStream.future(iter([pb.Chunk()]), timeout=10)
+            with pytest.raises(mrpcd.RpcError) as info:
+                future.result(timeout=5)
+            assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+            with pytest.raises(mrpcd.RpcError) as info:
+                stub.Unary(pb.Chunk(), timeout=10)
+            assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        with pytest.raises(mrpcd.RpcError) as info:  # closed: CANCELLED, at result() as well
+            stub.Unary.future(pb.Chunk(), timeout=10).result(timeout=5)
+        assert info.value.code() is mrpcd.StatusCode.CANCELLED
+        assert not [k for k in app.calls if k[0] == -1]  # nothing left in the app's table
+    finally:
+        app.close()
