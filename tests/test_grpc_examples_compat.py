@@ -1043,7 +1043,32 @@ def test_grpc_channel_and_server_options_are_accepted(streamer, options):
         ch.close()
 
 
-@pytest.mark.parametrize("options", [[("grpc.keepalive_time_ms",)], ["not a pair"], 5])
+def test_retry_options_do_not_retry_the_call_fails_once(streamer):
+    """Documented difference (docs/PORTING.md): grpc's retry policy in the service config
+    is accepted and ignored, a call that fails UNAVAILABLE fails once, the server sees it
+    once; the application retries if it wants to."""
+    _a, _b, pb = streamer
+    calls = []
+
+    class Flaky(pb.StreamerServicer):
+        def Unary(self, request, context):
+            calls.append(1)
+            if len(calls) == 1:
+                context.abort(mrpcd.StatusCode.UNAVAILABLE, "flaky")
+            return pb.Summary(total=len(calls))
+
+    retry = [("grpc.enable_retries", 1), ("grpc.service_config", '{"methodConfig": [{"name": [{"service": "mrpc.stream.Streamer"}], '
+             '"retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2, '
+             '"retryableStatusCodes": ["UNAVAILABLE"]}}]}')]
+    with sync_pair(streamer, Flaky()) as (_server, channel):
+        stub = pb.StreamerStub(mrpcd.insecure_channel(channel.target, options=retry, app=channel.app))
+        with pytest.raises(mrpcd.RpcError) as info:
+            stub.Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE and len(calls) == 1
+        assert stub.Unary(pb.Chunk(), timeout=10).total == 2  # the application's own retry
+
+
+@pytest.mark.parametrize("options", [[("grpc.keepalive_time_ms",)], ["not a pair"], 5, [("grpc.max_receive_message_length", "4MB")]])
 def test_malformed_options_are_a_clear_error(streamer, options):
     with pytest.raises((TypeError, ValueError)) as info:
         mrpcd.insecure_channel("127.0.0.1:1", options=options, app=mrpcd.connect(streamer[0].socket, name="compat-opts"))
