@@ -1427,3 +1427,18 @@ def test_an_unreachable_target_fails_the_call_where_grpc_raises(streamer):
         assert not [k for k in app.calls if k[0] == -1]  # nothing left in the app's table
     finally:
         app.close()
+
+
+def test_grpcio_handlers_on_an_mrpcd_server_are_a_clear_error(streamer):
+    """grpcio's own services (grpc_health's servicer, a grpcio-generated _pb2_grpc module)
+    register grpcio handlers: refused with a TypeError that says what to use instead."""
+    grpc = pytest.importorskip("grpc")
+    app = mrpcd.connect(streamer[1].socket, name="compat-grpcio-handlers")
+    try:
+        server = mrpcd.server(futures.ThreadPoolExecutor(1), app=app)
+        foreign = grpc.method_handlers_generic_handler("grpc.health.v1.Health", {
+            "Check": grpc.unary_unary_rpc_method_handler(lambda request, context: request)})
+        with pytest.raises(TypeError, match="not an mrpcd generic handler"):
+            server.add_generic_rpc_handlers((foreign,))
+    finally:
+        app.close()
