@@ -288,17 +288,30 @@ class ChannelCore:
     _stream_unary: type
     _stream_stream: type
 
-    def unary_unary(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
-        return self._unary_unary(self, method, request_type, response_type)
+    def unary_unary(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+        return self._unary_unary(self, method, *_message_types(method, request_type, response_type, kw))
 
-    def unary_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
-        return self._unary_stream(self, method, request_type, response_type)
+    def unary_stream(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+        return self._unary_stream(self, method, *_message_types(method, request_type, response_type, kw))
 
-    def stream_unary(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
-        return self._stream_unary(self, method, request_type, response_type)
+    def stream_unary(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+        return self._stream_unary(self, method, *_message_types(method, request_type, response_type, kw))
 
-    def stream_stream(self, method: str, request_type: type, response_type: type, **_ignored: Any) -> Any:
-        return self._stream_stream(self, method, request_type, response_type)
+    def stream_stream(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+        return self._stream_stream(self, method, *_message_types(method, request_type, response_type, kw))
+
+
+def _message_types(method: str, request_type: Any, response_type: Any, kw: dict) -> tuple[type, type]:
+    """The message classes of a multi-callable, or a TypeError that says what is wrong:
+    a grpcio-generated `_pb2_grpc` stub passes protobuf (de)serializers, which cannot
+    serve a daemon that needs the schema of mrpcd's generated classes."""
+    for t in (request_type, response_type):
+        if t is None or getattr(t, "__mrpc_schema__", None) is None:
+            given = "request_serializer/response_deserializer (a grpcio-generated _pb2_grpc stub)" if kw.get("request_serializer") or kw.get("response_deserializer") \
+                else f"{getattr(t, '__qualname__', repr(t))}"
+            raise TypeError(f"{method}: an mrpcd channel needs the message classes of an mrpcd-stubgen module (x_mrpc.XStub); "
+                            f"got {given}: generate the stubs with mrpcd-stubgen")
+    return request_type, response_type
 
 
 def lost_listener(channel: Any) -> Callable[[str], None]:

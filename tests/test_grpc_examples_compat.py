@@ -1442,3 +1442,17 @@ def test_grpcio_handlers_on_an_mrpcd_server_are_a_clear_error(streamer):
             server.add_generic_rpc_handlers((foreign,))
     finally:
         app.close()
+
+
+def test_a_grpcio_generated_stub_on_an_mrpcd_channel_is_a_clear_error(streamer):
+    """Keeping a grpcio-generated _pb2_grpc stub and swapping only the channel: the stub's
+    protobuf (de)serializers are refused with a TypeError saying to use mrpcd-stubgen."""
+    app = mrpcd.connect(streamer[0].socket, name="compat-grpcio-stub")
+    try:
+        channel = mrpcd.insecure_channel("127.0.0.1:1", app=app)
+        with pytest.raises(TypeError, match="mrpcd-stubgen"):  # what grpcio's generated __init__ calls
+            channel.unary_unary("/helloworld.Greeter/SayHello", request_serializer=bytes, response_deserializer=bytes, _registered_method=True)
+        with pytest.raises(TypeError, match="mrpcd-stubgen"):
+            channel.stream_stream("/x.S/M", request_type=dict, response_type=dict)
+    finally:
+        app.close()
