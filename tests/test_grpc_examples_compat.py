@@ -1456,3 +1456,43 @@ def test_a_grpcio_generated_stub_on_an_mrpcd_channel_is_a_clear_error(streamer):
             channel.stream_stream("/x.S/M", request_type=dict, response_type=dict)
     finally:
         app.close()
+
+
+def test_a_wait_for_ready_call_ends_when_its_app_closes(streamer):
+    """Nobody listens and the call has no deadline: closing the app (or the channel) ends
+    the wait with an error instead of leaving the caller waiting for ever."""
+    a, _b, pb = streamer
+    port = _free_port()
+    for close in ("app", "channel"):
+        app = mrpcd.connect(a.socket, name=f"compat-wfr-close-{close}")
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=app)
+        outcome: list = []
+
+        def call():
+            try:
+                pb.StreamerStub(channel).Unary(pb.Chunk(), wait_for_ready=True)
+            except mrpcd.RpcError as exc:
+                outcome.append(exc.code())
+
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        assert wait_until(lambda: channel._state is mrpcd.ChannelConnectivity.TRANSIENT_FAILURE, 10)
+        (app if close == "app" else channel).close()
+        t.join(10)
+        assert not t.is_alive() and outcome and outcome[0] in (mrpcd.StatusCode.UNAVAILABLE, mrpcd.StatusCode.CANCELLED), outcome
+        app.close()
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="compat-wfr-close-aio")
+        channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=app)
+        waiting = asyncio.ensure_future(pb.StreamerStub(channel).Unary(pb.Chunk(), wait_for_ready=True))
+        state = channel.get_state()
+        while state is not mrpcd.ChannelConnectivity.TRANSIENT_FAILURE:
+            await asyncio.wait_for(channel.wait_for_state_change(state), 10)
+            state = channel.get_state()
+        app.close()
+        with pytest.raises(mrpcd.RpcError) as info:
+            await asyncio.wait_for(waiting, 10)
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -632,8 +632,8 @@ class Channel(ChannelCore):
             try:
                 return await self._ensure_handle()
             except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE:
-                    raise
+                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
+                    raise  # (a closed app can never connect: waiting would last until the deadline)
             left = deadline.remaining() if deadline is not None else None
             if left == 0:
                 raise AioRpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
