@@ -615,8 +615,8 @@ class _ChannelReadyFuture:
                 self._channel._ensure_handle()
                 break
             except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE:
-                    error = exc
+                if exc.code() is not StatusCode.UNAVAILABLE or self._channel.app.closed:
+                    error = exc  # (a closed app can never connect)
                     break
             except Exception as exc:
                 error = exc

@@ -1482,6 +1482,14 @@ def test_a_wait_for_ready_call_ends_when_its_app_closes(streamer):
         assert not t.is_alive() and outcome and outcome[0] in (mrpcd.StatusCode.UNAVAILABLE, mrpcd.StatusCode.CANCELLED), outcome
         app.close()
 
+    app = mrpcd.connect(a.socket, name="compat-ready-close")
+    ready = mrpcd.channel_ready_future(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=app))
+    with pytest.raises(mrpcd.FutureTimeoutError):
+        ready.result(timeout=0.3)
+    app.close()  # channel_ready_future's retries end with the app too
+    with pytest.raises(mrpcd.RpcError):
+        ready.result(timeout=10)
+
     async def main():
         app = mrpcd.aio.connect(a.socket, name="compat-wfr-close-aio")
         channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=app)
@@ -1490,9 +1498,12 @@ def test_a_wait_for_ready_call_ends_when_its_app_closes(streamer):
         while state is not mrpcd.ChannelConnectivity.TRANSIENT_FAILURE:
             await asyncio.wait_for(channel.wait_for_state_change(state), 10)
             state = channel.get_state()
+        readiness = asyncio.ensure_future(channel.channel_ready())
         app.close()
         with pytest.raises(mrpcd.RpcError) as info:
             await asyncio.wait_for(waiting, 10)
         assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        with pytest.raises(mrpcd.RpcError):
+            await asyncio.wait_for(readiness, 10)
 
     asyncio.run(asyncio.wait_for(main(), 30))

@@ -665,8 +665,8 @@ class Channel(ChannelCore):
                 await self._ensure_handle()
                 return
             except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE:
-                    raise
+                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
+                    raise  # (a closed app can never connect)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
