@@ -1507,3 +1507,29 @@ def test_a_wait_for_ready_call_ends_when_its_app_closes(streamer):
             await asyncio.wait_for(readiness, 10)
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_callbacks_example_connectivity_logger_and_call_termination_callbacks(streamer):
+    """grpc's callbacks example: a connectivity logger subscribed and unsubscribed on the
+    fly, and add_callback on response iterators (ok and failing) run when the call ends."""
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _error_servicer(pb)) as (_server, channel):
+        fresh = mrpcd.insecure_channel(channel.target, app=channel.app)
+        events: list = []
+        ended: list = []
+        fresh.subscribe(events.append)
+        stub = pb.StreamerStub(fresh)
+        stream = stub.ServerStream(pb.Chunk(seq=9), timeout=10)
+        added = stream.add_callback(lambda: ended.append("ok"))
+        assert [c.seq for c in stream] == [0, 1, 2]
+        assert wait_until(lambda: ended == ["ok"] or not added, 10), ended
+        assert wait_until(lambda: mrpcd.ChannelConnectivity.READY in events, 10), events
+        fresh.unsubscribe(events.append)
+        seen = len(events)
+        failing = stub.ServerStream(pb.Chunk(seq=0), timeout=10)
+        added = failing.add_callback(lambda: ended.append("failed"))
+        with pytest.raises(mrpcd.RpcError):
+            list(failing)
+        assert wait_until(lambda: "failed" in ended or not added, 10), ended
+        fresh.close()
+        assert len(events) == seen  # unsubscribed: SHUTDOWN was not reported
