@@ -8,9 +8,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .status import AbortError, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode  # noqa: E402
+from .status import (  # noqa: E402
+    AbortError,
+    Call,
+    ChannelConnectivity,
+    Compression,
+    Future,
+    FutureCancelledError,
+    FutureTimeoutError,
+    RpcContext,
+    RpcError,
+    Status,
+    StatusCode,
+)
 
-__all__ = ["__version__", "AbortError", "FutureCancelledError", "FutureTimeoutError", "RpcError", "StatusCode"]
+__all__ = ["__version__", "AbortError", "Call", "ChannelConnectivity", "Compression", "Future", "FutureCancelledError", "FutureTimeoutError", "RpcContext",
+           "RpcError", "Status", "StatusCode"]
 
 from .app import App, connect, default_app  # noqa: E402
 from .channel import Channel, channel_ready_future, insecure_channel  # noqa: E402

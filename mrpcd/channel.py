@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from .app import App, default_app, require_app
 from .marshal import records as R
-from .status import FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
+from .status import Call, ChannelConnectivity, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -324,19 +325,33 @@ class _Rendezvous(RpcError):
         return self.__next__()
 
 
+Call.register(_Rendezvous)  # isinstance(call, grpc.Call) / grpc.Future holds, as in grpc
+Future.register(_Rendezvous)
+
+
 class _MultiCallable(MultiCallableCore):
     def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
         super().__init__(channel, method, request_type, response_type)
         for schema in self._schemas:
             channel.app.ensure_schema(schema)
 
-    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True) -> _ClientCall:
+    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True, wait_for_ready: bool | None = None) -> _ClientCall:
         """Open a call. `watch`: the app's deadline thread ends it at its deadline (grpc
         does so whether or not anyone waits on the call); the blocking unary call, whose
-        caller waits with the deadline itself, goes without."""
+        caller waits with the deadline itself, goes without. `wait_for_ready`: while the
+        target cannot be reached, wait for it (until the deadline) instead of failing
+        with UNAVAILABLE at once, as grpc does."""
         app = self._channel.app
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        handle = self._channel._ensure_handle()
+        try:
+            handle = self._channel._ensure_handle() if not wait_for_ready else self._channel._wait_for_handle(deadline)
+        except RpcError as exc:
+            # no connection (UNAVAILABLE, a closed channel): a call that ended with that
+            # status, so the error comes where grpc raises it - from result() / next() /
+            # the blocking call - not from .future() or the stream's creation
+            call = _ClientCall(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
+            call.lost(exc.code(), exc.details())
+            return call
         call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         try:
             app.send(self._first_record(call, end, dl, meta, payload), timeout)
@@ -372,10 +387,10 @@ class _MultiCallable(MultiCallableCore):
 
 
 class UnaryUnaryMultiCallable(_MultiCallable):
-    def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
+    def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> Any:
         """The blocking call: what with_call does, without the rendezvous and its future
         state (one wait for the end of the call, then the response or the error)."""
-        call = self._start(request, True, timeout, metadata, watch=False)
+        call = self._start(request, True, timeout, metadata, watch=False, wait_for_ready=wait_for_ready)
         call.wait_end()
         with call._cond:
             got = call.pop_message()
@@ -389,36 +404,36 @@ class UnaryUnaryMultiCallable(_MultiCallable):
                     call.code, call.details = call.deserialize_error(exc)
         raise _Rendezvous(call, False)
 
-    def with_call(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
-        fut = self.future(request, timeout, metadata)
+    def with_call(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
+        fut = self.future(request, timeout, metadata, wait_for_ready=wait_for_ready)
         return fut.result(), fut
 
-    def future(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        return _Rendezvous(self._start(request, True, timeout, metadata), False)
+    def future(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), False)
 
 
 class UnaryStreamMultiCallable(_MultiCallable):
-    def __call__(self, request: Any, timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        return _Rendezvous(self._start(request, True, timeout, metadata), True)
+    def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), True)
 
 
 class StreamUnaryMultiCallable(_MultiCallable):
-    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> Any:
-        return self.with_call(request_iterator, timeout, metadata)[0]
+    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> Any:
+        return self.with_call(request_iterator, timeout, metadata, wait_for_ready=wait_for_ready)[0]
 
-    def with_call(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
-        fut = self.future(request_iterator, timeout, metadata)
+    def with_call(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
+        fut = self.future(request_iterator, timeout, metadata, wait_for_ready=wait_for_ready)
         return fut.result(), fut
 
-    def future(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        call = self._start(None, False, timeout, metadata)
+    def future(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        call = self._start(None, False, timeout, metadata, wait_for_ready=wait_for_ready)
         self._pump_requests(call, request_iterator)
         return _Rendezvous(call, False)
 
 
 class StreamStreamMultiCallable(_MultiCallable):
-    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, **_ignored: Any) -> _Rendezvous:
-        call = self._start(None, False, timeout, metadata)
+    def __call__(self, request_iterator: Iterable[Any], timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        call = self._start(None, False, timeout, metadata, wait_for_ready=wait_for_ready)
         self._pump_requests(call, request_iterator)
         return _Rendezvous(call, True)
 
@@ -439,6 +454,12 @@ class Channel(ChannelCore):
         self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._state = ChannelConnectivity.IDLE
+        self._subscribers: list[Callable[[ChannelConnectivity], None]] = []
+        self._notices: deque = deque()  # (callbacks, state) for the notifier thread, in order
+        self._notifying = False
+        self._notice_lock = threading.Lock()
+        self._connector: Any = None  # subscribe(try_to_connect=True)'s channel_ready_future
 
     def _ensure_handle(self) -> int:
         handle = self._handle
@@ -448,18 +469,89 @@ class Channel(ChannelCore):
             if self._closed:
                 raise RpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
+                self._set_state(ChannelConnectivity.CONNECTING)
                 try:
                     reply = self.app.call("connect", target=self.target)
                 except RpcError as exc:
+                    self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
                 self._listener = lost_listener(self)
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
+                self._set_state(ChannelConnectivity.READY)
             return self._handle
+
+    # -- grpc's connectivity API ----------------------------------------------------------
+    def _set_state(self, state: ChannelConnectivity) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        if self._subscribers:
+            self._notify(tuple(self._subscribers), state)
+
+    def _notify(self, callbacks: tuple, state: ChannelConnectivity) -> None:
+        """Run callbacks(state) on a notifier thread, in the order of the changes, never
+        on the caller's (which may hold the channel's lock), as grpc runs them apart."""
+        with self._notice_lock:
+            self._notices.append((callbacks, state))
+            if self._notifying:
+                return
+            self._notifying = True
+
+        def run() -> None:
+            while True:
+                with self._notice_lock:
+                    if not self._notices:
+                        self._notifying = False
+                        return
+                    callbacks, state = self._notices.popleft()
+                for cb in callbacks:
+                    try:
+                        cb(state)
+                    except Exception:
+                        pass
+
+        try:
+            threading.Thread(target=run, name="mrpcd-channel-connectivity", daemon=True).start()
+        except RuntimeError:
+            with self._notice_lock:  # interpreter shutdown
+                self._notifying = False
+
+    def subscribe(self, callback: Callable[[ChannelConnectivity], None], try_to_connect: bool = False) -> None:
+        """grpc.Channel.subscribe: callback(state) now with the current state, then at each
+        change; `try_to_connect` connects in the background (retrying while the target
+        cannot be reached) when the channel is not connected."""
+        self._subscribers.append(callback)
+        self._notify((callback,), self._state)
+        if try_to_connect and self._handle is None and not self._closed and (self._connector is None or self._connector.done()):
+            self._connector = channel_ready_future(self)
+
+    def unsubscribe(self, callback: Callable[[ChannelConnectivity], None]) -> None:
+        """grpc.Channel.unsubscribe: no more calls of `callback`."""
+        self._subscribers[:] = [cb for cb in self._subscribers if cb != callback]
+
+    def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
+        """The connection for a wait_for_ready call: while the target cannot be reached
+        (UNAVAILABLE), try again, backing off to 1 s, until the call's deadline
+        (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are raised."""
+        delay = 0.05
+        while True:
+            try:
+                return self._ensure_handle()
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
+                    raise  # (a closed app can never connect: waiting would last until the deadline)
+            left = deadline.remaining() if deadline is not None else None
+            if left == 0:
+                raise RpcError(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+            time.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
         with self._lock:
             self._handle = None
+            if not self._closed:
+                self._set_state(ChannelConnectivity.IDLE)
 
     def __del__(self) -> None:
         """Dropped without close(): free the daemon connection once its calls end."""
@@ -476,6 +568,10 @@ class Channel(ChannelCore):
         with self._lock:
             self._closed = True
             handle, self._handle = self._handle, None
+            self._set_state(ChannelConnectivity.SHUTDOWN)
+        connector = self._connector
+        if connector is not None:
+            connector.cancel()
         if handle is None:
             return
         app = self.app
@@ -521,8 +617,8 @@ class _ChannelReadyFuture:
                 self._channel._ensure_handle()
                 break
             except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE:
-                    error = exc
+                if exc.code() is not StatusCode.UNAVAILABLE or self._channel.app.closed:
+                    error = exc  # (a closed app can never connect)
                     break
             except Exception as exc:
                 error = exc
@@ -594,9 +690,13 @@ def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
     return _ChannelReadyFuture(channel)
 
 
-def insecure_channel(target: str, options: Any = None, app: App | None = None) -> Channel:
+def insecure_channel(target: str, options: Any = None, compression: Any = None, app: App | None = None) -> Channel:
     """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
 
-    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length.
+    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length; the
+    others (keepalive, retries, service config) and `compression` are accepted and ignored
+    (docs/PORTING.md).
     """
+    if isinstance(compression, App):  # insecure_channel(target, options, app): before compression existed
+        app, compression = compression, None
     return Channel(target, app, options)

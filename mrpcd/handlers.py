@@ -12,6 +12,18 @@ from typing import Any, Callable, NamedTuple
 from .marshal.schema import Schema, method_id
 
 
+def _raw_request(payload: bytes) -> bytes:
+    """No request_deserializer: the handler gets the request's bytes (grpc's identity)."""
+    return payload
+
+
+def _raw_response(response: Any) -> bytes:
+    """No response_serializer: the handler must return bytes, as in grpc."""
+    if isinstance(response, (bytes, bytearray, memoryview)):
+        return bytes(response)
+    raise TypeError(f"a method handler made without response_serializer or response_type must return bytes, not {type(response).__name__}")
+
+
 class RpcMethodHandler:
     """One method: its streaming shape, behavior and (de)serializers (grpc.RpcMethodHandler)."""
 
@@ -30,14 +42,13 @@ class RpcMethodHandler:
         self.behavior = behavior
         self.request_type = request_type
         self.response_type = response_type
+        # Neither given: the request's bytes as they are, and bytes back, as in grpc (a
+        # server interceptor's terminator handler is made so: `unary_unary_rpc_method_handler(
+        # deny)`, whose behavior only aborts).
         if request_deserializer is None:
-            if request_type is None:
-                raise ValueError("a method handler needs request_type or request_deserializer")
-            request_deserializer = request_type.FromString
+            request_deserializer = request_type.FromString if request_type is not None else _raw_request
         if response_serializer is None:
-            if response_type is None:
-                raise ValueError("a method handler needs response_type or response_serializer")
-            response_serializer = response_type.SerializeToString
+            response_serializer = response_type.SerializeToString if response_type is not None else _raw_response
         self.request_deserializer = request_deserializer
         self.response_serializer = response_serializer
 

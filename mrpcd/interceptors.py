@@ -32,6 +32,17 @@ class ClientCallDetails(NamedTuple):
     compression: Any = None
 
 
+def wait_for_ready_of(details: Any, default: bool | None = None) -> bool | None:
+    """details.wait_for_ready, or `default` (the call's own, as grpc falls back to) for
+    call details without it: grpc's examples build their own 4-field namedtuple (method,
+    timeout, metadata, credentials), also a ClientCallDetails, whose inherited field reads
+    past the tuple's end."""
+    try:
+        return details.wait_for_ready
+    except (AttributeError, IndexError):
+        return default
+
+
 class UnaryUnaryClientInterceptor(abc.ABC):
     @abc.abstractmethod
     def intercept_unary_unary(self, continuation: Callable, client_call_details: ClientCallDetails, request: Any) -> Any: ...
@@ -114,11 +125,12 @@ class _InterceptedUnaryResponse:
     def future(self, request: Any, timeout: float | None = None, metadata=None, **kw: Any) -> Any:
         def terminal(details: ClientCallDetails, req: Any) -> Any:
             try:
-                return self._inner.future(req, timeout=details.timeout, metadata=details.metadata)
+                return self._inner.future(req, timeout=details.timeout, metadata=details.metadata, wait_for_ready=wait_for_ready_of(details, wait))
             except Exception as exc:
                 return _FailedCall(exc)
 
-        details = ClientCallDetails(self._method, timeout, metadata, kw.get("credentials"), kw.get("wait_for_ready"), kw.get("compression"))
+        wait = kw.get("wait_for_ready")
+        details = ClientCallDetails(self._method, timeout, metadata, kw.get("credentials"), wait, kw.get("compression"))
         return _chain(self._kind, self._interceptors, terminal)(details, request)
 
     def with_call(self, request: Any, timeout: float | None = None, metadata=None, **kw: Any) -> tuple[Any, Any]:
@@ -138,9 +150,10 @@ class _InterceptedStreamResponse:
 
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, **kw: Any) -> Any:
         def terminal(details: ClientCallDetails, req: Any) -> Any:
-            return self._inner(req, timeout=details.timeout, metadata=details.metadata)
+            return self._inner(req, timeout=details.timeout, metadata=details.metadata, wait_for_ready=wait_for_ready_of(details, wait))
 
-        details = ClientCallDetails(self._method, timeout, metadata, kw.get("credentials"), kw.get("wait_for_ready"), kw.get("compression"))
+        wait = kw.get("wait_for_ready")
+        details = ClientCallDetails(self._method, timeout, metadata, kw.get("credentials"), wait, kw.get("compression"))
         return _chain(self._kind, self._interceptors, terminal)(details, request)
 
 

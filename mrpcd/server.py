@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 from . import flow, wire
-from ._calls import SERVER_STOPPED, ContextCore, SerializeError, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure, parts_serializer
+from ._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from .app import App, default_app, require_app
 from .deadlines import DeadlineHeap as _Deadlines
 from .handlers import HandlerCallDetails, RpcMethodHandler
 from .interceptors import ServerInterceptor, resolve_handler
 from .marshal import records as R
-from .status import RpcError, StatusCode, metadata_tuple
+from .status import RpcContext, RpcError, StatusCode, metadata_tuple
 
 log = logging.getLogger("mrpcd.server")
 
@@ -171,6 +171,9 @@ class ServicerContext(ContextCore):
         self.abort(status.code, status.details)
 
 
+RpcContext.register(ServicerContext)
+
+
 class Server(ServerCore):
     """Serves generic handlers through the local daemon: `add_insecure_port`, `start`, `stop`."""
 
@@ -189,12 +192,13 @@ class Server(ServerCore):
         max_workers: int = 16,
         interceptors: Sequence[ServerInterceptor] | None = None,
         options: Any = None,
+        maximum_concurrent_rpcs: int | None = None,
     ) -> None:
         if app is not None:
             require_app(app, False, "mrpcd.server")
         app = app or default_app()
+        self._init_core(app, interceptors, options, maximum_concurrent_rpcs)
         self._pool = thread_pool or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mrpcd-server")
-        self._init_core(app, interceptors, options)
         self._lock = threading.Lock()
         self._stopped = threading.Event()  # no new calls
         self._terminated = threading.Event()  # stopped: the calls in flight are over too
@@ -350,12 +354,6 @@ class Server(ServerCore):
                 self._idle.notify_all()
         self._deadlines.discard(call)
 
-    def _encode_response(self, handler: RpcMethodHandler, response: Any) -> Any:
-        try:
-            return parts_serializer(handler.response_serializer)(response)
-        except Exception as exc:
-            raise SerializeError(str(exc)) from None
-
     def _run(self, call: _ServerCall) -> None:
         ctx = ServicerContext(call)
         try:
@@ -443,6 +441,10 @@ class Server(ServerCore):
         return not self._terminated.wait(timeout)
 
 
-def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:
-    """Like grpc.server(futures.ThreadPoolExecutor(...), interceptors=..., options=...)."""
-    return Server(thread_pool, handlers, app=app, interceptors=interceptors, options=options)
+def server(thread_pool: ThreadPoolExecutor | None = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None,
+           maximum_concurrent_rpcs: int | None = None, compression: Any = None, *, app: App | None = None, **_ignored: Any) -> Server:
+    """Like grpc.server(futures.ThreadPoolExecutor(...), interceptors=..., options=...,
+    maximum_concurrent_rpcs=...): calls beyond maximum_concurrent_rpcs (running or waiting
+    for a worker) are refused with RESOURCE_EXHAUSTED, as grpc does. `compression` is
+    accepted and ignored (the daemons own the transport)."""
+    return Server(thread_pool, handlers, app=app, interceptors=interceptors, options=options, maximum_concurrent_rpcs=maximum_concurrent_rpcs)

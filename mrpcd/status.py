@@ -1,9 +1,10 @@
 """gRPC's status codes and the errors an RPC raises, so code written for grpcio ports as is."""
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import enum
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 
 class StatusCode(enum.Enum):
@@ -82,6 +83,10 @@ class RpcError(Exception):
     def initial_metadata(self) -> tuple:
         return metadata_tuple(self._initial)
 
+    def debug_error_string(self) -> str:
+        """grpc's debugging text of a failed call: here its status and details."""
+        return f"{self.code().name}: {self.details()}"
+
     def __repr__(self) -> str:
         return f"<RpcError {self._code.name}: {self._details!r}>"
 
@@ -96,3 +101,95 @@ class FutureTimeoutError(concurrent.futures.TimeoutError):
 
 class FutureCancelledError(concurrent.futures.CancelledError):
     """grpc.FutureCancelledError: result()/exception() of a call future that was cancelled."""
+
+
+# -- grpc's interface classes, so code that subclasses or checks them ports -------------------
+# (grpc's examples subclass grpc.Future for an interceptor's own answer, grpc.Call and
+# grpc.Future for a wrapped response iterator, and grpc.Status for abort_with_status.)
+
+
+class RpcContext(abc.ABC):
+    """grpc.RpcContext: what a call and a servicer context share."""
+
+    @abc.abstractmethod
+    def is_active(self) -> bool: ...
+
+    @abc.abstractmethod
+    def time_remaining(self) -> "float | None": ...
+
+    @abc.abstractmethod
+    def cancel(self) -> Any: ...
+
+    @abc.abstractmethod
+    def add_callback(self, callback: Any) -> bool: ...
+
+
+class Call(RpcContext):
+    """grpc.Call: an RPC's metadata and status, as a client sees them."""
+
+    @abc.abstractmethod
+    def initial_metadata(self) -> Any: ...
+
+    @abc.abstractmethod
+    def trailing_metadata(self) -> Any: ...
+
+    @abc.abstractmethod
+    def code(self) -> StatusCode: ...
+
+    @abc.abstractmethod
+    def details(self) -> str: ...
+
+
+class Future(abc.ABC):
+    """grpc.Future: a call's outcome to come (what `.future()` returns)."""
+
+    @abc.abstractmethod
+    def cancel(self) -> bool: ...
+
+    @abc.abstractmethod
+    def cancelled(self) -> bool: ...
+
+    @abc.abstractmethod
+    def running(self) -> bool: ...
+
+    @abc.abstractmethod
+    def done(self) -> bool: ...
+
+    @abc.abstractmethod
+    def result(self, timeout: "float | None" = None) -> Any: ...
+
+    @abc.abstractmethod
+    def exception(self, timeout: "float | None" = None) -> Any: ...
+
+    @abc.abstractmethod
+    def traceback(self, timeout: "float | None" = None) -> Any: ...
+
+    @abc.abstractmethod
+    def add_done_callback(self, fn: Any) -> None: ...
+
+
+class Status(abc.ABC):
+    """grpc.Status: what `context.abort_with_status` takes (attributes code, details,
+    trailing_metadata; grpc_status's rpc_status.to_status makes one)."""
+
+
+class Compression(enum.IntEnum):
+    """grpc.Compression. Accepted wherever grpc takes it and ignored: the daemons own the
+    transport between hosts, and an app's messages reach its daemon through shared memory."""
+
+    NoCompression = 0
+    Deflate = 1
+    Gzip = 2
+
+
+class ChannelConnectivity(enum.Enum):
+    """grpc.ChannelConnectivity: a channel's state, `.value` (int, name) as in grpc. A
+    channel is IDLE until its first call, CONNECTING while its daemon connects to the
+    target, READY once connected, TRANSIENT_FAILURE when that failed, IDLE again after
+    the connection was lost, SHUTDOWN once closed."""
+
+    IDLE = (0, "idle")
+    CONNECTING = (1, "connecting")
+    READY = (2, "ready")
+    TRANSIENT_FAILURE = (3, "transient failure")
+    SHUTDOWN = (4, "shutdown")

@@ -204,7 +204,11 @@ _OPTION_NAMES = {"grpc.max_send_message_length": "max_send", "grpc.max_receive_m
 def message_limits(options, max_record: int) -> tuple[int, int]:
     """(max_send, max_receive) bytes from grpc-style options; -1 means unlimited, as in grpc."""
     limits = {"max_send": -1, "max_receive": DEFAULT_MAX_RECEIVE}
-    for item in options or ():
+    try:
+        items = iter(options or ())
+    except TypeError:
+        raise TypeError(f"options must be a sequence of (key, value) pairs, got {type(options).__name__}") from None
+    for item in items:
         try:
             key, value = item
         except (TypeError, ValueError):

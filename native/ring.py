@@ -52,6 +52,7 @@ import fcntl
 import mmap
 import os
 import select
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -561,23 +562,35 @@ class Waker:
     def __init__(self, fd: Optional[int] = None) -> None:
         """A new eventfd, or wrap ``fd`` (received over SCM_RIGHTS); the Waker owns it."""
         self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if fd is None else fd
+        # signal / drain / close hold it: a thread that signals while another closes must
+        # never write to the fd *number* after it was closed and handed to something else
+        # (the next app's ring memfd, whose tx head the 8-byte write overwrote: "producer
+        # wrote an invalid record length or head index"). Uncontended, it costs far less
+        # than the eventfd syscall it guards.
+        self._lock = threading.Lock()
 
     def fileno(self) -> int:
         return self._fd
 
     def signal(self) -> None:
-        """Wake the waiter (adds 1 to the counter; wake-ups coalesce)."""
-        try:
-            os.eventfd_write(self._fd, 1)
-        except BlockingIOError:  # counter saturated: the waiter is already awake-able
-            pass
+        """Wake the waiter (adds 1 to the counter; wake-ups coalesce); nothing once closed."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                os.eventfd_write(self._fd, 1)
+            except BlockingIOError:  # counter saturated: the waiter is already awake-able
+                pass
 
     def drain(self) -> int:
-        """Reset the counter; return how many signals had accumulated (0 if none)."""
-        try:
-            return os.eventfd_read(self._fd)
-        except BlockingIOError:
-            return 0
+        """Reset the counter; return how many signals had accumulated (0 if none, or closed)."""
+        with self._lock:
+            if self._fd < 0:
+                return 0
+            try:
+                return os.eventfd_read(self._fd)
+            except BlockingIOError:
+                return 0
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until signalled or ``timeout`` seconds pass; drains. True if signalled."""
@@ -590,9 +603,10 @@ class Waker:
         return True
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)
 
     def __enter__(self) -> "Waker":
         return self

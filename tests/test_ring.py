@@ -421,6 +421,42 @@ def test_waker_signal_drain_wait():
         assert fcntl.fcntl(w.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
 
 
+def test_a_waker_closed_while_another_thread_signals_never_writes_to_a_reused_fd(monkeypatch):
+    """A sender signals after releasing the app's tx lock; if the app closes meanwhile
+    and the fd number is reused (the next app's ring memfd), the late 8-byte eventfd write
+    used to land at offset 0 of that memfd: its tx ring's head. close() now waits for a
+    signal in flight, and a signal after close writes nothing."""
+    import threading
+
+    import mrpcd.native.ring as ringmod
+
+    real_write = os.eventfd_write
+    in_write = threading.Event()
+
+    def slow_write(fd, value):
+        in_write.set()
+        time.sleep(0.3)  # the close and the fd's reuse happen here, in the old code
+        return real_write(fd, value)
+
+    monkeypatch.setattr(ringmod.os, "eventfd_write", slow_write)
+    w = Waker()
+    number = w.fileno()
+    sender = threading.Thread(target=w.signal)
+    sender.start()
+    assert in_write.wait(5)
+    w.close()  # waits for the signal in flight
+    reused = os.memfd_create("reused", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(reused, 64)
+        sender.join(5)
+        assert os.pread(reused, 64, 0) == bytes(64), f"the late signal wrote into fd {number}'s next owner"
+        w.signal()  # closed: nothing is written anywhere, no error
+        assert w.drain() == 0
+        assert os.pread(reused, 64, 0) == bytes(64)
+    finally:
+        os.close(reused)
+
+
 def test_sleep_flags_through_the_compiled_checks():
     """records.ring_should_wake_consumer / _producer (what the app library calls, holding
     the GIL) read and clear the same flags as the Ring methods."""

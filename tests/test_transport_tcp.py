@@ -548,3 +548,28 @@ def test_pause_and_resume_reading():
             client.close()
 
     run(main())
+
+
+def test_the_ipv6_wildcard_listens_dual_stack_other_v6_addresses_do_not():
+    """"[::]:port" (what grpc servers listen on) takes IPv4 peers too, as grpc's listener
+    does; "::1" stays IPv6-only (asyncio's default for IPv6 sockets)."""
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+
+    async def main():
+        wildcard = await serve("::", 0, lambda: SERVICES, lambda conn: None)
+        port = wildcard.sockets[0].getsockname()[1]
+        _r, w = await asyncio.open_connection("127.0.0.1", port)  # refused before the fix
+        w.close()
+        wildcard.close()
+        try:
+            loopback6 = await serve("::1", 0, lambda: SERVICES, lambda conn: None)
+        except OSError:
+            return  # no ::1 here: nothing more to check
+        sock = loopback6.sockets[0]
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        loopback6.close()
+
+    run(main())

@@ -214,13 +214,42 @@ async def serve(
     loop = asyncio.get_running_loop()
     if tls is not None:
         return await _TlsListener.start(factory, host, port, tls, allow, handshake_timeout, refused)
-    if allow is None:
-        return await loop.create_server(factory, host, port, family=socket.AF_UNSPEC, reuse_address=True)
 
     def gate() -> _Gate:
         return _Gate(factory, allow, refused)
 
-    return await loop.create_server(gate, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+    protocol = factory if allow is None else gate
+    if _dual_stack(host):  # asyncio would make it IPv6-only: make the socket here
+        return await loop.create_server(protocol, sock=_listening_socket(socket.AF_INET6, ("::", port), True))
+    return await loop.create_server(protocol, host, port, family=socket.AF_UNSPEC, reuse_address=True)
+
+
+def _dual_stack(host: str | None) -> bool:
+    """"[::]:port", the address grpc's examples and most grpc servers listen on, is every
+    address of both families in grpc (one dual-stack socket), so clients of "localhost:port"
+    or "127.0.0.1:port" reach it. asyncio's create_server makes every IPv6 socket
+    IPv6-only, which would refuse them; so the wildcard gets a dual-stack socket."""
+    return host == "::" and socket.has_ipv6
+
+
+def _listening_socket(family: int, addr: tuple, dual_stack: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking socket; an IPv6 one is IPv6-only unless
+    `dual_stack` (the wildcard "::" given as the host, see _dual_stack)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise OSError(exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}") from None
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _peer_of(addr: object) -> tuple[str, str]:
@@ -287,18 +316,8 @@ class _TlsListener:
                                        flags=socket.AI_PASSIVE)
         sockets: list[socket.socket] = []
         try:
-            for family, type_, proto, _, addr in dict.fromkeys(infos):
-                sock = socket.socket(family, type_, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind(addr)
-                except OSError as exc:
-                    raise OSError(exc.errno, f"error while attempting to bind on address {addr!r}: {exc.strerror}") from None
-                sock.listen(128)
-                sock.setblocking(False)
+            for family, _type, _proto, _, addr in dict.fromkeys(infos):
+                sockets.append(_listening_socket(family, addr, _dual_stack(host)))
         except BaseException:
             for sock in sockets:
                 sock.close()

@@ -27,6 +27,8 @@ from ._interceptors import (
     UnaryStreamClientInterceptor,
     UnaryUnaryClientInterceptor,
 )
+from ._metadata import Metadata
+from ..interceptors import ClientCallDetails  # grpc.aio.ClientCallDetails: the same fields
 from ._server import Server, ServicerContext, server
 
 __all__ = [
@@ -34,5 +36,5 @@ __all__ = [
     "StreamUnaryCall", "StreamStreamCall", "UsageError",
     "insecure_channel", "ClientInterceptor", "ServerInterceptor", "StreamStreamClientInterceptor",
     "StreamUnaryClientInterceptor", "UnaryStreamClientInterceptor", "UnaryUnaryClientInterceptor",
-    "Server", "ServicerContext", "server",
+    "Server", "ServicerContext", "server", "Metadata", "ClientCallDetails",
 ]

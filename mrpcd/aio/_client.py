@@ -15,11 +15,12 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
-from ..interceptors import ClientCallDetails
+from ..interceptors import ClientCallDetails, wait_for_ready_of
 from ..marshal import records as R
-from ..status import RpcError, StatusCode, metadata_tuple
+from ..status import ChannelConnectivity, RpcError, StatusCode
 from ._app import AioApp, _set_if_pending, default_app
 from ..app import require_app
+from ._metadata import Metadata
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -130,7 +131,14 @@ class _CallState(ClientCallCore):
 
 
 class AioRpcError(RpcError):
-    """grpc.aio.AioRpcError: what a failed asyncio call raises."""
+    """grpc.aio.AioRpcError: what a failed asyncio call raises; its metadata are
+    grpc.aio.Metadata, as grpc.aio's."""
+
+    def initial_metadata(self) -> Metadata:
+        return Metadata.from_tuple(self._initial)
+
+    def trailing_metadata(self) -> Metadata:
+        return Metadata.from_tuple(self._trailing)
 
 
 class _NoApp:
@@ -225,15 +233,15 @@ class _Call:
         await s.wait_done()
         return s.details
 
-    async def initial_metadata(self) -> tuple:
+    async def initial_metadata(self) -> Metadata:
         s = await self._get()
         await s._wait_for(lambda: s.got_initial)
-        return metadata_tuple(s.initial)
+        return Metadata.from_tuple(s.initial)
 
-    async def trailing_metadata(self) -> tuple:
+    async def trailing_metadata(self) -> Metadata:
         s = await self._get()
         await s.wait_done()
-        return metadata_tuple(s.trailing)
+        return Metadata.from_tuple(s.trailing)
 
     async def wait_for_connection(self) -> None:
         """Until the call has started; raises AioRpcError if it could not (grpc.aio)."""
@@ -392,7 +400,7 @@ class StreamStreamCall(_StreamRequestMixin, StreamResponseCall):
 
 
 class _AioMultiCallable(MultiCallableCore):
-    def _call(self, call_cls: type, first: Any, details: ClientCallDetails) -> Any:
+    def _call(self, call_cls: type, first: Any, details: ClientCallDetails, wait_for_ready: bool | None = None) -> Any:
         """A call with a single request, started here when everything it needs is at hand
         (the schemas registered, the channel connected, room in the ring): no start task,
         no shield, the record goes into the ring now, as grpc.aio starts a call when it
@@ -401,7 +409,7 @@ class _AioMultiCallable(MultiCallableCore):
         loop = self._channel.app.loop
         got = self._open_now(first, details.timeout, details.metadata)
         if got is None:
-            return call_cls(self._open(first, True, details.timeout, details.metadata), loop)
+            return call_cls(self._open(first, True, details.timeout, details.metadata, wait_for_ready=wait_for_ready_of(details, wait_for_ready)), loop)
         state, unsent = got
         if unsent is None:
             return call_cls(None, loop, state=state)
@@ -442,13 +450,13 @@ class _AioMultiCallable(MultiCallableCore):
             raise
         return state
 
-    async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None) -> _CallState:
+    async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None, wait_for_ready: bool | None = None) -> _CallState:
         ch = self._channel
         for schema in self._schemas:
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        handle = await ch._ensure_handle()
+        handle = await (ch._wait_for_handle(deadline) if wait_for_ready else ch._ensure_handle())
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
         try:
             await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
@@ -487,42 +495,44 @@ class _AioMultiCallable(MultiCallableCore):
         except Exception as exc:
             state.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
 
-    def _details(self, timeout: float | None, metadata) -> ClientCallDetails:
-        return ClientCallDetails(self._method, timeout, metadata)
+    def _details(self, timeout: float | None, metadata, wait_for_ready: bool | None = None) -> ClientCallDetails:
+        return ClientCallDetails(self._method, timeout, metadata, None, wait_for_ready)
 
 
 class UnaryUnaryMultiCallable(_AioMultiCallable):
-    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> UnaryResponseCall:
-            return self._call(UnaryResponseCall, req, details)
+            return self._call(UnaryResponseCall, req, details, wait_for_ready)
 
-        return self._channel._intercept("unary_unary", invoke, self._details(timeout, metadata), request)
+        return self._channel._intercept("unary_unary", invoke, self._details(timeout, metadata, wait_for_ready), request)
 
 
 class UnaryStreamMultiCallable(_AioMultiCallable):
-    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> StreamResponseCall:
-            return self._call(StreamResponseCall, req, details)
+            return self._call(StreamResponseCall, req, details, wait_for_ready)
 
-        return self._channel._intercept("unary_stream", invoke, self._details(timeout, metadata), request)
+        return self._channel._intercept("unary_stream", invoke, self._details(timeout, metadata, wait_for_ready), request)
 
 
 class StreamUnaryMultiCallable(_AioMultiCallable):
-    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         """With no request iterator the call takes `write()` / `done_writing()` (grpc.aio)."""
         def invoke(details: ClientCallDetails, reqs: Any) -> StreamUnaryCall:
-            return StreamUnaryCall(self._open(None, False, details.timeout, details.metadata, reqs), self._channel.app.loop, self if reqs is None else None)
+            return StreamUnaryCall(self._open(None, False, details.timeout, details.metadata, reqs, wait_for_ready_of(details, wait_for_ready)),
+                                   self._channel.app.loop, self if reqs is None else None)
 
-        return self._channel._intercept("stream_unary", invoke, self._details(timeout, metadata), request_iterator)
+        return self._channel._intercept("stream_unary", invoke, self._details(timeout, metadata, wait_for_ready), request_iterator)
 
 
 class StreamStreamMultiCallable(_AioMultiCallable):
-    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, **_: Any) -> Any:
+    def __call__(self, request_iterator: Any = None, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         """With no request iterator the call takes `write()` / `done_writing()` (grpc.aio)."""
         def invoke(details: ClientCallDetails, reqs: Any) -> StreamStreamCall:
-            return StreamStreamCall(self._open(None, False, details.timeout, details.metadata, reqs), self._channel.app.loop, self if reqs is None else None)
+            return StreamStreamCall(self._open(None, False, details.timeout, details.metadata, reqs, wait_for_ready_of(details, wait_for_ready)),
+                                    self._channel.app.loop, self if reqs is None else None)
 
-        return self._channel._intercept("stream_stream", invoke, self._details(timeout, metadata), request_iterator)
+        return self._channel._intercept("stream_stream", invoke, self._details(timeout, metadata, wait_for_ready), request_iterator)
 
 
 class Channel(ChannelCore):
@@ -544,6 +554,8 @@ class Channel(ChannelCore):
         self._closed = False
         if app is not None:
             require_app(app, True, "mrpcd.aio.insecure_channel")
+        self._state = ChannelConnectivity.IDLE
+        self._state_changed: asyncio.Event | None = None  # made by wait_for_state_change, on its loop
         if app is None:
             try:
                 asyncio.get_running_loop()
@@ -577,17 +589,64 @@ class Channel(ChannelCore):
             if self._closed:
                 raise AioRpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
+                self._set_state(ChannelConnectivity.CONNECTING)
                 try:
                     reply = await self.app.call_async("connect", target=self.target)
                 except RpcError as exc:
+                    self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None
                 self._handle = reply["handle"]
                 self._listener = lost_listener(self)
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
+                self._set_state(ChannelConnectivity.READY)
             return self._handle
+
+    # -- grpc.aio's connectivity API ------------------------------------------------------
+    def _set_state(self, state: ChannelConnectivity) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        event, self._state_changed = self._state_changed, None
+        if event is not None:
+            event.set()  # wakes every wait_for_state_change; later ones make a new event
+
+    def get_state(self, try_to_connect: bool = False) -> ChannelConnectivity:
+        """grpc.aio.Channel.get_state: the channel's state now; `try_to_connect` connects
+        in the background (retrying while the target cannot be reached) if it is not."""
+        if try_to_connect and self._handle is None and not self._closed:
+            task = asyncio.ensure_future(self.channel_ready())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+        return self._state
+
+    async def wait_for_state_change(self, last_observed_state: ChannelConnectivity) -> None:
+        """grpc.aio.Channel.wait_for_state_change: until the state is not
+        `last_observed_state` (bound it with asyncio.wait_for)."""
+        while self._state is last_observed_state:
+            if self._state_changed is None:
+                self._state_changed = asyncio.Event()
+            await self._state_changed.wait()
+
+    async def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
+        """The connection for a wait_for_ready call: while the target cannot be reached
+        (UNAVAILABLE), try again, backing off to 1 s, until the call's deadline
+        (DEADLINE_EXCEEDED then, as grpc.aio); other errors (a closed channel) are raised."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._ensure_handle()
+            except RpcError as exc:
+                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
+                    raise  # (a closed app can never connect: waiting would last until the deadline)
+            left = deadline.remaining() if deadline is not None else None
+            if left == 0:
+                raise AioRpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            await asyncio.sleep(delay if left is None else min(delay, left))
+            delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
+        if not self._closed:
+            self._set_state(ChannelConnectivity.IDLE)
 
     def __del__(self) -> None:
         """Dropped without close(): free the daemon connection once its calls end."""
@@ -609,8 +668,8 @@ class Channel(ChannelCore):
                 await self._ensure_handle()
                 return
             except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE:
-                    raise
+                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
+                    raise  # (a closed app can never connect)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -619,6 +678,7 @@ class Channel(ChannelCore):
         cancelled (awaiting them raises CancelledError; their servers see the connection
         close), and the channel takes no new calls."""
         self._closed = True
+        self._set_state(ChannelConnectivity.SHUTDOWN)
         app = self.app
         handle = self._handle
         if handle is not None and grace:

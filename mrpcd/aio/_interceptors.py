@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import inspect
 from typing import Any, Callable, Sequence
 
 from ..interceptors import ClientCallDetails
@@ -82,10 +83,21 @@ class _Intercepted:
         async def terminal(d: ClientCallDetails, req: Any) -> Any:
             return invoke(d, req)
 
+        def link(inter: Any, nxt: Callable) -> Callable:
+            async def step(d: ClientCallDetails, req: Any) -> Any:
+                out = await getattr(inter, attr)(nxt, d, req)
+                # `return continuation(details, request)` without await: the call, as in
+                # grpc.aio (which unwraps it), not a coroutine handed to the caller
+                while inspect.iscoroutine(out):
+                    out = await out
+                return out
+
+            return step
+
         chain = terminal
         for i in reversed(interceptors):
             if isinstance(i, base):
-                chain = (lambda inter, nxt: lambda d, req: getattr(inter, attr)(nxt, d, req))(i, chain)
+                chain = link(i, chain)
         self._task = loop.create_task(chain(details, request))
         self._cancel_requested = False
 

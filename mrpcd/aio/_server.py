@@ -147,10 +147,11 @@ class Server(ServerCore):
     _interceptor_base = ServerInterceptor
     _interceptor_name = "mrpcd.aio.ServerInterceptor"
 
-    def __init__(self, app: AioApp | None = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None) -> None:
+    def __init__(self, app: AioApp | None = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None,
+                 maximum_concurrent_rpcs: int | None = None) -> None:
         if app is not None:
             require_app(app, True, "mrpcd.aio.server")
-        self._init_core(app or default_app(), interceptors, options)
+        self._init_core(app or default_app(), interceptors, options, maximum_concurrent_rpcs)
         self._contexts: dict[int, ServicerContext] = {}
         self._stopped = asyncio.Event()  # no new calls
         self._terminated = asyncio.Event()  # stopped: the calls in flight are over too
@@ -254,8 +255,11 @@ class Server(ServerCore):
             return True
 
 
-def server(migration_thread_pool: Any = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None, *, app: AioApp | None = None, **_ignored: Any) -> Server:
-    s = Server(app, interceptors, options)
+def server(migration_thread_pool: Any = None, handlers: Any = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None,
+           maximum_concurrent_rpcs: int | None = None, compression: Any = None, *, app: AioApp | None = None, **_ignored: Any) -> Server:
+    """Like grpc.aio.server(...): calls beyond maximum_concurrent_rpcs are refused with
+    RESOURCE_EXHAUSTED, as grpc.aio does; `compression` is accepted and ignored."""
+    s = Server(app, interceptors, options, maximum_concurrent_rpcs)
     if handlers:
         s.add_generic_rpc_handlers(handlers)
     return s
