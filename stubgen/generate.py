@@ -37,6 +37,7 @@ from __future__ import annotations
 import keyword
 import os
 import re
+from typing import AbstractSet, cast
 
 from mrpcd.marshal.message import Message as _BaseMessage
 from mrpcd.marshal.schema import Field, Message, Schema, Service
@@ -275,7 +276,8 @@ class _Names:
 
     def _fields(self, msg: Message) -> None:
         names = {f.name for f in msg.fields}
-        attrs, aliases = {}, {}
+        attrs: dict[str, str] = {}
+        aliases: dict[str, str] = {}
         for f in msg.fields:
             where = f"{self.mod.proto}: field {msg.full_name}.{f.name}"
             if f.name in _MESSAGE_METHODS or f.name.startswith("__"):
@@ -337,7 +339,7 @@ class _Emitter:
         self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])} | {c for c, _, _ in self.n.constants}
 
     # -- types -------------------------------------------------------------------------------
-    def builtin(self, name: str, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def builtin(self, name: str, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         """A builtin type (`int`, `list`, ...) as the .pyi must spell it: where a class body (a field
         `list`, a nested type `int`) or the module (a message `str`) binds the same name, the bare
         name would mean that."""
@@ -345,7 +347,7 @@ class _Emitter:
             return name
         return f"{self.builtins_module(shadow)}.{name}"
 
-    def builtins_module(self, shadow: set[str]) -> str:
+    def builtins_module(self, shadow: AbstractSet[str]) -> str:
         """The .pyi's name for the builtins module where `shadow` is bound: `_builtins`, unless a
         field of the class is called that (then `_builtins_`, ..., aliases made at the end)."""
         cand = "_builtins"
@@ -355,19 +357,19 @@ class _Emitter:
             self.builtins_aliases.add(cand)
         return cand
 
-    def value_type(self, kind: str, ref: str | None, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def value_type(self, kind: str, ref: str | None, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         if kind in _INT_KINDS:
             return self.builtin("int", shadow, pyi)
         if kind in _PY_SCALAR:
             return self.builtin(_PY_SCALAR[kind], shadow, pyi)
-        qual = self.n.qual[ref]
+        qual = self.n.qual[cast(str, ref)]  # an enum or message kind: it has a ref
         head, _, rest = qual.partition(".")
         if pyi and head in shadow:
             alias = self.pyi_aliases.setdefault(head, f"_mrpc_{head}")
             return alias + ("." + rest if rest else "")
         return qual
 
-    def attr_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def attr_type(self, f: Field, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
         if f.label == "repeated":
             if f.type.kind == "message":  # the container with add() (mrpcd.marshal.containers)
@@ -380,7 +382,7 @@ class _Emitter:
             return f"{self.builtin('dict', shadow, pyi)}[{k}, {t}]"
         return f"{t} | None" if f.nullable else t
 
-    def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def param_type(self, f: Field, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         """What __init__ takes for a field: what the runtime accepts (as grpcio's .pyi types
         it): an int for an enum, a dict for a message, in the .pyi any iterable for a
         repeated field (it is copied into a list) and any mapping for a map."""
@@ -533,8 +535,8 @@ class _Emitter:
             params.append(f"{p}: {ptype} = {default}")
             # a keyword field is set through its property: no global name a parameter could hide
             body.append(f"{me}.{p} = {value}")
-        head = _signature(f"def __init__({me}", params, ") -> None:")
-        return head + ["    " + b for b in body or ["pass"]]
+        sig = _signature(f"def __init__({me}", params, ") -> None:")
+        return sig + ["    " + b for b in body or ["pass"]]
 
     def py_service(self, svc: Service) -> list[str]:
         n = self.n
