@@ -285,7 +285,8 @@ class Acl(CallGate):
                     if method is None:
                         return INVALID_ARGUMENT, f"acl: unknown method id {method_id}"
                     try:
-                        v = codec.read_field(self.ctx.schema, method.input, rec.payload, rule.field)
+                        # (a rule with a predicate has its field)
+                        v = codec.read_field(self.ctx.schema, method.input, rec.payload, cast(str, rule.field))
                     except (codec.DecodeError, ValueError) as exc:
                         return INVALID_ARGUMENT, f"acl: malformed request message: {exc}"
                     values[rule.field] = v

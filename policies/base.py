@@ -97,8 +97,10 @@ class PolicyContext(Protocol):
 
     app_id: int
     app_name: str
-    schema: Schema
     globals: dict[str, Any]
+
+    @property
+    def schema(self) -> Schema: ...  # (read-only for the policy: the daemon's context derives it)
 
     def method(self, method_id: int) -> Method | None: ...
 

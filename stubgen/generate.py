@@ -40,7 +40,7 @@ import re
 from typing import AbstractSet, cast
 
 from mrpcd.marshal.message import Message as _BaseMessage
-from mrpcd.marshal.schema import Field, Message, Schema, Service
+from mrpcd.marshal.schema import Field, Message, Schema, Service, TypeRef
 
 from .parse import ProtoModule, StubgenError
 
@@ -219,13 +219,13 @@ class _Names:
 
         taken = set(_MODULE_RESERVED)
         made_by: dict[str, str] = {}  # generated name -> the service it is generated for
-        for svc in mod.services:
-            short = svc.rsplit(".", 1)[-1]
+        for svc_name in mod.services:
+            short = svc_name.rsplit(".", 1)[-1]
             for gen in (f"{short}Stub", f"{short}AsyncStub", f"{short}Servicer", f"add_{short}Servicer_to_server"):
                 if gen in made_by:
-                    raise StubgenError(f"{mod.proto}: services {made_by[gen]} and {svc} would both define {gen}; "
+                    raise StubgenError(f"{mod.proto}: services {made_by[gen]} and {svc_name} would both define {gen}; "
                                        "rename one of them")
-                made_by[gen] = svc
+                made_by[gen] = svc_name
             taken |= set(made_by)
         self.service_short = {svc: svc.rsplit(".", 1)[-1] for svc in mod.services}
         top = self.children.get(None, [])
@@ -376,7 +376,7 @@ class _Emitter:
                 return f"_RepeatedMessages[{t}]"
             return f"{self.builtin('list', shadow, pyi)}[{t}]"
         if f.label == "map":
-            k = self.value_type(f.key.kind, None, shadow, pyi)
+            k = self.value_type(cast(TypeRef, f.key).kind, None, shadow, pyi)
             if f.type.kind == "message":  # the container with get_or_create()
                 return f"_MessageMap[{k}, {t}]"
             return f"{self.builtin('dict', shadow, pyi)}[{k}, {t}]"
@@ -391,13 +391,13 @@ class _Emitter:
             t += f" | {self.builtin('int', shadow, pyi)}"
         if f.type.kind == "message" and pyi:
             t += f" | {self.builtin('dict', shadow, pyi)}[{self.builtin('str', shadow, pyi)}, _Any]"
-            python = _WKT_PYTHON.get(self.wkt_mixin(f.type.ref) or "")
+            python = _WKT_PYTHON.get(self.wkt_mixin(f.type.ref_name) or "")
             if python and f.label == "single":  # a datetime / timedelta, as protobuf's constructors take
                 t += f" | {python}"
         if f.label == "repeated":
             return (f"_Iterable[{t}]" if pyi else f"list[{t}]") + " | None"
         if f.label == "map":
-            k = self.value_type(f.key.kind, None, shadow, pyi)
+            k = self.value_type(cast(TypeRef, f.key).kind, None, shadow, pyi)
             return (f"_Mapping[{k}, {t}]" if pyi else f"dict[{k}, {t}]") + " | None"
         return f"{t} | None" if f.nullable else t
 
@@ -508,7 +508,7 @@ class _Emitter:
                 value = f"{rep}() if {p} is None else {rep}._mrpc_of({p}, {me}, {i})"
             elif f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
                 default, value = "None", f"{me}.__mrpc_{'list' if f.label == 'repeated' else 'map'}__({p})"
-            elif f.type.kind == "message" and self.wkt_mixin(f.type.ref) and f.label == "single":
+            elif f.type.kind == "message" and self.wkt_mixin(f.type.ref_name) and f.label == "single":
                 # Timestamp / Duration: also a datetime / timedelta, as protobuf's constructors
                 default, value = "None", (f"{p} if {p} is None or {p}.__class__ is {me}.__mrpc_types__[{i}] "
                                           f"else {me}.__mrpc_msg__({i}, {p})")
@@ -517,15 +517,15 @@ class _Emitter:
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
-                member = n.default_member(f.type.ref)
-                qual = n.qual[f.type.ref]
+                member = n.default_member(f.type.ref_name)
+                qual = n.qual[f.type.ref_name]
                 head = qual.split(".")[0]
                 if member is None:
                     default, value = "0", p
                 elif "." not in qual and head not in class_names:
                     default, value = f"{qual}.{member}", p  # top-level enums are defined first
-                elif n.mod.parents.get(f.type.ref) == msg.full_name:
-                    default, value = f"{n.local[f.type.ref]}.{member}", p  # own nested enum: in class scope
+                elif n.mod.parents.get(f.type.ref_name) == msg.full_name:
+                    default, value = f"{n.local[f.type.ref_name]}.{member}", p  # own nested enum: in class scope
                 else:  # defined later or hidden by a parameter here: the default bind() computed
                     # (the same member), read through the receiver, which no name can hide
                     ptype += " | None"
