@@ -703,7 +703,7 @@ def _make_fromstring(dec: Any, schema: Schema, name: str) -> Any:
     FromString.__qualname__ = f"{name}.FromString"
     # Safe on memory that is only valid during the call (the app decodes big messages
     # straight from its rx ring): it keeps no reference to `data` or a buffer of it.
-    FromString.__mrpc_inplace__ = True  # type: ignore[attr-defined]  # a function attribute: mypy does not model them
+    FromString.__mrpc_inplace__ = True  # type: ignore[attr-defined]  # a function attribute (in_place_decoder reads it): mypy does not model those
     return FromString
 
 

@@ -118,4 +118,4 @@ class Poller:
                     session._sleep()
             return
         os.sched_yield()
-        cast(asyncio.AbstractEventLoop, self.loop).call_soon(self._tick)  # hold() set it before the first tick
+        cast("asyncio.AbstractEventLoop", self.loop).call_soon(self._tick)  # hold() set it before the first tick
