@@ -219,6 +219,12 @@ class Vtc(CallGate):
 
     def _arrive(self, rec: R.Record, method: Any, out: list[R.Record]) -> None:
         cfg = self.config
+        key = (rec.handle, rec.call_id)
+        if key in self.queued_calls or key in self.inflight:
+            # a peer reusing the id of a call still here: the books (queues, slots) are per id
+            self.count("duplicate_call_id")
+            self.ctx.reply_error(rec, INVALID_ARGUMENT, f"vtc: call id {rec.call_id} is already in use on this connection")
+            return
         try:
             name, tokens = self._identify(rec, method)
         except (codec.DecodeError, ValueError) as exc:
