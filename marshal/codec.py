@@ -17,13 +17,14 @@ received from an app cannot inject code.
 """
 from __future__ import annotations
 
+import enum
 import functools
 import keyword
 import numbers
 import operator
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 
@@ -31,7 +32,10 @@ from . import _framing
 from . import _pack as _packmod
 from .containers import map_type, repeated_type
 from .enums import EnumWrapper
-from .schema import INT_RANGES, Field, Schema, SchemaError
+from .schema import INT_RANGES, Field, Schema, SchemaError, TypeRef
+
+if TYPE_CHECKING:
+    from .message import Message
 
 __all__ = ["DecodeError", "EncodeError", "MAX_DEPTH", "bind", "decode_plain", "encode_plain", "read_field"]
 
@@ -198,7 +202,7 @@ def _emap(d: dict, where: str, kkind: str, vkind: str, vref: str | None) -> dict
     return out
 
 
-def _emsg(x: Any, cls: type, enc: Any, where: str, d: int) -> Any:
+def _emsg(x: Any, cls: type[Message], enc: Any, where: str, d: int) -> Any:
     if isinstance(x, cls):
         return enc(x, d + 1)
     # Each generated module has its own classes for the types it imports: an instance of
@@ -246,7 +250,7 @@ class _Gen:
     """
 
     def __init__(self, schema: Schema, mode: str, classes: dict[str, type] | None = None,
-                 enums: dict[str, type] | None = None) -> None:
+                 enums: dict[str, type[enum.IntEnum]] | None = None) -> None:
         self.schema = schema
         self.mode = mode
         self.classes = classes or {}
@@ -302,8 +306,8 @@ class _Gen:
             self.done.add(name)
             for f in msg.fields:
                 if f.type.kind == "message" and f.type.ref not in seen and f.type.ref not in self.done:
-                    seen.add(f.type.ref)
-                    todo.append(f.type.ref)
+                    seen.add(f.type.ref_name)
+                    todo.append(f.type.ref_name)
         if lines:
             src = "\n".join(lines) + "\n"
             exec(compile(src, f"<mrpcd.codec {self.mode}>", "exec"), self.ns)
@@ -354,7 +358,7 @@ class _Gen:
             L = [f"if {v}.__class__ is not list:",
                  f"    raise _DE(_bad({W}, 'array', {v}))"]
             if t.kind == "message":
-                j = self.fid(t.ref)
+                j = self.fid(t.ref_name)
                 lab = repr(f"message {t.ref}")
                 comp = (f"[_d{j}(y, d + 1) if y.__class__ is list else "
                         f"_fail(_DE(_bad({W} + '[' + str(i) + ']', {lab}, y))) for i, y in enumerate({v})]")
@@ -371,11 +375,11 @@ class _Gen:
                 L.append(f"{v} = [{self.enum_maps[t.ref]}.get(y, y) for y in {v}]")
             return L
         if f.label == "map":
-            kk = f.key.kind
+            kk = cast(TypeRef, f.key).kind  # a map field has a key type (from_dict)
             L = [f"if {v}.__class__ is not dict:",
                  f"    raise _DE(_bad({W}, 'map', {v}))"]
             if t.kind == "message":
-                j = self.fid(t.ref)
+                j = self.fid(t.ref_name)
                 lab = repr(f"message {t.ref}")
                 L += [f"for k_ in {v}:",
                       f"    if {self.dbad(kk, 'k_')}:",
@@ -394,7 +398,7 @@ class _Gen:
             return L
         # single / optional / oneof member
         if t.kind == "message":
-            j = self.fid(t.ref)
+            j = self.fid(t.ref_name)
             lab = repr(f"message {t.ref}")
             return [f"if {v}.__class__ is list:",
                     f"    {v} = _d{j}({v}, d + 1)",
@@ -491,8 +495,8 @@ class _Gen:
             L = [f"if {v}.__class__ is not list:", f"    {v} = _elist({v}, {W})"]
             if t.kind == "message":
                 if self.mode == "cls":  # the decoder's and constructor's container first
-                    L[0] = f"if {v}.__class__ is not _RL{self.fid(t.ref)} and {v}.__class__ is not list:"
-                L.append(f"{v} = [{self.emsg_expr(t.ref, 'y', W)} for y in {v}]")
+                    L[0] = f"if {v}.__class__ is not _RL{self.fid(t.ref_name)} and {v}.__class__ is not list:"
+                L.append(f"{v} = [{self.emsg_expr(t.ref_name, 'y', W)} for y in {v}]")
                 return L
             L += [f"for y in {v}:",
                   f"    if {self.ebad(t.kind, t.ref, 'y')}:",
@@ -500,16 +504,16 @@ class _Gen:
                   "        break"]
             return L
         if f.label == "map":
-            kk = f.key.kind
+            kk = cast(TypeRef, f.key).kind  # a map field has a key type (from_dict)
             L = [f"if {v}.__class__ is not dict:", f"    {v} = _edict({v}, {W})"]
             if t.kind == "message":
                 if self.mode == "cls":
-                    L[0] = f"if {v}.__class__ is not _RM{self.fid(t.ref)} and {v}.__class__ is not dict:"
+                    L[0] = f"if {v}.__class__ is not _RM{self.fid(t.ref_name)} and {v}.__class__ is not dict:"
                 L += [f"for k_ in {v}:",
                       f"    if {self.ebad(kk, None, 'k_')}:",
                       f"        {v} = {{_econv(k_, {W} + ' (map key)', {kk!r}, None): y for k_, y in {v}.items()}}",
                       "        break",
-                      f"{v} = {{k_: {self.emsg_expr(t.ref, 'y', W)} for k_, y in {v}.items()}}"]
+                      f"{v} = {{k_: {self.emsg_expr(t.ref_name, 'y', W)} for k_, y in {v}.items()}}"]
                 return L
             L += [f"for k_, y in {v}.items():",
                   f"    if {self.ebad(kk, None, 'k_')} or {self.ebad(t.kind, t.ref, 'y')}:",
@@ -517,7 +521,7 @@ class _Gen:
                   "        break"]
             return L
         if t.kind == "message":
-            return [f"if {v} is not None:", f"    {v} = {self.emsg_expr(t.ref, v, W)}"]
+            return [f"if {v} is not None:", f"    {v} = {self.emsg_expr(t.ref_name, v, W)}"]
         L = [f"if {self.ebad(t.kind, t.ref, v)}:",
              f"    {v} = _econv({v}, {W}, {t.kind!r}, {t.ref!r})"]
         if f.nullable:
@@ -526,7 +530,7 @@ class _Gen:
 
     # -- read_field: one field's value decoder ------------------------------------------
     def field_reader(self, f: Field, where: str) -> Any:
-        for name in [f.type.ref] if f.type.kind == "message" else []:
+        for name in [f.type.ref_name] if f.type.kind == "message" else []:
             self.compile([name], encoders=False)
         self.nfunc += 1
         fname = f"_rf{self.nfunc}"
@@ -552,7 +556,7 @@ def _scalar_default(kind: str) -> Any:
 # bind: attach compiled codecs to generated classes
 
 
-def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None = None) -> None:
+def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type[enum.IntEnum]] | None = None) -> None:
     """Compile encoders/decoders for `classes` (full message name → class) and attach
     SerializeToString, FromString, __mrpc_schema__, __mrpc_message__ to each class.
 
@@ -565,6 +569,7 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         # EnumWrapper's Name() / Value() answer with the .proto names of the values
         if ename in schema.enums and isinstance(ecls, type) and issubclass(ecls, EnumWrapper):
             ecls.__mrpc_enum__ = schema.enums[ename]
+    cls: Any  # the classes get the codec's attributes here (Message declares them; any class with the slots binds)
     for name, cls in classes.items():
         if name not in schema.messages:
             raise SchemaError(f"bind: {name} is not a message of the schema")
@@ -586,12 +591,12 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type] | None
         cls.__mrpc_fields__ = tuple(f.name for f in msg.fields)
         cls.__mrpc_defaults__ = tuple(_default(f, schema, enums or {}, classes) for f in msg.fields)
         # the class of each message field (None for others): what a dict given for one becomes
-        cls.__mrpc_types__ = tuple(classes[f.type.ref] if f.type.kind == "message" else None for f in msg.fields)
+        cls.__mrpc_types__ = tuple(classes[f.type.ref_name] if f.type.kind == "message" else None for f in msg.fields)
 
 
 def _check_class(cls: type, msg: Any) -> None:
     try:
-        probe = object.__new__(cls)
+        probe: object = object.__new__(cls)
     except TypeError as exc:
         raise SchemaError(f"bind: cannot instantiate {cls!r} without __init__: {exc}") from None
     for f in msg.fields:
@@ -601,17 +606,17 @@ def _check_class(cls: type, msg: Any) -> None:
             raise SchemaError(f"bind: {cls.__qualname__} has no attribute slot for field {f.name!r}") from None
 
 
-def _default(f: Field, schema: Schema, enums: dict[str, type], classes: dict[str, type]) -> tuple[str, Any, bool]:
+def _default(f: Field, schema: Schema, enums: dict[str, type[enum.IntEnum]], classes: dict[str, type]) -> tuple[str, Any, bool]:
     if f.label == "repeated":
-        return (f.name, repeated_type(classes[f.type.ref]) if f.type.kind == "message" else list, True)
+        return (f.name, repeated_type(classes[f.type.ref_name]) if f.type.kind == "message" else list, True)
     if f.label == "map":
-        return (f.name, map_type(classes[f.type.ref]) if f.type.kind == "message" else dict, True)
+        return (f.name, map_type(classes[f.type.ref_name]) if f.type.kind == "message" else dict, True)
     if f.nullable:
         return (f.name, None, False)
     if f.type.kind == "enum":
         number = _enum_default(schema, f.type.ref)
         try:
-            return (f.name, enums[f.type.ref](number), False)
+            return (f.name, enums[f.type.ref_name](number), False)
         except (KeyError, ValueError):
             return (f.name, number, False)
     return (f.name, _scalar_default(f.type.kind), False)
@@ -698,7 +703,7 @@ def _make_fromstring(dec: Any, schema: Schema, name: str) -> Any:
     FromString.__qualname__ = f"{name}.FromString"
     # Safe on memory that is only valid during the call (the app decodes big messages
     # straight from its rx ring): it keeps no reference to `data` or a buffer of it.
-    FromString.__mrpc_inplace__ = True
+    FromString.__mrpc_inplace__ = True  # type: ignore[attr-defined]  # a function attribute (in_place_decoder reads it): mypy does not model those
     return FromString
 
 
@@ -743,7 +748,7 @@ def _find_bad_utf8(schema: Schema, name: str, raw: Any, depth: int = 0) -> str |
             if f.type.kind == "string" and type(item) is bytes and not _utf8_ok(item):
                 return where
             if f.type.kind == "message":
-                found = _find_bad_utf8(schema, f.type.ref, item, depth + 1)
+                found = _find_bad_utf8(schema, f.type.ref_name, item, depth + 1)
                 if found:
                     return found
     return None
@@ -781,7 +786,7 @@ def _find_bad_string(schema: Schema, name: str, obj: Any, depth: int = 0) -> str
                     except UnicodeEncodeError:
                         return where
                 elif p is not None and f.type.kind == "message" and not isinstance(p, (int, bytes)):
-                    found = _find_bad_string(schema, f.type.ref, p, depth + 1)
+                    found = _find_bad_string(schema, f.type.ref_name, p, depth + 1)
                     if found:
                         return found
     return None
@@ -896,8 +901,7 @@ def _plan(gen: _Gen, schema: Schema, message: str, path: str) -> tuple:
     cur = message
     if cur not in schema.messages:
         raise SchemaError(f"unknown message {message}")
-    f = None
-    for depth, part in enumerate(parts):
+    for depth, part in enumerate(parts):  # (at least one: f is set, or SchemaError)
         msg = schema.messages[cur]
         for i, f in enumerate(msg.fields):
             if f.name == part:
@@ -909,7 +913,7 @@ def _plan(gen: _Gen, schema: Schema, message: str, path: str) -> tuple:
         if depth < len(parts) - 1:
             if f.type.kind != "message" or f.label in ("repeated", "map"):
                 raise SchemaError(f"{cur}.{part} is not a single message field (path {path!r})")
-            cur = f.type.ref
+            cur = f.type.ref_name
     if len(steps) > MAX_DEPTH:
         raise SchemaError(f"path {path!r} deeper than {MAX_DEPTH}")
     with _plain_lock:

@@ -82,7 +82,7 @@ def check_metadata_key(key: object, internal: bool = False) -> str:
     return key
 
 
-def _check_value(key: str, value: object, decoding: bool) -> object:
+def _check_value(key: str, value: object, decoding: bool) -> str | bytes:
     if key.endswith("-bin"):
         if type(value) is bytes:
             return value

@@ -11,7 +11,7 @@ import hashlib
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -55,6 +55,11 @@ class TypeRef:
 
     def to_list(self) -> list:
         return [self.kind, self.ref]
+
+    @property
+    def ref_name(self) -> str:
+        """`ref` of an enum or message type (from_dict refuses one without it)."""
+        return cast(str, self.ref)
 
 
 @dataclass(frozen=True)
@@ -187,9 +192,9 @@ class Schema:
                     if t is None:
                         continue
                     if t.kind == "message":
-                        todo.append(t.ref)
+                        todo.append(t.ref_name)
                     elif t.kind == "enum":
-                        seen_e[t.ref] = self.enums[t.ref]
+                        seen_e[t.ref_name] = self.enums[t.ref_name]
         return {
             "service": [svc.full_name, [[x.name, x.input, x.output, x.client_streaming, x.server_streaming] for x in svc.methods]],
             "messages": sorted([m.full_name, [_field_to_list(f) for f in m.fields]] for m in seen_m.values()),
@@ -271,7 +276,7 @@ def _schema_from_dict(data: Any) -> Schema:
             if label not in ("single", "optional", "repeated", "map"):
                 raise SchemaError(f"{where}: bad label {label!r}")
             keyref = _typeref(key, where) if label == "map" else None
-            if label == "map" and keyref.kind not in MAP_KEY_KINDS:
+            if keyref is not None and keyref.kind not in MAP_KEY_KINDS:  # (a map's)
                 raise SchemaError(f"{where}: map key must be an integer, bool or string")
             if oneof is not None:
                 _check_name(oneof, _NAME, "oneof")

@@ -25,7 +25,7 @@ import logging
 import threading
 import weakref
 from collections import deque
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast, final
 
 from . import flow, wire
 from .handlers import GenericRpcHandler, RpcMethodHandler
@@ -34,12 +34,18 @@ from .marshal._ringio import RingRecord
 from .marshal.schema import method_id as _method_id
 from .status import AbortError, RpcError, StatusCode, metadata_tuple
 
+if TYPE_CHECKING:
+    import asyncio
+
+    from .marshal.message import Message
+
 # A message at least this big is queued as a zero-copy view of the buffer its record was
 # popped into (one copy saved); a smaller one as its own bytes (copying a few bytes costs
 # no more than making the view, and a small message must not pin a whole batch buffer).
 VIEW_MIN = 64 * 1024
 
 
+@final  # (so `type(x) is Decoded` tells the type checker the rest is not one)
 class Decoded:
     """A message the rx path already decoded, straight from the rx ring (see
     `message_of`): its value, or the exception the deserializer raised, which the reader
@@ -117,7 +123,7 @@ class ClientCallCore:
     (cancel, deadline, lost connection). Subclasses wake their waiters in `_wake()`.
     """
 
-    def __init__(self, app: Any, handle: int, call_id: int, deserialize: Callable[[bytes], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
+    def __init__(self, app: Any, handle: int, call_id: int, deserialize: Callable[[Any], Any], max_receive: int, deadline: wire.Deadline | None) -> None:
         self.app = app
         self.handle = handle
         self.call_id = call_id
@@ -133,7 +139,7 @@ class ClientCallCore:
         self.details = ""
         self.initial: list = []
         self.trailing: list = []
-        self.callbacks: list[Callable[[], None]] = []
+        self.callbacks: list[Callable[[], object]] = []  # (what they return is ignored)
         self._recv = flow.RecvWindow()
         self._credit = flow.SendCredit()
         app.calls[(handle, call_id)] = self
@@ -248,7 +254,7 @@ class MultiCallableCore:
     """What a stub method does before any I/O: encode, check the send limit, build the
     record that opens the call."""
 
-    def __init__(self, channel: Any, method: str, request_type: type, response_type: type) -> None:
+    def __init__(self, channel: Any, method: str, request_type: type[Message], response_type: type[Message]) -> None:
         self._channel = channel
         self._method = method
         self._method_id = _method_id(method)
@@ -288,20 +294,20 @@ class ChannelCore:
     _stream_unary: type
     _stream_stream: type
 
-    def unary_unary(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+    def unary_unary(self, method: str, request_type: type[Message] | None = None, response_type: type[Message] | None = None, **kw: Any) -> Any:
         return self._unary_unary(self, method, *_message_types(method, request_type, response_type, kw))
 
-    def unary_stream(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+    def unary_stream(self, method: str, request_type: type[Message] | None = None, response_type: type[Message] | None = None, **kw: Any) -> Any:
         return self._unary_stream(self, method, *_message_types(method, request_type, response_type, kw))
 
-    def stream_unary(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+    def stream_unary(self, method: str, request_type: type[Message] | None = None, response_type: type[Message] | None = None, **kw: Any) -> Any:
         return self._stream_unary(self, method, *_message_types(method, request_type, response_type, kw))
 
-    def stream_stream(self, method: str, request_type: type | None = None, response_type: type | None = None, **kw: Any) -> Any:
+    def stream_stream(self, method: str, request_type: type[Message] | None = None, response_type: type[Message] | None = None, **kw: Any) -> Any:
         return self._stream_stream(self, method, *_message_types(method, request_type, response_type, kw))
 
 
-def _message_types(method: str, request_type: Any, response_type: Any, kw: dict) -> tuple[type, type]:
+def _message_types(method: str, request_type: Any, response_type: Any, kw: dict) -> tuple[type[Message], type[Message]]:
     """The message classes of a multi-callable, or a TypeError that says what is wrong:
     a grpcio-generated `_pb2_grpc` stub passes protobuf (de)serializers, which cannot
     serve a daemon that needs the schema of mrpcd's generated classes."""
@@ -448,7 +454,7 @@ class ServerCallCore:
 
     def too_large_status(self) -> tuple[StatusCode, str]:
         """What the client is told when a request was over the limit."""
-        err = self.too_large
+        err = cast(RpcError, self.too_large)  # asked once _take said the message was over the limit
         return err.code(), err.details()
 
     def is_active(self) -> bool:
@@ -640,6 +646,10 @@ class ServerCore:
 
     _interceptor_base: type = object
     _interceptor_name = ""
+    # the subclass's (above)
+    _stopped: threading.Event | asyncio.Event
+    _reply_nowait: Callable[[bytes], None]
+    _admit: Callable[[R.Record, str, RpcMethodHandler], None]
 
     def _init_core(self, app: Any, interceptors: Any, options: Any, maximum_concurrent_rpcs: int | None = None) -> None:
         if maximum_concurrent_rpcs is not None and (type(maximum_concurrent_rpcs) is not int or maximum_concurrent_rpcs < 1):

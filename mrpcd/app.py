@@ -15,6 +15,7 @@ import operator
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -57,6 +58,8 @@ RX_YIELD_MIN_CALLS = 64
 SPACE_RECHECK_S = 0.5
 
 class CallSink(Protocol):
+    cancelled_locally: bool  # (a client call's: ended by this app, CANCELLED)
+
     def deliver(self, rec: R.Record) -> None: ...
     def grant(self, n: int) -> None: ...
     def lost(self, code: StatusCode, details: str) -> None: ...
@@ -76,6 +79,10 @@ class App:
     _close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
     _pid = 0  # the process that made the app (set in __init__)
     _space_need = 0  # ring bytes the last sender to block on a full tx ring needs
+    # the blocked senders: App counts them (int), AioApp queues their futures (a deque); each
+    # class's own methods use its kind (AioApp overrides every App method that touches it
+    # but the blocking send(), which an event-loop app does not use)
+    _space_waiters: Any
     ASYNCIO = False  # mrpcd.aio's AioApp: its rx side is driven by an event loop
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
@@ -95,7 +102,7 @@ class App:
         self._frames = cp.FrameBuffer()
         self._inbox: list[dict] = []
         self._ids = itertools.count(1)
-        reply, fds = self.request({"op": "hello", "name": name or f"{os.path.basename(os.sys.argv[0] or 'python')}"}, nfds=3)
+        reply, fds = self.request({"op": "hello", "name": name or f"{os.path.basename(sys.argv[0] or 'python')}"}, nfds=3)
         if len(fds) != 3:
             for fd in fds:
                 os.close(fd)

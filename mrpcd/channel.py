@@ -15,13 +15,16 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from .app import App, default_app, require_app
 from .marshal import records as R
 from .status import Call, ChannelConnectivity, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
+
+if TYPE_CHECKING:
+    from .marshal.message import Message
 
 _DEADLINE = "Deadline Exceeded"
 
@@ -130,12 +133,11 @@ class _ClientCall(ClientCallCore):
         try:
             app.about_to_block()  # a handler on the rx thread calling out: hand the role over
             deadline = self.deadline
-            left = deadline.remaining() if deadline else None
-            if left is None:
+            if deadline is None or (left := deadline.remaining()) is None:
                 woken = lock.acquire()
             else:
                 while left > 0 and not (woken := lock.acquire(True, left)):
-                    left = deadline.remaining()  # a timed acquire may return a hair early
+                    left = deadline.remaining() or 0.0  # a timed acquire may return a hair early (a float: it has an end)
         finally:
             with app._baton_lock:
                 self._end_waiting = False
@@ -174,7 +176,7 @@ class _ClientCall(ClientCallCore):
             self._wait(self.credit_available, self.deadline)
             return not self.done
 
-    def request_message(self, payload: bytes) -> bytes:
+    def request_message(self, payload: bytes) -> wire.RecordParts:
         with self._cond:
             return super().request_message(payload)
 
@@ -330,7 +332,7 @@ Future.register(_Rendezvous)
 
 
 class _MultiCallable(MultiCallableCore):
-    def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
+    def __init__(self, channel: "Channel", method: str, request_type: type[Message], response_type: type[Message]) -> None:
         super().__init__(channel, method, request_type, response_type)
         for schema in self._schemas:
             channel.app.ensure_schema(schema)

@@ -7,9 +7,12 @@ wrapped behavior exactly as they do there.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from .marshal.schema import Schema, method_id
+
+if TYPE_CHECKING:
+    from .marshal.message import Message
 
 
 def _raw_request(payload: bytes) -> bytes:
@@ -32,8 +35,8 @@ class RpcMethodHandler:
         request_streaming: bool,
         response_streaming: bool,
         behavior: Callable[..., Any],
-        request_type: type | None = None,
-        response_type: type | None = None,
+        request_type: type[Message] | None = None,
+        response_type: type[Message] | None = None,
         request_deserializer: Callable[[bytes], Any] | None = None,
         response_serializer: Callable[[Any], bytes] | None = None,
     ) -> None:
@@ -49,7 +52,8 @@ class RpcMethodHandler:
             request_deserializer = request_type.FromString if request_type is not None else _raw_request
         if response_serializer is None:
             response_serializer = response_type.SerializeToString if response_type is not None else _raw_response
-        self.request_deserializer = request_deserializer
+        # called with bytes (as grpc's), or with a memoryview if it is the generated FromString
+        self.request_deserializer: Callable[[Any], Any] = request_deserializer
         self.response_serializer = response_serializer
 
     def _if(self, req: bool, rsp: bool) -> Callable[..., Any] | None:
@@ -75,19 +79,19 @@ class RpcMethodHandler:
         return f"RpcMethodHandler(request_streaming={self.request_streaming}, response_streaming={self.response_streaming}, behavior={self.behavior!r})"
 
 
-def unary_unary_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type | None = None, response_type: type | None = None) -> RpcMethodHandler:
+def unary_unary_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type[Message] | None = None, response_type: type[Message] | None = None) -> RpcMethodHandler:
     return RpcMethodHandler(False, False, behavior, request_type, response_type, request_deserializer, response_serializer)
 
 
-def unary_stream_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type | None = None, response_type: type | None = None) -> RpcMethodHandler:
+def unary_stream_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type[Message] | None = None, response_type: type[Message] | None = None) -> RpcMethodHandler:
     return RpcMethodHandler(False, True, behavior, request_type, response_type, request_deserializer, response_serializer)
 
 
-def stream_unary_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type | None = None, response_type: type | None = None) -> RpcMethodHandler:
+def stream_unary_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type[Message] | None = None, response_type: type[Message] | None = None) -> RpcMethodHandler:
     return RpcMethodHandler(True, False, behavior, request_type, response_type, request_deserializer, response_serializer)
 
 
-def stream_stream_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type | None = None, response_type: type | None = None) -> RpcMethodHandler:
+def stream_stream_rpc_method_handler(behavior: Callable, request_deserializer: Callable | None = None, response_serializer: Callable | None = None, *, request_type: type[Message] | None = None, response_type: type[Message] | None = None) -> RpcMethodHandler:
     return RpcMethodHandler(True, True, behavior, request_type, response_type, request_deserializer, response_serializer)
 
 

@@ -145,6 +145,8 @@ class _Cancelled(RpcError):
 class ServicerContext(ContextCore):
     """What a handler sees of its call; method names and meaning follow grpc.ServicerContext."""
 
+    _call: _ServerCall
+
     def add_callback(self, callback: Callable[[], None]) -> bool:
         """Run `callback` when the call ends (answered, failed, cancelled or expired), as
         grpc does; False if it already ended."""

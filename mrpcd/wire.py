@@ -8,7 +8,7 @@ only ENDs carries trailing metadata alone. `:details` carries the status details
 from __future__ import annotations
 
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, final
 
 from .marshal import records as R
 from .marshal._pack import Parts
@@ -52,6 +52,7 @@ def check_metadata(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
     return pairs
 
 
+@final  # (so `type(x) is RecordParts` tells the type checker the rest is bytes)
 class RecordParts:
     """A record not yet encoded: the arguments of encode_record. `App.send` pushes it with
     `ring_push_record` (header, metadata and payload gathered into the shared ring by one C

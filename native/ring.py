@@ -54,7 +54,7 @@ import os
 import select
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from mrpcd.native._ring import ffi, lib
 
@@ -359,7 +359,7 @@ class Ring:
 
     def _taken(self, n: int, ptrs: Any) -> list["bytes | memoryview"]:
         """A take's records: private copies, or read-only views of those left in the ring."""
-        mv = self._out_mv
+        mv = cast(memoryview, self._out_mv)  # made by _copy_buffers, which every caller ran first
         out: list[bytes | memoryview] = []
         pos = 0
         for i, ln in enumerate(ffi.unpack(self._lens, n)):
@@ -407,7 +407,7 @@ class Ring:
             if n == 0:
                 return []
             raise RingCorrupt("producer wrote an invalid record length or head index")
-        mv = self._out_mv
+        mv = cast(memoryview, self._out_mv)  # made by _copy_buffers, which every caller ran first
         out = []
         pos = 0
         for ln in ffi.unpack(self._lens, n):

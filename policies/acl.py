@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from ..marshal import codec
 from ..marshal import records as R
@@ -69,7 +69,7 @@ def _resolve_field(r: ConfigReader, key: str, schema: Schema, message: str, path
         raise r.error(key, f"field must be a dotted field path like 'a.b', got {path!r}")
     cur = message
     parts = path.split(".")
-    f = None
+    f: Any  # set by the loop (a path has at least one part) or it raises
     for i, part in enumerate(parts):
         msg = schema.messages[cur]
         f = next((x for x in msg.fields if x.name == part), None)
@@ -194,7 +194,8 @@ class Acl(CallGate):
             details = rr.string("details", f"denied by ACL rule {i}" + (f" ({path})" if path != "*" else ""))
             pred = None
             if field is not None:
-                f = _resolve_field(rr, "field", schema, message, field)
+                # (message is None only for '*', which refused a field above)
+                f = _resolve_field(rr, "field", schema, cast(str, message), field)
                 op = rr.string("op", required=True, choices=OPS)
                 pred = _predicate(rr, key, schema, f, op, rr.raw("value", required=True))
             else:
@@ -271,7 +272,7 @@ class Acl(CallGate):
         no_msg = bool(rec.flags & R.F_NO_MSG)
         if no_msg and not start:
             return None  # a half-close without a message: nothing to check
-        values: dict[str, Any] = {}
+        values: dict[str | None, Any] = {}  # by rule.field (set where rule.pred is)
         for rule in rules:
             if rule.pred is None:
                 matched = True
@@ -284,7 +285,8 @@ class Acl(CallGate):
                     if method is None:
                         return INVALID_ARGUMENT, f"acl: unknown method id {method_id}"
                     try:
-                        v = codec.read_field(self.ctx.schema, method.input, rec.payload, rule.field)
+                        # (a rule with a predicate has its field)
+                        v = codec.read_field(self.ctx.schema, method.input, rec.payload, cast(str, rule.field))
                     except (codec.DecodeError, ValueError) as exc:
                         return INVALID_ARGUMENT, f"acl: malformed request message: {exc}"
                     values[rule.field] = v

@@ -30,13 +30,14 @@ Contract (the daemon relies on it):
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import itertools
 import sys
 import traceback
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, cast, runtime_checkable
 
 from ..daemon.datapath import Engine
 from ..marshal import records as R
@@ -96,8 +97,10 @@ class PolicyContext(Protocol):
 
     app_id: int
     app_name: str
-    schema: Schema
     globals: dict[str, Any]
+
+    @property
+    def schema(self) -> Schema: ...  # (read-only for the policy: the daemon's context derives it)
 
     def method(self, method_id: int) -> Method | None: ...
 
@@ -700,7 +703,8 @@ def import_fresh(name: str) -> Any:
     is_package = spec.submodule_search_locations is not None
     fresh = f"{name}__mrpcd_upgrade_{next(_fresh)}"
     new_spec = importlib.util.spec_from_file_location(fresh, origin, submodule_search_locations=spec.submodule_search_locations)
-    module = importlib.util.module_from_spec(new_spec)
+    # (origin ends in .py: the source loader always takes it, so there is a spec)
+    module = importlib.util.module_from_spec(cast(importlib.machinery.ModuleSpec, new_spec))
     if is_package:
         module.__package__ = name
     with open(origin, "rb") as f:  # from the source itself: a .pyc of an edit in the same second would look current

@@ -98,6 +98,7 @@ def _check_path(r: ConfigReader, key: str, schema: Any, message: str, path: Any,
         raise r.error(key, f"must be a dotted field path, got {path!r}")
     cur = message
     parts = path.split(".")
+    f: Any  # set by the loop (a path has at least one part) or it raises
     for i, part in enumerate(parts):
         f = next((x for x in schema.messages[cur].fields if x.name == part), None)
         if f is None:
@@ -218,6 +219,12 @@ class Vtc(CallGate):
 
     def _arrive(self, rec: R.Record, method: Any, out: list[R.Record]) -> None:
         cfg = self.config
+        key = (rec.handle, rec.call_id)
+        if key in self.queued_calls or key in self.inflight:
+            # a peer reusing the id of a call still here: the books (queues, slots) are per id
+            self.count("duplicate_call_id")
+            self.ctx.reply_error(rec, INVALID_ARGUMENT, f"vtc: call id {rec.call_id} is already in use on this connection")
+            return
         try:
             name, tokens = self._identify(rec, method)
         except (codec.DecodeError, ValueError) as exc:
@@ -287,9 +294,11 @@ class Vtc(CallGate):
             for c in self.clients.values():
                 if c.queue:
                     head = c.queue.peek()
+                    assert head is not None  # the queue is not empty
                     k = (c.counter, head.data["seq"])
                     if best is None or k < best[0]:
                         best = (k, c)
+            assert best is not None  # every queued call is in its client's queue
             client = best[1]
             call = client.queue.popleft()
             del self.queued_calls[call.key]

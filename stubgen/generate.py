@@ -37,9 +37,10 @@ from __future__ import annotations
 import keyword
 import os
 import re
+from typing import AbstractSet, cast
 
 from mrpcd.marshal.message import Message as _BaseMessage
-from mrpcd.marshal.schema import Field, Message, Schema, Service
+from mrpcd.marshal.schema import Field, Message, Schema, Service, TypeRef
 
 from .parse import ProtoModule, StubgenError
 
@@ -218,13 +219,13 @@ class _Names:
 
         taken = set(_MODULE_RESERVED)
         made_by: dict[str, str] = {}  # generated name -> the service it is generated for
-        for svc in mod.services:
-            short = svc.rsplit(".", 1)[-1]
+        for svc_name in mod.services:
+            short = svc_name.rsplit(".", 1)[-1]
             for gen in (f"{short}Stub", f"{short}AsyncStub", f"{short}Servicer", f"add_{short}Servicer_to_server"):
                 if gen in made_by:
-                    raise StubgenError(f"{mod.proto}: services {made_by[gen]} and {svc} would both define {gen}; "
+                    raise StubgenError(f"{mod.proto}: services {made_by[gen]} and {svc_name} would both define {gen}; "
                                        "rename one of them")
-                made_by[gen] = svc
+                made_by[gen] = svc_name
             taken |= set(made_by)
         self.service_short = {svc: svc.rsplit(".", 1)[-1] for svc in mod.services}
         top = self.children.get(None, [])
@@ -275,7 +276,8 @@ class _Names:
 
     def _fields(self, msg: Message) -> None:
         names = {f.name for f in msg.fields}
-        attrs, aliases = {}, {}
+        attrs: dict[str, str] = {}
+        aliases: dict[str, str] = {}
         for f in msg.fields:
             where = f"{self.mod.proto}: field {msg.full_name}.{f.name}"
             if f.name in _MESSAGE_METHODS or f.name.startswith("__"):
@@ -337,7 +339,7 @@ class _Emitter:
         self.top_names = {self.n.local[t] for t in self.n.children.get(None, [])} | {c for c, _, _ in self.n.constants}
 
     # -- types -------------------------------------------------------------------------------
-    def builtin(self, name: str, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def builtin(self, name: str, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         """A builtin type (`int`, `list`, ...) as the .pyi must spell it: where a class body (a field
         `list`, a nested type `int`) or the module (a message `str`) binds the same name, the bare
         name would mean that."""
@@ -345,7 +347,7 @@ class _Emitter:
             return name
         return f"{self.builtins_module(shadow)}.{name}"
 
-    def builtins_module(self, shadow: set[str]) -> str:
+    def builtins_module(self, shadow: AbstractSet[str]) -> str:
         """The .pyi's name for the builtins module where `shadow` is bound: `_builtins`, unless a
         field of the class is called that (then `_builtins_`, ..., aliases made at the end)."""
         cand = "_builtins"
@@ -355,32 +357,32 @@ class _Emitter:
             self.builtins_aliases.add(cand)
         return cand
 
-    def value_type(self, kind: str, ref: str | None, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def value_type(self, kind: str, ref: str | None, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         if kind in _INT_KINDS:
             return self.builtin("int", shadow, pyi)
         if kind in _PY_SCALAR:
             return self.builtin(_PY_SCALAR[kind], shadow, pyi)
-        qual = self.n.qual[ref]
+        qual = self.n.qual[cast(str, ref)]  # an enum or message kind: it has a ref
         head, _, rest = qual.partition(".")
         if pyi and head in shadow:
             alias = self.pyi_aliases.setdefault(head, f"_mrpc_{head}")
             return alias + ("." + rest if rest else "")
         return qual
 
-    def attr_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def attr_type(self, f: Field, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         t = self.value_type(f.type.kind, f.type.ref, shadow, pyi)
         if f.label == "repeated":
             if f.type.kind == "message":  # the container with add() (mrpcd.marshal.containers)
                 return f"_RepeatedMessages[{t}]"
             return f"{self.builtin('list', shadow, pyi)}[{t}]"
         if f.label == "map":
-            k = self.value_type(f.key.kind, None, shadow, pyi)
+            k = self.value_type(cast(TypeRef, f.key).kind, None, shadow, pyi)
             if f.type.kind == "message":  # the container with get_or_create()
                 return f"_MessageMap[{k}, {t}]"
             return f"{self.builtin('dict', shadow, pyi)}[{k}, {t}]"
         return f"{t} | None" if f.nullable else t
 
-    def param_type(self, f: Field, shadow: set[str] = frozenset(), pyi: bool = False) -> str:
+    def param_type(self, f: Field, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         """What __init__ takes for a field: what the runtime accepts (as grpcio's .pyi types
         it): an int for an enum, a dict for a message, in the .pyi any iterable for a
         repeated field (it is copied into a list) and any mapping for a map."""
@@ -389,13 +391,13 @@ class _Emitter:
             t += f" | {self.builtin('int', shadow, pyi)}"
         if f.type.kind == "message" and pyi:
             t += f" | {self.builtin('dict', shadow, pyi)}[{self.builtin('str', shadow, pyi)}, _Any]"
-            python = _WKT_PYTHON.get(self.wkt_mixin(f.type.ref) or "")
+            python = _WKT_PYTHON.get(self.wkt_mixin(f.type.ref_name) or "")
             if python and f.label == "single":  # a datetime / timedelta, as protobuf's constructors take
                 t += f" | {python}"
         if f.label == "repeated":
             return (f"_Iterable[{t}]" if pyi else f"list[{t}]") + " | None"
         if f.label == "map":
-            k = self.value_type(f.key.kind, None, shadow, pyi)
+            k = self.value_type(cast(TypeRef, f.key).kind, None, shadow, pyi)
             return (f"_Mapping[{k}, {t}]" if pyi else f"dict[{k}, {t}]") + " | None"
         return f"{t} | None" if f.nullable else t
 
@@ -506,7 +508,7 @@ class _Emitter:
                 value = f"{rep}() if {p} is None else {rep}._mrpc_of({p}, {me}, {i})"
             elif f.label == "repeated" or f.label == "map":  # a copy, as protobuf's (of an iterator, a tuple, the caller's list)
                 default, value = "None", f"{me}.__mrpc_{'list' if f.label == 'repeated' else 'map'}__({p})"
-            elif f.type.kind == "message" and self.wkt_mixin(f.type.ref) and f.label == "single":
+            elif f.type.kind == "message" and self.wkt_mixin(f.type.ref_name) and f.label == "single":
                 # Timestamp / Duration: also a datetime / timedelta, as protobuf's constructors
                 default, value = "None", (f"{p} if {p} is None or {p}.__class__ is {me}.__mrpc_types__[{i}] "
                                           f"else {me}.__mrpc_msg__({i}, {p})")
@@ -515,15 +517,15 @@ class _Emitter:
             elif f.nullable:
                 default, value = "None", p
             elif f.type.kind == "enum":
-                member = n.default_member(f.type.ref)
-                qual = n.qual[f.type.ref]
+                member = n.default_member(f.type.ref_name)
+                qual = n.qual[f.type.ref_name]
                 head = qual.split(".")[0]
                 if member is None:
                     default, value = "0", p
                 elif "." not in qual and head not in class_names:
                     default, value = f"{qual}.{member}", p  # top-level enums are defined first
-                elif n.mod.parents.get(f.type.ref) == msg.full_name:
-                    default, value = f"{n.local[f.type.ref]}.{member}", p  # own nested enum: in class scope
+                elif n.mod.parents.get(f.type.ref_name) == msg.full_name:
+                    default, value = f"{n.local[f.type.ref_name]}.{member}", p  # own nested enum: in class scope
                 else:  # defined later or hidden by a parameter here: the default bind() computed
                     # (the same member), read through the receiver, which no name can hide
                     ptype += " | None"
@@ -533,8 +535,8 @@ class _Emitter:
             params.append(f"{p}: {ptype} = {default}")
             # a keyword field is set through its property: no global name a parameter could hide
             body.append(f"{me}.{p} = {value}")
-        head = _signature(f"def __init__({me}", params, ") -> None:")
-        return head + ["    " + b for b in body or ["pass"]]
+        sig = _signature(f"def __init__({me}", params, ") -> None:")
+        return sig + ["    " + b for b in body or ["pass"]]
 
     def py_service(self, svc: Service) -> list[str]:
         n = self.n

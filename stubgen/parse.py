@@ -34,8 +34,12 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mrpcd.marshal.schema import Enum, Field, Message, Method, Schema, SchemaError, Service, TypeRef
+
+if TYPE_CHECKING:  # (protoc's descriptor classes: imported where protoc has run)
+    from google.protobuf.descriptor_pb2 import DescriptorProto, EnumDescriptorProto, FileDescriptorProto
 
 __all__ = ["StubgenError", "ProtoModule", "run_protoc", "parse", "build_modules", "well_known_include"]
 
@@ -175,15 +179,15 @@ def _call_protoc(fn, args: list[str]) -> tuple[int, str]:
 class _Decl:
     kind: str  # "message" / "enum"
     full: str
-    proto: object  # DescriptorProto / EnumDescriptorProto
-    file: object  # FileDescriptorProto
+    proto: DescriptorProto | EnumDescriptorProto
+    file: FileDescriptorProto
     parent: str | None
     map_entry: bool = False
 
 
-def _index(fds) -> tuple[dict[str, _Decl], dict[str, object]]:
+def _index(fds) -> tuple[dict[str, _Decl], dict[str, FileDescriptorProto]]:
     decls: dict[str, _Decl] = {}
-    files: dict[str, object] = {}
+    files: dict[str, FileDescriptorProto] = {}
 
     def walk_msg(m, prefix: str, fd, parent: str | None) -> None:
         full = f"{prefix}{m.name}"
@@ -285,7 +289,7 @@ def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[s
     return Message(d.full, tuple(fields)), refs
 
 
-def _public_closure(fd, files: dict[str, object]) -> list[object]:
+def _public_closure(fd, files: dict[str, FileDescriptorProto]) -> list[FileDescriptorProto]:
     out, todo, seen = [], [fd], {fd.name}
     while todo:
         cur = todo.pop()

@@ -145,6 +145,52 @@ def test_bind_and_connect_errors_are_clear(daemon_factory):
         app.close()
 
 
+@pytest.mark.parametrize("args, fragment", [
+    ({"op": "bind", "services": []}, "address None must be host:port"),
+    ({"op": "bind", "address": 7000, "services": []}, "address 7000 must be host:port"),
+    ({"op": "connect"}, "address None must be host:port"),
+    ({"op": "connect", "target": ["127.0.0.1", 1]}, "must be host:port"),
+])
+def test_app_requests_without_their_address_are_refused_clearly(daemon_factory, args, fragment):
+    """A request's field may be missing or of any type: the daemon says which, the app's
+    session and the daemon go on (not an internal error)."""
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket)
+    try:
+        with pytest.raises(mrpcd.RpcError) as err:
+            app.request(dict(args))
+        assert err.value.code() is mrpcd.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+        assert app.call("bind", address="127.0.0.1:0", services=[])["address"].startswith("127.0.0.1:")
+    finally:
+        app.close()
+    assert d.alive()
+
+
+@pytest.mark.parametrize("op, args", [
+    ("policy_attach", {"app": None}),  # the app, filled in below
+    ("policy_attach", {"app": None, "policy": 5}),
+    ("policy_upgrade", {"name": "ratelimit"}),
+    ("transport_upgrade", {}),
+    ("transport_upgrade", {"module": {"a": 1}}),
+])
+def test_operator_requests_without_their_module_are_refused_clearly(daemon_factory, op, args):
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket)
+    try:
+        ctl = Control(d.socket)
+        app_id = ctl.call("apps")["apps"][0]["app_id"]
+        if op == "policy_upgrade":
+            ctl.call("policy_attach", app=app_id, policy="ratelimit", config={"rate": 5})
+        request = {k: (app_id if k == "app" else v) for k, v in args.items()}
+        with pytest.raises(cp.ControlError) as err:
+            ctl.call(op, **request)
+        assert err.value.code == 9, err.value  # FAILED_PRECONDITION with the reason, not 13 (internal error)
+        assert "internal error" not in str(err.value)
+        assert ctl.call("ping")["pid"] == d.pid
+    finally:
+        app.close()
+
+
 def test_second_daemon_on_same_socket_refuses(daemon_factory, tmp_path):
     d = daemon_factory()
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--socket", d.socket], capture_output=True, text=True, timeout=30)

@@ -6,7 +6,7 @@ import pytest
 
 from mrpcd.marshal import records as R
 from mrpcd.policies.admission import Admission
-from mrpcd.policies.base import PolicyConfigError
+from mrpcd.policies.base import INVALID_ARGUMENT, PolicyConfigError
 from mrpcd.policies.fault import Fault
 from mrpcd.policies.metrics import Metrics
 from mrpcd.policies.qos import GLOBALS_KEY, QosPolicy
@@ -346,6 +346,26 @@ def test_vtc_output_field_client_field_and_cancel(ctx):
     assert ids(ctx.resumed_in) == [2]
     v.inbound([cancel(2)])  # the client cancels an admitted call: the slot frees
     assert v.service()["u2"]["inflight"] == 0 and v.describe()["inflight"] == 0
+
+
+def test_vtc_a_call_id_reused_while_its_call_is_queued_or_in_flight_is_refused(ctx):
+    """A peer that sends a second START under a call id still queued (or in flight) must not
+    split VTC's books: the first START would stay queued for good, and a later admission -
+    for another peer's calls - raised KeyError (failing that batch's calls with INTERNAL)."""
+    v = Vtc(ctx, VTC_CFG)
+    assert ids(v.inbound([gen(1, "a", 10), gen(2, "a", 10)])) == [1, 2]  # capacity 2
+    assert v.inbound([gen(3, "a", 10)]) == []  # queued
+    assert v.inbound([gen(3, "b", 1)]) == []  # the same call id again, another client: refused
+    assert v.inbound([gen(2, "b", 1)]) == []  # the id of a call in flight: refused too
+    assert [(r.call_id, code) for r, code, _ in ctx.errors] == [(3, INVALID_ARGUMENT), (2, INVALID_ARGUMENT)]
+    assert v.describe()["queued"] == 1 and v.describe()["counters"]["duplicate_call_id"] == 2
+    v.outbound([chunk(1, first=True, end=True)])
+    assert ids(ctx.resumed_in) == [3]  # the first call 3 goes on
+    assert v.inbound([gen(4, "c", 10, handle=2)]) == [] and v.inbound([gen(5, "c", 10, handle=2)]) == []
+    v.outbound([chunk(2, first=True, end=True)])  # another peer's calls are admitted as before
+    v.outbound([chunk(3, first=True, end=True)])
+    assert ids(ctx.resumed_in) == [3, 4, 5]
+    assert v.describe()["queued"] == 0 and all(c["queued"] == 0 for c in v.service().values())
 
 
 def test_vtc_state_roundtrip_and_close(ctx):

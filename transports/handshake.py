@@ -139,11 +139,11 @@ def check_hello(
                 f"malformed HELLO payload: service entry {name!r:.80} -> {fp!r:.80} is not a (name, fingerprint) string pair"
             )
     for name in sorted(services.keys() & local_services.keys()):
-        ours, theirs = local_services[name], services[name]
-        if ours != theirs:
+        our_fp, their_fp = local_services[name], services[name]
+        if our_fp != their_fp:
             raise HandshakeError(
-                f"schema mismatch for service {name}: local fingerprint {_short(ours, theirs)}, "
-                f"peer {_short(theirs, ours)}; regenerate stubs from the same .proto"
+                f"schema mismatch for service {name}: local fingerprint {_short(our_fp, their_fp)}, "
+                f"peer {_short(their_fp, our_fp)}; regenerate stubs from the same .proto"
             )
     return {"version": peer_version, "role": role, "services": dict(services)}
 

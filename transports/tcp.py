@@ -36,7 +36,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 from mrpcd.transports._tcp import PeerConnection, PeerGoaway
 from mrpcd.transports.handshake import PROTOCOL_VERSION, HandshakeError, make_goaway
@@ -56,6 +56,19 @@ __all__ = [
 log = logging.getLogger("mrpcd.transports.tcp")
 
 DEFAULT_MAX_RECORD = 16 << 20
+
+
+class Listener(Protocol):
+    """What ``serve`` returns: an ``asyncio.Server`` or, under TLS, a ``_TlsListener``."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+    def is_serving(self) -> bool: ...
 
 
 class ConnectTimeout(ConnectionError, TimeoutError):
@@ -181,7 +194,7 @@ async def serve(
     on_handshake_error: Callable[[str, Exception], None] | None = None,
     tls: TlsConfig | None = None,
     allow: AllowList | None = None,
-) -> asyncio.AbstractServer:
+) -> Listener:
     """Listen on host:port (port 0: any; see ``server.sockets[0].getsockname()``).
 
     Every accepted connection runs the handshake (server role) against ``services_for()``

@@ -11,7 +11,7 @@ credit as they are consumed; request streams await the server's credit.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, cast
 
 from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
@@ -192,7 +192,8 @@ class _Call:
 
     async def _get(self) -> _CallState:
         if self._state is None:
-            return await asyncio.shield(self._start_task)
+            # (no state yet: it is being started by the task __init__ made)
+            return await asyncio.shield(cast("asyncio.Task[_CallState]", self._start_task))
         return self._state
 
     def cancel(self) -> bool:
@@ -332,6 +333,7 @@ class _StreamRequestMixin:
     flow-control credit, like the iterator pump."""
 
     _writer: "_AioMultiCallable | None"  # None: the call was given a request iterator
+    _get: Callable[[], Coroutine[Any, Any, _CallState]]  # the _Call's it is mixed into
 
     def _init_writer(self, writer: "_AioMultiCallable | None") -> None:
         self._writer = writer

@@ -110,6 +110,8 @@ class _ServerCall(ServerCallCore):
 
 
 class ServicerContext(ContextCore):
+    _call: _ServerCall
+
     def add_done_callback(self, callback: Callable) -> None:
         self._call.callbacks.append(callback)
 

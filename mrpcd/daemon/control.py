@@ -215,11 +215,17 @@ class ControlConnection:
         if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
             raise ValueError("bind needs a list of service names")
         self.daemon.refuse_if_draining("new listening addresses")
-        return {"address": await self._need_session().bind(msg.get("address"), services)}
+        session, address = self._need_session(), msg.get("address")
+        if not isinstance(address, str):  # refused as split_address would
+            raise ValueError(f"address {address!r} must be host:port")
+        return {"address": await session.bind(address, services)}
 
     async def op_connect(self, msg: dict, fds: list[int]) -> dict:
         self.daemon.refuse_if_draining("new peer connections")
-        return {"handle": await self._need_session().connect(msg.get("target"))}
+        session, target = self._need_session(), msg.get("target")
+        if not isinstance(target, str):  # refused as split_address would
+            raise ValueError(f"address {target!r} must be host:port")
+        return {"handle": await session.connect(target)}
 
     async def op_close(self, msg: dict, fds: list[int]) -> dict:
         handle = msg.get("handle")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any, Callable, Coroutine
 
@@ -14,7 +15,7 @@ from .observe import CallStats
 from .poller import Poller
 from ..transports import tcp
 from .session import AppSession
-from .transport_upgrade import load_transport_class, migrate
+from .transport_upgrade import TransportVersion, load_transport_class, migrate
 
 log = logging.getLogger("mrpcd")
 
@@ -28,14 +29,14 @@ class Daemon:
         self._started = time.monotonic()
         self._tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
-        self._control_sock = None
+        self._control_sock: socket.socket | None = None
         self._control_ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
         self.counters = {"apps_connected": 0, "apps_dropped": 0}
         self.call_stats = CallStats(config.metrics["buckets"])  # fed by every session's Observer
         self.draining = False
         self._drain_cut = False  # cut_drain(): stop waiting for calls in flight
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
-        self.transport_class: type = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
+        self.transport_class: type[TransportVersion] = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
         self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)
 
     async def start(self) -> None:
@@ -140,9 +141,9 @@ class Daemon:
                 session._on_peer_closed(route, ConnectionError(reason))  # the app's GOAWAY for this handle
                 route.conn.close(reason)  # the peer's GOAWAY
 
-    def upgrade_transport(self, spec: str) -> dict[str, Any]:
+    def upgrade_transport(self, spec: object) -> dict[str, Any]:
         """Swap every live connection to a new transport version, sockets kept (see transport_upgrade)."""
-        cls = load_transport_class(spec)
+        cls = load_transport_class(spec)  # `spec` as a control request gave it: checked there
         moved = 0
         failed: list[str] = []
         for session in list(self.sessions.values()):

@@ -174,7 +174,7 @@ def render(daemon: "Daemon") -> str:
     pending_bytes = Family("mrpcd_app_pending_bytes", "gauge", "Bytes of the records waiting for room in the app's receive ring.")
     inflight = Family("mrpcd_app_calls_in_flight", "gauge", "The app's calls started and not yet answered.")
     for s in sorted(daemon.sessions.values(), key=lambda s: s.app_id):
-        labels = (("app_id", s.app_id), ("app", s.name))
+        labels: tuple[tuple[str, Any], ...] = (("app_id", s.app_id), ("app", s.name))
         for key, value in s.stats.items():
             name = metric_name("mrpcd_app", key, "total")
             fam = app_fams.get(name)

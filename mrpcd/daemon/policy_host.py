@@ -107,8 +107,8 @@ class PolicyHost:
         names = ", ".join(getattr(e, "instance_name", e.name) for e in self.chain) or "none"
         raise PolicyOpError(f"app {self.session.name} (app_id {self.session.app_id}) has no policy {name!r} (attached: {names})")
 
-    def attach(self, spec: str, config: dict[str, Any] | None, name: str | None = None, position: int | None = None) -> Policy:
-        cls = _load(spec)
+    def attach(self, spec: object, config: dict[str, Any] | None, name: str | None = None, position: int | None = None) -> Policy:
+        cls = _load(spec)  # `spec` as a control request gave it: _load refuses anything but a name
         instance = name or cls.name
         if any(getattr(e, "instance_name", None) == instance for e in self.chain):
             raise PolicyOpError(f"app {self.session.name} already has a policy named {instance!r}; detach it or pick --name")
@@ -178,7 +178,7 @@ class PolicyHost:
     def upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None) -> Policy:
         return self.commit_upgrade(*self.prepare_upgrade(name, spec, config))
 
-    def prepare_upgrade(self, name: str, spec: str, config: dict[str, Any] | None = None,
+    def prepare_upgrade(self, name: str, spec: object, config: dict[str, Any] | None = None,
                         cls: "type[Policy] | None" = None) -> tuple[Policy, Policy]:
         """The new version built from the old one's state, not yet in the chain: (old, new).
 

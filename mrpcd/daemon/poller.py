@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 
 class Poller:
@@ -118,4 +118,4 @@ class Poller:
                     session._sleep()
             return
         os.sched_yield()
-        self.loop.call_soon(self._tick)
+        cast("asyncio.AbstractEventLoop", self.loop).call_soon(self._tick)  # hold() set it before the first tick

@@ -13,7 +13,7 @@ import logging
 import struct
 from collections import deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 from ..malloc_tuning import tune_malloc
 from ..marshal import records as R
@@ -115,7 +115,7 @@ class Binding:
     __slots__ = ("server", "address", "fingerprints", "method_ids")
 
     def __init__(self) -> None:
-        self.server: asyncio.AbstractServer | None = None
+        self.server: tcp.Listener | None = None
         self.address = ""
         self.fingerprints: dict[str, str] = {}
         self.method_ids: frozenset[int] = frozenset()
@@ -138,7 +138,7 @@ class AppSession:
         self.schema = Schema()
         self.routes: dict[int, Route] = {}
         self._next_handle = 1
-        self.listeners: list[asyncio.AbstractServer] = []
+        self.listeners: list[tcp.Listener] = []
         self.bindings: dict[str, Binding] = {}  # requested and actual address -> binding
         self.pending = PendingRecords()  # records waiting for room in the rx ring
         self.paused_routes = False
@@ -306,7 +306,9 @@ class AppSession:
         if timeout > 0 and front[1] and now - front[2] >= STALL_CHECK_S:
             for handle in front[3]:
                 route = self.routes.get(handle)
-                taken = getattr(route.conn, "bytes_taken", None) if route is not None else None
+                if route is None:
+                    continue
+                taken = getattr(route.conn, "bytes_taken", None)
                 if taken is None or route.conn.closed:
                     continue
                 mark = (taken(), now)
@@ -345,7 +347,7 @@ class AppSession:
             self.stats["tx_ring_full"] += 1
             self.app_waker.signal()
 
-    def _handle_outbound(self, recs: list[R.Record], bad: list[tuple[bytes, str]] = ()) -> None:
+    def _handle_outbound(self, recs: list[R.Record], bad: Sequence[tuple[bytes, str]] = ()) -> None:
         """Records the app sent (parsed views into the pop's private buffer) → the chain."""
         for data, reason in bad:
             self._reject_malformed(data, reason)
@@ -581,7 +583,9 @@ class AppSession:
             return rec
         header = bytearray(R.HEADER_SIZE)
         rec.pack_header_into(header)  # the header the decoder checked, not the ring's bytes
-        copy = R.parse_record(bytes(header) + self._in_place_view[R.HEADER_SIZE:rec.size].tobytes(),
+        # _in_place is route, so _in_place_view is its view: the two are set and cleared together
+        view = cast(memoryview, self._in_place_view)
+        copy = R.parse_record(bytes(header) + view[R.HEADER_SIZE:rec.size].tobytes(),
                               max_record=rec.size)  # checked against max_record at its header
         self._end_in_place()
         return copy

@@ -13,7 +13,7 @@ import importlib.util
 import itertools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, cast
 
 from ..policies.base import import_fresh
 
@@ -25,7 +25,16 @@ class TransportUpgradeError(ValueError):
     """The new transport version cannot be loaded or does not fit; nothing was changed."""
 
 
-def load_transport_class(spec: Any) -> type:
+class TransportVersion(Protocol):
+    """A transport version's connection class, as far as the daemon uses the class itself."""
+
+    VERSION: ClassVar[Any]
+
+    @classmethod
+    def adopt(cls, state: Any) -> Any: ...
+
+
+def load_transport_class(spec: Any) -> type[TransportVersion]:
     """`spec` is a dotted module or a .py path exporting `PeerConnection`; checked before use."""
     if not isinstance(spec, str) or not spec:
         raise TransportUpgradeError("name the new transport: a dotted module or a .py path exporting PeerConnection")
@@ -52,10 +61,10 @@ def load_transport_class(spec: Any) -> type:
     missing = [a for a in ("VERSION", "adopt", "hand_over", "send_batch", "set_handlers") if not hasattr(cls, a)]
     if missing:
         raise TransportUpgradeError(f"{spec}.PeerConnection lacks {', '.join(missing)}: not a transport version")
-    return cls
+    return cast("type[TransportVersion]", cls)  # it has every name the daemon uses: checked just above
 
 
-def migrate(conn: Any, cls: type) -> Any:
+def migrate(conn: Any, cls: type[TransportVersion]) -> Any:
     """Move one open connection to `cls`; if the new code refuses it, the old class re-adopts it.
 
     Raises what `hand_over()` or the re-adoption raised: then `conn` is either still open on

@@ -60,7 +60,12 @@ class Segment:
         return isinstance(self.source, str)
 
     def view(self, regions: dict[Hashable, Any] | None = None) -> memoryview:
-        buf = regions[self.source] if self.registered else self.source
+        if not self.registered:
+            buf = self.source
+        elif regions is None:
+            raise ValueError(f"a segment of registered region {self.source!r} needs the regions to be viewed")
+        else:
+            buf = regions[self.source]
         return memoryview(buf)[self.offset:self.offset + self.length]
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from mrpcd.marshal.records import GOAWAY, FrameDecoder, RecordError
 from mrpcd.transports.handshake import DONE, FAILED, HandshakeError, make_goaway, parse_goaway
@@ -272,7 +272,7 @@ class RdmaPeerConnection:
         if self.closed:
             return
         self.closed = True
-        self._goaway = reason
+        self._goaway: str | Literal[False] | None = reason  # False (_fail): no GOAWAY at all
         self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self._finish, None)
         self._maybe_finish()
 
@@ -441,7 +441,7 @@ def _peername(writer: asyncio.StreamWriter) -> str:
     return "?"
 
 
-async def _read_records(reader: asyncio.StreamReader, dec: FrameDecoder, pending: list) -> Any:
+async def _read_records(reader: asyncio.StreamReader, dec: FrameDecoder, pending: list[Any]) -> Any:
     while not pending:
         data = await reader.read(4096)
         if not data:
@@ -451,9 +451,11 @@ async def _read_records(reader: asyncio.StreamReader, dec: FrameDecoder, pending
 
 
 async def _run_setup(role: str, services: dict[str, str], reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter, cfg: RdmaConfig, ring: Any) -> tuple[_Verbs, RdmaSetup]:
+                     writer: asyncio.StreamWriter, cfg: RdmaConfig, ring: Any) -> tuple[_Verbs, ConnParams, dict]:
+    """The QP in RTS, the peer's parameters and its HELLO."""
     st = RdmaSetup(role, services)
-    dec, pending = FrameDecoder(), []
+    dec = FrameDecoder()
+    pending: list[Any] = []
     verbs = _Verbs(cfg, ring) if role == "client" else None
     try:
         writer.writelines(st.start(verbs.params() if verbs else None))
@@ -461,15 +463,20 @@ async def _run_setup(role: str, services: dict[str, str], reader: asyncio.Stream
             writer.writelines(st.receive(await _read_records(reader, dec, pending)))
             if st.need_local:
                 verbs = _Verbs(cfg, ring)
+                assert st.peer_params is not None  # need_local: the client's parameters came
                 verbs.to_rts(st.peer_params)
                 writer.writelines(st.local_ready(verbs.params()))
             elif role == "client" and st.peer_params is not None and st.state != FAILED:
+                assert verbs is not None  # the client made its QP before its HELLO
                 verbs.to_rts(st.peer_params)
                 writer.writelines(st.client_rts())
         await writer.drain()
         if st.state == FAILED:
             raise st.error or HandshakeError("RDMA setup failed")
-        return verbs, st
+        # DONE: the client made its QP at start, the server at need_local; both have the peer's
+        # parameters (before its READY / our RTS) and its HELLO (the first step)
+        assert verbs is not None and st.peer_params is not None and st.peer_hello is not None
+        return verbs, st.peer_params, st.peer_hello
     except BaseException as exc:
         if verbs is not None:
             verbs.close()
@@ -493,7 +500,7 @@ async def connect(host: str, port: int, services: dict[str, str], *, max_record:
     except OSError as exc:
         raise ConnectionError(f"cannot connect to mrpcd at {where}: {exc.strerror or exc}") from exc
     try:
-        verbs, st = await asyncio.wait_for(_run_setup("client", dict(services), reader, writer, cfg, ring), timeout)
+        verbs, peer_params, peer_hello = await asyncio.wait_for(_run_setup("client", dict(services), reader, writer, cfg, ring), timeout)
     except asyncio.TimeoutError:
         writer.close()
         raise ConnectionError(f"cannot connect to mrpcd at {where}: no RDMA setup within {timeout:g} s") from None
@@ -504,7 +511,7 @@ async def connect(host: str, port: int, services: dict[str, str], *, max_record:
     except Exception as exc:
         writer.close()
         raise ConnectionError(f"cannot connect to mrpcd at {where} over RDMA: {exc}") from exc
-    return RdmaPeerConnection("client", verbs, st.peer_params, st.peer_hello, reader, writer, max_record)
+    return RdmaPeerConnection("client", verbs, peer_params, peer_hello, reader, writer, max_record)
 
 
 async def serve(host: str, port: int, services_for: Callable[[], dict[str, str]],
@@ -517,7 +524,7 @@ async def serve(host: str, port: int, services_for: Callable[[], dict[str, str]]
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peername(writer)
         try:
-            verbs, st = await asyncio.wait_for(
+            verbs, peer_params, peer_hello = await asyncio.wait_for(
                 _run_setup("server", services_for(), reader, writer, cfg, ring), handshake_timeout)
         except Exception as exc:
             log.warning("RDMA setup with %s failed: %s", peer, exc)
@@ -528,6 +535,6 @@ async def serve(host: str, port: int, services_for: Callable[[], dict[str, str]]
                 except Exception:
                     log.exception("on_handshake_error callback failed")
             return
-        on_connection(RdmaPeerConnection("server", verbs, st.peer_params, st.peer_hello, reader, writer, max_record))
+        on_connection(RdmaPeerConnection("server", verbs, peer_params, peer_hello, reader, writer, max_record))
 
     return await asyncio.start_server(handle, host, port, reuse_address=True)
