@@ -199,16 +199,17 @@ def _policy_doc(spec: str) -> int:
     from .policies.base import BUILTINS
 
     if spec.endswith(".py") or "/" in spec:
-        source_path: str | None = os.path.abspath(spec)
+        source_path = os.path.abspath(spec)
     else:
         try:
             found = importlib.util.find_spec(BUILTINS.get(spec, spec))
         except (ImportError, ValueError):
             found = None
-        source_path = found.origin if found is not None and found.origin not in (None, "built-in", "frozen") else None
-        if source_path is None:
+        origin = found.origin if found is not None else None
+        if origin is None or origin in ("built-in", "frozen"):
             print(f"mrpcctl: policy doc: no policy module {spec!r} (built-ins: {', '.join(sorted(BUILTINS))})", file=sys.stderr)
             return 2
+        source_path = origin
     try:
         with open(source_path, encoding="utf-8") as f:
             text = ast.get_docstring(ast.parse(f.read(), source_path))

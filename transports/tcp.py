@@ -228,10 +228,14 @@ async def serve(
     if tls is not None:
         return await _TlsListener.start(factory, host, port, tls, allow, handshake_timeout, refused)
 
-    def gate() -> _Gate:
-        return _Gate(factory, allow, refused)
+    protocol: Callable[[], asyncio.BaseProtocol] = factory
+    if allow is not None:
+        allowed = allow
 
-    protocol = factory if allow is None else gate
+        def gate() -> _Gate:
+            return _Gate(factory, allowed, refused)
+
+        protocol = gate
     if _dual_stack(host):  # asyncio would make it IPv6-only: make the socket here
         return await loop.create_server(protocol, sock=_listening_socket(socket.AF_INET6, ("::", port), True))
     return await loop.create_server(protocol, host, port, family=socket.AF_UNSPEC, reuse_address=True)

@@ -134,10 +134,11 @@ class AioRpcError(RpcError):
     """grpc.aio.AioRpcError: what a failed asyncio call raises; its metadata are
     grpc.aio.Metadata, as grpc.aio's."""
 
-    def initial_metadata(self) -> Metadata:
+    # grpc's own split: grpc.RpcError's metadata are tuples, grpc.aio.AioRpcError's Metadata
+    def initial_metadata(self) -> Metadata:  # type: ignore[override]
         return Metadata.from_tuple(self._initial)
 
-    def trailing_metadata(self) -> Metadata:
+    def trailing_metadata(self) -> Metadata:  # type: ignore[override]
         return Metadata.from_tuple(self._trailing)
 
 
