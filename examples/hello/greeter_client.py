@@ -3,20 +3,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 import mrpcd
 import mrpcd.aio
 
-try:
-    import hello_mrpc
-except ModuleNotFoundError as exc:  # generated, not shipped: say how to make it
-    if exc.name != "hello_mrpc":
-        raise
-    sys.exit(f"{os.path.basename(__file__)}: hello_mrpc is not importable; generate it, then run with it on PYTHONPATH:\n"
-             f"  .venv/bin/mrpcd-stubgen examples/hello/hello.proto -o gen/\n"
-             f"  PYTHONPATH=gen .venv/bin/python examples/hello/{os.path.basename(__file__)}")
+from hello_stubs import import_hello_stubs
+
+hello_mrpc = import_hello_stubs(__file__)
 
 
 def run_sync(target: str, name: str) -> None:
