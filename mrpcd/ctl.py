@@ -83,11 +83,17 @@ def _print_apps(reply: dict) -> None:
     if not apps:
         print("no apps connected")
         return
-    print(f"{'APP':>4}  {'NAME':<20} {'PID':>7}  {'SERVICES':<30} {'LISTENING':<22} ROUTES  ENGINES")
-    for a in apps:
-        engines = _printable(",".join(e["name"] for e in a["engines"]) or "-")
-        print(f"{a['app_id']:>4}  {_printable(a['name'])[:20]:<20} {a['pid']:>7}  {_printable(','.join(a['services']))[:30] or '-':<30} "
-              f"{','.join(a['listening'])[:22] or '-':<22} {len(a['routes']):>6}  {engines}")
+    # columns as wide as their longest value: a long name, service list or address list is
+    # shown whole (it was cut at a fixed width, with nothing saying so)
+    rows = [(str(a["app_id"]), _printable(a["name"]), str(a["pid"]), _printable(",".join(a["services"])) or "-",
+             _printable(",".join(a["listening"])) or "-", str(len(a["routes"])),
+             _printable(",".join(e["name"] for e in a["engines"])) or "-") for a in apps]
+    header = ("APP", "NAME", "PID", "SERVICES", "LISTENING", "ROUTES", "ENGINES")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    right = (True, False, True, False, False, True, False)
+    for r in (header, *rows):
+        cells = [c.rjust(w) if ra else c.ljust(w) for c, w, ra in zip(r, widths, right)]
+        print("  ".join(cells).rstrip())
 
 
 def _load_config_arg(text: str | None) -> dict | None:

@@ -44,6 +44,28 @@ def test_ping_and_apps_via_mrpcctl(daemon_factory):
         app.close()
 
 
+def test_mrpcctl_apps_shows_long_names_services_and_addresses_whole(capsys):
+    """`mrpcctl apps` cut the name at 20 characters, the services at 30 and the listening
+    addresses at 22, with nothing saying so; the columns now take the width of their values."""
+    from mrpcd import ctl
+
+    name = "a-rather-long-application-name-for-the-listing"
+    reply = {"apps": [
+        {"app_id": 7, "name": name, "pid": 4242, "services": ["pkg.v1.FirstService", "pkg.v1.SecondService"],
+         "listening": ["127.0.0.1:50051", "[::1]:50052"], "routes": [1, 2], "engines": [{"name": "rl"}]},
+        {"app_id": 12, "name": "short\x1b[31m", "pid": 5, "services": [], "listening": [], "routes": [], "engines": []},
+    ]}
+    ctl._print_apps(reply)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["APP", "NAME", "PID", "SERVICES", "LISTENING", "ROUTES", "ENGINES"]
+    assert out[1].split() == ["7", name, "4242", "pkg.v1.FirstService,pkg.v1.SecondService", "127.0.0.1:50051,[::1]:50052", "2", "rl"]
+    assert out[2].split() == ["12", "short\\x1b[31m", "5", "-", "-", "0", "-"]  # control characters escaped
+    # the columns line up: each value starts where its header does (left-aligned ones)
+    for col in ("NAME", "SERVICES", "LISTENING"):
+        at = out[0].index(col)
+        assert out[1][at - 1] == " " and out[1][at] != " "
+
+
 def test_listings_of_a_daemon_without_apps_say_so(daemon_factory):
     """`policy list` printed nothing at all with no app connected (as if it had failed)."""
     d = daemon_factory()
