@@ -665,6 +665,7 @@ def test_start_errors_name_what_failed(tmp_path):
     dangling.symlink_to(tmp_path / "nowhere")
     r = _run_daemon([sys.executable, "-m", "mrpcd.daemon.main", "--socket", str(dangling)])
     assert r.returncode == 1 and f"{dangling} is a symbolic link to {tmp_path / 'nowhere'} (dangling)" in r.stderr, r.stderr
+    assert "mrpcd stopping" not in r.stderr, r.stderr  # it never served: nothing to stop (it said "stopping: 0 apps")
     assert dangling.is_symlink()
     cfg = tmp_path / "m.yaml"
     cfg.write_text('metrics: {address: "no-such-host.invalid:9464"}\n')

@@ -70,7 +70,8 @@ class Daemon:
         self._stop.set()
 
     async def shutdown(self) -> None:
-        log.info("mrpcd stopping: %d apps", len(self.sessions))
+        if self._control_sock is not None:  # (a start that failed before serving has nothing to stop)
+            log.info("mrpcd stopping: %d apps", len(self.sessions))
         self.goaway_all("mrpcd is shutting down")
         for session in list(self.sessions.values()):
             self.drop_session(session, "daemon stopping")
