@@ -92,6 +92,20 @@ def test_cli_refuses_bad_config(tmp_path):
     assert f"{p}:1: ring_size" in r.stderr
 
 
+def test_every_bad_key_of_a_file_is_reported_at_once(tmp_path):
+    """Only the first bad key was reported: an operator fixed one, restarted, met the next."""
+    p = tmp_path / "bad.yaml"
+    p.write_text("rign_size: 4096\npoll_us: -5\nlog_level: info\ntransport: carrier-pigeon\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert [e.split(": ")[0] for e in err.value.errors] == [f"{p}:1", f"{p}:2", f"{p}:4"], err.value.errors
+    assert "did you mean 'ring_size'" in err.value.errors[0] and "poll_us" in err.value.errors[1]
+    assert str(err.value) == "; ".join(err.value.errors)  # one line for the log (a refused reload)
+    r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "-c", str(p), "--check-config"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == ["mrpcd: bad configuration:", *(f"  {e}" for e in err.value.errors)], r.stderr
+
+
 def test_cli_check_and_print_default(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--print-default-config"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and "control_socket" in r.stdout

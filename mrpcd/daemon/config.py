@@ -18,7 +18,12 @@ from ..transports.security import PeerPolicy, TlsConfig, parse_peers, parse_tls
 
 
 class ConfigError(ValueError):
-    """The configuration cannot be used; the message says where and why."""
+    """The configuration cannot be used; the message says where and why. `errors` has one
+    entry per problem (a file with several bad keys reports them all; str() joins them)."""
+
+    def __init__(self, message: str, errors: "list[str] | None" = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [message]
 
 
 def _positive_int(lo: int, hi: int):
@@ -268,15 +273,19 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
             line = exc.object[: exc.start].count(b"\n") + 1
             raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
         data, lines = _load_mapping(text, path)
+        errors = []  # every bad key at once: fixing one to meet the next costs a restart each
         for key, value in data.items():
             where = f"{path}:{lines.get(key, '?')}"
             if key not in VALIDATORS:
-                raise ConfigError(f"{where}: unknown key {key!r}{_did_you_mean(key, VALIDATORS)} (known: {', '.join(sorted(VALIDATORS))})")
+                errors.append(f"{where}: unknown key {key!r}{_did_you_mean(key, VALIDATORS)} (known: {', '.join(sorted(VALIDATORS))})")
+                continue
             try:
                 values[key] = VALIDATORS[key](value)
             except ValueError as exc:
                 where = f"{path}:{_line_of(key, value, str(exc), lines)}"
-                raise ConfigError(f"{where}: {key}: {exc} (got {value!r})") from None
+                errors.append(f"{where}: {key}: {exc} (got {value!r})")
+        if errors:
+            raise ConfigError("; ".join(errors), errors)
         source = path
     for key, value in (overrides or {}).items():
         try:

@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config, overrides)
     except ConfigError as exc:
-        print(f"mrpcd: bad configuration: {exc}", file=sys.stderr)
+        if len(exc.errors) > 1:
+            print("mrpcd: bad configuration:\n" + "".join(f"  {e}\n" for e in exc.errors), end="", file=sys.stderr)
+        else:
+            print(f"mrpcd: bad configuration: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
         print(f"mrpcd: configuration {config.source} is valid")
