@@ -1533,3 +1533,49 @@ def test_callbacks_example_connectivity_logger_and_call_termination_callbacks(st
         assert wait_until(lambda: "failed" in ended or not added, 10), ended
         fresh.close()
         assert len(events) == seen  # unsubscribed: SHUTDOWN was not reported
+
+
+def test_aio_wait_for_state_change_on_a_closed_channel_is_a_usage_error(streamer):
+    """grpc.aio raises UsageError('Channel is closed.') there; waiting for a SHUTDOWN
+    channel to change state would wait for ever."""
+    a, _b, _pb = streamer
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="compat-wfsc-closed")
+        try:
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+            await channel.close()
+            assert channel.get_state() is mrpcd.ChannelConnectivity.SHUTDOWN
+            with pytest.raises(mrpcd.aio.UsageError):
+                await asyncio.wait_for(channel.wait_for_state_change(mrpcd.ChannelConnectivity.SHUTDOWN), 5)
+        finally:
+            app.close()
+
+    asyncio.run(main())
+
+
+def test_aio_get_state_try_to_connect_polled_keeps_one_connector(streamer):
+    """grpc's readiness loop calls get_state(try_to_connect=True) again and again while the
+    target is down: one background connection attempt, not one more task per call, and
+    none left once the channel is closed."""
+    a, _b, _pb = streamer
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="compat-get-state-poll")
+        try:
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+            before = len(asyncio.all_tasks())
+            for _ in range(20):
+                channel.get_state(try_to_connect=True)
+                await asyncio.sleep(0)
+            assert len(asyncio.all_tasks()) - before <= 1
+            await channel.close()
+            for _ in range(200):
+                if len(asyncio.all_tasks()) <= before:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(asyncio.all_tasks()) <= before
+        finally:
+            app.close()
+
+    asyncio.run(main())

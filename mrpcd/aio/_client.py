@@ -559,6 +559,7 @@ class Channel(ChannelCore):
             require_app(app, True, "mrpcd.aio.insecure_channel")
         self._state = ChannelConnectivity.IDLE
         self._state_changed: asyncio.Event | None = None  # made by wait_for_state_change, on its loop
+        self._connector: asyncio.Future | None = None  # get_state(try_to_connect=True)'s channel_ready()
         if app is None:
             try:
                 asyncio.get_running_loop()
@@ -616,14 +617,17 @@ class Channel(ChannelCore):
     def get_state(self, try_to_connect: bool = False) -> ChannelConnectivity:
         """grpc.aio.Channel.get_state: the channel's state now; `try_to_connect` connects
         in the background (retrying while the target cannot be reached) if it is not."""
-        if try_to_connect and self._handle is None and not self._closed:
-            task = asyncio.ensure_future(self.channel_ready())
+        if try_to_connect and self._handle is None and not self._closed and (self._connector is None or self._connector.done()):
+            task = self._connector = asyncio.ensure_future(self.channel_ready())  # one at a time, however often it is polled
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
         return self._state
 
     async def wait_for_state_change(self, last_observed_state: ChannelConnectivity) -> None:
         """grpc.aio.Channel.wait_for_state_change: until the state is not
-        `last_observed_state` (bound it with asyncio.wait_for)."""
+        `last_observed_state` (bound it with asyncio.wait_for); UsageError once the
+        channel is closed, as grpc.aio (a closed channel's state never changes again)."""
+        if self._closed:
+            raise UsageError("Channel is closed.")
         while self._state is last_observed_state:
             if self._state_changed is None:
                 self._state_changed = asyncio.Event()
@@ -682,6 +686,8 @@ class Channel(ChannelCore):
         close), and the channel takes no new calls."""
         self._closed = True
         self._set_state(ChannelConnectivity.SHUTDOWN)
+        if self._connector is not None:
+            self._connector.cancel()
         app = self.app
         handle = self._handle
         if handle is not None and grace:
