@@ -573,3 +573,39 @@ def test_the_ipv6_wildcard_listens_dual_stack_other_v6_addresses_do_not():
         loopback6.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("failure", ["no-ipv6-socket", "v6only-unsupported"])
+def test_the_ipv6_wildcard_on_a_host_without_dual_stack_still_listens(monkeypatch, failure):
+    """No IPv6 in the kernel (socket(AF_INET6) fails) or no IPV6_V6ONLY: "[::]:port" still
+    listens (on IPv4's wildcard when there is no IPv6), as grpc's wildcard listener falls
+    back, instead of failing the whole listener."""
+    import errno
+    import socket
+
+    import mrpcd.transports.tcp as tcp
+
+    real_socket = socket.socket
+
+    class Sock(real_socket):
+        def setsockopt(self, level, opt, *args):
+            if failure == "v6only-unsupported" and level == socket.IPPROTO_IPV6 and opt == socket.IPV6_V6ONLY:
+                raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+            return super().setsockopt(level, opt, *args)
+
+    def make(family=socket.AF_INET, *args, **kw):
+        if failure == "no-ipv6-socket" and family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return Sock(family, *args, **kw)
+
+    monkeypatch.setattr(tcp.socket, "socket", make)
+
+    async def main():
+        listener = await serve("::", 0, lambda: SERVICES, lambda conn: None)
+        port = listener.sockets[0].getsockname()[1]
+        monkeypatch.setattr(tcp.socket, "socket", real_socket)
+        _r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.close()
+        listener.close()
+
+    run(main())

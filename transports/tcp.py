@@ -251,12 +251,22 @@ def _dual_stack(host: str | None) -> bool:
 
 def _listening_socket(family: int, addr: tuple, dual_stack: bool = False) -> socket.socket:
     """A bound, listening, non-blocking socket; an IPv6 one is IPv6-only unless
-    `dual_stack` (the wildcard "::" given as the host, see _dual_stack)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    `dual_stack` (the wildcard "::" given as the host, see _dual_stack). That wildcard on
+    a kernel without IPv6 listens on IPv4's ("0.0.0.0"), as grpc's wildcard falls back."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        if not dual_stack:
+            raise
+        family, addr, dual_stack = socket.AF_INET, ("0.0.0.0", addr[1]), False
+        sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+            except OSError:  # no IPV6_V6ONLY here: the system's default (dual-stack on Linux)
+                pass
         try:
             sock.bind(addr)
         except OSError as exc:
