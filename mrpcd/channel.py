@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, cast
 
 from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
@@ -40,6 +40,8 @@ class _ClientCall(ClientCallCore):
         self._end_waiting = False  # a caller is blocked on it (changed under app._baton_lock)
         self.timed = False  # in the app's call_deadlines (a deadline, and maybe nobody waiting)
         self.watched = False  # handed to call_deadlines.add (timed implies it): _finish discards it
+        self.opened: threading.Event | None = None  # a wait_for_ready call opened later (_start_later)
+        self.cancel_unsent = False  # (_start_later) cancelled before its START went out
         super().__init__(app, handle, call_id, deserialize, max_receive, deadline)
 
     def _finish(self) -> None:
@@ -82,6 +84,9 @@ class _ClientCall(ClientCallCore):
             if not self.end(code, details):
                 return False
             self.cancelled_locally = code is StatusCode.CANCELLED
+            if self.opened is not None and not self.opened.is_set():  # (_start_later) no START sent yet:
+                self.cancel_unsent = True  # the opener sends the CANCEL after it, if it sends one
+                return True
         # queued if the ring is full, never dropped: the server would go on for nobody
         # (a closed app: the daemon cancels the server side by the lost connection)
         self.app.send_control(self.cancel_record())
@@ -346,7 +351,15 @@ class _MultiCallable(MultiCallableCore):
         app = self._channel.app
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         try:
-            handle = self._channel._ensure_handle() if not wait_for_ready else self._channel._wait_for_handle(deadline)
+            if wait_for_ready and watch:  # .future() / a stream: grpc returns it at once
+                try:
+                    handle = self._channel._ensure_handle()
+                except RpcError as exc:
+                    if exc.code() is not StatusCode.UNAVAILABLE or app.closed:
+                        raise
+                    return self._start_later(end, dl, meta, payload, timeout, deadline)
+            else:
+                handle = self._channel._ensure_handle() if not wait_for_ready else self._channel._wait_for_handle(deadline)
         except RpcError as exc:
             # no connection (UNAVAILABLE, a closed channel): a call that ended with that
             # status, so the error comes where grpc raises it - from result() / next() /
@@ -364,12 +377,54 @@ class _MultiCallable(MultiCallableCore):
             app.call_deadlines.add(call)  # (not if it ended already)
         return call
 
+    def _start_later(self, end: bool, dl: Any, meta: Any, payload: Any, timeout: float | None, deadline: wire.Deadline | None) -> _ClientCall:
+        """A wait_for_ready call while its target cannot be reached, returned at once (as
+        grpc returns futures and streams): a helper thread waits for the connection and
+        then opens it; the call's cancel() or deadline, or a closed app/channel, ends the
+        wait. Until then it is under handle -1 (no record is sent for it)."""
+        app = self._channel.app
+        call = _ClientCall(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
+        call.opened = threading.Event()  # the request pump waits for it
+
+        def run() -> None:
+            opened = cast(threading.Event, call.opened)
+            try:
+                handle = self._channel._wait_for_handle(deadline, lambda: call.done)
+                with call._cond:
+                    if call.done:
+                        return
+                    call.unregister()
+                    call.handle = handle
+                    app.calls[(handle, call.call_id)] = call
+                try:
+                    app.send(self._first_record(call, end, dl, meta, payload), None if deadline is None else deadline.remaining())
+                except RpcError as exc:
+                    call.lost(exc.code(), exc.details())
+                    return
+                with call._cond:  # a cancel while the START was sent left its CANCEL to us
+                    opened.set()
+                    cancel = call.cancel_unsent
+                if cancel:
+                    app.send_control(call.cancel_record())
+            except RpcError as exc:
+                call.lost(exc.code(), exc.details())
+            finally:
+                opened.set()
+
+        if deadline is not None:
+            call.watched = True
+            app.call_deadlines.add(call)
+        threading.Thread(target=run, name="mrpcd-wait-for-ready", daemon=True).start()
+        return call
+
     def _pump_requests(self, call: _ClientCall, requests: Iterable[Any]) -> None:
         """Send each request as a message record, then half-close (in a helper thread, as grpc
         does); waits for the server's credit so a slow server pauses the producer."""
         app = self._channel.app
 
         def run() -> None:
+            if call.opened is not None:
+                call.opened.wait()  # (a wait_for_ready call still waiting for its target)
             try:
                 for req in requests:
                     if not call.wait_credit():
@@ -532,12 +587,15 @@ class Channel(ChannelCore):
         """grpc.Channel.unsubscribe: no more calls of `callback`."""
         self._subscribers[:] = [cb for cb in self._subscribers if cb != callback]
 
-    def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
+    def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None) -> int:
         """The connection for a wait_for_ready call: while the target cannot be reached
         (UNAVAILABLE), try again, backing off to 1 s, until the call's deadline
-        (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are raised."""
+        (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are raised.
+        `ended`: the call ended meanwhile (cancelled): stop (CANCELLED)."""
         delay = 0.05
         while True:
+            if ended is not None and ended():
+                raise RpcError(StatusCode.CANCELLED, "Locally cancelled by application!")
             try:
                 return self._ensure_handle()
             except RpcError as exc:

@@ -1579,3 +1579,52 @@ def test_aio_get_state_try_to_connect_polled_keeps_one_connector(streamer):
             app.close()
 
     asyncio.run(main())
+
+
+def test_wait_for_ready_future_and_streams_return_at_once_and_can_be_cancelled(streamer):
+    """grpc's future(wait_for_ready=True) and its streaming calls return at once while the
+    target cannot be reached: the wait is the call's, so cancel() (or the deadline) ends
+    it, and a call without a deadline does not hold its caller for ever; once a server
+    listens, the waiting calls go through."""
+    a, b, pb = streamer
+    port = _free_port()
+    srv_app = mrpcd.connect(b.socket, name="compat-wfr-future-server")
+    app = mrpcd.connect(a.socket, name="compat-wfr-future")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=app)
+        stub = pb.StreamerStub(channel)
+        made: list = []
+
+        def make():
+            made.append(stub.Unary.future(pb.Chunk(seq=1), wait_for_ready=True))  # no deadline
+            made.append(stub.ServerStream(pb.Chunk(seq=2), wait_for_ready=True))
+            made.append(stub.ClientStream.future(iter([pb.Chunk(seq=3), pb.Chunk(seq=4)]), timeout=30, wait_for_ready=True))
+            made.append(stub.BidiStream(iter([pb.Chunk(seq=5)]), timeout=30, wait_for_ready=True))
+            made.append(stub.Unary.future(pb.Chunk(), wait_for_ready=True))  # cancelled below
+            made.append(stub.ServerStream(pb.Chunk(), timeout=0.3, wait_for_ready=True))
+
+        t = threading.Thread(target=make, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive() and len(made) == 6  # (each waited for the target before)
+        unary, server_stream, client_stream, bidi, cancelled, expiring = made
+        assert not unary.done() and unary.running()
+        assert cancelled.cancel() and cancelled.cancelled()
+        with pytest.raises(mrpcd.RpcError) as info:
+            next(expiring)
+        assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+
+        server = mrpcd.server(app=srv_app)
+        pb.add_StreamerServicer_to_server(_route_servicer(pb), server)
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        server.start()
+        assert unary.result(timeout=20).total == 2
+        assert [c.seq for c in server_stream] == [0, 1]
+        assert client_stream.result(timeout=20).total == 2007
+        assert list(bidi) == []
+        assert cancelled.cancelled() and cancelled.code() is mrpcd.StatusCode.CANCELLED
+        channel.close()
+        server.stop(None)
+    finally:
+        app.close()
+        srv_app.close()
