@@ -1628,3 +1628,37 @@ def test_wait_for_ready_future_and_streams_return_at_once_and_can_be_cancelled(s
     finally:
         app.close()
         srv_app.close()
+
+
+def test_aio_client_interceptors_see_the_metadata_as_grpc_aio_metadata(streamer):
+    """grpc.aio hands a client interceptor's details.metadata as a grpc.aio.Metadata, never
+    None: interceptors written for it add to it in place or with `+`."""
+    _a, _b, pb = streamer
+
+    class AddInPlace(mrpcd.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation, details, request):
+            assert isinstance(details.metadata, mrpcd.aio.Metadata)
+            details.metadata.add("one-time-password", "42")
+            return await continuation(details, request)
+
+    class AddWithPlus(mrpcd.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation, details, request):
+            meta = details.metadata + (("one-time-password", "42"),)
+            return await continuation(details._replace(metadata=meta), request)
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=sum(1 for k, v in context.invocation_metadata() if (k, v) == ("one-time-password", "42")))
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk(seq=sum(1 for k, v in context.invocation_metadata() if k in ("one-time-password", "k")))
+
+    async def body(server, channel):
+        ch = mrpcd.aio.insecure_channel(channel.target, interceptors=[AddInPlace(), AddWithPlus()], app=channel.app)
+        stub = pb.StreamerStub(ch)
+        assert (await stub.Unary(pb.Chunk(), timeout=10)).total == 1
+        assert (await stub.Unary(pb.Chunk(), timeout=10, metadata=(("k", "v"),))).total == 1
+        assert [c.seq async for c in stub.ServerStream(pb.Chunk(), timeout=10, metadata=(("k", "v"),))] == [2]
+        await ch.close()
+
+    run_aio(streamer, S(), body)

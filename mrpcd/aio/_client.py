@@ -584,6 +584,8 @@ class Channel(ChannelCore):
             return invoke(details, request)
         from ._interceptors import intercepted_call
 
+        # grpc.aio's interceptors get a Metadata, never None (they .add() to it, or +)
+        details = details._replace(metadata=Metadata.from_tuple(details.metadata))  # type: ignore[arg-type]  # (pairs, not a Sequence)
         return intercepted_call(kind, self._interceptors, invoke, details, request, self.app.loop)
 
     async def _ensure_handle(self) -> int:

@@ -76,6 +76,18 @@ class Metadata:
     def keys(self):
         return self._by_key.keys()
 
+    def values(self):
+        return self._by_key.values()
+
+    def items(self):
+        return self._by_key.items()
+
+    def __add__(self, other: object) -> "Metadata":
+        """A new Metadata with `other`'s pairs (a Metadata or a tuple of pairs) after these."""
+        if isinstance(other, (Metadata, tuple)):
+            return Metadata(*tuple(self), *tuple(other))
+        return NotImplemented
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Metadata):
             return self._by_key == other._by_key
