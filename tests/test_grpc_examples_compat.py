@@ -1662,3 +1662,32 @@ def test_aio_client_interceptors_see_the_metadata_as_grpc_aio_metadata(streamer)
         await ch.close()
 
     run_aio(streamer, S(), body)
+
+
+def test_aio_wait_for_ready_call_cancelled_while_it_waits_ends_at_once(streamer):
+    """grpc.aio: cancelling a wait_for_ready call that waits for an unreachable target
+    ends it (awaiting it raises CancelledError, its code is CANCELLED); it waited on,
+    holding its awaiter, for ever without a deadline."""
+    a, _b, pb = streamer
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="compat-wfr-aio-cancel")
+        try:
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+            stub = pb.StreamerStub(channel)
+            for pause in (0.3, 0):  # between two attempts, and before the first
+                call = stub.Unary(pb.Chunk(), wait_for_ready=True)
+                await asyncio.sleep(pause)
+                assert call.cancel() and call.cancelled()
+
+                async def awaited():
+                    return await call
+
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(awaited(), 5)
+                assert await asyncio.wait_for(call.code(), 5) is mrpcd.StatusCode.CANCELLED
+            await channel.close()
+        finally:
+            app.close()
+
+    asyncio.run(main())

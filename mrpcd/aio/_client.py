@@ -11,6 +11,7 @@ credit as they are consumed; request streams await the server's credit.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, cast
 
 from .. import wire
@@ -23,6 +24,12 @@ from ..app import require_app
 from ._metadata import Metadata
 
 _DEADLINE = "Deadline Exceeded"
+
+# wait_for_ready start tasks (Channel._wait_for_handle): those whose call was cancelled
+# meanwhile, and those between two connection attempts, where cancelling them is safe
+# (no connect reply or START record half done)
+_CANCEL_ASKED: "weakref.WeakSet[asyncio.Task]" = weakref.WeakSet()
+_BETWEEN_ATTEMPTS: "weakref.WeakSet[asyncio.Task]" = weakref.WeakSet()
 
 
 class _CallState(ClientCallCore):
@@ -186,6 +193,12 @@ class _Call:
             state = await starter
         except RpcError as exc:  # no connection, record refused: a call that failed with it
             state = _FailedStart(exc)
+        except asyncio.CancelledError:
+            if not self._cancel_requested:
+                raise
+            # cancel() while a wait_for_ready call waited for its target: nothing was sent
+            state = _FailedStart(AioRpcError(StatusCode.CANCELLED, "Locally cancelled by application!"))
+            state.cancelled_locally = True
         self._state = state
         if self._cancel_requested:
             state.cancel()
@@ -202,6 +215,10 @@ class _Call:
             if self._cancel_requested:
                 return False
             self._cancel_requested = True
+            task = cast("asyncio.Task[_CallState]", self._start_task)
+            _CANCEL_ASKED.add(task)  # a wait_for_ready wait ends (Channel._wait_for_handle)
+            if task in _BETWEEN_ATTEMPTS:
+                task.cancel()
             return True
         return self._state.cancel()
 
@@ -649,7 +666,16 @@ class Channel(ChannelCore):
             left = deadline.remaining() if deadline is not None else None
             if left == 0:
                 raise AioRpcError(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            await asyncio.sleep(delay if left is None else min(delay, left))
+            task = asyncio.current_task()
+            if task in _CANCEL_ASKED:  # the call was cancelled during the attempt
+                raise asyncio.CancelledError()
+            if task is not None:
+                _BETWEEN_ATTEMPTS.add(task)
+            try:
+                await asyncio.sleep(delay if left is None else min(delay, left))
+            finally:
+                if task is not None:
+                    _BETWEEN_ATTEMPTS.discard(task)
             delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
