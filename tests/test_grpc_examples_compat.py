@@ -1691,3 +1691,44 @@ def test_aio_wait_for_ready_call_cancelled_while_it_waits_ends_at_once(streamer)
             app.close()
 
     asyncio.run(main())
+
+
+def test_aio_channel_closed_or_cancelled_while_it_connects(streamer):
+    """close() while the channel's connection is being made (channel_ready(), the first
+    call, get_state(try_to_connect=True)): the channel stays SHUTDOWN and takes no call
+    (the late connection came back READY on a closed channel, kept for nobody). A
+    channel_ready() cancelled midway (asyncio.wait_for's timeout) leaves it IDLE, not
+    CONNECTING for ever."""
+    _a, _b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=1)
+
+    async def body(server, channel):
+        app = channel.app
+        base = len(app.handle_listeners)
+        fresh = mrpcd.aio.insecure_channel(channel.target, app=app)
+        ready = asyncio.ensure_future(fresh.channel_ready())
+        await asyncio.sleep(0)  # its connect is under way
+        assert fresh.get_state() is mrpcd.ChannelConnectivity.CONNECTING
+        await fresh.close()
+        with pytest.raises(mrpcd.RpcError):
+            await asyncio.wait_for(ready, 10)
+        assert fresh.get_state() is mrpcd.ChannelConnectivity.SHUTDOWN
+        with pytest.raises(mrpcd.RpcError):
+            await pb.StreamerStub(fresh).Unary(pb.Chunk(), timeout=5)
+        assert len(app.handle_listeners) == base
+
+        other = mrpcd.aio.insecure_channel(channel.target, app=app)
+        ready = asyncio.ensure_future(other.channel_ready())
+        await asyncio.sleep(0)
+        ready.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ready
+        assert other.get_state() is mrpcd.ChannelConnectivity.IDLE
+        assert (await pb.StreamerStub(other).Unary(pb.Chunk(), timeout=10)).total == 1
+        assert other.get_state() is mrpcd.ChannelConnectivity.READY
+        await other.close()
+
+    run_aio(streamer, S(), body)

@@ -613,11 +613,20 @@ class Channel(ChannelCore):
                 raise AioRpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
                 self._set_state(ChannelConnectivity.CONNECTING)
+                connecting = asyncio.ensure_future(self.app.call_async("connect", target=self.target))
                 try:
-                    reply = await self.app.call_async("connect", target=self.target)
+                    reply = await asyncio.shield(connecting)  # (the connect goes on in its thread anyway)
                 except RpcError as exc:
                     self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None
+                except asyncio.CancelledError:  # (asyncio.wait_for's timeout): the late connection is nobody's
+                    connecting.add_done_callback(lambda f: f.cancelled() or f.exception() or close_dropped_handle(self.app, f.result()["handle"]))
+                    if not self._closed:
+                        self._set_state(ChannelConnectivity.IDLE)
+                    raise
+                if self._closed:  # close() ran meanwhile: it found no connection to close
+                    close_dropped_handle(self.app, reply["handle"])
+                    raise AioRpcError(StatusCode.CANCELLED, "the channel is closed")
                 self._handle = reply["handle"]
                 self._listener = lost_listener(self)
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
