@@ -1564,17 +1564,19 @@ def test_aio_get_state_try_to_connect_polled_keeps_one_connector(streamer):
         app = mrpcd.aio.connect(a.socket, name="compat-get-state-poll")
         try:
             channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
-            before = len(asyncio.all_tasks())
+            def connectors():
+                return [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("channel_ready")]
+
             for _ in range(20):
                 channel.get_state(try_to_connect=True)
                 await asyncio.sleep(0)
-            assert len(asyncio.all_tasks()) - before <= 1
+            assert len(connectors()) <= 1
             await channel.close()
             for _ in range(200):
-                if len(asyncio.all_tasks()) <= before:
+                if not connectors():
                     break
                 await asyncio.sleep(0.05)
-            assert len(asyncio.all_tasks()) <= before
+            assert not connectors()
         finally:
             app.close()
 

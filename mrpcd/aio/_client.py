@@ -620,7 +620,7 @@ class Channel(ChannelCore):
                     self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None
                 except asyncio.CancelledError:  # (asyncio.wait_for's timeout): the late connection is nobody's
-                    connecting.add_done_callback(lambda f: f.cancelled() or f.exception() or close_dropped_handle(self.app, f.result()["handle"]))
+                    connecting.add_done_callback(self._drop_late_connection)
                     if not self._closed:
                         self._set_state(ChannelConnectivity.IDLE)
                     raise
@@ -632,6 +632,11 @@ class Channel(ChannelCore):
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
                 self._set_state(ChannelConnectivity.READY)
             return self._handle
+
+    def _drop_late_connection(self, connecting: "asyncio.Future[dict[str, Any]]") -> None:
+        """The connect of an _ensure_handle that was cancelled: close what it made."""
+        if not connecting.cancelled() and connecting.exception() is None:
+            close_dropped_handle(self.app, connecting.result()["handle"])
 
     # -- grpc.aio's connectivity API ------------------------------------------------------
     def _set_state(self, state: ChannelConnectivity) -> None:
