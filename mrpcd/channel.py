@@ -408,6 +408,8 @@ class _MultiCallable(MultiCallableCore):
                     app.send_control(call.cancel_record())
             except RpcError as exc:
                 call.lost(exc.code(), exc.details())
+            except Exception as exc:  # (nobody would see it on this thread: the call ends with it)
+                call.lost(StatusCode.UNKNOWN, f"the call could not be started: {exc!r}")
             finally:
                 opened.set()
 
