@@ -542,21 +542,25 @@ class Channel(ChannelCore):
 
     # -- grpc's connectivity API ----------------------------------------------------------
     def _set_state(self, state: ChannelConnectivity) -> None:
-        if state is self._state:
-            return
-        self._state = state
-        if self._subscribers:
-            self._notify(tuple(self._subscribers), state)
-
-    def _notify(self, callbacks: tuple, state: ChannelConnectivity) -> None:
-        """Run callbacks(state) on a notifier thread, in the order of the changes, never
-        on the caller's (which may hold the channel's lock), as grpc runs them apart."""
-        with self._notice_lock:
-            self._notices.append((callbacks, state))
-            if self._notifying:
+        with self._notice_lock:  # a change and its notice in one step (subscribe reads both)
+            if state is self._state:
                 return
-            self._notifying = True
+            self._state = state
+            if not self._subscribers or not self._queue_notice(tuple(self._subscribers), state):
+                return
+        self._start_notifier()
 
+    def _queue_notice(self, callbacks: tuple, state: ChannelConnectivity) -> bool:
+        """(notice lock held) Queue callbacks(state) for the notifier thread, which runs
+        them in the order of the changes, never on the caller's thread (which may hold the
+        channel's lock), as grpc runs them apart. True: none runs, start one."""
+        self._notices.append((callbacks, state))
+        if self._notifying:
+            return False
+        self._notifying = True
+        return True
+
+    def _start_notifier(self) -> None:
         def run() -> None:
             while True:
                 with self._notice_lock:
@@ -580,8 +584,11 @@ class Channel(ChannelCore):
         """grpc.Channel.subscribe: callback(state) now with the current state, then at each
         change; `try_to_connect` connects in the background (retrying while the target
         cannot be reached) when the channel is not connected."""
-        self._subscribers.append(callback)
-        self._notify((callback,), self._state)
+        with self._notice_lock:  # (never after the notice of a later state)
+            self._subscribers.append(callback)
+            start = self._queue_notice((callback,), self._state)
+        if start:
+            self._start_notifier()
         if try_to_connect and self._handle is None and not self._closed and (self._connector is None or self._connector.done()):
             self._connector = channel_ready_future(self)
 

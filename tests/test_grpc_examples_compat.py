@@ -1734,3 +1734,43 @@ def test_aio_channel_closed_or_cancelled_while_it_connects(streamer):
         await other.close()
 
     run_aio(streamer, S(), body)
+
+
+def test_subscribe_racing_a_state_change_ends_on_the_current_state(streamer):
+    """subscribe() reads the state for its first notice while another thread changes it:
+    the callback's last notice must be the channel's state (its first notice, of the older
+    state, came after the newer one: a readiness watcher saw CONNECTING last, with the
+    channel READY, and waited for ever)."""
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-subscribe-race")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+        real = channel._notice_lock
+        subscriber = threading.get_ident()
+        raced: list = []
+
+        class Racing:
+            """The notice lock; the subscriber's first entry lets another thread change
+            the state first (waiting for it at most 1 s: it may need this very lock)."""
+
+            def __enter__(self):
+                if threading.get_ident() == subscriber and not raced:
+                    raced.append(True)
+                    t = threading.Thread(target=channel._set_state, args=(mrpcd.ChannelConnectivity.CONNECTING,), daemon=True)
+                    t.start()
+                    t.join(1.0)
+                return real.__enter__()
+
+            def __exit__(self, *exc):
+                return real.__exit__(*exc)
+
+        channel._notice_lock = Racing()
+        seen: list = []
+        channel.subscribe(seen.append)
+        assert wait_until(lambda: seen and not channel._notifying, 10)  # every notice delivered
+        assert seen[-1] is channel._state, (seen, channel._state)
+        assert channel._state is mrpcd.ChannelConnectivity.CONNECTING
+        channel._notice_lock = real
+        channel.close()
+    finally:
+        app.close()
