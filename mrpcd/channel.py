@@ -596,11 +596,13 @@ class Channel(ChannelCore):
         """grpc.Channel.unsubscribe: no more calls of `callback`."""
         self._subscribers[:] = [cb for cb in self._subscribers if cb != callback]
 
-    def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None) -> int:
-        """The connection for a wait_for_ready call: while the target cannot be reached
-        (UNAVAILABLE), try again, backing off to 1 s, until the call's deadline
-        (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are raised.
-        `ended`: the call ended meanwhile (cancelled): stop (CANCELLED)."""
+    def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None,
+                         pause: Callable[[float], Any] = time.sleep) -> int:
+        """The connection for a wait_for_ready call (and channel_ready_future): while the
+        target cannot be reached (UNAVAILABLE), try again, backing off to 1 s, until the
+        deadline (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are
+        raised. `ended`: the waiter ended meanwhile (cancelled): stop (CANCELLED); `pause`
+        sleeps between attempts (one the waiter's cancel can cut short)."""
         delay = 0.05
         while True:
             if ended is not None and ended():
@@ -613,7 +615,7 @@ class Channel(ChannelCore):
             left = deadline.remaining() if deadline is not None else None
             if left == 0:
                 raise RpcError(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
-            time.sleep(delay if left is None else min(delay, left))
+            pause(delay if left is None else min(delay, left))
             delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
@@ -679,23 +681,17 @@ class _ChannelReadyFuture:
         threading.Thread(target=self._run, name="mrpcd-channel-ready", daemon=True).start()
 
     def _run(self) -> None:
-        delay = 0.05
         error: BaseException | None = None
-        while not self._cancelled:
-            try:
-                self._channel._ensure_handle()
-                break
-            except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE or self._channel.app.closed:
-                    error = exc  # (a closed app can never connect)
-                    break
-            except Exception as exc:
-                error = exc
-                break
-            with self._cond:
-                self._cond.wait_for(lambda: self._cancelled, delay)
-            delay = min(delay * 2, 1.0)
+        try:
+            self._channel._wait_for_handle(None, lambda: self._cancelled, self._pause)
+        except Exception as exc:  # (its CANCELLED after cancel() changes nothing: _finish ran)
+            error = exc
         self._finish(error, cancelled=False)
+
+    def _pause(self, seconds: float) -> None:
+        """Between two connection attempts: cancel() ends the wait at once."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._cancelled, seconds)
 
     def _finish(self, error: BaseException | None, cancelled: bool) -> bool:
         with self._cond:

@@ -667,9 +667,10 @@ class Channel(ChannelCore):
             await self._state_changed.wait()
 
     async def _wait_for_handle(self, deadline: wire.Deadline | None) -> int:
-        """The connection for a wait_for_ready call: while the target cannot be reached
-        (UNAVAILABLE), try again, backing off to 1 s, until the call's deadline
-        (DEADLINE_EXCEEDED then, as grpc.aio); other errors (a closed channel) are raised."""
+        """The connection for a wait_for_ready call (and channel_ready): while the target
+        cannot be reached (UNAVAILABLE), try again, backing off to 1 s, until the call's
+        deadline (DEADLINE_EXCEEDED then, as grpc.aio); other errors (a closed channel) are
+        raised."""
         delay = 0.05
         while True:
             try:
@@ -711,16 +712,7 @@ class Channel(ChannelCore):
         the target cannot be reached (UNAVAILABLE) it tries again, backing off to 1 s, as
         grpc waits; bound it with asyncio.wait_for. Other errors (a malformed target, a
         closed channel) are raised."""
-        delay = 0.05
-        while True:
-            try:
-                await self._ensure_handle()
-                return
-            except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
-                    raise  # (a closed app can never connect)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+        await self._wait_for_handle(None)
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel (grpc.aio): calls still in flight after `grace` seconds are
