@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol, cast, runtime_
 from ..daemon.datapath import Engine
 from ..marshal import records as R
 from ..marshal.schema import Method, Schema
+from ..typo_hints import closest, did_you_mean
 
 __all__ = [
     "PolicyConfigError", "PolicyLoadError", "PolicyStateError", "PolicyContext", "TimerHandle",
@@ -273,11 +274,8 @@ class ConfigReader:
         self.seen.add(key)
         if key not in self.config or self.config[key] is None:
             if required:
-                import difflib
-
-                others = [k for k in self.config if isinstance(k, str) and k not in self.seen]
-                close = difflib.get_close_matches(key, others, n=1)
-                raise self.error(key, f"is required (the config has {close[0]!r}: a typo?)" if close else "is required")
+                close = closest(key, [k for k in self.config if isinstance(k, str) and k not in self.seen])
+                raise self.error(key, f"is required (the config has {close!r}: a typo?)" if close else "is required")
             return None if default is _MISSING else default
         return self.config[key]
 
@@ -362,12 +360,8 @@ class ConfigReader:
     def finish(self) -> None:
         extra = sorted(set(self.config) - self.seen, key=str)
         if extra:
-            import difflib
-
             known = ", ".join(sorted(self.seen))
-            close = difflib.get_close_matches(str(extra[0]), sorted(self.seen), n=1)
-            hint = f", did you mean {close[0]!r}?" if close else ""
-            raise self.error(str(extra[0]), f"unknown key{hint} (known keys: {known})")
+            raise self.error(str(extra[0]), f"unknown key{did_you_mean(extra[0], sorted(self.seen))} (known keys: {known})")
 
 
 def check_method_path(reader: ConfigReader, key: str, schema: Schema, path: Any) -> Method:

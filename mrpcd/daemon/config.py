@@ -4,12 +4,13 @@ A bad config is refused at start with the file, the line and the reason, never h
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+from ..typo_hints import did_you_mean
 
 import yaml
 
@@ -103,12 +104,6 @@ def _drain_seconds(v: Any) -> float:
     return float(v)
 
 
-def _did_you_mean(key: str, known) -> str:
-    """", did you mean 'log_level'?" for a typo'd key, else nothing."""
-    close = difflib.get_close_matches(str(key), list(known), n=1)
-    return f", did you mean {close[0]!r}?" if close else ""
-
-
 METRICS_KEYS = ("address", "buckets")
 
 
@@ -122,7 +117,7 @@ def _metrics(v: Any) -> dict[str, Any]:
         raise ValueError("must be a mapping with keys address, buckets")
     unknown = sorted(str(k) for k in v if k not in METRICS_KEYS)
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}{_did_you_mean(unknown[0], METRICS_KEYS)} (known: {', '.join(METRICS_KEYS)})")
+        raise ValueError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], METRICS_KEYS)} (known: {', '.join(METRICS_KEYS)})")
     address = v.get("address")
     if address is not None:
         if not isinstance(address, str) or ":" not in address:
@@ -277,7 +272,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         for key, value in data.items():
             where = f"{path}:{lines.get(key, '?')}"
             if key not in VALIDATORS:
-                errors.append(f"{where}: unknown key {key!r}{_did_you_mean(key, VALIDATORS)} (known: {', '.join(sorted(VALIDATORS))})")
+                errors.append(f"{where}: unknown key {key!r}{did_you_mean(key, VALIDATORS)} (known: {', '.join(sorted(VALIDATORS))})")
                 continue
             try:
                 values[key] = VALIDATORS[key](value)
