@@ -23,6 +23,7 @@ from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
 from .policy_host import PolicyOpError, describe_engine, load_upgrade
+from .session import address_text
 from .transport_upgrade import TransportUpgradeError
 
 if TYPE_CHECKING:
@@ -215,17 +216,13 @@ class ControlConnection:
         if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
             raise ValueError("bind needs a list of service names")
         self.daemon.refuse_if_draining("new listening addresses")
-        session, address = self._need_session(), msg.get("address")
-        if not isinstance(address, str):  # refused as split_address would
-            raise ValueError(f"address {address!r} must be host:port")
-        return {"address": await session.bind(address, services)}
+        session = self._need_session()
+        return {"address": await session.bind(address_text(msg.get("address")), services)}
 
     async def op_connect(self, msg: dict, fds: list[int]) -> dict:
         self.daemon.refuse_if_draining("new peer connections")
-        session, target = self._need_session(), msg.get("target")
-        if not isinstance(target, str):  # refused as split_address would
-            raise ValueError(f"address {target!r} must be host:port")
-        return {"handle": await session.connect(target)}
+        session = self._need_session()
+        return {"handle": await session.connect(address_text(msg.get("target")))}
 
     async def op_close(self, msg: dict, fds: list[int]) -> dict:
         handle = msg.get("handle")

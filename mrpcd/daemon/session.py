@@ -905,11 +905,17 @@ class AppSession:
         }
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" → (host, port), with a clear error for anything else."""
+def address_text(address: object) -> str:
+    """`address` if it is text that can be "host:port" (a control message's field may be
+    anything), else the error split_address gives for it."""
     if not isinstance(address, str) or ":" not in address:
         raise ValueError(f"address {address!r} must be host:port")
-    host, _, port_s = address.rpartition(":")
+    return address
+
+
+def split_address(address: object) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" → (host, port), with a clear error for anything else."""
+    host, _, port_s = address_text(address).rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
