@@ -37,16 +37,16 @@ def load_generated(path: Path, prefix: str):
     return mod
 
 @contextlib.asynccontextmanager
-async def aio_pair(a, b, pb, servicer, options=None, name: str = "aio", server_interceptors=(), client_interceptors=()):
+async def aio_pair(a, b, pb, servicer, options=None, name: str = "aio", server_interceptors=(), client_interceptors=(), **server_kw):
     """An asyncio server of `servicer` (tests/protos/streaming.proto's Streamer) behind daemon
     `b` and a channel to it from an app behind daemon `a`: (server, channel, client app,
-    server app); all closed on exit."""
+    server app); all closed on exit. `server_kw` go to mrpcd.aio.server."""
     import mrpcd.aio
 
     srv_app = mrpcd.aio.connect(b.socket, name=f"{name}-server")
     cli_app = mrpcd.aio.connect(a.socket, name=f"{name}-client")
     try:
-        server = mrpcd.aio.server(app=srv_app, options=options, interceptors=list(server_interceptors))
+        server = mrpcd.aio.server(app=srv_app, options=options, interceptors=list(server_interceptors), **server_kw)
         pb.add_StreamerServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -570,19 +570,8 @@ def test_maximum_concurrent_rpcs_aio(streamer):
     a, b, _ = streamer
 
     async def main():
-        srv_app = mrpcd.aio.connect(b.socket, name="compat-max-aio-s")
-        cli_app = mrpcd.aio.connect(a.socket, name="compat-max-aio-c")
-        try:
-            server = mrpcd.aio.server(maximum_concurrent_rpcs=1, app=srv_app)
-            pb.add_StreamerServicer_to_server(S(), server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            async with mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=cli_app) as channel:
-                await body(server, channel)
-            await server.stop(None)
-        finally:
-            cli_app.close()
-            srv_app.close()
+        async with aio_pair(a, b, pb, S(), name="compat-max-aio", maximum_concurrent_rpcs=1) as (server, channel, _, _):
+            await body(server, channel)
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
