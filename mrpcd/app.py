@@ -646,8 +646,9 @@ _default_lock = threading.Lock()
 def require_app(app: Any, asyncio_app: bool, where: str) -> None:
     """Refuse, where it is given, an app of the other API: a sync channel or server on an
     asyncio app (or the reverse) would otherwise be accepted and fail only at its first
-    call, deep inside (the two drive their rings differently: a thread vs the loop)."""
-    if isinstance(app, App) and app.ASYNCIO == asyncio_app:
+    call, deep inside (the two drive their rings differently: a thread vs the loop). None
+    (the default app, made of the right kind later) passes."""
+    if app is None or (isinstance(app, App) and app.ASYNCIO == asyncio_app):
         return
     if not isinstance(app, App):
         raise TypeError(f"{where}: app must be an mrpcd app ({'mrpcd.aio' if asyncio_app else 'mrpcd'}.connect()), not {type(app).__name__}")

@@ -505,8 +505,7 @@ class Channel(ChannelCore):
 
     def __init__(self, target: str, app: App | None = None, options: Any = None) -> None:
         self.target = target
-        if app is not None:
-            require_app(app, False, "mrpcd.insecure_channel")
+        require_app(app, False, "mrpcd.insecure_channel")
         self.app = app or default_app()
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._handle: int | None = None

@@ -196,8 +196,7 @@ class Server(ServerCore):
         options: Any = None,
         maximum_concurrent_rpcs: int | None = None,
     ) -> None:
-        if app is not None:
-            require_app(app, False, "mrpcd.server")
+        require_app(app, False, "mrpcd.server")
         app = app or default_app()
         self._init_core(app, interceptors, options, maximum_concurrent_rpcs)
         self._pool = thread_pool or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mrpcd-server")

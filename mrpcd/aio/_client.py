@@ -572,8 +572,7 @@ class Channel(ChannelCore):
         self._listener: Callable[[str], None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
-        if app is not None:
-            require_app(app, True, "mrpcd.aio.insecure_channel")
+        require_app(app, True, "mrpcd.aio.insecure_channel")
         self._state = ChannelConnectivity.IDLE
         self._state_changed: asyncio.Event | None = None  # made by wait_for_state_change, on its loop
         self._connector: asyncio.Future | None = None  # get_state(try_to_connect=True)'s channel_ready()

@@ -151,8 +151,7 @@ class Server(ServerCore):
 
     def __init__(self, app: AioApp | None = None, interceptors: Sequence[ServerInterceptor] | None = None, options: Any = None,
                  maximum_concurrent_rpcs: int | None = None) -> None:
-        if app is not None:
-            require_app(app, True, "mrpcd.aio.server")
+        require_app(app, True, "mrpcd.aio.server")
         self._init_core(app or default_app(), interceptors, options, maximum_concurrent_rpcs)
         self._contexts: dict[int, ServicerContext] = {}
         self._stopped = asyncio.Event()  # no new calls
