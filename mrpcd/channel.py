@@ -11,6 +11,7 @@ without bound; request streams wait for the server's credit likewise.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from .marshal.message import Message
 
 _DEADLINE = "Deadline Exceeded"
+_log = logging.getLogger(__name__)
+# grpc's words (grpc/_channel.py, grpc/_utilities.py), through the logging module as there
+_SUBSCRIBER_ERROR = "Exception calling channel subscription callback!"
+_DONE_CALLBACK_ERROR = 'Exception calling connectivity future "done" callback!'
 
 
 class _ClientCall(ClientCallCore):
@@ -571,7 +576,7 @@ class Channel(ChannelCore):
                     try:
                         cb(state)
                     except Exception:
-                        pass
+                        _log.exception(_SUBSCRIBER_ERROR)  # as grpc's _deliver
 
         try:
             threading.Thread(target=run, name="mrpcd-channel-connectivity", daemon=True).start()
@@ -704,7 +709,7 @@ class _ChannelReadyFuture:
             try:
                 fn(self)
             except Exception:
-                pass
+                _log.exception(_DONE_CALLBACK_ERROR)  # as grpc's _utilities._ChannelReadyFuture
         return True
 
     def cancel(self) -> bool:

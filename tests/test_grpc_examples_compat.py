@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import socket
 import threading
+import time
 from concurrent import futures
 
 import pytest
@@ -1763,3 +1764,38 @@ def test_subscribe_racing_a_state_change_ends_on_the_current_state(streamer):
         channel.close()
     finally:
         app.close()
+
+
+def test_a_failing_subscriber_is_logged_as_grpc_logs_it_and_the_others_go_on(streamer, caplog):
+    """grpc's _deliver: a subscriber that raises is logged (_LOGGER.exception, "Exception
+    calling channel subscription callback!"), not swallowed; later notices and the other
+    subscribers are not affected. The same for channel_ready_future's done callbacks."""
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-subscriber-raises")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+        seen: list = []
+
+        def broken(state):
+            raise RuntimeError(f"subscriber broke on {state}")
+
+        with caplog.at_level("ERROR", logger="mrpcd.channel"):
+            channel.subscribe(broken)
+            channel.subscribe(seen.append)
+            channel._set_state(mrpcd.ChannelConnectivity.CONNECTING)
+            assert wait_until(lambda: len(seen) == 2 and not channel._notifying, 10), seen
+            records = [r for r in caplog.records if r.name == "mrpcd.channel"]
+            assert [r.getMessage() for r in records] == ["Exception calling channel subscription callback!"] * 2
+            assert all(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in records)
+            channel.unsubscribe(broken)
+            channel.close()
+
+            caplog.clear()
+            ready = mrpcd.channel_ready_future(mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app))
+            ready.add_done_callback(lambda f: 1 / 0)
+            assert ready.cancel()
+            assert [r.getMessage() for r in caplog.records if r.name == "mrpcd.channel"] == [
+                'Exception calling connectivity future "done" callback!']
+    finally:
+        app.close()
+
