@@ -34,6 +34,16 @@ _SUBSCRIBER_ERROR = "Exception calling channel subscription callback!"
 _DONE_CALLBACK_ERROR = 'Exception calling connectivity future "done" callback!'
 
 
+class _Subscription:
+    """One subscribe(): a notice queued for it is dropped if it is gone by then
+    (unsubscribe, close), as grpc reads its subscriber list when it delivers."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[ChannelConnectivity], None]) -> None:
+        self.callback = callback
+
+
 class _ClientCall(ClientCallCore):
     """One client call's state (mrpcd._calls); filled by the app's rx driver thread, read by
     the caller. Every change to the state happens with `_cond` held."""
@@ -518,8 +528,8 @@ class Channel(ChannelCore):
         self._lock = threading.Lock()
         self._closed = False
         self._state = ChannelConnectivity.IDLE
-        self._subscribers: list[Callable[[ChannelConnectivity], None]] = []
-        self._notices: deque = deque()  # (callbacks, state) for the notifier thread, in order
+        self._subscribers: list[_Subscription] = []
+        self._notices: deque = deque()  # (subscriptions, state) for the notifier thread, in order
         self._notifying = False
         self._notice_lock = threading.Lock()
         self._connector: Any = None  # subscribe(try_to_connect=True)'s channel_ready_future
@@ -554,11 +564,12 @@ class Channel(ChannelCore):
                 return
         self._start_notifier()
 
-    def _queue_notice(self, callbacks: tuple, state: ChannelConnectivity) -> bool:
-        """(notice lock held) Queue callbacks(state) for the notifier thread, which runs
-        them in the order of the changes, never on the caller's thread (which may hold the
-        channel's lock), as grpc runs them apart. True: none runs, start one."""
-        self._notices.append((callbacks, state))
+    def _queue_notice(self, subscriptions: tuple, state: ChannelConnectivity) -> bool:
+        """(notice lock held) Queue callback(state) of each subscription for the notifier
+        thread, which runs them in the order of the changes, never on the caller's thread
+        (which may hold the channel's lock), as grpc runs them apart. True: none runs,
+        start one."""
+        self._notices.append((subscriptions, state))
         if self._notifying:
             return False
         self._notifying = True
@@ -571,10 +582,12 @@ class Channel(ChannelCore):
                     if not self._notices:
                         self._notifying = False
                         return
-                    callbacks, state = self._notices.popleft()
-                for cb in callbacks:
+                    subscriptions, state = self._notices.popleft()
+                for sub in subscriptions:
+                    if sub not in self._subscribers:  # unsubscribed (or closed) since
+                        continue
                     try:
-                        cb(state)
+                        sub.callback(state)
                     except Exception:
                         _log.exception(_SUBSCRIBER_ERROR)  # as grpc's _deliver
 
@@ -588,17 +601,24 @@ class Channel(ChannelCore):
         """grpc.Channel.subscribe: callback(state) now with the current state, then at each
         change; `try_to_connect` connects in the background (retrying while the target
         cannot be reached) when the channel is not connected."""
+        sub = _Subscription(callback)
         with self._notice_lock:  # (never after the notice of a later state)
-            self._subscribers.append(callback)
-            start = self._queue_notice((callback,), self._state)
+            self._subscribers.append(sub)
+            start = self._queue_notice((sub,), self._state)
         if start:
             self._start_notifier()
         if try_to_connect and self._handle is None and not self._closed and (self._connector is None or self._connector.done()):
             self._connector = channel_ready_future(self)
 
     def unsubscribe(self, callback: Callable[[ChannelConnectivity], None]) -> None:
-        """grpc.Channel.unsubscribe: no more calls of `callback`."""
-        self._subscribers[:] = [cb for cb in self._subscribers if cb != callback]
+        """grpc.Channel.unsubscribe: the first subscription of `callback` (compared with
+        ==, as grpc's _unsubscribe) gets no more calls; one subscribed twice stays
+        subscribed once. Unknown callbacks are ignored."""
+        with self._notice_lock:
+            for i, sub in enumerate(self._subscribers):
+                if sub.callback == callback:
+                    del self._subscribers[i]
+                    break
 
     def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None,
                          pause: Callable[[float], Any] = time.sleep) -> int:
@@ -640,6 +660,8 @@ class Channel(ChannelCore):
     def close(self) -> None:
         """Close the connection; the channel's calls in flight end with CANCELLED at once
         (grpc's 'Channel closed!'; their servers see the connection close)."""
+        with self._notice_lock:  # grpc's close unsubscribes all silently: no SHUTDOWN notice
+            self._subscribers.clear()
         with self._lock:
             self._closed = True
             handle, self._handle = self._handle, None

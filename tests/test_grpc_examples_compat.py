@@ -1799,3 +1799,54 @@ def test_a_failing_subscriber_is_logged_as_grpc_logs_it_and_the_others_go_on(str
     finally:
         app.close()
 
+
+def test_close_drops_subscribers_silently_as_grpc(streamer):
+    """grpc's Channel._close starts with _unsubscribe_all: subscribers get no SHUTDOWN
+    notice (nor any notice queued before and not delivered yet)."""
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-close-subscribers")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+        seen: list = []
+        channel.subscribe(seen.append)
+        assert wait_until(lambda: seen == [mrpcd.ChannelConnectivity.IDLE] and not channel._notifying, 10), seen
+        channel.close()
+        time.sleep(0.2)  # (a notice would come from the notifier thread)
+        assert seen == [mrpcd.ChannelConnectivity.IDLE]
+        assert channel._subscribers == []
+    finally:
+        app.close()
+
+
+def test_unsubscribe_removes_one_subscription_of_the_callback_as_grpc(streamer):
+    """grpc's _unsubscribe pops the first registration equal to the callback and stops:
+    a callback subscribed twice stays subscribed once. A notice queued before
+    unsubscribe() and not yet delivered is not delivered (grpc reads its list then)."""
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-unsubscribe-once")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+        seen: list = []
+        channel.subscribe(seen.append)
+        channel.subscribe(seen.append)
+        assert wait_until(lambda: len(seen) == 2 and not channel._notifying, 10), seen
+        channel.unsubscribe(seen.append)
+        channel.unsubscribe(lambda s: None)  # not subscribed: ignored, as in grpc
+        channel._set_state(mrpcd.ChannelConnectivity.CONNECTING)
+        assert wait_until(lambda: len(seen) == 3 and not channel._notifying, 10), seen
+        time.sleep(0.1)
+        assert seen == [mrpcd.ChannelConnectivity.IDLE] * 2 + [mrpcd.ChannelConnectivity.CONNECTING]
+
+        gate = threading.Event()
+        held: list = []
+        channel.subscribe(lambda s: held.append(s) or gate.wait(5))  # holds the notifier
+        assert wait_until(lambda: held, 10)
+        channel._set_state(mrpcd.ChannelConnectivity.READY)  # queued behind the held notice
+        channel.unsubscribe(seen.append)
+        gate.set()
+        assert wait_until(lambda: not channel._notifying, 10)
+        assert seen == [mrpcd.ChannelConnectivity.IDLE] * 2 + [mrpcd.ChannelConnectivity.CONNECTING]
+        assert held == [mrpcd.ChannelConnectivity.CONNECTING, mrpcd.ChannelConnectivity.READY]
+        channel.close()
+    finally:
+        app.close()
