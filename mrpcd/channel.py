@@ -61,6 +61,8 @@ class _ClientCall(ClientCallCore):
 
     def _finish(self) -> None:
         super()._finish()
+        if self.opened is not None and self.handle == -1:  # it may be waiting for its target (_start_later)
+            self.app.wake_connect_waits()
         # `watched`, not `timed`: ending while add() runs, the call may not be timed yet
         # here and yet be counted right after; discard (under the heap's lock) settles it
         if self.watched:
@@ -620,13 +622,21 @@ class Channel(ChannelCore):
                     del self._subscribers[i]
                     break
 
-    def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None,
-                         pause: Callable[[float], Any] = time.sleep) -> int:
+    def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None) -> int:
         """The connection for a wait_for_ready call (and channel_ready_future): while the
         target cannot be reached (UNAVAILABLE), try again, backing off to 1 s, until the
         deadline (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are
-        raised. `ended`: the waiter ended meanwhile (cancelled): stop (CANCELLED); `pause`
-        sleeps between attempts (one the waiter's cancel can cut short)."""
+        raised. `ended`: the waiter ended meanwhile (cancelled): stop (CANCELLED). Between
+        attempts it sleeps on the app's connect_waits: closing the channel or the app, or
+        ending the waiter (whoever ends it calls app.wake_connect_waits), ends the wait at
+        once, not at the next attempt."""
+        app = self.app
+        if ended is None:
+            def over() -> bool:
+                return self._closed or app.closed
+        else:
+            def over() -> bool:
+                return self._closed or app.closed or ended()
         delay = 0.05
         while True:
             if ended is not None and ended():
@@ -639,7 +649,8 @@ class Channel(ChannelCore):
             left = deadline.remaining() if deadline is not None else None
             if left == 0:
                 raise RpcError(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
-            pause(delay if left is None else min(delay, left))
+            with app.connect_waits:
+                app.connect_waits.wait_for(over, delay if left is None else min(delay, left))
             delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
@@ -666,6 +677,7 @@ class Channel(ChannelCore):
             self._closed = True
             handle, self._handle = self._handle, None
             self._set_state(ChannelConnectivity.SHUTDOWN)
+        self.app.wake_connect_waits()  # its wait_for_ready calls end now (CANCELLED)
         connector = self._connector
         if connector is not None:
             connector.cancel()
@@ -709,15 +721,10 @@ class _ChannelReadyFuture:
     def _run(self) -> None:
         error: BaseException | None = None
         try:
-            self._channel._wait_for_handle(None, lambda: self._cancelled, self._pause)
+            self._channel._wait_for_handle(None, lambda: self._cancelled)
         except Exception as exc:  # (its CANCELLED after cancel() changes nothing: _finish ran)
             error = exc
         self._finish(error, cancelled=False)
-
-    def _pause(self, seconds: float) -> None:
-        """Between two connection attempts: cancel() ends the wait at once."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._cancelled, seconds)
 
     def _finish(self, error: BaseException | None, cancelled: bool) -> bool:
         with self._cond:
@@ -739,6 +746,7 @@ class _ChannelReadyFuture:
             if self._done:
                 return False
             self._cancelled = True
+        self._channel.app.wake_connect_waits()  # its wait between two attempts ends now
         return self._finish(None, cancelled=True)
 
     def cancelled(self) -> bool:

@@ -1850,3 +1850,88 @@ def test_unsubscribe_removes_one_subscription_of_the_callback_as_grpc(streamer):
         channel.close()
     finally:
         app.close()
+
+
+def test_closing_the_channel_or_app_ends_wait_for_ready_waits_at_once(streamer):
+    """A wait_for_ready call (blocking, .future(), a stream), a channel_ready_future and a
+    cancelled .future() waiting for an unreachable target end at once when their channel
+    or app closes (or they are cancelled), not at the next attempt up to 1 s later."""
+    a, _b, pb = streamer
+    port = _free_port()
+    for close in ("channel", "app", "cancel"):
+        app = mrpcd.connect(a.socket, name=f"compat-wfr-close-now-{close}")
+        try:
+            channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=app)
+            stub = pb.StreamerStub(channel)
+            outcome: list = []
+
+            def call():
+                try:
+                    stub.Unary(pb.Chunk(), timeout=30, wait_for_ready=True)
+                except mrpcd.RpcError as exc:
+                    outcome.append(exc.code())
+
+            t = threading.Thread(target=call, daemon=True)
+            t.start()
+            future = stub.Unary.future(pb.Chunk(), wait_for_ready=True)
+            stream = stub.ServerStream(pb.Chunk(), timeout=30, wait_for_ready=True)
+            ready = mrpcd.channel_ready_future(channel)
+            time.sleep(1.8)  # attempts at 0, .05, .15, .35, .75, 1.55, 2.55: each waiter sleeps 1 s now
+            started = time.monotonic()
+            if close == "cancel":
+                assert future.cancel() and ready.cancel()
+                assert future.cancelled() and ready.cancelled()
+                with pytest.raises(mrpcd.FutureCancelledError):
+                    ready.result(timeout=5)
+                with pytest.raises(mrpcd.FutureCancelledError):
+                    future.result(timeout=5)
+                assert time.monotonic() - started < 0.5
+                channel.close()
+                t.join(10)
+                continue
+            (channel if close == "channel" else app).close()
+            t.join(10)
+            # (the app's close ends its calls CANCELLED; a new connect to the daemon fails UNAVAILABLE)
+            codes = {mrpcd.StatusCode.CANCELLED} if close == "channel" else {mrpcd.StatusCode.CANCELLED, mrpcd.StatusCode.UNAVAILABLE}
+            assert not t.is_alive() and len(outcome) == 1 and outcome[0] in codes, outcome
+            assert future.exception(timeout=5).code() in codes
+            with pytest.raises(mrpcd.RpcError) as info:
+                next(stream)
+            assert info.value.code() in codes
+            with pytest.raises(mrpcd.RpcError):
+                ready.result(timeout=5)
+            assert time.monotonic() - started < 0.5, time.monotonic() - started
+        finally:
+            app.close()
+
+
+def test_aio_closing_the_channel_or_app_ends_wait_for_ready_waits_at_once(streamer):
+    """grpc.aio: close() cancels the calls in flight, a wait_for_ready call waiting for its
+    target among them; here they (and channel_ready()) end at once on the channel's or the
+    app's close, not at the next attempt up to 1 s later."""
+    a, _b, pb = streamer
+    port = _free_port()
+
+    async def main(close):
+        app = mrpcd.aio.connect(a.socket, name=f"compat-wfr-aio-close-now-{close}")
+        try:
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=app)
+            waiting = asyncio.ensure_future(pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=30, wait_for_ready=True))
+            readiness = asyncio.ensure_future(channel.channel_ready())
+            await asyncio.sleep(1.8)  # attempts at 0, .05, .15, .35, .75, 1.55, 2.55: each waiter sleeps 1 s now
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            if close == "channel":
+                await channel.close()
+            else:
+                app.close()
+            with pytest.raises((mrpcd.RpcError, asyncio.CancelledError)):
+                await asyncio.wait_for(waiting, 10)
+            with pytest.raises(mrpcd.RpcError):
+                await asyncio.wait_for(readiness, 10)
+            assert loop.time() - started < 0.5, loop.time() - started
+        finally:
+            app.close()
+
+    for close in ("channel", "app"):
+        asyncio.run(asyncio.wait_for(main(close), 30))

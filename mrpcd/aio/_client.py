@@ -669,7 +669,8 @@ class Channel(ChannelCore):
         """The connection for a wait_for_ready call (and channel_ready): while the target
         cannot be reached (UNAVAILABLE), try again, backing off to 1 s, until the call's
         deadline (DEADLINE_EXCEEDED then, as grpc.aio); other errors (a closed channel) are
-        raised."""
+        raised. Closing the channel or the app ends the wait between two attempts at once
+        (_pause)."""
         delay = 0.05
         while True:
             try:
@@ -686,11 +687,30 @@ class Channel(ChannelCore):
             if task is not None:
                 _BETWEEN_ATTEMPTS.add(task)
             try:
-                await asyncio.sleep(delay if left is None else min(delay, left))
+                await self._pause(delay if left is None else min(delay, left))
             finally:
                 if task is not None:
                     _BETWEEN_ATTEMPTS.discard(task)
             delay = min(delay * 2, 1.0)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds` between two connection attempts, or less: the app's
+        wake_connect_waits (its close, a channel's) ends it once this channel or the app
+        is closed. (Cancelling the task ends it too.)"""
+        app, loop = self.app, self.app.loop
+        end = loop.time() + seconds
+        while not (self._closed or app.closed):
+            left = end - loop.time()
+            if left <= 0:
+                return
+            fut = loop.create_future()
+            timer = loop.call_later(left, _set_if_pending, fut)
+            app.connect_waiters.add(fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                app.connect_waiters.discard(fut)
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
@@ -722,6 +742,7 @@ class Channel(ChannelCore):
         if self._connector is not None:
             self._connector.cancel()
         app = self.app
+        app.wake_connect_waits()  # its wait_for_ready calls end now (CANCELLED)
         handle = self._handle
         if handle is not None and grace:
             end = app.loop.time() + grace
