@@ -637,6 +637,7 @@ class Channel(ChannelCore):
         else:
             def over() -> bool:
                 return self._closed or app.closed or ended()
+        closed = self._closed
         delay = 0.05
         while True:
             if ended is not None and ended():
@@ -644,6 +645,8 @@ class Channel(ChannelCore):
             try:
                 return self._ensure_handle()
             except RpcError as exc:
+                if self._closed and not closed:  # close() while it waited: as the calls in flight
+                    raise RpcError(StatusCode.CANCELLED, "Channel closed!") from None
                 if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
                     raise  # (a closed app can never connect: waiting would last until the deadline)
             left = deadline.remaining() if deadline is not None else None

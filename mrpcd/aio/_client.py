@@ -156,6 +156,14 @@ class _NoApp:
         self.calls: dict = {}
 
 
+class _ClosedWhileWaiting(AioRpcError):
+    """The channel was closed while the call waited for its target (wait_for_ready):
+    grpc.aio's close cancels such a call with the others in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(StatusCode.CANCELLED, "Channel closed!")
+
+
 class _FailedStart(_CallState):
     """A call that could not start (the channel could not connect, the ring refused its
     first record): over at once with that error, so awaiting it raises AioRpcError and
@@ -193,6 +201,8 @@ class _Call:
             state = await starter
         except RpcError as exc:  # no connection, record refused: a call that failed with it
             state = _FailedStart(exc)
+            # close() while it waited: as grpc.aio's close cancels it, awaiting it raises CancelledError
+            state.cancelled_locally = isinstance(exc, _ClosedWhileWaiting)
         except asyncio.CancelledError:
             if not self._cancel_requested:
                 raise
@@ -476,7 +486,16 @@ class _AioMultiCallable(MultiCallableCore):
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        handle = await (ch._wait_for_handle(deadline) if wait_for_ready else ch._ensure_handle())
+        if wait_for_ready:
+            closed = ch._closed
+            try:
+                handle = await ch._wait_for_handle(deadline)
+            except RpcError:
+                if ch._closed and not closed:
+                    raise _ClosedWhileWaiting() from None
+                raise
+        else:
+            handle = await ch._ensure_handle()
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
         try:
             await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
