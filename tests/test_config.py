@@ -135,6 +135,14 @@ def test_validators_name_the_key_path_of_their_error():
     assert getattr(plain.value, "path", ()) == ()
 
 
+def test_nested_and_top_level_errors_are_reported_at_once_each_on_its_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("metrics:\n  address: nohost\npeers:\n  allow:\n    - 10.0.0.1\n    - bad\nlog_level: loud\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert [e.split(": ")[0] for e in err.value.errors] == [f"{p}:2", f"{p}:6", f"{p}:7"], err.value.errors
+
+
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(str(tmp_path / "nope.yaml"))
