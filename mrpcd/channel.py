@@ -366,6 +366,7 @@ class _MultiCallable(MultiCallableCore):
         target cannot be reached, wait for it (until the deadline) instead of failing
         with UNAVAILABLE at once, as grpc does."""
         app = self._channel.app
+        timeout, wait_for_ready = self._timeout(timeout), self._wait_for_ready(wait_for_ready)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         try:
             if wait_for_ready and watch:  # .future() / a stream: grpc returns it at once
@@ -525,6 +526,7 @@ class Channel(ChannelCore):
         require_app(app, False, "mrpcd.insecure_channel")
         self.app = app or default_app()
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
+        self._method_defaults = wire.method_defaults(options)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
@@ -795,8 +797,9 @@ def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
 def insecure_channel(target: str, options: Any = None, compression: Any = None, app: App | None = None) -> Channel:
     """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
 
-    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length; the
-    others (keepalive, retries, service config) and `compression` are accepted and ignored
+    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length and
+    grpc.service_config's per-method timeout / waitForReady; the others (keepalive,
+    retries, the rest of a service config) and `compression` are accepted and ignored
     (docs/PORTING.md).
     """
     if isinstance(compression, App):  # insecure_channel(target, options, app): before compression existed

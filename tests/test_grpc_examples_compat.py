@@ -1941,3 +1941,80 @@ def test_aio_closing_the_channel_or_app_ends_wait_for_ready_waits_at_once(stream
 
     for close in ("channel", "app"):
         asyncio.run(asyncio.wait_for(main(close), 30))
+
+
+def _service_config(*entries):
+    import json
+
+    return [("grpc.service_config", json.dumps({"methodConfig": list(entries)}))]
+
+
+def test_service_config_timeout_and_wait_for_ready_apply_to_calls(streamer):
+    """grpc.service_config's per-method timeout and waitForReady, as grpc applies them: a
+    call without its own wait_for_ready takes the config's (False/True given on the call
+    wins), its deadline is the sooner of its timeout and the config's; a method's own
+    entry beats its service's. Nobody listens: waiting calls end DEADLINE_EXCEEDED."""
+    a, _b, pb = streamer
+    options = _service_config(
+        {"name": [{"service": "mrpc.stream.Streamer"}], "waitForReady": True, "timeout": "0.4s"},
+        {"name": [{"service": "mrpc.stream.Streamer", "method": "ServerStream"}], "timeout": "0.2s"},
+    )
+    app = mrpcd.connect(a.socket, name="compat-service-config")
+    try:
+        with mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", options, app=app) as channel:
+            stub = pb.StreamerStub(channel)
+
+            def outcome(fn):
+                started = time.monotonic()
+                with pytest.raises(mrpcd.RpcError) as info:
+                    fn()
+                return info.value.code(), time.monotonic() - started
+
+            code, took = outcome(lambda: stub.Unary(pb.Chunk()))  # waits (config), ends at the config's 0.4 s
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and 0.3 < took < 3, took
+            code, took = outcome(lambda: stub.Unary(pb.Chunk(), timeout=0.1))  # its own, sooner
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and took < 0.35, took
+            code, took = outcome(lambda: stub.Unary(pb.Chunk(), timeout=30))  # the config's, sooner
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and took < 3, took
+            code, _ = outcome(lambda: stub.Unary(pb.Chunk(), wait_for_ready=False))  # fail fast, as asked
+            assert code is mrpcd.StatusCode.UNAVAILABLE
+            code, took = outcome(lambda: list(stub.ServerStream(pb.Chunk())))  # its method's entry: fail fast
+            assert code is mrpcd.StatusCode.UNAVAILABLE, code
+            code, took = outcome(lambda: list(stub.ServerStream(pb.Chunk(), wait_for_ready=True)))  # ... at 0.2 s
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and took < 0.35 + 1, took
+            code, took = outcome(lambda: pb.StreamerStub(mrpcd.intercept_channel(channel, _header_adder("x", "y"))).Unary(pb.Chunk()))
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED, code  # (below the interceptors, as in grpc)
+    finally:
+        app.close()
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="compat-service-config-aio")
+        try:
+            async with mrpcd.aio.insecure_channel(f"127.0.0.1:{_free_port()}", options, app=app) as channel:
+                stub = pb.StreamerStub(channel)
+                with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                    await stub.Unary(pb.Chunk())
+                assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+                with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                    await stub.Unary(pb.Chunk(), wait_for_ready=False)
+                assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        finally:
+            app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize("config", [
+    "not json", "[]", '{"methodConfig": {}}', '{"methodConfig": [{"name": [{"method": "M"}]}]}',
+    '{"methodConfig": [{"name": [{"service": "s"}], "timeout": "1m"}]}',
+    '{"methodConfig": [{"name": [{"service": "s"}], "waitForReady": "yes"}]}',
+    '{"methodConfig": [{"name": [{"service": "s"}]}, {"name": [{"service": "s"}]}]}',
+])
+def test_a_malformed_service_config_is_a_clear_error_where_the_channel_is_made(streamer, config):
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-bad-service-config")
+    try:
+        with pytest.raises(ValueError, match="grpc.service_config"):
+            mrpcd.insecure_channel("127.0.0.1:1", [("grpc.service_config", config)], app=app)
+    finally:
+        app.close()

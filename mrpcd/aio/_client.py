@@ -486,7 +486,7 @@ class _AioMultiCallable(MultiCallableCore):
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        if wait_for_ready:
+        if self._wait_for_ready(wait_for_ready):
             closed = ch._closed
             try:
                 handle = await ch._wait_for_handle(deadline)
@@ -586,6 +586,7 @@ class Channel(ChannelCore):
         self.target = target
         self._options = options
         wire.message_limits(options, 1 << 30)  # a bad option is an error here, where it is given
+        self._method_defaults = wire.method_defaults(options)
         self._interceptors = check_client_interceptors(interceptors)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
@@ -791,5 +792,6 @@ class Channel(ChannelCore):
 
 
 def insecure_channel(target: str, options: Any = None, compression: Any = None, interceptors: Sequence[Any] | None = None, *, app: AioApp | None = None) -> Channel:
-    """Like grpc.aio.insecure_channel (options: grpc.max_send/receive_message_length)."""
+    """Like grpc.aio.insecure_channel (options: grpc.max_send/receive_message_length,
+    grpc.service_config's per-method timeout / waitForReady)."""
     return Channel(target, app, options, interceptors)
