@@ -206,8 +206,8 @@ class ClientCallCore:
         for cb in callbacks:  # run on whichever thread ended the call, as grpc does
             try:
                 cb()
-            except Exception:
-                pass
+            except Exception as exc:  # logged, not raised into the thread that ended the call (grpc's words)
+                _client_log.error("Exception in callback %s: %s", repr(cb), repr(exc))
 
     def pop_message(self) -> "tuple[bytes | memoryview | Decoded, bytes | None] | None":
         """The next message's payload and the WINDOW record to send for it (None: no
@@ -621,6 +621,7 @@ class ContextCore:
 
 
 _server_log = logging.getLogger("mrpcd.server")
+_client_log = logging.getLogger("mrpcd.channel")
 
 
 def log_failure(exc: Exception, path: str) -> None:

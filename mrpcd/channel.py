@@ -458,6 +458,7 @@ class _MultiCallable(MultiCallableCore):
                 else:
                     call.cancel(StatusCode.CANCELLED, f"request could not be sent: {exc.details()}")
             except Exception as exc:  # a failing request iterator cancels the call, as in grpc
+                _log.exception("Exception iterating requests!")  # (and is logged, as grpc's _consume_request_iterator)
                 call.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
 
         threading.Thread(target=run, name="mrpcd-request-pump", daemon=True).start()

@@ -2018,3 +2018,58 @@ def test_a_malformed_service_config_is_a_clear_error_where_the_channel_is_made(s
             mrpcd.insecure_channel("127.0.0.1:1", [("grpc.service_config", config)], app=app)
     finally:
         app.close()
+
+
+def test_failing_call_callbacks_and_request_iterators_are_logged_as_grpc(streamer, caplog):
+    """grpc logs a call's callback that raises ("Exception in callback ...", _channel.py's
+    event handler) and a request iterator that raises (_LOGGER.exception("Exception
+    iterating requests!"), grpc.aio at debug); the call itself ends as before."""
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _route_servicer(pb)) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        ran: list = []
+        with caplog.at_level("DEBUG", logger="mrpcd"):
+            gate = threading.Event()
+
+            def held():  # the call cannot end before the callbacks are added
+                gate.wait(10)
+                yield from ()
+
+            stream = stub.BidiStream(held(), timeout=10)
+            assert stream.add_callback(lambda: 1 / 0)
+            assert stream.add_callback(lambda: ran.append("ran"))
+            gate.set()
+            assert list(stream) == []
+            assert wait_until(lambda: ran == ["ran"], 10)
+            assert any(r.name == "mrpcd.channel" and r.levelname == "ERROR" and r.getMessage().startswith("Exception in callback")
+                       and "ZeroDivisionError" in r.getMessage() for r in caplog.records), caplog.records
+
+            def requests():
+                yield pb.Chunk(seq=1)
+                raise ValueError("the iterator broke")
+
+            with pytest.raises(mrpcd.RpcError) as info:
+                stub.ClientStream(requests(), timeout=10)
+            assert info.value.code() is mrpcd.StatusCode.UNKNOWN
+            logged = [r for r in caplog.records if r.getMessage() == "Exception iterating requests!"]
+            assert len(logged) == 1 and isinstance(logged[0].exc_info[1], ValueError)
+
+    class S(pb.StreamerServicer):
+        async def ClientStream(self, request_iterator, context):
+            async for _ in request_iterator:
+                pass
+            return pb.Summary()
+
+    async def body(server, channel):
+        async def requests():
+            yield pb.Chunk(seq=1)
+            raise ValueError("the async iterator broke")
+
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="mrpcd"):
+            with pytest.raises(mrpcd.aio.AioRpcError):
+                await pb.StreamerStub(channel).ClientStream(requests(), timeout=10)
+        logged = [r for r in caplog.records if r.getMessage().startswith("Client request_iterator raised exception")]
+        assert len(logged) == 1 and logged[0].levelname == "DEBUG" and isinstance(logged[0].exc_info[1], ValueError)
+
+    run_aio(streamer, S(), body)

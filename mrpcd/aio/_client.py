@@ -11,6 +11,7 @@ credit as they are consumed; request streams await the server's credit.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, cast
 
@@ -24,6 +25,7 @@ from ..app import require_app
 from ._metadata import Metadata
 
 _DEADLINE = "Deadline Exceeded"
+_log = logging.getLogger(__name__)
 
 # wait_for_ready start tasks (Channel._wait_for_handle): those whose call was cancelled
 # meanwhile, and those between two connection attempts, where cancelling them is safe
@@ -532,6 +534,7 @@ class _AioMultiCallable(MultiCallableCore):
         except RpcError as exc:
             state.cancel(exc.code(), exc.details())
         except Exception as exc:
+            _log.debug("Client request_iterator raised exception:", exc_info=True)  # as grpc.aio's _consume_request_iterator
             state.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
 
     def _details(self, timeout: float | None, metadata, wait_for_ready: bool | None = None) -> ClientCallDetails:
