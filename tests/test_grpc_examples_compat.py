@@ -2073,3 +2073,28 @@ def test_failing_call_callbacks_and_request_iterators_are_logged_as_grpc(streame
         assert len(logged) == 1 and logged[0].levelname == "DEBUG" and isinstance(logged[0].exc_info[1], ValueError)
 
     run_aio(streamer, S(), body)
+
+
+def test_aio_abort_raises_grpc_aio_abort_error_and_the_error_classes_exist(streamer):
+    """grpc.aio: `await context.abort(...)` raises grpc.aio.AbortError (code that catches
+    it around a handler's body and re-raises keeps working); BaseError is the base of
+    AbortError, UsageError and InternalError."""
+    _a, _b, pb = streamer
+    assert all(issubclass(c, mrpcd.aio.BaseError) for c in (mrpcd.aio.AbortError, mrpcd.aio.UsageError, mrpcd.aio.InternalError))
+    caught: list = []
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            try:
+                await context.abort(mrpcd.StatusCode.NOT_FOUND, "no such chunk")
+            except mrpcd.aio.AbortError:
+                caught.append(True)
+                raise
+
+    async def body(server, channel):
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.NOT_FOUND and info.value.details() == "no such chunk"
+        assert caught == [True]
+
+    run_aio(streamer, S(), body)

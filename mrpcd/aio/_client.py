@@ -19,7 +19,7 @@ from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails, wait_for_ready_of
 from ..marshal import records as R
-from ..status import ChannelConnectivity, RpcError, StatusCode
+from ..status import BaseError, ChannelConnectivity, RpcError, StatusCode
 from ._app import AioApp, _set_if_pending, default_app
 from ..app import require_app
 from ._metadata import Metadata
@@ -346,7 +346,7 @@ class StreamResponseCall(_Call):
 EOF = None  # grpc.aio.EOF
 
 
-class UsageError(Exception):
+class UsageError(BaseError):
     """grpc.aio.UsageError: the API was used in a way it does not allow (e.g. write() on a
     call that was given a request iterator)."""
 
