@@ -1,7 +1,7 @@
 """KeyPathError: a config validator's ValueError that says which key it is about.
 
-A validator checks one value (a config section such as `metrics: {...}`, a policy's
-config); when what is wrong is one key or list entry inside it, it raises KeyPathError
+A validator checks one value (a daemon config section such as `metrics: {...}`); when
+what is wrong is one key or list entry inside it, it raises KeyPathError
 with `path`, the keys (and list indexes) from that value down to it: ("address",) in the
 metrics section, ("allow", 2) for the third allow-list entry. The config loader finds that
 exact line in the YAML (mrpcd.daemon.config). A plain ValueError (or an empty path) is
