@@ -206,8 +206,8 @@ class ClientCallCore:
         for cb in callbacks:  # run on whichever thread ended the call, as grpc does
             try:
                 cb()
-            except Exception:
-                pass
+            except Exception as exc:  # logged, not raised into the thread that ended the call (grpc's words)
+                _client_log.error("Exception in callback %s: %s", repr(cb), repr(exc))
 
     def pop_message(self) -> "tuple[bytes | memoryview | Decoded, bytes | None] | None":
         """The next message's payload and the WINDOW record to send for it (None: no
@@ -258,6 +258,8 @@ class MultiCallableCore:
         self._channel = channel
         self._method = method
         self._method_id = _method_id(method)
+        # grpc.service_config's timeout / waitForReady for this method (wire.method_defaults)
+        self._config_timeout, self._config_wait = wire.method_default(getattr(channel, "_method_defaults", None) or {}, method)
         self._encode = parts_serializer(request_type.SerializeToString)
         self._decode = response_type.FromString
         self._schemas = [request_type.__mrpc_schema__, response_type.__mrpc_schema__]
@@ -276,10 +278,22 @@ class MultiCallableCore:
         `first` is the call's one request, encoded even when it is None (the encoder's
         error, as for any wrong request; a call with no message would fail at the server
         as an empty 'Exception calling application'); else the request stream comes later."""
+        timeout = self._timeout(timeout)
         meta = wire.check_metadata(metadata)
         payload = self._payload(first) if unary else None
         dl = wire.deadline_us(timeout)
         return meta, payload, dl, (wire.Deadline(dl) if timeout is not None else None)
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        """The call's timeout: the sooner of its own and its service config's (grpc's rule)."""
+        limit = self._config_timeout
+        if limit is None or (timeout is not None and timeout <= limit):
+            return timeout
+        return limit
+
+    def _wait_for_ready(self, wait_for_ready: bool | None) -> bool | None:
+        """The call's wait_for_ready if it gave one (True or False), else its service config's."""
+        return self._config_wait if wait_for_ready is None else wait_for_ready
 
     def _first_record(self, call: ClientCallCore, end: bool, dl: int, meta: list, payload: bytes | None) -> wire.RecordParts:
         flags = R.F_START | (R.F_END if end else 0)
@@ -607,6 +621,7 @@ class ContextCore:
 
 
 _server_log = logging.getLogger("mrpcd.server")
+_client_log = logging.getLogger("mrpcd.channel")
 
 
 def log_failure(exc: Exception, path: str) -> None:

@@ -136,6 +136,10 @@ class App:
         self._schemas: set[int] = set()
         self._schema_lock = threading.Lock()
         self.closed = False
+        # wait_for_ready waits between two connection attempts sleep on it (mrpcd.channel);
+        # what ends such a wait (the app's close, a channel's, the waiting call's end)
+        # wakes them (wake_connect_waits), so none lasts until its next attempt
+        self.connect_waits = threading.Condition()
         # Held while the rx path reads the rx ring (and records it left in place); close()
         # takes it before unmapping the rings. Re-entrant: a callback run by dispatch on
         # the rx thread / event loop may close the app.
@@ -601,6 +605,12 @@ class App:
             except Exception:  # a bug in a callback must not kill the app's receive path
                 log.exception("error dispatching records from mrpcd")
 
+    def wake_connect_waits(self) -> None:
+        """Wake the wait_for_ready waits between two attempts: each looks whether its wait
+        is over (a closed app or channel, an ended call) and sleeps on if not."""
+        with self.connect_waits:
+            self.connect_waits.notify_all()
+
     def close(self) -> None:
         """Leave the daemon: it reclaims this app's rings, channels and listeners."""
         with _close_lock:  # once, whoever calls it (the user, the daemon watcher) at the same time
@@ -613,6 +623,7 @@ class App:
         for server in list(self.servers):
             server.app_closed()  # handlers see the cancellation; helper threads end
         self.call_deadlines.close()
+        self.wake_connect_waits()
         self.app_waker.signal()
         if self._watchdog is not None:
             self._watchdog.close()

@@ -11,6 +11,7 @@ without bound; request streams wait for the server's credit likewise.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -27,6 +28,20 @@ if TYPE_CHECKING:
     from .marshal.message import Message
 
 _DEADLINE = "Deadline Exceeded"
+_log = logging.getLogger(__name__)
+# grpc's words (grpc/_channel.py, grpc/_utilities.py), through the logging module as there
+_SUBSCRIBER_ERROR = "Exception calling channel subscription callback!"
+_DONE_CALLBACK_ERROR = 'Exception calling connectivity future "done" callback!'
+
+
+class _Subscription:
+    """One subscribe(): a notice queued for it is dropped if it is gone by then
+    (unsubscribe, close), as grpc reads its subscriber list when it delivers."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[[ChannelConnectivity], None]) -> None:
+        self.callback = callback
 
 
 class _ClientCall(ClientCallCore):
@@ -46,6 +61,8 @@ class _ClientCall(ClientCallCore):
 
     def _finish(self) -> None:
         super()._finish()
+        if self.opened is not None and self.handle == -1:  # it may be waiting for its target (_start_later)
+            self.app.wake_connect_waits()
         # `watched`, not `timed`: ending while add() runs, the call may not be timed yet
         # here and yet be counted right after; discard (under the heap's lock) settles it
         if self.watched:
@@ -349,6 +366,7 @@ class _MultiCallable(MultiCallableCore):
         target cannot be reached, wait for it (until the deadline) instead of failing
         with UNAVAILABLE at once, as grpc does."""
         app = self._channel.app
+        timeout, wait_for_ready = self._timeout(timeout), self._wait_for_ready(wait_for_ready)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         try:
             if wait_for_ready and watch:  # .future() / a stream: grpc returns it at once
@@ -440,6 +458,7 @@ class _MultiCallable(MultiCallableCore):
                 else:
                     call.cancel(StatusCode.CANCELLED, f"request could not be sent: {exc.details()}")
             except Exception as exc:  # a failing request iterator cancels the call, as in grpc
+                _log.exception("Exception iterating requests!")  # (and is logged, as grpc's _consume_request_iterator)
                 call.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
 
         threading.Thread(target=run, name="mrpcd-request-pump", daemon=True).start()
@@ -508,13 +527,14 @@ class Channel(ChannelCore):
         require_app(app, False, "mrpcd.insecure_channel")
         self.app = app or default_app()
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
+        self._method_defaults = wire.method_defaults(options)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._state = ChannelConnectivity.IDLE
-        self._subscribers: list[Callable[[ChannelConnectivity], None]] = []
-        self._notices: deque = deque()  # (callbacks, state) for the notifier thread, in order
+        self._subscribers: list[_Subscription] = []
+        self._notices: deque = deque()  # (subscriptions, state) for the notifier thread, in order
         self._notifying = False
         self._notice_lock = threading.Lock()
         self._connector: Any = None  # subscribe(try_to_connect=True)'s channel_ready_future
@@ -549,11 +569,12 @@ class Channel(ChannelCore):
                 return
         self._start_notifier()
 
-    def _queue_notice(self, callbacks: tuple, state: ChannelConnectivity) -> bool:
-        """(notice lock held) Queue callbacks(state) for the notifier thread, which runs
-        them in the order of the changes, never on the caller's thread (which may hold the
-        channel's lock), as grpc runs them apart. True: none runs, start one."""
-        self._notices.append((callbacks, state))
+    def _queue_notice(self, subscriptions: tuple, state: ChannelConnectivity) -> bool:
+        """(notice lock held) Queue callback(state) of each subscription for the notifier
+        thread, which runs them in the order of the changes, never on the caller's thread
+        (which may hold the channel's lock), as grpc runs them apart. True: none runs,
+        start one."""
+        self._notices.append((subscriptions, state))
         if self._notifying:
             return False
         self._notifying = True
@@ -566,12 +587,14 @@ class Channel(ChannelCore):
                     if not self._notices:
                         self._notifying = False
                         return
-                    callbacks, state = self._notices.popleft()
-                for cb in callbacks:
+                    subscriptions, state = self._notices.popleft()
+                for sub in subscriptions:
+                    if sub not in self._subscribers:  # unsubscribed (or closed) since
+                        continue
                     try:
-                        cb(state)
+                        sub.callback(state)
                     except Exception:
-                        pass
+                        _log.exception(_SUBSCRIBER_ERROR)  # as grpc's _deliver
 
         try:
             threading.Thread(target=run, name="mrpcd-channel-connectivity", daemon=True).start()
@@ -583,25 +606,41 @@ class Channel(ChannelCore):
         """grpc.Channel.subscribe: callback(state) now with the current state, then at each
         change; `try_to_connect` connects in the background (retrying while the target
         cannot be reached) when the channel is not connected."""
+        sub = _Subscription(callback)
         with self._notice_lock:  # (never after the notice of a later state)
-            self._subscribers.append(callback)
-            start = self._queue_notice((callback,), self._state)
+            self._subscribers.append(sub)
+            start = self._queue_notice((sub,), self._state)
         if start:
             self._start_notifier()
         if try_to_connect and self._handle is None and not self._closed and (self._connector is None or self._connector.done()):
             self._connector = channel_ready_future(self)
 
     def unsubscribe(self, callback: Callable[[ChannelConnectivity], None]) -> None:
-        """grpc.Channel.unsubscribe: no more calls of `callback`."""
-        self._subscribers[:] = [cb for cb in self._subscribers if cb != callback]
+        """grpc.Channel.unsubscribe: the first subscription of `callback` (compared with
+        ==, as grpc's _unsubscribe) gets no more calls; one subscribed twice stays
+        subscribed once. Unknown callbacks are ignored."""
+        with self._notice_lock:
+            for i, sub in enumerate(self._subscribers):
+                if sub.callback == callback:
+                    del self._subscribers[i]
+                    break
 
-    def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None,
-                         pause: Callable[[float], Any] = time.sleep) -> int:
+    def _wait_for_handle(self, deadline: wire.Deadline | None, ended: Callable[[], bool] | None = None) -> int:
         """The connection for a wait_for_ready call (and channel_ready_future): while the
         target cannot be reached (UNAVAILABLE), try again, backing off to 1 s, until the
         deadline (DEADLINE_EXCEEDED then, as grpc); other errors (a closed channel) are
-        raised. `ended`: the waiter ended meanwhile (cancelled): stop (CANCELLED); `pause`
-        sleeps between attempts (one the waiter's cancel can cut short)."""
+        raised. `ended`: the waiter ended meanwhile (cancelled): stop (CANCELLED). Between
+        attempts it sleeps on the app's connect_waits: closing the channel or the app, or
+        ending the waiter (whoever ends it calls app.wake_connect_waits), ends the wait at
+        once, not at the next attempt."""
+        app = self.app
+        if ended is None:
+            def over() -> bool:
+                return self._closed or app.closed
+        else:
+            def over() -> bool:
+                return self._closed or app.closed or ended()
+        closed = self._closed
         delay = 0.05
         while True:
             if ended is not None and ended():
@@ -609,12 +648,15 @@ class Channel(ChannelCore):
             try:
                 return self._ensure_handle()
             except RpcError as exc:
+                if self._closed and not closed:  # close() while it waited: as the calls in flight
+                    raise RpcError(StatusCode.CANCELLED, "Channel closed!") from None
                 if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
                     raise  # (a closed app can never connect: waiting would last until the deadline)
             left = deadline.remaining() if deadline is not None else None
             if left == 0:
                 raise RpcError(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
-            pause(delay if left is None else min(delay, left))
+            with app.connect_waits:
+                app.connect_waits.wait_for(over, delay if left is None else min(delay, left))
             delay = min(delay * 2, 1.0)
 
     def _on_lost(self, details: str) -> None:
@@ -635,10 +677,13 @@ class Channel(ChannelCore):
     def close(self) -> None:
         """Close the connection; the channel's calls in flight end with CANCELLED at once
         (grpc's 'Channel closed!'; their servers see the connection close)."""
+        with self._notice_lock:  # grpc's close unsubscribes all silently: no SHUTDOWN notice
+            self._subscribers.clear()
         with self._lock:
             self._closed = True
             handle, self._handle = self._handle, None
             self._set_state(ChannelConnectivity.SHUTDOWN)
+        self.app.wake_connect_waits()  # its wait_for_ready calls end now (CANCELLED)
         connector = self._connector
         if connector is not None:
             connector.cancel()
@@ -682,15 +727,10 @@ class _ChannelReadyFuture:
     def _run(self) -> None:
         error: BaseException | None = None
         try:
-            self._channel._wait_for_handle(None, lambda: self._cancelled, self._pause)
+            self._channel._wait_for_handle(None, lambda: self._cancelled)
         except Exception as exc:  # (its CANCELLED after cancel() changes nothing: _finish ran)
             error = exc
         self._finish(error, cancelled=False)
-
-    def _pause(self, seconds: float) -> None:
-        """Between two connection attempts: cancel() ends the wait at once."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._cancelled, seconds)
 
     def _finish(self, error: BaseException | None, cancelled: bool) -> bool:
         with self._cond:
@@ -704,7 +744,7 @@ class _ChannelReadyFuture:
             try:
                 fn(self)
             except Exception:
-                pass
+                _log.exception(_DONE_CALLBACK_ERROR)  # as grpc's _utilities._ChannelReadyFuture
         return True
 
     def cancel(self) -> bool:
@@ -712,6 +752,7 @@ class _ChannelReadyFuture:
             if self._done:
                 return False
             self._cancelled = True
+        self._channel.app.wake_connect_waits()  # its wait between two attempts ends now
         return self._finish(None, cancelled=True)
 
     def cancelled(self) -> bool:
@@ -757,8 +798,9 @@ def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
 def insecure_channel(target: str, options: Any = None, compression: Any = None, app: App | None = None) -> Channel:
     """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
 
-    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length; the
-    others (keepalive, retries, service config) and `compression` are accepted and ignored
+    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length and
+    grpc.service_config's per-method timeout / waitForReady; the others (keepalive,
+    retries, the rest of a service config) and `compression` are accepted and ignored
     (docs/PORTING.md).
     """
     if isinstance(compression, App):  # insecure_channel(target, options, app): before compression existed

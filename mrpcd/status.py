@@ -91,8 +91,18 @@ class RpcError(Exception):
         return f"<RpcError {self._code.name}: {self._details!r}>"
 
 
-class AbortError(Exception):
-    """Raised inside a handler by context.abort(); the server turns it into the status."""
+class BaseError(Exception):
+    """grpc.aio.BaseError: the base of AbortError, UsageError and InternalError."""
+
+
+class AbortError(BaseError):
+    """Raised inside a handler by context.abort(); the server turns it into the status
+    (grpc.aio.AbortError: `except grpc.aio.AbortError: raise` around handler code works)."""
+
+
+class InternalError(BaseError):
+    """grpc.aio.InternalError (grpc raises it on its own internal failures; mrpcd does not,
+    it is here for code that catches it)."""
 
 
 class FutureTimeoutError(concurrent.futures.TimeoutError):

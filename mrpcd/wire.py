@@ -7,6 +7,8 @@ only ENDs carries trailing metadata alone. `:details` carries the status details
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Iterable, Sequence, final
 
@@ -223,6 +225,78 @@ def message_limits(options, max_record: int) -> tuple[int, int]:
     send = max_record if limits["max_send"] < 0 else min(limits["max_send"], max_record)
     recv = max_record if limits["max_receive"] < 0 else min(limits["max_receive"], max_record)
     return send, recv
+
+
+_DURATION = re.compile(r"(\d{1,12})(\.\d{1,9})?s")
+
+# method -> (timeout, wait_for_ready) from a channel's grpc.service_config; keys are
+# "/pkg.Svc/M" (that method), "/pkg.Svc/" (the service's methods) and "" (every method)
+MethodDefaults = dict[str, "tuple[float | None, bool | None]"]
+
+
+def method_defaults(options) -> MethodDefaults:
+    """The per-method `timeout` and `waitForReady` of the channel option
+    grpc.service_config (a JSON service config, as grpc takes it): the call's own
+    wait_for_ready wins, its deadline is the sooner of its timeout and the config's, as
+    in grpc. The rest of a service config (retryPolicy, loadBalancingConfig, ...) is
+    ignored; a malformed one is a ValueError here, where the channel is made."""
+    table: MethodDefaults = {}
+    for item in options or ():
+        key, value = item  # (message_limits checked the pairs)
+        if key != "grpc.service_config":
+            continue
+        where = "option grpc.service_config"
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a JSON string, got {type(value).__name__}")
+        try:
+            config = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{where} must be a JSON object")
+        table.clear()  # (a later one replaces an earlier one, as options do)
+        entries = config.get("methodConfig", [])
+        if not isinstance(entries, list):
+            raise ValueError(f"{where}: methodConfig must be a list")
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: each methodConfig must be an object")
+            timeout: float | None = None
+            raw = entry.get("timeout")
+            if raw is not None:
+                m = _DURATION.fullmatch(raw) if isinstance(raw, str) else None
+                if m is None:
+                    raise ValueError(f"{where}: timeout must be a duration like \"1.5s\", got {raw!r}")
+                timeout = float(raw[:-1])
+            wait = entry.get("waitForReady", entry.get("wait_for_ready"))
+            if wait is not None and not isinstance(wait, bool):
+                raise ValueError(f"{where}: waitForReady must be true or false, got {wait!r}")
+            names = entry.get("name", [])
+            if not isinstance(names, list):
+                raise ValueError(f"{where}: name must be a list of {{service, method}}")
+            for name in names:
+                service = name.get("service", "") if isinstance(name, dict) else None
+                method = name.get("method", "") if isinstance(name, dict) else None
+                if not isinstance(service, str) or not isinstance(method, str) or (method and not service):
+                    raise ValueError(f"{where}: bad name {name!r} (a service, with or without a method)")
+                path = f"/{service}/{method}" if service else ""
+                if path in table:
+                    raise ValueError(f"{where}: more than one methodConfig names {name!r}")
+                table[path] = (timeout, wait)
+    return table
+
+
+def method_default(table: MethodDefaults, method: str) -> "tuple[float | None, bool | None]":
+    """(timeout, wait_for_ready) of `method` ("/pkg.Svc/M"): its own entry, else its
+    service's, else the default one, else (None, None)."""
+    if not table:
+        return None, None
+    found = table.get(method)
+    if found is None:
+        found = table.get(method[: method.rfind("/") + 1])
+    if found is None:
+        found = table.get("")
+    return found if found is not None else (None, None)
 
 
 def too_large(direction: str, size: int, limit: int) -> RpcError:

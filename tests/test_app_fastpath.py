@@ -117,6 +117,7 @@ def _bare_app(pair: RingPair) -> appmod.App:
     app.call_deadlines = DeadlineHeap("mrpcd-call-deadlines")
     app.max_record = 1 << 20
     app.calls, app.servers, app.handle_listeners = {}, [], {}
+    app.connect_waits = threading.Condition()
     return app
 
 
@@ -500,6 +501,7 @@ def _bare_aio_app(pair: RingPair, loop) -> "AioApp":
     app.loop = loop
     app._space_waiters = collections.deque()
     app._space_promised = 0
+    app.connect_waiters = set()
     return app
 
 

@@ -79,6 +79,70 @@ def test_a_typo_or_a_bad_nested_value_says_its_own_line(tmp_path, text, expected
     assert f"{p}{expected}" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a message that quotes another key's name ('address') pointed at that key's line
+        ("metrics:\n  address: 127.0.0.1:9464\n  buckets: [address]\n", ":3: metrics: buckets must be positive finite numbers, got 'address'"),
+        # an unknown key whose name contains a known one ('ca' in 'ca-x') pointed at 'ca'
+        ("tls:\n  cert: a\n  ca: b\n  ca-x: c\n", ":4: tls: unknown key(s) ca-x"),
+        # an entry of a block list: its own line, not the list's
+        ("peers:\n  allow:\n    - 10.0.0.0/8\n    - 10.0.0.0/33\n", ":4: peers: allow-list entry '10.0.0.0/33' is not an IP address"),
+        ("metrics:\n  buckets:\n    - 0.1\n    - -1\n", ":4: metrics: buckets must be positive finite numbers, got -1"),
+        ("peers:\n  allow: 5\n", ":2: peers: peers.allow must be null"),
+        ("tls:\n  cert: a\n  require_client_cert: 1\n", ":1: tls: missing tls.key, tls.ca"),
+        # a section given through an alias: the line of what the alias names
+        ("base: &m\n  address: nohost\nmetrics: *m\n", ":2: metrics: address must be \"host:port\""),
+    ],
+)
+def test_a_nested_error_points_at_the_key_path_it_is_about(tmp_path, text, expected):
+    """The validators say which key (and list entry) an error is about; the line is that
+    key's, found by its path, not guessed from the words of the message."""
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}{expected}" in str(err.value), str(err.value)
+
+
+def test_a_tls_file_error_points_at_its_own_key_whatever_the_path_says(tmp_path):
+    """tls.key's path mentions 'tls.cert': the error about the key file pointed at cert."""
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"tls:\n  cert: {cert}\n  key: /nonexistent/tls.cert/key.pem\n  ca: {cert}\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert f"{p}:3: tls: tls.key: /nonexistent/tls.cert/key.pem does not exist" in str(err.value), str(err.value)
+
+
+def test_validators_name_the_key_path_of_their_error():
+    from mrpcd.daemon.config import VALIDATORS
+    from mrpcd.keypath import KeyPathError
+    from mrpcd.transports.security import parse_peers
+
+    with pytest.raises(KeyPathError) as info:
+        parse_peers({"allow": ["10.0.0.0/8", "nope"]})
+    assert info.value.path == ("allow", 1)
+    with pytest.raises(KeyPathError) as info:
+        VALIDATORS["metrics"]({"address": "127.0.0.1:99999"})
+    assert info.value.path == ("address",)
+    with pytest.raises(KeyPathError) as info:
+        VALIDATORS["metrics"]({"adress": "x"})
+    assert info.value.path == ("adress",)
+    with pytest.raises(ValueError) as plain:  # about the value as a whole: no path, the key's own line
+        VALIDATORS["metrics"](5)
+    assert getattr(plain.value, "path", ()) == ()
+
+
+def test_nested_and_top_level_errors_are_reported_at_once_each_on_its_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("metrics:\n  address: nohost\npeers:\n  allow:\n    - 10.0.0.1\n    - bad\nlog_level: loud\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(p))
+    assert [e.split(": ")[0] for e in err.value.errors] == [f"{p}:2", f"{p}:6", f"{p}:7"], err.value.errors
+
+
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(str(tmp_path / "nope.yaml"))

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import socket
 import threading
+import time
 from concurrent import futures
 
 import pytest
@@ -1763,3 +1764,337 @@ def test_subscribe_racing_a_state_change_ends_on_the_current_state(streamer):
         channel.close()
     finally:
         app.close()
+
+
+def test_a_failing_subscriber_is_logged_as_grpc_logs_it_and_the_others_go_on(streamer, caplog):
+    """grpc's _deliver: a subscriber that raises is logged (_LOGGER.exception, "Exception
+    calling channel subscription callback!"), not swallowed; later notices and the other
+    subscribers are not affected. The same for channel_ready_future's done callbacks."""
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-subscriber-raises")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+        seen: list = []
+
+        def broken(state):
+            raise RuntimeError(f"subscriber broke on {state}")
+
+        with caplog.at_level("ERROR", logger="mrpcd.channel"):
+            channel.subscribe(broken)
+            channel.subscribe(seen.append)
+            channel._set_state(mrpcd.ChannelConnectivity.CONNECTING)
+            assert wait_until(lambda: len(seen) == 2 and not channel._notifying, 10), seen
+            records = [r for r in caplog.records if r.name == "mrpcd.channel"]
+            assert [r.getMessage() for r in records] == ["Exception calling channel subscription callback!"] * 2
+            assert all(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in records)
+            channel.unsubscribe(broken)
+            channel.close()
+
+            caplog.clear()
+            ready = mrpcd.channel_ready_future(mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app))
+            ready.add_done_callback(lambda f: 1 / 0)
+            assert ready.cancel()
+            assert [r.getMessage() for r in caplog.records if r.name == "mrpcd.channel"] == [
+                'Exception calling connectivity future "done" callback!']
+    finally:
+        app.close()
+
+
+def test_close_drops_subscribers_silently_as_grpc(streamer):
+    """grpc's Channel._close starts with _unsubscribe_all: subscribers get no SHUTDOWN
+    notice (nor any notice queued before and not delivered yet)."""
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-close-subscribers")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+        seen: list = []
+        channel.subscribe(seen.append)
+        assert wait_until(lambda: seen == [mrpcd.ChannelConnectivity.IDLE] and not channel._notifying, 10), seen
+        channel.close()
+        time.sleep(0.2)  # (a notice would come from the notifier thread)
+        assert seen == [mrpcd.ChannelConnectivity.IDLE]
+        assert channel._subscribers == []
+    finally:
+        app.close()
+
+
+def test_unsubscribe_removes_one_subscription_of_the_callback_as_grpc(streamer):
+    """grpc's _unsubscribe pops the first registration equal to the callback and stops:
+    a callback subscribed twice stays subscribed once. A notice queued before
+    unsubscribe() and not yet delivered is not delivered (grpc reads its list then)."""
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-unsubscribe-once")
+    try:
+        channel = mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", app=app)
+        seen: list = []
+        channel.subscribe(seen.append)
+        channel.subscribe(seen.append)
+        assert wait_until(lambda: len(seen) == 2 and not channel._notifying, 10), seen
+        channel.unsubscribe(seen.append)
+        channel.unsubscribe(lambda s: None)  # not subscribed: ignored, as in grpc
+        channel._set_state(mrpcd.ChannelConnectivity.CONNECTING)
+        assert wait_until(lambda: len(seen) == 3 and not channel._notifying, 10), seen
+        time.sleep(0.1)
+        assert seen == [mrpcd.ChannelConnectivity.IDLE] * 2 + [mrpcd.ChannelConnectivity.CONNECTING]
+
+        gate = threading.Event()
+        held: list = []
+        channel.subscribe(lambda s: held.append(s) or gate.wait(5))  # holds the notifier
+        assert wait_until(lambda: held, 10)
+        channel._set_state(mrpcd.ChannelConnectivity.READY)  # queued behind the held notice
+        channel.unsubscribe(seen.append)
+        gate.set()
+        assert wait_until(lambda: not channel._notifying, 10)
+        assert seen == [mrpcd.ChannelConnectivity.IDLE] * 2 + [mrpcd.ChannelConnectivity.CONNECTING]
+        assert held == [mrpcd.ChannelConnectivity.CONNECTING, mrpcd.ChannelConnectivity.READY]
+        channel.close()
+    finally:
+        app.close()
+
+
+def test_closing_the_channel_or_app_ends_wait_for_ready_waits_at_once(streamer):
+    """A wait_for_ready call (blocking, .future(), a stream), a channel_ready_future and a
+    cancelled .future() waiting for an unreachable target end at once when their channel
+    or app closes (or they are cancelled), not at the next attempt up to 1 s later."""
+    a, _b, pb = streamer
+    port = _free_port()
+    for close in ("channel", "app", "cancel"):
+        app = mrpcd.connect(a.socket, name=f"compat-wfr-close-now-{close}")
+        try:
+            channel = mrpcd.insecure_channel(f"127.0.0.1:{port}", app=app)
+            stub = pb.StreamerStub(channel)
+            outcome: list = []
+
+            def call():
+                try:
+                    stub.Unary(pb.Chunk(), timeout=30, wait_for_ready=True)
+                except mrpcd.RpcError as exc:
+                    outcome.append(exc.code())
+
+            t = threading.Thread(target=call, daemon=True)
+            t.start()
+            future = stub.Unary.future(pb.Chunk(), wait_for_ready=True)
+            stream = stub.ServerStream(pb.Chunk(), timeout=30, wait_for_ready=True)
+            ready = mrpcd.channel_ready_future(channel)
+            time.sleep(1.8)  # attempts at 0, .05, .15, .35, .75, 1.55, 2.55: each waiter sleeps 1 s now
+            started = time.monotonic()
+            if close == "cancel":
+                assert future.cancel() and ready.cancel()
+                assert future.cancelled() and ready.cancelled()
+                with pytest.raises(mrpcd.FutureCancelledError):
+                    ready.result(timeout=5)
+                with pytest.raises(mrpcd.FutureCancelledError):
+                    future.result(timeout=5)
+                assert time.monotonic() - started < 0.5
+                channel.close()
+                t.join(10)
+                continue
+            (channel if close == "channel" else app).close()
+            t.join(10)
+            # (the app's close ends its calls CANCELLED; a new connect to the daemon fails UNAVAILABLE)
+            codes = {mrpcd.StatusCode.CANCELLED} if close == "channel" else {mrpcd.StatusCode.CANCELLED, mrpcd.StatusCode.UNAVAILABLE}
+            assert not t.is_alive() and len(outcome) == 1 and outcome[0] in codes, outcome
+            assert future.exception(timeout=5).code() in codes
+            with pytest.raises(mrpcd.RpcError) as info:
+                next(stream)
+            assert info.value.code() in codes
+            if close == "channel":  # as the calls in flight (grpc's close: CANCELLED "Channel closed!")
+                assert future.details() == info.value.details() == "Channel closed!"
+            with pytest.raises(mrpcd.RpcError):
+                ready.result(timeout=5)
+            assert time.monotonic() - started < 0.5, time.monotonic() - started
+        finally:
+            app.close()
+
+
+def test_aio_closing_the_channel_or_app_ends_wait_for_ready_waits_at_once(streamer):
+    """grpc.aio: close() cancels the calls in flight, a wait_for_ready call waiting for its
+    target among them; here they (and channel_ready()) end at once on the channel's or the
+    app's close, not at the next attempt up to 1 s later."""
+    a, _b, pb = streamer
+    port = _free_port()
+
+    async def main(close):
+        app = mrpcd.aio.connect(a.socket, name=f"compat-wfr-aio-close-now-{close}")
+        try:
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=app)
+            waiting = asyncio.ensure_future(pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=30, wait_for_ready=True))
+            readiness = asyncio.ensure_future(channel.channel_ready())
+            await asyncio.sleep(1.8)  # attempts at 0, .05, .15, .35, .75, 1.55, 2.55: each waiter sleeps 1 s now
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            if close == "channel":
+                await channel.close()
+            else:
+                app.close()
+            if close == "channel":  # grpc.aio's close cancels the calls in flight, this one too
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(waiting, 10)
+            else:
+                with pytest.raises(mrpcd.RpcError):
+                    await asyncio.wait_for(waiting, 10)
+            with pytest.raises(mrpcd.RpcError):
+                await asyncio.wait_for(readiness, 10)
+            assert loop.time() - started < 0.5, loop.time() - started
+        finally:
+            app.close()
+
+    for close in ("channel", "app"):
+        asyncio.run(asyncio.wait_for(main(close), 30))
+
+
+def _service_config(*entries):
+    import json
+
+    return [("grpc.service_config", json.dumps({"methodConfig": list(entries)}))]
+
+
+def test_service_config_timeout_and_wait_for_ready_apply_to_calls(streamer):
+    """grpc.service_config's per-method timeout and waitForReady, as grpc applies them: a
+    call without its own wait_for_ready takes the config's (False/True given on the call
+    wins), its deadline is the sooner of its timeout and the config's; a method's own
+    entry beats its service's. Nobody listens: waiting calls end DEADLINE_EXCEEDED."""
+    a, _b, pb = streamer
+    options = _service_config(
+        {"name": [{"service": "mrpc.stream.Streamer"}], "waitForReady": True, "timeout": "1.5s"},
+        {"name": [{"service": "mrpc.stream.Streamer", "method": "ServerStream"}], "timeout": "0.2s"},
+    )
+    app = mrpcd.connect(a.socket, name="compat-service-config")
+    try:
+        with mrpcd.insecure_channel(f"127.0.0.1:{_free_port()}", options, app=app) as channel:
+            stub = pb.StreamerStub(channel)
+
+            def outcome(fn):
+                started = time.monotonic()
+                with pytest.raises(mrpcd.RpcError) as info:
+                    fn()
+                return info.value.code(), time.monotonic() - started
+
+            code, took = outcome(lambda: stub.Unary(pb.Chunk()))  # waits (config), ends at the config's 1.5 s
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and 1.4 < took < 8, took
+            code, took = outcome(lambda: stub.Unary(pb.Chunk(), timeout=0.1))  # its own, sooner
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and took < 1.2, took
+            code, took = outcome(lambda: stub.Unary(pb.Chunk(), timeout=30))  # the config's, sooner
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and 1.4 < took < 8, took
+            code, _ = outcome(lambda: stub.Unary(pb.Chunk(), wait_for_ready=False))  # fail fast, as asked
+            assert code is mrpcd.StatusCode.UNAVAILABLE
+            code, took = outcome(lambda: list(stub.ServerStream(pb.Chunk())))  # its method's entry: fail fast
+            assert code is mrpcd.StatusCode.UNAVAILABLE, code
+            code, took = outcome(lambda: list(stub.ServerStream(pb.Chunk(), wait_for_ready=True)))  # ... at 0.2 s
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED and took < 1.2, took
+            code, took = outcome(lambda: pb.StreamerStub(mrpcd.intercept_channel(channel, _header_adder("x", "y"))).Unary(pb.Chunk()))
+            assert code is mrpcd.StatusCode.DEADLINE_EXCEEDED, code  # (below the interceptors, as in grpc)
+    finally:
+        app.close()
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="compat-service-config-aio")
+        try:
+            async with mrpcd.aio.insecure_channel(f"127.0.0.1:{_free_port()}", options, app=app) as channel:
+                stub = pb.StreamerStub(channel)
+                with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                    await stub.Unary(pb.Chunk())
+                assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+                with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                    await stub.Unary(pb.Chunk(), wait_for_ready=False)
+                assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        finally:
+            app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize("config", [
+    "not json", "[]", '{"methodConfig": {}}', '{"methodConfig": [{"name": [{"method": "M"}]}]}',
+    '{"methodConfig": [{"name": [{"service": "s"}], "timeout": "1m"}]}',
+    '{"methodConfig": [{"name": [{"service": "s"}], "waitForReady": "yes"}]}',
+    '{"methodConfig": [{"name": [{"service": "s"}]}, {"name": [{"service": "s"}]}]}',
+])
+def test_a_malformed_service_config_is_a_clear_error_where_the_channel_is_made(streamer, config):
+    a, _b, _pb = streamer
+    app = mrpcd.connect(a.socket, name="compat-bad-service-config")
+    try:
+        with pytest.raises(ValueError, match="grpc.service_config"):
+            mrpcd.insecure_channel("127.0.0.1:1", [("grpc.service_config", config)], app=app)
+    finally:
+        app.close()
+
+
+def test_failing_call_callbacks_and_request_iterators_are_logged_as_grpc(streamer, caplog):
+    """grpc logs a call's callback that raises ("Exception in callback ...", _channel.py's
+    event handler) and a request iterator that raises (_LOGGER.exception("Exception
+    iterating requests!"), grpc.aio at debug); the call itself ends as before."""
+    _a, _b, pb = streamer
+    with sync_pair(streamer, _route_servicer(pb)) as (_server, channel):
+        stub = pb.StreamerStub(channel)
+        ran: list = []
+        with caplog.at_level("DEBUG", logger="mrpcd"):
+            gate = threading.Event()
+
+            def held():  # the call cannot end before the callbacks are added
+                gate.wait(10)
+                yield from ()
+
+            stream = stub.BidiStream(held(), timeout=10)
+            assert stream.add_callback(lambda: 1 / 0)
+            assert stream.add_callback(lambda: ran.append("ran"))
+            gate.set()
+            assert list(stream) == []
+            assert wait_until(lambda: ran == ["ran"], 10)
+            assert any(r.name == "mrpcd.channel" and r.levelname == "ERROR" and r.getMessage().startswith("Exception in callback")
+                       and "ZeroDivisionError" in r.getMessage() for r in caplog.records), caplog.records
+
+            def requests():
+                yield pb.Chunk(seq=1)
+                raise ValueError("the iterator broke")
+
+            with pytest.raises(mrpcd.RpcError) as info:
+                stub.ClientStream(requests(), timeout=10)
+            assert info.value.code() is mrpcd.StatusCode.UNKNOWN
+            logged = [r for r in caplog.records if r.getMessage() == "Exception iterating requests!"]
+            assert len(logged) == 1 and isinstance(logged[0].exc_info[1], ValueError)
+
+    class S(pb.StreamerServicer):
+        async def ClientStream(self, request_iterator, context):
+            async for _ in request_iterator:
+                pass
+            return pb.Summary()
+
+    async def body(server, channel):
+        async def requests():
+            yield pb.Chunk(seq=1)
+            raise ValueError("the async iterator broke")
+
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="mrpcd"):
+            with pytest.raises(mrpcd.aio.AioRpcError):
+                await pb.StreamerStub(channel).ClientStream(requests(), timeout=10)
+        logged = [r for r in caplog.records if r.getMessage().startswith("Client request_iterator raised exception")]
+        assert len(logged) == 1 and logged[0].levelname == "DEBUG" and isinstance(logged[0].exc_info[1], ValueError)
+
+    run_aio(streamer, S(), body)
+
+
+def test_aio_abort_raises_grpc_aio_abort_error_and_the_error_classes_exist(streamer):
+    """grpc.aio: `await context.abort(...)` raises grpc.aio.AbortError (code that catches
+    it around a handler's body and re-raises keeps working); BaseError is the base of
+    AbortError, UsageError and InternalError."""
+    _a, _b, pb = streamer
+    assert all(issubclass(c, mrpcd.aio.BaseError) for c in (mrpcd.aio.AbortError, mrpcd.aio.UsageError, mrpcd.aio.InternalError))
+    caught: list = []
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            try:
+                await context.abort(mrpcd.StatusCode.NOT_FOUND, "no such chunk")
+            except mrpcd.aio.AbortError:
+                caught.append(True)
+                raise
+
+    async def body(server, channel):
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.NOT_FOUND and info.value.details() == "no such chunk"
+        assert caught == [True]
+
+    run_aio(streamer, S(), body)

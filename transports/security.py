@@ -26,6 +26,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ..keypath import KeyPathError
+
 __all__ = ["AllowList", "PeerPolicy", "TlsConfig", "parse_peers", "parse_tls", "describe_tls_error"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -40,13 +42,13 @@ class AllowList:
 
     def __init__(self, entries: Iterable[str]) -> None:
         nets: list[IPNetwork] = []
-        for entry in entries:
+        for i, entry in enumerate(entries):  # (KeyPathError: path (i,) is the entry)
             if not isinstance(entry, str):
-                raise ValueError(f"allow-list entry {entry!r} must be a string (an address or CIDR network)")
+                raise KeyPathError(f"allow-list entry {entry!r} must be a string (an address or CIDR network)", (i,))
             try:
                 nets.append(ipaddress.ip_network(entry.strip(), strict=False))
             except ValueError as exc:
-                raise ValueError(f"allow-list entry {entry!r} is not an IP address or CIDR network: {exc}") from None
+                raise KeyPathError(f"allow-list entry {entry!r} is not an IP address or CIDR network: {exc}", (i,)) from None
         self.networks: tuple[IPNetwork, ...] = tuple(nets)
 
     def permits(self, address: str) -> bool:
@@ -93,32 +95,33 @@ class TlsConfig:
 
 def _readable_file(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"tls.{key} must be the path of a PEM file")
+        raise KeyPathError(f"tls.{key} must be the path of a PEM file", (key,))
     if not os.path.isfile(value):
-        raise ValueError(f"tls.{key}: {value} does not exist or is not a file")
+        raise KeyPathError(f"tls.{key}: {value} does not exist or is not a file", (key,))
     if not os.access(value, os.R_OK):
-        raise ValueError(f"tls.{key}: {value} is not readable by this user")
+        raise KeyPathError(f"tls.{key}: {value} is not readable by this user", (key,))
     return value
 
 
 def parse_tls(value: Any) -> TlsConfig | None:
-    """Validate the ``tls`` section and build the contexts; ValueError says what is wrong."""
+    """Validate the ``tls`` section and build the contexts; ValueError says what is wrong
+    (a KeyPathError, with the key, when it is about one key)."""
     if value is None:
         return None
     if isinstance(value, TlsConfig):
         return value
     if not isinstance(value, dict):
         raise ValueError("must be null or a mapping with cert, key, ca and require_client_cert")
-    unknown = set(value) - {"cert", "key", "ca", "require_client_cert"}
+    unknown = sorted(map(str, set(value) - {"cert", "key", "ca", "require_client_cert"}))
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))} (known: cert, key, ca, require_client_cert)")
+        raise KeyPathError(f"unknown key(s) {', '.join(unknown)} (known: cert, key, ca, require_client_cert)", (unknown[0],))
     missing = [k for k in ("cert", "key", "ca") if k not in value]
     if missing:
         raise ValueError(f"missing {', '.join('tls.' + k for k in missing)}")
     cert, key, ca = (_readable_file(k, value[k]) for k in ("cert", "key", "ca"))
     require = value.get("require_client_cert", True)
     if not isinstance(require, bool):
-        raise ValueError("tls.require_client_cert must be true or false")
+        raise KeyPathError("tls.require_client_cert must be true or false", ("require_client_cert",))
     try:
         server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         server.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -144,15 +147,18 @@ def parse_peers(value: Any) -> PeerPolicy:
         return value
     if not isinstance(value, dict):
         raise ValueError("must be a mapping like {allow: [\"10.0.0.0/8\", \"::1\"]}")
-    unknown = set(value) - {"allow"}
+    unknown = sorted(map(str, set(value) - {"allow"}))
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(map(str, unknown)))} (known: allow)")
+        raise KeyPathError(f"unknown key(s) {', '.join(unknown)} (known: allow)", (unknown[0],))
     allow = value.get("allow")
     if allow is None:
         return PeerPolicy()
     if not isinstance(allow, list):
-        raise ValueError("peers.allow must be null (any peer) or a list of addresses / CIDR networks")
-    return PeerPolicy(AllowList(allow))
+        raise KeyPathError("peers.allow must be null (any peer) or a list of addresses / CIDR networks", ("allow",))
+    try:
+        return PeerPolicy(AllowList(allow))
+    except KeyPathError as exc:
+        raise exc.under("allow") from None
 
 
 def describe_tls_error(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ from ._interceptors import (
     UnaryUnaryClientInterceptor,
 )
 from ._metadata import Metadata
+from ..status import AbortError, BaseError, InternalError  # grpc.aio's exception classes
 from ..interceptors import ClientCallDetails  # grpc.aio.ClientCallDetails: the same fields
 from ._server import Server, ServicerContext, server
 
@@ -36,5 +37,5 @@ __all__ = [
     "StreamUnaryCall", "StreamStreamCall", "UsageError",
     "insecure_channel", "ClientInterceptor", "ServerInterceptor", "StreamStreamClientInterceptor",
     "StreamUnaryClientInterceptor", "UnaryStreamClientInterceptor", "UnaryUnaryClientInterceptor",
-    "Server", "ServicerContext", "server", "Metadata", "ClientCallDetails",
+    "Server", "ServicerContext", "server", "Metadata", "ClientCallDetails", "AbortError", "BaseError", "InternalError",
 ]

@@ -31,6 +31,8 @@ class AioApp(App):
         self._space_waiters: deque[tuple[asyncio.Future, int]] = deque()
         self._space_promised = 0  # ring bytes of the tasks woken that have not run yet
         self._drain_scheduled = False
+        # wait_for_ready waits between two connection attempts (mrpcd.aio Channel._wait_for_handle)
+        self.connect_waiters: set[asyncio.Future] = set()
         self.loop.add_reader(self.app_waker.fileno(), self._on_readable)
         self._drain_soon()
         self._watch_daemon()
@@ -153,6 +155,15 @@ class AioApp(App):
         """App.send_control on the loop: send_nowait's task waits for room, in turn, and
         never drops the record while the app lives."""
         self.send_nowait(data)
+
+    def wake_connect_waits(self) -> None:
+        """(loop thread) Wake the wait_for_ready waits between two attempts: each looks
+        whether its wait is over (a closed app or channel) and sleeps on if not."""
+        super().wake_connect_waits()
+        if self.loop.is_closed():  # (an orphaned app's close: nothing waits any more)
+            return
+        for fut in list(self.connect_waiters):
+            _set_if_pending(fut)
 
     async def call_async(self, op: str, **args: Any) -> dict[str, Any]:
         return await self.loop.run_in_executor(None, lambda: self.call(op, **args))

@@ -11,6 +11,7 @@ credit as they are consumed; request streams await the server's credit.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, cast
 
@@ -18,12 +19,13 @@ from .. import wire
 from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails, wait_for_ready_of
 from ..marshal import records as R
-from ..status import ChannelConnectivity, RpcError, StatusCode
+from ..status import BaseError, ChannelConnectivity, RpcError, StatusCode
 from ._app import AioApp, _set_if_pending, default_app
 from ..app import require_app
 from ._metadata import Metadata
 
 _DEADLINE = "Deadline Exceeded"
+_log = logging.getLogger(__name__)
 
 # wait_for_ready start tasks (Channel._wait_for_handle): those whose call was cancelled
 # meanwhile, and those between two connection attempts, where cancelling them is safe
@@ -156,6 +158,14 @@ class _NoApp:
         self.calls: dict = {}
 
 
+class _ClosedWhileWaiting(AioRpcError):
+    """The channel was closed while the call waited for its target (wait_for_ready):
+    grpc.aio's close cancels such a call with the others in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(StatusCode.CANCELLED, "Channel closed!")
+
+
 class _FailedStart(_CallState):
     """A call that could not start (the channel could not connect, the ring refused its
     first record): over at once with that error, so awaiting it raises AioRpcError and
@@ -193,6 +203,8 @@ class _Call:
             state = await starter
         except RpcError as exc:  # no connection, record refused: a call that failed with it
             state = _FailedStart(exc)
+            # close() while it waited: as grpc.aio's close cancels it, awaiting it raises CancelledError
+            state.cancelled_locally = isinstance(exc, _ClosedWhileWaiting)
         except asyncio.CancelledError:
             if not self._cancel_requested:
                 raise
@@ -334,7 +346,7 @@ class StreamResponseCall(_Call):
 EOF = None  # grpc.aio.EOF
 
 
-class UsageError(Exception):
+class UsageError(BaseError):
     """grpc.aio.UsageError: the API was used in a way it does not allow (e.g. write() on a
     call that was given a request iterator)."""
 
@@ -476,7 +488,16 @@ class _AioMultiCallable(MultiCallableCore):
             if id(schema) not in ch.app._schemas:
                 await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
-        handle = await (ch._wait_for_handle(deadline) if wait_for_ready else ch._ensure_handle())
+        if self._wait_for_ready(wait_for_ready):
+            closed = ch._closed
+            try:
+                handle = await ch._wait_for_handle(deadline)
+            except RpcError:
+                if ch._closed and not closed:
+                    raise _ClosedWhileWaiting() from None
+                raise
+        else:
+            handle = await ch._ensure_handle()
         state = _CallState(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
         try:
             await ch.app.send_async(self._first_record(state, end, dl, meta, payload))
@@ -513,6 +534,7 @@ class _AioMultiCallable(MultiCallableCore):
         except RpcError as exc:
             state.cancel(exc.code(), exc.details())
         except Exception as exc:
+            _log.debug("Client request_iterator raised exception:", exc_info=True)  # as grpc.aio's _consume_request_iterator
             state.cancel(StatusCode.UNKNOWN, f"Exception iterating requests! {exc!r}")
 
     def _details(self, timeout: float | None, metadata, wait_for_ready: bool | None = None) -> ClientCallDetails:
@@ -567,6 +589,7 @@ class Channel(ChannelCore):
         self.target = target
         self._options = options
         wire.message_limits(options, 1 << 30)  # a bad option is an error here, where it is given
+        self._method_defaults = wire.method_defaults(options)
         self._interceptors = check_client_interceptors(interceptors)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
@@ -669,7 +692,8 @@ class Channel(ChannelCore):
         """The connection for a wait_for_ready call (and channel_ready): while the target
         cannot be reached (UNAVAILABLE), try again, backing off to 1 s, until the call's
         deadline (DEADLINE_EXCEEDED then, as grpc.aio); other errors (a closed channel) are
-        raised."""
+        raised. Closing the channel or the app ends the wait between two attempts at once
+        (_pause)."""
         delay = 0.05
         while True:
             try:
@@ -686,11 +710,30 @@ class Channel(ChannelCore):
             if task is not None:
                 _BETWEEN_ATTEMPTS.add(task)
             try:
-                await asyncio.sleep(delay if left is None else min(delay, left))
+                await self._pause(delay if left is None else min(delay, left))
             finally:
                 if task is not None:
                     _BETWEEN_ATTEMPTS.discard(task)
             delay = min(delay * 2, 1.0)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds` between two connection attempts, or less: the app's
+        wake_connect_waits (its close, a channel's) ends it once this channel or the app
+        is closed. (Cancelling the task ends it too.)"""
+        app, loop = self.app, self.app.loop
+        end = loop.time() + seconds
+        while not (self._closed or app.closed):
+            left = end - loop.time()
+            if left <= 0:
+                return
+            fut = loop.create_future()
+            timer = loop.call_later(left, _set_if_pending, fut)
+            app.connect_waiters.add(fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                app.connect_waiters.discard(fut)
 
     def _on_lost(self, details: str) -> None:
         self._handle = None
@@ -722,6 +765,7 @@ class Channel(ChannelCore):
         if self._connector is not None:
             self._connector.cancel()
         app = self.app
+        app.wake_connect_waits()  # its wait_for_ready calls end now (CANCELLED)
         handle = self._handle
         if handle is not None and grace:
             end = app.loop.time() + grace
@@ -751,5 +795,6 @@ class Channel(ChannelCore):
 
 
 def insecure_channel(target: str, options: Any = None, compression: Any = None, interceptors: Sequence[Any] | None = None, *, app: AioApp | None = None) -> Channel:
-    """Like grpc.aio.insecure_channel (options: grpc.max_send/receive_message_length)."""
+    """Like grpc.aio.insecure_channel (options: grpc.max_send/receive_message_length,
+    grpc.service_config's per-method timeout / waitForReady)."""
     return Channel(target, app, options, interceptors)

@@ -5,11 +5,11 @@ A bad config is refused at start with the file, the line and the reason, never h
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from ..keypath import KeyPathError
 from ..typo_hints import did_you_mean
 
 import yaml
@@ -117,28 +117,31 @@ def _metrics(v: Any) -> dict[str, Any]:
         raise ValueError("must be a mapping with keys address, buckets")
     unknown = sorted(str(k) for k in v if k not in METRICS_KEYS)
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], METRICS_KEYS)} (known: {', '.join(METRICS_KEYS)})")
+        raise KeyPathError(f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], METRICS_KEYS)} (known: {', '.join(METRICS_KEYS)})", (unknown[0],))
     address = v.get("address")
     if address is not None:
         if not isinstance(address, str) or ":" not in address:
-            raise ValueError("address must be \"host:port\" (or null to serve no metrics)")
+            raise KeyPathError("address must be \"host:port\" (or null to serve no metrics)", ("address",))
         host, _, port = address.rpartition(":")
         if not host.strip("[]"):
-            raise ValueError(f"address {address!r} names no host: e.g. \"127.0.0.1:{port or 9464}\" "
-                             f"(\"0.0.0.0:{port or 9464}\" serves every interface)")
+            raise KeyPathError(f"address {address!r} names no host: e.g. \"127.0.0.1:{port or 9464}\" "
+                               f"(\"0.0.0.0:{port or 9464}\" serves every interface)", ("address",))
         if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
-            raise ValueError(f"address {address!r} must be host:port with port 0..65535")
+            raise KeyPathError(f"address {address!r} must be host:port with port 0..65535", ("address",))
     buckets = v.get("buckets", list(DEFAULT_BUCKETS))
     if not isinstance(buckets, list) or not buckets:
-        raise ValueError("buckets must be a non-empty list of seconds")
-    for b in buckets:
+        raise KeyPathError("buckets must be a non-empty list of seconds", ("buckets",))
+    for i, b in enumerate(buckets):
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < float("inf"):
-            raise ValueError(f"buckets must be positive finite numbers, got {b!r}")
+            raise KeyPathError(f"buckets must be positive finite numbers, got {b!r}", ("buckets", i))
     if any(a >= b for a, b in zip(buckets, buckets[1:])):
-        raise ValueError("buckets must be strictly increasing")
+        raise KeyPathError("buckets must be strictly increasing", ("buckets",))
     return {"address": address, "buckets": tuple(float(b) for b in buckets)}
 
 
+# Each validator checks one top-level key's value; an error about a key (or list entry)
+# inside that value is a KeyPathError naming it (mrpcd.keypath), and load() reports the
+# line of that key path.
 VALIDATORS = {
     "control_socket": _socket_path,
     "admin_group": _group,
@@ -189,9 +192,8 @@ def default_text() -> str:
     return resources.files("mrpcd").joinpath("default_config.yaml").read_text()
 
 
-def _load_mapping(text: str, source: str) -> tuple[dict, dict[str, int]]:
-    """Parse YAML, returning the mapping and the line of each top-level key; the line of a
-    key in a section (`metrics: {address: ...}`) is in it as "section.key"."""
+def _load_mapping(text: str, source: str) -> tuple[dict, yaml.Node | None]:
+    """Parse YAML, returning the mapping and its node (for _line_at)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -202,33 +204,31 @@ def _load_mapping(text: str, source: str) -> tuple[dict, dict[str, int]]:
     except RecursionError:  # PyYAML composes recursively: thousands of nested [ or { exhaust the stack
         raise ConfigError(f"{source}: not a usable configuration: nested too deeply") from None
     if data is None:
-        return {}, {}
+        return {}, None
     if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{source}:1: the configuration must be a mapping of keys to values")
-    _refuse_duplicate_keys(node, source)
-    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-    for k, v in node.value:
-        if isinstance(k, yaml.ScalarNode) and isinstance(v, yaml.MappingNode):
-            for sk, _ in v.value:
-                if isinstance(sk, yaml.ScalarNode):
-                    lines.setdefault(f"{k.value}.{sk.value}", sk.start_mark.line + 1)
-    return data, lines
+    _refuse_duplicate_keys(node, source)  # (so a key names one place in its mapping)
+    return data, node
 
 
-def _line_of(section: str, value: Any, message: str, lines: dict[str, int]) -> int | str:
-    """The line an error in a section's value is about: that of the section's key the
-    message names (`address ...`, `tls.cert ...`, `unknown key 'bukets'`, an allow-list
-    entry), else the section's own line."""
-    if isinstance(value, dict):
-        for sub in value:
-            name = str(sub)
-            if (message.startswith((f"{name} ", f"{name}:")) or f"{section}.{name}" in message or repr(name) in message
-                    or re.search(rf"unknown key\(s\) [^(]*\b{re.escape(name)}\b", message)
-                    or (name == "allow" and message.startswith("allow-list"))):
-                line = lines.get(f"{section}.{name}")
-                if line is not None:
-                    return line
-    return lines.get(section, "?")
+def _line_at(node: yaml.Node | None, path: tuple[Any, ...]) -> int | str:
+    """The line of the deepest part of `path` (keys, list indexes from the top) that the
+    YAML has: a key's own line, a list entry's; "?" if not even the first key is there."""
+    line: int | str = "?"
+    for step in path:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(step):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and 0 <= step < len(node.value):
+            node = node.value[step]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
 
 
 def _refuse_duplicate_keys(node: yaml.Node, source: str) -> None:
@@ -267,17 +267,17 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         except UnicodeDecodeError as exc:  # a SIGHUP with such a file must keep the old config, not raise
             line = exc.object[: exc.start].count(b"\n") + 1
             raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
-        data, lines = _load_mapping(text, path)
+        data, node = _load_mapping(text, path)
         errors = []  # every bad key at once: fixing one to meet the next costs a restart each
         for key, value in data.items():
-            where = f"{path}:{lines.get(key, '?')}"
+            where = f"{path}:{_line_at(node, (key,))}"
             if key not in VALIDATORS:
                 errors.append(f"{where}: unknown key {key!r}{did_you_mean(key, VALIDATORS)} (known: {', '.join(sorted(VALIDATORS))})")
                 continue
             try:
                 values[key] = VALIDATORS[key](value)
-            except ValueError as exc:
-                where = f"{path}:{_line_of(key, value, str(exc), lines)}"
+            except ValueError as exc:  # (a KeyPathError: the line of the key inside the value it names)
+                where = f"{path}:{_line_at(node, (key, *getattr(exc, 'path', ())))}"
                 errors.append(f"{where}: {key}: {exc} (got {value!r})")
         if errors:
             raise ConfigError("; ".join(errors), errors)
