@@ -244,7 +244,7 @@ def _is_option(ext) -> bool:
 
 def _check_no_extensions(fd) -> None:
     # (SourceCodeInfo paths: FileDescriptorProto.extension = 7, DescriptorProto.extension = 6)
-    found = [((7, i), f"{x.extendee.lstrip('.')}.{x.name}") for i, x in enumerate(fd.extension) if not _is_option(x)]
+    found: list[tuple[tuple[int, ...], str]] = [((7, i), f"{x.extendee.lstrip('.')}.{x.name}") for i, x in enumerate(fd.extension) if not _is_option(x)]
 
     def walk(m, prefix: str, path: tuple[int, ...]) -> None:
         full = prefix + m.name
