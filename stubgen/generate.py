@@ -23,7 +23,7 @@ Python names (the schema always keeps the .proto names):
 protobuf's API on top (docs/PORTING.md): enums mix in `EnumWrapper` (`Name`, `Value`, ...); the
 values of the file's own top-level enums are module constants and those of nested enums class
 attributes, each only where its name is free (a type, a generated name, a field, a Message
-attribute keeps it); Timestamp and Duration mix in their helpers (mrpcd.marshal.wkt); an
+attribute keeps it); Timestamp, Duration, Struct and ListValue mix in their helpers (mrpcd.marshal.wkt); an
 `__init__` makes a dict given for a message field into the message and gives repeated / map
 fields of messages their containers (mrpcd.marshal.containers).
 
@@ -80,6 +80,10 @@ _MESSAGE_ATTRS = set(dir(_BaseMessage))
 # well-known types whose generated classes get protobuf's helper methods (mrpcd.marshal.wkt)
 _WKT_MIXINS = {"google.protobuf.Timestamp": "_wkt.Timestamp", "google.protobuf.Duration": "_wkt.Duration"}
 # ... and the Python value a constructor takes for a field of that type (the .pyi's name for it)
+# well-known types that protobuf makes containers of JSON-like values (mrpcd.marshal.wkt), with
+# the one field their helpers use
+_WKT_CONTAINERS = {"google.protobuf.Struct": ("_wkt.Struct", ("fields", "map", "message")),
+                   "google.protobuf.ListValue": ("_wkt.ListValue", ("values", "repeated", "message"))}
 _WKT_PYTHON = {"_wkt.Timestamp": "_datetime.datetime", "_wkt.Duration": "_datetime.timedelta"}
 _LINE = 100
 
@@ -409,12 +413,20 @@ class _Emitter:
             return mixin
         return None
 
+    def wkt_container(self, full: str) -> str | None:
+        """The helper mixin of Struct / ListValue (a mapping / sequence of JSON-like values)."""
+        mixin, field = _WKT_CONTAINERS.get(full, (None, None))
+        fields = [(f.name, f.label, f.type.kind) for f in self.schema.messages[full].fields]
+        if mixin and fields == [field] and self.schema.messages[full].fields[0].type.ref_name == "google.protobuf.Value":
+            return mixin
+        return None
+
     def bases(self, full: str) -> str:
-        mixin = self.wkt_mixin(full)
+        mixin = self.wkt_mixin(full) or self.wkt_container(full)
         return f"{mixin}, _Message" if mixin else "_Message"
 
     def imports_wkt(self) -> list[str]:
-        if any(self.wkt_mixin(full) for full in self.schema.messages):
+        if any(self.wkt_mixin(full) or self.wkt_container(full) for full in self.schema.messages):
             return ["from mrpcd.marshal import wkt as _wkt"]
         return []
 

@@ -60,6 +60,8 @@ def _scalar(rnd: random.Random, f):
         return rnd.random() < 0.5
     if t == FD.TYPE_FLOAT:
         return _f32(rnd.uniform(-1e6, 1e6))
+    if t == FD.TYPE_DOUBLE:
+        return rnd.choice([0.0, -1.5, 2.0**60])  # (exact in float32 too: _norm)
     if t == FD.TYPE_STRING:
         return rnd.choice(["", "a", "héllo", "日本"])
     if t == FD.TYPE_BYTES:
@@ -243,3 +245,54 @@ def test_synthetic_oneof_of_proto3_optional(mods):
     assert r.seed is None and r.WhichOneof("_seed") is None
     with pytest.raises(ValueError, match="no oneof '_model'"):
         r.WhichOneof("_model")  # `model` is no optional field: no such oneof, as in protobuf
+
+
+# -- Struct / ListValue: protobuf's mapping and sequence API over JSON-like values ------------------
+
+
+def _python(x):
+    """A Struct / ListValue (mrpcd's or protobuf's: the same API) as plain dicts and lists."""
+    if hasattr(x, "keys"):
+        return {k: _python(x[k]) for k in x.keys()}
+    if hasattr(x, "add_struct"):
+        return [_python(v) for v in x.items()]
+    return x
+
+
+def test_struct_and_list_value_work_as_protobufs(mods):
+    from google.protobuf import struct_pb2
+
+    mine, _ = mods
+    doc = {"city": "Paris", "days": 3, "ok": True, "none": None, "nested": {"a": [1, "b", None, {"c": 2.5}]}}
+    for s in (mine.InferRequest().tool_args or mine.InferRequest(tool_args={}).tool_args, struct_pb2.Struct()):
+        s["first"] = 1
+        s.update(doc)
+        s.get_or_create_struct("made")["x"] = "y"
+        lst = s.get_or_create_list("list")
+        lst.append(1)
+        lst.extend(["two", None])
+        lst.add_struct()["k"] = False
+        lst.add_list().append(3)
+        lst[0] = 10
+        del s["first"]
+        assert "city" in s and "first" not in s and len(s) == 7
+        assert s["days"] == 3.0 and s["none"] is None and s["nested"]["a"][3]["c"] == 2.5
+        assert sorted(s.keys()) == ["city", "days", "list", "made", "nested", "none", "ok"]
+        assert [k for k in s] == list(s.keys()) and dict(s.items()).keys() == set(s.keys())
+        assert _python(s) == {**doc, "days": 3.0, "nested": {"a": [1.0, "b", None, {"c": 2.5}]},
+                              "made": {"x": "y"}, "list": [10.0, "two", None, {"k": False}, [3.0]]}
+        assert len(lst) == 5 and lst[1] == "two"
+        del lst[1]
+        assert len(lst) == 4
+        with pytest.raises(ValueError):
+            s["bad"] = object()
+    # through the codec, in a message
+    r = mine.InferRequest(tool_args=mine.InferRequest(tool_args={}).tool_args)
+    r.tool_args.update(doc)
+    r.stop = mine.InferRequest(stop={}).stop
+    r.stop.extend(["\n\n", "</s>"])
+    back = mine.InferRequest.FromString(r.SerializeToString())
+    assert _python(back.tool_args) == {**doc, "days": 3.0, "nested": {"a": [1.0, "b", None, {"c": 2.5}]}}
+    assert list(back.stop.items()) == ["\n\n", "</s>"] and back == r
+    with pytest.raises(ValueError, match="Value not set"):
+        mine.Struct(fields={"k": {}})["k"]
