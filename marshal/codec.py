@@ -422,8 +422,12 @@ class _Gen:
             if len(members) < 2:
                 continue
             cond = " + ".join(f"(f{i} is not None)" for i, _ in members)
-            text = f"{msg.full_name}: more than one member of oneof {g} is set ({', '.join(n for _, n in members)})"
-            L += [f"    if {cond} > 1:", f"        raise {exc}({text!r})"]
+            head = f"{msg.full_name}: more than one member of oneof {g} is set ("
+            # assigning a member does not clear the others (plain attributes, docs/PORTING.md)
+            tail = ")" if exc == "_DE" else f"): assigning one does not clear the others here, ClearField({g!r}) first"
+            pairs = ", ".join(f"({n!r}, f{i})" for i, n in members)
+            L += [f"    if {cond} > 1:",
+                  f"        raise {exc}({head!r} + ', '.join([n for n, x in ({pairs}) if x is not None]) + {tail!r})"]
         return L
 
     def required_check(self, msg: Any, exc: str) -> list[str]:
