@@ -144,7 +144,7 @@ def run_protoc(protos: list[str], includes: list[str] | None = None):
             msg = text.strip() or f"protoc exited with status {rc}"
             for p in protos:  # name the files as the user did
                 msg = msg.replace(os.path.realpath(p), p)
-            raise StubgenError(f"protoc could not compile {', '.join(protos)}:\n{msg}")
+            raise StubgenError(f"protoc could not compile {', '.join(protos)}:\n{msg}{_import_hint(msg, includes)}")
         if text.strip():  # warnings (e.g. unused imports): pass them on
             for p in protos:
                 text = text.replace(os.path.realpath(p), p)
@@ -153,6 +153,18 @@ def run_protoc(protos: list[str], includes: list[str] | None = None):
         with open(out, "rb") as f:
             fds.ParseFromString(f.read())
     return fds, names
+
+
+def _import_hint(msg: str, includes: list[str]) -> str:
+    """What to do about imports protoc did not find ("x/y.proto: File not found."): they are
+    looked up under the -I directories, by the path the import statement gives."""
+    missing = [line[: -len(": File not found.")] for line in msg.splitlines() if line.endswith(": File not found.")]
+    if not missing:
+        return ""
+    where = ", ".join(includes) if includes else "none given"
+    return (f"\nhint: an import \"{missing[0]}\" is looked up as DIR/{missing[0]} for each -I DIR "
+            f"(searched: {where}; google/protobuf/*.proto are built in): add -I with the directory "
+            f"that holds {missing[0]}")
 
 
 def _call_protoc(fn, args: list[str]) -> tuple[int, str]:
