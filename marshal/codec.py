@@ -149,13 +149,21 @@ def _econv(x: Any, where: str, kind: str, ref: str | None) -> Any:
     elif kind == "bool":
         if t is bool:
             return x
+        if t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"):  # numpy.bool_, as protobuf
+            return bool(x)
     elif kind == "string":
         if isinstance(x, str):
             return str(x)
     elif kind == "bytes":
         if isinstance(x, (bytes, bytearray, memoryview)):
             return bytes(x)
-    raise EncodeError(f"{where}: expected {_label(kind, ref)}, got {type(x).__name__}")
+    raise EncodeError(f"{where}: expected {_label(kind, ref)}, got {_qualname(t)}")
+
+
+def _qualname(t: type) -> str:
+    """A type's name for errors, with its module when not a builtin ('numpy.float64', whose
+    bare name numpy 2 makes 'float64' but for its bool: 'bool', beside Python's bool)."""
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def _as_index(x: Any) -> int | None:
