@@ -244,7 +244,8 @@ def _ref(type_name: str) -> str:
 
 def _check_file(fd) -> None:
     if fd.syntax == "editions":
-        raise StubgenError(f"{fd.name}: protobuf editions are not supported (use syntax = \"proto3\" or \"proto2\")")
+        # (FileDescriptorProto.syntax = 12: the location of the `edition = ...` statement)
+        raise StubgenError(f"{_where(fd, (12,))}: protobuf editions are not supported (use syntax = \"proto3\" or \"proto2\")")
 
 
 def _is_option(ext) -> bool:

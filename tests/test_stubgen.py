@@ -405,6 +405,7 @@ def test_syntax_error_is_reported_with_file_and_line(tmp_path):
     # refused constructs are named with protoc's file:line:column, as its own errors are
     ("bad_group.proto", ["bad_group.proto:6:3: ", "groups are not supported", "WithGroup"]),
     ("bad_extension.proto", ["bad_extension.proto:11:3: ", "extensions are not supported", "Extendable.note"]),
+    ("bad_edition.proto", ["bad_edition.proto:3:1: protobuf editions are not supported"]),
     ("bad_default.proto", ["bad_default.proto:8:3: mrpc.bad.Header.retries: explicit default values ([default = -1])"]),
     ("bad_unknown_type.proto", ["bad_unknown_type.proto:6:3", "NoSuchType"]),
 ])
