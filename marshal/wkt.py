@@ -299,28 +299,28 @@ def _get_value(value: Any) -> Any:
 
 
 def _set_value(value: Any, x: Any) -> None:
-    """Set a `Value` message to the Python value `x` (its other kinds cleared)."""
+    """Set a `Value` message to the Python value `x` (its other kinds cleared); a value of
+    another type is a ValueError that leaves it as it was, as protobuf's."""
     cls = type(value)
-    for kind in _KIND:
-        setattr(value, kind, None)
     if x is None:
-        value.null_value = 0  # NULL_VALUE
+        kind, v = "null_value", 0  # NULL_VALUE
     elif isinstance(x, bool):
-        value.bool_value = x
+        kind, v = "bool_value", x
     elif isinstance(x, str):
-        value.string_value = x
+        kind, v = "string_value", x
     elif isinstance(x, (int, float)):
-        value.number_value = float(x)
+        kind, v = "number_value", float(x)
     elif isinstance(x, (dict, Struct)):
-        s = _field_class(cls, "struct_value")()
-        s.update(x)
-        value.struct_value = s
+        kind, v = "struct_value", _field_class(cls, "struct_value")()
+        v.update(x)
     elif isinstance(x, (list, tuple, ListValue)):
-        lv = _field_class(cls, "list_value")()
-        lv.extend(x)
-        value.list_value = lv
+        kind, v = "list_value", _field_class(cls, "list_value")()
+        v.extend(x)
     else:
         raise ValueError(f"Unexpected type {type(x).__name__} for a google.protobuf.Value")
+    for other in _KIND:
+        setattr(value, other, None)
+    setattr(value, kind, v)
 
 
 class Struct:
