@@ -302,6 +302,7 @@ def _set_value(value: Any, x: Any) -> None:
     """Set a `Value` message to the Python value `x` (its other kinds cleared); a value of
     another type is a ValueError that leaves it as it was, as protobuf's."""
     cls = type(value)
+    v: Any
     if x is None:
         kind, v = "null_value", 0  # NULL_VALUE
     elif isinstance(x, bool):
