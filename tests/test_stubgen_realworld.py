@@ -312,3 +312,66 @@ def test_two_oneof_members_assigned_name_the_set_ones(mods):
     p.ClearField("choice")
     p.text = "x"
     assert mine.Param.FromString(p.SerializeToString()).WhichOneof("choice") == "text"
+
+
+# -- over two daemons ---------------------------------------------------------------------------------
+
+
+def test_serving_calls_over_two_daemons(mods, two_daemons):
+    # what an inference client sends and gets back: maps of oneof parameters, raw tensors,
+    # proto3 optional, Struct tool arguments, a bidi stream; unary and streaming, sync
+    import mrpcd
+
+    mine, _ = mods
+    a, b = two_daemons
+
+    class Inference(mine.InferenceServicer):
+        def Infer(self, req, context):
+            out = mine.InferResponse(model=req.model, tokens=len(req.raw_inputs) if req.HasField("seed") else None)
+            for t in req.inputs:
+                out.outputs.add(name=t.name + "_out", dtype=t.dtype, shape=list(t.shape), fp32=[x * 2 for x in t.fp32],
+                                params=dict(t.params))
+            out.outputs.add(name="echo", raw=list(req.raw_inputs))
+            if req.tool_args is not None and "city" in req.tool_args:
+                out.error = f"no weather for {req.tool_args['city']}"
+            else:
+                out.placed = req.group
+            return out
+
+        def InferStream(self, requests, context):
+            for req in requests:
+                yield mine.InferResponse(model=req.model, tokens=len(list(req.stop.items())) if req.stop is not None else None)
+
+    srv_app = mrpcd.connect(b.socket, name="serving-server")
+    cli_app = mrpcd.connect(a.socket, name="serving-client")
+    try:
+        server = mrpcd.server(app=srv_app)
+        mine.add_InferenceServicer_to_server(Inference(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = mine.InferenceStub(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app))
+        req = mine.InferRequest(model="m", seed=7, raw_inputs=[b"\x00\x01", b""],
+                                params={"p": {"number": -1}, "t": {"tensor": {"name": "nested"}}},
+                                inputs=[{"name": "x", "dtype": mine.DTYPE_FP32, "shape": [1, 2], "fp32": [1.5, -2.0],
+                                         "params": {"binary": {"flag": True}}}],
+                                group={"kind": mine.Group.KIND_GPU, "optional": True,
+                                       "by_priority": {2**64 - 1: {"kind": mine.Group.Device.KIND_NVDLA, "limits": [{"global": True}]}}})
+        r = stub.Infer(req, timeout=10)
+        assert r.tokens == 2 and r.HasField("tokens") and r.WhichOneof("result") == "placed"
+        assert r.outputs[0].fp32 == [3.0, -4.0] and r.outputs[0].dtype is mine.Dtype.DTYPE_FP32
+        assert r.outputs[0].params["binary"].WhichOneof("choice") == "flag"
+        assert r.outputs[1].raw == [b"\x00\x01", b""]
+        assert r.placed.by_priority[2**64 - 1].limits[0].global_ is True and r.placed.optional is True
+        req.tool_args = mine.Struct()
+        req.tool_args.update({"city": "Paris", "days": 3})
+        req.ClearField("_seed")
+        r = stub.Infer(req, timeout=10)
+        assert r.WhichOneof("result") == "error" and r.error == "no weather for Paris" and not r.HasField("tokens")
+        stops = mine.ListValue()
+        stops.extend(["\n", "</s>"])
+        got = list(stub.InferStream(iter([mine.InferRequest(model="a", stop=stops), mine.InferRequest(model="b")]), timeout=10))
+        assert [(g.model, g.tokens) for g in got] == [("a", 2), ("b", None)]
+        server.stop(None)
+    finally:
+        cli_app.close()
+        srv_app.close()
