@@ -23,9 +23,9 @@ Python names (the schema always keeps the .proto names):
 protobuf's API on top (docs/PORTING.md): enums mix in `EnumWrapper` (`Name`, `Value`, ...); the
 values of the file's own top-level enums are module constants and those of nested enums class
 attributes, each only where its name is free (a type, a generated name, a field, a Message
-attribute keeps it); Timestamp, Duration, Struct and ListValue mix in their helpers (mrpcd.marshal.wkt); an
-`__init__` makes a dict given for a message field into the message and gives repeated / map
-fields of messages their containers (mrpcd.marshal.containers).
+attribute keeps it); Timestamp, Duration, Struct and ListValue mix in their helpers
+(mrpcd.marshal.wkt); an `__init__` makes a dict given for a message field into the message and
+gives repeated / map fields of messages their containers (mrpcd.marshal.containers).
 
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
@@ -80,11 +80,11 @@ _MESSAGE_ATTRS = set(dir(_BaseMessage))
 # well-known types whose generated classes get protobuf's helper methods (mrpcd.marshal.wkt)
 _WKT_MIXINS = {"google.protobuf.Timestamp": "_wkt.Timestamp", "google.protobuf.Duration": "_wkt.Duration"}
 # ... and the Python value a constructor takes for a field of that type (the .pyi's name for it)
+_WKT_PYTHON = {"_wkt.Timestamp": "_datetime.datetime", "_wkt.Duration": "_datetime.timedelta"}
 # well-known types that protobuf makes containers of JSON-like values (mrpcd.marshal.wkt), with
 # the one field their helpers use
 _WKT_CONTAINERS = {"google.protobuf.Struct": ("_wkt.Struct", ("fields", "map", "message")),
                    "google.protobuf.ListValue": ("_wkt.ListValue", ("values", "repeated", "message"))}
-_WKT_PYTHON = {"_wkt.Timestamp": "_datetime.datetime", "_wkt.Duration": "_datetime.timedelta"}
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable

@@ -24,9 +24,9 @@ Mapping of descriptors to the schema:
 Field names stay the .proto names, also when they are Python keywords (`from`); the
 generator gives such fields a safe Python attribute (`from_`).
 
-Not supported (clear error naming the construct and its file:line:column): proto2 groups, extensions declared in an
-input file (custom options, extensions of google.protobuf.*Options, are fine: they add no
-field to a message), proto2 explicit default values, editions syntax.
+Not supported (clear error naming the construct and its file:line:column): proto2 groups,
+extensions declared in an input file (custom options, extensions of google.protobuf.*Options,
+are fine: they add no field to a message), proto2 explicit default values, editions syntax.
 """
 from __future__ import annotations
 
@@ -257,7 +257,8 @@ def _is_option(ext) -> bool:
 
 def _check_no_extensions(fd) -> None:
     # (SourceCodeInfo paths: FileDescriptorProto.extension = 7, DescriptorProto.extension = 6)
-    found: list[tuple[tuple[int, ...], str]] = [((7, i), f"{x.extendee.lstrip('.')}.{x.name}") for i, x in enumerate(fd.extension) if not _is_option(x)]
+    found: list[tuple[tuple[int, ...], str]] = [
+        ((7, i), f"{x.extendee.lstrip('.')}.{x.name}") for i, x in enumerate(fd.extension) if not _is_option(x)]
 
     def walk(m, prefix: str, path: tuple[int, ...]) -> None:
         full = prefix + m.name
