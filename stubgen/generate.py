@@ -216,7 +216,7 @@ class _Names:
             self._enum_members(name, en.values)
         for name in list(schema.enums) + list(schema.messages):
             if name.rsplit(".", 1)[-1].startswith("__"):
-                raise StubgenError(f"{mod.proto}: type {name}: names starting with __ mean something to Python "
+                raise StubgenError(f"{mod.where(name)}: type {name}: names starting with __ mean something to Python "
                                    "(special methods and module attributes, private name mangling); rename it")
         for svc in schema.services.values():
             self._methods(svc)
@@ -283,8 +283,8 @@ class _Names:
         attrs: dict[str, str] = {}
         aliases: dict[str, str] = {}
         for f in msg.fields:
-            where = f"{self.mod.proto}: field {msg.full_name}.{f.name}"
             if f.name in _MESSAGE_METHODS or f.name.startswith("__"):
+                where = f"{self.mod.where(f'{msg.full_name}.{f.name}')}: field {msg.full_name}.{f.name}"
                 raise StubgenError(f"{where}: the name clashes with a method of generated messages; rename the field")
             if keyword.iskeyword(f.name):
                 alias = f.name + "_"
@@ -302,7 +302,7 @@ class _Names:
         out: dict[str, str] = {}
         for m in svc.methods:
             if m.name.startswith("__"):
-                raise StubgenError(f"{self.mod.proto}: method {svc.full_name}.{m.name}: names starting with __ mean "
+                raise StubgenError(f"{self.mod.where(f'{svc.full_name}.{m.name}')}: method {svc.full_name}.{m.name}: names starting with __ mean "
                                    "something to Python (special methods, private name mangling); rename it")
             attr = m.name
             if keyword.iskeyword(attr):  # as a keyword field: `from_`, or `from__` if `from_` is a method too
@@ -316,7 +316,7 @@ class _Names:
         out, used = [], set()
         for vname, number in values:
             if vname.startswith("_") and (vname.endswith("_") or vname.startswith("__")):
-                raise StubgenError(f"{self.mod.proto}: enum value {name}.{vname}: names like _x_ and __x are reserved by Python's enum")
+                raise StubgenError(f"{self.mod.where(f'{name}.{vname}')}: enum value {name}.{vname}: names like _x_ and __x are reserved by Python's enum")
             cand = _safe(vname)
             if cand in _ENUM_REFUSED:  # enum.EnumType raises on these: a trailing underscore, as for keywords
                 cand += "_"

@@ -34,7 +34,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mrpcd.marshal.schema import Enum, Field, Message, Method, Schema, SchemaError, Service, TypeRef
 
@@ -61,6 +61,12 @@ class ProtoModule:
     parents: dict[str, str | None] = field(default_factory=dict)
     # full type name -> .proto file declaring it
     files: dict[str, str] = field(default_factory=dict)
+    # dotted name of a type, field, enum value, service or method -> "file:line:column"
+    locate: Callable[[str], str] | None = field(default=None, repr=False)
+
+    def where(self, name: str) -> str:
+        """Where `name` is declared, for errors (the input file when that is not known)."""
+        return (self.locate(name) if self.locate else None) or self.proto
 
 
 # FieldDescriptorProto.Type numbers -> schema kinds
@@ -342,9 +348,38 @@ def _public_closure(fd, files: dict[str, FileDescriptorProto]) -> list[FileDescr
     return out
 
 
+def _locator(decls: dict[str, _Decl], files: dict[str, FileDescriptorProto]) -> Callable[[str], str]:
+    """`file:line:column` of a type, field, enum value, service or method by its dotted name
+    (for the generator's errors: a scan of the file's locations, only when one is raised)."""
+    def locate(name: str) -> str:
+        d = decls.get(name)
+        if d is not None:
+            return _where(d.file, d.path)
+        parent, _, member = name.rpartition(".")
+        d = decls.get(parent)
+        if d is not None:  # DescriptorProto.field = 2, EnumDescriptorProto.value = 2
+            items = d.proto.field if d.kind == "message" else d.proto.value  # type: ignore[union-attr]
+            for i, x in enumerate(items):
+                if x.name == member:
+                    return _where(d.file, d.path + (2, i))
+            return _where(d.file, d.path)
+        for fd in files.values():  # FileDescriptorProto.service = 6, ServiceDescriptorProto.method = 2
+            prefix = f"{fd.package}." if fd.package else ""
+            for i, svc in enumerate(fd.service):
+                if prefix + svc.name == name:
+                    return _where(fd, (6, i))
+                if prefix + svc.name == parent:
+                    for j, m in enumerate(svc.method):
+                        if m.name == member:
+                            return _where(fd, (6, i, 2, j))
+        return ""
+    return locate
+
+
 def build_modules(fds, main_names: list[str], paths: list[str] | None = None) -> list[ProtoModule]:
     """One ProtoModule per input file, from protoc's FileDescriptorSet."""
     decls, files = _index(fds)
+    locate = _locator(decls, files)
     order = {name: i for i, name in enumerate(decls)}  # declaration order, files topological
     modules = []
     for k, main in enumerate(main_names):
@@ -407,6 +442,7 @@ def build_modules(fds, main_names: list[str], paths: list[str] | None = None) ->
             services=[s.full_name for s in services],
             parents={n: decls[n].parent for n in names},
             files={n: decls[n].file.name for n in names},
+            locate=locate,
         ))
     return modules
 
