@@ -149,13 +149,21 @@ def _econv(x: Any, where: str, kind: str, ref: str | None) -> Any:
     elif kind == "bool":
         if t is bool:
             return x
+        if t.__module__ == "numpy" and t.__name__ in ("bool", "bool_"):  # numpy.bool_, as protobuf
+            return bool(x)
     elif kind == "string":
         if isinstance(x, str):
             return str(x)
     elif kind == "bytes":
         if isinstance(x, (bytes, bytearray, memoryview)):
             return bytes(x)
-    raise EncodeError(f"{where}: expected {_label(kind, ref)}, got {type(x).__name__}")
+    raise EncodeError(f"{where}: expected {_label(kind, ref)}, got {_qualname(t)}")
+
+
+def _qualname(t: type) -> str:
+    """A type's name for errors, with its module when not a builtin ('numpy.float64', whose
+    bare name numpy 2 makes 'float64' but for its bool: 'bool', beside Python's bool)."""
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def _as_index(x: Any) -> int | None:
@@ -422,8 +430,12 @@ class _Gen:
             if len(members) < 2:
                 continue
             cond = " + ".join(f"(f{i} is not None)" for i, _ in members)
-            text = f"{msg.full_name}: more than one member of oneof {g} is set ({', '.join(n for _, n in members)})"
-            L += [f"    if {cond} > 1:", f"        raise {exc}({text!r})"]
+            head = f"{msg.full_name}: more than one member of oneof {g} is set ("
+            # assigning a member does not clear the others (plain attributes, docs/PORTING.md)
+            tail = ")" if exc == "_DE" else f"): assigning one does not clear the others here, ClearField({g!r}) first"
+            pairs = ", ".join(f"({n!r}, f{i})" for i, n in members)
+            L += [f"    if {cond} > 1:",
+                  f"        raise {exc}({head!r} + ', '.join([n for n, x in ({pairs}) if x is not None]) + {tail!r})"]
         return L
 
     def required_check(self, msg: Any, exc: str) -> list[str]:

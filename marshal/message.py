@@ -310,7 +310,13 @@ def _field(m: Message, name: str) -> Any:
 
 
 def _oneof_members(m: Message, group: str) -> list[Any]:
-    return [f for f in _schema_fields(m) if f.oneof == group]
+    fields = _schema_fields(m)
+    members = [f for f in fields if f.oneof == group]
+    if not members and group.startswith("_"):
+        # protobuf's synthetic oneof of an `optional` field `x` is `_x` (the schema keeps no
+        # such group): WhichOneof / HasField / ClearField take that name as protobuf does
+        members = [f for f in fields if f.label == "optional" and f.oneof is None and f.name == group[1:]]
+    return members
 
 
 def _full_name(m: Message) -> str:

@@ -1,4 +1,4 @@
-"""protobuf's helper methods of the well-known types Timestamp and Duration.
+"""protobuf's helper methods of the well-known types Timestamp, Duration, Struct and ListValue.
 
 protobuf's generated `google.protobuf.Timestamp` / `Duration` classes have conversion methods
 (`GetCurrentTime`, `FromDatetime`, `ToJsonString`, `FromTimedelta`, ...) that grpcio code
@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any
 
-__all__ = ["Duration", "Timestamp"]
+__all__ = ["Duration", "ListValue", "Struct", "Timestamp"]
 
 _NANOS_PER_SECOND = 1_000_000_000
 _NANOS_PER_MILLI = 1_000_000
@@ -270,3 +270,159 @@ class Duration(_SecondsAndNanos):
 
     def __rsub__(self, value: Any) -> Any:
         return value - self.ToTimedelta()
+
+
+# -- Struct / ListValue: JSON-like values --------------------------------------------------------------
+#
+# protobuf's Struct is a mapping of JSON-like values (`s["k"] = 1`, `s.update({...})`,
+# `s["k"]`), its ListValue a sequence of them (`append`, `extend`, `l[0]`); both store
+# `google.protobuf.Value` messages, whose `kind` oneof holds the Python value (as
+# protobuf's `_SetStructValue` / `_GetStructValue`: None is null_value, a bool bool_value, a
+# str string_value, an int or float number_value, a dict / Struct struct_value, a list /
+# tuple / ListValue list_value). The Value, Struct and ListValue classes are the generated
+# module's own, found through the fields' classes (`__mrpc_types__`).
+
+_KIND = ("null_value", "number_value", "string_value", "bool_value", "struct_value", "list_value")
+
+
+def _field_class(cls: Any, name: str) -> Any:
+    return cls.__mrpc_types__[cls.__mrpc_fields__.index(name)]
+
+
+def _get_value(value: Any) -> Any:
+    """The Python value of a `Value` message (a Struct / ListValue as the message itself)."""
+    for kind in _KIND:
+        v = getattr(value, kind)
+        if v is not None:
+            return None if kind == "null_value" else v
+    raise ValueError("Value not set")
+
+
+def _set_value(value: Any, x: Any) -> None:
+    """Set a `Value` message to the Python value `x` (its other kinds cleared); a value of
+    another type is a ValueError that leaves it as it was, as protobuf's."""
+    cls = type(value)
+    v: Any
+    if x is None:
+        kind, v = "null_value", 0  # NULL_VALUE
+    elif isinstance(x, bool):
+        kind, v = "bool_value", x
+    elif isinstance(x, str):
+        kind, v = "string_value", x
+    elif isinstance(x, (int, float)):
+        kind, v = "number_value", float(x)
+    elif isinstance(x, (dict, Struct)):
+        kind, v = "struct_value", _field_class(cls, "struct_value")()
+        v.update(x)
+    elif isinstance(x, (list, tuple, ListValue)):
+        kind, v = "list_value", _field_class(cls, "list_value")()
+        v.extend(x)
+    else:
+        raise ValueError(f"Unexpected type {type(x).__name__} for a google.protobuf.Value")
+    for other in _KIND:
+        setattr(value, other, None)
+    setattr(value, kind, v)
+
+
+class Struct:
+    """Mixin of generated `google.protobuf.Struct` classes: a mapping of JSON-like values."""
+
+    __slots__ = ()
+
+    fields: Any  # (the generated class's map of Value messages)
+
+    def _value(self, key: str) -> Any:
+        fields = self.fields
+        v = fields.get(key)
+        if v is None:
+            v = fields[key] = _field_class(type(self), "fields")()
+        return v
+
+    def __getitem__(self, key: str) -> Any:
+        return _get_value(self.fields[key])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        _set_value(self._value(key), value)
+
+    def __delitem__(self, key: str) -> None:
+        del self.fields[key]
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __iter__(self) -> Any:
+        return iter(self.fields)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.fields
+
+    def keys(self) -> Any:
+        return self.fields.keys()
+
+    def values(self) -> list[Any]:
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, self[k]) for k in self]
+
+    def update(self, dictionary: Any) -> None:
+        for key, value in dictionary.items():
+            self[key] = value
+
+    def get_or_create_struct(self, key: str) -> Any:
+        v = self._value(key)
+        if v.struct_value is None:
+            _set_value(v, {})
+        return v.struct_value
+
+    def get_or_create_list(self, key: str) -> Any:
+        v = self._value(key)
+        if v.list_value is None:
+            _set_value(v, [])
+        return v.list_value
+
+
+class ListValue:
+    """Mixin of generated `google.protobuf.ListValue` classes: a sequence of JSON-like values."""
+
+    __slots__ = ()
+
+    values: Any  # (the generated class's list of Value messages)
+
+    def _new(self) -> Any:
+        v = _field_class(type(self), "values")()
+        self.values.append(v)
+        return v
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: int) -> Any:
+        return _get_value(self.values[index])
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        _set_value(self.values[index], value)
+
+    def __delitem__(self, index: int) -> None:
+        del self.values[index]
+
+    def append(self, value: Any) -> None:
+        _set_value(self._new(), value)
+
+    def extend(self, elem_seq: Any) -> None:
+        for value in elem_seq:
+            self.append(value)
+
+    def items(self) -> Any:
+        for i in range(len(self)):
+            yield self[i]
+
+    def add_struct(self) -> Any:
+        v = self._new()
+        _set_value(v, {})
+        return v.struct_value
+
+    def add_list(self) -> Any:
+        v = self._new()
+        _set_value(v, [])
+        return v.list_value

@@ -23,9 +23,9 @@ Python names (the schema always keeps the .proto names):
 protobuf's API on top (docs/PORTING.md): enums mix in `EnumWrapper` (`Name`, `Value`, ...); the
 values of the file's own top-level enums are module constants and those of nested enums class
 attributes, each only where its name is free (a type, a generated name, a field, a Message
-attribute keeps it); Timestamp and Duration mix in their helpers (mrpcd.marshal.wkt); an
-`__init__` makes a dict given for a message field into the message and gives repeated / map
-fields of messages their containers (mrpcd.marshal.containers).
+attribute keeps it); Timestamp, Duration, Struct and ListValue mix in their helpers
+(mrpcd.marshal.wkt); an `__init__` makes a dict given for a message field into the message and
+gives repeated / map fields of messages their containers (mrpcd.marshal.containers).
 
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
@@ -81,6 +81,10 @@ _MESSAGE_ATTRS = set(dir(_BaseMessage))
 _WKT_MIXINS = {"google.protobuf.Timestamp": "_wkt.Timestamp", "google.protobuf.Duration": "_wkt.Duration"}
 # ... and the Python value a constructor takes for a field of that type (the .pyi's name for it)
 _WKT_PYTHON = {"_wkt.Timestamp": "_datetime.datetime", "_wkt.Duration": "_datetime.timedelta"}
+# well-known types that protobuf makes containers of JSON-like values (mrpcd.marshal.wkt), with
+# the one field their helpers use
+_WKT_CONTAINERS = {"google.protobuf.Struct": ("_wkt.Struct", ("fields", "map", "message")),
+                   "google.protobuf.ListValue": ("_wkt.ListValue", ("values", "repeated", "message"))}
 _LINE = 100
 
 # The call objects of a stub's methods, as grpcio's stubs type grpc.UnaryUnaryMultiCallable
@@ -212,7 +216,7 @@ class _Names:
             self._enum_members(name, en.values)
         for name in list(schema.enums) + list(schema.messages):
             if name.rsplit(".", 1)[-1].startswith("__"):
-                raise StubgenError(f"{mod.proto}: type {name}: names starting with __ mean something to Python "
+                raise StubgenError(f"{mod.where(name)}: type {name}: names starting with __ mean something to Python "
                                    "(special methods and module attributes, private name mangling); rename it")
         for svc in schema.services.values():
             self._methods(svc)
@@ -279,8 +283,8 @@ class _Names:
         attrs: dict[str, str] = {}
         aliases: dict[str, str] = {}
         for f in msg.fields:
-            where = f"{self.mod.proto}: field {msg.full_name}.{f.name}"
             if f.name in _MESSAGE_METHODS or f.name.startswith("__"):
+                where = f"{self.mod.where(f'{msg.full_name}.{f.name}')}: field {msg.full_name}.{f.name}"
                 raise StubgenError(f"{where}: the name clashes with a method of generated messages; rename the field")
             if keyword.iskeyword(f.name):
                 alias = f.name + "_"
@@ -298,7 +302,7 @@ class _Names:
         out: dict[str, str] = {}
         for m in svc.methods:
             if m.name.startswith("__"):
-                raise StubgenError(f"{self.mod.proto}: method {svc.full_name}.{m.name}: names starting with __ mean "
+                raise StubgenError(f"{self.mod.where(f'{svc.full_name}.{m.name}')}: method {svc.full_name}.{m.name}: names starting with __ mean "
                                    "something to Python (special methods, private name mangling); rename it")
             attr = m.name
             if keyword.iskeyword(attr):  # as a keyword field: `from_`, or `from__` if `from_` is a method too
@@ -312,7 +316,7 @@ class _Names:
         out, used = [], set()
         for vname, number in values:
             if vname.startswith("_") and (vname.endswith("_") or vname.startswith("__")):
-                raise StubgenError(f"{self.mod.proto}: enum value {name}.{vname}: names like _x_ and __x are reserved by Python's enum")
+                raise StubgenError(f"{self.mod.where(f'{name}.{vname}')}: enum value {name}.{vname}: names like _x_ and __x are reserved by Python's enum")
             cand = _safe(vname)
             if cand in _ENUM_REFUSED:  # enum.EnumType raises on these: a trailing underscore, as for keywords
                 cand += "_"
@@ -409,12 +413,20 @@ class _Emitter:
             return mixin
         return None
 
+    def wkt_container(self, full: str) -> str | None:
+        """The helper mixin of Struct / ListValue (a mapping / sequence of JSON-like values)."""
+        mixin, field = _WKT_CONTAINERS.get(full, (None, None))
+        fields = [(f.name, f.label, f.type.kind) for f in self.schema.messages[full].fields]
+        if mixin and fields == [field] and self.schema.messages[full].fields[0].type.ref_name == "google.protobuf.Value":
+            return mixin
+        return None
+
     def bases(self, full: str) -> str:
-        mixin = self.wkt_mixin(full)
+        mixin = self.wkt_mixin(full) or self.wkt_container(full)
         return f"{mixin}, _Message" if mixin else "_Message"
 
     def imports_wkt(self) -> list[str]:
-        if any(self.wkt_mixin(full) for full in self.schema.messages):
+        if any(self.wkt_mixin(full) or self.wkt_container(full) for full in self.schema.messages):
             return ["from mrpcd.marshal import wkt as _wkt"]
         return []
 

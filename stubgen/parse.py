@@ -24,9 +24,9 @@ Mapping of descriptors to the schema:
 Field names stay the .proto names, also when they are Python keywords (`from`); the
 generator gives such fields a safe Python attribute (`from_`).
 
-Not supported (clear error naming the construct): proto2 groups, extensions declared in an
-input file (custom options, extensions of google.protobuf.*Options, are fine: they add no
-field to a message), proto2 explicit default values, editions syntax.
+Not supported (clear error naming the construct and its file:line:column): proto2 groups,
+extensions declared in an input file (custom options, extensions of google.protobuf.*Options,
+are fine: they add no field to a message), proto2 explicit default values, editions syntax.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mrpcd.marshal.schema import Enum, Field, Message, Method, Schema, SchemaError, Service, TypeRef
 
@@ -61,6 +61,12 @@ class ProtoModule:
     parents: dict[str, str | None] = field(default_factory=dict)
     # full type name -> .proto file declaring it
     files: dict[str, str] = field(default_factory=dict)
+    # dotted name of a type, field, enum value, service or method -> "file:line:column"
+    locate: Callable[[str], str] | None = field(default=None, repr=False)
+
+    def where(self, name: str) -> str:
+        """Where `name` is declared, for errors (the input file when that is not known)."""
+        return (self.locate(name) if self.locate else None) or self.proto
 
 
 # FieldDescriptorProto.Type numbers -> schema kinds
@@ -134,7 +140,8 @@ def run_protoc(protos: list[str], includes: list[str] | None = None):
 
     with tempfile.TemporaryDirectory(prefix="mrpcd-stubgen-") as tmp:
         out = os.path.join(tmp, "set.pb")
-        args = ["protoc", f"--descriptor_set_out={out}", "--include_imports"]
+        # source info: the line and column of what we refuse (_where)
+        args = ["protoc", f"--descriptor_set_out={out}", "--include_imports", "--include_source_info"]
         # protoc matches -I dirs as string prefixes: give it real paths on both sides
         args += [f"-I{os.path.realpath(inc)}" for inc in includes] + [f"-I{wk}"]
         args += [os.path.realpath(p) for p in protos]
@@ -143,7 +150,7 @@ def run_protoc(protos: list[str], includes: list[str] | None = None):
             msg = text.strip() or f"protoc exited with status {rc}"
             for p in protos:  # name the files as the user did
                 msg = msg.replace(os.path.realpath(p), p)
-            raise StubgenError(f"protoc could not compile {', '.join(protos)}:\n{msg}")
+            raise StubgenError(f"protoc could not compile {', '.join(protos)}:\n{msg}{_import_hint(msg, includes)}")
         if text.strip():  # warnings (e.g. unused imports): pass them on
             for p in protos:
                 text = text.replace(os.path.realpath(p), p)
@@ -152,6 +159,18 @@ def run_protoc(protos: list[str], includes: list[str] | None = None):
         with open(out, "rb") as f:
             fds.ParseFromString(f.read())
     return fds, names
+
+
+def _import_hint(msg: str, includes: list[str]) -> str:
+    """What to do about imports protoc did not find ("x/y.proto: File not found."): they are
+    looked up under the -I directories, by the path the import statement gives."""
+    missing = [line[: -len(": File not found.")] for line in msg.splitlines() if line.endswith(": File not found.")]
+    if not missing:
+        return ""
+    where = ", ".join(includes) if includes else "none given"
+    return (f"\nhint: an import \"{missing[0]}\" is looked up as DIR/{missing[0]} for each -I DIR "
+            f"(searched: {where}; google/protobuf/*.proto are built in): add -I with the directory "
+            f"that holds {missing[0]}")
 
 
 def _call_protoc(fn, args: list[str]) -> tuple[int, str]:
@@ -183,28 +202,46 @@ class _Decl:
     file: FileDescriptorProto
     parent: str | None
     map_entry: bool = False
+    path: tuple[int, ...] = ()  # its SourceCodeInfo path in its file (_where)
 
 
 def _index(fds) -> tuple[dict[str, _Decl], dict[str, FileDescriptorProto]]:
     decls: dict[str, _Decl] = {}
     files: dict[str, FileDescriptorProto] = {}
 
-    def walk_msg(m, prefix: str, fd, parent: str | None) -> None:
+    # SourceCodeInfo paths: FileDescriptorProto.message_type = 4, .enum_type = 5;
+    # DescriptorProto.nested_type = 3, .enum_type = 4
+    def walk_msg(m, prefix: str, fd, parent: str | None, path: tuple[int, ...]) -> None:
         full = f"{prefix}{m.name}"
-        decls[full] = _Decl("message", full, m, fd, parent, m.options.map_entry)
-        for e in m.enum_type:
-            decls[f"{full}.{e.name}"] = _Decl("enum", f"{full}.{e.name}", e, fd, full)
-        for n in m.nested_type:
-            walk_msg(n, full + ".", fd, full)
+        decls[full] = _Decl("message", full, m, fd, parent, m.options.map_entry, path)
+        for i, e in enumerate(m.enum_type):
+            decls[f"{full}.{e.name}"] = _Decl("enum", f"{full}.{e.name}", e, fd, full, path=path + (4, i))
+        for i, n in enumerate(m.nested_type):
+            walk_msg(n, full + ".", fd, full, path + (3, i))
 
     for fd in fds.file:
         files[fd.name] = fd
         prefix = f"{fd.package}." if fd.package else ""
-        for e in fd.enum_type:
-            decls[prefix + e.name] = _Decl("enum", prefix + e.name, e, fd, None)
-        for m in fd.message_type:
-            walk_msg(m, prefix, fd, None)
+        for i, e in enumerate(fd.enum_type):
+            decls[prefix + e.name] = _Decl("enum", prefix + e.name, e, fd, None, path=(5, i))
+        for i, m in enumerate(fd.message_type):
+            walk_msg(m, prefix, fd, None, (4, i))
     return decls, files
+
+
+def _line(fd, path: tuple[int, ...]) -> tuple[int, int] | None:
+    """(line, column), from 1, of the declaration at SourceCodeInfo `path` in `fd`."""
+    for loc in fd.source_code_info.location:
+        if tuple(loc.path) == path and len(loc.span) >= 2:
+            return loc.span[0] + 1, loc.span[1] + 1
+    return None
+
+
+def _where(fd, path: tuple[int, ...]) -> str:
+    """`file:line:column` of that declaration (protoc's own form for errors), or just the
+    file when protoc gave no location for it."""
+    at = _line(fd, path)
+    return f"{fd.name}:{at[0]}:{at[1]}" if at else fd.name
 
 
 def _ref(type_name: str) -> str:
@@ -213,7 +250,8 @@ def _ref(type_name: str) -> str:
 
 def _check_file(fd) -> None:
     if fd.syntax == "editions":
-        raise StubgenError(f"{fd.name}: protobuf editions are not supported (use syntax = \"proto3\" or \"proto2\")")
+        # (FileDescriptorProto.syntax = 12: the location of the `edition = ...` statement)
+        raise StubgenError(f"{_where(fd, (12,))}: protobuf editions are not supported (use syntax = \"proto3\" or \"proto2\")")
 
 
 def _is_option(ext) -> bool:
@@ -224,18 +262,22 @@ def _is_option(ext) -> bool:
 
 
 def _check_no_extensions(fd) -> None:
-    found = [f"{x.extendee.lstrip('.')}.{x.name}" for x in fd.extension if not _is_option(x)]
+    # (SourceCodeInfo paths: FileDescriptorProto.extension = 7, DescriptorProto.extension = 6)
+    found: list[tuple[tuple[int, ...], str]] = [
+        ((7, i), f"{x.extendee.lstrip('.')}.{x.name}") for i, x in enumerate(fd.extension) if not _is_option(x)]
 
-    def walk(m, prefix: str) -> None:
+    def walk(m, prefix: str, path: tuple[int, ...]) -> None:
         full = prefix + m.name
-        found.extend(f"{x.extendee.lstrip('.')}.{x.name} (declared in {full})" for x in m.extension if not _is_option(x))
-        for n in m.nested_type:
-            walk(n, full + ".")
+        found.extend((path + (6, i), f"{x.extendee.lstrip('.')}.{x.name} (declared in {full})")
+                     for i, x in enumerate(m.extension) if not _is_option(x))
+        for i, n in enumerate(m.nested_type):
+            walk(n, full + ".", path + (3, i))
 
-    for m in fd.message_type:
-        walk(m, f"{fd.package}." if fd.package else "")
+    for i, m in enumerate(fd.message_type):
+        walk(m, f"{fd.package}." if fd.package else "", (4, i))
     if found:
-        raise StubgenError(f"{fd.name}: extensions are not supported: {', '.join(found)}")
+        found.sort(key=lambda x: _line(fd, x[0]) or (0, 0))
+        raise StubgenError(f"{_where(fd, found[0][0])}: extensions are not supported: {', '.join(n for _, n in found)}")
 
 
 def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[str]]:
@@ -245,9 +287,12 @@ def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[s
     refs: list[str] = []
     fields = []
 
-    def typeref(f, where: str) -> TypeRef:
+    def at(i: int) -> str:  # where field i is (only for errors: a scan of the file's locations)
+        return _where(fd, d.path + (2, i))  # (DescriptorProto.field = 2)
+
+    def typeref(f, where: str, i: int | None = None) -> TypeRef:
         if f.type == _TYPE_GROUP:
-            raise StubgenError(f"{fd.name}: {where}: proto2 groups are not supported (use a nested message field)")
+            raise StubgenError(f"{fd.name if i is None else at(i)}: {where}: proto2 groups are not supported (use a nested message field)")
         if f.type in (_TYPE_MESSAGE, _TYPE_ENUM):
             ref = _ref(f.type_name)
             if ref not in decls:
@@ -259,10 +304,11 @@ def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[s
         except KeyError:
             raise StubgenError(f"{fd.name}: {where}: unsupported field type {f.type}") from None
 
-    for f in m.field:
+    for i, f in enumerate(m.field):
         where = f"{d.full}.{f.name}"
         if f.HasField("default_value"):
-            raise StubgenError(f"{fd.name}: {where}: explicit default values ([default = {f.default_value}]) are not supported")
+            raise StubgenError(f"{at(i)}: {where}: explicit default values ([default = {f.default_value}]) are not "
+                               "supported (without the option the default is the type's own: 0, empty, the enum's first value)")
         oneof = None
         key = None
         if f.label == _LABEL_REPEATED:
@@ -283,7 +329,7 @@ def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[s
             label = "optional"
         else:
             label = "single"
-        ref = typeref(f, where)
+        ref = typeref(f, where, i)
         required = proto2 and f.label == _LABEL_REQUIRED and ref.kind == "message"
         fields.append(Field(f.name, f.number, ref, label, key, oneof, required))
     return Message(d.full, tuple(fields)), refs
@@ -302,9 +348,38 @@ def _public_closure(fd, files: dict[str, FileDescriptorProto]) -> list[FileDescr
     return out
 
 
+def _locator(decls: dict[str, _Decl], files: dict[str, FileDescriptorProto]) -> Callable[[str], str]:
+    """`file:line:column` of a type, field, enum value, service or method by its dotted name
+    (for the generator's errors: a scan of the file's locations, only when one is raised)."""
+    def locate(name: str) -> str:
+        d = decls.get(name)
+        if d is not None:
+            return _where(d.file, d.path)
+        parent, _, member = name.rpartition(".")
+        d = decls.get(parent)
+        if d is not None:  # DescriptorProto.field = 2, EnumDescriptorProto.value = 2
+            items = d.proto.field if d.kind == "message" else d.proto.value  # type: ignore[union-attr]
+            for i, x in enumerate(items):
+                if x.name == member:
+                    return _where(d.file, d.path + (2, i))
+            return _where(d.file, d.path)
+        for fd in files.values():  # FileDescriptorProto.service = 6, ServiceDescriptorProto.method = 2
+            prefix = f"{fd.package}." if fd.package else ""
+            for i, svc in enumerate(fd.service):
+                if prefix + svc.name == name:
+                    return _where(fd, (6, i))
+                if prefix + svc.name == parent:
+                    for j, m in enumerate(svc.method):
+                        if m.name == member:
+                            return _where(fd, (6, i, 2, j))
+        return ""
+    return locate
+
+
 def build_modules(fds, main_names: list[str], paths: list[str] | None = None) -> list[ProtoModule]:
     """One ProtoModule per input file, from protoc's FileDescriptorSet."""
     decls, files = _index(fds)
+    locate = _locator(decls, files)
     order = {name: i for i, name in enumerate(decls)}  # declaration order, files topological
     modules = []
     for k, main in enumerate(main_names):
@@ -332,7 +407,7 @@ def build_modules(fds, main_names: list[str], paths: list[str] | None = None) ->
         seen: set[str] = set()
         todo = list(roots)
         while todo:
-            name = todo.pop()
+            name = todo.pop(0)  # declaration order: the first error in the file is the one reported
             if name in seen:
                 continue
             seen.add(name)
@@ -367,6 +442,7 @@ def build_modules(fds, main_names: list[str], paths: list[str] | None = None) ->
             services=[s.full_name for s in services],
             parents={n: decls[n].parent for n in names},
             files={n: decls[n].file.name for n in names},
+            locate=locate,
         ))
     return modules
 

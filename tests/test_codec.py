@@ -270,8 +270,15 @@ def test_numpy_style_numbers_are_accepted_as_protobuf_does():
     back = Scalars.FromString(s.SerializeToString())
     assert (back.int64, back.uint32, back.float, back.double) == (9, 3, 1.5, 2.0)
     assert type(back.int64) is int and type(back.float) is float
-    with pytest.raises(EncodeError, match="expected int32"):
+    with pytest.raises(EncodeError, match="expected int32, got numpy.float64"):
         Scalars(int32=np.float64(1.0)).SerializeToString()
+    # numpy's bool (what a comparison of arrays gives, e.g. TGI's Tokens.is_special from a mask)
+    c = Composite(r_bool=[np.True_, np.bool_(False)])
+    back = Composite.FromString(c.SerializeToString())
+    assert back.r_bool == [True, False] and type(back.r_bool[0]) is bool
+    assert Scalars.FromString(Scalars(bool=np.True_).SerializeToString()).bool is True
+    with pytest.raises(EncodeError, match=r"t\.Scalars\.int32: expected int32, got numpy\.bool"):
+        Scalars(int32=np.True_).SerializeToString()  # still no bool for an integer
 
 
 # -- strict decoding ----------------------------------------------------------------------

@@ -402,8 +402,11 @@ def test_syntax_error_is_reported_with_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("proto, words", [
-    ("bad_group.proto", ["groups are not supported", "WithGroup"]),
-    ("bad_extension.proto", ["extensions are not supported", "Extendable.note"]),
+    # refused constructs are named with protoc's file:line:column, as its own errors are
+    ("bad_group.proto", ["bad_group.proto:6:3: ", "groups are not supported", "WithGroup"]),
+    ("bad_extension.proto", ["bad_extension.proto:11:3: ", "extensions are not supported", "Extendable.note"]),
+    ("bad_edition.proto", ["bad_edition.proto:3:1: protobuf editions are not supported"]),
+    ("bad_default.proto", ["bad_default.proto:8:3: mrpc.bad.Header.retries: explicit default values ([default = -1])"]),
     ("bad_unknown_type.proto", ["bad_unknown_type.proto:6:3", "NoSuchType"]),
 ])
 def test_unsupported_or_invalid_protos(tmp_path, capsys, proto, words):
@@ -701,7 +704,7 @@ def test_a_field_named_like_a_message_method_is_refused(tmp_path, capsys, name):
     proto.write_text(f'syntax = "proto3";\npackage c;\nmessage M {{ int32 {name} = 1; }}\n')
     assert cli.main([str(proto), "-o", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert f"c.M.{name}" in err and "clashes with a method of generated messages" in err
+    assert f"clash.proto:3:13: field c.M.{name}: the name clashes with a method of generated messages" in err
 
 
 def test_proto2_required_message_field_is_enforced(mods):

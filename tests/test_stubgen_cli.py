@@ -52,3 +52,20 @@ def test_no_pyi_removes_the_pyi_of_an_earlier_run(tree, monkeypatch):
     (tree / "out" / "keep.pyi").write_text("")
     assert cli.main(["a.proto", "-o", "out", "--no-pyi"]) == 0
     assert sorted(p.name for p in (tree / "out").iterdir()) == ["a_mrpc.py", "keep.pyi"]
+
+
+def test_an_import_not_found_says_how_imports_are_looked_up(tmp_path, capsys):
+    # a service importing its types by their path from the repository's root (OpenTelemetry's
+    # "opentelemetry/proto/trace/v1/trace.proto", googleapis' "google/api/..."), generated
+    # without -I for that root: protoc's errors, then what to pass
+    (tmp_path / "api" / "types" / "v1").mkdir(parents=True)
+    (tmp_path / "api" / "types" / "v1" / "t.proto").write_text('syntax = "proto3";\npackage t;\nmessage T {}\n')
+    svc = tmp_path / "api" / "svc" / "s.proto"
+    svc.parent.mkdir()
+    svc.write_text('syntax = "proto3";\nimport "api/types/v1/t.proto";\nservice S { rpc Get(t.T) returns (t.T); }\n')
+    assert cli.main([str(svc), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "api/types/v1/t.proto: File not found." in err
+    assert "hint: an import \"api/types/v1/t.proto\" is looked up as DIR/api/types/v1/t.proto for each -I DIR" in err
+    assert "add -I with the directory that holds api/types/v1/t.proto" in err
+    assert cli.main([str(svc), "-I", str(tmp_path), "-o", str(tmp_path / "out")]) == 0

@@ -181,11 +181,13 @@ service S {
 
 
 @pytest.mark.parametrize("text, words", [
-    ('service S { rpc __init__(M) returns (M); }', ["method dup.S.__init__", "__"]),
-    ('service S { rpc __call(M) returns (M); }', ["method dup.S.__call"]),
-    ('message __repr__ { int32 x = 1; }', ["dup.__repr__"]),
-    ('message Outer { message __repr__ { int32 x = 1; } __repr__ r = 1; }', ["dup.Outer.__repr__"]),
-    ('enum __builtins__ { A = 0; }', ["dup.__builtins__"]),
+    # (each named with its file:line:column, line 4 of the file below)
+    ('service S { rpc __init__(M) returns (M); }', ["t.proto:4:13: method dup.S.__init__", "__"]),
+    ('service S { rpc __call(M) returns (M); }', ["t.proto:4:13: method dup.S.__call"]),
+    ('message __repr__ { int32 x = 1; }', ["t.proto:4:1: type dup.__repr__"]),
+    ('message Outer { message __repr__ { int32 x = 1; } __repr__ r = 1; }', ["t.proto:4:17: type dup.Outer.__repr__"]),
+    ('enum __builtins__ { A = 0; }', ["t.proto:4:1: type dup.__builtins__"]),
+    ('enum E { _A_ = 0; }', ["t.proto:4:10: enum value dup.E._A_"]),
 ])
 def test_dunder_method_and_type_names_are_refused(tmp_path, capsys, text, words):
     err = refused(tmp_path, capsys, f'syntax = "proto3";\npackage dup;\nmessage M {{ int32 x = 1; }}\n{text}\n')
