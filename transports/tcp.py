@@ -39,7 +39,7 @@ import ssl
 from typing import Callable, Protocol, Sequence
 
 from mrpcd.transports._tcp import PeerConnection, PeerGoaway
-from mrpcd.transports.handshake import PROTOCOL_VERSION, HandshakeError, make_goaway
+from mrpcd.transports.handshake import PROTOCOL_VERSION, HandshakeError, copy_services, make_goaway
 from mrpcd.transports.security import AllowList, TlsConfig, describe_tls_error
 
 __all__ = [
@@ -118,7 +118,7 @@ async def connect(
     where = _hostport(host, port)
     deadline = loop.time() + timeout
     ready: asyncio.Future = loop.create_future()
-    services = dict(services)
+    services = copy_services(services)
     dial = host
     if allow is not None:
         dial = await _resolve_allowed(loop, host, port, allow, where)
