@@ -240,3 +240,19 @@ def test_a_response_that_does_not_fit_fails_with_internal(shops, daemons):
     finally:
         capp.close()
         sapp.close()
+
+
+def test_big_messages_are_transcoded_not_received_in_place(shops, daemons):
+    """A transcoding connection never reads a peer record straight into the app's ring
+    (the app must get the transcoded payload, not the peer's bytes)."""
+    v1, v2 = shops["v1"], shops["v2"]
+    big = "x" * (600 * 1024)
+
+    def body(stub, seen):
+        r = stub.Place(v1.Order(customer=big, quantity=2, note=big), timeout=30)
+        assert r.text == f"placed for {big}" and r.total == 2
+        assert seen[-1].client == big
+
+    cli, srv = run_pair(daemons, v2, v1, body, "big")
+    assert srv["stats"]["received_in_place"] == 0 and cli["stats"]["received_in_place"] == 0
+    assert srv["stats"]["transcoded"] == 1 and cli["stats"]["transcoded"] == 1

@@ -874,6 +874,8 @@ class AppSession:
                         calls[rec.call_id] = mp.output
                         if len(calls) > TRACKED_CALLS_MAX:
                             del calls[next(iter(calls))]
+                elif rec.kind == R.CANCEL and calls:  # the app gave up on it: forget it
+                    calls.pop(rec.call_id, None)
         else:
             for rec in recs:
                 if rec.kind == R.RESPONSE and rec.flags & R.F_END:
