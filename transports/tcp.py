@@ -4,7 +4,9 @@
 conn = await connect("10.0.0.2", 7000, {"helloworld.Greeter": fp})   # client role
 server = await serve("0.0.0.0", 7000, services_for, on_connection)    # server role
 
+# services: {name: fingerprint}, or a handshake.ServiceSet that also carries the closures
 conn.peer_hello                      # the peer's validated HELLO: {"version", "role", "services"}
+                                     # (+ "closures" of compatible mismatched services: evolution)
 conn.set_handlers(on_records, on_close)
 conn.send(record_bytes)              # queued; one writelines (→ writev) per loop iteration
 conn.send_batch([r1, r2, ...])       # one writelines now
