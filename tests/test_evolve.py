@@ -272,3 +272,24 @@ def test_random_roundtrip(seed):
                 tc = getattr(plan.methods[mid], which) if plan is not None and mid in plan.methods else None
                 got = tc(data) if tc is not None else data
                 assert codec.decode_plain(dst, name, got) == expected(sm, dm, name, codec.decode_plain(src, name, data))
+
+
+def test_required_and_map_key_rules():
+    def req(required: bool, number: int = 2):
+        fields = [["a", 1, ["int32", None], "single", None, None],
+                  ["m", number, ["message", "t.Rsp"], "single", None, None] + ([True] if required else [])]
+        return Schema.from_dict({"messages": [["t.Req", fields], ["t.Rsp", []]],
+                                 "services": [[SVC, [["Call", "t.Req", "t.Rsp", False, False]]]]})
+    assert any("required" in r for r in compare(req(True), req(False), SVC))
+    reasons = compare(req(True, 3), req(False, 2), SVC)
+    assert any("field 3: peer has 'required t.Rsp m', this side has no field 3" in r for r in reasons)
+    a = schema({"t.Req": [F("m", 1, "int32", label="map", key="string")], "t.Rsp": []})
+    b = schema({"t.Req": [F("m", 1, "int32", label="map", key="int64")], "t.Rsp": []})
+    assert compare(a, b, SVC) == ["t.Req field 1: peer has 'map<string, int32> m', this side has 'map<int64, int32> m'"]
+
+
+def test_enum_values_changed_need_no_plan():
+    a = schema(V2, enums={"t.E": [["A", 0]]})
+    b = schema(V2, enums={"t.E": [["A", 0], ["B", 1], ["C", 2]]})
+    assert a.fingerprint(SVC) != b.fingerprint(SVC)  # t.E (Req.color) is in the closure
+    assert compare(a, b, SVC) == [] and plan_service(a, b, SVC) is None
