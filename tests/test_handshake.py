@@ -214,3 +214,79 @@ def test_client_must_start_first():
         c.receive(rec(make_hello("server", {})))
     with pytest.raises(ValueError):
         Handshake("peer", {})
+
+
+# -- schema evolution: closures in HELLO (marshal/evolve.py) ----------------------------------
+def _greeter(req_fields, methods=(("SayHello", "helloworld.HelloRequest", "helloworld.HelloReply", False, False),)):
+    from mrpcd.marshal.schema import Schema
+
+    return Schema.from_dict({
+        "messages": [["helloworld.HelloRequest", req_fields],
+                     ["helloworld.HelloReply", [["message", 1, ["string", None], "single", None, None]]]],
+        "services": [[GREETER, [list(m) for m in methods]]],
+    })
+
+
+V1_REQ = [["name", 1, ["string", None], "single", None, None]]
+V2_REQ = [["who", 1, ["string", None], "single", None, None], ["age", 2, ["int32", None], "single", None, None]]
+BAD_REQ = [["name", 1, ["bytes", None], "single", None, None]]
+
+
+def test_compatible_closures_accept_and_report_peer_closure():
+    from mrpcd.transports.handshake import service_set
+
+    v1, v2 = service_set(_greeter(V1_REQ)), service_set(_greeter(V2_REQ))
+    assert v1[GREETER] != v2[GREETER]
+    raw = msgpack.unpackb(rec(make_hello("client", v1)).payload)
+    assert raw["closures"][GREETER]["service"][0] == GREETER
+    got = check_hello(v2, rec(make_hello("client", v1)))
+    assert got["closures"] == {GREETER: msgpack.unpackb(msgpack.packb(v1.closures[GREETER]))}
+    # equal fingerprints: nothing to transcode, no closures in the result
+    assert "closures" not in check_hello(v1, rec(make_hello("client", v1)))
+
+
+def test_incompatible_closure_names_the_field():
+    from mrpcd.transports.handshake import service_set
+
+    with pytest.raises(HandshakeError) as ei:
+        check_hello(service_set(_greeter(V1_REQ)), rec(make_hello("client", service_set(_greeter(BAD_REQ)))))
+    text = str(ei.value)
+    assert "schema mismatch for service helloworld.Greeter: incompatible changes" in text
+    assert "helloworld.HelloRequest field 1: peer has 'bytes name', this side has 'string name'" in text
+
+
+def test_peer_without_closures_is_checked_by_fingerprint():
+    from mrpcd.transports.handshake import service_set
+
+    v2 = service_set(_greeter(V2_REQ))
+    v1 = service_set(_greeter(V1_REQ))
+    with pytest.raises(HandshakeError, match="local fingerprint"):
+        check_hello(v2, rec(make_hello("client", dict(v1))))  # an old peer: fingerprints only
+    with pytest.raises(HandshakeError, match="local fingerprint"):
+        check_hello(dict(v2), rec(make_hello("client", v1)))  # we have no closure to compare
+
+
+@pytest.mark.parametrize("closures, text", [
+    ([1], "'closures' must be a map"),
+    ({GREETER: {"service": 3}}, "the closure of service"),
+    ({GREETER: {"service": [GREETER, []], "messages": [], "enums": []}}, "does not match the fingerprint"),
+])
+def test_malformed_closures(closures, text):
+    with pytest.raises(HandshakeError, match=text):
+        check_hello({GREETER: FP_A}, hello_with({"version": 1, "role": "client", "services": {GREETER: FP_B},
+                                                 "closures": closures}),
+                    local_closures={GREETER: _greeter(V1_REQ).closure(GREETER)})
+
+
+def test_handshake_state_machine_evolves():
+    from mrpcd.transports.handshake import service_set
+
+    v1, v2 = service_set(_greeter(V1_REQ)), service_set(_greeter(V2_REQ))
+    client, server = Handshake("client", v1), Handshake("server", v2)
+    (reply,) = server.receive(rec(client.start()[0]))
+    assert server.state == DONE and GREETER in server.peer_hello["closures"]
+    assert client.receive(rec(reply)) == [] and client.state == DONE
+    assert GREETER in client.peer_hello["closures"]
+    bad = Handshake("server", service_set(_greeter(BAD_REQ)))
+    (goaway,) = bad.receive(rec(Handshake("client", v1).start()[0]))
+    assert bad.state == FAILED and "field 1" in parse_goaway(rec(goaway))

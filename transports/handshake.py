@@ -3,10 +3,14 @@
 Wire contract (docs/INTERNALS.md, "Daemon-to-daemon TCP"):
 
 * the client sends a HELLO record whose payload is msgpack
-  ``{"version": PROTOCOL_VERSION, "role": "client", "services": {name: fingerprint}}``;
+  ``{"version": PROTOCOL_VERSION, "role": "client", "services": {name: fingerprint},
+  "closures": {name: closure}}`` (``closures``: each service's schema closure,
+  ``Schema.closure``; optional: a peer without it is checked by fingerprints alone);
 * the server checks it (protocol version; every service both sides know must have equal
-  fingerprints). On success it answers with its own HELLO (role "server"); on failure it
-  answers with a GOAWAY record whose ``:details`` metadata explains, and closes;
+  fingerprints, or, when both sides sent their closures, closures that are compatible by
+  protobuf's evolution rules, marshal/evolve.py). On success it answers with its own HELLO
+  (role "server"); on failure it answers with a GOAWAY record whose ``:details`` metadata
+  explains (for an incompatible closure: the first differences), and closes;
 * the client checks the server's HELLO the same way (defence in depth), or surfaces the
   server's GOAWAY text.
 
@@ -17,6 +21,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import msgpack
+
+from mrpcd.marshal.evolve import closure_schema, compare
+from mrpcd.marshal.schema import Schema, SchemaError
 
 from mrpcd.marshal.records import (
     GOAWAY,
@@ -32,6 +39,9 @@ __all__ = [
     "HandshakeError",
     "Handshake",
     "make_hello",
+    "ServiceSet",
+    "service_set",
+    "copy_services",
     "check_hello",
     "make_goaway",
     "parse_goaway",
@@ -48,6 +58,34 @@ MAX_SERVICES = 4096
 MAX_NAME_LEN = 1024
 MAX_FINGERPRINT_LEN = 256
 MAX_DETAILS_LEN = 4096
+# Closures a HELLO carries at most (packed bytes; past that the rest are left out, and those
+# services are checked by fingerprint alone), and incompatibilities named in a refusal.
+MAX_CLOSURES_BYTES = 4 << 20
+MAX_REASONS = 3
+
+
+class ServiceSet(dict):
+    """{service name: fingerprint}, as the transports pass it to ``Handshake``, plus
+    ``closures``: {service name: closure plain data} for the services that may evolve."""
+
+    def __init__(self, fingerprints: Mapping[str, str] | None = None, closures: Mapping[str, Any] | None = None) -> None:
+        super().__init__(fingerprints or {})
+        self.closures: dict[str, Any] = dict(closures or {})
+
+
+def service_set(schema: Schema, names: list[str] | None = None) -> ServiceSet:
+    """The fingerprints and closures of `names` (all of the schema's services by default)."""
+    names = list(schema.services) if names is None else names
+    return ServiceSet({n: schema.fingerprint(n) for n in names}, {n: schema.closure(n) for n in names})
+
+
+def copy_services(services: Mapping[str, str]) -> dict[str, str]:
+    """A copy of a services mapping that keeps a ServiceSet's closures."""
+    return ServiceSet(services, getattr(services, "closures", None))
+
+
+def _closures_of(services: Mapping[str, str], closures: Mapping[str, Any] | None) -> dict[str, Any]:
+    return dict(closures if closures is not None else getattr(services, "closures", None) or {})
 
 WAITING, DONE, FAILED = "waiting", "done", "failed"
 
@@ -70,8 +108,10 @@ def _short(fp: str, other: str) -> str:
     return fp
 
 
-def make_hello(role: str, services: Mapping[str, str], *, version: int | None = None) -> bytes:
-    """Encode a HELLO record announcing this daemon's protocol version, role and services.
+def make_hello(role: str, services: Mapping[str, str], *, version: int | None = None,
+               closures: Mapping[str, Any] | None = None) -> bytes:
+    """Encode a HELLO record announcing this daemon's protocol version, role and services,
+    and the services' closures (``closures``, else a ServiceSet's own; none: left out).
 
     ``version`` defaults to PROTOCOL_VERSION (tests pass another to play a newer peer).
     """
@@ -79,9 +119,20 @@ def make_hello(role: str, services: Mapping[str, str], *, version: int | None = 
         version = PROTOCOL_VERSION
     if role not in ROLES:
         raise ValueError(f"role must be 'client' or 'server', not {role!r}")
-    payload = msgpack.packb(
-        {"version": version, "role": role, "services": dict(services)}, use_bin_type=True
-    )
+    hello: dict[str, Any] = {"version": version, "role": role, "services": dict(services)}
+    packed: dict[str, Any] = {}
+    total = 0
+    for name, closure in sorted(_closures_of(services, closures).items()):
+        if name not in services:
+            continue
+        blob = msgpack.packb(closure, use_bin_type=True)
+        total += len(blob)
+        if total > MAX_CLOSURES_BYTES:
+            break  # the rest: fingerprints only (a mismatch on them is refused, as without closures)
+        packed[name] = closure
+    if packed:
+        hello["closures"] = packed
+    payload = msgpack.packb(hello, use_bin_type=True)
     return encode_record(HELLO, 0, 0, 0, 0, 0, 0, b"", payload)
 
 
@@ -109,10 +160,14 @@ def check_hello(
     *,
     expect_role: str | None = None,
     version: int | None = None,
+    local_closures: Mapping[str, Any] | None = None,
 ) -> dict:
     """Validate a peer's HELLO record against this daemon's services.
 
-    Returns ``{"version": int, "role": str, "services": {name: fingerprint}}``; raises
+    Returns ``{"version": int, "role": str, "services": {name: fingerprint}}``, plus
+    ``"closures": {name: the peer's closure}`` for the services whose fingerprints differ
+    but whose closures are compatible (both sides sent theirs; the receiving daemon
+    transcodes those services' payloads, marshal/evolve.py); raises
     ``HandshakeError`` with an operator-readable reason on any problem (a GOAWAY record
     from the peer raises with the peer's reason and ``remote=True``).
     """
@@ -138,14 +193,45 @@ def check_hello(
             raise HandshakeError(
                 f"malformed HELLO payload: service entry {name!r:.80} -> {fp!r:.80} is not a (name, fingerprint) string pair"
             )
+    peer_closures = hello.get("closures", {})
+    if not isinstance(peer_closures, dict):
+        raise HandshakeError(f"malformed HELLO payload: 'closures' must be a map, got {type(peer_closures).__name__}")
+    ours_closures = _closures_of(local_services, local_closures)
+    evolved: dict[str, Any] = {}
     for name in sorted(services.keys() & local_services.keys()):
         our_fp, their_fp = local_services[name], services[name]
-        if our_fp != their_fp:
-            raise HandshakeError(
-                f"schema mismatch for service {name}: local fingerprint {_short(our_fp, their_fp)}, "
-                f"peer {_short(their_fp, our_fp)}; regenerate stubs from the same .proto"
-            )
-    return {"version": peer_version, "role": role, "services": dict(services)}
+        if our_fp == their_fp:
+            continue
+        if name in peer_closures and name in ours_closures:
+            evolved[name] = _check_evolution(name, their_fp, peer_closures[name], ours_closures[name])
+            continue
+        raise HandshakeError(
+            f"schema mismatch for service {name}: local fingerprint {_short(our_fp, their_fp)}, "
+            f"peer {_short(their_fp, our_fp)}; regenerate stubs from the same .proto"
+        )
+    out = {"version": peer_version, "role": role, "services": dict(services)}
+    if evolved:
+        out["closures"] = evolved
+    return out
+
+
+def _check_evolution(name: str, their_fp: str, theirs: Any, ours: Any) -> Any:
+    """The peer's closure of service `name` if it is compatible with ours; HandshakeError
+    naming the first differences if not (or if it is malformed)."""
+    try:
+        peer_schema, svc = closure_schema(theirs)
+        if svc != name or peer_schema.fingerprint(name) != their_fp:
+            raise SchemaError("it does not match the fingerprint announced for it")
+    except SchemaError as exc:
+        raise HandshakeError(f"malformed HELLO payload: the closure of service {name!r:.80}: {exc}") from None
+    local_schema, _ = closure_schema(ours)
+    reasons = compare(peer_schema, local_schema, name)
+    if reasons:
+        more = f" (and {len(reasons) - MAX_REASONS} more)" if len(reasons) > MAX_REASONS else ""
+        raise HandshakeError(
+            f"schema mismatch for service {name}: incompatible changes: {'; '.join(reasons[:MAX_REASONS])}{more}"
+        )
+    return theirs
 
 
 def make_goaway(details: str | None = None) -> bytes:
@@ -191,7 +277,7 @@ class Handshake:
             raise ValueError(f"role must be 'client' or 'server', not {role!r}")
         self.role = role
         self.version = PROTOCOL_VERSION if version is None else version
-        self.local_services = dict(local_services)
+        self.local_services = copy_services(local_services)
         self.state = WAITING
         self.peer_hello: dict | None = None
         self.error: HandshakeError | None = None

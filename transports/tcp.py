@@ -4,7 +4,9 @@
 conn = await connect("10.0.0.2", 7000, {"helloworld.Greeter": fp})   # client role
 server = await serve("0.0.0.0", 7000, services_for, on_connection)    # server role
 
+# services: {name: fingerprint}, or a handshake.ServiceSet that also carries the closures
 conn.peer_hello                      # the peer's validated HELLO: {"version", "role", "services"}
+                                     # (+ "closures" of compatible mismatched services: evolution)
 conn.set_handlers(on_records, on_close)
 conn.send(record_bytes)              # queued; one writelines (→ writev) per loop iteration
 conn.send_batch([r1, r2, ...])       # one writelines now
@@ -39,7 +41,7 @@ import ssl
 from typing import Callable, Protocol, Sequence
 
 from mrpcd.transports._tcp import PeerConnection, PeerGoaway
-from mrpcd.transports.handshake import PROTOCOL_VERSION, HandshakeError, make_goaway
+from mrpcd.transports.handshake import PROTOCOL_VERSION, HandshakeError, copy_services, make_goaway
 from mrpcd.transports.security import AllowList, TlsConfig, describe_tls_error
 
 __all__ = [
@@ -118,7 +120,7 @@ async def connect(
     where = _hostport(host, port)
     deadline = loop.time() + timeout
     ready: asyncio.Future = loop.create_future()
-    services = dict(services)
+    services = copy_services(services)
     dial = host
     if allow is not None:
         dial = await _resolve_allowed(loop, host, port, allow, where)

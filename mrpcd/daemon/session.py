@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Sequence, cast
 
 from ..malloc_tuning import tune_malloc
 from ..marshal import records as R
+from ..marshal.evolve import MethodPlan, TranscodeError, closure_schema, compare, plan_services
 from ..marshal.schema import Schema, SchemaError
 from ..native import ring as ringmod
 from ..status import StatusCode
 from ..wire import cancel_record
 from ..transports import tcp
+from ..transports.handshake import ServiceSet, service_set
 from .datapath import Datapath, error_response
 from .log_limits import worth_logging
 from .observe import Observer
@@ -52,6 +54,9 @@ REFUSED_MAX = 65536
 # Peer records at least this big are received straight into the app's rx ring when no policy
 # is attached (_reserve_in_place): one copy, socket -> ring, instead of two.
 IN_PLACE_MIN = 256 * 1024
+# Calls of a transcoding connection whose message type is remembered (Route.calls); past
+# this the oldest are forgotten (their later records would then fail to decode in the app).
+TRACKED_CALLS_MAX = 65536
 _HEADER_PREFIX = struct.Struct("<BBHIQ")  # kind, flags, status, handle, call_id
 
 class PendingRecords(deque):
@@ -91,7 +96,8 @@ class PendingRecords(deque):
 class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
 
-    __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused", "stall_mark")
+    __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused", "stall_mark",
+                 "plans", "calls")
 
     def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
         self.binding = binding
@@ -107,6 +113,14 @@ class Route:
         self.backlog_paused = False
         # (bytes the kernel had taken, since when) while it holds the oldest lent payload
         self.stall_mark: tuple[int, float] | None = None
+        # schema evolution (marshal/evolve.py): the peer's app speaks another, compatible
+        # version of a service; what this daemon receives on the route is transcoded into
+        # its app's layout (requests on the server side, responses on the client side).
+        # None: the peer's payloads are the app's own (no per-record work at all).
+        self.plans: dict[int, MethodPlan] | None = None
+        # call id -> the transcoder of its messages from the peer (None: the call failed to
+        # transcode; its later records are dropped until it ends)
+        self.calls: dict[int, Any] = {}
 
 
 class Binding:
@@ -117,7 +131,7 @@ class Binding:
     def __init__(self) -> None:
         self.server: tcp.Listener | None = None
         self.address = ""
-        self.fingerprints: dict[str, str] = {}
+        self.fingerprints: ServiceSet = ServiceSet()
         self.method_ids: frozenset[int] = frozenset()
 
 
@@ -162,6 +176,10 @@ class AppSession:
             "tx_ring_full": 0,
             "rx_ring_full": 0,
             "peer_stalled": 0,  # connections closed by peer_stall_timeout
+            # schema evolution: peer messages transcoded into the app's schema version, and
+            # those that did not fit it (each failed its call)
+            "transcoded": 0,
+            "transcode_failed": 0,
         }
         self._stall_timer: Any = None
         self._pump_failures = 0  # _pump calls that raised in a row
@@ -409,6 +427,8 @@ class AppSession:
                     continue
             elif route.role == "server" and not route.backlog_paused and getattr(route.conn, "writing_paused", True):
                 self._check_answer_backlog(route)
+            if route.plans is not None or route.calls:
+                self._track_calls(route, recs)
             bufs, nbytes = R.wire_buffers(recs)
             self.stats["bytes_out"] += nbytes
             if self._lent and not getattr(route.conn, "zero_copy_send", False):
@@ -556,7 +576,7 @@ class AppSession:
         else for the app while it arrives moves it out of the way first (_end_in_place), so
         a peer that stops half-way through a record holds up nothing."""
         if (self.closed or self._in_place is not None or self.pending or self.datapath.engines
-                or self.routes.get(route.handle) is not route):
+                or self.routes.get(route.handle) is not route or route.plans is not None):
             return None
         try:
             view = R.ring_reserve_view(self.rx, nbytes)
@@ -632,7 +652,8 @@ class AppSession:
         set_in_place = getattr(conn, "set_in_place", None)
         if set_in_place is None:  # a version without it: its decoder has no sink either
             return
-        if on and getattr(conn, "evict_in_place", None) is not None:
+        if on and route.plans is None and getattr(conn, "evict_in_place", None) is not None:
+            # (a transcoding route never: the app must get the transcoded payload, not the peer's)
             set_in_place(functools.partial(self._reserve_in_place, route), IN_PLACE_MIN)
         else:
             set_in_place(None, IN_PLACE_MIN)
@@ -693,14 +714,23 @@ class AppSession:
             if route.role != "client":
                 continue
             peer = route.conn.peer_hello.get("services", {})
+            closures = route.conn.peer_hello.get("closures", {})
             for svc, fp in fingerprints.items():
                 if svc in peer and peer[svc] != fp:
+                    if svc in closures:  # the peer's version of it: is ours still compatible?
+                        reasons = compare(closure_schema(closures[svc])[0], merged, svc)
+                        if not reasons:
+                            continue
+                        raise SchemaError(f"schema mismatch for service {svc} with peer {route.target}: "
+                                          f"incompatible changes: {'; '.join(reasons[:3])}")
                     raise SchemaError(
                         f"schema mismatch for service {svc}: local fingerprint {fp}, peer {route.target} has {peer[svc]}; "
                         "regenerate stubs from the same .proto"
                     )
         self.schema = merged
         self._methods_by_id = None
+        for route in self.routes.values():  # the app's layout may have changed: plans again
+            self._set_plans(route)
         return fingerprints
 
     def methods_by_id(self) -> dict[int, Any]:
@@ -739,9 +769,9 @@ class AppSession:
         if to_app and not self.closed:
             self._deliver_in(to_app)
 
-    def _service_fingerprints(self, names: list[str] | None = None) -> dict[str, str]:
-        names = list(self.schema.services) if names is None else names
-        return {n: self.schema.fingerprint(n) for n in names}
+    def _service_fingerprints(self, names: list[str] | None = None) -> ServiceSet:
+        """Fingerprints and closures of the app's services (all, or `names`), for the HELLO."""
+        return service_set(self.schema, names)
 
     async def bind(self, address: str, services: list[str]) -> str:
         """Listen on `address` for peers calling `services`; binding again updates the services."""
@@ -801,13 +831,130 @@ class AppSession:
         self._next_handle += 1
         route = Route(handle, conn, role, target, method_ids, binding)
         self.routes[handle] = route
+        self._set_plans(route)
         conn.set_handlers(functools.partial(self._on_peer_records, route), functools.partial(self._on_peer_closed, route))
         self.receive_in_place(route, True)
         if self.paused_routes:
             conn.pause_reading()
         return route
 
+    # -- schema evolution: transcoding what a peer of another schema version sends ------------
+    def _set_plans(self, route: Route) -> None:
+        """(Re)compute the route's transcoding plans from the peer's closures (its HELLO)."""
+        hello = getattr(route.conn, "peer_hello", None) or {}
+        closures = hello.get("closures") if isinstance(hello, dict) else None
+        plans: dict[int, MethodPlan] | None = None
+        if closures:
+            def stale(svc: str, reason: str) -> None:
+                log.warning("app %s: peer %s speaks another version of %s that no longer fits the app's: %s",
+                            self.name, route.target, svc, reason, extra=self.log_fields(handle=route.handle))
+            plans = plan_services(closures, self.schema, stale) or None
+        if plans is not None and route.plans is None:
+            log.info("app %s: peer %s speaks another version of its services; transcoding %d method(s)",
+                     self.name, route.target, len(plans), extra=self.log_fields(handle=route.handle))
+            route.plans = plans
+            self.receive_in_place(route, False)
+            self._drop_in_place(route)
+        route.plans = plans
+        if plans is None:
+            route.calls.clear()
+
+    def _track_calls(self, route: Route, recs: list[R.Record]) -> None:
+        """(sending to a transcoding route) Client side: remember the output transcoder of
+        each call started, for its responses. Server side: forget a call the app ended."""
+        calls = route.calls
+        if route.role == "client":
+            plans = route.plans
+            if plans is None:
+                return
+            for rec in recs:
+                if rec.kind == R.REQUEST and rec.flags & R.F_START:
+                    mp = plans.get(rec.method_id)
+                    if mp is not None and mp.output is not None:
+                        calls[rec.call_id] = mp.output
+                        if len(calls) > TRACKED_CALLS_MAX:
+                            del calls[next(iter(calls))]
+                elif rec.kind == R.CANCEL and calls:  # the app gave up on it: forget it
+                    calls.pop(rec.call_id, None)
+        else:
+            for rec in recs:
+                if rec.kind == R.RESPONSE and rec.flags & R.F_END:
+                    calls.pop(rec.call_id, None)
+
+    def _transcode_in(self, route: Route, recs: list[R.Record]) -> list[R.Record]:
+        """Records from a peer whose app speaks another version of the schema, turned into
+        the app's layout: requests (server side) by the method's input type, responses
+        (client side) by its output type, each message of a stream. A message that does not
+        fit fails its call (INVALID_ARGUMENT for a request, INTERNAL for a response), never
+        the connection."""
+        plans, calls = cast("dict[int, MethodPlan]", route.plans), route.calls
+        server = route.role == "server"
+        want = R.REQUEST if server else R.RESPONSE
+        out: list[R.Record] = []
+        for rec in recs:
+            kind = rec.kind
+            if kind != want:
+                if kind == R.CANCEL and server:
+                    calls.pop(rec.call_id, None)
+                out.append(rec)  # (wrong-direction kinds: _on_peer_records refuses them)
+                continue
+            flags, cid = rec.flags, rec.call_id
+            if server and flags & R.F_START:
+                mp = plans.get(rec.method_id) if rec.method_id in route.services else None
+                tc = mp.input if mp is not None else None
+                if tc is not None and not flags & R.F_END:
+                    calls[cid] = tc
+                    if len(calls) > TRACKED_CALLS_MAX:
+                        del calls[next(iter(calls))]
+            else:
+                if cid not in calls:
+                    out.append(rec)  # a call of a method with nothing to transcode
+                    continue
+                tc = calls[cid]
+                if flags & R.F_END:
+                    del calls[cid]
+                if tc is None:  # its call already failed here: drop the rest
+                    continue
+            if tc is not None and not flags & R.F_NO_MSG:
+                try:
+                    rec.payload = tc(rec.payload)
+                except TranscodeError as exc:
+                    self._transcode_failed(route, rec, str(exc), out)
+                    continue
+                self.stats["transcoded"] += 1
+            out.append(rec)
+        return out
+
+    def _transcode_failed(self, route: Route, rec: R.Record, reason: str, out: list[R.Record]) -> None:
+        """Fail the call of a peer message that does not fit the app's schema, both ways."""
+        cid, flags = rec.call_id, rec.flags
+        self.stats["transcode_failed"] += 1
+        n = self.stats["transcode_failed"]
+        if worth_logging(n):
+            log.warning("app %s: a message from peer %s does not fit the app's schema: %s", self.name, route.target,
+                        reason, extra=self.log_fields(handle=route.handle, peer=route.target))
+        if not flags & R.F_END:
+            route.calls[cid] = None  # drop the rest of it
+        elif cid in route.calls:
+            del route.calls[cid]
+        if route.role == "server":
+            details = f"mrpcd: the request does not fit the server's version of the schema: {reason}"
+            rsp = error_response(0, cid, StatusCode.INVALID_ARGUMENT.code, details)
+            if not route.conn.closed:
+                route.conn.send(rsp.encode())
+            if not flags & R.F_START:  # the app has the call: it ends (as the caller sees it)
+                rsp.handle = route.handle
+                self.observer.from_app([rsp])
+                out.append(R.parse_record(cancel_record(route.handle, cid)))
+        else:
+            details = f"mrpcd: the response does not fit the client's version of the schema: {reason}"
+            out.append(error_response(route.handle, cid, StatusCode.INTERNAL.code, details))
+            if not flags & R.F_END and not route.conn.closed:
+                route.conn.send(cancel_record(0, cid))
+
     def _on_peer_records(self, route: Route, recs: list[R.Record]) -> None:
+        if route.plans is not None:
+            recs = self._transcode_in(route, recs)
         batch = []
         for rec in recs:
             resident = rec.resident
@@ -898,7 +1045,9 @@ class AppSession:
             "services": sorted(self.schema.services),
             "listening": sorted({b.address for b in self.bindings.values()}),
             "routes": [{"handle": r.handle, "role": r.role, "peer": r.target, "socket_peer": r.conn.peer,
-                        "transport": getattr(r.conn, "VERSION", "?")} for r in self.routes.values()],
+                        "transport": getattr(r.conn, "VERSION", "?"),
+                        **({"transcoding": sorted({p.path for p in r.plans.values()})} if r.plans else {})}
+                       for r in self.routes.values()],
             "engines": self.policies.describe(),
             "pending": len(self.pending),
             "stats": dict(self.stats),

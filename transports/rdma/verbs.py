@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from mrpcd.marshal.records import GOAWAY, FrameDecoder, RecordError
-from mrpcd.transports.handshake import DONE, FAILED, HandshakeError, make_goaway, parse_goaway
+from mrpcd.transports.handshake import DONE, FAILED, HandshakeError, copy_services, make_goaway, parse_goaway
 
 from .channel import ChannelCore, ProtocolError
 from .drain import DrainWaiters
@@ -500,7 +500,7 @@ async def connect(host: str, port: int, services: dict[str, str], *, max_record:
     except OSError as exc:
         raise ConnectionError(f"cannot connect to mrpcd at {where}: {exc.strerror or exc}") from exc
     try:
-        verbs, peer_params, peer_hello = await asyncio.wait_for(_run_setup("client", dict(services), reader, writer, cfg, ring), timeout)
+        verbs, peer_params, peer_hello = await asyncio.wait_for(_run_setup("client", copy_services(services), reader, writer, cfg, ring), timeout)
     except asyncio.TimeoutError:
         writer.close()
         raise ConnectionError(f"cannot connect to mrpcd at {where}: no RDMA setup within {timeout:g} s") from None

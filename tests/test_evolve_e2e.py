@@ -1,0 +1,269 @@
+"""Schema evolution end to end: real daemons, apps of two versions of one .proto
+(tests/evolve/v1 and v2, compatible by field number; bad/ changes a field's type).
+Each daemon transcodes what it receives into its own app's layout (marshal/evolve.py)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mrpcd
+from mrpcd.ctl import Control
+from mrpcd.status import StatusCode
+from conftest import DaemonProc, load_generated, wait_until
+
+HERE = Path(__file__).resolve().parent / "evolve"
+
+
+@pytest.fixture(scope="module")
+def shops(tmp_path_factory):
+    mods = {}
+    for v in ("v1", "v2", "bad"):
+        out = tmp_path_factory.mktemp(f"evolve_{v}")
+        subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(HERE / v / "shop.proto"), "-I", str(HERE / v),
+                        "-o", str(out)], check=True)
+        mods[v] = load_generated(out / "shop_mrpc.py", f"evolve_{v}_")
+    return mods
+
+
+@pytest.fixture(scope="module")
+def daemons(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evolve_d")
+    made = []
+    try:
+        made.append(DaemonProc(tmp, "a"))
+        made.append(DaemonProc(tmp, "b"))
+        yield made[0], made[1]
+    finally:
+        for d in made:
+            d.stop()
+
+
+def servicer(pb, seen: list):
+    v2 = hasattr(pb.Order(), "client")
+
+    def who(o):
+        return o.client if v2 else o.customer
+
+    def receipt(o, text):
+        r = pb.Receipt(text=text, total=o.quantity)
+        if v2:
+            r.lines.extend(["l1", "l2"])
+        return r
+
+    class Shop(pb.OrdersServicer):
+        def Place(self, request, context):
+            seen.append(request)
+            return receipt(request, f"placed for {who(request)}")
+
+        def Watch(self, request, context):
+            seen.append(request)
+            for i in range(3):
+                yield receipt(request, f"watch {i} {who(request)}")
+
+        def Batch(self, request_iterator, context):
+            got = list(request_iterator)
+            seen.extend(got)
+            return pb.Receipt(text=",".join(who(o) for o in got), total=sum(o.quantity for o in got))
+
+        def Chat(self, request_iterator, context):
+            for o in request_iterator:
+                seen.append(o)
+                yield receipt(o, f"chat {who(o)}")
+
+    return Shop()
+
+
+def run_pair(daemons, server_pb, client_pb, body, name):
+    a, b = daemons
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name=f"{name}-server"), mrpcd.connect(a.socket, name=f"{name}-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        server_pb.add_OrdersServicer_to_server(servicer(server_pb, seen), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = client_pb.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        body(stub, seen)
+        return stats(a, f"{name}-client"), stats(b, f"{name}-server")
+    finally:
+        capp.close()
+        sapp.close()
+
+
+def stats(d, app_name):
+    """The daemon's view of its app called `app_name` (mrpcctl apps: stats, routes)."""
+    ctl = Control(d.socket)
+    try:
+        apps = [s for s in ctl.call("apps")["apps"] if s["name"] == app_name]
+    finally:
+        ctl.sock.close()
+    assert len(apps) == 1
+    return apps[0]
+
+
+def test_client_v1_server_v2(shops, daemons):
+    v1, v2 = shops["v1"], shops["v2"]
+
+    def body(stub, seen):
+        order = v1.Order(customer="ann", quantity=3, item=v1.Item(sku="a", qty=9), note="dropped",
+                         items=[v1.Item(sku="b", qty=1)], extras={"x": v1.Item(sku="c", qty=2)})
+        r = stub.Place(order, timeout=10)
+        assert (r.text, r.total) == ("placed for ann", 3)  # Receipt.lines (new) dropped for v1
+        got = seen[-1]
+        assert type(got).__name__ == "Order" and got.client == "ann" and got.quantity == 3
+        assert (got.priority, got.level) == (0, 0)  # what v1 lacks: v2's defaults
+        assert got.item.sku == "a" and got.item.price == 0.0
+        assert [i.sku for i in got.items] == ["b"] and got.extras["x"].sku == "c"
+        rs = list(stub.Watch(v1.Order(customer="bob", quantity=2), timeout=10))
+        assert [(x.text, x.total) for x in rs] == [(f"watch {i} bob", 2) for i in range(3)]
+        r = stub.Batch(iter([v1.Order(customer=c, quantity=n) for c, n in (("c", 1), ("d", 5))]), timeout=10)
+        assert (r.text, r.total) == ("c,d", 6)
+        rs = list(stub.Chat(iter([v1.Order(customer=c, quantity=n) for c, n in (("e", 1), ("f", 2))]), timeout=10))
+        assert [(x.text, x.total) for x in rs] == [("chat e", 1), ("chat f", 2)]
+        assert [o.client for o in seen[-2:]] == ["e", "f"]
+
+    cli, srv = run_pair(daemons, v2, v1, body, "v1v2")
+    assert cli["stats"]["transcoded"] == 7  # responses: 1 + 3 + 1 + 2
+    assert srv["stats"]["transcoded"] == 6  # requests: 1 + 1 + 2 + 2
+    assert any(r.get("transcoding") for r in srv["routes"])
+
+
+def test_client_v2_server_v1(shops, daemons):
+    v1, v2 = shops["v1"], shops["v2"]
+
+    def body(stub, seen):
+        order = v2.Order(client="zed", quantity=4, priority=9, level=v2.Level.HIGH, item=v2.Item(sku="s", price=1.5))
+        r = stub.Place(order, timeout=10)
+        assert (r.text, r.total, list(r.lines)) == ("placed for zed", 4, [])
+        got = seen[-1]
+        assert (got.customer, got.quantity, got.note, got.item.sku, got.item.qty) == ("zed", 4, "", "s", 0)
+        rs = list(stub.Watch(v2.Order(client="y", quantity=1), timeout=10))
+        assert [x.text for x in rs] == [f"watch {i} y" for i in range(3)]
+        r = stub.Batch(iter([v2.Order(client="p", quantity=2), v2.Order(client="q", quantity=3)]), timeout=10)
+        assert (r.text, r.total) == ("p,q", 5)
+        rs = list(stub.Chat(iter([v2.Order(client="g", quantity=4, priority=1)]), timeout=10))
+        assert [(x.text, x.total, list(x.lines)) for x in rs] == [("chat g", 4, [])]
+        assert seen[-1].customer == "g"
+        # a method only v2 has: UNIMPLEMENTED, as between equal schemas
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Cancel(v2.Order(client="x"), timeout=10)
+        assert ei.value.code() == StatusCode.UNIMPLEMENTED
+
+    run_pair(daemons, v1, v2, body, "v2v1")
+
+
+def test_incompatible_change_is_refused_naming_the_field(shops, daemons):
+    v1, bad = shops["v1"], shops["bad"]
+    a, b = daemons
+
+    def body(stub, seen):
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(bad.Order(customer="x", quantity=1), timeout=10)
+        assert ei.value.code() == StatusCode.FAILED_PRECONDITION
+        details = ei.value.details()
+        assert "schema mismatch for service shop.Orders: incompatible changes" in details, details
+        assert "shop.Order field 2" in details and "'int32 quantity'" in details and "'int64 quantity'" in details
+        assert not seen
+
+    run_pair(daemons, v1, bad, body, "bad")
+    assert wait_until(lambda: "shop.Order field 2" in b.log())
+
+
+def test_asyncio_client_v1_server_v2(shops, daemons):
+    import asyncio
+
+    import mrpcd.aio
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen: list = []
+
+    async def main():
+        sapp, capp = mrpcd.aio.connect(b.socket, name="aio-server"), mrpcd.aio.connect(a.socket, name="aio-client")
+        try:
+            server = mrpcd.aio.server(app=sapp)
+
+            class Shop(v2.OrdersServicer):
+                async def Watch(self, request, context):
+                    seen.append(request)
+                    for i in range(2):
+                        yield v2.Receipt(text=f"{request.client}{i}", total=request.quantity, lines=["z"])
+
+            v2.add_OrdersServicer_to_server(Shop(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            channel = mrpcd.aio.insecure_channel(f"127.0.0.1:{port}", app=capp)
+            stub = v1.OrdersStub(channel)
+            got = [(r.text, r.total) async for r in stub.Watch(v1.Order(customer="al", quantity=7), timeout=10)]
+            assert got == [("al0", 7), ("al1", 7)]
+            await channel.close()
+            await server.stop(None)
+        finally:
+            capp.close()
+            sapp.close()
+
+    asyncio.run(main())
+    assert seen[0].client == "al" and seen[0].priority == 0
+
+
+def test_a_request_that_does_not_fit_fails_that_call_only(shops, daemons):
+    v1, v2 = shops["v1"], shops["v2"]
+
+    def body(stub, seen):
+        channel = stub.Place._channel
+        raw = channel.unary_unary("/shop.Orders/Place", request_type=v1.Order, response_type=v1.Receipt)
+        raw._encode = lambda m: b"\x93\x01\x02\x03"  # a buggy encoder: an array of 3 (v1's Order has 6 fields)
+        with pytest.raises(mrpcd.RpcError) as ei:
+            raw(v1.Order(), timeout=10)
+        assert ei.value.code() == StatusCode.INVALID_ARGUMENT
+        assert "does not fit the server's version of the schema" in ei.value.details()
+        assert "shop.Order" in ei.value.details()
+        assert stub.Place(v1.Order(customer="ok", quantity=1), timeout=10).text == "placed for ok"
+        assert [s.client for s in seen] == ["ok"]
+
+    _cli, srv = run_pair(daemons, v2, v1, body, "garbage-req")
+    assert srv["stats"]["transcode_failed"] == 1
+
+
+def test_a_response_that_does_not_fit_fails_with_internal(shops, daemons):
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    sapp, capp = mrpcd.connect(b.socket, name="garbage-rsp-server"), mrpcd.connect(a.socket, name="garbage-rsp-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        bad = mrpcd.unary_unary_rpc_method_handler(
+            lambda req, ctx: v2.Receipt(text=req.client), request_deserializer=v2.Order.FromString,
+            response_serializer=lambda r: b"\x91\x01" if r.text == "bad" else r.SerializeToString(),
+            request_type=v2.Order, response_type=v2.Receipt)
+        server.add_generic_rpc_handlers([mrpcd.method_handlers_generic_handler("shop.Orders", {"Place": bad})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(v1.Order(customer="bad"), timeout=10)
+        assert ei.value.code() == StatusCode.INTERNAL
+        assert "does not fit the client's version of the schema" in ei.value.details()
+        assert stub.Place(v1.Order(customer="good"), timeout=10).text == "good"
+        assert stats(a, "garbage-rsp-client")["stats"]["transcode_failed"] == 1
+    finally:
+        capp.close()
+        sapp.close()
+
+
+def test_big_messages_are_transcoded_not_received_in_place(shops, daemons):
+    """A transcoding connection never reads a peer record straight into the app's ring
+    (the app must get the transcoded payload, not the peer's bytes)."""
+    v1, v2 = shops["v1"], shops["v2"]
+    big = "x" * (600 * 1024)
+
+    def body(stub, seen):
+        r = stub.Place(v1.Order(customer=big, quantity=2, note=big), timeout=30)
+        assert r.text == f"placed for {big}" and r.total == 2
+        assert seen[-1].client == big
+
+    cli, srv = run_pair(daemons, v2, v1, body, "big")
+    assert srv["stats"]["received_in_place"] == 0 and cli["stats"]["received_in_place"] == 0
+    assert srv["stats"]["transcoded"] == 1 and cli["stats"]["transcoded"] == 1
