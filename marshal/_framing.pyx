@@ -674,6 +674,12 @@ cdef class FrameDecoder:
     def max_record(self):
         return self._max_record
 
+    @max_record.setter
+    def max_record(self, value):
+        """Another limit for the records whose headers come from now on (a connection reads
+        its peer's HELLO, which may carry schema closures, with a larger one than its data)."""
+        self._max_record = _check_max_record(value)
+
     @property
     def buffered(self):
         """Number of bytes of the partial record held."""

@@ -487,6 +487,58 @@ def test_oversized_record_rejected():
     run(main())
 
 
+def _big_hello_services():
+    """A service set whose HELLO (with its schema closure) is ~20 KiB: a real service's size."""
+    from mrpcd.marshal.schema import Schema
+    from mrpcd.transports.handshake import ServiceSet
+    fields = [[f"field_{i}", i + 1, ["string", None], "single", None, None] for i in range(400)]
+    schema = Schema.from_dict({"messages": [["big.Req", fields]], "enums": [],
+                               "services": [["big.Svc", [["Call", "big.Req", "big.Req", False, False]]]]})
+    return ServiceSet({"big.Svc": schema.fingerprint("big.Svc")}, {"big.Svc": schema.closure("big.Svc")})
+
+
+def test_hello_with_closures_is_read_whatever_the_max_record():
+    """A small max_record (an operator's cap on messages) must not refuse a peer whose HELLO
+    carries its schema closures; data records keep that cap."""
+    services = _big_hello_services()
+    assert len(make_hello("client", services)) > 8192
+
+    async def main():
+        server, accepted, errors = await start_server(services=services, max_record=8192)
+        async with server:
+            client = await connect("127.0.0.1", port_of(server), services, max_record=8192)
+            sink = Sink().attach(await accepted.get())
+            csink = Sink().attach(client)
+            client.send(req(1, b"x" * 100))
+            await sink.wait_for(1)
+            client.send(req(2, b"x" * 9000))  # over the data records' limit
+            exc = await asyncio.wait_for(sink.closed, 5)
+            assert isinstance(exc, RecordError) and "exceeds max_record 8192" in str(exc)
+            cexc = await asyncio.wait_for(csink.closed, 5)
+            assert isinstance(cexc, PeerGoaway)
+
+    run(main())
+
+
+def test_a_record_behind_the_hello_gets_the_data_limit():
+    """A record in the same read as the HELLO was decoded under the HELLO's larger limit:
+    it is still held to max_record."""
+    async def main():
+        server, accepted, errors = await start_server(max_record=8192)
+        async with server:
+            reader, writer = await raw_open(port_of(server))
+            hs = Handshake("client", SERVICES)
+            writer.write(b"".join(hs.start()) + req(1, b"x" * 9000))
+            recs = await read_records(reader, 2)
+            assert [r.kind for r in recs] == [GOAWAY]
+            assert "exceeds max_record 8192" in parse_goaway(recs[0])
+            peer, exc = await asyncio.wait_for(errors.get(), 5)
+            assert "exceeds max_record 8192" in str(exc)
+            writer.close()
+
+    run(main())
+
+
 def test_peer_closing_mid_stream_triggers_on_close():
     async def main():
         server, accepted, errors = await start_server()

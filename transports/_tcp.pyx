@@ -19,6 +19,7 @@ from mrpcd.transports.handshake import (
     DONE,
     FAILED,
     Handshake,
+    HELLO_MAX_RECORD,
     HandshakeError,
     make_goaway,
     parse_goaway,
@@ -81,6 +82,7 @@ cdef class PeerConnection:
     cdef readonly unsigned long long records_in, records_out, bytes_in
     cdef readonly unsigned long long bytes_queued  # record bytes given to send()/send_batch()
     cdef object _decoder
+    cdef Py_ssize_t _max_record          # the data records' limit (the HELLO's: HELLO_MAX_RECORD)
     cdef object _loop
     cdef object _hs
     cdef object _services_for
@@ -113,7 +115,10 @@ cdef class PeerConnection:
         self.peer = "?"
         self._services_for = services_for
         self._on_ready = on_ready
-        self._decoder = FrameDecoder(max_record)
+        # the peer's HELLO may carry its schema closures (schema evolution): it may be bigger
+        # than an operator's small max_record; data records get max_record once it is done
+        self._max_record = max_record
+        self._decoder = FrameDecoder(max(max_record, HELLO_MAX_RECORD))
         self._out = []
         self._pending = []
         self._drain_waiters = []
@@ -514,6 +519,11 @@ cdef class PeerConnection:
             out = hs.receive(rec)
             state = hs.state
             if state == DONE:
+                self._decoder.max_record = self._max_record
+                for rec in records[i:]:  # decoded in the same read as the HELLO, under its limit
+                    if rec.size > self._max_record:
+                        self._peer_error(f"record of {rec.size} bytes exceeds max_record {self._max_record}", None)
+                        return None
                 if out:
                     self.transport.writelines(out)
                 self.established = True

@@ -37,6 +37,7 @@ from mrpcd.marshal.records import (
 __all__ = [
     "PROTOCOL_VERSION",
     "HandshakeError",
+    "HELLO_MAX_RECORD",
     "Handshake",
     "make_hello",
     "ServiceSet",
@@ -60,7 +61,10 @@ MAX_FINGERPRINT_LEN = 256
 MAX_DETAILS_LEN = 4096
 # Closures a HELLO carries at most (packed bytes; past that the rest are left out, and those
 # services are checked by fingerprint alone), and incompatibilities named in a refusal.
-MAX_CLOSURES_BYTES = 4 << 20
+MAX_CLOSURES_BYTES = 768 << 10
+# The largest HELLO a connection reads, whatever its max_record (which may be smaller: an
+# operator's cap on messages must not refuse a peer whose HELLO carries its closures).
+HELLO_MAX_RECORD = 1 << 20
 MAX_REASONS = 3
 
 
