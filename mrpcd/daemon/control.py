@@ -186,7 +186,18 @@ class ControlConnection:
     def _need_session(self) -> "AppSession":
         if self.session is None:
             raise cp.ControlError("say hello first: this connection is not an app", 9)
+        if self.session.closed:  # requests read before the hang-up: a closed session serves nothing
+            raise cp.ControlError(f"mrpcd dropped this app: {self.session.drop_reason}", 14)
         return self.session
+
+    def _hang_up(self) -> None:
+        """The daemon dropped this app (not its connection closing): shut the socket down, so
+        `serve` sees the end and the app's library, watching for the close, fails its calls
+        instead of waiting on rings nobody reads any more."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already gone
+            pass
 
     def _need_admin(self) -> None:
         if not self.is_admin:
@@ -204,6 +215,7 @@ class ControlConnection:
             raise ValueError("app name must be a string of at most 128 characters")
         self.daemon.refuse_if_draining("new apps")
         self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
+        self.session.hang_up = self._hang_up
         fds.extend(self.session.handoff_fds())
         return {"app_id": self.session.app_id, "ring_size": self.daemon.config.ring_size, "shm_size": self.session.shm_size,
                 "max_record": self.daemon.config.max_record}

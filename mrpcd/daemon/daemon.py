@@ -103,7 +103,10 @@ class Daemon:
         self.counters["apps_dropped"] += 1
         log.info("app %s (app_id %d, pid %d) gone: %s; resources reclaimed", session.name, session.app_id, session.pid, reason,
                  extra=session.log_fields(reason=reason))
+        session.drop_reason = reason
         session.close()
+        if session.hang_up is not None:  # dropped for its ring or a bug: end its control connection
+            session.hang_up()  # too, or the app would wait on calls nobody moves (it learns from the close)
 
     # -- graceful drain (SIGTERM) -------------------------------------------------------
     def in_flight(self) -> int:

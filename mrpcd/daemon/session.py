@@ -13,7 +13,7 @@ import logging
 import struct
 from collections import deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 from ..malloc_tuning import tune_malloc
 from ..marshal import records as R
@@ -170,6 +170,11 @@ class AppSession:
         self._in_place: Route | None = None
         self._in_place_view: memoryview | None = None
         self.closed = False
+        # why the daemon dropped the app (its ring, a bug), for the control requests it may
+        # still send before its connection is hung up; None while it is connected
+        self.drop_reason: str | None = None
+        # set by the control connection: ends it, so the app learns it was dropped
+        self.hang_up: Callable[[], None] | None = None
         self._pump_scheduled = False
         # takes of the tx ring whose big payloads sockets still write from: [extent, leases
         # out], oldest first (ring space is freed in this order)
@@ -767,9 +772,13 @@ class AppSession:
             self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
 
         transport, options = self._transport()
-        binding.server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
-                                               max_record=self.config.max_record, **options)
-        self.listeners.append(binding.server)
+        server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
+                                       max_record=self.config.max_record, **options)
+        if self.closed:  # dropped meanwhile: close() has run, nothing would ever close this one
+            server.close()
+            raise ConnectionError("app disconnected while binding")
+        binding.server = server
+        self.listeners.append(server)
         sockname = binding.server.sockets[0].getsockname()
         binding.address = f"{sockname[0]}:{sockname[1]}" if ":" not in sockname[0] else f"[{sockname[0]}]:{sockname[1]}"
         self.bindings[address] = self.bindings[binding.address] = binding
