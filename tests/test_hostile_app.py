@@ -41,3 +41,36 @@ def test_an_app_dropped_for_its_ring_is_told_and_leaves_nothing_behind(daemon_fa
     finally:
         bad.close()
     assert d.alive()
+
+
+def test_an_app_cannot_register_schemas_without_bound(daemon_factory):
+    """Each schema is bounded, but an app could register new ones in a loop: the daemon kept
+    them all (and recomputed every fingerprint at each registration). Now an app's schemas
+    together are bounded too, with a clear refusal; what it had stays, other apps go on."""
+    from mrpcd.daemon.app_limits import MAX_APP_DEFINITIONS
+
+    def schema(k: int, n: int = 4000) -> dict:  # n messages and n services
+        return {"messages": [[f"k{k}.p{i}.M", []] for i in range(n)],
+                "services": [[f"k{k}.p{i}.S", [["A", f"k{k}.p{i}.M", f"k{k}.p{i}.M", False, False]]] for i in range(n)]}
+
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="schemer")
+    try:
+        registered = 0
+        with pytest.raises(RpcError, match="an app may register at most") as refused:
+            for k in range(MAX_APP_DEFINITIONS // 8000 + 2):
+                app.call("schema", schema=schema(k))
+                registered += 1
+        assert registered == MAX_APP_DEFINITIONS // 8000
+        assert refused.value.code() == mrpcd.StatusCode.INVALID_ARGUMENT
+        # the app goes on with what it had; only the new services' fingerprints come back
+        reply = app.call("schema", schema=schema(0, 1))
+        assert list(reply["fingerprints"]) == ["k0.p0.S"]
+        other = mrpcd.connect(d.socket, name="other")
+        try:
+            assert other.call("schema", schema=schema(0, 10))["fingerprints"]
+        finally:
+            other.close()
+    finally:
+        app.close()
+    assert d.alive()

@@ -22,6 +22,7 @@ from ..native import ring as ringmod
 from ..status import StatusCode
 from ..wire import cancel_record
 from ..transports import tcp
+from .app_limits import check_app_schema
 from .datapath import Datapath, error_response
 from .log_limits import worth_logging
 from .observe import Observer
@@ -693,7 +694,10 @@ class AppSession:
         schema = Schema.from_dict(data)
         merged = Schema(dict(self.schema.messages), dict(self.schema.enums), dict(self.schema.services))
         merged.merge(schema)
-        fingerprints = merged.fingerprints()
+        check_app_schema(merged)
+        # only this schema's services: the others' closures cannot change (merge refuses a
+        # new definition of a known name), and they were checked when they came
+        fingerprints = {name: merged.fingerprint(name) for name in schema.services}
         for route in self.routes.values():
             if route.role != "client":
                 continue

@@ -1,0 +1,32 @@
+"""Bounds on what one app may make the daemon hold through its control requests.
+
+Why: the daemon is shared by every app on the host. A single control message is bounded
+(control_proto.MAX_CONTROL_MESSAGE) and so is a single schema (marshal.schema's MAX_*),
+but an app may send as many of them as it likes; what it registers stays in the daemon for
+as long as the app is connected. Without a bound of its own, an app registering new
+services in a loop grew the daemon without limit, and every registration recomputed what
+the earlier ones had registered (40,000 services: 0.3 s per registration, a stall of
+every app's datapath).
+"""
+from __future__ import annotations
+
+from ..marshal.schema import Schema, SchemaError
+
+# Messages, enums and services of all of one app's schemas together (4 times what one
+# schema may define).
+MAX_APP_DEFINITIONS = 16384
+# Their fields, enum values and methods together.
+MAX_APP_MEMBERS = 1 << 18
+
+
+def check_app_schema(schema: Schema) -> None:
+    """Raise SchemaError if `schema` (an app's schemas merged) holds more than one app may."""
+    definitions = len(schema.messages) + len(schema.enums) + len(schema.services)
+    if definitions > MAX_APP_DEFINITIONS:
+        raise SchemaError(f"this app's schemas would define {definitions} messages, enums and services; "
+                          f"an app may register at most {MAX_APP_DEFINITIONS}")
+    members = (sum(len(m.fields) for m in schema.messages.values()) + sum(len(e.values) for e in schema.enums.values())
+               + sum(len(s.methods) for s in schema.services.values()))
+    if members > MAX_APP_MEMBERS:
+        raise SchemaError(f"this app's schemas would hold {members} fields, enum values and methods; "
+                          f"an app may register at most {MAX_APP_MEMBERS}")
