@@ -43,6 +43,75 @@ def test_an_app_dropped_for_its_ring_is_told_and_leaves_nothing_behind(daemon_fa
     assert d.alive()
 
 
+def _apps(d) -> dict[str, dict]:
+    """`mrpcctl apps` over the control socket: name -> description."""
+    from mrpcd.ctl import Control
+
+    ctl = Control(d.socket)
+    try:
+        return {a["name"]: a for a in ctl.call("apps")["apps"]}
+    finally:
+        ctl.sock.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_app_that_never_drains_its_rx_ring_cannot_grow_the_daemon_with_refusals(daemon_factory):
+    """Pending records for an app's full rx ring were bounded only by pausing its peers'
+    sockets; the answers the daemon makes up itself (UNAVAILABLE for a call on a handle that
+    is not connected, INTERNAL for a malformed record, a policy's refusal) kept queueing. An
+    app that never drained its rx ring and kept sending such calls grew the daemon without
+    bound (measured: +46 MB in 10 s at 30,000 calls/s). Now the daemon stops taking the
+    app's tx ring while that much waits for it, so the app waits for room instead."""
+    import time
+
+    from mrpcd.marshal import records as R
+
+    limit = 1000
+    d = daemon_factory(config=f"ring_size: 65536\nmax_pending_records: {limit}\n")
+    app = mrpcd.connect(d.socket, name="never-drains")
+    try:
+        app._rx_lock.acquire()  # its rx thread blocks in its next drain: nothing leaves the rx ring
+        call_id, stuck_since, end = 0, None, time.monotonic() + 20
+        while time.monotonic() < end:  # until the daemon has stopped taking our records for 1 s
+            batch = [R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, 999, call_id + i, 1, 0, b"", b"x")
+                     for i in range(256)]
+            n = app.tx.push_many(batch)
+            call_id += n
+            if app.tx.should_wake_consumer():
+                app.daemon_waker.signal()
+            if n:
+                stuck_since = None
+            elif stuck_since is None:
+                stuck_since = time.monotonic()
+            elif time.monotonic() - stuck_since > 1.0:
+                break
+            if call_id > 200_000:
+                break
+            if not n:
+                time.sleep(0.01)
+        pending = _apps(d)["never-drains"]["pending"]
+        from mrpcd.daemon.session import DRAIN_RECORDS, DRAIN_ROUNDS
+
+        assert pending <= limit + DRAIN_RECORDS * DRAIN_ROUNDS, (pending, call_id)
+        cpu = _cpu_seconds(d.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(d.pid) - cpu < 0.3  # waiting, not spinning
+        # the app drains again: every refusal arrives, and the daemon takes its records again
+        app._rx_lock.release()
+        assert wait_until(lambda: _apps(d)["never-drains"]["pending"] == 0 and app.tx.empty(), timeout=30)
+    finally:
+        if app._rx_lock._is_owned():
+            app._rx_lock.release()
+        app.close()
+    assert d.alive()
+
+
 def test_an_app_cannot_register_schemas_without_bound(daemon_factory):
     """Each schema is bounded, but an app could register new ones in a loop: the daemon kept
     them all (and recomputed every fingerprint at each registration). Now an app's schemas

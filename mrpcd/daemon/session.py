@@ -177,6 +177,8 @@ class AppSession:
         # set by the control connection: ends it, so the app learns it was dropped
         self.hang_up: Callable[[], None] | None = None
         self._pump_scheduled = False
+        # the tx ring is not taken from while too much waits for room in the rx ring (_rx_backlogged)
+        self._tx_held = False
         # takes of the tx ring whose big payloads sockets still write from: [extent, leases
         # out], oldest first (ring space is freed in this order)
         self._lent: deque[list] = deque()
@@ -245,6 +247,9 @@ class AppSession:
         because ring space is still lent to sockets (a lease coming back pumps again)."""
         max_record = self.config.max_record
         for _ in range(DRAIN_ROUNDS):
+            if self.pending and self._rx_backlogged():
+                self._tx_held = True  # _flush_pending pumps again once the app has read
+                return False
             short = False
             if self.datapath.engines:
                 if self._lent:
@@ -551,6 +556,9 @@ class AppSession:
             for route in self.routes.values():
                 if not route.backlog_paused:
                     route.conn.resume_reading()
+        if self._tx_held and not self._rx_backlogged():
+            self._tx_held = False
+            self._schedule_pump()
 
     # -- big peer records received in place ---------------------------------------------------
     def _reserve_in_place(self, route: Route, nbytes: int) -> memoryview | None:
@@ -681,10 +689,19 @@ class AppSession:
             self.observer.to_app(to_app)
             self.pending.extendleft(reversed(to_app))  # in the refused record's place
 
+    def _rx_backlogged(self) -> bool:
+        """As much waits for room in the app's rx ring as max_pending_records / _bytes allow.
+
+        Then its peers' sockets are not read (_apply_backpressure) and neither is its tx ring
+        (_drain_tx): the answers the daemon makes up itself (UNAVAILABLE on a handle that is
+        not connected, INTERNAL for a malformed record, a policy's refusal) would otherwise
+        queue without bound for an app that sends calls and never reads."""
+        pending, config = self.pending, self.config
+        return len(pending) >= config.max_pending_records or pending.nbytes >= config.max_pending_bytes
+
     def _apply_backpressure(self) -> None:
         """An app that reads slower than its peers write: stop reading their sockets."""
-        pending, config = self.pending, self.config
-        if (len(pending) >= config.max_pending_records or pending.nbytes >= config.max_pending_bytes) and not self.paused_routes:
+        if self._rx_backlogged() and not self.paused_routes:
             self.paused_routes = True
             for route in self.routes.values():
                 route.conn.pause_reading()
