@@ -143,3 +143,30 @@ def test_an_app_cannot_register_schemas_without_bound(daemon_factory):
     finally:
         app.close()
     assert d.alive()
+
+
+def test_malformed_records_in_a_flood_are_logged_sparingly(daemon_factory):
+    """Every malformed record an app sent was a WARNING line of its own: an app pushing
+    garbage in a loop wrote ~19,000 lines in half a second to the daemon's log (the
+    journal). They are counted (stats: malformed) and logged at the 1st, 2nd, 4th, ... one."""
+    from mrpcd.marshal import records as R
+
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="garbage")
+    try:
+        sent = 0
+        gone = R.encode_record(R.GOAWAY, 0, 0, 1, 1, 0, 0, b"", b"")  # a kind an app may not send
+        while sent < 5000:
+            n = app.tx.push_many([gone] * min(256, 5000 - sent))
+            sent += n
+            if app.tx.should_wake_consumer():
+                app.daemon_waker.signal()
+            if not n:
+                import time
+
+                time.sleep(0.01)
+        assert wait_until(lambda: _apps(d)["garbage"]["stats"]["malformed"] == sent, timeout=20)
+        assert 1 <= d.log().count("malformed record rejected") <= 13  # 1, 2, 4, ..., 4096
+    finally:
+        app.close()
+    assert d.alive()

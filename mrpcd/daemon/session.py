@@ -381,9 +381,14 @@ class AppSession:
             self.datapath.outbound(batch)
 
     def _reject_malformed(self, data: bytes, reason: str) -> None:
-        """Fail the call the record names (if its header is readable), count it, go on."""
-        self.stats["malformed"] += 1
-        log.warning("app %s (pid %d): malformed record rejected: %s", self.name, self.pid, reason, extra=self.log_fields())
+        """Fail the call the record names (if its header is readable), count it, go on.
+
+        Logged at the 1st, 2nd, 4th, ... one: an app pushing garbage in a loop must not
+        flood the daemon's log (the count is in its stats)."""
+        n = self.stats["malformed"] = self.stats["malformed"] + 1
+        if worth_logging(n):
+            log.warning("app %s (pid %d): malformed record rejected: %s (%d so far)", self.name, self.pid, reason, n,
+                        extra=self.log_fields())
         if len(data) >= _HEADER_PREFIX.size:
             kind, _flags, _status, handle, call_id = _HEADER_PREFIX.unpack_from(data)
             if kind == R.REQUEST:
