@@ -170,3 +170,56 @@ def test_malformed_records_in_a_flood_are_logged_sparingly(daemon_factory):
     finally:
         app.close()
     assert d.alive()
+
+
+def test_half_sent_control_messages_cannot_pile_up_in_the_daemon(daemon_factory):
+    """A control message may be up to 4 MiB, and the daemon keeps what it has of one until
+    the rest comes; control connections are only bounded by the daemon's descriptors. A
+    local user opening connections that each send all but the end of a 4 MiB message held
+    4 MiB of the daemon per connection (measured: +207 MB for 50 connections), without
+    end. Now the bytes of unfinished messages one uid may have in the daemon are bounded:
+    past that its connection gets a clear error and is closed; other connections go on."""
+    import socket
+    import time
+
+    from mrpcd.ctl import Control
+    from mrpcd.daemon.app_limits import CONTROL_BYTES_PER_UID
+
+    d = daemon_factory()
+    frame = (4 << 20) - 16
+    part = struct.pack("<I", frame) + b"\x81" + b"\x00" * (frame - 64)
+    conns: list[socket.socket] = []
+    refused = []
+    try:
+        for _ in range(CONTROL_BYTES_PER_UID // len(part) + 4):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(d.socket)
+            conns.append(s)
+            try:
+                s.sendall(part)
+            except OSError:  # closed under our feet
+                refused.append(s)
+                continue
+        time.sleep(0.5)
+        for s in conns:
+            s.setblocking(False)
+            try:
+                reply = s.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:  # reset: it was closed
+                reply = b"closed"
+            if reply and s not in refused:
+                refused.append(s)
+                assert reply == b"closed" or b"unfinished control messages" in reply
+        assert 1 <= len(refused) <= 5, len(refused)  # those past the budget, not the others
+        ctl = Control(d.socket)
+        ctl.sock.settimeout(10)
+        with ctl.sock:
+            assert ctl.call("ping")["pid"] == d.pid
+    finally:
+        for s in conns:
+            s.close()
+    assert d.alive()
+    assert "unfinished control messages" in d.log()

@@ -30,3 +30,33 @@ def check_app_schema(schema: Schema) -> None:
     if members > MAX_APP_MEMBERS:
         raise SchemaError(f"this app's schemas would hold {members} fields, enum values and methods; "
                           f"an app may register at most {MAX_APP_MEMBERS}")
+
+# Bytes of control messages not yet complete that the connections of one uid may have in
+# the daemon together: a message may be 4 MiB (a big schema), so room for 16 at once. A
+# connection that would go past it is closed with an error.
+CONTROL_BYTES_PER_UID = 64 << 20
+
+
+class ControlBudget:
+    """The bytes of unfinished control messages the daemon holds, per uid.
+
+    Why per uid: control connections are bounded only by the daemon's descriptors, and each
+    may hold almost a whole message while it waits for the rest; a local user sending the
+    start of a 4 MiB message on thousands of connections would take the daemon's memory.
+    Counting per uid (SO_PEERCRED, which a client cannot choose) leaves the other users'
+    apps unaffected by one user's."""
+
+    def __init__(self, limit: int = CONTROL_BYTES_PER_UID) -> None:
+        self.limit = limit
+        self.held: dict[int, int] = {}
+
+    def update(self, uid: int, before: int, after: int) -> bool:
+        """One connection of `uid` went from holding `before` to `after` bytes; False if
+        the uid now holds more than the limit (the caller closes that connection, which
+        then gives its bytes back with update(uid, after, 0))."""
+        total = self.held.get(uid, 0) - before + after
+        if total > 0:
+            self.held[uid] = total
+        else:
+            self.held.pop(uid, None)
+        return total <= self.limit

@@ -84,6 +84,7 @@ class ControlConnection:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         frames = cp.FrameBuffer()
+        budget, held = self.daemon.control_budget, 0  # bytes of an unfinished message this connection holds
         try:
             while True:
                 data = await loop.sock_recv(self.sock, 1 << 16)
@@ -93,15 +94,24 @@ class ControlConnection:
                     messages, broken = frames.feed(data), frames.error
                 except cp.ControlError as exc:
                     messages, broken = [], exc
+                within = budget.update(self.uid, held, frames.buffered)
+                held = frames.buffered
                 for msg in messages:  # the good requests before a broken frame are answered first
                     await self._dispatch(msg)
                 if broken is not None:
                     log.warning("control client pid %d sent a broken frame: %s", self.pid, broken, extra=self.log_fields())
                     await self._send({"id": None, "ok": False, "error": str(broken), "code": 3})
                     return
+                if not within:
+                    text = (f"uid {self.uid} has more than {budget.limit} bytes of unfinished control messages "
+                            "in mrpcd; closing this connection")
+                    log.warning("control client pid %d: %s", self.pid, text, extra=self.log_fields())
+                    await self._send({"id": None, "ok": False, "error": text, "code": 8})
+                    return
         except (ConnectionError, OSError):
             return
         finally:
+            budget.update(self.uid, held, 0)
             if self.session is not None:
                 self.daemon.drop_session(self.session, "control connection closed")
                 self.session = None
