@@ -715,6 +715,14 @@ class ServerCore:
                 return False
             call.deliver(rec)
             return True
+        live = self._calls.get(key)
+        if live is not None:
+            # Call ids are unique per connection: a second START of a call still going is
+            # the peer's protocol error. Admitted, it would take the first call's place in
+            # _calls, where its handler is found by END, CANCEL and a lost connection:
+            # orphaned, that handler would hold its worker for good. The call ends here.
+            live.cancel(status=(StatusCode.INTERNAL, f"mrpcd: the peer started call {rec.call_id} twice"))
+            return True
         entry = self._methods.get(rec.method_id)
         if entry is None:
             return False
