@@ -223,3 +223,55 @@ def test_half_sent_control_messages_cannot_pile_up_in_the_daemon(daemon_factory)
             s.close()
     assert d.alive()
     assert "unfinished control messages" in d.log()
+
+
+def test_an_app_cannot_bind_addresses_without_bound(daemon_factory):
+    """Every `bind` of a new address was a listening socket of the daemon's: one app binding
+    127.1.x.y:0 in a loop took all of the daemon's descriptors (19,978 of 20,000, measured),
+    after which no other app could connect. An app now has at most MAX_APP_LISTENERS
+    addresses; binding one it has again (new services) still works."""
+    from mrpcd.daemon.app_limits import MAX_APP_LISTENERS
+
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="binder")
+    try:
+        for i in range(MAX_APP_LISTENERS):
+            app.call("bind", address=f"127.1.{i >> 8}.{i & 255}:0", services=[])
+        with pytest.raises(RpcError, match="at most") as refused:
+            app.call("bind", address="127.2.0.1:0", services=[])
+        assert refused.value.code() == mrpcd.StatusCode.RESOURCE_EXHAUSTED
+        assert app.call("bind", address="127.1.0.0:0", services=[])["address"]
+    finally:
+        app.close()
+    assert d.alive()
+
+
+def test_a_bind_the_daemon_has_no_descriptor_for_is_a_clear_error(tmp_path):
+    """Out of descriptors, the listener came back without a socket and `bind` failed with
+    'internal error: list index out of range'."""
+    import resource
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "few.sock")
+    log = open(tmp_path / "few.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mrpcd.daemon.main", "--socket", path], stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48)))
+    try:
+        import os
+
+        assert wait_until(lambda: os.path.exists(path), timeout=20)
+        app = mrpcd.connect(path, name="binder")
+        try:
+            with pytest.raises(RpcError) as failed:
+                for i in range(48):
+                    app.call("bind", address=f"127.1.0.{i + 1}:0", services=[])
+            assert "list index" not in failed.value.details() and "internal error" not in failed.value.details()
+            assert "cannot listen" in failed.value.details()
+        finally:
+            app.close()
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()

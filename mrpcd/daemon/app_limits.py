@@ -31,6 +31,10 @@ def check_app_schema(schema: Schema) -> None:
         raise SchemaError(f"this app's schemas would hold {members} fields, enum values and methods; "
                           f"an app may register at most {MAX_APP_MEMBERS}")
 
+# Addresses one app may listen on: each is a socket of the daemon's, and an app binding new
+# ones in a loop took all of the daemon's descriptors (then no other app could connect).
+MAX_APP_LISTENERS = 256
+
 # Bytes of control messages not yet complete that the connections of one uid may have in
 # the daemon together: a message may be 4 MiB (a big schema), so room for 16 at once. A
 # connection that would go past it is closed with an error.

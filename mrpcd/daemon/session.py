@@ -22,7 +22,8 @@ from ..native import ring as ringmod
 from ..status import StatusCode
 from ..wire import cancel_record
 from ..transports import tcp
-from .app_limits import check_app_schema
+from ..control_proto import ControlError
+from .app_limits import MAX_APP_LISTENERS, check_app_schema
 from .datapath import Datapath, error_response
 from .log_limits import worth_logging
 from .observe import Observer
@@ -782,6 +783,8 @@ class AppSession:
             raise SchemaError(f"cannot serve {', '.join(missing)}: register its schema first")
         binding = self.bindings.get(address)
         if binding is None:
+            if len(self.listeners) >= MAX_APP_LISTENERS:
+                raise ControlError(f"an app may listen on at most {MAX_APP_LISTENERS} addresses", StatusCode.RESOURCE_EXHAUSTED.code)
             binding = Binding()
         binding.fingerprints = self._service_fingerprints(services)
         binding.method_ids = frozenset(m.method_id for s in services for m in self.schema.services[s].methods)
@@ -803,6 +806,9 @@ class AppSession:
         if self.closed:  # dropped meanwhile: close() has run, nothing would ever close this one
             server.close()
             raise ConnectionError("app disconnected while binding")
+        if not server.sockets:  # uvloop's answer when it could make no socket (out of descriptors)
+            server.close()
+            raise OSError(f"cannot listen on {address}: mrpcd could not make a socket (out of file descriptors?)")
         binding.server = server
         self.listeners.append(server)
         sockname = binding.server.sockets[0].getsockname()
