@@ -734,7 +734,11 @@ class ServerCore:
             # rest of its request stream finds no call and is dropped)
             self._reply_nowait(wire.response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.RESOURCE_EXHAUSTED, details="Concurrent RPC limit exceeded!"))
             return True
-        self._admit(rec, *entry)
+        try:
+            self._admit(rec, *entry)
+        except R.RecordError as exc:  # its metadata does not decode: the daemons pass it on as the peer wrote it
+            self._reply_nowait(wire.response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.INTERNAL,
+                                                    details=f"mrpcd: malformed request: {exc}"))
         return True
 
     def handle_lost(self, handle: int) -> None:
