@@ -51,6 +51,9 @@ STALL_CHECK_S = 0.25
 PUMP_FAILURES_MAX = 3
 # Calls refused for a peer's backlog whose request streams are remembered (Route.refused).
 REFUSED_MAX = 65536
+# Past this many times max_pending_records / _bytes waiting for an app's rx ring, its tx
+# ring is not read until the backlog is under the limits (_rx_backlogged).
+TX_HOLD_FACTOR = 2
 # Peer records at least this big are received straight into the app's rx ring when no policy
 # is attached (_reserve_in_place): one copy, socket -> ring, instead of two.
 IN_PLACE_MIN = 256 * 1024
@@ -248,7 +251,7 @@ class AppSession:
         because ring space is still lent to sockets (a lease coming back pumps again)."""
         max_record = self.config.max_record
         for _ in range(DRAIN_ROUNDS):
-            if self.pending and self._rx_backlogged():
+            if self.pending and self._rx_backlogged(TX_HOLD_FACTOR):
                 self._tx_held = True  # _flush_pending pumps again once the app has read
                 return False
             short = False
@@ -695,15 +698,20 @@ class AppSession:
             self.observer.to_app(to_app)
             self.pending.extendleft(reversed(to_app))  # in the refused record's place
 
-    def _rx_backlogged(self) -> bool:
-        """As much waits for room in the app's rx ring as max_pending_records / _bytes allow.
+    def _rx_backlogged(self, factor: int = 1) -> bool:
+        """`factor` times what max_pending_records / _bytes allow waits for room in the app's
+        rx ring.
 
-        Then its peers' sockets are not read (_apply_backpressure) and neither is its tx ring
-        (_drain_tx): the answers the daemon makes up itself (UNAVAILABLE on a handle that is
-        not connected, INTERNAL for a malformed record, a policy's refusal) would otherwise
-        queue without bound for an app that sends calls and never reads."""
+        At 1 its peers' sockets are no longer read (_apply_backpressure): what they add is then
+        bounded by about that much. At TX_HOLD_FACTOR its tx ring is not read either
+        (_drain_tx), until the backlog is under 1 again: only the answers the daemon makes up
+        itself (UNAVAILABLE on a handle that is not connected, INTERNAL for a malformed
+        record, a policy's refusal) get there, and they queued without bound for an app that
+        sends calls and never reads. Holding the tx ring at 1 already would also hold a
+        slow server's answers back from its peers (their backlog check saw them later; a
+        greedy peer's test measured more daemon memory)."""
         pending, config = self.pending, self.config
-        return len(pending) >= config.max_pending_records or pending.nbytes >= config.max_pending_bytes
+        return len(pending) >= factor * config.max_pending_records or pending.nbytes >= factor * config.max_pending_bytes
 
     def _apply_backpressure(self) -> None:
         """An app that reads slower than its peers write: stop reading their sockets."""
