@@ -227,9 +227,9 @@ def test_half_sent_control_messages_cannot_pile_up_in_the_daemon(daemon_factory)
 
 def test_an_app_cannot_bind_addresses_without_bound(daemon_factory):
     """Every `bind` of a new address was a listening socket of the daemon's: one app binding
-    127.1.x.y:0 in a loop took all of the daemon's descriptors (19,978 of 20,000, measured),
-    after which no other app could connect. An app now has at most MAX_APP_LISTENERS
-    addresses; binding one it has again (new services) still works."""
+    127.1.x.y:0 in a loop took all of the daemon's descriptors (19,978 binds, measured with a
+    limit of 20,000; the next failed), which every other app needs too. An app now has at
+    most MAX_APP_LISTENERS addresses; binding one it has again (new services) still works."""
     from mrpcd.daemon.app_limits import MAX_APP_LISTENERS
 
     d = daemon_factory()

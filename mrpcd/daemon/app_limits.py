@@ -32,7 +32,7 @@ def check_app_schema(schema: Schema) -> None:
                           f"an app may register at most {MAX_APP_MEMBERS}")
 
 # Addresses one app may listen on: each is a socket of the daemon's, and an app binding new
-# ones in a loop took all of the daemon's descriptors (then no other app could connect).
+# ones in a loop took all of the daemon's descriptors, which every other app needs too.
 MAX_APP_LISTENERS = 256
 
 # Bytes of control messages not yet complete that the connections of one uid may have in
