@@ -730,6 +730,14 @@ class ServerCore:
                 return False
             call.deliver(rec)
             return True
+        live = self._calls.get(key)
+        if live is not None:
+            # Call ids are unique per connection: a second START of a call still going is
+            # the peer's protocol error. Admitted, it would take the first call's place in
+            # _calls, where its handler is found by END, CANCEL and a lost connection:
+            # orphaned, that handler would hold its worker for good. The call ends here.
+            live.cancel(status=(StatusCode.INTERNAL, f"mrpcd: the peer started call {rec.call_id} twice"))
+            return True
         entry = self._methods.get(rec.method_id)
         if entry is None:
             return False
@@ -741,7 +749,11 @@ class ServerCore:
             # rest of its request stream finds no call and is dropped)
             self._reply_nowait(wire.response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.RESOURCE_EXHAUSTED, details="Concurrent RPC limit exceeded!"))
             return True
-        self._admit(rec, *entry)
+        try:
+            self._admit(rec, *entry)
+        except R.RecordError as exc:  # its metadata does not decode: the daemons pass it on as the peer wrote it
+            self._reply_nowait(wire.response_record(rec.handle, rec.call_id, R.F_START | R.F_END, None, code=StatusCode.INTERNAL,
+                                                    details=f"mrpcd: malformed request: {exc}"))
         return True
 
     def handle_lost(self, handle: int) -> None:

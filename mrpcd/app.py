@@ -457,7 +457,13 @@ class App:
             log.error("mrpcd sent a malformed record: %s", reason)
         dispatch = self.dispatch
         for rec in recs:
-            dispatch(rec)
+            try:
+                dispatch(rec)
+            except Exception:  # one record that breaks a call's code must not drop the rest of the batch:
+                # other calls' records (their ENDs, WINDOW grants) are in it, and the asyncio
+                # driver would stop draining altogether
+                log.exception("error dispatching a record from mrpcd (kind %d, call %d); the rest of its batch goes on",
+                              rec.kind, rec.call_id)
 
     def dispatch(self, rec: R.Record) -> None:
         kind = rec.kind

@@ -49,6 +49,11 @@ class FrameBuffer:
         self._strict = strict
         self.error: ControlError | None = None  # the stream broke after the messages last returned
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a message not yet complete (what the daemon accounts per uid)."""
+        return len(self._buf)
+
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         if self.error is not None:
             raise self.error

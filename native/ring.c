@@ -313,11 +313,13 @@ int ring_producer_should_wake(ring_t *r)
 
 /* ---------------------------------------------------------------- consumer */
 
-/* Load and validate the producer's head against our tail. */
+/* Load and validate the producer's head against our tail. head only moves forward, so it
+ * is never behind what this side has taken (read, not yet freed): a head moved back there
+ * would make head - position wrap around and a take read stale memory as records. */
 static int load_head(ring_t *r, uint64_t *head)
 {
     uint64_t h = LOAD_ACQ(&r->ctrl->head);
-    if ((h & 7) || h - r->tail > r->cap)
+    if ((h & 7) || h - r->tail > r->cap || h - r->tail < r->taken)
         return set_corrupt(r);
     *head = h;
     return 0;

@@ -17,6 +17,7 @@ import pytest
 
 import mrpcd
 from mrpcd import wire
+from mrpcd.status import StatusCode
 from mrpcd.marshal import records as R
 
 from conftest import aio_pair, wait_until
@@ -643,3 +644,150 @@ def test_an_app_of_the_other_api_is_refused_where_it_is_given(streamer):
             aio_app.close()
 
     asyncio.run(main())
+
+
+def test_a_call_id_started_twice_ends_that_call_and_orphans_no_handler(streamer):
+    """Call ids are unique per connection, but a peer may send a second START for a call
+    that is still going. The server put the new call in its table over the old one: the old
+    handler could then get no END, CANCEL or GOAWAY (nothing could find it) and held its
+    worker for good, also after the peer left; a few such STARTs wedged the server for every
+    client. Now the second START ends the call: the handler sees it cancelled, the peer gets
+    INTERNAL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mrpcd.marshal import records as R
+    from mrpcd.marshal.schema import method_id
+
+    a, b, pb = streamer
+    pool = ThreadPoolExecutor(max_workers=2)
+    srv_app = mrpcd.connect(b.socket, name="twice-server")
+    rogue = mrpcd.connect(a.socket, name="twice-rogue")
+    cli_app = mrpcd.connect(a.socket, name="twice-client")
+    try:
+        server = mrpcd.server(pool, app=srv_app)
+
+        class S(pb.StreamerServicer):
+            def ClientStream(self, request_iterator, context):
+                return pb.Summary(total=sum(1 for _ in request_iterator))
+
+            def Unary(self, request, context):
+                return pb.Summary(total=request.seq)
+
+        pb.add_StreamerServicer_to_server(S(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        rogue.ensure_schema(pb.SCHEMA)
+        handle = rogue.call("connect", target=f"127.0.0.1:{port}")["handle"]
+        mid = method_id("/mrpc.stream.Streamer/ClientStream")
+        chunk = pb.Chunk(seq=1).SerializeToString()
+        records = []
+        for call_id in (1, 2, 3, 4):  # more than the server has workers
+            records += [R.encode_record(R.REQUEST, R.F_START, 0, handle, call_id, mid, 0, b"", chunk)] * 2
+            records.append(R.encode_record(R.REQUEST, R.F_END | R.F_NO_MSG, 0, handle, call_id, 0, 0, b"", b""))
+        ended: dict[int, int] = {}
+
+        def on_record(rec) -> None:
+            if rec.kind == R.RESPONSE and rec.flags & R.F_END:
+                ended[rec.call_id] = rec.status
+
+        rogue.dispatch = on_record  # the rogue's rx thread hands us what comes back
+        assert rogue.tx.push_many(records) == len(records)
+        rogue.daemon_waker.signal()
+        assert wait_until(lambda: len(ended) == 4, 10), ended
+        assert set(ended.values()) == {StatusCode.INTERNAL.code}
+        assert wait_until(lambda: not server._calls, 10)  # no handler left behind
+        stub = pb.StreamerStub(mrpcd.insecure_channel(f"127.0.0.1:{port}", app=cli_app))
+        assert stub.Unary(pb.Chunk(seq=5), timeout=10).total == 5  # a worker is free
+    finally:
+        cli_app.close()
+        rogue.close()
+        srv_app.close()
+        pool.shutdown(wait=False)
+
+
+def _rogue_calls(a_socket: str, pb, port: int, records) -> dict[int, int]:
+    """Push `records(handle, method_id)` from a raw app behind daemon a to the server at
+    `port` in one go; the final status of each call id answered within 10 s."""
+    from mrpcd.marshal import records as R
+    from mrpcd.marshal.schema import method_id
+
+    rogue = mrpcd.connect(a_socket, name="rogue")
+    try:
+        rogue.ensure_schema(pb.SCHEMA)
+        handle = rogue.call("connect", target=f"127.0.0.1:{port}")["handle"]
+        ended: dict[int, int] = {}
+
+        def on_record(rec) -> None:
+            if rec.kind == R.RESPONSE and rec.flags & R.F_END:
+                ended[rec.call_id] = rec.status
+
+        rogue.dispatch = on_record  # the rogue's rx thread hands us what comes back
+        batch = records(handle, method_id("/mrpc.stream.Streamer/Unary"))
+        assert rogue.tx.push_many(batch) == len(batch)
+        rogue.daemon_waker.signal()
+        wait_until(lambda: len(ended) == len(batch), 10)
+        return ended
+    finally:
+        rogue.close()
+
+
+def _bad_meta_then_good(pb):
+    from mrpcd.marshal import records as R
+
+    chunk = pb.Chunk(seq=1).SerializeToString()
+    return lambda h, mid: [
+        R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, h, 1, mid, 0, b"\x91\x92\x01\x02", chunk),  # key not a str
+        R.encode_record(R.REQUEST, R.F_START | R.F_END, 0, h, 2, mid, 0, b"", chunk),
+    ]
+
+
+def test_sync_server_answers_a_call_with_malformed_metadata_and_the_rest_of_its_batch(streamer):
+    """The daemons forward metadata as the calling app wrote it. A START whose metadata did
+    not decode raised out of the server's dispatch: the rest of the batch the rx thread had
+    taken (other clients' calls, their ENDs and WINDOW grants) was dropped, and the bad call
+    got no answer. Now that call fails INTERNAL and the batch goes on."""
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    srv_app = mrpcd.connect(b.socket, name="meta-server")
+    try:
+        server = mrpcd.server(app=srv_app)
+        pb.add_StreamerServicer_to_server(S(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        ended = _rogue_calls(a.socket, pb, port, _bad_meta_then_good(pb))
+        assert ended == {1: StatusCode.INTERNAL.code, 2: StatusCode.OK.code}
+    finally:
+        srv_app.close()
+
+
+def test_aio_server_answers_a_call_with_malformed_metadata_and_goes_on(streamer):
+    """The same on an asyncio server: the error escaped the loop's drain callback, which then
+    neither drained again nor raised the ring's sleeping flag, so the app stopped receiving."""
+    import asyncio
+
+    import mrpcd.aio
+
+    a, b, pb = streamer
+
+    class S(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=request.seq)
+
+    async def main() -> dict[int, int]:
+        srv_app = mrpcd.aio.connect(b.socket, name="aio-meta-server")
+        try:
+            server = mrpcd.aio.server(app=srv_app)
+            pb.add_StreamerServicer_to_server(S(), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            ended = await asyncio.to_thread(_rogue_calls, a.socket, pb, port, _bad_meta_then_good(pb))
+            await server.stop(None)
+            return ended
+        finally:
+            srv_app.close()
+
+    assert asyncio.run(main()) == {1: StatusCode.INTERNAL.code, 2: StatusCode.OK.code}

@@ -237,6 +237,7 @@ class _LendingSession:
         self.app_waker = SimpleNamespace(signal=lambda: None)
         self.loop = SimpleNamespace(time=time.monotonic, call_later=lambda delay, fn: SimpleNamespace(cancel=lambda: None))
         self._stall_timer = None
+        self.pending: list = []  # nothing waits for the app's rx ring
         self.sent: list = []
         self.pumps = 0
         for name in ("_drain_tx", "_lend", "_lease_back", "_free_returned", "_check_lent_stall"):

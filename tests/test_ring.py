@@ -519,6 +519,25 @@ def test_has_data_looks_past_taken_records_and_raises_no_flag():
     r.release()
 
 
+def test_a_head_moved_back_behind_taken_records_is_corrupt():
+    """The daemon keeps big records in the app's tx ring (taken, not freed) while sockets
+    send them. An app that then wrote its head back between tail and what was taken made
+    every check pass and `head - position` wrap around: has_data said "records" forever
+    (the daemon's poll and pump spun) and a take read stale ring memory as records, its
+    extent growing past the ring. head only moves forward: behind what was taken is corrupt."""
+    mm, r = new_ring(256)
+    r.push(b"a" * 40)
+    r.push(b"b" * 40)
+    assert [bytes(x) for x in r.take_more(max_records=8, big_min=1)[0]] == [b"a" * 40, b"b" * 40]
+    set_u64(mm, HEAD, rec_size(40))  # back over the second taken record
+    with pytest.raises(RingCorrupt):
+        r.has_data()
+    with pytest.raises(RingCorrupt):
+        r.take_more(max_records=8, big_min=1)
+    with pytest.raises(RingCorrupt):
+        r.prepare_sleep()
+
+
 def test_has_data_reports_a_corrupt_head():
     mm, r = new_ring(256)
     set_u64(mm, HEAD, 3)  # not 8-aligned: impossible

@@ -84,6 +84,7 @@ class ControlConnection:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         frames = cp.FrameBuffer()
+        budget, held = self.daemon.control_budget, 0  # bytes of an unfinished message this connection holds
         try:
             while True:
                 data = await loop.sock_recv(self.sock, 1 << 16)
@@ -93,15 +94,24 @@ class ControlConnection:
                     messages, broken = frames.feed(data), frames.error
                 except cp.ControlError as exc:
                     messages, broken = [], exc
+                within = budget.update(self.uid, held, frames.buffered)
+                held = frames.buffered
                 for msg in messages:  # the good requests before a broken frame are answered first
                     await self._dispatch(msg)
                 if broken is not None:
                     log.warning("control client pid %d sent a broken frame: %s", self.pid, broken, extra=self.log_fields())
                     await self._send({"id": None, "ok": False, "error": str(broken), "code": 3})
                     return
+                if not within:
+                    text = (f"uid {self.uid} has more than {budget.limit} bytes of unfinished control messages "
+                            "in mrpcd; closing this connection")
+                    log.warning("control client pid %d: %s", self.pid, text, extra=self.log_fields())
+                    await self._send({"id": None, "ok": False, "error": text, "code": 8})
+                    return
         except (ConnectionError, OSError):
             return
         finally:
+            budget.update(self.uid, held, 0)
             if self.session is not None:
                 self.daemon.drop_session(self.session, "control connection closed")
                 self.session = None
@@ -186,7 +196,18 @@ class ControlConnection:
     def _need_session(self) -> "AppSession":
         if self.session is None:
             raise cp.ControlError("say hello first: this connection is not an app", 9)
+        if self.session.closed:  # requests read before the hang-up: a closed session serves nothing
+            raise cp.ControlError(f"mrpcd dropped this app: {self.session.drop_reason}", 14)
         return self.session
+
+    def _hang_up(self) -> None:
+        """The daemon dropped this app (not its connection closing): shut the socket down, so
+        `serve` sees the end and the app's library, watching for the close, fails its calls
+        instead of waiting on rings nobody reads any more."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already gone
+            pass
 
     def _need_admin(self) -> None:
         if not self.is_admin:
@@ -204,6 +225,7 @@ class ControlConnection:
             raise ValueError("app name must be a string of at most 128 characters")
         self.daemon.refuse_if_draining("new apps")
         self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
+        self.session.hang_up = self._hang_up
         fds.extend(self.session.handoff_fds())
         return {"app_id": self.session.app_id, "ring_size": self.daemon.config.ring_size, "shm_size": self.session.shm_size,
                 "max_record": self.daemon.config.max_record}

@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable, Coroutine
 
 from .. import __version__
+from .app_limits import ControlBudget
 from .config import Config
 from .control import serve_control, unlink_if_ours
 from .observe import CallStats
@@ -38,6 +39,7 @@ class Daemon:
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
         self.transport_class: type[TransportVersion] = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
         self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)
+        self.control_budget = ControlBudget()  # unfinished control messages held, per uid (app_limits.py)
 
     async def start(self) -> None:
         if self.config.transport == "rdma":
@@ -103,7 +105,10 @@ class Daemon:
         self.counters["apps_dropped"] += 1
         log.info("app %s (app_id %d, pid %d) gone: %s; resources reclaimed", session.name, session.app_id, session.pid, reason,
                  extra=session.log_fields(reason=reason))
+        session.drop_reason = reason
         session.close()
+        if session.hang_up is not None:  # dropped for its ring or a bug: end its control connection
+            session.hang_up()  # too, or the app would wait on calls nobody moves (it learns from the close)
 
     # -- graceful drain (SIGTERM) -------------------------------------------------------
     def in_flight(self) -> int:

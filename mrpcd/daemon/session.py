@@ -13,7 +13,7 @@ import logging
 import struct
 from collections import deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 from ..malloc_tuning import tune_malloc
 from ..marshal import records as R
@@ -24,6 +24,8 @@ from ..status import StatusCode
 from ..wire import cancel_record
 from ..transports import tcp
 from ..transports.handshake import ServiceSet, service_set
+from ..control_proto import ControlError
+from .app_limits import MAX_APP_LISTENERS, check_app_schema
 from .datapath import Datapath, error_response
 from .log_limits import worth_logging
 from .observe import Observer
@@ -51,6 +53,9 @@ STALL_CHECK_S = 0.25
 PUMP_FAILURES_MAX = 3
 # Calls refused for a peer's backlog whose request streams are remembered (Route.refused).
 REFUSED_MAX = 65536
+# Past this many times max_pending_records / _bytes waiting for an app's rx ring, its tx
+# ring is not read until the backlog is under the limits (_rx_backlogged).
+TX_HOLD_FACTOR = 2
 # Peer records at least this big are received straight into the app's rx ring when no policy
 # is attached (_reserve_in_place): one copy, socket -> ring, instead of two.
 IN_PLACE_MIN = 256 * 1024
@@ -188,7 +193,14 @@ class AppSession:
         self._in_place: Route | None = None
         self._in_place_view: memoryview | None = None
         self.closed = False
+        # why the daemon dropped the app (its ring, a bug), for the control requests it may
+        # still send before its connection is hung up; None while it is connected
+        self.drop_reason: str | None = None
+        # set by the control connection: ends it, so the app learns it was dropped
+        self.hang_up: Callable[[], None] | None = None
         self._pump_scheduled = False
+        # the tx ring is not taken from while too much waits for room in the rx ring (_rx_backlogged)
+        self._tx_held = False
         # takes of the tx ring whose big payloads sockets still write from: [extent, leases
         # out], oldest first (ring space is freed in this order)
         self._lent: deque[list] = deque()
@@ -257,6 +269,9 @@ class AppSession:
         because ring space is still lent to sockets (a lease coming back pumps again)."""
         max_record = self.config.max_record
         for _ in range(DRAIN_ROUNDS):
+            if self.pending and self._rx_backlogged(TX_HOLD_FACTOR):
+                self._tx_held = True  # _flush_pending pumps again once the app has read
+                return False
             short = False
             if self.datapath.engines:
                 if self._lent:
@@ -388,9 +403,14 @@ class AppSession:
             self.datapath.outbound(batch)
 
     def _reject_malformed(self, data: bytes, reason: str) -> None:
-        """Fail the call the record names (if its header is readable), count it, go on."""
-        self.stats["malformed"] += 1
-        log.warning("app %s (pid %d): malformed record rejected: %s", self.name, self.pid, reason, extra=self.log_fields())
+        """Fail the call the record names (if its header is readable), count it, go on.
+
+        Logged at the 1st, 2nd, 4th, ... one: an app pushing garbage in a loop must not
+        flood the daemon's log (the count is in its stats)."""
+        n = self.stats["malformed"] = self.stats["malformed"] + 1
+        if worth_logging(n):
+            log.warning("app %s (pid %d): malformed record rejected: %s (%d so far)", self.name, self.pid, reason, n,
+                        extra=self.log_fields())
         if len(data) >= _HEADER_PREFIX.size:
             kind, _flags, _status, handle, call_id = _HEADER_PREFIX.unpack_from(data)
             if kind == R.REQUEST:
@@ -565,6 +585,9 @@ class AppSession:
             for route in self.routes.values():
                 if not route.backlog_paused:
                     route.conn.resume_reading()
+        if self._tx_held and not self._rx_backlogged():
+            self._tx_held = False
+            self._schedule_pump()
 
     # -- big peer records received in place ---------------------------------------------------
     def _reserve_in_place(self, route: Route, nbytes: int) -> memoryview | None:
@@ -696,10 +719,24 @@ class AppSession:
             self.observer.to_app(to_app)
             self.pending.extendleft(reversed(to_app))  # in the refused record's place
 
+    def _rx_backlogged(self, factor: int = 1) -> bool:
+        """`factor` times what max_pending_records / _bytes allow waits for room in the app's
+        rx ring.
+
+        At 1 its peers' sockets are no longer read (_apply_backpressure): what they add is then
+        bounded by about that much. At TX_HOLD_FACTOR its tx ring is not read either
+        (_drain_tx), until the backlog is under 1 again: only the answers the daemon makes up
+        itself (UNAVAILABLE on a handle that is not connected, INTERNAL for a malformed
+        record, a policy's refusal) get there, and they queued without bound for an app that
+        sends calls and never reads. Holding the tx ring at 1 already would also hold a
+        slow server's answers back from its peers (their backlog check saw them later; a
+        greedy peer's test measured more daemon memory)."""
+        pending, config = self.pending, self.config
+        return len(pending) >= factor * config.max_pending_records or pending.nbytes >= factor * config.max_pending_bytes
+
     def _apply_backpressure(self) -> None:
         """An app that reads slower than its peers write: stop reading their sockets."""
-        pending, config = self.pending, self.config
-        if (len(pending) >= config.max_pending_records or pending.nbytes >= config.max_pending_bytes) and not self.paused_routes:
+        if self._rx_backlogged() and not self.paused_routes:
             self.paused_routes = True
             for route in self.routes.values():
                 route.conn.pause_reading()
@@ -709,7 +746,10 @@ class AppSession:
         schema = Schema.from_dict(data)
         merged = Schema(dict(self.schema.messages), dict(self.schema.enums), dict(self.schema.services))
         merged.merge(schema)
-        fingerprints = merged.fingerprints()
+        check_app_schema(merged)
+        # only this schema's services: the others' closures cannot change (merge refuses a
+        # new definition of a known name), and they were checked when they came
+        fingerprints = {name: merged.fingerprint(name) for name in schema.services}
         for route in self.routes.values():
             if route.role != "client":
                 continue
@@ -781,6 +821,8 @@ class AppSession:
             raise SchemaError(f"cannot serve {', '.join(missing)}: register its schema first")
         binding = self.bindings.get(address)
         if binding is None:
+            if len(self.listeners) >= MAX_APP_LISTENERS:
+                raise ControlError(f"an app may listen on at most {MAX_APP_LISTENERS} addresses", StatusCode.RESOURCE_EXHAUSTED.code)
             binding = Binding()
         binding.fingerprints = self._service_fingerprints(services)
         binding.method_ids = frozenset(m.method_id for s in services for m in self.schema.services[s].methods)
@@ -797,9 +839,16 @@ class AppSession:
             self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
 
         transport, options = self._transport()
-        binding.server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
-                                               max_record=self.config.max_record, **options)
-        self.listeners.append(binding.server)
+        server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
+                                       max_record=self.config.max_record, **options)
+        if self.closed:  # dropped meanwhile: close() has run, nothing would ever close this one
+            server.close()
+            raise ConnectionError("app disconnected while binding")
+        if not server.sockets:  # uvloop's answer when it could make no socket (out of descriptors)
+            server.close()
+            raise OSError(f"cannot listen on {address}: mrpcd could not make a socket (out of file descriptors?)")
+        binding.server = server
+        self.listeners.append(server)
         sockname = binding.server.sockets[0].getsockname()
         binding.address = f"{sockname[0]}:{sockname[1]}" if ":" not in sockname[0] else f"[{sockname[0]}]:{sockname[1]}"
         self.bindings[address] = self.bindings[binding.address] = binding

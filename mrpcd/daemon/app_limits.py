@@ -1,0 +1,66 @@
+"""Bounds on what one app may make the daemon hold through its control requests.
+
+Why: the daemon is shared by every app on the host. A single control message is bounded
+(control_proto.MAX_CONTROL_MESSAGE) and so is a single schema (marshal.schema's MAX_*),
+but an app may send as many of them as it likes; what it registers stays in the daemon for
+as long as the app is connected. Without a bound of its own, an app registering new
+services in a loop grew the daemon without limit, and every registration recomputed what
+the earlier ones had registered (40,000 services: 0.3 s per registration, a stall of
+every app's datapath).
+"""
+from __future__ import annotations
+
+from ..marshal.schema import Schema, SchemaError
+
+# Messages, enums and services of all of one app's schemas together (4 times what one
+# schema may define).
+MAX_APP_DEFINITIONS = 16384
+# Their fields, enum values and methods together.
+MAX_APP_MEMBERS = 1 << 18
+
+
+def check_app_schema(schema: Schema) -> None:
+    """Raise SchemaError if `schema` (an app's schemas merged) holds more than one app may."""
+    definitions = len(schema.messages) + len(schema.enums) + len(schema.services)
+    if definitions > MAX_APP_DEFINITIONS:
+        raise SchemaError(f"this app's schemas would define {definitions} messages, enums and services; "
+                          f"an app may register at most {MAX_APP_DEFINITIONS}")
+    members = (sum(len(m.fields) for m in schema.messages.values()) + sum(len(e.values) for e in schema.enums.values())
+               + sum(len(s.methods) for s in schema.services.values()))
+    if members > MAX_APP_MEMBERS:
+        raise SchemaError(f"this app's schemas would hold {members} fields, enum values and methods; "
+                          f"an app may register at most {MAX_APP_MEMBERS}")
+
+# Addresses one app may listen on: each is a socket of the daemon's, and an app binding new
+# ones in a loop took all of the daemon's descriptors, which every other app needs too.
+MAX_APP_LISTENERS = 256
+
+# Bytes of control messages not yet complete that the connections of one uid may have in
+# the daemon together: a message may be 4 MiB (a big schema), so room for 16 at once. A
+# connection that would go past it is closed with an error.
+CONTROL_BYTES_PER_UID = 64 << 20
+
+
+class ControlBudget:
+    """The bytes of unfinished control messages the daemon holds, per uid.
+
+    Why per uid: control connections are bounded only by the daemon's descriptors, and each
+    may hold almost a whole message while it waits for the rest; a local user sending the
+    start of a 4 MiB message on thousands of connections would take the daemon's memory.
+    Counting per uid (SO_PEERCRED, which a client cannot choose) leaves the other users'
+    apps unaffected by one user's."""
+
+    def __init__(self, limit: int = CONTROL_BYTES_PER_UID) -> None:
+        self.limit = limit
+        self.held: dict[int, int] = {}
+
+    def update(self, uid: int, before: int, after: int) -> bool:
+        """One connection of `uid` went from holding `before` to `after` bytes; False if
+        the uid now holds more than the limit (the caller closes that connection, which
+        then gives its bytes back with update(uid, after, 0))."""
+        total = self.held.get(uid, 0) - before + after
+        if total > 0:
+            self.held[uid] = total
+        else:
+            self.held.pop(uid, None)
+        return total <= self.limit
