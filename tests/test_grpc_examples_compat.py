@@ -2067,8 +2067,10 @@ def test_failing_call_callbacks_and_request_iterators_are_logged_as_grpc(streame
 
         caplog.clear()
         with caplog.at_level("DEBUG", logger="mrpcd"):
-            with pytest.raises(mrpcd.aio.AioRpcError):
+            with pytest.raises(mrpcd.aio.AioRpcError) as info:  # (grpc.aio: CancelledError; docs/PORTING.md)
                 await pb.StreamerStub(channel).ClientStream(requests(), timeout=10)
+            assert info.value.code() is mrpcd.StatusCode.UNKNOWN
+            assert info.value.details().startswith("Exception iterating requests!")
         logged = [r for r in caplog.records if r.getMessage().startswith("Client request_iterator raised exception")]
         assert len(logged) == 1 and logged[0].levelname == "DEBUG" and isinstance(logged[0].exc_info[1], ValueError)
 
