@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
+from .app_limits import limit_exceeded
 from .policy_host import PolicyOpError, describe_engine, load_upgrade
 from .session import address_text
 from .transport_upgrade import TransportUpgradeError
@@ -81,11 +82,26 @@ class ControlConnection:
         except KeyError:
             return False
 
+    def _over_connection_limit(self) -> str | None:
+        """Count this connection for its uid; the error text if that passes
+        limits.control_connections_per_uid (root and admins are not bounded)."""
+        counts = self.daemon.control_connections
+        counts[self.uid] = n = counts.get(self.uid, 0) + 1
+        limit = self.daemon.config.limits["control_connections_per_uid"]
+        if n <= limit or self.is_admin:
+            return None
+        return str(limit_exceeded("control connections", "control_connections_per_uid", n - 1, limit, self.uid))
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         frames = cp.FrameBuffer()
         budget, held = self.daemon.control_budget, 0  # bytes of an unfinished message this connection holds
         try:
+            refused = self._over_connection_limit()
+            if refused is not None:
+                log.warning("control client pid %d refused: %s", self.pid, refused, extra=self.log_fields())
+                await self._send({"id": None, "ok": False, "error": refused, "code": 8})
+                return
             while True:
                 data = await loop.sock_recv(self.sock, 1 << 16)
                 if not data:
@@ -112,6 +128,10 @@ class ControlConnection:
             return
         finally:
             budget.update(self.uid, held, 0)
+            counts = self.daemon.control_connections
+            counts[self.uid] -= 1
+            if not counts[self.uid]:
+                del counts[self.uid]
             if self.session is not None:
                 self.daemon.drop_session(self.session, "control connection closed")
                 self.session = None
@@ -224,7 +244,13 @@ class ControlConnection:
         if not isinstance(name, str) or len(name) > 128:
             raise ValueError("app name must be a string of at most 128 characters")
         self.daemon.refuse_if_draining("new apps")
+        limit = self.daemon.config.limits["apps_per_uid"]
+        apps = sum(1 for s in self.daemon.sessions.values() if s.uid == self.uid and not s.closed)
+        exempt = self.is_admin
+        if apps >= limit and not exempt:
+            raise limit_exceeded("apps connected", "apps_per_uid", apps, limit, self.uid)
         self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
+        self.session.limits_exempt = exempt
         self.session.hang_up = self._hang_up
         fds.extend(self.session.handoff_fds())
         return {"app_id": self.session.app_id, "ring_size": self.daemon.config.ring_size, "shm_size": self.session.shm_size,

@@ -25,7 +25,7 @@ from ..wire import cancel_record
 from ..transports import tcp
 from ..transports.handshake import ServiceSet, service_set
 from ..control_proto import ControlError
-from .app_limits import MAX_APP_LISTENERS, check_app_schema
+from .app_limits import check_app_schema, limit_exceeded
 from .datapath import Datapath, error_response
 from .log_limits import worth_logging
 from .observe import Observer
@@ -158,6 +158,12 @@ class AppSession:
         self.routes: dict[int, Route] = {}
         self._next_handle = 1
         self.listeners: list[tcp.Listener] = []
+        # descriptors bounded by the config's `limits:` (app_limits.py): peer connections this
+        # app opened (routes of role client) and those being opened, listeners being made
+        self.client_routes = 0
+        self.connecting = 0
+        self.binding = 0
+        self.limits_exempt = False  # root or the admin group (set by the control connection)
         self.bindings: dict[str, Binding] = {}  # requested and actual address -> binding
         self.pending = PendingRecords()  # records waiting for room in the rx ring
         self.paused_routes = False
@@ -821,8 +827,7 @@ class AppSession:
             raise SchemaError(f"cannot serve {', '.join(missing)}: register its schema first")
         binding = self.bindings.get(address)
         if binding is None:
-            if len(self.listeners) >= MAX_APP_LISTENERS:
-                raise ControlError(f"an app may listen on at most {MAX_APP_LISTENERS} addresses", StatusCode.RESOURCE_EXHAUSTED.code)
+            self._check_limit("listening addresses", "listeners", lambda s: len(s.listeners) + s.binding)
             binding = Binding()
         binding.fingerprints = self._service_fingerprints(services)
         binding.method_ids = frozenset(m.method_id for s in services for m in self.schema.services[s].methods)
@@ -839,8 +844,12 @@ class AppSession:
             self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
 
         transport, options = self._transport()
-        server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
-                                       max_record=self.config.max_record, **options)
+        self.binding += 1
+        try:
+            server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
+                                           max_record=self.config.max_record, **options)
+        finally:
+            self.binding -= 1
         if self.closed:  # dropped meanwhile: close() has run, nothing would ever close this one
             server.close()
             raise ConnectionError("app disconnected while binding")
@@ -862,12 +871,32 @@ class AppSession:
             return rdma, {}
         return tcp, {"tls": self.config.tls, "allow": self.config.peers.allow}
 
+    def _check_limit(self, what: str, kind: str, count: Callable[["AppSession"], int]) -> None:
+        """Raise RESOURCE_EXHAUSTED if one more of `kind` would pass limits.<kind>_per_app
+        or limits.<kind>_per_uid (counted over the live apps of this app's uid). The per-app
+        bound holds for every app (a runaway loop is a bug whoever runs it); root and admins
+        are trusted with more than one user's share."""
+        limits = self.daemon.config.limits
+        mine = count(self)
+        if mine >= limits[f"{kind}_per_app"]:
+            raise limit_exceeded(what, f"{kind}_per_app", mine, limits[f"{kind}_per_app"])
+        if self.limits_exempt:
+            return
+        total = sum(count(s) for s in self.daemon.sessions.values() if s.uid == self.uid and not s.closed)
+        if total >= limits[f"{kind}_per_uid"]:
+            raise limit_exceeded(what, f"{kind}_per_uid", total, limits[f"{kind}_per_uid"], self.uid)
+
     async def connect(self, target: str) -> int:
         host, port = split_address(target)
+        self._check_limit("peer connections", "connections", lambda s: s.client_routes + s.connecting)
         transport, options = self._transport()
-        conn = await transport.connect(
-            host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout, **options
-        )
+        self.connecting += 1
+        try:
+            conn = await transport.connect(
+                host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout, **options
+            )
+        finally:
+            self.connecting -= 1
         if self.closed:
             conn.close("client app is gone")
             raise ConnectionError("app disconnected while connecting")
@@ -880,6 +909,8 @@ class AppSession:
         self._next_handle += 1
         route = Route(handle, conn, role, target, method_ids, binding)
         self.routes[handle] = route
+        if role == "client":
+            self.client_routes += 1
         self._set_plans(route)
         conn.set_handlers(functools.partial(self._on_peer_records, route), functools.partial(self._on_peer_closed, route))
         self.receive_in_place(route, True)
@@ -1039,6 +1070,8 @@ class AppSession:
         self._drop_in_place(route)  # the rest of that record never comes
         if self.routes.pop(route.handle, None) is None or self.closed:
             return
+        if route.role == "client":
+            self.client_routes -= 1
         self.datapath.handle_closed(route.handle)
         reason = str(exc) if exc else "peer closed the connection"
         log.info("app %s: connection %d to %s closed: %s", self.name, route.handle, route.target, reason,
@@ -1050,6 +1083,8 @@ class AppSession:
     def close_handle(self, handle: int) -> None:
         route = self.routes.pop(handle, None)
         if route is not None:
+            if route.role == "client":
+                self.client_routes -= 1
             self._drop_in_place(route)
             route.conn.close()
             self.datapath.handle_closed(handle)
@@ -1071,6 +1106,7 @@ class AppSession:
         for route in list(self.routes.values()):
             route.conn.close("app disconnected")
         self.routes.clear()
+        self.client_routes = 0
         for server in self.listeners:
             server.close()
         self.listeners.clear()
