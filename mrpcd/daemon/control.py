@@ -24,6 +24,7 @@ from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
 from .app_limits import limit_exceeded
 from .policy_host import PolicyOpError, describe_engine, load_upgrade
+from .reply_limits import REPLY_BUDGET, fit, plain
 from .session import address_text
 from .transport_upgrade import TransportUpgradeError
 
@@ -38,11 +39,40 @@ _ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.
 _ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of descriptors
 
 
-def _plain(value: Any) -> Any:
-    """A msgpack-able stand-in for what a policy's describe() may hold: sets as lists, the rest as text."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    return str(value)
+def _after(msg: dict) -> int:
+    """A listing's `after`: only apps with a greater app_id (paging, reply_limits.py)."""
+    after = msg.get("after", 0)
+    if after is None:
+        return 0
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise ValueError("after must be an app_id (a non-negative integer)")
+    return after
+
+
+def _too_big(item: Any, size: int) -> dict:
+    """What a listing shows of an app whose own entry would not fit in one reply."""
+    keep = {k: item[k] for k in ("app_id", "name", "pid", "uid") if isinstance(item, dict) and k in item}
+    return {**keep, "error": f"its description of {size} bytes does not fit in one reply"}
+
+
+def _page(key: str, items: list[dict]) -> dict:
+    """{key: the leading items that fit in one reply} and, when some did not, `more` (how
+    many) and `next_after` (the app_id to ask again from)."""
+    kept, more = fit(items, REPLY_BUDGET, _too_big)
+    reply: dict[str, Any] = {key: kept}
+    if more:
+        reply["more"] = more
+        reply["next_after"] = kept[-1]["app_id"]
+    return reply
+
+
+def _cut(reply: dict, key: str) -> dict:
+    """reply[key] (a list, one entry per app) cut to what fits in one reply; `more`: how
+    many entries were left out (what the request did, it did on every app)."""
+    reply[key], more = fit(reply[key], REPLY_BUDGET, _too_big)
+    if more:
+        reply["more"] = more
+    return reply
 
 
 class ControlConnection:
@@ -178,7 +208,7 @@ class ControlConnection:
             try:
                 data = cp.encode(message)
             except TypeError:  # a policy's describe() holding a set or an object: shown as plain values
-                data = cp.encode(message, default=_plain)
+                data = cp.encode(message, default=plain)
         except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
             # e.g. a policy's describe() holding a set: say so, keep the connection
             log.error("control reply to pid %d cannot be encoded: %s", self.pid, exc, extra=self.log_fields())
@@ -285,7 +315,8 @@ class ControlConnection:
         return {"pid": os.getpid(), "version": d.version, "uptime": d.uptime(), "draining": d.draining, "in_flight": d.in_flight()}
 
     async def op_apps(self, msg: dict, fds: list[int]) -> dict:
-        return {"apps": [s.describe() for s in self.daemon.sessions.values()]}
+        after = _after(msg)
+        return _page("apps", [s.describe() for s in self.daemon.sessions.values() if s.app_id > after])
 
     async def op_stats(self, msg: dict, fds: list[int]) -> dict:
         from .metrics import stats_snapshot  # the same numbers as the Prometheus endpoint
@@ -321,8 +352,8 @@ class ControlConnection:
         return config
 
     async def op_policies(self, msg: dict, fds: list[int]) -> dict:
-        apps = self._select_apps(msg.get("app"), required=False)
-        return {"apps": [{"app_id": s.app_id, "name": s.name, "policies": s.policies.describe()} for s in apps]}
+        apps, after = self._select_apps(msg.get("app"), required=False), _after(msg)
+        return _page("apps", [{"app_id": s.app_id, "name": s.name, "policies": s.policies.describe()} for s in apps if s.app_id > after])
 
     async def op_policy_attach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -344,14 +375,14 @@ class ControlConnection:
             raise
         for s, policy in done:
             out.append({"app_id": s.app_id, "app_name": s.name, **describe_engine(policy)})
-        return {"attached": out}
+        return _cut({"attached": out}, "attached")
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
         out = []
         for s in self._apps_with_policy(msg):
             out.append({"app_id": s.app_id, "app_name": s.name, **s.policies.detach(msg["name"])})
-        return {"detached": out}
+        return _cut({"detached": out}, "detached")
 
     async def op_policy_config(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -370,7 +401,7 @@ class ControlConnection:
         if failed:
             applied = ", ".join(str(s.app_id) for s, _ in done) or "none"
             raise PolicyOpError(f"config of {msg['name']!r} applied on apps {applied}; refused on {'; '.join(failed)}")
-        return {"configured": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done]}
+        return _cut({"configured": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done]}, "configured")
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -392,7 +423,8 @@ class ControlConnection:
         finally:
             for _, _, new in prepared[len(committed):]:  # never swapped in: let go of them
                 new.close(handed_over=True)
-        return {"upgraded": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed]}
+        return _cut({"upgraded": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed]},
+                    "upgraded")
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
@@ -409,7 +441,11 @@ class ControlConnection:
 
     async def op_transport_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
-        return self.daemon.upgrade_transport(msg.get("module"))
+        reply = self.daemon.upgrade_transport(msg.get("module"))
+        reply["failed"], more = fit(reply["failed"], REPLY_BUDGET // 2)  # one line per connection
+        if more:
+            reply["failed_more"] = more
+        return reply
 
     async def op_shutdown(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()

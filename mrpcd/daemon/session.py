@@ -30,6 +30,7 @@ from .datapath import Datapath, error_response
 from .log_limits import worth_logging
 from .observe import Observer
 from .policy_host import PolicyHost
+from .reply_limits import LIST_SHOWN, shown
 from .transport_upgrade import migrate
 
 if TYPE_CHECKING:
@@ -1122,21 +1123,23 @@ class AppSession:
         return {"app_id": self.app_id, "app": self.name, "pid": self.pid, **more}
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "app_id": self.app_id,
-            "name": self.name,
-            "pid": self.pid,
-            "uid": self.uid,
-            "services": sorted(self.schema.services),
-            "listening": sorted({b.address for b in self.bindings.values()}),
-            "routes": [{"handle": r.handle, "role": r.role, "peer": r.target, "socket_peer": r.conn.peer,
-                        "transport": getattr(r.conn, "VERSION", "?"),
-                        **({"transcoding": sorted({p.path for p in r.plans.values()})} if r.plans else {})}
-                       for r in self.routes.values()],
-            "engines": self.policies.describe(),
-            "pending": len(self.pending),
-            "stats": dict(self.stats),
-        }
+        """What `mrpcctl apps` shows of this app; of each list the app makes as long as it
+        likes, the first LIST_SHOWN entries and `<list>_more` (reply_limits.py)."""
+        out: dict[str, Any] = {"app_id": self.app_id, "name": self.name, "pid": self.pid, "uid": self.uid}
+        shown(out, "services", sorted(self.schema.services))
+        shown(out, "listening", sorted({b.address for b in self.bindings.values()}))
+        routes = []
+        for r in islice(self.routes.values(), LIST_SHOWN):
+            route = {"handle": r.handle, "role": r.role, "peer": r.target, "socket_peer": r.conn.peer,
+                     "transport": getattr(r.conn, "VERSION", "?")}
+            if r.plans:
+                shown(route, "transcoding", sorted({p.path for p in r.plans.values()}))
+            routes.append(route)
+        out["routes"] = routes
+        if len(self.routes) > LIST_SHOWN:
+            out["routes_more"] = len(self.routes) - LIST_SHOWN
+        out.update(engines=self.policies.describe(), pending=len(self.pending), stats=dict(self.stats))
+        return out
 
 
 def address_text(address: object) -> str:
