@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import mrpcd
-from conftest import DaemonProc, OTHER_UID, as_other_user
+from conftest import DaemonProc, OTHER_UID, as_other_user, wait_until
 from mrpcd.status import RpcError
 
 
@@ -152,6 +152,9 @@ def test_one_uid_cannot_take_the_daemons_descriptors(limited_shared_daemon):
         assert out["connect_ok"] == 5 and out["connect"][0] == 8 and "limits.connections_per_uid" in out["connect"][1], out
         assert out["bind_ok"] == 3 and out["bind"][0] == 8 and "limits.listeners_per_uid" in out["bind"][1], out
         assert "limits.control_connections_per_uid" in out["control"], out
+        ping = [*as_other_user([sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "ping"])]
+        refused = subprocess.run(ping, capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1 and "limits.control_connections_per_uid" in refused.stderr, refused
         # root, the other user here, is not held back by that user's bounds
         more = [mrpcd.connect(d.socket, name=f"root{i}") for i in range(5)]
         try:
@@ -159,6 +162,9 @@ def test_one_uid_cannot_take_the_daemons_descriptors(limited_shared_daemon):
         finally:
             for a in more:
                 a.close()
+        hog.kill()  # what that user held is given back: it may connect again
+        hog.wait(10)
+        assert wait_until(lambda: subprocess.run(ping, capture_output=True, timeout=30).returncode == 0, timeout=15)
     finally:
         if hog is not None:
             hog.kill()
