@@ -60,7 +60,10 @@ class Control:
         except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
             # e.g. a YAML date in --config, a --position beyond 64 bits: refuse before sending
             raise ValueError(f"the request cannot be sent: {exc} (use plain numbers, strings, lists and mappings)") from None
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except BrokenPipeError:  # the daemon closed; what it said before (why it refused us) is still to read
+            pass
         while not self.inbox:
             data = self.sock.recv(1 << 16)
             if not data:

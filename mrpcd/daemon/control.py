@@ -37,6 +37,7 @@ _CREDS = struct.Struct("3i")
 # accept() errors that pass: out of file descriptors or kernel memory.
 _ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of descriptors
+_LINGER = 0.5  # seconds a refused control connection is read from before it is closed
 
 
 def _after(msg: dict) -> int:
@@ -131,6 +132,7 @@ class ControlConnection:
             if refused is not None:
                 log.warning("control client pid %d refused: %s", self.pid, refused, extra=self.log_fields())
                 await self._send({"id": None, "ok": False, "error": refused, "code": 8})
+                await self._linger()
                 return
             while True:
                 data = await loop.sock_recv(self.sock, 1 << 16)
@@ -166,6 +168,19 @@ class ControlConnection:
                 self.daemon.drop_session(self.session, "control connection closed")
                 self.session = None
             self.sock.close()
+
+    async def _linger(self) -> None:
+        """After a refusal sent unasked: read (and drop) what the client sends for a moment
+        before closing. Closed at once, the client's first request (sent as it connected)
+        met a closed socket and it saw 'Broken pipe' instead of the reason it was refused."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(_LINGER):
+                while await loop.sock_recv(self.sock, 1 << 16):
+                    pass
+        except (OSError, TimeoutError):
+            pass
 
     async def _dispatch(self, msg: dict[str, Any]) -> None:
         op, rid = msg.get("op"), msg.get("id")
