@@ -60,7 +60,10 @@ class Control:
         except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
             # e.g. a YAML date in --config, a --position beyond 64 bits: refuse before sending
             raise ValueError(f"the request cannot be sent: {exc} (use plain numbers, strings, lists and mappings)") from None
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except BrokenPipeError:  # the daemon closed; what it said before (why it refused us) is still to read
+            pass
         while not self.inbox:
             data = self.sock.recv(1 << 16)
             if not data:
@@ -78,6 +81,34 @@ def _printable(text: Any) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+def _listed(app: dict, key: str) -> str:
+    """One of an app's lists as a cell: the entries the daemon sent, then "... and K more"
+    for those it left out (it sends the first few of a long list, `<key>_more` says how many more)."""
+    text = _printable(",".join(app.get(key, ())))
+    more = app.get(key + "_more", 0)
+    if more:
+        text += f"{',' if text else ''}... and {more} more"
+    return text or "-"
+
+
+def _all_pages(ctl: "Control", op: str, req: dict) -> dict:
+    """An app listing (`apps`, `policies`) in full: the daemon sends what fits in one reply
+    and `next_after` when more apps follow; asked again from there until none do."""
+    reply = ctl.call(op, **req)
+    while reply.get("more"):
+        after = reply.pop("next_after")
+        more = ctl.call(op, **req, after=after)
+        if not more["apps"] or more["apps"][0]["app_id"] <= after:  # (no progress: stop rather than loop)
+            break
+        reply["apps"] += more["apps"]
+        reply["more"] = more.get("more", 0)
+        reply["next_after"] = more.get("next_after")
+    reply.pop("next_after", None)
+    if not reply.get("more"):
+        reply.pop("more", None)
+    return reply
+
+
 def _print_apps(reply: dict) -> None:
     apps = reply["apps"]
     if not apps:
@@ -85,9 +116,10 @@ def _print_apps(reply: dict) -> None:
         return
     # columns as wide as their longest value: a long name, service list or address list is
     # shown whole (it was cut at a fixed width, with nothing saying so)
-    rows = [(str(a["app_id"]), _printable(a["name"]), str(a["pid"]), _printable(",".join(a["services"])) or "-",
-             _printable(",".join(a["listening"])) or "-", str(len(a["routes"])),
-             _printable(",".join(e["name"] for e in a["engines"])) or "-") for a in apps]
+    rows = [(str(a["app_id"]), _printable(a["name"]), str(a["pid"]), _listed(a, "services"), _listed(a, "listening"),
+             str(len(a.get("routes", ())) + a.get("routes_more", 0)),
+             _printable(",".join(e["name"] for e in a.get("engines", ()))) or ("-" if "error" not in a else f"({a['error']})"))
+            for a in apps]
     header = ("APP", "NAME", "PID", "SERVICES", "LISTENING", "ROUTES", "ENGINES")
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     right = (True, False, True, False, False, True, False)
@@ -249,6 +281,8 @@ def _print_policy_change(args: argparse.Namespace, reply: dict) -> None:
             else:
                 line = json.dumps(x, sort_keys=True, default=_json_value)
             print(_printable(f"{who}: {line}"))
+    if reply.get("more"):
+        print(f"... and {reply['more']} more apps (not listed: the reply holds what fits in one control message)")
 
 
 class _Commands:
@@ -338,7 +372,7 @@ def _main(argv: list[str] | None) -> int:
             op, req = "transport_upgrade", {"module": _module_spec(args.module)}
         else:
             op, req = args.cmd, {}
-        reply = ctl.call(op, **req)
+        reply = _all_pages(ctl, op, req) if op in ("apps", "policies") else ctl.call(op, **req)
     except cp.ControlError as exc:  # the daemon refused: its text says why
         print(f"mrpcctl: {args.cmd}: {exc}", file=sys.stderr)
         return 1
@@ -351,6 +385,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"transport version {reply['version']}: {reply['connections']} connections handed over")
         for failure in reply.get("failed", []):
             print(f"  not handed over: {failure}")
+        if reply.get("failed_more"):
+            print(f"  ... and {reply['failed_more']} more not handed over (see the daemon's log)")
     elif args.cmd == "policy" and not args.json:
         if args.pcmd == "list":
             _print_policies(reply)
@@ -358,6 +394,9 @@ def _main(argv: list[str] | None) -> int:
             _print_policy_change(args, reply)
     elif args.json or args.cmd == "stats":
         print(json.dumps(reply, indent=2, sort_keys=True, default=_json_value))
+        if reply.get("truncated"):  # the daemon cut sections to fit one reply: say so where a reader looks
+            cut = ", ".join(f"{k}: {n} more" for k, n in sorted(reply["truncated"].items()))
+            print(f"mrpcctl: {args.cmd}: the reply was cut to fit one control message ({cut} not shown)", file=sys.stderr)
     elif args.cmd == "apps":
         _print_apps(reply)
     elif args.cmd == "ping":

@@ -10,6 +10,7 @@ every app's datapath).
 """
 from __future__ import annotations
 
+from ..control_proto import ControlError
 from ..marshal.schema import Schema, SchemaError
 
 # Messages, enums and services of all of one app's schemas together (4 times what one
@@ -64,3 +65,29 @@ class ControlBudget:
         else:
             self.held.pop(uid, None)
         return total <= self.limit
+
+
+# -- descriptors per app and per uid (the daemon's `limits:` config) ------------------------
+# Why per uid too: a per-app bound alone lets one local user open many apps (each control
+# connection, shared memory and wake-ups are descriptors of the daemon's), many control
+# connections that never say hello, or many peer connections from each app, and so take
+# every descriptor the daemon has, which every other user's apps need too. The per-uid
+# bounds do not hold for root and the admin group (the project's admins); the per-app ones
+# hold for every app (a runaway loop is a bug whoever runs it). The defaults leave a uid at
+# most ~6,000 of the 65,536 descriptors the systemd unit gives the daemon.
+DEFAULT_LIMITS: dict[str, int] = {
+    "control_connections_per_uid": 256,  # control sockets (apps and mrpcctl) of one uid
+    "apps_per_uid": 128,  # apps (connections that said hello) of one uid
+    "connections_per_app": 1024,  # peer connections an app opened with `connect`
+    "connections_per_uid": 4096,  # ... all the apps of one uid together
+    "listeners_per_app": MAX_APP_LISTENERS,  # addresses an app listens on (`bind`)
+    "listeners_per_uid": 1024,  # ... all the apps of one uid together
+}
+LIMIT_RANGE = (1, 1 << 20)
+
+
+def limit_exceeded(what: str, key: str, count: int, limit: int, uid: int | None = None) -> ControlError:
+    """The RESOURCE_EXHAUSTED error an app gets at a `limits:` bound: what, whose, how many."""
+    whose = f"uid {uid} has" if uid is not None else "this app has"
+    return ControlError(f"{whose} {count} {what} in mrpcd: at most {limit} allowed (limits.{key} in mrpcd's config); "
+                        "close some, or ask the operator to raise it", 8)

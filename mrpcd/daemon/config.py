@@ -139,6 +139,26 @@ def _metrics(v: Any) -> dict[str, Any]:
     return {"address": address, "buckets": tuple(float(b) for b in buckets)}
 
 
+def _limits(v: Any) -> dict[str, int]:
+    """`limits: {apps_per_uid: 128, ...}`: descriptors per app and per uid (app_limits.py);
+    keys left out keep their defaults."""
+    from .app_limits import DEFAULT_LIMITS, LIMIT_RANGE
+
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise ValueError(f"must be a mapping with keys {', '.join(DEFAULT_LIMITS)}")
+    out = dict(DEFAULT_LIMITS)
+    lo, hi = LIMIT_RANGE
+    for key, value in v.items():
+        if key not in DEFAULT_LIMITS:
+            raise KeyPathError(f"unknown key {key!r}{did_you_mean(str(key), DEFAULT_LIMITS)} (known: {', '.join(DEFAULT_LIMITS)})", (key,))
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise KeyPathError(f"{key} must be an integer from {lo} to {hi}", (key,))
+        out[key] = value
+    return out
+
+
 # Each validator checks one top-level key's value; an error about a key (or list entry)
 # inside that value is a KeyPathError naming it (mrpcd.keypath), and load() reports the
 # line of that key path.
@@ -158,12 +178,13 @@ VALIDATORS = {
     "drain_timeout": _drain_seconds,
     "poll_us": _positive_int(0, 100_000),
     "metrics": _metrics,
+    "limits": _limits,
     "tls": parse_tls,  # daemon-to-daemon mutual TLS (transports/security.py)
     "peers": parse_peers,  # peers.allow: CIDR allow-list for daemon-to-daemon TCP
 }
 
 # What a SIGHUP reload may change in a running daemon; the rest needs a restart.
-LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "max_pending_bytes", "max_peer_backlog", "peer_stall_timeout", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics")
+LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "max_pending_bytes", "max_peer_backlog", "peer_stall_timeout", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics", "limits")
 
 
 @dataclass
@@ -183,6 +204,7 @@ class Config:
     drain_timeout: float
     poll_us: int
     metrics: dict[str, Any]
+    limits: dict[str, int]
     tls: TlsConfig | None = None
     peers: PeerPolicy = PeerPolicy()
     source: str = "<embedded default>"

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
+from .app_limits import limit_exceeded
 from .policy_host import PolicyOpError, describe_engine, load_upgrade
+from .reply_limits import REPLY_BUDGET, fit, plain
 from .session import address_text
 from .transport_upgrade import TransportUpgradeError
 
@@ -35,13 +37,43 @@ _CREDS = struct.Struct("3i")
 # accept() errors that pass: out of file descriptors or kernel memory.
 _ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ACCEPT_RETRY = 0.1  # seconds between accept attempts while out of descriptors
+_LINGER = 0.5  # seconds a refused control connection is read from before it is closed
 
 
-def _plain(value: Any) -> Any:
-    """A msgpack-able stand-in for what a policy's describe() may hold: sets as lists, the rest as text."""
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
-    return str(value)
+def _after(msg: dict) -> int:
+    """A listing's `after`: only apps with a greater app_id (paging, reply_limits.py)."""
+    after = msg.get("after", 0)
+    if after is None:
+        return 0
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise ValueError("after must be an app_id (a non-negative integer)")
+    return after
+
+
+def _too_big(item: Any, size: int) -> dict:
+    """What a listing shows of an app whose own entry would not fit in one reply."""
+    keep = {k: item[k] for k in ("app_id", "name", "pid", "uid") if isinstance(item, dict) and k in item}
+    return {**keep, "error": f"its description of {size} bytes does not fit in one reply"}
+
+
+def _page(key: str, items: list[dict]) -> dict:
+    """{key: the leading items that fit in one reply} and, when some did not, `more` (how
+    many) and `next_after` (the app_id to ask again from)."""
+    kept, more = fit(items, REPLY_BUDGET, _too_big)
+    reply: dict[str, Any] = {key: kept}
+    if more:
+        reply["more"] = more
+        reply["next_after"] = kept[-1]["app_id"]
+    return reply
+
+
+def _cut(reply: dict, key: str) -> dict:
+    """reply[key] (a list, one entry per app) cut to what fits in one reply; `more`: how
+    many entries were left out (what the request did, it did on every app)."""
+    reply[key], more = fit(reply[key], REPLY_BUDGET, _too_big)
+    if more:
+        reply["more"] = more
+    return reply
 
 
 class ControlConnection:
@@ -81,11 +113,27 @@ class ControlConnection:
         except KeyError:
             return False
 
+    def _over_connection_limit(self) -> str | None:
+        """Count this connection for its uid; the error text if that passes
+        limits.control_connections_per_uid (root and admins are not bounded)."""
+        counts = self.daemon.control_connections
+        counts[self.uid] = n = counts.get(self.uid, 0) + 1
+        limit = self.daemon.config.limits["control_connections_per_uid"]
+        if n <= limit or self.is_admin:
+            return None
+        return str(limit_exceeded("control connections", "control_connections_per_uid", n - 1, limit, self.uid))
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         frames = cp.FrameBuffer()
         budget, held = self.daemon.control_budget, 0  # bytes of an unfinished message this connection holds
         try:
+            refused = self._over_connection_limit()
+            if refused is not None:
+                log.warning("control client pid %d refused: %s", self.pid, refused, extra=self.log_fields())
+                await self._send({"id": None, "ok": False, "error": refused, "code": 8})
+                await self._linger()
+                return
             while True:
                 data = await loop.sock_recv(self.sock, 1 << 16)
                 if not data:
@@ -112,10 +160,27 @@ class ControlConnection:
             return
         finally:
             budget.update(self.uid, held, 0)
+            counts = self.daemon.control_connections
+            counts[self.uid] -= 1
+            if not counts[self.uid]:
+                del counts[self.uid]
             if self.session is not None:
                 self.daemon.drop_session(self.session, "control connection closed")
                 self.session = None
             self.sock.close()
+
+    async def _linger(self) -> None:
+        """After a refusal sent unasked: read (and drop) what the client sends for a moment
+        before closing. Closed at once, the client's first request (sent as it connected)
+        met a closed socket and it saw 'Broken pipe' instead of the reason it was refused."""
+        loop = asyncio.get_running_loop()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(_LINGER):
+                while await loop.sock_recv(self.sock, 1 << 16):
+                    pass
+        except (OSError, TimeoutError):
+            pass
 
     async def _dispatch(self, msg: dict[str, Any]) -> None:
         op, rid = msg.get("op"), msg.get("id")
@@ -158,7 +223,7 @@ class ControlConnection:
             try:
                 data = cp.encode(message)
             except TypeError:  # a policy's describe() holding a set or an object: shown as plain values
-                data = cp.encode(message, default=_plain)
+                data = cp.encode(message, default=plain)
         except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
             # e.g. a policy's describe() holding a set: say so, keep the connection
             log.error("control reply to pid %d cannot be encoded: %s", self.pid, exc, extra=self.log_fields())
@@ -224,7 +289,13 @@ class ControlConnection:
         if not isinstance(name, str) or len(name) > 128:
             raise ValueError("app name must be a string of at most 128 characters")
         self.daemon.refuse_if_draining("new apps")
+        limit = self.daemon.config.limits["apps_per_uid"]
+        apps = sum(1 for s in self.daemon.sessions.values() if s.uid == self.uid and not s.closed)
+        exempt = self.is_admin
+        if apps >= limit and not exempt:
+            raise limit_exceeded("apps connected", "apps_per_uid", apps, limit, self.uid)
         self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
+        self.session.limits_exempt = exempt
         self.session.hang_up = self._hang_up
         fds.extend(self.session.handoff_fds())
         return {"app_id": self.session.app_id, "ring_size": self.daemon.config.ring_size, "shm_size": self.session.shm_size,
@@ -259,7 +330,8 @@ class ControlConnection:
         return {"pid": os.getpid(), "version": d.version, "uptime": d.uptime(), "draining": d.draining, "in_flight": d.in_flight()}
 
     async def op_apps(self, msg: dict, fds: list[int]) -> dict:
-        return {"apps": [s.describe() for s in self.daemon.sessions.values()]}
+        after = _after(msg)
+        return _page("apps", [s.describe() for s in self.daemon.sessions.values() if s.app_id > after])
 
     async def op_stats(self, msg: dict, fds: list[int]) -> dict:
         from .metrics import stats_snapshot  # the same numbers as the Prometheus endpoint
@@ -295,8 +367,8 @@ class ControlConnection:
         return config
 
     async def op_policies(self, msg: dict, fds: list[int]) -> dict:
-        apps = self._select_apps(msg.get("app"), required=False)
-        return {"apps": [{"app_id": s.app_id, "name": s.name, "policies": s.policies.describe()} for s in apps]}
+        apps, after = self._select_apps(msg.get("app"), required=False), _after(msg)
+        return _page("apps", [{"app_id": s.app_id, "name": s.name, "policies": s.policies.describe()} for s in apps if s.app_id > after])
 
     async def op_policy_attach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -318,14 +390,14 @@ class ControlConnection:
             raise
         for s, policy in done:
             out.append({"app_id": s.app_id, "app_name": s.name, **describe_engine(policy)})
-        return {"attached": out}
+        return _cut({"attached": out}, "attached")
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
         out = []
         for s in self._apps_with_policy(msg):
             out.append({"app_id": s.app_id, "app_name": s.name, **s.policies.detach(msg["name"])})
-        return {"detached": out}
+        return _cut({"detached": out}, "detached")
 
     async def op_policy_config(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -344,7 +416,7 @@ class ControlConnection:
         if failed:
             applied = ", ".join(str(s.app_id) for s, _ in done) or "none"
             raise PolicyOpError(f"config of {msg['name']!r} applied on apps {applied}; refused on {'; '.join(failed)}")
-        return {"configured": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done]}
+        return _cut({"configured": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done]}, "configured")
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -366,7 +438,8 @@ class ControlConnection:
         finally:
             for _, _, new in prepared[len(committed):]:  # never swapped in: let go of them
                 new.close(handed_over=True)
-        return {"upgraded": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed]}
+        return _cut({"upgraded": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed]},
+                    "upgraded")
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
@@ -383,7 +456,11 @@ class ControlConnection:
 
     async def op_transport_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
-        return self.daemon.upgrade_transport(msg.get("module"))
+        reply = self.daemon.upgrade_transport(msg.get("module"))
+        reply["failed"], more = fit(reply["failed"], REPLY_BUDGET // 2)  # one line per connection
+        if more:
+            reply["failed_more"] = more
+        return reply
 
     async def op_shutdown(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()

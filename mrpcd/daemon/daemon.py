@@ -40,6 +40,7 @@ class Daemon:
         self.transport_class: type[TransportVersion] = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
         self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)
         self.control_budget = ControlBudget()  # unfinished control messages held, per uid (app_limits.py)
+        self.control_connections: dict[int, int] = {}  # open control connections per uid (limits.control_connections_per_uid)
 
     async def start(self) -> None:
         if self.config.transport == "rdma":

@@ -27,6 +27,7 @@ import re
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .observe import CallStats, code_name
+from .reply_limits import REPLY_BUDGET, fit
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -227,15 +228,30 @@ def stats_snapshot(daemon: "Daemon") -> dict[str, Any]:
     policies = [{"app_id": s.app_id, "policy": p, "counters": d.get("counters") or {}, "held": d.get("held") or {}}
                 for s, p, d in _engine_reports(daemon)]
     server = getattr(daemon, "metrics_server", None)
-    return {
+    apps = [(str(s.app_id), {**s.stats, "pending": len(s.pending), "calls_in_flight": s.observer.in_flight})
+            for s in daemon.sessions.values()]
+    # Apps choose how many they are and how many methods they call: each section keeps what
+    # fits in its share of one control reply and says how much it cut (reply_limits.py).
+    truncated: dict[str, int] = {}
+    apps, truncated["apps"] = fit(apps, STATS_SHARES["apps"])
+    for side in ("server", "client"):
+        calls[side], truncated[f"calls.{side}"] = fit(calls[side], STATS_SHARES["calls"])
+    policies, truncated["policies"] = fit(policies, STATS_SHARES["policies"])
+    out = {
         "daemon": {**daemon.stats(), "calls_in_flight": sum(s.observer.in_flight for s in daemon.sessions.values()),
                    "draining": bool(getattr(daemon, "draining", False)),
                    "metrics_address": server.address if server is not None else None},
-        "apps": {str(s.app_id): {**s.stats, "pending": len(s.pending), "calls_in_flight": s.observer.in_flight}
-                 for s in daemon.sessions.values()},
+        "apps": dict(apps),
         "calls": calls,
         "policies": policies,
     }
+    if any(truncated.values()):
+        out["truncated"] = {k: n for k, n in truncated.items() if n}
+    return out
+
+
+# Bytes of one `mrpcctl stats` reply each section may take (REPLY_BUDGET in all).
+STATS_SHARES = {"apps": REPLY_BUDGET * 3 // 10, "calls": REPLY_BUDGET * 2 // 10, "policies": REPLY_BUDGET * 3 // 10}
 
 
 # -- the HTTP endpoint -------------------------------------------------------------------

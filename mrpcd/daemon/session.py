@@ -25,11 +25,12 @@ from ..wire import cancel_record
 from ..transports import tcp
 from ..transports.handshake import ServiceSet, service_set
 from ..control_proto import ControlError
-from .app_limits import MAX_APP_LISTENERS, check_app_schema
+from .app_limits import check_app_schema, limit_exceeded
 from .datapath import Datapath, error_response
 from .log_limits import worth_logging
 from .observe import Observer
 from .policy_host import PolicyHost
+from .reply_limits import LIST_SHOWN, shown
 from .transport_upgrade import migrate
 
 if TYPE_CHECKING:
@@ -158,6 +159,12 @@ class AppSession:
         self.routes: dict[int, Route] = {}
         self._next_handle = 1
         self.listeners: list[tcp.Listener] = []
+        # descriptors bounded by the config's `limits:` (app_limits.py): peer connections this
+        # app opened (routes of role client) and those being opened, listeners being made
+        self.client_routes = 0
+        self.connecting = 0
+        self.binding = 0
+        self.limits_exempt = False  # root or the admin group (set by the control connection)
         self.bindings: dict[str, Binding] = {}  # requested and actual address -> binding
         self.pending = PendingRecords()  # records waiting for room in the rx ring
         self.paused_routes = False
@@ -821,8 +828,7 @@ class AppSession:
             raise SchemaError(f"cannot serve {', '.join(missing)}: register its schema first")
         binding = self.bindings.get(address)
         if binding is None:
-            if len(self.listeners) >= MAX_APP_LISTENERS:
-                raise ControlError(f"an app may listen on at most {MAX_APP_LISTENERS} addresses", StatusCode.RESOURCE_EXHAUSTED.code)
+            self._check_limit("listening addresses", "listeners", lambda s: len(s.listeners) + s.binding)
             binding = Binding()
         binding.fingerprints = self._service_fingerprints(services)
         binding.method_ids = frozenset(m.method_id for s in services for m in self.schema.services[s].methods)
@@ -839,8 +845,12 @@ class AppSession:
             self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
 
         transport, options = self._transport()
-        server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
-                                       max_record=self.config.max_record, **options)
+        self.binding += 1
+        try:
+            server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
+                                           max_record=self.config.max_record, **options)
+        finally:
+            self.binding -= 1
         if self.closed:  # dropped meanwhile: close() has run, nothing would ever close this one
             server.close()
             raise ConnectionError("app disconnected while binding")
@@ -862,12 +872,32 @@ class AppSession:
             return rdma, {}
         return tcp, {"tls": self.config.tls, "allow": self.config.peers.allow}
 
+    def _check_limit(self, what: str, kind: str, count: Callable[["AppSession"], int]) -> None:
+        """Raise RESOURCE_EXHAUSTED if one more of `kind` would pass limits.<kind>_per_app
+        or limits.<kind>_per_uid (counted over the live apps of this app's uid). The per-app
+        bound holds for every app (a runaway loop is a bug whoever runs it); root and admins
+        are trusted with more than one user's share."""
+        limits = self.daemon.config.limits
+        mine = count(self)
+        if mine >= limits[f"{kind}_per_app"]:
+            raise limit_exceeded(what, f"{kind}_per_app", mine, limits[f"{kind}_per_app"])
+        if self.limits_exempt:
+            return
+        total = sum(count(s) for s in self.daemon.sessions.values() if s.uid == self.uid and not s.closed)
+        if total >= limits[f"{kind}_per_uid"]:
+            raise limit_exceeded(what, f"{kind}_per_uid", total, limits[f"{kind}_per_uid"], self.uid)
+
     async def connect(self, target: str) -> int:
         host, port = split_address(target)
+        self._check_limit("peer connections", "connections", lambda s: s.client_routes + s.connecting)
         transport, options = self._transport()
-        conn = await transport.connect(
-            host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout, **options
-        )
+        self.connecting += 1
+        try:
+            conn = await transport.connect(
+                host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout, **options
+            )
+        finally:
+            self.connecting -= 1
         if self.closed:
             conn.close("client app is gone")
             raise ConnectionError("app disconnected while connecting")
@@ -880,6 +910,8 @@ class AppSession:
         self._next_handle += 1
         route = Route(handle, conn, role, target, method_ids, binding)
         self.routes[handle] = route
+        if role == "client":
+            self.client_routes += 1
         self._set_plans(route)
         conn.set_handlers(functools.partial(self._on_peer_records, route), functools.partial(self._on_peer_closed, route))
         self.receive_in_place(route, True)
@@ -1039,6 +1071,8 @@ class AppSession:
         self._drop_in_place(route)  # the rest of that record never comes
         if self.routes.pop(route.handle, None) is None or self.closed:
             return
+        if route.role == "client":
+            self.client_routes -= 1
         self.datapath.handle_closed(route.handle)
         reason = str(exc) if exc else "peer closed the connection"
         log.info("app %s: connection %d to %s closed: %s", self.name, route.handle, route.target, reason,
@@ -1050,6 +1084,8 @@ class AppSession:
     def close_handle(self, handle: int) -> None:
         route = self.routes.pop(handle, None)
         if route is not None:
+            if route.role == "client":
+                self.client_routes -= 1
             self._drop_in_place(route)
             route.conn.close()
             self.datapath.handle_closed(handle)
@@ -1071,6 +1107,7 @@ class AppSession:
         for route in list(self.routes.values()):
             route.conn.close("app disconnected")
         self.routes.clear()
+        self.client_routes = 0
         for server in self.listeners:
             server.close()
         self.listeners.clear()
@@ -1086,21 +1123,23 @@ class AppSession:
         return {"app_id": self.app_id, "app": self.name, "pid": self.pid, **more}
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "app_id": self.app_id,
-            "name": self.name,
-            "pid": self.pid,
-            "uid": self.uid,
-            "services": sorted(self.schema.services),
-            "listening": sorted({b.address for b in self.bindings.values()}),
-            "routes": [{"handle": r.handle, "role": r.role, "peer": r.target, "socket_peer": r.conn.peer,
-                        "transport": getattr(r.conn, "VERSION", "?"),
-                        **({"transcoding": sorted({p.path for p in r.plans.values()})} if r.plans else {})}
-                       for r in self.routes.values()],
-            "engines": self.policies.describe(),
-            "pending": len(self.pending),
-            "stats": dict(self.stats),
-        }
+        """What `mrpcctl apps` shows of this app; of each list the app makes as long as it
+        likes, the first LIST_SHOWN entries and `<list>_more` (reply_limits.py)."""
+        out: dict[str, Any] = {"app_id": self.app_id, "name": self.name, "pid": self.pid, "uid": self.uid}
+        shown(out, "services", sorted(self.schema.services))
+        shown(out, "listening", sorted({b.address for b in self.bindings.values()}))
+        routes = []
+        for r in islice(self.routes.values(), LIST_SHOWN):
+            route = {"handle": r.handle, "role": r.role, "peer": r.target, "socket_peer": r.conn.peer,
+                     "transport": getattr(r.conn, "VERSION", "?")}
+            if r.plans:
+                shown(route, "transcoding", sorted({p.path for p in r.plans.values()}))
+            routes.append(route)
+        out["routes"] = routes
+        if len(self.routes) > LIST_SHOWN:
+            out["routes_more"] = len(self.routes) - LIST_SHOWN
+        out.update(engines=self.policies.describe(), pending=len(self.pending), stats=dict(self.stats))
+        return out
 
 
 def address_text(address: object) -> str:
