@@ -267,3 +267,39 @@ def test_big_messages_are_transcoded_not_received_in_place(shops, daemons):
     cli, srv = run_pair(daemons, v2, v1, body, "big")
     assert srv["stats"]["received_in_place"] == 0 and cli["stats"]["received_in_place"] == 0
     assert srv["stats"]["transcoded"] == 1 and cli["stats"]["transcoded"] == 1
+
+
+def test_a_service_bound_after_a_peer_of_another_version_connected(shops, daemons):
+    """The server app serves shop.Orders (v2) only after a v1 client's connection is up: that
+    HELLO never compared the two versions. The daemon used to hand the app the v1 payloads
+    as they were ("expected 7 fields, got 6", or silently wrong fields); now it closes that
+    connection and the client's next connection is compared and transcoded."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name="late-server"), mrpcd.connect(a.socket, name="late-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(v1.Order(customer="early", quantity=1), timeout=10)
+        assert ei.value.code() == StatusCode.UNIMPLEMENTED
+        v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                r = stub.Place(v1.Order(customer="ann", quantity=3, note="n"), timeout=10)
+                break
+            except mrpcd.RpcError as exc:  # a call made before the client learnt of the close
+                assert exc.code() == StatusCode.UNAVAILABLE and time.monotonic() < end, exc
+                time.sleep(0.05)
+        assert (r.text, r.total) == ("placed for ann", 3)
+        assert [o.client for o in seen] == ["ann"]
+        assert stats(b, "late-server")["stats"]["transcoded"] == 1
+    finally:
+        capp.close()
+        sapp.close()

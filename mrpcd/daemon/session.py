@@ -824,12 +824,26 @@ class AppSession:
             if len(self.listeners) >= MAX_APP_LISTENERS:
                 raise ControlError(f"an app may listen on at most {MAX_APP_LISTENERS} addresses", StatusCode.RESOURCE_EXHAUSTED.code)
             binding = Binding()
+        before = binding.fingerprints
         binding.fingerprints = self._service_fingerprints(services)
         binding.method_ids = frozenset(m.method_id for s in services for m in self.schema.services[s].methods)
         if binding.server is not None:
-            for route in self.routes.values():
-                if route.binding is binding:
-                    route.services = binding.method_ids
+            for route in list(self.routes.values()):
+                if route.binding is not binding:
+                    continue
+                # a service served here only now was not in that connection's HELLO: a peer
+                # that announced another version of it was never compared (nor given
+                # transcoding plans); it must reconnect, and its new HELLO is checked
+                hello = getattr(route.conn, "peer_hello", None) or {}
+                theirs = hello.get("services", {}) if isinstance(hello, dict) else {}
+                other = sorted(s for s, fp in binding.fingerprints.items() if s not in before and s in theirs and theirs[s] != fp)
+                if other:
+                    reason = (f"the server now serves {', '.join(other)}, which this peer has in another version: "
+                              "reconnect to compare the schemas")
+                    route.conn.close(reason)
+                    self._on_peer_closed(route, ConnectionError(reason))
+                    continue
+                route.services = binding.method_ids
             return binding.address
 
         def on_connection(conn: tcp.PeerConnection) -> None:
