@@ -303,3 +303,91 @@ def test_a_service_bound_after_a_peer_of_another_version_connected(shops, daemon
     finally:
         capp.close()
         sapp.close()
+
+
+def test_streams_ending_every_way_leave_no_tracked_calls(shops, daemons):
+    """Streams on a transcoding connection cancelled, failed, past their deadline, answered
+    early, and 40 at once: every message arrives in the app's layout and the daemons'
+    per-connection call tables (mrpcctl apps: tracked_calls) end empty."""
+    import threading
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    sapp, capp = mrpcd.connect(b.socket, name="st-server"), mrpcd.connect(a.socket, name="st-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        class Shop(v2.OrdersServicer):
+            def Watch(self, request, context):
+                for i in range(1000):
+                    if request.quantity == 1 and i == 2:
+                        context.abort(StatusCode.ABORTED, "mid")
+                    yield v2.Receipt(text=str(i), total=i)
+                    time.sleep(0.005)
+            def Batch(self, it, context):
+                n = 0
+                for o in it:
+                    n += 1
+                    if o.quantity == 9:
+                        context.abort(StatusCode.FAILED_PRECONDITION, "nine")
+                    if o.quantity == 8:
+                        return v2.Receipt(text="early", total=n)
+                return v2.Receipt(text="all", total=n)
+            def Chat(self, it, context):
+                for o in it:
+                    yield v2.Receipt(text=o.client, total=o.quantity)
+        v2.add_OrdersServicer_to_server(Shop(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        # server streams cancelled by the client after 2 messages
+        for k in range(10):
+            it = stub.Watch(v1.Order(customer="c", quantity=0), timeout=10)
+            assert next(it).total == 0 and next(it).total == 1
+            it.cancel()
+        # server streams failing mid-stream
+        for k in range(10):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                list(stub.Watch(v1.Order(customer="c", quantity=1), timeout=10))
+            assert ei.value.code() == StatusCode.ABORTED
+        # server streams hitting their deadline
+        for k in range(5):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                list(stub.Watch(v1.Order(customer="c", quantity=0), timeout=0.05))
+            assert ei.value.code() == StatusCode.DEADLINE_EXCEEDED
+        def slow(items, pause=0.02):
+            for o in items:
+                yield o
+                time.sleep(pause)
+        # client streams: the server fails / answers early while the client still sends
+        for k in range(10):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                stub.Batch(slow([v1.Order(quantity=1), v1.Order(quantity=9)] + [v1.Order(quantity=1)] * 5), timeout=10)
+            assert ei.value.code() == StatusCode.FAILED_PRECONDITION
+            r = stub.Batch(slow([v1.Order(quantity=1), v1.Order(quantity=8)] + [v1.Order(quantity=1)] * 5), timeout=10)
+            assert r.text == "early"
+        # bidi cancelled mid-stream, and deadline mid-stream
+        for k in range(10):
+            it = stub.Chat(slow([v1.Order(customer=str(i), quantity=i) for i in range(50)]), timeout=10)
+            assert next(it).text == "0"
+            it.cancel()
+        for k in range(5):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                list(stub.Chat(slow([v1.Order(customer=str(i), quantity=i) for i in range(50)]), timeout=0.1))
+            assert ei.value.code() == StatusCode.DEADLINE_EXCEEDED
+        # many concurrent
+        errs = []
+        def one(i):
+            try:
+                rs = list(stub.Chat(iter([v1.Order(customer=f"{i}-{j}", quantity=j) for j in range(5)]), timeout=20))
+                assert [r.text for r in rs] == [f"{i}-{j}" for j in range(5)]
+            except Exception as e:
+                errs.append(e)
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        assert not errs, errs[:3]
+        for d, n in ((a, "st-client"), (b, "st-server")):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+            assert stats(d, n)["stats"]["transcode_failed"] == 0
+    finally:
+        capp.close(); sapp.close()

@@ -1109,7 +1109,8 @@ class AppSession:
             "listening": sorted({b.address for b in self.bindings.values()}),
             "routes": [{"handle": r.handle, "role": r.role, "peer": r.target, "socket_peer": r.conn.peer,
                         "transport": getattr(r.conn, "VERSION", "?"),
-                        **({"transcoding": sorted({p.path for p in r.plans.values()})} if r.plans else {})}
+                        **({"transcoding": sorted({p.path for p in r.plans.values()}), "tracked_calls": len(r.calls)}
+                           if r.plans else {})}
                        for r in self.routes.values()],
             "engines": self.policies.describe(),
             "pending": len(self.pending),
