@@ -391,3 +391,69 @@ def test_streams_ending_every_way_leave_no_tracked_calls(shops, daemons):
             assert stats(d, n)["stats"]["transcode_failed"] == 0
     finally:
         capp.close(); sapp.close()
+
+
+def test_streams_failing_to_transcode_leave_no_tracked_calls(shops, daemons):
+    """A stream message that does not fit fails its call; the peer then never ends that call
+    (its caller got the final status, or it was told to CANCEL), so the daemon used to keep
+    the call in its table for the connection's life (and past 65,536 of them, pushed live
+    calls out: their messages then reached the app untranscoded)."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name="fail-server"), mrpcd.connect(a.socket, name="fail-client")
+    try:
+        server = mrpcd.server(app=sapp)
+
+        def batch(it, ctx):
+            got = list(it)
+            seen.extend(got)
+            return v2.Receipt(text="all", total=len(got))
+
+        def watch(req, ctx):
+            for i in range(50):
+                yield v2.Receipt(text="bad" if i == 2 else "ok", total=i)
+                time.sleep(0.01)
+
+        handlers = {
+            "Batch": mrpcd.stream_unary_rpc_method_handler(
+                batch, request_deserializer=v2.Order.FromString, response_serializer=v2.Receipt.SerializeToString,
+                request_type=v2.Order, response_type=v2.Receipt),
+            "Watch": mrpcd.unary_stream_rpc_method_handler(
+                watch, request_deserializer=v2.Order.FromString,
+                response_serializer=lambda r: b"\x91\x01" if r.text == "bad" else r.SerializeToString(),
+                request_type=v2.Order, response_type=v2.Receipt),
+        }
+        server.add_generic_rpc_handlers([mrpcd.method_handlers_generic_handler("shop.Orders", handlers)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        channel = mrpcd.Channel(f"127.0.0.1:{port}", capp)
+
+        def slow(items):
+            for o in items:
+                yield o
+                time.sleep(0.02)
+
+        raw = channel.stream_unary("/shop.Orders/Batch", request_type=v1.Order, response_type=v1.Receipt)
+        raw._encode = lambda m: b"\x93\x01\x02\x03" if m.quantity == 9 else m.SerializeToString()  # does not fit
+        for first in (9, 1):  # the first message does not fit / the third does
+            with pytest.raises(mrpcd.RpcError) as ei:
+                raw(slow([v1.Order(quantity=first)] + [v1.Order(quantity=9 if i == 1 else 1) for i in range(6)]), timeout=10)
+            assert ei.value.code() == StatusCode.INVALID_ARGUMENT
+        stub = v1.OrdersStub(channel)
+        for _ in range(2):
+            got = []
+            with pytest.raises(mrpcd.RpcError) as ei:
+                for r in stub.Watch(v1.Order(customer="x"), timeout=10):
+                    got.append(r.total)
+            assert ei.value.code() == StatusCode.INTERNAL and got == [0, 1]
+        assert stub.Batch(iter([v1.Order(quantity=1)] * 3), timeout=10).total == 3  # the connection goes on
+        assert len(seen) == 3  # nothing of the failed calls reached the app
+        for d, n, failed in ((a, "fail-client", 2), (b, "fail-server", 2)):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+            assert stats(d, n)["stats"]["transcode_failed"] == failed
+    finally:
+        capp.close()
+        sapp.close()

@@ -102,7 +102,7 @@ class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
 
     __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused", "stall_mark",
-                 "plans", "calls")
+                 "plans", "calls", "failed")
 
     def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
         self.binding = binding
@@ -123,9 +123,12 @@ class Route:
         # its app's layout (requests on the server side, responses on the client side).
         # None: the peer's payloads are the app's own (no per-record work at all).
         self.plans: dict[int, MethodPlan] | None = None
-        # call id -> the transcoder of its messages from the peer (None: the call failed to
-        # transcode; its later records are dropped until it ends)
+        # call id -> the transcoder of its messages from the peer
         self.calls: dict[int, Any] = {}
+        # calls that failed to transcode here (both ends were told): their later records are
+        # dropped. Kept apart from `calls`: the peer need never end such a call (the caller
+        # got its final status), and these must not push live calls out of `calls`
+        self.failed: dict[int, None] = {}
 
 
 class Binding:
@@ -921,6 +924,7 @@ class AppSession:
         route.plans = plans
         if plans is None:
             route.calls.clear()
+            route.failed.clear()
 
     def _track_calls(self, route: Route, recs: list[R.Record]) -> None:
         """(sending to a transcoding route) Client side: remember the output transcoder of
@@ -959,6 +963,7 @@ class AppSession:
             if kind != want:
                 if kind == R.CANCEL and server:
                     calls.pop(rec.call_id, None)
+                    route.failed.pop(rec.call_id, None)
                 out.append(rec)  # (wrong-direction kinds: _on_peer_records refuses them)
                 continue
             flags, cid = rec.flags, rec.call_id
@@ -971,13 +976,15 @@ class AppSession:
                         del calls[next(iter(calls))]
             else:
                 if cid not in calls:
+                    if cid in route.failed:  # its call already failed here: drop the rest
+                        if flags & R.F_END:
+                            del route.failed[cid]
+                        continue
                     out.append(rec)  # a call of a method with nothing to transcode
                     continue
                 tc = calls[cid]
                 if flags & R.F_END:
                     del calls[cid]
-                if tc is None:  # its call already failed here: drop the rest
-                    continue
             if tc is not None and not flags & R.F_NO_MSG:
                 try:
                     rec.payload = tc(rec.payload)
@@ -996,10 +1003,12 @@ class AppSession:
         if worth_logging(n):
             log.warning("app %s: a message from peer %s does not fit the app's schema: %s", self.name, route.target,
                         reason, extra=self.log_fields(handle=route.handle, peer=route.target))
-        if not flags & R.F_END:
-            route.calls[cid] = None  # drop the rest of it
-        elif cid in route.calls:
-            del route.calls[cid]
+        route.calls.pop(cid, None)
+        if not flags & R.F_END:  # drop the rest of it
+            failed = route.failed
+            failed[cid] = None
+            if len(failed) > TRACKED_CALLS_MAX:
+                del failed[next(iter(failed))]
         if route.role == "server":
             details = f"mrpcd: the request does not fit the server's version of the schema: {reason}"
             rsp = error_response(0, cid, StatusCode.INVALID_ARGUMENT.code, details)
