@@ -457,3 +457,42 @@ def test_streams_failing_to_transcode_leave_no_tracked_calls(shops, daemons):
     finally:
         capp.close()
         sapp.close()
+
+
+def test_inbound_acl_reads_fields_in_the_apps_layout(shops, daemons):
+    """An inbound ACL on the v2 server's datapath names v2's field (client); the v1 caller's
+    customer (same number) is transcoded before the policy reads it, on a START and on a
+    later message of a client stream."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen = []
+    sapp, capp = mrpcd.connect(b.socket, name="acl-server"), mrpcd.connect(a.socket, name="acl-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        ctl = Control(b.socket)
+        rules = [{"method": m, "field": "client", "op": "prefix", "value": "eve", "action": "deny"} for m in ("/shop.Orders/Place", "/shop.Orders/Batch")]
+        ctl.call("policy_attach", app="acl-server", policy="acl", config={"direction": "inbound", "default": "allow", "rules": rules})
+        ctl.sock.close()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        assert stub.Place(v1.Order(customer="ann", quantity=1), timeout=10).text == "placed for ann"
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(v1.Order(customer="eve-1", quantity=1), timeout=10)
+        assert ei.value.code() == StatusCode.PERMISSION_DENIED
+
+        def slow(items):
+            for o in items:
+                yield o; time.sleep(0.02)
+        for k in range(3):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                stub.Batch(slow([v1.Order(customer="ok"), v1.Order(customer="eve")] + [v1.Order(customer="z")] * 5), timeout=10)
+            assert ei.value.code() == StatusCode.PERMISSION_DENIED and "rule 1" in ei.value.details()
+        assert seen[0].client == "ann" and not [o for o in seen if o.client.startswith("eve")]
+        for d, n in ((a, "acl-client"), (b, "acl-server")):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+    finally:
+        capp.close(); sapp.close()
