@@ -496,3 +496,53 @@ def test_inbound_acl_reads_fields_in_the_apps_layout(shops, daemons):
             assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
     finally:
         capp.close(); sapp.close()
+
+
+def test_transport_upgrade_in_the_middle_of_a_transcoded_stream(shops, daemons, tmp_path):
+    """Both daemons swap their transport code while a bidi stream between v1 and v2 is open:
+    the connection keeps its peer's closure and plans, and the stream goes on transcoded."""
+    import queue
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    module = tmp_path / "evolve_transport.py"
+    module.write_text("from mrpcd.transports._tcp import PeerConnection as _Current\n\n\n"
+                      "class PeerConnection(_Current):\n    VERSION = 'evolve-2'\n")
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name="upg-server"), mrpcd.connect(a.socket, name="upg-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        q: queue.Queue = queue.Queue()
+
+        def requests():
+            while True:
+                o = q.get()
+                if o is None:
+                    return
+                yield o
+
+        q.put(v1.Order(customer="before", quantity=1))
+        it = stub.Chat(requests(), timeout=30)
+        assert next(it).text == "chat before"
+        for d in (a, b):
+            ctl = Control(d.socket)
+            try:
+                assert ctl.call("transport_upgrade", module=str(module))["version"] == "evolve-2"
+            finally:
+                ctl.sock.close()
+        q.put(v1.Order(customer="after", quantity=2))
+        r = next(it)
+        assert (r.text, r.total) == ("chat after", 2)
+        q.put(None)
+        assert list(it) == []
+        assert [o.client for o in seen] == ["before", "after"]
+        assert stub.Place(v1.Order(customer="new", quantity=3), timeout=10).text == "placed for new"
+        routes = stats(b, "upg-server")["routes"]
+        assert [r["transport"] for r in routes] == ["evolve-2"] and routes[0]["transcoding"]
+    finally:
+        capp.close()
+        sapp.close()
