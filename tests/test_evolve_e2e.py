@@ -546,3 +546,34 @@ def test_transport_upgrade_in_the_middle_of_a_transcoded_stream(shops, daemons, 
     finally:
         capp.close()
         sapp.close()
+
+
+def test_two_versions_on_each_daemon(shops, daemons):
+    """Daemon b hosts a v1 and a v2 server app, daemon a a v1 and a v2 client app; each
+    client calls both servers: four connections, two of them transcoding, one answer each."""
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    apps = []
+    try:
+        ports = {}
+        for v, pb in (("v1", v1), ("v2", v2)):
+            sapp = mrpcd.connect(b.socket, name=f"two-server-{v}")
+            apps.append(sapp)
+            server = mrpcd.server(app=sapp)
+            pb.add_OrdersServicer_to_server(servicer(pb, []), server)
+            ports[v] = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+        for v, pb in (("v1", v1), ("v2", v2)):
+            capp = mrpcd.connect(a.socket, name=f"two-client-{v}")
+            apps.append(capp)
+            channels = [mrpcd.Channel(f"127.0.0.1:{ports[sv]}", capp) for sv in ("v1", "v2")]  # (kept open)
+            for sv, channel in zip(("v1", "v2"), channels):
+                stub = pb.OrdersStub(channel)
+                order = pb.Order(customer="c", quantity=5) if v == "v1" else pb.Order(client="c", quantity=5)
+                rs = list(stub.Watch(order, timeout=10))
+                assert [(r.text, r.total) for r in rs] == [(f"watch {i} c", 5) for i in range(3)], (v, sv)
+            routes = stats(a, f"two-client-{v}")["routes"]
+            assert sorted(bool(r.get("transcoding")) for r in routes) == [False, True]
+    finally:
+        for app in apps:
+            app.close()
