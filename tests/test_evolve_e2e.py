@@ -577,3 +577,50 @@ def test_two_versions_on_each_daemon(shops, daemons):
     finally:
         for app in apps:
             app.close()
+
+
+
+@pytest.mark.parametrize("direction", ["request", "response"])
+def test_stream_messages_too_big_for_the_apps_ring_leave_no_tracked_calls(shops, daemon_factory, direction):
+    """A peer's stream message bigger than the receiving app's ring fails that call on a
+    transcoding connection (RESOURCE_EXHAUSTED) both ways; the peer then never ends the call,
+    so it must leave the connection's call table."""
+    v1, v2 = shops["v1"], shops["v2"]
+    small, big = "ring_size: 65536\n", "ring_size: 1048576\n"
+    huge = "x" * (100 << 10)
+    request = direction == "request"
+    sd, cd = daemon_factory("evs", small if request else big), daemon_factory("evc", big if request else small)
+    sapp, capp = mrpcd.connect(sd.socket, name="ring-server"), mrpcd.connect(cd.socket, name="ring-client")
+    try:
+        server = mrpcd.server(app=sapp)
+
+        class Shop(v2.OrdersServicer):
+            def Batch(self, it, context):
+                return v2.Receipt(text="all", total=len(list(it)))
+
+            def Watch(self, request, context):
+                for i in range(20):
+                    yield v2.Receipt(text=huge if i == 1 else "ok", total=i)
+
+            def Place(self, request, context):
+                return v2.Receipt(text="placed", total=request.quantity)
+
+        v2.add_OrdersServicer_to_server(Shop(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        for _ in range(2):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                if request:
+                    stub.Batch(iter([v1.Order(customer="a", quantity=1), v1.Order(customer=huge, quantity=1)]
+                                    + [v1.Order(customer="b")] * 3), timeout=10)
+                else:
+                    list(stub.Watch(v1.Order(customer="a"), timeout=10))
+            assert ei.value.code() == StatusCode.RESOURCE_EXHAUSTED, ei.value.details()
+            assert "ring" in ei.value.details()
+        assert stub.Place(v1.Order(customer="ok", quantity=1), timeout=10).text == "placed"
+        for d, n in ((cd, "ring-client"), (sd, "ring-server")):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+    finally:
+        capp.close()
+        sapp.close()
