@@ -585,6 +585,8 @@ def test_stream_messages_too_big_for_the_apps_ring_leave_no_tracked_calls(shops,
     """A peer's stream message bigger than the receiving app's ring fails that call on a
     transcoding connection (RESOURCE_EXHAUSTED) both ways; the peer then never ends the call,
     so it must leave the connection's call table."""
+    import time
+
     v1, v2 = shops["v1"], shops["v2"]
     small, big = "ring_size: 65536\n", "ring_size: 1048576\n"
     huge = "x" * (100 << 10)
@@ -612,8 +614,14 @@ def test_stream_messages_too_big_for_the_apps_ring_leave_no_tracked_calls(shops,
         for _ in range(2):
             with pytest.raises(mrpcd.RpcError) as ei:
                 if request:
-                    stub.Batch(iter([v1.Order(customer="a", quantity=1), v1.Order(customer=huge, quantity=1)]
-                                    + [v1.Order(customer="b")] * 3), timeout=10)
+                    def orders():  # the rest comes after the caller got its status: no request END
+                        yield v1.Order(customer="a", quantity=1)
+                        yield v1.Order(customer=huge, quantity=1)
+                        for _ in range(3):
+                            time.sleep(0.2)
+                            yield v1.Order(customer="b")
+
+                    stub.Batch(orders(), timeout=10)
                 else:
                     list(stub.Watch(v1.Order(customer="a"), timeout=10))
             assert ei.value.code() == StatusCode.RESOURCE_EXHAUSTED, ei.value.details()

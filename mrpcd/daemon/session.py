@@ -705,6 +705,8 @@ class AppSession:
         log.warning("app %s (pid %d): %s", self.name, self.pid, details, extra=self.log_fields(handle=rec.handle))
         route = self.routes.get(rec.handle)
         role = route.role if route is not None else ("server" if rec.kind == R.REQUEST else "client")
+        if route is not None and route.plans is not None:
+            self._call_failed(route, rec)
         to_app: list[R.Record] = []
         if role == "server":
             rsp = error_response(0, rec.call_id, StatusCode.RESOURCE_EXHAUSTED.code, details)
@@ -839,7 +841,9 @@ class AppSession:
                 # transcoding plans); it must reconnect, and its new HELLO is checked
                 hello = getattr(route.conn, "peer_hello", None) or {}
                 theirs = hello.get("services", {}) if isinstance(hello, dict) else {}
-                other = sorted(s for s, fp in binding.fingerprints.items() if s not in before and s in theirs and theirs[s] != fp)
+                compared = hello.get("closures") or {} if isinstance(hello, dict) else {}
+                other = sorted(s for s, fp in binding.fingerprints.items()
+                               if s not in before and s not in compared and s in theirs and theirs[s] != fp)
                 if other:
                     reason = (f"the server now serves {', '.join(other)}, which this peer has in another version: "
                               "reconnect to compare the schemas")
@@ -995,6 +999,18 @@ class AppSession:
             out.append(rec)
         return out
 
+    @staticmethod
+    def _call_failed(route: Route, rec: R.Record) -> None:
+        """(a transcoding route) The daemon failed the call of the peer's `rec` both ways: it
+        leaves the call table (the peer need never end it) and the rest of it is dropped."""
+        cid = rec.call_id
+        route.calls.pop(cid, None)
+        if not rec.flags & R.F_END:
+            failed = route.failed
+            failed[cid] = None
+            if len(failed) > TRACKED_CALLS_MAX:
+                del failed[next(iter(failed))]
+
     def _transcode_failed(self, route: Route, rec: R.Record, reason: str, out: list[R.Record]) -> None:
         """Fail the call of a peer message that does not fit the app's schema, both ways."""
         cid, flags = rec.call_id, rec.flags
@@ -1003,12 +1019,7 @@ class AppSession:
         if worth_logging(n):
             log.warning("app %s: a message from peer %s does not fit the app's schema: %s", self.name, route.target,
                         reason, extra=self.log_fields(handle=route.handle, peer=route.target))
-        route.calls.pop(cid, None)
-        if not flags & R.F_END:  # drop the rest of it
-            failed = route.failed
-            failed[cid] = None
-            if len(failed) > TRACKED_CALLS_MAX:
-                del failed[next(iter(failed))]
+        self._call_failed(route, rec)
         if route.role == "server":
             details = f"mrpcd: the request does not fit the server's version of the schema: {reason}"
             rsp = error_response(0, cid, StatusCode.INVALID_ARGUMENT.code, details)
