@@ -632,3 +632,61 @@ def test_stream_messages_too_big_for_the_apps_ring_leave_no_tracked_calls(shops,
     finally:
         capp.close()
         sapp.close()
+
+
+BOOM_POLICY = '''
+from mrpcd.marshal import records as R
+from mrpcd.policies.metrics import POLICY as _Base
+
+
+class Boom(_Base):
+    def inbound(self, batch):
+        for r in batch:  # a buggy policy: raises on the second message of a request stream
+            if r.kind == R.REQUEST and not r.flags & R.F_START and not r.flags & R.F_NO_MSG:
+                raise RuntimeError("boom")
+        return super().inbound(batch)
+
+
+POLICY = Boom
+'''
+
+
+def test_calls_failed_by_a_raising_policy_leave_no_tracked_calls(shops, daemons, tmp_path):
+    """A policy that raises fails its batch's calls both ways (fail_calls); the peer then
+    never ends them, so they must leave a transcoding connection's call table."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    module = tmp_path / "evolve_boom.py"
+    module.write_text(BOOM_POLICY)
+    sapp, capp = mrpcd.connect(b.socket, name="boom-server"), mrpcd.connect(a.socket, name="boom-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        v2.add_OrdersServicer_to_server(servicer(v2, []), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        ctl = Control(b.socket)
+        try:
+            ctl.call("policy_attach", app="boom-server", policy=str(module), config={})
+        finally:
+            ctl.sock.close()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+
+        def orders():  # the rest comes after the caller got its status: no request END
+            yield v1.Order(customer="a", quantity=1)
+            yield v1.Order(customer="b", quantity=1)
+            for _ in range(3):
+                time.sleep(0.2)
+                yield v1.Order(customer="c")
+
+        for _ in range(2):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                stub.Batch(orders(), timeout=10)
+            assert ei.value.code() == StatusCode.INTERNAL and "boom" in ei.value.details(), ei.value.details()
+        assert stub.Place(v1.Order(customer="ok", quantity=1), timeout=10).text == "placed for ok"
+        assert wait_until(lambda: [r.get("tracked_calls") for r in stats(b, "boom-server")["routes"]] == [0]), \
+            stats(b, "boom-server")["routes"]
+    finally:
+        capp.close()
+        sapp.close()

@@ -706,7 +706,7 @@ class AppSession:
         route = self.routes.get(rec.handle)
         role = route.role if route is not None else ("server" if rec.kind == R.REQUEST else "client")
         if route is not None and route.plans is not None:
-            self._call_failed(route, rec)
+            self._call_failed(route, rec.call_id, bool(rec.flags & R.F_END))
         to_app: list[R.Record] = []
         if role == "server":
             rsp = error_response(0, rec.call_id, StatusCode.RESOURCE_EXHAUSTED.code, details)
@@ -802,6 +802,12 @@ class AppSession:
                 continue
             seen.add(key)
             route = self.routes.get(rec.handle)
+            if route is not None and rec.call_id in route.calls:  # a call being transcoded
+                if route.role == "server":  # has the peer's side of the call ended (its END, its CANCEL)?
+                    ended = kind == R.CANCEL or kind == R.REQUEST and bool(rec.flags & R.F_END)
+                else:
+                    ended = kind == R.RESPONSE and bool(rec.flags & R.F_END)
+                self._call_failed(route, rec.call_id, ended)
             conn = None if route is None or route.conn.closed else route.conn
             if route is not None and route.role == "server":  # the peer called the app
                 if conn is not None:
@@ -1000,12 +1006,12 @@ class AppSession:
         return out
 
     @staticmethod
-    def _call_failed(route: Route, rec: R.Record) -> None:
-        """(a transcoding route) The daemon failed the call of the peer's `rec` both ways: it
-        leaves the call table (the peer need never end it) and the rest of it is dropped."""
-        cid = rec.call_id
+    def _call_failed(route: Route, cid: int, ended: bool) -> None:
+        """(a transcoding route) The daemon failed call `cid` both ways: it leaves the call
+        table (the peer need never end it); unless the peer's side of it `ended`, the rest
+        of it is dropped."""
         route.calls.pop(cid, None)
-        if not rec.flags & R.F_END:
+        if not ended:
             failed = route.failed
             failed[cid] = None
             if len(failed) > TRACKED_CALLS_MAX:
@@ -1019,7 +1025,7 @@ class AppSession:
         if worth_logging(n):
             log.warning("app %s: a message from peer %s does not fit the app's schema: %s", self.name, route.target,
                         reason, extra=self.log_fields(handle=route.handle, peer=route.target))
-        self._call_failed(route, rec)
+        self._call_failed(route, cid, bool(flags & R.F_END))
         if route.role == "server":
             details = f"mrpcd: the request does not fit the server's version of the schema: {reason}"
             rsp = error_response(0, cid, StatusCode.INVALID_ARGUMENT.code, details)
