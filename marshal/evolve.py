@@ -139,41 +139,63 @@ def compare(peer: Schema, local: Schema, service: str) -> list[str]:
 _Mapping = list
 
 
+def _closure_same(root: str, memo: dict[str, bool], own: Callable[[str], bool],
+                  children: Callable[[str], list[str]]) -> bool:
+    """True when `root` and every message it reaches (`children`, only asked of a message
+    whose `own` test holds) pass `own`. Decided for the whole reachable set at once (the
+    greatest fixed point): a provisional answer for a message on a cycle must not be
+    remembered as final (A -> B -> A with A differing elsewhere: B differs too)."""
+    if root in memo:
+        return memo[root]
+    found: dict[str, bool] = {}
+    kids: dict[str, list[str]] = {}
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        if name in memo or name in found:
+            continue
+        found[name] = own(name)
+        kids[name] = children(name) if found[name] else []
+        todo.extend(kids[name])
+    changed = True
+    while changed:
+        changed = False
+        for name, same in found.items():
+            if same and not all(memo[c] if c in memo else found[c] for c in kids[name]):
+                found[name] = False
+                changed = True
+    memo.update(found)
+    return memo[root]
+
+
 def _wire_same(peer: Schema, local: Schema, name: str, memo: dict[str, bool]) -> bool:
     """The peer's encoding of message `name` is byte-for-byte what the local codec expects
     (same field numbers in the same positions, recursively): no transcoding needed."""
-    if name in memo:
-        return memo[name]
-    memo[name] = True  # (a cycle: decided by the other fields)
-    a, b = peer.messages[name].fields, local.messages[name].fields
-    same = len(a) == len(b) and all(x.number == y.number for x, y in zip(a, b))
-    if same:
-        for f in b:
-            if f.type.kind == "message" and not _wire_same(peer, local, f.type.ref_name, memo):
-                same = False
-                break
-    memo[name] = same
-    return same
+    def own(n: str) -> bool:
+        a, b = peer.messages[n].fields, local.messages[n].fields
+        return len(a) == len(b) and all(x.number == y.number for x, y in zip(a, b))
+
+    def children(n: str) -> list[str]:
+        return [f.type.ref_name for f in local.messages[n].fields if f.type.kind == "message"]
+
+    return _closure_same(name, memo, own, children)
 
 
 def _dict_same(peer: Schema, local: Schema, name: str, memo: dict[str, bool]) -> bool:
     """The peer's decoded dict of `name` can be given to the local encoder as it is: every
     name means the same field number on both sides (recursively)."""
-    if name in memo:
-        return memo[name]
-    memo[name] = True
-    a = {f.name: f.number for f in peer.messages[name].fields}
-    b = {f.name: f.number for f in local.messages[name].fields}
-    a_num = {num: n for n, num in a.items()}
-    same = (all(a.get(n, num) == num for n, num in b.items()) and all(b.get(n, num) == num for n, num in a.items())
-            and all(a_num.get(num, n) == n for n, num in b.items()))
-    if same:
-        for f in local.messages[name].fields:
-            if f.type.kind == "message" and f.name in a and not _dict_same(peer, local, f.type.ref_name, memo):
-                same = False
-                break
-    memo[name] = same
-    return same
+    def own(n: str) -> bool:
+        a = {f.name: f.number for f in peer.messages[n].fields}
+        b = {f.name: f.number for f in local.messages[n].fields}
+        a_num = {num: x for x, num in a.items()}
+        return (all(a.get(x, num) == num for x, num in b.items()) and all(b.get(x, num) == num for x, num in a.items())
+                and all(a_num.get(num, x) == x for x, num in b.items()))
+
+    def children(n: str) -> list[str]:
+        a = {f.name for f in peer.messages[n].fields}
+        return [f.type.ref_name for f in local.messages[n].fields if f.type.kind == "message" and f.name in a]
+
+    return _closure_same(name, memo, own, children)
 
 
 class Transcoder:

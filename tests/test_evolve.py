@@ -293,3 +293,26 @@ def test_enum_values_changed_need_no_plan():
     b = schema(V2, enums={"t.E": [["A", 0], ["B", 1], ["C", 2]]})
     assert a.fingerprint(SVC) != b.fingerprint(SVC)  # t.E (Req.color) is in the closure
     assert compare(a, b, SVC) == [] and plan_service(a, b, SVC) is None
+
+
+def test_recursive_messages_differing_elsewhere_are_transcoded_inside_the_cycle():
+    # Req -> B -> Req (a cycle) and Req -> C; C differs (a rename and a reorder). A message on
+    # the cycle was remembered as "the same" while Req's answer was still provisional: Req
+    # nested in B was passed as it was (C's renamed field lost), and a method taking B got
+    # no transcoder at all.
+    p = {"t.Req": [F("b", 1, "message", "t.B"), F("c", 2, "message", "t.C")],
+         "t.B": [F("a", 1, "message", "t.Req")],
+         "t.C": [F("x", 1, "int32"), F("w", 2, "int32")],
+         "t.Rsp": []}
+    q = dict(p, **{"t.C": [F("w", 2, "int32"), F("z", 1, "int32")]})
+    methods = (("Call", "t.Req", "t.Rsp", False, False), ("Other", "t.B", "t.Rsp", False, False))
+    a, b = schema(p, methods), schema(q, methods)
+    assert compare(a, b, SVC) == []
+    plan = plan_service(a, b, SVC)
+    call, other = (m.method_id for m in b.services[SVC].methods)
+    v = {"b": {"a": {"b": None, "c": {"x": 5, "w": 6}}}, "c": {"x": 7, "w": 8}}
+    out = codec.decode_plain(b, "t.Req", plan.methods[call].input(codec.encode_plain(a, "t.Req", v)))
+    assert out == {"b": {"a": {"b": None, "c": {"w": 6, "z": 5}}}, "c": {"w": 8, "z": 7}}
+    assert other in plan.methods
+    out = codec.decode_plain(b, "t.B", plan.methods[other].input(codec.encode_plain(a, "t.B", v["b"])))
+    assert out == {"a": {"b": None, "c": {"w": 6, "z": 5}}}

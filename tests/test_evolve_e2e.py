@@ -267,3 +267,426 @@ def test_big_messages_are_transcoded_not_received_in_place(shops, daemons):
     cli, srv = run_pair(daemons, v2, v1, body, "big")
     assert srv["stats"]["received_in_place"] == 0 and cli["stats"]["received_in_place"] == 0
     assert srv["stats"]["transcoded"] == 1 and cli["stats"]["transcoded"] == 1
+
+
+def test_a_service_bound_after_a_peer_of_another_version_connected(shops, daemons):
+    """The server app serves shop.Orders (v2) only after a v1 client's connection is up: that
+    HELLO never compared the two versions. The daemon used to hand the app the v1 payloads
+    as they were ("expected 7 fields, got 6", or silently wrong fields); now it closes that
+    connection and the client's next connection is compared and transcoded."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name="late-server"), mrpcd.connect(a.socket, name="late-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(v1.Order(customer="early", quantity=1), timeout=10)
+        assert ei.value.code() == StatusCode.UNIMPLEMENTED
+        v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                r = stub.Place(v1.Order(customer="ann", quantity=3, note="n"), timeout=10)
+                break
+            except mrpcd.RpcError as exc:  # a call made before the client learnt of the close
+                assert exc.code() == StatusCode.UNAVAILABLE and time.monotonic() < end, exc
+                time.sleep(0.05)
+        assert (r.text, r.total) == ("placed for ann", 3)
+        assert [o.client for o in seen] == ["ann"]
+        assert stats(b, "late-server")["stats"]["transcoded"] == 1
+    finally:
+        capp.close()
+        sapp.close()
+
+
+def test_streams_ending_every_way_leave_no_tracked_calls(shops, daemons):
+    """Streams on a transcoding connection cancelled, failed, past their deadline, answered
+    early, and 40 at once: every message arrives in the app's layout and the daemons'
+    per-connection call tables (mrpcctl apps: tracked_calls) end empty."""
+    import threading
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    sapp, capp = mrpcd.connect(b.socket, name="st-server"), mrpcd.connect(a.socket, name="st-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        class Shop(v2.OrdersServicer):
+            def Watch(self, request, context):
+                for i in range(1000):
+                    if request.quantity == 1 and i == 2:
+                        context.abort(StatusCode.ABORTED, "mid")
+                    yield v2.Receipt(text=str(i), total=i)
+                    time.sleep(0.005)
+            def Batch(self, it, context):
+                n = 0
+                for o in it:
+                    n += 1
+                    if o.quantity == 9:
+                        context.abort(StatusCode.FAILED_PRECONDITION, "nine")
+                    if o.quantity == 8:
+                        return v2.Receipt(text="early", total=n)
+                return v2.Receipt(text="all", total=n)
+            def Chat(self, it, context):
+                for o in it:
+                    yield v2.Receipt(text=o.client, total=o.quantity)
+        v2.add_OrdersServicer_to_server(Shop(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        # server streams cancelled by the client after 2 messages
+        for k in range(10):
+            it = stub.Watch(v1.Order(customer="c", quantity=0), timeout=10)
+            assert next(it).total == 0 and next(it).total == 1
+            it.cancel()
+        # server streams failing mid-stream
+        for k in range(10):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                list(stub.Watch(v1.Order(customer="c", quantity=1), timeout=10))
+            assert ei.value.code() == StatusCode.ABORTED
+        # server streams hitting their deadline
+        for k in range(5):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                list(stub.Watch(v1.Order(customer="c", quantity=0), timeout=0.05))
+            assert ei.value.code() == StatusCode.DEADLINE_EXCEEDED
+        def slow(items, pause=0.02):
+            for o in items:
+                yield o
+                time.sleep(pause)
+        # client streams: the server fails / answers early while the client still sends
+        for k in range(10):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                stub.Batch(slow([v1.Order(quantity=1), v1.Order(quantity=9)] + [v1.Order(quantity=1)] * 5), timeout=10)
+            assert ei.value.code() == StatusCode.FAILED_PRECONDITION
+            r = stub.Batch(slow([v1.Order(quantity=1), v1.Order(quantity=8)] + [v1.Order(quantity=1)] * 5), timeout=10)
+            assert r.text == "early"
+        # bidi cancelled mid-stream, and deadline mid-stream
+        for k in range(10):
+            it = stub.Chat(slow([v1.Order(customer=str(i), quantity=i) for i in range(50)]), timeout=10)
+            assert next(it).text == "0"
+            it.cancel()
+        for k in range(5):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                list(stub.Chat(slow([v1.Order(customer=str(i), quantity=i) for i in range(50)]), timeout=0.1))
+            assert ei.value.code() == StatusCode.DEADLINE_EXCEEDED
+        # many concurrent
+        errs = []
+        def one(i):
+            try:
+                rs = list(stub.Chat(iter([v1.Order(customer=f"{i}-{j}", quantity=j) for j in range(5)]), timeout=20))
+                assert [r.text for r in rs] == [f"{i}-{j}" for j in range(5)]
+            except Exception as e:
+                errs.append(e)
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(40)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        assert not errs, errs[:3]
+        for d, n in ((a, "st-client"), (b, "st-server")):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+            assert stats(d, n)["stats"]["transcode_failed"] == 0
+    finally:
+        capp.close(); sapp.close()
+
+
+def test_streams_failing_to_transcode_leave_no_tracked_calls(shops, daemons):
+    """A stream message that does not fit fails its call; the peer then never ends that call
+    (its caller got the final status, or it was told to CANCEL), so the daemon used to keep
+    the call in its table for the connection's life (and past 65,536 of them, pushed live
+    calls out: their messages then reached the app untranscoded)."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name="fail-server"), mrpcd.connect(a.socket, name="fail-client")
+    try:
+        server = mrpcd.server(app=sapp)
+
+        def batch(it, ctx):
+            got = list(it)
+            seen.extend(got)
+            return v2.Receipt(text="all", total=len(got))
+
+        def watch(req, ctx):
+            for i in range(50):
+                yield v2.Receipt(text="bad" if i == 2 else "ok", total=i)
+                time.sleep(0.01)
+
+        handlers = {
+            "Batch": mrpcd.stream_unary_rpc_method_handler(
+                batch, request_deserializer=v2.Order.FromString, response_serializer=v2.Receipt.SerializeToString,
+                request_type=v2.Order, response_type=v2.Receipt),
+            "Watch": mrpcd.unary_stream_rpc_method_handler(
+                watch, request_deserializer=v2.Order.FromString,
+                response_serializer=lambda r: b"\x91\x01" if r.text == "bad" else r.SerializeToString(),
+                request_type=v2.Order, response_type=v2.Receipt),
+        }
+        server.add_generic_rpc_handlers([mrpcd.method_handlers_generic_handler("shop.Orders", handlers)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        channel = mrpcd.Channel(f"127.0.0.1:{port}", capp)
+
+        def slow(items):
+            for o in items:
+                yield o
+                time.sleep(0.02)
+
+        raw = channel.stream_unary("/shop.Orders/Batch", request_type=v1.Order, response_type=v1.Receipt)
+        raw._encode = lambda m: b"\x93\x01\x02\x03" if m.quantity == 9 else m.SerializeToString()  # does not fit
+        for first in (9, 1):  # the first message does not fit / the third does
+            with pytest.raises(mrpcd.RpcError) as ei:
+                raw(slow([v1.Order(quantity=first)] + [v1.Order(quantity=9 if i == 1 else 1) for i in range(6)]), timeout=10)
+            assert ei.value.code() == StatusCode.INVALID_ARGUMENT
+        stub = v1.OrdersStub(channel)
+        for _ in range(2):
+            got = []
+            with pytest.raises(mrpcd.RpcError) as ei:
+                for r in stub.Watch(v1.Order(customer="x"), timeout=10):
+                    got.append(r.total)
+            assert ei.value.code() == StatusCode.INTERNAL and got == [0, 1]
+        assert stub.Batch(iter([v1.Order(quantity=1)] * 3), timeout=10).total == 3  # the connection goes on
+        assert len(seen) == 3  # nothing of the failed calls reached the app
+        for d, n, failed in ((a, "fail-client", 2), (b, "fail-server", 2)):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+            assert stats(d, n)["stats"]["transcode_failed"] == failed
+    finally:
+        capp.close()
+        sapp.close()
+
+
+def test_inbound_acl_reads_fields_in_the_apps_layout(shops, daemons):
+    """An inbound ACL on the v2 server's datapath names v2's field (client); the v1 caller's
+    customer (same number) is transcoded before the policy reads it, on a START and on a
+    later message of a client stream."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen = []
+    sapp, capp = mrpcd.connect(b.socket, name="acl-server"), mrpcd.connect(a.socket, name="acl-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        ctl = Control(b.socket)
+        rules = [{"method": m, "field": "client", "op": "prefix", "value": "eve", "action": "deny"} for m in ("/shop.Orders/Place", "/shop.Orders/Batch")]
+        ctl.call("policy_attach", app="acl-server", policy="acl", config={"direction": "inbound", "default": "allow", "rules": rules})
+        ctl.sock.close()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        assert stub.Place(v1.Order(customer="ann", quantity=1), timeout=10).text == "placed for ann"
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(v1.Order(customer="eve-1", quantity=1), timeout=10)
+        assert ei.value.code() == StatusCode.PERMISSION_DENIED
+
+        def slow(items):
+            for o in items:
+                yield o; time.sleep(0.02)
+        for k in range(3):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                stub.Batch(slow([v1.Order(customer="ok"), v1.Order(customer="eve")] + [v1.Order(customer="z")] * 5), timeout=10)
+            assert ei.value.code() == StatusCode.PERMISSION_DENIED and "rule 1" in ei.value.details()
+        assert seen[0].client == "ann" and not [o for o in seen if o.client.startswith("eve")]
+        for d, n in ((a, "acl-client"), (b, "acl-server")):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+    finally:
+        capp.close(); sapp.close()
+
+
+def test_transport_upgrade_in_the_middle_of_a_transcoded_stream(shops, daemons, tmp_path):
+    """Both daemons swap their transport code while a bidi stream between v1 and v2 is open:
+    the connection keeps its peer's closure and plans, and the stream goes on transcoded."""
+    import queue
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    module = tmp_path / "evolve_transport.py"
+    module.write_text("from mrpcd.transports._tcp import PeerConnection as _Current\n\n\n"
+                      "class PeerConnection(_Current):\n    VERSION = 'evolve-2'\n")
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name="upg-server"), mrpcd.connect(a.socket, name="upg-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        q: queue.Queue = queue.Queue()
+
+        def requests():
+            while True:
+                o = q.get()
+                if o is None:
+                    return
+                yield o
+
+        q.put(v1.Order(customer="before", quantity=1))
+        it = stub.Chat(requests(), timeout=30)
+        assert next(it).text == "chat before"
+        for d in (a, b):
+            ctl = Control(d.socket)
+            try:
+                assert ctl.call("transport_upgrade", module=str(module))["version"] == "evolve-2"
+            finally:
+                ctl.sock.close()
+        q.put(v1.Order(customer="after", quantity=2))
+        r = next(it)
+        assert (r.text, r.total) == ("chat after", 2)
+        q.put(None)
+        assert list(it) == []
+        assert [o.client for o in seen] == ["before", "after"]
+        assert stub.Place(v1.Order(customer="new", quantity=3), timeout=10).text == "placed for new"
+        routes = stats(b, "upg-server")["routes"]
+        assert [r["transport"] for r in routes] == ["evolve-2"] and routes[0]["transcoding"]
+    finally:
+        capp.close()
+        sapp.close()
+
+
+def test_two_versions_on_each_daemon(shops, daemons):
+    """Daemon b hosts a v1 and a v2 server app, daemon a a v1 and a v2 client app; each
+    client calls both servers: four connections, two of them transcoding, one answer each."""
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    apps = []
+    try:
+        ports = {}
+        for v, pb in (("v1", v1), ("v2", v2)):
+            sapp = mrpcd.connect(b.socket, name=f"two-server-{v}")
+            apps.append(sapp)
+            server = mrpcd.server(app=sapp)
+            pb.add_OrdersServicer_to_server(servicer(pb, []), server)
+            ports[v] = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+        for v, pb in (("v1", v1), ("v2", v2)):
+            capp = mrpcd.connect(a.socket, name=f"two-client-{v}")
+            apps.append(capp)
+            channels = [mrpcd.Channel(f"127.0.0.1:{ports[sv]}", capp) for sv in ("v1", "v2")]  # (kept open)
+            for sv, channel in zip(("v1", "v2"), channels):
+                stub = pb.OrdersStub(channel)
+                order = pb.Order(customer="c", quantity=5) if v == "v1" else pb.Order(client="c", quantity=5)
+                rs = list(stub.Watch(order, timeout=10))
+                assert [(r.text, r.total) for r in rs] == [(f"watch {i} c", 5) for i in range(3)], (v, sv)
+            routes = stats(a, f"two-client-{v}")["routes"]
+            assert sorted(bool(r.get("transcoding")) for r in routes) == [False, True]
+    finally:
+        for app in apps:
+            app.close()
+
+
+
+@pytest.mark.parametrize("direction", ["request", "response"])
+def test_stream_messages_too_big_for_the_apps_ring_leave_no_tracked_calls(shops, daemon_factory, direction):
+    """A peer's stream message bigger than the receiving app's ring fails that call on a
+    transcoding connection (RESOURCE_EXHAUSTED) both ways; the peer then never ends the call,
+    so it must leave the connection's call table."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    small, big = "ring_size: 65536\n", "ring_size: 1048576\n"
+    huge = "x" * (100 << 10)
+    request = direction == "request"
+    sd, cd = daemon_factory("evs", small if request else big), daemon_factory("evc", big if request else small)
+    sapp, capp = mrpcd.connect(sd.socket, name="ring-server"), mrpcd.connect(cd.socket, name="ring-client")
+    try:
+        server = mrpcd.server(app=sapp)
+
+        class Shop(v2.OrdersServicer):
+            def Batch(self, it, context):
+                return v2.Receipt(text="all", total=len(list(it)))
+
+            def Watch(self, request, context):
+                for i in range(20):
+                    yield v2.Receipt(text=huge if i == 1 else "ok", total=i)
+
+            def Place(self, request, context):
+                return v2.Receipt(text="placed", total=request.quantity)
+
+        v2.add_OrdersServicer_to_server(Shop(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        for _ in range(2):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                if request:
+                    def orders():  # the rest comes after the caller got its status: no request END
+                        yield v1.Order(customer="a", quantity=1)
+                        yield v1.Order(customer=huge, quantity=1)
+                        for _ in range(3):
+                            time.sleep(0.2)
+                            yield v1.Order(customer="b")
+
+                    stub.Batch(orders(), timeout=10)
+                else:
+                    list(stub.Watch(v1.Order(customer="a"), timeout=10))
+            assert ei.value.code() == StatusCode.RESOURCE_EXHAUSTED, ei.value.details()
+            assert "ring" in ei.value.details()
+        assert stub.Place(v1.Order(customer="ok", quantity=1), timeout=10).text == "placed"
+        for d, n in ((cd, "ring-client"), (sd, "ring-server")):
+            assert wait_until(lambda: [r.get("tracked_calls") for r in stats(d, n)["routes"]] == [0]), stats(d, n)["routes"]
+    finally:
+        capp.close()
+        sapp.close()
+
+
+BOOM_POLICY = '''
+from mrpcd.marshal import records as R
+from mrpcd.policies.metrics import POLICY as _Base
+
+
+class Boom(_Base):
+    def inbound(self, batch):
+        for r in batch:  # a buggy policy: raises on the second message of a request stream
+            if r.kind == R.REQUEST and not r.flags & R.F_START and not r.flags & R.F_NO_MSG:
+                raise RuntimeError("boom")
+        return super().inbound(batch)
+
+
+POLICY = Boom
+'''
+
+
+def test_calls_failed_by_a_raising_policy_leave_no_tracked_calls(shops, daemons, tmp_path):
+    """A policy that raises fails its batch's calls both ways (fail_calls); the peer then
+    never ends them, so they must leave a transcoding connection's call table."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    module = tmp_path / "evolve_boom.py"
+    module.write_text(BOOM_POLICY)
+    sapp, capp = mrpcd.connect(b.socket, name="boom-server"), mrpcd.connect(a.socket, name="boom-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        v2.add_OrdersServicer_to_server(servicer(v2, []), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        ctl = Control(b.socket)
+        try:
+            ctl.call("policy_attach", app="boom-server", policy=str(module), config={})
+        finally:
+            ctl.sock.close()
+        stub = v1.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+
+        def orders():  # the rest comes after the caller got its status: no request END
+            yield v1.Order(customer="a", quantity=1)
+            yield v1.Order(customer="b", quantity=1)
+            for _ in range(3):
+                time.sleep(0.2)
+                yield v1.Order(customer="c")
+
+        for _ in range(2):
+            with pytest.raises(mrpcd.RpcError) as ei:
+                stub.Batch(orders(), timeout=10)
+            assert ei.value.code() == StatusCode.INTERNAL and "boom" in ei.value.details(), ei.value.details()
+        assert stub.Place(v1.Order(customer="ok", quantity=1), timeout=10).text == "placed for ok"
+        assert wait_until(lambda: [r.get("tracked_calls") for r in stats(b, "boom-server")["routes"]] == [0]), \
+            stats(b, "boom-server")["routes"]
+    finally:
+        capp.close()
+        sapp.close()

@@ -93,3 +93,22 @@ def test_wrong_order_and_misuse():
     with pytest.raises(RuntimeError):
         c.client_rts()
     assert isinstance(SetupError("x"), HandshakeError)
+
+
+def test_evolved_versions_carry_their_closures_and_get_plans():
+    """An RDMA connection between two compatible versions of a service is accepted, and each
+    side's peer_hello keeps the other's closure (the session builds its plans from it)."""
+    from test_evolve import SVC, V1, V2, schema
+
+    from mrpcd.marshal.evolve import plan_services
+    from mrpcd.transports.handshake import service_set
+
+    a, b = schema(V1), schema(V2)
+    c, s = run(service_set(a), service_set(b))
+    assert c.state == s.state == DONE
+    assert set(s.peer_hello["closures"]) == set(c.peer_hello["closures"]) == {SVC}
+    assert plan_services(s.peer_hello["closures"], b) and plan_services(c.peer_hello["closures"], a)
+    bad = {k: list(v) for k, v in V1.items()}
+    bad["t.Inner"] = [("x", 1, "string", None, "single", None, None)]
+    c, s = run(service_set(a), service_set(schema(bad)))
+    assert s.state == FAILED and "incompatible changes" in str(s.error) and c.error.remote

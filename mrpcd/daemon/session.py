@@ -103,7 +103,7 @@ class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
 
     __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused", "stall_mark",
-                 "plans", "calls")
+                 "plans", "calls", "failed")
 
     def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
         self.binding = binding
@@ -124,9 +124,12 @@ class Route:
         # its app's layout (requests on the server side, responses on the client side).
         # None: the peer's payloads are the app's own (no per-record work at all).
         self.plans: dict[int, MethodPlan] | None = None
-        # call id -> the transcoder of its messages from the peer (None: the call failed to
-        # transcode; its later records are dropped until it ends)
+        # call id -> the transcoder of its messages from the peer
         self.calls: dict[int, Any] = {}
+        # calls that failed to transcode here (both ends were told): their later records are
+        # dropped. Kept apart from `calls`: the peer need never end such a call (the caller
+        # got its final status), and these must not push live calls out of `calls`
+        self.failed: dict[int, None] = {}
 
 
 class Binding:
@@ -709,6 +712,8 @@ class AppSession:
         log.warning("app %s (pid %d): %s", self.name, self.pid, details, extra=self.log_fields(handle=rec.handle))
         route = self.routes.get(rec.handle)
         role = route.role if route is not None else ("server" if rec.kind == R.REQUEST else "client")
+        if route is not None and route.plans is not None:
+            self._call_failed(route, rec.call_id, bool(rec.flags & R.F_END))
         to_app: list[R.Record] = []
         if role == "server":
             rsp = error_response(0, rec.call_id, StatusCode.RESOURCE_EXHAUSTED.code, details)
@@ -804,6 +809,12 @@ class AppSession:
                 continue
             seen.add(key)
             route = self.routes.get(rec.handle)
+            if route is not None and rec.call_id in route.calls:  # a call being transcoded
+                if route.role == "server":  # has the peer's side of the call ended (its END, its CANCEL)?
+                    ended = kind == R.CANCEL or kind == R.REQUEST and bool(rec.flags & R.F_END)
+                else:
+                    ended = kind == R.RESPONSE and bool(rec.flags & R.F_END)
+                self._call_failed(route, rec.call_id, ended)
             conn = None if route is None or route.conn.closed else route.conn
             if route is not None and route.role == "server":  # the peer called the app
                 if conn is not None:
@@ -830,12 +841,28 @@ class AppSession:
         if binding is None:
             self._check_limit("listening addresses", "listeners", lambda s: len(s.listeners) + s.binding)
             binding = Binding()
+        before = binding.fingerprints
         binding.fingerprints = self._service_fingerprints(services)
         binding.method_ids = frozenset(m.method_id for s in services for m in self.schema.services[s].methods)
         if binding.server is not None:
-            for route in self.routes.values():
-                if route.binding is binding:
-                    route.services = binding.method_ids
+            for route in list(self.routes.values()):
+                if route.binding is not binding:
+                    continue
+                # a service served here only now was not in that connection's HELLO: a peer
+                # that announced another version of it was never compared (nor given
+                # transcoding plans); it must reconnect, and its new HELLO is checked
+                hello = getattr(route.conn, "peer_hello", None) or {}
+                theirs = hello.get("services", {}) if isinstance(hello, dict) else {}
+                compared = hello.get("closures") or {} if isinstance(hello, dict) else {}
+                other = sorted(s for s, fp in binding.fingerprints.items()
+                               if s not in before and s not in compared and s in theirs and theirs[s] != fp)
+                if other:
+                    reason = (f"the server now serves {', '.join(other)}, which this peer has in another version: "
+                              "reconnect to compare the schemas")
+                    route.conn.close(reason)
+                    self._on_peer_closed(route, ConnectionError(reason))
+                    continue
+                route.services = binding.method_ids
             return binding.address
 
         def on_connection(conn: tcp.PeerConnection) -> None:
@@ -939,6 +966,7 @@ class AppSession:
         route.plans = plans
         if plans is None:
             route.calls.clear()
+            route.failed.clear()
 
     def _track_calls(self, route: Route, recs: list[R.Record]) -> None:
         """(sending to a transcoding route) Client side: remember the output transcoder of
@@ -977,6 +1005,7 @@ class AppSession:
             if kind != want:
                 if kind == R.CANCEL and server:
                     calls.pop(rec.call_id, None)
+                    route.failed.pop(rec.call_id, None)
                 out.append(rec)  # (wrong-direction kinds: _on_peer_records refuses them)
                 continue
             flags, cid = rec.flags, rec.call_id
@@ -989,13 +1018,15 @@ class AppSession:
                         del calls[next(iter(calls))]
             else:
                 if cid not in calls:
+                    if cid in route.failed:  # its call already failed here: drop the rest
+                        if flags & R.F_END:
+                            del route.failed[cid]
+                        continue
                     out.append(rec)  # a call of a method with nothing to transcode
                     continue
                 tc = calls[cid]
                 if flags & R.F_END:
                     del calls[cid]
-                if tc is None:  # its call already failed here: drop the rest
-                    continue
             if tc is not None and not flags & R.F_NO_MSG:
                 try:
                     rec.payload = tc(rec.payload)
@@ -1006,6 +1037,18 @@ class AppSession:
             out.append(rec)
         return out
 
+    @staticmethod
+    def _call_failed(route: Route, cid: int, ended: bool) -> None:
+        """(a transcoding route) The daemon failed call `cid` both ways: it leaves the call
+        table (the peer need never end it); unless the peer's side of it `ended`, the rest
+        of it is dropped."""
+        route.calls.pop(cid, None)
+        if not ended:
+            failed = route.failed
+            failed[cid] = None
+            if len(failed) > TRACKED_CALLS_MAX:
+                del failed[next(iter(failed))]
+
     def _transcode_failed(self, route: Route, rec: R.Record, reason: str, out: list[R.Record]) -> None:
         """Fail the call of a peer message that does not fit the app's schema, both ways."""
         cid, flags = rec.call_id, rec.flags
@@ -1014,10 +1057,7 @@ class AppSession:
         if worth_logging(n):
             log.warning("app %s: a message from peer %s does not fit the app's schema: %s", self.name, route.target,
                         reason, extra=self.log_fields(handle=route.handle, peer=route.target))
-        if not flags & R.F_END:
-            route.calls[cid] = None  # drop the rest of it
-        elif cid in route.calls:
-            del route.calls[cid]
+        self._call_failed(route, cid, bool(flags & R.F_END))
         if route.role == "server":
             details = f"mrpcd: the request does not fit the server's version of the schema: {reason}"
             rsp = error_response(0, cid, StatusCode.INVALID_ARGUMENT.code, details)
@@ -1134,6 +1174,7 @@ class AppSession:
                      "transport": getattr(r.conn, "VERSION", "?")}
             if r.plans:
                 shown(route, "transcoding", sorted({p.path for p in r.plans.values()}))
+                route["tracked_calls"] = len(r.calls)
             routes.append(route)
         out["routes"] = routes
         if len(self.routes) > LIST_SHOWN:
