@@ -287,9 +287,10 @@ def as_other_user(argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups", *argv]
 
 
-@pytest.fixture
-def shared_daemon():
-    """A daemon whose socket another local user can reach (its folder 0755, not pytest's 0700).
+@contextlib.contextmanager
+def other_user_daemon(name: str, config: str | None = None):
+    """A daemon whose socket (and config file) another local user can reach: its folder
+    0755, not pytest's 0700.
 
     Skips with the reason where that cannot be shown: not root, no setpriv, or a checkout
     that other users cannot read (then they cannot run this Python and mrpcd at all).
@@ -302,11 +303,20 @@ def shared_daemon():
     probe = subprocess.run(as_other_user([sys.executable, "-c", "import mrpcd.ctl"]), capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
         pytest.skip(f"uid {OTHER_UID} cannot run this Python/mrpcd (checkout not readable by other users): {probe.stderr.strip()[-200:]}")
-    home = Path(tempfile.mkdtemp(prefix="mrpcd-shared-"))
+    home = Path(tempfile.mkdtemp(prefix=f"mrpcd-{name}-"))
     home.chmod(0o755)
-    d = DaemonProc(home, "shared")
+    d = DaemonProc(home, name, config)
     try:
+        if config is not None:
+            (home / f"{name}.yaml").chmod(0o644)
         yield d
     finally:
         d.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_daemon():
+    """A daemon another local user can reach (other_user_daemon)."""
+    with other_user_daemon("shared") as d:
+        yield d

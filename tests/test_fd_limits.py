@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import mrpcd
-from conftest import DaemonProc, OTHER_UID, as_other_user, wait_until
+from conftest import OTHER_UID, as_other_user, other_user_daemon, wait_until
 from mrpcd.status import RpcError
 
 
@@ -108,23 +108,11 @@ sys.stdin.read()  # hold everything until the test is done
 
 @pytest.fixture
 def limited_shared_daemon():
-    """A daemon with small `limits:` that another local user can reach (see shared_daemon)."""
-    if os.geteuid() != 0 or not shutil.which("setpriv"):
-        pytest.skip("needs root and setpriv to act as another user")
-    probe = subprocess.run(as_other_user([sys.executable, "-c", "import mrpcd.ctl"]), capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"uid {OTHER_UID} cannot run this Python/mrpcd: {probe.stderr.strip()[-200:]}")
-    home = Path(tempfile.mkdtemp(prefix="mrpcd-limits-"))
-    home.chmod(0o755)
+    """A daemon with small `limits:` that another local user can reach (other_user_daemon)."""
     config = ("limits: {control_connections_per_uid: 6, apps_per_uid: 4, connections_per_app: 3, connections_per_uid: 5,\n"
               "         listeners_per_app: 2, listeners_per_uid: 3}\n")
-    d = DaemonProc(home, "limited", config)
-    try:
-        (home / "limited.yaml").chmod(0o644)
+    with other_user_daemon("limited", config) as d:
         yield d
-    finally:
-        d.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_one_uid_cannot_take_the_daemons_descriptors(limited_shared_daemon):
