@@ -305,6 +305,45 @@ def test_a_service_bound_after_a_peer_of_another_version_connected(shops, daemon
         sapp.close()
 
 
+def test_a_service_neither_hello_named_is_compared_before_its_first_call(shops, daemons):
+    """The client's channel connects before its app knows shop.Orders, and the server app
+    serves Orders (v2) only after that: neither HELLO named it, so no check on either side
+    ever compared v1 with v2, and v1 payloads reached the v2 app as they were. Now the first
+    call to it closes that connection (UNAVAILABLE) and the next one, on a new connection
+    whose HELLOs name Orders, is compared and transcoded."""
+    import time
+
+    v1, v2 = shops["v1"], shops["v2"]
+    a, b = daemons
+    seen: list = []
+    sapp, capp = mrpcd.connect(b.socket, name="unnamed-server"), mrpcd.connect(a.socket, name="unnamed-client")
+    try:
+        server = mrpcd.server(app=sapp)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        channel = mrpcd.Channel(f"127.0.0.1:{port}", capp)
+        mrpcd.channel_ready_future(channel).result(timeout=10)  # connected: the client app knows no service yet
+        v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
+        stub = v1.OrdersStub(channel)
+        end = time.monotonic() + 10
+        failures = []
+        while True:
+            try:
+                r = stub.Place(v1.Order(customer="ann", quantity=3, note="n"), timeout=10)
+                break
+            except mrpcd.RpcError as exc:
+                assert exc.code() == StatusCode.UNAVAILABLE and time.monotonic() < end, exc
+                failures.append(exc.details())
+                time.sleep(0.05)
+        assert failures and "reconnect to compare the schemas" in failures[0], failures
+        assert (r.text, r.total) == ("placed for ann", 3)
+        assert [o.client for o in seen] == ["ann"]
+        assert stats(b, "unnamed-server")["stats"]["transcoded"] == 1
+    finally:
+        capp.close()
+        sapp.close()
+
+
 def test_streams_ending_every_way_leave_no_tracked_calls(shops, daemons):
     """Streams on a transcoding connection cancelled, failed, past their deadline, answered
     early, and 40 at once: every message arrives in the app's layout and the daemons'

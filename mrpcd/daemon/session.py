@@ -103,10 +103,17 @@ class Route:
     """A handle: one daemon-to-daemon connection owned by this app (client or server side)."""
 
     __slots__ = ("handle", "conn", "role", "target", "services", "binding", "refused", "backlog_paused", "stall_mark",
-                 "plans", "calls", "failed")
+                 "plans", "calls", "failed", "hello_services", "unverified")
 
     def __init__(self, handle: int, conn: tcp.PeerConnection, role: str, target: str, services: frozenset[int], binding: "Binding | None") -> None:
         self.binding = binding
+        # (server side) the services our HELLO announced on this connection; with those the
+        # peer announced, the ones whose versions a handshake or a registration compared
+        self.hello_services: frozenset[str] = frozenset(binding.fingerprints) if binding is not None else frozenset()
+        # method ids of services served here only since, that neither HELLO named: their
+        # versions were never compared, so a call to one closes the connection (the peer's
+        # next HELLO compares them) instead of reaching the app unchecked
+        self.unverified: frozenset[int] = frozenset()
         self.handle = handle
         self.conn = conn
         self.role = role  # "client" (the app connected out) or "server" (a peer connected in)
@@ -862,7 +869,10 @@ class AppSession:
                     route.conn.close(reason)
                     self._on_peer_closed(route, ConnectionError(reason))
                     continue
-                route.services = binding.method_ids
+                unverified = frozenset(m.method_id for s in binding.fingerprints
+                                       if s not in route.hello_services and s not in theirs
+                                       for m in self.schema.services[s].methods)
+                route.services, route.unverified = binding.method_ids - unverified, unverified
             return binding.address
 
         def on_connection(conn: tcp.PeerConnection) -> None:
@@ -1086,6 +1096,13 @@ class AppSession:
             rec.handle = route.handle
             if rec.kind == R.REQUEST and route.role == "server":
                 if rec.flags & R.F_START and rec.method_id not in route.services:
+                    if rec.method_id in route.unverified:
+                        self._drop_in_place(route)
+                        reason = ("the server began serving this method's service after this connection's handshake, "
+                                  "which compared neither side's version of it: reconnect to compare the schemas")
+                        route.conn.close(reason)
+                        self._on_peer_closed(route, ConnectionError(reason))
+                        return
                     # unknown service or method: answer here, the app never sees it
                     self.stats["unimplemented"] += 1
                     rsp = error_response(0, rec.call_id, StatusCode.UNIMPLEMENTED.code, "Method not found!")
