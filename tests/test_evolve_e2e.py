@@ -269,13 +269,27 @@ def test_big_messages_are_transcoded_not_received_in_place(shops, daemons):
     assert srv["stats"]["transcoded"] == 1 and cli["stats"]["transcoded"] == 1
 
 
+def place_through_reconnect(stub, order_type, seconds: float = 10.0):
+    """Place an order, again while the call fails UNAVAILABLE because the daemon closed the
+    connection to compare the schemas: (the reply, the failed calls' details)."""
+    import time
+
+    end = time.monotonic() + seconds
+    failures = []
+    while True:
+        try:
+            return stub.Place(order_type(customer="ann", quantity=3, note="n"), timeout=10), failures
+        except mrpcd.RpcError as exc:  # a call made before the client learnt of the close
+            assert exc.code() == StatusCode.UNAVAILABLE and time.monotonic() < end, exc
+            failures.append(exc.details())
+            time.sleep(0.05)
+
+
 def test_a_service_bound_after_a_peer_of_another_version_connected(shops, daemons):
     """The server app serves shop.Orders (v2) only after a v1 client's connection is up: that
     HELLO never compared the two versions. The daemon used to hand the app the v1 payloads
     as they were ("expected 7 fields, got 6", or silently wrong fields); now it closes that
     connection and the client's next connection is compared and transcoded."""
-    import time
-
     v1, v2 = shops["v1"], shops["v2"]
     a, b = daemons
     seen: list = []
@@ -289,14 +303,7 @@ def test_a_service_bound_after_a_peer_of_another_version_connected(shops, daemon
             stub.Place(v1.Order(customer="early", quantity=1), timeout=10)
         assert ei.value.code() == StatusCode.UNIMPLEMENTED
         v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
-        end = time.monotonic() + 10
-        while True:
-            try:
-                r = stub.Place(v1.Order(customer="ann", quantity=3, note="n"), timeout=10)
-                break
-            except mrpcd.RpcError as exc:  # a call made before the client learnt of the close
-                assert exc.code() == StatusCode.UNAVAILABLE and time.monotonic() < end, exc
-                time.sleep(0.05)
+        r, _ = place_through_reconnect(stub, v1.Order)
         assert (r.text, r.total) == ("placed for ann", 3)
         assert [o.client for o in seen] == ["ann"]
         assert stats(b, "late-server")["stats"]["transcoded"] == 1
@@ -311,8 +318,6 @@ def test_a_service_neither_hello_named_is_compared_before_its_first_call(shops, 
     ever compared v1 with v2, and v1 payloads reached the v2 app as they were. Now the first
     call to it closes that connection (UNAVAILABLE) and the next one, on a new connection
     whose HELLOs name Orders, is compared and transcoded."""
-    import time
-
     v1, v2 = shops["v1"], shops["v2"]
     a, b = daemons
     seen: list = []
@@ -325,16 +330,7 @@ def test_a_service_neither_hello_named_is_compared_before_its_first_call(shops, 
         mrpcd.channel_ready_future(channel).result(timeout=10)  # connected: the client app knows no service yet
         v2.add_OrdersServicer_to_server(servicer(v2, seen), server)
         stub = v1.OrdersStub(channel)
-        end = time.monotonic() + 10
-        failures = []
-        while True:
-            try:
-                r = stub.Place(v1.Order(customer="ann", quantity=3, note="n"), timeout=10)
-                break
-            except mrpcd.RpcError as exc:
-                assert exc.code() == StatusCode.UNAVAILABLE and time.monotonic() < end, exc
-                failures.append(exc.details())
-                time.sleep(0.05)
+        r, failures = place_through_reconnect(stub, v1.Order)
         assert failures and "reconnect to compare the schemas" in failures[0], failures
         assert (r.text, r.total) == ("placed for ann", 3)
         assert [o.client for o in seen] == ["ann"]
