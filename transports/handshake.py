@@ -42,6 +42,7 @@ __all__ = [
     "make_hello",
     "ServiceSet",
     "service_set",
+    "incompatible_changes",
     "copy_services",
     "check_hello",
     "make_goaway",
@@ -219,6 +220,12 @@ def check_hello(
     return out
 
 
+def incompatible_changes(reasons: list[str]) -> str:
+    """The first MAX_REASONS of `compare`'s reasons, for a refusal's text."""
+    more = f" (and {len(reasons) - MAX_REASONS} more)" if len(reasons) > MAX_REASONS else ""
+    return f"incompatible changes: {'; '.join(reasons[:MAX_REASONS])}{more}"
+
+
 def _check_evolution(name: str, their_fp: str, theirs: Any, ours: Any) -> Any:
     """The peer's closure of service `name` if it is compatible with ours; HandshakeError
     naming the first differences if not (or if it is malformed)."""
@@ -231,10 +238,7 @@ def _check_evolution(name: str, their_fp: str, theirs: Any, ours: Any) -> Any:
     local_schema, _ = closure_schema(ours)
     reasons = compare(peer_schema, local_schema, name)
     if reasons:
-        more = f" (and {len(reasons) - MAX_REASONS} more)" if len(reasons) > MAX_REASONS else ""
-        raise HandshakeError(
-            f"schema mismatch for service {name}: incompatible changes: {'; '.join(reasons[:MAX_REASONS])}{more}"
-        )
+        raise HandshakeError(f"schema mismatch for service {name}: {incompatible_changes(reasons)}")
     return theirs
 
 

@@ -23,7 +23,7 @@ from ..native import ring as ringmod
 from ..status import StatusCode
 from ..wire import cancel_record
 from ..transports import tcp
-from ..transports.handshake import ServiceSet, service_set
+from ..transports.handshake import ServiceSet, incompatible_changes, service_set
 from ..control_proto import ControlError
 from .app_limits import check_app_schema, limit_exceeded
 from .datapath import Datapath, error_response
@@ -97,6 +97,20 @@ class PendingRecords(deque):
     def clear(self) -> None:
         super().clear()
         self.nbytes = 0
+
+
+def _peer_hello(route: "Route") -> dict[str, Any]:
+    """The peer's validated HELLO on a route's connection ({} if it has none)."""
+    hello = getattr(route.conn, "peer_hello", None)
+    return hello if isinstance(hello, dict) else {}
+
+
+def _remember(table: dict[int, Any], call_id: int, value: Any) -> None:
+    """Put a call in one of a transcoding route's call tables, forgetting the oldest past
+    TRACKED_CALLS_MAX."""
+    table[call_id] = value
+    if len(table) > TRACKED_CALLS_MAX:
+        del table[next(iter(table))]
 
 
 class Route:
@@ -772,8 +786,8 @@ class AppSession:
         for route in self.routes.values():
             if route.role != "client":
                 continue
-            peer = route.conn.peer_hello.get("services", {})
-            closures = route.conn.peer_hello.get("closures", {})
+            hello = _peer_hello(route)
+            peer, closures = hello.get("services", {}), hello.get("closures", {})
             for svc, fp in fingerprints.items():
                 if svc in peer and peer[svc] != fp:
                     if svc in closures:  # the peer's version of it: is ours still compatible?
@@ -781,7 +795,7 @@ class AppSession:
                         if not reasons:
                             continue
                         raise SchemaError(f"schema mismatch for service {svc} with peer {route.target}: "
-                                          f"incompatible changes: {'; '.join(reasons[:3])}")
+                                          f"{incompatible_changes(reasons)}")
                     raise SchemaError(
                         f"schema mismatch for service {svc}: local fingerprint {fp}, peer {route.target} has {peer[svc]}; "
                         "regenerate stubs from the same .proto"
@@ -858,16 +872,14 @@ class AppSession:
                 # a service served here only now was not in that connection's HELLO: a peer
                 # that announced another version of it was never compared (nor given
                 # transcoding plans); it must reconnect, and its new HELLO is checked
-                hello = getattr(route.conn, "peer_hello", None) or {}
-                theirs = hello.get("services", {}) if isinstance(hello, dict) else {}
-                compared = hello.get("closures") or {} if isinstance(hello, dict) else {}
+                hello = _peer_hello(route)
+                theirs, compared = hello.get("services", {}), hello.get("closures") or {}
                 other = sorted(s for s, fp in binding.fingerprints.items()
                                if s not in before and s not in compared and s in theirs and theirs[s] != fp)
                 if other:
                     reason = (f"the server now serves {', '.join(other)}, which this peer has in another version: "
                               "reconnect to compare the schemas")
-                    route.conn.close(reason)
-                    self._on_peer_closed(route, ConnectionError(reason))
+                    self._close_route(route, reason)
                     continue
                 unverified = frozenset(m.method_id for s in binding.fingerprints
                                        if s not in route.hello_services and s not in theirs
@@ -959,24 +971,27 @@ class AppSession:
     # -- schema evolution: transcoding what a peer of another schema version sends ------------
     def _set_plans(self, route: Route) -> None:
         """(Re)compute the route's transcoding plans from the peer's closures (its HELLO)."""
-        hello = getattr(route.conn, "peer_hello", None) or {}
-        closures = hello.get("closures") if isinstance(hello, dict) else None
+        closures = _peer_hello(route).get("closures")
         plans: dict[int, MethodPlan] | None = None
         if closures:
             def stale(svc: str, reason: str) -> None:
                 log.warning("app %s: peer %s speaks another version of %s that no longer fits the app's: %s",
                             self.name, route.target, svc, reason, extra=self.log_fields(handle=route.handle))
             plans = plan_services(closures, self.schema, stale) or None
-        if plans is not None and route.plans is None:
-            log.info("app %s: peer %s speaks another version of its services; transcoding %d method(s)",
-                     self.name, route.target, len(plans), extra=self.log_fields(handle=route.handle))
-            route.plans = plans
-            self.receive_in_place(route, False)
-            self._drop_in_place(route)
-        route.plans = plans
+        was, route.plans = route.plans, plans
         if plans is None:
             route.calls.clear()
             route.failed.clear()
+        elif was is None:
+            log.info("app %s: peer %s speaks another version of its services; transcoding %d method(s)",
+                     self.name, route.target, len(plans), extra=self.log_fields(handle=route.handle))
+            self.receive_in_place(route, False)
+            self._drop_in_place(route)
+
+    def _close_route(self, route: Route, reason: str) -> None:
+        """Close a peer connection whose schemas must be compared again (the peer reconnects)."""
+        route.conn.close(reason)
+        self._on_peer_closed(route, ConnectionError(reason))
 
     def _track_calls(self, route: Route, recs: list[R.Record]) -> None:
         """(sending to a transcoding route) Client side: remember the output transcoder of
@@ -990,9 +1005,7 @@ class AppSession:
                 if rec.kind == R.REQUEST and rec.flags & R.F_START:
                     mp = plans.get(rec.method_id)
                     if mp is not None and mp.output is not None:
-                        calls[rec.call_id] = mp.output
-                        if len(calls) > TRACKED_CALLS_MAX:
-                            del calls[next(iter(calls))]
+                        _remember(calls, rec.call_id, mp.output)
                 elif rec.kind == R.CANCEL and calls:  # the app gave up on it: forget it
                     calls.pop(rec.call_id, None)
         else:
@@ -1023,9 +1036,7 @@ class AppSession:
                 mp = plans.get(rec.method_id) if rec.method_id in route.services else None
                 tc = mp.input if mp is not None else None
                 if tc is not None and not flags & R.F_END:
-                    calls[cid] = tc
-                    if len(calls) > TRACKED_CALLS_MAX:
-                        del calls[next(iter(calls))]
+                    _remember(calls, cid, tc)
             else:
                 if cid not in calls:
                     if cid in route.failed:  # its call already failed here: drop the rest
@@ -1054,10 +1065,7 @@ class AppSession:
         of it is dropped."""
         route.calls.pop(cid, None)
         if not ended:
-            failed = route.failed
-            failed[cid] = None
-            if len(failed) > TRACKED_CALLS_MAX:
-                del failed[next(iter(failed))]
+            _remember(route.failed, cid, None)
 
     def _transcode_failed(self, route: Route, rec: R.Record, reason: str, out: list[R.Record]) -> None:
         """Fail the call of a peer message that does not fit the app's schema, both ways."""
@@ -1100,8 +1108,7 @@ class AppSession:
                         self._drop_in_place(route)
                         reason = ("the server began serving this method's service after this connection's handshake, "
                                   "which compared neither side's version of it: reconnect to compare the schemas")
-                        route.conn.close(reason)
-                        self._on_peer_closed(route, ConnectionError(reason))
+                        self._close_route(route, reason)
                         return
                     # unknown service or method: answer here, the app never sees it
                     self.stats["unimplemented"] += 1
