@@ -56,23 +56,21 @@ def _too_big(item: Any, size: int) -> dict:
     return {**keep, "error": f"its description of {size} bytes does not fit in one reply"}
 
 
-def _page(key: str, items: list[dict]) -> dict:
-    """{key: the leading items that fit in one reply} and, when some did not, `more` (how
-    many) and `next_after` (the app_id to ask again from)."""
+def _cut(key: str, items: list[dict]) -> dict:
+    """{key: items (one per app) cut to what fits in one reply} and `more`: how many were
+    left out (what the request did, it did on every app)."""
     kept, more = fit(items, REPLY_BUDGET, _too_big)
     reply: dict[str, Any] = {key: kept}
     if more:
         reply["more"] = more
-        reply["next_after"] = kept[-1]["app_id"]
     return reply
 
 
-def _cut(reply: dict, key: str) -> dict:
-    """reply[key] (a list, one entry per app) cut to what fits in one reply; `more`: how
-    many entries were left out (what the request did, it did on every app)."""
-    reply[key], more = fit(reply[key], REPLY_BUDGET, _too_big)
-    if more:
-        reply["more"] = more
+def _page(key: str, items: list[dict]) -> dict:
+    """_cut, and when some items did not fit, `next_after`: the app_id to ask again from."""
+    reply = _cut(key, items)
+    if "more" in reply:
+        reply["next_after"] = reply[key][-1]["app_id"]
     return reply
 
 
@@ -390,14 +388,14 @@ class ControlConnection:
             raise
         for s, policy in done:
             out.append({"app_id": s.app_id, "app_name": s.name, **describe_engine(policy)})
-        return _cut({"attached": out}, "attached")
+        return _cut("attached", out)
 
     async def op_policy_detach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
         out = []
         for s in self._apps_with_policy(msg):
             out.append({"app_id": s.app_id, "app_name": s.name, **s.policies.detach(msg["name"])})
-        return _cut({"detached": out}, "detached")
+        return _cut("detached", out)
 
     async def op_policy_config(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -416,7 +414,7 @@ class ControlConnection:
         if failed:
             applied = ", ".join(str(s.app_id) for s, _ in done) or "none"
             raise PolicyOpError(f"config of {msg['name']!r} applied on apps {applied}; refused on {'; '.join(failed)}")
-        return _cut({"configured": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done]}, "configured")
+        return _cut("configured", [{"app_id": s.app_id, "app_name": s.name, **describe_engine(p)} for s, p in done])
 
     async def op_policy_upgrade(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()
@@ -438,8 +436,7 @@ class ControlConnection:
         finally:
             for _, _, new in prepared[len(committed):]:  # never swapped in: let go of them
                 new.close(handed_over=True)
-        return _cut({"upgraded": [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed]},
-                    "upgraded")
+        return _cut("upgraded", [{"app_id": s.app_id, "app_name": s.name, **describe_engine(new)} for s, new in committed])
 
     def _apps_with_policy(self, msg: dict) -> list["AppSession"]:
         name = msg.get("name")
