@@ -621,6 +621,14 @@ class ContextCore:
 
 
 _server_log = logging.getLogger("mrpcd.server")
+# After a daemon restart, a server looks for the new daemon after this long, then twice as
+# long each time up to REJOIN_MAX_S (a refused connect to a unix socket costs microseconds).
+REJOIN_FIRST_S = 0.05
+REJOIN_MAX_S = 2.0
+# What a rejoin attempt tries again after: no daemon yet, the address not free yet, or a
+# limit of the new daemon (another app of the uid may leave). Any other refusal (e.g. a
+# schema the new daemon refuses) stays: the server terminates and says why.
+_REJOIN_RETRY = (StatusCode.UNAVAILABLE, StatusCode.RESOURCE_EXHAUSTED)
 _client_log = logging.getLogger("mrpcd.channel")
 
 
@@ -681,6 +689,13 @@ class ServerCore:
         self._addresses: list[str] = []
         self._calls: dict[tuple[int, int], Any] = {}
         self._started = False
+        # Serving again after a daemon restart (rejoin): a loop runs at a time; the app it
+        # is re-registering with and the addresses that app does not listen at yet
+        self._rejoin_lock = threading.Lock()
+        self._rejoining = False
+        self._rejoin_app: Any = None
+        self._rejoin_left: list[str] = []
+        self._rejoin_failures = 0
 
     def add_generic_rpc_handlers(self, handlers) -> None:
         handlers = list(handlers)
@@ -697,6 +712,68 @@ class ServerCore:
             self._methods.update(generic.by_id)
         for address in self._addresses:  # ports added before these handlers learn of them
             self.app.call("bind", address=address, services=self._services())
+
+    # -- serving again after a daemon restart ---------------------------------------------
+    def _start_rejoin(self) -> bool:
+        """(App.close of an app whose daemon went away) True if the caller is to start the
+        rejoin loop; False if one runs already (it sees the app closed and goes on)."""
+        with self._rejoin_lock:
+            if self._rejoining:
+                return False
+            self._rejoining = True
+            return True
+
+    def _rejoin_done(self) -> bool:
+        """(the rejoin loop, after a rejoin() that finished) True: the loop ends. False: the
+        app it joined closed meanwhile (its daemon went away again), go on."""
+        with self._rejoin_lock:
+            if self.app.closed and not self._stopped.is_set():
+                return False
+            self._rejoining = False
+            return True
+
+    def rejoin(self) -> "RpcError | None":
+        """One attempt to serve again through the app's successor after the daemon went
+        away: a new session, the handlers' schemas, then each address the server listened
+        at (its actual port, so clients reconnect to where it was). None: done (serving, or
+        given up on an error no retry can fix: the server terminates). An error of
+        _REJOIN_RETRY: try again later (the addresses bound already are not bound twice)."""
+        new = None
+        try:
+            new = self.app.successor()
+            if self._rejoin_app is not new:
+                for generic in self._generic:
+                    if generic.schema is not None:
+                        new.ensure_schema(generic.schema)
+                self._rejoin_app, self._rejoin_left = new, list(self._addresses)
+                self.app = new
+                new.servers.append(self)  # before its listeners: no call finds it missing
+            while self._rejoin_left:
+                new.call("bind", address=self._rejoin_left[0], services=self._services())
+                self._rejoin_left.pop(0)
+        except RpcError as exc:
+            if exc.code() not in _REJOIN_RETRY:
+                self._give_up(exc)
+                return None
+            from .app import DaemonUnavailable
+
+            self._rejoin_failures += 1
+            if not isinstance(exc, DaemonUnavailable) and self._rejoin_failures & (self._rejoin_failures - 1) == 0:
+                # mrpcd is back, yet it refuses (the 1st, 2nd, 4th, ... time): say why
+                where = f" at {self._rejoin_left[0]}" if self._rejoin_left and new is not None else ""
+                _server_log.warning("mrpcd is back but the server cannot serve%s again yet: %s (%s); trying again",
+                                    where, exc.details(), exc.code().name)
+            return exc
+        if self._addresses:
+            _server_log.info("serving again at %s after mrpcd restarted", ", ".join(self._addresses))
+        self._rejoin_failures = 0
+        return None
+
+    def _give_up(self, error: RpcError) -> None:
+        """The server cannot serve again after a daemon restart: it terminates (the
+        subclass ends its calls and wakes wait_for_termination), and says why."""
+        _server_log.error("the server cannot serve again after mrpcd restarted: %s (%s); it terminates",
+                          error.details(), error.code().name)
 
     def _services(self) -> list[str]:
         return sorted({g.service_name for g in self._generic})

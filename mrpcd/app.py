@@ -78,6 +78,10 @@ class App:
     # what close() tells the calls in flight (_daemon_gone sets UNAVAILABLE)
     _close_reason = (StatusCode.CANCELLED, "the app closed its connection to mrpcd")
     _pid = 0  # the process that made the app (set in __init__)
+    # The daemon went away (stopped, restarted, or dropped this app): the app closed by
+    # itself, not by its user, so its channels and servers carry on with its successor
+    daemon_lost = False
+    _successor: "App | None" = None
     _space_need = 0  # ring bytes the last sender to block on a full tx ring needs
     # the blocked senders: App counts them (int), AioApp queues their futures (a deque); each
     # class's own methods use its kind (AioApp overrides every App method that touches it
@@ -102,7 +106,8 @@ class App:
         self._frames = cp.FrameBuffer()
         self._inbox: list[dict] = []
         self._ids = itertools.count(1)
-        reply, fds = self.request({"op": "hello", "name": name or f"{os.path.basename(sys.argv[0] or 'python')}"}, nfds=3)
+        self.name = name or os.path.basename(sys.argv[0] or "python")
+        reply, fds = self.request({"op": "hello", "name": self.name}, nfds=3)
         if len(fds) != 3:
             for fd in fds:
                 os.close(fd)
@@ -206,9 +211,39 @@ class App:
     def _daemon_gone(self) -> None:
         if self.closed:
             return
-        log.warning("mrpcd at %s closed the connection (it stopped or dropped this app): closing the app", self.socket_path)
+        log.warning("mrpcd at %s closed the connection (it stopped or dropped this app): the calls in flight fail; "
+                    "channels and servers carry on once it is back", self.socket_path)
         self._close_reason = (StatusCode.UNAVAILABLE, f"mrpcd at {self.socket_path} went away (stopped or restarted)")
+        self.daemon_lost = True
         self.close()
+
+    # -- carrying on after a daemon restart -----------------------------------------------
+    def successor(self) -> "App":
+        """The live session that carries on for this one: itself while it is open; once
+        its daemon went away (`daemon_lost`), a new session with the daemon now at the
+        same socket, made by the first caller that needs it and shared by every later
+        one (a chain, should that daemon go away too). Channels take it for their next
+        call and servers to serve again (re-registering their schemas and addresses), so
+        a process outlives `systemctl restart mrpcd` as a grpc process outlives a server
+        restart: the calls in flight fail UNAVAILABLE, the later ones work.
+
+        Raises DaemonUnavailable while no daemon answers (callers try again later), and
+        RpcError CANCELLED for an app its user closed (nothing carries on after that)."""
+        app = self
+        while app.closed:
+            if not app.daemon_lost:
+                raise RpcError(StatusCode.CANCELLED, "the app's connection to mrpcd was closed by the app")
+            with _successor_lock:
+                nxt = app._successor
+                if nxt is None:
+                    nxt = app._successor = app._reopen()
+                    log.info("mrpcd at %s is back: the app carries on in a new session (app %s)", self.socket_path, nxt.app_id)
+            app = nxt
+        return app
+
+    def _reopen(self) -> "App":
+        """A new session like this one (same socket, name and driver)."""
+        return type(self)(self.socket_path, self.name, driver=self.driver)
 
     # -- control socket -----------------------------------------------------------------
     def request(self, message: dict[str, Any], nfds: int = 0) -> tuple[dict[str, Any], list[int]]:
@@ -625,6 +660,8 @@ class App:
             self.closed = True
         code, details = self._close_reason
         for key, sink in list(self.calls.items()):
+            if key[0] == -1 and self.daemon_lost:
+                continue  # a wait_for_ready call still waiting for its target: it waits on with the successor
             sink.lost(code, details)
         for server in list(self.servers):
             server.app_closed()  # handlers see the cancellation; helper threads end
@@ -653,9 +690,19 @@ class App:
                 if held is not None:
                     held.drop()  # closed from a callback mid-batch: its records are gone
                 self.rings.close()
+        if self.daemon_lost:  # the channels' connections went with the daemon: they reconnect (IDLE)
+            for handle in list(self.handle_listeners):
+                for listener in self.handle_listeners.pop(handle, ()):
+                    try:
+                        listener(details)
+                    except Exception:
+                        log.exception("error telling a channel its daemon went away")
 
 
 _close_lock = threading.Lock()  # App.close's test-and-set (rare: one lock for all apps)
+# App.successor's (rare: once per app and daemon restart). Held while the new session says
+# hello: a local round trip, or a refused connect when no daemon listens.
+_successor_lock = threading.Lock()
 _default_app: App | None = None
 _default_lock = threading.Lock()
 
@@ -683,6 +730,8 @@ def default_app() -> App:
     """The process-wide session that `insecure_channel()` and `server()` use by default."""
     global _default_app
     with _default_lock:
-        if _default_app is None or _default_app.closed:
+        if _default_app is None or (_default_app.closed and not _default_app.daemon_lost):
             _default_app = App()
+        elif _default_app.closed:  # its daemon restarted: the session its channels and servers carry on with
+            _default_app = _default_app.successor()
         return _default_app

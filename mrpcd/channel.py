@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, cast
 
 from . import wire
 from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
-from .app import App, default_app, require_app
+from .app import App, DaemonUnavailable, default_app, require_app
 from .marshal import records as R
 from .status import Call, ChannelConnectivity, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
 
 if TYPE_CHECKING:
     from .marshal.message import Message
+    from .marshal.schema import Schema
 
 _DEADLINE = "Deadline Exceeded"
 _log = logging.getLogger(__name__)
@@ -356,8 +357,7 @@ Future.register(_Rendezvous)
 class _MultiCallable(MultiCallableCore):
     def __init__(self, channel: "Channel", method: str, request_type: type[Message], response_type: type[Message]) -> None:
         super().__init__(channel, method, request_type, response_type)
-        for schema in self._schemas:
-            channel.app.ensure_schema(schema)
+        channel._add_schemas(self._schemas)
 
     def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True, wait_for_ready: bool | None = None) -> _ClientCall:
         """Open a call. `watch`: the app's deadline thread ends it at its deadline (grpc
@@ -365,27 +365,29 @@ class _MultiCallable(MultiCallableCore):
         caller waits with the deadline itself, goes without. `wait_for_ready`: while the
         target cannot be reached, wait for it (until the deadline) instead of failing
         with UNAVAILABLE at once, as grpc does."""
-        app = self._channel.app
+        channel = self._channel
         timeout, wait_for_ready = self._timeout(timeout), self._wait_for_ready(wait_for_ready)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         try:
             if wait_for_ready and watch:  # .future() / a stream: grpc returns it at once
                 try:
-                    handle = self._channel._ensure_handle()
+                    handle = channel._ensure_handle()
                 except RpcError as exc:
-                    if exc.code() is not StatusCode.UNAVAILABLE or app.closed:
+                    if exc.code() is not StatusCode.UNAVAILABLE or channel._app_ended():
                         raise
                     return self._start_later(end, dl, meta, payload, timeout, deadline)
             else:
-                handle = self._channel._ensure_handle() if not wait_for_ready else self._channel._wait_for_handle(deadline)
+                handle = channel._ensure_handle() if not wait_for_ready else channel._wait_for_handle(deadline)
         except RpcError as exc:
             # no connection (UNAVAILABLE, a closed channel): a call that ended with that
             # status, so the error comes where grpc raises it - from result() / next() /
             # the blocking call - not from .future() or the stream's creation
-            call = _ClientCall(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
+            app = channel.app
+            call = _ClientCall(app, -1, app.next_call_id(), self._decode, channel._max_receive, deadline)
             call.lost(exc.code(), exc.details())
             return call
-        call = _ClientCall(app, handle, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
+        app = channel.app  # (after the connection: a daemon restart makes it the app's successor)
+        call = _ClientCall(app, handle, app.next_call_id(), self._decode, channel._max_receive, deadline)
         try:
             app.send(self._first_record(call, end, dl, meta, payload), timeout)
         except RpcError as exc:
@@ -412,6 +414,11 @@ class _MultiCallable(MultiCallableCore):
                     if call.done:
                         return
                     call.unregister()
+                    app = self._channel.app
+                    if app is not call.app:  # its daemon restarted meanwhile: the call carries on with the successor
+                        call.app = app
+                        if call.watched:
+                            app.call_deadlines.add(call)
                     call.handle = handle
                     app.calls[(handle, call.call_id)] = call
                 try:
@@ -440,11 +447,10 @@ class _MultiCallable(MultiCallableCore):
     def _pump_requests(self, call: _ClientCall, requests: Iterable[Any]) -> None:
         """Send each request as a message record, then half-close (in a helper thread, as grpc
         does); waits for the server's credit so a slow server pauses the producer."""
-        app = self._channel.app
-
         def run() -> None:
             if call.opened is not None:
                 call.opened.wait()  # (a wait_for_ready call still waiting for its target)
+            app = call.app  # (once opened: the channel's app then)
             try:
                 for req in requests:
                     if not call.wait_credit():
@@ -538,6 +544,40 @@ class Channel(ChannelCore):
         self._notifying = False
         self._notice_lock = threading.Lock()
         self._connector: Any = None  # subscribe(try_to_connect=True)'s channel_ready_future
+        self._schemas: dict[int, Schema] = {}  # its stubs' schemas, by id: registered again with a successor app
+
+    def _add_schemas(self, schemas: list[Schema]) -> None:
+        """A stub's message schemas: to the daemon now (a refused one raises here, where
+        grpc's stub creation would), and again whenever the channel moves to its app's
+        successor. A daemon that is gone at this moment is no error: the next call's
+        connection registers them."""
+        for schema in schemas:
+            self._schemas.setdefault(id(schema), schema)
+            try:
+                self.app.ensure_schema(schema)
+            except DaemonUnavailable:
+                if not self.app.closed and not self.app.daemon_lost:
+                    raise
+
+    def _app_ended(self) -> bool:
+        """The app is closed for good (its user closed it): no connection can come any more.
+        One whose daemon went away is not: the next attempt carries on with its successor."""
+        app = self.app
+        return app.closed and not app.daemon_lost
+
+    def _follow_app(self) -> App:
+        """(channel lock held) The app to connect through: the channel's, or its successor
+        when the daemon went away (DaemonUnavailable while none answers). The stubs'
+        schemas go to the new session before the connection is made."""
+        app = self.app
+        if not app.closed:
+            return app
+        new = app.successor()
+        for schema in list(self._schemas.values()):
+            new.ensure_schema(schema)
+        self.app = new
+        app.wake_connect_waits()  # waits between attempts sleep on the old app's: look again
+        return new
 
     def _ensure_handle(self) -> int:
         handle = self._handle
@@ -549,7 +589,7 @@ class Channel(ChannelCore):
             if self._handle is None:
                 self._set_state(ChannelConnectivity.CONNECTING)
                 try:
-                    reply = self.app.call("connect", target=self.target)
+                    reply = self._follow_app().call("connect", target=self.target)
                 except RpcError as exc:
                     self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None
@@ -633,13 +673,12 @@ class Channel(ChannelCore):
         attempts it sleeps on the app's connect_waits: closing the channel or the app, or
         ending the waiter (whoever ends it calls app.wake_connect_waits), ends the wait at
         once, not at the next attempt."""
-        app = self.app
         if ended is None:
             def over() -> bool:
-                return self._closed or app.closed
+                return self._closed or self._app_ended()
         else:
             def over() -> bool:
-                return self._closed or app.closed or ended()
+                return self._closed or self._app_ended() or ended()
         closed = self._closed
         delay = 0.05
         while True:
@@ -650,11 +689,12 @@ class Channel(ChannelCore):
             except RpcError as exc:
                 if self._closed and not closed:  # close() while it waited: as the calls in flight
                     raise RpcError(StatusCode.CANCELLED, "Channel closed!") from None
-                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
+                if exc.code() is not StatusCode.UNAVAILABLE or self._app_ended():
                     raise  # (a closed app can never connect: waiting would last until the deadline)
             left = deadline.remaining() if deadline is not None else None
             if left == 0:
                 raise RpcError(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+            app = self.app  # (one whose daemon went away too: closing the channel wakes it)
             with app.connect_waits:
                 app.connect_waits.wait_for(over, delay if left is None else min(delay, left))
             delay = min(delay * 2, 1.0)

@@ -18,10 +18,10 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 from . import flow, wire
-from ._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
+from ._calls import REJOIN_FIRST_S, REJOIN_MAX_S, SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from .app import App, default_app, require_app
 from .deadlines import DeadlineHeap as _Deadlines
 from .handlers import HandlerCallDetails, RpcMethodHandler
@@ -423,18 +423,46 @@ class Server(ServerCore):
         return done
 
     def _cancel_all(self, status: "tuple[StatusCode, str] | None") -> None:
+        self._cancel_calls(status)
+        self._deadlines.close()
+
+    def _cancel_calls(self, status: "tuple[StatusCode, str] | None") -> None:
         with self._lock:
             calls = list(self._calls.values())
         for call in calls:
             call.cancel(status=status)
-        self._deadlines.close()
 
     def app_closed(self) -> None:
         """The app left the daemon (App.close): no call can be answered any more; cancel
-        them for their handlers and end the deadline thread."""
+        them for their handlers. Closed by its user, the server terminates; left by a
+        daemon that went away, it serves on once the daemon is back (rejoin)."""
+        if self.app.daemon_lost and not self._stopped.is_set():
+            self._cancel_calls(None)
+            if self._start_rejoin():
+                threading.Thread(target=self._rejoin_loop, name="mrpcd-server-rejoin", daemon=True).start()
+            return
         self._stopped.set()
         self._cancel_all(None)
         self._terminated.set()
+
+    def _rejoin_loop(self) -> None:
+        """(own thread) Wait for the daemon to come back, then serve again through the
+        app's successor; a server that cannot (its address is taken now) terminates."""
+        delay = REJOIN_FIRST_S
+        while True:
+            if self._stopped.is_set() or self.rejoin() is None:
+                if self._rejoin_done():
+                    return
+                delay = REJOIN_FIRST_S
+                continue
+            cast(threading.Event, self._stopped).wait(delay)
+            delay = min(delay * 2, REJOIN_MAX_S)
+
+    def _give_up(self, error: RpcError) -> None:
+        self._stopped.set()
+        self._cancel_all(None)
+        self._terminated.set()
+        super()._give_up(error)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server has stopped (stop() and its grace are over, or the app
