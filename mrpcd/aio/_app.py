@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from .. import app as _appmod
 from ..app import App
@@ -41,6 +41,14 @@ class AioApp(App):
     # closes, and the daemon session, rings and watcher thread would stay for the process's
     # life (one more per asyncio.run). The watcher looks once a second.
     _WATCH_MS = 1000
+
+    def successor(self) -> "AioApp":
+        return cast(AioApp, super().successor())  # (its _reopen makes AioApps)
+
+    def _reopen(self) -> "AioApp":
+        """A new session like this one (made on the running loop: App.successor's callers
+        are the loop's channels and servers)."""
+        return type(self)(self.socket_path, self.name)
 
     def _orphaned(self) -> bool:
         return self.loop.is_closed()
@@ -193,8 +201,10 @@ def default_app() -> AioApp:
     """One asyncio session per event loop."""
     loop = asyncio.get_running_loop()
     app = _apps.get(id(loop))
-    if app is None or app.closed or app.loop is not loop:
+    if app is None or app.loop is not loop or (app.closed and not app.daemon_lost):
         app = _apps[id(loop)] = AioApp()
+    elif app.closed:  # its daemon restarted: the session its channels and servers carry on with
+        app = _apps[id(loop)] = app.successor()
     return app
 
 

@@ -432,6 +432,11 @@ class StreamStreamCall(_StreamRequestMixin, StreamResponseCall):
 
 
 class _AioMultiCallable(MultiCallableCore):
+    def __init__(self, channel: "Channel", method: str, request_type: type, response_type: type) -> None:
+        super().__init__(channel, method, request_type, response_type)
+        for schema in self._schemas:  # (registered by the first call: _open)
+            channel._schemas.setdefault(id(schema), schema)
+
     def _call(self, call_cls: type, first: Any, details: ClientCallDetails, wait_for_ready: bool | None = None) -> Any:
         """A call with a single request, started here when everything it needs is at hand
         (the schemas registered, the channel connected, room in the ring): no start task,
@@ -484,9 +489,11 @@ class _AioMultiCallable(MultiCallableCore):
 
     async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None, wait_for_ready: bool | None = None) -> _CallState:
         ch = self._channel
-        for schema in self._schemas:
-            if id(schema) not in ch.app._schemas:
-                await ch.app.loop.run_in_executor(None, ch.app.ensure_schema, schema)
+        app = ch.app
+        if not app.closed:  # (else the connection below carries on with its successor, schemas and all)
+            for schema in self._schemas:
+                if id(schema) not in app._schemas:
+                    await app.loop.run_in_executor(None, app.ensure_schema, schema)
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         if self._wait_for_ready(wait_for_ready):
             closed = ch._closed
@@ -510,7 +517,7 @@ class _AioMultiCallable(MultiCallableCore):
         return state
 
     async def _pump(self, state: _CallState, requests: Any) -> None:
-        app = self._channel.app
+        app = state.app
 
         async def send(req: Any) -> bool:
             if not await state.wait_credit():
@@ -599,6 +606,7 @@ class Channel(ChannelCore):
         self._state = ChannelConnectivity.IDLE
         self._state_changed: asyncio.Event | None = None  # made by wait_for_state_change, on its loop
         self._connector: asyncio.Future | None = None  # get_state(try_to_connect=True)'s channel_ready()
+        self._schemas: dict[int, Any] = {}  # its stubs' schemas, by id: registered with a successor app before it connects
         if app is None:
             try:
                 asyncio.get_running_loop()
@@ -635,7 +643,12 @@ class Channel(ChannelCore):
                 raise AioRpcError(StatusCode.CANCELLED, "the channel is closed")
             if self._handle is None:
                 self._set_state(ChannelConnectivity.CONNECTING)
-                connecting = asyncio.ensure_future(self.app.call_async("connect", target=self.target))
+                try:
+                    app = await self._follow_app()
+                except RpcError as exc:
+                    self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
+                    raise connect_error(self.target, exc) from None
+                connecting = asyncio.ensure_future(app.call_async("connect", target=self.target))
                 try:
                     reply = await asyncio.shield(connecting)  # (the connect goes on in its thread anyway)
                 except RpcError as exc:
@@ -654,6 +667,28 @@ class Channel(ChannelCore):
                 self.app.handle_listeners.setdefault(self._handle, []).append(self._listener)
                 self._set_state(ChannelConnectivity.READY)
             return self._handle
+
+    def _app_ended(self) -> bool:
+        """The app is closed for good (its user closed it): no connection can come any more.
+        One whose daemon went away is not: the next attempt carries on with its successor."""
+        app = self.app
+        return app.closed and not app.daemon_lost
+
+    async def _follow_app(self) -> AioApp:
+        """(channel lock held) The app to connect through: the channel's, or its successor
+        when the daemon went away (RpcError UNAVAILABLE while none answers). The stubs'
+        schemas go to the new session before the connection is made, so the daemons'
+        handshake compares them."""
+        app = self.app
+        if not app.closed:
+            return app
+        new = app.successor()
+        self._bind(new)
+        app.wake_connect_waits()  # waits between attempts sleep on the old app's: look again
+        for schema in list(self._schemas.values()):
+            if id(schema) not in new._schemas:
+                await new.loop.run_in_executor(None, new.ensure_schema, schema)
+        return new
 
     def _drop_late_connection(self, connecting: "asyncio.Future[dict[str, Any]]") -> None:
         """The connect of an _ensure_handle that was cancelled: close what it made."""
@@ -699,7 +734,7 @@ class Channel(ChannelCore):
             try:
                 return await self._ensure_handle()
             except RpcError as exc:
-                if exc.code() is not StatusCode.UNAVAILABLE or self.app.closed:
+                if exc.code() is not StatusCode.UNAVAILABLE or self._app_ended():
                     raise  # (a closed app can never connect: waiting would last until the deadline)
             left = deadline.remaining() if deadline is not None else None
             if left == 0:
@@ -720,9 +755,9 @@ class Channel(ChannelCore):
         """Sleep `seconds` between two connection attempts, or less: the app's
         wake_connect_waits (its close, a channel's) ends it once this channel or the app
         is closed. (Cancelling the task ends it too.)"""
-        app, loop = self.app, self.app.loop
+        app, loop = self.app, self.app.loop  # (one whose daemon went away too: closing the channel wakes it)
         end = loop.time() + seconds
-        while not (self._closed or app.closed):
+        while not (self._closed or self._app_ended()):
             left = end - loop.time()
             if left <= 0:
                 return

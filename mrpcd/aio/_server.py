@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence, cast
 
 from .. import flow, wire
-from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
+from .._calls import REJOIN_FIRST_S, REJOIN_MAX_S, SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
 from ..status import RpcError, StatusCode, metadata_tuple
@@ -172,11 +172,41 @@ class Server(ServerCore):
             call.cancel(call.too_large_status())
 
     def app_closed(self) -> None:
-        """The app left the daemon (App.close): cancel every call's handler task."""
+        """The app left the daemon (App.close): cancel every call's handler task. Closed
+        by its user, the server terminates; left by a daemon that went away, it serves on
+        once the daemon is back (ServerCore.rejoin, from a task on the loop)."""
+        for call in list(self._calls.values()):
+            call.cancel()
+        if self.app.daemon_lost and not self._stopped.is_set():
+            if self._start_rejoin():
+                self._rejoin_task = self.app.loop.create_task(self._rejoin_loop())
+            return
+        self._stopped.set()
+        self._terminated.set()
+
+    async def _rejoin_loop(self) -> None:
+        """Wait for the daemon to come back, then serve again through the app's successor
+        (each attempt is a few local control round trips, or a refused connect, run on the
+        loop: the new session must be made on it); stop() ends the wait at once."""
+        delay = REJOIN_FIRST_S
+        while True:
+            if self._stopped.is_set() or self.rejoin() is None:
+                if self._rejoin_done():
+                    return
+                delay = REJOIN_FIRST_S
+                continue
+            try:
+                await asyncio.wait_for(cast(asyncio.Event, self._stopped).wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, REJOIN_MAX_S)
+
+    def _give_up(self, error: RpcError) -> None:
         self._stopped.set()
         for call in list(self._calls.values()):
             call.cancel()
         self._terminated.set()
+        super()._give_up(error)
 
     def _forget(self, call: _ServerCall) -> None:
         self._calls.pop((call.handle, call.call_id), None)
