@@ -94,11 +94,9 @@ def describe_field(f: Field) -> str:
 
 # protobuf's groups of scalar kinds that may replace one another (proto3 guide, "Updating A
 # Message Type"); an enum also goes with the four plain varint integers (not bool).
-_GROUPS: dict[str, int] = {}
-for _i, _group in enumerate((("int32", "uint32", "int64", "uint64", "bool"), ("sint32", "sint64"),
-                             ("fixed32", "sfixed32"), ("fixed64", "sfixed64"), ("string", "bytes"))):
-    for _k in _group:
-        _GROUPS[_k] = _i
+_GROUPS: dict[str, int] = {kind: i for i, group in enumerate((
+    ("int32", "uint32", "int64", "uint64", "bool"), ("sint32", "sint64"), ("fixed32", "sfixed32"),
+    ("fixed64", "sfixed64"), ("string", "bytes"))) for kind in group}
 _ENUM_INTS = frozenset({"int32", "uint32", "int64", "uint64"})
 # The range of every integer kind; an enum is open and takes any int32 (the codec's rule).
 _RANGES: dict[str, tuple[int, int]] = dict(INT_RANGES, enum=INT_RANGES["int32"])
@@ -128,13 +126,14 @@ def _field_diff(pf: Field, lf: Field) -> bool:
     return not kinds_compatible(pf.key, lf.key)
 
 
-def _fits(p: TypeRef | None, l: TypeRef | None) -> bool:
-    """Every value the peer's codec accepts for `p` is one the local codec accepts for `l`,
-    in the same msgpack form: the peer's bytes need no transcoding for this field."""
-    if p == l:
+def _fits(peer: TypeRef | None, local: TypeRef | None) -> bool:
+    """Every value the peer's codec accepts for `peer` is one the local codec accepts for
+    `local`, in the same msgpack form: the peer's bytes need no transcoding for this field
+    (equal types, or an integer range inside the other: int32 -> int64, an enum -> int64)."""
+    if peer == local:
         return True
-    assert p is not None and l is not None
-    pr, lr = _RANGES.get(p.kind), _RANGES.get(l.kind)
+    assert peer is not None and local is not None  # (compare: a map on both sides or neither)
+    pr, lr = _RANGES.get(peer.kind), _RANGES.get(local.kind)
     return pr is not None and lr is not None and lr[0] <= pr[0] and pr[1] <= lr[1]
 
 
@@ -143,6 +142,8 @@ class _Misfit(ValueError):
 
 
 def _int_to_bool(x: int) -> bool:
+    """0 and 1 only: protobuf reads any non-zero value as true, which would lose the number
+    (and collapse map keys 1 and 2 into one)."""
     if x == 0:
         return False
     if x == 1:
@@ -161,19 +162,20 @@ def _str_to_bytes(x: str) -> bytes:
     return x.encode("utf-8")  # (a decoded string is valid UTF-8: msgpack's unpacker checked it)
 
 
-def _value_fix(p: TypeRef, l: TypeRef) -> Callable[[Any], Any] | None:
-    """The conversion of one value of peer type `p` into what the local encoder takes for
-    `l`; None when it takes the value as it is (equal types, or integers: the encoder
-    range-checks those and names the field and value when one does not fit)."""
-    if p == l:
+def _value_fix(peer: TypeRef, local: TypeRef) -> Callable[[Any], Any] | None:
+    """The conversion of one value of (compatible) type `peer` into what the local encoder
+    takes for `local`; None when it takes the value as it is: equal types, or two integer
+    kinds (an enum is an int here), which the encoder range-checks anyway, naming the field
+    and the value when one does not fit. So no per-value code where the kinds are equal."""
+    if peer == local:
         return None
-    if l.kind == "bool" and p.kind != "bool":
+    if local.kind == "bool" and peer.kind != "bool":
         return _int_to_bool
-    if p.kind == "bool" and l.kind != "bool":
-        return int
-    if p.kind == "bytes" and l.kind == "string":
+    if peer.kind == "bool" and local.kind != "bool":
+        return int  # (the encoder refuses a bool for an integer kind)
+    if peer.kind == "bytes" and local.kind == "string":
         return _bytes_to_str
-    if p.kind == "string" and l.kind == "bytes":
+    if peer.kind == "string" and local.kind == "bytes":
         return _str_to_bytes
     return None
 
