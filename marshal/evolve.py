@@ -399,16 +399,18 @@ def _convert(maps: dict[str, _Mapping | None], name: str, d: dict) -> dict:
     out = {}
     for lname, pname, label, sub, fix in m:
         v = d[pname]
-        if v is not None:
-            if sub is not None:
+        if sub is not None:
+            if v is not None:
                 if label == "repeated":
                     v = [_convert(maps, sub, x) for x in v]
                 elif label == "map":
                     v = {k: _convert(maps, sub, x) for k, x in v.items()}
+                    if fix is not None:  # (its keys' kind changed)
+                        v = fix(v)
                 else:
                     v = _convert(maps, sub, v)
-            if fix is not None:
-                v = fix(v)
+        elif fix is not None and v is not None:
+            v = fix(v)
         out[lname] = v
     return out
 
