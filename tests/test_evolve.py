@@ -312,6 +312,14 @@ def test_map_keys_convert_and_do_not_collapse():
     b = schema({"t.Req": [F("v", 1, "message", "t.A", "map", "int64")], "t.A": sub, "t.Rsp": []})
     assert transcode(a, b, {"v": {True: {"x": 3}}})[0] == {"v": {1: {"x": 3}}}
     assert transcode(b, a, {"v": {0: {"x": 4}}})[0] == {"v": {False: {"x": 4}}}
+    # ... whose message changed too (transcoded as a message, and its keys converted)
+    a = schema({"t.Req": [F("v", 1, "message", "t.A", "map", "bool")], "t.A": [F("x", 1, "int32"), F("y", 2, "bool")],
+                "t.Rsp": []})
+    b = schema({"t.Req": [F("v", 1, "message", "t.A", "map", "int64")], "t.A": [F("y", 2, "uint32"), F("z", 1, "int32")],
+                "t.Rsp": []})
+    assert transcode(a, b, {"v": {True: {"x": 3, "y": True}}})[0] == {"v": {1: {"y": 1, "z": 3}}}
+    with pytest.raises(TranscodeError, match=r"t\.Req\.v \(map key\): value 2 does not fit bool"):
+        transcode(b, a, {"v": {2: {"z": 4}}})
 
 
 def test_nested_and_renamed_fields_convert_inside_the_message():
