@@ -22,7 +22,7 @@ Compatible (by field number, checked both ways so both daemons reach one verdict
 Values are converted while transcoding, and a value that does not fit the receiving side's
 kind fails that one call (``TranscodeError``: INVALID_ARGUMENT for a request, INTERNAL for
 a response) naming the field and the value. That is a deliberate difference from protobuf,
-which silently truncates (an ``int64`` 2**40 read as ``int32`` is 0, a negative ``int32``
+which silently truncates (an ``int64`` 2**40 read as ``int32`` is 0, an ``int32`` -1
 read as ``uint32`` is 2**32 - 1): in a rolling upgrade a wrong quantity is worse than a
 failed call. Likewise an integer becomes a ``bool`` only from 0 or 1 (protobuf reads any
 non-zero value as true): so a bool travels to an integer field and back unchanged, and two
@@ -59,7 +59,8 @@ __all__ = ["TranscodeError", "closure_schema", "compare", "MethodPlan", "Service
 
 class TranscodeError(ValueError):
     """A payload from the peer does not decode with the peer's schema, or does not encode
-    with the local one (e.g. a value the local oneof / required rules refuse)."""
+    with the local one (e.g. a value the local oneof / required rules refuse, or a value of
+    a kind changed compatibly that does not fit the local kind: 2**40 for an int32)."""
 
 
 def closure_schema(closure: Any) -> tuple[Schema, str]:
