@@ -218,8 +218,9 @@ def test_narrowed_value_that_does_not_fit_fails_that_call_only(shops, daemons):
         assert stub.Place(wide.Order(customer="next", quantity=2**31 - 1), timeout=10).total == 2**31 - 1
         assert [o.customer for o in seen] == ["ok", "next"]
         # a stream: the message that does not fit ends the call, as any transcoding failure
+        # (the first one: no response of the server's can race the failure into the stats)
         with pytest.raises(mrpcd.RpcError) as ei:
-            list(stub.Chat(iter([wide.Order(customer="s1", quantity=1), wide.Order(customer="s2", quantity=-2**40)]),
+            list(stub.Chat(iter([wide.Order(customer="s1", quantity=-2**40), wide.Order(customer="s2", quantity=1)]),
                            timeout=10))
         assert ei.value.code() == StatusCode.INVALID_ARGUMENT and "shop.Order.quantity" in ei.value.details()
 
