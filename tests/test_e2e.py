@@ -92,7 +92,7 @@ def test_schema_mismatch_is_a_clear_error_on_both_sides(served, app_factory, mis
     assert status == "FAILED_PRECONDITION", out
     assert "schema mismatch for service helloworld.Greeter" in details
     # both daemons know both schemas (HELLO carries closures): the refusal names the field
-    assert "incompatible changes: helloworld.HelloRequest field 2: peer has 'int64 count', this side has 'int32 count'" in details
+    assert "incompatible changes: helloworld.HelloRequest field 2: peer has 'double count', this side has 'int32 count'" in details
     assert wait_until(lambda: "schema mismatch for service helloworld.Greeter" in b.log())
 
 

@@ -95,7 +95,11 @@ def test_default_matches_local_encoder_enum_first_value():
 
 
 @pytest.mark.parametrize("change, words", [
-    (F("count", 2, "int64"), ["t.Req field 2", "'int32 count'", "'int64 count'"]),
+    (F("count", 2, "double"), ["t.Req field 2", "'int32 count'", "'double count'"]),
+    (F("count", 2, "sint32"), ["'sint32 count'"]),  # zigzag: not protobuf-compatible with int32
+    (F("count", 2, "fixed32"), ["'fixed32 count'"]),
+    (F("count", 2, "string"), ["'string count'"]),
+    (F("count", 2, "enum", "t.E", label="repeated"), ["'repeated t.E count'"]),
     (F("count", 2, "int32", label="repeated"), ["t.Req field 2", "'repeated int32 count'"]),
     (F("count", 2, "int32", label="optional"), ["'optional int32 count'"]),
     (F("n", 2, "message", "t.Rsp"), ["'t.Rsp n'", "'int32 count'"]),
@@ -143,25 +147,263 @@ def test_bad_payloads_raise_transcode_error():
 def test_plan_services_reports_stale():
     errors = []
     v = {k: list(fs) for k, fs in V1.items()}
-    v["t.Rsp"] = [F("text", 1, "bytes")]
+    v["t.Rsp"] = [F("text", 1, "int32")]
     assert plan_services({SVC: schema(v).closure(SVC)}, schema(V1), lambda s, e: errors.append((s, e))) == {}
     assert errors and "t.Rsp field 1" in errors[0][1]
     assert plan_services({SVC: schema(V1).closure(SVC)}, schema(V2))  # compatible: plans
 
 
+# -- compatible kind changes (protobuf's "Updating A Message Type") ----------------------------
+ALL_KINDS = ["int32", "uint32", "int64", "uint64", "bool", "sint32", "sint64", "fixed32", "sfixed32", "fixed64",
+             "sfixed64", "string", "bytes", "float", "double", "enum"]
+# protobuf's table, as unordered pairs (every kind is also compatible with itself)
+PROTOBUF_COMPATIBLE = {frozenset(p) for p in [
+    *[(a, b) for a in ("int32", "uint32", "int64", "uint64", "bool") for b in ("int32", "uint32", "int64", "uint64", "bool")],
+    ("sint32", "sint64"), ("fixed32", "sfixed32"), ("fixed64", "sfixed64"), ("string", "bytes"),
+    *[("enum", b) for b in ("int32", "uint32", "int64", "uint64")],
+]}
+
+
+def one_field(kind, label="single", key=None, ref=None, oneof=None, extra=()):
+    ref = ref or ("t.E" if kind == "enum" else None)
+    return schema({"t.Req": [F("v", 1, kind, ref, label, key, oneof), *extra], "t.Rsp": []})
+
+
+def transcode(src: Schema, dst: Schema, value: dict):
+    """`value` (t.Req of src) as dst's app decodes it after its daemon's transcoding, and
+    whether there was a transcoder at all."""
+    plan = plan_service(*both(src, dst), SVC)
+    mid = dst.services[SVC].methods[0].method_id
+    tc = plan.methods[mid].input if plan is not None and mid in plan.methods else None
+    data = codec.encode_plain(src, "t.Req", value)
+    return codec.decode_plain(dst, "t.Req", tc(data) if tc is not None else data), tc is not None
+
+
+@pytest.mark.parametrize("a", ALL_KINDS)
+def test_kind_changes_follow_protobufs_table(a):
+    for b in ALL_KINDS:
+        ok = a == b or frozenset((a, b)) in PROTOBUF_COMPATIBLE
+        for label in ("single", "optional", "repeated"):
+            reasons = compare(one_field(a, label), one_field(b, label), SVC)
+            assert (reasons == []) == ok, (a, b, label, reasons)
+            assert (compare(one_field(b, label), one_field(a, label), SVC) == []) == ok  # one verdict both ways
+            if not ok:
+                assert reasons[0].startswith("t.Req field 1: peer has"), reasons
+    # map values, and map keys (their kinds: integers, bool, string)
+    for b in ALL_KINDS:
+        ok = a == b or frozenset((a, b)) in PROTOBUF_COMPATIBLE
+        assert (compare(one_field(a, "map", "string"), one_field(b, "map", "string"), SVC) == []) == ok
+    keys = ["int32", "uint32", "int64", "uint64", "bool", "sint32", "sint64", "fixed32", "sfixed32", "fixed64",
+            "sfixed64", "string"]
+    if a in keys:
+        for b in keys:
+            ok = a == b or frozenset((a, b)) in PROTOBUF_COMPATIBLE
+            reasons = compare(one_field("int32", "map", a), one_field("int32", "map", b), SVC)
+            assert (reasons == []) == ok, (a, b, reasons)
+            assert (compare(one_field("int32", "map", b), one_field("int32", "map", a), SVC) == []) == ok
+
+
+def test_enums_of_other_names_and_label_changes_stay_refused():
+    enums = {"t.E": [["A", 0]], "t.G": [["A", 0]]}
+    a = schema({"t.Req": [F("v", 1, "enum", "t.E")], "t.Rsp": []}, enums=enums)
+    b = schema({"t.Req": [F("v", 1, "enum", "t.G")], "t.Rsp": []}, enums=enums)
+    assert compare(a, b, SVC) == ["t.Req field 1: peer has 't.E v', this side has 't.G v'"]
+    assert compare(one_field("int32"), one_field("int64", "repeated"), SVC)
+    assert compare(one_field("int32", "map", "string"), one_field("int64", "map", "int64"), SVC)
+    assert compare(one_field("int32", oneof="o"), one_field("int64"), SVC)
+
+
+@pytest.mark.parametrize("src, dst", [("int32", "int64"), ("uint32", "int64"), ("uint32", "uint64"), ("int32", "enum"),
+                                      ("enum", "int32"), ("enum", "int64"), ("sint32", "sint64")])
+def test_widening_needs_no_transcoder(src, dst):
+    """Every value of `src` is one of `dst` in the same msgpack form: the peer's bytes go to
+    the app as they are (nothing per message, as between equal schemas)."""
+    for label, key in (("single", None), ("optional", None), ("repeated", None), ("map", "string")):
+        a, b = one_field(src, label, key), one_field(dst, label, key)
+        assert compare(a, b, SVC) == [] and plan_service(*both(a, b), SVC) is None, (label, key)
+    # the other way may not fit: transcoded (and range-checked); an enum is an int32 both ways
+    a, b = one_field(dst), one_field(src)
+    assert (plan_service(*both(a, b), SVC) is None) == ({src, dst} == {"int32", "enum"})
+    # int keys widened too
+    a, b = one_field("int32", "map", "int32"), one_field("int32", "map", "int64")
+    assert plan_service(*both(a, b), SVC) is None and plan_service(*both(b, a), SVC) is not None
+
+
+@pytest.mark.parametrize("src, dst, value, want", [
+    ("int64", "int32", 2**31 - 1, 2**31 - 1),
+    ("int64", "uint32", 7, 7),
+    ("uint64", "int64", 2**63 - 1, 2**63 - 1),
+    ("int32", "uint64", 0, 0),
+    ("bool", "int32", True, 1),
+    ("bool", "uint64", False, 0),
+    ("int64", "bool", 1, True),
+    ("uint32", "bool", 0, False),
+    ("int64", "enum", 9, 9),  # a number the enum does not name: kept (open enums, as the codec)
+    ("enum", "uint32", 1, 1),
+    ("string", "bytes", "h\u00e9", "h\u00e9".encode()),
+    ("bytes", "string", "h\u00e9".encode(), "h\u00e9"),
+    ("sint64", "sint32", -5, -5),
+    ("sfixed32", "fixed32", 3, 3),
+    ("fixed64", "sfixed64", 2**63 - 1, 2**63 - 1),
+])
+def test_compatible_values_convert_in_every_label(src, dst, value, want):
+    for label, key in (("single", None), ("optional", None), ("repeated", None), ("map", "string")):
+        a, b = one_field(src, label, key), one_field(dst, label, key)
+        assert compare(a, b, SVC) == [] and compare(b, a, SVC) == []
+        v = [value, value] if label == "repeated" else {"k": value} if label == "map" else value
+        w = [want, want] if label == "repeated" else {"k": want} if label == "map" else want
+        got, _ = transcode(a, b, {"v": v})
+        assert got == {"v": w} and type(got["v"] if label in ("single", "optional") else want) is type(want), label
+        if label == "optional":
+            assert transcode(a, b, {"v": None})[0] == {"v": None}
+    # oneof members too
+    a, b = one_field(src, oneof="o"), one_field(dst, oneof="o")
+    assert transcode(a, b, {"v": value})[0] == {"v": want} and transcode(a, b, {"v": None})[0] == {"v": None}
+
+
+@pytest.mark.parametrize("src, dst, value, words", [
+    ("int64", "int32", 2**40, ["t.Req.v", "1099511627776", "out of range for int32"]),
+    ("int32", "uint32", -1, ["t.Req.v", "value -1 out of range for uint32"]),
+    ("uint64", "int64", 2**63, ["t.Req.v", str(2**63)]),
+    ("int64", "enum", 2**31, ["t.Req.v", str(2**31), "enum t.E"]),
+    ("enum", "uint64", -3, ["t.Req.v", "-3", "uint64"]),
+    ("sint64", "sint32", -2**31 - 1, ["t.Req.v", str(-2**31 - 1)]),
+    ("sfixed32", "fixed32", -1, ["t.Req.v", "-1", "fixed32"]),
+    ("fixed64", "sfixed64", 2**64 - 1, ["t.Req.v", str(2**64 - 1)]),
+    ("int32", "bool", 2, ["t.Req.v", "value 2 does not fit bool", "only 0 and 1"]),
+    ("int64", "bool", -1, ["t.Req.v", "value -1 does not fit bool"]),
+    ("bytes", "string", b"ok\xff", ["t.Req.v", "not valid UTF-8", "ok\\xff"]),
+])
+def test_a_value_that_does_not_fit_fails_naming_field_and_value(src, dst, value, words):
+    """protobuf would truncate (or read non-zero as true): a rolling upgrade must not turn a
+    quantity into another one silently, so that call fails instead."""
+    for label, key, where in (("single", None, "t.Req.v"), ("optional", None, "t.Req.v"),
+                              ("repeated", None, "t.Req.v[1]"), ("map", "string", "t.Req.v['k']")):
+        a, b = one_field(src, label, key), one_field(dst, label, key)
+        v = [want_ok(src), value] if label == "repeated" else {"k": value} if label == "map" else value
+        with pytest.raises(TranscodeError) as ei:
+            transcode(a, b, {"v": v})
+        text = str(ei.value)
+        assert text.startswith("the peer's t.Req does not fit this side's schema: "), text
+        for w in words:
+            assert w.replace("t.Req.v", where) in text, (label, text)
+
+
+def want_ok(kind):
+    """A value of `kind` that fits every compatible kind."""
+    return {"string": "", "bytes": b""}.get(kind, 0 if kind != "bool" else False)
+
+
+def test_map_keys_convert_and_do_not_collapse():
+    a, b = one_field("string", "map", "int64"), one_field("string", "map", "int32")
+    assert transcode(a, b, {"v": {-(2**31): "lo", 5: "x"}})[0] == {"v": {-(2**31): "lo", 5: "x"}}
+    with pytest.raises(TranscodeError, match=r"t\.Req\.v.*map key 4294967296"):
+        transcode(a, b, {"v": {2**32: "x"}})
+    a, b = one_field("string", "map", "uint32"), one_field("string", "map", "bool")
+    got = transcode(a, b, {"v": {0: "f", 1: "t"}})[0]["v"]
+    assert got == {False: "f", True: "t"} and all(type(k) is bool for k in got)
+    with pytest.raises(TranscodeError, match=r"t\.Req\.v \(map key\): value 2 does not fit bool"):
+        transcode(a, b, {"v": {1: "t", 2: "also true to protobuf"}})  # two keys would collapse into True
+    got = transcode(b, a, {"v": {True: "t", False: "f"}})[0]["v"]
+    assert got == {1: "t", 0: "f"} and all(type(k) is int for k in got)
+    # message values with converted keys
+    sub = [F("x", 1, "int32")]
+    a = schema({"t.Req": [F("v", 1, "message", "t.A", "map", "bool")], "t.A": sub, "t.Rsp": []})
+    b = schema({"t.Req": [F("v", 1, "message", "t.A", "map", "int64")], "t.A": sub, "t.Rsp": []})
+    assert transcode(a, b, {"v": {True: {"x": 3}}})[0] == {"v": {1: {"x": 3}}}
+    assert transcode(b, a, {"v": {0: {"x": 4}}})[0] == {"v": {False: {"x": 4}}}
+    # ... whose message changed too (transcoded as a message, and its keys converted)
+    a = schema({"t.Req": [F("v", 1, "message", "t.A", "map", "bool")], "t.A": [F("x", 1, "int32"), F("y", 2, "bool")],
+                "t.Rsp": []})
+    b = schema({"t.Req": [F("v", 1, "message", "t.A", "map", "int64")], "t.A": [F("y", 2, "uint32"), F("z", 1, "int32")],
+                "t.Rsp": []})
+    assert transcode(a, b, {"v": {True: {"x": 3, "y": True}}})[0] == {"v": {1: {"y": 1, "z": 3}}}
+    with pytest.raises(TranscodeError, match=r"t\.Req\.v \(map key\): value 2 does not fit bool"):
+        transcode(b, a, {"v": {2: {"z": 4}}})
+
+
+def test_nested_and_renamed_fields_convert_inside_the_message():
+    a = schema({"t.Req": [F("inner", 1, "message", "t.A"), F("items", 2, "message", "t.A", "repeated")],
+                "t.A": [F("flag", 1, "bool"), F("blob", 2, "string")], "t.Rsp": []})
+    b = schema({"t.Req": [F("inner", 1, "message", "t.A"), F("items", 2, "message", "t.A", "repeated")],
+                "t.A": [F("blob_bytes", 2, "bytes"), F("count", 1, "int64")], "t.Rsp": []})
+    value = {"inner": {"flag": True, "blob": "x"}, "items": [{"flag": False, "blob": "y"}]}
+    assert transcode(a, b, value)[0] == {"inner": {"blob_bytes": b"x", "count": 1},
+                                         "items": [{"blob_bytes": b"y", "count": 0}]}
+    with pytest.raises(TranscodeError, match=r"t\.A\.flag: value 7 does not fit bool"):
+        transcode(b, a, {"items": [{"count": 1}, {"count": 7}]})
+
+
+def test_integer_changes_cost_no_per_value_conversion():
+    """Integers are range-checked by the local encoder: their mapping carries no converter
+    (and a message whose only change is an integer kind is passed to the encoder as it is)."""
+    a, b = one_field("int64"), one_field("int32")
+    plan = plan_service(*both(a, b), SVC)
+    tc = plan.methods[b.services[SVC].methods[0].method_id].input
+    assert tc.maps["t.Req"] is None
+    a, b = one_field("bool", extra=[F("w", 2, "int64")]), one_field("int32", extra=[F("w", 2, "int32")])
+    tc = plan_service(*both(a, b), SVC).methods[b.services[SVC].methods[0].method_id].input
+    fixes = {e[0]: e[4] for e in tc.maps["t.Req"]}
+    assert fixes["v"] is not None and fixes["w"] is None
+
+
 # -- randomized round trips ------------------------------------------------------------------
-SCALARS = ["int32", "int64", "uint32", "sint64", "bool", "string", "bytes", "double"]
+SCALARS = ["int32", "int64", "uint32", "uint64", "sint32", "sint64", "bool", "string", "bytes", "double"]
+KEY_KINDS = ["string", "int32", "int64", "uint32", "bool"]
+# what mutate may change a kind to (protobuf's compatible kinds among SCALARS and enum)
+_A = ["int32", "int64", "uint32", "uint64", "bool"]
+COMPATIBLE = {**{k: _A for k in _A}, "sint32": ["sint32", "sint64"], "sint64": ["sint32", "sint64"],
+              "string": ["string", "bytes"], "bytes": ["string", "bytes"], "double": ["double"],
+              "enum": ["enum", "int32", "int64", "uint32", "uint64"]}
+for _k in ("int32", "int64", "uint32", "uint64"):
+    COMPATIBLE[_k] = COMPATIBLE[_k] + ["enum"]
+INT_RANGE = {"int32": (-2**31, 2**31 - 1), "sint32": (-2**31, 2**31 - 1), "enum": (-2**31, 2**31 - 1),
+             "int64": (-2**63, 2**63 - 1), "sint64": (-2**63, 2**63 - 1), "uint32": (0, 2**32 - 1),
+             "uint64": (0, 2**64 - 1)}
+
+
+class Misfit(Exception):
+    """The oracle's verdict: this value does not fit the receiving kind (the call fails)."""
+
+
+def conv(v, src, dst):
+    """The test's own statement of the conversion rules (module docstring of evolve.py)."""
+    if src == dst:
+        return v
+    if dst == "bool":
+        if v in (0, 1):
+            return bool(v)
+        raise Misfit
+    if dst in INT_RANGE:
+        lo, hi = INT_RANGE[dst]
+        if lo <= int(v) <= hi:
+            return int(v)
+        raise Misfit
+    if dst == "string":
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Misfit from None
+    assert dst == "bytes" and src == "string"
+    return v.encode("utf-8")
 
 
 def rand_value(rng, kind, ref, msgs, depth):
     if kind == "message":
         return rand_msg(rng, ref, msgs, depth + 1) if depth < 3 and rng.random() < 0.7 else None
     if kind == "enum":
-        return rng.choice([0, 1])
-    return {"int32": lambda: rng.randint(-5, 5), "int64": lambda: rng.randint(-2**40, 2**40),
-            "uint32": lambda: rng.randint(0, 9), "sint64": lambda: rng.randint(-9, 9), "bool": lambda: rng.random() < .5,
-            "string": lambda: rng.choice(["", "a", "ü", "xyz"]), "bytes": lambda: rng.choice([b"", b"\x00\xff"]),
+        return rng.choice([0, 1, 9])
+    return {"int32": lambda: rng.randint(-5, 5), "int64": lambda: rng.choice([rng.randint(-1, 2), rng.randint(-2**40, 2**40)]),
+            "uint32": lambda: rng.randint(0, 9), "uint64": lambda: rng.choice([0, 1, 2**63 + 5]),
+            "sint32": lambda: rng.randint(-9, 9), "sint64": lambda: rng.choice([-9, 9, -2**40]),
+            "bool": lambda: rng.random() < .5,
+            "string": lambda: rng.choice(["", "a", "ü", "xyz"]), "bytes": lambda: rng.choice([b"", b"ok", b"\x00\xff"]),
             "double": lambda: rng.choice([0.0, 1.5, -2.25])}[kind]()
+
+
+def rand_key(rng, kind):
+    return rng.choice({"string": ["k", "j"], "int32": [0, 1, -3], "int64": [0, 1, 2**40], "uint32": [0, 1, 7],
+                       "bool": [False, True]}[kind])
 
 
 def rand_field_value(rng, f, msgs, depth):
@@ -177,7 +419,7 @@ def rand_field_value(rng, f, msgs, depth):
         for _ in range(rng.randint(0, 2)):
             v = rand_value(rng, kind, ref, msgs, depth)
             if v is not None:
-                out[rng.choice(["k", "j"])] = v
+                out[rand_key(rng, key)] = v
         return out
     if label == "optional" and rng.random() < 0.3:
         return None
@@ -201,13 +443,14 @@ def rand_schema(rng):
             label = rng.choice(["single", "single", "optional", "repeated", "map"])
             if label == "optional" and kind == "message":
                 label = "single"
-            fields.append(F(f"f{num}", num, kind, ref, label, "string" if label == "map" else None))
+            fields.append(F(f"f{num}", num, kind, ref, label, rng.choice(KEY_KINDS) if label == "map" else None))
         msgs[n] = fields
     return msgs
 
 
 def mutate(rng, msgs):
-    """A compatible v2: rename, drop, add, reorder fields."""
+    """A compatible v2: rename, drop, add, reorder fields; change a kind (of a value or a
+    map key) to one protobuf calls compatible."""
     out = {}
     for n, fields in msgs.items():
         new = []
@@ -217,6 +460,11 @@ def mutate(rng, msgs):
                 continue  # removed
             if r < 0.4:
                 f = (f[0] + "_renamed",) + f[1:]
+            if f[2] != "message" and rng.random() < 0.25:
+                kind = rng.choice(COMPATIBLE[f[2]])
+                f = f[:2] + (kind, "t.E" if kind == "enum" else None) + f[4:]
+            if f[4] == "map" and rng.random() < 0.25:
+                f = f[:5] + (rng.choice([k for k in KEY_KINDS if k == f[5] or k in COMPATIBLE.get(f[5], ())]),) + f[6:]
             new.append(f)
         used = {f[1] for f in fields}
         for num in range(12, 12 + rng.randint(0, 3)):
@@ -230,7 +478,8 @@ def mutate(rng, msgs):
 
 
 def expected(a_msgs, b_msgs, name, value):
-    """`value` (per a) as b's decoder should see it: by number, b's defaults for what a lacks."""
+    """`value` (per a) as b's decoder should see it: by number, b's defaults for what a lacks,
+    values converted by `conv` (Misfit if one does not fit)."""
     if value is None:
         return None
     a_by = {f[1]: f for f in a_msgs[name]}
@@ -240,28 +489,34 @@ def expected(a_msgs, b_msgs, name, value):
         af = a_by.get(num)
         if af is None:
             out[bname] = ([] if label == "repeated" else {} if label == "map" else None if label == "optional" or kind == "message"
-                          else 0 if kind in ("int32", "int64", "uint32", "sint64", "enum") else
+                          else 0 if kind in INT_RANGE else
                           {"bool": False, "string": "", "bytes": b"", "double": 0.0}[kind])
             continue
         v = value[af[0]]
         if kind == "message":
-            if label == "repeated":
-                v = [expected(a_msgs, b_msgs, ref, x) for x in v]
-            elif label == "map":
-                v = {k: expected(a_msgs, b_msgs, ref, x) for k, x in v.items()}
-            else:
-                v = expected(a_msgs, b_msgs, ref, v)
+            one = lambda x: expected(a_msgs, b_msgs, ref, x)  # noqa: E731
+        else:
+            one = lambda x, s=af[2], d=kind: conv(x, s, d)  # noqa: E731
+        if v is None:
+            pass
+        elif label == "repeated":
+            v = [one(x) for x in v]
+        elif label == "map":
+            v = {conv(k, af[5], key): one(x) for k, x in v.items()}
+        else:
+            v = one(v)
         out[bname] = v
     return out
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_random_roundtrip(seed):
     rng = random.Random(seed)
     a_msgs = rand_schema(rng)
     b_msgs = mutate(rng, a_msgs)
     a, b = schema(a_msgs), schema(b_msgs)
-    assert compare(a, b, SVC) == []
+    assert compare(a, b, SVC) == [] and compare(b, a, SVC) == []
+    outcomes = set()
     for src, dst, sm, dm in ((a, b, a_msgs, b_msgs), (b, a, b_msgs, a_msgs)):
         plan = plan_service(*both(src, dst), SVC)
         mid = dst.services[SVC].methods[0].method_id
@@ -270,8 +525,31 @@ def test_random_roundtrip(seed):
                 value = rand_msg(rng, name, sm)
                 data = codec.encode_plain(src, name, value)
                 tc = getattr(plan.methods[mid], which) if plan is not None and mid in plan.methods else None
+                try:
+                    want = expected(sm, dm, name, codec.decode_plain(src, name, data))
+                except Misfit:
+                    assert tc is not None, "a value that does not fit went to the app untranscoded"
+                    with pytest.raises(TranscodeError, match="does not fit this side's schema"):
+                        tc(data)
+                    outcomes.add("misfit")
+                    continue
                 got = tc(data) if tc is not None else data
-                assert codec.decode_plain(dst, name, got) == expected(sm, dm, name, codec.decode_plain(src, name, data))
+                assert codec.decode_plain(dst, name, got) == want
+                outcomes.add("ok")
+    assert "ok" in outcomes
+
+
+def test_random_kind_changes_are_exercised():
+    """(the randomized round trips above do change kinds, and do hit values that do not fit)"""
+    changed = 0
+    for seed in range(60):
+        rng = random.Random(seed)
+        a_msgs = rand_schema(rng)
+        b_msgs = mutate(rng, a_msgs)
+        for n in a_msgs:
+            a_by = {f[1]: f for f in a_msgs[n]}
+            changed += sum(1 for f in b_msgs[n] if f[1] in a_by and (a_by[f[1]][2], a_by[f[1]][5]) != (f[2], f[5]))
+    assert changed > 40
 
 
 def test_required_and_map_key_rules():

@@ -4,7 +4,11 @@ kind, enums with a value added, nested, recursive, repeated and map of messages,
 with members added, proto3 optional, Timestamp, Struct, fields removed and added) is
 serialized by protobuf and parsed with the other version's _pb2; mrpcd must make exactly
 that of it: encode with the sender's schema, transcode (marshal/evolve.py), decode with the
-receiver's."""
+receiver's. Message Widen changes each field's kind as protobuf allows (int32 -> int64,
+string -> bytes, enum -> int64, bool -> int32, uint64 -> bool, ...): where the value fits the
+receiving kind mrpcd must agree with protobuf; where it does not, mrpcd fails the call
+(a deliberate difference: protobuf truncates, or reads non-zero as true, or refuses the
+whole message for invalid UTF-8)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mrpcd.marshal import codec
-from mrpcd.marshal.evolve import closure_schema, compare, plan_service
+from mrpcd.marshal.evolve import TranscodeError, closure_schema, compare, plan_service
 from conftest import load_generated
 
 grpc_tools = pytest.importorskip("grpc_tools")
@@ -49,7 +53,7 @@ def versions(tmp_path_factory):
         fset = descriptor_pb2.FileDescriptorSet.FromString(fds.read_bytes())
         for fd in fset.file:
             pool.Add(fd)
-        classes = {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"kinds.{n}")) for n in ("Top", "Tree")}
+        classes = {n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"kinds.{n}")) for n in ("Top", "Tree", "Widen")}
         out[v] = (mrpc.SCHEMA, classes)
     return out
 
@@ -152,3 +156,61 @@ def test_transcoding_matches_protobuf(versions, src, dst):
         for tc in (mp.input, mp.output):
             got = codec.decode_plain(d_schema, f"kinds.{root}", tc(codec.encode_plain(s_schema, f"kinds.{root}", plain(m, s_schema, f"kinds.{root}"))))
             assert got == expect, (i, root, m)
+
+
+def wscalar(fd, rnd: random.Random):
+    """scalar(), with 0 and 1 often: values that fit every compatible kind (bool too)."""
+    if fd.type not in (fd.TYPE_STRING, fd.TYPE_BYTES, fd.TYPE_BOOL, fd.TYPE_DOUBLE, fd.TYPE_FLOAT) and rnd.random() < 0.4:
+        return rnd.choice([0, 1])
+    if fd.type == fd.TYPE_BYTES and rnd.random() < 0.5:
+        return "".join(rnd.choice("ab é€😀\x00") for _ in range(rnd.randrange(5))).encode()  # valid UTF-8
+    return scalar(fd, rnd)
+
+
+def set_one(m, fd, rnd: random.Random) -> None:
+    """Give protobuf message `m` a random value in field `fd` (a scalar, repeated or map)."""
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        kf, vf = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        mp = getattr(m, fd.name)
+        for _ in range(rnd.randrange(1, 4)):
+            mp[wscalar(kf, rnd)] = wscalar(vf, rnd)
+    elif fd.is_repeated:
+        getattr(m, fd.name).extend(wscalar(fd, rnd) for _ in range(rnd.randrange(1, 4)))
+    else:
+        setattr(m, fd.name, wscalar(fd, rnd))
+
+
+@pytest.mark.parametrize("src, dst", [("v1", "v2"), ("v2", "v1")])
+def test_kind_changes_match_protobuf_or_fail_the_call(versions, src, dst):
+    from google.protobuf.message import DecodeError as PbDecodeError
+
+    s_schema, s_pb = versions[src]
+    d_schema, d_pb = versions[dst]
+    peer, _ = closure_schema(s_schema.closure(SVC))
+    assert compare(peer, d_schema, SVC) == [] and compare(d_schema, peer, SVC) == []
+    plan = plan_service(peer, d_schema, SVC)
+    tc = {mp.path: mp for mp in plan.methods.values()}["/kinds.K/Convert"].input
+    rnd = random.Random(f"widen{src}{dst}")
+    fields = s_pb["Widen"].DESCRIPTOR.fields
+    outcomes = {"agree": 0, "refused": 0}
+    for i in range(600):
+        fd = rnd.choice(fields)
+        m = s_pb["Widen"]()
+        set_one(m, fd, rnd)
+        sent = plain(m, s_schema, "kinds.Widen")
+        name = d_schema.messages["kinds.Widen"].fields[[f.number for f in d_schema.messages["kinds.Widen"].fields].index(fd.number)].name
+        try:
+            pb_got = plain(d_pb["Widen"].FromString(m.SerializeToString()), d_schema, "kinds.Widen")
+        except PbDecodeError:
+            pb_got = None  # protobuf refuses the whole message (a string that is not UTF-8)
+        try:
+            ours = codec.decode_plain(d_schema, "kinds.Widen", tc(codec.encode_plain(s_schema, "kinds.Widen", sent)))
+        except TranscodeError as exc:
+            # our deliberate difference: only where protobuf does not keep the value either
+            assert f"kinds.Widen.{name}" in str(exc), (i, m, exc)
+            assert pb_got is None or pb_got[name] != sent[fd.name], (i, m, exc, pb_got)
+            outcomes["refused"] += 1
+            continue
+        assert pb_got is not None and ours == pb_got, (i, m, ours, pb_got)
+        outcomes["agree"] += 1
+    assert outcomes["agree"] > 200 and outcomes["refused"] > 20, outcomes

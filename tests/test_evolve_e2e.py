@@ -1,5 +1,7 @@
 """Schema evolution end to end: real daemons, apps of two versions of one .proto
-(tests/evolve/v1 and v2, compatible by field number; bad/ changes a field's type).
+(tests/evolve/v1 and v2, compatible by field number; wide/ changes field kinds as protobuf
+allows: int32 -> int64, string -> bytes, int64 -> int32; bad/ changes a field's type
+incompatibly).
 Each daemon transcodes what it receives into its own app's layout (marshal/evolve.py)."""
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ HERE = Path(__file__).resolve().parent / "evolve"
 @pytest.fixture(scope="module")
 def shops(tmp_path_factory):
     mods = {}
-    for v in ("v1", "v2", "bad"):
+    for v in ("v1", "v2", "bad", "wide"):
         out = tmp_path_factory.mktemp(f"evolve_{v}")
         subprocess.run([sys.executable, "-m", "mrpcd.stubgen", str(HERE / v / "shop.proto"), "-I", str(HERE / v),
                         "-o", str(out)], check=True)
@@ -165,11 +167,96 @@ def test_incompatible_change_is_refused_naming_the_field(shops, daemons):
         assert ei.value.code() == StatusCode.FAILED_PRECONDITION
         details = ei.value.details()
         assert "schema mismatch for service shop.Orders: incompatible changes" in details, details
-        assert "shop.Order field 2" in details and "'int32 quantity'" in details and "'int64 quantity'" in details
+        assert "shop.Order field 2" in details and "'int32 quantity'" in details and "'double quantity'" in details
         assert not seen
 
     run_pair(daemons, v1, bad, body, "bad")
     assert wait_until(lambda: "shop.Order field 2" in b.log())
+
+
+def test_widened_kinds_both_ways(shops, daemons):
+    """v1 client (int32 quantity, string note) and a wide server (int64, bytes): the
+    request's note is converted, its quantity passes as it is; the response's total
+    (int32 on the wide side) widens into v1's int64 with no transcoding at all."""
+    v1, wide = shops["v1"], shops["wide"]
+
+    def body(stub, seen):
+        r = stub.Place(v1.Order(customer="ann", quantity=2**31 - 1, note="h\u00e9"), timeout=10)
+        assert (r.text, r.total) == ("placed for ann", 2**31 - 1)
+        got = seen[-1]
+        assert (got.quantity, got.note) == (2**31 - 1, "h\u00e9".encode())
+        rs = list(stub.Chat(iter([v1.Order(customer=c, quantity=-n, note=c) for c, n in (("e", 1), ("f", 2))]), timeout=10))
+        assert [(x.text, x.total) for x in rs] == [("chat e", -1), ("chat f", -2)]
+        assert [o.note for o in seen[-2:]] == [b"e", b"f"]
+
+    cli, srv = run_pair(daemons, wide, v1, body, "widen-v1wide")
+    assert srv["stats"]["transcoded"] == 3  # the requests (their note)
+    assert cli["stats"]["transcoded"] == 0  # int32 total -> int64: the peer's bytes as they are
+
+
+def test_narrowed_value_that_does_not_fit_fails_that_call_only(shops, daemons):
+    """A wide client (int64 quantity, bytes note) and a v1 server (int32, string): values
+    that fit are converted; 2**40, or a note that is not UTF-8, fails that call with
+    INVALID_ARGUMENT naming the field and the value (protobuf would silently truncate, or
+    refuse the whole message), and the next call works."""
+    v1, wide = shops["v1"], shops["wide"]
+
+    def body(stub, seen):
+        r = stub.Place(wide.Order(customer="ok", quantity=-7, note=b"fine"), timeout=10)
+        assert (r.text, r.total) == ("placed for ok", -7)
+        assert (seen[-1].quantity, seen[-1].note) == (-7, "fine")
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(wide.Order(customer="big", quantity=2**40), timeout=10)
+        assert ei.value.code() == StatusCode.INVALID_ARGUMENT
+        details = ei.value.details()
+        assert "does not fit the server's version of the schema" in details, details
+        assert "shop.Order.quantity: value 1099511627776 out of range for int32" in details, details
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(wide.Order(customer="bin", quantity=1, note=b"\xff\xfe"), timeout=10)
+        assert ei.value.code() == StatusCode.INVALID_ARGUMENT
+        assert "shop.Order.note: bytes b'\\xff\\xfe' are not valid UTF-8" in ei.value.details(), ei.value.details()
+        assert stub.Place(wide.Order(customer="next", quantity=2**31 - 1), timeout=10).total == 2**31 - 1
+        assert [o.customer for o in seen] == ["ok", "next"]
+        # a stream: the message that does not fit ends the call, as any transcoding failure
+        # (the first one: no response of the server's can race the failure into the stats)
+        with pytest.raises(mrpcd.RpcError) as ei:
+            list(stub.Chat(iter([wide.Order(customer="s1", quantity=-2**40), wide.Order(customer="s2", quantity=1)]),
+                           timeout=10))
+        assert ei.value.code() == StatusCode.INVALID_ARGUMENT and "shop.Order.quantity" in ei.value.details()
+
+    cli, srv = run_pair(daemons, v1, wide, body, "widen-widev1")
+    assert srv["stats"]["transcode_failed"] == 3
+    assert cli["stats"]["transcoded"] == 2  # the int64 totals into the wide client's int32
+
+
+def test_narrowed_response_that_does_not_fit_fails_with_internal(shops, daemons):
+    """The v1 server's int64 total past 2**31 does not fit the wide client's int32 total:
+    that call fails INTERNAL (the client's daemon), naming the field and the value."""
+    v1, wide = shops["v1"], shops["wide"]
+    a, b = daemons
+    sapp, capp = mrpcd.connect(b.socket, name="widen-rsp-server"), mrpcd.connect(a.socket, name="widen-rsp-client")
+    try:
+        server = mrpcd.server(app=sapp)
+
+        class Shop(v1.OrdersServicer):
+            def Place(self, request, context):
+                return v1.Receipt(text=request.customer, total=2**40 if request.customer == "big" else 5)
+
+        v1.add_OrdersServicer_to_server(Shop(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = wide.OrdersStub(mrpcd.Channel(f"127.0.0.1:{port}", capp))
+        with pytest.raises(mrpcd.RpcError) as ei:
+            stub.Place(wide.Order(customer="big"), timeout=10)
+        assert ei.value.code() == StatusCode.INTERNAL
+        details = ei.value.details()
+        assert "does not fit the client's version of the schema" in details, details
+        assert "shop.Receipt.total: value 1099511627776 out of range for int32" in details, details
+        assert (stub.Place(wide.Order(customer="small"), timeout=10).total) == 5
+        assert stats(a, "widen-rsp-client")["stats"]["transcode_failed"] == 1
+    finally:
+        capp.close()
+        sapp.close()
 
 
 def test_asyncio_client_v1_server_v2(shops, daemons):
