@@ -24,7 +24,7 @@ from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
 from .app_limits import limit_exceeded
 from .policy_host import PolicyOpError, describe_engine, load_upgrade
-from .reply_limits import REPLY_BUDGET, fit, plain
+from .reply_limits import REPLY_BUDGET, bounded_error, fit, plain
 from .session import address_text
 from .transport_upgrade import TransportUpgradeError
 
@@ -217,6 +217,8 @@ class ControlConnection:
         blocking send would then stall the whole daemon (every app's datapath). Awaiting
         room stalls only this connection, which also stops reading its further requests.
         """
+        if message.get("ok") is False:  # its text may quote what the request held: make it fit
+            message = bounded_error(message)
         try:
             try:
                 data = cp.encode(message)
@@ -225,8 +227,8 @@ class ControlConnection:
         except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
             # e.g. a policy's describe() holding a set: say so, keep the connection
             log.error("control reply to pid %d cannot be encoded: %s", self.pid, exc, extra=self.log_fields())
-            data, fds = cp.encode({"id": message.get("id"), "ok": False, "code": 13,
-                                   "error": f"internal error: the reply cannot be encoded: {exc}"}), None
+            data, fds = cp.encode(bounded_error({"id": message.get("id"), "ok": False, "code": 13,
+                                                 "error": f"internal error: the reply cannot be encoded: {exc}"})), None
         loop = asyncio.get_running_loop()
         try:
             if fds:
