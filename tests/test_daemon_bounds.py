@@ -92,3 +92,92 @@ def _try_connect(client, target: str) -> bool:
     except RpcError:
         time.sleep(0.06)
         return False
+
+
+_MANY_UIDS = r'''
+import json, socket, sys, time
+import mrpcd
+from mrpcd.status import RpcError
+
+path = sys.argv[1]
+out, apps = {"apps_ok": 0}, []
+for i in range(3):  # limits.apps: 2, and root's app holds one
+    try:
+        apps.append(mrpcd.connect(path, name=f"user{i}"))
+        out["apps_ok"] += 1
+    except RpcError as exc:
+        out["apps"] = [int(exc.code().code), str(exc)]
+        break
+time.sleep(0.5)  # the refused app's control connection is gone from the daemon's count
+socks, out["control_ok"] = [], 0
+for i in range(4):  # limits.control_connections: 4; root's app and ours hold two
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.settimeout(0.5)
+    socks.append(s)
+    try:
+        data = s.recv(65536)
+    except TimeoutError:  # admitted: the daemon waits for a request
+        out["control_ok"] += 1
+        continue
+    out["control"] = data[4:].decode("utf-8", "replace")
+    break
+print(json.dumps(out))
+sys.stdout.flush()
+sys.stdin.read()  # hold everything until the test is done
+'''
+
+
+def test_many_uids_cannot_multiply_the_per_uid_bounds(tmp_path):
+    """Per-uid budgets (apps_per_uid, control_connections_per_uid) bounded one user, but
+    nothing bounded how many users connect: each new uid brought a fresh budget. Now
+    limits.apps and limits.control_connections bound every uid together: a user past one is
+    refused RESOURCE_EXHAUSTED naming it, while root (like the admin group) is counted but
+    never refused, so the operator still gets in with mrpcctl and its own apps."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from conftest import as_other_user, other_user_daemon
+
+    with other_user_daemon("totals", "limits: {apps: 2, control_connections: 4}\n") as d:
+        root_app = mrpcd.connect(d.socket, name="root-app")
+        user = None
+        script = Path(tempfile.mkdtemp(prefix="mrpcd-uids-")) / "user.py"
+        try:
+            script.parent.chmod(0o755)
+            script.write_text(_MANY_UIDS)
+            script.chmod(0o644)
+            user = subprocess.Popen(as_other_user([sys.executable, str(script), d.socket]), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            line = user.stdout.readline()
+            assert line, user.stderr.read()
+            out = json.loads(line)
+            assert out["apps_ok"] == 1 and out["apps"][0] == 8, out
+            assert "all local users together have 2 apps" in out["apps"][1] and "limits.apps " in out["apps"][1], out
+            assert out["control_ok"] == 2 and "limits.control_connections " in out["control"], out
+            assert "at most 4 allowed" in out["control"], out
+            ping = [sys.executable, "-m", "mrpcd.ctl", "--socket", d.socket, "ping"]
+            refused = subprocess.run(as_other_user(ping), capture_output=True, text=True, timeout=30)
+            assert refused.returncode == 1 and "limits.control_connections " in refused.stderr, refused
+            # root is counted but never refused: the operator gets in, and so do its apps
+            assert subprocess.run(ping, capture_output=True, timeout=30).returncode == 0
+            more = mrpcd.connect(d.socket, name="root-more")
+            try:
+                assert more.call("ping")["pid"] == d.pid
+            finally:
+                more.close()
+            user.kill()  # what that user held is given back: it may connect again
+            user.wait(10)
+            assert wait_until(lambda: subprocess.run(as_other_user(ping), capture_output=True, timeout=30).returncode == 0,
+                              timeout=15)
+            assert d.alive()
+        finally:
+            if user is not None:
+                user.kill()
+                user.wait(10)
+            shutil.rmtree(script.parent, ignore_errors=True)
+            root_app.close()
