@@ -3,8 +3,10 @@ the control connections and apps of every uid together (limits.control_connectio
 limits.apps). Real daemons and apps on loopback; every loop is bounded."""
 from __future__ import annotations
 
+import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +79,15 @@ def test_inbound_connections_are_bounded_per_listener_and_in_all(daemon_factory)
 
         held.pop(0).close()  # room again on a (once the daemon sees the close)
         assert wait_until(lambda: _try_connect(client, a), timeout=10)
+        with pytest.raises(RpcError, match=r"limits\.inbound_connections_per_listener"):
+            client.call("connect", target=a)
+
+        # the bounds change on reload (SIGHUP), for the next connection
+        Path(d.socket).with_suffix(".yaml").write_text(
+            "limits: {inbound_connections_per_listener: 5, inbound_connections: 6}\n")
+        d.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "configuration" in d.log() and "applied" in d.log(), timeout=10), d.log()[-2000:]
+        assert client.call("connect", target=a)["handle"]
         assert d.alive()
     finally:
         for s in held:
