@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,8 @@ def test_inbound_connections_are_bounded_per_listener_and_in_all(daemon_factory)
     accepted, with a GOAWAY naming the limit; an app's `connect` to it fails
     RESOURCE_EXHAUSTED; it is counted in `stats` and logged only now and then; a closed
     connection makes room again, and the daemon serves on."""
-    d = daemon_factory(config="limits: {inbound_connections_per_listener: 2, inbound_connections: 3}\n")
+    d = daemon_factory(config="limits: {inbound_connections_per_listener: 2, inbound_connections: 3}\n"
+                              "metrics: {address: '127.0.0.1:0'}\n")
     server = mrpcd.connect(d.socket, name="server")
     client = mrpcd.connect(d.socket, name="client")
     held: list[socket.socket] = []
@@ -74,6 +76,8 @@ def test_inbound_connections_are_bounded_per_listener_and_in_all(daemon_factory)
         assert stats["daemon"]["inbound_connections"] == 3, stats["daemon"]
         server_stats = stats["apps"][str(server.app_id)]
         assert server_stats["inbound_refused"] == 23, server_stats
+        metrics = urllib.request.urlopen(f"http://{stats['daemon']['metrics_address']}/metrics", timeout=10).read().decode()
+        assert "\nmrpcd_inbound_connections 3\n" in metrics and "\nmrpcd_inbound_connections_refused_total 23\n" in metrics
         lines = [ln for ln in d.log().splitlines() if "inbound peer connection to" in ln]
         assert 1 <= len(lines) <= 5, lines  # the 1st, 2nd, 4th, 8th, 16th refusal
 
@@ -84,7 +88,7 @@ def test_inbound_connections_are_bounded_per_listener_and_in_all(daemon_factory)
 
         # the bounds change on reload (SIGHUP), for the next connection
         Path(d.socket).with_suffix(".yaml").write_text(
-            "limits: {inbound_connections_per_listener: 5, inbound_connections: 6}\n")
+            "limits: {inbound_connections_per_listener: 5, inbound_connections: 6}\nmetrics: {address: '127.0.0.1:0'}\n")
         d.proc.send_signal(signal.SIGHUP)
         assert wait_until(lambda: "configuration" in d.log() and "applied" in d.log(), timeout=10), d.log()[-2000:]
         assert client.call("connect", target=a)["handle"]

@@ -106,7 +106,7 @@ ALL_UIDS = "all local users together have"  # `whose` of a daemon-wide bound's e
 
 def limit_exceeded(what: str, key: str, count: int, limit: int, uid: int | None = None, whose: str | None = None) -> ControlError:
     """The RESOURCE_EXHAUSTED error an app gets at a `limits:` bound: what, whose, how many
-    (`whose`, e.g. "the daemon has", for a daemon-wide bound)."""
+    (`whose`: ALL_UIDS for a daemon-wide bound)."""
     if whose is None:
         whose = f"uid {uid} has" if uid is not None else "this app has"
     return ControlError(f"{whose} {count} {what} in mrpcd: at most {limit} allowed (limits.{key} in mrpcd's config); "
