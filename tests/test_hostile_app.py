@@ -275,3 +275,33 @@ def test_a_bind_the_daemon_has_no_descriptor_for_is_a_clear_error(tmp_path):
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+def test_an_error_reply_quoting_a_multi_mb_name_is_bounded(daemon_factory):
+    """A schema refused for a multi-MB name quoted that name in its error reply: the reply
+    passed the control protocol's 4 MiB frame limit, and the app got 'internal error: the
+    reply cannot be encoded' instead of the reason. Every error reply is bounded now: the
+    long name is cut with how much was left out, and the daemon serves on."""
+    from mrpcd.control_proto import MAX_CONTROL_MESSAGE
+
+    d = daemon_factory()
+    app = mrpcd.connect(d.socket, name="big-names")
+    other = mrpcd.connect(d.socket, name="bystander")
+    try:
+        name = "\x01" * 1_200_000  # repr() makes each \x01 four characters: 4.8 MB quoted
+        with pytest.raises(RpcError) as refused:
+            app.call("schema", schema={"messages": [[name, []]]})
+        text = str(refused.value)
+        assert refused.value.code() == mrpcd.StatusCode.INVALID_ARGUMENT, text
+        assert "invalid message name '\\x01\\x01" in text and "more chars)" in text, text[:300]
+        assert len(text.encode()) < 64 << 10
+        with pytest.raises(RpcError) as unknown:  # the op's name is echoed too
+            app.call("x" * (MAX_CONTROL_MESSAGE - 4096))
+        assert "unknown control op 'xxx" in str(unknown.value) and "more chars)" in str(unknown.value)
+        assert len(str(unknown.value)) < 64 << 10
+        assert app.call("ping")["pid"] == d.pid  # the same connection goes on
+        assert other.call("ping")["pid"] == d.pid
+    finally:
+        other.close()
+        app.close()
+    assert d.alive()

@@ -107,3 +107,22 @@ def test_stats_keep_to_one_reply_and_say_what_they_cut():
     assert len(cp.encode(snap)) < cp.MAX_CONTROL_MESSAGE
     stats.started.clear()
     assert "truncated" not in stats_snapshot(daemon)  # type: ignore[arg-type]
+
+
+def test_error_texts_and_ids_are_bounded_and_say_what_they_cut():
+    """bounded_error: a long word (a quoted name) keeps its head and how many characters it
+    lost, a long text too, short texts and names a schema may hold are kept whole, and an id
+    too big to echo is replaced by null with a note; every result packs small."""
+    from mrpcd.daemon.reply_limits import ERROR_TEXT, SHOWN_RUN, bounded_error, bounded_text, packed_size
+
+    assert bounded_text("invalid message name 'a.b'") == "invalid message name 'a.b'"
+    ok_name = "p." + "n" * 510
+    assert bounded_text(f"invalid name {ok_name!r}: x") == f"invalid name {ok_name!r}: x"
+    cut = bounded_text("invalid name '" + "z" * 3_000_000 + "': must be a full name")
+    assert cut.startswith("invalid name 'zzz") and f"…({3_000_000 + 2 - (SHOWN_RUN - 1)} more chars)" in cut
+    assert cut.endswith(" must be a full name")
+    spaced = bounded_text("bad " + "a " * 2_000_000)
+    assert len(spaced) < ERROR_TEXT + 40 and spaced.endswith(f"…({4 + 4_000_000 - ERROR_TEXT} more chars)")
+    reply = bounded_error({"id": "i" * 3_000_000, "ok": False, "error": "nope " + "\u00e9" * 3_000_000, "code": 3})
+    assert reply["id"] is None and "the request's id of" in reply["error"] and packed_size(reply) < 64 << 10
+    assert bounded_error({"id": 7, "ok": False, "error": "short", "code": 3}) == {"id": 7, "ok": False, "error": "short", "code": 3}

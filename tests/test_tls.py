@@ -312,3 +312,36 @@ def test_allow_list_between_daemons(daemon_factory, app_factory, gen_dir):
     out = app_factory("hello_client.py", c, address, "status", "x", gen=gen_dir).wait()[1]
     assert out.startswith("FAILED_PRECONDITION|") and "address 127.0.0.1 is not in peers.allow" in out, out
     assert wait_until(lambda: "connection refused: address 127.0.0.1 is not in peers.allow" in b.log(), 10.0)
+
+
+def test_inbound_bound_under_tls_counts_handshakes_and_refuses_before_tls(pki):
+    """limits.inbound_connections_per_listener under TLS: a connection still in its TLS
+    handshake counts (a peer that never finishes it holds a descriptor too), the one past
+    the bound is closed with no TLS work, and a closed one makes room again."""
+    from mrpcd.daemon.inbound_limits import PRUNE_INTERVAL, InboundConnections
+
+    async def main():
+        counters: dict[str, int] = {}
+        inbound = InboundConnections(lambda: {"inbound_connections_per_listener": 2, "inbound_connections": 100}, counters)
+        listener = inbound.listener("tls-test")
+        srv = Server()
+        port = await srv.start(tls=tls_for(pki, "b"), admit=listener.admit)
+        conn = await tcp.connect("127.0.0.1", port, SERVICES, tls=tls_for(pki, "a"))
+        assert (await echo_once(conn)).call_id == 7
+        _, silent = await asyncio.open_connection("127.0.0.1", port)  # TCP only: never starts TLS
+        await asyncio.sleep(0.1)
+        with pytest.raises((tcp.HandshakeError, ConnectionError)):
+            await tcp.connect("127.0.0.1", port, SERVICES, tls=tls_for(pki, "a"), timeout=3)
+        assert counters["inbound_connections_refused"] == 1 and srv.errors == []  # no TLS handshake was tried
+        silent.close()
+        await asyncio.sleep(0.1 + PRUNE_INTERVAL)
+        again = await tcp.connect("127.0.0.1", port, SERVICES, tls=tls_for(pki, "a"))
+        assert (await echo_once(again)).call_id == 7
+        assert inbound.open_now() == 2
+        conn.close()
+        again.close()
+        srv.server.close()
+        listener.close()
+        assert inbound.tracked == 0
+
+    run(main())

@@ -196,6 +196,7 @@ async def serve(
     on_handshake_error: Callable[[str, Exception], None] | None = None,
     tls: TlsConfig | None = None,
     allow: AllowList | None = None,
+    admit: Callable[[Accepted], str | None] | None = None,
 ) -> Listener:
     """Listen on host:port (port 0: any; see ``server.sockets[0].getsockname()``).
 
@@ -207,6 +208,12 @@ async def serve(
     if given. A client that sends no HELLO within ``handshake_timeout`` s is dropped.
     With ``allow``, peers outside it are refused the same way (before TLS); with ``tls``,
     a failed TLS handshake too (the reason is OpenSSL's).
+
+    With ``admit``, every connection the allow-list lets in is shown to ``admit(accepted)``
+    before any handshake or TLS work (``accepted.is_closing()`` tells later whether it is
+    still open: the caller counts them). A returned text refuses it: a plain-TCP peer gets
+    a GOAWAY with that text, and the socket is closed at once. Not logged here: a peer may
+    open connections in a loop, and the caller knows how often it is worth a line.
     """
 
     def on_ready(conn: PeerConnection, exc: BaseException | None) -> None:
@@ -228,14 +235,14 @@ async def serve(
 
     loop = asyncio.get_running_loop()
     if tls is not None:
-        return await _TlsListener.start(factory, host, port, tls, allow, handshake_timeout, refused)
+        return await _TlsListener.start(factory, host, port, tls, allow, handshake_timeout, refused, admit)
 
     protocol: Callable[[], asyncio.BaseProtocol] = factory
-    if allow is not None:
+    if allow is not None or admit is not None:
         allowed = allow
 
         def gate() -> _Gate:
-            return _Gate(factory, allowed, refused)
+            return _Gate(factory, allowed, refused, admit)
 
         protocol = gate
     if _dual_stack(host):  # asyncio would make it IPv6-only: make the socket here
@@ -292,33 +299,64 @@ def _refusal(allow: AllowList, host: str) -> str:
     return f"address {host} is not in peers.allow of this daemon"
 
 
+class Accepted(Protocol):
+    """An accepted connection as ``serve``'s ``admit`` sees it: open until is_closing()."""
+
+    def is_closing(self) -> bool: ...
+
+
 class _Gate(asyncio.Protocol):
-    """An accepted plain-TCP socket before the mrpcd handshake: the allow-list check.
+    """An accepted plain-TCP socket before the mrpcd handshake: the allow-list check, then
+    ``admit`` (see ``serve``); both refuse with a GOAWAY.
 
     An allowed peer's socket is handed to a PeerConnection at once (inside connection_made,
-    before uvloop starts reading, so no byte is lost); a refused one gets a GOAWAY.
+    before uvloop starts reading, so no byte is lost).
     """
 
-    def __init__(self, factory: Callable[[], PeerConnection], allow: AllowList,
-                 refused: Callable[[str, BaseException, str], None]) -> None:
+    def __init__(self, factory: Callable[[], PeerConnection], allow: AllowList | None,
+                 refused: Callable[[str, BaseException, str], None],
+                 admit: Callable[[Accepted], str | None] | None = None) -> None:
         self._factory = factory
         self._allow = allow
         self._refused = refused
+        self._admit = admit
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         host, peer = _peer_of(transport.get_extra_info("peername"))
-        if not self._allow.permits(host):
+        if self._allow is not None and not self._allow.permits(host):
             reason = _refusal(self._allow, host)
             transport.write(make_goaway(f"connection refused: {reason}"))  # type: ignore[attr-defined]
             transport.close()
             self._refused(peer, PeerNotAllowed(f"connection refused: {reason} ({self._allow})"), "connection")
             return
+        if self._admit is not None:
+            why = self._admit(transport)
+            if why is not None:
+                transport.write(make_goaway(f"connection refused: {why}"))  # type: ignore[attr-defined]
+                transport.close()
+                return
         conn = self._factory()
         transport.set_protocol(conn)
         conn.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:  # never: the socket changed hands in connection_made
         pass
+
+
+class _TlsAccepted:
+    """An accepted TLS socket as ``admit`` sees it: open during its TLS handshake, closed
+    if that fails, then as open as the transport it became."""
+
+    __slots__ = ("transport", "failed")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+        self.failed = False
+
+    def is_closing(self) -> bool:
+        if self.transport is not None:
+            return self.transport.is_closing()
+        return self.failed
 
 
 class _TlsListener:
@@ -339,7 +377,8 @@ class _TlsListener:
     @classmethod
     async def start(cls, factory: Callable[[], PeerConnection], host: str, port: int, tls: TlsConfig,
                     allow: AllowList | None, handshake_timeout: float,
-                    refused: Callable[[str, BaseException, str], None]) -> "_TlsListener":
+                    refused: Callable[[str, BaseException, str], None],
+                    admit: Callable[[Accepted], str | None] | None = None) -> "_TlsListener":
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
@@ -354,7 +393,7 @@ class _TlsListener:
         self = cls(sockets)
         timeout = handshake_timeout if handshake_timeout > 0 else 60.0
         for sock in sockets:
-            self._spawn(self._accept_loop(sock, factory, tls, allow, timeout, refused))
+            self._spawn(self._accept_loop(sock, factory, tls, allow, timeout, refused, admit))
         return self
 
     def _spawn(self, coro) -> None:
@@ -363,7 +402,7 @@ class _TlsListener:
         task.add_done_callback(self._tasks.discard)
 
     async def _accept_loop(self, sock: socket.socket, factory, tls: TlsConfig, allow: AllowList | None,
-                           timeout: float, refused) -> None:
+                           timeout: float, refused, admit: Callable[[Accepted], str | None] | None) -> None:
         loop = asyncio.get_running_loop()
         while not self._closed:
             try:
@@ -381,19 +420,28 @@ class _TlsListener:
                 client.close()  # no TLS work for strangers; they see the connection close
                 refused(peer, PeerNotAllowed(f"connection refused: {_refusal(allow, host)} ({allow})"), "connection")
                 continue
-            self._spawn(self._handshake(client, peer, factory, tls, timeout, refused))
+            accepted = _TlsAccepted()
+            if admit is not None and admit(accepted) is not None:
+                client.close()  # no TLS work past the bound either (admit logs and counts it)
+                continue
+            self._spawn(self._handshake(client, peer, factory, tls, timeout, refused, accepted))
 
-    async def _handshake(self, client: socket.socket, peer: str, factory, tls: TlsConfig, timeout: float, refused) -> None:
+    async def _handshake(self, client: socket.socket, peer: str, factory, tls: TlsConfig, timeout: float, refused,
+                         accepted: "_TlsAccepted") -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(factory, client, ssl=tls.server_context, ssl_handshake_timeout=timeout)
+            accepted.transport, _ = await loop.connect_accepted_socket(factory, client, ssl=tls.server_context,
+                                                                       ssl_handshake_timeout=timeout)
         except asyncio.CancelledError:
+            accepted.failed = True
             client.close()
             raise
         except (ssl.SSLError, ssl.CertificateError) as exc:
+            accepted.failed = True
             client.close()
             refused(peer, HandshakeError(f"TLS handshake failed: {describe_tls_error(exc)}"), "TLS handshake")
         except (OSError, asyncio.TimeoutError) as exc:
+            accepted.failed = True
             client.close()
             if isinstance(exc, asyncio.TimeoutError):
                 why = f"no TLS handshake within {timeout:g} s"
@@ -401,6 +449,10 @@ class _TlsListener:
                 why = (f"the peer closed the connection ({exc or type(exc).__name__}); "
                        "it most likely refused our certificate (is it signed by the CA in the peer's tls.ca?)")
             refused(peer, HandshakeError(f"TLS handshake failed: {why}"), "TLS handshake")
+        except BaseException:
+            accepted.failed = True  # (admit must not count it as open for ever)
+            client.close()
+            raise
 
     def close(self) -> None:
         if self._closed:

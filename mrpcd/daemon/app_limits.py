@@ -75,6 +75,14 @@ class ControlBudget:
 # bounds do not hold for root and the admin group (the project's admins); the per-app ones
 # hold for every app (a runaway loop is a bug whoever runs it). The defaults leave a uid at
 # most ~6,000 of the 65,536 descriptors the systemd unit gives the daemon.
+# Why daemon-wide totals too: many uids (a host's users, or containers mapping their own)
+# multiply the per-uid bounds; `control_connections` and `apps` bound them over every uid.
+# Root and the admin group are counted in the totals but never refused by them, so an
+# operator can always get in with mrpcctl (and its own apps). The connections peers open to
+# the apps' listeners belong to no local uid: they are bounded per listening address and
+# over the daemon (inbound_limits.py). Together the totals' defaults keep what the daemon
+# holds for them (4,096 control sockets, 2,048 apps at 3 more descriptors each, 16,384
+# inbound connections) under half of the unit's 65,536 descriptors.
 DEFAULT_LIMITS: dict[str, int] = {
     "control_connections_per_uid": 256,  # control sockets (apps and mrpcctl) of one uid
     "apps_per_uid": 128,  # apps (connections that said hello) of one uid
@@ -82,12 +90,24 @@ DEFAULT_LIMITS: dict[str, int] = {
     "connections_per_uid": 4096,  # ... all the apps of one uid together
     "listeners_per_app": MAX_APP_LISTENERS,  # addresses an app listens on (`bind`)
     "listeners_per_uid": 1024,  # ... all the apps of one uid together
+    # Daemon-wide, every uid together (see below): control sockets, and apps.
+    "control_connections": 4096,
+    "apps": 2048,
+    # Connections peers opened to the apps' listeners (inbound_limits.py): per listening
+    # address, and over the whole daemon. A calling app opens one per channel (the bench's
+    # 128 concurrent calls share one), so 4,096 on one address is 4 peer apps at their
+    # connections_per_app each; the total is a quarter of the unit's descriptors.
+    "inbound_connections_per_listener": 4096,
+    "inbound_connections": 16384,
 }
 LIMIT_RANGE = (1, 1 << 20)
+ALL_UIDS = "all local users together have"  # `whose` of a daemon-wide bound's error
 
 
-def limit_exceeded(what: str, key: str, count: int, limit: int, uid: int | None = None) -> ControlError:
-    """The RESOURCE_EXHAUSTED error an app gets at a `limits:` bound: what, whose, how many."""
-    whose = f"uid {uid} has" if uid is not None else "this app has"
+def limit_exceeded(what: str, key: str, count: int, limit: int, uid: int | None = None, whose: str | None = None) -> ControlError:
+    """The RESOURCE_EXHAUSTED error an app gets at a `limits:` bound: what, whose, how many
+    (`whose`: ALL_UIDS for a daemon-wide bound)."""
+    if whose is None:
+        whose = f"uid {uid} has" if uid is not None else "this app has"
     return ControlError(f"{whose} {count} {what} in mrpcd: at most {limit} allowed (limits.{key} in mrpcd's config); "
                         "close some, or ask the operator to raise it", 8)

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
-from .app_limits import limit_exceeded
+from .app_limits import ALL_UIDS, limit_exceeded
 from .policy_host import PolicyOpError, describe_engine, load_upgrade
-from .reply_limits import REPLY_BUDGET, fit, plain
+from .reply_limits import REPLY_BUDGET, bounded_error, fit, plain
 from .session import address_text
 from .transport_upgrade import TransportUpgradeError
 
@@ -113,13 +113,18 @@ class ControlConnection:
 
     def _over_connection_limit(self) -> str | None:
         """Count this connection for its uid; the error text if that passes
-        limits.control_connections_per_uid (root and admins are not bounded)."""
+        limits.control_connections_per_uid or, over every uid, limits.control_connections
+        (root and admins are counted, not refused: an operator can always get in)."""
         counts = self.daemon.control_connections
         counts[self.uid] = n = counts.get(self.uid, 0) + 1
-        limit = self.daemon.config.limits["control_connections_per_uid"]
-        if n <= limit or self.is_admin:
+        limits = self.daemon.config.limits
+        limit, total_limit = limits["control_connections_per_uid"], limits["control_connections"]
+        total = sum(counts.values())
+        if n <= limit and total <= total_limit or self.is_admin:
             return None
-        return str(limit_exceeded("control connections", "control_connections_per_uid", n - 1, limit, self.uid))
+        if n > limit:
+            return str(limit_exceeded("control connections", "control_connections_per_uid", n - 1, limit, self.uid))
+        return str(limit_exceeded("control connections", "control_connections", total - 1, total_limit, whose=ALL_UIDS))
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -217,6 +222,8 @@ class ControlConnection:
         blocking send would then stall the whole daemon (every app's datapath). Awaiting
         room stalls only this connection, which also stops reading its further requests.
         """
+        if message.get("ok") is False:  # its text may quote what the request held: make it fit
+            message = bounded_error(message)
         try:
             try:
                 data = cp.encode(message)
@@ -225,8 +232,8 @@ class ControlConnection:
         except (TypeError, ValueError, OverflowError, cp.ControlError) as exc:
             # e.g. a policy's describe() holding a set: say so, keep the connection
             log.error("control reply to pid %d cannot be encoded: %s", self.pid, exc, extra=self.log_fields())
-            data, fds = cp.encode({"id": message.get("id"), "ok": False, "code": 13,
-                                   "error": f"internal error: the reply cannot be encoded: {exc}"}), None
+            data, fds = cp.encode(bounded_error({"id": message.get("id"), "ok": False, "code": 13,
+                                                 "error": f"internal error: the reply cannot be encoded: {exc}"})), None
         loop = asyncio.get_running_loop()
         try:
             if fds:
@@ -287,11 +294,14 @@ class ControlConnection:
         if not isinstance(name, str) or len(name) > 128:
             raise ValueError("app name must be a string of at most 128 characters")
         self.daemon.refuse_if_draining("new apps")
-        limit = self.daemon.config.limits["apps_per_uid"]
-        apps = sum(1 for s in self.daemon.sessions.values() if s.uid == self.uid and not s.closed)
+        limits = self.daemon.config.limits
+        live = [s for s in self.daemon.sessions.values() if not s.closed]
+        apps = sum(1 for s in live if s.uid == self.uid)
         exempt = self.is_admin
-        if apps >= limit and not exempt:
-            raise limit_exceeded("apps connected", "apps_per_uid", apps, limit, self.uid)
+        if apps >= limits["apps_per_uid"] and not exempt:
+            raise limit_exceeded("apps connected", "apps_per_uid", apps, limits["apps_per_uid"], self.uid)
+        if len(live) >= limits["apps"] and not exempt:  # many uids must not multiply apps_per_uid
+            raise limit_exceeded("apps connected", "apps", len(live), limits["apps"], whose=ALL_UIDS)
         self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
         self.session.limits_exempt = exempt
         self.session.hang_up = self._hang_up

@@ -12,6 +12,7 @@ from .. import __version__
 from .app_limits import ControlBudget
 from .config import Config
 from .control import serve_control, unlink_if_ours
+from .inbound_limits import InboundConnections
 from .observe import CallStats
 from .poller import Poller
 from ..transports import tcp
@@ -41,6 +42,8 @@ class Daemon:
         self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)
         self.control_budget = ControlBudget()  # unfinished control messages held, per uid (app_limits.py)
         self.control_connections: dict[int, int] = {}  # open control connections per uid (limits.control_connections_per_uid)
+        # peer connections accepted on the apps' listeners (limits.inbound_connections*)
+        self.inbound = InboundConnections(lambda: self.config.limits, self.counters)
 
     async def start(self) -> None:
         if self.config.transport == "rdma":
@@ -195,4 +198,5 @@ class Daemon:
         return time.monotonic() - self._started
 
     def stats(self) -> dict[str, Any]:
-        return {"apps": len(self.sessions), "uptime": self.uptime(), **self.counters, **self.poller.stats()}
+        return {"apps": len(self.sessions), "uptime": self.uptime(), **self.counters, **self.poller.stats(),
+                "control_connections": sum(self.control_connections.values()), "inbound_connections": self.inbound.open_now()}

@@ -144,6 +144,12 @@ def render(daemon: "Daemon") -> str:
     g = Family("mrpcd_apps", "gauge", "Apps connected now.")
     g.add(len(daemon.sessions))
     fams.append(g)
+    inbound = getattr(daemon, "inbound", None)
+    if inbound is not None:
+        g = Family("mrpcd_inbound_connections", "gauge", "Connections peers opened to the apps' listeners, open now "
+                   "(limits.inbound_connections; refusals: mrpcd_inbound_connections_refused_total).")
+        g.add(inbound.open_now())
+        fams.append(g)
     for key, value in sorted(daemon.counters.items()):
         c = Family(metric_name("mrpcd", key, "total"), "counter", f"Daemon counter {key}.")
         c.add(value)

@@ -10,9 +10,15 @@ sent, and the operator could list no app at all. Now
 * a whole reply holds what fits in REPLY_BUDGET bytes and says what it left out: listings
   of apps page (`more`: apps left, `next_after`: the app_id to ask again with `after`,
   which mrpcctl follows), the rest carry a count of what was cut.
+
+Error replies (to every client) are bounded too (`bounded_error`): their texts quote what
+the request held (a refused schema's names, an unknown op, a policy's config), and a
+multi-MB name in a refused schema made its error reply bigger than a control message may
+be; the app got "internal error: the reply cannot be encoded" instead of the reason.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import msgpack
@@ -57,3 +63,49 @@ def fit(items: Sequence[Any], budget: int, too_big: Callable[[Any, int], Any] | 
         out.append(item)
         used += size
     return out, 0
+
+
+# An error text shows of each word (a run of non-blank characters: a quoted name, a path)
+# its first SHOWN_RUN characters, and of the whole text its first ERROR_TEXT characters;
+# each cut says how much it left out. Names a schema may hold (512 characters) and the
+# texts the daemon writes itself are never cut; an error reply then takes at most ~64 KiB
+# (UTF-8) of the 4 MiB a control message may be.
+SHOWN_RUN = 1024
+ERROR_TEXT = 16384
+# The request `id` an error reply echoes: an id bigger than this (packed) is not echoed
+# (null instead), since it alone could make the reply too big.
+ECHOED_ID = 1024
+_LONG_RUN = re.compile(r"\S{%d,}" % (SHOWN_RUN + 1))
+
+
+def _marker(left_out: int) -> str:
+    return f"…({left_out} more chars)"
+
+
+def bounded_text(text: str, run: int = SHOWN_RUN, limit: int = ERROR_TEXT) -> str:
+    """`text` with every word longer than `run` characters cut to its first `run`, and then
+    the whole cut to its first `limit`, each cut marked "…(N more chars)"."""
+    if len(text) <= run:
+        return text
+    text = _LONG_RUN.sub(lambda m: m.group()[:run] + _marker(len(m.group()) - run), text)
+    if len(text) > limit:
+        text = text[:limit] + _marker(len(text) - limit)
+    return text
+
+
+def bounded_error(reply: dict[str, Any]) -> dict[str, Any]:
+    """An error reply (`ok` false) that fits in a control message whatever the request
+    held: its `error` text bounded (bounded_text), its `id` echoed only if small."""
+    error = reply.get("error")
+    if isinstance(error, str):
+        reply["error"] = bounded_text(error)
+    rid = reply.get("id")
+    if rid is not None and not isinstance(rid, int):
+        try:
+            size = packed_size(rid)
+        except (TypeError, ValueError, OverflowError):
+            size = ECHOED_ID + 1
+        if size > ECHOED_ID:
+            reply["id"] = None
+            reply["error"] = f"{reply.get('error', '')} (the request's id of {size} bytes is not echoed)"
+    return reply

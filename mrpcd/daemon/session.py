@@ -23,10 +23,11 @@ from ..native import ring as ringmod
 from ..status import StatusCode
 from ..wire import cancel_record
 from ..transports import tcp
-from ..transports.handshake import ServiceSet, incompatible_changes, service_set
+from ..transports.handshake import HandshakeError, ServiceSet, incompatible_changes, service_set
 from ..control_proto import ControlError
 from .app_limits import check_app_schema, limit_exceeded
 from .datapath import Datapath, error_response
+from .inbound_limits import REFUSED_MARK, ListenerConnections
 from .log_limits import worth_logging
 from .observe import Observer
 from .policy_host import PolicyHost
@@ -156,10 +157,11 @@ class Route:
 class Binding:
     """A listening address of a server app, with the services it serves there (mutable)."""
 
-    __slots__ = ("server", "address", "fingerprints", "method_ids")
+    __slots__ = ("server", "address", "fingerprints", "method_ids", "inbound")
 
     def __init__(self) -> None:
         self.server: tcp.Listener | None = None
+        self.inbound: ListenerConnections | None = None  # the peer connections accepted here (limits.inbound_*)
         self.address = ""
         self.fingerprints: ServiceSet = ServiceSet()
         self.method_ids: frozenset[int] = frozenset()
@@ -216,6 +218,9 @@ class AppSession:
             # those that did not fit it (each failed its call)
             "transcoded": 0,
             "transcode_failed": 0,
+            # peer connections to its listening addresses closed as they were accepted:
+            # limits.inbound_connections_per_listener or limits.inbound_connections
+            "inbound_refused": 0,
         }
         self._stall_timer: Any = None
         self._pump_failures = 0  # _pump calls that raised in a row
@@ -893,23 +898,33 @@ class AppSession:
                 return
             self._add_route(conn, "server", conn.peer, binding.method_ids, binding)
 
+        def refused() -> None:
+            self.stats["inbound_refused"] += 1
+
         transport, options = self._transport()
+        inbound = self.daemon.inbound.listener(address, refused)
         self.binding += 1
         try:
             server = await transport.serve(host, port, lambda: binding.fingerprints, on_connection,
-                                           max_record=self.config.max_record, **options)
+                                           max_record=self.config.max_record, admit=inbound.admit, **options)
+        except BaseException:
+            inbound.close()
+            raise
         finally:
             self.binding -= 1
         if self.closed:  # dropped meanwhile: close() has run, nothing would ever close this one
             server.close()
+            inbound.close()
             raise ConnectionError("app disconnected while binding")
         if not server.sockets:  # uvloop's answer when it could make no socket (out of descriptors)
             server.close()
+            inbound.close()
             raise OSError(f"cannot listen on {address}: mrpcd could not make a socket (out of file descriptors?)")
-        binding.server = server
+        binding.server, binding.inbound = server, inbound
         self.listeners.append(server)
         sockname = binding.server.sockets[0].getsockname()
         binding.address = f"{sockname[0]}:{sockname[1]}" if ":" not in sockname[0] else f"[{sockname[0]}]:{sockname[1]}"
+        inbound.address = binding.address
         self.bindings[address] = self.bindings[binding.address] = binding
         return binding.address
 
@@ -945,6 +960,10 @@ class AppSession:
             conn = await transport.connect(
                 host, port, self._service_fingerprints(), max_record=self.config.max_record, timeout=self.config.connect_timeout, **options
             )
+        except HandshakeError as exc:
+            if REFUSED_MARK in str(exc):  # the peer's limits.inbound_connections*: not a schema problem
+                raise ControlError(str(exc), 8) from None
+            raise
         finally:
             self.connecting -= 1
         if self.closed:
@@ -1175,6 +1194,9 @@ class AppSession:
         for server in self.listeners:
             server.close()
         self.listeners.clear()
+        for binding in self.bindings.values():  # its connections were closed just above
+            if binding.inbound is not None:
+                binding.inbound.close()
         self.pending.clear()
         self.daemon_waker.close()
         self.app_waker.close()

@@ -517,11 +517,16 @@ async def connect(host: str, port: int, services: dict[str, str], *, max_record:
 async def serve(host: str, port: int, services_for: Callable[[], dict[str, str]],
                 on_connection: Callable[[RdmaPeerConnection], None], *, max_record: int = DEFAULT_MAX_RECORD,
                 handshake_timeout: float = 10.0, on_handshake_error: Callable[[str, Exception], None] | None = None,
-                config: RdmaConfig | None = None, ring: Any = None) -> asyncio.AbstractServer:
-    """Like tcp.serve: the TCP listener is the side channel; each accepted peer gets an RC QP."""
+                config: RdmaConfig | None = None, ring: Any = None,
+                admit: Callable[[Any], str | None] | None = None) -> asyncio.AbstractServer:
+    """Like tcp.serve: the TCP listener is the side channel; each accepted peer gets an RC QP.
+    ``admit`` as in tcp.serve: a refused peer's side channel is closed before any setup."""
     cfg = config or RdmaConfig()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if admit is not None and admit(writer.transport) is not None:
+            writer.close()
+            return
         peer = _peername(writer)
         try:
             verbs, peer_params, peer_hello = await asyncio.wait_for(
