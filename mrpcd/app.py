@@ -56,6 +56,9 @@ RX_YIELD_MIN_CALLS = 64
 # a safety net only (the daemon signals when it frees room, and the woken senders pass
 # the turn on); tests raise it to show no wake-up is lost.
 SPACE_RECHECK_S = 0.5
+# An unconnected app's record limit, until a daemon tells the real one: what the default
+# config allows (4 MiB rings less a record header)
+UNCONNECTED_MAX_RECORD = (4 << 20) - 8
 
 class CallSink(Protocol):
     cancelled_locally: bool  # (a client call's: ended by this app, CANCELLED)
@@ -91,8 +94,7 @@ class App:
 
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
-        self._pid = os.getpid()
-        self.socket_path = socket_path or client_socket_path()
+        self._init_local(socket_path, name, driver)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(self.socket_path)
@@ -102,11 +104,6 @@ class App:
                 f"cannot reach mrpcd at {self.socket_path}: {exc.strerror or exc} "
                 "(is the daemon running? start it with `mrpcd`, or set MRPCD_SOCKET)"
             ) from None
-        self._control_lock = threading.Lock()
-        self._frames = cp.FrameBuffer()
-        self._inbox: list[dict] = []
-        self._ids = itertools.count(1)
-        self.name = name or os.path.basename(sys.argv[0] or "python")
         reply, fds = self.request({"op": "hello", "name": self.name}, nfds=3)
         if len(fds) != 3:
             for fd in fds:
@@ -123,6 +120,34 @@ class App:
         self.max_record = min(reply["max_record"], self.tx.max_record, self.rx.max_record)
         self.daemon_waker = ringmod.Waker(daemon_fd)
         self.app_waker = ringmod.Waker(app_fd)
+        if driver == "thread":
+            self._start_rx_thread()
+            self._watch_daemon()
+
+    @classmethod
+    def unconnected(cls, socket_path: str | None = None, name: str | None = None, **kw: Any) -> "App":
+        """An app made while no daemon answers, as grpc makes a channel to anywhere: no
+        session yet, closed with `daemon_lost` set, so its channels and servers take its
+        successor (the first session a daemon accepts) when they next need the daemon.
+        What `default_app()` gives instead of raising; `connect()` still raises."""
+        app = cls.__new__(cls)
+        app._init_local(socket_path, name, kw.get("driver", "thread"))
+        app._sock = None
+        app.app_id = None
+        app.max_record = UNCONNECTED_MAX_RECORD
+        app.closed = app.daemon_lost = True
+        app.call_deadlines.close()
+        return app
+
+    def _init_local(self, socket_path: str | None, name: str | None, driver: str) -> None:
+        """The app's own state, none of it from the daemon (what an unconnected app has too)."""
+        self._pid = os.getpid()
+        self.socket_path = socket_path or client_socket_path()
+        self.name = name or os.path.basename(sys.argv[0] or "python")
+        self._control_lock = threading.Lock()
+        self._frames = cp.FrameBuffer()
+        self._inbox: list[dict] = []
+        self._ids = itertools.count(1)
         self._tx_lock = threading.Lock()
         self._space = threading.Condition(self._tx_lock)
         self._space_waiters = 0  # senders blocked on a full tx ring (counted before they flag the ring)
@@ -167,9 +192,6 @@ class App:
         self._handed_seq = 0  # the handler whose thread gave the rx role away
         self._watchdog: InlineWatchdog | None = None
         self._thread: threading.Thread | None = None
-        if driver == "thread":
-            self._start_rx_thread()
-            self._watch_daemon()
 
     # -- the daemon going away ----------------------------------------------------------
     def _watch_daemon(self) -> None:
@@ -248,6 +270,8 @@ class App:
     # -- control socket -----------------------------------------------------------------
     def request(self, message: dict[str, Any], nfds: int = 0) -> tuple[dict[str, Any], list[int]]:
         """One control request/response; raises RpcError with the daemon's text on failure."""
+        if self._sock is None:
+            raise DaemonUnavailable(f"cannot reach mrpcd at {self.socket_path} (not yet: the app has not connected)")
         with self._control_lock:
             rid = next(self._ids)
             message = dict(message, id=rid)
@@ -727,11 +751,18 @@ def connect(socket_path: str | None = None, name: str | None = None) -> App:
 
 
 def default_app() -> App:
-    """The process-wide session that `insecure_channel()` and `server()` use by default."""
+    """The process-wide session that `insecure_channel()` and `server()` use by default;
+    while no daemon answers, an unconnected app (App.unconnected) instead of an error."""
     global _default_app
     with _default_lock:
         if _default_app is None or (_default_app.closed and not _default_app.daemon_lost):
-            _default_app = App()
+            try:
+                _default_app = App()
+            except DaemonUnavailable:  # as grpc makes a channel to anywhere: its calls fail (or wait) until a daemon answers
+                _default_app = App.unconnected()
         elif _default_app.closed:  # its daemon restarted: the session its channels and servers carry on with
-            _default_app = _default_app.successor()
+            try:
+                _default_app = _default_app.successor()
+            except DaemonUnavailable:
+                pass  # still none: whoever takes this one follows it to its successor later
         return _default_app

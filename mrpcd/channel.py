@@ -532,6 +532,7 @@ class Channel(ChannelCore):
         self.target = target
         require_app(app, False, "mrpcd.insecure_channel")
         self.app = app or default_app()
+        self._options = options
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._method_defaults = wire.method_defaults(options)
         self._handle: int | None = None
@@ -575,6 +576,7 @@ class Channel(ChannelCore):
         new = app.successor()
         for schema in list(self._schemas.values()):
             new.ensure_schema(schema)
+        self._max_send, self._max_receive = wire.message_limits(self._options, new.max_record)  # (this daemon's)
         self.app = new
         app.wake_connect_waits()  # waits between attempts sleep on the old app's: look again
         return new

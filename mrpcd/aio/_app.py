@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any, cast
 
 from .. import app as _appmod
-from ..app import App
+from ..app import App, DaemonUnavailable
 from ..native import ring as ringmod
 from ..status import RpcError, StatusCode
 
@@ -26,13 +26,6 @@ class AioApp(App):
 
     def __init__(self, socket_path: str | None = None, name: str | None = None) -> None:
         super().__init__(socket_path, name, driver="loop")
-        self.loop = asyncio.get_running_loop()
-        # Tasks waiting for room in the tx ring, with their record's size (_wake_space_waiters).
-        self._space_waiters: deque[tuple[asyncio.Future, int]] = deque()
-        self._space_promised = 0  # ring bytes of the tasks woken that have not run yet
-        self._drain_scheduled = False
-        # wait_for_ready waits between two connection attempts (mrpcd.aio Channel._wait_for_handle)
-        self.connect_waiters: set[asyncio.Future] = set()
         self.loop.add_reader(self.app_waker.fileno(), self._on_readable)
         self._drain_soon()
         self._watch_daemon()
@@ -41,6 +34,20 @@ class AioApp(App):
     # closes, and the daemon session, rings and watcher thread would stay for the process's
     # life (one more per asyncio.run). The watcher looks once a second.
     _WATCH_MS = 1000
+
+    def _init_local(self, socket_path: str | None, name: str | None, driver: str) -> None:
+        super()._init_local(socket_path, name, driver)
+        self.loop = asyncio.get_running_loop()
+        # Tasks waiting for room in the tx ring, with their record's size (_wake_space_waiters).
+        self._space_waiters: deque[tuple[asyncio.Future, int]] = deque()
+        self._space_promised = 0  # ring bytes of the tasks woken that have not run yet
+        self._drain_scheduled = False
+        # wait_for_ready waits between two connection attempts (mrpcd.aio Channel._wait_for_handle)
+        self.connect_waiters: set[asyncio.Future] = set()
+
+    @classmethod
+    def unconnected(cls, socket_path: str | None = None, name: str | None = None, **kw: Any) -> "AioApp":
+        return cast(AioApp, super().unconnected(socket_path, name, driver="loop"))
 
     def successor(self) -> "AioApp":
         return cast(AioApp, super().successor())  # (its _reopen makes AioApps)
@@ -202,9 +209,16 @@ def default_app() -> AioApp:
     loop = asyncio.get_running_loop()
     app = _apps.get(id(loop))
     if app is None or app.loop is not loop or (app.closed and not app.daemon_lost):
-        app = _apps[id(loop)] = AioApp()
+        try:
+            app = AioApp()
+        except DaemonUnavailable:  # as grpc.aio makes a channel to anywhere (App.unconnected)
+            app = AioApp.unconnected()
+        _apps[id(loop)] = app
     elif app.closed:  # its daemon restarted: the session its channels and servers carry on with
-        app = _apps[id(loop)] = app.successor()
+        try:
+            app = _apps[id(loop)] = app.successor()
+        except DaemonUnavailable:
+            pass  # still none: whoever takes this one follows it to its successor later
     return app
 
 
