@@ -32,7 +32,7 @@ from . import _framing
 from . import _pack as _packmod
 from .containers import map_type, repeated_type
 from .enums import EnumWrapper
-from .message import DefaultedField, raw_name
+from .message import DefaultedField, raw_name, raw_state
 from .schema import INT_RANGES, Field, Schema, SchemaError, TypeRef
 
 if TYPE_CHECKING:
@@ -719,6 +719,10 @@ def _install_defaults(cls: Any, msg: Any, schema: Schema, enums: dict[str, type[
         elif isinstance(current, DefaultedField) and f.name in cls.__dict__:
             setattr(cls, f.name, slot)
     cls.__mrpc_raw__ = raw
+    if raw:  # pickle the stored values (None while unset), not what the fields read as
+        cls.__getstate__ = raw_state
+    elif cls.__dict__.get("__getstate__") is raw_state:
+        del cls.__getstate__
 
 
 def _default(f: Field, schema: Schema, enums: dict[str, type[enum.IntEnum]], classes: dict[str, type]) -> tuple[str, Any, bool]:

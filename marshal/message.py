@@ -69,6 +69,21 @@ class DefaultedField(property):
         self.default = default
 
 
+def raw_state(self: Any) -> tuple[None, dict[str, Any]]:
+    """pickle's state of a message class with fields that have declared defaults (codec.bind
+    makes it the class's __getstate__): the stored values, None for an unset one, where the
+    default state would read each slot through its attribute, the default, and unpickle it
+    as set."""
+    get = _getter(type(self))
+    state = {}
+    for name in type(self).__mrpc_fields__:
+        try:
+            state[name] = get(self, name)
+        except AttributeError:  # (a slot never assigned)
+            pass
+    return None, state
+
+
 def _getter(cls: type) -> Any:
     """getattr, or for a class with fields that have declared defaults one that reads their
     stored values (None when unset) instead of the defaults: what presence is judged by."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,14 @@ def test_python_api_keeps_presence(m):
     o.Clear()
     assert not o.HasField("s") and o.s == 'h"i\né' and o.req == 42
     assert "i=None" in repr(o)  # what is stored: unset
+
+
+def test_pickle_keeps_presence(m, monkeypatch):
+    d = m[0]
+    monkeypatch.setitem(sys.modules, d.__name__, d)  # (pickle finds classes by module name)
+    for o in (d.Conf(), d.Conf(i=-7, s="x")):
+        back = pickle.loads(pickle.dumps(o))
+        assert back == o and back.HasField("i") == o.HasField("i") and back.i == -7
 
 
 def _with_default(data: dict, message: str, field: str, value) -> dict:
