@@ -124,6 +124,10 @@ def test_an_unset_default_is_not_sent_and_the_receiver_reads_its_own(m):
     # a receiver whose .proto declares other defaults reads those (defaults are not on the wire)
     changed = Schema.from_dict(_with_default(d.SCHEMA.to_dict(), "mrpc.defaults.Conf", "i", 99))
     assert codec.read_field(changed, "mrpc.defaults.Conf", data, "i") == 99
+    # what the daemon's transcoding fills in for a field the peer's version lacks: unset, and
+    # a required scalar's declared default
+    filled = codec.decode_plain(d.SCHEMA, "mrpc.defaults.Conf", codec.encode_plain(d.SCHEMA, "mrpc.defaults.Conf", {}))
+    assert filled["req"] == 42 and filled["i"] is None
     back, pback = d.Conf.FromString(data), pb.Conf.FromString(pb.Conf(req=42).SerializeToString())
     assert (back.i, back.HasField("i")) == (pback.i, pback.HasField("i")) == (-7, False)
 
