@@ -644,7 +644,9 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type[enum.In
 
     Every message reachable from a bound one must have a class in `classes`. `enums`
     (full enum name → IntEnum class) makes decoded enum values members of those classes
-    when known (unknown values of open enums stay ints).
+    when known (unknown values of open enums stay ints; those of closed, proto2, enums leave
+    the field unset, as protobuf's decoder does). A field with presence and a declared
+    default gets a DefaultedField in front of its slot (marshal/message.py).
     """
     gen = _Gen(schema, "cls", classes, enums)
     for ename, ecls in (enums or {}).items():
