@@ -295,7 +295,7 @@ def _schema_from_dict(data: Any) -> Schema:
                 raise SchemaError(f"{name}: a field is 6 to 8 items, got {len(entry)}")
             fname, number, ftype, label, key, oneof = entry[:6]
             # 7 items: required (true); 8: required (a bool) and [default]
-            required = entry[6] if len(entry) == 8 else len(entry) == 7
+            required = entry[6] if len(entry) >= 7 else False
             where = f"{name}.{fname}"
             _check_name(fname, _NAME, "field")
             if not isinstance(number, int) or not 0 < number < 2**29:
@@ -310,9 +310,9 @@ def _schema_from_dict(data: Any) -> Schema:
                 if label in ("repeated", "map"):
                     raise SchemaError(f"{where}: a oneof member cannot be {label}")
             ftyperef = _typeref(ftype, where)
-            if len(entry) == 8 and type(required) is not bool:
-                raise SchemaError(f"{where}: the required flag must be a bool")
-            if required and (type(required) is not bool or label != "single" or oneof is not None or ftyperef.kind != "message"):
+            if type(required) is not bool or (len(entry) == 7 and required is not True):
+                raise SchemaError(f"{where}: the required flag must be a bool (true in a 7-item field)")
+            if required and (label != "single" or oneof is not None or ftyperef.kind != "message"):
                 raise SchemaError(f"{where}: only a single message field (not in a oneof) can be marked required")
             default = _default_value(entry[7], ftyperef, label, where) if len(entry) == 8 else None
             out.append(Field(fname, number, ftyperef, label, keyref, oneof, required, default))

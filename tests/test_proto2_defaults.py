@@ -195,6 +195,8 @@ def test_to_dict_round_trips_defaults_and_closed_enums(m):
     (["x", 1, ["enum", "E"], "optional", None, None, False, [7]], "default 7 is not a value of E"),
     (["x", 1, ["int32", None], "optional", None, None, False, 1], "a default is [value]"),
     (["x", 1, ["int32", None], "optional", None, None, 1, [1]], "required flag must be a bool"),
+    (["x", 1, ["int32", None], "optional", None, None, False], "required flag must be a bool"),  # (7 items: true)
+    (["x", 1, ["int32", None], "optional", None, None, "yes"], "required flag must be a bool"),
     (["x", 1, ["int32", None], "optional", None, None, True, [1]], "only a single message field"),
 ])
 def test_from_dict_checks_defaults(field, error):
