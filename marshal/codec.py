@@ -32,6 +32,7 @@ from . import _framing
 from . import _pack as _packmod
 from .containers import map_type, repeated_type
 from .enums import EnumWrapper
+from .message import DefaultedField, raw_name, raw_state
 from .schema import INT_RANGES, Field, Schema, SchemaError, TypeRef
 
 if TYPE_CHECKING:
@@ -278,8 +279,41 @@ class _Gen:
             self.ns[f"_EC{k}"] = ecls
             self.enum_maps[ename] = f"_E{k}"
             self.enum_classes[ename] = f"_EC{k}"
+        self.closed_maps: dict[str, str] = {}
+        self.nconst = 0
+        self.reading = False  # generating a read_field reader (plain mode, as the app reads)
         self.done: set[str] = set()
         self.nfunc = 0
+
+    def const(self, value: Any) -> str:
+        """A name in the generated code's namespace for `value` (a default: inf, nan and
+        bytes have no safe literal in every case)."""
+        self.nconst += 1
+        name = f"_K{self.nconst}"
+        self.ns[name] = value
+        return name
+
+    def closed_map(self, ref: str | None) -> str | None:
+        """For a closed (proto2) enum, decoded where the app's view counts (the app's classes,
+        read_field): the name of a dict of its declared numbers (to the IntEnum members in
+        class mode); None for an open enum or the daemon's plain decoding, which keeps
+        every int (the receiving app judges with its own schema)."""
+        en = self.schema.enums.get(ref) if ref is not None else None
+        if en is None or not en.closed or (self.mode != "cls" and not self.reading):
+            return None
+        key = cast(str, ref)
+        name = self.closed_maps.get(key)
+        if name is None:
+            members = self.ns[self.enum_maps[key]] if key in self.enum_maps else {}
+            name = self.closed_maps[key] = self.const({n: members.get(n, n) for _, n in en.values})
+        return name
+
+    def raw_attr(self, f: Field) -> str | None:
+        """In class mode, the attribute the codec reads and writes a field with a declared
+        default through (its slot, None when unset: `message.raw_name`), else None."""
+        if self.mode == "cls" and f.default is not None and f.nullable:
+            return raw_name(f.name)
+        return None
 
     def fid(self, name: str) -> int:
         if name not in self.index:
@@ -350,7 +384,10 @@ class _Gen:
         if self.mode == "cls":
             L.append(f"    o = _new(_C{k})")
             for i, f in enumerate(msg.fields):
-                if _ident_ok(f.name):
+                raw = self.raw_attr(f)
+                if raw is not None:
+                    L.append(f"    o.{raw} = f{i}")
+                elif _ident_ok(f.name):
                     L.append(f"    o.{f.name} = f{i}")
                 else:
                     L.append(f"    setattr(o, {f.name!r}, f{i})")
@@ -379,7 +416,10 @@ class _Gen:
                   f"    if {self.dbad(t.kind, 'y')}:",
                   f"        {v} = _dall({v}, {W}, {t.kind!r}, {t.ref!r})",
                   "        break"]
-            if t.kind == "enum" and t.ref in self.enum_maps:
+            closed = self.closed_map(t.ref) if t.kind == "enum" else None
+            if closed is not None:  # a value a closed enum does not declare is dropped, as protobuf
+                L.append(f"{v} = [{closed}[y] for y in {v} if y in {closed}]")
+            elif t.kind == "enum" and t.ref in self.enum_maps:
                 L.append(f"{v} = [{self.enum_maps[t.ref]}.get(y, y) for y in {v}]")
             return L
         if f.label == "map":
@@ -401,7 +441,10 @@ class _Gen:
                   f"    if {self.dbad(kk, 'k_')} or {self.dbad(t.kind, 'y')}:",
                   f"        {v} = _dmap({v}, {W}, {kk!r}, {t.kind!r}, {t.ref!r})",
                   "        break"]
-            if t.kind == "enum" and t.ref in self.enum_maps:
+            closed = self.closed_map(t.ref) if t.kind == "enum" else None
+            if closed is not None:  # an entry whose value a closed enum does not declare is dropped
+                L.append(f"{v} = {{k_: {closed}[y] for k_, y in {v}.items() if y in {closed}}}")
+            elif t.kind == "enum" and t.ref in self.enum_maps:
                 L.append(f"{v} = {{k_: {self.enum_maps[t.ref]}.get(y, y) for k_, y in {v}.items()}}")
             return L
         # single / optional / oneof member
@@ -414,7 +457,13 @@ class _Gen:
                     f"    raise _DE(_bad({W}, {lab}, {v}))"]
         L = [f"if {self.dbad(t.kind, v)}:",
              f"    {v} = _dconv({v}, {W}, {t.kind!r}, {t.ref!r})"]
-        if t.kind == "enum" and t.ref in self.enum_maps:
+        closed = self.closed_map(t.ref) if t.kind == "enum" else None
+        if closed is not None:
+            # a value a closed enum does not declare leaves the field unset, as protobuf (a
+            # field without presence, a required one, holds its default)
+            other = "" if f.nullable else ", " + self.const(self.enum_value(f))
+            L.append(f"{v} = {closed}.get({v}{other})")
+        elif t.kind == "enum" and t.ref in self.enum_maps:
             L.append(f"{v} = {self.enum_maps[t.ref]}.get({v}, {v})")
         if f.nullable:
             L = [f"if {v} is not None:"] + ["    " + s for s in L]
@@ -468,7 +517,10 @@ class _Gen:
             L += ["    if d > MAXD:",
                   f"        raise _EE({name!r} + ': messages nested deeper than {MAX_DEPTH} (a cycle?)')"]
         for i, f in enumerate(msg.fields):
-            if self.mode == "cls":
+            raw = self.raw_attr(f)
+            if raw is not None:  # its slot: None (nil) when unset, not the default
+                get = f"m.{raw}"
+            elif self.mode == "cls":
                 get = f"m.{f.name}" if _ident_ok(f.name) else f"getattr(m, {f.name!r})"
             else:
                 get = f"m.get({f.name!r}, {self.default_expr(f)})"
@@ -490,9 +542,17 @@ class _Gen:
             return "{}"
         if f.nullable:
             return "None"
+        if f.default is not None:  # (a required scalar's declared default)
+            return self.const(f.default)
         if f.type.kind == "enum":
             return repr(_enum_default(self.schema, f.type.ref))
         return repr(_scalar_default(f.type.kind))
+
+    def enum_value(self, f: Field) -> Any:
+        """What an enum field without presence holds when unset: its declared default or the
+        enum's first value (its IntEnum member in class mode)."""
+        number = f.default if f.default is not None else _enum_default(self.schema, f.type.ref)
+        return self.ns[self.closed_maps[f.type.ref_name]].get(number, number) if f.type.ref in self.closed_maps else number
 
     def emsg_expr(self, ref: str, y: str, W: str) -> str:
         j = self.fid(ref)
@@ -546,7 +606,17 @@ class _Gen:
             self.compile([name], encoders=False)
         self.nfunc += 1
         fname = f"_rf{self.nfunc}"
-        L = [f"def {fname}(x, d):"] + ["    " + s for s in self.dfield(f, "x", where)] + ["    return x"]
+        # the value as the app reading the message sees it: a closed enum's unknown value is
+        # unset, an unset field with a declared default is that default (a policy must not
+        # judge an unset field otherwise than the app it lets the message through to)
+        self.reading = True
+        try:
+            body = self.dfield(f, "x", where)
+        finally:
+            self.reading = False
+        if f.default is not None and f.nullable:
+            body += ["if x is None:", f"    x = {self.const(f.default)}"]
+        L = [f"def {fname}(x, d):"] + ["    " + s for s in body] + ["    return x"]
         exec(compile("\n".join(L) + "\n", "<mrpcd.codec read_field>", "exec"), self.ns)
         return self.ns[fname]
 
@@ -574,7 +644,9 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type[enum.In
 
     Every message reachable from a bound one must have a class in `classes`. `enums`
     (full enum name → IntEnum class) makes decoded enum values members of those classes
-    when known (unknown values of open enums stay ints).
+    when known (unknown values of open enums stay ints; those of closed, proto2, enums leave
+    the field unset, as protobuf's decoder does). A field with presence and a declared
+    default gets a DefaultedField in front of its slot (marshal/message.py).
     """
     gen = _Gen(schema, "cls", classes, enums)
     for ename, ecls in (enums or {}).items():
@@ -586,6 +658,8 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type[enum.In
         if name not in schema.messages:
             raise SchemaError(f"bind: {name} is not a message of the schema")
         _check_class(cls, schema.messages[name])
+    for name, cls in classes.items():
+        _install_defaults(cls, schema.messages[name], schema, enums or {})
     gen.compile(list(classes))
     for name, cls in classes.items():
         msg = schema.messages[name]
@@ -618,13 +692,50 @@ def _check_class(cls: type, msg: Any) -> None:
             raise SchemaError(f"bind: {cls.__qualname__} has no attribute slot for field {f.name!r}") from None
 
 
+def _declared(f: Field, enums: dict[str, type[enum.IntEnum]]) -> Any:
+    """A field's declared default as it reads: an enum's as its IntEnum member."""
+    if f.type.kind == "enum":
+        try:
+            return enums[f.type.ref_name](f.default)
+        except (KeyError, ValueError):
+            return f.default
+    return f.default
+
+
+def _install_defaults(cls: Any, msg: Any, schema: Schema, enums: dict[str, type[enum.IntEnum]]) -> None:
+    """Put a DefaultedField in front of the slot of each field with presence and a declared
+    default (reads give the default while it is unset), the slot itself under raw_name(field)
+    for the codec; undo that for fields that have none (a class bound again)."""
+    raw: dict[str, str] = {}
+    for f in msg.fields:
+        current = cls.__dict__.get(f.name)
+        if current is None:
+            current = getattr(cls, f.name, None)  # a slot of a base class
+        slot = current.slot if isinstance(current, DefaultedField) else current
+        if f.default is not None and f.nullable:
+            if not hasattr(slot, "__set__") or any(x.name == raw_name(f.name) for x in msg.fields):
+                raise SchemaError(f"bind: {cls.__qualname__}.{f.name}: cannot give the field its default")
+            setattr(cls, raw_name(f.name), slot)
+            setattr(cls, f.name, DefaultedField(slot, _declared(f, enums)))
+            raw[f.name] = raw_name(f.name)
+        elif isinstance(current, DefaultedField) and f.name in cls.__dict__:
+            setattr(cls, f.name, slot)
+    cls.__mrpc_raw__ = raw
+    if raw:  # pickle the stored values (None while unset), not what the fields read as
+        cls.__getstate__ = raw_state
+    elif cls.__dict__.get("__getstate__") is raw_state:
+        del cls.__getstate__
+
+
 def _default(f: Field, schema: Schema, enums: dict[str, type[enum.IntEnum]], classes: dict[str, type]) -> tuple[str, Any, bool]:
     if f.label == "repeated":
         return (f.name, repeated_type(classes[f.type.ref_name]) if f.type.kind == "message" else list, True)
     if f.label == "map":
         return (f.name, map_type(classes[f.type.ref_name]) if f.type.kind == "message" else dict, True)
-    if f.nullable:
+    if f.nullable:  # (unset; a declared default is what DefaultedField reads it as)
         return (f.name, None, False)
+    if f.default is not None:  # a required scalar's declared default
+        return (f.name, _declared(f, enums), False)
     if f.type.kind == "enum":
         number = _enum_default(schema, f.type.ref)
         try:

@@ -24,6 +24,13 @@ writing into it (`msg.sub.x = 1`) does not set it (AttributeError on None): pres
 instance on read would need a property in front of every message field's slot, on the
 construction, decoding and attribute-read paths. So there is no `SetInParent()` either;
 docs/PORTING.md gives the replacements.
+
+A proto2 field with a declared `[default = X]` (and presence) is the one exception to "unset
+reads None": reading it unset gives X, as protobuf does, which is the point of declaring it.
+Its slot still holds None while it is unset (what the encoder sends as nil and HasField
+answers from); `codec.bind` puts a `DefaultedField` in front of the slot that turns that None
+into X on read, and keeps the slot itself under `raw_name(field)` for the codec and the
+methods here, which read presence. Only such fields pay for the descriptor.
 """
 from __future__ import annotations
 
@@ -33,6 +40,60 @@ from typing import Any, TypeVar
 from .containers import field_path, from_dict
 
 _M = TypeVar("_M", bound="Message")
+
+
+def raw_name(field_name: str) -> str:
+    """The class attribute under which `codec.bind` keeps the slot of a field with a declared
+    default (its value as stored: None when unset)."""
+    return f"_mrpc_raw_{field_name}"
+
+
+class DefaultedField(property):
+    """A field with a declared proto2 default: reads its slot, or the default where the slot
+    holds None (unset); writes go to the slot, so assigning None unsets it (as ClearField).
+
+    In the class in place of the slot's own descriptor (kept in `slot`), so the read of every
+    other field stays a plain slot read. A property (its getter a closure over the slot's
+    own __get__) because CPython calls a property's getter directly: half the cost of a
+    descriptor class with a Python __get__ (about 95 against 205 ns a read, measured)."""
+
+    def __init__(self, slot: Any, default: Any) -> None:
+        get = slot.__get__
+
+        def fget(obj: Any) -> Any:
+            value = get(obj)
+            return default if value is None else value
+
+        super().__init__(fget, slot.__set__, slot.__delete__, "A field with a declared default.")
+        self.slot = slot
+        self.default = default
+
+
+def raw_state(self: Any) -> tuple[None, dict[str, Any]]:
+    """pickle's state of a message class with fields that have declared defaults (codec.bind
+    makes it the class's __getstate__): the stored values, None for an unset one, where the
+    default state would read each slot through its attribute, the default, and unpickle it
+    as set."""
+    get = _getter(type(self))
+    state = {}
+    for name in type(self).__mrpc_fields__:
+        try:
+            state[name] = get(self, name)
+        except AttributeError:  # (a slot never assigned)
+            pass
+    return None, state
+
+
+def _getter(cls: type) -> Any:
+    """getattr, or for a class with fields that have declared defaults one that reads their
+    stored values (None when unset) instead of the defaults: what presence is judged by."""
+    raw = getattr(cls, "__mrpc_raw__", None)
+    if not raw:
+        return getattr
+
+    def get(obj: Any, name: str, *default: Any) -> Any:
+        return getattr(obj, raw.get(name, name), *default)
+    return get
 
 
 class Message:
@@ -47,6 +108,8 @@ class Message:
     __mrpc_types__: tuple[Any, ...] = ()
     # what generated __init__s compare an argument's class with (a parameter may be named `dict`)
     __mrpc_dict__ = dict
+    # field name -> raw_name(field) for the fields with a declared default (codec.bind)
+    __mrpc_raw__: dict[str, str] = {}
 
     def __init__(self, /, **kwargs: Any) -> None:
         """Every field set to its default, then to the keyword arguments given (a repeated
@@ -122,7 +185,9 @@ class Message:
         # classes for the types it imports; the codec takes either) compares by fields
         if type(other) is not type(self) and not _same_message(type(self), type(other)):
             return NotImplemented
-        return all(getattr(self, n, None) == getattr(other, n, None) for n in self._fields())
+        # (set to the default and unset differ, as protobuf's)
+        get, oget = _getter(type(self)), _getter(type(other))
+        return all(get(self, n, None) == oget(other, n, None) for n in self._fields())
 
     def __ne__(self, other: object) -> bool:
         eq = self.__eq__(other)
@@ -132,13 +197,16 @@ class Message:
 
     def __repr__(self) -> str:
         parts = []
+        get = _getter(type(self))
         for n in self._fields():
-            parts.append(f"{n}={getattr(self, n, '<unset>')!r}")
+            parts.append(f"{n}={get(self, n, '<unset>')!r}")
         return f"{type(self).__qualname__}({', '.join(parts)})"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: nested messages become dicts (the shape codec.decode_plain returns)."""
-        return {n: _plain(getattr(self, n, None)) for n in self._fields()}
+        """Plain data: nested messages become dicts (the shape codec.decode_plain returns; an
+        unset field with a declared default is None, so `Msg(**m.to_dict())` keeps it unset)."""
+        get = _getter(type(self))
+        return {n: _plain(get(self, n, None)) for n in self._fields()}
 
     def ByteSize(self) -> int:
         """Length of the encoded message."""
@@ -151,20 +219,22 @@ class Message:
         if f is None:
             members = _oneof_members(self, field_name)
             if members:
-                return any(getattr(self, m.name) is not None for m in members)
+                get = _getter(type(self))
+                return any(get(self, m.name) is not None for m in members)
             raise ValueError(f"Protocol message {_full_name(self)} has no field {field_name!r}")
         if not f.nullable or f.label in ("repeated", "map"):
             raise ValueError(f"Field {_full_name(self)}.{field_name} does not have presence "
                              "(only message, optional and oneof fields do)")
-        return getattr(self, field_name) is not None
+        return _getter(type(self))(self, field_name) is not None
 
     def WhichOneof(self, oneof_group: str) -> str | None:
         """The name of the member of `oneof_group` that is set, or None."""
         members = _oneof_members(self, oneof_group)
         if not members:
             raise ValueError(f"Protocol message {_full_name(self)} has no oneof {oneof_group!r}")
+        get = _getter(type(self))
         for m in members:
-            if getattr(self, m.name) is not None:
+            if get(self, m.name) is not None:
                 return str(m.name)
         return None
 
@@ -189,8 +259,9 @@ class Message:
         _check_same(self, other_msg, "CopyFrom")
         if other_msg is self:
             return
+        get = _getter(type(other_msg))
         for f in _schema_fields(self):
-            setattr(self, f.name, copy.deepcopy(getattr(other_msg, f.name)))
+            setattr(self, f.name, copy.deepcopy(get(other_msg, f.name)))
 
     def MergeFrom(self, msg: "Message") -> None:
         """protobuf's merge: set fields of `msg` overwrite (a set oneof member clears the
@@ -201,8 +272,9 @@ class Message:
         if msg is self:
             msg = copy.deepcopy(msg)
         defaults = {n: v for n, v, factory in type(self).__mrpc_defaults__ if not factory}
+        get, mget = _getter(type(self)), _getter(type(msg))
         for f in _schema_fields(self):
-            value = getattr(msg, f.name)
+            value = mget(msg, f.name)
             if f.label == "repeated":
                 getattr(self, f.name).extend(copy.deepcopy(value))
             elif f.label == "map":
@@ -210,7 +282,7 @@ class Message:
             elif f.nullable:
                 if value is None:
                     continue
-                mine = getattr(self, f.name)
+                mine = get(self, f.name)
                 if (isinstance(value, Message) and isinstance(mine, Message)
                         and (type(mine) is type(value) or _same_message(type(mine), type(value)))):
                     mine.MergeFrom(value)
@@ -232,8 +304,9 @@ class Message:
         """Replace this message's contents with the decoded `serialized`; returns its length.
         Nothing changes when it cannot be decoded (DecodeError)."""
         parsed = type(self).FromString(serialized)
+        get = _getter(type(parsed))
         for f in _schema_fields(self):
-            setattr(self, f.name, getattr(parsed, f.name))
+            setattr(self, f.name, get(parsed, f.name))
         return len(serialized)
 
     def ListFields(self) -> list[tuple[Any, Any]]:
@@ -242,9 +315,10 @@ class Message:
         other field when not its default. `field` is the schema's Field (`.name`,
         `.number`, `.label`, `.type`), where protobuf gives a FieldDescriptor."""
         defaults = {n: v for n, v, factory in type(self).__mrpc_defaults__ if not factory}
+        get = _getter(type(self))
         out = []
         for f in _schema_fields(self):
-            value = getattr(self, f.name)
+            value = get(self, f.name)  # (a field with a declared default: None when unset)
             if f.label in ("repeated", "map"):
                 is_set = bool(value)
             elif f.nullable:
@@ -274,15 +348,17 @@ class Message:
 
     def __copy__(self: _M) -> _M:
         new = object.__new__(type(self))
+        get = _getter(type(self))
         for n in self._fields():
-            setattr(new, n, getattr(self, n, None))
+            setattr(new, n, get(self, n, None))
         return new
 
     def __deepcopy__(self: _M, memo: dict[int, Any]) -> _M:
         new = object.__new__(type(self))
         memo[id(self)] = new
+        get = _getter(type(self))
         for n in self._fields():
-            setattr(new, n, copy.deepcopy(getattr(self, n, None), memo))
+            setattr(new, n, copy.deepcopy(get(self, n, None), memo))
         return new
 
     def SerializeToString(self, deterministic: bool = False) -> bytes:  # replaced by codec.bind

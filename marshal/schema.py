@@ -8,6 +8,7 @@ daemon-to-daemon handshake (which compares fingerprints). It never imports proto
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -75,6 +76,17 @@ class Field:
     # proto2 `required` on a message field: None (unset) is refused when encoding and
     # decoding. (A required scalar is a "single" field: it always has a value to send.)
     required: bool = False
+    # proto2 `[default = X]` of a scalar or enum field (an enum's as its number), None when
+    # the .proto declares none. What an unset field reads as: it is never sent (unset is nil
+    # on the wire, as ever), so it is the reader's own, as in protobuf, and it is not in
+    # `closure()` (changing a default is a compatible change there too).
+    default: Any = field(default=None, compare=False)
+    # what equality compares for the default: nan equal to itself, True / 1 / 1.0 apart
+    _default_key: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.default is not None:
+            object.__setattr__(self, "_default_key", (type(self.default).__name__, repr(self.default)))
 
     @property
     def nullable(self) -> bool:
@@ -93,6 +105,11 @@ class Message:
 class Enum:
     full_name: str
     values: tuple[tuple[str, int], ...]
+    # a proto2 enum is closed: a value it does not declare, received from the wire, is not
+    # stored in a field (the field reads as unset; a repeated field drops it), as protobuf
+    # does. proto3 enums are open (unknown values are kept as ints). Only the decoding app's
+    # own schema decides, so this is not in `closure()` either.
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,7 +165,8 @@ class Schema:
             "messages": [
                 [m.full_name, [_field_to_list(f) for f in m.fields]] for m in self.messages.values()
             ],
-            "enums": [[e.full_name, [list(v) for v in e.values]] for e in self.enums.values()],
+            "enums": [[e.full_name, [list(v) for v in e.values]] + ([True] if e.closed else [])
+                      for e in self.enums.values()],
             "services": [
                 [s.full_name, [[x.name, x.input, x.output, x.client_streaming, x.server_streaming] for x in s.methods]]
                 for s in self.services.values()
@@ -197,7 +215,9 @@ class Schema:
                         seen_e[t.ref_name] = self.enums[t.ref_name]
         return {
             "service": [svc.full_name, [[x.name, x.input, x.output, x.client_streaming, x.server_streaming] for x in svc.methods]],
-            "messages": sorted([m.full_name, [_field_to_list(f) for f in m.fields]] for m in seen_m.values()),
+            # (without defaults or closed flags: what an unset field or an unknown enum value
+            # reads as is the receiving app's business; the wire is the same)
+            "messages": sorted([m.full_name, [_field_to_list(f, False) for f in m.fields]] for m in seen_m.values()),
             "enums": sorted([e.full_name, [list(v) for v in e.values]] for e in seen_e.values()),
         }
 
@@ -213,9 +233,12 @@ class Schema:
         return {m.method_id: m for s in self.services.values() for m in s.methods}
 
 
-def _field_to_list(f: Field) -> list:
+def _field_to_list(f: Field, with_default: bool = True) -> list:
     out = [f.name, f.number, f.type.to_list(), f.label, f.key.to_list() if f.key else None, f.oneof]
-    if f.required:  # only then: schemas without required fields keep their fingerprints
+    # only when set: schemas without required fields or defaults keep their form and fingerprints
+    if with_default and f.default is not None:
+        out += [f.required, [f.default]]
+    elif f.required:
         out.append(True)
     return out
 
@@ -255,20 +278,24 @@ def _schema_from_dict(data: Any) -> Schema:
     messages, enums, services = data.get("messages", []), data.get("enums", []), data.get("services", [])
     if len(messages) > MAX_MESSAGES or len(enums) > MAX_MESSAGES or len(services) > MAX_MESSAGES:
         raise SchemaError("schema has too many definitions")
-    for name, values in enums:
+    for entry in enums:
+        if len(entry) not in (2, 3) or (len(entry) == 3 and entry[2] is not True):
+            raise SchemaError("an enum is [name, values] or [name, values, true] (closed)")
+        name, values = entry[0], entry[1]
         _check_name(name, _FULL_NAME, "enum")
         vals = tuple((_check_name(v[0], _NAME, "enum value"), _enum_number(v[1], name)) for v in values)
-        schema.enums[name] = Enum(name, vals)
+        schema.enums[name] = Enum(name, vals, len(entry) == 3)
     for name, fields in messages:
         _check_name(name, _FULL_NAME, "message")
         if len(fields) > MAX_FIELDS:
             raise SchemaError(f"{name}: too many fields")
         out = []
         for entry in fields:
-            if len(entry) not in (6, 7):
-                raise SchemaError(f"{name}: a field is 6 or 7 items, got {len(entry)}")
+            if len(entry) not in (6, 7, 8):
+                raise SchemaError(f"{name}: a field is 6 to 8 items, got {len(entry)}")
             fname, number, ftype, label, key, oneof = entry[:6]
-            required = len(entry) == 7
+            # 7 items: required (true); 8: required (a bool) and [default]
+            required = entry[6] if len(entry) >= 7 else False
             where = f"{name}.{fname}"
             _check_name(fname, _NAME, "field")
             if not isinstance(number, int) or not 0 < number < 2**29:
@@ -283,9 +310,12 @@ def _schema_from_dict(data: Any) -> Schema:
                 if label in ("repeated", "map"):
                     raise SchemaError(f"{where}: a oneof member cannot be {label}")
             ftyperef = _typeref(ftype, where)
-            if required and (entry[6] is not True or label != "single" or oneof is not None or ftyperef.kind != "message"):
+            if type(required) is not bool or (len(entry) == 7 and required is not True):
+                raise SchemaError(f"{where}: the required flag must be a bool (true in a 7-item field)")
+            if required and (label != "single" or oneof is not None or ftyperef.kind != "message"):
                 raise SchemaError(f"{where}: only a single message field (not in a oneof) can be marked required")
-            out.append(Field(fname, number, ftyperef, label, keyref, oneof, required))
+            default = _default_value(entry[7], ftyperef, label, where) if len(entry) == 8 else None
+            out.append(Field(fname, number, ftyperef, label, keyref, oneof, required, default))
         if len({f.name for f in out}) != len(out) or len({f.number for f in out}) != len(out):
             raise SchemaError(f"{name}: duplicate field name or number")
         schema.messages[name] = Message(name, tuple(out))
@@ -302,9 +332,32 @@ def _schema_from_dict(data: Any) -> Schema:
     return schema
 
 
+def _default_value(data: Any, t: TypeRef, label: str, where: str) -> Any:
+    """A field's declared default from plain data ([value]), checked against its type: only
+    a scalar or enum field that is not repeated / a map has one (as protoc allows)."""
+    if not isinstance(data, (list, tuple)) or len(data) != 1:
+        raise SchemaError(f"{where}: a default is [value]")
+    value: Any = data[0]
+    if label in ("repeated", "map") or t.kind == "message":
+        raise SchemaError(f"{where}: only a scalar or enum field that is not repeated or a map has a default")
+    kind = "int32" if t.kind == "enum" else t.kind
+    ok: type = {"double": float, "float": float, "bool": bool, "string": str, "bytes": bytes}.get(kind, int)
+    typed = type(value) is ok  # (a bool is not an int here, nor an int a float)
+    if not typed or (kind in INT_RANGES and not INT_RANGES[kind][0] <= value <= INT_RANGES[kind][1]):
+        raise SchemaError(f"{where}: default {value!r:.40} is not a {t.kind}")
+    if kind == "string" and len(value) > 65536 or kind == "bytes" and len(value) > 65536:
+        raise SchemaError(f"{where}: default longer than 65536")
+    if ok is float and math.isnan(value):
+        value = math.nan  # one nan object: equal defaults compare equal (Field's key, schema merge)
+    return value
+
+
 def _check_references(schema: Schema) -> None:
     for msg in schema.messages.values():
         for f in msg.fields:
+            if f.default is not None and f.type.kind == "enum" and f.type.ref in schema.enums:
+                if f.default not in {n for _, n in schema.enums[f.type.ref].values}:
+                    raise SchemaError(f"{msg.full_name}.{f.name}: default {f.default} is not a value of {f.type.ref}")
             for t in (f.type, f.key):
                 if t is None or t.ref is None:
                     continue

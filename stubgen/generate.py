@@ -35,9 +35,10 @@ be generated and are reported as errors.
 from __future__ import annotations
 
 import keyword
+import math
 import os
 import re
-from typing import AbstractSet, cast
+from typing import AbstractSet, Any, cast
 
 from mrpcd.marshal.message import Message as _BaseMessage
 from mrpcd.marshal.schema import Field, Message, Schema, Service, TypeRef
@@ -384,7 +385,8 @@ class _Emitter:
             if f.type.kind == "message":  # the container with get_or_create()
                 return f"_MessageMap[{k}, {t}]"
             return f"{self.builtin('dict', shadow, pyi)}[{k}, {t}]"
-        return f"{t} | None" if f.nullable else t
+        # a field with a declared default reads it while unset: never None
+        return f"{t} | None" if f.nullable and f.default is None else t
 
     def param_type(self, f: Field, shadow: AbstractSet[str] = frozenset(), pyi: bool = False) -> str:
         """What __init__ takes for a field: what the runtime accepts (as grpcio's .pyi types
@@ -403,7 +405,7 @@ class _Emitter:
         if f.label == "map":
             k = self.value_type(cast(TypeRef, f.key).kind, None, shadow, pyi)
             return (f"_Mapping[{k}, {t}]" if pyi else f"dict[{k}, {t}]") + " | None"
-        return f"{t} | None" if f.nullable else t
+        return f"{t} | None" if f.nullable or f.default is not None else t
 
     def wkt_mixin(self, full: str) -> str | None:
         """The helper mixin of a well-known type (Timestamp, Duration), if it is one."""
@@ -526,8 +528,10 @@ class _Emitter:
                                           f"else {me}.__mrpc_msg__({i}, {p})")
             elif f.type.kind == "message":  # protobuf's constructors take a dict for a message
                 default, value = "None", f"{p} if {p}.__class__ is not {dict_} else {me}.__mrpc_msg__({i}, {p})"
-            elif f.nullable:
+            elif f.nullable:  # (unset: None, also where a declared default is what it reads as)
                 default, value = "None", p
+            elif f.default is not None:  # a required scalar's declared default: the one bind() computed
+                default, value = "None", f"({me}.__mrpc_defaults__[{i}][1] if {p} is None else {p})"
             elif f.type.kind == "enum":
                 member = n.default_member(f.type.ref_name)
                 qual = n.qual[f.type.ref_name]
@@ -772,6 +776,16 @@ def _dict_arg(items: list[tuple[str, str]], indent: int) -> str:
     return "{\n" + "".join(f"{pad}{k}: {v},\n" for k, v in items) + " " * indent + "}"
 
 
+def _literal(x: Any) -> str:
+    """repr() of plain data, but floats that have no literal (a default of inf, -inf, nan) as
+    expressions that use no name (a module's type could be called `float`)."""
+    if isinstance(x, list):
+        return "[" + ", ".join(_literal(v) for v in x) + "]"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "(1e999 * 0)" if math.isnan(x) else "1e999" if x > 0 else "-1e999"
+    return repr(x)
+
+
 def _schema_literal(schema: Schema) -> list[str]:
     """`SCHEMA = _Schema.from_dict({...})`: to_dict() laid out one field / method a line."""
     d = schema.to_dict()
@@ -782,18 +796,19 @@ def _schema_literal(schema: Schema) -> list[str]:
             out.append(f"        [{name!r}, []],")
             continue
         out.append(f"        [{name!r}, [")
-        out += [f"            {f!r}," for f in fields]
+        out += [f"            {_literal(f)}," for f in fields]
         out.append("        ]],")
     out.append("    ],")
     out.append('    "enums": [')
-    for name, values in d["enums"]:
-        one = f"        [{name!r}, {values!r}],"
+    for name, values, *closed in d["enums"]:
+        tail = ", True" if closed else ""  # (a closed, proto2, enum)
+        one = f"        [{name!r}, {values!r}{tail}],"
         if len(one) <= _LINE:
             out.append(one)
         else:
             out.append(f"        [{name!r}, [")
             out += [f"            {v!r}," for v in values]
-            out.append("        ]],")
+            out.append(f"        ]{tail}],")
     out.append("    ],")
     out.append('    "services": [')
     for name, methods in d["services"]:

@@ -21,12 +21,15 @@ Mapping of descriptors to the schema:
     required scalar always has a value to send);
   * member of a real oneof                 -> "single" with oneof=<oneof name>;
   * everything else                        -> "single".
+proto2 `[default = X]` (on an optional field, a oneof member or a required scalar) becomes the
+field's `default` (typed: an enum's by its number, bytes unescaped as protoc gives them C
+escaped); a proto2 file's enums are `closed`.
 Field names stay the .proto names, also when they are Python keywords (`from`); the
 generator gives such fields a safe Python attribute (`from_`).
 
 Not supported (clear error naming the construct and its file:line:column): proto2 groups,
 extensions declared in an input file (custom options, extensions of google.protobuf.*Options,
-are fine: they add no field to a message), proto2 explicit default values, editions syntax.
+are fine: they add no field to a message), editions syntax.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from mrpcd.marshal.schema import Enum, Field, Message, Method, Schema, SchemaError, Service, TypeRef
 
@@ -306,9 +309,6 @@ def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[s
 
     for i, f in enumerate(m.field):
         where = f"{d.full}.{f.name}"
-        if f.HasField("default_value"):
-            raise StubgenError(f"{at(i)}: {where}: explicit default values ([default = {f.default_value}]) are not "
-                               "supported (without the option the default is the type's own: 0, empty, the enum's first value)")
         oneof = None
         key = None
         if f.label == _LABEL_REPEATED:
@@ -331,8 +331,35 @@ def _convert_message(d: _Decl, decls: dict[str, _Decl]) -> tuple[Message, list[s
             label = "single"
         ref = typeref(f, where, i)
         required = proto2 and f.label == _LABEL_REQUIRED and ref.kind == "message"
-        fields.append(Field(f.name, f.number, ref, label, key, oneof, required))
+        default = _default(f, ref, decls, f"{at(i)}: {where}") if f.HasField("default_value") else None
+        fields.append(Field(f.name, f.number, ref, label, key, oneof, required, default))
     return Message(d.full, tuple(fields)), refs
+
+
+def _default(f, ref: TypeRef, decls: dict[str, _Decl], where: str) -> Any:
+    """A proto2 `[default = X]` as the schema keeps it, from protoc's text of it
+    (FieldDescriptorProto.default_value: numbers as written, floats also inf / -inf / nan,
+    bools true / false, strings as they are, bytes C-escaped, enums by value name)."""
+    text = f.default_value
+    try:
+        if ref.kind == "enum":
+            for v in decls[ref.ref_name].proto.value:  # type: ignore[union-attr]  # (an enum's _Decl)
+                if v.name == text:
+                    return v.number
+            raise ValueError(f"{ref.ref} has no value {text}")
+        if ref.kind in ("double", "float"):
+            return float(text)  # (Python reads inf, -inf and nan as protoc writes them)
+        if ref.kind == "bool":
+            return {"true": True, "false": False}[text]
+        if ref.kind == "string":
+            return text
+        if ref.kind == "bytes":
+            from google.protobuf import text_encoding
+
+            return bytes(text_encoding.CUnescape(text))
+        return int(text)  # (protoc writes them in decimal, also those given in hex)
+    except (ValueError, KeyError) as exc:  # pragma: no cover - protoc has checked the text
+        raise StubgenError(f"{where}: cannot read the default value {text!r}: {exc}") from None
 
 
 def _public_closure(fd, files: dict[str, FileDescriptorProto]) -> list[FileDescriptorProto]:
@@ -419,7 +446,10 @@ def build_modules(fds, main_names: list[str], paths: list[str] | None = None) ->
             if d.file is not fd:
                 _check_file(d.file)
             if d.kind == "enum":
-                enums[name] = Enum(name, tuple((v.name, v.number) for v in d.proto.value))
+                # a proto2 file's enum is closed, a proto3 one's open (protobuf's rule; a
+                # proto2 message's field of a proto3 enum keeps unknown values)
+                enums[name] = Enum(name, tuple((v.name, v.number) for v in d.proto.value),
+                                   closed=d.file.syntax in ("", "proto2"))
                 continue
             msg, refs = _convert_message(d, decls)
             messages[name] = msg

@@ -20,7 +20,7 @@ from mrpcd.stubgen.parse import parse
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "tests" / "protos"
 HELLO = ROOT / "examples" / "hello" / "hello.proto"
-GOOD = ["scalars", "streaming", "collide", "legacy2", "names"]
+GOOD = ["scalars", "streaming", "collide", "legacy2", "names", "defaults2", "defaults2_wire"]
 
 
 def stubgen(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -406,7 +406,6 @@ def test_syntax_error_is_reported_with_file_and_line(tmp_path):
     ("bad_group.proto", ["bad_group.proto:6:3: ", "groups are not supported", "WithGroup"]),
     ("bad_extension.proto", ["bad_extension.proto:11:3: ", "extensions are not supported", "Extendable.note"]),
     ("bad_edition.proto", ["bad_edition.proto:3:1: protobuf editions are not supported"]),
-    ("bad_default.proto", ["bad_default.proto:8:3: mrpc.bad.Header.retries: explicit default values ([default = -1])"]),
     ("bad_unknown_type.proto", ["bad_unknown_type.proto:6:3", "NoSuchType"]),
 ])
 def test_unsupported_or_invalid_protos(tmp_path, capsys, proto, words):
@@ -572,6 +571,10 @@ def test_pyi_passes_mypy(gen, tmp_path):
         "import hello_mrpc as h\n"
         "import scalars_mrpc as s\n"
         "import names_mrpc as nm\n"
+        "import defaults2_mrpc as d2\n"
+        "i: int = d2.Conf().i\n"  # a proto2 field with a declared default reads it: never None
+        "c: d2.Color = d2.Conf(color=None, req=None).color\n"
+        "p: int | None = d2.Conf().plain\n"
         "r = h.HelloRequest(name='x', mood=h.Mood.HAPPY, tags=['a'], scores={'a': 1})\n"
         "n: str = r.name\n"
         "r2: h.HelloRequest = h.HelloRequest.FromString(r.SerializeToString())\n"
