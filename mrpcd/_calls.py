@@ -741,9 +741,8 @@ class ServerCore:
         at (its actual port, so clients reconnect to where it was). None: done (serving, or
         given up on an error no retry can fix: the server terminates). An error of
         _REJOIN_RETRY: try again later (the addresses bound already are not bound twice)."""
-        new = None
         try:
-            new = self._follow()
+            self._follow()
         except RpcError as exc:
             if exc.code() not in _REJOIN_RETRY:
                 self._give_up(exc)
@@ -753,7 +752,8 @@ class ServerCore:
             self._rejoin_failures += 1
             if not isinstance(exc, DaemonUnavailable) and self._rejoin_failures & (self._rejoin_failures - 1) == 0:
                 # mrpcd is back, yet it refuses (the 1st, 2nd, 4th, ... time): say why
-                where = f" at {self._rejoin_left[0]}" if self._rejoin_left and new is not None else ""
+                joined = self._rejoin_app
+                where = f" at {self._rejoin_left[0]}" if self._rejoin_left and joined is not None and not joined.closed else ""
                 _server_log.warning("mrpcd is back but the server cannot serve%s again yet: %s (%s); trying again",
                                     where, exc.details(), exc.code().name)
             return exc

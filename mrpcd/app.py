@@ -85,6 +85,7 @@ class App:
     # itself, not by its user, so its channels and servers carry on with its successor
     daemon_lost = False
     _successor: "App | None" = None
+    _sock: "socket.socket | None"  # the control connection (None: an unconnected app)
     _space_need = 0  # ring bytes the last sender to block on a full tx ring needs
     # the blocked senders: App counts them (int), AioApp queues their futures (a deque); each
     # class's own methods use its kind (AioApp overrides every App method that touches it
@@ -95,11 +96,11 @@ class App:
     def __init__(self, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> None:
         tune_malloc()
         self._init_local(socket_path, name, driver)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock = sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.connect(self.socket_path)
+            sock.connect(self.socket_path)
         except OSError as exc:
-            self._sock.close()
+            sock.close()
             raise DaemonUnavailable(
                 f"cannot reach mrpcd at {self.socket_path}: {exc.strerror or exc} "
                 "(is the daemon running? start it with `mrpcd`, or set MRPCD_SOCKET)"
@@ -198,6 +199,7 @@ class App:
         """A thread that sleeps until the daemon closes the control connection (it stopped,
         or dropped this app), then closes the app: servers terminate, calls in flight fail
         UNAVAILABLE. Off the datapath: one poll() for the app's lifetime (close() wakes it)."""
+        assert self._sock is not None  # (a connected app's)
         threading.Thread(target=self._daemon_watch, args=(self._sock.fileno(),), name=f"mrpcd-watch-{self.app_id}",
                          daemon=True).start()
 
@@ -270,16 +272,17 @@ class App:
     # -- control socket -----------------------------------------------------------------
     def request(self, message: dict[str, Any], nfds: int = 0) -> tuple[dict[str, Any], list[int]]:
         """One control request/response; raises RpcError with the daemon's text on failure."""
-        if self._sock is None:
+        sock = self._sock
+        if sock is None:
             raise DaemonUnavailable(f"cannot reach mrpcd at {self.socket_path} (not yet: the app has not connected)")
         with self._control_lock:
             rid = next(self._ids)
             message = dict(message, id=rid)
             try:
-                self._sock.sendall(cp.encode(message))
+                sock.sendall(cp.encode(message))
                 fds: list[int] = []
                 while not self._inbox:
-                    data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, max(nfds, 1))
+                    data, got, _flags, _addr = socket.recv_fds(sock, 1 << 16, max(nfds, 1))
                     fds.extend(got)
                     if not data:
                         raise DaemonUnavailable(f"mrpcd at {self.socket_path} closed the control connection")
@@ -677,11 +680,21 @@ class App:
             self.connect_waits.notify_all()
 
     def close(self) -> None:
-        """Leave the daemon: it reclaims this app's rings, channels and listeners."""
+        """Leave the daemon: it reclaims this app's rings, channels and listeners. On an
+        app whose daemon went away (or that never had one), the user's close ends the
+        carrying on: its successor session closes too, and none is made any more."""
         with _close_lock:  # once, whoever calls it (the user, the daemon watcher) at the same time
-            if self.closed:
-                return
-            self.closed = True
+            closed, self.closed = self.closed, True
+            if closed:  # (only the user closes a closed app: the watcher closes an open one)
+                ended, self.daemon_lost = self.daemon_lost, False
+        if closed:
+            if ended:
+                with _successor_lock:
+                    successor = self._successor
+                self.wake_connect_waits()  # waits for a daemon end now
+                if successor is not None:
+                    successor.close()
+            return
         code, details = self._close_reason
         for key, sink in list(self.calls.items()):
             if key[0] == -1 and self.daemon_lost:
@@ -699,13 +712,15 @@ class App:
         with self._tx_lock:
             self._control.clear()
             self._space.notify_all()
+        sock = self._sock
+        assert sock is not None  # (an unconnected app is born closed: it never gets here)
         try:
             if os.getpid() == self._pid:  # (in a forked child the socket is the parent's too:
                 try:                        # shutdown would end the parent's session)
-                    self._sock.shutdown(socket.SHUT_RDWR)  # wakes the watcher (_daemon_watch)
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the watcher (_daemon_watch)
                 except OSError:
                     pass
-            self._sock.close()
+            sock.close()
         finally:
             self.daemon_waker.close()
             self.app_waker.close()

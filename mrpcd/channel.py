@@ -591,7 +591,12 @@ class Channel(ChannelCore):
             if self._handle is None:
                 self._set_state(ChannelConnectivity.CONNECTING)
                 try:
-                    reply = self._follow_app().call("connect", target=self.target)
+                    app = self._follow_app()
+                except RpcError as exc:  # no daemon (it is the local one that failed: no "failed to connect to <target>")
+                    self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
+                    raise RpcError(exc.code(), exc.details()) from None
+                try:
+                    reply = app.call("connect", target=self.target)
                 except RpcError as exc:
                     self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
                     raise connect_error(self.target, exc) from None

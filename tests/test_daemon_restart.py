@@ -289,3 +289,114 @@ def test_a_call_waiting_for_its_target_waits_on_through_a_daemon_restart(daemons
         channel.close()
         channel.app.close()
         app.close()
+
+
+def test_sync_apps_made_before_their_daemon_starts(daemons, gen_dir, tmp_path, monkeypatch):
+    """As grpc makes a channel to anywhere: with no daemon yet, insecure_channel() and
+    server() work (an unconnected default app); calls fail UNAVAILABLE or, with
+    wait_for_ready, wait; binding says the daemon is missing. Once it runs, all carry on."""
+    import mrpcd.app as appmod
+
+    hello = _hello(gen_dir)
+    monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "later.sock"))
+    monkeypatch.setattr(appmod, "_default_app", None)
+
+    class Greeter(hello.GreeterServicer):
+        def SayHello(self, request, context):
+            return hello.HelloReply(message=f"Hello, {request.name}!")
+
+    server = mrpcd.server()
+    hello.add_GreeterServicer_to_server(Greeter(), server)
+    with pytest.raises(mrpcd.RpcError) as info:
+        server.add_insecure_port("127.0.0.1:0")
+    assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE and "cannot reach mrpcd" in info.value.details()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % s.getsockname()[1]
+    channel = mrpcd.insecure_channel(address)
+    stub = hello.GreeterStub(channel)
+    with pytest.raises(mrpcd.RpcError) as info:
+        _call(stub, hello, "early")
+    assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE and "cannot reach mrpcd" in info.value.details()
+    patient = stub.SayHello.future(hello.HelloRequest(name="patient"), timeout=30, wait_for_ready=True)
+    try:
+        daemons.start("later")
+        server.add_insecure_port(address)
+        server.start()
+        assert patient.result(timeout=30).message == "Hello, patient!"
+        assert _call(stub, hello, "later") == "Hello, later!"
+        assert channel.app is server.app is appmod.default_app() and not server.app.closed
+    finally:
+        server.stop(None)
+        channel.close()
+        appmod.default_app().close()
+
+
+def test_asyncio_apps_made_before_their_daemon_starts(daemons, gen_dir, tmp_path, monkeypatch):
+    import mrpcd.aio._app as aioapp
+
+    hello = _hello(gen_dir)
+    monkeypatch.setenv("MRPCD_SOCKET", str(tmp_path / "later.sock"))
+    monkeypatch.setattr(aioapp, "_apps", {})
+
+    class Greeter(hello.GreeterServicer):
+        async def SayHello(self, request, context):
+            return hello.HelloReply(message=f"Hello, {request.name}!")
+
+    async def main() -> None:
+        server = mrpcd.aio.server()
+        hello.add_GreeterServicer_to_server(Greeter(), server)
+        with pytest.raises(mrpcd.RpcError) as info:
+            server.add_insecure_port("127.0.0.1:0")
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = "127.0.0.1:%d" % s.getsockname()[1]
+        channel = mrpcd.aio.insecure_channel(address)
+        stub = hello.GreeterStub(channel)
+        with pytest.raises(mrpcd.RpcError) as info:
+            await stub.SayHello(hello.HelloRequest(name="early"), timeout=5)
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE and "cannot reach mrpcd" in info.value.details()
+        patient = asyncio.ensure_future(stub.SayHello(hello.HelloRequest(name="patient"), timeout=30, wait_for_ready=True))
+        await asyncio.sleep(0.2)
+        await asyncio.get_running_loop().run_in_executor(None, daemons.start, "later")
+        try:
+            server.add_insecure_port(address)
+            await server.start()
+            assert (await patient).message == "Hello, patient!"
+            assert channel.app is server.app and not server.app.closed
+        finally:
+            await server.stop(None)
+            await channel.close()
+            server.app.close()
+
+    asyncio.run(main())
+
+
+def test_closing_an_app_whose_daemon_went_away_ends_its_carrying_on(daemons, gen_dir):
+    """The user's close of an app that lost its daemon closes the session its channels
+    moved to as well, and no new one is made after that (a wait_for_ready call ends)."""
+    hello = _hello(gen_dir)
+    a = daemons.start("a")
+    app = mrpcd.connect(a.socket)
+    stub = hello.GreeterStub(mrpcd.insecure_channel("127.0.0.1:9", app=app))
+    a = daemons.restart(a)
+    assert wait_until(lambda: app.closed and app.daemon_lost, 10)
+    successor = app.successor()
+    outcome: list = []
+
+    def wait() -> None:
+        try:
+            _call(stub, hello, "x", wait_for_ready=True, timeout=30)
+        except mrpcd.RpcError as exc:
+            outcome.append(exc.code())
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert wait_until(lambda: stub.SayHello._channel.app is successor, 10)
+    app.close()
+    waiter.join(10)
+    assert successor.closed and not app.daemon_lost
+    assert outcome and outcome[0] in (mrpcd.StatusCode.CANCELLED, mrpcd.StatusCode.UNAVAILABLE), outcome
+    with pytest.raises(mrpcd.RpcError):
+        app.successor()

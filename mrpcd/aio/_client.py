@@ -645,9 +645,9 @@ class Channel(ChannelCore):
                 self._set_state(ChannelConnectivity.CONNECTING)
                 try:
                     app = await self._follow_app()
-                except RpcError as exc:
+                except RpcError as exc:  # no daemon (it is the local one that failed: no "failed to connect to <target>")
                     self._set_state(ChannelConnectivity.TRANSIENT_FAILURE)
-                    raise connect_error(self.target, exc) from None
+                    raise AioRpcError(exc.code(), exc.details()) from None
                 connecting = asyncio.ensure_future(app.call_async("connect", target=self.target))
                 try:
                     reply = await asyncio.shield(connecting)  # (the connect goes on in its thread anyway)
