@@ -332,17 +332,31 @@ def test_sighup_while_draining_is_ignored_and_a_second_sigterm_stops_at_once(dae
 @pytest.mark.parametrize("how", ["sigterm", "shutdown"])
 @pytest.mark.parametrize("flavour", ["sync", "async"])
 def test_a_server_app_learns_that_its_daemon_stopped(daemon_factory, app_factory, gen_dir, how, flavour):
-    """wait_for_termination() blocked forever after the daemon exited."""
+    """A server app did not notice its daemon exit (its calls would hang); then it ended
+    with it. Now it says so, waits for a daemon at the same socket and serves there again
+    (tests/test_daemon_restart.py has the calls)."""
+    from conftest import DaemonProc, wait_until
+
     d = daemon_factory("gone")
     server = app_factory("hello_server.py", d, *(["--async"] if flavour == "async" else []), gen=gen_dir)
-    server.readline()
+    address = server.readline()
     if how == "sigterm":
         d.proc.send_signal(signal.SIGTERM)
     else:
         Control(d.socket).call("shutdown")
     assert d.proc.wait(20) == 0
-    code, out, err = server.wait(30)  # wait_for_termination() returned: the app exits 0
-    assert code == 0 and "closed the connection (it stopped or dropped this app)" in err, err
+    again = DaemonProc(Path(d.socket).parent, Path(d.socket).stem)
+    try:
+        def listening() -> bool:
+            return any(address in app.get("listening", ()) for app in Control(again.socket).call("apps")["apps"])
+
+        assert wait_until(listening, 20), Control(again.socket).call("apps")
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+        again.stop()
+    err = server.proc.stderr.read()
+    assert "closed the connection (it stopped or dropped this app)" in err, err
 
 
 def test_calls_in_flight_fail_unavailable_when_the_apps_daemon_dies(daemon_factory, app_factory, gen_dir):
