@@ -208,6 +208,8 @@ def _json_value(value: Any) -> Any:
 
 
 def _print_policies(reply: dict) -> None:
+    if reply.get("config_policies_refused"):  # the daemon config's `policies:` that did not apply
+        print(_printable(f"config policies: {reply['config_policies_refused']}"))
     if not reply["apps"]:
         print("no apps connected")  # (an empty listing looked like a hung or broken command)
         return
@@ -230,8 +232,6 @@ def _print_policies(reply: dict) -> None:
             print(_printable(line))
         for w in app.get("waiting") or ():  # declared, not attachable yet: the app may not call until it is
             print(_printable(f"  [waiting] {w['instance']}: {w.get('kind')} [config {w.get('declared_at') or ''}]: {w.get('waiting')}"))
-    if reply.get("config_policies_refused"):
-        print(_printable(f"config policies: {reply['config_policies_refused']}"))
 
 
 def _policy_doc(spec: str) -> int:

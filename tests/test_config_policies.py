@@ -155,6 +155,24 @@ def test_a_declared_acl_polices_the_first_call_of_an_app_of_that_name(daemon_fac
         other.close()
 
 
+def test_declared_policies_keep_file_order_when_one_waits_for_the_schema(daemon_factory, greeter):
+    """metrics and ratelimit attach at hello; the ACL (it names a method) once the app
+    registered it, and still between them, where the file put it."""
+    pb, address = greeter
+    a = daemon_factory("a", policies_config("  - {app: ordered, kind: metrics, name: first}\n", acl_entry("ordered", "mallory"),
+                                            "  - {app: 'ord*', kind: ratelimit, name: last, config: {rate: 1000}}\n"))
+    app = mrpcd.connect(a.socket, name="ordered")
+    try:
+        entry = listing(a, "ordered")
+        assert [p["instance"] for p in entry["policies"]] == ["first", "last"] and entry["waiting"][0]["instance"] == "deny-acl"
+        stub = pb.GreeterStub(mrpcd.insecure_channel(address, app=app))  # registers the schema
+        assert instances(a, "ordered") == ["first", "deny-acl", "last"]
+        assert greet(stub, pb, "mallory") == "PERMISSION_DENIED"
+        assert listing(a, "ordered")["waiting"] == []
+    finally:
+        app.close()
+
+
 def test_a_declared_policy_the_app_cannot_have_stops_its_calls_not_the_daemon(daemon_factory, greeter):
     pb, address = greeter
     a = daemon_factory("a", policies_config(acl_entry("strict", "x", method="/helloworld.Greeter/NoSuchMethod")))
