@@ -317,3 +317,35 @@ def test_mrpcctl_config_on_a_declared_policy_keeps_it_the_configs(daemon_factory
         assert greet(stub, pb, "bob") == "Hello, bob!" and greet(stub, pb, "mallory") == "PERMISSION_DENIED"
     finally:
         app.close()
+
+
+def test_a_server_app_is_policed_inbound_from_its_first_call_and_after_its_daemon_restarts(tmp_path, daemon_factory, app_factory, gen_dir):
+    """The server side: an inbound ACL declared for the server app's name is on before it
+    binds (no call can reach it unpoliced), and again once it re-registered with a new
+    daemon at the same socket."""
+    import hello_mrpc as pb
+
+    config = policies_config(acl_entry("hello_server.py", "mallory").replace("    config:\n", "    config:\n      direction: inbound\n"))
+    procs = [DaemonProc(tmp_path, "srv-restarting", config)]
+    try:
+        server = app_factory("hello_server.py", procs[0], gen=gen_dir)
+        address = server.readline()
+        a = daemon_factory("a")
+        app = mrpcd.connect(a.socket, name="caller")
+        channel = mrpcd.insecure_channel(address, app=app)
+        try:
+            stub = pb.GreeterStub(channel)
+            assert greet(stub, pb, "mallory") == "PERMISSION_DENIED"
+            assert greet(stub, pb, "bob") == "Hello, bob!"
+            assert listing(procs[0], "hello_server.py")["policies"][0]["source"] == "config"
+            procs[0].stop()
+            procs.append(DaemonProc(tmp_path, "srv-restarting", config))
+            assert wait_until(lambda: greet(stub, pb, "bob") == "Hello, bob!", 30)
+            assert greet(stub, pb, "mallory") == "PERMISSION_DENIED"
+            assert instances(procs[1], "hello_server.py") == ["deny-acl"]
+        finally:
+            channel.close()
+            app.close()
+    finally:
+        for d in procs:
+            d.stop()
