@@ -112,6 +112,15 @@ def test_a_bad_entry_is_refused_with_its_line(tmp_path, entry, line, words):
     assert f"{path}:{line}: policies[" in str(info.value) and words in str(info.value), str(info.value)
 
 
+def test_every_bad_entry_is_reported_at_once_each_on_its_line(tmp_path):
+    path = write(tmp_path, policies_config("  - {app: a, kind: nope}\n", "  - {app: b, kind: metrics}\n",
+                                           "  - app: c\n    kind: ratelimit\n    config: {rate: 0}\n") + "poll_us: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert [e.split(": ")[0] for e in info.value.errors] == [f"{path}:2", f"{path}:6", f"{path}:7"], info.value.errors
+    assert "policies[0]" in info.value.errors[0] and "policies[2]" in info.value.errors[1] and "poll_us" in info.value.errors[2]
+
+
 def test_check_config_refuses_a_bad_entry_with_file_and_line(tmp_path):
     path = write(tmp_path, policies_config("  - app: a\n    kind: ratelimit\n    config: {rate: -1}\n"))
     r = subprocess.run([sys.executable, "-m", "mrpcd.daemon.main", "--check-config", "-c", path], capture_output=True, text=True, timeout=60)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
-from ..keypath import KeyPathError
+from ..keypath import KeyPathError, KeyPathErrors
 from ..typo_hints import did_you_mean
 
 import yaml
@@ -312,12 +312,13 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
             try:
                 values[key] = VALIDATORS[key](value)
             except ValueError as exc:  # (a KeyPathError: the line of the key inside the value it names)
-                sub = tuple(getattr(exc, "path", ()))
-                where = f"{path}:{_line_at(node, (key, *sub))}"
-                if key == "policies" and sub:  # the entry, not the whole list (which may be long)
-                    errors.append(f"{where}: {key}[{sub[0]}]: {exc} (got {_shown(value, sub[:1])!r})")
-                else:
-                    errors.append(f"{where}: {key}: {exc} (got {value!r})")
+                for one in exc.errors if isinstance(exc, KeyPathErrors) else [exc]:
+                    sub = tuple(getattr(one, "path", ()))
+                    where = f"{path}:{_line_at(node, (key, *sub))}"
+                    if key == "policies" and sub:  # the entry, not the whole list (which may be long)
+                        errors.append(f"{where}: {key}[{sub[0]}]: {one} (got {_shown(value, sub[:1])!r})")
+                    else:
+                        errors.append(f"{where}: {key}: {one} (got {value!r})")
                 continue
             if key == "policies":  # each entry says where it is declared (mrpcctl policy list, the log)
                 values[key] = tuple(replace(e, where=f"{path}:{_line_at(node, (key, i))}") for i, e in enumerate(values[key]))

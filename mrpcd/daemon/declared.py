@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..keypath import KeyPathError
+from ..keypath import KeyPathError, KeyPathErrors
 from ..typo_hints import did_you_mean
 
 if TYPE_CHECKING:
@@ -112,53 +112,66 @@ def check_entry_config(cls: "type[Policy]", config: dict[str, Any], app: str) ->
 
 def parse_policies(value: Any) -> tuple[DeclaredPolicy, ...]:
     """The `policies:` section: a list of {app, kind, name?, config?} (see README)."""
-    from ..policies.base import PolicyLoadError, load_policy_module
-
     if value is None:
         return ()
     if not isinstance(value, list):
         raise ValueError("must be a list of entries {app: NAME, kind: POLICY, name: INSTANCE, config: {...}}")
     out: list[DeclaredPolicy] = []
+    errors: list[KeyPathError] = []  # every bad entry at once, each on its line
     for i, entry in enumerate(value):
-        if not isinstance(entry, dict):
-            raise KeyPathError(f"entry {i} must be a mapping with keys {', '.join(ENTRY_KEYS)}", (i,))
-        for key in entry:
-            if key not in ENTRY_KEYS:
-                raise KeyPathError(f"unknown key {key!r}{did_you_mean(str(key), ENTRY_KEYS)} (known: {', '.join(ENTRY_KEYS)})", (i, key))
-        app = entry.get("app")
-        if not isinstance(app, str) or not app or len(app) > 128:
-            raise KeyPathError("app must be an app's name (at most 128 characters) or a glob such as 'web-*'", (i, "app") if "app" in entry else (i,))
-        kind = entry.get("kind")
-        if not isinstance(kind, str) or not kind:
-            raise KeyPathError("kind must be a built-in policy name (acl, ratelimit, ...), a dotted module or a .py path",
-                               (i, "kind") if "kind" in entry else (i,))
         try:
-            cls = load_policy_module(kind)
-        except PolicyLoadError as exc:
-            raise KeyPathError(str(exc), (i, "kind")) from None
-        except (Exception, SystemExit) as exc:
-            raise KeyPathError(f"cannot load policy {kind}: {type(exc).__name__}: {exc}", (i, "kind")) from None
-        name = entry.get("name")
-        if name is not None and (not isinstance(name, str) or not name or len(name) > 128):
-            raise KeyPathError("name must be a non-empty string (the policy's instance name)", (i, "name"))
-        config = entry.get("config")
-        if config is None:
-            config = {}
-        if not isinstance(config, dict):
-            raise KeyPathError(f"config must be a mapping of the {cls.name} policy's keys (mrpcctl policy doc {kind})", (i, "config"))
-        try:
-            check_entry_config(cls, config, app)
+            out.append(_parse_entry(i, entry, out))
         except KeyPathError as exc:
-            raise exc.under(i) from None
-        declared = DeclaredPolicy(app, kind, name or cls.name, dict(config), cls=cls)
-        for j, other in enumerate(out):  # the same app twice: the second could never attach
-            if other.app == app and other.instance == declared.instance:
-                raise KeyPathError(f"app {app!r} already has a policy named {declared.instance!r} (entry {j}): "
-                                   "give one of them another name", (i, "name") if name else (i,))
-            if other.app == app and getattr(cls, "one_per_app", False) and other.cls is cls:
-                raise KeyPathError(f"a {cls.name} policy takes one per app, and entry {j} already gives app {app!r} one", (i,))
-        out.append(declared)
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise KeyPathErrors(errors)
     return tuple(out)
+
+
+def _parse_entry(i: int, entry: Any, before: list[DeclaredPolicy]) -> DeclaredPolicy:
+    """Entry `i` of `policies:` (KeyPathError from the list down); `before`: the good ones."""
+    from ..policies.base import PolicyLoadError, load_policy_module
+
+    if not isinstance(entry, dict):
+        raise KeyPathError(f"entry {i} must be a mapping with keys {', '.join(ENTRY_KEYS)}", (i,))
+    for key in entry:
+        if key not in ENTRY_KEYS:
+            raise KeyPathError(f"unknown key {key!r}{did_you_mean(str(key), ENTRY_KEYS)} (known: {', '.join(ENTRY_KEYS)})", (i, key))
+    app = entry.get("app")
+    if not isinstance(app, str) or not app or len(app) > 128:
+        raise KeyPathError("app must be an app's name (at most 128 characters) or a glob such as 'web-*'", (i, "app") if "app" in entry else (i,))
+    kind = entry.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise KeyPathError("kind must be a built-in policy name (acl, ratelimit, ...), a dotted module or a .py path",
+                           (i, "kind") if "kind" in entry else (i,))
+    try:
+        cls = load_policy_module(kind)
+    except PolicyLoadError as exc:
+        raise KeyPathError(str(exc), (i, "kind")) from None
+    except (Exception, SystemExit) as exc:
+        raise KeyPathError(f"cannot load policy {kind}: {type(exc).__name__}: {exc}", (i, "kind")) from None
+    name = entry.get("name")
+    if name is not None and (not isinstance(name, str) or not name or len(name) > 128):
+        raise KeyPathError("name must be a non-empty string (the policy's instance name)", (i, "name"))
+    config = entry.get("config")
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise KeyPathError(f"config must be a mapping of the {cls.name} policy's keys (mrpcctl policy doc {kind})", (i, "config"))
+    try:
+        check_entry_config(cls, config, app)
+    except KeyPathError as exc:
+        raise exc.under(i) from None
+    declared = DeclaredPolicy(app, kind, name or cls.name, dict(config), cls=cls)
+    for other in before:  # the same app twice: the second could never attach
+        if other.app == app and other.instance == declared.instance:
+            raise KeyPathError(f"app {app!r} already has a policy named {declared.instance!r} (an entry above): "
+                               "give one of them another name", (i, "name") if name else (i,))
+        if other.app == app and getattr(cls, "one_per_app", False) and other.cls is cls:
+            raise KeyPathError(f"a {cls.name} policy takes one per app, and an entry above already gives app {app!r} one", (i,))
+    return declared
 
 
 def for_app(entries: "tuple[DeclaredPolicy, ...]", app_name: str) -> list[DeclaredPolicy]:
