@@ -358,3 +358,18 @@ def test_a_server_app_is_policed_inbound_from_its_first_call_and_after_its_daemo
     finally:
         for d in procs:
             d.stop()
+
+
+def test_a_reload_gives_an_app_that_has_not_called_yet_a_waiting_policy_not_a_refusal(daemon_factory, greeter):
+    pb, address = greeter
+    a = daemon_factory("a", policies_config())
+    app = mrpcd.connect(a.socket, name="early")  # said hello, registered nothing, connected nowhere
+    try:
+        log = reload(a, policies_config(acl_entry("early", "mallory")))
+        assert "reload: configuration" in log, log
+        assert listing(a, "early")["waiting"][0]["instance"] == "deny-acl"
+        stub = pb.GreeterStub(mrpcd.insecure_channel(address, app=app))
+        assert greet(stub, pb, "mallory") == "PERMISSION_DENIED"
+        assert instances(a, "early") == ["deny-acl"] and listing(a, "early")["waiting"] == []
+    finally:
+        app.close()
