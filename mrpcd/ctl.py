@@ -208,12 +208,14 @@ def _json_value(value: Any) -> Any:
 
 
 def _print_policies(reply: dict) -> None:
+    if reply.get("config_policies_refused"):  # the daemon config's `policies:` that did not apply
+        print(_printable(f"config policies: {reply['config_policies_refused']}"))
     if not reply["apps"]:
         print("no apps connected")  # (an empty listing looked like a hung or broken command)
         return
     for app in reply["apps"]:
         print(f"app {app['app_id']} ({_printable(app['name'])}):")
-        if not app["policies"]:
+        if not app["policies"] and not app.get("waiting"):
             print("  (no policies)")
         for p in app["policies"]:
             # [position] instance: policy version, the module when it is not the built-in of that name, counters
@@ -222,10 +224,14 @@ def _print_policies(reply: dict) -> None:
                 line += f" from {p['module']}"
             if p.get("describe_error"):
                 line += f" (its describe() failed: {p['describe_error']})"
+            if p.get("source") == "config":  # declared in the daemon's config file (a reload manages it)
+                line += f" [config {p.get('declared_at') or ''}]".replace(" ]", "]")
             counters = ", ".join(f"{k}={v}" for k, v in sorted((p.get("counters") or {}).items()))
             if counters:
                 line += f" ({counters})"
             print(_printable(line))
+        for w in app.get("waiting") or ():  # declared, not attachable yet: the app may not call until it is
+            print(_printable(f"  [waiting] {w['instance']}: {w.get('kind')} [config {w.get('declared_at') or ''}]: {w.get('waiting')}"))
 
 
 def _policy_doc(spec: str) -> int:

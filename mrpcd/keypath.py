@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["KeyPathError"]
+__all__ = ["KeyPathError", "KeyPathErrors"]
 
 
 class KeyPathError(ValueError):
@@ -22,3 +22,12 @@ class KeyPathError(ValueError):
     def under(self, *prefix: Any) -> "KeyPathError":
         """The same error seen from an enclosing value: `prefix` + path."""
         return KeyPathError(str(self), (*prefix, *self.path))
+
+
+class KeyPathErrors(ValueError):
+    """Several KeyPathErrors in one value (entries of a list, each wrong in its own way),
+    so the loader reports every one on its line at once rather than one per try."""
+
+    def __init__(self, errors: "list[KeyPathError]") -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors: list[KeyPathError] = list(errors)

@@ -45,7 +45,7 @@ from ..marshal.schema import Method, Schema
 from ..typo_hints import closest, did_you_mean
 
 __all__ = [
-    "PolicyConfigError", "PolicyLoadError", "PolicyStateError", "PolicyContext", "TimerHandle",
+    "PolicyConfigError", "PolicySchemaError", "PolicyLoadError", "PolicyStateError", "PolicyContext", "TimerHandle",
     "Policy", "HeldRecords", "CallTracker", "ConfigReader", "BUILTINS", "load_policy_module",
     "encode_records", "decode_records", "status_code", "is_request_start", "is_final_response",
 ]
@@ -53,6 +53,12 @@ __all__ = [
 
 class PolicyConfigError(ValueError):
     """A policy's config is invalid; the message names the policy and the key."""
+
+
+class PolicySchemaError(PolicyConfigError):
+    """A config names something (a method) the app's schema does not have: yet. Apart from
+    other config errors so a config checked without any app (a policy declared in the
+    daemon's config file) can tell "wrong for every app" from "wrong for this app's schema"."""
 
 
 class PolicyLoadError(ImportError):
@@ -374,7 +380,7 @@ def check_method_path(reader: ConfigReader, key: str, schema: Schema, path: Any)
                 return m
     known = sorted(m.path for s in schema.services.values() for m in s.methods)
     hint = f" (the app knows: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known else " (the app registered no services)"
-    raise reader.error(key, f"unknown method {path!r}{hint}")
+    raise PolicySchemaError(str(reader.error(key, f"unknown method {path!r}{hint}")))
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,16 +5,17 @@ A bad config is refused at start with the file, the line and the reason, never h
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
-from ..keypath import KeyPathError
+from ..keypath import KeyPathError, KeyPathErrors
 from ..typo_hints import did_you_mean
 
 import yaml
 
 from ..paths import default_runtime_dir
+from .declared import DeclaredPolicy, parse_policies
 from ..transports.security import PeerPolicy, TlsConfig, parse_peers, parse_tls
 
 
@@ -181,10 +182,11 @@ VALIDATORS = {
     "limits": _limits,
     "tls": parse_tls,  # daemon-to-daemon mutual TLS (transports/security.py)
     "peers": parse_peers,  # peers.allow: CIDR allow-list for daemon-to-daemon TCP
+    "policies": parse_policies,  # policies applied to apps by name (declared.py)
 }
 
 # What a SIGHUP reload may change in a running daemon; the rest needs a restart.
-LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "max_pending_bytes", "max_peer_backlog", "peer_stall_timeout", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics", "limits")
+LIVE_KEYS = ("log_level", "log_format", "max_pending_records", "max_pending_bytes", "max_peer_backlog", "peer_stall_timeout", "connect_timeout", "admin_group", "drain_timeout", "poll_us", "metrics", "limits", "policies")
 
 
 @dataclass
@@ -207,6 +209,7 @@ class Config:
     limits: dict[str, int]
     tls: TlsConfig | None = None
     peers: PeerPolicy = PeerPolicy()
+    policies: tuple[DeclaredPolicy, ...] = ()
     source: str = "<embedded default>"
 
 
@@ -275,6 +278,16 @@ def _refuse_duplicate_keys(node: yaml.Node, source: str) -> None:
             stack.extend(n.value)
 
 
+def _shown(value: Any, path: tuple[Any, ...]) -> Any:
+    """The part of `value` at `path` (for an error message), or `value` if the path is not there."""
+    for step in path:
+        try:
+            value = value[step]
+        except (LookupError, TypeError):
+            break
+    return value
+
+
 def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """The embedded default, then the file at `path`, then `overrides` (command line)."""
     values, _ = _load_mapping(default_text(), "<embedded default>")
@@ -299,8 +312,16 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
             try:
                 values[key] = VALIDATORS[key](value)
             except ValueError as exc:  # (a KeyPathError: the line of the key inside the value it names)
-                where = f"{path}:{_line_at(node, (key, *getattr(exc, 'path', ())))}"
-                errors.append(f"{where}: {key}: {exc} (got {value!r})")
+                for one in exc.errors if isinstance(exc, KeyPathErrors) else [exc]:
+                    sub = tuple(getattr(one, "path", ()))
+                    where = f"{path}:{_line_at(node, (key, *sub))}"
+                    if key == "policies" and sub:  # the entry, not the whole list (which may be long)
+                        errors.append(f"{where}: {key}[{sub[0]}]: {one} (got {_shown(value, sub[:1])!r})")
+                    else:
+                        errors.append(f"{where}: {key}: {one} (got {value!r})")
+                continue
+            if key == "policies":  # each entry says where it is declared (mrpcctl policy list, the log)
+                values[key] = tuple(replace(e, where=f"{path}:{_line_at(node, (key, i))}") for i, e in enumerate(values[key]))
         if errors:
             raise ConfigError("; ".join(errors), errors)
         source = path

@@ -23,6 +23,7 @@ from .. import control_proto as cp
 from ..marshal.schema import SchemaError
 from ..transports.handshake import HandshakeError
 from .app_limits import ALL_UIDS, limit_exceeded
+from .declared import attach_declared, check_ready, describe_waiting
 from .policy_host import PolicyOpError, describe_engine, load_upgrade
 from .reply_limits import REPLY_BUDGET, bounded_error, fit, plain
 from .session import address_text
@@ -305,12 +306,18 @@ class ControlConnection:
         self.session = self.daemon.new_session(name, self.pid, self.uid, self.gid)
         self.session.limits_exempt = exempt
         self.session.hang_up = self._hang_up
+        # the config's policies for this name, before the app has rings to send on
+        attach_declared(self.session, self.daemon.config.policies)
         fds.extend(self.session.handoff_fds())
         return {"app_id": self.session.app_id, "ring_size": self.daemon.config.ring_size, "shm_size": self.session.shm_size,
                 "max_record": self.daemon.config.max_record}
 
     async def op_schema(self, msg: dict, fds: list[int]) -> dict:
-        return {"fingerprints": self._need_session().register_schema(msg.get("schema"))}
+        session = self._need_session()
+        reply = {"fingerprints": session.register_schema(msg.get("schema"))}
+        if session.declared_waiting:  # a declared policy that named this schema's methods can attach now
+            attach_declared(session, self.daemon.config.policies)
+        return reply
 
     async def op_bind(self, msg: dict, fds: list[int]) -> dict:
         services = msg.get("services")
@@ -318,11 +325,13 @@ class ControlConnection:
             raise ValueError("bind needs a list of service names")
         self.daemon.refuse_if_draining("new listening addresses")
         session = self._need_session()
+        check_ready(session)  # no call may come in before the config's policies are on
         return {"address": await session.bind(address_text(msg.get("address")), services)}
 
     async def op_connect(self, msg: dict, fds: list[int]) -> dict:
         self.daemon.refuse_if_draining("new peer connections")
         session = self._need_session()
+        check_ready(session)  # no call may go out before the config's policies are on
         return {"handle": await session.connect(address_text(msg.get("target")))}
 
     async def op_close(self, msg: dict, fds: list[int]) -> dict:
@@ -376,7 +385,12 @@ class ControlConnection:
 
     async def op_policies(self, msg: dict, fds: list[int]) -> dict:
         apps, after = self._select_apps(msg.get("app"), required=False), _after(msg)
-        return _page("apps", [{"app_id": s.app_id, "name": s.name, "policies": s.policies.describe()} for s in apps if s.app_id > after])
+        reply = _page("apps", [{"app_id": s.app_id, "name": s.name, "policies": s.policies.describe(),
+                                "waiting": describe_waiting(s)} for s in apps if s.app_id > after])
+        refused = getattr(self.daemon, "declared_error", None)
+        if refused:  # the last reload's policies could not be applied (nothing of them was)
+            reply["config_policies_refused"] = refused
+        return reply
 
     async def op_policy_attach(self, msg: dict, fds: list[int]) -> dict:
         self._need_admin()

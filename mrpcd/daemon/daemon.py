@@ -37,6 +37,8 @@ class Daemon:
         self.call_stats = CallStats(config.metrics["buckets"])  # fed by every session's Observer
         self.draining = False
         self._drain_cut = False  # cut_drain(): stop waiting for calls in flight
+        # why the last reload's `policies:` were not (all) applied; shown by `mrpcctl policy list`
+        self.declared_error: str | None = None
         self.policy_globals: dict[str, Any] = {}  # shared by every app's policies (e.g. the QoS scheduler)
         self.transport_class: type[TransportVersion] = tcp.PeerConnection  # live-upgradable (see upgrade_transport)
         self.poller = Poller(None, config.poll_us)  # adaptive wake-ups (poller.py)

@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import LIVE_KEYS, VALIDATORS, Config, ConfigError, default_text, load
 from .daemon import Daemon
+from .declared import PolicyPlanError, ReloadPlan, plan_reload
 from .metrics import MetricsServer
 from .notify import Notifier
 
@@ -236,7 +237,18 @@ class Service:
             return False
         old = self.config
         changed = [k for k in LIVE_KEYS if getattr(new, k) != getattr(old, k)]
+        policy_error: str | None = None  # for `mrpcctl policy list` (Daemon.declared_error)
+        # the declared policies, planned on every live app before anything changes: if one
+        # cannot be applied, the whole reload is refused (declared.py)
+        try:
+            plan = plan_reload(list(self.daemon.sessions.values()), new.policies)
+        except PolicyPlanError as exc:
+            self.daemon.declared_error = f"reload of {source} refused, nothing of it applied: {exc}"
+            for error in exc.errors:
+                log.error("reload refused, the running configuration stays: policies: %s", error, extra={"config": source})
+            return False
         if new.metrics["address"] != old.metrics["address"]:
+            plan.discard()
             try:
                 if new.metrics["address"]:
                     await self.metrics.start(new.metrics["address"])
@@ -246,6 +258,17 @@ class Service:
                 log.error("reload refused, the running configuration stays: metrics address %s: %s", new.metrics["address"], exc,
                           extra={"config": source})
                 return False
+            # an await happened since the plan (apps may have come, gone, or sent records a
+            # policy now holds): plan again, on the loop turn that applies it
+            try:
+                plan = plan_reload(list(self.daemon.sessions.values()), new.policies)
+            except PolicyPlanError as exc:
+                plan = ReloadPlan([])
+                new.policies = old.policies
+                changed = [k for k in changed if k != "policies"]
+                policy_error = f"reload of {source}: its policies were not applied: {exc}"
+                for error in exc.errors:
+                    log.error("reload: policies not applied, the running ones stay: %s", error, extra={"config": source})
         for key in (k for k in VALIDATORS if k not in LIVE_KEYS):  # every key read only at start (peers, tls, ...)
             if getattr(new, key) != getattr(old, key):
                 log.warning("reload: %s changed to %r; that takes a restart, keeping %r", key, getattr(new, key), getattr(old, key),
@@ -255,10 +278,16 @@ class Service:
         old.source = new.source
         if "poll_us" in changed:
             self.daemon.poller.configure(old.poll_us)
+        policy_changes = plan.changes()
+        failed = plan.apply()  # (the loop turn that made the plan: no batch saw half of it)
+        if failed:
+            policy_error = f"reload of {source} applied, but: " + "; ".join(failed)
+        self.daemon.declared_error = policy_error
         if self.daemon.call_stats.set_buckets(old.metrics["buckets"]):
             log.info("reload: histogram buckets changed; latency histograms restart")
         configure_logging(old, self.handler)
-        log.info("reload: configuration %s applied (%s)", source, ", ".join(changed) or "nothing changed",
+        log.info("reload: configuration %s applied (%s)%s", source, ", ".join(changed) or "nothing changed",
+                 f"; {policy_changes} policy changes on live apps" if policy_changes else "",
                  extra={"config": source, "changed": changed})
         return True
 

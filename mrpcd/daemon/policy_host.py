@@ -108,7 +108,19 @@ class PolicyHost:
         raise PolicyOpError(f"app {self.session.name} (app_id {self.session.app_id}) has no policy {name!r} (attached: {names})")
 
     def attach(self, spec: object, config: dict[str, Any] | None, name: str | None = None, position: int | None = None) -> Policy:
-        cls = _load(spec)  # `spec` as a control request gave it: _load refuses anything but a name
+        """mrpcctl's attach: build the policy and put it on the chain (at the end by default)."""
+        policy = self.build(spec, config, name, position=position)
+        self.insert(policy, position)
+        return policy
+
+    def build(self, spec: object, config: dict[str, Any] | None, name: str | None = None, position: int | None = None,
+              cls: "type[Policy] | None" = None) -> Policy:
+        """A new policy instance for this app, checked against its chain but not on it yet.
+
+        Apart from insert() so a reload can build every policy it adds, on every app, before
+        it changes any (declared.py); `cls`: the class already loaded (by the config)."""
+        if cls is None:
+            cls = _load(spec)  # `spec` as a control request gave it: _load refuses anything but a name
         instance = name or cls.name
         if any(getattr(e, "instance_name", None) == instance for e in self.chain):
             raise PolicyOpError(f"app {self.session.name} already has a policy named {instance!r}; detach it or pick --name")
@@ -126,13 +138,17 @@ class PolicyHost:
             raise PolicyOpError(f"policy {spec} failed to start: {type(exc).__name__}: {exc}") from None
         policy.instance_name = instance  # type: ignore[attr-defined]
         policy.module_spec = spec  # type: ignore[attr-defined]
+        return policy
+
+    def insert(self, policy: Policy, position: int | None = None) -> None:
+        """Put a built policy on the chain (`position` None: at the end)."""
         # a policy sees a record before the app may: the rest of one being received into the
         # app's ring goes to the daemon's memory instead (only its first part was in the ring)
         self.session.stop_in_place()
         chain = self.chain
         chain.insert(len(chain) if position is None else position, policy)
-        log.info("policy %s (%s %s) attached to app %s", instance, cls.name, cls.version, self.session.name)
-        return policy
+        log.info("policy %s (%s %s) attached to app %s%s", policy.instance_name, policy.name, policy.version,  # type: ignore[attr-defined]
+                 self.session.name, " (declared in the config)" if getattr(policy, "source", None) == "config" else "")
 
     def detach(self, name: str) -> dict[str, int]:
         policy = self.find(name)
@@ -211,6 +227,9 @@ class PolicyHost:
         """Swap a prepared new version in for `old` (see prepare_upgrade)."""
         name = old.instance_name  # type: ignore[attr-defined]
         chain = self.chain
+        for attr in ("source", "declared_at"):  # a declared policy upgraded by mrpcctl is still the config's
+            if not hasattr(new, attr) and hasattr(old, attr):
+                setattr(new, attr, getattr(old, attr))
         chain[chain.index(old)] = new
         try:
             old.close(handed_over=True)
@@ -230,6 +249,9 @@ class PolicyHost:
             d["instance"] = getattr(engine, "instance_name", engine.name)
             d["module"] = getattr(engine, "module_spec", "")
             d["position"] = index
+            d["source"] = getattr(engine, "source", "mrpcctl")  # "config": declared in the daemon's config file
+            if d["source"] == "config":
+                d["declared_at"] = getattr(engine, "declared_at", "")
             out.append(d)
         return out
 

@@ -197,6 +197,9 @@ class AppSession:
         self.datapath = Datapath(self, self._send_out, self._deliver_in)
         self.observer = Observer(daemon.call_stats, lambda: self.schema)  # per-method metrics, drain (observe.py)
         self.policies = PolicyHost(self, daemon.policy_globals)
+        # entries of the config's `policies:` this app matches that are not on its chain yet,
+        # with why: while there is one it may not connect or bind (declared.py)
+        self.declared_waiting: list[tuple[Any, str]] = []
         self.poller = daemon.poller
         self._methods_by_id: dict[int, Any] | None = None
         self.stats: dict[str, int] = {
