@@ -126,13 +126,13 @@ class App:
             self._watch_daemon()
 
     @classmethod
-    def unconnected(cls, socket_path: str | None = None, name: str | None = None, **kw: Any) -> "App":
+    def unconnected(cls, socket_path: str | None = None, name: str | None = None, *, driver: str = "thread") -> "App":
         """An app made while no daemon answers, as grpc makes a channel to anywhere: no
         session yet, closed with `daemon_lost` set, so its channels and servers take its
         successor (the first session a daemon accepts) when they next need the daemon.
         What `default_app()` gives instead of raising; `connect()` still raises."""
         app = cls.__new__(cls)
-        app._init_local(socket_path, name, kw.get("driver", "thread"))
+        app._init_local(socket_path, name, driver)
         app._sock = None
         app.app_id = None
         app.max_record = UNCONNECTED_MAX_RECORD
@@ -149,6 +149,10 @@ class App:
         self._frames = cp.FrameBuffer()
         self._inbox: list[dict] = []
         self._ids = itertools.count(1)
+        # successor()'s: held while the new session says hello (a local round trip, or a
+        # refused connect while no daemon listens); per app, so a daemon that accepts and
+        # then hangs holds up only the apps that wait for it anyway
+        self._successor_lock = threading.Lock()
         self._tx_lock = threading.Lock()
         self._space = threading.Condition(self._tx_lock)
         self._space_waiters = 0  # senders blocked on a full tx ring (counted before they flag the ring)
@@ -257,7 +261,7 @@ class App:
         while app.closed:
             if not app.daemon_lost:
                 raise RpcError(StatusCode.CANCELLED, "the app's connection to mrpcd was closed by the app")
-            with _successor_lock:
+            with app._successor_lock:
                 nxt = app._successor
                 if nxt is None:
                     nxt = app._successor = app._reopen()
@@ -689,7 +693,7 @@ class App:
                 ended, self.daemon_lost = self.daemon_lost, False
         if closed:
             if ended:
-                with _successor_lock:
+                with self._successor_lock:
                     successor = self._successor
                 self.wake_connect_waits()  # waits for a daemon end now
                 if successor is not None:
@@ -739,9 +743,6 @@ class App:
 
 
 _close_lock = threading.Lock()  # App.close's test-and-set (rare: one lock for all apps)
-# App.successor's (rare: once per app and daemon restart). Held while the new session says
-# hello: a local round trip, or a refused connect when no daemon listens.
-_successor_lock = threading.Lock()
 _default_app: App | None = None
 _default_lock = threading.Lock()
 

@@ -46,8 +46,8 @@ class AioApp(App):
         self.connect_waiters: set[asyncio.Future] = set()
 
     @classmethod
-    def unconnected(cls, socket_path: str | None = None, name: str | None = None, **kw: Any) -> "AioApp":
-        return cast(AioApp, super().unconnected(socket_path, name, driver="loop"))
+    def unconnected(cls, socket_path: str | None = None, name: str | None = None, *, driver: str = "loop") -> "AioApp":
+        return cast(AioApp, super().unconnected(socket_path, name, driver=driver))
 
     def successor(self) -> "AioApp":
         return cast(AioApp, super().successor())  # (its _reopen makes AioApps)
