@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, cast
 
 from . import wire
-from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
+from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, RetryState, close_dropped_handle, connect_error, lost_listener
 from .app import App, DaemonUnavailable, default_app, require_app
 from .marshal import records as R
 from .status import Call, ChannelConnectivity, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
@@ -212,6 +212,92 @@ class _ClientCall(ClientCallCore):
                 self.callbacks.append(cb)
                 return True
         return False
+
+
+class _RetriedCall(_ClientCall):
+    """A unary call with a retryPolicy (gRFC A6), as its future / with_call / blocking
+    call sees it: one call over its attempts. Each attempt is a plain call (watched by
+    the app's deadline thread, with the time left of this one's deadline); when one ends,
+    RetryState decides, and the next starts after the backoff on a timer thread (never on
+    the thread that ended the attempt: the rx thread must not block on a connect). The
+    last attempt's outcome (response or status, metadata and all) becomes this call's.
+    It is in no app's table: a lost connection ends its attempt, which may be retried.
+    Cancelling it (or its deadline) cancels the attempt in flight and retries no more."""
+
+    def __init__(self, multi: "_MultiCallable", retry: RetryState, request: Any, meta: list, deadline: wire.Deadline | None, wait_for_ready: bool | None) -> None:
+        channel = multi._channel
+        app = channel.app
+        super().__init__(app, -1, app.next_call_id(), multi._decode, channel._max_receive, deadline)
+        self.unregister()  # (records go to its attempts)
+        self._multi = multi
+        self._retry = retry
+        self._request = request
+        self._meta = meta
+        self._wait_for_ready = wait_for_ready
+        self._attempt: _ClientCall | None = None
+        self._timer: threading.Timer | None = None
+
+    def launch(self) -> None:
+        """Start the next attempt (the first: on the caller's thread, so a request that
+        does not encode raises there, as without retries)."""
+        deadline = self.deadline
+        attempt = self._multi._start(self._request, True, None if deadline is None else deadline.remaining(),
+                                     self._retry.metadata(self._meta), wait_for_ready=self._wait_for_ready)
+        with self._cond:
+            done = self.done
+            if not done:
+                self._attempt = attempt
+        if done:  # cancelled while it started
+            attempt.cancel(self.code, self.details)
+        elif not attempt.add_callback(lambda: self._attempt_ended(attempt)):
+            self._attempt_ended(attempt)
+
+    def _attempt_ended(self, attempt: _ClientCall) -> None:
+        """(whichever thread ended the attempt) Retry after the backoff, or adopt its outcome."""
+        with self._cond:
+            if self.done:
+                return
+            committed = bool(attempt.initial) or bool(attempt.messages)
+            delay = self._retry.next_delay(attempt.code, attempt.trailing, committed)
+            if delay is not None:
+                left = self.deadline.remaining() if self.deadline is not None else None
+                # the deadline first: it ends the call then (DEADLINE_EXCEEDED, as grpc's)
+                timer = threading.Timer(delay if left is None else min(delay, left), self._retry_now)
+                timer.daemon = True
+                self._timer = timer
+                timer.start()
+                return
+            self.messages.extend(attempt.messages)
+            self.initial, self.trailing, self.got_initial = attempt.initial, attempt.trailing, attempt.got_initial
+            self.code, self.details = attempt.code, attempt.details
+            self._finish()
+            self._wake()
+
+    def _retry_now(self) -> None:
+        """(the backoff timer) The next attempt, unless the call ended or its deadline passed."""
+        with self._cond:
+            if self.done:
+                return
+            self._timer = None
+            if self.deadline is not None and self.deadline.expired():
+                self.end(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+                return
+        try:
+            self.launch()
+        except Exception as exc:  # (nobody would see it on this thread: the call ends with it)
+            self.lost(StatusCode.UNKNOWN, f"the call could not be retried: {exc!r}")
+
+    def cancel(self, code: StatusCode = StatusCode.CANCELLED, details: str = "Locally cancelled by application!") -> bool:
+        with self._cond:
+            if not self.end(code, details):
+                return False
+            self.cancelled_locally = code is StatusCode.CANCELLED
+            attempt, timer = self._attempt, self._timer
+        if timer is not None:
+            timer.cancel()
+        if attempt is not None:
+            attempt.cancel(code, details)
+        return True
 
 
 class _Rendezvous(RpcError):
@@ -471,9 +557,13 @@ class _MultiCallable(MultiCallableCore):
 
 
 class UnaryUnaryMultiCallable(_MultiCallable):
+    _RETRIED = True
+
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> Any:
         """The blocking call: what with_call does, without the rendezvous and its future
         state (one wait for the end of the call, then the response or the error)."""
+        if self._retry_policy is not None:  # (one test: methods without retries pay nothing more)
+            return self._retried(request, timeout, metadata, wait_for_ready).result()
         call = self._start(request, True, timeout, metadata, watch=False, wait_for_ready=wait_for_ready)
         call.wait_end()
         with call._cond:
@@ -493,7 +583,20 @@ class UnaryUnaryMultiCallable(_MultiCallable):
         return fut.result(), fut
 
     def future(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        if self._retry_policy is not None:
+            return self._retried(request, timeout, metadata, wait_for_ready)
         return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), False)
+
+    def _retried(self, request: Any, timeout: float | None, metadata: Any, wait_for_ready: bool | None) -> _Rendezvous:
+        """A call of a method with a retryPolicy: its attempts share one deadline (the
+        call's timeout, or its service config's), as in grpc."""
+        policy = self._retry_policy
+        assert policy is not None
+        timeout = self._timeout(timeout)
+        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
+        call = _RetriedCall(self, RetryState(policy, self._channel._retry.throttle), request, wire.check_metadata(metadata), deadline, wait_for_ready)
+        call.launch()
+        return _Rendezvous(call, False)
 
 
 class UnaryStreamMultiCallable(_MultiCallable):
@@ -534,6 +637,7 @@ class Channel(ChannelCore):
         self.app = app or default_app()
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._method_defaults = wire.method_defaults(options)
+        self._retry = wire.retry_config(options)  # (None: no method retries, the common case)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
@@ -838,10 +942,10 @@ def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
 def insecure_channel(target: str, options: Any = None, compression: Any = None, app: App | None = None) -> Channel:
     """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
 
-    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length and
-    grpc.service_config's per-method timeout / waitForReady; the others (keepalive,
-    retries, the rest of a service config) and `compression` are accepted and ignored
-    (docs/PORTING.md).
+    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length,
+    grpc.service_config's per-method timeout / waitForReady / retryPolicy (unary-unary
+    calls) and retryThrottling, and grpc.enable_retries; the others (keepalive, the rest
+    of a service config) and `compression` are accepted and ignored (docs/PORTING.md).
     """
     if isinstance(compression, App):  # insecure_channel(target, options, app): before compression existed
         app, compression = compression, None
