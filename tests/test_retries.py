@@ -626,3 +626,39 @@ def test_a_call_in_flight_when_the_servers_daemon_restarts(tmp_path, flavor, wit
     finally:
         for d in daemons.procs:
             d.stop()
+
+
+@pytest.mark.parametrize("flavor", ["sync", "aio"])
+def test_the_service_configs_wait_for_ready_holds_for_retried_calls(streamer, flavor):
+    """waitForReady from the same methodConfig: each attempt waits for the target (here:
+    none listens) until the deadline, rather than failing UNAVAILABLE and being retried."""
+    import socket
+
+    a, _b, pb = streamer
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    config = {"methodConfig": [{"name": [{"service": SERVICE}], "waitForReady": True, "retryPolicy": _policy()}]}
+    options = [("grpc.service_config", json.dumps(config))]
+    if flavor == "sync":
+        app = mrpcd.connect(a.socket, name="retry-wfr")
+        try:
+            stub = pb.StreamerStub(mrpcd.insecure_channel(address, options, app=app))
+            with pytest.raises(mrpcd.RpcError) as info:
+                stub.Unary(pb.Chunk(), timeout=1)
+            assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            app.close()
+        return
+
+    async def main():
+        app = mrpcd.aio.connect(a.socket, name="retry-wfr-aio")
+        try:
+            async with mrpcd.aio.insecure_channel(address, options, app=app) as channel:
+                with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                    await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=1)
+                assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            app.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -523,7 +523,7 @@ class _AioMultiCallable(MultiCallableCore):
         awaited, as before)."""
         loop = self._channel.app.loop
         if self._retry_policy is not None:  # (one test: methods without retries pay nothing more)
-            return call_cls(self._retried(first, details, wait_for_ready_of(details, wait_for_ready)), loop)
+            return call_cls(self._retried(first, details, self._wait_for_ready(wait_for_ready_of(details, wait_for_ready))), loop)
         got = self._open_now(first, details.timeout, details.metadata)
         if got is None:
             return call_cls(self._open(first, True, details.timeout, details.metadata, wait_for_ready=wait_for_ready_of(details, wait_for_ready)), loop)
