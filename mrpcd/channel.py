@@ -218,7 +218,7 @@ class _RetriedCall(_ClientCall):
     """A unary call with a retryPolicy (gRFC A6), as its future / with_call / blocking
     call sees it: one call over its attempts. Each attempt is a plain call (watched by
     the app's deadline thread, with the time left of this one's deadline); when one ends,
-    RetryState decides, and the next starts after the backoff on a timer thread (never on
+    RetryState decides, and the next starts after the backoff on a thread of its own (never on
     the thread that ended the attempt: the rx thread must not block on a connect). The
     last attempt's outcome (response or status, metadata and all) becomes this call's.
     It is in no app's table: a lost connection ends its attempt, which may be retried.
@@ -235,7 +235,6 @@ class _RetriedCall(_ClientCall):
         self._meta = meta
         self._wait_for_ready = wait_for_ready
         self._attempt: _ClientCall | None = None
-        self._timer: threading.Timer | None = None
 
     def launch(self) -> None:
         """Start the next attempt (the first: on the caller's thread, so a request that
@@ -262,23 +261,30 @@ class _RetriedCall(_ClientCall):
             if delay is not None:
                 left = self.deadline.remaining() if self.deadline is not None else None
                 # the deadline first: it ends the call then (DEADLINE_EXCEEDED, as grpc's)
-                timer = threading.Timer(delay if left is None else min(delay, left), self._retry_now)
-                timer.daemon = True
-                self._timer = timer
-                timer.start()
+                threading.Thread(target=self._backoff, args=(delay if left is None else min(delay, left),),
+                                 name="mrpcd-retry-backoff", daemon=True).start()
                 return
             self.messages.extend(attempt.messages)
             self.initial, self.trailing, self.got_initial = attempt.initial, attempt.trailing, attempt.got_initial
             self.code, self.details = attempt.code, attempt.details
+            self.cancelled_locally = attempt.cancelled_locally
             self._finish()
             self._wake()
 
-    def _retry_now(self) -> None:
-        """(the backoff timer) The next attempt, unless the call ended or its deadline passed."""
+    def _backoff(self, seconds: float) -> None:
+        """(a thread of its own) Wait `seconds`, or less: the call's cancel, or closing its
+        channel or app, ends the wait (they wake the app's connect_waits); then the next
+        attempt, unless the call ended or its deadline passed."""
+        channel = self._multi._channel
+        app = channel.app
+        with app.connect_waits:
+            app.connect_waits.wait_for(lambda: self.done or channel._closed or channel._app_ended(), seconds)
         with self._cond:
             if self.done:
                 return
-            self._timer = None
+            if channel._closed:  # as close() ends the calls in flight
+                self.end(StatusCode.CANCELLED, "Channel closed!")
+                return
             if self.deadline is not None and self.deadline.expired():
                 self.end(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
                 return
@@ -292,9 +298,8 @@ class _RetriedCall(_ClientCall):
             if not self.end(code, details):
                 return False
             self.cancelled_locally = code is StatusCode.CANCELLED
-            attempt, timer = self._attempt, self._timer
-        if timer is not None:
-            timer.cancel()
+            attempt = self._attempt
+        self._multi._channel.app.wake_connect_waits()  # its backoff ends now
         if attempt is not None:
             attempt.cancel(code, details)
         return True
@@ -563,9 +568,10 @@ class UnaryUnaryMultiCallable(_MultiCallable):
         """The blocking call: what with_call does, without the rendezvous and its future
         state (one wait for the end of the call, then the response or the error)."""
         if self._retry_policy is not None:  # (one test: methods without retries pay nothing more)
-            return self._retried(request, timeout, metadata, wait_for_ready).result()
-        call = self._start(request, True, timeout, metadata, watch=False, wait_for_ready=wait_for_ready)
-        call.wait_end()
+            call = self._blocking_retried(request, timeout, metadata, wait_for_ready)
+        else:
+            call = self._start(request, True, timeout, metadata, watch=False, wait_for_ready=wait_for_ready)
+            call.wait_end()
         with call._cond:
             got = call.pop_message()
         if call.code is StatusCode.OK:
@@ -577,6 +583,39 @@ class UnaryUnaryMultiCallable(_MultiCallable):
                 except ValueError as exc:
                     call.code, call.details = call.deserialize_error(exc)
         raise _Rendezvous(call, False)
+
+    def _blocking_retried(self, request: Any, timeout: float | None, metadata: Any, wait_for_ready: bool | None) -> _ClientCall:
+        """The blocking call of a method with a retryPolicy: its attempts one after the
+        other on the caller's thread, each as the plain blocking call makes it (a call
+        that succeeds at once costs about what it costs without a policy), sharing one
+        deadline; the attempt that ends it (a backoff past the deadline: one that ended
+        DEADLINE_EXCEEDED, as in grpc). Closing the channel ends a backoff at once."""
+        policy = self._retry_policy
+        assert policy is not None
+        timeout = self._timeout(timeout)
+        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
+        retry = RetryState(policy, self._channel._retry.throttle)
+        meta = wire.check_metadata(metadata)
+        channel = self._channel
+        while True:
+            call = self._start(request, True, None if deadline is None else deadline.remaining(), retry.metadata(meta),
+                               watch=False, wait_for_ready=wait_for_ready)
+            call.wait_end()
+            delay = retry.next_delay(call.code, call.trailing, bool(call.initial) or bool(call.messages))
+            if delay is None:
+                return call
+            left = deadline.remaining() if deadline is not None else None
+            app = channel.app
+            app.about_to_block()  # a handler on the rx thread calling out: hand the role over
+            with app.connect_waits:  # (woken by the channel's close)
+                app.connect_waits.wait_for(lambda: channel._closed or channel._app_ended(), delay if left is None else min(delay, left))
+            ended = (StatusCode.CANCELLED, "Channel closed!") if channel._closed else \
+                (StatusCode.DEADLINE_EXCEEDED, _DEADLINE) if deadline is not None and deadline.expired() else None
+            if ended is not None:  # (as close() ends the calls in flight; as the deadline ends one)
+                with call._cond:
+                    call.messages.clear()
+                    (call.code, call.details), call.initial, call.trailing = ended, [], []
+                return call
 
     def with_call(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
         fut = self.future(request, timeout, metadata, wait_for_ready=wait_for_ready)

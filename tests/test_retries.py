@@ -662,3 +662,64 @@ def test_the_service_configs_wait_for_ready_holds_for_retried_calls(streamer, fl
             app.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+@pytest.mark.parametrize("mode", ["blocking", "future", "aio"])
+def test_closing_the_channel_ends_a_call_waiting_for_its_retry(streamer, mode, fixed_jitter):
+    """A call in its backoff (5 s here) when its channel closes ends at once, as the
+    channel's calls in flight do: CANCELLED "Channel closed!" (grpc.aio: CancelledError)."""
+    _a, _b, pb = streamer
+    flaky = Flaky(pb, fail=100)
+    options = _options(_policy(initialBackoff="5s", maxBackoff="5s"))
+    if mode == "aio":
+        async def body(stub):
+            call = stub.Unary(pb.Chunk(), timeout=30)
+            for _ in range(200):
+                if flaky.attempts:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            await body.channel.close()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(call, 3)
+            assert time.monotonic() - t0 < 3
+
+        a, _b2, _pb = streamer
+
+        async def main():
+            with served(streamer, flaky) as (address, _sync_app):
+                app = mrpcd.aio.connect(a.socket, name="retry-close-aio")
+                try:
+                    body.channel = mrpcd.aio.insecure_channel(address, options, app=app)
+                    await body(pb.StreamerStub(body.channel))
+                finally:
+                    app.close()
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+        assert flaky.attempts == 1
+        return
+    with served(streamer, flaky) as (address, app):
+        channel = mrpcd.insecure_channel(address, options, app=app)
+        stub = pb.StreamerStub(channel)
+        errors: list = []
+
+        def run():
+            try:
+                if mode == "blocking":
+                    stub.Unary(pb.Chunk(), timeout=30)
+                else:
+                    stub.Unary.future(pb.Chunk(), timeout=30).result()
+            except mrpcd.RpcError as exc:
+                errors.append(exc)
+
+        caller = threading.Thread(target=run)
+        caller.start()
+        assert wait_until(lambda: flaky.attempts == 1, 10)
+        time.sleep(0.2)  # (in its backoff now)
+        t0 = time.monotonic()
+        channel.close()
+        caller.join(10)
+        assert not caller.is_alive() and time.monotonic() - t0 < 3
+        assert errors[0].code() is mrpcd.StatusCode.CANCELLED and errors[0].details() == "Channel closed!"
+        assert flaky.attempts == 1

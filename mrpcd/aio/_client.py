@@ -224,6 +224,7 @@ class _RetriedState(_CallState):
                     self.messages.extend(attempt.messages)
                     self.initial, self.trailing, self.got_initial = attempt.initial, attempt.trailing, attempt.got_initial
                     self.code, self.details = attempt.code, attempt.details
+                    self.cancelled_locally = attempt.cancelled_locally  # (closed by the channel's close: CancelledError)
                     self._finish()
                     self._wake()
                     return
@@ -231,9 +232,15 @@ class _RetriedState(_CallState):
                 self._sleeping = True
                 try:
                     # the deadline first: its timer ends the call then (DEADLINE_EXCEEDED, as grpc's)
-                    await asyncio.sleep(delay if left is None else min(delay, left))
+                    await self._multi._channel._pause(delay if left is None else min(delay, left))  # (its close ends it)
                 finally:
                     self._sleeping = False
+                if self.done:
+                    return
+                if self._multi._channel._closed:  # grpc.aio's close cancels the calls in flight
+                    self.cancel(StatusCode.CANCELLED, "Channel closed!")
+                    self.cancelled_locally = True
+                    return
                 if self.deadline is not None and self.deadline.expired():
                     self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
         except asyncio.CancelledError:
