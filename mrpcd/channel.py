@@ -214,17 +214,35 @@ class _ClientCall(ClientCallCore):
         return False
 
 
+class _StreamAttempt(_ClientCall):
+    """An attempt of a retried response stream: it tells its call (`retried`) when it
+    commits (its first message, or the server's initial metadata before its end)."""
+
+    retried: "_RetriedCall | None" = None
+
+    def _wake(self) -> None:
+        super()._wake()
+        retried = self.retried
+        if retried is not None and (self.messages or (self.got_initial and not self.done)):
+            self.retried = None
+            retried._commit(self)
+
+
 class _RetriedCall(_ClientCall):
-    """A unary call with a retryPolicy (gRFC A6), as its future / with_call / blocking
-    call sees it: one call over its attempts. Each attempt is a plain call (watched by
+    """A unary-request call with a retryPolicy (gRFC A6), as its future / with_call /
+    response iterator sees it: one call over its attempts. Each attempt is a plain call (watched by
     the app's deadline thread, with the time left of this one's deadline); when one ends,
     RetryState decides, and the next starts after the backoff on a thread of its own (never on
     the thread that ended the attempt: the rx thread must not block on a connect). The
     last attempt's outcome (response or status, metadata and all) becomes this call's.
     It is in no app's table: a lost connection ends its attempt, which may be retried.
-    Cancelling it (or its deadline) cancels the attempt in flight and retries no more."""
+    Cancelling it (or its deadline) cancels the attempt in flight and retries no more.
+    A response stream (`stream`) commits to the attempt that receives its first message
+    (or initial metadata): from then on it reads that attempt's messages, as A6 retries
+    streams only until then."""
 
-    def __init__(self, multi: "_MultiCallable", retry: RetryState, request: Any, meta: list, deadline: wire.Deadline | None, wait_for_ready: bool | None) -> None:
+    def __init__(self, multi: "_MultiCallable", retry: RetryState, request: Any, meta: list, deadline: wire.Deadline | None,
+                 wait_for_ready: bool | None, stream: bool = False) -> None:
         channel = multi._channel
         app = channel.app
         super().__init__(app, -1, app.next_call_id(), multi._decode, channel._max_receive, deadline)
@@ -235,13 +253,20 @@ class _RetriedCall(_ClientCall):
         self._meta = meta
         self._wait_for_ready = wait_for_ready
         self._attempt: _ClientCall | None = None
+        self._stream = stream
+        self._committed: _ClientCall | None = None  # (a stream's attempt that committed)
 
     def launch(self) -> None:
         """Start the next attempt (the first: on the caller's thread, so a request that
         does not encode raises there, as without retries)."""
         deadline = self.deadline
         attempt = self._multi._start(self._request, True, None if deadline is None else deadline.remaining(),
-                                     self._retry.metadata(self._meta), wait_for_ready=self._wait_for_ready)
+                                     self._retry.metadata(self._meta), wait_for_ready=self._wait_for_ready,
+                                     cls=_StreamAttempt if self._stream else _ClientCall)
+        if type(attempt) is _StreamAttempt:
+            with attempt._cond:  # (it may have had its first records already)
+                attempt.retried = self
+                attempt._wake()
         with self._cond:
             done = self.done
             if not done:
@@ -256,7 +281,7 @@ class _RetriedCall(_ClientCall):
         with self._cond:
             if self.done:
                 return
-            committed = bool(attempt.initial) or bool(attempt.messages)
+            committed = attempt is self._committed or bool(attempt.initial) or bool(attempt.messages)
             delay = self._retry.next_delay(attempt.code, attempt.trailing, committed)
             if delay is not None:
                 left = self.deadline.remaining() if self.deadline is not None else None
@@ -264,12 +289,32 @@ class _RetriedCall(_ClientCall):
                 threading.Thread(target=self._backoff, args=(delay if left is None else min(delay, left),),
                                  name="mrpcd-retry-backoff", daemon=True).start()
                 return
-            self.messages.extend(attempt.messages)
+            if attempt is not self._committed:  # (a committed stream's messages are read from it)
+                self.messages.extend(attempt.messages)
             self.initial, self.trailing, self.got_initial = attempt.initial, attempt.trailing, attempt.got_initial
             self.code, self.details = attempt.code, attempt.details
             self.cancelled_locally = attempt.cancelled_locally
             self._finish()
             self._wake()
+
+    def _commit(self, attempt: _ClientCall) -> None:
+        """(attempt's lock held) A response stream's attempt got its first message or
+        initial metadata: no more retries; the stream reads that attempt from now on."""
+        with self._cond:
+            if self.done:
+                return
+            self._committed = attempt
+            self.initial, self.got_initial = attempt.initial, attempt.got_initial
+            self._wake()
+
+    def next_message(self) -> Any:
+        if self._stream:
+            with self._cond:
+                self._wait(lambda: self._committed is not None, self.deadline)
+                committed = self._committed
+            if committed is not None:
+                return committed.next_message()
+        return super().next_message()
 
     def _backoff(self, seconds: float) -> None:
         """(a thread of its own) Wait `seconds`, or less: the call's cancel, or closing its
@@ -450,7 +495,8 @@ class _MultiCallable(MultiCallableCore):
         super().__init__(channel, method, request_type, response_type)
         channel._add_schemas(self._schemas)
 
-    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True, wait_for_ready: bool | None = None) -> _ClientCall:
+    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True, wait_for_ready: bool | None = None,
+               cls: "type[_ClientCall]" = _ClientCall) -> _ClientCall:
         """Open a call. `watch`: the app's deadline thread ends it at its deadline (grpc
         does so whether or not anyone waits on the call); the blocking unary call, whose
         caller waits with the deadline itself, goes without. `wait_for_ready`: while the
@@ -466,7 +512,7 @@ class _MultiCallable(MultiCallableCore):
                 except RpcError as exc:
                     if exc.code() is not StatusCode.UNAVAILABLE or channel._app_ended():
                         raise
-                    return self._start_later(end, dl, meta, payload, timeout, deadline)
+                    return self._start_later(end, dl, meta, payload, timeout, deadline, cls)
             else:
                 handle = channel._ensure_handle() if not wait_for_ready else channel._wait_for_handle(deadline)
         except RpcError as exc:
@@ -474,11 +520,11 @@ class _MultiCallable(MultiCallableCore):
             # status, so the error comes where grpc raises it - from result() / next() /
             # the blocking call - not from .future() or the stream's creation
             app = channel.app
-            call = _ClientCall(app, -1, app.next_call_id(), self._decode, channel._max_receive, deadline)
+            call = cls(app, -1, app.next_call_id(), self._decode, channel._max_receive, deadline)
             call.lost(exc.code(), exc.details())
             return call
         app = channel.app  # (after the connection: a daemon restart makes it the app's successor)
-        call = _ClientCall(app, handle, app.next_call_id(), self._decode, channel._max_receive, deadline)
+        call = cls(app, handle, app.next_call_id(), self._decode, channel._max_receive, deadline)
         try:
             app.send(self._first_record(call, end, dl, meta, payload), timeout)
         except RpcError as exc:
@@ -488,13 +534,14 @@ class _MultiCallable(MultiCallableCore):
             app.call_deadlines.add(call)  # (not if it ended already)
         return call
 
-    def _start_later(self, end: bool, dl: Any, meta: Any, payload: Any, timeout: float | None, deadline: wire.Deadline | None) -> _ClientCall:
+    def _start_later(self, end: bool, dl: Any, meta: Any, payload: Any, timeout: float | None, deadline: wire.Deadline | None,
+                     cls: "type[_ClientCall]" = _ClientCall) -> _ClientCall:
         """A wait_for_ready call while its target cannot be reached, returned at once (as
         grpc returns futures and streams): a helper thread waits for the connection and
         then opens it; the call's cancel() or deadline, or a closed app/channel, ends the
         wait. Until then it is under handle -1 (no record is sent for it)."""
         app = self._channel.app
-        call = _ClientCall(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
+        call = cls(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         call.opened = threading.Event()  # the request pump waits for it
 
         def run() -> None:
@@ -534,6 +581,17 @@ class _MultiCallable(MultiCallableCore):
             app.call_deadlines.add(call)
         threading.Thread(target=run, name="mrpcd-wait-for-ready", daemon=True).start()
         return call
+
+    def _retried(self, request: Any, timeout: float | None, metadata: Any, wait_for_ready: bool | None, stream: bool = False) -> _Rendezvous:
+        """A call of a method with a retryPolicy: its attempts share one deadline (the
+        call's timeout, or its service config's), as in grpc."""
+        policy = self._retry_policy
+        assert policy is not None
+        timeout = self._timeout(timeout)
+        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
+        call = _RetriedCall(self, RetryState(policy, self._channel._retry.throttle), request, wire.check_metadata(metadata), deadline, wait_for_ready, stream)
+        call.launch()
+        return _Rendezvous(call, stream)
 
     def _pump_requests(self, call: _ClientCall, requests: Iterable[Any]) -> None:
         """Send each request as a message record, then half-close (in a helper thread, as grpc
@@ -626,20 +684,13 @@ class UnaryUnaryMultiCallable(_MultiCallable):
             return self._retried(request, timeout, metadata, wait_for_ready)
         return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), False)
 
-    def _retried(self, request: Any, timeout: float | None, metadata: Any, wait_for_ready: bool | None) -> _Rendezvous:
-        """A call of a method with a retryPolicy: its attempts share one deadline (the
-        call's timeout, or its service config's), as in grpc."""
-        policy = self._retry_policy
-        assert policy is not None
-        timeout = self._timeout(timeout)
-        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
-        call = _RetriedCall(self, RetryState(policy, self._channel._retry.throttle), request, wire.check_metadata(metadata), deadline, wait_for_ready)
-        call.launch()
-        return _Rendezvous(call, False)
-
 
 class UnaryStreamMultiCallable(_MultiCallable):
+    _RETRIED = True
+
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        if self._retry_policy is not None:  # (one test: methods without retries pay nothing more)
+            return self._retried(request, timeout, metadata, wait_for_ready, stream=True)
         return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), True)
 
 

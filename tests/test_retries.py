@@ -424,25 +424,84 @@ def test_sync_throttling_limits_retries_per_channel(streamer):
         assert flaky.attempts - before == 2
 
 
-def test_sync_streaming_calls_are_not_retried(streamer):
-    """(Documented: retries are for unary-unary calls.) A policy for the whole service
-    leaves a server-streaming call as it is."""
+class Streams:
+    """ServerStream: its first `fail` attempts fail UNAVAILABLE after `sent` messages, the
+    next ones stream 3 (seq = attempt number); ClientStream always fails UNAVAILABLE."""
+
+    def __init__(self, pb, fail: int, sent: int = 0) -> None:
+        self.previous: list = []
+        self.client_streams = 0
+        outer = self
+
+        class Servicer(pb.StreamerServicer):
+            def ServerStream(self, request, context):
+                outer.previous.append(dict(context.invocation_metadata()).get("grpc-previous-rpc-attempts"))
+                n = len(outer.previous)
+                if n <= fail:
+                    for _ in range(sent):
+                        yield pb.Chunk(seq=n)
+                    context.abort(UNAVAILABLE, f"down {n}")
+                for _ in range(3):
+                    yield pb.Chunk(seq=n)
+
+            def ClientStream(self, request_iterator, context):
+                for _ in request_iterator:
+                    pass
+                outer.client_streams += 1
+                context.abort(UNAVAILABLE, "down")
+
+        self.servicer = Servicer()
+
+
+def test_sync_response_streams_are_retried_until_their_first_message(streamer):
+    """A6: a response stream is retried while nothing came back; once its first message
+    arrived it is committed (its failure is the call's); request streams are not retried."""
     _a, _b, pb = streamer
-    attempts = []
-
-    class S(pb.StreamerServicer):
-        def ServerStream(self, request, context):
-            attempts.append(1)
-            context.abort(UNAVAILABLE, "down")
-            yield pb.Chunk()
-
-    flaky = Flaky(pb, fail=0)
-    flaky.servicer = S()
-    with served(streamer, flaky) as (address, app):
+    streams = Streams(pb, fail=2)
+    with served(streamer, streams) as (address, app):  # type: ignore[arg-type]
         stub = pb.StreamerStub(mrpcd.insecure_channel(address, _options(), app=app))
+        call = stub.ServerStream(pb.Chunk(), timeout=10)
+        assert [c.seq for c in call] == [3, 3, 3]
+        assert call.code() is mrpcd.StatusCode.OK and streams.previous == [None, "1", "2"]
         with pytest.raises(mrpcd.RpcError) as info:
-            list(stub.ServerStream(pb.Chunk(), timeout=10))
-        assert info.value.code() is UNAVAILABLE and attempts == [1]
+            stub.ClientStream(iter([pb.Chunk(), pb.Chunk()]), timeout=10)
+        assert info.value.code() is UNAVAILABLE and streams.client_streams == 1
+    streams = Streams(pb, fail=1, sent=1)
+    with served(streamer, streams) as (address, app):  # type: ignore[arg-type]
+        stub = pb.StreamerStub(mrpcd.insecure_channel(address, _options(), app=app))
+        got = []
+        with pytest.raises(mrpcd.RpcError) as info:
+            for c in stub.ServerStream(pb.Chunk(), timeout=10):
+                got.append(c.seq)
+        assert got == [1] and info.value.code() is UNAVAILABLE and info.value.details() == "down 1"
+        assert streams.previous == [None]
+
+
+def test_aio_response_streams_are_retried_until_their_first_message(streamer):
+    _a, _b, pb = streamer
+    streams = Streams(pb, fail=2)
+
+    async def body(stub):
+        call = stub.ServerStream(pb.Chunk(), timeout=10)
+        assert [c.seq async for c in call] == [3, 3, 3]
+        assert await call.code() is mrpcd.StatusCode.OK
+        with pytest.raises(mrpcd.aio.AioRpcError):
+            await stub.ClientStream(iter([pb.Chunk()]), timeout=10)
+
+    _aio(streamer, streams, body, _options())  # type: ignore[arg-type]
+    assert streams.previous == [None, "1", "2"] and streams.client_streams == 1
+    streams = Streams(pb, fail=1, sent=1)
+    got = []
+
+    async def committed(stub):
+        call = stub.ServerStream(pb.Chunk(), timeout=10)
+        with pytest.raises(mrpcd.aio.AioRpcError) as info:
+            async for c in call:
+                got.append(c.seq)
+        assert info.value.code() is UNAVAILABLE and info.value.details() == "down 1"
+
+    _aio(streamer, streams, committed, _options())  # type: ignore[arg-type]
+    assert got == [1] and streams.previous == [None]
 
 
 # -- asyncio calls ------------------------------------------------------------------------
