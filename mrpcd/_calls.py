@@ -308,7 +308,7 @@ class MultiCallableCore:
     """What a stub method does before any I/O: encode, check the send limit, build the
     record that opens the call."""
 
-    _RETRIED = False  # its calls follow a retryPolicy (the unary-unary ones: A6 for them)
+    _RETRIED = False  # its calls follow a retryPolicy (those with one request: no request stream to replay)
 
     def __init__(self, channel: Any, method: str, request_type: type[Message], response_type: type[Message]) -> None:
         self._channel = channel

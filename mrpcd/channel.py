@@ -1034,7 +1034,7 @@ def insecure_channel(target: str, options: Any = None, compression: Any = None, 
 
     Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length,
     grpc.service_config's per-method timeout / waitForReady / retryPolicy (unary-unary
-    calls) and retryThrottling, and grpc.enable_retries; the others (keepalive, the rest
+    and server-streaming calls) and retryThrottling, and grpc.enable_retries; the others (keepalive, the rest
     of a service config) and `compression` are accepted and ignored (docs/PORTING.md).
     """
     if isinstance(compression, App):  # insecure_channel(target, options, app): before compression existed

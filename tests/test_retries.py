@@ -1,4 +1,4 @@
-"""grpc's retryPolicy (gRFC A6) for unary-unary calls, sync and asyncio.
+"""grpc's retryPolicy (gRFC A6) for unary-unary and server-streaming calls, sync and asyncio.
 
 A service config's per-method retryPolicy retries a call that failed with one of its
 retryableStatusCodes, up to maxAttempts, with jittered exponential backoff, within the

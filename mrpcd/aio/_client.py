@@ -989,5 +989,5 @@ class Channel(ChannelCore):
 def insecure_channel(target: str, options: Any = None, compression: Any = None, interceptors: Sequence[Any] | None = None, *, app: AioApp | None = None) -> Channel:
     """Like grpc.aio.insecure_channel (options: grpc.max_send/receive_message_length,
     grpc.service_config's per-method timeout / waitForReady / retryPolicy (unary-unary
-    calls) and retryThrottling, grpc.enable_retries)."""
+    and server-streaming calls) and retryThrottling, grpc.enable_retries)."""
     return Channel(target, app, options, interceptors)
