@@ -782,3 +782,45 @@ def test_closing_the_channel_ends_a_call_waiting_for_its_retry(streamer, mode, f
         assert not caller.is_alive() and time.monotonic() - t0 < 3
         assert errors[0].code() is mrpcd.StatusCode.CANCELLED and errors[0].details() == "Channel closed!"
         assert flaky.attempts == 1
+
+
+@pytest.mark.parametrize("flavor", ["sync", "aio"])
+def test_a_retried_response_stream_ends_at_its_deadline_or_cancel(streamer, flavor, fixed_jitter):
+    """Waiting for its next attempt (5 s away), a response stream ends at its deadline
+    (DEADLINE_EXCEEDED) or when cancelled; no attempt follows."""
+    _a, _b, pb = streamer
+    streams = Streams(pb, fail=100)
+    options = _options(_policy(initialBackoff="5s", maxBackoff="5s"))
+    if flavor == "sync":
+        with served(streamer, streams) as (address, app):  # type: ignore[arg-type]
+            stub = pb.StreamerStub(mrpcd.insecure_channel(address, options, app=app))
+            t0 = time.monotonic()
+            with pytest.raises(mrpcd.RpcError) as info:
+                list(stub.ServerStream(pb.Chunk(), timeout=0.5))
+            assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 4
+            call = stub.ServerStream(pb.Chunk(), timeout=30)
+            assert wait_until(lambda: len(streams.previous) == 2, 10)
+            time.sleep(0.1)
+            assert call.cancel()
+            with pytest.raises(mrpcd.RpcError) as info:
+                next(call)
+            assert info.value.code() is mrpcd.StatusCode.CANCELLED and call.cancelled()
+    else:
+        async def body(stub):
+            t0 = time.monotonic()
+            with pytest.raises(mrpcd.aio.AioRpcError) as info:
+                [c async for c in stub.ServerStream(pb.Chunk(), timeout=0.5)]
+            assert info.value.code() is mrpcd.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 4
+            call = stub.ServerStream(pb.Chunk(), timeout=30)
+            for _ in range(200):
+                if len(streams.previous) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+            assert call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call.read()
+
+        _aio(streamer, streams, body, options)  # type: ignore[arg-type]
+    time.sleep(0.3)
+    assert len(streams.previous) == 2
