@@ -494,8 +494,8 @@ def retry_config(options) -> RetryConfig | None:
         throttle = RetryThrottle(float(min(tokens, MAX_TOKENS_CAP)), int(ratio * 1000) / 1000 or 0.001)
     enabled = True
     for key, value in options or ():
-        if key == "grpc.enable_retries":
-            enabled = bool(value)
+        if key == "grpc.enable_retries":  # (an int channel argument in grpc; "0" taken as 0 too)
+            enabled = value not in (0, "0", False)
     if not enabled or not any(p is not None for p in table.values()):
         return None
     return RetryConfig(table, throttle)

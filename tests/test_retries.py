@@ -215,6 +215,8 @@ def test_the_policy_is_the_chosen_entrys_and_retries_can_be_turned_off():
     assert retry.policy("/other.Svc/M").max_attempts == 2
     assert wire.method_default(wire.method_defaults(options), f"/{SERVICE}/Ping") == (1.0, None)
     assert wire.retry_config(options + [("grpc.enable_retries", 0)]) is None
+    assert wire.retry_config(options + [("grpc.enable_retries", "0")]) is None
+    assert wire.retry_config(options + [("grpc.enable_retries", 0), ("grpc.enable_retries", 1)]) is not None  # (the last one counts)
     assert wire.retry_config([("grpc.service_config", json.dumps({"methodConfig": [{"name": [{}], "timeout": "1s"}]}))]) is None
     assert wire.retry_config(None) is None
 
