@@ -826,3 +826,40 @@ def test_a_retried_response_stream_ends_at_its_deadline_or_cancel(streamer, flav
         _aio(streamer, streams, body, options)  # type: ignore[arg-type]
     time.sleep(0.3)
     assert len(streams.previous) == 2
+
+
+@pytest.mark.parametrize("flavor", ["sync", "aio"])
+def test_client_interceptors_see_one_call_over_its_attempts(streamer, flavor):
+    """As in grpc, retries happen below the client interceptors: an interceptor sees the
+    call once, and its outcome is the last attempt's."""
+    _a, _b, pb = streamer
+    flaky = Flaky(pb, fail=2)
+    seen: list = []
+    if flavor == "sync":
+        class Counting(mrpcd.UnaryUnaryClientInterceptor):
+            def intercept_unary_unary(self, continuation, client_call_details, request):
+                seen.append(client_call_details.method)
+                return continuation(client_call_details, request)
+
+        with served(streamer, flaky) as (address, app):
+            channel = mrpcd.intercept_channel(mrpcd.insecure_channel(address, _options(), app=app), Counting())
+            assert pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10).total == 3
+    else:
+        class AioCounting(mrpcd.aio.UnaryUnaryClientInterceptor):
+            async def intercept_unary_unary(self, continuation, client_call_details, request):
+                seen.append(client_call_details.method)
+                return await continuation(client_call_details, request)
+
+        a, _b2, _pb = streamer
+
+        async def main():
+            with served(streamer, flaky) as (address, _sync_app):
+                app = mrpcd.aio.connect(a.socket, name="retry-intercepted")
+                try:
+                    async with mrpcd.aio.insecure_channel(address, _options(), interceptors=[AioCounting()], app=app) as channel:
+                        assert (await pb.StreamerStub(channel).Unary(pb.Chunk(), timeout=10)).total == 3
+                finally:
+                    app.close()
+
+        asyncio.run(asyncio.wait_for(main(), 30))
+    assert len(seen) == 1 and flaky.attempts == 3
