@@ -250,9 +250,65 @@ class ClientCallCore:
         return cls(self.code, self.details, self.trailing, self.initial)
 
 
+PREVIOUS_ATTEMPTS = "grpc-previous-rpc-attempts"  # A6: sent with each retry, as grpc does
+PUSHBACK = "grpc-retry-pushback-ms"  # A6: a server's say on when (or whether) to retry
+
+
+class RetryState:
+    """One retried unary call's attempts, sans-I/O (gRFC A6), shared by the sync and
+    asyncio libraries: after each attempt `next_delay` says whether to try again and
+    after how long. The caller checks the call's deadline, cancellation and channel."""
+
+    __slots__ = ("policy", "throttle", "attempts", "_backoffs")
+
+    def __init__(self, policy: wire.RetryPolicy, throttle: wire.RetryThrottle | None) -> None:
+        self.policy = policy
+        self.throttle = throttle
+        self.attempts = 0  # attempts started
+        self._backoffs = 0  # backoffs since the start or the last server pushback
+
+    def metadata(self, meta: list) -> list:
+        """The metadata of the next attempt: the call's, plus grpc-previous-rpc-attempts
+        on a retry (what A6 sends, so a server can tell a retry from a new call)."""
+        n = self.attempts
+        self.attempts = n + 1
+        return meta if n == 0 else [*meta, (PREVIOUS_ATTEMPTS, str(n))]
+
+    def next_delay(self, code: StatusCode, trailing: list, committed: bool) -> float | None:
+        """After an attempt ended with `code` (and `trailing` metadata): the wait before
+        the next attempt, or None when the call ends with this attempt's outcome. In A6's
+        order: a success or a code not in retryableStatusCodes ends it; a retryable
+        failure takes a throttle token (retries stop while the bucket is at or below
+        half); a committed call (the server sent a response or initial metadata) or one
+        out of attempts ends; the server's pushback (ms; negative or malformed: do not
+        retry) replaces the backoff once and resets it."""
+        throttle = self.throttle
+        if code is StatusCode.OK:
+            if throttle is not None:
+                throttle.success()
+            return None
+        if code not in self.policy.codes:
+            return None
+        if throttle is not None and not throttle.failure():
+            return None
+        if committed or self.attempts >= self.policy.max_attempts:
+            return None
+        for key, value in trailing:
+            if key == PUSHBACK:
+                text = value if isinstance(value, str) else ""
+                if not text.isdigit():
+                    return None  # (a negative number or garbage: the server says do not retry)
+                self._backoffs = 0
+                return int(text) / 1000
+        self._backoffs += 1
+        return self.policy.backoff(self._backoffs)
+
+
 class MultiCallableCore:
     """What a stub method does before any I/O: encode, check the send limit, build the
     record that opens the call."""
+
+    _RETRIED = False  # its calls follow a retryPolicy (those with one request: no request stream to replay)
 
     def __init__(self, channel: Any, method: str, request_type: type[Message], response_type: type[Message]) -> None:
         self._channel = channel
@@ -260,6 +316,9 @@ class MultiCallableCore:
         self._method_id = _method_id(method)
         # grpc.service_config's timeout / waitForReady for this method (wire.method_defaults)
         self._config_timeout, self._config_wait = wire.method_default(getattr(channel, "_method_defaults", None) or {}, method)
+        # its retryPolicy (wire.retry_config); None: calls take the path without retries
+        retry = getattr(channel, "_retry", None)
+        self._retry_policy: wire.RetryPolicy | None = retry.policy(method) if retry is not None and self._RETRIED else None
         self._encode = parts_serializer(request_type.SerializeToString)
         self._decode = response_type.FromString
         self._schemas = [request_type.__mrpc_schema__, response_type.__mrpc_schema__]

@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, cast
 
 from . import wire
-from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
+from ._calls import ChannelCore, ClientCallCore, MultiCallableCore, RetryState, close_dropped_handle, connect_error, lost_listener
 from .app import App, DaemonUnavailable, default_app, require_app
 from .marshal import records as R
 from .status import Call, ChannelConnectivity, Future, FutureCancelledError, FutureTimeoutError, RpcError, StatusCode, metadata_tuple
@@ -214,6 +214,142 @@ class _ClientCall(ClientCallCore):
         return False
 
 
+class _StreamAttempt(_ClientCall):
+    """An attempt of a retried response stream: it tells its call (`retried`) when it
+    commits (its first message, or the server's initial metadata before its end)."""
+
+    retried: "_RetriedCall | None" = None
+
+    def _wake(self) -> None:
+        super()._wake()
+        retried = self.retried
+        if retried is not None and (self.messages or (self.got_initial and not self.done)):
+            self.retried = None
+            retried._commit(self)
+
+
+class _RetriedCall(_ClientCall):
+    """A unary-request call with a retryPolicy (gRFC A6), as its future / with_call /
+    response iterator sees it: one call over its attempts. Each attempt is a plain call (watched by
+    the app's deadline thread, with the time left of this one's deadline); when one ends,
+    RetryState decides, and the next starts after the backoff on a thread of its own (never on
+    the thread that ended the attempt: the rx thread must not block on a connect). The
+    last attempt's outcome (response or status, metadata and all) becomes this call's.
+    It is in no app's table: a lost connection ends its attempt, which may be retried.
+    Cancelling it (or its deadline) cancels the attempt in flight and retries no more.
+    A response stream (`stream`) commits to the attempt that receives its first message
+    (or initial metadata): from then on it reads that attempt's messages, as A6 retries
+    streams only until then."""
+
+    def __init__(self, multi: "_MultiCallable", retry: RetryState, request: Any, meta: list, deadline: wire.Deadline | None,
+                 wait_for_ready: bool | None, stream: bool = False) -> None:
+        channel = multi._channel
+        app = channel.app
+        super().__init__(app, -1, app.next_call_id(), multi._decode, channel._max_receive, deadline)
+        self.unregister()  # (records go to its attempts)
+        self._multi = multi
+        self._retry = retry
+        self._request = request
+        self._meta = meta
+        self._wait_for_ready = wait_for_ready
+        self._attempt: _ClientCall | None = None
+        self._stream = stream
+        self._committed: _ClientCall | None = None  # (a stream's attempt that committed)
+
+    def launch(self) -> None:
+        """Start the next attempt (the first: on the caller's thread, so a request that
+        does not encode raises there, as without retries)."""
+        deadline = self.deadline
+        attempt = self._multi._start(self._request, True, None if deadline is None else deadline.remaining(),
+                                     self._retry.metadata(self._meta), wait_for_ready=self._wait_for_ready,
+                                     cls=_StreamAttempt if self._stream else _ClientCall)
+        if type(attempt) is _StreamAttempt:
+            with attempt._cond:  # (it may have had its first records already)
+                attempt.retried = self
+                attempt._wake()
+        with self._cond:
+            done = self.done
+            if not done:
+                self._attempt = attempt
+        if done:  # cancelled while it started
+            attempt.cancel(self.code, self.details)
+        elif not attempt.add_callback(lambda: self._attempt_ended(attempt)):
+            self._attempt_ended(attempt)
+
+    def _attempt_ended(self, attempt: _ClientCall) -> None:
+        """(whichever thread ended the attempt) Retry after the backoff, or adopt its outcome."""
+        with self._cond:
+            if self.done:
+                return
+            committed = attempt is self._committed or bool(attempt.initial) or bool(attempt.messages)
+            delay = self._retry.next_delay(attempt.code, attempt.trailing, committed)
+            if delay is not None:
+                left = self.deadline.remaining() if self.deadline is not None else None
+                # the deadline first: it ends the call then (DEADLINE_EXCEEDED, as grpc's)
+                threading.Thread(target=self._backoff, args=(delay if left is None else min(delay, left),),
+                                 name="mrpcd-retry-backoff", daemon=True).start()
+                return
+            if attempt is not self._committed:  # (a committed stream's messages are read from it)
+                self.messages.extend(attempt.messages)
+            self.initial, self.trailing, self.got_initial = attempt.initial, attempt.trailing, attempt.got_initial
+            self.code, self.details = attempt.code, attempt.details
+            self.cancelled_locally = attempt.cancelled_locally
+            self._finish()
+            self._wake()
+
+    def _commit(self, attempt: _ClientCall) -> None:
+        """(attempt's lock held) A response stream's attempt got its first message or
+        initial metadata: no more retries; the stream reads that attempt from now on."""
+        with self._cond:
+            if self.done:
+                return
+            self._committed = attempt
+            self.initial, self.got_initial = attempt.initial, attempt.got_initial
+            self._wake()
+
+    def next_message(self) -> Any:
+        if self._stream:
+            with self._cond:
+                self._wait(lambda: self._committed is not None, self.deadline)
+                committed = self._committed
+            if committed is not None:
+                return committed.next_message()
+        return super().next_message()
+
+    def _backoff(self, seconds: float) -> None:
+        """(a thread of its own) Wait `seconds`, or less: the call's cancel, or closing its
+        channel or app, ends the wait (they wake the app's connect_waits); then the next
+        attempt, unless the call ended or its deadline passed."""
+        channel = self._multi._channel
+        app = channel.app
+        with app.connect_waits:
+            app.connect_waits.wait_for(lambda: self.done or channel._closed or channel._app_ended(), seconds)
+        with self._cond:
+            if self.done:
+                return
+            if channel._closed:  # as close() ends the calls in flight
+                self.end(StatusCode.CANCELLED, "Channel closed!")
+                return
+            if self.deadline is not None and self.deadline.expired():
+                self.end(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+                return
+        try:
+            self.launch()
+        except Exception as exc:  # (nobody would see it on this thread: the call ends with it)
+            self.lost(StatusCode.UNKNOWN, f"the call could not be retried: {exc!r}")
+
+    def cancel(self, code: StatusCode = StatusCode.CANCELLED, details: str = "Locally cancelled by application!") -> bool:
+        with self._cond:
+            if not self.end(code, details):
+                return False
+            self.cancelled_locally = code is StatusCode.CANCELLED
+            attempt = self._attempt
+        self._multi._channel.app.wake_connect_waits()  # its backoff ends now
+        if attempt is not None:
+            attempt.cancel(code, details)
+        return True
+
+
 class _Rendezvous(RpcError):
     """What a call returns: a grpc.Call, a grpc.Future (result/cancel/...) and, for
     response streams, an iterator. Like grpc's, it is also the RpcError it raises."""
@@ -359,7 +495,8 @@ class _MultiCallable(MultiCallableCore):
         super().__init__(channel, method, request_type, response_type)
         channel._add_schemas(self._schemas)
 
-    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True, wait_for_ready: bool | None = None) -> _ClientCall:
+    def _start(self, first: Any, end: bool, timeout: float | None, metadata, watch: bool = True, wait_for_ready: bool | None = None,
+               cls: "type[_ClientCall]" = _ClientCall) -> _ClientCall:
         """Open a call. `watch`: the app's deadline thread ends it at its deadline (grpc
         does so whether or not anyone waits on the call); the blocking unary call, whose
         caller waits with the deadline itself, goes without. `wait_for_ready`: while the
@@ -375,7 +512,7 @@ class _MultiCallable(MultiCallableCore):
                 except RpcError as exc:
                     if exc.code() is not StatusCode.UNAVAILABLE or channel._app_ended():
                         raise
-                    return self._start_later(end, dl, meta, payload, timeout, deadline)
+                    return self._start_later(end, dl, meta, payload, timeout, deadline, cls)
             else:
                 handle = channel._ensure_handle() if not wait_for_ready else channel._wait_for_handle(deadline)
         except RpcError as exc:
@@ -383,11 +520,11 @@ class _MultiCallable(MultiCallableCore):
             # status, so the error comes where grpc raises it - from result() / next() /
             # the blocking call - not from .future() or the stream's creation
             app = channel.app
-            call = _ClientCall(app, -1, app.next_call_id(), self._decode, channel._max_receive, deadline)
+            call = cls(app, -1, app.next_call_id(), self._decode, channel._max_receive, deadline)
             call.lost(exc.code(), exc.details())
             return call
         app = channel.app  # (after the connection: a daemon restart makes it the app's successor)
-        call = _ClientCall(app, handle, app.next_call_id(), self._decode, channel._max_receive, deadline)
+        call = cls(app, handle, app.next_call_id(), self._decode, channel._max_receive, deadline)
         try:
             app.send(self._first_record(call, end, dl, meta, payload), timeout)
         except RpcError as exc:
@@ -397,13 +534,14 @@ class _MultiCallable(MultiCallableCore):
             app.call_deadlines.add(call)  # (not if it ended already)
         return call
 
-    def _start_later(self, end: bool, dl: Any, meta: Any, payload: Any, timeout: float | None, deadline: wire.Deadline | None) -> _ClientCall:
+    def _start_later(self, end: bool, dl: Any, meta: Any, payload: Any, timeout: float | None, deadline: wire.Deadline | None,
+                     cls: "type[_ClientCall]" = _ClientCall) -> _ClientCall:
         """A wait_for_ready call while its target cannot be reached, returned at once (as
         grpc returns futures and streams): a helper thread waits for the connection and
         then opens it; the call's cancel() or deadline, or a closed app/channel, ends the
         wait. Until then it is under handle -1 (no record is sent for it)."""
         app = self._channel.app
-        call = _ClientCall(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
+        call = cls(app, -1, app.next_call_id(), self._decode, self._channel._max_receive, deadline)
         call.opened = threading.Event()  # the request pump waits for it
 
         def run() -> None:
@@ -444,6 +582,17 @@ class _MultiCallable(MultiCallableCore):
         threading.Thread(target=run, name="mrpcd-wait-for-ready", daemon=True).start()
         return call
 
+    def _retried(self, request: Any, timeout: float | None, metadata: Any, wait_for_ready: bool | None, stream: bool = False) -> _Rendezvous:
+        """A call of a method with a retryPolicy: its attempts share one deadline (the
+        call's timeout, or its service config's), as in grpc."""
+        policy = self._retry_policy
+        assert policy is not None
+        timeout = self._timeout(timeout)
+        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
+        call = _RetriedCall(self, RetryState(policy, self._channel._retry.throttle), request, wire.check_metadata(metadata), deadline, wait_for_ready, stream)
+        call.launch()
+        return _Rendezvous(call, stream)
+
     def _pump_requests(self, call: _ClientCall, requests: Iterable[Any]) -> None:
         """Send each request as a message record, then half-close (in a helper thread, as grpc
         does); waits for the server's credit so a slow server pauses the producer."""
@@ -471,11 +620,16 @@ class _MultiCallable(MultiCallableCore):
 
 
 class UnaryUnaryMultiCallable(_MultiCallable):
+    _RETRIED = True
+
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> Any:
         """The blocking call: what with_call does, without the rendezvous and its future
         state (one wait for the end of the call, then the response or the error)."""
-        call = self._start(request, True, timeout, metadata, watch=False, wait_for_ready=wait_for_ready)
-        call.wait_end()
+        if self._retry_policy is not None:  # (one test: methods without retries pay nothing more)
+            call = self._blocking_retried(request, timeout, metadata, wait_for_ready)
+        else:
+            call = self._start(request, True, timeout, metadata, watch=False, wait_for_ready=wait_for_ready)
+            call.wait_end()
         with call._cond:
             got = call.pop_message()
         if call.code is StatusCode.OK:
@@ -488,16 +642,55 @@ class UnaryUnaryMultiCallable(_MultiCallable):
                     call.code, call.details = call.deserialize_error(exc)
         raise _Rendezvous(call, False)
 
+    def _blocking_retried(self, request: Any, timeout: float | None, metadata: Any, wait_for_ready: bool | None) -> _ClientCall:
+        """The blocking call of a method with a retryPolicy: its attempts one after the
+        other on the caller's thread, each as the plain blocking call makes it (a call
+        that succeeds at once costs about what it costs without a policy), sharing one
+        deadline; the attempt that ends it (a backoff past the deadline: one that ended
+        DEADLINE_EXCEEDED, as in grpc). Closing the channel ends a backoff at once."""
+        policy = self._retry_policy
+        assert policy is not None
+        timeout = self._timeout(timeout)
+        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
+        retry = RetryState(policy, self._channel._retry.throttle)
+        meta = wire.check_metadata(metadata)
+        channel = self._channel
+        while True:
+            call = self._start(request, True, None if deadline is None else deadline.remaining(), retry.metadata(meta),
+                               watch=False, wait_for_ready=wait_for_ready)
+            call.wait_end()
+            delay = retry.next_delay(call.code, call.trailing, bool(call.initial) or bool(call.messages))
+            if delay is None:
+                return call
+            left = deadline.remaining() if deadline is not None else None
+            app = channel.app
+            app.about_to_block()  # a handler on the rx thread calling out: hand the role over
+            with app.connect_waits:  # (woken by the channel's close)
+                app.connect_waits.wait_for(lambda: channel._closed or channel._app_ended(), delay if left is None else min(delay, left))
+            ended = (StatusCode.CANCELLED, "Channel closed!") if channel._closed else \
+                (StatusCode.DEADLINE_EXCEEDED, _DEADLINE) if deadline is not None and deadline.expired() else None
+            if ended is not None:  # (as close() ends the calls in flight; as the deadline ends one)
+                with call._cond:
+                    call.messages.clear()
+                    (call.code, call.details), call.initial, call.trailing = ended, [], []
+                return call
+
     def with_call(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> tuple[Any, _Rendezvous]:
         fut = self.future(request, timeout, metadata, wait_for_ready=wait_for_ready)
         return fut.result(), fut
 
     def future(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        if self._retry_policy is not None:
+            return self._retried(request, timeout, metadata, wait_for_ready)
         return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), False)
 
 
 class UnaryStreamMultiCallable(_MultiCallable):
+    _RETRIED = True
+
     def __call__(self, request: Any, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_ignored: Any) -> _Rendezvous:
+        if self._retry_policy is not None:  # (one test: methods without retries pay nothing more)
+            return self._retried(request, timeout, metadata, wait_for_ready, stream=True)
         return _Rendezvous(self._start(request, True, timeout, metadata, wait_for_ready=wait_for_ready), True)
 
 
@@ -535,6 +728,7 @@ class Channel(ChannelCore):
         self._options = options
         self._max_send, self._max_receive = wire.message_limits(options, self.app.max_record)
         self._method_defaults = wire.method_defaults(options)
+        self._retry = wire.retry_config(options)  # (None: no method retries, the common case)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
         self._lock = threading.Lock()
@@ -845,10 +1039,10 @@ def channel_ready_future(channel: Any) -> _ChannelReadyFuture:
 def insecure_channel(target: str, options: Any = None, compression: Any = None, app: App | None = None) -> Channel:
     """Like grpc.insecure_channel; the daemon, not the app, decides transport and security.
 
-    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length and
-    grpc.service_config's per-method timeout / waitForReady; the others (keepalive,
-    retries, the rest of a service config) and `compression` are accepted and ignored
-    (docs/PORTING.md).
+    Honoured options: grpc.max_send_message_length, grpc.max_receive_message_length,
+    grpc.service_config's per-method timeout / waitForReady / retryPolicy (unary-unary
+    and server-streaming calls) and retryThrottling, and grpc.enable_retries; the others (keepalive, the rest
+    of a service config) and `compression` are accepted and ignored (docs/PORTING.md).
     """
     if isinstance(compression, App):  # insecure_channel(target, options, app): before compression existed
         app, compression = compression, None

@@ -8,9 +8,11 @@ only ENDs carries trailing metadata alone. `:details` carries the status details
 from __future__ import annotations
 
 import json
+import random
 import re
+import threading
 import time
-from typing import Iterable, Sequence, final
+from typing import Any, Iterable, Sequence, final
 
 from .marshal import records as R
 from .marshal._pack import Parts
@@ -232,57 +234,81 @@ _DURATION = re.compile(r"(\d{1,12})(\.\d{1,9})?s")
 # method -> (timeout, wait_for_ready) from a channel's grpc.service_config; keys are
 # "/pkg.Svc/M" (that method), "/pkg.Svc/" (the service's methods) and "" (every method)
 MethodDefaults = dict[str, "tuple[float | None, bool | None]"]
+_WHERE = "option grpc.service_config"
+
+
+def _service_config(options) -> dict | None:
+    """The JSON object of the channel option grpc.service_config (the last one given, as
+    a later option replaces an earlier one), or None; a malformed one is a ValueError."""
+    config = None
+    for item in options or ():
+        key, value = item  # (message_limits checked the pairs)
+        if key != "grpc.service_config":
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{_WHERE} must be a JSON string, got {type(value).__name__}")
+        try:
+            config = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{_WHERE} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{_WHERE} must be a JSON object")
+    return config
+
+
+def _method_configs(config: dict) -> "list[tuple[int, dict, list[str]]]":
+    """(index, entry, paths it names) of each methodConfig entry; a bad name, or a name
+    two entries give, is a ValueError."""
+    entries = config.get("methodConfig", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"{_WHERE}: methodConfig must be a list")
+    seen: set[str] = set()
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{_WHERE}: each methodConfig must be an object")
+        names = entry.get("name", [])
+        if not isinstance(names, list):
+            raise ValueError(f"{_WHERE}: name must be a list of {{service, method}}")
+        paths = []
+        for name in names:
+            service = name.get("service", "") if isinstance(name, dict) else None
+            method = name.get("method", "") if isinstance(name, dict) else None
+            if not isinstance(service, str) or not isinstance(method, str) or (method and not service):
+                raise ValueError(f"{_WHERE}: bad name {name!r} (a service, with or without a method)")
+            path = f"/{service}/{method}" if service else ""
+            if path in seen:
+                raise ValueError(f"{_WHERE}: more than one methodConfig names {name!r}")
+            seen.add(path)
+            paths.append(path)
+        out.append((i, entry, paths))
+    return out
 
 
 def method_defaults(options) -> MethodDefaults:
     """The per-method `timeout` and `waitForReady` of the channel option
     grpc.service_config (a JSON service config, as grpc takes it): the call's own
     wait_for_ready wins, its deadline is the sooner of its timeout and the config's, as
-    in grpc. The rest of a service config (retryPolicy, loadBalancingConfig, ...) is
-    ignored; a malformed one is a ValueError here, where the channel is made."""
+    in grpc. `retryPolicy` and `retryThrottling` are read by `retry_config`; the rest
+    (loadBalancingConfig, ...) is ignored; a malformed one is a ValueError here, where
+    the channel is made."""
     table: MethodDefaults = {}
-    for item in options or ():
-        key, value = item  # (message_limits checked the pairs)
-        if key != "grpc.service_config":
-            continue
-        where = "option grpc.service_config"
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a JSON string, got {type(value).__name__}")
-        try:
-            config = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{where} must be a JSON object")
-        table.clear()  # (a later one replaces an earlier one, as options do)
-        entries = config.get("methodConfig", [])
-        if not isinstance(entries, list):
-            raise ValueError(f"{where}: methodConfig must be a list")
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise ValueError(f"{where}: each methodConfig must be an object")
-            timeout: float | None = None
-            raw = entry.get("timeout")
-            if raw is not None:
-                m = _DURATION.fullmatch(raw) if isinstance(raw, str) else None
-                if m is None:
-                    raise ValueError(f"{where}: timeout must be a duration like \"1.5s\", got {raw!r}")
-                timeout = float(raw[:-1])
-            wait = entry.get("waitForReady", entry.get("wait_for_ready"))
-            if wait is not None and not isinstance(wait, bool):
-                raise ValueError(f"{where}: waitForReady must be true or false, got {wait!r}")
-            names = entry.get("name", [])
-            if not isinstance(names, list):
-                raise ValueError(f"{where}: name must be a list of {{service, method}}")
-            for name in names:
-                service = name.get("service", "") if isinstance(name, dict) else None
-                method = name.get("method", "") if isinstance(name, dict) else None
-                if not isinstance(service, str) or not isinstance(method, str) or (method and not service):
-                    raise ValueError(f"{where}: bad name {name!r} (a service, with or without a method)")
-                path = f"/{service}/{method}" if service else ""
-                if path in table:
-                    raise ValueError(f"{where}: more than one methodConfig names {name!r}")
-                table[path] = (timeout, wait)
+    config = _service_config(options)
+    if config is None:
+        return table
+    for _i, entry, paths in _method_configs(config):
+        timeout: float | None = None
+        raw = entry.get("timeout")
+        if raw is not None:
+            m = _DURATION.fullmatch(raw) if isinstance(raw, str) else None
+            if m is None:
+                raise ValueError(f"{_WHERE}: timeout must be a duration like \"1.5s\", got {raw!r}")
+            timeout = float(raw[:-1])
+        wait = entry.get("waitForReady", entry.get("wait_for_ready"))
+        if wait is not None and not isinstance(wait, bool):
+            raise ValueError(f"{_WHERE}: waitForReady must be true or false, got {wait!r}")
+        for path in paths:
+            table[path] = (timeout, wait)
     return table
 
 
@@ -297,6 +323,182 @@ def method_default(table: MethodDefaults, method: str) -> "tuple[float | None, b
     if found is None:
         found = table.get("")
     return found if found is not None else (None, None)
+
+
+# -- retries (grpc's retryPolicy and retryThrottling, gRFC A6) -------------------------------
+
+MAX_ATTEMPTS_CAP = 5  # grpc caps maxAttempts at 5 (more is taken as 5, as there)
+MAX_TOKENS_CAP = 1000  # A6: retryThrottling.maxTokens is capped at 1000
+
+
+@final
+class RetryPolicy:
+    """A method's retryPolicy, validated as grpc validates it (gRFC A6). `backoff(n)` is
+    the jittered wait before retry n (1 = the first retry)."""
+
+    __slots__ = ("max_attempts", "initial_backoff", "max_backoff", "multiplier", "codes")
+
+    def __init__(self, max_attempts: int, initial_backoff: float, max_backoff: float, multiplier: float, codes: "frozenset[StatusCode]") -> None:
+        self.max_attempts = max_attempts
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.multiplier = multiplier
+        self.codes = codes
+
+    def backoff(self, n: int) -> float:
+        """A6: random(0, min(initialBackoff * backoffMultiplier**(n-1), maxBackoff)); the
+        jitter spreads the retries of many clients that failed together."""
+        try:
+            cap = min(self.initial_backoff * self.multiplier ** (n - 1), self.max_backoff)
+        except OverflowError:
+            cap = self.max_backoff
+        return random.uniform(0.0, cap)
+
+    def __repr__(self) -> str:
+        codes = ",".join(sorted(c.name for c in self.codes))
+        return (f"RetryPolicy(maxAttempts={self.max_attempts}, initialBackoff={self.initial_backoff}s, "
+                f"maxBackoff={self.max_backoff}s, backoffMultiplier={self.multiplier}, retryableStatusCodes=[{codes}])")
+
+
+class RetryThrottle:
+    """A channel's retryThrottling token bucket (A6): every attempt that fails with a
+    retryable code takes a token, every success gives back tokenRatio; while the tokens
+    are at or below half of maxTokens no call is retried, so a failing server is not
+    hit with maxAttempts times its load. Thread-safe (the sync library's calls end on
+    several threads); the asyncio library uses it from its loop alone."""
+
+    __slots__ = ("max_tokens", "ratio", "tokens", "_lock")
+
+    def __init__(self, max_tokens: float, ratio: float) -> None:
+        self.max_tokens = max_tokens
+        self.ratio = ratio
+        self.tokens = max_tokens
+        self._lock = threading.Lock()
+
+    def success(self) -> None:
+        with self._lock:
+            self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+
+    def failure(self) -> bool:
+        """Take a token for a retryable failure; True if a retry is allowed."""
+        with self._lock:
+            self.tokens = max(0.0, self.tokens - 1)
+            return self.tokens > self.max_tokens / 2
+
+
+@final
+class RetryConfig:
+    """A channel's retry policies by method and its throttle (None: no retryThrottling).
+    Built by `retry_config`; `policy(method)` is looked up once per stub method."""
+
+    __slots__ = ("table", "throttle")
+
+    def __init__(self, table: "dict[str, RetryPolicy | None]", throttle: RetryThrottle | None) -> None:
+        self.table = table
+        self.throttle = throttle
+
+    def policy(self, method: str) -> RetryPolicy | None:
+        """`method`'s retryPolicy: that of its own methodConfig entry, else its service's,
+        else the default one's (the entry is chosen first, as in grpc: a method entry
+        without a retryPolicy means no retries even if its service's has one)."""
+        table = self.table
+        for key in (method, method[: method.rfind("/") + 1], ""):
+            if key in table:
+                return table[key]
+        return None
+
+
+def _duration(raw: Any, field: str) -> float:
+    m = _DURATION.fullmatch(raw) if isinstance(raw, str) else None
+    if m is None:
+        raise ValueError(f"{_WHERE}: {field} must be a duration like \"0.1s\", got {raw!r}")
+    value = float(raw[:-1])
+    if value <= 0:
+        raise ValueError(f"{_WHERE}: {field} must be greater than 0, got {raw!r}")
+    return value
+
+
+def _number(raw: Any, field: str, integer: bool = False) -> float:
+    """A JSON number (or a string of one, as protobuf's JSON takes them), > 0."""
+    value: Any = raw
+    if isinstance(raw, str):
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)) or value != value:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{_WHERE}: {field} must be {kind}, got {raw!r}")
+    if value <= 0:
+        raise ValueError(f"{_WHERE}: {field} must be greater than 0, got {raw!r}")
+    return value
+
+
+def _retry_policy(raw: Any, where: str) -> RetryPolicy:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{_WHERE}: {where} must be an object")
+    for key in ("maxAttempts", "initialBackoff", "maxBackoff", "backoffMultiplier", "retryableStatusCodes"):
+        if raw.get(key) is None:
+            raise ValueError(f"{_WHERE}: {where}.{key} is missing (a retryPolicy needs maxAttempts, "
+                             "initialBackoff, maxBackoff, backoffMultiplier and retryableStatusCodes)")
+    attempts = int(_number(raw["maxAttempts"], f"{where}.maxAttempts", integer=True))
+    if attempts < 2:
+        raise ValueError(f"{_WHERE}: {where}.maxAttempts must be at least 2, got {raw['maxAttempts']!r}")
+    initial = _duration(raw["initialBackoff"], f"{where}.initialBackoff")
+    most = _duration(raw["maxBackoff"], f"{where}.maxBackoff")
+    multiplier = _number(raw["backoffMultiplier"], f"{where}.backoffMultiplier")
+    names = raw["retryableStatusCodes"]
+    if not isinstance(names, list) or not names:
+        raise ValueError(f"{_WHERE}: {where}.retryableStatusCodes must be a non-empty list of status codes, got {names!r}")
+    codes = set()
+    for j, name in enumerate(names):
+        code = None
+        if isinstance(name, str):
+            code = StatusCode.__members__.get(name.upper())
+        elif type(name) is int:
+            code = next((c for c in StatusCode if c.code == name), None)
+        if code is None:
+            raise ValueError(f"{_WHERE}: {where}.retryableStatusCodes[{j}] is not a status code: {name!r}")
+        codes.add(code)
+    codes.discard(StatusCode.OK)  # (grpc takes it; a call that succeeded is never retried)
+    return RetryPolicy(min(attempts, MAX_ATTEMPTS_CAP), initial, most, float(multiplier), frozenset(codes))
+
+
+def retry_config(options) -> RetryConfig | None:
+    """The channel's retries: grpc.service_config's per-method `retryPolicy` and its
+    `retryThrottling`, validated as grpc validates them (a bad one is a ValueError naming
+    the field, where the channel is made; grpc Python makes the channel and fails every
+    call INVALID_ARGUMENT "errors validating service config"). None when no method has a
+    retry policy, or `grpc.enable_retries` is 0 (grpc retries by default): such a
+    channel's calls take the path without retries, which costs nothing more."""
+    config = _service_config(options)
+    if config is None:
+        return None
+    table: dict[str, RetryPolicy | None] = {}
+    for i, entry, paths in _method_configs(config):
+        raw = entry.get("retryPolicy")
+        policy = None if raw is None else _retry_policy(raw, f"methodConfig[{i}].retryPolicy")
+        for path in paths:
+            table[path] = policy
+    throttle = None
+    raw = config.get("retryThrottling")
+    if raw is not None:
+        if not isinstance(raw, dict):
+            raise ValueError(f"{_WHERE}: retryThrottling must be an object")
+        for key in ("maxTokens", "tokenRatio"):
+            if raw.get(key) is None:
+                raise ValueError(f"{_WHERE}: retryThrottling.{key} is missing")
+        tokens = _number(raw["maxTokens"], "retryThrottling.maxTokens", integer=True)
+        ratio = _number(raw["tokenRatio"], "retryThrottling.tokenRatio")
+        # A6: at most 1000 tokens; the ratio keeps 3 decimals
+        throttle = RetryThrottle(float(min(tokens, MAX_TOKENS_CAP)), int(ratio * 1000) / 1000 or 0.001)
+    enabled = True
+    for key, value in options or ():
+        if key == "grpc.enable_retries":  # (an int channel argument in grpc; "0" taken as 0 too)
+            enabled = value not in (0, "0", False)
+    if not enabled or not any(p is not None for p in table.values()):
+        return None
+    return RetryConfig(table, throttle)
 
 
 def too_large(direction: str, size: int, limit: int) -> RpcError:

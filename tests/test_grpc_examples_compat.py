@@ -1021,7 +1021,8 @@ _KEEPALIVE = [
     ("grpc.http2.max_pings_without_data", 5),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-_RETRY = [("grpc.enable_retries", 1), ("grpc.service_config", '{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 5}}]}')]
+_RETRY = [("grpc.enable_retries", 1), ("grpc.service_config", '{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 5, '
+          '"initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}')]
 
 
 @pytest.mark.parametrize("options", [_KEEPALIVE, _RETRY, [("grpc.max_receive_message_length", 1 << 20)]], ids=["keepalive", "retry", "limits"])
@@ -1033,29 +1034,31 @@ def test_grpc_channel_and_server_options_are_accepted(streamer, options):
         ch.close()
 
 
-def test_retry_options_do_not_retry_the_call_fails_once(streamer):
-    """Documented difference (docs/PORTING.md): grpc's retry policy in the service config
-    is accepted and ignored, a call that fails UNAVAILABLE fails once, the server sees it
-    once; the application retries if it wants to."""
+def test_retry_policy_retries_as_grpc_and_enable_retries_0_turns_it_off(streamer):
+    """grpc's retry policy in the service config retries a unary call that failed with a
+    listed code (tests/test_retries.py has the rest); with grpc.enable_retries=0 the call
+    fails once, the server sees it once, as in grpc."""
     _a, _b, pb = streamer
     calls = []
 
     class Flaky(pb.StreamerServicer):
         def Unary(self, request, context):
             calls.append(1)
-            if len(calls) == 1:
+            if len(calls) % 2 == 1:
                 context.abort(mrpcd.StatusCode.UNAVAILABLE, "flaky")
             return pb.Summary(total=len(calls))
 
-    retry = [("grpc.enable_retries", 1), ("grpc.service_config", '{"methodConfig": [{"name": [{"service": "mrpc.stream.Streamer"}], '
-             '"retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2, '
-             '"retryableStatusCodes": ["UNAVAILABLE"]}}]}')]
+    config = ('{"methodConfig": [{"name": [{"service": "mrpc.stream.Streamer"}], '
+              '"retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2, '
+              '"retryableStatusCodes": ["UNAVAILABLE"]}}]}')
     with sync_pair(streamer, Flaky()) as (_server, channel):
-        stub = pb.StreamerStub(mrpcd.insecure_channel(channel.target, options=retry, app=channel.app))
+        stub = pb.StreamerStub(mrpcd.insecure_channel(channel.target, options=[("grpc.service_config", config)], app=channel.app))
+        assert stub.Unary(pb.Chunk(), timeout=10).total == 2 and len(calls) == 2
+        off = pb.StreamerStub(mrpcd.insecure_channel(channel.target, options=[("grpc.enable_retries", 0), ("grpc.service_config", config)], app=channel.app))
         with pytest.raises(mrpcd.RpcError) as info:
-            stub.Unary(pb.Chunk(), timeout=10)
-        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE and len(calls) == 1
-        assert stub.Unary(pb.Chunk(), timeout=10).total == 2  # the application's own retry
+            off.Unary(pb.Chunk(), timeout=10)
+        assert info.value.code() is mrpcd.StatusCode.UNAVAILABLE and len(calls) == 3
+        assert off.Unary(pb.Chunk(), timeout=10).total == 4  # the application's own retry
 
 
 @pytest.mark.parametrize("options", [[("grpc.keepalive_time_ms",)], ["not a pair"], 5, [("grpc.max_receive_message_length", "4MB")]])

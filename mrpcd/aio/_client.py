@@ -16,7 +16,7 @@ import weakref
 from typing import Any, AsyncIterator, Callable, Coroutine, Sequence, cast
 
 from .. import wire
-from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, close_dropped_handle, connect_error, lost_listener
+from .._calls import ChannelCore, ClientCallCore, MultiCallableCore, RetryState, close_dropped_handle, connect_error, lost_listener
 from ..interceptors import ClientCallDetails, wait_for_ready_of
 from ..marshal import records as R
 from ..status import BaseError, ChannelConnectivity, RpcError, StatusCode
@@ -175,6 +175,126 @@ class _FailedStart(_CallState):
         super().__init__(_NoApp(), 0, 0, bytes, 0, None)  # type: ignore[arg-type]
         self.initial, self.trailing = list(exc.initial_metadata()), list(exc.trailing_metadata())
         self.end(exc.code(), exc.details())
+
+
+class _StreamAttemptState(_CallState):
+    """An attempt of a retried response stream: `committed` once it has its first message,
+    or the server's initial metadata before its end (set as the records arrive)."""
+
+    committed = False
+
+    def _wake(self) -> None:
+        if not self.committed and (self.messages or (self.got_initial and not self.done)):
+            self.committed = True
+        super()._wake()
+
+
+class _RetriedState(_CallState):
+    """A unary-request call with a retryPolicy (gRFC A6), as its grpc.aio call sees it:
+    one call over its attempts, which a task of its own runs (`run`) one after the other, each a
+    plain call with the time left of this one's deadline; RetryState decides after each
+    whether and when to try again. The last attempt's outcome (response or status,
+    metadata and all) becomes this call's. It is in no app's table (records go to its
+    attempts; a lost connection ends an attempt, which may be retried); its own deadline
+    timer ends it, and cancelling it (or its deadline) cancels the attempt in flight and
+    retries no more. A response stream (`stream`) commits to the attempt that receives
+    its first message (or initial metadata): from then on it reads that attempt's
+    messages, as A6 retries streams only until then."""
+
+    def __init__(self, multi: "_AioMultiCallable", retry: RetryState, payload: Any, meta: list, deadline: wire.Deadline | None,
+                 wait_for_ready: bool | None, stream: bool = False) -> None:
+        app = multi._channel.app
+        super().__init__(app, -1, app.next_call_id(), multi._decode, multi._channel._max_receive, deadline)
+        app.calls.pop((self.handle, self.call_id), None)  # (not unregister(): that stops the deadline timer)
+        self._multi = multi
+        self._retry = retry
+        self._payload = payload
+        self._meta = meta
+        self._wait_for_ready = wait_for_ready
+        self._attempt: _CallState | None = None
+        self._sleeping = False
+        self._task: asyncio.Task | None = None
+        self._stream = stream
+        self._committed: _CallState | None = None  # (a stream's attempt that committed)
+
+    def start(self) -> None:
+        task = self._task = asyncio.ensure_future(self.run())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (run ends the call with any error)
+
+    async def run(self) -> None:
+        try:
+            while not self.done:
+                try:
+                    attempt: _CallState = await self._multi._open_attempt(self._payload, self._retry.metadata(self._meta), self.deadline, self._wait_for_ready,
+                                                                          _StreamAttemptState if self._stream else _CallState)
+                except RpcError as exc:  # no connection, record refused: an attempt that failed with it
+                    attempt = _FailedStart(exc)
+                self._attempt = attempt
+                if self.done:  # cancelled (or past its deadline) while the attempt started
+                    attempt.cancel(self.code, self.details)
+                    return
+                if self._stream:
+                    await attempt._wait_for(lambda: getattr(attempt, "committed", False))
+                    if self.done:
+                        return
+                    if getattr(attempt, "committed", False):  # no more retries: the stream reads this attempt
+                        self._committed = attempt
+                        self.initial, self.got_initial = attempt.initial, attempt.got_initial
+                        self._wake()
+                await attempt.wait_done()
+                if self.done:
+                    return
+                committed = attempt is self._committed or bool(attempt.initial) or bool(attempt.messages)
+                delay = self._retry.next_delay(attempt.code, attempt.trailing, committed)
+                if delay is None:
+                    if attempt is not self._committed:  # (a committed stream's messages are read from it)
+                        self.messages.extend(attempt.messages)
+                    self.initial, self.trailing, self.got_initial = attempt.initial, attempt.trailing, attempt.got_initial
+                    self.code, self.details = attempt.code, attempt.details
+                    self.cancelled_locally = attempt.cancelled_locally  # (closed by the channel's close: CancelledError)
+                    self._finish()
+                    self._wake()
+                    return
+                left = self.deadline.remaining() if self.deadline is not None else None
+                self._sleeping = True
+                try:
+                    # the deadline first: its timer ends the call then (DEADLINE_EXCEEDED, as grpc's)
+                    await self._multi._channel._pause(delay if left is None else min(delay, left))  # (its close ends it)
+                finally:
+                    self._sleeping = False
+                if self.done:
+                    return
+                if self._multi._channel._closed:  # grpc.aio's close cancels the calls in flight
+                    self.cancel(StatusCode.CANCELLED, "Channel closed!")
+                    self.cancelled_locally = True
+                    return
+                if self.deadline is not None and self.deadline.expired():
+                    self.cancel(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+        except asyncio.CancelledError:
+            self.cancel()
+        except Exception as exc:  # (nobody would see it in this task: the call ends with it)
+            self.end(StatusCode.UNKNOWN, f"the call could not be retried: {exc!r}")
+
+    async def next_message(self) -> Any:
+        if self._stream:
+            await self._wait_for(lambda: self._committed is not None)
+            committed = self._committed
+            if committed is not None:
+                return await committed.next_message()
+        return await super().next_message()
+
+    def cancel(self, code: StatusCode = StatusCode.CANCELLED, details: str = "Locally cancelled by application!") -> bool:
+        if not self.end(code, details):
+            return False
+        self.cancelled_locally = code is StatusCode.CANCELLED
+        attempt, task = self._attempt, self._task
+        if attempt is not None:
+            attempt.cancel(code, details)
+        if task is not None and not task.done():
+            _CANCEL_ASKED.add(task)  # a wait_for_ready attempt's wait ends (Channel._wait_for_handle)
+            if self._sleeping or task in _BETWEEN_ATTEMPTS:
+                task.cancel()
+        return True
 
 
 class _Call:
@@ -444,6 +564,8 @@ class _AioMultiCallable(MultiCallableCore):
         is made. Otherwise a task starts it (errors then surface where the call is
         awaited, as before)."""
         loop = self._channel.app.loop
+        if self._retry_policy is not None:  # (one test: methods without retries pay nothing more)
+            return call_cls(self._retried(first, details, self._wait_for_ready(wait_for_ready_of(details, wait_for_ready)), call_cls is StreamResponseCall), loop)
         got = self._open_now(first, details.timeout, details.metadata)
         if got is None:
             return call_cls(self._open(first, True, details.timeout, details.metadata, wait_for_ready=wait_for_ready_of(details, wait_for_ready)), loop)
@@ -451,6 +573,36 @@ class _AioMultiCallable(MultiCallableCore):
         if unsent is None:
             return call_cls(None, loop, state=state)
         return call_cls(self._send_first(state, unsent), loop)
+
+    async def _retried(self, first: Any, details: ClientCallDetails, wait_for_ready: bool | None, stream: bool = False) -> _CallState:
+        """A call of a method with a retryPolicy: encoded once, its attempts share one
+        deadline (the call's timeout, or its service config's), as in grpc."""
+        policy = self._retry_policy
+        assert policy is not None
+        meta, payload, _dl, deadline = self._prepare(first, details.timeout, details.metadata)
+        state = _RetriedState(self, RetryState(policy, self._channel._retry.throttle), payload, meta, deadline, wait_for_ready, stream)
+        state.start()
+        return state
+
+    async def _open_attempt(self, payload: Any, meta: list, deadline: wire.Deadline | None, wait_for_ready: bool | None,
+                            cls: "type[_CallState]" = _CallState) -> _CallState:
+        """One attempt of a retried call (_RetriedState): _open's steps, with the request
+        encoded already and the time left of the call's deadline."""
+        ch = self._channel
+        app = ch.app
+        if not app.closed:  # (else the connection below carries on with its successor, schemas and all)
+            for schema in self._schemas:
+                if id(schema) not in app._schemas:
+                    await app.loop.run_in_executor(None, app.ensure_schema, schema)
+        handle = await (ch._wait_for_handle(deadline) if wait_for_ready else ch._ensure_handle())
+        dl = wire.deadline_us(deadline.remaining()) if deadline is not None else 0
+        state = cls(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
+        try:
+            await ch.app.send_async(self._first_record(state, True, dl, meta, payload))
+        except BaseException:
+            state.unregister()  # never sent: forget it
+            raise
+        return state
 
     def _open_now(self, first: Any, timeout: float | None, metadata) -> "tuple[_CallState, Any] | None":
         """(state, None) when the call started; (state, record) when only the ring was
@@ -549,6 +701,8 @@ class _AioMultiCallable(MultiCallableCore):
 
 
 class UnaryUnaryMultiCallable(_AioMultiCallable):
+    _RETRIED = True
+
     def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> UnaryResponseCall:
             return self._call(UnaryResponseCall, req, details, wait_for_ready)
@@ -557,6 +711,8 @@ class UnaryUnaryMultiCallable(_AioMultiCallable):
 
 
 class UnaryStreamMultiCallable(_AioMultiCallable):
+    _RETRIED = True
+
     def __call__(self, request: Any, *, timeout: float | None = None, metadata=None, credentials: Any = None, wait_for_ready: bool | None = None, **_: Any) -> Any:
         def invoke(details: ClientCallDetails, req: Any) -> StreamResponseCall:
             return self._call(StreamResponseCall, req, details, wait_for_ready)
@@ -597,6 +753,7 @@ class Channel(ChannelCore):
         self._options = options
         wire.message_limits(options, 1 << 30)  # a bad option is an error here, where it is given
         self._method_defaults = wire.method_defaults(options)
+        self._retry = wire.retry_config(options)  # (None: no method retries, the common case)
         self._interceptors = check_client_interceptors(interceptors)
         self._handle: int | None = None
         self._listener: Callable[[str], None] | None = None
@@ -831,5 +988,6 @@ class Channel(ChannelCore):
 
 def insecure_channel(target: str, options: Any = None, compression: Any = None, interceptors: Sequence[Any] | None = None, *, app: AioApp | None = None) -> Channel:
     """Like grpc.aio.insecure_channel (options: grpc.max_send/receive_message_length,
-    grpc.service_config's per-method timeout / waitForReady)."""
+    grpc.service_config's per-method timeout / waitForReady / retryPolicy (unary-unary
+    and server-streaming calls) and retryThrottling, grpc.enable_retries)."""
     return Channel(target, app, options, interceptors)
