@@ -584,16 +584,22 @@ class _AioMultiCallable(MultiCallableCore):
         state.start()
         return state
 
+    async def _register_schemas(self) -> None:
+        """The stub's message schemas to the daemon, once per app (a control round trip in
+        the executor). A closed app's channel connects through its successor, which takes
+        the channel's schemas before it connects (Channel._follow_app)."""
+        app = self._channel.app
+        if not app.closed:
+            for schema in self._schemas:
+                if id(schema) not in app._schemas:
+                    await app.loop.run_in_executor(None, app.ensure_schema, schema)
+
     async def _open_attempt(self, payload: Any, meta: list, deadline: wire.Deadline | None, wait_for_ready: bool | None,
                             cls: "type[_CallState]" = _CallState) -> _CallState:
         """One attempt of a retried call (_RetriedState): _open's steps, with the request
         encoded already and the time left of the call's deadline."""
         ch = self._channel
-        app = ch.app
-        if not app.closed:  # (else the connection below carries on with its successor, schemas and all)
-            for schema in self._schemas:
-                if id(schema) not in app._schemas:
-                    await app.loop.run_in_executor(None, app.ensure_schema, schema)
+        await self._register_schemas()
         handle = await (ch._wait_for_handle(deadline) if wait_for_ready else ch._ensure_handle())
         dl = wire.deadline_us(deadline.remaining()) if deadline is not None else 0
         state = cls(ch.app, handle, ch.app.next_call_id(), self._decode, ch._max_receive, deadline)
@@ -641,11 +647,7 @@ class _AioMultiCallable(MultiCallableCore):
 
     async def _open(self, first: Any, end: bool, timeout: float | None, metadata, requests: Any = None, wait_for_ready: bool | None = None) -> _CallState:
         ch = self._channel
-        app = ch.app
-        if not app.closed:  # (else the connection below carries on with its successor, schemas and all)
-            for schema in self._schemas:
-                if id(schema) not in app._schemas:
-                    await app.loop.run_in_executor(None, app.ensure_schema, schema)
+        await self._register_schemas()
         meta, payload, dl, deadline = self._prepare(first, timeout, metadata, end)
         if self._wait_for_ready(wait_for_ready):
             closed = ch._closed
