@@ -1100,3 +1100,47 @@ def test_aio_channel_made_before_the_loop_runs(streamer, monkeypatch):
             srv_app.close()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_grpc_aio_type_names_name_the_call_objects(streamer):
+    """grpc.aio.UnaryUnaryCall / UnaryStreamCall / StreamUnaryCall / StreamStreamCall / Call
+    and the multi-callable classes: ported code annotates with them or checks isinstance;
+    mrpcd.aio lacked most of them (AttributeError at import of such code)."""
+    _a, _b, pb = streamer
+
+    class Servicer(pb.StreamerServicer):
+        async def Unary(self, request, context):
+            return pb.Summary(total=1)
+
+        async def ServerStream(self, request, context):
+            yield pb.Chunk()
+
+        async def ClientStream(self, request_iterator, context):
+            return pb.Summary()
+
+        async def BidiStream(self, request_iterator, context):
+            async for _ in request_iterator:
+                pass
+            return
+            yield
+
+    async def body(server, stub):
+        unary = stub.Unary(pb.Chunk())
+        stream = stub.ServerStream(pb.Chunk())
+        client_stream = stub.ClientStream(iter([pb.Chunk()]))
+        bidi = stub.BidiStream(iter([]))
+        assert isinstance(unary, mrpcd.aio.UnaryUnaryCall) and isinstance(unary, mrpcd.aio.Call)
+        assert isinstance(stream, mrpcd.aio.UnaryStreamCall) and isinstance(stream, mrpcd.aio.Call)
+        assert isinstance(client_stream, mrpcd.aio.StreamUnaryCall) and isinstance(bidi, mrpcd.aio.StreamStreamCall)
+        assert isinstance(stub.Unary, mrpcd.aio.UnaryUnaryMultiCallable)
+        assert isinstance(stub.ServerStream, mrpcd.aio.UnaryStreamMultiCallable)
+        assert isinstance(stub.ClientStream, mrpcd.aio.StreamUnaryMultiCallable)
+        assert isinstance(stub.BidiStream, mrpcd.aio.StreamStreamMultiCallable)
+        assert (await unary).total == 1
+        assert [c async for c in stream] == [pb.Chunk()]
+        for call in (client_stream, bidi):
+            call.cancel()
+        mrpcd.aio.init_grpc_aio()
+        mrpcd.aio.shutdown_grpc_aio()
+
+    run_aio(streamer, Servicer(), body)

@@ -14,9 +14,14 @@ from ._client import (
     Channel,
     StreamResponseCall,
     StreamStreamCall,
+    StreamStreamMultiCallable,
     StreamUnaryCall,
+    StreamUnaryMultiCallable,
     UnaryResponseCall,
+    UnaryStreamMultiCallable,
+    UnaryUnaryMultiCallable,
     UsageError,
+    _Call as Call,
     insecure_channel,
 )
 from ._interceptors import (
@@ -32,7 +37,24 @@ from ..status import AbortError, BaseError, InternalError  # grpc.aio's exceptio
 from ..interceptors import ClientCallDetails  # grpc.aio.ClientCallDetails: the same fields
 from ._server import Server, ServicerContext, server
 
+# grpc.aio's names for the call objects (what ported code annotates with, or checks with
+# isinstance): a unary-response call is grpc.aio's UnaryUnaryCall, a response stream its
+# UnaryStreamCall
+UnaryUnaryCall = UnaryResponseCall
+UnaryStreamCall = StreamResponseCall
+
+
+def init_grpc_aio() -> None:
+    """grpc.aio.init_grpc_aio: nothing to set up here (the event loop drives the app)."""
+
+
+def shutdown_grpc_aio() -> None:
+    """grpc.aio.shutdown_grpc_aio: nothing to tear down (apps close with their loop)."""
+
+
 __all__ = [
+    "Call", "UnaryUnaryCall", "UnaryStreamCall", "UnaryUnaryMultiCallable", "UnaryStreamMultiCallable",
+    "StreamUnaryMultiCallable", "StreamStreamMultiCallable", "init_grpc_aio", "shutdown_grpc_aio",
     "AioApp", "connect", "default_app", "EOF", "AioRpcError", "Channel", "StreamResponseCall", "UnaryResponseCall",
     "StreamUnaryCall", "StreamStreamCall", "UsageError",
     "insecure_channel", "ClientInterceptor", "ServerInterceptor", "StreamStreamClientInterceptor",
