@@ -460,7 +460,10 @@ def _assigned(obj, **fields):
     (Composite(m_str_inner={"a": 1}), "t.Composite.m_str_inner: expected Inner, got int"),
     (Composite(m_str_inner={"a": Inner(s="\ud800")}), "t.Inner.s: string is not encodable"),
     (Composite(o_int32="x"), "t.Composite.o_int32: expected int32, got str"),
-    (Composite(c_int=1, c_inner=Inner()), "t.Composite: more than one member of oneof choice is set"),
+    # (assigning a member clears the others, constructors refuse two: only the raw slots get here)
+    (_assigned(Composite(c_int=1), _mrpc_raw_c_inner=Inner()),
+     "t.Composite: more than one member of oneof choice is set (c_int, c_inner): its members' raw slots "
+     "were written directly, ClearField('choice') first"),
 ])
 def test_encode_rejects(obj, message):
     with pytest.raises((EncodeError, TypeError)) as info:
