@@ -25,7 +25,11 @@ values of the file's own top-level enums are module constants and those of neste
 attributes, each only where its name is free (a type, a generated name, a field, a Message
 attribute keeps it); Timestamp, Duration, Struct and ListValue mix in their helpers
 (mrpcd.marshal.wkt); an `__init__` makes a dict given for a message field into the message and
-gives repeated / map fields of messages their containers (mrpcd.marshal.containers).
+gives repeated / map fields of messages their containers (mrpcd.marshal.containers). The members
+of a oneof with two or more members are written to their raw slots (`_mrpc_raw_<field>`, in
+front of which codec.bind puts a OneofField that clears the other members on assignment), and
+two members given is a TypeError (__mrpc_oneof_given__): protobuf keeps the last keyword given,
+which a signature cannot tell.
 
 Fields named like a Message method (SerializeToString, FromString, ByteSize, to_dict,
 _fields, and protobuf's HasField, WhichOneof, ClearField, Clear, CopyFrom, MergeFrom,
