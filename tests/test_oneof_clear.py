@@ -302,3 +302,16 @@ def test_a_class_without_slots_cannot_have_oneof_members(m):
 
     with pytest.raises(SchemaError, match=r"Loose\.int_param: cannot give the field a oneof member's property"):
         codec.bind(d.SCHEMA, {"mrpc.oneofclear.Pick": Loose, "mrpc.oneofclear.Sub": d.Sub})
+
+
+def test_a_wide_oneof(m):
+    # more than six members: the constructor's test is a count of the None arguments
+    d, pb = m
+    for k in range(1, 8):
+        w, q = d.Wide(**{f"w{k}": 0 if k < 7 else ""}), pb.Wide(**{f"w{k}": 0 if k < 7 else ""})
+        assert w.WhichOneof("w") == q.WhichOneof("w") == f"w{k}"
+        w.w3 = q.w3 = 1
+        assert w.WhichOneof("w") == q.WhichOneof("w") == "w3" and d.Wide.FromString(w.SerializeToString()) == w
+    assert d.Wide().WhichOneof("w") is None
+    with pytest.raises(TypeError, match=r"oneof w \(w2, w7\)"):
+        d.Wide(w2=1, w7="x")
