@@ -32,7 +32,7 @@ from . import _framing
 from . import _pack as _packmod
 from .containers import map_type, repeated_type
 from .enums import EnumWrapper
-from .message import DefaultedField, raw_name, raw_state
+from .message import DefaultedField, OneofField, RawField, clearing_oneofs, has_raw_slot, raw_name, raw_state
 from .schema import INT_RANGES, Field, Schema, SchemaError, TypeRef
 
 if TYPE_CHECKING:
@@ -284,6 +284,7 @@ class _Gen:
         self.reading = False  # generating a read_field reader (plain mode, as the app reads)
         self.done: set[str] = set()
         self.nfunc = 0
+        self.groups: dict[str, dict[str, tuple[str, ...]]] = {}
 
     def const(self, value: Any) -> str:
         """A name in the generated code's namespace for `value` (a default: inf, nan and
@@ -308,12 +309,20 @@ class _Gen:
             name = self.closed_maps[key] = self.const({n: members.get(n, n) for _, n in en.values})
         return name
 
-    def raw_attr(self, f: Field) -> str | None:
-        """In class mode, the attribute the codec reads and writes a field with a declared
-        default through (its slot, None when unset: `message.raw_name`), else None."""
-        if self.mode == "cls" and f.default is not None and f.nullable:
+    def raw_attr(self, msg: Any, f: Field) -> str | None:
+        """In class mode, the attribute the codec reads and writes a field that has a RawField
+        (a declared default, a member of a oneof with others) through: its slot
+        (`message.raw_name`, None when unset), as fast as a plain field's; else None."""
+        if self.mode == "cls" and has_raw_slot(f, self.oneofs(msg)):
             return raw_name(f.name)
         return None
+
+    def oneofs(self, msg: Any) -> dict[str, tuple[str, ...]]:
+        """message.clearing_oneofs of `msg`, computed once a message."""
+        groups = self.groups.get(msg.full_name)
+        if groups is None:
+            groups = self.groups[msg.full_name] = clearing_oneofs(msg.fields)
+        return groups
 
     def fid(self, name: str) -> int:
         if name not in self.index:
@@ -384,7 +393,7 @@ class _Gen:
         if self.mode == "cls":
             L.append(f"    o = _new(_C{k})")
             for i, f in enumerate(msg.fields):
-                raw = self.raw_attr(f)
+                raw = self.raw_attr(msg, f)
                 if raw is not None:
                     L.append(f"    o.{raw} = f{i}")
                 elif _ident_ok(f.name):
@@ -480,8 +489,10 @@ class _Gen:
                 continue
             cond = " + ".join(f"(f{i} is not None)" for i, _ in members)
             head = f"{msg.full_name}: more than one member of oneof {g} is set ("
-            # assigning a member does not clear the others (plain attributes, docs/PORTING.md)
-            tail = ")" if exc == "_DE" else f"): assigning one does not clear the others here, ClearField({g!r}) first"
+            # (encoding: assigning a member clears the others and constructors refuse two, so
+            # only writes to the raw slots, `_mrpc_raw_<member>`, get here)
+            tail = f"): its members' raw slots were written directly, ClearField({g!r}) first" \
+                if exc == "_EE" and self.mode == "cls" else ")"
             pairs = ", ".join(f"({n!r}, f{i})" for i, n in members)
             L += [f"    if {cond} > 1:",
                   f"        raise {exc}({head!r} + ', '.join([n for n, x in ({pairs}) if x is not None]) + {tail!r})"]
@@ -517,7 +528,7 @@ class _Gen:
             L += ["    if d > MAXD:",
                   f"        raise _EE({name!r} + ': messages nested deeper than {MAX_DEPTH} (a cycle?)')"]
         for i, f in enumerate(msg.fields):
-            raw = self.raw_attr(f)
+            raw = self.raw_attr(msg, f)
             if raw is not None:  # its slot: None (nil) when unset, not the default
                 get = f"m.{raw}"
             elif self.mode == "cls":
@@ -646,7 +657,9 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type[enum.In
     (full enum name → IntEnum class) makes decoded enum values members of those classes
     when known (unknown values of open enums stay ints; those of closed, proto2, enums leave
     the field unset, as protobuf's decoder does). A field with presence and a declared
-    default gets a DefaultedField in front of its slot (marshal/message.py).
+    default gets a DefaultedField in front of its slot, a member of a oneof with other
+    members a OneofField (assigning it clears them, as protobuf); the codec reads and writes
+    their slots (marshal/message.py).
     """
     gen = _Gen(schema, "cls", classes, enums)
     for ename, ecls in (enums or {}).items():
@@ -659,7 +672,7 @@ def bind(schema: Schema, classes: dict[str, type], enums: dict[str, type[enum.In
             raise SchemaError(f"bind: {name} is not a message of the schema")
         _check_class(cls, schema.messages[name])
     for name, cls in classes.items():
-        _install_defaults(cls, schema.messages[name], schema, enums or {})
+        _install_raw_fields(cls, schema.messages[name], enums or {})
     gen.compile(list(classes))
     for name, cls in classes.items():
         msg = schema.messages[name]
@@ -702,25 +715,36 @@ def _declared(f: Field, enums: dict[str, type[enum.IntEnum]]) -> Any:
     return f.default
 
 
-def _install_defaults(cls: Any, msg: Any, schema: Schema, enums: dict[str, type[enum.IntEnum]]) -> None:
-    """Put a DefaultedField in front of the slot of each field with presence and a declared
-    default (reads give the default while it is unset), the slot itself under raw_name(field)
-    for the codec; undo that for fields that have none (a class bound again)."""
-    raw: dict[str, str] = {}
+def _install_raw_fields(cls: Any, msg: Any, enums: dict[str, type[enum.IntEnum]]) -> None:
+    """Put a RawField in front of the slot of each field that has_raw_slot: a DefaultedField
+    for one with presence and a declared default (reads give the default while it is unset),
+    a OneofField for a member of a oneof with other members (assigning it clears them); the
+    slot itself under raw_name(field) for the codec. Undo that for fields that have none (a
+    class bound again to another schema)."""
+    slots = {}
     for f in msg.fields:
         current = cls.__dict__.get(f.name)
         if current is None:
             current = getattr(cls, f.name, None)  # a slot of a base class
-        slot = current.slot if isinstance(current, DefaultedField) else current
-        if f.default is not None and f.nullable:
-            if not hasattr(slot, "__set__") or any(x.name == raw_name(f.name) for x in msg.fields):
-                raise SchemaError(f"bind: {cls.__qualname__}.{f.name}: cannot give the field its default")
+        slots[f.name] = (current, current.slot if isinstance(current, RawField) else current)
+    oneofs = clearing_oneofs(msg.fields)
+    raw: dict[str, str] = {}
+    for f in msg.fields:
+        current, slot = slots[f.name]
+        if has_raw_slot(f, oneofs):
+            others = tuple(n for n in oneofs.get(cast(str, f.oneof), ()) if n != f.name)
+            if (not all(hasattr(s, "__set__") and hasattr(s, "__get__") for s in (slot, *(slots[n][1] for n in others)))
+                    or any(x.name == raw_name(f.name) for x in msg.fields)):
+                what = "its default" if f.oneof not in oneofs else "a oneof member's property (it needs __slots__)"
+                raise SchemaError(f"bind: {cls.__qualname__}.{f.name}: cannot give the field {what}")
+            default = _declared(f, enums) if f.default is not None else None
             setattr(cls, raw_name(f.name), slot)
-            setattr(cls, f.name, DefaultedField(slot, _declared(f, enums)))
+            setattr(cls, f.name, OneofField(slot, f.name, others, default) if others else DefaultedField(slot, default))
             raw[f.name] = raw_name(f.name)
-        elif isinstance(current, DefaultedField) and f.name in cls.__dict__:
+        elif isinstance(current, RawField) and f.name in cls.__dict__:
             setattr(cls, f.name, slot)
     cls.__mrpc_raw__ = raw
+    cls.__mrpc_oneofs__ = tuple(oneofs.items())
     if raw:  # pickle the stored values (None while unset), not what the fields read as
         cls.__getstate__ = raw_state
     elif cls.__dict__.get("__getstate__") is raw_state:

@@ -363,6 +363,17 @@ def test_decode_wrong_composite_types(field, value, message):
     reject(Composite, comp_raw(**{field: value}), message)
 
 
+def test_hand_written_classes_clear_oneof_members_too():
+    # Message.__init__ (classes bound with codec.bind without a generated __init__) refuses two
+    # members as generated constructors do; assigning one clears the others
+    with pytest.raises(TypeError, match=r"^Composite\(\) got more than one member of oneof choice \(c_int, c_str\)"):
+        Composite(c_int=1, c_str="x")
+    c = Composite(c_int=1, c_str=None)
+    c.c_inner = Inner(s="a")
+    assert c.c_int is None and c.WhichOneof("choice") == "c_inner"
+    assert Composite.FromString(c.SerializeToString()) == c
+
+
 def test_decode_oneof_two_members_set():
     reject(Composite, comp_raw(c_int=1, c_str="x"), "t.Composite: more than one member of oneof choice is set")
 
@@ -460,7 +471,10 @@ def _assigned(obj, **fields):
     (Composite(m_str_inner={"a": 1}), "t.Composite.m_str_inner: expected Inner, got int"),
     (Composite(m_str_inner={"a": Inner(s="\ud800")}), "t.Inner.s: string is not encodable"),
     (Composite(o_int32="x"), "t.Composite.o_int32: expected int32, got str"),
-    (Composite(c_int=1, c_inner=Inner()), "t.Composite: more than one member of oneof choice is set"),
+    # (assigning a member clears the others, constructors refuse two: only the raw slots get here)
+    (_assigned(Composite(c_int=1), _mrpc_raw_c_inner=Inner()),
+     "t.Composite: more than one member of oneof choice is set (c_int, c_inner): its members' raw slots "
+     "were written directly, ClearField('choice') first"),
 ])
 def test_encode_rejects(obj, message):
     with pytest.raises((EncodeError, TypeError)) as info:

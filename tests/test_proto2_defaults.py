@@ -115,6 +115,19 @@ def test_other_values_round_trip_as_pb2(m):
     assert back.WhichOneof("pick") == pback.WhichOneof("pick") == "one_b" and back.one_a == pback.one_a == 5
 
 
+def test_a_oneof_member_with_a_default_is_cleared_by_the_other_as_pb2(m):
+    d, _, pb, _ = m
+    o, p = d.Conf(one_a=1), pb.Conf(one_a=1)
+    o.one_b = p.one_b = "z"  # clears one_a, which reads its default again
+    assert o.WhichOneof("pick") == p.WhichOneof("pick") == "one_b"
+    assert o.one_a == p.one_a == 5 and not o.HasField("one_a") and not p.HasField("one_a")
+    o.one_a = p.one_a = 5  # set to its default: set, and one_b cleared
+    assert o.WhichOneof("pick") == p.WhichOneof("pick") == "one_a" and o.one_b is None and p.one_b == ""
+    assert d.Conf.FromString(o.SerializeToString()).WhichOneof("pick") == "one_a"
+    o.one_a = None  # unsets it (protobuf: ClearField)
+    assert o.WhichOneof("pick") is None and o.one_a == 5
+
+
 def test_an_unset_default_is_not_sent_and_the_receiver_reads_its_own(m):
     d, _, pb, _ = m
     data = d.Conf().SerializeToString()

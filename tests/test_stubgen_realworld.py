@@ -299,19 +299,14 @@ def test_struct_and_list_value_work_as_protobufs(mods):
         mine.Struct(fields={"k": {}})["k"]
 
 
-def test_two_oneof_members_assigned_name_the_set_ones(mods):
-    # protobuf clears the other members when one is assigned; mrpcd's attributes do not
-    # (docs/PORTING.md): the encoder's error names the members that are set, and the way out
-    mine, _ = mods
-    p = mine.Param(number=5)
-    p.text = "x"
-    with pytest.raises(ValueError, match=r"^mrpc\.serving\.Param: more than one member of oneof choice is set "
-                                         r"\(number, text\): assigning one does not clear the others here, "
-                                         r"ClearField\('choice'\) first$"):
-        p.SerializeToString()
-    p.ClearField("choice")
-    p.text = "x"
-    assert mine.Param.FromString(p.SerializeToString()).WhichOneof("choice") == "text"
+def test_assigning_a_oneof_member_clears_the_others_as_pb2(mods):
+    # protobuf's "last assignment wins": the encoder sends the one set last
+    mine, theirs = mods
+    p, q = mine.Param(number=5), theirs.Param(number=5)
+    p.text = q.text = "x"
+    assert p.WhichOneof("choice") == q.WhichOneof("choice") == "text" and p.number is None
+    assert not p.HasField("number") and not q.HasField("number")
+    assert mine.Param.FromString(p.SerializeToString()) == mine.Param(text="x")
 
 
 # -- over two daemons ---------------------------------------------------------------------------------
