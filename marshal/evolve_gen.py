@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from . import _framing
 from .codec import MAX_DEPTH, _econv, _enum_default, _plain_fn, _scalar_default
 from .schema import INT_RANGES, Field, Schema, TypeRef
 
@@ -36,7 +37,40 @@ __all__ = ["FastGen"]
 _RANGES: dict[str, tuple[int, int]] = dict(INT_RANGES, enum=INT_RANGES["int32"])
 _FLOATS = frozenset({"double", "float"})
 _pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_skip = _framing.skip
+try:
+    from . import _evolve as _ev
+except ImportError:  # (not built: every field is unpacked)
+    _ev = None  # type: ignore[assignment]
 _unpackb = msgpack.unpackb
+
+
+def _header(n: int) -> bytes:
+    """msgpack's array header for `n` items, as the packer writes it."""
+    return msgpack.Packer().pack_array_header(n)
+
+
+def _split(m: memoryview, n: int) -> list[int]:
+    """The offsets of the `n` items of the one array `m` holds, and its end (== len(m));
+    raises when `m` is anything else (the reference then says what is wrong)."""
+    b = m[0]  # (IndexError when empty: the reference reports it)
+    if 0x90 <= b <= 0x9f:
+        count, pos = b & 0x0F, 1
+    elif b == 0xDC:
+        count, pos = int.from_bytes(m[1:3], "big"), 3
+    elif b == 0xDD:
+        count, pos = int.from_bytes(m[1:5], "big"), 5
+    else:
+        raise _Slow
+    if count != n or pos > len(m):
+        raise _Slow
+    out = [pos]
+    for _ in range(n):
+        pos = _skip(m, pos)
+        out.append(pos)
+    if pos != len(m):
+        raise _Slow
+    return out
 
 
 class _Slow(Exception):
@@ -90,6 +124,10 @@ class FastGen:
         self.compile(name)
         if not self.ok:
             return None
+        runs = self.runs(name)
+        if runs:
+            fast = self.splicer(name, runs)
+            return fast if self.ok else None
         t = self.ns[f"_t{self.index[name]}"]
         pack, unpackb = _pack, _unpackb
 
@@ -101,6 +139,114 @@ class FastGen:
             gc.disable()
             try:
                 return pack(t(unpackb(data, raw=False, strict_map_key=False), 0))
+            finally:
+                if was:
+                    gc.enable()
+        return fast
+
+    # -- runs copied as they are ---------------------------------------------------------
+    def spec(self, pf: Field, lf: Field) -> tuple[int, bool, int, int] | None:
+        """`Run` spec of a scalar field whose peer bytes are already the local ones when
+        valid (no conversion), None otherwise."""
+        try:
+            _, conv, _ = self.scalar(pf.type, lf.type, "y")
+        except AssertionError:
+            return None
+        if conv is not None or pf.label not in ("single", "optional", "repeated") or pf.label != lf.label:
+            return None
+        null = pf.nullable and lf.nullable
+        pk = pf.type.kind
+        if pk in _RANGES:
+            lo, hi = _RANGES[pk]
+            llo, lhi = _RANGES[lf.type.kind]
+            return (_ev.K_INT, null, max(lo, llo), min(hi, lhi))
+        kind = {"bool": _ev.K_BOOL, "double": _ev.K_FLOAT, "float": _ev.K_FLOAT, "string": _ev.K_STR,
+                "bytes": _ev.K_BYTES}[pk]
+        return (kind, null, 0, 1)
+
+    def runs(self, name: str) -> dict[int, Any]:
+        """The repeated fields of top-level message `name` (by peer index) whose bytes the
+        fast path may check with a `Run` and copy: of scalars, or of messages of scalars,
+        laid out and typed alike on both sides (integers: the range both accept)."""
+        if _ev is None:
+            return {}
+        pm, lm = self.peer.messages[name], self.local.messages[name]
+        lby = {f.number: f for f in lm.fields}
+        out: dict[int, Any] = {}
+        for i, pf in enumerate(pm.fields):
+            lf = lby.get(pf.number)
+            if lf is None or pf.label != "repeated" or lf.label != "repeated":
+                continue
+            if pf.type.kind != "message":
+                sp = self.spec(pf, lf)
+                if sp is not None:
+                    out[i] = _ev.Run(False, [sp])
+                continue
+            sub_p, sub_l = self.peer.messages[pf.type.ref_name], self.local.messages[pf.type.ref_name]
+            if not sub_p.fields or [f.number for f in sub_p.fields] != [f.number for f in sub_l.fields] or any(
+                    f.oneof is not None or f.type.kind == "message" for f in (*sub_p.fields, *sub_l.fields)):
+                continue
+            specs = [self.spec(a, b) for a, b in zip(sub_p.fields, sub_l.fields)]
+            if all(sp is not None for sp in specs) and len(specs) <= 4096:
+                out[i] = _ev.Run(True, specs)
+        return out
+
+    def splicer(self, name: str, runs: dict[int, Any]) -> Callable[[Any], bytes]:
+        """The fast path of a top-level message some of whose repeated fields are copied as
+        bytes (checked by their `Run`), the others unpacked and transcoded as usual; the
+        result is the local array header and each field's bytes, in the local order."""
+        pm, lm = self.peer.messages[name], self.local.messages[name]
+        n = len(pm.fields)
+        todo: list[str] = []
+        L = ["def _sp(m, o):", "    d = 0"]
+        for i, pf in enumerate(pm.fields):
+            if i in runs:
+                continue
+            L.append(f"    p{i} = _unp(m[o[{i}]:o[{i + 1}]], raw=False, strict_map_key=False)")
+            lf = next((f for f in lm.fields if f.number == pf.number), None)
+            if lf is not None and lf.type.kind == "message":
+                todo.append(lf.type.ref_name)
+            L += ["    " + s for s in self.field(pf, lf, f"p{i}")]
+        names: list[str | None] = [None if i in runs else f"p{i}" for i in range(n)]
+        L += self.oneofs(pm.fields, names)
+        L += [f"    if p{i} is None:\n        raise _SL" for i, f in enumerate(pm.fields) if f.required and i not in runs]
+        pby = {f.number: i for i, f in enumerate(pm.fields)}
+        parts = [self.const(_header(len(lm.fields)))]
+        local_vars: list[str | None] = []
+        for lf in lm.fields:
+            j = pby.get(lf.number)
+            if j is None:
+                parts.append(self.const(_pack(self.default(lf, f"{name}.{lf.name}"))))
+                local_vars.append(None)
+            elif j in runs:
+                parts.append(f"m[o[{j}]:o[{j + 1}]]")
+                local_vars.append(None)
+            else:
+                parts.append(f"_pack(p{j})")
+                local_vars.append(f"p{j}")
+        L += self.oneofs(lm.fields, local_vars)
+        L += [f"    if {x} is None:\n        raise _SL" for f, x in zip(lm.fields, local_vars) if f.required and x]
+        L.append(f"    return b''.join(({', '.join(parts)},))")
+        for sub in todo:
+            self.compile(sub)
+        ns = dict(self.ns, _unp=_unpackb, _pack=_pack)
+        exec(compile("\n".join(L) + "\n", "<mrpcd.evolve fast splice>", "exec"), ns)
+        sp = ns["_sp"]
+        checks = sorted(runs.items())
+
+        def fast(data: Any) -> bytes:
+            m = memoryview(data)
+            if m.ndim != 1 or m.itemsize != 1:
+                raise _Slow
+            m = m.cast("B")
+            o = _split(m, n)
+            for i, run in checks:
+                if not run.check(m, o[i], o[i + 1]):
+                    raise _Slow
+            was = gc.isenabled()
+            gc.disable()
+            try:
+                return sp(m, o)
             finally:
                 if was:
                     gc.enable()
@@ -162,28 +308,36 @@ class FastGen:
             L.append(f"    return ({', '.join(out)},)" if out else "    return ()")
         return L
 
-    def flat_check(self, name: str, y: str) -> str | None:
-        """For a message both sides lay out alike, of scalars only that need no conversion:
-        one expression true when `y` is not such a message (the caller inlines it in its
-        loop over many of them: no call per element). None for any other message."""
+    def flat(self, name: str, y: str) -> tuple[str, str | None] | None:
+        """For a message of scalars only (no message field on either side, no oneof): the
+        caller inlines it in its loop over many of them, no call per element. Returns (an
+        expression true when `y` is not taken, the expression of its local layout, None when
+        that is `y` itself); None for any other message."""
         pm, lm = self.peer.messages[name], self.local.messages[name]
-        if len(pm.fields) != len(lm.fields):
+        if any(f.type.kind == "message" or f.oneof is not None or f.label in ("repeated", "map")
+               for f in (*pm.fields, *lm.fields)):
             return None
+        lby = {f.number: f for f in lm.fields}
         parts = [f"{y}.__class__ is not list", f"len({y}) != {len(pm.fields)}"]
-        for i, (pf, lf) in enumerate(zip(pm.fields, lm.fields)):
-            if (pf.number != lf.number or pf.label != "single" and pf.label != "optional" or lf.label != pf.label
-                    or pf.type.kind == "message" or pf.oneof is not None or lf.oneof is not None):
-                return None
+        got: dict[int, str] = {}
+        for i, pf in enumerate(pm.fields):
+            lf = lby.get(pf.number)
             x = f"{y}[{i}]"
-            bad, conv, floaty = self.scalar(pf.type, lf.type, x)
-            if conv is not None:
-                return None
-            # (floaty: an int in a float field is refused here: the reference converts it,
-            # but no encoder makes one, so only such a rare payload takes the slow path)
-            if pf.nullable and lf.nullable:
+            bad, conv, _ = self.scalar(pf.type, lf.type if lf is not None else None, x)
+            # (a float field: an int in it is refused here; the reference makes it a float,
+            # but no encoder writes one, so only such a rare payload takes the slow path)
+            both = pf.nullable and (lf is None or lf.nullable)
+            if both:
                 bad = f"{x} is not None and ({bad})"
             parts.append(f"({bad})")
-        return " or ".join(parts)
+            if conv is not None and both:
+                conv = f"(None if {x} is None else {conv})"
+            got[pf.number] = conv or x
+        if [f.number for f in pm.fields] == [f.number for f in lm.fields] and all(
+                got[f.number] == f"{y}[{i}]" for i, f in enumerate(pm.fields)):
+            return " or ".join(parts), None
+        out = [got[f.number] if f.number in got else self.const(self.default(f, f"{name}.{f.name}")) for f in lm.fields]
+        return " or ".join(parts), (f"({', '.join(out)},)" if out else "()")
 
     def oneofs(self, fields: list[Field], names: list[str | None]) -> list[str]:
         groups: dict[str, list[str]] = {}
@@ -259,9 +413,10 @@ class FastGen:
             if t.kind == "message":
                 if lf is None:
                     return L + [f"for y in {x}:", f"    {self.pdec(t.ref_name)}(y, d + 1)"]
-                flat = self.flat_check(t.ref_name, "y")
+                flat = self.flat(t.ref_name, "y")
                 if flat is not None:
-                    return L + [f"for y in {x}:", f"    if {flat}:", "        raise _SL"]
+                    L += [f"for y in {x}:", f"    if {flat[0]}:", "        raise _SL"]
+                    return L + ([f"{x} = [{flat[1]} for y in {x}]"] if flat[1] is not None else [])
                 return L + [f"{x} = [_t{self.fid(t.ref_name)}(y, d + 1) for y in {x}]"]
             bad, conv, floaty = self.scalar(t, lf.type if lf else None, "y")
             if floaty:
@@ -279,10 +434,12 @@ class FastGen:
             if t.kind == "message":
                 if lf is None:
                     return L + [f"for y in {x}.values():", f"    {self.pdec(t.ref_name)}(y, d + 1)"]
-                flat = self.flat_check(t.ref_name, "y")
+                flat = self.flat(t.ref_name, "y")
                 if flat is not None:
-                    L += [f"for y in {x}.values():", f"    if {flat}:", "        raise _SL"]
-                    return L + ([f"{x} = {{{kout}: y for k_, y in {x}.items()}}"] if kconv is not None else [])
+                    L += [f"for y in {x}.values():", f"    if {flat[0]}:", "        raise _SL"]
+                    if kconv is not None or flat[1] is not None:
+                        L.append(f"{x} = {{{kout}: {flat[1] or 'y'} for k_, y in {x}.items()}}")
+                    return L
                 return L + [f"{x} = {{{kout}: _t{self.fid(t.ref_name)}(y, d + 1) for k_, y in {x}.items()}}"]
             bad, conv, floaty = self.scalar(t, lf.type if lf else None, "y")
             if floaty:

@@ -236,3 +236,132 @@ def test_errors_are_the_references_words():
     bad = codec.encode_plain(a, "t.Req", {"b": b"\xff", "r": {"x": True, "req": None}})
     with pytest.raises(TranscodeError, match="not valid UTF-8"):
         tc(bad)
+
+
+# -- the byte-level check of runs copied as they are (marshal/_evolve.pyx) -------------------
+
+_ev = pytest.importorskip("mrpcd.marshal._evolve")
+
+SPEC_OK = {  # kind -> the Python values the spec takes (the oracle)
+    "int32": lambda x: type(x) is int and -2**31 <= x < 2**31,
+    "uint64": lambda x: type(x) is int and 0 <= x < 2**64,
+    "int64": lambda x: type(x) is int and -2**63 <= x < 2**63,
+    "bool": lambda x: type(x) is bool, "double": lambda x: type(x) is float,
+    "string": lambda x: type(x) is str, "bytes": lambda x: type(x) is bytes,
+}
+SPECS = {"int32": (_ev.K_INT, -2**31, 2**31 - 1), "uint64": (_ev.K_INT, 0, 2**64 - 1), "int64": (_ev.K_INT, -2**63, 2**63 - 1),
+         "bool": (_ev.K_BOOL, 0, 1), "double": (_ev.K_FLOAT, 0, 1), "string": (_ev.K_STR, 0, 1), "bytes": (_ev.K_BYTES, 0, 1)}
+
+
+def rand_item(rng):
+    """One msgpack item's bytes: canonical or not, valid UTF-8 or not, any kind."""
+    r = rng.randrange(12)
+    if r == 0:
+        return msgpack.packb(rng.choice([0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63, 2**64 - 1,
+                                         -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**63]))
+    if r == 1:  # an int in a form larger than the packer's
+        v = rng.choice([0, 5, 127, 200])
+        return rng.choice([b"\xcc", b"\xd0"]) + bytes([v]) if v < 128 or rng.random() < .5 else b"\xcd\x00" + bytes([v])
+    if r == 2:
+        return rng.choice([b"\xca\x3f\xc0\x00\x00", msgpack.packb(1.5), msgpack.packb(float("nan")), b"\xcb\x00"])
+    if r == 3:
+        s = rng.choice(["", "a", "ü", "x" * 31, "y" * 32, "z" * 255, "é" * 200, "w" * 70000])
+        return msgpack.packb(s, use_bin_type=True)
+    if r == 4:  # str in a longer form, invalid UTF-8, a surrogate
+        return rng.choice([b"\xd9\x01a", b"\xda\x00\x01a", b"\xa2\xc3\x28", b"\xa3\xed\xa0\x80", b"\xa1\xff", b"\xa4\xf4\x90\x80\x80"])
+    if r == 5:
+        return msgpack.packb(rng.choice([b"", b"\xff", b"q" * 256, b"r" * 70000]), use_bin_type=True)
+    if r == 6:
+        return rng.choice([b"\xc5\x00\x01a", b"\xa1a"[:1], b"\xc4\x05ab"])
+    if r == 7:
+        return rng.choice([b"\xc0", b"\xc2", b"\xc3", b"\xc1", b"\xd4\x01\x02", b"\x90", b"\x80"])
+    return msgpack.packb(rng.choice([0, 1, -3, 2**40, True, None, "s", b"b", 0.25]), use_bin_type=True)
+
+
+def rand_array(rng, items):
+    n = len(items)
+    if rng.random() < 0.1 and n < 16:  # a longer header than the packer's
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = msgpack.Packer().pack_array_header(n)
+    return head + b"".join(items)
+
+
+def oracle(data, messages, kinds, nulls):
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        return False
+    if msgpack.packb(obj, use_bin_type=True) != data or type(obj) is not list:
+        return False
+    for y in obj:
+        vals = y if messages else [y]
+        if messages and (type(y) is not list or len(y) != len(kinds)):
+            return False
+        if not all((v is None and nl) or SPEC_OK[k](v) for v, k, nl in zip(vals, kinds, nulls)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_run_check_takes_exactly_canonical_valid_runs(seed):
+    rng = random.Random(seed)
+    for _ in range(150):
+        messages = rng.random() < 0.5
+        kinds = [rng.choice(list(SPECS)) for _ in range(rng.randint(1, 3) if messages else 1)]
+        nulls = [rng.random() < 0.3 for _ in kinds]
+        run = _ev.Run(messages, [(SPECS[k][0], nl, SPECS[k][1], SPECS[k][2]) for k, nl in zip(kinds, nulls)])
+        count = rng.choice([0, 1, 3, 17])
+        if rng.random() < 0.5:  # mostly valid items: a valid canonical run must be taken
+            pool = {"int32": [0, -1, 2**31 - 1, -2**31, 300], "uint64": [0, 2**64 - 1, 2**32], "int64": [-2**63, 2**63 - 1, 5],
+                    "bool": [True, False], "double": [0.5, -1e300], "string": ["", "ü", "k" * 40], "bytes": [b"", b"\xff" * 300]}
+
+            def item(k, nl):
+                return msgpack.packb(None if nl and rng.random() < 0.2 else rng.choice(pool[k]), use_bin_type=True)
+        else:
+            def item(k, nl):
+                return rand_item(rng)
+        items = []
+        for _ in range(count):
+            if messages:
+                fields = [item(k, nl) for k, nl in zip(kinds, nulls)]
+                if rng.random() < 0.05:
+                    fields.append(item(kinds[0], nulls[0]))
+                items.append(rand_array(rng, fields))
+            else:
+                items.append(item(kinds[0], nulls[0]))
+        data = rand_array(rng, items)
+        if rng.random() < 0.1:
+            data = data[:rng.randrange(len(data) + 1)]
+        pad = b"\x00" * rng.randrange(3)
+        assert run.check(pad + data + pad, len(pad), len(pad) + len(data)) == oracle(data, messages, kinds, nulls), (kinds, nulls, data[:80])
+
+
+def test_run_check_refuses_bad_bounds_and_specs():
+    run = _ev.Run(False, [(_ev.K_INT, False, -5, 5)])
+    data = msgpack.packb([1, 2])
+    assert run.check(data, 0, len(data))
+    assert not run.check(data, 0, len(data) + 1) and not run.check(data, -1, len(data)) and not run.check(data, 2, 1)
+    assert not run.check(data, 0, len(data) - 1)
+    with pytest.raises(ValueError):
+        _ev.Run(False, [(_ev.K_INT, False, 1, 5)])
+    with pytest.raises(ValueError):
+        _ev.Run(False, [])
+
+
+def test_long_runs_and_items_take_the_copying_path():
+    """Runs past fixarray (16 and 65536 items), strings and bytes past their short forms, in
+    a top-level repeated field: copied, equal to the reference's bytes."""
+    a = schema({"t.Req": [F("v", 1, "string", label="repeated"), F("w", 2, "message", "t.Rsp", "repeated"),
+                          F("i", 3, "int32", label="repeated")],
+                "t.Rsp": [F("x", 1, "int64"), F("b", 2, "bytes")]})
+    b = schema({"t.Req": [F("i", 3, "int64", label="repeated"), F("w", 2, "message", "t.Rsp", "repeated"),
+                          F("v", 1, "string", label="repeated"), F("n", 4, "int32")],
+                "t.Rsp": [F("x", 1, "int64"), F("b", 2, "bytes")]})
+    tc = transcoders(a, b)["t.Req"]
+    stats: dict = {}
+    for n in (0, 15, 16, 70000):
+        value = {"v": ["é" * (k % 300) for k in range(min(n, 400))], "i": list(range(-n, n, 7)),
+                 "w": [{"x": -k * 1000, "b": b"z" * (k % 700)} for k in range(n)]}
+        check(tc, codec.encode_plain(a, "t.Req", value), True, stats)
+    assert stats == {"ok": 4}

@@ -1,0 +1,221 @@
+# cython: language_level=3
+"""Byte-level check of runs the schema-evolution fast path copies as they are
+(marshal/evolve_gen.py): a repeated field of scalars, or of small messages of scalars,
+whose peer encoding is already the local one.
+
+Unpacking such a field into millions of Python objects and packing them again is most of
+what transcoding costs. `Run.check` instead reads the bytes once without making objects,
+and answers True only when copying them gives exactly the bytes the reference transcoder
+writes: every value valid for the peer's decoder and the local encoder (kind, range,
+UTF-8), and every item in the one form msgpack's packer writes for it (smallest int /
+length form, float64, no float32). Anything else answers False, and the caller takes the
+slower path, which decides (and words any error) as before.
+
+The bytes are untrusted (a peer wrote them): every read is checked against the end of
+the run first (`_need`), counts are checked against the bytes left before looping.
+"""
+from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int64_t, uint8_t, uint64_t, int8_t, int16_t, int32_t
+from libc.stdlib cimport malloc, free
+
+K_INT, K_BOOL, K_FLOAT, K_STR, K_BYTES = 1, 2, 3, 4, 5
+
+
+cdef inline bint _need(Py_ssize_t pos, Py_ssize_t k, Py_ssize_t end):
+    return k <= end - pos
+
+
+cdef inline uint64_t _be(const uint8_t* p, Py_ssize_t pos, int k):
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(k):
+        v = (v << 8) | p[pos + i]
+    return v
+
+
+cdef Py_ssize_t _utf8(const uint8_t* p, Py_ssize_t pos, Py_ssize_t n) except -2:
+    """pos + n if p[pos:pos + n] is valid UTF-8 (as msgpack's strict decoding), else -1."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[pos + i] >= 0x80:
+            try:
+                PyUnicode_DecodeUTF8(<const char*>p + pos, n, NULL)
+            except UnicodeDecodeError:
+                return -1
+            break
+    return pos + n
+
+
+cdef Py_ssize_t _scalar(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, uint8_t kind, bint null,
+                        int64_t lo, uint64_t hi) except -2:
+    """The offset after the value at p[pos] if it is taken, else -1."""
+    cdef uint8_t b
+    cdef uint64_t u
+    cdef int64_t s
+    cdef Py_ssize_t n
+    if not _need(pos, 1, end):
+        return -1
+    b = p[pos]
+    pos += 1
+    if b == 0xc0:
+        return pos if null else -1
+    if kind == 1:  # an integer: the packer's smallest form, within [lo, hi] (lo <= 0 < hi)
+        if b <= 0x7f:
+            return pos if <uint64_t>b <= hi else -1
+        if b >= 0xe0:
+            s = <int8_t>b
+            return pos if s >= lo else -1
+        if b == 0xcc or b == 0xcd or b == 0xce or b == 0xcf:
+            n = 1 if b == 0xcc else 2 if b == 0xcd else 4 if b == 0xce else 8
+            if not _need(pos, n, end):
+                return -1
+            u = _be(p, pos, <int>n)
+            if u < (0x80 if n == 1 else 0x100 if n == 2 else 0x10000 if n == 4 else 0x100000000) or u > hi:
+                return -1
+            return pos + n
+        if b == 0xd0 or b == 0xd1 or b == 0xd2 or b == 0xd3:
+            n = 1 if b == 0xd0 else 2 if b == 0xd1 else 4 if b == 0xd2 else 8
+            if not _need(pos, n, end):
+                return -1
+            u = _be(p, pos, <int>n)
+            if n == 1:
+                s = <int8_t>u
+            elif n == 2:
+                s = <int16_t>u
+            elif n == 4:
+                s = <int32_t>u
+            else:
+                s = <int64_t>u
+            if s >= (-32 if n == 1 else -128 if n == 2 else -32768 if n == 4 else -2147483648) or s < lo:
+                return -1
+            return pos + n
+        return -1
+    if kind == 2:
+        return pos if b == 0xc2 or b == 0xc3 else -1
+    if kind == 3:  # a float: float64 only (a float32 would be packed again as a float64)
+        if b != 0xcb or not _need(pos, 8, end):
+            return -1
+        return pos + 8
+    if kind == 4:
+        if 0xa0 <= b <= 0xbf:
+            n = b & 0x1f
+        elif b == 0xd9 or b == 0xda or b == 0xdb:
+            u = 1 if b == 0xd9 else 2 if b == 0xda else 4
+            if not _need(pos, <Py_ssize_t>u, end):
+                return -1
+            n = <Py_ssize_t>_be(p, pos, <int>u)
+            pos += <Py_ssize_t>u
+            if n < (32 if u == 1 else 256 if u == 2 else 65536):
+                return -1
+        else:
+            return -1
+        if not _need(pos, n, end):
+            return -1
+        return _utf8(p, pos, n)
+    if kind == 5:
+        if b == 0xc4 or b == 0xc5 or b == 0xc6:
+            u = 1 if b == 0xc4 else 2 if b == 0xc5 else 4
+            if not _need(pos, <Py_ssize_t>u, end):
+                return -1
+            n = <Py_ssize_t>_be(p, pos, <int>u)
+            pos += <Py_ssize_t>u
+            if n < (0 if u == 1 else 256 if u == 2 else 65536) or not _need(pos, n, end):
+                return -1
+            return pos + n
+        return -1
+    return -1
+
+
+cdef Py_ssize_t _array(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* count):
+    """The offset after an array header in the packer's smallest form (count set), else -1."""
+    cdef uint8_t b
+    cdef Py_ssize_t k
+    if not _need(pos, 1, end):
+        return -1
+    b = p[pos]
+    pos += 1
+    if 0x90 <= b <= 0x9f:
+        count[0] = b & 0x0f
+    elif b == 0xdc or b == 0xdd:
+        k = 2 if b == 0xdc else 4
+        if not _need(pos, k, end):
+            return -1
+        count[0] = <Py_ssize_t>_be(p, pos, <int>k)
+        pos += k
+        if count[0] < (16 if k == 2 else 65536):
+            return -1
+    else:
+        return -1
+    if count[0] > end - pos:  # (every item takes a byte at least)
+        return -1
+    return pos
+
+
+cdef class Run:
+    """How to check one repeated field: of scalars (`fields` None, one spec) or of messages
+    of `len(specs)` scalar fields. A spec: (kind, nullable, lo, hi); kind is K_INT (lo, hi:
+    the range both sides accept, lo <= 0 < hi), K_BOOL, K_FLOAT, K_STR or K_BYTES."""
+
+    cdef int nf
+    cdef int n
+    cdef uint8_t* kinds
+    cdef uint8_t* nulls
+    cdef int64_t* los
+    cdef uint64_t* his
+
+    def __cinit__(self, bint messages, specs):
+        cdef int i
+        self.n = len(specs)
+        self.nf = self.n if messages else -1
+        if self.n < 1 or self.n > 4096:
+            raise ValueError("a run needs 1 to 4096 specs")
+        if not messages and self.n != 1:
+            raise ValueError("a run of scalars has one spec")
+        self.kinds = <uint8_t*>malloc(self.n)
+        self.nulls = <uint8_t*>malloc(self.n)
+        self.los = <int64_t*>malloc(self.n * sizeof(int64_t))
+        self.his = <uint64_t*>malloc(self.n * sizeof(uint64_t))
+        if not self.kinds or not self.nulls or not self.los or not self.his:
+            raise MemoryError()
+        for i in range(self.n):
+            kind, null, lo, hi = specs[i]
+            if kind not in (K_INT, K_BOOL, K_FLOAT, K_STR, K_BYTES) or lo > 0 or hi < 1:
+                raise ValueError(f"bad spec {specs[i]!r}")
+            self.kinds[i], self.nulls[i], self.los[i], self.his[i] = kind, bool(null), lo, hi
+
+    def __dealloc__(self):
+        free(self.kinds)
+        free(self.nulls)
+        free(self.los)
+        free(self.his)
+
+    def check(self, data, Py_ssize_t start, Py_ssize_t end) -> bool:
+        """True if data[start:end] is exactly one such array that the fast path may copy."""
+        cdef Py_buffer view
+        cdef const uint8_t* p
+        cdef Py_ssize_t pos, count, c, i, j
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if start < 0 or end < start or end > view.len:
+                return False
+            p = <const uint8_t*>view.buf
+            pos = _array(p, start, end, &count)
+            if pos < 0:
+                return False
+            for i in range(count):
+                if self.nf < 0:
+                    pos = _scalar(p, pos, end, self.kinds[0], self.nulls[0], self.los[0], self.his[0])
+                    if pos < 0:
+                        return False
+                    continue
+                pos = _array(p, pos, end, &c)
+                if pos < 0 or c != self.nf:
+                    return False
+                for j in range(c):
+                    pos = _scalar(p, pos, end, self.kinds[j], self.nulls[j], self.los[j], self.his[j])
+                    if pos < 0:
+                        return False
+            return pos == end
+        finally:
+            PyBuffer_Release(&view)
