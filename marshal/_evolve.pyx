@@ -18,8 +18,12 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyObject_GetBuffer, PyBuffer_Release
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint64_t, int8_t, int16_t, int32_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_FromStringAndSize
 
 K_INT, K_BOOL, K_FLOAT, K_STR, K_BYTES = 1, 2, 3, 4, 5
+# conversions of a value while a run of messages is laid out again (Run.reshape)
+C_SAME, C_TO_BOOL, C_TO_INT, C_TO_BIN, C_TO_STR = 0, 1, 2, 3, 4
 
 
 cdef inline bint _need(Py_ssize_t pos, Py_ssize_t k, Py_ssize_t end):
@@ -163,9 +167,21 @@ cdef class Run:
     cdef uint8_t* nulls
     cdef int64_t* los
     cdef uint64_t* his
+    cdef int nl  # local fields of a run laid out again (0: copied as it is)
+    cdef int* srcs  # per local field: the peer field it comes from, or -1 (its default)
+    cdef uint8_t* convs  # per local field: C_*
+    cdef list defaults  # per local field: the packed default (bytes) or None
+    cdef bytes lhead  # the local message's array header
+    cdef Py_ssize_t extra  # bytes a message may grow by: defaults, header, conversions
 
-    def __cinit__(self, bint messages, specs):
+    def __cinit__(self, bint messages, specs, layout=None):
         cdef int i
+        self.srcs = NULL
+        self.convs = NULL
+        self.kinds = NULL
+        self.nulls = NULL
+        self.los = NULL
+        self.his = NULL
         self.n = len(specs)
         self.nf = self.n if messages else -1
         if self.n < 1 or self.n > 4096:
@@ -183,12 +199,49 @@ cdef class Run:
             if kind not in (K_INT, K_BOOL, K_FLOAT, K_STR, K_BYTES) or lo > 0 or hi < 1:
                 raise ValueError(f"bad spec {specs[i]!r}")
             self.kinds[i], self.nulls[i], self.los[i], self.his[i] = kind, bool(null), lo, hi
+        self.nl = 0
+        if layout is None:
+            return
+        if not messages:
+            raise ValueError("only a run of messages is laid out again")
+        fields, head = layout
+        self.nl = len(fields)
+        if self.nl < 1 or self.nl > 4096 or type(head) is not bytes:
+            raise ValueError("a layout needs 1 to 4096 fields and a header")
+        self.lhead = head
+        self.srcs = <int*>malloc(self.nl * sizeof(int))
+        self.convs = <uint8_t*>malloc(self.nl)
+        if not self.srcs or not self.convs:
+            raise MemoryError()
+        self.defaults = []
+        self.extra = len(head)
+        for i in range(self.nl):
+            src, conv, default = fields[i]
+            if src == -1:
+                if type(default) is not bytes or not default:
+                    raise ValueError("a field from no peer field needs its packed default")
+                self.extra += len(default)
+            elif not 0 <= src < self.n or conv not in (C_SAME, C_TO_BOOL, C_TO_INT, C_TO_BIN, C_TO_STR):
+                raise ValueError(f"bad layout field {fields[i]!r}")
+            elif (conv == C_TO_BOOL and self.kinds[src] != K_INT or conv == C_TO_INT and self.kinds[src] != K_BOOL
+                  or conv == C_TO_BIN and self.kinds[src] != K_STR or conv == C_TO_STR and self.kinds[src] != K_BYTES):
+                raise ValueError(f"conversion {conv} of a kind {self.kinds[src]} field")
+            self.extra += 1
+            self.srcs[i], self.convs[i] = src, conv
+            self.defaults.append(default if src == -1 else None)
 
     def __dealloc__(self):
+        free(self.srcs)
+        free(self.convs)
         free(self.kinds)
         free(self.nulls)
         free(self.los)
         free(self.his)
+
+    @property
+    def reshaped(self) -> bool:
+        """True for a run laid out again (`reshape`), False for one copied (`check`)."""
+        return self.nl > 0
 
     def check(self, data, Py_ssize_t start, Py_ssize_t end) -> bool:
         """True if data[start:end] is exactly one such array that the fast path may copy."""
@@ -219,3 +272,135 @@ cdef class Run:
             return pos == end
         finally:
             PyBuffer_Release(&view)
+
+    def reshape(self, data, Py_ssize_t start, Py_ssize_t end):
+        """data[start:end] (an array of messages) laid out as the local messages, as the
+        packer writes them, or None where the fast path must not take it (as `check`)."""
+        cdef Py_buffer view
+        cdef const uint8_t* p
+        cdef Py_ssize_t pos, count, c, i, j, k, size, o = 0, a, n, e
+        cdef Py_ssize_t* starts = NULL
+        cdef Py_ssize_t* ends = NULL
+        cdef char* out = NULL
+        cdef uint8_t b, conv
+        cdef bytes d
+        if self.nl == 0:
+            raise ValueError("this run has no layout")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if start < 0 or end < start or end > view.len:
+                return None
+            p = <const uint8_t*>view.buf
+            pos = _array(p, start, end, &count)
+            if pos < 0:
+                return None
+            size = (end - start) + 5 + count * self.extra
+            out = <char*>malloc(size)
+            starts = <Py_ssize_t*>malloc(self.n * sizeof(Py_ssize_t))
+            ends = <Py_ssize_t*>malloc(self.n * sizeof(Py_ssize_t))
+            if not out or not starts or not ends:
+                raise MemoryError()
+            o = _put_header(out, o, 0x90, 0xdc, 0xdd, count)
+            for i in range(count):
+                e = pos
+                pos = _array(p, pos, end, &c)
+                if pos < 0 or c != self.nf:
+                    return None
+                for j in range(c):
+                    starts[j] = pos
+                    pos = _scalar(p, pos, end, self.kinds[j], self.nulls[j], self.los[j], self.his[j])
+                    if pos < 0:
+                        return None
+                    ends[j] = pos
+                # (what this message writes: at most its own bytes and `extra`; so `size`)
+                if o + (pos - e) + self.extra > size:
+                    return None
+                memcpy(out + o, <const char*>self.lhead, len(self.lhead))
+                o += len(self.lhead)
+                for k in range(self.nl):
+                    j = self.srcs[k]
+                    if j < 0:
+                        d = self.defaults[k]
+                        memcpy(out + o, <const char*>d, len(d))
+                        o += len(d)
+                        continue
+                    conv = self.convs[k]
+                    a = starts[j]
+                    b = p[a]
+                    if conv == 0 or b == 0xc0:
+                        memcpy(out + o, <const char*>p + a, ends[j] - a)
+                        o += ends[j] - a
+                    elif conv == 1:  # an int 0 / 1 (range-checked) to a bool
+                        out[o] = <char>(0xc3 if b == 1 else 0xc2)
+                        o += 1
+                    elif conv == 2:  # a bool to 0 / 1
+                        out[o] = <char>(1 if b == 0xc3 else 0)
+                        o += 1
+                    else:  # a string to bytes / bytes to a string: the same payload, its own header
+                        n = _payload(p, a, &a)
+                        if n < 0 or a + n != ends[j]:  # (checked by _scalar already; never trusted twice)
+                            return None
+                        if conv == 4 and _utf8(p, a, n) < 0:
+                            return None
+                        if conv == 3:
+                            o = _put_bin_header(out, o, n)
+                        else:
+                            o = _put_header(out, o, 0xa0, 0xda, 0xdb, n, 0xd9, 32)
+                        memcpy(out + o, <const char*>p + a, n)
+                        o += n
+            if pos != end:
+                return None
+            return PyBytes_FromStringAndSize(out, o)
+        finally:
+            free(out)
+            free(starts)
+            free(ends)
+            PyBuffer_Release(&view)
+
+
+cdef Py_ssize_t _put_header(char* out, Py_ssize_t o, uint8_t fix, uint8_t b16, uint8_t b32, Py_ssize_t n,
+                            uint8_t b8=0, Py_ssize_t fixmax=16):
+    """An array (or, with b8 / fixmax 32, a string) header for n items as the packer writes it."""
+    cdef int k, i
+    if n < fixmax:
+        out[o] = <char>(fix | n)
+        return o + 1
+    if b8 and n < 256:
+        out[o] = <char>b8
+        out[o + 1] = <char>n
+        return o + 2
+    if n < 65536:
+        out[o] = <char>b16
+        k = 2
+    else:
+        out[o] = <char>b32
+        k = 4
+    for i in range(k):
+        out[o + 1 + i] = <char>((n >> (8 * (k - 1 - i))) & 0xff)
+    return o + 1 + k
+
+
+cdef Py_ssize_t _put_bin_header(char* out, Py_ssize_t o, Py_ssize_t n):
+    cdef int k, i
+    if n < 256:
+        out[o] = <char>0xc4
+        out[o + 1] = <char>n
+        return o + 2
+    k = 2 if n < 65536 else 4
+    out[o] = <char>(0xc5 if k == 2 else 0xc6)
+    for i in range(k):
+        out[o + 1 + i] = <char>((n >> (8 * (k - 1 - i))) & 0xff)
+    return o + 1 + k
+
+
+cdef Py_ssize_t _payload(const uint8_t* p, Py_ssize_t a, Py_ssize_t* at):
+    """The length of the string / bytes item at p[a] (already checked by _scalar), its
+    payload's offset in at."""
+    cdef uint8_t b = p[a]
+    cdef int k
+    if 0xa0 <= b <= 0xbf:
+        at[0] = a + 1
+        return b & 0x1f
+    k = 1 if b == 0xd9 or b == 0xc4 else 2 if b == 0xda or b == 0xc5 else 4
+    at[0] = a + 1 + k
+    return <Py_ssize_t>_be(p, a + 1, k)

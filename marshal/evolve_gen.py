@@ -24,7 +24,7 @@ and constants bound in its namespace), so a peer's schema cannot inject code.
 from __future__ import annotations
 
 import gc
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import msgpack
 
@@ -145,29 +145,37 @@ class FastGen:
         return fast
 
     # -- runs copied as they are ---------------------------------------------------------
-    def spec(self, pf: Field, lf: Field) -> tuple[int, bool, int, int] | None:
-        """`Run` spec of a scalar field whose peer bytes are already the local ones when
-        valid (no conversion), None otherwise."""
-        try:
-            _, conv, _ = self.scalar(pf.type, lf.type, "y")
-        except AssertionError:
+    def spec(self, pf: Field, lf: Field | None) -> tuple[tuple[int, bool, int, int], int] | None:
+        """(`Run` spec, conversion C_*) of a single or repeated scalar field checked as
+        bytes (lf None: dropped, checked as the peer's); None if it cannot be."""
+        if pf.type.kind == "message" or pf.label == "map":
             return None
-        if conv is not None or pf.label not in ("single", "optional", "repeated") or pf.label != lf.label:
+        if lf is not None and (pf.label != lf.label or lf.type.kind == "message"):
             return None
-        null = pf.nullable and lf.nullable
-        pk = pf.type.kind
+        null = pf.nullable and (lf is None or lf.nullable)
+        pk, lk = pf.type.kind, (lf.type.kind if lf is not None else None)
         if pk in _RANGES:
             lo, hi = _RANGES[pk]
-            llo, lhi = _RANGES[lf.type.kind]
-            return (_ev.K_INT, null, max(lo, llo), min(hi, lhi))
-        kind = {"bool": _ev.K_BOOL, "double": _ev.K_FLOAT, "float": _ev.K_FLOAT, "string": _ev.K_STR,
-                "bytes": _ev.K_BYTES}[pk]
-        return (kind, null, 0, 1)
+            if lk == "bool":
+                return (_ev.K_INT, null, 0, 1), _ev.C_TO_BOOL
+            if lk is not None:
+                lo, hi = max(lo, _RANGES[lk][0]), min(hi, _RANGES[lk][1])
+            return (_ev.K_INT, null, lo, hi), _ev.C_SAME
+        if pk == "bool":
+            return (_ev.K_BOOL, null, 0, 1), (_ev.C_TO_INT if lk is not None and lk != "bool" else _ev.C_SAME)
+        if pk in _FLOATS:
+            return (_ev.K_FLOAT, null, 0, 1), _ev.C_SAME
+        if pk == "string":
+            return (_ev.K_STR, null, 0, 1), (_ev.C_TO_BIN if lk == "bytes" else _ev.C_SAME)
+        if pk == "bytes":
+            return (_ev.K_BYTES, null, 0, 1), (_ev.C_TO_STR if lk == "string" else _ev.C_SAME)
+        return None
 
     def runs(self, name: str) -> dict[int, Any]:
-        """The repeated fields of top-level message `name` (by peer index) whose bytes the
-        fast path may check with a `Run` and copy: of scalars, or of messages of scalars,
-        laid out and typed alike on both sides (integers: the range both accept)."""
+        """The repeated fields of top-level message `name` (by peer index) that the fast
+        path checks as bytes with a `Run` and copies (of scalars, or of messages of scalars
+        laid out alike) or lays out again in C (messages of scalars, fields reordered,
+        added, dropped, or of kinds changed compatibly)."""
         if _ev is None:
             return {}
         pm, lm = self.peer.messages[name], self.local.messages[name]
@@ -178,17 +186,34 @@ class FastGen:
             if lf is None or pf.label != "repeated" or lf.label != "repeated":
                 continue
             if pf.type.kind != "message":
-                sp = self.spec(pf, lf)
-                if sp is not None:
-                    out[i] = _ev.Run(False, [sp])
+                sc = self.spec(pf, lf)
+                if sc is not None and sc[1] == _ev.C_SAME:
+                    out[i] = _ev.Run(False, [sc[0]])
                 continue
-            sub_p, sub_l = self.peer.messages[pf.type.ref_name], self.local.messages[pf.type.ref_name]
-            if not sub_p.fields or [f.number for f in sub_p.fields] != [f.number for f in sub_l.fields] or any(
-                    f.oneof is not None or f.type.kind == "message" for f in (*sub_p.fields, *sub_l.fields)):
+            sub = pf.type.ref_name
+            sub_p, sub_l = self.peer.messages[sub], self.local.messages[sub]
+            if not sub_p.fields or not sub_l.fields or len(sub_p.fields) > 4096 or len(sub_l.fields) > 4096 or any(
+                    f.oneof is not None or f.required or f.type.kind == "message" or f.label not in ("single", "optional")
+                    for f in (*sub_p.fields, *sub_l.fields)):
                 continue
-            specs = [self.spec(a, b) for a, b in zip(sub_p.fields, sub_l.fields)]
-            if all(sp is not None for sp in specs) and len(specs) <= 4096:
-                out[i] = _ev.Run(True, specs)
+            sl = {f.number: f for f in sub_l.fields}
+            specs = [self.spec(f, sl.get(f.number)) for f in sub_p.fields]
+            if any(sc is None for sc in specs):
+                continue
+            specs_ok = cast("list[tuple[tuple[int, bool, int, int], int]]", specs)
+            if [f.number for f in sub_p.fields] == [f.number for f in sub_l.fields] and all(
+                    sc[1] == _ev.C_SAME for sc in specs_ok):
+                out[i] = _ev.Run(True, [sc[0] for sc in specs_ok])
+                continue
+            pidx = {f.number: j for j, f in enumerate(sub_p.fields)}
+            layout = []
+            for f in sub_l.fields:
+                j = pidx.get(f.number)
+                if j is None:
+                    layout.append((-1, _ev.C_SAME, _pack(self.default(f, f"{sub}.{f.name}"))))
+                else:
+                    layout.append((j, specs_ok[j][1], None))
+            out[i] = _ev.Run(True, [sc[0] for sc in specs_ok], (layout, _header(len(sub_l.fields))))
         return out
 
     def splicer(self, name: str, runs: dict[int, Any]) -> Callable[[Any], bytes]:
@@ -198,7 +223,7 @@ class FastGen:
         pm, lm = self.peer.messages[name], self.local.messages[name]
         n = len(pm.fields)
         todo: list[str] = []
-        L = ["def _sp(m, o):", "    d = 0"]
+        L = ["def _sp(m, o, " + "".join(f"r{j}, " for j in sorted(runs) if runs[j].reshaped) + "):", "    d = 0"]
         for i, pf in enumerate(pm.fields):
             if i in runs:
                 continue
@@ -219,7 +244,7 @@ class FastGen:
                 parts.append(self.const(_pack(self.default(lf, f"{name}.{lf.name}"))))
                 local_vars.append(None)
             elif j in runs:
-                parts.append(f"m[o[{j}]:o[{j + 1}]]")
+                parts.append(f"r{j}" if runs[j].reshaped else f"m[o[{j}]:o[{j + 1}]]")
                 local_vars.append(None)
             else:
                 parts.append(f"_pack(p{j})")
@@ -232,7 +257,8 @@ class FastGen:
         ns = dict(self.ns, _unp=_unpackb, _pack=_pack)
         exec(compile("\n".join(L) + "\n", "<mrpcd.evolve fast splice>", "exec"), ns)
         sp = ns["_sp"]
-        checks = sorted(runs.items())
+        checks = [(i, run) for i, run in sorted(runs.items()) if not run.reshaped]
+        shapes = [(i, run) for i, run in sorted(runs.items()) if run.reshaped]
 
         def fast(data: Any) -> bytes:
             m = memoryview(data)
@@ -243,10 +269,13 @@ class FastGen:
             for i, run in checks:
                 if not run.check(m, o[i], o[i + 1]):
                     raise _Slow
+            done = [run.reshape(m, o[i], o[i + 1]) for i, run in shapes]
+            if None in done:
+                raise _Slow
             was = gc.isenabled()
             gc.disable()
             try:
-                return sp(m, o)
+                return sp(m, o, *done)
             finally:
                 if was:
                     gc.enable()
