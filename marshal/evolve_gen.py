@@ -11,6 +11,16 @@ changed compatibly: the intersection of both ranges), converts what changed kind
 in the local defaults, and drops the peer-only fields (still checked: the reference
 refuses a payload whose dropped field is malformed, and so must this).
 
+Most of what is left after that is msgpack making and packing an object per element. So
+the repeated fields of the top-level message that hold scalars, or messages of scalars
+only, are not unpacked at all: the payload is split into its top-level fields
+(``_framing.skip``), and such a field's bytes are checked in C (``_evolve.Run``: kinds,
+ranges, UTF-8, and that each item is in the one form msgpack's packer writes) and copied
+as they are, or, when the messages' layout changed (fields reordered, added, dropped, an
+int read as a bool, a string as bytes, ...), laid out again in C; the other fields are
+unpacked and transcoded as above, and the output is the local array header and each
+field's bytes in the local order.
+
 It is exact by construction where it succeeds, and it never reports a failure itself: any
 value it does not accept raises (``_Slow``, or whatever a conversion raises), and the
 caller then runs the reference transcoder on the same payload, which either produces the
@@ -24,7 +34,7 @@ and constants bound in its namespace), so a peer's schema cannot inject code.
 from __future__ import annotations
 
 import gc
-from typing import Any, Callable, cast
+from typing import Any, Callable, Sequence, cast
 
 import msgpack
 
@@ -41,7 +51,7 @@ _skip = _framing.skip
 try:
     from . import _evolve as _ev
 except ImportError:  # (not built: every field is unpacked)
-    _ev = None  # type: ignore[assignment]
+    _ev = None  # type: ignore[assignment]  # (a module or None)
 _unpackb = msgpack.unpackb
 
 
@@ -126,8 +136,8 @@ class FastGen:
             return None
         runs = self.runs(name)
         if runs:
-            fast = self.splicer(name, runs)
-            return fast if self.ok else None
+            spliced = self.splicer(name, runs)
+            return spliced if self.ok else None
         t = self.ns[f"_t{self.index[name]}"]
         pack, unpackb = _pack, _unpackb
 
@@ -368,7 +378,7 @@ class FastGen:
         out = [got[f.number] if f.number in got else self.const(self.default(f, f"{name}.{f.name}")) for f in lm.fields]
         return " or ".join(parts), (f"({', '.join(out)},)" if out else "()")
 
-    def oneofs(self, fields: list[Field], names: list[str | None]) -> list[str]:
+    def oneofs(self, fields: Sequence[Field], names: Sequence[str | None]) -> list[str]:
         groups: dict[str, list[str]] = {}
         for f, x in zip(fields, names):
             if f.oneof is not None and x is not None:
