@@ -60,25 +60,27 @@ def _header(n: int) -> bytes:
     return msgpack.Packer().pack_array_header(n)
 
 
-def _split(m: memoryview, n: int) -> list[int]:
-    """The offsets of the `n` items of the one array `m` holds, and its end (== len(m));
-    raises when `m` is anything else (the reference then says what is wrong)."""
-    b = m[0]  # (IndexError when empty: the reference reports it)
-    if 0x90 <= b <= 0x9f:
-        count, pos = b & 0x0F, 1
-    elif b == 0xDC:
-        count, pos = int.from_bytes(m[1:3], "big"), 3
-    elif b == 0xDD:
-        count, pos = int.from_bytes(m[1:5], "big"), 5
+def _split(m: memoryview, a: int, b: int, n: int) -> list[int]:
+    """The offsets of the `n` items of the one array m[a:b] holds, and its end (== b);
+    raises when it is anything else (the reference then says what is wrong)."""
+    if a >= b:
+        raise _Slow
+    h = m[a]
+    if 0x90 <= h <= 0x9F:
+        count, pos = h & 0x0F, a + 1
+    elif h == 0xDC:
+        count, pos = int.from_bytes(m[a + 1:a + 3], "big"), a + 3
+    elif h == 0xDD:
+        count, pos = int.from_bytes(m[a + 1:a + 5], "big"), a + 5
     else:
         raise _Slow
-    if count != n or pos > len(m):
+    if count != n or pos > b:
         raise _Slow
     out = [pos]
     for _ in range(n):
-        pos = _skip(m, pos)
+        pos = _skip(m, pos)  # (bounds-checked against the whole buffer; past b: refused below)
         out.append(pos)
-    if pos != len(m):
+    if pos != b:
         raise _Slow
     return out
 
@@ -102,7 +104,9 @@ class FastGen:
 
     def __init__(self, peer: Schema, local: Schema) -> None:
         self.peer, self.local = peer, local
-        self.ns: dict[str, Any] = {"_SL": _Slow, "_flt": _flt, "MAXD": MAX_DEPTH - 1}
+        self.ns: dict[str, Any] = {"_SL": _Slow, "_flt": _flt, "MAXD": MAX_DEPTH - 1, "_split": _split,
+                                   "_unp": _unpackb, "_pack": _pack, "_NIL": b"\xc0"}
+        self.splices: dict[tuple[str, int], str | None] = {}
         self.index: dict[str, int] = {}
         self.peer_dec: dict[str, str] = {}
         self.done: set[str] = set()
@@ -134,9 +138,9 @@ class FastGen:
         self.compile(name)
         if not self.ok:
             return None
-        runs = self.runs(name)
-        if runs:
-            spliced = self.splicer(name, runs)
+        fname = self.splice(name, 0)
+        if fname is not None:
+            spliced = self.splicer(fname)
             return spliced if self.ok else None
         t = self.ns[f"_t{self.index[name]}"]
         pack, unpackb = _pack, _unpackb
@@ -226,21 +230,51 @@ class FastGen:
             out[i] = _ev.Run(True, [sc[0] for sc in specs_ok], (layout, _header(len(sub_l.fields))))
         return out
 
-    def splicer(self, name: str, runs: dict[int, Any]) -> Callable[[Any], bytes]:
-        """The fast path of a top-level message some of whose repeated fields are copied as
-        bytes (checked by their `Run`), the others unpacked and transcoded as usual; the
-        result is the local array header and each field's bytes, in the local order."""
+    def splice(self, name: str, level: int) -> str | None:
+        """The name of a generated function (m, a, b) → bytes: message `name`'s encoding
+        m[a:b] at nesting `level` made local, its repeated fields of scalars or of
+        scalar-only messages checked / laid out as bytes by their `Run`, its message fields
+        that have such runs themselves spliced alike (down to level 4), the others unpacked
+        and transcoded as usual; the result is the local array header and each field's
+        bytes in the local order. None when no field of it, or below, has such a run."""
+        key = (name, level)
+        if key in self.splices:
+            return self.splices[key]
+        self.splices[key] = None  # (until it is made: a message on a cycle is not spliced in itself)
+        if level > 4:
+            return None
+        runs = self.runs(name)
         pm, lm = self.peer.messages[name], self.local.messages[name]
-        n = len(pm.fields)
-        todo: list[str] = []
-        L = ["def _sp(m, o, " + "".join(f"r{j}, " for j in sorted(runs) if runs[j].reshaped) + "):", "    d = 0"]
+        lby = {f.number: f for f in lm.fields}
+        subs: dict[int, str] = {}
         for i, pf in enumerate(pm.fields):
-            if i in runs:
+            lf = lby.get(pf.number)
+            if lf is not None and pf.type.kind == "message" and pf.label != "repeated" and pf.label != "map":
+                fn = self.splice(pf.type.ref_name, level + 1)
+                if fn is not None:
+                    subs[i] = fn
+        if not runs and not subs:
+            return None
+        n = len(pm.fields)
+        fname = f"_sp{self.fid(name)}_{level}"
+        L = [f"def {fname}(m, a, b):", f"    o = _split(m, a, b, {n})", f"    d = {level}"]
+        if level > MAX_DEPTH - 1:
+            L += ["    raise _SL"]
+        for i, run in sorted(runs.items()):
+            r = self.const(run)
+            if run.reshaped:
+                L += [f"    p{i} = {r}.reshape(m, o[{i}], o[{i + 1}])", f"    if p{i} is None:", "        raise _SL"]
+            else:
+                L += [f"    if not {r}.check(m, o[{i}], o[{i + 1}]):", "        raise _SL", f"    p{i} = m[o[{i}]:o[{i + 1}]]"]
+        for i, fn in subs.items():
+            L.append(f"    p{i} = None if m[o[{i}]] == 0xC0 else {fn}(m, o[{i}], o[{i + 1}])")
+        for i, pf in enumerate(pm.fields):
+            if i in runs or i in subs:
                 continue
             L.append(f"    p{i} = _unp(m[o[{i}]:o[{i + 1}]], raw=False, strict_map_key=False)")
-            lf = next((f for f in lm.fields if f.number == pf.number), None)
+            lf = lby.get(pf.number)
             if lf is not None and lf.type.kind == "message":
-                todo.append(lf.type.ref_name)
+                self.compile(lf.type.ref_name)
             L += ["    " + s for s in self.field(pf, lf, f"p{i}")]
         names: list[str | None] = [None if i in runs else f"p{i}" for i in range(n)]
         L += self.oneofs(pm.fields, names)
@@ -254,38 +288,34 @@ class FastGen:
                 parts.append(self.const(_pack(self.default(lf, f"{name}.{lf.name}"))))
                 local_vars.append(None)
             elif j in runs:
-                parts.append(f"r{j}" if runs[j].reshaped else f"m[o[{j}]:o[{j + 1}]]")
+                parts.append(f"p{j}")
                 local_vars.append(None)
+            elif j in subs:
+                parts.append(f"(_NIL if p{j} is None else p{j})")
+                local_vars.append(f"p{j}")
             else:
                 parts.append(f"_pack(p{j})")
                 local_vars.append(f"p{j}")
         L += self.oneofs(lm.fields, local_vars)
         L += [f"    if {x} is None:\n        raise _SL" for f, x in zip(lm.fields, local_vars) if f.required and x]
         L.append(f"    return b''.join(({', '.join(parts)},))")
-        for sub in todo:
-            self.compile(sub)
-        ns = dict(self.ns, _unp=_unpackb, _pack=_pack)
-        exec(compile("\n".join(L) + "\n", "<mrpcd.evolve fast splice>", "exec"), ns)
-        sp = ns["_sp"]
-        checks = [(i, run) for i, run in sorted(runs.items()) if not run.reshaped]
-        shapes = [(i, run) for i, run in sorted(runs.items()) if run.reshaped]
+        exec(compile("\n".join(L) + "\n", "<mrpcd.evolve fast splice>", "exec"), self.ns)
+        self.splices[key] = fname
+        return fname
+
+    def splicer(self, fname: str) -> Callable[[Any], bytes]:
+        """The fast path of a top-level message spliced by generated function `fname`."""
+        sp = self.ns[fname]
 
         def fast(data: Any) -> bytes:
             m = memoryview(data)
             if m.ndim != 1 or m.itemsize != 1:
                 raise _Slow
             m = m.cast("B")
-            o = _split(m, n)
-            for i, run in checks:
-                if not run.check(m, o[i], o[i + 1]):
-                    raise _Slow
-            done = [run.reshape(m, o[i], o[i + 1]) for i, run in shapes]
-            if None in done:
-                raise _Slow
             was = gc.isenabled()
             gc.disable()
             try:
-                return sp(m, o, *done)
+                return sp(m, 0, len(m))
             finally:
                 if was:
                     gc.enable()

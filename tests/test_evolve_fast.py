@@ -378,7 +378,7 @@ FLAT_VALUES = {"int32": [0, 1, -1, 2**31 - 1, -2**31, 300], "int64": [0, 1, 2**4
                "bytes": [b"", b"ok", b"\xff\xfe", b"z" * 300, "ü".encode(), b"w" * 252, b"t" * 31, b"s" * 32], "double": [0.0, -1.5, 1e300], "enum": [0, 1, 9]}
 
 
-def flat_pair(rng):
+def flat_pair(rng, nested=False):
     fields = []
     for num in rng.sample(range(1, 12), rng.randint(1, 5)):
         kind = rng.choice(FLAT_KINDS)
@@ -399,17 +399,25 @@ def flat_pair(rng):
         other.append(F("z", 20, "int32"))
     rng.shuffle(other)
     top = [F("items", 1, "message", "t.Sub", "repeated"), F("k", 2, "int32")]
-    return ({"t.Req": top, "t.Sub": fields, "t.Rsp": []},
-            {"t.Req": top[::-1] + [F("extra", 3, "string")], "t.Sub": other, "t.Rsp": []})
+    if not nested:
+        return ({"t.Req": top, "t.Sub": fields, "t.Rsp": []},
+                {"t.Req": top[::-1] + [F("extra", 3, "string")], "t.Sub": other, "t.Rsp": []})
+    # the run two levels down: t.Req.mid (a oneof member) -> t.Mid.inner -> t.In.items
+    mid = [F("inner", 1, "message", "t.In"), F("q", 2, "string")]
+    req = [F("mid", 1, "message", "t.Mid", oneof="o"), F("alt", 2, "int32", oneof="o")]
+    return ({"t.Req": req, "t.Mid": mid, "t.In": top, "t.Sub": fields, "t.Rsp": []},
+            {"t.Req": req[::-1], "t.Mid": mid + [F("w", 3, "bool")], "t.In": top[::-1] + [F("extra", 3, "string")],
+             "t.Sub": other, "t.Rsp": []})
 
 
+@pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_runs_laid_out_again_in_c(seed):
+def test_runs_laid_out_again_in_c(seed, nested):
     """A top-level repeated field of scalar-only messages whose fields were reordered,
     renamed, dropped, added or changed kind compatibly: laid out by Run.reshape, equal to
     the reference (valid payloads; mutated ones as check() says)."""
     rng = random.Random(5000 + seed)
-    am, bm = flat_pair(rng)
+    am, bm = flat_pair(rng, nested)
     a, b = schema(am), schema(bm)
     assert compare(a, b, SVC) == [], (am, bm)
     stats: dict = {}
@@ -422,6 +430,9 @@ def test_runs_laid_out_again_in_c(seed):
                 items.append({f[0]: (None if f[4] == "optional" and rng.random() < 0.3 else rng.choice(FLAT_VALUES[f[2]]))
                               for f in sm["t.Sub"]})
             value = {"items": items, "k": 3}
+            if nested:
+                value = rng.choice([{"mid": {"inner": value, "q": "q"}}, {"mid": {"inner": None, "q": ""}},
+                                    {"alt": 4}, {"mid": None}])
             try:
                 data = codec.encode_plain(src, "t.Req", value)
             except codec.EncodeError:
@@ -443,4 +454,8 @@ def test_reshape_is_exercised():
         gen = evolve_gen.FastGen(schema(am), schema(bm))
         gen.compile("t.Req")
         n += sum(1 for run in gen.runs("t.Req").values() if run.reshaped)
+        am, bm = flat_pair(random.Random(5000 + seed), nested=True)
+        gen = evolve_gen.FastGen(schema(am), schema(bm))
+        assert gen.function("t.Req") is not None
+        assert gen.splices[("t.Req", 0)] and gen.splices[("t.Mid", 1)] and gen.splices[("t.In", 2)]
     assert n > 25

@@ -66,6 +66,19 @@ def shape_small_changed(mib: float) -> tuple:
     return v1, v2, {"items": [{"x": i & 63, "s": "ab", "ok": bool(i & 1)} for i in range(n)]}, n
 
 
+def shape_nested_small(mib: float) -> tuple:
+    """Many small sub-messages (changed) one level down, in a message field of the top
+    message: the fast path's Python part (only the top message's own repeated fields are
+    checked and laid out in C)."""
+    n = int(mib * 2**20 / 6)
+    inner = [F("x", 1, "int32"), F("s", 2, "string"), F("ok", 3, "bool")]
+    v1 = {"b.Req": [F("batch", 1, "message", "b.Batch")], "b.Batch": [F("items", 1, "message", "b.In", "repeated")],
+          "b.In": inner, **RSP}
+    v2 = {"b.Req": [F("batch", 1, "message", "b.Batch"), ADDED], "b.Batch": [F("items", 1, "message", "b.In", "repeated")],
+          "b.In": [F("flag", 3, "bool"), F("x", 1, "int64"), F("s", 2, "string"), F("z", 4, "double")], **RSP}
+    return v1, v2, {"batch": {"items": [{"x": i & 63, "s": "ab", "ok": bool(i & 1)} for i in range(n)]}}, n
+
+
 def shape_big_bytes(mib: float) -> tuple:
     """One big bytes field (one element)."""
     v1 = {"b.Req": [F("blob", 1, "bytes"), F("n", 2, "int32")], **RSP}
@@ -99,7 +112,8 @@ def shape_repeated_doubles(mib: float) -> tuple:
 
 
 SHAPES: dict[str, Callable[[float], tuple]] = {
-    "small_msgs_same": shape_small_same, "small_msgs_changed": shape_small_changed, "big_bytes": shape_big_bytes,
+    "small_msgs_same": shape_small_same, "small_msgs_changed": shape_small_changed,
+    "nested_small_msgs_changed": shape_nested_small, "big_bytes": shape_big_bytes,
     "map_of_msgs": shape_map_of_messages, "repeated_int32_to_int64": shape_repeated_ints,
     "repeated_doubles": shape_repeated_doubles,
 }
