@@ -492,7 +492,11 @@ def plan_service(peer: Schema, local: Schema, service: str) -> ServicePlan | Non
         if _wire_same(peer, local, name, wire_memo):
             return None
         _mappings(peer, local, name, maps, dict_memo)
-        return Transcoder(peer, local, name, maps, gen.function(name))
+        try:
+            fast = gen.function(name)
+        except Exception:  # (a generator bug may cost speed, never a plan: the reference still works)
+            fast = None
+        return Transcoder(peer, local, name, maps, fast)
 
     for lm in local.services[service].methods:
         if lm.name not in pm:

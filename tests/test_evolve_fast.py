@@ -459,3 +459,16 @@ def test_reshape_is_exercised():
         assert gen.function("t.Req") is not None
         assert gen.splices[("t.Req", 0)] and gen.splices[("t.Mid", 1)] and gen.splices[("t.In", 2)]
     assert n > 25
+
+
+def test_a_generator_failure_costs_speed_not_the_plan(monkeypatch):
+    a, b = sch(ONEOF_A), sch(ONEOF_B)
+    value = {"a": 5, "r": {"x": 1, "req": None}}
+    data = codec.encode_plain(a, "t.Req", value)
+    want = transcoders(a, b)["t.Req"](data)
+
+    def broken(self, name):
+        raise AssertionError("a bug")
+    monkeypatch.setattr(evolve_gen.FastGen, "function", broken)
+    tc = transcoders(a, b)["t.Req"]
+    assert tc.fast is None and tc(data) == want == tc.reference(data)
