@@ -156,6 +156,31 @@ cdef Py_ssize_t _array(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssiz
     return pos
 
 
+cdef Py_ssize_t _map(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* count):
+    """The offset after a map header in the packer's smallest form (count set), else -1."""
+    cdef uint8_t b
+    cdef Py_ssize_t k
+    if not _need(pos, 1, end):
+        return -1
+    b = p[pos]
+    pos += 1
+    if 0x80 <= b <= 0x8f:
+        count[0] = b & 0x0f
+    elif b == 0xde or b == 0xdf:
+        k = 2 if b == 0xde else 4
+        if not _need(pos, k, end):
+            return -1
+        count[0] = <Py_ssize_t>_be(p, pos, <int>k)
+        pos += k
+        if count[0] < (16 if k == 2 else 65536):
+            return -1
+    else:
+        return -1
+    if count[0] > (end - pos) // 2:  # (every entry takes two bytes at least)
+        return -1
+    return pos
+
+
 cdef class Run:
     """How to check one repeated field: of scalars (`fields` None, one spec) or of messages
     of `len(specs)` scalar fields. A spec: (kind, nullable, lo, hi); kind is K_INT (lo, hi:
@@ -173,9 +198,19 @@ cdef class Run:
     cdef list defaults  # per local field: the packed default (bytes) or None
     cdef bytes lhead  # the local message's array header
     cdef Py_ssize_t extra  # bytes a message may grow by: defaults, header, conversions
+    cdef bint is_map  # a map: each item a key (kkind, within [klo, khi]) then a value as above
+    cdef uint8_t kkind
+    cdef int64_t klo
+    cdef uint64_t khi
 
-    def __cinit__(self, bint messages, specs, layout=None):
+    def __cinit__(self, bint messages, specs, layout=None, key=None):
         cdef int i
+        self.is_map = key is not None
+        if key is not None:
+            kind, lo, hi = key
+            if kind not in (K_INT, K_BOOL, K_STR) or lo > 0 or hi < 1:
+                raise ValueError(f"bad key spec {key!r}")
+            self.kkind, self.klo, self.khi = kind, lo, hi
         self.srcs = NULL
         self.convs = NULL
         self.kinds = NULL
@@ -248,15 +283,21 @@ cdef class Run:
         cdef Py_buffer view
         cdef const uint8_t* p
         cdef Py_ssize_t pos, count, c, i, j
+        cdef set seen
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             if start < 0 or end < start or end > view.len:
                 return False
             p = <const uint8_t*>view.buf
-            pos = _array(p, start, end, &count)
+            pos = _map(p, start, end, &count) if self.is_map else _array(p, start, end, &count)
             if pos < 0:
                 return False
+            seen = set() if self.is_map else None
             for i in range(count):
+                if self.is_map:
+                    pos = _key(p, pos, end, self.kkind, self.klo, self.khi, seen)
+                    if pos < 0:
+                        return False
                 if self.nf < 0:
                     pos = _scalar(p, pos, end, self.kinds[0], self.nulls[0], self.los[0], self.his[0])
                     if pos < 0:
@@ -284,6 +325,7 @@ cdef class Run:
         cdef char* out = NULL
         cdef uint8_t b, conv
         cdef bytes d
+        cdef set seen
         if self.nl == 0:
             raise ValueError("this run has no layout")
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -291,18 +333,29 @@ cdef class Run:
             if start < 0 or end < start or end > view.len:
                 return None
             p = <const uint8_t*>view.buf
-            pos = _array(p, start, end, &count)
+            pos = _map(p, start, end, &count) if self.is_map else _array(p, start, end, &count)
             if pos < 0:
                 return None
+            seen = set() if self.is_map else None
             size = (end - start) + 5 + count * self.extra
             out = <char*>malloc(size)
             starts = <Py_ssize_t*>malloc(self.n * sizeof(Py_ssize_t))
             ends = <Py_ssize_t*>malloc(self.n * sizeof(Py_ssize_t))
             if not out or not starts or not ends:
                 raise MemoryError()
-            o = _put_header(out, o, 0x90, 0xdc, 0xdd, count)
+            if self.is_map:
+                o = _put_header(out, o, 0x80, 0xde, 0xdf, count)
+            else:
+                o = _put_header(out, o, 0x90, 0xdc, 0xdd, count)
             for i in range(count):
                 e = pos
+                if self.is_map:  # the key, copied as it is
+                    pos = _key(p, pos, end, self.kkind, self.klo, self.khi, seen)
+                    if pos < 0:
+                        return None
+                    memcpy(out + o, <const char*>p + e, pos - e)
+                    o += pos - e
+                    e = pos
                 pos = _array(p, pos, end, &c)
                 if pos < 0 or c != self.nf:
                     return None
@@ -404,3 +457,19 @@ cdef Py_ssize_t _payload(const uint8_t* p, Py_ssize_t a, Py_ssize_t* at):
     k = 1 if b == 0xd9 or b == 0xc4 else 2 if b == 0xda or b == 0xc5 else 4
     at[0] = a + 1 + k
     return <Py_ssize_t>_be(p, a + 1, k)
+
+
+cdef Py_ssize_t _key(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, uint8_t kind, int64_t lo, uint64_t hi,
+                     set seen) except -2:
+    """The offset after a map key at p[pos] if it is taken and not seen before in this map
+    (msgpack's dict keeps one entry of equal keys, where a copy would keep both; equal keys
+    in the packer's one form have equal bytes), else -1."""
+    cdef Py_ssize_t after = _scalar(p, pos, end, kind, False, lo, hi)
+    cdef bytes k
+    if after < 0:
+        return -1
+    k = PyBytes_FromStringAndSize(<const char*>p + pos, after - pos)
+    if k in seen:
+        return -1
+    seen.add(k)
+    return after

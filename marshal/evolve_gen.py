@@ -166,8 +166,13 @@ class FastGen:
             return None
         if lf is not None and (pf.label != lf.label or lf.type.kind == "message"):
             return None
-        null = pf.nullable and (lf is None or lf.nullable)
-        pk, lk = pf.type.kind, (lf.type.kind if lf is not None else None)
+        return self.tspec(pf.type, lf.type if lf is not None else None, pf.nullable and (lf is None or lf.nullable))
+
+    def tspec(self, pt: TypeRef, lt: TypeRef | None, null: bool) -> tuple[tuple[int, bool, int, int], int] | None:
+        """`spec` of one value of peer type `pt` read as local type `lt` (None: dropped)."""
+        pk, lk = pt.kind, (lt.kind if lt is not None else None)
+        if pk == "message" or lk == "message":
+            return None
         if pk in _RANGES:
             lo, hi = _RANGES[pk]
             if lk == "bool":
@@ -186,10 +191,10 @@ class FastGen:
         return None
 
     def runs(self, name: str) -> dict[int, Any]:
-        """The repeated fields of top-level message `name` (by peer index) that the fast
-        path checks as bytes with a `Run` and copies (of scalars, or of messages of scalars
-        laid out alike) or lays out again in C (messages of scalars, fields reordered,
-        added, dropped, or of kinds changed compatibly)."""
+        """The repeated and map fields of message `name` (by peer index) that the fast path
+        checks as bytes with a `Run` and copies (of scalars, or of messages of scalars laid
+        out alike) or lays out again in C (messages of scalars, fields reordered, added,
+        dropped, or of kinds changed compatibly). A map's keys must keep their kind."""
         if _ev is None:
             return {}
         pm, lm = self.peer.messages[name], self.local.messages[name]
@@ -197,12 +202,19 @@ class FastGen:
         out: dict[int, Any] = {}
         for i, pf in enumerate(pm.fields):
             lf = lby.get(pf.number)
-            if lf is None or pf.label != "repeated" or lf.label != "repeated":
+            if lf is None or pf.label not in ("repeated", "map") or lf.label != pf.label:
                 continue
+            key = None
+            if pf.label == "map":
+                assert pf.key is not None and lf.key is not None
+                ks = self.tspec(pf.key, lf.key, False)
+                if ks is None or ks[1] != _ev.C_SAME or ks[0][0] not in (_ev.K_INT, _ev.K_BOOL, _ev.K_STR):
+                    continue
+                key = (ks[0][0], ks[0][2], ks[0][3])
             if pf.type.kind != "message":
-                sc = self.spec(pf, lf)
+                sc = self.tspec(pf.type, lf.type, False)
                 if sc is not None and sc[1] == _ev.C_SAME:
-                    out[i] = _ev.Run(False, [sc[0]])
+                    out[i] = _ev.Run(False, [sc[0]], None, key)
                 continue
             sub = pf.type.ref_name
             sub_p, sub_l = self.peer.messages[sub], self.local.messages[sub]
@@ -217,7 +229,7 @@ class FastGen:
             specs_ok = cast("list[tuple[tuple[int, bool, int, int], int]]", specs)
             if [f.number for f in sub_p.fields] == [f.number for f in sub_l.fields] and all(
                     sc[1] == _ev.C_SAME for sc in specs_ok):
-                out[i] = _ev.Run(True, [sc[0] for sc in specs_ok])
+                out[i] = _ev.Run(True, [sc[0] for sc in specs_ok], None, key)
                 continue
             pidx = {f.number: j for j, f in enumerate(sub_p.fields)}
             layout = []
@@ -227,7 +239,7 @@ class FastGen:
                     layout.append((-1, _ev.C_SAME, _pack(self.default(f, f"{sub}.{f.name}"))))
                 else:
                     layout.append((j, specs_ok[j][1], None))
-            out[i] = _ev.Run(True, [sc[0] for sc in specs_ok], (layout, _header(len(sub_l.fields))))
+            out[i] = _ev.Run(True, [sc[0] for sc in specs_ok], (layout, _header(len(sub_l.fields))), key)
         return out
 
     def splice(self, name: str, level: int) -> str | None:

@@ -378,7 +378,7 @@ FLAT_VALUES = {"int32": [0, 1, -1, 2**31 - 1, -2**31, 300], "int64": [0, 1, 2**4
                "bytes": [b"", b"ok", b"\xff\xfe", b"z" * 300, "ü".encode(), b"w" * 252, b"t" * 31, b"s" * 32], "double": [0.0, -1.5, 1e300], "enum": [0, 1, 9]}
 
 
-def flat_pair(rng, nested=False):
+def flat_pair(rng, nested=False, key=None):
     fields = []
     for num in rng.sample(range(1, 12), rng.randint(1, 5)):
         kind = rng.choice(FLAT_KINDS)
@@ -398,7 +398,7 @@ def flat_pair(rng, nested=False):
     if not other:
         other.append(F("z", 20, "int32"))
     rng.shuffle(other)
-    top = [F("items", 1, "message", "t.Sub", "repeated"), F("k", 2, "int32")]
+    top = [F("items", 1, "message", "t.Sub", "map" if key else "repeated", key), F("k", 2, "int32")]
     if not nested:
         return ({"t.Req": top, "t.Sub": fields, "t.Rsp": []},
                 {"t.Req": top[::-1] + [F("extra", 3, "string")], "t.Sub": other, "t.Rsp": []})
@@ -410,14 +410,15 @@ def flat_pair(rng, nested=False):
              "t.Sub": other, "t.Rsp": []})
 
 
+@pytest.mark.parametrize("key", [None, "string", "int64"])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_runs_laid_out_again_in_c(seed, nested):
+def test_runs_laid_out_again_in_c(seed, nested, key):
     """A top-level repeated field of scalar-only messages whose fields were reordered,
     renamed, dropped, added or changed kind compatibly: laid out by Run.reshape, equal to
     the reference (valid payloads; mutated ones as check() says)."""
     rng = random.Random(5000 + seed)
-    am, bm = flat_pair(rng, nested)
+    am, bm = flat_pair(rng, nested, key)
     a, b = schema(am), schema(bm)
     assert compare(a, b, SVC) == [], (am, bm)
     stats: dict = {}
@@ -429,6 +430,10 @@ def test_runs_laid_out_again_in_c(seed, nested):
             for _ in range(rng.choice([0, 1, 3, 20])):
                 items.append({f[0]: (None if f[4] == "optional" and rng.random() < 0.3 else rng.choice(FLAT_VALUES[f[2]]))
                               for f in sm["t.Sub"]})
+            if key == "string":
+                items = {f"k{j % 7}": x for j, x in enumerate(items)}
+            elif key:
+                items = {rng.choice([0, 1, -1, 2**40, 300, -2**63]) + j: x for j, x in enumerate(items)}
             value = {"items": items, "k": 3}
             if nested:
                 value = rng.choice([{"mid": {"inner": value, "q": "q"}}, {"mid": {"inner": None, "q": ""}},
@@ -472,3 +477,57 @@ def test_a_generator_failure_costs_speed_not_the_plan(monkeypatch):
     monkeypatch.setattr(evolve_gen.FastGen, "function", broken)
     tc = transcoders(a, b)["t.Req"]
     assert tc.fast is None and tc(data) == want == tc.reference(data)
+
+
+@pytest.mark.parametrize("values", ["scalars", "messages", "changed"])
+def test_a_map_with_equal_keys_twice_is_the_references(values):
+    """msgpack's dict keeps one entry of two equal keys (the first's place, the last's value):
+    the byte path must not copy both."""
+    sub_a = [F("x", 1, "int32"), F("s", 2, "string")]
+    sub_b = sub_a if values != "changed" else [F("s", 2, "string"), F("x", 1, "int64"), F("n", 3, "bool")]
+    kind = "int32" if values == "scalars" else "message"
+    ref = None if values == "scalars" else "t.Sub"
+    a = schema({"t.Req": [F("m", 1, kind, ref, "map", "string")], "t.Sub": sub_a, "t.Rsp": []})
+    b = schema({"t.Req": [F("m", 1, kind, ref, "map", "string"), F("e", 2, "int32")], "t.Sub": sub_b, "t.Rsp": []})
+    tc = transcoders(a, b)["t.Req"]
+    pk = msgpack.Packer(use_bin_type=True)
+    v1, v2 = (5, 6) if values == "scalars" else ([1, "a"], [2, "b"])
+    for entries in ([("k", v1), ("j", v2)], [("k", v1), ("k", v2)], [("k", v1), ("j", v2), ("k", v2)]):
+        data = pk.pack_array_header(1) + pk.pack_map_header(len(entries)) + b"".join(pk.pack(k) + pk.pack(v) for k, v in entries)
+        got = tc(data)
+        assert got == tc.reference(data)
+        if len({k for k, _ in entries}) == len(entries):
+            assert tc.fast(data) == got
+        else:
+            with pytest.raises(Exception):
+                tc.fast(data)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_run_check_of_maps_takes_exactly_canonical_valid_maps(seed):
+    rng = random.Random(900 + seed)
+    keys = {"string": (_ev.K_STR, 0, 1, lambda k: type(k) is str), "int32": (_ev.K_INT, -2**31, 2**31 - 1, SPEC_OK["int32"]),
+            "bool": (_ev.K_BOOL, 0, 1, lambda k: type(k) is bool)}
+    for _ in range(150):
+        kname = rng.choice(list(keys))
+        kk, klo, khi, kok = keys[kname]
+        vkind = rng.choice(list(SPECS))
+        run = _ev.Run(False, [(SPECS[vkind][0], False, SPECS[vkind][1], SPECS[vkind][2])], None, (kk, klo, khi))
+        count = rng.choice([0, 1, 2, 15, 16, 20])
+        pool = {"string": ["a", "b", "é", "k" * 40], "int32": [0, 1, -1, 2**31 - 1, 300, 2**31], "bool": [True, False]}
+        items = []
+        for _ in range(count):
+            k = msgpack.packb(rng.choice(pool[kname]), use_bin_type=True) if rng.random() < 0.8 else rand_item(rng)
+            v = (msgpack.packb(rng.choice({"int32": [1, -5], "uint64": [2**64 - 1], "int64": [3], "bool": [True],
+                                           "double": [0.5], "string": ["s"], "bytes": [b"b"]}[vkind]), use_bin_type=True)
+                 if rng.random() < 0.8 else rand_item(rng))
+            items.append(k + v)
+        head = msgpack.Packer().pack_map_header(count) if rng.random() < 0.9 or count >= 16 else b"\xde" + count.to_bytes(2, "big")
+        data = head + b"".join(items)
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            want = (msgpack.packb(obj, use_bin_type=True) == data and type(obj) is dict
+                    and all(kok(k) and SPEC_OK[vkind](v) for k, v in obj.items()))
+        except Exception:
+            want = False
+        assert run.check(data, 0, len(data)) == want, (kname, vkind, data[:60])
