@@ -79,6 +79,17 @@ def shape_nested_small(mib: float) -> tuple:
     return v1, v2, {"batch": {"items": [{"x": i & 63, "s": "ab", "ok": bool(i & 1)} for i in range(n)]}}, n
 
 
+def shape_msgs_holding_msgs(mib: float) -> tuple:
+    """Small sub-messages that hold a message themselves (changed): not a run the C part
+    does, so the generated Python path."""
+    n = int(mib * 2**20 / 22)
+    v1 = {"b.Req": [F("items", 1, "message", "b.In", "repeated")],
+          "b.In": [F("x", 1, "int32"), F("p", 2, "message", "b.P")], "b.P": [F("a", 1, "double"), F("b", 2, "double")], **RSP}
+    v2 = {"b.Req": [F("items", 1, "message", "b.In", "repeated"), ADDED],
+          "b.In": [F("p", 2, "message", "b.P"), F("x", 1, "int64")], "b.P": [F("a", 1, "double"), F("b", 2, "double")], **RSP}
+    return v1, v2, {"items": [{"x": i & 63, "p": {"a": 0.5, "b": 1.5}} for i in range(n)]}, n
+
+
 def shape_big_bytes(mib: float) -> tuple:
     """One big bytes field (one element)."""
     v1 = {"b.Req": [F("blob", 1, "bytes"), F("n", 2, "int32")], **RSP}
@@ -113,7 +124,7 @@ def shape_repeated_doubles(mib: float) -> tuple:
 
 SHAPES: dict[str, Callable[[float], tuple]] = {
     "small_msgs_same": shape_small_same, "small_msgs_changed": shape_small_changed,
-    "nested_small_msgs_changed": shape_nested_small, "big_bytes": shape_big_bytes,
+    "nested_small_msgs_changed": shape_nested_small, "msgs_holding_msgs": shape_msgs_holding_msgs, "big_bytes": shape_big_bytes,
     "map_of_msgs": shape_map_of_messages, "repeated_int32_to_int64": shape_repeated_ints,
     "repeated_doubles": shape_repeated_doubles,
 }
