@@ -12,14 +12,14 @@ in the local defaults, and drops the peer-only fields (still checked: the refere
 refuses a payload whose dropped field is malformed, and so must this).
 
 Most of what is left after that is msgpack making and packing an object per element. So
-the repeated fields of the top-level message that hold scalars, or messages of scalars
-only, are not unpacked at all: the payload is split into its top-level fields
-(``_framing.skip``), and such a field's bytes are checked in C (``_evolve.Run``: kinds,
-ranges, UTF-8, and that each item is in the one form msgpack's packer writes) and copied
-as they are, or, when the messages' layout changed (fields reordered, added, dropped, an
-int read as a bool, a string as bytes, ...), laid out again in C; the other fields are
-unpacked and transcoded as above, and the output is the local array header and each
-field's bytes in the local order.
+the repeated and map fields that hold scalars, or messages of scalars only, are not
+unpacked at all (`splice`): the payload is split into its fields (``_framing.skip``), and
+such a field's bytes are checked in C (``_evolve.Run``: kinds, ranges, UTF-8, map keys not
+twice, and that each item is in the one form msgpack's packer writes) and copied as they
+are, or, when the messages' layout changed (fields reordered, added, dropped, an int read
+as a bool, a string as bytes, ...), laid out again in C; a message field holding such runs
+(down to level 4) is split alike; the other fields are unpacked and transcoded as above,
+and the output is the local array header and each field's bytes in the local order.
 
 It is exact by construction where it succeeds, and it never reports a failure itself: any
 value it does not accept raises (``_Slow``, or whatever a conversion raises), and the
