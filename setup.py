@@ -14,6 +14,7 @@ CYTHON_DIRECTIVES = {"language_level": "3", "boundscheck": True, "wraparound": F
 CYTHON_MODULES = {
     "mrpcd.marshal._framing": "marshal/_framing.pyx",
     "mrpcd.marshal._pack": "marshal/_pack.pyx",
+    "mrpcd.marshal._evolve": "marshal/_evolve.pyx",
     "mrpcd.marshal._ringio": "marshal/_ringio.pyx",
     "mrpcd.transports._tcp": "transports/_tcp.pyx",
 }
