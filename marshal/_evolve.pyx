@@ -131,18 +131,22 @@ cdef Py_ssize_t _scalar(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, uint8_
     return -1
 
 
-cdef Py_ssize_t _array(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* count):
-    """The offset after an array header in the packer's smallest form (count set), else -1."""
+cdef Py_ssize_t _header(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* count,
+                       uint8_t fix, uint8_t b16, uint8_t b32, Py_ssize_t item_bytes):
+    """The offset after an array or map header in the packer's smallest form (count set),
+    else -1: `fix` the fix form's first byte (0x90 / 0x80), `b16` / `b32` the longer forms'
+    markers, `item_bytes` the least bytes an item takes (1 for an array, 2 for a map's key
+    and value), so a count the rest of the buffer cannot hold is refused here."""
     cdef uint8_t b
     cdef Py_ssize_t k
     if not _need(pos, 1, end):
         return -1
     b = p[pos]
     pos += 1
-    if 0x90 <= b <= 0x9f:
+    if fix <= b <= fix + 0x0f:
         count[0] = b & 0x0f
-    elif b == 0xdc or b == 0xdd:
-        k = 2 if b == 0xdc else 4
+    elif b == b16 or b == b32:
+        k = 2 if b == b16 else 4
         if not _need(pos, k, end):
             return -1
         count[0] = <Py_ssize_t>_be(p, pos, <int>k)
@@ -151,34 +155,17 @@ cdef Py_ssize_t _array(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssiz
             return -1
     else:
         return -1
-    if count[0] > end - pos:  # (every item takes a byte at least)
+    if count[0] > (end - pos) // item_bytes:
         return -1
     return pos
 
 
-cdef Py_ssize_t _map(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* count):
-    """The offset after a map header in the packer's smallest form (count set), else -1."""
-    cdef uint8_t b
-    cdef Py_ssize_t k
-    if not _need(pos, 1, end):
-        return -1
-    b = p[pos]
-    pos += 1
-    if 0x80 <= b <= 0x8f:
-        count[0] = b & 0x0f
-    elif b == 0xde or b == 0xdf:
-        k = 2 if b == 0xde else 4
-        if not _need(pos, k, end):
-            return -1
-        count[0] = <Py_ssize_t>_be(p, pos, <int>k)
-        pos += k
-        if count[0] < (16 if k == 2 else 65536):
-            return -1
-    else:
-        return -1
-    if count[0] > (end - pos) // 2:  # (every entry takes two bytes at least)
-        return -1
-    return pos
+cdef inline Py_ssize_t _array(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* count):
+    return _header(p, pos, end, count, 0x90, 0xdc, 0xdd, 1)
+
+
+cdef inline Py_ssize_t _map(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* count):
+    return _header(p, pos, end, count, 0x80, 0xde, 0xdf, 2)
 
 
 cdef class Run:
