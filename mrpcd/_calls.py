@@ -25,7 +25,7 @@ import logging
 import threading
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, cast, final
+from typing import TYPE_CHECKING, Any, Callable, Iterator, cast, final
 
 from . import flow, wire
 from .handlers import GenericRpcHandler, RpcMethodHandler
@@ -793,6 +793,22 @@ class ServerCore:
                 return False
             self._rejoining = False
             return True
+
+    def _rejoin_waits(self) -> Iterator[float]:
+        """The rejoin loop's attempts, shared by both servers (each waits its own way, a
+        thread on an Event or a task on the loop, for the delays this yields; stop() ends
+        a wait at once): attempt, then back off from REJOIN_FIRST_S doubling to
+        REJOIN_MAX_S while the daemon is not back; done once rejoined (or stopped, or
+        given up), unless the app it joined closed meanwhile."""
+        delay = REJOIN_FIRST_S
+        while True:
+            if self._stopped.is_set() or self.rejoin() is None:
+                if self._rejoin_done():
+                    return
+                delay = REJOIN_FIRST_S
+                continue
+            yield delay
+            delay = min(delay * 2, REJOIN_MAX_S)
 
     def rejoin(self) -> "RpcError | None":
         """One attempt to serve again through the app's successor after the daemon went

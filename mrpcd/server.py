@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence, cast
 
 from . import flow, wire
-from ._calls import REJOIN_FIRST_S, REJOIN_MAX_S, SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
+from ._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from .app import App, default_app, require_app
 from .deadlines import DeadlineHeap as _Deadlines
 from .handlers import HandlerCallDetails, RpcMethodHandler
@@ -448,15 +448,8 @@ class Server(ServerCore):
     def _rejoin_loop(self) -> None:
         """(own thread) Wait for the daemon to come back, then serve again through the
         app's successor; a server that cannot (its address is taken now) terminates."""
-        delay = REJOIN_FIRST_S
-        while True:
-            if self._stopped.is_set() or self.rejoin() is None:
-                if self._rejoin_done():
-                    return
-                delay = REJOIN_FIRST_S
-                continue
+        for delay in self._rejoin_waits():
             cast(threading.Event, self._stopped).wait(delay)
-            delay = min(delay * 2, REJOIN_MAX_S)
 
     def _give_up(self, error: RpcError) -> None:
         self._stopped.set()

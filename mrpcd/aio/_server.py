@@ -12,7 +12,7 @@ import inspect
 from typing import Any, AsyncIterator, Callable, Sequence, cast
 
 from .. import flow, wire
-from .._calls import REJOIN_FIRST_S, REJOIN_MAX_S, SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
+from .._calls import SERVER_STOPPED, ContextCore, ServerCallCore, ServerCore, TooLarge, failure_status, log_failure
 from ..handlers import HandlerCallDetails, RpcMethodHandler
 from ..marshal import records as R
 from ..status import RpcError, StatusCode, metadata_tuple
@@ -188,18 +188,11 @@ class Server(ServerCore):
         """Wait for the daemon to come back, then serve again through the app's successor
         (each attempt is a few local control round trips, or a refused connect, run on the
         loop: the new session must be made on it); stop() ends the wait at once."""
-        delay = REJOIN_FIRST_S
-        while True:
-            if self._stopped.is_set() or self.rejoin() is None:
-                if self._rejoin_done():
-                    return
-                delay = REJOIN_FIRST_S
-                continue
+        for delay in self._rejoin_waits():
             try:
                 await asyncio.wait_for(cast(asyncio.Event, self._stopped).wait(), delay)
             except asyncio.TimeoutError:
                 pass
-            delay = min(delay * 2, REJOIN_MAX_S)
 
     def _give_up(self, error: RpcError) -> None:
         self._stopped.set()
