@@ -315,14 +315,17 @@ def method_defaults(options) -> MethodDefaults:
 def method_default(table: MethodDefaults, method: str) -> "tuple[float | None, bool | None]":
     """(timeout, wait_for_ready) of `method` ("/pkg.Svc/M"): its own entry, else its
     service's, else the default one, else (None, None)."""
-    if not table:
-        return None, None
-    found = table.get(method)
-    if found is None:
-        found = table.get(method[: method.rfind("/") + 1])
-    if found is None:
-        found = table.get("")
-    return found if found is not None else (None, None)
+    return _entry_for(table, method, (None, None))
+
+
+def _entry_for(table: dict, method: str, missing: Any = None) -> Any:
+    """What `table` holds for `method`'s methodConfig entry, chosen as grpc chooses it: the
+    method's own ("/pkg.Svc/M"), else its service's ("/pkg.Svc/"), else the default one
+    (""); `missing` if none names it. (An entry may hold None: it still wins.)"""
+    for key in (method, method[: method.rfind("/") + 1], ""):
+        if key in table:
+            return table[key]
+    return missing
 
 
 # -- retries (grpc's retryPolicy and retryThrottling, gRFC A6) -------------------------------
@@ -401,11 +404,7 @@ class RetryConfig:
         """`method`'s retryPolicy: that of its own methodConfig entry, else its service's,
         else the default one's (the entry is chosen first, as in grpc: a method entry
         without a retryPolicy means no retries even if its service's has one)."""
-        table = self.table
-        for key in (method, method[: method.rfind("/") + 1], ""):
-            if key in table:
-                return table[key]
-        return None
+        return _entry_for(self.table, method)
 
 
 def _duration(raw: Any, field: str) -> float:
