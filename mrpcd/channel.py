@@ -321,17 +321,13 @@ class _RetriedCall(_ClientCall):
         channel or app, ends the wait (they wake the app's connect_waits); then the next
         attempt, unless the call ended or its deadline passed."""
         channel = self._multi._channel
-        app = channel.app
-        with app.connect_waits:
-            app.connect_waits.wait_for(lambda: self.done or channel._closed or channel._app_ended(), seconds)
+        channel._retry_pause(seconds, lambda: self.done)
         with self._cond:
             if self.done:
                 return
-            if channel._closed:  # as close() ends the calls in flight
-                self.end(StatusCode.CANCELLED, "Channel closed!")
-                return
-            if self.deadline is not None and self.deadline.expired():
-                self.end(StatusCode.DEADLINE_EXCEEDED, _DEADLINE)
+            ended = channel._retry_ended(self.deadline)
+            if ended is not None:
+                self.end(*ended)
                 return
         try:
             self.launch()
@@ -587,11 +583,16 @@ class _MultiCallable(MultiCallableCore):
         call's timeout, or its service config's), as in grpc."""
         policy = self._retry_policy
         assert policy is not None
-        timeout = self._timeout(timeout)
-        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
-        call = _RetriedCall(self, RetryState(policy, self._channel._retry.throttle), request, wire.check_metadata(metadata), deadline, wait_for_ready, stream)
+        call = _RetriedCall(self, RetryState(policy, self._channel._retry.throttle), request, wire.check_metadata(metadata),
+                            self._retry_deadline(timeout), wait_for_ready, stream)
         call.launch()
         return _Rendezvous(call, stream)
+
+    def _retry_deadline(self, timeout: float | None) -> wire.Deadline | None:
+        """The one deadline a retried call's attempts share: its timeout, or its service
+        config's (the sooner), as in grpc."""
+        timeout = self._timeout(timeout)
+        return wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
 
     def _pump_requests(self, call: _ClientCall, requests: Iterable[Any]) -> None:
         """Send each request as a message record, then half-close (in a helper thread, as grpc
@@ -650,8 +651,7 @@ class UnaryUnaryMultiCallable(_MultiCallable):
         DEADLINE_EXCEEDED, as in grpc). Closing the channel ends a backoff at once."""
         policy = self._retry_policy
         assert policy is not None
-        timeout = self._timeout(timeout)
-        deadline = wire.Deadline(wire.deadline_us(timeout)) if timeout is not None else None
+        deadline = self._retry_deadline(timeout)
         retry = RetryState(policy, self._channel._retry.throttle)
         meta = wire.check_metadata(metadata)
         channel = self._channel
@@ -663,12 +663,9 @@ class UnaryUnaryMultiCallable(_MultiCallable):
             if delay is None:
                 return call
             left = deadline.remaining() if deadline is not None else None
-            app = channel.app
-            app.about_to_block()  # a handler on the rx thread calling out: hand the role over
-            with app.connect_waits:  # (woken by the channel's close)
-                app.connect_waits.wait_for(lambda: channel._closed or channel._app_ended(), delay if left is None else min(delay, left))
-            ended = (StatusCode.CANCELLED, "Channel closed!") if channel._closed else \
-                (StatusCode.DEADLINE_EXCEEDED, _DEADLINE) if deadline is not None and deadline.expired() else None
+            channel.app.about_to_block()  # a handler on the rx thread calling out: hand the role over
+            channel._retry_pause(delay if left is None else min(delay, left))
+            ended = channel._retry_ended(deadline)
             if ended is not None:  # (as close() ends the calls in flight; as the deadline ends one)
                 with call._cond:
                     call.messages.clear()
@@ -899,6 +896,22 @@ class Channel(ChannelCore):
             with app.connect_waits:
                 app.connect_waits.wait_for(over, delay if left is None else min(delay, left))
             delay = min(delay * 2, 1.0)
+
+    def _retry_pause(self, seconds: float, done: Callable[[], bool] | None = None) -> None:
+        """A retry's backoff: `seconds`, or less once the channel or its app is closed or
+        `done()` (the call was cancelled): whoever does that wakes the app's connect_waits."""
+        app = self.app
+        with app.connect_waits:
+            app.connect_waits.wait_for(lambda: self._closed or self._app_ended() or (done is not None and done()), seconds)
+
+    def _retry_ended(self, deadline: wire.Deadline | None) -> "tuple[StatusCode, str] | None":
+        """After a backoff, the status that ends a retried call instead of its next attempt:
+        the channel closed (as close() ends the calls in flight), or its deadline passed."""
+        if self._closed:
+            return StatusCode.CANCELLED, "Channel closed!"
+        if deadline is not None and deadline.expired():
+            return StatusCode.DEADLINE_EXCEEDED, _DEADLINE
+        return None
 
     def _on_lost(self, details: str) -> None:
         with self._lock:
