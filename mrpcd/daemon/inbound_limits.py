@@ -93,11 +93,13 @@ class InboundConnections:
 
     def open_now(self) -> int:
         """Inbound connections open now (what `mrpcctl stats` shows): prunes every list."""
-        now = time.monotonic()
+        self._prune_all(time.monotonic())
+        return self.tracked
+
+    def _prune_all(self, now: float) -> None:
         for lc in list(self.listeners):
             lc.prune(now)
         self._pruned_all_at = now
-        return self.tracked
 
     def admit(self, lc: ListenerConnections, conn: Accepted) -> str | None:
         """Count `conn` on `lc`, or say why it passes limits.inbound_connections_per_listener
@@ -110,9 +112,7 @@ class InboundConnections:
         if len(lc.open) >= lc._next_prune or len(lc.open) >= per_listener and now - lc._pruned_at >= PRUNE_INTERVAL:
             lc.prune(now)
         if self.tracked >= total and now - self._pruned_all_at >= PRUNE_INTERVAL:
-            for other in list(self.listeners):
-                other.prune(now)
-            self._pruned_all_at = now
+            self._prune_all(now)
         if len(lc.open) >= per_listener:
             return self._refuse(lc, "inbound_connections_per_listener", f"listening address {lc.address} has",
                                 len(lc.open), per_listener)
